@@ -1,0 +1,185 @@
+//! Loading a config: read the TOML, expand `${ENV}`, deserialize, validate.
+//!
+//! Every problem is reported with its key path (`upstreams[1].base_url: …`), and
+//! loading goes on past the first one so `iris check` can list them all.
+
+mod env;
+mod schema;
+mod validate;
+
+use std::fmt;
+use std::path::Path;
+
+pub use schema::*;
+
+/// One thing wrong with a config, at a key path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// `upstreams[1].base_url`; empty for the file as a whole.
+    pub path: String,
+    pub message: String,
+}
+
+impl Problem {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// All problems found in one config; empty never escapes `load`.
+#[derive(Debug)]
+pub struct Problems(pub Vec<Problem>);
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Problems {}
+
+/// Reads and checks the config at `path`.
+pub fn load(path: &Path) -> Result<Config, Problems> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Problems(vec![Problem::new(
+            "",
+            format!("cannot read {}: {e}", path.display()),
+        )])
+    })?;
+    parse(&text, &|name| std::env::var(name).ok())
+}
+
+/// Parses config text, looking environment variables up through `lookup`.
+pub fn parse(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<Config, Problems> {
+    let mut table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| Problems(vec![Problem::new("", e.to_string())]))?;
+
+    let mut problems = env::expand(&mut table, lookup);
+
+    let mut unknown = Vec::new();
+    let mut note_unknown = |path: serde_ignored::Path<'_>| unknown.push(ignored_path(&path));
+    let deserializer =
+        serde_ignored::Deserializer::new(toml::Value::Table(table), &mut note_unknown);
+    let config: Result<Config, _> = serde_path_to_error::deserialize(deserializer);
+    problems.extend(
+        unknown
+            .into_iter()
+            .map(|path| Problem::new(path, "unknown key")),
+    );
+    let config = match config {
+        Ok(config) => config,
+        Err(e) => {
+            problems.push(Problem::new(e.path().to_string(), e.inner().to_string()));
+            return Err(Problems(problems));
+        }
+    };
+
+    problems.extend(validate::validate(&config));
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(Problems(problems))
+    }
+}
+
+/// Renders serde_ignored's path in the same `a[1].b` form as every other problem.
+fn ignored_path(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", ignored_path(parent)),
+        Path::Map { parent, key } => {
+            let parent = ignored_path(parent);
+            if parent.is_empty() {
+                key.clone()
+            } else {
+                format!("{parent}.{key}")
+            }
+        }
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => ignored_path(parent),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn problems(text: &str) -> Vec<String> {
+        match parse(text, &no_env) {
+            Ok(_) => Vec::new(),
+            Err(p) => p.0.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn empty_config_takes_every_default() {
+        let config = parse("", &no_env).expect("empty config is valid");
+        assert_eq!(config.server.listen, "127.0.0.1:8080");
+        assert_eq!(config.server.max_body_bytes, 33_554_432);
+        assert_eq!(config.store.kind, StoreKind::Sqlite);
+        assert_eq!(config.images.max_images_per_request, 16);
+    }
+
+    #[test]
+    fn unknown_keys_are_all_named_with_their_path() {
+        let found = problems(
+            r#"
+            typo = 1
+            [server]
+            lisen = "x"
+            [[upstreams]]
+            name = "a"
+            base_url = "http://a/v1"
+            [[upstreams]]
+            name = "b"
+            base_url = "http://b/v1"
+            api_kye = "k"
+            "#,
+        );
+        assert!(
+            found.contains(&"typo: unknown key".to_string()),
+            "{found:?}"
+        );
+        assert!(
+            found.contains(&"server.lisen: unknown key".to_string()),
+            "{found:?}"
+        );
+        assert!(
+            found.contains(&"upstreams[1].api_kye: unknown key".to_string()),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn type_errors_name_the_key() {
+        let found = problems("[server]\nmax_body_bytes = \"big\"\n");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].starts_with("server.max_body_bytes: "), "{found:?}");
+    }
+}

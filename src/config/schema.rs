@@ -1,0 +1,251 @@
+//! The TOML schema: every key Iris reads, with its default.
+//!
+//! Field names here are the config keys users write; changing one is a breaking
+//! change to CONTRACT.md.
+
+use std::fmt;
+
+use serde::Deserialize;
+
+/// The whole config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub store: StoreConfig,
+    pub images: ImagesConfig,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub models: Vec<ModelConfig>,
+    pub clients: Vec<ClientConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ServerConfig {
+    /// `host:port` to bind.
+    pub listen: String,
+    /// Requests with a larger body are answered 413, whether or not they sent a length.
+    pub max_body_bytes: usize,
+    /// How long in-flight requests may run on after SIGTERM/SIGINT.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            max_body_bytes: 32 * 1024 * 1024,
+            shutdown_grace_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    #[default]
+    Sqlite,
+    Memory,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnUnavailable {
+    /// Answer 503 `store_unavailable`: the safe default when budgets are money.
+    #[default]
+    Reject,
+    /// Admit the request and count it locally until the store is back.
+    Allow,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+    /// SQLite file (kind = "sqlite").
+    pub path: String,
+    /// Redis URL (kind = "redis"); may carry a password, so it never prints.
+    pub url: Option<Secret>,
+    pub on_unavailable: OnUnavailable,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            kind: StoreKind::Sqlite,
+            path: "iris.db".into(),
+            url: None,
+            on_unavailable: OnUnavailable::Reject,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ImagesConfig {
+    pub fetch_timeout_ms: u64,
+    pub max_bytes: usize,
+    pub max_redirects: usize,
+    pub max_images_per_request: usize,
+    pub max_pixels: u64,
+    /// CIDRs that bypass the private-address block (for an internal image host).
+    pub allowed_networks: Vec<String>,
+    pub cache_bytes: u64,
+    pub cache_ttl_s: u64,
+}
+
+impl Default for ImagesConfig {
+    fn default() -> Self {
+        Self {
+            fetch_timeout_ms: 10_000,
+            max_bytes: 20 * 1024 * 1024,
+            max_redirects: 3,
+            max_images_per_request: 16,
+            max_pixels: 50_000_000,
+            allowed_networks: Vec::new(),
+            cache_bytes: 64 * 1024 * 1024,
+            cache_ttl_s: 300,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct UpstreamConfig {
+    pub name: String,
+    /// Base URL up to and including the version segment, e.g. `https://host/v1`.
+    pub base_url: String,
+    /// Absent for keyless upstreams.
+    pub api_key: Option<Secret>,
+    /// Replace remote image URLs by `data:` URIs before forwarding.
+    pub inline_images: bool,
+    /// Remove `image_url.detail` before forwarding.
+    pub strip_detail: bool,
+    /// Formats the upstream accepts; others are converted.
+    pub image_formats: Vec<String>,
+    /// Re-encode or downscale larger images until they fit.
+    pub max_image_bytes: Option<usize>,
+    /// Ask for `stream_options.include_usage` so streamed requests can be settled exactly.
+    pub stream_usage: bool,
+    pub timeout_ms: u64,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            base_url: String::new(),
+            api_key: None,
+            inline_images: false,
+            strip_detail: false,
+            image_formats: ["jpeg", "png", "webp", "gif"].map(String::from).to_vec(),
+            max_image_bytes: None,
+            stream_usage: true,
+            timeout_ms: 120_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ModelConfig {
+    /// What clients send as `model`.
+    pub name: String,
+    pub upstream: String,
+    /// What is sent upstream as `model` (default: `name`).
+    pub upstream_model: Option<String>,
+    /// Completion tokens reserved when the request sets no cap.
+    pub max_output_tokens: u64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            upstream: String::new(),
+            upstream_model: None,
+            max_output_tokens: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ClientConfig {
+    pub name: String,
+    /// `sha256:<64 hex>` of the client's key; the key itself is never configured.
+    pub key: String,
+    /// Model names this client may use; `"*"` allows all.
+    pub models: Vec<String>,
+    pub budget: BudgetConfig,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            key: String::new(),
+            models: vec!["*".into()],
+            budget: BudgetConfig::default(),
+        }
+    }
+}
+
+/// Every limit is optional; an absent one is not enforced.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct BudgetConfig {
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+    /// UTC calendar day.
+    pub tokens_per_day: Option<u64>,
+    /// UTC calendar month.
+    pub tokens_per_month: Option<u64>,
+    pub max_concurrent: Option<u64>,
+}
+
+/// A credential from the config. It prints as `***` so that neither `Debug`
+/// output, a log line nor an error message can carry it.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The only way to read the value; grep for it to audit where secrets go.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_never_print() {
+        let secret = Secret::new("sk-live-123");
+        assert_eq!(format!("{secret:?} {secret}"), "*** ***");
+        let upstream = UpstreamConfig {
+            api_key: Some(secret),
+            ..UpstreamConfig::default()
+        };
+        assert!(!format!("{upstream:?}").contains("sk-live"));
+    }
+}

@@ -1,0 +1,117 @@
+//! The outermost middleware: gives every request an id, and writes the one
+//! log line and the metrics for it once its response head is ready.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderName, HeaderValue};
+use axum::middleware::Next;
+use axum::response::Response;
+
+use crate::app::SharedState;
+use crate::error::ErrorCode;
+
+pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The request's id, as a request extension for handlers that forward it.
+#[derive(Clone)]
+pub struct RequestId(pub HeaderValue);
+
+/// What a handler learned about a request, left on the response for the log
+/// line and the metrics.
+#[derive(Clone, Default)]
+pub struct RequestLog {
+    pub client: Option<Arc<str>>,
+    pub model: Option<String>,
+    pub upstream: Option<String>,
+    pub upstream_latency: Option<Duration>,
+}
+
+pub async fn observe(
+    State(_state): State<SharedState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let id = request
+        .headers()
+        .get(&REQUEST_ID)
+        .filter(|v| acceptable_id(v))
+        .cloned()
+        .unwrap_or_else(new_request_id);
+    request.extensions_mut().insert(RequestId(id.clone()));
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+
+    let mut response = next.run(request).await;
+
+    let elapsed = started.elapsed();
+    response
+        .headers_mut()
+        .insert(REQUEST_ID.clone(), id.clone());
+    let status = response.status().as_u16();
+    let log = response
+        .extensions()
+        .get::<RequestLog>()
+        .cloned()
+        .unwrap_or_default();
+    let code = response.extensions().get::<ErrorCode>().map(|c| c.0);
+
+    let client = log.client.as_deref().unwrap_or("");
+    let model = log.model.as_deref().unwrap_or("");
+    metrics::counter!(
+        "iris_requests_total",
+        "route" => route.clone(),
+        "model" => model.to_owned(),
+        "client" => client.to_owned(),
+        "status" => status.to_string()
+    )
+    .increment(1);
+    metrics::histogram!("iris_request_duration_seconds", "route" => route.clone())
+        .record(elapsed.as_secs_f64());
+    if let (Some(upstream), Some(latency)) = (&log.upstream, log.upstream_latency) {
+        metrics::histogram!("iris_upstream_duration_seconds", "upstream" => upstream.clone())
+            .record(latency.as_secs_f64());
+    }
+
+    tracing::info!(
+        request_id = id.to_str().unwrap_or(""),
+        method = %method,
+        route = %route,
+        status,
+        code,
+        client,
+        model,
+        upstream_ms = log.upstream_latency.map(|d| d.as_secs_f64() * 1000.0),
+        total_ms = elapsed.as_secs_f64() * 1000.0,
+        "request"
+    );
+    response
+}
+
+/// A client's id is kept if it is short printable ASCII: it goes into logs
+/// and upstream headers.
+fn acceptable_id(value: &HeaderValue) -> bool {
+    let bytes = value.as_bytes();
+    !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(|b| b.is_ascii_graphic())
+}
+
+/// A process-unique id: a random prefix chosen at startup and a counter.
+fn new_request_id() -> HeaderValue {
+    static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = PREFIX.get_or_init(|| {
+        let mut bytes = [0u8; 6];
+        let _ = getrandom::fill(&mut bytes);
+        hex::encode(bytes)
+    });
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    HeaderValue::from_str(&format!("req_{prefix}{n:010x}"))
+        .unwrap_or(HeaderValue::from_static("req_0"))
+}

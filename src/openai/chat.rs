@@ -1,0 +1,537 @@
+//! The parts of a chat completion request Iris looks inside: `model`,
+//! `stream`, `stream_options`, the completion caps, and each message's content
+//! parts. Everything else stays raw and is written back untouched.
+
+use std::borrow::Cow;
+
+use serde_json::value::RawValue;
+
+use super::raw::{self, RawObject};
+use crate::error::ApiError;
+
+/// Deeper JSON is refused: serde_json's own default recursion limit.
+const MAX_NESTING: usize = 128;
+
+/// A parsed chat completion request, borrowing from the request body.
+#[derive(Debug)]
+pub struct ChatRequest<'a> {
+    body: RawObject<'a>,
+    pub model: Cow<'a, str>,
+    pub stream: bool,
+    /// The client asked for `stream_options.include_usage`.
+    pub include_usage: bool,
+    /// `max_completion_tokens`, else `max_tokens`, when the client set one.
+    pub completion_cap: Option<u64>,
+    pub messages: Vec<Message<'a>>,
+    /// Set when a message may have changed, so only then is `messages` rewritten.
+    messages_changed: bool,
+    /// Set when a top-level field was replaced.
+    body_changed: bool,
+}
+
+#[derive(Debug)]
+pub struct Message<'a> {
+    fields: RawObject<'a>,
+    pub content: Content<'a>,
+}
+
+#[derive(Debug)]
+pub enum Content<'a> {
+    /// No `content`, or `null` (e.g. an assistant message with tool calls).
+    Absent,
+    Text(Cow<'a, str>),
+    Parts(Vec<Part<'a>>),
+}
+
+#[derive(Debug)]
+pub struct Part<'a> {
+    fields: RawObject<'a>,
+    pub kind: PartKind<'a>,
+}
+
+#[derive(Debug)]
+pub enum PartKind<'a> {
+    Text(Cow<'a, str>),
+    Image(ImagePart<'a>),
+    /// Audio, files and part types Iris does not know: passed through.
+    Other,
+}
+
+/// An `image_url` content part.
+#[derive(Debug)]
+pub struct ImagePart<'a> {
+    fields: RawObject<'a>,
+    pub url: Cow<'a, str>,
+    pub detail: Option<Cow<'a, str>>,
+    changed: bool,
+}
+
+impl ImagePart<'_> {
+    /// Replaces the URL (e.g. by a `data:` URI).
+    pub fn set_url(&mut self, url: String) {
+        self.url = Cow::Owned(url);
+        self.changed = true;
+    }
+
+    /// Drops `detail`, for upstreams that reject the field.
+    pub fn strip_detail(&mut self) {
+        if self.fields.remove("detail") {
+            self.changed = true;
+        }
+    }
+}
+
+fn invalid(param: impl Into<String>, message: impl Into<String>) -> ApiError {
+    ApiError::invalid_request(message).with_param(param)
+}
+
+impl<'a> ChatRequest<'a> {
+    /// Parses a request body, refusing what is not a chat completion request
+    /// with `invalid_request` and the offending `param`.
+    pub fn parse(body: &'a [u8]) -> Result<Self, ApiError> {
+        if raw::nests_deeper_than(body, MAX_NESTING) {
+            return Err(ApiError::invalid_request(format!(
+                "The request body nests arrays and objects deeper than {MAX_NESTING} levels."
+            )));
+        }
+        let object: RawObject<'a> = serde_json::from_slice(body).map_err(|e| {
+            ApiError::invalid_request(format!("The request body is not a valid JSON object: {e}."))
+        })?;
+
+        let model = match object.get_borrowed("model") {
+            None => return Err(invalid("model", "Missing required parameter: 'model'.")),
+            Some(raw) => raw::as_str(raw)
+                .filter(|m| !m.is_empty())
+                .ok_or_else(|| invalid("model", "'model' must be a non-empty string."))?,
+        };
+
+        let stream = match object.get("stream") {
+            None => false,
+            Some(raw) => match raw.get() {
+                "true" => true,
+                "false" | "null" => false,
+                _ => return Err(invalid("stream", "'stream' must be a boolean.")),
+            },
+        };
+
+        let include_usage = match object.get("stream_options") {
+            None => false,
+            Some(raw) if raw.get() == "null" => false,
+            Some(raw) => {
+                let options: RawObject<'_> = serde_json::from_str(raw.get()).map_err(|_| {
+                    invalid("stream_options", "'stream_options' must be an object.")
+                })?;
+                options
+                    .get("include_usage")
+                    .is_some_and(|v| v.get() == "true")
+            }
+        };
+
+        let completion_cap = match cap(&object, "max_completion_tokens")? {
+            Some(cap) => Some(cap),
+            None => cap(&object, "max_tokens")?,
+        };
+
+        let messages = match object.get_borrowed("messages") {
+            None => {
+                return Err(invalid(
+                    "messages",
+                    "Missing required parameter: 'messages'.",
+                ));
+            }
+            Some(raw) => parse_messages(raw)?,
+        };
+
+        Ok(Self {
+            body: object,
+            model,
+            stream,
+            include_usage,
+            completion_cap,
+            messages,
+            messages_changed: false,
+            body_changed: false,
+        })
+    }
+
+    /// The request's image parts with their `param` paths, in order.
+    pub fn images_mut(&mut self) -> impl Iterator<Item = (String, &mut ImagePart<'a>)> {
+        self.messages_changed = true;
+        self.messages
+            .iter_mut()
+            .enumerate()
+            .flat_map(|(i, message)| match &mut message.content {
+                Content::Parts(parts) => parts
+                    .iter_mut()
+                    .enumerate()
+                    .filter_map(move |(j, part)| match &mut part.kind {
+                        PartKind::Image(image) => {
+                            Some((format!("messages[{i}].content[{j}].image_url.url"), image))
+                        }
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>(),
+                _ => Vec::new(),
+            })
+    }
+
+    pub fn image_count(&self) -> usize {
+        self.images().count()
+    }
+
+    pub fn images(&self) -> impl Iterator<Item = &ImagePart<'a>> {
+        self.messages
+            .iter()
+            .flat_map(|message| match &message.content {
+                Content::Parts(parts) => parts
+                    .iter()
+                    .filter_map(|part| match &part.kind {
+                        PartKind::Image(image) => Some(image),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>(),
+                _ => Vec::new(),
+            })
+    }
+
+    /// Sends `model` upstream under another name.
+    pub fn set_model(&mut self, name: &str) {
+        self.body.replace("model", raw::raw_string(name));
+        self.body_changed = true;
+        self.model = Cow::Owned(name.to_owned());
+    }
+
+    /// Asks the upstream for the final usage chunk of a stream, keeping any
+    /// other `stream_options` the client sent.
+    pub fn request_stream_usage(&mut self) {
+        let mut options: RawObject<'_> = self
+            .body
+            .get("stream_options")
+            .and_then(|raw| serde_json::from_str::<RawObject<'_>>(raw.get()).ok())
+            .unwrap_or_default();
+        options.replace("include_usage", raw::raw_from_vec(b"true".to_vec()));
+        let mut text = Vec::new();
+        options.write(&mut text);
+        let value = raw::raw_from_vec(text);
+        self.body.replace("stream_options", value);
+        self.body_changed = true;
+    }
+
+    /// Whether anything differs from the body as received; if not, the
+    /// original bytes can be forwarded as they are.
+    pub fn changed(&self) -> bool {
+        self.body_changed || (self.messages_changed && self.messages.iter().any(Message::changed))
+    }
+
+    /// Writes the request as it should go upstream.
+    pub fn to_body(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256);
+        let changed = self.messages_changed && self.messages.iter().any(Message::changed);
+        self.body.write_with(&mut out, |key, out| {
+            if key != "messages" || !changed {
+                return false;
+            }
+            out.push(b'[');
+            for (i, message) in self.messages.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                message.write(out);
+            }
+            out.push(b']');
+            true
+        });
+        out
+    }
+}
+
+fn cap(object: &RawObject<'_>, key: &str) -> Result<Option<u64>, ApiError> {
+    match object.get(key) {
+        None => Ok(None),
+        Some(raw) if raw.get() == "null" => Ok(None),
+        Some(raw) => raw
+            .get()
+            .parse::<u64>()
+            .map(Some)
+            .map_err(|_| invalid(key, format!("'{key}' must be a non-negative integer."))),
+    }
+}
+
+fn parse_messages(raw: &RawValue) -> Result<Vec<Message<'_>>, ApiError> {
+    let items: Vec<&RawValue> = serde_json::from_str(raw.get()).map_err(|_| {
+        invalid(
+            "messages",
+            "'messages' must be an array of message objects.",
+        )
+    })?;
+    if items.is_empty() {
+        return Err(invalid(
+            "messages",
+            "'messages' must contain at least one message.",
+        ));
+    }
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| parse_message(i, item))
+        .collect()
+}
+
+fn parse_message(i: usize, raw: &RawValue) -> Result<Message<'_>, ApiError> {
+    let fields: RawObject<'_> = serde_json::from_str(raw.get())
+        .map_err(|_| invalid(format!("messages[{i}]"), "Each message must be an object."))?;
+    let content = match fields.get_borrowed("content") {
+        None => Content::Absent,
+        Some(raw) => match raw::kind(raw) {
+            "null" => Content::Absent,
+            "string" => Content::Text(raw::as_str(raw).unwrap_or_default()),
+            "array" => {
+                let items: Vec<&RawValue> = serde_json::from_str(raw.get()).map_err(|_| {
+                    invalid(format!("messages[{i}].content"), "Invalid content array.")
+                })?;
+                Content::Parts(
+                    items
+                        .into_iter()
+                        .enumerate()
+                        .map(|(j, item)| parse_part(i, j, item))
+                        .collect::<Result<_, _>>()?,
+                )
+            }
+            _ => {
+                return Err(invalid(
+                    format!("messages[{i}].content"),
+                    "'content' must be a string or an array of content parts.",
+                ));
+            }
+        },
+    };
+    Ok(Message { fields, content })
+}
+
+fn parse_part(i: usize, j: usize, raw: &RawValue) -> Result<Part<'_>, ApiError> {
+    let at = format!("messages[{i}].content[{j}]");
+    let fields: RawObject<'_> = serde_json::from_str(raw.get())
+        .map_err(|_| invalid(at.clone(), "Each content part must be an object."))?;
+    let part_type = fields.get("type").and_then(raw::as_str);
+    let kind = match part_type.as_deref() {
+        Some("text") => PartKind::Text(
+            fields
+                .get_borrowed("text")
+                .and_then(raw::as_str)
+                .ok_or_else(|| {
+                    invalid(format!("{at}.text"), "A text part needs a string 'text'.")
+                })?,
+        ),
+        Some("image_url") => {
+            let image_raw = fields.get_borrowed("image_url").ok_or_else(|| {
+                invalid(
+                    format!("{at}.image_url"),
+                    "An image_url part needs an 'image_url' object.",
+                )
+            })?;
+            PartKind::Image(parse_image(&at, image_raw)?)
+        }
+        _ => PartKind::Other,
+    };
+    Ok(Part { fields, kind })
+}
+
+fn parse_image<'a>(at: &str, raw: &'a RawValue) -> Result<ImagePart<'a>, ApiError> {
+    let fields: RawObject<'a> = serde_json::from_str(raw.get()).map_err(|_| {
+        invalid(
+            format!("{at}.image_url"),
+            "'image_url' must be an object with a 'url'.",
+        )
+    })?;
+    let url = fields
+        .get_borrowed("url")
+        .and_then(raw::as_str)
+        .ok_or_else(|| {
+            invalid(
+                format!("{at}.image_url.url"),
+                "'image_url.url' must be a string.",
+            )
+        })?;
+    let detail = match fields.get_borrowed("detail") {
+        None => None,
+        Some(raw) if raw.get() == "null" => None,
+        Some(raw) => Some(raw::as_str(raw).ok_or_else(|| {
+            invalid(
+                format!("{at}.image_url.detail"),
+                "'detail' must be a string.",
+            )
+        })?),
+    };
+    Ok(ImagePart {
+        fields,
+        url,
+        detail,
+        changed: false,
+    })
+}
+
+impl Message<'_> {
+    fn changed(&self) -> bool {
+        match &self.content {
+            Content::Parts(parts) => parts
+                .iter()
+                .any(|p| matches!(&p.kind, PartKind::Image(i) if i.changed)),
+            _ => false,
+        }
+    }
+
+    /// The message's text content, for token estimates.
+    pub fn texts(&self) -> impl Iterator<Item = &str> {
+        let (text, parts) = match &self.content {
+            Content::Text(text) => (Some(text.as_ref()), None),
+            Content::Parts(parts) => (None, Some(parts)),
+            Content::Absent => (None, None),
+        };
+        text.into_iter()
+            .chain(parts.into_iter().flatten().filter_map(|p| match &p.kind {
+                PartKind::Text(text) => Some(text.as_ref()),
+                _ => None,
+            }))
+    }
+
+    /// Raw fields other than `content` (role, name, tool calls), for estimates.
+    pub fn raw_field(&self, key: &str) -> Option<&RawValue> {
+        self.fields.get(key)
+    }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        if !self.changed() {
+            self.fields.write(out);
+            return;
+        }
+        let Content::Parts(parts) = &self.content else {
+            return self.fields.write(out);
+        };
+        self.fields.write_with(out, |key, out| {
+            if key != "content" {
+                return false;
+            }
+            out.push(b'[');
+            for (j, part) in parts.iter().enumerate() {
+                if j > 0 {
+                    out.push(b',');
+                }
+                match &part.kind {
+                    PartKind::Image(image) if image.changed => {
+                        part.fields.write_with(out, |key, out| {
+                            if key != "image_url" {
+                                return false;
+                            }
+                            image.fields.write_with(out, |key, out| {
+                                if key != "url" {
+                                    return false;
+                                }
+                                raw::write_json_string(out, &image.url);
+                                true
+                            });
+                            true
+                        });
+                    }
+                    _ => part.fields.write(out),
+                }
+            }
+            out.push(b']');
+            true
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_err(body: &str) -> (String, Option<String>) {
+        let e = ChatRequest::parse(body.as_bytes()).expect_err("should fail");
+        (e.code.to_string(), e.param)
+    }
+
+    #[test]
+    fn reads_the_fields_iris_needs() {
+        let body = br#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"max_tokens":50,"messages":[{"role":"user","content":[{"type":"text","text":"hi"},{"type":"image_url","image_url":{"url":"https://x/a.png","detail":"low"}}]}],"extra":{"kept":1}}"#;
+        let request = ChatRequest::parse(body).expect("valid");
+        assert_eq!(request.model, "m");
+        assert!(request.stream && request.include_usage);
+        assert_eq!(request.completion_cap, Some(50));
+        assert_eq!(request.image_count(), 1);
+        let image = request.images().next().expect("image");
+        assert_eq!(image.url, "https://x/a.png");
+        assert_eq!(image.detail.as_deref(), Some("low"));
+        assert_eq!(request.messages[0].texts().collect::<Vec<_>>(), ["hi"]);
+        assert_eq!(
+            request.to_body(),
+            body.to_vec(),
+            "unchanged request is written back as sent"
+        );
+    }
+
+    #[test]
+    fn max_completion_tokens_wins_over_max_tokens() {
+        let request = ChatRequest::parse(
+            br#"{"model":"m","max_tokens":5,"max_completion_tokens":9,"messages":[{"role":"user","content":"x"}]}"#,
+        )
+        .expect("valid");
+        assert_eq!(request.completion_cap, Some(9));
+    }
+
+    #[test]
+    fn rewrites_only_what_changed() {
+        let body = br#"{"model":"alias","messages":[{"role":"system","content":"be brief"},{"role":"user","content":[{"type":"image_url","image_url":{"detail":"high","url":"https://x/a.png"},"x":1}]}],"stream":true,"stream_options":{"other":2}}"#;
+        let mut request = ChatRequest::parse(body).expect("valid");
+        request.set_model("real-model");
+        request.request_stream_usage();
+        for (param, image) in request.images_mut() {
+            assert_eq!(param, "messages[1].content[0].image_url.url");
+            image.set_url("data:image/png;base64,AAAA".into());
+            image.strip_detail();
+        }
+        let written = String::from_utf8(request.to_body()).expect("utf8");
+        assert_eq!(
+            written,
+            r#"{"model":"real-model","messages":[{"role":"system","content":"be brief"},{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"},"x":1}]}],"stream":true,"stream_options":{"other":2,"include_usage":true}}"#
+        );
+    }
+
+    #[test]
+    fn bad_requests_name_their_param() {
+        assert_eq!(parse_err("not json").0, "invalid_request");
+        assert_eq!(parse_err("[1]").0, "invalid_request");
+        assert_eq!(parse_err(r#"{"messages":[]}"#).1.as_deref(), Some("model"));
+        assert_eq!(
+            parse_err(r#"{"model":3,"messages":[]}"#).1.as_deref(),
+            Some("model")
+        );
+        assert_eq!(parse_err(r#"{"model":"m"}"#).1.as_deref(), Some("messages"));
+        assert_eq!(
+            parse_err(r#"{"model":"m","messages":{}}"#).1.as_deref(),
+            Some("messages")
+        );
+        assert_eq!(
+            parse_err(r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":5}}]}]}"#)
+                .1
+                .as_deref(),
+            Some("messages[0].content[0].image_url.url")
+        );
+        assert_eq!(
+            parse_err(r#"{"model":"m","messages":[{"content":"x"}],"max_tokens":-1}"#)
+                .1
+                .as_deref(),
+            Some("max_tokens")
+        );
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_without_overflowing_the_stack() {
+        let depth = 200_000;
+        let body = format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],"x":{}{}}}"#,
+            "[".repeat(depth),
+            "]".repeat(depth)
+        );
+        assert_eq!(parse_err(&body).0, "invalid_request");
+    }
+}

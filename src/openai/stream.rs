@@ -1,0 +1,293 @@
+//! Watching a chat completion response go by: the `usage` it reports (or the
+//! text it generated, when it reports none), and removing the usage-only SSE
+//! event that Iris asked for on the client's behalf.
+//!
+//! Chunks reach the client as they arrive. Only when an event may have to be
+//! removed is an incomplete event held back until its end (one event is one
+//! upstream write in practice, so this adds no delay).
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::upstream::RelayObserver;
+
+/// Token counts as the upstream reports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+    #[serde(default)]
+    pub total_tokens: u64,
+}
+
+impl Usage {
+    /// `total_tokens`, or the sum where an upstream leaves it out.
+    pub fn total(&self) -> u64 {
+        self.total_tokens
+            .max(self.prompt_tokens + self.completion_tokens)
+    }
+}
+
+/// How a relayed response ended, for accounting.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// The body reached its end (false: the client hung up, or the upstream failed).
+    pub complete: bool,
+    pub usage: Option<Usage>,
+    /// The generated text seen so far, for an estimate where no usage came.
+    pub generated: String,
+}
+
+type OnEnd = Box<dyn FnOnce(Outcome) + Send>;
+
+/// A response body larger than this is not kept for its `usage`.
+const MAX_KEPT_BODY: usize = 8 * 1024 * 1024;
+
+pub struct UsageTap {
+    streaming: bool,
+    drop_usage_chunk: bool,
+    /// Streaming: the incomplete tail event. Otherwise: the body so far.
+    pending: Vec<u8>,
+    outcome: Outcome,
+    on_end: Option<OnEnd>,
+}
+
+impl UsageTap {
+    /// `streaming`: the body is SSE. `drop_usage_chunk`: remove the usage-only
+    /// event, which the client did not ask for.
+    pub fn new(streaming: bool, drop_usage_chunk: bool) -> Self {
+        Self {
+            streaming,
+            drop_usage_chunk: streaming && drop_usage_chunk,
+            pending: Vec::new(),
+            outcome: Outcome::default(),
+            on_end: None,
+        }
+    }
+
+    /// Runs `f` with the outcome once the response has ended, however it ended.
+    pub fn on_end(mut self, f: impl FnOnce(Outcome) + Send + 'static) -> Self {
+        self.on_end = Some(Box::new(f));
+        self
+    }
+
+    /// Splits complete events off `pending`, noting each; returns the bytes to send.
+    fn drain_events(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        while let Some(end) = find_event_end(&self.pending[start..]) {
+            let event = &self.pending[start..start + end];
+            let usage_only = note_event(event, &mut self.outcome);
+            if !(self.drop_usage_chunk && usage_only) {
+                out.extend_from_slice(event);
+            }
+            start += end;
+        }
+        self.pending.drain(..start);
+        out
+    }
+}
+
+impl RelayObserver for UsageTap {
+    fn on_chunk(&mut self, chunk: Bytes) -> Bytes {
+        if !self.streaming {
+            if self.pending.len() + chunk.len() <= MAX_KEPT_BODY {
+                self.pending.extend_from_slice(&chunk);
+            }
+            return chunk;
+        }
+        self.pending.extend_from_slice(&chunk);
+        let ready = self.drain_events();
+        if self.drop_usage_chunk {
+            Bytes::from(ready)
+        } else {
+            chunk
+        }
+    }
+
+    fn on_end(&mut self, complete: bool) {
+        if self.streaming {
+            // An unterminated last event still counts.
+            let tail = std::mem::take(&mut self.pending);
+            note_event(&tail, &mut self.outcome);
+        } else {
+            note_body(&self.pending, &mut self.outcome);
+        }
+        self.outcome.complete = complete;
+        if let Some(f) = self.on_end.take() {
+            f(std::mem::take(&mut self.outcome));
+        }
+    }
+}
+
+/// The length of the first complete event in `buf`, its blank line included.
+fn find_event_end(buf: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i + 1 < buf.len() {
+        if buf[i] == b'\n' {
+            if buf[i + 1] == b'\n' {
+                return Some(i + 2);
+            }
+            if buf[i + 1] == b'\r' && buf.get(i + 2) == Some(&b'\n') {
+                return Some(i + 3);
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+#[derive(Deserialize)]
+struct ChunkView<'a> {
+    #[serde(default)]
+    usage: Option<Usage>,
+    #[serde(default, borrow)]
+    choices: Option<Vec<ChoiceView<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct ChoiceView<'a> {
+    #[serde(default, borrow)]
+    delta: Option<MessageView<'a>>,
+    #[serde(default, borrow)]
+    message: Option<MessageView<'a>>,
+}
+
+#[derive(Deserialize)]
+struct MessageView<'a> {
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    tool_calls: Option<&'a RawValue>,
+}
+
+/// Notes one SSE event; true if it carries usage and no choices.
+fn note_event(event: &[u8], outcome: &mut Outcome) -> bool {
+    let mut usage_only = false;
+    for line in event.split(|&b| b == b'\n') {
+        let Some(data) = line.strip_prefix(b"data:") else {
+            continue;
+        };
+        let data = data.trim_ascii();
+        if data.is_empty() || data == b"[DONE]" {
+            continue;
+        }
+        let Ok(chunk) = serde_json::from_slice::<ChunkView<'_>>(data) else {
+            continue;
+        };
+        let no_choices = chunk.choices.as_ref().is_none_or(Vec::is_empty);
+        if let Some(usage) = chunk.usage {
+            outcome.usage = Some(usage);
+            usage_only = no_choices;
+        }
+        for choice in chunk.choices.iter().flatten() {
+            note_message(choice.delta.as_ref(), outcome);
+        }
+    }
+    usage_only
+}
+
+/// Notes a whole (non-streamed) response body.
+fn note_body(body: &[u8], outcome: &mut Outcome) {
+    if let Ok(chunk) = serde_json::from_slice::<ChunkView<'_>>(body) {
+        outcome.usage = chunk.usage;
+        for choice in chunk.choices.iter().flatten() {
+            note_message(choice.message.as_ref(), outcome);
+        }
+    }
+}
+
+fn note_message(message: Option<&MessageView<'_>>, outcome: &mut Outcome) {
+    let Some(message) = message else { return };
+    if let Some(content) = &message.content {
+        outcome.generated.push_str(content);
+    }
+    if let Some(tool_calls) = message.tool_calls {
+        outcome.generated.push_str(tool_calls.get());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    fn run(
+        streaming: bool,
+        drop_usage: bool,
+        chunks: &[&str],
+        complete: bool,
+    ) -> (String, Outcome) {
+        let seen = Arc::new(Mutex::new(None));
+        let sink = Arc::clone(&seen);
+        let mut tap = UsageTap::new(streaming, drop_usage).on_end(move |o| {
+            *sink.lock().expect("lock") = Some(o);
+        });
+        let mut out = String::new();
+        for chunk in chunks {
+            let bytes = tap.on_chunk(Bytes::copy_from_slice(chunk.as_bytes()));
+            out.push_str(std::str::from_utf8(&bytes).expect("utf8"));
+        }
+        RelayObserver::on_end(&mut tap, complete);
+        let outcome = seen.lock().expect("lock").take().expect("on_end ran");
+        (out, outcome)
+    }
+
+    const EVENTS: [&str; 4] = [
+        "data: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\n",
+        "data: {\"choices\":[{\"delta\":{\"content\":\"lo\"}}],\"usage\":null}\n\n",
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2,\"total_tokens\":7}}\n\n",
+        "data: [DONE]\n\n",
+    ];
+
+    #[test]
+    fn usage_chunk_is_read_and_removed_when_iris_asked_for_it() {
+        let (out, outcome) = run(true, true, &EVENTS, true);
+        assert_eq!(out, [EVENTS[0], EVENTS[1], EVENTS[3]].concat());
+        assert_eq!(outcome.usage.map(|u| u.total()), Some(7));
+        assert_eq!(outcome.generated, "Hello");
+        assert!(outcome.complete);
+    }
+
+    #[test]
+    fn usage_chunk_stays_when_the_client_asked_for_it() {
+        let (out, outcome) = run(true, false, &EVENTS, true);
+        assert_eq!(out, EVENTS.concat());
+        assert_eq!(outcome.usage.map(|u| u.total()), Some(7));
+    }
+
+    #[test]
+    fn events_split_across_chunks_are_reassembled() {
+        let all = EVENTS.concat();
+        let pieces: Vec<&str> = all
+            .as_bytes()
+            .chunks(7)
+            .map(|c| std::str::from_utf8(c).expect("ascii"))
+            .collect();
+        let (out, outcome) = run(true, true, &pieces, true);
+        assert_eq!(out, [EVENTS[0], EVENTS[1], EVENTS[3]].concat());
+        assert_eq!(outcome.usage.map(|u| u.total()), Some(7));
+    }
+
+    #[test]
+    fn plain_body_usage_and_text() {
+        let body = r#"{"choices":[{"message":{"content":"Hi there"}}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#;
+        let (out, outcome) = run(false, false, &[&body[..10], &body[10..]], true);
+        assert_eq!(out, body);
+        assert_eq!(outcome.usage.map(|u| u.total()), Some(5));
+        assert_eq!(outcome.generated, "Hi there");
+    }
+
+    #[test]
+    fn a_hang_up_reports_what_was_generated() {
+        let (_, outcome) = run(true, true, &EVENTS[..1], false);
+        assert!(!outcome.complete);
+        assert_eq!(outcome.usage, None);
+        assert_eq!(outcome.generated, "Hel");
+    }
+}

@@ -1,0 +1,43 @@
+//! One module per endpoint group; each turns HTTP into calls on the layers
+//! below and back.
+
+pub mod chat;
+pub mod health;
+pub mod models;
+pub mod responses;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{Method, Uri};
+use std::sync::Arc;
+
+use crate::app::SharedState;
+use crate::catalog::Client;
+use crate::error::ApiError;
+
+/// The client a request authenticated as; extracting it answers 401 otherwise.
+pub struct Authenticated(pub Arc<Client>);
+
+impl FromRequestParts<SharedState> for Authenticated {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<Self, ApiError> {
+        state
+            .catalog
+            .authenticate(&parts.headers)
+            .map(|client| Authenticated(Arc::clone(client)))
+            .ok_or_else(ApiError::invalid_api_key)
+    }
+}
+
+pub async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::not_found(method.as_str(), uri.path())
+}
+
+pub async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not supported on {}.", uri.path()),
+    )
+}

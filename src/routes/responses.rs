@@ -1,0 +1,12 @@
+//! The Responses API is refused up front: the upstreams Iris targets do not
+//! all implement it, and a clear error beats a confusing upstream one.
+
+use crate::error::ApiError;
+
+pub async fn reject() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::BAD_REQUEST,
+        "unsupported_api",
+        "The Responses API is not supported by this gateway. Use POST /v1/chat/completions instead.",
+    )
+}

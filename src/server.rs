@@ -1,0 +1,73 @@
+//! Serving: accept on a listener until `shutdown` resolves, then drain
+//! in-flight requests (streams included) for at most the grace period.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::serve::ListenerExt;
+use tokio::net::TcpListener;
+
+use crate::app::{AppState, app};
+
+/// Serves `state` on `listener` until `shutdown` resolves and in-flight
+/// requests finish, or `grace` passes after it.
+pub async fn run(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let grace = Duration::from_millis(state.config.server.shutdown_grace_ms);
+    let state = Arc::new(state);
+    // TCP_NODELAY on every accepted socket: without it a chunked response
+    // waits for the client's delayed ACK (tens of ms per keep-alive request).
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+
+    let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
+    let serve = axum::serve(listener, app(Arc::clone(&state))).with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!(
+            grace_ms = grace.as_millis() as u64,
+            "shutting down: draining in-flight requests"
+        );
+        let _ = draining_tx.send(());
+    });
+    let grace_expired = async move {
+        if draining_rx.await.is_ok() {
+            tokio::time::sleep(grace).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+
+    tokio::select! {
+        result = serve => result?,
+        () = grace_expired => tracing::warn!("grace period over: dropping requests still in flight"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {},
+        () = terminate => {},
+    }
+}
