@@ -1,0 +1,53 @@
+"""Errors Iris produces itself, as the Python SDK's exception classes see them."""
+
+import openai
+import pytest
+
+MESSAGES = [{"role": "user", "content": "Say hello"}]
+
+
+def test_responses_api_is_a_clear_bad_request(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model="sdk-model", input="Say hello")
+
+    error = caught.value
+    assert error.status_code == 400
+    assert error.code == "unsupported_api"
+    assert "POST /v1/chat/completions" in error.message
+    assert error.request_id  # every response carries x-request-id
+
+
+def test_wrong_key_is_an_authentication_error(make_client):
+    wrong = make_client("not-a-configured-key")
+
+    with pytest.raises(openai.AuthenticationError) as caught:
+        wrong.chat.completions.create(model="sdk-model", messages=MESSAGES)
+
+    error = caught.value
+    assert error.status_code == 401
+    assert error.code == "invalid_api_key"
+    assert "not-a-configured-key" not in str(error.body)
+    assert error.request_id
+
+
+def test_wrong_key_cannot_list_models(make_client):
+    with pytest.raises(openai.AuthenticationError):
+        make_client("not-a-configured-key").models.list()
+
+
+def test_unknown_model_is_not_found(client):
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="no-such-model", messages=MESSAGES)
+
+    assert caught.value.code == "model_not_found"
+    assert caught.value.param == "model"
+
+
+def test_model_outside_the_clients_list_is_permission_denied(iris, make_client):
+    restricted = make_client(iris.key("restricted"))
+
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        restricted.chat.completions.create(model="sdk-model", messages=MESSAGES)
+
+    assert caught.value.status_code == 403
+    assert caught.value.code == "model_not_allowed"
