@@ -93,6 +93,21 @@ test('an upstream error surfaces as the matching SDK error', async () => {
   });
 });
 
+test('an upstream error on a stream rejects before any chunk', async () => {
+  const call = env
+    .client()
+    .chat.completions.create(
+      { model: 'sdk-model', messages, stream: true },
+      { headers: { 'x-mock-status': '422' } },
+    );
+
+  await assert.rejects(call, (error) => {
+    assert.ok(error instanceof OpenAI.UnprocessableEntityError, `got ${error.constructor.name}`);
+    assert.equal(error.code, 'mock_error');
+    return true;
+  });
+});
+
 test('the request id is visible with the raw response', async () => {
   const { data, response, request_id } = await env
     .client()

@@ -54,3 +54,13 @@ test("a model outside the client's list is a PermissionDeniedError", async () =>
 
   await assert.rejects(call, isError(OpenAI.PermissionDeniedError, { status: 403, code: 'model_not_allowed' }));
 });
+
+test('an API Iris does not serve is a NotFoundError', async () => {
+  const call = env.client().embeddings.create({ model: 'sdk-model', input: 'Say hello' });
+
+  await assert.rejects(call, (error) => {
+    isError(OpenAI.NotFoundError, { status: 404, code: 'not_found' })(error);
+    assert.match(error.message, /\/v1\/embeddings/);
+    return true;
+  });
+});

@@ -89,6 +89,18 @@ def test_upstream_error_surfaces_as_the_matching_sdk_error(client):
     }
 
 
+def test_upstream_error_on_a_stream_raises_before_any_chunk(client):
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        client.chat.completions.create(
+            model="sdk-model",
+            messages=MESSAGES,
+            stream=True,
+            extra_headers={"x-mock-status": "422"},
+        )
+
+    assert caught.value.code == "mock_error"
+
+
 def test_request_id_is_visible_in_the_raw_response(client):
     raw = client.chat.completions.with_raw_response.create(model="sdk-model", messages=MESSAGES)
 

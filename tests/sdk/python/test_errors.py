@@ -51,3 +51,11 @@ def test_model_outside_the_clients_list_is_permission_denied(iris, make_client):
 
     assert caught.value.status_code == 403
     assert caught.value.code == "model_not_allowed"
+
+
+def test_an_api_iris_does_not_serve_is_not_found(client):
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.embeddings.create(model="sdk-model", input="Say hello")
+
+    assert caught.value.code == "not_found"
+    assert "/v1/embeddings" in caught.value.message
