@@ -122,6 +122,7 @@ models = ["other-model"]
 
 /// A client for tests: no proxies, no pooling surprises.
 pub fn http() -> reqwest::Client {
+    iris::init_tls();
     reqwest::Client::builder()
         .no_proxy()
         .build()

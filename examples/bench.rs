@@ -1,0 +1,371 @@
+//! Load benchmark: the same requests sent straight to a mock upstream, through
+//! a bare pass-through proxy, and through Iris, in one run.
+//!
+//!   cargo run --release --example bench [-- --seconds 3]
+//!
+//! Each server runs on its own 1-thread runtime and the load generator on
+//! another, so the numbers compare like with like on a small machine. The bare
+//! proxy (a few dozen lines of hyper that forward bytes and nothing else) is the
+//! floor any gateway sits on: Iris's overhead is reported next to it.
+
+#[path = "../tests/support/mock_upstream.rs"]
+mod mock_upstream;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use iris::keys::KeyHash;
+
+const KEY: &str = "bench-key";
+const KEY_BUDGETED: &str = "bench-key-budgeted";
+
+#[derive(Clone, Copy, PartialEq)]
+enum Scenario {
+    Small,
+    Image,
+    Stream,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Small => "small chat",
+            Scenario::Image => "150 KB base64 image",
+            Scenario::Stream => "streamed (time to first chunk)",
+        }
+    }
+
+    fn body(self) -> Bytes {
+        let content = match self {
+            Scenario::Image => {
+                let image = sample_jpeg(150 * 1024);
+                let data = base64::engine::general_purpose::STANDARD.encode(&image);
+                serde_json::json!([
+                    {"type": "text", "text": "What is in this image?"},
+                    {"type": "image_url", "image_url": {"url": format!("data:image/jpeg;base64,{data}")}}
+                ])
+            }
+            _ => serde_json::json!("Say hello in five words."),
+        };
+        let mut body = serde_json::json!({
+            "model": "bench-model",
+            "messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": content}],
+            "max_tokens": 64,
+        });
+        if self == Scenario::Stream {
+            body["stream"] = serde_json::json!(true);
+        }
+        Bytes::from(body.to_string())
+    }
+}
+
+/// A JPEG of about `size` bytes: noise compresses badly, so a few hundred
+/// pixels a side reach 150 KB.
+fn sample_jpeg(size: usize) -> Vec<u8> {
+    let mut side = 64u32;
+    loop {
+        let mut state = 0x2545_f491_u32;
+        let image = image::RgbImage::from_fn(side, side, |_, _| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            image::Rgb([state as u8, (state >> 8) as u8, (state >> 16) as u8])
+        });
+        let mut out = std::io::Cursor::new(Vec::new());
+        let _ = image::DynamicImage::ImageRgb8(image).write_to(&mut out, image::ImageFormat::Jpeg);
+        if out.get_ref().len() >= size || side > 4096 {
+            return out.into_inner();
+        }
+        side += 16;
+    }
+}
+
+/// Runs `future`'s server on a dedicated 1-thread runtime in its own OS thread.
+fn spawn_runtime<F, Fut>(make: F) -> SocketAddr
+where
+    F: FnOnce(tokio::sync::oneshot::Sender<SocketAddr>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("runtime: {e}"));
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&runtime, async move {
+            make(tx).await;
+            std::future::pending::<()>().await;
+        });
+    });
+    rx.blocking_recv()
+        .unwrap_or_else(|e| panic!("server start: {e}"))
+}
+
+/// The floor: accepts, forwards the bytes to `upstream`, streams the answer back.
+async fn bare_proxy(upstream: SocketAddr, ready: tokio::sync::oneshot::Sender<SocketAddr>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let _ = ready.send(
+        listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("addr: {e}")),
+    );
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: Client<HttpConnector, Incoming> =
+        Client::builder(TokioExecutor::new()).build(connector);
+    loop {
+        let Ok((socket, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = socket.set_nodelay(true);
+        let client = client.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+                let client = client.clone();
+                async move {
+                    let uri = format!("http://{upstream}{}", request.uri().path());
+                    *request.uri_mut() = uri.parse().unwrap_or_default();
+                    request.headers_mut().remove(hyper::header::HOST);
+                    match client.request(request).await {
+                        Ok(response) => Ok::<_, Infallible>(response.map(|b| b.boxed())),
+                        Err(_) => Ok(Response::builder()
+                            .status(502)
+                            .body(
+                                Full::new(Bytes::new())
+                                    .map_err(|never| match never {})
+                                    .boxed(),
+                            )
+                            .unwrap_or_default()),
+                    }
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(socket), service)
+                .await;
+        });
+    }
+}
+
+async fn iris_server(upstream: SocketAddr, ready: tokio::sync::oneshot::Sender<SocketAddr>) {
+    iris::init_tls();
+    let config = format!(
+        r#"
+        [store]
+        kind = "memory"
+        [[upstreams]]
+        name = "mock"
+        base_url = "http://{upstream}/v1"
+        api_key = "upstream-key"
+        [[models]]
+        name = "bench-model"
+        upstream = "mock"
+        [[clients]]
+        name = "bench"
+        key = "{key}"
+        [[clients]]
+        name = "bench-budgeted"
+        key = "{budgeted}"
+        [clients.budget]
+        requests_per_minute = 100000000
+        tokens_per_minute = 100000000000
+        tokens_per_day = 1000000000000
+        tokens_per_month = 10000000000000
+        max_concurrent = 100000
+        "#,
+        key = KeyHash::of(KEY),
+        budgeted = KeyHash::of(KEY_BUDGETED),
+    );
+    let config = iris::config::parse(&config, &|_| None).unwrap_or_else(|p| panic!("config: {p}"));
+    let state = iris::app::AppState::new(config).unwrap_or_else(|e| panic!("state: {e}"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let _ = ready.send(
+        listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("addr: {e}")),
+    );
+    let _ = iris::server::run(listener, state, std::future::pending()).await;
+}
+
+#[derive(Default)]
+struct Measured {
+    requests: usize,
+    errors: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Measured {
+    fn rps(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile(&self, p: f64) -> Duration {
+        if self.latencies.is_empty() {
+            return Duration::ZERO;
+        }
+        let index = ((self.latencies.len() - 1) as f64 * p).round() as usize;
+        self.latencies[index]
+    }
+}
+
+/// Sends `body` to `target` from `concurrency` connections for `seconds`;
+/// for streams the latency is the time to the first body chunk.
+async fn load(
+    target: SocketAddr,
+    key: &str,
+    scenario: Scenario,
+    concurrency: usize,
+    seconds: f64,
+) -> Measured {
+    let body = scenario.body();
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(concurrency)
+        .build(connector);
+    let uri: hyper::Uri = format!("http://{target}/v1/chat/completions")
+        .parse()
+        .unwrap_or_default();
+    let auth = format!("Bearer {key}");
+
+    // Warm the connections and caches.
+    let warm_until = Instant::now() + Duration::from_millis(300);
+    let deadline = warm_until + Duration::from_secs_f64(seconds);
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (client, uri, auth, body) = (client.clone(), uri.clone(), auth.clone(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut measured = Measured::default();
+            loop {
+                let started = Instant::now();
+                if started >= deadline {
+                    break;
+                }
+                let request = Request::post(uri.clone())
+                    .header("content-type", "application/json")
+                    .header("authorization", &auth)
+                    .body(Full::new(body.clone()))
+                    .unwrap_or_default();
+                let ok = match client.request(request).await {
+                    Ok(response) => {
+                        let ok = response.status().is_success();
+                        let mut body = response.into_body();
+                        let mut latency = None;
+                        while let Some(frame) = body.frame().await {
+                            if frame.is_err() {
+                                break;
+                            }
+                            if scenario == Scenario::Stream && latency.is_none() {
+                                latency = Some(started.elapsed());
+                            }
+                        }
+                        let latency = latency.unwrap_or_else(|| started.elapsed());
+                        if started >= warm_until {
+                            measured.latencies.push(latency);
+                        }
+                        ok
+                    }
+                    Err(_) => false,
+                };
+                if started >= warm_until {
+                    measured.requests += 1;
+                    measured.errors += usize::from(!ok);
+                }
+            }
+            measured
+        }));
+    }
+    let mut total = Measured {
+        elapsed: Duration::from_secs_f64(seconds),
+        ..Measured::default()
+    };
+    for task in tasks {
+        if let Ok(measured) = task.await {
+            total.requests += measured.requests;
+            total.errors += measured.errors;
+            total.latencies.extend(measured.latencies);
+        }
+    }
+    total.latencies.sort_unstable();
+    total
+}
+
+fn micros(d: Duration) -> String {
+    format!("{:.0} µs", d.as_secs_f64() * 1e6)
+}
+
+fn main() {
+    let seconds: f64 = std::env::args()
+        .skip_while(|a| a != "--seconds")
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
+
+    let upstream = spawn_runtime(|ready| async move {
+        let mock = mock_upstream::MockUpstream::start().await;
+        mock.state.keep_bodies(false);
+        let _ = ready.send(mock.addr);
+        std::future::pending::<()>().await;
+    });
+    let bare = spawn_runtime(move |ready| bare_proxy(upstream, ready));
+    let iris = spawn_runtime(move |ready| iris_server(upstream, ready));
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("runtime: {e}"));
+
+    println!(
+        "# Iris load benchmark ({seconds} s per cell, 1-thread runtimes, {} cores)\n",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
+    println!("| scenario | concurrency | target | req/s | p50 | p99 | added p50 | errors |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for scenario in [Scenario::Small, Scenario::Image, Scenario::Stream] {
+        for concurrency in [1, 64] {
+            let targets = [
+                ("direct", upstream, KEY),
+                ("bare proxy", bare, KEY),
+                ("iris", iris, KEY),
+                ("iris + budgets", iris, KEY_BUDGETED),
+            ];
+            let mut direct_p50 = Duration::ZERO;
+            for (name, addr, key) in targets {
+                let measured = runtime.block_on(load(addr, key, scenario, concurrency, seconds));
+                let p50 = measured.percentile(0.5);
+                if name == "direct" {
+                    direct_p50 = p50;
+                }
+                println!(
+                    "| {} | {concurrency} | {name} | {:.0} | {} | {} | {} | {} |",
+                    scenario.name(),
+                    measured.rps(),
+                    micros(p50),
+                    micros(measured.percentile(0.99)),
+                    if name == "direct" {
+                        "-".into()
+                    } else {
+                        micros(p50.saturating_sub(direct_p50))
+                    },
+                    measured.errors,
+                );
+            }
+        }
+    }
+}
