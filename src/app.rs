@@ -52,9 +52,6 @@ pub fn app(state: SharedState) -> Router {
         // Layers wrap from the inside out: the last one added runs first.
         // `observe` is outermost so it sees every response, fallbacks and
         // rejections included, and stamps each with its request id.
-        .layer(axum::middleware::from_fn_with_state(
-            Arc::clone(&state),
-            crate::observe::observe,
-        ))
+        .layer(axum::middleware::from_fn(crate::observe::observe))
         .with_state(state)
 }

@@ -5,13 +5,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderName, HeaderValue};
-use axum::middleware::Next;
-use axum::response::Response;
+use axum::extract::{MatchedPath, Request};
+use std::panic::AssertUnwindSafe;
 
-use crate::app::SharedState;
-use crate::error::ErrorCode;
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::IntoResponse;
+use axum::response::Response;
+use futures_util::FutureExt;
+
+use crate::error::{ApiError, ErrorCode};
 
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -29,11 +32,7 @@ pub struct RequestLog {
     pub upstream_latency: Option<Duration>,
 }
 
-pub async fn observe(
-    State(_state): State<SharedState>,
-    mut request: Request,
-    next: Next,
-) -> Response {
+pub async fn observe(mut request: Request, next: Next) -> Response {
     let started = Instant::now();
     let id = request
         .headers()
@@ -49,7 +48,23 @@ pub async fn observe(
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
 
-    let mut response = next.run(request).await;
+    // A bug that panics in one request answers that request with a 500 and
+    // leaves every other request alone.
+    let mut response = match AssertUnwindSafe(next.run(request)).catch_unwind().await {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::error!(
+                request_id = id.to_str().unwrap_or(""),
+                "request handler panicked"
+            );
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "The gateway failed to handle this request.",
+            )
+            .into_response()
+        }
+    };
 
     let elapsed = started.elapsed();
     response
@@ -114,4 +129,33 @@ fn new_request_id() -> HeaderValue {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     HeaderValue::from_str(&format!("req_{prefix}{n:010x}"))
         .unwrap_or(HeaderValue::from_static("req_0"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::Router;
+    use axum::routing::get;
+    use tower::ServiceExt;
+
+    async fn boom() -> &'static str {
+        panic!("a bug")
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500_in_openai_shape() {
+        let app = Router::new()
+            .route("/boom", get(boom))
+            .layer(axum::middleware::from_fn(observe));
+        let request = Request::get("/boom")
+            .body(axum::body::Body::empty())
+            .expect("request");
+        let response = app.oneshot(request).await.expect("infallible");
+        assert_eq!(response.status(), 500);
+        assert!(response.headers().contains_key("x-request-id"));
+        assert_eq!(
+            response.extensions().get::<ErrorCode>().map(|c| c.0),
+            Some("internal_error")
+        );
+    }
 }
