@@ -56,9 +56,10 @@ const HEADER_PREFIX: usize = 64 * 1024;
 /// Above this much base64, an image whose header is not in the prefix counts
 /// at the worst case rather than being decoded whole.
 const MAX_FULL_DECODE: usize = 4 * 1024 * 1024;
-/// Bodies larger than this are estimated on the blocking pool: tokenizing
-/// runs at a few MB/s, too long to hold an async worker for.
-const OFFLOAD_BYTES: usize = 64 * 1024;
+/// Bodies larger than this are estimated on the blocking pool: o200k's
+/// regex tokenizes only a few MB/s (about 0.25 ms per KiB measured), so a
+/// larger prompt would hold an async worker for milliseconds.
+const OFFLOAD_BYTES: usize = 8 * 1024;
 
 /// The cost of one request as reserved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -382,5 +383,19 @@ mod tests {
             ChatRequest::parse(br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#)
                 .expect("valid");
         assert_eq!(super::estimate(&plain, 4096).completion, 4096);
+    }
+
+    #[tokio::test]
+    async fn large_bodies_are_estimated_the_same_on_the_blocking_pool() {
+        let text = "Many words to count, over and over. ".repeat(4000);
+        let body = Bytes::from(
+            serde_json::json!({"model": "m", "messages": [{"role": "user", "content": text}]})
+                .to_string(),
+        );
+        assert!(body.len() > OFFLOAD_BYTES);
+        let request = ChatRequest::parse(&body).expect("valid");
+        let offloaded = estimate_body(&body, &request, 10).await;
+        assert_eq!(offloaded, estimate(&request, 10));
+        assert!(offloaded.prompt > 30_000, "{offloaded:?}");
     }
 }

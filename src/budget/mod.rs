@@ -286,6 +286,17 @@ impl Drop for Reservation {
     }
 }
 
+static TOKEN_HEADERS: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-limit-tokens"),
+    HeaderName::from_static("x-ratelimit-remaining-tokens"),
+    HeaderName::from_static("x-ratelimit-reset-tokens"),
+];
+static REQUEST_HEADERS: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-limit-requests"),
+    HeaderName::from_static("x-ratelimit-remaining-requests"),
+    HeaderName::from_static("x-ratelimit-reset-requests"),
+];
+
 /// `x-ratelimit-{limit,remaining,reset}-{tokens,requests}` for the client's
 /// tightest token window (least remaining: the minute, day or month budget,
 /// whichever will refuse first) and its requests-per-minute limit.
@@ -301,23 +312,23 @@ pub fn rate_limit_headers(snapshot: &Snapshot) -> HeaderMap {
     .filter(|w| w.limit.is_some())
     .min_by_key(|w| (w.remaining(), w.limit));
     let requests = Some(snapshot.get(Window::RequestsPerMinute)).filter(|w| w.limit.is_some());
-    for (kind, status) in [("tokens", tightest_tokens), ("requests", requests)] {
+    for (names, status) in [
+        (&TOKEN_HEADERS, tightest_tokens),
+        (&REQUEST_HEADERS, requests),
+    ] {
         let Some(status) = status else { continue };
         let reset = status
             .reset_at
             .unwrap_or(snapshot.now)
             .saturating_sub(snapshot.now);
-        for (what, value) in [
-            ("limit", status.limit.unwrap_or(0).to_string()),
-            ("remaining", status.remaining().unwrap_or(0).to_string()),
-            ("reset", duration_string(reset)),
-        ] {
-            if let (Ok(name), Ok(value)) = (
-                HeaderName::try_from(format!("x-ratelimit-{what}-{kind}")),
-                HeaderValue::try_from(value),
-            ) {
-                headers.insert(name, value);
-            }
+        let [limit, remaining, reset_name] = names;
+        headers.insert(limit, HeaderValue::from(status.limit.unwrap_or(0)));
+        headers.insert(
+            remaining,
+            HeaderValue::from(status.remaining().unwrap_or(0)),
+        );
+        if let Ok(value) = HeaderValue::try_from(duration_string(reset)) {
+            headers.insert(reset_name, value);
         }
     }
     headers
