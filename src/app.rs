@@ -6,6 +6,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::routing::{any, get, post};
 
+use crate::budget::Budgets;
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -17,21 +18,26 @@ pub struct AppState {
     pub config: Config,
     pub catalog: Catalog,
     pub forwarder: Forwarder,
+    pub budgets: Budgets,
     pub metrics: Metrics,
 }
 
 pub type SharedState = Arc<AppState>;
 
 impl AppState {
-    /// Builds the state from a validated config.
-    pub fn new(config: Config) -> Result<Self, String> {
+    /// Builds the state from a validated config. Async because it opens the
+    /// budget store (loading its file, starting its background writer).
+    pub async fn new(config: Config) -> Result<Self, String> {
         let catalog = Catalog::new(&config)?;
         let forwarder = Forwarder::new().map_err(|e| format!("HTTP client: {e}"))?;
+        let metrics = Metrics::install();
+        let budgets = Budgets::open(&config.store).await?;
         Ok(Self {
             config,
             catalog,
             forwarder,
-            metrics: Metrics::install(),
+            budgets,
+            metrics,
         })
     }
 }
@@ -42,6 +48,7 @@ pub fn app(state: SharedState) -> Router {
         .route("/v1/chat/completions", post(routes::chat::completions))
         .route("/v1/models", get(routes::models::list))
         .route("/v1/models/{*id}", get(routes::models::retrieve))
+        .route("/v1/usage", get(routes::usage::usage))
         .route("/v1/responses", any(routes::responses::reject))
         .route("/v1/responses/{*rest}", any(routes::responses::reject))
         .route("/healthz", get(routes::health::healthz))

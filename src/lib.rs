@@ -7,11 +7,13 @@
 //! - [`routes`]: one module per endpoint group, on top of:
 //!   - [`catalog`]: clients by key, models by name, each model's upstream
 //!   - [`openai`]: the wire types Iris looks inside (requests kept mostly raw)
+//!   - [`budget`]: per-client budgets: estimate, reserve, settle; the stores
 //!   - [`upstream`]: forwarding and streaming responses back
 //! - [`app`]: the state and the router; [`server`]: serving and draining
 //! - at the bottom: [`config`], [`keys`], [`error`], [`metrics`], [`telemetry`]
 
 pub mod app;
+pub mod budget;
 pub mod catalog;
 pub mod cli;
 pub mod config;

@@ -46,14 +46,25 @@ fn check(arg: &ConfigArg) -> ExitCode {
     }
 }
 
-fn usage(arg: &ConfigArg, _client: Option<&str>) -> ExitCode {
+fn usage(arg: &ConfigArg, client: Option<&str>) -> ExitCode {
     let path = arg.path();
-    if let Err(problems) = iris::config::load(&path) {
-        eprintln!("{problems}");
-        return ExitCode::FAILURE;
+    let config = match iris::config::load(&path) {
+        Ok(config) => config,
+        Err(problems) => {
+            eprintln!("{problems}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match iris::budget::report::usage(&config, client) {
+        Ok(report) => {
+            print!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("iris usage: {message}");
+            ExitCode::FAILURE
+        }
     }
-    eprintln!("iris usage: budgets are not enforced yet in this build");
-    ExitCode::FAILURE
 }
 
 fn serve(arg: &ConfigArg) -> ExitCode {
@@ -90,7 +101,7 @@ fn serve(arg: &ConfigArg) -> ExitCode {
 async fn run(config: iris::config::Config) -> Result<(), String> {
     iris::init_tls();
     let listen = config.server.listen.clone();
-    let state = iris::app::AppState::new(config)?;
+    let state = iris::app::AppState::new(config).await?;
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;

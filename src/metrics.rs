@@ -55,6 +55,14 @@ fn describe() {
         metrics::Unit::Seconds,
         "Time from request to response head, by route."
     );
+    metrics::describe_counter!(
+        "iris_tokens_total",
+        "Tokens charged to budgets, by client, model and kind (prompt or completion): the upstream's reported usage, else Iris's estimate."
+    );
+    metrics::describe_counter!(
+        "iris_budget_rejections_total",
+        "Requests refused by a budget, by client and reason (the window that refused, or store_unavailable)."
+    );
     metrics::describe_histogram!(
         "iris_upstream_duration_seconds",
         metrics::Unit::Seconds,

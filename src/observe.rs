@@ -30,6 +30,10 @@ pub struct RequestLog {
     pub model: Option<String>,
     pub upstream: Option<String>,
     pub upstream_latency: Option<Duration>,
+    /// Tokens reserved for the request (prompt estimate + completion cap),
+    /// also set when the budget refused it. What it finally cost is logged
+    /// as `usage settled` when its body ends.
+    pub estimated_tokens: Option<u64>,
 }
 
 pub async fn observe(mut request: Request, next: Next) -> Response {
@@ -104,6 +108,7 @@ pub async fn observe(mut request: Request, next: Next) -> Response {
         client,
         model,
         upstream_ms = log.upstream_latency.map(|d| d.as_secs_f64() * 1000.0),
+        estimated_tokens = log.estimated_tokens,
         total_ms = elapsed.as_secs_f64() * 1000.0,
         "request"
     );

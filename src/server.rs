@@ -46,6 +46,11 @@ pub async fn run(
         result = serve => result?,
         () = grace_expired => tracing::warn!("grace period over: dropping requests still in flight"),
     }
+    // Every drained request has settled: persist the budgets before exiting.
+    match state.budgets.flush().await {
+        Ok(()) => tracing::info!("budget usage flushed"),
+        Err(e) => tracing::error!("budget usage not flushed: {e}"),
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -194,6 +194,11 @@ impl<'a> ChatRequest<'a> {
             })
     }
 
+    /// A top-level field as sent (`tools`, `n`, …), for estimates.
+    pub fn raw_field(&self, key: &str) -> Option<&RawValue> {
+        self.body.get(key)
+    }
+
     /// Sends `model` upstream under another name.
     pub fn set_model(&mut self, name: &str) {
         self.body.replace("model", raw::raw_string(name));

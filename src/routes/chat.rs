@@ -1,9 +1,10 @@
 //! `POST /v1/chat/completions`: the gateway's job, step by step as
-//! CONTRACT.md lists it: authenticate, resolve the model, rewrite for the
-//! upstream, forward, relay the answer.
+//! CONTRACT.md lists it: authenticate, resolve the model, reserve budget,
+//! rewrite for the upstream, forward, relay the answer, settle.
 
 use std::time::Instant;
 
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -13,8 +14,9 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use super::Authenticated;
 use crate::app::SharedState;
+use crate::budget::estimate;
 use crate::error::ApiError;
-use crate::observe::RequestLog;
+use crate::observe::{RequestId, RequestLog};
 use crate::openai::chat::ChatRequest;
 use crate::openai::stream::UsageTap;
 use crate::upstream::{self, Relay};
@@ -22,6 +24,7 @@ use crate::upstream::{self, Relay};
 pub async fn completions(
     State(state): State<SharedState>,
     Authenticated(client): Authenticated,
+    Extension(request_id): Extension<RequestId>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -29,7 +32,7 @@ pub async fn completions(
         client: Some(client.name.clone()),
         ..RequestLog::default()
     };
-    let mut response = match handle(&state, &client, &headers, body, &mut log).await {
+    let mut response = match handle(&state, &client, &headers, body, &request_id, &mut log).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     };
@@ -42,6 +45,7 @@ async fn handle(
     client: &crate::catalog::Client,
     headers: &HeaderMap,
     body: Body,
+    request_id: &RequestId,
     log: &mut RequestLog,
 ) -> Result<Response, ApiError> {
     let bytes = read_body(body, state.config.server.max_body_bytes).await?;
@@ -55,6 +59,13 @@ async fn handle(
         return Err(ApiError::model_not_allowed(&model.name));
     }
     log.model = Some(model.name.clone());
+    // Budget: reserve the estimate now, or answer 429 without calling
+    // upstream. Any early return below drops the reservation, releasing it.
+    let estimate = estimate::estimate_body(&bytes, &request, model.max_output_tokens).await;
+    log.estimated_tokens = Some(estimate.total());
+    let mut reservation = state.budgets.reserve(client, &model.name, estimate).await?;
+    reservation.set_request_id(request_id.0.to_str().unwrap_or(""));
+
     let upstream = &model.upstream;
     log.upstream = Some(upstream.name.clone());
 
@@ -83,14 +94,16 @@ async fn handle(
     let status = StatusCode::from_u16(upstream_response.status().as_u16())
         .unwrap_or(StatusCode::BAD_GATEWAY);
     let response_headers = upstream::response_headers(upstream_response.headers());
-    let tap = UsageTap::new(
-        stream && status.is_success(),
-        drop_usage_chunk && status.is_success(),
-    );
+    let rate_limit_headers = reservation.headers().clone();
+    let upstream_ok = status.is_success();
+    // Settles when the body ends, however it ends (the relay's Drop included).
+    let tap = UsageTap::new(stream && upstream_ok, drop_usage_chunk && upstream_ok)
+        .on_end(move |outcome| reservation.finish(&outcome, upstream_ok));
     let relay = Relay::new(upstream_response.bytes_stream(), tap, upstream.timeout);
     let mut response = Response::new(Body::from_stream(relay));
     *response.status_mut() = status;
     *response.headers_mut() = response_headers;
+    response.headers_mut().extend(rate_limit_headers);
     Ok(response)
 }
 

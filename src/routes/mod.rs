@@ -5,6 +5,7 @@ pub mod chat;
 pub mod health;
 pub mod models;
 pub mod responses;
+pub mod usage;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;

@@ -31,7 +31,9 @@ impl Iris {
         iris::init_tls();
         let config = iris::config::parse(config, &|name| std::env::var(name).ok())
             .unwrap_or_else(|problems| panic!("test config is invalid:\n{problems}"));
-        let state = AppState::new(config).unwrap_or_else(|e| panic!("state: {e}"));
+        let state = AppState::new(config)
+            .await
+            .unwrap_or_else(|e| panic!("state: {e}"));
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .unwrap_or_else(|e| panic!("bind: {e}"));

@@ -1,0 +1,401 @@
+//! What a request may cost, before it is sent: prompt tokens counted with a
+//! real tokenizer (o200k_base), image tokens from each image's dimensions,
+//! and the completion cap. The reservation is this estimate; settlement
+//! replaces it by what the upstream reports.
+//!
+//! # Images
+//!
+//! Images are counted with OpenAI's published tile formula, whatever the
+//! upstream, because the estimate only has to be a fair upper bound until
+//! settlement replaces it by the upstream's own count:
+//!
+//! - `detail: "low"`: a flat [`LOW_DETAIL_TOKENS`] (85).
+//! - otherwise (`"high"`, `"auto"`, or none): the image is scaled down to fit
+//!   in 2048×2048, then down so its shortest side is at most 768 px; it costs
+//!   85 + 170 per 512 px tile (`ceil(w/512) * ceil(h/512)` tiles). A 1024×1024
+//!   image is 765 tokens.
+//! - The dimensions of a `data:` URI image are read from its header: only
+//!   the first 64 KiB of base64 are decoded (the whole thing only when the
+//!   header lies further in, as a TIFF's may), and nothing is decoded to
+//!   pixels.
+//! - A remote `http(s)` image is not fetched for the estimate (a client over
+//!   budget must not make Iris fetch anything), so it counts at the formula's
+//!   worst case, [`WORST_CASE_IMAGE_TOKENS`] (1445: 768×2048, 8 tiles);
+//!   settlement corrects it. The same worst case covers a `data:` URI whose
+//!   dimensions cannot be read.
+
+use std::io::Cursor;
+use std::sync::OnceLock;
+
+use base64::Engine;
+use bytes::Bytes;
+use tiktoken_rs::CoreBPE;
+
+use crate::openai::chat::{ChatRequest, Content, PartKind};
+use crate::openai::raw;
+
+/// An image with `detail: "low"`.
+pub const LOW_DETAIL_TOKENS: u64 = 85;
+const TILE_TOKENS: u64 = 170;
+/// The most a high-detail image can cost under the tile formula.
+pub const WORST_CASE_IMAGE_TOKENS: u64 = LOW_DETAIL_TOKENS + TILE_TOKENS * 8;
+
+/// Tokens every message costs beyond its content (OpenAI's chat format),
+/// and those priming the reply.
+const PER_MESSAGE: u64 = 3;
+const REPLY_PRIMING: u64 = 3;
+
+/// Text is tokenized in pieces of at most this many bytes: the tokenizer's
+/// backtracking regex can fail (and tiktoken-rs then panics) on a run of
+/// hundreds of thousands of identical characters. Splitting changes the count
+/// by at most a token per piece.
+const PIECE: usize = 4096;
+
+/// Base64 decoded to find an image's dimensions before decoding it all.
+const HEADER_PREFIX: usize = 64 * 1024;
+/// Above this much base64, an image whose header is not in the prefix counts
+/// at the worst case rather than being decoded whole.
+const MAX_FULL_DECODE: usize = 4 * 1024 * 1024;
+/// Bodies larger than this are estimated on the blocking pool: o200k's
+/// regex tokenizes only a few MB/s (about 0.25 ms per KiB measured), so a
+/// larger prompt would hold an async worker for milliseconds.
+const OFFLOAD_BYTES: usize = 8 * 1024;
+
+/// The cost of one request as reserved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Estimate {
+    pub prompt: u64,
+    pub completion: u64,
+}
+
+impl Estimate {
+    pub fn total(&self) -> u64 {
+        self.prompt.saturating_add(self.completion)
+    }
+}
+
+fn bpe() -> Option<&'static CoreBPE> {
+    static BPE: OnceLock<Option<CoreBPE>> = OnceLock::new();
+    BPE.get_or_init(|| match tiktoken_rs::o200k_base() {
+        Ok(bpe) => Some(bpe),
+        Err(e) => {
+            tracing::error!("tokenizer unavailable, estimating 1 token per 4 bytes: {e}");
+            None
+        }
+    })
+    .as_ref()
+}
+
+/// Loads the tokenizer (a few hundred ms) so the first request does not wait.
+pub fn warm() {
+    let _ = count_tokens("warm");
+}
+
+/// Tokens in `text` under o200k_base.
+pub fn count_tokens(text: &str) -> u64 {
+    let Some(bpe) = bpe() else {
+        return text.len().div_ceil(4) as u64;
+    };
+    pieces(text)
+        .map(|piece| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                bpe.encode_ordinary(piece).len()
+            }))
+            .unwrap_or(piece.len()) as u64
+        })
+        .sum()
+}
+
+/// Splits `text` into pieces of at most [`PIECE`] bytes, at whitespace where
+/// there is some in the piece's second half, else at a character boundary.
+fn pieces(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        if rest.len() <= PIECE {
+            return Some(std::mem::take(&mut rest));
+        }
+        let mut end = PIECE;
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        if let Some(space) = rest[PIECE / 2..end].rfind(char::is_whitespace) {
+            end = PIECE / 2 + space;
+        }
+        let (piece, tail) = rest.split_at(end.max(1));
+        rest = tail;
+        Some(piece)
+    })
+}
+
+/// The whole request's cost: prompt (text, images, tools) and completion
+/// cap (`max_completion_tokens`, else `max_tokens`, else `default_cap`, the
+/// model's `max_output_tokens`), times `n` choices.
+pub fn estimate(request: &ChatRequest<'_>, default_cap: u64) -> Estimate {
+    let choices = request
+        .raw_field("n")
+        .and_then(|n| n.get().parse::<u64>().ok())
+        .unwrap_or(1)
+        .clamp(1, 128);
+    let cap = request.completion_cap.unwrap_or(default_cap);
+    Estimate {
+        prompt: prompt_tokens(request),
+        completion: cap.saturating_mul(choices),
+    }
+}
+
+/// [`estimate`], run on the blocking pool when the body is large. `body` is
+/// the request's bytes, `request` parsed from it.
+pub async fn estimate_body(body: &Bytes, request: &ChatRequest<'_>, default_cap: u64) -> Estimate {
+    if body.len() <= OFFLOAD_BYTES {
+        return estimate(request, default_cap);
+    }
+    let owned = body.clone();
+    let offloaded = tokio::task::spawn_blocking(move || {
+        ChatRequest::parse(&owned)
+            .ok()
+            .map(|request| estimate(&request, default_cap))
+    })
+    .await;
+    match offloaded {
+        Ok(Some(estimate)) => estimate,
+        _ => estimate(request, default_cap),
+    }
+}
+
+/// Tokens of the prompt: each message's role, name, text, images and tool
+/// calls, plus the tool and response-format definitions.
+pub fn prompt_tokens(request: &ChatRequest<'_>) -> u64 {
+    let mut total = REPLY_PRIMING;
+    for message in &request.messages {
+        total += PER_MESSAGE;
+        for key in ["role", "name"] {
+            if let Some(value) = message.raw_field(key).and_then(raw::as_str) {
+                total += count_tokens(&value);
+            }
+        }
+        for key in ["tool_calls", "function_call", "tool_call_id"] {
+            if let Some(value) = message.raw_field(key) {
+                total += count_tokens(value.get());
+            }
+        }
+        match &message.content {
+            Content::Text(text) => total += count_tokens(text),
+            Content::Parts(parts) => {
+                for part in parts {
+                    total += match &part.kind {
+                        PartKind::Text(text) => count_tokens(text),
+                        PartKind::Image(image) => image_tokens(&image.url, image.detail.as_deref()),
+                        PartKind::Other => 0,
+                    };
+                }
+            }
+            Content::Absent => {}
+        }
+    }
+    for key in ["tools", "functions", "response_format"] {
+        if let Some(value) = request.raw_field(key) {
+            total += count_tokens(value.get());
+        }
+    }
+    total
+}
+
+/// One image's tokens, from its URL and `detail` (see the module docs).
+pub fn image_tokens(url: &str, detail: Option<&str>) -> u64 {
+    if detail == Some("low") {
+        return LOW_DETAIL_TOKENS;
+    }
+    data_uri_dimensions(url).map_or(WORST_CASE_IMAGE_TOKENS, |(w, h)| tile_tokens(w, h))
+}
+
+/// OpenAI's high-detail formula for a `width`×`height` image.
+pub fn tile_tokens(width: u32, height: u32) -> u64 {
+    let (mut w, mut h) = (f64::from(width.max(1)), f64::from(height.max(1)));
+    let fit = (2048.0 / w.max(h)).min(1.0);
+    (w, h) = (w * fit, h * fit);
+    let shortest = (768.0 / w.min(h)).min(1.0);
+    (w, h) = ((w * shortest).round(), (h * shortest).round());
+    let tiles = (w / 512.0).ceil().max(1.0) * (h / 512.0).ceil().max(1.0);
+    LOW_DETAIL_TOKENS + TILE_TOKENS * tiles as u64
+}
+
+/// The dimensions of a base64 `data:` URI image, from its header.
+fn data_uri_dimensions(url: &str) -> Option<(u32, u32)> {
+    let rest = url.strip_prefix("data:")?;
+    let (meta, data) = rest.split_once(',')?;
+    if !meta.ends_with(";base64") {
+        return None;
+    }
+    let data = data.trim_end_matches('=');
+    let prefix = &data[..data.len().min(HEADER_PREFIX) / 4 * 4];
+    let decode = |b64: &str| {
+        base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(b64)
+            .ok()
+            .and_then(|bytes| image_dimensions(&bytes))
+    };
+    decode(prefix).or_else(|| {
+        (data.len() > prefix.len() && data.len() <= MAX_FULL_DECODE)
+            .then(|| decode(data))
+            .flatten()
+    })
+}
+
+/// An image's width and height from its header bytes, without decoding
+/// pixels. Kept in one place so the images module's helper can replace it.
+fn image_dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
+    image::ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .ok()?
+        .into_dimensions()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(width: u32, height: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        image::DynamicImage::new_luma8(width, height)
+            .write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
+            .expect("encode");
+        out
+    }
+
+    fn data_uri(bytes: &[u8]) -> String {
+        format!(
+            "data:image/png;base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(bytes)
+        )
+    }
+
+    #[test]
+    fn counts_with_o200k() {
+        assert_eq!(count_tokens(""), 0);
+        assert_eq!(count_tokens("Hello, world!"), 4);
+        assert_eq!(count_tokens("word0 word1 word2 "), 7);
+    }
+
+    #[test]
+    fn pathological_text_is_counted_without_panicking() {
+        for text in [
+            "A".repeat(1_000_000),
+            "^".repeat(1_000_000),
+            " ".repeat(300_000),
+        ] {
+            let tokens = count_tokens(&text);
+            assert!(tokens > 0 && tokens <= text.len() as u64, "{tokens}");
+        }
+        let mixed = "héllo wörld ".repeat(10_000);
+        let whole = count_tokens(&mixed);
+        assert!(pieces(&mixed).all(|p| p.len() <= PIECE));
+        assert_eq!(pieces(&mixed).collect::<String>(), mixed);
+        let unsplit = bpe().expect("tokenizer").encode_ordinary(&mixed).len() as u64;
+        let pieces = pieces(&mixed).count() as u64;
+        assert!(whole.abs_diff(unsplit) <= pieces, "{whole} vs {unsplit}");
+    }
+
+    #[test]
+    fn tile_formula_matches_openais_examples() {
+        assert_eq!(tile_tokens(1024, 1024), 765);
+        assert_eq!(tile_tokens(2048, 4096), 1105);
+        assert_eq!(tile_tokens(512, 512), 255);
+        assert_eq!(tile_tokens(100, 100), 255);
+        assert_eq!(tile_tokens(768, 2048), WORST_CASE_IMAGE_TOKENS);
+    }
+
+    #[test]
+    fn the_worst_case_is_the_formulas_maximum() {
+        let mut max = 0;
+        for w in (16..=6000).step_by(37) {
+            for h in (16..=6000).step_by(41) {
+                max = max.max(tile_tokens(w, h));
+            }
+        }
+        assert!(max <= WORST_CASE_IMAGE_TOKENS, "{max}");
+        assert_eq!(tile_tokens(700, 2048), WORST_CASE_IMAGE_TOKENS);
+    }
+
+    #[test]
+    fn images_are_estimated_from_their_header() {
+        let uri = data_uri(&png(1024, 1024));
+        assert_eq!(image_tokens(&uri, None), 765);
+        assert_eq!(image_tokens(&uri, Some("high")), 765);
+        assert_eq!(image_tokens(&uri, Some("low")), LOW_DETAIL_TOKENS);
+        assert_eq!(
+            image_tokens("https://example.com/cat.png", Some("auto")),
+            WORST_CASE_IMAGE_TOKENS
+        );
+        assert_eq!(image_tokens("https://example.com/cat.png", Some("low")), 85);
+        assert_eq!(
+            image_tokens("data:image/png;base64,!!!notbase64", None),
+            WORST_CASE_IMAGE_TOKENS
+        );
+        assert_eq!(
+            image_tokens("data:image/png,rawbytes", None),
+            WORST_CASE_IMAGE_TOKENS
+        );
+    }
+
+    #[test]
+    fn only_the_header_of_a_large_image_is_decoded() {
+        // A valid PNG header followed by garbage: dimensions still come out
+        // of the prefix; the rest is never decoded.
+        let mut bytes = png(300, 200);
+        bytes.extend(std::iter::repeat_n(0xAB, 10 * 1024 * 1024));
+        assert_eq!(data_uri_dimensions(&data_uri(&bytes)), Some((300, 200)));
+    }
+
+    #[test]
+    fn estimates_prompt_images_tools_and_completion_cap() {
+        let body = serde_json::json!({
+            "model": "m",
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [
+                    {"type": "text", "text": "What is this?"},
+                    {"type": "image_url", "image_url": {"url": "https://x/y.png", "detail": "low"}}
+                ]}
+            ],
+            "max_tokens": 100,
+            "n": 2,
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+        })
+        .to_string();
+        let request = ChatRequest::parse(body.as_bytes()).expect("valid");
+        let estimate = estimate(&request, 4096);
+        assert_eq!(estimate.completion, 200);
+        let text = count_tokens("system")
+            + count_tokens("Be brief.")
+            + count_tokens("user")
+            + count_tokens("What is this?");
+        let tools = count_tokens(request.raw_field("tools").expect("tools").get());
+        assert_eq!(
+            estimate.prompt,
+            REPLY_PRIMING + 2 * PER_MESSAGE + text + 85 + tools
+        );
+
+        let plain =
+            ChatRequest::parse(br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#)
+                .expect("valid");
+        assert_eq!(super::estimate(&plain, 4096).completion, 4096);
+    }
+
+    #[tokio::test]
+    async fn large_bodies_are_estimated_the_same_on_the_blocking_pool() {
+        let text = "Many words to count, over and over. ".repeat(4000);
+        let body = Bytes::from(
+            serde_json::json!({"model": "m", "messages": [{"role": "user", "content": text}]})
+                .to_string(),
+        );
+        assert!(body.len() > OFFLOAD_BYTES);
+        let request = ChatRequest::parse(&body).expect("valid");
+        let offloaded = estimate_body(&body, &request, 10).await;
+        assert_eq!(offloaded, estimate(&request, 10));
+        assert!(offloaded.prompt > 30_000, "{offloaded:?}");
+    }
+}

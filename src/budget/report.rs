@@ -1,0 +1,190 @@
+//! `iris usage`: each configured client's budgets, as the configured store
+//! has them persisted (the SQLite store is written every second, so a
+//! running server's figures are at most a second old).
+
+use std::fmt::Write;
+use std::path::Path;
+
+use super::duration_string;
+use super::store::SqliteStore;
+use super::window::{Clock, Snapshot};
+use crate::config::{Config, StoreKind};
+
+/// The report for every client, or only `only`.
+pub fn usage(config: &Config, only: Option<&str>) -> Result<String, String> {
+    let states = match config.store.kind {
+        StoreKind::Sqlite => {
+            SqliteStore::read(Path::new(&config.store.path)).map_err(|e| e.to_string())?
+        }
+        StoreKind::Memory => {
+            return Err(
+                "store.kind = \"memory\" keeps usage inside the running server only; \
+                 ask it with GET /v1/usage"
+                    .into(),
+            );
+        }
+        StoreKind::Redis => {
+            return Err("store.kind = \"redis\" is not available in this build".into());
+        }
+    };
+    if let Some(name) = only
+        && !config.clients.iter().any(|c| c.name == name)
+    {
+        return Err(format!("no client named {name:?} in the config"));
+    }
+    let now = Clock::system().now();
+    let snapshots = config
+        .clients
+        .iter()
+        .filter(|client| only.is_none_or(|name| client.name == name))
+        .map(|client| {
+            let state = states
+                .iter()
+                .find(|(name, _)| *name == client.name)
+                .map(|(_, state)| *state)
+                .unwrap_or_default();
+            (client.name.as_str(), state.snapshot(&client.budget, now))
+        });
+    Ok(render(snapshots))
+}
+
+/// A table: one line per client and window.
+pub fn render<'a>(snapshots: impl IntoIterator<Item = (&'a str, Snapshot)>) -> String {
+    let mut rows = vec![[
+        "CLIENT".to_owned(),
+        "WINDOW".to_owned(),
+        "LIMIT".to_owned(),
+        "USED".to_owned(),
+        "REMAINING".to_owned(),
+        "RESETS".to_owned(),
+    ]];
+    for (client, snapshot) in snapshots {
+        for status in snapshot.reported() {
+            // Nothing is in flight as far as the file knows.
+            if status.window == super::window::Window::MaxConcurrent {
+                continue;
+            }
+            let dash = || "-".to_owned();
+            rows.push([
+                client.to_owned(),
+                status.window.name().to_owned(),
+                status.limit.map_or_else(dash, |l| l.to_string()),
+                status.used.to_string(),
+                status.remaining().map_or_else(dash, |r| r.to_string()),
+                status.reset_at.map_or_else(dash, |at| {
+                    format!(
+                        "{} (in {})",
+                        super::window::format_utc(at.max(snapshot.now)),
+                        duration_string(at.saturating_sub(snapshot.now))
+                    )
+                }),
+            ]);
+        }
+    }
+    let mut widths = [0; 6];
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let mut line = String::new();
+        for (i, (cell, width)) in row.iter().zip(widths).enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<width$}  ");
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::store::Store;
+
+    fn config(path: &Path) -> Config {
+        crate::config::parse(
+            &format!(
+                r#"
+                [store]
+                path = "{}"
+                [[clients]]
+                name = "team-a"
+                key = "{}"
+                [clients.budget]
+                tokens_per_day = 1000
+                requests_per_minute = 5
+                [[clients]]
+                name = "team-b"
+                key = "{}"
+                "#,
+                path.display(),
+                crate::keys::KeyHash::of("a"),
+                crate::keys::KeyHash::of("b"),
+            ),
+            &|_| None,
+        )
+        .expect("config")
+    }
+
+    #[tokio::test]
+    async fn reports_persisted_usage_per_client() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("usage.db");
+        let config = config(&path);
+        let store = SqliteStore::open(&path).expect("open");
+        let limits = config.clients[0].budget;
+        let now = Clock::system().now();
+        let hold = store
+            .reserve("team-a", &limits, 400, now)
+            .await
+            .expect("store")
+            .outcome
+            .expect("fits");
+        store
+            .settle("team-a", &limits, hold, 321, now)
+            .await
+            .expect("settle");
+        store.flush().await.expect("flush");
+
+        let report = usage(&config, None).expect("report");
+        let lines: Vec<&str> = report.lines().collect();
+        assert!(lines[0].starts_with("CLIENT"), "{report}");
+        let day_a = lines
+            .iter()
+            .find(|l| l.starts_with("team-a") && l.contains("tokens_per_day"))
+            .expect("team-a's day");
+        let cells: Vec<&str> = day_a.split_whitespace().collect();
+        assert_eq!(&cells[2..5], ["1000", "321", "679"], "{report}");
+        assert!(report.contains("requests_per_minute"), "{report}");
+        let day_b = lines
+            .iter()
+            .find(|l| l.starts_with("team-b") && l.contains("tokens_per_day"))
+            .expect("team-b's day is listed without a limit");
+        assert_eq!(
+            &day_b.split_whitespace().collect::<Vec<_>>()[2..5],
+            ["-", "0", "-"]
+        );
+
+        let only_b = usage(&config, Some("team-b")).expect("report");
+        assert!(!only_b.contains("team-a"), "{only_b}");
+        assert!(usage(&config, Some("nobody")).is_err());
+    }
+
+    #[test]
+    fn a_memory_store_has_nothing_to_report() {
+        let mut config = config(Path::new("unused.db"));
+        config.store.kind = StoreKind::Memory;
+        assert!(
+            usage(&config, None)
+                .expect_err("memory")
+                .contains("GET /v1/usage")
+        );
+    }
+}

@@ -1,0 +1,289 @@
+//! Where budget state lives, behind one small trait so the request path does
+//! not care: [`MemoryStore`] (tests, throwaway runs), [`SqliteStore`] (the
+//! embedded default: memory first, flushed to a file every second) and,
+//! later, a shared Redis store.
+//!
+//! Each operation is one call that a backend must perform atomically for the
+//! client: `reserve` checks and charges every window together (a Redis store
+//! does it in one Lua script), and `settle`/`release` correct it in one step.
+//! Time is passed in, so every backend and every test agrees on "now".
+
+mod memory;
+mod sqlite;
+
+use std::future::Future;
+use std::pin::Pin;
+
+pub use memory::MemoryStore;
+pub use sqlite::{FLUSH_EVERY, SqliteStore};
+
+use super::window::{Hold, Refusal, Snapshot};
+use crate::config::BudgetConfig;
+
+/// The future every store operation returns. `'static` so that settling can
+/// be spawned from a `Drop` (a client that hung up) and outlive the request.
+pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
+
+/// The store did not answer (Redis down, disk full): the request path turns
+/// it into 503 `store_unavailable` or admits, as `store.on_unavailable` says.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct StoreError(pub String);
+
+/// The result of a reservation, with the windows as they stand after it (for
+/// the `x-ratelimit-*` headers).
+#[derive(Debug, Clone, Copy)]
+pub struct Reserved {
+    pub outcome: Result<Hold, Refusal>,
+    pub snapshot: Snapshot,
+}
+
+pub trait Store: Send + Sync + 'static {
+    /// Atomically reserves `tokens`, one request and one concurrency slot
+    /// against every window of `client`, or reserves nothing and says why.
+    fn reserve(
+        &self,
+        client: &str,
+        limits: &BudgetConfig,
+        tokens: u64,
+        now: u64,
+    ) -> StoreFuture<Reserved>;
+
+    /// Replaces the tokens `hold` reserved by `actual` and frees its slot.
+    fn settle(
+        &self,
+        client: &str,
+        limits: &BudgetConfig,
+        hold: Hold,
+        actual: u64,
+        now: u64,
+    ) -> StoreFuture<()>;
+
+    /// Gives back everything `hold` reserved except the request it counted
+    /// (the upstream failed, or Iris refused the request after reserving).
+    fn release(
+        &self,
+        client: &str,
+        limits: &BudgetConfig,
+        hold: Hold,
+        now: u64,
+    ) -> StoreFuture<()> {
+        self.settle(client, limits, hold, 0, now)
+    }
+
+    /// The client's windows at `now`, without changing them.
+    fn snapshot(&self, client: &str, limits: &BudgetConfig, now: u64) -> StoreFuture<Snapshot>;
+
+    /// Ok when the store answers (and, for a persistent one, persists).
+    fn health(&self) -> StoreFuture<()>;
+
+    /// Writes out anything not yet persisted (at shutdown).
+    fn flush(&self) -> StoreFuture<()>;
+}
+
+/// A future that is already done: the in-memory stores answer synchronously.
+fn ready<T: Send + 'static>(value: Result<T, StoreError>) -> StoreFuture<T> {
+    Box::pin(std::future::ready(value))
+}
+
+/// One suite for every store: `store_suite!(name, path::to::async_constructor)`;
+/// the constructor returns the store and whatever must live as long as it (a
+/// temporary directory). A Redis store joins with one constructor and one line.
+#[cfg(test)]
+macro_rules! store_suite {
+    ($name:ident, $make:path) => {
+        mod $name {
+            use crate::budget::store::tests as suite;
+
+            #[tokio::test]
+            async fn reserve_is_all_or_nothing() {
+                let (store, _guard) = $make().await;
+                suite::reserve_is_all_or_nothing(store).await;
+            }
+
+            #[tokio::test]
+            async fn settle_replaces_the_reservation() {
+                let (store, _guard) = $make().await;
+                suite::settle_replaces_the_reservation(store).await;
+            }
+
+            #[tokio::test]
+            async fn release_keeps_only_the_request() {
+                let (store, _guard) = $make().await;
+                suite::release_keeps_only_the_request(store).await;
+            }
+
+            #[tokio::test]
+            async fn clients_are_isolated() {
+                let (store, _guard) = $make().await;
+                suite::clients_are_isolated(store).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn concurrent_reservations_never_overspend() {
+                let (store, _guard) = $make().await;
+                suite::concurrent_reservations_never_overspend(store).await;
+            }
+
+            #[tokio::test]
+            async fn health_and_flush_answer() {
+                let (store, _guard) = $make().await;
+                suite::health_and_flush_answer(store).await;
+            }
+        }
+    };
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::budget::window::{NANOS_PER_SEC, Window};
+
+    const NOW: u64 = 1_735_689_600 * NANOS_PER_SEC; // 2025-01-01T00:00:00Z
+
+    fn limits() -> BudgetConfig {
+        BudgetConfig {
+            requests_per_minute: Some(100),
+            tokens_per_minute: Some(1000),
+            tokens_per_day: Some(1500),
+            tokens_per_month: Some(10_000),
+            max_concurrent: Some(3),
+        }
+    }
+
+    fn used(snapshot: &Snapshot, window: Window) -> u64 {
+        snapshot.get(window).used
+    }
+
+    pub async fn reserve_is_all_or_nothing(store: Arc<dyn Store>) {
+        let limits = limits();
+        let first = store.reserve("c", &limits, 900, NOW).await.expect("store");
+        let hold = first.outcome.expect("fits");
+        assert_eq!(used(&first.snapshot, Window::TokensPerMinute), 900);
+        assert_eq!(used(&first.snapshot, Window::RequestsPerMinute), 1);
+        assert_eq!(used(&first.snapshot, Window::MaxConcurrent), 1);
+
+        let second = store.reserve("c", &limits, 200, NOW).await.expect("store");
+        assert!(matches!(
+            second.outcome,
+            Err(Refusal::RateLimited {
+                window: Window::TokensPerMinute,
+                ..
+            })
+        ));
+        assert_eq!(
+            second.snapshot, first.snapshot,
+            "a refused reservation changes no window"
+        );
+        store
+            .settle("c", &limits, hold, 900, NOW)
+            .await
+            .expect("store");
+    }
+
+    pub async fn settle_replaces_the_reservation(store: Arc<dyn Store>) {
+        let limits = limits();
+        let hold = store
+            .reserve("c", &limits, 800, NOW)
+            .await
+            .expect("store")
+            .outcome
+            .expect("fits");
+        store
+            .settle("c", &limits, hold, 120, NOW)
+            .await
+            .expect("store");
+        let snapshot = store.snapshot("c", &limits, NOW).await.expect("store");
+        assert_eq!(used(&snapshot, Window::TokensPerMinute), 120);
+        assert_eq!(used(&snapshot, Window::TokensPerDay), 120);
+        assert_eq!(used(&snapshot, Window::TokensPerMonth), 120);
+        assert_eq!(used(&snapshot, Window::MaxConcurrent), 0);
+        assert_eq!(used(&snapshot, Window::RequestsPerMinute), 1);
+    }
+
+    pub async fn release_keeps_only_the_request(store: Arc<dyn Store>) {
+        let limits = limits();
+        let hold = store
+            .reserve("c", &limits, 800, NOW)
+            .await
+            .expect("store")
+            .outcome
+            .expect("fits");
+        store.release("c", &limits, hold, NOW).await.expect("store");
+        let snapshot = store.snapshot("c", &limits, NOW).await.expect("store");
+        assert_eq!(used(&snapshot, Window::TokensPerMinute), 0);
+        assert_eq!(used(&snapshot, Window::TokensPerDay), 0);
+        assert_eq!(used(&snapshot, Window::MaxConcurrent), 0);
+        assert_eq!(used(&snapshot, Window::RequestsPerMinute), 1);
+    }
+
+    pub async fn clients_are_isolated(store: Arc<dyn Store>) {
+        let limits = limits();
+        let hold = store
+            .reserve("one", &limits, 1000, NOW)
+            .await
+            .expect("store")
+            .outcome
+            .expect("fits");
+        store
+            .settle("one", &limits, hold, 1000, NOW)
+            .await
+            .expect("store");
+        let other = store
+            .reserve("two", &limits, 1000, NOW)
+            .await
+            .expect("store");
+        assert!(
+            other.outcome.is_ok(),
+            "another client's budget is untouched"
+        );
+        let snapshot = store.snapshot("three", &limits, NOW).await.expect("store");
+        assert_eq!(used(&snapshot, Window::TokensPerDay), 0);
+    }
+
+    pub async fn concurrent_reservations_never_overspend(store: Arc<dyn Store>) {
+        let limits = BudgetConfig {
+            tokens_per_day: Some(1000),
+            ..BudgetConfig::default()
+        };
+        let mut tasks = Vec::new();
+        for _ in 0..64 {
+            let store = Arc::clone(&store);
+            tasks.push(tokio::spawn(async move {
+                store
+                    .reserve("c", &limits, 30, NOW)
+                    .await
+                    .expect("store")
+                    .outcome
+                    .is_ok()
+            }));
+        }
+        let mut admitted = 0;
+        for task in tasks {
+            admitted += u64::from(task.await.expect("task"));
+        }
+        assert_eq!(admitted, 33, "1000 / 30 reservations fit, no more");
+        let snapshot = store.snapshot("c", &limits, NOW).await.expect("store");
+        assert_eq!(used(&snapshot, Window::TokensPerDay), 990);
+    }
+
+    pub async fn health_and_flush_answer(store: Arc<dyn Store>) {
+        store.health().await.expect("healthy");
+        store.flush().await.expect("flushed");
+    }
+
+    async fn memory_store() -> (Arc<dyn Store>, ()) {
+        (Arc::new(MemoryStore::new()), ())
+    }
+
+    async fn sqlite_store() -> (Arc<dyn Store>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("iris.db")).expect("open");
+        (store, dir)
+    }
+
+    store_suite!(memory, super::memory_store);
+    store_suite!(sqlite, super::sqlite_store);
+}

@@ -1,0 +1,413 @@
+//! The embedded store (the default): a [`MemoryStore`] is the authoritative
+//! state, so the request path never waits on the disk; a background task
+//! writes the clients that changed to a SQLite file every second, and once
+//! more at shutdown. At startup the file is loaded back.
+//!
+//! So a restart loses nothing that was settled, and a crash loses at most the
+//! last second. Requests in flight at a crash stay charged at their
+//! reservation (the safe side), since reservations are persisted as usage.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{MemoryStore, Reserved, Store, StoreError, StoreFuture, ready};
+use crate::budget::window::{Bucket, Calendar, ClientState, Hold, Snapshot};
+use crate::config::BudgetConfig;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS budget_state (
+    client       TEXT PRIMARY KEY NOT NULL,
+    requests_tat INTEGER NOT NULL,  -- Unix ns: when the requests-per-minute bucket is empty
+    tokens_tat   INTEGER NOT NULL,  -- Unix ns: when the tokens-per-minute bucket is empty
+    day          INTEGER NOT NULL,  -- days since 1970-01-01 (UTC)
+    day_used     INTEGER NOT NULL,
+    month        INTEGER NOT NULL,  -- year * 12 + month - 1 (UTC)
+    month_used   INTEGER NOT NULL,
+    updated_at   INTEGER NOT NULL   -- Unix seconds of the write
+) STRICT;
+";
+
+/// How often changed clients are written out.
+pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    memory: MemoryStore,
+    db: Mutex<Connection>,
+    /// One flush at a time, so an older snapshot never overwrites a newer one.
+    flushing: tokio::sync::Mutex<()>,
+    /// The last write's error, reported by `health` until a write succeeds.
+    last_error: Mutex<Option<String>>,
+    path: PathBuf,
+}
+
+fn db_error(path: &Path, e: &rusqlite::Error) -> StoreError {
+    StoreError(format!("sqlite store {}: {e}", path.display()))
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the file and loads every client's state from it.
+    pub fn open(path: &Path) -> Result<Arc<Self>, StoreError> {
+        let db = Connection::open(path).map_err(|e| db_error(path, &e))?;
+        // WAL: `iris usage` can read while the server writes; NORMAL sync is
+        // durable across process crashes, which is what the store promises.
+        db.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;",
+        )
+        .and_then(|()| db.execute_batch(SCHEMA))
+        .map_err(|e| db_error(path, &e))?;
+        let states = read_states(&db).map_err(|e| db_error(path, &e))?;
+        Ok(Arc::new(Self {
+            inner: Arc::new(Inner {
+                memory: MemoryStore::with_states(states),
+                db: Mutex::new(db),
+                flushing: tokio::sync::Mutex::new(()),
+                last_error: Mutex::new(None),
+                path: path.to_owned(),
+            }),
+        }))
+    }
+
+    /// Every client's persisted state, read without starting a store (for
+    /// `iris usage`). A missing file has no usage.
+    pub fn read(path: &Path) -> Result<Vec<(String, ClientState)>, StoreError> {
+        if !path.exists() {
+            return Ok(Vec::new());
+        }
+        let db = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|e| db_error(path, &e))?;
+        db.busy_timeout(Duration::from_secs(5))
+            .map_err(|e| db_error(path, &e))?;
+        let exists: Option<i64> = db
+            .query_row(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'budget_state'",
+                [],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(|e| db_error(path, &e))?;
+        if exists.is_none() {
+            return Ok(Vec::new());
+        }
+        read_states(&db).map_err(|e| db_error(path, &e))
+    }
+
+    /// Writes changed clients every `every` until the store is dropped.
+    pub fn spawn_flusher(&self, every: Duration) {
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                let Some(inner) = weak.upgrade() else { break };
+                if let Err(e) = Inner::flush(inner).await {
+                    tracing::error!("budget usage not persisted: {e}");
+                }
+            }
+        });
+    }
+}
+
+impl Inner {
+    async fn flush(self: Arc<Self>) -> Result<(), StoreError> {
+        let _one_at_a_time = self.flushing.lock().await;
+        let rows = self.memory.take_dirty();
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = rows.iter().map(|(name, _)| name.clone()).collect();
+        let this = Arc::clone(&self);
+        let written = tokio::task::spawn_blocking(move || this.write(&rows))
+            .await
+            .unwrap_or_else(|e| Err(StoreError(format!("sqlite writer failed: {e}"))));
+        let mut last_error = self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match written {
+            Ok(()) => {
+                *last_error = None;
+                Ok(())
+            }
+            Err(e) => {
+                self.memory.mark_dirty(names);
+                *last_error = Some(e.0.clone());
+                Err(e)
+            }
+        }
+    }
+
+    /// Upserts `rows` in one transaction (blocking).
+    fn write(&self, rows: &[(String, ClientState)]) -> Result<(), StoreError> {
+        let mut db = self.db.lock().unwrap_or_else(PoisonError::into_inner);
+        write_states(&mut db, rows).map_err(|e| db_error(&self.path, &e))
+    }
+}
+
+impl Drop for Inner {
+    /// A last write when the store goes away (after the shutdown flush this
+    /// finds nothing to do); covers a store dropped without a flush.
+    fn drop(&mut self) {
+        let rows = self.memory.take_dirty();
+        if !rows.is_empty()
+            && let Err(e) = self.write(&rows)
+        {
+            tracing::error!("budget usage not persisted at exit: {e}");
+        }
+    }
+}
+
+fn to_sql(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn from_sql(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+fn read_states(db: &Connection) -> rusqlite::Result<Vec<(String, ClientState)>> {
+    let mut statement = db.prepare(
+        "SELECT client, requests_tat, tokens_tat, day, day_used, month, month_used FROM budget_state",
+    )?;
+    let rows = statement.query_map([], |row| {
+        let period = |i| row.get::<_, i64>(i).map(|p| u32::try_from(p).unwrap_or(0));
+        Ok((
+            row.get::<_, String>(0)?,
+            ClientState {
+                requests: Bucket {
+                    tat: from_sql(row.get(1)?),
+                },
+                tokens: Bucket {
+                    tat: from_sql(row.get(2)?),
+                },
+                day: Calendar {
+                    period: period(3)?,
+                    used: from_sql(row.get(4)?),
+                },
+                month: Calendar {
+                    period: period(5)?,
+                    used: from_sql(row.get(6)?),
+                },
+                in_flight: 0,
+            },
+        ))
+    })?;
+    rows.collect()
+}
+
+fn write_states(db: &mut Connection, rows: &[(String, ClientState)]) -> rusqlite::Result<()> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let transaction = db.transaction()?;
+    {
+        let mut upsert = transaction.prepare_cached(
+            "INSERT INTO budget_state (client, requests_tat, tokens_tat, day, day_used, month, month_used, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT (client) DO UPDATE SET
+                requests_tat = excluded.requests_tat, tokens_tat = excluded.tokens_tat,
+                day = excluded.day, day_used = excluded.day_used,
+                month = excluded.month, month_used = excluded.month_used,
+                updated_at = excluded.updated_at",
+        )?;
+        for (client, state) in rows {
+            upsert.execute(params![
+                client,
+                to_sql(state.requests.tat),
+                to_sql(state.tokens.tat),
+                i64::from(state.day.period),
+                to_sql(state.day.used),
+                i64::from(state.month.period),
+                to_sql(state.month.used),
+                to_sql(now),
+            ])?;
+        }
+    }
+    transaction.commit()
+}
+
+impl Store for SqliteStore {
+    fn reserve(
+        &self,
+        client: &str,
+        limits: &BudgetConfig,
+        tokens: u64,
+        now: u64,
+    ) -> StoreFuture<Reserved> {
+        ready(Ok(self
+            .inner
+            .memory
+            .reserve_now(client, limits, tokens, now)))
+    }
+
+    fn settle(
+        &self,
+        client: &str,
+        limits: &BudgetConfig,
+        hold: Hold,
+        actual: u64,
+        now: u64,
+    ) -> StoreFuture<()> {
+        self.inner
+            .memory
+            .settle_now(client, limits, &hold, actual, now);
+        ready(Ok(()))
+    }
+
+    fn snapshot(&self, client: &str, limits: &BudgetConfig, now: u64) -> StoreFuture<Snapshot> {
+        ready(Ok(self.inner.memory.snapshot_now(client, limits, now)))
+    }
+
+    fn health(&self) -> StoreFuture<()> {
+        let inner = Arc::clone(&self.inner);
+        Box::pin(async move {
+            let failed = inner
+                .last_error
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            if let Some(error) = failed {
+                return Err(StoreError(format!("last write failed: {error}")));
+            }
+            tokio::task::spawn_blocking(move || {
+                let db = inner.db.lock().unwrap_or_else(PoisonError::into_inner);
+                db.query_row("SELECT count(*) FROM budget_state", [], |row| {
+                    row.get::<_, i64>(0)
+                })
+                .map(drop)
+                .map_err(|e| db_error(&inner.path, &e))
+            })
+            .await
+            .unwrap_or_else(|e| Err(StoreError(format!("sqlite health check failed: {e}"))))
+        })
+    }
+
+    fn flush(&self) -> StoreFuture<()> {
+        Box::pin(Inner::flush(Arc::clone(&self.inner)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::window::{NANOS_PER_SEC, Window};
+
+    const NOW: u64 = 1_717_200_000 * NANOS_PER_SEC;
+
+    fn limits() -> BudgetConfig {
+        BudgetConfig {
+            tokens_per_minute: Some(10_000),
+            tokens_per_day: Some(100_000),
+            ..BudgetConfig::default()
+        }
+    }
+
+    async fn spend(store: &SqliteStore, client: &str, reserve: u64, actual: u64) {
+        let hold = store
+            .reserve(client, &limits(), reserve, NOW)
+            .await
+            .expect("store")
+            .outcome
+            .expect("fits");
+        store
+            .settle(client, &limits(), hold, actual, NOW)
+            .await
+            .expect("store");
+    }
+
+    #[tokio::test]
+    async fn settled_usage_survives_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("usage.db");
+        let store = SqliteStore::open(&path).expect("open");
+        spend(&store, "team-a", 500, 321).await;
+        spend(&store, "team-b", 10, 10).await;
+        store.flush().await.expect("flush");
+        let before = store
+            .snapshot("team-a", &limits(), NOW)
+            .await
+            .expect("snapshot");
+        drop(store);
+
+        let reopened = SqliteStore::open(&path).expect("reopen");
+        let after = reopened
+            .snapshot("team-a", &limits(), NOW)
+            .await
+            .expect("snapshot");
+        assert_eq!(after, before);
+        assert_eq!(after.get(Window::TokensPerDay).used, 321);
+        assert_eq!(after.get(Window::TokensPerMinute).used, 321);
+
+        let mut read = SqliteStore::read(&path).expect("read");
+        read.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(read.len(), 2);
+        assert_eq!(read[1].1.day.used, 10);
+    }
+
+    #[tokio::test]
+    async fn dropping_the_store_writes_what_is_left() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("usage.db");
+        let store = SqliteStore::open(&path).expect("open");
+        spend(&store, "c", 50, 40).await;
+        drop(store);
+        let read = SqliteStore::read(&path).expect("read");
+        assert_eq!(read[0].1.day.used, 40);
+    }
+
+    #[tokio::test]
+    async fn the_flusher_persists_within_its_period() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("usage.db");
+        let store = SqliteStore::open(&path).expect("open");
+        store.spawn_flusher(Duration::from_millis(20));
+        spend(&store, "c", 50, 42).await;
+        let mut persisted = Vec::new();
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            persisted = SqliteStore::read(&path).expect("read");
+            if !persisted.is_empty() {
+                break;
+            }
+        }
+        // The store is still open, so the background flusher wrote this.
+        assert_eq!(persisted.first().map(|(_, s)| s.day.used), Some(42));
+        drop(store);
+    }
+
+    #[tokio::test]
+    async fn a_missing_file_reads_as_no_usage_and_a_bad_one_fails_to_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(
+            SqliteStore::read(&dir.path().join("none.db"))
+                .expect("read")
+                .is_empty()
+        );
+        let bad = dir.path().join("bad.db");
+        std::fs::write(
+            &bad,
+            b"this is not a database, but it is long enough to look like one....",
+        )
+        .expect("write");
+        assert!(SqliteStore::open(&bad).is_err());
+        assert!(SqliteStore::open(&dir.path().join("no/such/dir/x.db")).is_err());
+    }
+
+    #[tokio::test]
+    async fn health_reports_a_failed_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("usage.db")).expect("open");
+        store.health().await.expect("healthy");
+        *store.inner.last_error.lock().expect("lock") = Some("disk full".into());
+        let error = store.health().await.expect_err("unhealthy");
+        assert!(error.0.contains("disk full"), "{error}");
+    }
+}

@@ -1,0 +1,393 @@
+//! The budget service end to end over the memory store, with tokio's clock
+//! paused so minute windows and calendar boundaries are crossed exactly.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::catalog::Catalog;
+use crate::keys::KeyHash;
+use crate::openai::stream::Usage;
+
+/// 2024-12-31T23:59:00Z.
+const NEW_YEARS_EVE: Duration = Duration::from_secs(1_735_689_540);
+
+fn client(budget: &str) -> Arc<Client> {
+    let config = crate::config::parse(
+        &format!(
+            "[[clients]]\nname = \"c\"\nkey = \"{}\"\n[clients.budget]\n{budget}\n",
+            KeyHash::of("k")
+        ),
+        &|_| None,
+    )
+    .expect("config");
+    let catalog = Catalog::new(&config).expect("catalog");
+    Arc::clone(&catalog.clients()[0])
+}
+
+fn budgets(start: Duration) -> Budgets {
+    Budgets::new(
+        Arc::new(MemoryStore::new()),
+        Clock::starting_at(start),
+        OnUnavailable::Reject,
+    )
+}
+
+fn cost(total: u64) -> Estimate {
+    Estimate {
+        prompt: total / 2,
+        completion: total - total / 2,
+    }
+}
+
+fn header<'a>(error: &'a ApiError, name: &str) -> Option<&'a str> {
+    error.headers.as_ref()?.get(name)?.to_str().ok()
+}
+
+async fn used(budgets: &Budgets, client: &Client, window: Window) -> u64 {
+    budgets
+        .snapshot(client)
+        .await
+        .expect("snapshot")
+        .get(window)
+        .used
+}
+
+#[tokio::test(start_paused = true)]
+async fn minute_window_refuses_then_admits_after_retry_after() {
+    let budgets = budgets(NEW_YEARS_EVE - Duration::from_secs(3600));
+    let client = client("tokens_per_minute = 1000");
+    budgets
+        .reserve(&client, "m", cost(600))
+        .await
+        .expect("fits")
+        .settle(600);
+    let error = budgets
+        .reserve(&client, "m", cost(600))
+        .await
+        .err()
+        .expect("over the minute");
+    assert_eq!(error.status, 429);
+    assert_eq!(error.code, "rate_limit_exceeded");
+    // 200 of 1000 per minute drain in 12 s.
+    assert_eq!(header(&error, "retry-after"), Some("12"));
+    assert_eq!(header(&error, "retry-after-ms"), Some("12000"));
+    assert_eq!(header(&error, "x-should-retry"), None);
+    assert_eq!(header(&error, "x-ratelimit-limit-tokens"), Some("1000"));
+    assert_eq!(header(&error, "x-ratelimit-remaining-tokens"), Some("400"));
+    assert_eq!(header(&error, "x-ratelimit-reset-tokens"), Some("36s"));
+
+    tokio::time::advance(Duration::from_millis(11_999)).await;
+    assert!(budgets.reserve(&client, "m", cost(600)).await.is_err());
+    tokio::time::advance(Duration::from_millis(1)).await;
+    let reservation = budgets
+        .reserve(&client, "m", cost(600))
+        .await
+        .expect("drained");
+    assert_eq!(reservation.headers()["x-ratelimit-remaining-tokens"], "0");
+    assert_eq!(reservation.headers()["x-ratelimit-reset-tokens"], "1m0s");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_day_ends_at_midnight_utc_and_the_month_with_the_year() {
+    let budgets = budgets(NEW_YEARS_EVE);
+    let client = client("tokens_per_day = 100\ntokens_per_month = 1000");
+    budgets
+        .reserve(&client, "m", cost(90))
+        .await
+        .expect("fits")
+        .settle(90);
+    let error = budgets
+        .reserve(&client, "m", cost(20))
+        .await
+        .err()
+        .expect("day spent");
+    assert_eq!(error.code, "insufficient_quota");
+    assert_eq!(header(&error, "x-should-retry"), Some("false"));
+    assert_eq!(header(&error, "retry-after"), Some("60"), "until midnight");
+    assert!(
+        error.message.contains("2025-01-01T00:00:00Z"),
+        "{}",
+        error.message
+    );
+    assert_eq!(header(&error, "x-ratelimit-remaining-tokens"), Some("10"));
+
+    tokio::time::advance(Duration::from_secs(60)).await;
+    assert_eq!(used(&budgets, &client, Window::TokensPerDay).await, 0);
+    assert_eq!(used(&budgets, &client, Window::TokensPerMonth).await, 0);
+    budgets
+        .reserve(&client, "m", cost(20))
+        .await
+        .expect("a new day and a new month")
+        .settle(20);
+    assert_eq!(used(&budgets, &client, Window::TokensPerMonth).await, 20);
+}
+
+#[tokio::test(start_paused = true)]
+async fn february_ends_on_the_29th_in_a_leap_year() {
+    // 2024-02-28T23:00:00Z.
+    let budgets = budgets(Duration::from_secs(1_709_161_200));
+    let client = client("tokens_per_month = 100");
+    budgets
+        .reserve(&client, "m", cost(100))
+        .await
+        .expect("fits")
+        .settle(100);
+    tokio::time::advance(Duration::from_secs(3600)).await; // Feb 29, 00:00
+    let error = budgets
+        .reserve(&client, "m", cost(1))
+        .await
+        .err()
+        .expect("still February");
+    assert_eq!(
+        header(&error, "retry-after"),
+        Some("86400"),
+        "until March 1"
+    );
+    tokio::time::advance(Duration::from_secs(86_400)).await;
+    assert!(budgets.reserve(&client, "m", cost(100)).await.is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_larger_than_the_window_is_insufficient_quota_at_once() {
+    let budgets = budgets(NEW_YEARS_EVE);
+    let client = client("tokens_per_minute = 100000\ntokens_per_day = 1000");
+    let error = budgets
+        .reserve(&client, "m", cost(5000))
+        .await
+        .err()
+        .expect("too large");
+    assert_eq!(error.code, "insufficient_quota");
+    assert_eq!(header(&error, "x-should-retry"), Some("false"));
+    assert_eq!(header(&error, "retry-after"), None, "waiting never helps");
+    assert!(
+        error.message.contains("tokens_per_day"),
+        "{}",
+        error.message
+    );
+    assert_eq!(used(&budgets, &client, Window::TokensPerDay).await, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_a_reservation_releases_it() {
+    let budgets = budgets(NEW_YEARS_EVE);
+    let client = client("tokens_per_day = 1000\nmax_concurrent = 1");
+    let reservation = budgets
+        .reserve(&client, "m", cost(800))
+        .await
+        .expect("fits");
+    assert_eq!(used(&budgets, &client, Window::TokensPerDay).await, 800);
+    let error = budgets
+        .reserve(&client, "m", cost(1))
+        .await
+        .err()
+        .expect("one at a time");
+    assert_eq!(error.code, "rate_limit_exceeded");
+    assert_eq!(header(&error, "retry-after"), Some("1"));
+    drop(reservation);
+    assert_eq!(used(&budgets, &client, Window::TokensPerDay).await, 0);
+    assert_eq!(used(&budgets, &client, Window::MaxConcurrent).await, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn finish_settles_by_reported_usage_or_by_estimate() {
+    let budgets = budgets(NEW_YEARS_EVE);
+    let client = client("tokens_per_day = 100000");
+    let estimate = Estimate {
+        prompt: 50,
+        completion: 1000,
+    };
+
+    let reported = Outcome {
+        complete: true,
+        usage: Some(Usage {
+            prompt_tokens: 40,
+            completion_tokens: 7,
+            total_tokens: 47,
+        }),
+        generated: "ignored when usage came".into(),
+    };
+    budgets
+        .reserve(&client, "m", estimate)
+        .await
+        .expect("fits")
+        .finish(&reported, true);
+    assert_eq!(used(&budgets, &client, Window::TokensPerDay).await, 47);
+
+    // The client hung up after some text and no usage: prompt estimate + text.
+    let hung_up = Outcome {
+        complete: false,
+        usage: None,
+        generated: "Hello, world!".into(),
+    };
+    budgets
+        .reserve(&client, "m", estimate)
+        .await
+        .expect("fits")
+        .finish(&hung_up, true);
+    assert_eq!(
+        used(&budgets, &client, Window::TokensPerDay).await,
+        47 + 50 + 4
+    );
+
+    // An upstream error without usage costs nothing.
+    budgets
+        .reserve(&client, "m", estimate)
+        .await
+        .expect("fits")
+        .finish(&Outcome::default(), false);
+    assert_eq!(used(&budgets, &client, Window::TokensPerDay).await, 101);
+    assert_eq!(used(&budgets, &client, Window::MaxConcurrent).await, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn headers_name_the_tightest_token_window() {
+    let budgets = budgets(NEW_YEARS_EVE - Duration::from_secs(3540)); // 23:00
+    let client =
+        client("requests_per_minute = 10\ntokens_per_minute = 1000\ntokens_per_day = 1500\n");
+    let first = budgets
+        .reserve(&client, "m", cost(100))
+        .await
+        .expect("fits");
+    let headers = first.headers().clone();
+    assert_eq!(
+        headers["x-ratelimit-limit-tokens"], "1000",
+        "minute has least left"
+    );
+    assert_eq!(headers["x-ratelimit-remaining-tokens"], "900");
+    assert_eq!(headers["x-ratelimit-reset-tokens"], "6s");
+    assert_eq!(headers["x-ratelimit-limit-requests"], "10");
+    assert_eq!(headers["x-ratelimit-remaining-requests"], "9");
+    assert_eq!(headers["x-ratelimit-reset-requests"], "6s");
+    first.settle(1000);
+    tokio::time::advance(Duration::from_secs(60)).await;
+    let second = budgets
+        .reserve(&client, "m", cost(100))
+        .await
+        .expect("fits");
+    // Day: 1500 - 1000 settled - 100 reserved = 400 left, less than the minute's 900.
+    assert_eq!(second.headers()["x-ratelimit-limit-tokens"], "1500");
+    assert_eq!(second.headers()["x-ratelimit-remaining-tokens"], "400");
+    assert_eq!(second.headers()["x-ratelimit-reset-tokens"], "59m0s");
+}
+
+#[test]
+fn durations_use_openais_format() {
+    let ms = 1_000_000;
+    assert_eq!(duration_string(0), "0s");
+    assert_eq!(duration_string(20 * ms), "20ms");
+    assert_eq!(duration_string(1), "1ms");
+    assert_eq!(duration_string(1500 * ms), "1.5s");
+    assert_eq!(duration_string(1020 * ms), "1.02s");
+    assert_eq!(duration_string(360_000 * ms), "6m0s");
+    assert_eq!(duration_string(48_005_300 * ms), "13h20m5.3s");
+}
+
+#[tokio::test]
+async fn an_unavailable_store_answers_503_or_admits_as_configured() {
+    struct Down;
+    impl Store for Down {
+        fn reserve(
+            &self,
+            _: &str,
+            _: &BudgetConfig,
+            _: u64,
+            _: u64,
+        ) -> StoreFuture<store::Reserved> {
+            Box::pin(async { Err(StoreError("connection refused".into())) })
+        }
+        fn settle(&self, _: &str, _: &BudgetConfig, _: Hold, _: u64, _: u64) -> StoreFuture<()> {
+            Box::pin(async { Err(StoreError("connection refused".into())) })
+        }
+        fn snapshot(&self, _: &str, _: &BudgetConfig, _: u64) -> StoreFuture<Snapshot> {
+            Box::pin(async { Err(StoreError("connection refused".into())) })
+        }
+        fn health(&self) -> StoreFuture<()> {
+            Box::pin(async { Err(StoreError("connection refused".into())) })
+        }
+        fn flush(&self) -> StoreFuture<()> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+    let client = client("tokens_per_day = 10");
+    let reject = Budgets::new(Arc::new(Down), Clock::system(), OnUnavailable::Reject);
+    let error = reject
+        .reserve(&client, "m", cost(1))
+        .await
+        .err()
+        .expect("503");
+    assert_eq!(
+        (error.status.as_u16(), error.code),
+        (503, "store_unavailable")
+    );
+    assert!(reject.health().await.is_err());
+    let allow = Budgets::new(Arc::new(Down), Clock::system(), OnUnavailable::Allow);
+    allow
+        .reserve(&client, "m", cost(1))
+        .await
+        .expect("admitted")
+        .settle(1);
+}
+
+/// Times reserve + settle on the embedded store's hot path (the in-memory
+/// state; SQLite writes happen in the background). Run with
+/// `cargo test --release --lib budget_hot_path -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "benchmark"]
+async fn budget_hot_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SqliteStore::open(&dir.path().join("bench.db")).expect("open");
+    store.spawn_flusher(store::FLUSH_EVERY);
+    let budgets = Budgets::new(store, Clock::system(), OnUnavailable::Reject);
+    let client = client(
+        "requests_per_minute = 1000000000\ntokens_per_minute = 1000000000000\n\
+         tokens_per_day = 1000000000000\ntokens_per_month = 1000000000000\nmax_concurrent = 8",
+    );
+    let mut samples = Vec::with_capacity(100_000);
+    for _ in 0..100_000 {
+        let started = std::time::Instant::now();
+        let reservation = budgets
+            .reserve(&client, "m", cost(1000))
+            .await
+            .expect("fits");
+        reservation.settle(900);
+        samples.push(started.elapsed());
+    }
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q) as usize];
+    println!(
+        "Budgets::reserve + settle (headers included) over 100k: p50 {:?}, p90 {:?}, p99 {:?}, max {:?}",
+        at(0.5),
+        at(0.9),
+        at(0.99),
+        at(1.0)
+    );
+
+    // The store's part alone.
+    let memory = MemoryStore::new();
+    let started = std::time::Instant::now();
+    for i in 0..100_000u64 {
+        let now = 1_735_689_540 * NANOS_PER_SEC + i * 1000;
+        let reserved = memory.reserve_now("c", &client.budget, 1000, now);
+        let hold = reserved.outcome.expect("fits");
+        memory.settle_now("c", &client.budget, &hold, 900, now);
+    }
+    println!(
+        "store reserve + settle alone: {:?} per pair",
+        started.elapsed() / 100_000
+    );
+
+    let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(45); // ~2 KB
+    let started = std::time::Instant::now();
+    let mut tokens = 0;
+    for _ in 0..1000 {
+        tokens += estimate::count_tokens(&prompt);
+    }
+    let per = started.elapsed() / 1000;
+    println!(
+        "tokenizing a {} byte prompt ({} tokens): {per:?}",
+        prompt.len(),
+        tokens / 1000
+    );
+    assert!(at(0.5) < Duration::from_millis(1));
+}

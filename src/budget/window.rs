@@ -1,0 +1,837 @@
+//! Budget windows and their arithmetic, independent of where the state lives:
+//! per-minute token buckets (GCRA), UTC calendar days and months, the
+//! concurrency count, and the one atomic "reserve against every window" step.
+//!
+//! Every store applies these same functions to a [`ClientState`], so the
+//! memory and SQLite stores agree to the nanosecond; a Redis store ports them
+//! to one Lua script per operation.
+//!
+//! Time is a `u64` of nanoseconds since the Unix epoch, taken from a
+//! [`Clock`]. The clock follows tokio's clock, so tests pause and advance it
+//! and calendar boundaries move with it.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::config::BudgetConfig;
+
+pub const NANOS_PER_SEC: u64 = 1_000_000_000;
+/// The span of the per-minute windows.
+pub const MINUTE: u64 = 60 * NANOS_PER_SEC;
+const DAY_SECS: u64 = 86_400;
+
+/// Wait suggested when `max_concurrent` is reached: a slot frees up when any
+/// in-flight request ends, which Iris cannot predict, so SDKs retry soon.
+pub const CONCURRENCY_RETRY: u64 = NANOS_PER_SEC;
+
+/// Wall-clock time in Unix nanoseconds, driven by tokio's clock.
+///
+/// It reads the system time once and from then on adds tokio's monotonic
+/// elapsed time: wall-clock jumps (NTP steps) cannot make a minute window run
+/// backwards, and tests with a paused tokio clock control calendar time too.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    origin: tokio::time::Instant,
+    origin_unix: u64,
+}
+
+impl Clock {
+    /// The real time.
+    pub fn system() -> Self {
+        let unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO);
+        Self::starting_at(unix)
+    }
+
+    /// A clock that reads `unix` now and advances with tokio's clock (tests).
+    pub fn starting_at(unix: Duration) -> Self {
+        Self {
+            origin: tokio::time::Instant::now(),
+            origin_unix: u64::try_from(unix.as_nanos()).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// Unix nanoseconds now.
+    pub fn now(&self) -> u64 {
+        let elapsed = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.origin_unix.saturating_add(elapsed)
+    }
+}
+
+/// The budget windows a client may have, in the order they are reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Window {
+    RequestsPerMinute,
+    TokensPerMinute,
+    TokensPerDay,
+    TokensPerMonth,
+    MaxConcurrent,
+}
+
+impl Window {
+    pub const ALL: [Window; 5] = [
+        Window::RequestsPerMinute,
+        Window::TokensPerMinute,
+        Window::TokensPerDay,
+        Window::TokensPerMonth,
+        Window::MaxConcurrent,
+    ];
+
+    /// The config key, also used in `/v1/usage`, metrics and `iris usage`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Window::RequestsPerMinute => "requests_per_minute",
+            Window::TokensPerMinute => "tokens_per_minute",
+            Window::TokensPerDay => "tokens_per_day",
+            Window::TokensPerMonth => "tokens_per_month",
+            Window::MaxConcurrent => "max_concurrent",
+        }
+    }
+
+    pub fn limit(self, limits: &BudgetConfig) -> Option<u64> {
+        match self {
+            Window::RequestsPerMinute => limits.requests_per_minute,
+            Window::TokensPerMinute => limits.tokens_per_minute,
+            Window::TokensPerDay => limits.tokens_per_day,
+            Window::TokensPerMonth => limits.tokens_per_month,
+            Window::MaxConcurrent => limits.max_concurrent,
+        }
+    }
+
+    /// Whether the window counts tokens (else requests).
+    pub fn counts_tokens(self) -> bool {
+        matches!(
+            self,
+            Window::TokensPerMinute | Window::TokensPerDay | Window::TokensPerMonth
+        )
+    }
+}
+
+/// A per-minute window as a GCRA token bucket: capacity `limit`, refilling
+/// `limit` per minute, stored as its theoretical arrival time (TAT): the
+/// moment the bucket is full again. `TAT - now` is the time the tokens
+/// currently held take to drain, so no timer or periodic refill is needed,
+/// costs may vary per request, and unused tokens can be refunded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Bucket {
+    pub tat: u64,
+}
+
+/// Nanoseconds of refill that `amount` units represent for `limit` per minute.
+fn drain_time(amount: u64, limit: u64) -> u64 {
+    let ns = (u128::from(amount) * u128::from(MINUTE)).div_ceil(u128::from(limit.max(1)));
+    u64::try_from(ns).unwrap_or(u64::MAX)
+}
+
+impl Bucket {
+    /// Units held now (reserved or spent within the last minute's refill).
+    pub fn used(&self, limit: u64, now: u64) -> u64 {
+        let held = self.tat.saturating_sub(now);
+        let units = (u128::from(held) * u128::from(limit)).div_ceil(u128::from(MINUTE));
+        u64::try_from(units).unwrap_or(u64::MAX).min(limit)
+    }
+
+    /// When the bucket is empty again.
+    pub fn reset_at(&self, now: u64) -> u64 {
+        self.tat.max(now)
+    }
+
+    /// The new TAT if `cost` fits now, else how long until it would.
+    fn admit(&self, limit: u64, cost: u64, now: u64) -> Result<u64, u64> {
+        let tat = self.tat.max(now).saturating_add(drain_time(cost, limit));
+        let horizon = now.saturating_add(MINUTE);
+        if tat <= horizon {
+            Ok(tat)
+        } else {
+            Err(tat - horizon)
+        }
+    }
+
+    /// Charges `amount` more without a limit check (settling above the estimate).
+    fn charge(&mut self, limit: u64, amount: u64, now: u64) {
+        self.tat = self.tat.max(now).saturating_add(drain_time(amount, limit));
+    }
+
+    /// Gives back `amount`; what already drained is not given twice.
+    fn refund(&mut self, limit: u64, amount: u64, now: u64) {
+        if self.tat > now {
+            self.tat = self.tat.saturating_sub(drain_time(amount, limit)).max(now);
+        }
+    }
+}
+
+/// A calendar window: which period it counts, and the tokens used in it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Calendar {
+    /// Day: days since 1970-01-01. Month: `year * 12 + month - 1`.
+    pub period: u32,
+    pub used: u64,
+}
+
+impl Calendar {
+    /// Tokens used in `period` (nothing yet if the stored period is older).
+    pub fn used_in(&self, period: u32) -> u64 {
+        if self.period == period { self.used } else { 0 }
+    }
+
+    fn roll(&mut self, period: u32) {
+        if self.period != period {
+            *self = Calendar { period, used: 0 };
+        }
+    }
+}
+
+/// The UTC day and month containing an instant, with their ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Periods {
+    pub day: u32,
+    /// Unix nanoseconds of the next midnight UTC.
+    pub day_end: u64,
+    pub month: u32,
+    /// Unix nanoseconds of the first of the next month, 00:00 UTC.
+    pub month_end: u64,
+}
+
+impl Periods {
+    pub fn at(now: u64) -> Self {
+        let days = now / NANOS_PER_SEC / DAY_SECS;
+        let (year, month, _) = civil_from_days(days as i64);
+        let (next_year, next_month) = if month == 12 {
+            (year + 1, 1)
+        } else {
+            (year, month + 1)
+        };
+        let month_end_days = days_from_civil(next_year, next_month, 1);
+        Self {
+            day: u32::try_from(days).unwrap_or(u32::MAX),
+            day_end: (days + 1)
+                .saturating_mul(DAY_SECS)
+                .saturating_mul(NANOS_PER_SEC),
+            month: u32::try_from(year * 12 + i64::from(month) - 1).unwrap_or(u32::MAX),
+            month_end: u64::try_from(month_end_days)
+                .unwrap_or(u64::MAX)
+                .saturating_mul(DAY_SECS)
+                .saturating_mul(NANOS_PER_SEC),
+        }
+    }
+}
+
+/// (year, month 1-12, day 1-31) of a day count since 1970-01-01
+/// (Howard Hinnant's `civil_from_days`).
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Days since 1970-01-01 of a civil date (Howard Hinnant's `days_from_civil`).
+pub fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let year = year - i64::from(month <= 2);
+    let era = year.div_euclid(400);
+    let yoe = year - era * 400;
+    let month = i64::from(month);
+    let doy = (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for Unix nanoseconds.
+pub fn format_utc(unix_ns: u64) -> String {
+    let secs = unix_ns / NANOS_PER_SEC;
+    let (year, month, day) = civil_from_days((secs / DAY_SECS) as i64);
+    let rest = secs % DAY_SECS;
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest / 60 % 60,
+        rest % 60
+    )
+}
+
+/// Everything a store keeps for one client.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientState {
+    pub requests: Bucket,
+    pub tokens: Bucket,
+    pub day: Calendar,
+    pub month: Calendar,
+    /// Requests admitted and not yet settled. Not persisted: after a restart
+    /// nothing is in flight.
+    pub in_flight: u64,
+}
+
+/// What a reservation holds, so that settling can give back exactly that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hold {
+    pub tokens: u64,
+    /// The day and month the tokens were charged to: settling after midnight
+    /// corrects the day of admission, not the new one.
+    pub day: u32,
+    pub month: u32,
+}
+
+/// Why a reservation was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// A short window is full: retry after `wait` nanoseconds.
+    RateLimited { window: Window, wait: u64 },
+    /// A daily or monthly budget is spent until `reset_at` (Unix nanoseconds).
+    Exhausted { window: Window, reset_at: u64 },
+    /// The request alone needs more than the whole window: retrying never helps.
+    TooLarge {
+        window: Window,
+        limit: u64,
+        tokens: u64,
+    },
+}
+
+impl Refusal {
+    pub fn window(&self) -> Window {
+        match *self {
+            Refusal::RateLimited { window, .. }
+            | Refusal::Exhausted { window, .. }
+            | Refusal::TooLarge { window, .. } => window,
+        }
+    }
+
+    /// Which refusal to report when several windows refuse: the one the
+    /// client must wait longest for (a spent quota before a rate limit), so
+    /// that a retry after it can succeed.
+    fn severity(&self) -> (u8, u64) {
+        match *self {
+            Refusal::TooLarge { .. } => (2, 0),
+            Refusal::Exhausted { reset_at, .. } => (1, reset_at),
+            Refusal::RateLimited { wait, .. } => (0, wait),
+        }
+    }
+}
+
+/// One window's state as reported in headers, `/v1/usage` and `iris usage`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowStatus {
+    pub window: Window,
+    /// `None`: not limited (calendar windows and concurrency are counted anyway).
+    pub limit: Option<u64>,
+    pub used: u64,
+    /// When `used` is back to zero (Unix nanoseconds); `None` for concurrency.
+    pub reset_at: Option<u64>,
+}
+
+impl WindowStatus {
+    pub fn remaining(&self) -> Option<u64> {
+        self.limit.map(|limit| limit.saturating_sub(self.used))
+    }
+}
+
+/// A client's windows at one instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Snapshot {
+    pub now: u64,
+    /// In [`Window::ALL`] order.
+    pub windows: [WindowStatus; 5],
+}
+
+impl Snapshot {
+    pub fn get(&self, window: Window) -> &WindowStatus {
+        match window {
+            Window::RequestsPerMinute => &self.windows[0],
+            Window::TokensPerMinute => &self.windows[1],
+            Window::TokensPerDay => &self.windows[2],
+            Window::TokensPerMonth => &self.windows[3],
+            Window::MaxConcurrent => &self.windows[4],
+        }
+    }
+
+    /// Windows worth reporting: every limited one, plus the day and month
+    /// totals and concurrency, which are counted even without a limit.
+    pub fn reported(&self) -> impl Iterator<Item = &WindowStatus> {
+        self.windows.iter().filter(|w| {
+            w.limit.is_some()
+                || matches!(
+                    w.window,
+                    Window::TokensPerDay | Window::TokensPerMonth | Window::MaxConcurrent
+                )
+        })
+    }
+}
+
+impl ClientState {
+    /// Reserves `tokens`, one request and one concurrency slot against every
+    /// window, or changes nothing and says why not.
+    pub fn reserve(
+        &mut self,
+        limits: &BudgetConfig,
+        tokens: u64,
+        now: u64,
+    ) -> Result<Hold, Refusal> {
+        let periods = Periods::at(now);
+        self.day.roll(periods.day);
+        self.month.roll(periods.month);
+
+        let mut refusal: Option<Refusal> = None;
+        let mut refuse = |r: Refusal| {
+            if refusal.is_none_or(|worst| r.severity() > worst.severity()) {
+                refusal = Some(r);
+            }
+        };
+
+        if let Some(limit) = limits.max_concurrent
+            && self.in_flight >= limit
+        {
+            refuse(Refusal::RateLimited {
+                window: Window::MaxConcurrent,
+                wait: CONCURRENCY_RETRY,
+            });
+        }
+        let mut requests_tat = None;
+        if let Some(limit) = limits.requests_per_minute {
+            match self.requests.admit(limit, 1, now) {
+                Ok(tat) => requests_tat = Some(tat),
+                Err(wait) => refuse(Refusal::RateLimited {
+                    window: Window::RequestsPerMinute,
+                    wait,
+                }),
+            }
+        }
+        let mut tokens_tat = None;
+        if let Some(limit) = limits.tokens_per_minute {
+            if tokens > limit {
+                refuse(Refusal::TooLarge {
+                    window: Window::TokensPerMinute,
+                    limit,
+                    tokens,
+                });
+            } else {
+                match self.tokens.admit(limit, tokens, now) {
+                    Ok(tat) => tokens_tat = Some(tat),
+                    Err(wait) => refuse(Refusal::RateLimited {
+                        window: Window::TokensPerMinute,
+                        wait,
+                    }),
+                }
+            }
+        }
+        for (window, calendar, limit, reset_at) in [
+            (
+                Window::TokensPerDay,
+                &self.day,
+                limits.tokens_per_day,
+                periods.day_end,
+            ),
+            (
+                Window::TokensPerMonth,
+                &self.month,
+                limits.tokens_per_month,
+                periods.month_end,
+            ),
+        ] {
+            let Some(limit) = limit else { continue };
+            if tokens > limit {
+                refuse(Refusal::TooLarge {
+                    window,
+                    limit,
+                    tokens,
+                });
+            } else if calendar.used.saturating_add(tokens) > limit {
+                refuse(Refusal::Exhausted { window, reset_at });
+            }
+        }
+
+        if let Some(refusal) = refusal {
+            return Err(refusal);
+        }
+        if let Some(tat) = requests_tat {
+            self.requests.tat = tat;
+        }
+        if let Some(tat) = tokens_tat {
+            self.tokens.tat = tat;
+        }
+        self.day.used = self.day.used.saturating_add(tokens);
+        self.month.used = self.month.used.saturating_add(tokens);
+        self.in_flight += 1;
+        Ok(Hold {
+            tokens,
+            day: periods.day,
+            month: periods.month,
+        })
+    }
+
+    /// Replaces what `hold` reserved by `actual` tokens and frees its
+    /// concurrency slot. The request itself stays counted.
+    pub fn settle(&mut self, limits: &BudgetConfig, hold: &Hold, actual: u64, now: u64) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if let Some(limit) = limits.tokens_per_minute {
+            if actual > hold.tokens {
+                self.tokens.charge(limit, actual - hold.tokens, now);
+            } else {
+                self.tokens.refund(limit, hold.tokens - actual, now);
+            }
+        }
+        for (calendar, period) in [(&mut self.day, hold.day), (&mut self.month, hold.month)] {
+            if calendar.period == period {
+                calendar.used = calendar
+                    .used
+                    .saturating_sub(hold.tokens)
+                    .saturating_add(actual);
+            }
+        }
+    }
+
+    /// The windows as they stand at `now`.
+    pub fn snapshot(&self, limits: &BudgetConfig, now: u64) -> Snapshot {
+        let periods = Periods::at(now);
+        let bucket = |window: Window, bucket: &Bucket| {
+            let limit = window.limit(limits);
+            WindowStatus {
+                window,
+                limit,
+                used: limit.map_or(0, |l| bucket.used(l, now)),
+                reset_at: Some(bucket.reset_at(now)),
+            }
+        };
+        Snapshot {
+            now,
+            windows: [
+                bucket(Window::RequestsPerMinute, &self.requests),
+                bucket(Window::TokensPerMinute, &self.tokens),
+                WindowStatus {
+                    window: Window::TokensPerDay,
+                    limit: limits.tokens_per_day,
+                    used: self.day.used_in(periods.day),
+                    reset_at: Some(periods.day_end),
+                },
+                WindowStatus {
+                    window: Window::TokensPerMonth,
+                    limit: limits.tokens_per_month,
+                    used: self.month.used_in(periods.month),
+                    reset_at: Some(periods.month_end),
+                },
+                WindowStatus {
+                    window: Window::MaxConcurrent,
+                    limit: limits.max_concurrent,
+                    used: self.in_flight,
+                    reset_at: None,
+                },
+            ],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEC: u64 = NANOS_PER_SEC;
+
+    /// Unix nanoseconds of a UTC date and time.
+    fn at(year: i64, month: u32, day: u32, hms: (u64, u64, u64)) -> u64 {
+        let days = days_from_civil(year, month, day) as u64;
+        (days * DAY_SECS + hms.0 * 3600 + hms.1 * 60 + hms.2) * SEC
+    }
+
+    fn limits() -> BudgetConfig {
+        BudgetConfig::default()
+    }
+
+    #[test]
+    fn civil_dates_round_trip_across_centuries_and_leap_days() {
+        for days in -800_000..800_000 {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days, "{y}-{m}-{d}");
+        }
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(days_from_civil(2024, 2, 29)), (2024, 2, 29));
+        assert_eq!(
+            days_from_civil(2024, 3, 1) - days_from_civil(2024, 2, 28),
+            2
+        );
+        assert_eq!(
+            days_from_civil(2023, 3, 1) - days_from_civil(2023, 2, 28),
+            1
+        );
+        assert_eq!(
+            days_from_civil(2100, 3, 1) - days_from_civil(2100, 2, 28),
+            1
+        );
+        assert_eq!(
+            days_from_civil(2000, 3, 1) - days_from_civil(2000, 2, 28),
+            2
+        );
+    }
+
+    #[test]
+    fn periods_end_at_utc_midnight_and_month_start() {
+        let p = Periods::at(at(2024, 12, 31, (23, 59, 59)));
+        assert_eq!(p.day_end, at(2025, 1, 1, (0, 0, 0)));
+        assert_eq!(p.month_end, at(2025, 1, 1, (0, 0, 0)));
+        let next = Periods::at(at(2025, 1, 1, (0, 0, 0)));
+        assert_eq!(next.day, p.day + 1);
+        assert_eq!(next.month, p.month + 1);
+
+        // February in a leap year runs to the 29th, otherwise to the 28th.
+        let leap = Periods::at(at(2024, 2, 28, (12, 0, 0)));
+        assert_eq!(leap.month_end, at(2024, 3, 1, (0, 0, 0)));
+        assert_eq!(leap.day_end, at(2024, 2, 29, (0, 0, 0)));
+        assert_eq!(
+            Periods::at(at(2024, 2, 29, (23, 0, 0))).month,
+            leap.month,
+            "Feb 29 is still February"
+        );
+        let common = Periods::at(at(2023, 2, 28, (23, 59, 59)));
+        assert_eq!(common.day_end, at(2023, 3, 1, (0, 0, 0)));
+        assert_eq!(common.month_end, common.day_end);
+        assert_eq!(
+            format_utc(at(2024, 2, 29, (7, 8, 9))),
+            "2024-02-29T07:08:09Z"
+        );
+    }
+
+    #[test]
+    fn bucket_admits_a_full_minute_then_refills_gradually() {
+        let limits = BudgetConfig {
+            tokens_per_minute: Some(600),
+            ..limits()
+        };
+        let mut state = ClientState::default();
+        let t0 = 1_000 * SEC;
+        let hold = state
+            .reserve(&limits, 600, t0)
+            .expect("the whole minute fits");
+        assert_eq!(hold.tokens, 600);
+        let refused = state.reserve(&limits, 10, t0).expect_err("bucket is full");
+        assert_eq!(
+            refused,
+            Refusal::RateLimited {
+                window: Window::TokensPerMinute,
+                wait: SEC
+            },
+            "10 of 600 per minute refill in one second"
+        );
+        // Settle so the concurrency slot is free; the tokens stay charged.
+        state.settle(&limits, &hold, 600, t0);
+        assert!(state.reserve(&limits, 10, t0 + SEC - 1).is_err());
+        assert!(state.reserve(&limits, 10, t0 + SEC).is_ok());
+        assert_eq!(
+            state
+                .snapshot(&limits, t0 + SEC)
+                .get(Window::TokensPerMinute)
+                .used,
+            600
+        );
+        assert_eq!(
+            state
+                .snapshot(&limits, t0 + 31 * SEC)
+                .get(Window::TokensPerMinute)
+                .used,
+            300
+        );
+    }
+
+    #[test]
+    fn refunds_return_unused_tokens_and_overruns_are_charged() {
+        let limits = BudgetConfig {
+            tokens_per_minute: Some(1000),
+            tokens_per_day: Some(5000),
+            ..limits()
+        };
+        let mut state = ClientState::default();
+        let now = 10 * SEC;
+        let hold = state.reserve(&limits, 800, now).expect("fits");
+        state.settle(&limits, &hold, 100, now);
+        let snap = state.snapshot(&limits, now);
+        assert_eq!(snap.get(Window::TokensPerMinute).used, 100);
+        assert_eq!(snap.get(Window::TokensPerDay).used, 100);
+        assert_eq!(snap.get(Window::MaxConcurrent).used, 0);
+
+        let hold = state.reserve(&limits, 100, now).expect("fits");
+        state.settle(&limits, &hold, 1500, now);
+        let snap = state.snapshot(&limits, now);
+        assert_eq!(
+            snap.get(Window::TokensPerMinute).used,
+            1000,
+            "capped at the limit"
+        );
+        assert_eq!(snap.get(Window::TokensPerDay).used, 1600);
+        // Overspent: the minute window is blocked until 600 tokens' worth drained.
+        let refused = state.reserve(&limits, 1, now).expect_err("overspent");
+        assert!(matches!(refused, Refusal::RateLimited { wait, .. } if wait > 36 * SEC));
+    }
+
+    #[test]
+    fn a_refund_never_gives_back_what_already_drained() {
+        let limits = BudgetConfig {
+            tokens_per_minute: Some(60),
+            ..limits()
+        };
+        let mut state = ClientState::default();
+        let hold = state.reserve(&limits, 60, 0).expect("fits");
+        // 50 s later only 10 tokens are still held; refunding all 60 empties the bucket.
+        state.settle(&limits, &hold, 0, 50 * SEC);
+        assert_eq!(state.tokens.tat, 50 * SEC);
+        assert!(state.reserve(&limits, 60, 50 * SEC).is_ok());
+        assert!(state.reserve(&limits, 1, 50 * SEC).is_err());
+    }
+
+    #[test]
+    fn requests_per_minute_is_gcra() {
+        let limits = BudgetConfig {
+            requests_per_minute: Some(3),
+            ..limits()
+        };
+        let mut state = ClientState::default();
+        for _ in 0..3 {
+            let hold = state.reserve(&limits, 5, 0).expect("within the burst");
+            state.settle(&limits, &hold, 5, 0);
+        }
+        assert_eq!(
+            state.reserve(&limits, 5, 0),
+            Err(Refusal::RateLimited {
+                window: Window::RequestsPerMinute,
+                wait: 20 * SEC
+            })
+        );
+        assert!(state.reserve(&limits, 5, 20 * SEC).is_ok());
+    }
+
+    #[test]
+    fn calendar_budgets_reset_at_midnight_and_month_start() {
+        let limits = BudgetConfig {
+            tokens_per_day: Some(100),
+            tokens_per_month: Some(150),
+            ..limits()
+        };
+        let mut state = ClientState::default();
+        let eve = at(2024, 12, 31, (23, 59, 0));
+        let hold = state.reserve(&limits, 100, eve).expect("fits");
+        state.settle(&limits, &hold, 100, eve);
+        assert_eq!(
+            state.reserve(&limits, 1, eve),
+            Err(Refusal::Exhausted {
+                window: Window::TokensPerDay,
+                reset_at: at(2025, 1, 1, (0, 0, 0))
+            })
+        );
+        let new_year = at(2025, 1, 1, (0, 0, 0));
+        let hold = state
+            .reserve(&limits, 100, new_year)
+            .expect("new day, new month");
+        state.settle(&limits, &hold, 100, new_year);
+
+        // A day's budget left, but the month has only 50 more.
+        let mut state = ClientState::default();
+        let mid_month = at(2024, 2, 28, (10, 0, 0));
+        let hold = state.reserve(&limits, 100, mid_month).expect("fits");
+        state.settle(&limits, &hold, 100, mid_month);
+        let next_day = at(2024, 2, 29, (10, 0, 0));
+        let refused = state
+            .reserve(&limits, 60, next_day)
+            .expect_err("month has 50 left");
+        assert_eq!(
+            refused,
+            Refusal::Exhausted {
+                window: Window::TokensPerMonth,
+                reset_at: at(2024, 3, 1, (0, 0, 0))
+            }
+        );
+        assert!(state.reserve(&limits, 50, next_day).is_ok());
+        assert!(
+            state
+                .reserve(&limits, 50, at(2024, 3, 1, (0, 0, 0)))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn settling_after_midnight_corrects_the_day_of_admission() {
+        let limits = BudgetConfig {
+            tokens_per_day: Some(1000),
+            ..limits()
+        };
+        let mut state = ClientState::default();
+        let before = at(2024, 6, 30, (23, 59, 59));
+        let hold = state.reserve(&limits, 500, before).expect("fits");
+        let after = at(2024, 7, 1, (0, 0, 5));
+        let next = state.reserve(&limits, 10, after).expect("new day");
+        state.settle(&limits, &hold, 20, after);
+        assert_eq!(
+            state
+                .snapshot(&limits, after)
+                .get(Window::TokensPerDay)
+                .used,
+            10
+        );
+        state.settle(&limits, &next, 10, after);
+        assert_eq!(state.in_flight, 0);
+    }
+
+    #[test]
+    fn a_request_larger_than_a_window_is_refused_outright() {
+        let limits = BudgetConfig {
+            tokens_per_minute: Some(1000),
+            tokens_per_day: Some(500),
+            ..limits()
+        };
+        let mut state = ClientState::default();
+        assert_eq!(
+            state.reserve(&limits, 600, 0),
+            Err(Refusal::TooLarge {
+                window: Window::TokensPerDay,
+                limit: 500,
+                tokens: 600
+            })
+        );
+        assert_eq!(
+            (state.day.used, state.tokens.tat, state.in_flight),
+            (0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn refusal_changes_nothing_and_reports_the_longest_wait() {
+        let limits = BudgetConfig {
+            requests_per_minute: Some(10),
+            tokens_per_minute: Some(100),
+            tokens_per_day: Some(150),
+            max_concurrent: Some(1),
+            ..limits()
+        };
+        let mut state = ClientState::default();
+        let now = at(2024, 5, 5, (5, 5, 5));
+        let hold = state.reserve(&limits, 100, now).expect("fits");
+        let before = state;
+        // Concurrency, the minute bucket and the day all refuse: the day wins.
+        let refused = state.reserve(&limits, 60, now).expect_err("refused");
+        assert_eq!(refused.window(), Window::TokensPerDay);
+        assert_eq!(state, before, "a refusal reserves nothing");
+        state.settle(&limits, &hold, 100, now);
+        let refused = state.reserve(&limits, 10, now).expect_err("minute is full");
+        assert_eq!(refused.window(), Window::TokensPerMinute);
+    }
+
+    #[test]
+    fn concurrency_is_limited_and_freed_on_settle() {
+        let limits = BudgetConfig {
+            max_concurrent: Some(2),
+            ..limits()
+        };
+        let mut state = ClientState::default();
+        let a = state.reserve(&limits, 1, 0).expect("1st");
+        let _b = state.reserve(&limits, 1, 0).expect("2nd");
+        assert_eq!(
+            state.reserve(&limits, 1, 0),
+            Err(Refusal::RateLimited {
+                window: Window::MaxConcurrent,
+                wait: CONCURRENCY_RETRY
+            })
+        );
+        state.settle(&limits, &a, 0, 0);
+        assert!(state.reserve(&limits, 1, 0).is_ok());
+    }
+}

@@ -1,0 +1,53 @@
+//! `GET /v1/usage`: the calling client's budgets, window by window.
+//!
+//! ```json
+//! {"object": "usage", "client": "team-a", "windows": {
+//!   "tokens_per_minute": {"limit": 20000, "used": 1200, "remaining": 18800,
+//!                         "reset_at": 1735689604, "reset_in": "3.6s"},
+//!   "tokens_per_day":    {"limit": null, "used": 5400, "remaining": null,
+//!                         "reset_at": 1735776000, "reset_in": "13h20m0s"},
+//!   "max_concurrent":    {"limit": 8, "used": 1, "remaining": 7}}}
+//! ```
+//!
+//! Every configured limit is listed; the day and month totals and the
+//! requests in flight are listed even without a limit (`limit` and
+//! `remaining` are then `null`). `used` includes what requests in flight
+//! have reserved. `reset_at` is when `used` is back to zero (Unix seconds,
+//! the end of the UTC day or month for calendar windows) and `reset_in` the
+//! same as a duration, in the format of the `x-ratelimit-reset-*` headers.
+
+use axum::Json;
+use axum::extract::State;
+use serde_json::{Map, Value, json};
+
+use super::Authenticated;
+use crate::app::SharedState;
+use crate::budget::duration_string;
+use crate::budget::window::{NANOS_PER_SEC, Snapshot};
+use crate::error::ApiError;
+
+pub async fn usage(
+    State(state): State<SharedState>,
+    Authenticated(client): Authenticated,
+) -> Result<Json<Value>, ApiError> {
+    let snapshot = state.budgets.snapshot(&client).await?;
+    Ok(Json(usage_json(&client.name, &snapshot)))
+}
+
+/// The `/v1/usage` body for one client's snapshot.
+pub fn usage_json(client: &str, snapshot: &Snapshot) -> Value {
+    let mut windows = Map::new();
+    for status in snapshot.reported() {
+        let mut window = json!({
+            "limit": status.limit,
+            "used": status.used,
+            "remaining": status.remaining(),
+        });
+        if let Some(reset_at) = status.reset_at {
+            window["reset_at"] = json!(reset_at.div_ceil(NANOS_PER_SEC));
+            window["reset_in"] = json!(duration_string(reset_at.saturating_sub(snapshot.now)));
+        }
+        windows.insert(status.window.name().to_owned(), window);
+    }
+    json!({"object": "usage", "client": client, "windows": windows})
+}

@@ -1,0 +1,670 @@
+//! Budgets through the real server: reservations under concurrency,
+//! settlement to the upstream's usage (plain, streamed, hung up), the 429s
+//! and their headers, `GET /v1/usage`, persistence across a restart.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use iris::budget::estimate;
+use iris::openai::chat::ChatRequest;
+use serde_json::{Value, json};
+use support::{Iris, KEY_A, KEY_B, MockUpstream, base_config, chat_body, http};
+
+/// Client `b` (model `other-model`) with `budget` lines; `a` is unlimited.
+async fn setup(budget: &str) -> (MockUpstream, Iris) {
+    let upstream = MockUpstream::start().await;
+    let iris = Iris::start(&base_config(
+        &upstream.base_url(),
+        &format!("[clients.budget]\n{budget}"),
+    ))
+    .await;
+    (upstream, iris)
+}
+
+async fn chat(iris: &Iris, key: &str, body: &Value, headers: &[(&str, &str)]) -> reqwest::Response {
+    let mut request = http()
+        .post(iris.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(body);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request.send().await.expect("request")
+}
+
+async fn usage(iris: &Iris, key: &str) -> Value {
+    let response = http()
+        .get(iris.url("/v1/usage"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    response.json().await.expect("json")
+}
+
+async fn used(iris: &Iris, key: &str, window: &str) -> u64 {
+    usage(iris, key).await["windows"][window]["used"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {window} in usage"))
+}
+
+/// Waits until no request of the client is in flight (settlement done).
+async fn settled(iris: &Iris, key: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while used(iris, key, "max_concurrent").await > 0 {
+        assert!(Instant::now() < deadline, "requests still in flight");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What Iris estimates for a body's prompt.
+fn prompt_estimate(body: &Value) -> u64 {
+    let bytes = serde_json::to_vec(body).unwrap();
+    estimate::prompt_tokens(&ChatRequest::parse(&bytes).unwrap())
+}
+
+/// The concatenated `delta.content` of SSE text.
+fn streamed_text(sse: &str) -> String {
+    sse.lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .filter_map(|data| serde_json::from_str::<Value>(data).ok())
+        .filter_map(|chunk| {
+            chunk["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+fn header(response: &reqwest::Response, name: &str) -> Option<String> {
+    response
+        .headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_owned())
+}
+
+#[tokio::test]
+async fn concurrent_requests_never_exceed_the_budget() {
+    let (upstream, iris) = setup("tokens_per_day = 1000").await;
+    let mut body = chat_body("other-model");
+    body["max_tokens"] = json!(50);
+    let reserved = prompt_estimate(&body) + 50;
+    let iris = Arc::new(iris);
+    let mut tasks = Vec::new();
+    for _ in 0..40 {
+        let iris = Arc::clone(&iris);
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move {
+            let response = chat(&iris, KEY_B, &body, &[("x-mock-delay-ms", "300")]).await;
+            let status = response.status().as_u16();
+            let answer: Value = response.json().await.unwrap();
+            (status, answer)
+        }));
+    }
+    let mut admitted = 0;
+    let mut charged = 0;
+    for task in tasks {
+        let (status, answer) = task.await.unwrap();
+        match status {
+            200 => {
+                admitted += 1;
+                charged += answer["usage"]["total_tokens"].as_u64().unwrap();
+            }
+            429 => assert_eq!(answer["error"]["code"], "insufficient_quota"),
+            other => panic!("unexpected {other}: {answer}"),
+        }
+    }
+    assert!(admitted > 0);
+    assert!(
+        admitted * reserved <= 1000,
+        "{admitted} requests of {reserved} reserved tokens admitted"
+    );
+    assert_eq!(
+        upstream.received().len() as u64,
+        admitted,
+        "refused ones never went upstream"
+    );
+    settled(&iris, KEY_B).await;
+    assert_eq!(used(&iris, KEY_B, "tokens_per_day").await, charged);
+    assert!(charged <= 1000, "{charged}");
+}
+
+#[tokio::test]
+async fn a_plain_response_settles_to_its_reported_usage() {
+    let (upstream, iris) = setup("tokens_per_day = 100000").await;
+    let response = chat(&iris, KEY_B, &chat_body("other-model"), &[]).await;
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    let total = answer["usage"]["total_tokens"].as_u64().unwrap();
+    assert_eq!(total, upstream.last().body.len() as u64 / 4 + 7);
+
+    let report = usage(&iris, KEY_B).await;
+    assert_eq!(report["object"], "usage");
+    assert_eq!(report["client"], "b");
+    let day = &report["windows"]["tokens_per_day"];
+    assert_eq!(day["limit"], 100_000);
+    assert_eq!(
+        day["used"], total,
+        "the 4096-token reservation was replaced"
+    );
+    assert_eq!(day["remaining"], 100_000 - total);
+    assert!(
+        day["reset_at"].as_u64().unwrap() % 86_400 == 0,
+        "midnight UTC"
+    );
+    assert!(day["reset_in"].as_str().unwrap().ends_with('s'));
+    assert_eq!(report["windows"]["max_concurrent"]["used"], 0);
+    assert!(report["windows"]["max_concurrent"]["limit"].is_null());
+    assert!(
+        report["windows"].get("tokens_per_minute").is_none(),
+        "minute windows are listed only when limited"
+    );
+}
+
+#[tokio::test]
+async fn streamed_usage_settles_and_its_chunk_is_hidden_unless_asked_for() {
+    let (upstream, iris) = setup("tokens_per_day = 100000").await;
+    let mut body = chat_body("other-model");
+    body["stream"] = json!(true);
+
+    let text = chat(&iris, KEY_B, &body, &[("x-mock-chunks", "5")])
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !text.contains("\"usage\":{"),
+        "Iris's usage chunk is removed: {text}"
+    );
+    let first = upstream.last().body.len() as u64 / 4 + 5;
+    assert_eq!(used(&iris, KEY_B, "tokens_per_day").await, first);
+
+    body["stream_options"] = json!({"include_usage": true});
+    let text = chat(&iris, KEY_B, &body, &[("x-mock-chunks", "2")])
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("\"usage\":{"),
+        "the client asked for it: {text}"
+    );
+    let second = upstream.last().body.len() as u64 / 4 + 2;
+    assert_eq!(used(&iris, KEY_B, "tokens_per_day").await, first + second);
+}
+
+#[tokio::test]
+async fn a_stream_without_usage_settles_from_the_streamed_text() {
+    let (_upstream, iris) = setup("tokens_per_day = 100000").await;
+    let mut body = chat_body("other-model");
+    body["stream"] = json!(true);
+    let text = chat(
+        &iris,
+        KEY_B,
+        &body,
+        &[("x-mock-no-usage", "1"), ("x-mock-chunks", "4")],
+    )
+    .await
+    .text()
+    .await
+    .unwrap();
+    let generated = streamed_text(&text);
+    assert_eq!(generated, "word0 word1 word2 word3 ");
+    assert_eq!(
+        used(&iris, KEY_B, "tokens_per_day").await,
+        prompt_estimate(&body) + estimate::count_tokens(&generated)
+    );
+}
+
+#[tokio::test]
+async fn a_client_hanging_up_mid_stream_pays_for_what_was_generated() {
+    let (upstream, iris) = setup("tokens_per_day = 100000").await;
+    let mut body = chat_body("other-model");
+    body["stream"] = json!(true);
+    let response = chat(
+        &iris,
+        KEY_B,
+        &body,
+        &[("x-mock-chunks", "50"), ("x-mock-chunk-delay-ms", "50")],
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    assert!(
+        header(&response, "x-ratelimit-remaining-tokens").is_some(),
+        "rate-limit headers come with the head, before the first byte"
+    );
+    let mut stream = response.bytes_stream();
+    let mut read = String::new();
+    while !read.contains("word2") {
+        let chunk = stream.next().await.unwrap().unwrap();
+        read.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    drop(stream);
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while upstream.cancelled_streams() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the upstream stream was not cancelled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    settled(&iris, KEY_B).await;
+
+    let prompt = prompt_estimate(&body);
+    let charged = used(&iris, KEY_B, "tokens_per_day").await;
+    let seen = estimate::count_tokens(&streamed_text(&read));
+    let everything: String = (0..50).map(|i| format!("word{i} ")).collect();
+    assert!(charged >= prompt + seen, "{charged} < {prompt} + {seen}");
+    assert!(
+        charged < prompt + estimate::count_tokens(&everything),
+        "charged for text never generated: {charged}"
+    );
+}
+
+#[tokio::test]
+async fn usage_survives_a_restart_with_sqlite() {
+    let upstream = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("iris.db");
+    let config = base_config(
+        &upstream.base_url(),
+        "[clients.budget]\ntokens_per_day = 100000",
+    )
+    .replace(
+        "kind = \"memory\"",
+        &format!("kind = \"sqlite\"\npath = \"{}\"", db.display()),
+    );
+
+    let iris = Iris::start(&config).await;
+    let answer: Value = chat(&iris, KEY_B, &chat_body("other-model"), &[])
+        .await
+        .json()
+        .await
+        .unwrap();
+    let spent = answer["usage"]["total_tokens"].as_u64().unwrap();
+    assert_eq!(used(&iris, KEY_B, "tokens_per_day").await, spent);
+    iris.stop().await.unwrap();
+
+    let iris = Iris::start(&config).await;
+    assert_eq!(used(&iris, KEY_B, "tokens_per_day").await, spent);
+    assert_eq!(used(&iris, KEY_B, "tokens_per_month").await, spent);
+    assert_eq!(used(&iris, KEY_A, "tokens_per_day").await, 0);
+
+    // `iris usage` reads the same file, even while the server runs.
+    let config_path = dir.path().join("iris.toml");
+    std::fs::write(&config_path, &config).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_iris"))
+        .args(["usage", "--config"])
+        .arg(&config_path)
+        .args(["--client", "b"])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let day = report
+        .lines()
+        .find(|l| l.contains("tokens_per_day"))
+        .unwrap_or_else(|| panic!("{report}"));
+    let cells: Vec<&str> = day.split_whitespace().collect();
+    assert_eq!(
+        &cells[..5],
+        [
+            "b",
+            "tokens_per_day",
+            "100000",
+            &spent.to_string(),
+            &(100_000 - spent).to_string()
+        ]
+    );
+    iris.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn one_clients_spending_leaves_another_untouched() {
+    let (_upstream, iris) = setup("tokens_per_day = 200").await;
+    let mut body = chat_body("other-model");
+    body["max_tokens"] = json!(100);
+    let mut refused = None;
+    for _ in 0..10 {
+        let response = chat(&iris, KEY_B, &body, &[]).await;
+        if response.status() == 429 {
+            refused = Some(response);
+            break;
+        }
+    }
+    assert!(refused.is_some(), "b's budget ran out");
+    let b_used = used(&iris, KEY_B, "tokens_per_day").await;
+
+    let response = chat(&iris, KEY_A, &body, &[]).await;
+    assert_eq!(response.status(), 200, "a has its own budget");
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(
+        used(&iris, KEY_A, "tokens_per_day").await,
+        answer["usage"]["total_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(used(&iris, KEY_B, "tokens_per_day").await, b_used);
+}
+
+#[tokio::test]
+async fn max_concurrent_refuses_while_requests_are_in_flight() {
+    let (_upstream, iris) = setup("max_concurrent = 2").await;
+    let iris = Arc::new(iris);
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let iris = Arc::clone(&iris);
+            tokio::spawn(async move {
+                chat(
+                    &iris,
+                    KEY_B,
+                    &chat_body("other-model"),
+                    &[("x-mock-delay-ms", "700")],
+                )
+                .await
+                .status()
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while used(&iris, KEY_B, "max_concurrent").await < 2 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let response = chat(&iris, KEY_B, &chat_body("other-model"), &[]).await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(header(&response, "retry-after").as_deref(), Some("1"));
+    assert_eq!(header(&response, "x-should-retry"), None);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "rate_limit_exceeded");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_concurrent")
+    );
+
+    for task in slow {
+        assert_eq!(task.await.unwrap(), 200);
+    }
+    settled(&iris, KEY_B).await;
+    let response = chat(&iris, KEY_B, &chat_body("other-model"), &[]).await;
+    assert_eq!(response.status(), 200, "slots are freed when requests end");
+}
+
+#[tokio::test]
+async fn requests_per_minute_is_enforced_with_retry_after() {
+    let (upstream, iris) = setup("requests_per_minute = 3").await;
+    for remaining in ["2", "1", "0"] {
+        let response = chat(&iris, KEY_B, &chat_body("other-model"), &[]).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            header(&response, "x-ratelimit-limit-requests").as_deref(),
+            Some("3")
+        );
+        assert_eq!(
+            header(&response, "x-ratelimit-remaining-requests").as_deref(),
+            Some(remaining)
+        );
+        assert!(
+            header(&response, "x-ratelimit-limit-tokens").is_none(),
+            "no token limit"
+        );
+    }
+    let response = chat(&iris, KEY_B, &chat_body("other-model"), &[]).await;
+    assert_eq!(response.status(), 429);
+    let retry_ms: u64 = header(&response, "retry-after-ms")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (19_000..=20_000).contains(&retry_ms),
+        "one request drains in 20 s: {retry_ms}"
+    );
+    assert_eq!(header(&response, "retry-after").as_deref(), Some("20"));
+    assert_eq!(
+        header(&response, "x-ratelimit-remaining-requests").as_deref(),
+        Some("0")
+    );
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(error["error"]["type"], "requests");
+    assert_eq!(upstream.received().len(), 3);
+}
+
+#[tokio::test]
+async fn rate_limit_headers_on_success_and_on_each_kind_of_429() {
+    let (upstream, iris) =
+        setup("tokens_per_minute = 100000\ntokens_per_day = 5000\nrequests_per_minute = 100").await;
+    let mut body = chat_body("other-model");
+    body["max_tokens"] = json!(1000);
+    let reserved = prompt_estimate(&body) + 1000;
+
+    let response = chat(&iris, KEY_B, &body, &[]).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        header(&response, "x-ratelimit-limit-tokens").as_deref(),
+        Some("5000")
+    );
+    assert_eq!(
+        header(&response, "x-ratelimit-remaining-tokens"),
+        Some((5000 - reserved).to_string()),
+        "as of the reservation"
+    );
+    let reset = header(&response, "x-ratelimit-reset-tokens").unwrap();
+    assert!(
+        reset.contains('h') || reset.contains('m'),
+        "until midnight: {reset}"
+    );
+    assert_eq!(
+        header(&response, "x-ratelimit-limit-requests").as_deref(),
+        Some("100")
+    );
+    assert_eq!(
+        header(&response, "x-ratelimit-remaining-requests").as_deref(),
+        Some("99")
+    );
+    assert_eq!(
+        header(&response, "x-ratelimit-reset-requests").as_deref(),
+        Some("600ms")
+    );
+    let answer: Value = response.json().await.unwrap();
+    let spent = answer["usage"]["total_tokens"].as_u64().unwrap();
+
+    // Spend the day down: the request is refused with the reset time, and
+    // SDKs are told not to retry.
+    body["max_tokens"] = json!(5000 - spent - prompt_estimate(&body) + 1);
+    let response = chat(&iris, KEY_B, &body, &[]).await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(
+        header(&response, "x-should-retry").as_deref(),
+        Some("false")
+    );
+    let retry: u64 = header(&response, "retry-after").unwrap().parse().unwrap();
+    assert!(retry > 0 && retry <= 86_400, "{retry}");
+    assert_eq!(
+        header(&response, "x-ratelimit-remaining-tokens"),
+        Some((5000 - spent).to_string())
+    );
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "insufficient_quota");
+    assert_eq!(error["error"]["type"], "insufficient_quota");
+
+    // Larger than the whole day: refused outright, no Retry-After.
+    body["max_tokens"] = json!(6000);
+    let response = chat(&iris, KEY_B, &body, &[]).await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(
+        header(&response, "x-should-retry").as_deref(),
+        Some("false")
+    );
+    assert_eq!(header(&response, "retry-after"), None);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "insufficient_quota");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tokens_per_day")
+    );
+    assert_eq!(
+        upstream.received().len(),
+        1,
+        "refusals never reach the upstream"
+    );
+}
+
+#[tokio::test]
+async fn upstream_errors_and_failures_return_the_reservation() {
+    let (_upstream, iris) = setup("tokens_per_day = 100000").await;
+    let response = chat(
+        &iris,
+        KEY_B,
+        &chat_body("other-model"),
+        &[("x-mock-status", "500")],
+    )
+    .await;
+    assert_eq!(response.status(), 500, "passed through");
+    assert!(header(&response, "x-ratelimit-limit-tokens").is_some());
+    let _ = response.text().await;
+    settled(&iris, KEY_B).await;
+    assert_eq!(used(&iris, KEY_B, "tokens_per_day").await, 0);
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}/v1", closed.local_addr().unwrap());
+    drop(closed);
+    let iris = Iris::start(&base_config(
+        &dead,
+        "[clients.budget]\ntokens_per_day = 100000",
+    ))
+    .await;
+    let response = chat(&iris, KEY_B, &chat_body("other-model"), &[]).await;
+    assert_eq!(response.status(), 502);
+    assert_eq!(used(&iris, KEY_B, "tokens_per_day").await, 0);
+    assert_eq!(used(&iris, KEY_B, "max_concurrent").await, 0);
+}
+
+#[tokio::test]
+async fn usage_is_counted_in_metrics_and_requires_a_key() {
+    let (_upstream, iris) = setup("tokens_per_day = 10").await;
+    let response = chat(&iris, KEY_A, &chat_body("other-model"), &[]).await;
+    assert_eq!(response.status(), 200);
+    let _ = response.text().await;
+    let response = chat(&iris, KEY_B, &chat_body("other-model"), &[]).await;
+    assert_eq!(response.status(), 429);
+
+    let metrics = http()
+        .get(iris.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let has = |needle: &[&str]| {
+        metrics
+            .lines()
+            .any(|line| needle.iter().all(|part| line.contains(part)))
+    };
+    assert!(
+        has(&[
+            "iris_tokens_total{",
+            "client=\"a\"",
+            "model=\"other-model\"",
+            "kind=\"prompt\""
+        ]),
+        "{metrics}"
+    );
+    assert!(
+        has(&["iris_tokens_total{", "client=\"a\"", "kind=\"completion\""]),
+        "{metrics}"
+    );
+    assert!(
+        has(&[
+            "iris_budget_rejections_total{",
+            "client=\"b\"",
+            "reason=\"tokens_per_day\""
+        ]),
+        "{metrics}"
+    );
+
+    let response = http().get(iris.url("/v1/usage")).send().await.unwrap();
+    assert_eq!(response.status(), 401);
+}
+
+#[tokio::test]
+async fn readiness_and_requests_follow_the_store() {
+    use iris::budget::store::{Reserved, Store, StoreError, StoreFuture};
+    use iris::budget::window::{Clock, Hold, Snapshot};
+    use iris::config::{BudgetConfig, OnUnavailable};
+    use tower::ServiceExt;
+
+    struct Down;
+    fn down<T>() -> StoreFuture<T> {
+        Box::pin(async { Err(StoreError("connection refused".into())) })
+    }
+    impl Store for Down {
+        fn reserve(&self, _: &str, _: &BudgetConfig, _: u64, _: u64) -> StoreFuture<Reserved> {
+            down()
+        }
+        fn settle(&self, _: &str, _: &BudgetConfig, _: Hold, _: u64, _: u64) -> StoreFuture<()> {
+            down()
+        }
+        fn snapshot(&self, _: &str, _: &BudgetConfig, _: u64) -> StoreFuture<Snapshot> {
+            down()
+        }
+        fn health(&self) -> StoreFuture<()> {
+            down()
+        }
+        fn flush(&self) -> StoreFuture<()> {
+            down()
+        }
+    }
+
+    let upstream = MockUpstream::start().await;
+    let config = iris::config::parse(&base_config(&upstream.base_url(), ""), &|_| None).unwrap();
+    let mut state = iris::app::AppState::new(config).await.unwrap();
+    let ready = |state: Arc<iris::app::AppState>| async move {
+        iris::app::app(state)
+            .oneshot(
+                axum::http::Request::get("/readyz")
+                    .body(axum::body::Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap()
+            .status()
+    };
+    state.budgets =
+        iris::budget::Budgets::new(Arc::new(Down), Clock::system(), OnUnavailable::Reject);
+    let state = Arc::new(state);
+    assert_eq!(ready(Arc::clone(&state)).await, 503);
+
+    let request = axum::http::Request::post("/v1/chat/completions")
+        .header("authorization", format!("Bearer {KEY_A}"))
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(chat_body("test-model").to_string()))
+        .unwrap();
+    let response = iris::app::app(Arc::clone(&state))
+        .oneshot(request)
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert!(
+        upstream.received().is_empty(),
+        "nothing is sent without accounting"
+    );
+
+    let iris = Iris::start(&base_config(&upstream.base_url(), "")).await;
+    let response = http().get(iris.url("/readyz")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+}
