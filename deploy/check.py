@@ -21,17 +21,21 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
 DEPLOY = Path(__file__).resolve().parent
 REPO = DEPLOY.parent
 K8S = DEPLOY / "k8s"
-# The Kubernetes version whose schemas the manifests must satisfy (strict: an
-# unknown field is an error). The newest that the pinned kubernetes-validate ships.
-K8S_VERSION = "1.37.0"
+# The Kubernetes versions whose schemas the manifests must satisfy (strict: an
+# unknown field is an error): the oldest the kit supports (the preStop sleep
+# action is on by default from 1.30) and the newest the pinned
+# kubernetes-validate ships.
+K8S_VERSIONS = ("1.30.0", "1.37.0")
+
 
 class Skip(Exception):
     """Raised by a check whose tool is not installed here."""
@@ -119,13 +123,16 @@ def validate_k8s_docs(docs: list[tuple[str, Any]]) -> list[str]:
             problems.append(f"{where}: not a Kubernetes object (no kind/apiVersion)")
             continue
         name = f"{doc['kind']}/{doc.get('metadata', {}).get('name', '?')}"
-        try:
-            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as e:
-            path = ".".join(str(p) for p in e.path)
-            problems.append(f"{where}: {name}: {path}: {e.message}")
-        except kubernetes_validate.SchemaNotFoundError:
-            problems.append(f"{where}: {name}: no schema for {doc['apiVersion']} {doc['kind']} in Kubernetes {K8S_VERSION}")
+        for version in K8S_VERSIONS:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                path = ".".join(str(p) for p in e.path)
+                problems.append(f"{where}: {name} (Kubernetes {version}): {path}: {e.message}")
+            except kubernetes_validate.SchemaNotFoundError:
+                problems.append(
+                    f"{where}: {name}: no schema for {doc['apiVersion']} {doc['kind']} in Kubernetes {version}"
+                )
     return problems
 
 
@@ -183,7 +190,7 @@ def check_compose_spec() -> list[str]:
     try:
         from compose_spec import PyOptions
     except ImportError:
-        raise Skip("compose-spec not installed: compose.yaml is not parsed against the Compose spec")
+        raise Skip("compose-spec not installed: compose.yaml is not parsed against the Compose spec") from None
     try:
         # apply_merge: resolve the `<<: *iris` merge keys as compose does.
         PyOptions(apply_merge=True).from_yaml((DEPLOY / "compose.yaml").read_text()).validate()
@@ -219,7 +226,9 @@ def check_dockerfile() -> list[str]:
     user = re.findall(r"^USER\s+(\S+)", last, re.MULTILINE)
     uid = user[-1].split(":")[0] if user else ""
     if not uid.isdigit() or int(uid) == 0:
-        problems.append(f"runtime stage: USER must be a numeric non-root uid (runAsNonRoot checks it), not {uid or 'unset'}")
+        problems.append(
+            f"runtime stage: USER must be a numeric non-root uid (runAsNonRoot checks it), not {uid or 'unset'}"
+        )
     if "EXPOSE 8080" not in last:
         problems.append("runtime stage: EXPOSE 8080 missing")
     # Every file COPY takes from the context must pass the ignore file's allowlist.
@@ -251,7 +260,9 @@ def check_compose_wiring() -> list[str]:
             if not dockerfile.exists():
                 problems.append(f"{at}.build: {rel(dockerfile)} does not exist")
             elif dockerfile.resolve() == (DEPLOY / "Dockerfile") and build.get("target") not in stages:
-                problems.append(f"{at}.build.target: {build.get('target')!r} is not a stage of deploy/Dockerfile ({stages})")
+                problems.append(
+                    f"{at}.build.target: {build.get('target')!r} is not a stage of deploy/Dockerfile ({stages})"
+                )
         for volume in service.get("volumes", []):
             source = volume.split(":")[0] if isinstance(volume, str) else volume.get("source", "")
             if source.startswith((".", "/")):
@@ -293,7 +304,7 @@ def check_compose_wiring() -> list[str]:
             for var in sorted(env_vars_named(config) - provided):
                 problems.append(f"{host} names ${{{var}}}, which .env.example does not set")
             if config.get("store", {}).get("kind") != "redis":
-                problems.append(f"{host}: store.kind must be \"redis\" for instances to share budgets")
+                problems.append(f'{host}: store.kind must be "redis" for instances to share budgets')
 
     # nginx: each upstream server is an Iris service on its listen port.
     nginx = (DEPLOY / "compose" / "nginx.conf").read_text()
@@ -303,7 +314,9 @@ def check_compose_wiring() -> list[str]:
             iris_ports[name] = {str(p) for p in service.get("expose", [])}
     servers = re.findall(r"^\s*server\s+([\w.-]+):(\d+)", nginx, re.MULTILINE)
     if {host for host, _ in servers} != set(iris_ports):
-        problems.append(f"nginx.conf upstream servers {sorted(h for h, _ in servers)} != Iris services {sorted(iris_ports)}")
+        problems.append(
+            f"nginx.conf upstream servers {sorted(h for h, _ in servers)} != Iris services {sorted(iris_ports)}"
+        )
     for host, port in servers:
         if host in iris_ports and port not in iris_ports[host]:
             problems.append(f"nginx.conf: server {host}:{port}, but {host} exposes {sorted(iris_ports[host])}")
@@ -333,8 +346,12 @@ def check_k8s_wiring() -> list[str]:
             if not (K8S / file).exists():
                 problems.append(f"kustomization.yaml: configMapGenerator file {file} does not exist")
 
-    docs = [doc for resource in kustomization.get("resources", []) if (K8S / resource).exists()
-            for doc in load_yaml_docs(K8S / resource)]
+    docs = [
+        doc
+        for resource in kustomization.get("resources", [])
+        if (K8S / resource).exists()
+        for doc in load_yaml_docs(K8S / resource)
+    ]
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for doc in docs:
         by_kind.setdefault(doc["kind"], []).append(doc)
@@ -391,7 +408,7 @@ def check_k8s_wiring() -> list[str]:
     if spec.get("replicas", 1) < 2:
         problems.append(f"{at}: at least 2 replicas")
     if spec.get("replicas", 1) > 1 and config.get("store", {}).get("kind") != "redis":
-        problems.append(f"{key}: store.kind must be \"redis\" with more than one replica (budgets are shared)")
+        problems.append(f'{key}: store.kind must be "redis" with more than one replica (budgets are shared)')
 
     # Hardening.
     pod_security = pod.get("securityContext", {})
@@ -423,13 +440,19 @@ def check_k8s_wiring() -> list[str]:
             selector = doc["spec"]["selector"]
             selector = selector.get("matchLabels", selector) if kind == "PodDisruptionBudget" else selector
             if not selector or any(labels.get(k) != v for k, v in selector.items()):
-                problems.append(f"{kind} {doc['metadata']['name']}: selector {selector} does not match the pods {labels}")
+                problems.append(
+                    f"{kind} {doc['metadata']['name']}: selector {selector} does not match the pods {labels}"
+                )
             if kind == "Service":
                 for p in doc["spec"]["ports"]:
                     if container_port(container, p.get("targetPort", p["port"])) != port:
-                        problems.append(f"Service {doc['metadata']['name']}: targetPort {p.get('targetPort')!r} is not {port}")
+                        problems.append(
+                            f"Service {doc['metadata']['name']}: targetPort {p.get('targetPort')!r} is not {port}"
+                        )
             if kind == "PodDisruptionBudget" and not 1 <= doc["spec"].get("minAvailable", 0) < spec.get("replicas", 1):
-                problems.append("PodDisruptionBudget: minAvailable must be at least 1 and below replicas (or drains block)")
+                problems.append(
+                    "PodDisruptionBudget: minAvailable must be at least 1 and below replicas (or drains block)"
+                )
     for kind in ("Service", "PodDisruptionBudget", "Secret"):
         if kind not in by_kind:
             problems.append(f"kustomization.yaml: no {kind}")
@@ -441,12 +464,16 @@ def check_k8s_wiring() -> list[str]:
 
 def iris_check_configs(iris: str | None) -> list[str]:
     if iris is None:
-        raise Skip("no iris binary (target/debug/iris or target/release/iris): `iris check` on the deploy configs is skipped")
+        raise Skip(
+            "no iris binary (target/debug/iris or target/release/iris): `iris check` on the deploy configs is skipped"
+        )
     problems = []
     # Each config with exactly the environment its deployment provides.
     secret = next(doc for doc in load_yaml_docs(K8S / "secret.yaml") if doc["kind"] == "Secret")
     deployment = next(doc for doc in load_yaml_docs(K8S / "deployment.yaml") if doc["kind"] == "Deployment")
-    container_env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0].get("env", [])}
+    container_env = {
+        e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0].get("env", [])
+    }
     cases = [
         (DEPLOY / "compose" / "iris.toml", read_env_file(DEPLOY / ".env.example")),
         (K8S / "iris.toml", {**secret.get("stringData", {}), **container_env}),
@@ -466,7 +493,7 @@ def main() -> int:
 
     checks: list[tuple[str, Callable[[], list[str]]]] = [
         ("yamllint (deploy/**/*.yaml)", check_yamllint),
-        (f"Kubernetes {K8S_VERSION} schemas, strict (deploy/k8s)", check_k8s_schemas),
+        (f"Kubernetes {' and '.join(K8S_VERSIONS)} schemas, strict (deploy/k8s)", check_k8s_schemas),
         ("kustomize render of deploy/k8s, strict schemas", check_kustomize_render),
         ("k8s wiring: grace, probes, ports, Secret vars, selectors", check_k8s_wiring),
         ("hadolint deploy/Dockerfile", check_hadolint),
@@ -479,11 +506,14 @@ def main() -> int:
     passed = failed = skipped = 0
     for name, check in checks:
         try:
-            problems = check()
+            # The same mistake seen from two services is reported once.
+            problems = list(dict.fromkeys(check()))
         except Skip as e:
             print(f"skip  {name}: {e}")
             skipped += 1
             continue
+        except Exception as e:  # a file that does not parse, a key that is missing
+            problems = [f"{type(e).__name__}: {e}"]
         if problems:
             print(f"FAIL  {name}")
             for problem in problems:
