@@ -8,6 +8,7 @@ use axum::routing::{any, get, post};
 
 use crate::catalog::Catalog;
 use crate::config::Config;
+use crate::images::Images;
 use crate::metrics::Metrics;
 use crate::routes;
 use crate::upstream::Forwarder;
@@ -18,6 +19,8 @@ pub struct AppState {
     pub catalog: Catalog,
     pub forwarder: Forwarder,
     pub metrics: Metrics,
+    /// Fetching, converting and caching images for every upstream.
+    pub images: Images,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -27,11 +30,15 @@ impl AppState {
     pub fn new(config: Config) -> Result<Self, String> {
         let catalog = Catalog::new(&config)?;
         let forwarder = Forwarder::new().map_err(|e| format!("HTTP client: {e}"))?;
+        // Metrics first, so the image metrics' descriptions reach the recorder.
+        let metrics = Metrics::install();
+        let images = Images::new(&config.images)?;
         Ok(Self {
             config,
             catalog,
             forwarder,
-            metrics: Metrics::install(),
+            metrics,
+            images,
         })
     }
 }

@@ -175,6 +175,26 @@ impl<'a> ChatRequest<'a> {
             })
     }
 
+    /// The request's image parts with their `param` paths, in order, read-only.
+    pub fn images_with_params(&self) -> impl Iterator<Item = (String, &ImagePart<'a>)> {
+        self.messages
+            .iter()
+            .enumerate()
+            .flat_map(|(i, message)| match &message.content {
+                Content::Parts(parts) => parts
+                    .iter()
+                    .enumerate()
+                    .filter_map(move |(j, part)| match &part.kind {
+                        PartKind::Image(image) => {
+                            Some((format!("messages[{i}].content[{j}].image_url.url"), image))
+                        }
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>(),
+                _ => Vec::new(),
+            })
+    }
+
     pub fn image_count(&self) -> usize {
         self.images().count()
     }
