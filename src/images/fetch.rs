@@ -480,3 +480,335 @@ fn describe(error: &reqwest::Error) -> String {
     }
     last.chars().take(200).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use crate::images::policy::Reason;
+
+    fn refusal(url: &str, allowed: &[&str]) -> Option<UrlRefusal> {
+        let policy = AddressPolicy::new(allowed).expect("policy");
+        check_url(&Url::parse(url).expect("url"), &policy).err()
+    }
+
+    fn reason(url: &str) -> Option<&'static str> {
+        refusal(url, &[]).map(|r| r.reason())
+    }
+
+    #[test]
+    fn schemes_and_userinfo() {
+        for url in [
+            "ftp://example.com/a.png",
+            "file:///etc/passwd",
+            "gopher://example.com/",
+            "javascript:alert(1)",
+            "blob:https://example.com/uuid",
+            "ws://example.com/",
+        ] {
+            assert_eq!(reason(url), Some("scheme"), "{url}");
+        }
+        for url in [
+            "http://user@example.com/a.png",
+            "http://user:secret@example.com/a.png",
+            "https://:secret@example.com/a.png",
+        ] {
+            assert_eq!(reason(url), Some("userinfo"), "{url}");
+        }
+        assert_eq!(
+            reason("http://example.com/a.png?x=1"),
+            None,
+            "names go to the resolver"
+        );
+        assert_eq!(reason("HTTPS://EXAMPLE.COM/a.png"), None);
+    }
+
+    #[test]
+    fn ipv4_in_every_notation_is_caught() {
+        for url in [
+            "http://127.0.0.1/",
+            "http://127.1/",
+            "http://0x7f.1/",
+            "http://0x7f.0.0.1/",
+            "http://0x7f000001/",
+            "http://2130706433/",
+            "http://017700000001/",
+            "http://0177.0.0.1/",
+            "http://0177.0.0.01/",
+            "http://127.0.0.1./",
+            "http://127.000.000.001/",
+        ] {
+            assert_eq!(reason(url), Some("loopback"), "{url}");
+        }
+        for (url, expected) in [
+            ("http://169.254.169.254/latest/meta-data/", "metadata"),
+            ("http://0xa9fea9fe/", "metadata"),
+            ("http://2852039166/", "metadata"),
+            ("http://0251.0376.0251.0376/", "metadata"),
+            ("http://10.1/", "private"),
+            ("http://0/", "unspecified"),
+            ("http://0.0.0.0:8080/", "unspecified"),
+            ("http://100.64.0.1/", "cgnat"),
+            ("http://192.168.0.1/", "private"),
+            ("http://172.16.5.4/", "private"),
+            ("http://224.0.0.1/", "multicast"),
+            ("http://255.255.255.255/", "broadcast"),
+            ("http://192.0.2.1/", "documentation"),
+        ] {
+            assert_eq!(reason(url), Some(expected), "{url}");
+        }
+        assert_eq!(reason("http://8.8.8.8/"), None);
+    }
+
+    #[test]
+    fn ipv6_and_embedded_ipv4_literals_are_caught() {
+        for (url, expected) in [
+            ("http://[::1]/", "loopback"),
+            ("http://[::]/", "unspecified"),
+            ("http://[0:0:0:0:0:0:0:1]/", "loopback"),
+            ("http://[::ffff:127.0.0.1]/", "loopback"),
+            ("http://[::ffff:7f00:1]/", "loopback"),
+            ("http://[::ffff:169.254.169.254]/", "metadata"),
+            ("http://[0:0:0:0:0:ffff:a9fe:a9fe]/", "metadata"),
+            ("http://[::127.0.0.1]/", "loopback"),
+            ("http://[::10.0.0.1]/", "private"),
+            ("http://[64:ff9b::169.254.169.254]/", "metadata"),
+            ("http://[64:ff9b::a00:1]/", "private"),
+            ("http://[2002:a9fe:a9fe::]/", "metadata"),
+            ("http://[2002:7f00:1::1]/", "loopback"),
+            ("http://[fe80::1]/", "link_local"),
+            ("http://[fd00:ec2::254]/", "metadata"),
+            ("http://[fc00::1]/", "private"),
+            ("http://[ff02::1]/", "multicast"),
+        ] {
+            assert_eq!(reason(url), Some(expected), "{url}");
+        }
+        assert_eq!(reason("http://[2606:4700:4700::1111]/"), None);
+    }
+
+    #[test]
+    fn allowed_networks_open_literals() {
+        assert!(refusal("http://127.0.0.2:8080/a.png", &["127.0.0.2/32"]).is_none());
+        assert!(refusal("http://[::ffff:127.0.0.2]/a.png", &["127.0.0.2/32"]).is_none());
+        assert!(refusal("http://127.0.0.1/a.png", &["127.0.0.2/32"]).is_some());
+        // Userinfo stays refused on an allowed host.
+        assert!(refusal("http://u:p@127.0.0.2/", &["127.0.0.2/32"]).is_some());
+    }
+
+    #[test]
+    fn messages_name_the_origin_never_the_path_or_query() {
+        let url = Url::parse("http://10.0.0.1:8080/private/path?X-Amz-Signature=SECRET#frag")
+            .expect("url");
+        let refusal = check_url(&url, &AddressPolicy::default()).expect_err("refused");
+        let error = forbidden(&refusal, Some(&url));
+        assert_eq!(error.kind, ErrorKind::Forbidden);
+        assert_eq!(error.reason, "private");
+        assert_eq!(
+            error.message,
+            "The image URL http://10.0.0.1:8080 is refused: 10.0.0.1 is a private network address."
+        );
+        let url = Url::parse("http://user:hunter2@example.com/").expect("url");
+        let error = forbidden(
+            &check_url(&url, &AddressPolicy::default()).expect_err("x"),
+            Some(&url),
+        );
+        assert!(!error.message.contains("hunter2"), "{}", error.message);
+    }
+
+    /// A name table standing in for DNS, counting lookups.
+    #[derive(Default)]
+    struct Table {
+        names: Mutex<HashMap<String, Vec<Vec<IpAddr>>>>,
+        lookups: AtomicUsize,
+    }
+
+    impl Table {
+        /// Successive lookups of `name` get successive answers (the last repeats).
+        fn set(&self, name: &str, answers: &[&[&str]]) {
+            let answers = answers
+                .iter()
+                .map(|a| a.iter().map(|ip| ip.parse().expect("ip")).collect())
+                .collect();
+            self.names
+                .lock()
+                .expect("lock")
+                .insert(name.to_owned(), answers);
+        }
+    }
+
+    impl Lookup for Arc<Table> {
+        fn lookup(&self, host: String) -> BoxFuture<'static, std::io::Result<Vec<IpAddr>>> {
+            let n = self.lookups.fetch_add(1, Ordering::SeqCst);
+            let answer = self
+                .names
+                .lock()
+                .expect("lock")
+                .get(&host)
+                .map(|answers| answers[n.min(answers.len() - 1)].clone());
+            Box::pin(async move {
+                answer.ok_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "no such name")
+                })
+            })
+        }
+    }
+
+    /// Serves `body` over HTTP on `ip:port`, counting connections.
+    async fn serve(ip: &str, port: u16, body: &'static [u8]) -> Option<(u16, Arc<AtomicUsize>)> {
+        let listener = tokio::net::TcpListener::bind((ip, port)).await.ok()?;
+        let port = listener.local_addr().ok()?.port();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::clone(&connections);
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                seen.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = [0u8; 4096];
+                    let _ = socket.read(&mut buf).await;
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = socket.write_all(head.as_bytes()).await;
+                    let _ = socket.write_all(body).await;
+                });
+            }
+        });
+        Some((port, connections))
+    }
+
+    fn fetcher(table: &Arc<Table>, allowed: &[&str]) -> Fetcher {
+        Fetcher::with_lookup(
+            Arc::new(AddressPolicy::new(allowed).expect("policy")),
+            FetchLimits {
+                timeout: Duration::from_secs(5),
+                max_bytes: 1 << 20,
+                max_redirects: 3,
+            },
+            Arc::new(Arc::clone(table)),
+        )
+        .expect("fetcher")
+    }
+
+    #[tokio::test]
+    async fn the_connection_goes_only_to_an_address_the_resolver_let_through() {
+        // The same port on two loopback addresses: 127.0.0.2 is allowed,
+        // 127.0.0.1 is not. The name resolves to both, refused one first.
+        let mut servers = None;
+        for _ in 0..20 {
+            let Some((port, good)) = serve("127.0.0.2", 0, b"allowed").await else {
+                continue;
+            };
+            if let Some((_, bad)) = serve("127.0.0.1", port, b"refused").await {
+                servers = Some((port, good, bad));
+                break;
+            }
+        }
+        let (port, good, bad) = servers.expect("two servers on one port");
+        let table = Arc::new(Table::default());
+        table.set("images.test", &[&["127.0.0.1", "127.0.0.2"]]);
+        let fetcher = fetcher(&table, &["127.0.0.2/32"]);
+        let body = fetcher
+            .fetch(&format!("http://images.test:{port}/a.png"))
+            .await
+            .expect("fetched");
+        assert_eq!(&body[..], b"allowed");
+        assert_eq!(
+            bad.load(Ordering::SeqCst),
+            0,
+            "the refused address saw no connection"
+        );
+        assert_eq!(good.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            table.lookups.load(Ordering::SeqCst),
+            1,
+            "one lookup, no second one"
+        );
+
+        // Only refused addresses: refused, and nothing is connected to.
+        table.set("loopback.test", &[&["127.0.0.1", "::1"]]);
+        let e = fetcher
+            .fetch(&format!("http://loopback.test:{port}/a.png?sig=SECRET"))
+            .await
+            .expect_err("refused");
+        assert_eq!(e.kind, ErrorKind::Forbidden, "{e}");
+        assert_eq!(e.reason, Reason::Loopback.label());
+        assert!(!e.message.contains("SECRET"), "{}", e.message);
+        assert_eq!(bad.load(Ordering::SeqCst), 0);
+
+        // A name that does not resolve is a fetch failure, not a refusal.
+        let e = fetcher
+            .fetch(&format!("http://nowhere.test:{port}/"))
+            .await
+            .expect_err("no such name");
+        assert_eq!(e.kind, ErrorKind::FetchFailed, "{e}");
+        assert_eq!(e.reason, "dns");
+    }
+
+    #[tokio::test]
+    async fn a_rebinding_name_is_looked_up_once_per_connection() {
+        // First answer allowed, every later answer refused: the fetch uses
+        // the first, checked answer and never asks again mid-request.
+        let (port, good) = serve("127.0.0.2", 0, b"first").await.expect("server");
+        let table = Arc::new(Table::default());
+        table.set("rebind.test", &[&["127.0.0.2"], &["127.0.0.1"]]);
+        let fetcher = fetcher(&table, &["127.0.0.2/32"]);
+        let body = fetcher
+            .fetch(&format!("http://rebind.test:{port}/"))
+            .await
+            .expect("fetched");
+        assert_eq!(&body[..], b"first");
+        assert_eq!(good.load(Ordering::SeqCst), 1);
+        assert_eq!(table.lookups.load(Ordering::SeqCst), 1);
+        // The server closed that connection; the next one resolves again
+        // and is refused.
+        let e = fetcher
+            .fetch(&format!("http://rebind.test:{port}/"))
+            .await
+            .expect_err("refused");
+        assert_eq!(e.kind, ErrorKind::Forbidden, "{e}");
+        assert_eq!(good.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn resolver_filters_and_errors_when_nothing_is_left() {
+        use reqwest::dns::Resolve as _;
+        let table = Arc::new(Table::default());
+        table.set(
+            "mixed.test",
+            &[&["10.0.0.1", "127.0.0.2", "169.254.169.254", "8.8.8.8"]],
+        );
+        table.set("private.test", &[&["10.0.0.1", "fd00::1"]]);
+        let resolver = FilteringResolver {
+            policy: Arc::new(AddressPolicy::new(&["127.0.0.2/32"]).expect("policy")),
+            lookup: Arc::new(Arc::clone(&table)),
+        };
+        let addrs: Vec<IpAddr> = resolver
+            .resolve("mixed.test".parse().expect("name"))
+            .await
+            .expect("some allowed")
+            .map(|a| a.ip())
+            .collect();
+        assert_eq!(
+            addrs,
+            [
+                "127.0.0.2".parse::<IpAddr>().expect("ip"),
+                "8.8.8.8".parse().expect("ip")
+            ]
+        );
+        let Err(e) = resolver
+            .resolve("private.test".parse().expect("name"))
+            .await
+        else {
+            panic!("nothing allowed");
+        };
+        let e = e.downcast_ref::<ResolveError>().expect("a ResolveError");
+        assert!(
+            matches!(e, ResolveError::Refused { refused, .. } if refused.reason == Reason::Private)
+        );
+    }
+}
