@@ -6,6 +6,8 @@
 //! work each image gets, runs the images of one request concurrently (with a
 //! bound), and names the failing image in the error's `param`.
 
+use std::sync::Arc;
+
 use axum::http::StatusCode;
 use futures_util::{StreamExt, TryStreamExt, stream};
 
@@ -88,14 +90,14 @@ pub async fn apply_image_policy(
         })
         .collect();
 
-    let mut replacements: Vec<Option<String>> = Vec::new();
+    let mut replacements: Vec<Option<Replacement>> = Vec::new();
     if !jobs.is_empty() {
-        replacements.resize(count, None);
+        replacements.resize_with(count, || None);
         // Futures built up front and polled at most N at a time. (A named
         // async fn rather than a closure: closures over borrowed jobs trip
         // the compiler's higher-ranked lifetime inference.)
         let pending: Vec<_> = jobs.into_iter().map(|job| process(images, job)).collect();
-        let done: Vec<(usize, Option<String>)> = stream::iter(pending)
+        let done: Vec<(usize, Option<Replacement>)> = stream::iter(pending)
             .buffer_unordered(CONCURRENT_IMAGES_PER_REQUEST)
             .try_collect()
             .await?;
@@ -109,8 +111,10 @@ pub async fn apply_image_policy(
     }
     let mut replacements = replacements.into_iter();
     for (_, image) in request.images_mut() {
-        if let Some(url) = replacements.next().flatten() {
-            image.set_url(url);
+        match replacements.next().flatten() {
+            Some(Replacement::Shared(url)) => image.set_url_shared(url),
+            Some(Replacement::Owned(url)) => image.set_url(url),
+            None => {}
         }
         if upstream.strip_detail {
             image.strip_detail();
@@ -119,17 +123,27 @@ pub async fn apply_image_policy(
     Ok(())
 }
 
+/// A new URL for an image part.
+enum Replacement {
+    /// A data URI held by the image cache, not copied per request.
+    Shared(Arc<String>),
+    Owned(String),
+}
+
 /// One image's work; the replacement URL, if it changes.
 async fn process(
     images: &Images,
     (index, param, work, target): (usize, String, Work<'_>, Target),
-) -> Result<(usize, Option<String>), ApiError> {
+) -> Result<(usize, Option<Replacement>), ApiError> {
     let result = match work {
         Work::Fetch(url) => images
             .inline_url(url, target)
             .await
-            .map(|uri| Some(String::from(&*uri))),
-        Work::Data(uri) => images.process_data_uri(uri, target).await,
+            .map(|uri| Some(Replacement::Shared(uri))),
+        Work::Data(uri) => images
+            .process_data_uri(uri, target)
+            .await
+            .map(|uri| uri.map(Replacement::Owned)),
     };
     result
         .map(|replacement| (index, replacement))

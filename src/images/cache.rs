@@ -1,5 +1,6 @@
-//! The image cache: fetched images by URL, and finished data URIs by URL and
-//! upstream policy, in one bounded store weighed in bytes.
+//! The image cache: fetched images (bytes and data URI) by URL, and
+//! converted data URIs by URL and upstream policy, in one bounded store
+//! weighed in bytes.
 //!
 //! Both layers load through moka's coalescing insert, so concurrent requests
 //! for one URL fetch it once (single flight) and a popular image is converted
@@ -23,6 +24,9 @@ use super::sniff::Format;
 pub struct FetchedImage {
     /// The body exactly as the server sent it.
     pub bytes: Bytes,
+    /// `data:<mime>;base64,<bytes>`: what upstreams that take the image as
+    /// it is receive, shared by every request rather than re-encoded.
+    pub data_uri: Arc<String>,
     pub format: Format,
     pub width: u32,
     pub height: u32,
@@ -37,7 +41,7 @@ enum Key {
 #[derive(Debug, Clone)]
 enum Value {
     Fetched(Arc<FetchedImage>),
-    Rendered(Arc<str>),
+    Rendered(Arc<String>),
 }
 
 /// Bookkeeping per entry, so that many tiny entries still count.
@@ -48,7 +52,7 @@ fn weigh(key: &Key, value: &Value) -> u32 {
         Key::Fetched(url) | Key::Rendered(url, _) => url.len(),
     };
     let value_len = match value {
-        Value::Fetched(image) => image.bytes.len(),
+        Value::Fetched(image) => image.bytes.len() + image.data_uri.len(),
         Value::Rendered(uri) => uri.len(),
     };
     u32::try_from(key_len + value_len + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
@@ -89,14 +93,14 @@ impl ImageCache {
         }
     }
 
-    /// The finished data URI of `url` for `target`, rendering it with
+    /// The converted data URI of `url` for `target`, rendering it with
     /// `render` on a miss.
     pub async fn rendered(
         &self,
         url: &str,
         target: Target,
-        render: impl Future<Output = Result<Arc<str>, ImageError>>,
-    ) -> Result<Arc<str>, ImageError> {
+        render: impl Future<Output = Result<Arc<String>, ImageError>>,
+    ) -> Result<Arc<String>, ImageError> {
         let value = self
             .get_or_load(Key::Rendered(Arc::from(url), target), "rendered", async {
                 render.await.map(Value::Rendered)
@@ -159,6 +163,7 @@ mod tests {
     fn image(len: usize) -> Arc<FetchedImage> {
         Arc::new(FetchedImage {
             bytes: Bytes::from(vec![0u8; len]),
+            data_uri: Arc::new(String::new()),
             format: Format::Png,
             width: 1,
             height: 1,

@@ -214,6 +214,27 @@ impl fmt::Display for HopError {
 
 impl std::error::Error for HopError {}
 
+/// Where a fetched body goes, chunk by chunk, as it streams: so work on it
+/// (sniffing, base64) overlaps the download instead of following it.
+pub trait Sink: Send {
+    /// The server's declared length, within the cap: a capacity hint only.
+    fn expect(&mut self, declared: usize);
+    /// The next chunk. An error stops the fetch there (e.g. not an image).
+    fn push(&mut self, chunk: &[u8]) -> Result<(), ImageError>;
+}
+
+/// The plain sink: the body, exactly as sent.
+impl Sink for Vec<u8> {
+    fn expect(&mut self, declared: usize) {
+        self.reserve_exact(declared);
+    }
+
+    fn push(&mut self, chunk: &[u8]) -> Result<(), ImageError> {
+        self.extend_from_slice(chunk);
+        Ok(())
+    }
+}
+
 /// The limits of one fetch.
 #[derive(Debug, Clone, Copy)]
 pub struct FetchLimits {
@@ -255,7 +276,14 @@ impl Fetcher {
             }
         });
         let mut headers = header::HeaderMap::new();
-        headers.insert(header::ACCEPT, HeaderValue::from_static("image/*"));
+        // The formats Iris reads, named: servers that negotiate would send
+        // AVIF or JPEG XL for `image/*`, and Iris could not read those.
+        headers.insert(
+            header::ACCEPT,
+            HeaderValue::from_static(
+                "image/webp,image/png,image/jpeg,image/gif,image/bmp,image/tiff;q=0.9,*/*;q=0.1",
+            ),
+        );
         // Iris counts the bytes it receives against max_bytes; a compressed
         // body would count small and inflate large, so none is asked for.
         headers.insert(
@@ -292,28 +320,42 @@ impl Fetcher {
 
     /// Fetches `url` under every limit, returning the body exactly as sent.
     pub async fn fetch(&self, url: &str) -> Result<Bytes, ImageError> {
+        let mut body = Vec::new();
+        self.fetch_into(url, &mut body).await?;
+        Ok(Bytes::from(body))
+    }
+
+    /// Fetches `url` under every limit into `sink`, returning the body's length.
+    pub async fn fetch_into(&self, url: &str, sink: &mut impl Sink) -> Result<usize, ImageError> {
         let url = Url::parse(url).map_err(|_| forbidden(&UrlRefusal::NotAUrl, None))?;
         check_url(&url, &self.policy).map_err(|r| forbidden(&r, Some(&url)))?;
         let started = Instant::now();
-        let result = match tokio::time::timeout(self.limits.timeout, self.fetch_checked(&url)).await
-        {
-            Ok(result) => result,
-            Err(_) => Err(ImageError::new(
-                ErrorKind::FetchFailed,
-                "timeout",
-                format!(
-                    "Fetching the image from {} took longer than {} ms.",
-                    origin(&url),
-                    self.limits.timeout.as_millis()
-                ),
-            )),
-        };
-        metrics::histogram!("iris_image_fetch_duration_seconds")
-            .record(started.elapsed().as_secs_f64());
+        let result =
+            match tokio::time::timeout(self.limits.timeout, self.fetch_checked(&url, sink)).await {
+                Ok(result) => result,
+                Err(_) => Err(ImageError::new(
+                    ErrorKind::FetchFailed,
+                    "timeout",
+                    format!(
+                        "Fetching the image from {} took longer than {} ms.",
+                        origin(&url),
+                        self.limits.timeout.as_millis()
+                    ),
+                )),
+            };
+        let elapsed = started.elapsed();
+        metrics::histogram!("iris_image_fetch_duration_seconds").record(elapsed.as_secs_f64());
+        tracing::debug!(
+            origin = %origin(&url),
+            bytes = result.as_ref().map_or(0, |len| *len),
+            ms = elapsed.as_millis() as u64,
+            error = result.as_ref().err().map(|e| e.reason),
+            "image fetched"
+        );
         match &result {
-            Ok(bytes) => {
+            Ok(len) => {
                 metrics::counter!("iris_image_fetches_total", "result" => "ok").increment(1);
-                metrics::counter!("iris_image_fetched_bytes_total").increment(bytes.len() as u64);
+                metrics::counter!("iris_image_fetched_bytes_total").increment(*len as u64);
             }
             Err(e) => {
                 metrics::counter!("iris_image_fetches_total", "result" => e.kind.code())
@@ -323,7 +365,7 @@ impl Fetcher {
         result
     }
 
-    async fn fetch_checked(&self, url: &Url) -> Result<Bytes, ImageError> {
+    async fn fetch_checked(&self, url: &Url, sink: &mut impl Sink) -> Result<usize, ImageError> {
         let mut response = self
             .client
             .get(url.clone())
@@ -381,7 +423,8 @@ impl Fetcher {
         if declared.is_some_and(|len| len > max as u64) {
             return Err(too_large());
         }
-        let mut body = Vec::with_capacity(declared.map_or(64 * 1024, |len| len as usize));
+        sink.expect(declared.map_or(64 * 1024, |len| len as usize));
+        let mut received = 0;
         while let Some(chunk) = response.chunk().await.map_err(|e| {
             ImageError::new(
                 ErrorKind::FetchFailed,
@@ -392,12 +435,13 @@ impl Fetcher {
                 ),
             )
         })? {
-            if body.len() + chunk.len() > max {
+            received += chunk.len();
+            if received > max {
                 return Err(too_large());
             }
-            body.extend_from_slice(&chunk);
+            sink.push(&chunk)?;
         }
-        Ok(Bytes::from(body))
+        Ok(received)
     }
 }
 

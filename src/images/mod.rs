@@ -5,12 +5,14 @@
 //! - [`policy`]: which addresses may be fetched (pure, table-tested)
 //! - [`fetch`]: the SSRF-safe fetcher (filtering resolver, checked redirects, limits)
 //! - [`sniff`]: format and dimensions from the bytes
+//! - [`inline`]: data URIs, written as the body streams in, or parsed
 //! - [`convert`]: decode, convert, downscale, fit under a byte size
 //! - [`cache`]: bounded, byte-weighed, single-flight
 
 pub mod cache;
 pub mod convert;
 pub mod fetch;
+pub mod inline;
 pub mod policy;
 pub mod sniff;
 
@@ -19,15 +21,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
-use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
-use base64::engine::{DecodePaddingMode, general_purpose};
 use bytes::Bytes;
 use tokio::sync::Semaphore;
 
 use crate::config::ImagesConfig;
-use cache::{FetchedImage, ImageCache};
+use cache::ImageCache;
 pub use convert::Target;
 use fetch::{FetchLimits, Fetcher, Lookup, SystemLookup};
+pub use inline::data_uri;
+use inline::{BASE64, InliningSink};
 use policy::AddressPolicy;
 pub use sniff::{Format, FormatSet, dimensions};
 
@@ -88,12 +90,6 @@ impl fmt::Display for ImageError {
 
 impl std::error::Error for ImageError {}
 
-/// Base64 as in data URIs, accepting input with or without padding.
-const BASE64: GeneralPurpose = GeneralPurpose::new(
-    &base64::alphabet::STANDARD,
-    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
-);
-
 /// Below this many bytes, base64 work is cheaper than a hop to the blocking pool.
 const INLINE_CODEC_BYTES: usize = 256 * 1024;
 
@@ -149,26 +145,25 @@ impl Images {
 
     /// Fetches an `http(s)` URL (through the cache) and returns it as a
     /// `data:` URI meeting `target`. When the image already meets it, the
-    /// URI carries exactly the fetched bytes.
-    pub async fn inline_url(&self, url: &str, target: Target) -> Result<Arc<str>, ImageError> {
+    /// URI carries exactly the fetched bytes, encoded while they arrived.
+    pub async fn inline_url(&self, url: &str, target: Target) -> Result<Arc<String>, ImageError> {
+        let image = self
+            .cache
+            .fetched(url, async {
+                let mut sink = InliningSink::new(self.max_pixels);
+                self.fetcher.fetch_into(url, &mut sink).await?;
+                sink.finish().map(Arc::new)
+            })
+            .await?;
+        let dims = (image.width, image.height);
+        if target.accepts(image.format, image.bytes.len(), dims) {
+            return Ok(Arc::clone(&image.data_uri));
+        }
         self.cache
             .rendered(url, target, async {
-                let image = self
-                    .cache
-                    .fetched(url, async {
-                        let bytes = self.fetcher.fetch(url).await?;
-                        self.inspect(bytes).map(Arc::new)
-                    })
-                    .await?;
-                let uri = self
-                    .render(
-                        image.bytes.clone(),
-                        image.format,
-                        (image.width, image.height),
-                        target,
-                    )
-                    .await?;
-                Ok(Arc::from(uri))
+                self.convert(image.bytes.clone(), image.format, dims, target)
+                    .await
+                    .map(Arc::new)
             })
             .await
     }
@@ -180,7 +175,7 @@ impl Images {
         uri: &str,
         target: Target,
     ) -> Result<Option<String>, ImageError> {
-        let (declared, payload) = parse_data_uri(uri)?;
+        let (declared, payload) = inline::parse_data_uri(uri)?;
         // Decoded size from the encoded length, before decoding anything.
         let decoded_len = payload.len() / 4 * 3 + (payload.len() % 4).saturating_sub(1);
         if decoded_len > self.max_bytes + 2 {
@@ -202,20 +197,19 @@ impl Images {
         if bytes.len() > self.max_bytes {
             return Err(self.too_many_bytes());
         }
-        let image = self.inspect(Bytes::from(bytes))?;
-        let dims = (image.width, image.height);
-        if target.accepts(image.format, image.bytes.len(), dims) {
-            if declared.eq_ignore_ascii_case(image.format.mime()) {
+        let (format, dims) = inline::inspect(&bytes, self.max_pixels)?;
+        if target.accepts(format, bytes.len(), dims) {
+            if declared.eq_ignore_ascii_case(format.mime()) {
                 return Ok(None);
             }
             // The right bytes under the wrong type: only the type changes.
-            let prefix = data_uri_prefix(image.format);
+            let prefix = inline::data_uri_prefix(format);
             let mut fixed = String::with_capacity(prefix.len() + payload.len());
             fixed.push_str(&prefix);
             fixed.push_str(payload);
             return Ok(Some(fixed));
         }
-        self.render(image.bytes.clone(), image.format, dims, target)
+        self.convert(Bytes::from(bytes), format, dims, target)
             .await
             .map(Some)
     }
@@ -228,51 +222,16 @@ impl Images {
         )
     }
 
-    /// Checks that `bytes` are an image, from their magic number and header,
-    /// within the pixel cap: nothing is decoded yet.
-    fn inspect(&self, bytes: Bytes) -> Result<FetchedImage, ImageError> {
-        let format = sniff::format(&bytes).ok_or_else(|| {
-            ImageError::new(
-                ErrorKind::FormatUnsupported,
-                "not_an_image",
-                "The content is not an image in a format Iris recognises (JPEG, PNG, WebP, GIF, BMP, TIFF).",
-            )
-        })?;
-        let (width, height) = sniff::dimensions(&bytes).ok_or_else(|| {
-            ImageError::new(
-                ErrorKind::FormatUnsupported,
-                "bad_header",
-                format!("The {format} image's header could not be read."),
-            )
-        })?;
-        if u64::from(width) * u64::from(height) > self.max_pixels {
-            return Err(convert::too_many_pixels(width, height, self.max_pixels));
-        }
-        Ok(FetchedImage {
-            bytes,
-            format,
-            width,
-            height,
-        })
-    }
-
-    /// The data URI of an inspected image meeting `target`: its own bytes
-    /// when it already does, else converted off the async threads.
-    async fn render(
+    /// Converts, downscales or shrinks an inspected image that does not meet
+    /// `target`, off the async threads, into its data URI.
+    async fn convert(
         &self,
         bytes: Bytes,
         format: Format,
         dims: (u32, u32),
         target: Target,
     ) -> Result<String, ImageError> {
-        if target.accepts(format, bytes.len(), dims) {
-            if bytes.len() <= INLINE_CODEC_BYTES {
-                return Ok(data_uri(format, &bytes));
-            }
-            return self.blocking(move || data_uri(format, &bytes)).await;
-        }
         let max_pixels = self.max_pixels;
-        let from = format;
         let why = if !target.formats.contains(format) {
             "format"
         } else if target
@@ -286,20 +245,14 @@ impl Images {
         let result = self
             .blocking(move || {
                 convert::transform(&bytes, format, &target, max_pixels)
-                    .map(|encoded| data_uri(encoded.format, &encoded.bytes))
+                    .map(|encoded| (encoded.format, data_uri(encoded.format, &encoded.bytes)))
             })
             .await?;
-        let to = result
-            .as_ref()
-            .ok()
-            .and_then(|uri| uri.strip_prefix("data:image/"))
-            .and_then(|rest| rest.split(';').next())
-            .unwrap_or("failed")
-            .to_owned();
-        metrics::counter!("iris_image_conversions_total", "from" => from.name(), "to" => to, "reason" => why)
+        let to = result.as_ref().map_or("failed", |(to, _)| to.name());
+        metrics::counter!("iris_image_conversions_total", "from" => format.name(), "to" => to, "reason" => why)
             .increment(1);
-        tracing::debug!(from = from.name(), reason = why, "image converted");
-        result
+        tracing::debug!(from = format.name(), to, reason = why, "image converted");
+        result.map(|(_, uri)| uri)
     }
 
     /// Runs CPU-heavy work on the blocking pool, at most one job per core.
@@ -327,53 +280,6 @@ impl Images {
         .await
         .map_err(|_| internal())
     }
-}
-
-fn data_uri_prefix(format: Format) -> String {
-    format!("data:{};base64,", format.mime())
-}
-
-/// `data:<mime>;base64,<bytes>`, written into one string of the final size.
-pub fn data_uri(format: Format, bytes: &[u8]) -> String {
-    let prefix = data_uri_prefix(format);
-    let encoded_len = base64::encoded_len(bytes.len(), true).unwrap_or(0);
-    let mut uri = String::with_capacity(prefix.len() + encoded_len);
-    uri.push_str(&prefix);
-    general_purpose::STANDARD.encode_string(bytes, &mut uri);
-    uri
-}
-
-/// Splits `data:<mediatype>[;params];base64,<payload>` into the declared
-/// media type and the payload.
-fn parse_data_uri(uri: &str) -> Result<(&str, &str), ImageError> {
-    let malformed = |what: &str| {
-        ImageError::new(
-            ErrorKind::InvalidData,
-            "data_uri",
-            format!("The data URI is malformed: {what}."),
-        )
-    };
-    let rest = uri
-        .get(..5)
-        .filter(|scheme| scheme.eq_ignore_ascii_case("data:"))
-        .map(|_| &uri[5..])
-        .ok_or_else(|| malformed("it does not start with data:"))?;
-    let (header, payload) = rest
-        .split_once(',')
-        .ok_or_else(|| malformed("it has no comma before the data"))?;
-    let media = header
-        .len()
-        .checked_sub(7)
-        .filter(|&at| header.is_char_boundary(at) && header[at..].eq_ignore_ascii_case(";base64"))
-        .map(|at| &header[..at])
-        .ok_or_else(|| {
-            malformed("only base64 data URIs are accepted (data:image/png;base64,...)")
-        })?;
-    let declared = media.split(';').next().unwrap_or("").trim();
-    if payload.is_empty() {
-        return Err(malformed("it carries no data"));
-    }
-    Ok((declared, payload))
 }
 
 fn describe_metrics() {
@@ -433,38 +339,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn data_uris_are_parsed_strictly() {
-        assert_eq!(
-            parse_data_uri("data:image/png;base64,AAAA").expect("ok"),
-            ("image/png", "AAAA")
-        );
-        assert_eq!(
-            parse_data_uri("DATA:image/png;name=x.png;BASE64,AAAA").expect("ok"),
-            ("image/png", "AAAA")
-        );
-        assert_eq!(
-            parse_data_uri("data:;base64,AAAA").expect("ok"),
-            ("", "AAAA")
-        );
-        for bad in [
-            "data:image/png,AAAA",
-            "data:image/png;base64",
-            "data:image/png;base64,",
-            "image/png;base64,AAAA",
-            "data:",
-            "dat",
-            "data:\u{e9}\u{e9}\u{e9}\u{e9},x",
-        ] {
-            let e = parse_data_uri(bad).expect_err(bad);
-            assert_eq!(e.kind, ErrorKind::InvalidData, "{bad}");
-        }
-    }
-
     #[tokio::test]
     async fn data_uris_are_validated_and_kept_when_they_fit() {
         let images = images();
-        let encoded = general_purpose::STANDARD.encode(png(4, 3));
+        let encoded = base64::engine::general_purpose::STANDARD.encode(png(4, 3));
         let good = format!("data:image/png;base64,{encoded}");
         assert_eq!(
             images.process_data_uri(&good, web()).await.expect("ok"),
@@ -501,7 +379,7 @@ mod tests {
         assert_eq!(
             code(format!(
                 "data:image/png;base64,{}",
-                general_purpose::STANDARD.encode(b"<html>hello</html>")
+                base64::engine::general_purpose::STANDARD.encode(b"<html>hello</html>")
             ))
             .await,
             ErrorKind::FormatUnsupported
@@ -520,20 +398,13 @@ mod tests {
         })
         .expect("images");
         // A GIF header claiming 65535x65535, with no pixel data at all.
-        let bomb = general_purpose::STANDARD.encode(b"GIF89a\xff\xff\xff\xff\x00\x00\x00;");
+        let bomb = base64::engine::general_purpose::STANDARD
+            .encode(b"GIF89a\xff\xff\xff\xff\x00\x00\x00;");
         let e = images
             .process_data_uri(&format!("data:image/gif;base64,{bomb}"), web())
             .await
             .expect_err("refused");
         assert_eq!(e.kind, ErrorKind::TooLarge);
         assert!(e.message.contains("65535x65535"), "{}", e.message);
-    }
-
-    #[test]
-    fn data_uri_output_is_exact() {
-        assert_eq!(
-            data_uri(Format::Jpeg, b"\xff\xd8\xff"),
-            "data:image/jpeg;base64,/9j/"
-        );
     }
 }
