@@ -9,7 +9,7 @@
 //! - `/loop`: redirects to itself;
 //! - `/redirect?to=URL`: one redirect to `URL`;
 //! - `/chunked/{len}`: `len` bytes (a PNG signature, then zeros) with no `Content-Length`;
-//! - `/slow/{name}?chunk_ms=N`: the file 1 KiB at a time, N ms apart;
+//! - `/slow/{name}?chunk_ms=N&chunk_bytes=B`: the file B bytes (1 KiB) at a time, N ms apart;
 //! - `/gzip/{name}`: the file labelled `Content-Encoding: gzip`;
 //! - `/status/{code}`: that status.
 
@@ -103,6 +103,10 @@ impl ImageServer {
             .route("/gzip/{name}", get(gzip))
             .route("/status/{code}", get(status))
             .with_state(state.clone());
+        // No Nagle: small last segments would otherwise wait on delayed ACKs.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
@@ -247,12 +251,16 @@ async fn slow(
             .and_then(|v| v.parse().ok())
             .unwrap_or(100),
     );
+    let chunk: usize = params
+        .get("chunk_bytes")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
     let stream = futures_util::stream::unfold((bytes, guard), move |(rest, guard)| async move {
         if rest.is_empty() {
             return None;
         }
         tokio::time::sleep(pause).await;
-        let take = rest.len().min(1024);
+        let take = rest.len().min(chunk);
         let chunk = rest.slice(..take);
         Some((Ok::<_, std::io::Error>(chunk), (rest.slice(take..), guard)))
     });
