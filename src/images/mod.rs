@@ -90,7 +90,7 @@ impl fmt::Display for ImageError {
 
 impl std::error::Error for ImageError {}
 
-/// Below this many bytes, base64 work is cheaper than a hop to the blocking pool.
+/// Below this many bytes, decoding base64 is cheaper than a hop to the blocking pool.
 const INLINE_CODEC_BYTES: usize = 256 * 1024;
 
 /// The image service: one per process, shared by every request.

@@ -588,6 +588,50 @@ mod tests {
     }
 
     #[test]
+    fn shared_and_owned_urls_are_written_as_json_strings() {
+        let body = br#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://x/a.png"}},{"type":"image_url","image_url":{"url":"https://x/b.png","detail":"low"}}]}]}"#;
+        let mut request = ChatRequest::parse(body).expect("valid");
+        let shared = Arc::new("data:image/png;base64,iVBORw0KGgo=".to_owned());
+        let mut params = Vec::new();
+        for (i, (param, image)) in request.images_mut().enumerate() {
+            params.push(param);
+            if i == 0 {
+                image.set_url_shared(Arc::clone(&shared));
+            } else {
+                image.set_url("needs \"escaping\"".into());
+            }
+        }
+        assert_eq!(
+            params,
+            [
+                "messages[0].content[0].image_url.url",
+                "messages[0].content[1].image_url.url"
+            ]
+        );
+        let with_params: Vec<_> = request
+            .images_with_params()
+            .map(|(param, image)| (param, image.url.to_string()))
+            .collect();
+        assert_eq!(with_params[0].1, *shared);
+        assert!(
+            request
+                .images()
+                .next()
+                .is_some_and(|i| i.url == shared.as_str())
+        );
+        let written: serde_json::Value =
+            serde_json::from_slice(&request.to_body()).expect("valid JSON");
+        assert_eq!(
+            written["messages"][0]["content"][0]["image_url"]["url"],
+            *shared
+        );
+        assert_eq!(
+            written["messages"][0]["content"][1]["image_url"],
+            serde_json::json!({"url": "needs \"escaping\"", "detail": "low"})
+        );
+    }
+
+    #[test]
     fn bad_requests_name_their_param() {
         assert_eq!(parse_err("not json").0, "invalid_request");
         assert_eq!(parse_err("[1]").0, "invalid_request");
