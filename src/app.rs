@@ -9,6 +9,7 @@ use axum::routing::{any, get, post};
 use crate::budget::Budgets;
 use crate::catalog::Catalog;
 use crate::config::Config;
+use crate::images::Images;
 use crate::metrics::Metrics;
 use crate::routes;
 use crate::upstream::Forwarder;
@@ -20,6 +21,8 @@ pub struct AppState {
     pub forwarder: Forwarder,
     pub budgets: Budgets,
     pub metrics: Metrics,
+    /// Fetching, converting and caching images for every upstream.
+    pub images: Images,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -30,14 +33,17 @@ impl AppState {
     pub async fn new(config: Config) -> Result<Self, String> {
         let catalog = Catalog::new(&config)?;
         let forwarder = Forwarder::new().map_err(|e| format!("HTTP client: {e}"))?;
+        // Metrics first, so the image metrics' descriptions reach the recorder.
         let metrics = Metrics::install();
         let budgets = Budgets::open(&config.store).await?;
+        let images = Images::new(&config.images)?;
         Ok(Self {
             config,
             catalog,
             forwarder,
             budgets,
             metrics,
+            images,
         })
     }
 }

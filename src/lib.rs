@@ -8,6 +8,8 @@
 //!   - [`catalog`]: clients by key, models by name, each model's upstream
 //!   - [`openai`]: the wire types Iris looks inside (requests kept mostly raw)
 //!   - [`budget`]: per-client budgets: estimate, reserve, settle; the stores
+//!   - [`rewrite`]: each upstream's image policy applied to a request, using
+//!     [`images`]: safe fetching, sniffing, conversion, resizing, caching
 //!   - [`upstream`]: forwarding and streaming responses back
 //! - [`app`]: the state and the router; [`server`]: serving and draining
 //! - at the bottom: [`config`], [`keys`], [`error`], [`metrics`], [`telemetry`]
@@ -18,10 +20,12 @@ pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod images;
 pub mod keys;
 pub mod metrics;
 pub mod observe;
 pub mod openai;
+pub mod rewrite;
 pub mod routes;
 pub mod server;
 pub mod telemetry;

@@ -24,7 +24,6 @@
 //!   settlement corrects it. The same worst case covers a `data:` URI whose
 //!   dimensions cannot be read.
 
-use std::io::Cursor;
 use std::sync::OnceLock;
 
 use base64::Engine;
@@ -235,23 +234,13 @@ fn data_uri_dimensions(url: &str) -> Option<(u32, u32)> {
         base64::engine::general_purpose::STANDARD_NO_PAD
             .decode(b64)
             .ok()
-            .and_then(|bytes| image_dimensions(&bytes))
+            .and_then(|bytes| crate::images::dimensions(&bytes))
     };
     decode(prefix).or_else(|| {
         (data.len() > prefix.len() && data.len() <= MAX_FULL_DECODE)
             .then(|| decode(data))
             .flatten()
     })
-}
-
-/// An image's width and height from its header bytes, without decoding
-/// pixels. Kept in one place so the images module's helper can replace it.
-fn image_dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
-    image::ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .ok()?
-        .into_dimensions()
-        .ok()
 }
 
 #[cfg(test)]
@@ -261,7 +250,7 @@ mod tests {
     fn png(width: u32, height: u32) -> Vec<u8> {
         let mut out = Vec::new();
         image::DynamicImage::new_luma8(width, height)
-            .write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
+            .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
             .expect("encode");
         out
     }

@@ -3,6 +3,7 @@
 //! parts. Everything else stays raw and is written back untouched.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use serde_json::value::RawValue;
 
@@ -27,6 +28,8 @@ pub struct ChatRequest<'a> {
     messages_changed: bool,
     /// Set when a top-level field was replaced.
     body_changed: bool,
+    /// The body's length as received, to size the rewritten one.
+    body_len: usize,
 }
 
 #[derive(Debug)]
@@ -61,7 +64,7 @@ pub enum PartKind<'a> {
 #[derive(Debug)]
 pub struct ImagePart<'a> {
     fields: RawObject<'a>,
-    pub url: Cow<'a, str>,
+    pub url: ImageUrl<'a>,
     pub detail: Option<Cow<'a, str>>,
     changed: bool,
 }
@@ -69,7 +72,15 @@ pub struct ImagePart<'a> {
 impl ImagePart<'_> {
     /// Replaces the URL (e.g. by a `data:` URI).
     pub fn set_url(&mut self, url: String) {
-        self.url = Cow::Owned(url);
+        self.url = ImageUrl(UrlText::Text(Cow::Owned(url)));
+        self.changed = true;
+    }
+
+    /// Replaces the URL by one shared with the image cache: a data URI of
+    /// several megabytes is written into the upstream body, never copied
+    /// on its way there.
+    pub fn set_url_shared(&mut self, url: Arc<String>) {
+        self.url = ImageUrl(UrlText::Shared(url));
         self.changed = true;
     }
 
@@ -78,6 +89,58 @@ impl ImagePart<'_> {
         if self.fields.remove("detail") {
             self.changed = true;
         }
+    }
+}
+
+/// An image part's URL: as the client sent it, or a replacement (owned, or
+/// shared with the image cache). Reads as a `&str`.
+#[derive(Debug, Clone)]
+pub struct ImageUrl<'a>(UrlText<'a>);
+
+#[derive(Debug, Clone)]
+enum UrlText<'a> {
+    Text(Cow<'a, str>),
+    Shared(Arc<String>),
+}
+
+impl ImageUrl<'_> {
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            UrlText::Text(text) => text,
+            UrlText::Shared(text) => text,
+        }
+    }
+}
+
+impl std::ops::Deref for ImageUrl<'_> {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for ImageUrl<'_> {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Display for ImageUrl<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<str> for ImageUrl<'_> {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for ImageUrl<'_> {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
     }
 }
 
@@ -151,6 +214,7 @@ impl<'a> ChatRequest<'a> {
             messages,
             messages_changed: false,
             body_changed: false,
+            body_len: body.len(),
         })
     }
 
@@ -165,6 +229,26 @@ impl<'a> ChatRequest<'a> {
                     .iter_mut()
                     .enumerate()
                     .filter_map(move |(j, part)| match &mut part.kind {
+                        PartKind::Image(image) => {
+                            Some((format!("messages[{i}].content[{j}].image_url.url"), image))
+                        }
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>(),
+                _ => Vec::new(),
+            })
+    }
+
+    /// The request's image parts with their `param` paths, in order, read-only.
+    pub fn images_with_params(&self) -> impl Iterator<Item = (String, &ImagePart<'a>)> {
+        self.messages
+            .iter()
+            .enumerate()
+            .flat_map(|(i, message)| match &message.content {
+                Content::Parts(parts) => parts
+                    .iter()
+                    .enumerate()
+                    .filter_map(move |(j, part)| match &part.kind {
                         PartKind::Image(image) => {
                             Some((format!("messages[{i}].content[{j}].image_url.url"), image))
                         }
@@ -230,7 +314,14 @@ impl<'a> ChatRequest<'a> {
 
     /// Writes the request as it should go upstream.
     pub fn to_body(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(256);
+        // Sized once: with megabytes of inlined images, regrowing means
+        // touching fresh pages again and again.
+        let replaced: usize = self
+            .images()
+            .filter(|image| image.changed)
+            .map(|image| image.url.len() + 2)
+            .sum();
+        let mut out = Vec::with_capacity(self.body_len + replaced + 256);
         let changed = self.messages_changed && self.messages.iter().any(Message::changed);
         self.body.write_with(&mut out, |key, out| {
             if key != "messages" || !changed {
@@ -369,7 +460,7 @@ fn parse_image<'a>(at: &str, raw: &'a RawValue) -> Result<ImagePart<'a>, ApiErro
     };
     Ok(ImagePart {
         fields,
-        url,
+        url: ImageUrl(UrlText::Text(url)),
         detail,
         changed: false,
     })
@@ -498,6 +589,50 @@ mod tests {
         assert_eq!(
             written,
             r#"{"model":"real-model","messages":[{"role":"system","content":"be brief"},{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"},"x":1}]}],"stream":true,"stream_options":{"other":2,"include_usage":true}}"#
+        );
+    }
+
+    #[test]
+    fn shared_and_owned_urls_are_written_as_json_strings() {
+        let body = br#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://x/a.png"}},{"type":"image_url","image_url":{"url":"https://x/b.png","detail":"low"}}]}]}"#;
+        let mut request = ChatRequest::parse(body).expect("valid");
+        let shared = Arc::new("data:image/png;base64,iVBORw0KGgo=".to_owned());
+        let mut params = Vec::new();
+        for (i, (param, image)) in request.images_mut().enumerate() {
+            params.push(param);
+            if i == 0 {
+                image.set_url_shared(Arc::clone(&shared));
+            } else {
+                image.set_url("needs \"escaping\"".into());
+            }
+        }
+        assert_eq!(
+            params,
+            [
+                "messages[0].content[0].image_url.url",
+                "messages[0].content[1].image_url.url"
+            ]
+        );
+        let with_params: Vec<_> = request
+            .images_with_params()
+            .map(|(param, image)| (param, image.url.to_string()))
+            .collect();
+        assert_eq!(with_params[0].1, *shared);
+        assert!(
+            request
+                .images()
+                .next()
+                .is_some_and(|i| i.url == shared.as_str())
+        );
+        let written: serde_json::Value =
+            serde_json::from_slice(&request.to_body()).expect("valid JSON");
+        assert_eq!(
+            written["messages"][0]["content"][0]["image_url"]["url"],
+            *shared
+        );
+        assert_eq!(
+            written["messages"][0]["content"][1]["image_url"],
+            serde_json::json!({"url": "needs \"escaping\"", "detail": "low"})
         );
     }
 

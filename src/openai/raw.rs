@@ -164,8 +164,30 @@ pub fn nests_deeper_than(json: &[u8], max: usize) -> bool {
 
 /// Writes `s` as a JSON string literal.
 pub fn write_json_string(out: &mut Vec<u8>, s: &str) {
+    // Most long strings (base64 data URIs above all) need no escaping: they
+    // are copied whole, where serde_json's writer looks up every byte.
+    if !needs_escaping(s.as_bytes()) {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        return;
+    }
     // serde_json's writer cannot fail on a Vec.
     let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// Whether JSON needs any byte of `s` escaped: quotes, backslashes and
+/// control characters (what serde_json escapes; it leaves the rest as is).
+/// Branch-free over blocks so the compiler can vectorise it.
+fn needs_escaping(s: &[u8]) -> bool {
+    let escapes = |block: &[u8]| {
+        block.iter().fold(false, |found, &b| {
+            found | (b < 0x20) | (b == b'"') | (b == b'\\')
+        })
+    };
+    let mut blocks = s.chunks_exact(64);
+    blocks.any(escapes) || escapes(blocks.remainder())
 }
 
 /// A raw JSON value holding `s` as a string literal.
@@ -265,6 +287,27 @@ mod tests {
         assert!(nests_deeper_than(br#"{"a":[[[1]]]}"#, 3));
         assert!(!nests_deeper_than(br#"{"a":"[[[[\"[[[["}"#, 1));
         assert!(!nests_deeper_than(br#"{"a":"\\"}"#, 1));
+    }
+
+    #[test]
+    fn strings_are_written_as_serde_json_writes_them() {
+        let long = "a".repeat(100);
+        for s in [
+            "",
+            "plain",
+            "data:image/png;base64,iVBORw0KGgo+/=",
+            "quote \" inside",
+            "back\\slash",
+            "new\nline",
+            "\u{1}control",
+            "caf\u{e9} \u{1F600} / </script>",
+            &format!("{long}\"{long}"),
+            &format!("{long}{long}\t"),
+        ] {
+            let mut ours = Vec::new();
+            write_json_string(&mut ours, s);
+            assert_eq!(ours, serde_json::to_vec(s).expect("json"), "{s:?}");
+        }
     }
 
     #[test]

@@ -69,6 +69,7 @@ async fn handle(
     let upstream = &model.upstream;
     log.upstream = Some(upstream.name.clone());
 
+    crate::rewrite::apply_image_policy(&state.images, &upstream.config, &mut request).await?;
     if let Some(name) = &model.upstream_model {
         request.set_model(name);
     }

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod image_server;
 pub mod mock_upstream;
 
 use std::net::SocketAddr;

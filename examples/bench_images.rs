@@ -1,0 +1,208 @@
+//! The image path's speed: inlining a 1 MB and a 5 MB JPEG, cache cold and
+//! warm, against simply downloading the same bytes in the same run; and
+//! base64 throughput.
+//!
+//!   cargo run --release --example bench_images
+//!
+//! "Inline" is what a request pays: parse the chat body, apply the upstream's
+//! image policy (fetch, sniff, base64), write the body that goes upstream.
+//! The image host is in-process on 127.0.0.2, like the integration tests'.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark")]
+
+#[path = "../tests/support/image_server.rs"]
+mod image_server;
+
+use std::io::Cursor;
+use std::time::{Duration, Instant};
+
+use image::{DynamicImage, Rgb, RgbImage};
+use iris::config::{ImagesConfig, UpstreamConfig};
+use iris::images::{Format, Images};
+use iris::openai::chat::ChatRequest;
+
+const RUNS: usize = 25;
+
+/// A noisy photo-like JPEG of about `target` bytes.
+fn jpeg_of_about(target: usize) -> Vec<u8> {
+    let mut side = 512u32;
+    loop {
+        let image = DynamicImage::ImageRgb8(RgbImage::from_fn(side, side, |x, y| {
+            let n = x.wrapping_mul(2_654_435_761) ^ y.wrapping_mul(40_503) ^ (x * y);
+            Rgb([
+                (n % 256) as u8,
+                ((n >> 8) % 256) as u8,
+                ((x + y) % 256) as u8,
+            ])
+        }));
+        let mut out = Cursor::new(Vec::new());
+        image
+            .write_with_encoder(image::codecs::jpeg::JpegEncoder::new_with_quality(
+                &mut out, 90,
+            ))
+            .expect("jpeg");
+        let bytes = out.into_inner();
+        if bytes.len() >= target {
+            return bytes;
+        }
+        let grow = (target as f64 / bytes.len() as f64).sqrt() * 1.02;
+        side = ((f64::from(side) * grow) as u32).max(side + 16);
+    }
+}
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+async fn download(client: &reqwest::Client, url: &str) -> usize {
+    let mut response = client.get(url).send().await.expect("download");
+    let mut body = Vec::with_capacity(response.content_length().unwrap_or(0) as usize);
+    while let Some(chunk) = response.chunk().await.expect("chunk") {
+        body.extend_from_slice(&chunk);
+    }
+    body.len()
+}
+
+/// One request's image work, as the chat route does it.
+async fn inline(images: &Images, upstream: &UpstreamConfig, body: &[u8]) -> usize {
+    let mut request = ChatRequest::parse(body).expect("request");
+    iris::rewrite::apply_image_policy(images, upstream, &mut request)
+        .await
+        .expect("inlined");
+    request.to_body().len()
+}
+
+fn chat_body(url: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "model": "m",
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is this?"},
+            {"type": "image_url", "image_url": {"url": url}},
+        ]}],
+    }))
+    .expect("json")
+}
+
+#[tokio::main]
+async fn main() {
+    iris::init_tls();
+    let host = image_server::ImageServer::start("127.0.0.2").await;
+    let images = Images::new(&ImagesConfig {
+        allowed_networks: vec!["127.0.0.2/32".into()],
+        cache_bytes: 512 << 20,
+        max_bytes: 32 << 20,
+        ..ImagesConfig::default()
+    })
+    .expect("images");
+    let upstream = UpstreamConfig {
+        inline_images: true,
+        ..UpstreamConfig::default()
+    };
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .tcp_nodelay(true)
+        .build()
+        .expect("client");
+
+    println!("image path benchmark: median of {RUNS} runs each, image host on 127.0.0.2\n");
+    for (name, target) in [("1 MB", 1 << 20), ("5 MB", 5 << 20)] {
+        let jpeg = jpeg_of_about(target);
+        let file = format!("{}.jpg", name.replace(' ', ""));
+        host.add(&file, "image/jpeg", jpeg.clone());
+        let base = host.url(&format!("/files/{file}"));
+
+        // Warm-up: connections, allocator, page faults.
+        for i in 0..3 {
+            download(&client, &format!("{base}?warmup={i}")).await;
+            inline(
+                &images,
+                &upstream,
+                &chat_body(&format!("{base}?warmup={i}")),
+            )
+            .await;
+        }
+
+        // Cold: a URL never seen (a fresh query string), alternating with a
+        // bare download of the same bytes so both see the same conditions.
+        let (mut bare, mut cold) = (Vec::new(), Vec::new());
+        for i in 0..RUNS {
+            let url = format!("{base}?run={i}");
+            let started = Instant::now();
+            download(&client, &url).await;
+            bare.push(started.elapsed());
+
+            let body = chat_body(&format!("{url}&cold=1"));
+            let started = Instant::now();
+            inline(&images, &upstream, &body).await;
+            cold.push(started.elapsed());
+        }
+
+        // Warm: the same URL again and again, served from the cache.
+        let body = chat_body(&format!("{base}?warm=1"));
+        inline(&images, &upstream, &body).await;
+        let mut warm = Vec::new();
+        for _ in 0..RUNS {
+            let started = Instant::now();
+            inline(&images, &upstream, &body).await;
+            warm.push(started.elapsed());
+        }
+
+        // The same, with the body arriving at about 64 MB/s (64 KiB a
+        // millisecond), as from a fast real network rather than loopback.
+        let slow = host.url(&format!("/slow/{file}?chunk_bytes=65536&chunk_ms=1"));
+        let (mut bare_net, mut cold_net) = (Vec::new(), Vec::new());
+        for i in 0..RUNS / 2 {
+            let url = format!("{slow}&run={i}");
+            let started = Instant::now();
+            download(&client, &url).await;
+            bare_net.push(started.elapsed());
+
+            let body = chat_body(&format!("{url}&cold=1"));
+            let started = Instant::now();
+            inline(&images, &upstream, &body).await;
+            cold_net.push(started.elapsed());
+        }
+
+        let (bare, cold, warm) = (median(bare), median(cold), median(warm));
+        let (bare_net, cold_net) = (median(bare_net), median(cold_net));
+        println!("{name} JPEG ({} bytes):", jpeg.len());
+        println!("  loopback at full speed:");
+        println!("    bare download        {}", ms(bare));
+        println!(
+            "    inline, cache cold   {}  ({:.2}x the bare download)",
+            ms(cold),
+            cold.as_secs_f64() / bare.as_secs_f64()
+        );
+        println!("    inline, cache warm   {}", ms(warm));
+        println!("  body arriving at ~64 MB/s:");
+        println!("    bare download        {}", ms(bare_net));
+        println!(
+            "    inline, cache cold   {}  ({:.2}x the bare download)",
+            ms(cold_net),
+            cold_net.as_secs_f64() / bare_net.as_secs_f64()
+        );
+        println!();
+    }
+
+    // base64: the data URI of 5 MB, as Iris writes it.
+    let bytes = jpeg_of_about(5 << 20);
+    let mut samples = Vec::new();
+    for _ in 0..RUNS {
+        let started = Instant::now();
+        let uri = iris::images::data_uri(Format::Jpeg, &bytes);
+        samples.push(started.elapsed());
+        std::hint::black_box(uri);
+    }
+    let took = median(samples);
+    println!(
+        "base64 data URI of {} bytes: {}  ({:.0} MB/s)",
+        bytes.len(),
+        ms(took),
+        bytes.len() as f64 / took.as_secs_f64() / 1e6
+    );
+}

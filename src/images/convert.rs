@@ -1,0 +1,495 @@
+//! Decoding, format conversion, downscaling and fitting an image under a byte
+//! size: everything that touches pixels. CPU-bound and blocking, so callers
+//! run it on the blocking pool, never on an async worker thread.
+
+use std::collections::HashSet;
+use std::io::Cursor;
+
+use image::codecs::jpeg::JpegEncoder;
+use image::imageops::FilterType;
+use image::{DynamicImage, GenericImageView, ImageDecoder, ImageReader};
+
+use super::sniff::{Format, FormatSet};
+use super::{ErrorKind, ImageError};
+
+/// What one upstream (and one image's `detail`) asks of an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Target {
+    /// Formats the upstream accepts.
+    pub formats: FormatSet,
+    /// The upstream's `max_image_bytes`.
+    pub max_bytes: Option<usize>,
+    /// Neither side may exceed this (512 for `detail: "low"` when the field
+    /// is stripped).
+    pub max_side: Option<u32>,
+}
+
+impl Target {
+    /// Whether an image of this format, size and dimensions can be sent as
+    /// it is: then its bytes go upstream untouched, without decoding.
+    pub fn accepts(&self, format: Format, len: usize, (width, height): (u32, u32)) -> bool {
+        self.formats.contains(format)
+            && self.max_bytes.is_none_or(|max| len <= max)
+            && self
+                .max_side
+                .is_none_or(|max| width <= max && height <= max)
+    }
+}
+
+/// A re-encoded image.
+#[derive(Debug)]
+pub struct Encoded {
+    pub bytes: Vec<u8>,
+    pub format: Format,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// JPEG quality for images Iris re-encodes, then the lower one tried before
+/// downscaling to fit `max_bytes`.
+const QUALITY: u8 = 85;
+const FITTING_QUALITY: u8 = 70;
+/// Downscaling attempts before `max_bytes` is declared out of reach.
+const MAX_FIT_ATTEMPTS: usize = 12;
+
+fn unsupported(message: impl Into<String>) -> ImageError {
+    ImageError::new(ErrorKind::FormatUnsupported, "undecodable", message)
+}
+
+/// Decodes `bytes` (already sniffed as `format`), converts, downscales and
+/// re-encodes it until it meets `target`.
+///
+/// `max_pixels` is also given to the decoder as a limit, so even a header
+/// that lied to the cheap dimension check cannot make it allocate more.
+pub fn transform(
+    bytes: &[u8],
+    format: Format,
+    target: &Target,
+    max_pixels: u64,
+) -> Result<Encoded, ImageError> {
+    let mut image = decode(bytes, format, max_pixels)?;
+
+    if let Some(max) = target.max_side {
+        let (w, h) = image.dimensions();
+        if w > max || h > max {
+            let (nw, nh) = fit_within(w, h, max);
+            image = image.resize_exact(nw, nh, FilterType::Triangle);
+        }
+    }
+
+    let traits = Traits::of(&image);
+    let output = choose_format(format, target.formats, traits)
+        .ok_or_else(|| unsupported("The upstream accepts no image format Iris can write."))?;
+    let mut encoded = encode(&image, output, QUALITY, traits)?;
+
+    let Some(max_bytes) = target.max_bytes else {
+        return Ok(finish(encoded, output, &image));
+    };
+    if encoded.len() <= max_bytes {
+        return Ok(finish(encoded, output, &image));
+    }
+
+    // Too large: a photo goes to JPEG where accepted (far smaller than
+    // lossless formats), at a lower quality; then the image is downscaled,
+    // each step aimed at the size still to lose.
+    let lossy = traits.photo && target.formats.contains(Format::Jpeg);
+    let output = if lossy { Format::Jpeg } else { output };
+    let quality = if lossy { FITTING_QUALITY } else { QUALITY };
+    if lossy {
+        encoded = encode(&image, output, quality, traits)?;
+    }
+    for _ in 0..MAX_FIT_ATTEMPTS {
+        if encoded.len() <= max_bytes {
+            return Ok(finish(encoded, output, &image));
+        }
+        let (w, h) = image.dimensions();
+        if w <= 1 && h <= 1 {
+            break;
+        }
+        let ratio = ((max_bytes as f64 / encoded.len() as f64).sqrt() * 0.9).clamp(0.2, 0.9);
+        let nw = ((f64::from(w) * ratio) as u32).max(1);
+        let nh = ((f64::from(h) * ratio) as u32).max(1);
+        image = image.resize_exact(nw, nh, FilterType::Triangle);
+        encoded = encode(&image, output, quality, traits)?;
+    }
+    if encoded.len() <= max_bytes {
+        return Ok(finish(encoded, output, &image));
+    }
+    Err(ImageError::new(
+        ErrorKind::TooLarge,
+        "max_image_bytes",
+        format!("The image could not be made to fit this model's limit of {max_bytes} bytes."),
+    ))
+}
+
+fn finish(bytes: Vec<u8>, format: Format, image: &DynamicImage) -> Encoded {
+    Encoded {
+        bytes,
+        format,
+        width: image.width(),
+        height: image.height(),
+    }
+}
+
+/// Decodes with the pixel cap as a decoder limit, and turns the image upright
+/// by its EXIF orientation (which re-encoding would otherwise drop).
+fn decode(bytes: &[u8], format: Format, max_pixels: u64) -> Result<DynamicImage, ImageError> {
+    let mut limits = image::Limits::default();
+    let side = u32::try_from(max_pixels).unwrap_or(u32::MAX);
+    limits.max_image_width = Some(side);
+    limits.max_image_height = Some(side);
+    // Room for the largest pixel type (RGBA, 32-bit float) at the cap, plus
+    // the decoders' own buffers; above that the decoder refuses.
+    limits.max_alloc = Some(max_pixels.saturating_mul(16).saturating_add(64 << 20));
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format.image_format());
+    reader.limits(limits);
+    let failed = |e: image::ImageError| match e {
+        image::ImageError::Limits(_) => ImageError::new(
+            ErrorKind::TooLarge,
+            "pixels",
+            "The image is too large to decode.",
+        ),
+        _ => unsupported(format!("The {format} image could not be decoded.")),
+    };
+    let mut decoder = reader.into_decoder().map_err(failed)?;
+    let (w, h) = decoder.dimensions();
+    if u64::from(w) * u64::from(h) > max_pixels {
+        return Err(too_many_pixels(w, h, max_pixels));
+    }
+    let orientation = decoder.orientation().ok();
+    let mut image = DynamicImage::from_decoder(decoder).map_err(failed)?;
+    if let Some(orientation) = orientation {
+        image.apply_orientation(orientation);
+    }
+    Ok(image)
+}
+
+pub fn too_many_pixels(width: u32, height: u32, max_pixels: u64) -> ImageError {
+    ImageError::new(
+        ErrorKind::TooLarge,
+        "pixels",
+        format!(
+            "The image is {width}x{height} pixels, more than the {max_pixels} pixels this gateway decodes."
+        ),
+    )
+}
+
+/// The largest `(w, h)` with the same aspect ratio and neither side above `max`.
+pub fn fit_within(w: u32, h: u32, max: u32) -> (u32, u32) {
+    if w <= max && h <= max {
+        return (w, h);
+    }
+    let scale = f64::from(max) / f64::from(w.max(h));
+    let nw = ((f64::from(w) * scale).round() as u32).clamp(1, max);
+    let nh = ((f64::from(h) * scale).round() as u32).clamp(1, max);
+    (nw, nh)
+}
+
+/// What decides the output format.
+#[derive(Debug, Clone, Copy)]
+struct Traits {
+    /// Some pixel is not fully opaque.
+    transparent: bool,
+    /// Opaque with many colours: JPEG's kind of image. Few colours (a chart,
+    /// a screenshot, a GIF) stay lossless, where JPEG would smear the edges.
+    photo: bool,
+}
+
+impl Traits {
+    /// Samples at most ~64k pixels on a grid, so this stays cheap on any image.
+    fn of(image: &DynamicImage) -> Self {
+        const SAMPLES: u64 = 65_536;
+        const MANY_COLOURS: usize = 256;
+        let (w, h) = image.dimensions();
+        let total = u64::from(w) * u64::from(h);
+        let step = ((total as f64 / SAMPLES as f64).sqrt().floor() as u32).max(1);
+        let has_alpha = image.color().has_alpha();
+        let mut transparent = false;
+        let mut colours = HashSet::with_capacity(MANY_COLOURS + 1);
+        let mut y = 0;
+        while y < h {
+            let mut x = 0;
+            while x < w {
+                let p = image.get_pixel(x, y).0;
+                if has_alpha && p[3] < 255 {
+                    transparent = true;
+                }
+                if colours.len() <= MANY_COLOURS {
+                    colours.insert([p[0], p[1], p[2]]);
+                }
+                x += step;
+            }
+            y += step;
+        }
+        Self {
+            transparent,
+            photo: !transparent && colours.len() > MANY_COLOURS,
+        }
+    }
+}
+
+/// The format to write: the source's own when accepted (re-encoding a PNG
+/// as a PNG keeps it lossless), else PNG, or JPEG for photos, else whatever
+/// the upstream does accept.
+fn choose_format(source: Format, accepted: FormatSet, traits: Traits) -> Option<Format> {
+    // Iris writes WebP only lossless and GIF only quantised, so neither is
+    // a good choice for a re-encoded photo even when it was the source.
+    let keep_source = match source {
+        Format::Jpeg | Format::Png => true,
+        Format::Webp | Format::Gif => !traits.photo,
+        Format::Bmp | Format::Tiff => false,
+    };
+    if keep_source && accepted.contains(source) {
+        return Some(source);
+    }
+    let preference: &[Format] = if traits.photo {
+        &[
+            Format::Jpeg,
+            Format::Webp,
+            Format::Png,
+            Format::Tiff,
+            Format::Bmp,
+            Format::Gif,
+        ]
+    } else if traits.transparent {
+        &[
+            Format::Png,
+            Format::Webp,
+            Format::Gif,
+            Format::Tiff,
+            Format::Bmp,
+            Format::Jpeg,
+        ]
+    } else {
+        &[
+            Format::Png,
+            Format::Webp,
+            Format::Gif,
+            Format::Jpeg,
+            Format::Tiff,
+            Format::Bmp,
+        ]
+    };
+    preference.iter().copied().find(|f| accepted.contains(*f))
+}
+
+fn encode(
+    image: &DynamicImage,
+    format: Format,
+    quality: u8,
+    traits: Traits,
+) -> Result<Vec<u8>, ImageError> {
+    let mut out = Cursor::new(Vec::new());
+    let failed = |_| unsupported(format!("The image could not be encoded as {format}."));
+    match format {
+        Format::Jpeg => {
+            let encoder = JpegEncoder::new_with_quality(&mut out, quality);
+            if traits.transparent {
+                flatten_on_white(image)
+                    .write_with_encoder(encoder)
+                    .map_err(failed)?;
+            } else if image.color().has_alpha() || image.color().bytes_per_pixel() > 3 {
+                DynamicImage::ImageRgb8(image.to_rgb8())
+                    .write_with_encoder(encoder)
+                    .map_err(failed)?;
+            } else {
+                image.write_with_encoder(encoder).map_err(failed)?;
+            }
+        }
+        _ => {
+            // 16-bit and float images are written as 8-bit: upstream models
+            // see 8-bit colour, and the result is half the size.
+            let eight_bit = match image {
+                DynamicImage::ImageLuma8(_)
+                | DynamicImage::ImageLumaA8(_)
+                | DynamicImage::ImageRgb8(_)
+                | DynamicImage::ImageRgba8(_) => None,
+                _ if image.color().has_alpha() => Some(DynamicImage::ImageRgba8(image.to_rgba8())),
+                _ => Some(DynamicImage::ImageRgb8(image.to_rgb8())),
+            };
+            eight_bit
+                .as_ref()
+                .unwrap_or(image)
+                .write_to(&mut out, format.image_format())
+                .map_err(failed)?;
+        }
+    }
+    Ok(out.into_inner())
+}
+
+/// Composites transparent pixels over white: JPEG has no alpha, and black
+/// (what dropping the channel gives) hides dark content.
+fn flatten_on_white(image: &DynamicImage) -> DynamicImage {
+    let mut rgba = image.to_rgba8();
+    for pixel in rgba.pixels_mut() {
+        let alpha = u16::from(pixel[3]);
+        for c in 0..3 {
+            let value = u16::from(pixel[c]);
+            pixel[c] = ((value * alpha + 255 * (255 - alpha)) / 255) as u8;
+        }
+        pixel[3] = 255;
+    }
+    DynamicImage::ImageRgb8(DynamicImage::ImageRgba8(rgba).to_rgb8())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::images::sniff;
+    use image::{ImageFormat, Rgb, RgbImage, Rgba, RgbaImage};
+
+    fn photo(w: u32, h: u32) -> DynamicImage {
+        // Smooth gradients plus per-pixel noise: many colours, like a photo.
+        DynamicImage::ImageRgb8(RgbImage::from_fn(w, h, |x, y| {
+            let noise = (x.wrapping_mul(2_654_435_761) ^ y.wrapping_mul(40_503)) % 23;
+            Rgb([
+                ((x * 255 / w.max(1)) as u8).wrapping_add(noise as u8),
+                ((y * 255 / h.max(1)) as u8).wrapping_add(noise as u8),
+                ((x + y) % 256) as u8,
+            ])
+        }))
+    }
+
+    fn chart(w: u32, h: u32) -> DynamicImage {
+        DynamicImage::ImageRgb8(RgbImage::from_fn(w, h, |x, _| {
+            if x % 20 < 10 {
+                Rgb([255, 0, 0])
+            } else {
+                Rgb([255, 255, 255])
+            }
+        }))
+    }
+
+    fn bytes_of(image: &DynamicImage, format: ImageFormat) -> Vec<u8> {
+        let mut out = Cursor::new(Vec::new());
+        image.write_to(&mut out, format).expect("encode");
+        out.into_inner()
+    }
+
+    fn target(formats: &[Format]) -> Target {
+        Target {
+            formats: FormatSet::of(formats),
+            max_bytes: None,
+            max_side: None,
+        }
+    }
+
+    const WEB: &[Format] = &[Format::Jpeg, Format::Png, Format::Webp];
+
+    #[test]
+    fn unaccepted_formats_become_png_or_jpeg_for_photos() {
+        let gif = bytes_of(&chart(120, 80), ImageFormat::Gif);
+        let out = transform(&gif, Format::Gif, &target(WEB), 1 << 30).expect("converted");
+        assert_eq!(out.format, Format::Png);
+        assert_eq!(sniff::format(&out.bytes), Some(Format::Png));
+        assert_eq!(sniff::dimensions(&out.bytes), Some((120, 80)));
+
+        let bmp = bytes_of(&photo(200, 150), ImageFormat::Bmp);
+        let out = transform(&bmp, Format::Bmp, &target(WEB), 1 << 30).expect("converted");
+        assert_eq!(out.format, Format::Jpeg);
+        assert_eq!(sniff::dimensions(&out.bytes), Some((200, 150)));
+
+        let tiff = bytes_of(&photo(64, 48), ImageFormat::Tiff);
+        let out =
+            transform(&tiff, Format::Tiff, &target(&[Format::Png]), 1 << 30).expect("converted");
+        assert_eq!(out.format, Format::Png, "PNG when JPEG is not accepted");
+    }
+
+    #[test]
+    fn transparency_never_goes_to_jpeg_unless_nothing_else_is_accepted() {
+        let rgba = DynamicImage::ImageRgba8(RgbaImage::from_fn(300, 300, |x, y| {
+            Rgba([
+                (x % 256) as u8,
+                (y % 256) as u8,
+                ((x * y) % 256) as u8,
+                (x % 200) as u8,
+            ])
+        }));
+        let bmp = bytes_of(&rgba, ImageFormat::Bmp);
+        let out = transform(&bmp, Format::Bmp, &target(WEB), 1 << 30).expect("converted");
+        assert_eq!(out.format, Format::Png);
+
+        let out =
+            transform(&bmp, Format::Bmp, &target(&[Format::Jpeg]), 1 << 30).expect("converted");
+        assert_eq!(out.format, Format::Jpeg);
+        // Fully transparent pixels (x = 0) come out white, not black.
+        let decoded = image::load_from_memory(&out.bytes)
+            .expect("decode")
+            .to_rgb8();
+        assert!(decoded.get_pixel(0, 150).0.iter().all(|&c| c > 200));
+    }
+
+    #[test]
+    fn low_detail_downscales_to_512_keeping_the_aspect_ratio() {
+        let png = bytes_of(&chart(2000, 1000), ImageFormat::Png);
+        let t = Target {
+            max_side: Some(512),
+            ..target(WEB)
+        };
+        let out = transform(&png, Format::Png, &t, 1 << 30).expect("resized");
+        assert_eq!(out.format, Format::Png, "an accepted source format is kept");
+        assert_eq!((out.width, out.height), (512, 256));
+        assert_eq!(sniff::dimensions(&out.bytes), Some((512, 256)));
+    }
+
+    #[test]
+    fn fits_under_max_bytes_by_reencoding_then_downscaling() {
+        let big = photo(1600, 1200);
+        let png = bytes_of(&big, ImageFormat::Png);
+        assert!(png.len() > 1_000_000, "{}", png.len());
+        let t = Target {
+            max_bytes: Some(100_000),
+            ..target(WEB)
+        };
+        let out = transform(&png, Format::Png, &t, 1 << 30).expect("fitted");
+        assert!(out.bytes.len() <= 100_000, "{}", out.bytes.len());
+        assert_eq!(out.format, Format::Jpeg, "a photo goes lossy to fit");
+        assert_eq!(sniff::dimensions(&out.bytes), Some((out.width, out.height)));
+        // Same aspect ratio, within rounding.
+        let ratio = f64::from(out.width) / f64::from(out.height);
+        assert!((ratio - 4.0 / 3.0).abs() < 0.02, "{ratio}");
+
+        // A lossless-only upstream gets a smaller PNG instead.
+        let t = Target {
+            max_bytes: Some(200_000),
+            ..target(&[Format::Png])
+        };
+        let out = transform(&png, Format::Png, &t, 1 << 30).expect("fitted");
+        assert_eq!(out.format, Format::Png);
+        assert!(out.bytes.len() <= 200_000);
+        assert!(out.width < 1600);
+    }
+
+    #[test]
+    fn impossible_fits_and_garbage_are_refused() {
+        let png = bytes_of(&photo(300, 300), ImageFormat::Png);
+        let t = Target {
+            max_bytes: Some(10),
+            ..target(WEB)
+        };
+        let e = transform(&png, Format::Png, &t, 1 << 30).expect_err("cannot fit");
+        assert_eq!(e.kind, ErrorKind::TooLarge);
+
+        let mut garbage = b"\x89PNG\r\n\x1a\n".to_vec();
+        garbage.extend_from_slice(&[0u8; 64]);
+        let e = transform(&garbage, Format::Png, &target(&[Format::Jpeg]), 1 << 30)
+            .expect_err("not decodable");
+        assert_eq!(e.kind, ErrorKind::FormatUnsupported);
+    }
+
+    #[test]
+    fn the_decoder_enforces_the_pixel_cap_too() {
+        let png = bytes_of(&chart(400, 300), ImageFormat::Png);
+        let e = transform(&png, Format::Png, &target(&[Format::Jpeg]), 100_000)
+            .expect_err("over the cap");
+        assert_eq!(e.kind, ErrorKind::TooLarge);
+    }
+
+    #[test]
+    fn fit_within_keeps_aspect() {
+        assert_eq!(fit_within(100, 50, 512), (100, 50));
+        assert_eq!(fit_within(1024, 1024, 512), (512, 512));
+        assert_eq!(fit_within(4000, 10, 512), (512, 1));
+        assert_eq!(fit_within(600, 800, 512), (384, 512));
+    }
+}

@@ -1,0 +1,410 @@
+//! Images: fetching URLs safely, sniffing, converting, resizing and caching,
+//! and turning the result into a `data:` URI. Knows nothing of HTTP routing
+//! or of chat requests; [`crate::rewrite`] applies it to those.
+//!
+//! - [`policy`]: which addresses may be fetched (pure, table-tested)
+//! - [`fetch`]: the SSRF-safe fetcher (filtering resolver, checked redirects, limits)
+//! - [`sniff`]: format and dimensions from the bytes
+//! - [`inline`]: data URIs, written as the body streams in, or parsed
+//! - [`convert`]: decode, convert, downscale, fit under a byte size
+//! - [`cache`]: bounded, byte-weighed, single-flight
+
+pub mod cache;
+pub mod convert;
+pub mod fetch;
+pub mod inline;
+pub mod policy;
+pub mod sniff;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use tokio::sync::Semaphore;
+
+use crate::config::ImagesConfig;
+use cache::ImageCache;
+pub use convert::Target;
+use fetch::{FetchLimits, Fetcher, Lookup, SystemLookup};
+pub use inline::data_uri;
+use inline::{BASE64, InliningSink};
+use policy::AddressPolicy;
+pub use sniff::{Format, FormatSet, dimensions};
+
+/// The kinds of image failure, each one error code of CONTRACT.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Scheme, userinfo, refused address, redirect to one.
+    Forbidden,
+    /// DNS, connect, HTTP status, timeout, redirect limit.
+    FetchFailed,
+    /// Over `max_bytes` or `max_pixels`, or cannot fit `max_image_bytes`.
+    TooLarge,
+    /// Not an image, or no format the upstream takes can be made of it.
+    FormatUnsupported,
+    /// A malformed data URI or base64.
+    InvalidData,
+    TooMany,
+}
+
+impl ErrorKind {
+    pub fn code(self) -> &'static str {
+        match self {
+            ErrorKind::Forbidden => "image_url_forbidden",
+            ErrorKind::FetchFailed => "image_fetch_failed",
+            ErrorKind::TooLarge => "image_too_large",
+            ErrorKind::FormatUnsupported => "image_format_unsupported",
+            ErrorKind::InvalidData => "invalid_image_data",
+            ErrorKind::TooMany => "too_many_images",
+        }
+    }
+}
+
+/// An image refused or failed: its kind, a short machine reason (a metric
+/// label such as `loopback` or `timeout`) and a message for the client that
+/// names no query string.
+#[derive(Debug, Clone)]
+pub struct ImageError {
+    pub kind: ErrorKind,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl ImageError {
+    pub fn new(kind: ErrorKind, reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ImageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind.code(), self.message)
+    }
+}
+
+impl std::error::Error for ImageError {}
+
+/// Below this many bytes, decoding base64 is cheaper than a hop to the blocking pool.
+const INLINE_CODEC_BYTES: usize = 256 * 1024;
+
+/// The image service: one per process, shared by every request.
+pub struct Images {
+    fetcher: Fetcher,
+    cache: ImageCache,
+    max_bytes: usize,
+    max_pixels: u64,
+    max_images_per_request: usize,
+    /// Bounds the CPU-heavy jobs (decode, convert, resize, big base64) to one
+    /// per core, so a burst of large images queues instead of thrashing.
+    cpu: Arc<Semaphore>,
+}
+
+impl Images {
+    pub fn new(config: &ImagesConfig) -> Result<Self, String> {
+        Self::with_lookup(config, Arc::new(SystemLookup))
+    }
+
+    /// With a resolver of the caller's choosing; tests use a table to point
+    /// names at loopback addresses.
+    pub fn with_lookup(config: &ImagesConfig, lookup: Arc<dyn Lookup>) -> Result<Self, String> {
+        describe_metrics();
+        let policy = Arc::new(AddressPolicy::new(&config.allowed_networks)?);
+        let fetcher = Fetcher::with_lookup(
+            policy,
+            FetchLimits {
+                timeout: Duration::from_millis(config.fetch_timeout_ms),
+                max_bytes: config.max_bytes,
+                max_redirects: config.max_redirects,
+            },
+            lookup,
+        )?;
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Ok(Self {
+            fetcher,
+            cache: ImageCache::new(config.cache_bytes, Duration::from_secs(config.cache_ttl_s)),
+            max_bytes: config.max_bytes,
+            max_pixels: config.max_pixels,
+            max_images_per_request: config.max_images_per_request,
+            cpu: Arc::new(Semaphore::new(cores)),
+        })
+    }
+
+    pub fn max_images_per_request(&self) -> usize {
+        self.max_images_per_request
+    }
+
+    pub fn cache(&self) -> &ImageCache {
+        &self.cache
+    }
+
+    /// Fetches an `http(s)` URL (through the cache) and returns it as a
+    /// `data:` URI meeting `target`. When the image already meets it, the
+    /// URI carries exactly the fetched bytes, encoded while they arrived.
+    pub async fn inline_url(&self, url: &str, target: Target) -> Result<Arc<String>, ImageError> {
+        let image = self
+            .cache
+            .fetched(url, async {
+                let mut sink = InliningSink::new(self.max_pixels);
+                self.fetcher.fetch_into(url, &mut sink).await?;
+                sink.finish().map(Arc::new)
+            })
+            .await?;
+        let dims = (image.width, image.height);
+        if target.accepts(image.format, image.bytes.len(), dims) {
+            return Ok(Arc::clone(&image.data_uri));
+        }
+        self.cache
+            .rendered(url, target, async {
+                self.convert(image.bytes.clone(), image.format, dims, target)
+                    .await
+                    .map(Arc::new)
+            })
+            .await
+    }
+
+    /// Validates a client's `data:` URI and makes it meet `target`. `None`
+    /// means it already does and may be forwarded exactly as sent.
+    pub async fn process_data_uri(
+        &self,
+        uri: &str,
+        target: Target,
+    ) -> Result<Option<String>, ImageError> {
+        let (declared, payload) = inline::parse_data_uri(uri)?;
+        // Decoded size from the encoded length, before decoding anything.
+        let decoded_len = payload.len() / 4 * 3 + (payload.len() % 4).saturating_sub(1);
+        if decoded_len > self.max_bytes + 2 {
+            return Err(self.too_many_bytes());
+        }
+        let bytes = if payload.len() > INLINE_CODEC_BYTES {
+            let owned = payload.to_owned();
+            self.blocking(move || BASE64.decode(owned)).await?
+        } else {
+            BASE64.decode(payload)
+        }
+        .map_err(|e| {
+            ImageError::new(
+                ErrorKind::InvalidData,
+                "base64",
+                format!("The data URI's base64 is invalid: {e}."),
+            )
+        })?;
+        if bytes.len() > self.max_bytes {
+            return Err(self.too_many_bytes());
+        }
+        let (format, dims) = inline::inspect(&bytes, self.max_pixels)?;
+        if target.accepts(format, bytes.len(), dims) {
+            if declared.eq_ignore_ascii_case(format.mime()) {
+                return Ok(None);
+            }
+            // The right bytes under the wrong type: only the type changes.
+            let prefix = inline::data_uri_prefix(format);
+            let mut fixed = String::with_capacity(prefix.len() + payload.len());
+            fixed.push_str(&prefix);
+            fixed.push_str(payload);
+            return Ok(Some(fixed));
+        }
+        self.convert(Bytes::from(bytes), format, dims, target)
+            .await
+            .map(Some)
+    }
+
+    fn too_many_bytes(&self) -> ImageError {
+        ImageError::new(
+            ErrorKind::TooLarge,
+            "bytes",
+            format!("The image is larger than {} bytes.", self.max_bytes),
+        )
+    }
+
+    /// Converts, downscales or shrinks an inspected image that does not meet
+    /// `target`, off the async threads, into its data URI.
+    async fn convert(
+        &self,
+        bytes: Bytes,
+        format: Format,
+        dims: (u32, u32),
+        target: Target,
+    ) -> Result<String, ImageError> {
+        let max_pixels = self.max_pixels;
+        let why = if !target.formats.contains(format) {
+            "format"
+        } else if target
+            .max_side
+            .is_some_and(|max| dims.0 > max || dims.1 > max)
+        {
+            "detail_low"
+        } else {
+            "max_image_bytes"
+        };
+        let result = self
+            .blocking(move || {
+                convert::transform(&bytes, format, &target, max_pixels)
+                    .map(|encoded| (encoded.format, data_uri(encoded.format, &encoded.bytes)))
+            })
+            .await?;
+        let to = result.as_ref().map_or("failed", |(to, _)| to.name());
+        metrics::counter!("iris_image_conversions_total", "from" => format.name(), "to" => to, "reason" => why)
+            .increment(1);
+        tracing::debug!(from = format.name(), to, reason = why, "image converted");
+        result.map(|(_, uri)| uri)
+    }
+
+    /// Runs CPU-heavy work on the blocking pool, at most one job per core.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ImageError> {
+        let internal = || {
+            ImageError::new(
+                ErrorKind::FormatUnsupported,
+                "internal",
+                "The image could not be processed.",
+            )
+        };
+        let permit = Arc::clone(&self.cpu)
+            .acquire_owned()
+            .await
+            .map_err(|_| internal())?;
+        tokio::task::spawn_blocking(move || {
+            // Held by the job itself: a cancelled request does not free the
+            // core its conversion is still using.
+            let _permit = permit;
+            work()
+        })
+        .await
+        .map_err(|_| internal())
+    }
+}
+
+fn describe_metrics() {
+    metrics::describe_counter!(
+        "iris_image_fetches_total",
+        "Image URL fetches, by result (ok or the error code)."
+    );
+    metrics::describe_counter!(
+        "iris_image_fetched_bytes_total",
+        metrics::Unit::Bytes,
+        "Bytes of image bodies fetched."
+    );
+    metrics::describe_histogram!(
+        "iris_image_fetch_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time to fetch one image URL, redirects included."
+    );
+    metrics::describe_counter!(
+        "iris_image_cache_total",
+        "Image cache lookups, by layer (fetched, rendered) and outcome (hit, miss)."
+    );
+    metrics::describe_counter!(
+        "iris_image_conversions_total",
+        "Images re-encoded, by source format, output format and reason."
+    );
+    metrics::describe_counter!(
+        "iris_image_refusals_total",
+        "Images refused, by error code and reason."
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn images() -> Images {
+        Images::new(&ImagesConfig {
+            max_bytes: 10_000,
+            ..ImagesConfig::default()
+        })
+        .expect("images")
+    }
+
+    fn png(w: u32, h: u32) -> Vec<u8> {
+        let mut out = std::io::Cursor::new(Vec::new());
+        image::DynamicImage::ImageRgb8(image::RgbImage::new(w, h))
+            .write_to(&mut out, image::ImageFormat::Png)
+            .expect("png");
+        out.into_inner()
+    }
+
+    fn web() -> Target {
+        Target {
+            formats: FormatSet::of(&[Format::Jpeg, Format::Png, Format::Webp]),
+            max_bytes: None,
+            max_side: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn data_uris_are_validated_and_kept_when_they_fit() {
+        let images = images();
+        let encoded = base64::engine::general_purpose::STANDARD.encode(png(4, 3));
+        let good = format!("data:image/png;base64,{encoded}");
+        assert_eq!(
+            images.process_data_uri(&good, web()).await.expect("ok"),
+            None
+        );
+
+        // Right bytes, wrong declared type: re-labelled, bytes unchanged.
+        let mislabelled = format!("data:image/jpeg;base64,{encoded}");
+        assert_eq!(
+            images
+                .process_data_uri(&mislabelled, web())
+                .await
+                .expect("ok"),
+            Some(good.clone())
+        );
+
+        let unpadded = good.trim_end_matches('=').to_owned();
+        assert!(images.process_data_uri(&unpadded, web()).await.is_ok());
+
+        let code = |uri: String| {
+            let images = &images;
+            async move {
+                images
+                    .process_data_uri(&uri, web())
+                    .await
+                    .expect_err("refused")
+                    .kind
+            }
+        };
+        assert_eq!(
+            code("data:image/png;base64,not*base64!".into()).await,
+            ErrorKind::InvalidData
+        );
+        assert_eq!(
+            code(format!(
+                "data:image/png;base64,{}",
+                base64::engine::general_purpose::STANDARD.encode(b"<html>hello</html>")
+            ))
+            .await,
+            ErrorKind::FormatUnsupported
+        );
+        assert_eq!(
+            code(format!("data:image/png;base64,{}", "A".repeat(20_000))).await,
+            ErrorKind::TooLarge
+        );
+    }
+
+    #[tokio::test]
+    async fn the_pixel_cap_is_checked_from_the_header() {
+        let images = Images::new(&ImagesConfig {
+            max_pixels: 1_000,
+            ..ImagesConfig::default()
+        })
+        .expect("images");
+        // A GIF header claiming 65535x65535, with no pixel data at all.
+        let bomb = base64::engine::general_purpose::STANDARD
+            .encode(b"GIF89a\xff\xff\xff\xff\x00\x00\x00;");
+        let e = images
+            .process_data_uri(&format!("data:image/gif;base64,{bomb}"), web())
+            .await
+            .expect_err("refused");
+        assert_eq!(e.kind, ErrorKind::TooLarge);
+        assert!(e.message.contains("65535x65535"), "{}", e.message);
+    }
+}

@@ -1,0 +1,166 @@
+//! Applies an upstream's image policy to a chat request: every `image_url`
+//! part of every message is inlined, validated, converted or stripped of
+//! `detail` as that upstream needs, so clients never have to know.
+//!
+//! The work per image lives in [`crate::images`]; this module decides which
+//! work each image gets, runs the images of one request concurrently (with a
+//! bound), and names the failing image in the error's `param`.
+
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use futures_util::{StreamExt, TryStreamExt, stream};
+
+use crate::config::UpstreamConfig;
+use crate::error::ApiError;
+use crate::images::{ErrorKind, FormatSet, ImageError, Images, Target};
+use crate::openai::chat::ChatRequest;
+
+/// Images of one request processed at once. Enough to hide the latency of
+/// several slow image hosts; few enough that one request cannot open
+/// dozens of connections.
+pub const CONCURRENT_IMAGES_PER_REQUEST: usize = 8;
+
+/// What OpenAI's `detail: "low"` means: the model sees at most 512x512.
+pub const LOW_DETAIL_SIDE: u32 = 512;
+
+/// What happens to one image.
+enum Work<'r> {
+    /// Fetch an image URL and inline it.
+    Fetch(&'r str),
+    /// Validate (and maybe convert) a client's data URI.
+    Data(&'r str),
+}
+
+/// Rewrites `request`'s images for `upstream`. Refuses the whole request on
+/// the first image that fails, with `param` naming that image.
+pub async fn apply_image_policy(
+    images: &Images,
+    upstream: &UpstreamConfig,
+    request: &mut ChatRequest<'_>,
+) -> Result<(), ApiError> {
+    let count = request.image_count();
+    if count == 0 {
+        return Ok(());
+    }
+    // Before any fetch starts.
+    let max = images.max_images_per_request();
+    if count > max {
+        let param = request
+            .images_with_params()
+            .nth(max)
+            .map(|(param, _)| param)
+            .unwrap_or_default();
+        return Err(refusal(
+            ImageError::new(
+                ErrorKind::TooMany,
+                "count",
+                format!("This request has {count} images; at most {max} are accepted per request."),
+            ),
+            param,
+        ));
+    }
+
+    let formats = FormatSet::from_names(&upstream.image_formats);
+    let jobs: Vec<(usize, String, Work<'_>, Target)> = request
+        .images_with_params()
+        .enumerate()
+        .filter_map(|(index, (param, image))| {
+            let low = image
+                .detail
+                .as_deref()
+                .is_some_and(|d| d.eq_ignore_ascii_case("low"));
+            let target = Target {
+                formats,
+                max_bytes: upstream.max_image_bytes,
+                // Only where `detail` is stripped must Iris carry out its
+                // meaning; elsewhere the upstream does.
+                max_side: (upstream.strip_detail && low).then_some(LOW_DETAIL_SIDE),
+            };
+            let url: &str = &image.url;
+            let work = if is_data_uri(url) {
+                Work::Data(url)
+            } else if upstream.inline_images {
+                Work::Fetch(url)
+            } else {
+                // The upstream fetches URLs itself: they go as sent.
+                return None;
+            };
+            Some((index, param, work, target))
+        })
+        .collect();
+
+    let mut replacements: Vec<Option<Replacement>> = Vec::new();
+    if !jobs.is_empty() {
+        replacements.resize_with(count, || None);
+        // Futures built up front and polled at most N at a time. (A named
+        // async fn rather than a closure: closures over borrowed jobs trip
+        // the compiler's higher-ranked lifetime inference.)
+        let pending: Vec<_> = jobs.into_iter().map(|job| process(images, job)).collect();
+        let done: Vec<(usize, Option<Replacement>)> = stream::iter(pending)
+            .buffer_unordered(CONCURRENT_IMAGES_PER_REQUEST)
+            .try_collect()
+            .await?;
+        for (index, replacement) in done {
+            replacements[index] = replacement;
+        }
+    }
+
+    if replacements.is_empty() && !upstream.strip_detail {
+        return Ok(());
+    }
+    let mut replacements = replacements.into_iter();
+    for (_, image) in request.images_mut() {
+        match replacements.next().flatten() {
+            Some(Replacement::Shared(url)) => image.set_url_shared(url),
+            Some(Replacement::Owned(url)) => image.set_url(url),
+            None => {}
+        }
+        if upstream.strip_detail {
+            image.strip_detail();
+        }
+    }
+    Ok(())
+}
+
+/// A new URL for an image part.
+enum Replacement {
+    /// A data URI held by the image cache, not copied per request.
+    Shared(Arc<String>),
+    Owned(String),
+}
+
+/// One image's work; the replacement URL, if it changes.
+async fn process(
+    images: &Images,
+    (index, param, work, target): (usize, String, Work<'_>, Target),
+) -> Result<(usize, Option<Replacement>), ApiError> {
+    let result = match work {
+        Work::Fetch(url) => images
+            .inline_url(url, target)
+            .await
+            .map(|uri| Some(Replacement::Shared(uri))),
+        Work::Data(uri) => images
+            .process_data_uri(uri, target)
+            .await
+            .map(|uri| uri.map(Replacement::Owned)),
+    };
+    result
+        .map(|replacement| (index, replacement))
+        .map_err(|e| refusal(e, param))
+}
+
+fn is_data_uri(url: &str) -> bool {
+    url.get(..5)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("data:"))
+}
+
+/// The client-facing error for an image, counted and logged by reason.
+/// Neither the metric nor the log carries the URL.
+fn refusal(error: ImageError, param: String) -> ApiError {
+    let code = error.kind.code();
+    metrics::counter!("iris_image_refusals_total", "code" => code, "reason" => error.reason)
+        .increment(1);
+    tracing::info!(code, reason = error.reason, param = %param, "image refused");
+    ApiError::new(StatusCode::BAD_REQUEST, code, error.message).with_param(param)
+}
