@@ -55,7 +55,8 @@ const HEADER_PREFIX: usize = 64 * 1024;
 /// Above this much base64, an image whose header is not in the prefix counts
 /// at the worst case rather than being decoded whole.
 const MAX_FULL_DECODE: usize = 4 * 1024 * 1024;
-/// Bodies larger than this are estimated on the blocking pool: o200k's
+/// Bodies with more than this outside their images are estimated on the
+/// blocking pool: o200k's
 /// regex tokenizes only a few MB/s (about 0.25 ms per KiB measured), so a
 /// larger prompt would hold an async worker for milliseconds.
 const OFFLOAD_BYTES: usize = 8 * 1024;
@@ -148,7 +149,10 @@ pub fn estimate(request: &ChatRequest<'_>, default_cap: u64) -> Estimate {
 /// [`estimate`], run on the blocking pool when the body is large. `body` is
 /// the request's bytes, `request` parsed from it.
 pub async fn estimate_body(body: &Bytes, request: &ChatRequest<'_>, default_cap: u64) -> Estimate {
-    if body.len() <= OFFLOAD_BYTES {
+    // Image data is not tokenized (only its header is read): what costs time
+    // is the rest of the body.
+    let image_bytes: usize = request.images().map(|image| image.url.len()).sum();
+    if body.len().saturating_sub(image_bytes) <= OFFLOAD_BYTES {
         return estimate(request, default_cap);
     }
     let owned = body.clone();
@@ -191,7 +195,7 @@ pub fn prompt_tokens(request: &ChatRequest<'_>) -> u64 {
                     };
                 }
             }
-            Content::Absent => {}
+            Content::Absent | Content::Null => {}
         }
     }
     for key in ["tools", "functions", "response_format"] {

@@ -3,11 +3,14 @@
 //! parts. Everything else stays raw and is written back untouched.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
+use std::fmt;
 use std::sync::Arc;
 
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
-use super::raw::{self, RawObject};
+use super::raw::{self, Claim, RawObject};
 use crate::error::ApiError;
 
 /// Deeper JSON is refused: serde_json's own default recursion limit.
@@ -40,8 +43,10 @@ pub struct Message<'a> {
 
 #[derive(Debug)]
 pub enum Content<'a> {
-    /// No `content`, or `null` (e.g. an assistant message with tool calls).
+    /// No `content` (e.g. an assistant message with tool calls).
     Absent,
+    /// `content: null`.
+    Null,
     Text(Cow<'a, str>),
     Parts(Vec<Part<'a>>),
 }
@@ -50,6 +55,9 @@ pub enum Content<'a> {
 pub struct Part<'a> {
     fields: RawObject<'a>,
     pub kind: PartKind<'a>,
+    /// An `image_url` object parsed before the part's `type` said it is no
+    /// image part: kept only to be written back.
+    stray_image: Option<ImagePart<'a>>,
 }
 
 #[derive(Debug)]
@@ -157,9 +165,21 @@ impl<'a> ChatRequest<'a> {
                 "The request body nests arrays and objects deeper than {MAX_NESTING} levels."
             )));
         }
-        let object: RawObject<'a> = serde_json::from_slice(body).map_err(|e| {
-            ApiError::invalid_request(format!("The request body is not a valid JSON object: {e}."))
-        })?;
+        let shape = ShapeError::default();
+        let mut deserializer = serde_json::Deserializer::from_slice(body);
+        let parsed = TopLevelSeed(&shape)
+            .deserialize(&mut deserializer)
+            .and_then(|top| deserializer.end().map(|()| top));
+        let (object, messages) = match parsed {
+            Ok(top) => top,
+            Err(e) => {
+                return Err(shape.take().unwrap_or_else(|| {
+                    ApiError::invalid_request(format!(
+                        "The request body is not a valid JSON object: {e}."
+                    ))
+                }));
+            }
+        };
 
         let model = match object.get_borrowed("model") {
             None => return Err(invalid("model", "Missing required parameter: 'model'.")),
@@ -195,14 +215,20 @@ impl<'a> ChatRequest<'a> {
             None => cap(&object, "max_tokens")?,
         };
 
-        let messages = match object.get_borrowed("messages") {
+        let messages = match messages {
             None => {
                 return Err(invalid(
                     "messages",
                     "Missing required parameter: 'messages'.",
                 ));
             }
-            Some(raw) => parse_messages(raw)?,
+            Some(messages) if messages.is_empty() => {
+                return Err(invalid(
+                    "messages",
+                    "'messages' must contain at least one message.",
+                ));
+            }
+            Some(messages) => messages,
         };
 
         Ok(Self {
@@ -322,9 +348,8 @@ impl<'a> ChatRequest<'a> {
             .map(|image| image.url.len() + 2)
             .sum();
         let mut out = Vec::with_capacity(self.body_len + replaced + 256);
-        let changed = self.messages_changed && self.messages.iter().any(Message::changed);
         self.body.write_with(&mut out, |key, out| {
-            if key != "messages" || !changed {
+            if key != "messages" {
                 return false;
             }
             out.push(b'[');
@@ -353,117 +378,366 @@ fn cap(object: &RawObject<'_>, key: &str) -> Result<Option<u64>, ApiError> {
     }
 }
 
-fn parse_messages(raw: &RawValue) -> Result<Vec<Message<'_>>, ApiError> {
-    let items: Vec<&RawValue> = serde_json::from_str(raw.get()).map_err(|_| {
-        invalid(
-            "messages",
-            "'messages' must be an array of message objects.",
-        )
-    })?;
-    if items.is_empty() {
-        return Err(invalid(
-            "messages",
-            "'messages' must contain at least one message.",
-        ));
+/// The first request-shape error met while parsing, with its `param`.
+/// Parsing is one serde pass through nested seeds; a seed that finds a field
+/// of the wrong kind records the client-facing error here and aborts.
+#[derive(Default)]
+struct ShapeError(RefCell<Option<ApiError>>);
+
+impl ShapeError {
+    fn fail<E: de::Error>(&self, param: String, message: &str) -> E {
+        self.0
+            .borrow_mut()
+            .get_or_insert_with(|| invalid(param, message));
+        E::custom(message)
     }
-    items
-        .into_iter()
-        .enumerate()
-        .map(|(i, item)| parse_message(i, item))
-        .collect()
+
+    fn take(&self) -> Option<ApiError> {
+        self.0.borrow_mut().take()
+    }
 }
 
-fn parse_message(i: usize, raw: &RawValue) -> Result<Message<'_>, ApiError> {
-    let fields: RawObject<'_> = serde_json::from_str(raw.get())
-        .map_err(|_| invalid(format!("messages[{i}]"), "Each message must be an object."))?;
-    let content = match fields.get_borrowed("content") {
-        None => Content::Absent,
-        Some(raw) => match raw::kind(raw) {
-            "null" => Content::Absent,
-            "string" => Content::Text(raw::as_str(raw).unwrap_or_default()),
-            "array" => {
-                let items: Vec<&RawValue> = serde_json::from_str(raw.get()).map_err(|_| {
-                    invalid(format!("messages[{i}].content"), "Invalid content array.")
-                })?;
-                Content::Parts(
-                    items
-                        .into_iter()
-                        .enumerate()
-                        .map(|(j, item)| parse_part(i, j, item))
-                        .collect::<Result<_, _>>()?,
-                )
-            }
-            _ => {
-                return Err(invalid(
-                    format!("messages[{i}].content"),
-                    "'content' must be a string or an array of content parts.",
-                ));
-            }
-        },
+/// Implements a visitor's methods for the JSON kinds a field must not be,
+/// each recording `$message` for `$param`.
+macro_rules! refuse_kinds {
+    ($shape:expr, $param:expr, $message:expr; $($kind:ident),*) => {
+        $(refuse_kinds!(@one $kind, $shape, $param, $message);)*
     };
-    Ok(Message { fields, content })
+    (@one map, $shape:expr, $param:expr, $message:expr) => {
+        fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+            Err($shape(&self).fail($param(&self), $message))
+        }
+    };
+    (@one seq, $shape:expr, $param:expr, $message:expr) => {
+        fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+            Err($shape(&self).fail($param(&self), $message))
+        }
+    };
+    (@one str, $shape:expr, $param:expr, $message:expr) => {
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+            Err($shape(&self).fail($param(&self), $message))
+        }
+    };
+    (@one unit, $shape:expr, $param:expr, $message:expr) => {
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Err($shape(&self).fail($param(&self), $message))
+        }
+    };
+    (@one scalars, $shape:expr, $param:expr, $message:expr) => {
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Err($shape(&self).fail($param(&self), $message))
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Err($shape(&self).fail($param(&self), $message))
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+            Err($shape(&self).fail($param(&self), $message))
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Err($shape(&self).fail($param(&self), $message))
+        }
+    };
 }
 
-fn parse_part(i: usize, j: usize, raw: &RawValue) -> Result<Part<'_>, ApiError> {
-    let at = format!("messages[{i}].content[{j}]");
-    let fields: RawObject<'_> = serde_json::from_str(raw.get())
-        .map_err(|_| invalid(at.clone(), "Each content part must be an object."))?;
-    let part_type = fields.get("type").and_then(raw::as_str);
-    let kind = match part_type.as_deref() {
-        Some("text") => PartKind::Text(
-            fields
-                .get_borrowed("text")
-                .and_then(raw::as_str)
-                .ok_or_else(|| {
-                    invalid(format!("{at}.text"), "A text part needs a string 'text'.")
-                })?,
-        ),
-        Some("image_url") => {
-            let image_raw = fields.get_borrowed("image_url").ok_or_else(|| {
-                invalid(
+/// The top-level object: `messages` parsed, every other field kept raw.
+struct TopLevelSeed<'s>(&'s ShapeError);
+
+type TopLevel<'a> = (RawObject<'a>, Option<Vec<Message<'a>>>);
+
+impl<'de> DeserializeSeed<'de> for TopLevelSeed<'_> {
+    type Value = TopLevel<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TopLevelSeed<'_> {
+    type Value = TopLevel<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a chat completion request object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut messages = None;
+        let object = RawObject::from_map(&mut map, |key, map| {
+            if key != "messages" {
+                return Ok(Claim::Raw);
+            }
+            messages = Some(map.next_value_seed(MessagesSeed(self.0))?);
+            Ok(Claim::Parsed)
+        })?;
+        Ok((object, messages))
+    }
+}
+
+struct MessagesSeed<'s>(&'s ShapeError);
+
+impl<'de> DeserializeSeed<'de> for MessagesSeed<'_> {
+    type Value = Vec<Message<'de>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for MessagesSeed<'_> {
+    type Value = Vec<Message<'de>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array of messages")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut messages = Vec::with_capacity(seq.size_hint().unwrap_or(4));
+        while let Some(message) = seq.next_element_seed(MessageSeed(self.0, messages.len()))? {
+            messages.push(message);
+        }
+        Ok(messages)
+    }
+
+    refuse_kinds!(|s: &Self| s.0, |_: &Self| "messages".to_owned(),
+        "'messages' must be an array of message objects."; map, str, unit, scalars);
+}
+
+/// Message `.1` of the request.
+struct MessageSeed<'s>(&'s ShapeError, usize);
+
+impl<'de> DeserializeSeed<'de> for MessageSeed<'_> {
+    type Value = Message<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for MessageSeed<'_> {
+    type Value = Message<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a message object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut content = Content::Absent;
+        let fields = RawObject::from_map(&mut map, |key, map| {
+            if key != "content" {
+                return Ok(Claim::Raw);
+            }
+            content = map.next_value_seed(ContentSeed(self.0, self.1))?;
+            Ok(Claim::Parsed)
+        })?;
+        Ok(Message { fields, content })
+    }
+
+    refuse_kinds!(|s: &Self| s.0, |s: &Self| format!("messages[{}]", s.1),
+        "Each message must be an object."; seq, str, unit, scalars);
+}
+
+/// The `content` of message `.1`.
+struct ContentSeed<'s>(&'s ShapeError, usize);
+
+impl<'de> DeserializeSeed<'de> for ContentSeed<'_> {
+    type Value = Content<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ContentSeed<'_> {
+    type Value = Content<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string or an array of content parts")
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Content::Null)
+    }
+
+    fn visit_borrowed_str<E: de::Error>(self, text: &'de str) -> Result<Self::Value, E> {
+        Ok(Content::Text(Cow::Borrowed(text)))
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<Self::Value, E> {
+        Ok(Content::Text(Cow::Owned(text.to_owned())))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut parts = Vec::with_capacity(seq.size_hint().unwrap_or(2));
+        while let Some(part) = seq.next_element_seed(PartSeed(self.0, self.1, parts.len()))? {
+            parts.push(part);
+        }
+        Ok(Content::Parts(parts))
+    }
+
+    refuse_kinds!(|s: &Self| s.0, |s: &Self| format!("messages[{}].content", s.1),
+        "'content' must be a string or an array of content parts."; map, scalars);
+}
+
+/// Content part `.2` of message `.1`.
+struct PartSeed<'s>(&'s ShapeError, usize, usize);
+
+impl PartSeed<'_> {
+    fn at(&self) -> String {
+        format!("messages[{}].content[{}]", self.1, self.2)
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for PartSeed<'_> {
+    type Value = Part<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for PartSeed<'_> {
+    type Value = Part<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a content part object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut part_type = None;
+        let mut text = None;
+        let mut image = None;
+        let fields = RawObject::from_map(&mut map, |key, map| match key {
+            "type" => {
+                let raw: &'de RawValue = map.next_value()?;
+                part_type = raw::as_str(raw);
+                Ok(Claim::Peeked(raw))
+            }
+            "text" => {
+                let raw: &'de RawValue = map.next_value()?;
+                text = Some(raw);
+                Ok(Claim::Peeked(raw))
+            }
+            // Another type's `image_url` (type seen first) is passed through as sent.
+            "image_url" if part_type.as_deref().is_none_or(|t| t == "image_url") => {
+                image = Some(map.next_value_seed(ImageSeed(self.0, self.at()))?);
+                Ok(Claim::Parsed)
+            }
+            _ => Ok(Claim::Raw),
+        })?;
+        let at = self.at();
+        let kind = match part_type.as_deref() {
+            Some("text") => PartKind::Text(text.and_then(raw::as_str).ok_or_else(|| {
+                self.0
+                    .fail::<A::Error>(format!("{at}.text"), "A text part needs a string 'text'.")
+            })?),
+            Some("image_url") => PartKind::Image(image.take().ok_or_else(|| {
+                self.0.fail::<A::Error>(
                     format!("{at}.image_url"),
                     "An image_url part needs an 'image_url' object.",
                 )
-            })?;
-            PartKind::Image(parse_image(&at, image_raw)?)
-        }
-        _ => PartKind::Other,
-    };
-    Ok(Part { fields, kind })
+            })?),
+            _ => PartKind::Other,
+        };
+        Ok(Part {
+            fields,
+            kind,
+            stray_image: image,
+        })
+    }
+
+    refuse_kinds!(|s: &Self| s.0, |s: &Self| s.at(),
+        "Each content part must be an object."; seq, str, unit, scalars);
 }
 
-fn parse_image<'a>(at: &str, raw: &'a RawValue) -> Result<ImagePart<'a>, ApiError> {
-    let fields: RawObject<'a> = serde_json::from_str(raw.get()).map_err(|_| {
-        invalid(
-            format!("{at}.image_url"),
-            "'image_url' must be an object with a 'url'.",
-        )
-    })?;
-    let url = fields
-        .get_borrowed("url")
-        .and_then(raw::as_str)
-        .ok_or_else(|| {
-            invalid(
+/// The `image_url` object of the part at `.1`: `url` parsed (borrowed from
+/// the body, so a large data URI is read once and never copied), `detail`
+/// read, everything else raw.
+struct ImageSeed<'s>(&'s ShapeError, String);
+
+impl<'de> DeserializeSeed<'de> for ImageSeed<'_> {
+    type Value = ImagePart<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ImageSeed<'_> {
+    type Value = ImagePart<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an image_url object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let at = &self.1;
+        let mut url = None;
+        let mut detail = None;
+        let fields = RawObject::from_map(&mut map, |key, map| match key {
+            "url" => {
+                url = Some(map.next_value_seed(UrlSeed(self.0, at))?);
+                Ok(Claim::Parsed)
+            }
+            "detail" => {
+                let raw: &'de RawValue = map.next_value()?;
+                detail = match raw::kind(raw) {
+                    "null" => None,
+                    _ => Some(raw::as_str(raw).ok_or_else(|| {
+                        self.0.fail::<A::Error>(
+                            format!("{at}.image_url.detail"),
+                            "'detail' must be a string.",
+                        )
+                    })?),
+                };
+                Ok(Claim::Peeked(raw))
+            }
+            _ => Ok(Claim::Raw),
+        })?;
+        let url = url.ok_or_else(|| {
+            self.0.fail::<A::Error>(
                 format!("{at}.image_url.url"),
                 "'image_url.url' must be a string.",
             )
         })?;
-    let detail = match fields.get_borrowed("detail") {
-        None => None,
-        Some(raw) if raw.get() == "null" => None,
-        Some(raw) => Some(raw::as_str(raw).ok_or_else(|| {
-            invalid(
-                format!("{at}.image_url.detail"),
-                "'detail' must be a string.",
-            )
-        })?),
-    };
-    Ok(ImagePart {
-        fields,
-        url: ImageUrl(UrlText::Text(url)),
-        detail,
-        changed: false,
-    })
+        Ok(ImagePart {
+            fields,
+            url: ImageUrl(UrlText::Text(url)),
+            detail,
+            changed: false,
+        })
+    }
+
+    refuse_kinds!(|s: &Self| s.0, |s: &Self| format!("{}.image_url", s.1),
+        "'image_url' must be an object with a 'url'."; seq, str, unit, scalars);
+}
+
+/// An image's `url`: a string, borrowed from the body when unescaped.
+struct UrlSeed<'s>(&'s ShapeError, &'s str);
+
+impl<'de> DeserializeSeed<'de> for UrlSeed<'_> {
+    type Value = Cow<'de, str>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for UrlSeed<'_> {
+    type Value = Cow<'de, str>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a URL string")
+    }
+
+    fn visit_borrowed_str<E: de::Error>(self, url: &'de str) -> Result<Self::Value, E> {
+        Ok(Cow::Borrowed(url))
+    }
+
+    fn visit_str<E: de::Error>(self, url: &str) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(url.to_owned()))
+    }
+
+    refuse_kinds!(|s: &Self| s.0, |s: &Self| format!("{}.image_url.url", s.1),
+        "'image_url.url' must be a string."; map, seq, unit, scalars);
 }
 
 impl Message<'_> {
@@ -481,7 +755,7 @@ impl Message<'_> {
         let (text, parts) = match &self.content {
             Content::Text(text) => (Some(text.as_ref()), None),
             Content::Parts(parts) => (None, Some(parts)),
-            Content::Absent => (None, None),
+            Content::Absent | Content::Null => (None, None),
         };
         text.into_iter()
             .chain(parts.into_iter().flatten().filter_map(|p| match &p.kind {
@@ -496,42 +770,52 @@ impl Message<'_> {
     }
 
     fn write(&self, out: &mut Vec<u8>) {
-        if !self.changed() {
-            self.fields.write(out);
-            return;
-        }
-        let Content::Parts(parts) = &self.content else {
-            return self.fields.write(out);
-        };
         self.fields.write_with(out, |key, out| {
             if key != "content" {
                 return false;
             }
-            out.push(b'[');
-            for (j, part) in parts.iter().enumerate() {
-                if j > 0 {
-                    out.push(b',');
-                }
-                match &part.kind {
-                    PartKind::Image(image) if image.changed => {
-                        part.fields.write_with(out, |key, out| {
-                            if key != "image_url" {
-                                return false;
-                            }
-                            image.fields.write_with(out, |key, out| {
-                                if key != "url" {
-                                    return false;
-                                }
-                                raw::write_json_string(out, &image.url);
-                                true
-                            });
-                            true
-                        });
+            match &self.content {
+                Content::Absent | Content::Null => out.extend_from_slice(b"null"),
+                Content::Text(text) => raw::write_json_string(out, text),
+                Content::Parts(parts) => {
+                    out.push(b'[');
+                    for (j, part) in parts.iter().enumerate() {
+                        if j > 0 {
+                            out.push(b',');
+                        }
+                        part.write(out);
                     }
-                    _ => part.fields.write(out),
+                    out.push(b']');
                 }
             }
-            out.push(b']');
+            true
+        });
+    }
+}
+
+impl Part<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        let image = match &self.kind {
+            PartKind::Image(image) => Some(image),
+            _ => self.stray_image.as_ref(),
+        };
+        self.fields.write_with(out, |key, out| match (key, image) {
+            ("image_url", Some(image)) => {
+                image.write(out);
+                true
+            }
+            _ => false,
+        });
+    }
+}
+
+impl ImagePart<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        self.fields.write_with(out, |key, out| {
+            if key != "url" {
+                return false;
+            }
+            raw::write_json_string(out, &self.url);
             true
         });
     }
@@ -563,6 +847,19 @@ mod tests {
             body.to_vec(),
             "unchanged request is written back as sent"
         );
+    }
+
+    #[test]
+    fn rewritten_bodies_keep_every_field_of_every_level() {
+        let body = br#"{"model":"a","messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"t"}]},{"role":"user","content":[{"image_url":{"url":"https://x/b.png"},"type":"input_audio"},{"type":"text","text":"caf\u00e9","cache":1},{"type":"image_url","image_url":{"url":"https://x/a.png","extra":[1]}}]}]}"#;
+        let mut request = ChatRequest::parse(body).expect("valid");
+        assert_eq!(request.image_count(), 1, "only image_url parts are images");
+        request.set_model("b");
+        let written: serde_json::Value =
+            serde_json::from_slice(&request.to_body()).expect("valid JSON");
+        let mut expected: serde_json::Value = serde_json::from_slice(body).expect("json");
+        expected["model"] = "b".into();
+        assert_eq!(written, expected);
     }
 
     #[test]
@@ -655,6 +952,32 @@ mod tests {
                 .1
                 .as_deref(),
             Some("messages[0].content[0].image_url.url")
+        );
+        assert_eq!(
+            parse_err(
+                r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":5}]}]}"#
+            )
+            .1
+            .as_deref(),
+            Some("messages[0].content[0].text")
+        );
+        assert_eq!(
+            parse_err(
+                r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#
+            )
+            .1
+            .as_deref(),
+            Some("messages[0].content[0].image_url")
+        );
+        assert_eq!(
+            parse_err(r#"{"model":"m","messages":[1]}"#).1.as_deref(),
+            Some("messages[0]")
+        );
+        assert_eq!(
+            parse_err(r#"{"model":"m","messages":[{"content":{}}]}"#)
+                .1
+                .as_deref(),
+            Some("messages[0].content")
         );
         assert_eq!(
             parse_err(r#"{"model":"m","messages":[{"content":"x"}],"max_tokens":-1}"#)

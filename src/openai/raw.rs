@@ -8,20 +8,34 @@ use std::fmt;
 use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-/// One field's value: borrowed from the request body, or written by Iris.
+/// One field's value: borrowed from the request body, written by Iris, or
+/// parsed into a structure that its owner writes back (see
+/// [`RawObject::from_map`]).
 #[derive(Debug)]
 enum Field<'a> {
     Borrowed(&'a RawValue),
     Owned(Box<RawValue>),
+    Parsed,
 }
 
 impl Field<'_> {
-    fn raw(&self) -> &RawValue {
+    fn raw(&self) -> Option<&RawValue> {
         match self {
-            Field::Borrowed(raw) => raw,
-            Field::Owned(raw) => raw,
+            Field::Borrowed(raw) => Some(raw),
+            Field::Owned(raw) => Some(raw),
+            Field::Parsed => None,
         }
     }
+}
+
+/// What [`RawObject::from_map`]'s caller did with a field's value.
+pub enum Claim<'a> {
+    /// Nothing: keep it raw.
+    Raw,
+    /// Read it raw to look at it: keep that raw text.
+    Peeked(&'a RawValue),
+    /// Parsed it into a structure of the caller's, which writes it back.
+    Parsed,
 }
 
 /// A JSON object as an ordered list of `(key, raw value)`.
@@ -37,7 +51,7 @@ impl<'a> RawObject<'a> {
             .iter()
             .rev()
             .find(|(k, _)| k == key)
-            .map(|(_, v)| v.raw())
+            .and_then(|(_, v)| v.raw())
     }
 
     /// The value of `key` as borrowed from the body, so it may outlive `self`.
@@ -74,7 +88,26 @@ impl<'a> RawObject<'a> {
         self.fields.len() != before
     }
 
-    /// Writes the object; `override_field` may supply a replacement text for a key.
+    /// Reads a JSON object's fields in one pass. `claim(key, map)` says what
+    /// becomes of each value (see [`Claim`]); unclaimed values stay raw.
+    pub fn from_map<A: MapAccess<'a>>(
+        map: &mut A,
+        mut claim: impl FnMut(&str, &mut A) -> Result<Claim<'a>, A::Error>,
+    ) -> Result<Self, A::Error> {
+        let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(8));
+        while let Some(key) = map.next_key::<String>()? {
+            let field = match claim(&key, map)? {
+                Claim::Raw => Field::Borrowed(map.next_value()?),
+                Claim::Peeked(raw) => Field::Borrowed(raw),
+                Claim::Parsed => Field::Parsed,
+            };
+            fields.push((key, field));
+        }
+        Ok(RawObject { fields })
+    }
+
+    /// Writes the object; `override_field` may supply a replacement text for
+    /// a key, and must for every parsed one.
     pub fn write_with(
         &self,
         out: &mut Vec<u8>,
@@ -88,7 +121,8 @@ impl<'a> RawObject<'a> {
             write_json_string(out, key);
             out.push(b':');
             if !override_field(key, out) {
-                out.extend_from_slice(value.raw().get().as_bytes());
+                let raw = value.raw().map_or("null", RawValue::get);
+                out.extend_from_slice(raw.as_bytes());
             }
         }
         out.push(b'}');
@@ -111,12 +145,7 @@ impl<'de> Deserialize<'de> for RawObject<'de> {
             }
 
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(8));
-                while let Some(key) = map.next_key::<String>()? {
-                    let value: &'de RawValue = map.next_value()?;
-                    fields.push((key, Field::Borrowed(value)));
-                }
-                Ok(RawObject { fields })
+                RawObject::from_map(&mut map, |_, _| Ok(Claim::Raw))
             }
         }
 
