@@ -1,7 +1,7 @@
 //! Load benchmark: the same requests sent straight to a mock upstream, through
 //! a bare pass-through proxy, and through Iris, in one run.
 //!
-//!   cargo run --release --example bench [-- --seconds 3]
+//!   cargo run --release --example bench [-- --seconds 3] [--only 'small chat/64/iris']
 //!
 //! Each server runs on its own 1-thread runtime and the load generator on
 //! another, so the numbers compare like with like on a small machine. The bare
@@ -24,6 +24,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use iris::keys::KeyHash;
+
+/// The allocator the `iris` binary uses, so in-process numbers match it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const KEY: &str = "bench-key";
 const KEY_BUDGETED: &str = "bench-key-budgeted";
@@ -90,23 +94,29 @@ fn sample_jpeg(size: usize) -> Vec<u8> {
 }
 
 /// Runs `future`'s server on a dedicated 1-thread runtime in its own OS thread.
-fn spawn_runtime<F, Fut>(make: F) -> SocketAddr
+fn spawn_runtime<F, Fut>(name: &str, make: F) -> SocketAddr
 where
     F: FnOnce(tokio::sync::oneshot::Sender<SocketAddr>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + 'static,
 {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap_or_else(|e| panic!("runtime: {e}"));
-        let local = tokio::task::LocalSet::new();
-        local.block_on(&runtime, async move {
-            make(tx).await;
-            std::future::pending::<()>().await;
+    // Named threads, so a profiler can tell the servers apart.
+    let spawned = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap_or_else(|e| panic!("runtime: {e}"));
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&runtime, async move {
+                make(tx).await;
+                std::future::pending::<()>().await;
+            });
         });
-    });
+    if let Err(e) = spawned {
+        panic!("thread: {e}");
+    }
     rx.blocking_recv()
         .unwrap_or_else(|e| panic!("server start: {e}"))
 }
@@ -311,20 +321,19 @@ fn micros(d: Duration) -> String {
 }
 
 fn main() {
-    let seconds: f64 = std::env::args()
-        .skip_while(|a| a != "--seconds")
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3.0);
+    let arg = |name: &str| std::env::args().skip_while(|a| a != name).nth(1);
+    let seconds: f64 = arg("--seconds").and_then(|s| s.parse().ok()).unwrap_or(3.0);
+    // `--only TEXT`: run only the cells whose "scenario/concurrency/target" contains TEXT.
+    let only = arg("--only").unwrap_or_default();
 
-    let upstream = spawn_runtime(|ready| async move {
+    let upstream = spawn_runtime("mock", |ready| async move {
         let mock = mock_upstream::MockUpstream::start().await;
         mock.state.keep_bodies(false);
         let _ = ready.send(mock.addr);
         std::future::pending::<()>().await;
     });
-    let bare = spawn_runtime(move |ready| bare_proxy(upstream, ready));
-    let iris = spawn_runtime(move |ready| iris_server(upstream, ready));
+    let bare = spawn_runtime("bare", move |ready| bare_proxy(upstream, ready));
+    let iris = spawn_runtime("iris", move |ready| iris_server(upstream, ready));
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -349,6 +358,10 @@ fn main() {
             ];
             let mut direct_p50 = Duration::ZERO;
             for (name, addr, key) in targets {
+                let cell = format!("{}/{concurrency}/{name}", scenario.name());
+                if !cell.contains(&only) && (name != "direct" || !only.is_empty()) {
+                    continue;
+                }
                 let measured = runtime.block_on(load(addr, key, scenario, concurrency, seconds));
                 let p50 = measured.percentile(0.5);
                 if name == "direct" {

@@ -6,6 +6,11 @@ use clap::Parser;
 use iris::cli::{Cli, Command, ConfigArg, KeyCommand};
 use iris::keys::{self, KeyHash};
 
+/// A gateway allocates many short-lived buffers per request; mimalloc serves
+/// them faster than the system allocator (measured with examples/bench.rs).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Serve(ConfigArg::default())) {
