@@ -22,6 +22,17 @@ pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 #[derive(Clone)]
 pub struct RequestId(pub HeaderValue);
 
+/// Where authentication records the client's name for the log line, on every
+/// route (set by [`crate::routes::Authenticated`]).
+#[derive(Clone, Default)]
+pub struct ClientSlot(Arc<std::sync::OnceLock<Arc<str>>>);
+
+impl ClientSlot {
+    pub fn set(&self, name: Arc<str>) {
+        let _ = self.0.set(name);
+    }
+}
+
 /// What a handler learned about a request, left on the response for the log
 /// line and the metrics.
 #[derive(Clone, Default)]
@@ -45,6 +56,8 @@ pub async fn observe(mut request: Request, next: Next) -> Response {
         .cloned()
         .unwrap_or_else(new_request_id);
     request.extensions_mut().insert(RequestId(id.clone()));
+    let client_slot = ClientSlot::default();
+    request.extensions_mut().insert(client_slot.clone());
     let method = request.method().clone();
     let route = request
         .extensions()
@@ -82,7 +95,11 @@ pub async fn observe(mut request: Request, next: Next) -> Response {
         .unwrap_or_default();
     let code = response.extensions().get::<ErrorCode>().map(|c| c.0);
 
-    let client = log.client.as_deref().unwrap_or("");
+    let client = log
+        .client
+        .as_deref()
+        .or(client_slot.0.get().map(|name| &**name))
+        .unwrap_or("");
     let model = log.model.as_deref().unwrap_or("");
     metrics::counter!(
         "iris_requests_total",

@@ -202,6 +202,13 @@ async fn serve_logs_json_without_keys_and_exits_cleanly_on_sigterm() {
         .await
         .expect("request");
     assert_eq!(wrong.status(), 401);
+    let models = client
+        .get(format!("http://{addr}/v1/models"))
+        .bearer_auth(KEY_A)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(models.status(), 200);
 
     let mut child = child.0.take().expect("child");
     let pid = child.id().to_string();
@@ -233,6 +240,12 @@ async fn serve_logs_json_without_keys_and_exits_cleanly_on_sigterm() {
     );
     assert!(request_line["upstream_ms"].as_f64().is_some());
     assert!(request_line["total_ms"].as_f64().is_some());
+    let models_line = logs
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+        .find(|l| l["message"] == "request" && l["route"] == "/v1/models")
+        .expect("a log line for GET /v1/models");
+    assert_eq!(models_line["client"], "a", "every route logs its client");
     let all = logs.join("\n");
     for secret in [KEY_A, "not-a-real-key-123", "upstream-secret-key"] {
         assert!(!all.contains(secret), "a key appeared in the logs");

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use crate::app::SharedState;
 use crate::catalog::Client;
 use crate::error::ApiError;
+use crate::observe::ClientSlot;
 
 /// The client a request authenticated as; extracting it answers 401 otherwise.
 pub struct Authenticated(pub Arc<Client>);
@@ -23,11 +24,14 @@ impl FromRequestParts<SharedState> for Authenticated {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<Self, ApiError> {
-        state
+        let client = state
             .catalog
             .authenticate(&parts.headers)
-            .map(|client| Authenticated(Arc::clone(client)))
-            .ok_or_else(ApiError::invalid_api_key)
+            .ok_or_else(ApiError::invalid_api_key)?;
+        if let Some(slot) = parts.extensions.get::<ClientSlot>() {
+            slot.set(Arc::clone(&client.name));
+        }
+        Ok(Authenticated(Arc::clone(client)))
     }
 }
 
