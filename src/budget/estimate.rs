@@ -251,13 +251,7 @@ fn data_uri_dimensions(url: &str) -> Option<(u32, u32)> {
 mod tests {
     use super::*;
 
-    fn png(width: u32, height: u32) -> Vec<u8> {
-        let mut out = Vec::new();
-        image::DynamicImage::new_luma8(width, height)
-            .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
-            .expect("encode");
-        out
-    }
+    use crate::images::test_png as png;
 
     fn data_uri(bytes: &[u8]) -> String {
         format!(

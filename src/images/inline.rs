@@ -199,13 +199,7 @@ pub fn parse_data_uri(uri: &str) -> Result<(&str, &str), ImageError> {
 mod tests {
     use super::*;
 
-    fn png(w: u32, h: u32) -> Vec<u8> {
-        let mut out = std::io::Cursor::new(Vec::new());
-        image::DynamicImage::ImageRgb8(image::RgbImage::new(w, h))
-            .write_to(&mut out, image::ImageFormat::Png)
-            .expect("png");
-        out.into_inner()
-    }
+    use crate::images::test_png as png;
 
     #[test]
     fn streamed_data_uri_equals_the_one_shot_encoding_for_any_chunking() {

@@ -311,6 +311,16 @@ fn describe_metrics() {
     );
 }
 
+/// A real black PNG of `width`×`height`, for tests across the crate.
+#[cfg(test)]
+pub(crate) fn test_png(width: u32, height: u32) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::ImageRgb8(image::RgbImage::new(width, height))
+        .write_to(&mut out, image::ImageFormat::Png)
+        .expect("png");
+    out.into_inner()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,13 +333,7 @@ mod tests {
         .expect("images")
     }
 
-    fn png(w: u32, h: u32) -> Vec<u8> {
-        let mut out = std::io::Cursor::new(Vec::new());
-        image::DynamicImage::ImageRgb8(image::RgbImage::new(w, h))
-            .write_to(&mut out, image::ImageFormat::Png)
-            .expect("png");
-        out.into_inner()
-    }
+    use super::test_png as png;
 
     fn web() -> Target {
         Target {
