@@ -7,11 +7,19 @@
 //! - `x-mock-delay-ms: N` waits before the response head;
 //! - `x-mock-chunks: N` streams N content chunks (default 3);
 //! - `x-mock-chunk-delay-ms: N` waits between streamed chunks;
-//! - `x-mock-no-usage: 1` reports no usage at all.
+//! - `x-mock-no-usage: 1` reports no usage at all;
+//! - `x-mock-echo: 1` answers (not streamed) with the request body it
+//!   received as the message content, so a test that only sees responses
+//!   (the SDK suite, driving the example) can check what Iris forwarded.
+//!
+//! `GET /mock/stats` answers `{"chat_requests": N}`, every chat completion
+//! request received so far (counted even with bodies not kept), so such a
+//! test can tell whether a request reached the upstream.
 
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,7 +28,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use tokio::net::TcpListener;
 
 /// One request as the upstream received it.
@@ -40,25 +48,27 @@ impl Received {
 pub struct MockState {
     pub received: Arc<Mutex<Vec<Received>>>,
     /// Off for long-running use (the example, the benchmark).
-    record: Arc<std::sync::atomic::AtomicBool>,
+    record: Arc<AtomicBool>,
     /// Streams that ended because the reader went away.
     pub cancelled_streams: Arc<Mutex<u32>>,
+    /// Chat completion requests received, recorded or not.
+    pub chat_requests: Arc<AtomicU64>,
 }
 
 impl Default for MockState {
     fn default() -> Self {
         Self {
             received: Arc::default(),
-            record: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            record: Arc::new(AtomicBool::new(true)),
             cancelled_streams: Arc::default(),
+            chat_requests: Arc::default(),
         }
     }
 }
 
 impl MockState {
     pub fn keep_bodies(&self, keep: bool) {
-        self.record
-            .store(keep, std::sync::atomic::Ordering::Relaxed);
+        self.record.store(keep, Ordering::Relaxed);
     }
 }
 
@@ -75,6 +85,7 @@ impl MockUpstream {
         let state = MockState::default();
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
+            .route("/mock/stats", get(stats))
             .with_state(state.clone());
         let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
             let _ = tcp.set_nodelay(true);
@@ -119,8 +130,18 @@ fn header_num(headers: &HeaderMap, name: &str) -> Option<u64> {
     headers.get(name)?.to_str().ok()?.parse().ok()
 }
 
+async fn stats(State(state): State<MockState>) -> Response {
+    let body = serde_json::json!({"chat_requests": state.chat_requests.load(Ordering::SeqCst)});
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
 async fn chat(State(state): State<MockState>, headers: HeaderMap, body: Bytes) -> Response {
-    let record = state.record.load(std::sync::atomic::Ordering::Relaxed);
+    state.chat_requests.fetch_add(1, Ordering::SeqCst);
+    let record = state.record.load(Ordering::Relaxed);
     if let (true, Ok(mut received)) = (record, state.received.lock()) {
         received.push(Received {
             headers: headers.clone(),
@@ -147,12 +168,17 @@ async fn chat(State(state): State<MockState>, headers: HeaderMap, body: Bytes) -
     let with_usage = headers.get("x-mock-no-usage").is_none();
 
     if request["stream"].as_bool() != Some(true) {
+        let content = if headers.get("x-mock-echo").is_some() {
+            String::from_utf8_lossy(&body).into_owned()
+        } else {
+            "Hello from the mock upstream.".to_owned()
+        };
         let mut answer = serde_json::json!({
             "id": "chatcmpl-mock",
             "object": "chat.completion",
             "created": 1,
             "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello from the mock upstream."}, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
         });
         if with_usage {
             answer["usage"] = serde_json::json!({"prompt_tokens": prompt_tokens, "completion_tokens": 7, "total_tokens": prompt_tokens + 7});

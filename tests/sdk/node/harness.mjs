@@ -4,11 +4,13 @@
 // The binaries come from $IRIS_BIN and $IRIS_MOCK_UPSTREAM_BIN (scripts/sdk-test
 // sets both), else from target/debug of this checkout. A test file calls
 // `useIris()` at its top: it starts a mock upstream and an Iris before the
-// file's tests and stops them after.
+// file's tests and stops them after. `startImageHost()` serves
+// tests/sdk/images on 127.0.0.2 for vision tests.
 
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { accessSync, constants, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { accessSync, constants, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:http';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -17,6 +19,8 @@ import { after, before } from 'node:test';
 import OpenAI from 'openai';
 
 const REPO = resolve(dirname(fileURLToPath(import.meta.url)), '../../..');
+/** The test images both SDK suites use (see tests/sdk/README.md). */
+export const IMAGES = join(REPO, 'tests', 'sdk', 'images');
 const STARTUP_TIMEOUT_MS = 15_000;
 
 /** The `sha256:` form Iris keeps in its config instead of the key. */
@@ -124,7 +128,11 @@ class Child {
   }
 }
 
-/** examples/mock_upstream.rs: answers chat completions, steered by `x-mock-*` headers. */
+/**
+ * examples/mock_upstream.rs: answers chat completions, steered by `x-mock-*`
+ * headers (`x-mock-echo: 1` answers with the request body it received).
+ * `chatRequests()` is how many chat completion requests reached it so far.
+ */
 export async function startMockUpstream() {
   const child = new Child(
     'mock_upstream',
@@ -133,7 +141,9 @@ export async function startMockUpstream() {
   );
   try {
     const [, baseURL] = await child.waitForLine(/listening on (http:\/\/127\.0\.0\.1:\d+\/v1)/);
-    return { baseURL, stop: () => child.stop() };
+    const origin = baseURL.replace(/\/v1$/, '');
+    const chatRequests = async () => (await (await fetch(origin + '/mock/stats')).json()).chat_requests;
+    return { baseURL, chatRequests, stop: () => child.stop() };
   } catch (error) {
     await child.stop();
     throw error;
@@ -142,7 +152,7 @@ export async function startMockUpstream() {
 
 const tomlString = (value) => JSON.stringify(value); // a JSON string is a valid TOML basic string
 
-function configToml({ upstreamURL, models, clients, extraToml }) {
+function configToml({ upstreamURL, models, clients, upstreamToml, extraToml }) {
   const lines = [
     '[server]',
     'listen = "127.0.0.1:0"',
@@ -157,6 +167,7 @@ function configToml({ upstreamURL, models, clients, extraToml }) {
     'api_key = "upstream-secret-key"',
     'stream_usage = true',
     'timeout_ms = 10000',
+    upstreamToml,
   ];
   for (const model of models) {
     lines.push('', '[[models]]', `name = ${tomlString(model.name)}`, 'upstream = "mock"');
@@ -165,24 +176,30 @@ function configToml({ upstreamURL, models, clients, extraToml }) {
   for (const client of clients) {
     lines.push('', '[[clients]]', `name = ${tomlString(client.name)}`, `key = ${tomlString(keyHash(client.key))}`);
     if (client.models) lines.push(`models = [${client.models.map(tomlString).join(', ')}]`);
+    if (client.budget) {
+      lines.push('[clients.budget]');
+      for (const [name, limit] of Object.entries(client.budget)) lines.push(`${name} = ${Math.trunc(limit)}`);
+    }
   }
   return lines.join('\n') + '\n\n' + extraToml + '\n';
 }
 
 /**
  * Starts `iris serve` with a generated config against `upstreamURL`.
- * `extraToml` is appended: `[images]` settings, more `[[clients]]` with their
- * own `[clients.budget]`...
+ * A client may have a `budget` (`{ requests_per_minute: 60 }`: its
+ * `[clients.budget]`). `upstreamToml` goes into the mock's `[[upstreams]]`
+ * table (`inline_images = true`...); `extraToml` is appended (`[images]`...).
  */
 export async function startIris({
   upstreamURL,
   models = DEFAULT_MODELS,
   clients = DEFAULT_CLIENTS,
+  upstreamToml = '',
   extraToml = '',
 }) {
   const workdir = mkdtempSync(join(tmpdir(), 'iris-sdk-'));
   const configPath = join(workdir, 'iris.toml');
-  writeFileSync(configPath, configToml({ upstreamURL, models, clients, extraToml }));
+  writeFileSync(configPath, configToml({ upstreamURL, models, clients, upstreamToml, extraToml }));
   // JSON logs: the listen address is a field, with no colour codes around it.
   const child = new Child('iris', [binary('IRIS_BIN', 'iris'), 'serve', '--config', configPath], {
     IRIS_LOG: 'info',
@@ -199,7 +216,8 @@ export async function startIris({
     return {
       origin,
       baseURL: origin + '/v1',
-      key: (name = 'sdk') => clients.find((c) => c.name === name).key,
+      /** The key of the client `name`, else of the first one. */
+      key: (name) => clients.find((c) => name === undefined || c.name === name).key,
       log: () => child.output,
       stop,
     };
@@ -224,6 +242,21 @@ async function waitReady(origin, child) {
 }
 
 /**
+ * An OpenAI client for `iris` (as `startIris` returns it), with the key of
+ * its first client unless given; no retries unless asked, so an error
+ * surfaces at once.
+ */
+export function clientFor(iris, key = iris.key(), clientOptions = {}) {
+  return new OpenAI({
+    baseURL: iris.baseURL,
+    apiKey: key,
+    maxRetries: 0,
+    timeout: 20_000,
+    ...clientOptions,
+  });
+}
+
+/**
  * Registers before/after hooks that run a mock upstream and an Iris (options
  * as for `startIris`) around the calling test file. Returns an object whose
  * `iris`, `upstream` and `client()` are usable inside tests.
@@ -232,16 +265,8 @@ export function useIris(options = {}) {
   const env = {
     iris: undefined,
     upstream: undefined,
-    /** An OpenAI client for this Iris; no retries unless asked, so an error surfaces at once. */
-    client(key = env.iris.key(), clientOptions = {}) {
-      return new OpenAI({
-        baseURL: env.iris.baseURL,
-        apiKey: key,
-        maxRetries: 0,
-        timeout: 20_000,
-        ...clientOptions,
-      });
-    },
+    /** An OpenAI client for this Iris; see `clientFor`. */
+    client: (key, clientOptions) => clientFor(env.iris, key, clientOptions),
   };
   before(async () => {
     env.upstream = await startMockUpstream();
@@ -254,6 +279,45 @@ export function useIris(options = {}) {
     await env.upstream?.stop();
   });
   return env;
+}
+
+const IMAGE_TYPES = { '.png': 'image/png', '.jpg': 'image/jpeg', '.gif': 'image/gif' };
+
+/**
+ * A plain HTTP server on 127.0.0.2, port 0, serving the files of
+ * tests/sdk/images: `url('cat.png')`. `paths` lists what it served.
+ */
+export async function startImageHost() {
+  const paths = [];
+  const server = createServer((request, response) => {
+    paths.push(request.url);
+    const name = request.url.slice(1);
+    const type = IMAGE_TYPES[name.slice(name.lastIndexOf('.'))];
+    if (!/^[\w.-]+$/.test(name) || !type) {
+      response.writeHead(404).end();
+      return;
+    }
+    try {
+      const body = readFileSync(join(IMAGES, name));
+      response.writeHead(200, { 'content-type': type, 'content-length': body.length }).end(body);
+    } catch {
+      response.writeHead(404).end();
+    }
+  });
+  await new Promise((resolveListen, reject) => {
+    server.once('error', reject);
+    server.listen(0, '127.0.0.2', resolveListen);
+  });
+  const origin = `http://127.0.0.2:${server.address().port}`;
+  return {
+    paths,
+    url: (name) => `${origin}/${name}`,
+    stop: () =>
+      new Promise((resolveClose) => {
+        server.close(resolveClose);
+        server.closeAllConnections(); // Iris keeps its fetch connections alive
+      }),
+  };
 }
 
 /** Collects an async iterable into an array. */

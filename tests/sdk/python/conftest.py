@@ -1,17 +1,22 @@
 """Shared fixtures: one mock upstream and one Iris for the whole session, and
 OpenAI clients pointed at that Iris. A test needing another config (budgets,
-image settings) starts its own Iris through `start_iris`."""
+image settings) starts its own Iris through `start_iris`. `image_host`
+serves tests/sdk/images on 127.0.0.2, the address vision tests allow."""
 
 from __future__ import annotations
 
+import functools
+import http.server
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import openai
 import pytest
 
-from iris_harness import Iris, MockUpstream, new_workdir
+from iris_harness import IMAGES, Iris, MockUpstream, new_workdir
 
 # The SDK's HTTP client honours proxy variables; the servers are on loopback.
 os.environ["NO_PROXY"] = ",".join(
@@ -38,7 +43,8 @@ def mock_upstream(workdir) -> Iterator[MockUpstream]:
 @pytest.fixture(scope="session")
 def start_iris(workdir, mock_upstream) -> Iterator[Callable[..., Iris]]:
     """Starts an Iris against the session's mock upstream; keyword arguments
-    are `Iris` fields (models, clients, extra_toml). Stopped at session end."""
+    are `Iris` fields (models, clients, upstream_toml, extra_toml). Stopped
+    at session end."""
     count = 0
 
     def start(**fields) -> Iris:
@@ -60,6 +66,43 @@ def start_iris(workdir, mock_upstream) -> Iterator[Callable[..., Iris]]:
 def iris(start_iris) -> Iris:
     """Iris with the default models and clients (see iris_harness)."""
     return start_iris()
+
+
+class ImageHost:
+    """A plain HTTP server on 127.0.0.2, port 0, serving the files of
+    tests/sdk/images (`url("cat.png")`); records each path it served."""
+
+    def __init__(self, directory: Path):
+        host = self
+        self.paths: list[str] = []
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (the stdlib's name)
+                host.paths.append(self.path)
+                super().do_GET()
+
+            def log_message(self, *args):  # keep pytest's output clean
+                pass
+
+        handler = functools.partial(Handler, directory=str(directory))
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.2", 0), handler)
+        self.origin = "http://127.0.0.2:%d" % self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, name: str) -> str:
+        return f"{self.origin}/{name}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="session")
+def image_host() -> Iterator[ImageHost]:
+    host = ImageHost(IMAGES)
+    yield host
+    host.stop()
 
 
 @pytest.fixture

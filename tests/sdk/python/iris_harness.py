@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
+# Tiny real images both SDK suites use (see tests/sdk/README.md).
+IMAGES = REPO / "tests" / "sdk" / "images"
 STARTUP_TIMEOUT_S = 15.0
 
 
@@ -101,7 +103,8 @@ class Process:
 
 class MockUpstream:
     """examples/mock_upstream.rs: answers chat completions, steered by
-    `x-mock-*` request headers that Iris forwards."""
+    `x-mock-*` request headers that Iris forwards (`x-mock-echo: 1` answers
+    with the request body the upstream received)."""
 
     def __init__(self, workdir: Path):
         self.process = Process(
@@ -118,6 +121,13 @@ class MockUpstream:
             self.process.stop()
             raise
         self.base_url = match.group(1)
+        self.origin = self.base_url.removesuffix("/v1")
+
+    def chat_requests(self) -> int:
+        """How many chat completion requests reached the upstream so far."""
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(self.origin + "/mock/stats", timeout=5) as response:
+            return json.load(response)["chat_requests"]
 
     def stop(self) -> None:
         self.process.stop()
@@ -128,6 +138,8 @@ class Client:
     name: str
     key: str
     models: list[str] | None = None  # None: every model
+    # `[clients.budget]`, e.g. {"requests_per_minute": 60}; None: no limits.
+    budget: dict[str, int] | None = None
 
 
 @dataclass
@@ -162,8 +174,9 @@ class Iris:
     workdir: Path
     models: list[Model] = field(default_factory=lambda: list(DEFAULT_MODELS))
     clients: list[Client] = field(default_factory=lambda: list(DEFAULT_CLIENTS))
-    # TOML appended to the config, e.g. `[images]` settings or more
-    # `[[clients]]` (with their own `[clients.budget]`).
+    # TOML added to the mock's `[[upstreams]]` table, e.g. `inline_images = true`.
+    upstream_toml: str = ""
+    # TOML appended to the config, e.g. `[images]` settings.
     extra_toml: str = ""
     process: Process | None = None
     base_url: str = ""
@@ -184,6 +197,7 @@ class Iris:
             'api_key = "upstream-secret-key"',
             "stream_usage = true",
             "timeout_ms = 10000",
+            self.upstream_toml,
         ]
         for model in self.models:
             lines += ["", "[[models]]", f"name = {_toml_str(model.name)}", 'upstream = "mock"']
@@ -198,6 +212,9 @@ class Iris:
             ]
             if client.models is not None:
                 lines.append("models = [" + ", ".join(map(_toml_str, client.models)) + "]")
+            if client.budget:
+                lines.append("[clients.budget]")
+                lines += [f"{name} = {int(limit)}" for name, limit in client.budget.items()]
         return "\n".join(lines) + "\n\n" + self.extra_toml + "\n"
 
     def start(self) -> "Iris":
@@ -239,8 +256,9 @@ class Iris:
                 raise RuntimeError(f"iris never became ready:\n{self.process.log()}")
             time.sleep(0.05)
 
-    def key(self, client: str = "sdk") -> str:
-        return next(c.key for c in self.clients if c.name == client)
+    def key(self, client: str | None = None) -> str:
+        """The key of the client named `client`, else of the first one."""
+        return next(c.key for c in self.clients if client in (None, c.name))
 
     def log(self) -> str:
         return self.process.log() if self.process else ""
