@@ -188,7 +188,9 @@ async fn iris_server(upstream: SocketAddr, ready: tokio::sync::oneshot::Sender<S
         budgeted = KeyHash::of(KEY_BUDGETED),
     );
     let config = iris::config::parse(&config, &|_| None).unwrap_or_else(|p| panic!("config: {p}"));
-    let state = iris::app::AppState::new(config).await.unwrap_or_else(|e| panic!("state: {e}"));
+    let state = iris::app::AppState::new(config)
+        .await
+        .unwrap_or_else(|e| panic!("state: {e}"));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .unwrap_or_else(|e| panic!("bind: {e}"));
