@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod mock_upstream;
+pub mod redis;
 
 use std::net::SocketAddr;
 
