@@ -367,3 +367,66 @@ async fn an_expired_lease_frees_a_stuck_reservation() {
     );
     settled(&iris).await;
 }
+
+#[tokio::test]
+async fn a_reservation_whose_answer_was_lost_is_given_back() {
+    use iris::budget::store::{RedisClock, RedisOptions, RedisStore, Store};
+
+    let Some(mut redis) = RedisProcess::prepare() else {
+        return;
+    };
+    redis.start().await;
+    let store = RedisStore::connect(
+        &redis.url(),
+        RedisOptions {
+            prefix: "iris".into(),
+            lease: Duration::from_secs(600),
+            timeout: Duration::from_millis(300),
+            clock: RedisClock::Server,
+        },
+    )
+    .unwrap();
+    let limits = iris::config::BudgetConfig {
+        tokens_per_day: Some(1000),
+        max_concurrent: Some(1),
+        ..Default::default()
+    };
+    // Scripts loaded (a script unknown to Redis would not run at all).
+    let warm = store.reserve("warm", &limits, 1, 0).await.unwrap();
+    store
+        .settle("warm", &limits, warm.outcome.unwrap(), 1, 0)
+        .await
+        .unwrap();
+
+    // Redis holds every write for a second: the reservation times out here,
+    // and runs there afterwards.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1000)
+        .arg("WRITE")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    assert!(store.reserve("c", &limits, 10, 0).await.is_err());
+    assert!(started.elapsed() < Duration::from_millis(900));
+
+    // Once Redis resumes, the reservation ran, and the cancel behind it gave
+    // it back: no slot held for the lease's ten minutes, no tokens charged.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let now = store.snapshot("c", &limits, 0).await.unwrap();
+    let used = |window| now.get(window).used;
+    use iris::budget::window::Window;
+    assert_eq!(used(Window::MaxConcurrent), 0);
+    assert_eq!(used(Window::TokensPerDay), 0);
+    assert!(
+        store
+            .reserve("c", &limits, 10, 0)
+            .await
+            .unwrap()
+            .outcome
+            .is_ok()
+    );
+}

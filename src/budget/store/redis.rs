@@ -55,7 +55,7 @@
 
 use std::sync::Arc;
 use std::sync::LazyLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -116,6 +116,34 @@ pub struct RedisStore {
     connection: ConnectionManager,
     options: RedisOptions,
     leases: LeaseIds,
+    settling: Arc<Settling>,
+}
+
+/// Settlements not yet answered: they run detached from their requests
+/// (spawned from a `Drop`), so `flush` waits for them at shutdown rather than
+/// let the process exit under them.
+#[derive(Default)]
+struct Settling {
+    count: AtomicUsize,
+    done: tokio::sync::Notify,
+}
+
+/// Counts one settlement as pending while it lives.
+struct SettlingGuard(Arc<Settling>);
+
+impl SettlingGuard {
+    fn new(settling: &Arc<Settling>) -> Self {
+        settling.count.fetch_add(1, Ordering::SeqCst);
+        Self(Arc::clone(settling))
+    }
+}
+
+impl Drop for SettlingGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.done.notify_waiters();
+        }
+    }
 }
 
 /// Lease ids: unique within the process (a bijection of a counter), random
@@ -213,6 +241,7 @@ impl RedisStore {
             connection,
             options,
             leases: LeaseIds::new(),
+            settling: Arc::default(),
         }))
     }
 
@@ -235,6 +264,35 @@ impl RedisStore {
             RedisClock::Server => String::new(),
             RedisClock::Caller => (now / 1000).to_string(),
         }
+    }
+
+    /// The settle script for `hold`; a `cancel` changes nothing unless the
+    /// reservation is still live (see [`Store::reserve`] below).
+    fn settlement(
+        &self,
+        client: &str,
+        limits: &BudgetConfig,
+        hold: &Hold,
+        actual: u64,
+        now: u64,
+        cancel: bool,
+    ) -> ScriptInvocation<'static> {
+        let keys = self.keys(client);
+        let mut invocation = SETTLE.prepare_invoke();
+        invocation
+            .key(keys.tpm)
+            .key(keys.day)
+            .key(keys.month)
+            .key(keys.leases)
+            .arg(self.now_arg(now))
+            .arg(hold.lease)
+            .arg(hold.tokens)
+            .arg(actual)
+            .arg(hold.day)
+            .arg(hold.month)
+            .arg(limit_arg(limits.tokens_per_minute))
+            .arg(if cancel { "1" } else { "" });
+        invocation
     }
 
     /// Runs a prepared script invocation within the timeout.
@@ -381,9 +439,35 @@ impl Store for RedisStore {
             .arg(lease)
             .arg(u64::try_from(self.options.lease.as_micros()).unwrap_or(u64::MAX));
         let reply = self.run::<Vec<i64>>(invocation);
+        // If the reply is lost (a timeout, a dropped connection), the script
+        // may still have run: then a cancel, queued behind it, gives the
+        // reservation back at once instead of when its lease ends. Its day
+        // and month are this instance's guess; wrong only at midnight, when
+        // the tokens stay charged (the safe side).
+        let guess = Periods::at(match self.options.clock {
+            RedisClock::Caller => now,
+            RedisClock::Server => crate::budget::window::Clock::system().now(),
+        });
+        let lost = Hold {
+            tokens,
+            day: guess.day,
+            month: guess.month,
+            lease,
+        };
+        let cancel = self.run::<i64>(self.settlement(client, limits, &lost, 0, now, true));
         let limits = *limits;
         Box::pin(async move {
-            let reply = reply.await?;
+            let reply = match reply.await {
+                Ok(reply) => reply,
+                Err(e) => {
+                    tokio::spawn(async move {
+                        if let Ok(1) = cancel.await {
+                            tracing::info!("a reservation whose answer was lost was given back");
+                        }
+                    });
+                    return Err(e);
+                }
+            };
             let (admitted, rest) = reply
                 .split_first()
                 .ok_or_else(|| StoreError("redis: empty script reply".into()))?;
@@ -414,22 +498,10 @@ impl Store for RedisStore {
         actual: u64,
         now: u64,
     ) -> StoreFuture<()> {
-        let keys = self.keys(client);
-        let mut invocation = SETTLE.prepare_invoke();
-        invocation
-            .key(keys.tpm)
-            .key(keys.day)
-            .key(keys.month)
-            .key(keys.leases)
-            .arg(self.now_arg(now))
-            .arg(hold.lease)
-            .arg(hold.tokens)
-            .arg(actual)
-            .arg(hold.day)
-            .arg(hold.month)
-            .arg(limit_arg(limits.tokens_per_minute));
-        let reply = self.run::<i64>(invocation);
+        let reply = self.run::<i64>(self.settlement(client, limits, &hold, actual, now, false));
+        let pending = SettlingGuard::new(&self.settling);
         Box::pin(async move {
+            let _pending = pending;
             if reply.await? == 0 {
                 tracing::warn!(
                     "a reservation settled after its lease expired: its concurrency slot \
@@ -472,9 +544,30 @@ impl Store for RedisStore {
         })
     }
 
-    /// Every operation is written when it happens: nothing to flush.
+    /// Every operation is written when it happens; this only waits for the
+    /// settlements still on their way (bounded: each is bounded itself).
     fn flush(&self) -> StoreFuture<()> {
-        super::ready(Ok(()))
+        let settling = Arc::clone(&self.settling);
+        let limit = self.options.timeout.saturating_mul(2);
+        Box::pin(async move {
+            let all_done = async {
+                loop {
+                    // Registered before the check, so a notification between
+                    // the two is not missed.
+                    let done = settling.done.notified();
+                    if settling.count.load(Ordering::SeqCst) == 0 {
+                        return;
+                    }
+                    done.await;
+                }
+            };
+            tokio::time::timeout(limit, all_done).await.map_err(|_| {
+                StoreError(format!(
+                    "{} settlement(s) still unanswered by Redis",
+                    settling.count.load(Ordering::SeqCst)
+                ))
+            })
+        })
     }
 }
 

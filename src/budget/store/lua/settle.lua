@@ -3,12 +3,16 @@
 --
 -- KEYS: tpm, day, month, leases
 -- ARGV: now_us or '', lease id, tokens held, tokens used, day and month the
---       hold was charged to, tokens_per_minute ('' = no limit)
+--       hold was charged to, tokens_per_minute ('' = no limit), cancel
+--       ('1': undo a reservation whose reply was lost, only if it happened)
 -- Returns 1 if the lease was still live, 0 if it had expired (its slot was
 -- already freed; the tokens are corrected all the same, exactly once, since
--- an expiring lease gives back no tokens).
+-- an expiring lease gives back no tokens) or, for a cancel, never existed.
 local now = now_us(ARGV[1])
 local live = redis.call('ZREM', KEYS[4], ARGV[2])
+if live == 0 and ARGV[8] == '1' then
+  return 0
+end
 local held, actual = tonumber(ARGV[3]), tonumber(ARGV[4])
 local tpm_limit = tonumber(ARGV[7])
 

@@ -492,6 +492,34 @@ async fn another_layouts_keys_are_never_read() {
     assert_eq!(reserved.snapshot.get(Window::TokensPerDay).used, 10);
 }
 
+#[tokio::test]
+async fn flush_waits_for_settlements_on_their_way() {
+    let Some((store, _keys)) = test_store(RedisClock::Server).await else {
+        return;
+    };
+    let limits = BudgetConfig::default();
+    let hold = reserve(&store, &limits, 100, 0)
+        .await
+        .outcome
+        .expect("fits");
+    // A settlement made (from a reservation's Drop) but not yet run.
+    let settlement = store.settle("c", &limits, hold, 40, 0);
+    let flush = tokio::spawn(store.flush());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!flush.is_finished(), "flush waits for the settlement");
+    settlement.await.expect("settle");
+    flush.await.expect("task").expect("flushed");
+    let now = snapshot(&store, &limits, 0).await;
+    assert_eq!(now.get(Window::TokensPerDay).used, 40);
+
+    // Nothing pending: at once. A settlement dropped unrun is not waited for.
+    drop(store.settle("c", &limits, hold, 40, 0));
+    tokio::time::timeout(Duration::from_millis(100), store.flush())
+        .await
+        .expect("immediate")
+        .expect("flushed");
+}
+
 /// A listener that accepts connections and never answers.
 async fn silent_server() -> (tokio::net::TcpListener, String) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
