@@ -430,3 +430,48 @@ async fn a_reservation_whose_answer_was_lost_is_given_back() {
             .is_ok()
     );
 }
+
+#[tokio::test]
+async fn iris_usage_reads_the_shared_budgets() {
+    let Some(redis) = SharedRedis::get().await else {
+        return;
+    };
+    let upstream = MockUpstream::start().await;
+    let config = with_store(
+        &base_config(
+            &upstream.base_url(),
+            "[clients.budget]\ntokens_per_day = 100000",
+        ),
+        &redis.store_toml(""),
+    );
+    let iris = Iris::start(&config).await;
+    assert_eq!(chat(&iris, &chat_body("other-model"), 0).await.0, 200);
+    settled(&iris).await;
+    let charged = used(&iris, "tokens_per_day").await;
+    assert!(charged > 0);
+
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &config).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_iris"))
+        .args(["usage", "--client", "b", "--config"])
+        .arg(file.path())
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let day: Vec<&str> = report
+        .lines()
+        .find(|line| line.contains("tokens_per_day"))
+        .unwrap_or_else(|| panic!("{report}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        day[..4],
+        ["b", "tokens_per_day", "100000", &charged.to_string()],
+        "{report}"
+    );
+}

@@ -46,12 +46,25 @@
 //! a crash). A late settle of an expired lease still corrects the tokens,
 //! once: expiry gave none back.
 //!
+//! A reservation whose reply was lost (a timeout, a dropped connection) may
+//! still have run: a cancel is sent behind it, which gives it back only if
+//! its lease exists, so its slot is not held for a whole lease.
+//!
 //! **Unavailable.** Every operation is bounded by `store.timeout_ms`
 //! (connecting included), so a dead Redis fails a request fast, and
-//! [`super::super::Budgets`] then rejects or counts locally as
+//! [`crate::budget::Budgets`] then rejects or counts locally as
 //! `store.on_unavailable` says. The connection is one multiplexed
 //! connection shared by every request ([`ConnectionManager`]); it reconnects
 //! on the next operation after a failure, so Iris recovers when Redis does.
+//! Redis 5 or newer (scripts that call `TIME` before writing).
+//!
+//! **Shutdown.** Settlements run detached from their requests; `flush` waits
+//! for those still on their way, so a draining instance exits with every
+//! finished request settled.
+//!
+//! **Cluster.** The scripts are Cluster-safe (one slot per call, every key
+//! in `KEYS`), but this build connects to one node: a standalone Redis, a
+//! primary behind Sentinel-aware DNS, or a Cluster proxy.
 
 use std::sync::Arc;
 use std::sync::LazyLock;
