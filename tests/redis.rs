@@ -475,3 +475,71 @@ async fn iris_usage_reads_the_shared_budgets() {
         "{report}"
     );
 }
+
+#[tokio::test]
+async fn reserving_and_settling_are_one_round_trip_each() {
+    use iris::budget::store::{RedisClock, RedisOptions, RedisStore, Store};
+
+    let Some(mut redis) = RedisProcess::prepare() else {
+        return;
+    };
+    redis.start().await;
+    let store = RedisStore::connect(
+        &redis.url(),
+        RedisOptions {
+            prefix: "iris".into(),
+            lease: Duration::from_secs(600),
+            timeout: Duration::from_secs(2),
+            clock: RedisClock::Server,
+        },
+    )
+    .unwrap();
+    let limits = iris::config::BudgetConfig {
+        requests_per_minute: Some(1000),
+        tokens_per_minute: Some(100_000),
+        tokens_per_day: Some(1_000_000),
+        tokens_per_month: Some(10_000_000),
+        max_concurrent: Some(10),
+    };
+    let spend = async |client: &str| {
+        let hold = store.reserve(client, &limits, 100, 0).await.unwrap();
+        store
+            .settle(client, &limits, hold.outcome.unwrap(), 80, 0)
+            .await
+            .unwrap();
+    };
+    // The first use loads the scripts into Redis.
+    spend("warm").await;
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    for i in 0..10 {
+        spend(&format!("client-{i}")).await;
+    }
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    // Commands the scripts run inside Redis are listed too (get, hset...);
+    // what Iris sent is the EVALSHAs, and nothing else.
+    let sent: Vec<&str> = stats
+        .lines()
+        .filter(|line| {
+            [
+                "cmdstat_evalsha:",
+                "cmdstat_eval:",
+                "cmdstat_script",
+                "cmdstat_ping:",
+            ]
+            .iter()
+            .any(|name| line.starts_with(name))
+        })
+        .collect();
+    assert_eq!(sent.len(), 1, "{stats}");
+    assert!(sent[0].starts_with("cmdstat_evalsha:calls=20,"), "{stats}");
+}

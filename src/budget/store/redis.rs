@@ -63,8 +63,9 @@
 //! finished request settled.
 //!
 //! **Cluster.** The scripts are Cluster-safe (one slot per call, every key
-//! in `KEYS`), but this build connects to one node: a standalone Redis, a
-//! primary behind Sentinel-aware DNS, or a Cluster proxy.
+//! in `KEYS`), but this build connects to one endpoint: a standalone or
+//! managed primary, or a Cluster proxy (a Cluster client needs the `redis`
+//! crate's `cluster-async` feature).
 
 use std::sync::Arc;
 use std::sync::LazyLock;
