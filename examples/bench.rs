@@ -3,6 +3,11 @@
 //!
 //!   cargo run --release --example bench [-- --seconds 3] [--only 'small chat/64/iris']
 //!
+//! Iris is measured with budgets in its embedded (in-memory) store and, when
+//! a Redis answers at `redis://127.0.0.1:6379/13` (or `$IRIS_BENCH_REDIS_URL`),
+//! in the shared Redis store too (keys under a prefix of the run's own,
+//! deleted at the end).
+//!
 //! Each server runs on its own 1-thread runtime and the load generator on
 //! another, so the numbers compare like with like on a small machine. The bare
 //! proxy (a few dozen lines of hyper that forward bytes and nothing else) is the
@@ -168,12 +173,15 @@ async fn bare_proxy(upstream: SocketAddr, ready: tokio::sync::oneshot::Sender<So
     }
 }
 
-async fn iris_server(upstream: SocketAddr, ready: tokio::sync::oneshot::Sender<SocketAddr>) {
+async fn iris_server(
+    upstream: SocketAddr,
+    store: String,
+    ready: tokio::sync::oneshot::Sender<SocketAddr>,
+) {
     iris::init_tls();
     let config = format!(
         r#"
-        [store]
-        kind = "memory"
+        {store}
         [[upstreams]]
         name = "mock"
         base_url = "http://{upstream}/v1"
@@ -316,6 +324,50 @@ async fn load(
     total
 }
 
+/// The Redis the "iris + budgets (redis)" target uses, if one answers.
+struct BenchRedis {
+    url: String,
+    prefix: String,
+}
+
+impl BenchRedis {
+    fn find() -> Option<Self> {
+        let url = std::env::var("IRIS_BENCH_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379/13".into());
+        let answers = redis::Client::open(url.as_str())
+            .and_then(|client| client.get_connection_with_timeout(Duration::from_secs(1)))
+            .and_then(|mut connection| redis::cmd("PING").query::<String>(&mut connection));
+        if let Err(e) = answers {
+            println!("(no Redis at {url}: {e}; the Redis store is not measured)\n");
+            return None;
+        }
+        let mut random = [0u8; 8];
+        let _ = getrandom::fill(&mut random);
+        Some(Self {
+            url,
+            prefix: format!("iris-bench-{}", hex::encode(random)),
+        })
+    }
+}
+
+impl Drop for BenchRedis {
+    /// The run's budget keys would otherwise live until the month ends.
+    fn drop(&mut self) {
+        let Ok(mut connection) = redis::Client::open(self.url.as_str())
+            .and_then(|client| client.get_connection_with_timeout(Duration::from_secs(1)))
+        else {
+            return;
+        };
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.prefix))
+            .query(&mut connection)
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(keys).query(&mut connection);
+        }
+    }
+}
+
 fn micros(d: Duration) -> String {
     format!("{:.0} µs", d.as_secs_f64() * 1e6)
 }
@@ -333,7 +385,19 @@ fn main() {
         std::future::pending::<()>().await;
     });
     let bare = spawn_runtime("bare", move |ready| bare_proxy(upstream, ready));
-    let iris = spawn_runtime("iris", move |ready| iris_server(upstream, ready));
+    let iris = spawn_runtime("iris", move |ready| {
+        iris_server(upstream, "[store]\nkind = \"memory\"".into(), ready)
+    });
+    let redis = BenchRedis::find();
+    let iris_redis = redis.as_ref().map(|redis| {
+        let store = format!(
+            "[store]\nkind = \"redis\"\nurl = \"{}\"\nkey_prefix = \"{}\"",
+            redis.url, redis.prefix
+        );
+        spawn_runtime("iris-redis", move |ready| {
+            iris_server(upstream, store, ready)
+        })
+    });
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -350,12 +414,15 @@ fn main() {
     println!("|---|---|---|---|---|---|---|---|");
     for scenario in [Scenario::Small, Scenario::Image, Scenario::Stream] {
         for concurrency in [1, 64] {
-            let targets = [
+            let mut targets = vec![
                 ("direct", upstream, KEY),
                 ("bare proxy", bare, KEY),
                 ("iris", iris, KEY),
                 ("iris + budgets", iris, KEY_BUDGETED),
             ];
+            if let Some(iris_redis) = iris_redis {
+                targets.push(("iris + budgets (redis)", iris_redis, KEY_BUDGETED));
+            }
             let mut direct_p50 = Duration::ZERO;
             for (name, addr, key) in targets {
                 let cell = format!("{}/{concurrency}/{name}", scenario.name());

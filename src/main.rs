@@ -60,7 +60,17 @@ fn usage(arg: &ConfigArg, client: Option<&str>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match iris::budget::report::usage(&config, client) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("iris usage: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(iris::budget::report::usage(&config, client)) {
         Ok(report) => {
             print!("{report}");
             ExitCode::SUCCESS

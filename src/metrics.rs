@@ -63,6 +63,10 @@ fn describe() {
         "iris_budget_rejections_total",
         "Requests refused by a budget, by client and reason (the window that refused, or store_unavailable)."
     );
+    metrics::describe_counter!(
+        "iris_budget_store_fallback_total",
+        "Requests decided by this instance's local count because the budget store did not answer (on_unavailable = \"allow\"), by client."
+    );
     metrics::describe_histogram!(
         "iris_upstream_duration_seconds",
         metrics::Unit::Seconds,

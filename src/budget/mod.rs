@@ -10,7 +10,7 @@
 //!
 //! - [`estimate`]: tokens a request may cost (tokenizer, images, caps)
 //! - [`window`]: the windows' arithmetic (GCRA per minute, UTC day and month)
-//! - [`store`]: where the state lives (memory, SQLite; Redis later)
+//! - [`store`]: where the state lives (memory, SQLite, Redis)
 //! - [`report`]: `iris usage`
 
 pub mod estimate;
@@ -30,7 +30,7 @@ use crate::config::{BudgetConfig, OnUnavailable, StoreConfig, StoreKind};
 use crate::error::ApiError;
 use crate::openai::stream::Outcome;
 use estimate::Estimate;
-use store::{MemoryStore, SqliteStore, Store, StoreError, StoreFuture};
+use store::{MemoryStore, RedisStore, Reserved, SqliteStore, Store, StoreError, StoreFuture};
 use window::{Clock, Hold, NANOS_PER_SEC, Refusal, Snapshot, Window, WindowStatus};
 
 /// The budget service: a store, a clock, and what to do when the store is down.
@@ -41,6 +41,11 @@ pub struct Budgets {
 
 struct Inner {
     store: Arc<dyn Store>,
+    /// Where requests are counted while the store does not answer and
+    /// `on_unavailable = "allow"`: this instance's count of the outage only
+    /// (it starts from nothing and is not copied to the store afterwards),
+    /// so each instance still holds a client to its limits meanwhile.
+    local: MemoryStore,
     clock: Clock,
     on_unavailable: OnUnavailable,
 }
@@ -61,9 +66,13 @@ impl Budgets {
                 store
             }
             StoreKind::Redis => {
-                return Err("store.kind = \"redis\" is not available in this build; \
-                            use \"sqlite\" or \"memory\""
-                    .into());
+                let store = RedisStore::from_config(config).map_err(|e| e.to_string())?;
+                // Start anyway: not ready until Redis answers, then serving
+                // without a restart.
+                if let Err(e) = store.health().await {
+                    tracing::warn!("budget store: Redis does not answer yet: {e}");
+                }
+                store
             }
         };
         // Loading the tokenizer takes a moment: do it before the first request.
@@ -75,6 +84,7 @@ impl Budgets {
         Self {
             inner: Arc::new(Inner {
                 store,
+                local: MemoryStore::new(),
                 clock,
                 on_unavailable,
             }),
@@ -103,37 +113,33 @@ impl Budgets {
             model: model.to_owned(),
             estimate,
             hold: None,
+            local: false,
             headers: HeaderMap::new(),
             request_id: None,
         };
         match reserved {
-            Ok(reserved) => {
-                let headers = rate_limit_headers(&reserved.snapshot);
-                match reserved.outcome {
-                    Ok(hold) => {
-                        reservation.hold = Some(hold);
-                        reservation.headers = headers;
-                        Ok(reservation)
-                    }
-                    Err(refusal) => {
-                        reject_metric(&client.name, refusal.window().name());
-                        let mut error = refusal_error(&refusal, &reserved.snapshot, estimate);
-                        error.headers.get_or_insert_default().extend(headers);
-                        Err(error)
-                    }
+            Ok(reserved) => reservation.decide(reserved),
+            Err(e) => match self.inner.on_unavailable {
+                OnUnavailable::Allow => {
+                    tracing::warn!(
+                        client = %client.name,
+                        "budget store unavailable, counting the request locally: {e}"
+                    );
+                    metrics::counter!("iris_budget_store_fallback_total", "client" => client.name.to_string())
+                        .increment(1);
+                    let reserved =
+                        self.inner
+                            .local
+                            .reserve_now(&client.name, &limits, estimate.total(), now);
+                    reservation.local = true;
+                    reservation.decide(reserved)
                 }
-            }
-            Err(e) => {
-                tracing::error!(client = %client.name, "budget store unavailable: {e}");
-                match self.inner.on_unavailable {
-                    // Admitted without a hold: nothing to settle.
-                    OnUnavailable::Allow => Ok(reservation),
-                    OnUnavailable::Reject => {
-                        reject_metric(&client.name, "store_unavailable");
-                        Err(store_unavailable())
-                    }
+                OnUnavailable::Reject => {
+                    tracing::error!(client = %client.name, "budget store unavailable: {e}");
+                    reject_metric(&client.name, "store_unavailable");
+                    Err(store_unavailable())
                 }
-            }
+            },
         }
     }
 
@@ -158,9 +164,22 @@ impl Budgets {
         self.inner.store.flush().await
     }
 
-    fn settle_detached(&self, client: &str, limits: &BudgetConfig, hold: Hold, actual: u64) {
+    fn settle_detached(
+        &self,
+        client: &str,
+        limits: &BudgetConfig,
+        hold: Hold,
+        actual: u64,
+        local: bool,
+    ) {
         let now = self.inner.clock.now();
-        run_detached(self.inner.store.settle(client, limits, hold, actual, now));
+        if local {
+            self.inner
+                .local
+                .settle_now(client, limits, &hold, actual, now);
+        } else {
+            run_detached(self.inner.store.settle(client, limits, hold, actual, now));
+        }
     }
 }
 
@@ -208,13 +227,33 @@ pub struct Reservation {
     limits: BudgetConfig,
     model: String,
     estimate: Estimate,
-    /// `None` once settled, or when admitted while the store was down.
+    /// `None` once settled.
     hold: Option<Hold>,
+    /// Reserved in the local count while the store was down: settled there.
+    local: bool,
     headers: HeaderMap,
     request_id: Option<String>,
 }
 
 impl Reservation {
+    /// This reservation if `reserved` admitted it, else the 429 to answer.
+    fn decide(mut self, reserved: Reserved) -> Result<Self, ApiError> {
+        let headers = rate_limit_headers(&reserved.snapshot);
+        match reserved.outcome {
+            Ok(hold) => {
+                self.hold = Some(hold);
+                self.headers = headers;
+                Ok(self)
+            }
+            Err(refusal) => {
+                reject_metric(&self.client, refusal.window().name());
+                let mut error = refusal_error(&refusal, &reserved.snapshot, self.estimate);
+                error.headers.get_or_insert_default().extend(headers);
+                Err(error)
+            }
+        }
+    }
+
     pub fn estimate(&self) -> Estimate {
         self.estimate
     }
@@ -272,7 +311,7 @@ impl Reservation {
     pub fn settle(mut self, actual: u64) {
         if let Some(hold) = self.hold.take() {
             self.budgets
-                .settle_detached(&self.client, &self.limits, hold, actual);
+                .settle_detached(&self.client, &self.limits, hold, actual, self.local);
         }
     }
 }
@@ -281,7 +320,7 @@ impl Drop for Reservation {
     fn drop(&mut self) {
         if let Some(hold) = self.hold.take() {
             self.budgets
-                .settle_detached(&self.client, &self.limits, hold, 0);
+                .settle_detached(&self.client, &self.limits, hold, 0, self.local);
         }
     }
 }

@@ -1,55 +1,70 @@
 //! `iris usage`: each configured client's budgets, as the configured store
-//! has them persisted (the SQLite store is written every second, so a
-//! running server's figures are at most a second old).
+//! has them: the SQLite file (written every second, so a running server's
+//! figures are at most a second old), or Redis (live, requests in flight
+//! included).
 
 use std::fmt::Write;
 use std::path::Path;
 
 use super::duration_string;
-use super::store::SqliteStore;
-use super::window::{Clock, Snapshot};
+use super::store::{RedisStore, SqliteStore, Store};
+use super::window::{Clock, Snapshot, Window};
 use crate::config::{Config, StoreKind};
 
 /// The report for every client, or only `only`.
-pub fn usage(config: &Config, only: Option<&str>) -> Result<String, String> {
-    let states = match config.store.kind {
-        StoreKind::Sqlite => {
-            SqliteStore::read(Path::new(&config.store.path)).map_err(|e| e.to_string())?
-        }
-        StoreKind::Memory => {
-            return Err(
-                "store.kind = \"memory\" keeps usage inside the running server only; \
-                 ask it with GET /v1/usage"
-                    .into(),
-            );
-        }
-        StoreKind::Redis => {
-            return Err("store.kind = \"redis\" is not available in this build".into());
-        }
-    };
+pub async fn usage(config: &Config, only: Option<&str>) -> Result<String, String> {
     if let Some(name) = only
         && !config.clients.iter().any(|c| c.name == name)
     {
         return Err(format!("no client named {name:?} in the config"));
     }
-    let now = Clock::system().now();
-    let snapshots = config
+    let clients = config
         .clients
         .iter()
-        .filter(|client| only.is_none_or(|name| client.name == name))
-        .map(|client| {
-            let state = states
-                .iter()
-                .find(|(name, _)| *name == client.name)
-                .map(|(_, state)| *state)
-                .unwrap_or_default();
-            (client.name.as_str(), state.snapshot(&client.budget, now))
-        });
-    Ok(render(snapshots))
+        .filter(|client| only.is_none_or(|name| client.name == name));
+    let now = Clock::system().now();
+    let mut snapshots = Vec::new();
+    match config.store.kind {
+        StoreKind::Sqlite => {
+            let states =
+                SqliteStore::read(Path::new(&config.store.path)).map_err(|e| e.to_string())?;
+            for client in clients {
+                let state = states
+                    .iter()
+                    .find(|(name, _)| *name == client.name)
+                    .map(|(_, state)| *state)
+                    .unwrap_or_default();
+                snapshots.push((client.name.as_str(), state.snapshot(&client.budget, now)));
+            }
+            // Nothing is in flight as far as the file knows.
+            Ok(render(snapshots, false))
+        }
+        StoreKind::Redis => {
+            let store = RedisStore::from_config(&config.store).map_err(|e| e.to_string())?;
+            for client in clients {
+                let snapshot = store
+                    .snapshot(&client.name, &client.budget, now)
+                    .await
+                    .map_err(|e| format!("budget store: {e}"))?;
+                snapshots.push((client.name.as_str(), snapshot));
+            }
+            Ok(render(snapshots, true))
+        }
+        StoreKind::Memory => Err(
+            "store.kind = \"memory\" keeps usage inside the running server only; \
+             ask it with GET /v1/usage"
+                .into(),
+        ),
+    }
 }
 
 /// A table: one line per client and window.
-pub fn render<'a>(snapshots: impl IntoIterator<Item = (&'a str, Snapshot)>) -> String {
+/// `in_flight`: whether the store knows the requests in flight (else the
+/// `max_concurrent` rows are left out).
+pub fn render<'a>(
+    snapshots: impl IntoIterator<Item = (&'a str, Snapshot)>,
+    in_flight: bool,
+) -> String {
     let mut rows = vec![[
         "CLIENT".to_owned(),
         "WINDOW".to_owned(),
@@ -60,8 +75,7 @@ pub fn render<'a>(snapshots: impl IntoIterator<Item = (&'a str, Snapshot)>) -> S
     ]];
     for (client, snapshot) in snapshots {
         for status in snapshot.reported() {
-            // Nothing is in flight as far as the file knows.
-            if status.window == super::window::Window::MaxConcurrent {
+            if status.window == Window::MaxConcurrent && !in_flight {
                 continue;
             }
             let dash = || "-".to_owned();
@@ -106,7 +120,6 @@ pub fn render<'a>(snapshots: impl IntoIterator<Item = (&'a str, Snapshot)>) -> S
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::budget::store::Store;
 
     fn config(path: &Path) -> Config {
         crate::config::parse(
@@ -153,7 +166,7 @@ mod tests {
             .expect("settle");
         store.flush().await.expect("flush");
 
-        let report = usage(&config, None).expect("report");
+        let report = usage(&config, None).await.expect("report");
         let lines: Vec<&str> = report.lines().collect();
         assert!(lines[0].starts_with("CLIENT"), "{report}");
         let day_a = lines
@@ -172,19 +185,76 @@ mod tests {
             ["-", "0", "-"]
         );
 
-        let only_b = usage(&config, Some("team-b")).expect("report");
+        let only_b = usage(&config, Some("team-b")).await.expect("report");
         assert!(!only_b.contains("team-a"), "{only_b}");
-        assert!(usage(&config, Some("nobody")).is_err());
+        assert!(!only_b.contains("max_concurrent"), "{only_b}");
+        assert!(usage(&config, Some("nobody")).await.is_err());
     }
 
-    #[test]
-    fn a_memory_store_has_nothing_to_report() {
+    #[tokio::test]
+    async fn a_memory_store_has_nothing_to_report() {
         let mut config = config(Path::new("unused.db"));
         config.store.kind = StoreKind::Memory;
         assert!(
             usage(&config, None)
+                .await
                 .expect_err("memory")
                 .contains("GET /v1/usage")
         );
+    }
+
+    #[tokio::test]
+    async fn reports_live_usage_from_redis() {
+        use crate::budget::store::RedisClock;
+        use crate::budget::store::redis_tests::test_store;
+
+        let Some((store, keys)) = test_store(RedisClock::Server).await else {
+            return;
+        };
+        let mut config = config(Path::new("unused.db"));
+        config.store.kind = StoreKind::Redis;
+        config.store.url = Some(crate::config::Secret::new(
+            crate::budget::store::redis_tests::test_url(),
+        ));
+        config.store.key_prefix = keys.prefix.clone();
+        let limits = config.clients[0].budget;
+        let hold = store
+            .reserve("team-a", &limits, 400, 0)
+            .await
+            .expect("store")
+            .outcome
+            .expect("fits");
+        store
+            .settle("team-a", &limits, hold, 321, 0)
+            .await
+            .expect("settle");
+        let _in_flight = store
+            .reserve("team-a", &limits, 50, 0)
+            .await
+            .expect("store")
+            .outcome
+            .expect("fits");
+
+        let report = usage(&config, Some("team-a")).await.expect("report");
+        let row = |window: &str| -> Vec<String> {
+            report
+                .lines()
+                .find(|l| l.contains(window))
+                .unwrap_or_else(|| panic!("no {window} in {report}"))
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(
+            &row("tokens_per_day")[2..5],
+            ["1000", "371", "629"],
+            "{report}"
+        );
+        assert_eq!(&row("max_concurrent")[2..4], ["-", "1"], "{report}");
+
+        config.store.url = Some(crate::config::Secret::new("redis://127.0.0.1:1/0"));
+        config.store.timeout_ms = 300;
+        let error = usage(&config, None).await.expect_err("no Redis there");
+        assert!(error.starts_with("budget store: "), "{error}");
     }
 }

@@ -329,6 +329,127 @@ async fn an_unavailable_store_answers_503_or_admits_as_configured() {
         .settle(1);
 }
 
+/// A memory store that can be switched off, like a Redis that goes away and
+/// comes back.
+struct Flaky {
+    down: std::sync::atomic::AtomicBool,
+    store: MemoryStore,
+}
+
+impl Flaky {
+    fn check(&self) -> Result<(), StoreError> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            Err(StoreError("connection refused".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Store for Flaky {
+    fn reserve(
+        &self,
+        client: &str,
+        limits: &BudgetConfig,
+        tokens: u64,
+        now: u64,
+    ) -> StoreFuture<store::Reserved> {
+        let result = self
+            .check()
+            .map(|()| self.store.reserve_now(client, limits, tokens, now));
+        Box::pin(std::future::ready(result))
+    }
+    fn settle(
+        &self,
+        client: &str,
+        limits: &BudgetConfig,
+        hold: Hold,
+        actual: u64,
+        now: u64,
+    ) -> StoreFuture<()> {
+        let result = self
+            .check()
+            .map(|()| self.store.settle_now(client, limits, &hold, actual, now));
+        Box::pin(std::future::ready(result))
+    }
+    fn snapshot(&self, client: &str, limits: &BudgetConfig, now: u64) -> StoreFuture<Snapshot> {
+        let result = self
+            .check()
+            .map(|()| self.store.snapshot_now(client, limits, now));
+        Box::pin(std::future::ready(result))
+    }
+    fn health(&self) -> StoreFuture<()> {
+        Box::pin(std::future::ready(self.check()))
+    }
+    fn flush(&self) -> StoreFuture<()> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+#[tokio::test]
+async fn allowed_through_an_outage_requests_are_counted_locally_then_the_store_again() {
+    let flaky = Arc::new(Flaky {
+        down: true.into(),
+        store: MemoryStore::new(),
+    });
+    let budgets = Budgets::new(
+        Arc::clone(&flaky) as Arc<dyn Store>,
+        Clock::system(),
+        OnUnavailable::Allow,
+    );
+    let client = client("tokens_per_day = 100\nmax_concurrent = 5");
+
+    // Down: admitted against this instance's own count, which still limits.
+    let during = budgets
+        .reserve(&client, "m", cost(60))
+        .await
+        .expect("admitted");
+    assert_eq!(
+        during
+            .headers()
+            .get("x-ratelimit-remaining-tokens")
+            .map(|v| v.to_str().ok()),
+        Some(Some("40")),
+        "headers from the local count"
+    );
+    let error = budgets
+        .reserve(&client, "m", cost(60))
+        .await
+        .err()
+        .expect("over the local count");
+    assert_eq!(error.code, "insufficient_quota");
+
+    // Back: the store decides again, and knows nothing of the outage.
+    flaky.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let after = budgets.reserve(&client, "m", cost(60)).await.expect("fits");
+    let in_store = |window| {
+        flaky
+            .store
+            .snapshot_now("c", &client.budget, budgets.inner.clock.now())
+            .get(window)
+            .used
+    };
+    assert_eq!(in_store(Window::TokensPerDay), 60);
+    assert_eq!(in_store(Window::MaxConcurrent), 1);
+
+    // Each reservation settles where it was made.
+    during.settle(10);
+    assert_eq!(
+        in_store(Window::MaxConcurrent),
+        1,
+        "the local one settled locally"
+    );
+    let local = budgets
+        .inner
+        .local
+        .snapshot_now("c", &client.budget, budgets.inner.clock.now());
+    assert_eq!(local.get(Window::TokensPerDay).used, 10);
+    assert_eq!(local.get(Window::MaxConcurrent).used, 0);
+    after.settle(20);
+    assert_eq!(in_store(Window::TokensPerDay), 20);
+    assert_eq!(in_store(Window::MaxConcurrent), 0);
+}
+
 /// Times reserve + settle on the embedded store's hot path (the in-memory
 /// state; SQLite writes happen in the background). Run with
 /// `cargo test --release --lib budget_hot_path -- --ignored --nocapture`.

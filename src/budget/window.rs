@@ -3,8 +3,9 @@
 //! concurrency count, and the one atomic "reserve against every window" step.
 //!
 //! Every store applies these same functions to a [`ClientState`], so the
-//! memory and SQLite stores agree to the nanosecond; a Redis store ports them
-//! to one Lua script per operation.
+//! memory and SQLite stores agree to the nanosecond; the Redis store ports
+//! them to one Lua script per operation (to the microsecond) and reads its
+//! snapshots back through [`ClientState::snapshot`].
 //!
 //! Time is a `u64` of nanoseconds since the Unix epoch, taken from a
 //! [`Clock`]. The clock follows tokio's clock, so tests pause and advance it
@@ -275,6 +276,9 @@ pub struct Hold {
     /// corrects the day of admission, not the new one.
     pub day: u32,
     pub month: u32,
+    /// Which reservation this is, for a store that tracks each one (the
+    /// Redis store's leases); 0 where the store only counts them.
+    pub lease: u64,
 }
 
 /// Why a reservation was refused.
@@ -304,7 +308,7 @@ impl Refusal {
     /// Which refusal to report when several windows refuse: the one the
     /// client must wait longest for (a spent quota before a rate limit), so
     /// that a retry after it can succeed.
-    fn severity(&self) -> (u8, u64) {
+    pub(crate) fn severity(&self) -> (u8, u64) {
         match *self {
             Refusal::TooLarge { .. } => (2, 0),
             Refusal::Exhausted { reset_at, .. } => (1, reset_at),
@@ -460,6 +464,7 @@ impl ClientState {
             tokens,
             day: periods.day,
             month: periods.month,
+            lease: 0,
         })
     }
 

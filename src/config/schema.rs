@@ -68,6 +68,15 @@ pub struct StoreConfig {
     /// Redis URL (kind = "redis"); may carry a password, so it never prints.
     pub url: Option<Secret>,
     pub on_unavailable: OnUnavailable,
+    /// Redis: how long a reservation holds its concurrency slot when it is
+    /// never settled (its instance died): longer than any request may run.
+    pub lease_ms: u64,
+    /// Redis: how long one store operation (connect included) may take
+    /// before the request is treated as "store unavailable".
+    pub timeout_ms: u64,
+    /// Redis: the first part of every key, so several Iris deployments can
+    /// share one Redis (a Cluster has only database 0).
+    pub key_prefix: String,
 }
 
 impl Default for StoreConfig {
@@ -77,6 +86,9 @@ impl Default for StoreConfig {
             path: "iris.db".into(),
             url: None,
             on_unavailable: OnUnavailable::Reject,
+            lease_ms: 600_000,
+            timeout_ms: 500,
+            key_prefix: "iris".into(),
         }
     }
 }

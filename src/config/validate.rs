@@ -38,12 +38,22 @@ pub fn validate(config: &Config) -> Vec<Problem> {
                     "store.url".into(),
                     "must be a redis:// or rediss:// URL".into(),
                 );
+            } else if let Err(e) = redis::Client::open(url) {
+                // The URL may carry a password: name the problem, never the URL.
+                problem(
+                    "store.url".into(),
+                    format!("not a valid Redis URL ({:?})", e.kind()),
+                );
             }
         }
         StoreKind::Sqlite if config.store.path.is_empty() => {
             problem("store.path".into(), "must name a file".into());
         }
         _ => {}
+    }
+
+    if config.store.kind == StoreKind::Redis {
+        validate_redis_store(config, &mut problem);
     }
 
     for (i, network) in config.images.allowed_networks.iter().enumerate() {
@@ -167,6 +177,42 @@ pub fn validate(config: &Config) -> Vec<Problem> {
     problems
 }
 
+/// The Redis-only knobs: a lease shorter than an upstream's timeout would
+/// free a concurrency slot while its request may still be running.
+fn validate_redis_store(config: &Config, problem: &mut impl FnMut(String, String)) {
+    let store = &config.store;
+    if store.timeout_ms == 0 {
+        problem("store.timeout_ms".into(), "must be above 0".into());
+    }
+    if store.key_prefix.is_empty()
+        || store
+            .key_prefix
+            .chars()
+            .any(|c| matches!(c, '{' | '}') || c.is_whitespace() || c.is_control())
+    {
+        problem(
+            "store.key_prefix".into(),
+            "must be non-empty, without braces or spaces".into(),
+        );
+    }
+    let longest = config
+        .upstreams
+        .iter()
+        .map(|u| (u.timeout_ms, u.name.as_str()))
+        .max();
+    match longest {
+        _ if store.lease_ms == 0 => problem("store.lease_ms".into(), "must be above 0".into()),
+        Some((timeout_ms, name)) if store.lease_ms <= timeout_ms => problem(
+            "store.lease_ms".into(),
+            format!(
+                "must be longer than every upstream's timeout_ms ({timeout_ms} for {name:?}), \
+                 or a slow request's concurrency slot is freed while it still runs"
+            ),
+        ),
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::config::parse;
@@ -221,6 +267,44 @@ mod tests {
                 .iter()
                 .any(|p| p.starts_with("clients[0].key: must start with"))
         );
+    }
+
+    #[test]
+    fn redis_store_knobs_are_checked() {
+        let found = problems(
+            r#"
+            [store]
+            kind = "redis"
+            url = "redis://127.0.0.1:6379/0"
+            lease_ms = 1000
+            timeout_ms = 0
+            key_prefix = "a{b}"
+            [[upstreams]]
+            name = "slow"
+            base_url = "http://127.0.0.1:1/v1"
+            api_key = "k"
+            timeout_ms = 5000
+            "#,
+        );
+        assert_eq!(
+            found,
+            vec![
+                "store.timeout_ms: must be above 0".to_string(),
+                "store.key_prefix: must be non-empty, without braces or spaces".to_string(),
+                "store.lease_ms: must be longer than every upstream's timeout_ms (5000 for \"slow\"), \
+                 or a slow request's concurrency slot is freed while it still runs"
+                    .to_string(),
+            ]
+        );
+        let bad_url =
+            problems("[store]\nkind = \"redis\"\nurl = \"redis://:secret@host:notaport/0\"\n");
+        assert_eq!(bad_url.len(), 1, "{bad_url:?}");
+        assert!(
+            bad_url[0].starts_with("store.url: not a valid Redis URL"),
+            "{bad_url:?}"
+        );
+        assert!(!bad_url[0].contains("secret"), "{bad_url:?}");
+        assert!(problems("[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1/3\"\n").is_empty());
     }
 
     #[test]

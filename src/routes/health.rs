@@ -7,6 +7,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 
 use crate::app::SharedState;
+use crate::config::OnUnavailable;
 
 /// 200 while the process runs.
 pub async fn healthz() -> &'static str {
@@ -18,20 +19,25 @@ const STORE_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// 200 once the config is loaded and the budget store answers, else 503
 /// saying why (probes read the status; operators read the body).
+///
+/// With `store.on_unavailable = "allow"` an instance serves through a store
+/// outage (counting locally), so it stays ready: answering 503 would take
+/// every instance out of its load balancer at once, exactly when `allow` was
+/// chosen to keep serving. The body still says the store is down.
 pub async fn readyz(State(state): State<SharedState>) -> impl IntoResponse {
-    match tokio::time::timeout(STORE_PROBE_TIMEOUT, state.budgets.health()).await {
-        Ok(Ok(())) => (StatusCode::OK, "ready".to_owned()),
-        Ok(Err(e)) => {
-            tracing::warn!("not ready: budget store: {e}");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("budget store unavailable: {e}"),
-            )
-        }
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "budget store did not answer".to_owned(),
-        ),
+    let problem = match tokio::time::timeout(STORE_PROBE_TIMEOUT, state.budgets.health()).await {
+        Ok(Ok(())) => return (StatusCode::OK, "ready".to_owned()),
+        Ok(Err(e)) => format!("budget store unavailable: {e}"),
+        Err(_) => "budget store did not answer".to_owned(),
+    };
+    tracing::warn!("readiness: {problem}");
+    if state.config.store.on_unavailable == OnUnavailable::Allow {
+        (
+            StatusCode::OK,
+            format!("ready, counting budgets locally: {problem}"),
+        )
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, problem)
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod image_server;
 pub mod mock_upstream;
+pub mod redis;
 
 use std::net::SocketAddr;
 

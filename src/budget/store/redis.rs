@@ -1,0 +1,589 @@
+//! The shared store: budgets in Redis, so several Iris instances behind a
+//! load balancer enforce one budget per client.
+//!
+//! **Atomic.** Each operation is one Lua script, run by Redis as one step:
+//! `reserve` checks every window and charges them all or none, `settle`
+//! corrects them, `snapshot` reads. No interleaving of instances can
+//! overspend, and each operation is one round trip (`EVALSHA`; the script is
+//! loaded on the first `NOSCRIPT`, so a flushed script cache heals itself).
+//!
+//! **Keys.** One client's state is five keys, all carrying the client in a
+//! hash tag so they share one Redis Cluster slot and every script names all
+//! its keys in `KEYS`:
+//!
+//! | key | type | holds | expires |
+//! |---|---|---|---|
+//! | `{prefix}:v1:{client}:rpm` | string | requests-per-minute GCRA TAT (µs) | when the bucket is empty again |
+//! | `{prefix}:v1:{client}:tpm` | string | tokens-per-minute GCRA TAT (µs) | the same |
+//! | `{prefix}:v1:{client}:day` | hash `p`, `u` | UTC day number, tokens used in it | an hour after that day ends |
+//! | `{prefix}:v1:{client}:month` | hash `p`, `u` | month number, tokens used in it | an hour after that month ends |
+//! | `{prefix}:v1:{client}:leases` | sorted set | one member per request in flight, scored by its lease's end (µs) | with its last lease |
+//!
+//! The client name is percent-encoded (anything but `A-Z a-z 0-9 . _ ~ -`),
+//! so a `{`, `}` or `:` in a name cannot break the hash tag or the layout.
+//!
+//! **Versions.** `v1` is the layout: the keys above and what their values
+//! mean. Scripts may change freely within a layout (old and new scripts run
+//! side by side during a rolling upgrade: each instance loads its own by its
+//! SHA, and both read and write the same state the same way). A change to
+//! the layout (a key's type, unit or meaning) must bump the version, so that
+//! a newer instance never misreads an older one's keys; during such a
+//! rollout the two versions count separately.
+//!
+//! **Time.** Scripts take "now" from Redis's `TIME`, so every instance
+//! agrees on the minute buckets and on when a UTC day or month ends, however
+//! their clocks drift; the `now` the [`Store`] trait passes in is ignored
+//! (only tests pass it through, with [`RedisClock::Caller`], to cross
+//! midnight on purpose). Calendar periods are computed in Lua with the same
+//! arithmetic as `window.rs`, which the tests check against each other.
+//!
+//! **Leases.** Each reservation adds a member (a fresh random id, carried in
+//! its [`Hold`]) to the client's lease set, scored `now + lease`. `settle`
+//! removes it. A reservation never settled (its instance died, or the
+//! settle could not reach Redis) expires: the next `reserve` drops leases
+//! past their end, freeing their concurrency slots. Their tokens stay
+//! charged at the reservation (the safe side, as the SQLite store does after
+//! a crash). A late settle of an expired lease still corrects the tokens,
+//! once: expiry gave none back.
+//!
+//! A reservation whose reply was lost (a timeout, a dropped connection) may
+//! still have run: a cancel is sent behind it, which gives it back only if
+//! its lease exists, so its slot is not held for a whole lease.
+//!
+//! **Unavailable.** Every operation is bounded by `store.timeout_ms`
+//! (connecting included), so a dead Redis fails a request fast, and
+//! [`crate::budget::Budgets`] then rejects or counts locally as
+//! `store.on_unavailable` says. The connection is one multiplexed
+//! connection shared by every request ([`ConnectionManager`]); it reconnects
+//! on the next operation after a failure, so Iris recovers when Redis does.
+//! Redis 5 or newer (scripts that call `TIME` before writing).
+//!
+//! **Shutdown.** Settlements run detached from their requests; `flush` waits
+//! for those still on their way, so a draining instance exits with every
+//! finished request settled.
+//!
+//! **Cluster.** The scripts are Cluster-safe (one slot per call, every key
+//! in `KEYS`), but this build connects to one endpoint: a standalone or
+//! managed primary, or a Cluster proxy (a Cluster client needs the `redis`
+//! crate's `cluster-async` feature).
+
+use std::sync::Arc;
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{FromRedisValue, Script, ScriptInvocation};
+
+use super::{Reserved, Store, StoreError, StoreFuture};
+use crate::budget::window::{
+    Bucket, CONCURRENCY_RETRY, Calendar, ClientState, Hold, Periods, Refusal, Snapshot, Window,
+};
+use crate::config::{BudgetConfig, StoreConfig};
+
+/// The key layout version (see the module documentation before changing it).
+pub const LAYOUT: &str = "v1";
+
+const COMMON: &str = include_str!("lua/common.lua");
+
+fn script(body: &str) -> Script {
+    Script::new(&format!("{COMMON}\n{body}"))
+}
+
+static RESERVE: LazyLock<Script> = LazyLock::new(|| script(include_str!("lua/reserve.lua")));
+static SETTLE: LazyLock<Script> = LazyLock::new(|| script(include_str!("lua/settle.lua")));
+static SNAPSHOT: LazyLock<Script> = LazyLock::new(|| script(include_str!("lua/snapshot.lua")));
+
+/// Whose clock the scripts use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisClock {
+    /// Redis's `TIME`: one clock for every instance (always, outside tests).
+    Server,
+    /// The `now` passed to each operation, so tests can set the date.
+    Caller,
+}
+
+/// How a [`RedisStore`] names its keys, times out and leases.
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// The first part of every key (`store.key_prefix`).
+    pub prefix: String,
+    /// How long an unsettled reservation holds its slot (`store.lease_ms`).
+    pub lease: Duration,
+    /// The bound on every operation, connecting included (`store.timeout_ms`).
+    pub timeout: Duration,
+    pub clock: RedisClock,
+}
+
+impl RedisOptions {
+    pub fn from_config(config: &StoreConfig) -> Self {
+        Self {
+            prefix: config.key_prefix.clone(),
+            lease: Duration::from_millis(config.lease_ms),
+            timeout: Duration::from_millis(config.timeout_ms),
+            clock: RedisClock::Server,
+        }
+    }
+}
+
+pub struct RedisStore {
+    connection: ConnectionManager,
+    options: RedisOptions,
+    leases: LeaseIds,
+    settling: Arc<Settling>,
+}
+
+/// Settlements not yet answered: they run detached from their requests
+/// (spawned from a `Drop`), so `flush` waits for them at shutdown rather than
+/// let the process exit under them.
+#[derive(Default)]
+struct Settling {
+    count: AtomicUsize,
+    done: tokio::sync::Notify,
+}
+
+/// Counts one settlement as pending while it lives.
+struct SettlingGuard(Arc<Settling>);
+
+impl SettlingGuard {
+    fn new(settling: &Arc<Settling>) -> Self {
+        settling.count.fetch_add(1, Ordering::SeqCst);
+        Self(Arc::clone(settling))
+    }
+}
+
+impl Drop for SettlingGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.done.notify_waiters();
+        }
+    }
+}
+
+/// Lease ids: unique within the process (a bijection of a counter), random
+/// across processes (a per-process random start), so two instances'
+/// requests never share one.
+struct LeaseIds {
+    start: u64,
+    next: AtomicU64,
+}
+
+impl LeaseIds {
+    fn new() -> Self {
+        let start = getrandom::u64().unwrap_or_else(|_| {
+            // No randomness: the time and the process id still differ
+            // between instances.
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            nanos ^ u64::from(std::process::id()).rotate_left(40)
+        });
+        Self {
+            start,
+            next: AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> u64 {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        splitmix64(self.start.wrapping_add(n))
+    }
+}
+
+/// SplitMix64's finaliser: a bijection on u64 that scatters a counter.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// One client's keys.
+struct ClientKeys {
+    rpm: String,
+    tpm: String,
+    day: String,
+    month: String,
+    leases: String,
+}
+
+impl ClientKeys {
+    /// `{prefix}:v1:{client}:window`, the client in the hash tag.
+    fn new(prefix: &str, client: &str) -> Self {
+        let base = format!("{prefix}:{LAYOUT}:{{{}}}:", encode_client(client));
+        Self {
+            rpm: format!("{base}rpm"),
+            tpm: format!("{base}tpm"),
+            day: format!("{base}day"),
+            month: format!("{base}month"),
+            leases: format!("{base}leases"),
+        }
+    }
+}
+
+/// `client` safe inside a hash tag and a `:`-separated key.
+fn encode_client(client: &str) -> String {
+    let mut out = String::with_capacity(client.len());
+    for byte in client.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'~' | b'-') {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+impl RedisStore {
+    /// A store on `url`. Does not wait for Redis: Iris starts (and reports
+    /// not ready) while Redis is down, and connects when it answers.
+    pub fn connect(url: &str, options: RedisOptions) -> Result<Arc<Self>, StoreError> {
+        // rediss:// needs rustls's crypto provider.
+        crate::init_tls();
+        // The URL may carry a password: never repeat it in an error.
+        let client = redis::Client::open(url)
+            .map_err(|e| StoreError(format!("store.url is not a usable Redis URL: {e:?}")))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(options.timeout))
+            .set_response_timeout(Some(options.timeout))
+            // One attempt per reconnection: a request never waits on a
+            // backoff; the next operation tries again.
+            .set_number_of_retries(0);
+        let connection = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| StoreError(format!("redis: {e}")))?;
+        Ok(Arc::new(Self {
+            connection,
+            options,
+            leases: LeaseIds::new(),
+            settling: Arc::default(),
+        }))
+    }
+
+    /// The store `config` describes (`store.kind = "redis"`).
+    pub fn from_config(config: &StoreConfig) -> Result<Arc<Self>, StoreError> {
+        let url = config
+            .url
+            .as_ref()
+            .ok_or_else(|| StoreError("store.url is required for store.kind = \"redis\"".into()))?;
+        Self::connect(url.expose(), RedisOptions::from_config(config))
+    }
+
+    fn keys(&self, client: &str) -> ClientKeys {
+        ClientKeys::new(&self.options.prefix, client)
+    }
+
+    /// The script's `now` argument: empty for Redis's clock, else µs.
+    fn now_arg(&self, now: u64) -> String {
+        match self.options.clock {
+            RedisClock::Server => String::new(),
+            RedisClock::Caller => (now / 1000).to_string(),
+        }
+    }
+
+    /// The settle script for `hold`; a `cancel` changes nothing unless the
+    /// reservation is still live (see [`Store::reserve`] below).
+    fn settlement(
+        &self,
+        client: &str,
+        limits: &BudgetConfig,
+        hold: &Hold,
+        actual: u64,
+        now: u64,
+        cancel: bool,
+    ) -> ScriptInvocation<'static> {
+        let keys = self.keys(client);
+        let mut invocation = SETTLE.prepare_invoke();
+        invocation
+            .key(keys.tpm)
+            .key(keys.day)
+            .key(keys.month)
+            .key(keys.leases)
+            .arg(self.now_arg(now))
+            .arg(hold.lease)
+            .arg(hold.tokens)
+            .arg(actual)
+            .arg(hold.day)
+            .arg(hold.month)
+            .arg(limit_arg(limits.tokens_per_minute))
+            .arg(if cancel { "1" } else { "" });
+        invocation
+    }
+
+    /// Runs a prepared script invocation within the timeout.
+    fn run<T: FromRedisValue + Send + 'static>(
+        &self,
+        invocation: ScriptInvocation<'static>,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static {
+        let mut connection = self.connection.clone();
+        let timeout = self.options.timeout;
+        async move {
+            bounded(timeout, async move {
+                invocation.invoke_async::<T>(&mut connection).await
+            })
+            .await
+        }
+    }
+}
+
+/// `future` within `timeout`, its errors as store errors.
+async fn bounded<T>(
+    timeout: Duration,
+    future: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(timeout, future).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(StoreError(format!("redis: {e}"))),
+        Err(_) => Err(StoreError(format!(
+            "redis did not answer within {} ms",
+            timeout.as_millis()
+        ))),
+    }
+}
+
+fn limit_arg(limit: Option<u64>) -> String {
+    limit.map(|l| l.to_string()).unwrap_or_default()
+}
+
+fn to_u64(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+fn to_u32(value: i64) -> u32 {
+    u32::try_from(value).unwrap_or(0)
+}
+
+/// The state a script returned (`now`, two TATs, day, day used, month,
+/// month used, in flight), as the [`ClientState`] whose snapshot the other
+/// stores compute the same way.
+fn state_from(reply: &[i64]) -> Result<(u64, ClientState), StoreError> {
+    let [now, rpm, tpm, day, day_used, month, month_used, in_flight] = reply else {
+        return Err(StoreError(format!(
+            "redis: unexpected script reply {reply:?}"
+        )));
+    };
+    let micros = |us: i64| to_u64(us).saturating_mul(1000);
+    Ok((
+        micros(*now),
+        ClientState {
+            requests: Bucket { tat: micros(*rpm) },
+            tokens: Bucket { tat: micros(*tpm) },
+            day: Calendar {
+                period: to_u32(*day),
+                used: to_u64(*day_used),
+            },
+            month: Calendar {
+                period: to_u32(*month),
+                used: to_u64(*month_used),
+            },
+            in_flight: to_u64(*in_flight),
+        },
+    ))
+}
+
+/// The refusal to report from the windows the script refused (index, wait
+/// in µs): the one the client must wait longest for, as `window.rs` picks.
+fn refusal_from(
+    refused: &[i64],
+    limits: &BudgetConfig,
+    tokens: u64,
+    now: u64,
+) -> Result<Refusal, StoreError> {
+    let periods = Periods::at(now);
+    let mut worst: Option<Refusal> = None;
+    for pair in refused.chunks_exact(2) {
+        let window = usize::try_from(pair[0])
+            .ok()
+            .and_then(|i| Window::ALL.get(i).copied())
+            .ok_or_else(|| StoreError(format!("redis: unknown window {}", pair[0])))?;
+        let wait = to_u64(pair[1]).saturating_mul(1000);
+        let limit = window.limit(limits).unwrap_or(0);
+        let refusal = match window {
+            Window::MaxConcurrent => Refusal::RateLimited {
+                window,
+                wait: CONCURRENCY_RETRY,
+            },
+            _ if window.counts_tokens() && tokens > limit => Refusal::TooLarge {
+                window,
+                limit,
+                tokens,
+            },
+            Window::TokensPerDay => Refusal::Exhausted {
+                window,
+                reset_at: periods.day_end,
+            },
+            Window::TokensPerMonth => Refusal::Exhausted {
+                window,
+                reset_at: periods.month_end,
+            },
+            Window::RequestsPerMinute | Window::TokensPerMinute => {
+                Refusal::RateLimited { window, wait }
+            }
+        };
+        if worst.is_none_or(|w| refusal.severity() > w.severity()) {
+            worst = Some(refusal);
+        }
+    }
+    worst.ok_or_else(|| StoreError("redis: a refusal without a window".into()))
+}
+
+impl Store for RedisStore {
+    fn reserve(
+        &self,
+        client: &str,
+        limits: &BudgetConfig,
+        tokens: u64,
+        now: u64,
+    ) -> StoreFuture<Reserved> {
+        let keys = self.keys(client);
+        let lease = self.leases.next();
+        let mut invocation = RESERVE.prepare_invoke();
+        invocation
+            .key(keys.rpm)
+            .key(keys.tpm)
+            .key(keys.day)
+            .key(keys.month)
+            .key(keys.leases)
+            .arg(self.now_arg(now))
+            .arg(tokens)
+            .arg(limit_arg(limits.requests_per_minute))
+            .arg(limit_arg(limits.tokens_per_minute))
+            .arg(limit_arg(limits.tokens_per_day))
+            .arg(limit_arg(limits.tokens_per_month))
+            .arg(limit_arg(limits.max_concurrent))
+            .arg(lease)
+            .arg(u64::try_from(self.options.lease.as_micros()).unwrap_or(u64::MAX));
+        let reply = self.run::<Vec<i64>>(invocation);
+        // If the reply is lost (a timeout, a dropped connection), the script
+        // may still have run: then a cancel, queued behind it, gives the
+        // reservation back at once instead of when its lease ends. Its day
+        // and month are this instance's guess; wrong only at midnight, when
+        // the tokens stay charged (the safe side).
+        let guess = Periods::at(match self.options.clock {
+            RedisClock::Caller => now,
+            RedisClock::Server => crate::budget::window::Clock::system().now(),
+        });
+        let lost = Hold {
+            tokens,
+            day: guess.day,
+            month: guess.month,
+            lease,
+        };
+        let cancel = self.run::<i64>(self.settlement(client, limits, &lost, 0, now, true));
+        let limits = *limits;
+        Box::pin(async move {
+            let reply = match reply.await {
+                Ok(reply) => reply,
+                Err(e) => {
+                    tokio::spawn(async move {
+                        if let Ok(1) = cancel.await {
+                            tracing::info!("a reservation whose answer was lost was given back");
+                        }
+                    });
+                    return Err(e);
+                }
+            };
+            let (admitted, rest) = reply
+                .split_first()
+                .ok_or_else(|| StoreError("redis: empty script reply".into()))?;
+            let (state, refused) = rest.split_at(rest.len().min(8));
+            let (now, state) = state_from(state)?;
+            let outcome = if *admitted == 1 {
+                Ok(Hold {
+                    tokens,
+                    day: state.day.period,
+                    month: state.month.period,
+                    lease,
+                })
+            } else {
+                Err(refusal_from(refused, &limits, tokens, now)?)
+            };
+            Ok(Reserved {
+                outcome,
+                snapshot: state.snapshot(&limits, now),
+            })
+        })
+    }
+
+    fn settle(
+        &self,
+        client: &str,
+        limits: &BudgetConfig,
+        hold: Hold,
+        actual: u64,
+        now: u64,
+    ) -> StoreFuture<()> {
+        let reply = self.run::<i64>(self.settlement(client, limits, &hold, actual, now, false));
+        let pending = SettlingGuard::new(&self.settling);
+        Box::pin(async move {
+            let _pending = pending;
+            if reply.await? == 0 {
+                tracing::warn!(
+                    "a reservation settled after its lease expired: its concurrency slot \
+                     had been freed already (raise store.lease_ms above the longest request)"
+                );
+            }
+            Ok(())
+        })
+    }
+
+    fn snapshot(&self, client: &str, limits: &BudgetConfig, now: u64) -> StoreFuture<Snapshot> {
+        let keys = self.keys(client);
+        let mut invocation = SNAPSHOT.prepare_invoke();
+        invocation
+            .key(keys.rpm)
+            .key(keys.tpm)
+            .key(keys.day)
+            .key(keys.month)
+            .key(keys.leases)
+            .arg(self.now_arg(now));
+        let reply = self.run::<Vec<i64>>(invocation);
+        let limits = *limits;
+        Box::pin(async move {
+            let (now, state) = state_from(&reply.await?)?;
+            Ok(state.snapshot(&limits, now))
+        })
+    }
+
+    fn health(&self) -> StoreFuture<()> {
+        let mut connection = self.connection.clone();
+        let timeout = self.options.timeout;
+        Box::pin(async move {
+            let pong: String =
+                bounded(timeout, redis::cmd("PING").query_async(&mut connection)).await?;
+            if pong == "PONG" {
+                Ok(())
+            } else {
+                Err(StoreError(format!("redis answered PING with {pong:?}")))
+            }
+        })
+    }
+
+    /// Every operation is written when it happens; this only waits for the
+    /// settlements still on their way (bounded: each is bounded itself).
+    fn flush(&self) -> StoreFuture<()> {
+        let settling = Arc::clone(&self.settling);
+        let limit = self.options.timeout.saturating_mul(2);
+        Box::pin(async move {
+            let all_done = async {
+                loop {
+                    // Registered before the check, so a notification between
+                    // the two is not missed.
+                    let done = settling.done.notified();
+                    if settling.count.load(Ordering::SeqCst) == 0 {
+                        return;
+                    }
+                    done.await;
+                }
+            };
+            tokio::time::timeout(limit, all_done).await.map_err(|_| {
+                StoreError(format!(
+                    "{} settlement(s) still unanswered by Redis",
+                    settling.count.load(Ordering::SeqCst)
+                ))
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

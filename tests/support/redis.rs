@@ -1,0 +1,171 @@
+//! Redis for the integration tests: the shared server on 127.0.0.1:6379
+//! (database 13, or `$IRIS_TEST_REDIS_URL`), each test under its own random
+//! key prefix, deleted afterwards; and throwaway `redis-server` processes on
+//! free ports for tests that kill and restart Redis.
+//!
+//! Without Redis the tests print that they were skipped and pass, unless
+//! `IRIS_REQUIRE_REDIS=1` (CI), which makes a missing Redis a failure.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn test_url() -> String {
+    std::env::var("IRIS_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/13".into())
+}
+
+fn required() -> bool {
+    std::env::var("IRIS_REQUIRE_REDIS").as_deref() == Ok("1")
+}
+
+/// `None` after saying why the test is skipped; a panic when Redis is required.
+pub fn skip<T>(why: &str) -> Option<T> {
+    if required() {
+        panic!("IRIS_REQUIRE_REDIS=1 but {why}");
+    }
+    eprintln!(
+        "SKIPPED: {why}; start redis-server to run the Redis tests \
+         (IRIS_REQUIRE_REDIS=1 makes this a failure)"
+    );
+    None
+}
+
+/// Whether Redis at `url` answers PING within a second.
+pub async fn answers(url: &str) -> bool {
+    let Ok(client) = redis::Client::open(url) else {
+        return false;
+    };
+    let ping = async {
+        let mut connection = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut connection)
+            .await
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), ping).await,
+        Ok(Ok(_))
+    )
+}
+
+/// A key prefix of the test's own on the shared Redis, deleted on drop.
+pub struct SharedRedis {
+    pub url: String,
+    pub prefix: String,
+}
+
+impl SharedRedis {
+    pub async fn get() -> Option<Self> {
+        let url = test_url();
+        if !answers(&url).await {
+            return skip(&format!("Redis at {url} does not answer"));
+        }
+        let mut random = [0u8; 8];
+        getrandom::fill(&mut random).expect("random");
+        Some(Self {
+            url,
+            prefix: format!("iris-test-{}", hex::encode(random)),
+        })
+    }
+
+    /// The `[store]` table for an Iris on this Redis and prefix.
+    pub fn store_toml(&self, extra: &str) -> String {
+        store_toml(&self.url, &self.prefix, extra)
+    }
+}
+
+impl Drop for SharedRedis {
+    fn drop(&mut self) {
+        let Ok(client) = redis::Client::open(self.url.as_str()) else {
+            return;
+        };
+        let Ok(mut connection) = client.get_connection_with_timeout(Duration::from_secs(2)) else {
+            return;
+        };
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.prefix))
+            .query(&mut connection)
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(keys).query(&mut connection);
+        }
+    }
+}
+
+pub fn store_toml(url: &str, prefix: &str, extra: &str) -> String {
+    format!("[store]\nkind = \"redis\"\nurl = \"{url}\"\nkey_prefix = \"{prefix}\"\n{extra}\n")
+}
+
+/// [`super::base_config`] with its memory store replaced by `store`.
+pub fn with_store(config: &str, store: &str) -> String {
+    let memory = "[store]\nkind = \"memory\"\n";
+    assert!(config.contains(memory), "base_config changed its store");
+    config.replacen(memory, store, 1)
+}
+
+/// A `redis-server` of the test's own on a free port, without persistence,
+/// that the test may kill and start again.
+pub struct RedisProcess {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+const REDIS_SERVER: &str = "/usr/bin/redis-server";
+
+impl RedisProcess {
+    /// A free port and a directory, nothing started yet; `None` (skipped)
+    /// without a `redis-server` binary.
+    pub fn prepare() -> Option<Self> {
+        if !Path::new(REDIS_SERVER).exists() {
+            return skip(&format!("{REDIS_SERVER} is not installed"));
+        }
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        Some(Self {
+            port,
+            dir: tempfile::tempdir().expect("tempdir"),
+            child: None,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts the server and waits until it answers.
+    pub async fn start(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let child = Command::new(REDIS_SERVER)
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !answers(&self.url()).await {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Kills the server (SIGKILL: a crash, nothing saved).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
