@@ -56,10 +56,10 @@ const HEADER_PREFIX: usize = 64 * 1024;
 /// at the worst case rather than being decoded whole.
 const MAX_FULL_DECODE: usize = 4 * 1024 * 1024;
 /// Bodies with more than this outside their images are estimated on the
-/// blocking pool: o200k's
-/// regex tokenizes only a few MB/s (about 0.25 ms per KiB measured), so a
-/// larger prompt would hold an async worker for milliseconds.
-const OFFLOAD_BYTES: usize = 8 * 1024;
+/// blocking pool: o200k's regex tokenizes only a few MB/s (about 0.13 ms per
+/// KiB measured in release), so a larger prompt would hold an async worker
+/// for longer than the hop to the pool (tens of µs) costs.
+const OFFLOAD_BYTES: usize = 1024;
 
 /// The cost of one request as reserved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
