@@ -37,19 +37,8 @@ async fn chat(iris: &Iris, key: &str, body: &Value, headers: &[(&str, &str)]) ->
     request.send().await.expect("request")
 }
 
-async fn usage(iris: &Iris, key: &str) -> Value {
-    let response = http()
-        .get(iris.url("/v1/usage"))
-        .bearer_auth(key)
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(response.status(), 200);
-    response.json().await.expect("json")
-}
-
 async fn used(iris: &Iris, key: &str, window: &str) -> u64 {
-    usage(iris, key).await["windows"][window]["used"]
+    iris.usage(key).await["windows"][window]["used"]
         .as_u64()
         .unwrap_or_else(|| panic!("no {window} in usage"))
 }
@@ -144,7 +133,7 @@ async fn a_plain_response_settles_to_its_reported_usage() {
     let total = answer["usage"]["total_tokens"].as_u64().unwrap();
     assert_eq!(total, upstream.last().body.len() as u64 / 4 + 7);
 
-    let report = usage(&iris, KEY_B).await;
+    let report = iris.usage(KEY_B).await;
     assert_eq!(report["object"], "usage");
     assert_eq!(report["client"], "b");
     let day = &report["windows"]["tokens_per_day"];

@@ -38,19 +38,8 @@ async fn chat(iris: &Iris, body: &Value, delay_ms: u64) -> (u16, Value) {
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
-async fn usage(iris: &Iris) -> Value {
-    let response = http()
-        .get(iris.url("/v1/usage"))
-        .bearer_auth(KEY_B)
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(response.status(), 200);
-    response.json().await.expect("json")
-}
-
 async fn used(iris: &Iris, window: &str) -> u64 {
-    usage(iris).await["windows"][window]["used"]
+    iris.usage(KEY_B).await["windows"][window]["used"]
         .as_u64()
         .unwrap_or_else(|| panic!("no {window} in usage"))
 }

@@ -136,3 +136,20 @@ pub fn http() -> reqwest::Client {
 pub fn chat_body(model: &str) -> serde_json::Value {
     serde_json::json!({"model": model, "messages": [{"role": "user", "content": "Say hello"}]})
 }
+
+impl Iris {
+    /// `GET /v1/usage` as the client with `key`.
+    pub async fn usage(&self, key: &str) -> serde_json::Value {
+        let response = http()
+            .get(self.url("/v1/usage"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET /v1/usage: {e}"));
+        assert_eq!(response.status(), 200);
+        response
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("usage JSON: {e}"))
+    }
+}
