@@ -156,8 +156,9 @@ pub fn response_headers(upstream: &HeaderMap) -> HeaderMap {
 pub trait RelayObserver: Send + 'static {
     /// Each chunk, before it goes to the client; may edit it (e.g. drop a usage-only event).
     fn on_chunk(&mut self, chunk: Bytes) -> Bytes;
-    /// Called once: the body finished (`complete`), failed, or the client went away.
-    fn on_end(&mut self, complete: bool);
+    /// Called once: the body finished (`complete`), failed, or the client
+    /// went away. Returns bytes still to send, if the body finished.
+    fn on_end(&mut self, complete: bool) -> Option<Bytes>;
 }
 
 /// An upstream body on its way to the client, chunk by chunk as it arrives:
@@ -181,10 +182,10 @@ impl<S, O: RelayObserver> Relay<S, O> {
         }
     }
 
-    fn finish(&mut self, complete: bool) {
-        if let Some(mut observer) = self.observer.take() {
-            observer.on_end(complete);
-        }
+    fn finish(&mut self, complete: bool) -> Option<Bytes> {
+        self.observer
+            .take()
+            .and_then(|mut observer| observer.on_end(complete))
     }
 }
 
@@ -215,10 +216,10 @@ where
                 tracing::warn!(error = %error_chain(&e), "upstream body failed");
                 Poll::Ready(Some(Err(std::io::Error::other("upstream body failed"))))
             }
-            Poll::Ready(None) => {
-                this.finish(true);
-                Poll::Ready(None)
-            }
+            Poll::Ready(None) => match this.finish(true) {
+                Some(unsent) => Poll::Ready(Some(Ok(unsent))),
+                None => Poll::Ready(None),
+            },
             Poll::Pending => match this.deadline.as_mut().poll(cx) {
                 Poll::Ready(()) => {
                     this.finish(false);

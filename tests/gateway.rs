@@ -366,6 +366,19 @@ async fn models_are_listed_per_client() {
     )
     .await;
     assert_eq!(status, 404);
+    let (status, error) = error_of(
+        http()
+            .get(iris.url("/v1/models/%FF"))
+            .bearer_auth(KEY_A)
+            .send()
+            .await
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (400, Some("invalid_request"))
+    );
     let (status, _) = error_of(
         http()
             .get(iris.url("/v1/models"))

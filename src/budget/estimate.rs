@@ -59,7 +59,7 @@ const MAX_FULL_DECODE: usize = 4 * 1024 * 1024;
 /// blocking pool: o200k's regex tokenizes only a few MB/s (about 0.13 ms per
 /// KiB measured in release), so a larger prompt would hold an async worker
 /// for longer than the hop to the pool (tens of µs) costs.
-const OFFLOAD_BYTES: usize = 1024;
+pub const OFFLOAD_BYTES: usize = 1024;
 
 /// The cost of one request as reserved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -121,8 +121,13 @@ fn pieces(text: &str) -> impl Iterator<Item = &str> {
         while !rest.is_char_boundary(end) {
             end -= 1;
         }
-        if let Some(space) = rest[PIECE / 2..end].rfind(char::is_whitespace) {
-            end = PIECE / 2 + space;
+        // `end` is a character boundary; a whitespace found before it starts
+        // at one too (slicing from PIECE / 2 could split a character).
+        if let Some(space) = rest[..end]
+            .rfind(char::is_whitespace)
+            .filter(|&space| space >= PIECE / 2)
+        {
+            end = space;
         }
         let (piece, tail) = rest.split_at(end.max(1));
         rest = tail;
@@ -208,7 +213,7 @@ pub fn prompt_tokens(request: &ChatRequest<'_>) -> u64 {
 
 /// One image's tokens, from its URL and `detail` (see the module docs).
 pub fn image_tokens(url: &str, detail: Option<&str>) -> u64 {
-    if detail == Some("low") {
+    if detail.is_some_and(|d| d.eq_ignore_ascii_case("low")) {
         return LOW_DETAIL_TOKENS;
     }
     data_uri_dimensions(url).map_or(WORST_CASE_IMAGE_TOKENS, |(w, h)| tile_tokens(w, h))
@@ -232,9 +237,11 @@ fn data_uri_dimensions(url: &str) -> Option<(u32, u32)> {
     if !meta.ends_with(";base64") {
         return None;
     }
-    let data = data.trim_end_matches('=');
+    // Bytes, not `str`: a client's malformed URI may hold multi-byte
+    // characters, and a `str` cut at an arbitrary length would panic.
+    let data = data.trim_end_matches('=').as_bytes();
     let prefix = &data[..data.len().min(HEADER_PREFIX) / 4 * 4];
-    let decode = |b64: &str| {
+    let decode = |b64: &[u8]| {
         base64::engine::general_purpose::STANDARD_NO_PAD
             .decode(b64)
             .ok()
@@ -250,6 +257,22 @@ fn data_uri_dimensions(url: &str) -> Option<(u32, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_multibyte_text_and_malformed_data_uris_do_not_panic() {
+        let japanese = "日本語".repeat(2000);
+        assert!(count_tokens(&japanese) > 0);
+        let pieces: String = pieces(&japanese).collect();
+        assert_eq!(pieces, japanese);
+        assert_eq!(
+            image_tokens("data:image/png;base64,AAAé", None),
+            WORST_CASE_IMAGE_TOKENS
+        );
+        assert_eq!(
+            image_tokens("https://x/a.png", Some("LOW")),
+            LOW_DETAIL_TOKENS
+        );
+    }
 
     use crate::images::test_png as png;
 

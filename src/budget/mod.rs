@@ -272,7 +272,23 @@ impl Reservation {
     /// where none came, the prompt estimate plus the generated text counted
     /// by the tokenizer (a client that hung up pays for what was generated);
     /// an upstream error without usage releases everything.
-    pub fn finish(self, outcome: &Outcome, upstream_ok: bool) {
+    ///
+    /// Counting a long generated text takes the tokenizer milliseconds, so
+    /// that case runs on the blocking pool rather than in the relay (whose
+    /// `poll` or `Drop` calls this).
+    pub fn finish(self, outcome: Outcome, upstream_ok: bool) {
+        let tokenize = outcome.usage.is_none() && upstream_ok;
+        if tokenize
+            && outcome.generated.len() > estimate::OFFLOAD_BYTES
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn_blocking(move || self.finish_now(&outcome, upstream_ok));
+            return;
+        }
+        self.finish_now(&outcome, upstream_ok);
+    }
+
+    fn finish_now(self, outcome: &Outcome, upstream_ok: bool) {
         let (prompt, completion, total, source) = match outcome.usage {
             Some(usage) => (
                 usage.prompt_tokens,

@@ -211,7 +211,7 @@ async fn finish_settles_by_reported_usage_or_by_estimate() {
         .reserve(&client, "m", estimate)
         .await
         .expect("fits")
-        .finish(&reported, true);
+        .finish(reported, true);
     assert_eq!(used(&budgets, &client, Window::TokensPerDay).await, 47);
 
     // The client hung up after some text and no usage: prompt estimate + text.
@@ -224,10 +224,37 @@ async fn finish_settles_by_reported_usage_or_by_estimate() {
         .reserve(&client, "m", estimate)
         .await
         .expect("fits")
-        .finish(&hung_up, true);
+        .finish(hung_up, true);
     assert_eq!(
         used(&budgets, &client, Window::TokensPerDay).await,
         47 + 50 + 4
+    );
+
+    // A long text is counted off the async threads, and still charged.
+    let long = "word ".repeat(1000);
+    let long_tokens = estimate::count_tokens(&long);
+    budgets
+        .reserve(&client, "m", estimate)
+        .await
+        .expect("fits")
+        .finish(
+            Outcome {
+                complete: false,
+                usage: None,
+                generated: long,
+            },
+            true,
+        );
+    let expected = 47 + 50 + 4 + 50 + long_tokens;
+    for _ in 0..400 {
+        if used(&budgets, &client, Window::TokensPerDay).await == expected {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(
+        used(&budgets, &client, Window::TokensPerDay).await,
+        expected
     );
 
     // An upstream error without usage costs nothing.
@@ -235,8 +262,11 @@ async fn finish_settles_by_reported_usage_or_by_estimate() {
         .reserve(&client, "m", estimate)
         .await
         .expect("fits")
-        .finish(&Outcome::default(), false);
-    assert_eq!(used(&budgets, &client, Window::TokensPerDay).await, 101);
+        .finish(Outcome::default(), false);
+    assert_eq!(
+        used(&budgets, &client, Window::TokensPerDay).await,
+        expected
+    );
     assert_eq!(used(&budgets, &client, Window::MaxConcurrent).await, 0);
 }
 

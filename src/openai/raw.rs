@@ -167,7 +167,11 @@ pub fn nests_deeper_than(json: &[u8], max: usize) -> bool {
                 // Skip to the closing quote, past escaped characters.
                 i += 1;
                 loop {
-                    match memchr::memchr2(b'"', b'\\', &json[i..]) {
+                    // An escape as the last byte steps past the end: unterminated.
+                    let Some(rest) = json.get(i..) else {
+                        return false;
+                    };
+                    match memchr::memchr2(b'"', b'\\', rest) {
                         Some(offset) if json[i + offset] == b'\\' => i += offset + 2,
                         Some(offset) => {
                             i += offset;
@@ -316,6 +320,11 @@ mod tests {
         assert!(nests_deeper_than(br#"{"a":[[[1]]]}"#, 3));
         assert!(!nests_deeper_than(br#"{"a":"[[[[\"[[[["}"#, 1));
         assert!(!nests_deeper_than(br#"{"a":"\\"}"#, 1));
+        assert!(
+            !nests_deeper_than(br#"{"a":"\"#, 1),
+            "a trailing escape ends the scan"
+        );
+        assert!(!nests_deeper_than(br#""\"#, 1));
     }
 
     #[test]

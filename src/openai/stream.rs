@@ -45,6 +45,10 @@ pub struct Outcome {
 
 type OnEnd = Box<dyn FnOnce(Outcome) + Send>;
 
+/// An event larger than this is not held back to be edited: the body is
+/// passed through as it comes.
+const MAX_PENDING_EVENT: usize = 1024 * 1024;
+
 /// A response body larger than this is not kept for its `usage`.
 const MAX_KEPT_BODY: usize = 8 * 1024 * 1024;
 
@@ -103,6 +107,19 @@ impl RelayObserver for UsageTap {
         }
         self.pending.extend_from_slice(&chunk);
         let ready = self.drain_events();
+        if self.pending.len() > MAX_PENDING_EVENT {
+            // No event boundary in sight: this is not an event stream Iris
+            // can edit. Stop holding anything back and stop looking.
+            self.streaming = false;
+            let held = std::mem::take(&mut self.pending);
+            if self.drop_usage_chunk {
+                self.drop_usage_chunk = false;
+                let mut out = ready;
+                out.extend_from_slice(&held);
+                return Bytes::from(out);
+            }
+            return chunk;
+        }
         if self.drop_usage_chunk {
             Bytes::from(ready)
         } else {
@@ -110,11 +127,17 @@ impl RelayObserver for UsageTap {
         }
     }
 
-    fn on_end(&mut self, complete: bool) {
+    fn on_end(&mut self, complete: bool) -> Option<Bytes> {
+        let mut unsent = None;
         if self.streaming {
-            // An unterminated last event still counts.
+            // An unterminated last event still counts, and still goes to
+            // the client if it was held back (unless it is the usage chunk
+            // Iris removes).
             let tail = std::mem::take(&mut self.pending);
-            note_event(&tail, &mut self.outcome);
+            let usage_only = note_event(&tail, &mut self.outcome);
+            if self.drop_usage_chunk && !usage_only && !tail.is_empty() {
+                unsent = Some(Bytes::from(tail));
+            }
         } else {
             note_body(&self.pending, &mut self.outcome);
         }
@@ -122,6 +145,7 @@ impl RelayObserver for UsageTap {
         if let Some(f) = self.on_end.take() {
             f(std::mem::take(&mut self.outcome));
         }
+        unsent
     }
 }
 
@@ -233,7 +257,9 @@ mod tests {
             let bytes = tap.on_chunk(Bytes::copy_from_slice(chunk.as_bytes()));
             out.push_str(std::str::from_utf8(&bytes).expect("utf8"));
         }
-        RelayObserver::on_end(&mut tap, complete);
+        if let Some(tail) = RelayObserver::on_end(&mut tap, complete) {
+            out.push_str(std::str::from_utf8(&tail).expect("utf8"));
+        }
         let outcome = seen.lock().expect("lock").take().expect("on_end ran");
         (out, outcome)
     }
@@ -272,6 +298,21 @@ mod tests {
         let (out, outcome) = run(true, true, &pieces, true);
         assert_eq!(out, [EVENTS[0], EVENTS[1], EVENTS[3]].concat());
         assert_eq!(outcome.usage.map(|u| u.total()), Some(7));
+    }
+
+    #[test]
+    fn an_unterminated_last_event_still_reaches_the_client() {
+        let chunks = [EVENTS[0], EVENTS[2], "data: [DONE]\n"];
+        let (out, outcome) = run(true, true, &chunks, true);
+        assert_eq!(out, [EVENTS[0], "data: [DONE]\n"].concat());
+        assert_eq!(outcome.usage.map(|u| u.total()), Some(7));
+    }
+
+    #[test]
+    fn a_body_without_event_boundaries_is_passed_through() {
+        let big = "x".repeat(MAX_PENDING_EVENT + 10);
+        let (out, _) = run(true, true, &["data: {", &big, "}"], true);
+        assert_eq!(out.len(), "data: {}".len() + big.len());
     }
 
     #[test]

@@ -97,9 +97,18 @@ async fn handle(
     let response_headers = upstream::response_headers(upstream_response.headers());
     let rate_limit_headers = reservation.headers().clone();
     let upstream_ok = status.is_success();
+    // Only an event stream is read (and edited) event by event; anything
+    // else, even in answer to `stream: true`, is a plain body.
+    let event_stream = upstream_ok
+        && stream
+        && upstream_response
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
     // Settles when the body ends, however it ends (the relay's Drop included).
-    let tap = UsageTap::new(stream && upstream_ok, drop_usage_chunk && upstream_ok)
-        .on_end(move |outcome| reservation.finish(&outcome, upstream_ok));
+    let tap = UsageTap::new(event_stream, drop_usage_chunk && event_stream)
+        .on_end(move |outcome| reservation.finish(outcome, upstream_ok));
     let relay = Relay::new(upstream_response.bytes_stream(), tap, upstream.timeout);
     let mut response = Response::new(Body::from_stream(relay));
     *response.status_mut() = status;

@@ -2,6 +2,7 @@
 //! may use, in OpenAI's list and object shapes.
 
 use axum::Json;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use serde::Serialize;
 
@@ -53,8 +54,12 @@ pub async fn list(
 pub async fn retrieve(
     State(state): State<SharedState>,
     Authenticated(client): Authenticated,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let Path(id) = id.map_err(|e| {
+        ApiError::invalid_request(format!("The model id in the path is invalid: {e}."))
+            .with_param("model")
+    })?;
     let model = state
         .catalog
         .model(&id)
