@@ -125,6 +125,23 @@ async fn concurrent_requests_never_exceed_the_budget() {
 }
 
 #[tokio::test]
+async fn a_plain_answer_to_a_stream_request_settles_to_its_reported_usage() {
+    let (_upstream, iris) = setup("tokens_per_day = 100000").await;
+    let mut body = chat_body("other-model");
+    body["stream"] = json!(true);
+    let response = chat(&iris, KEY_B, &body, &[("x-mock-plain", "1")]).await;
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    let total = answer["usage"]["total_tokens"].as_u64().unwrap();
+    settled(&iris, KEY_B).await;
+    assert_eq!(
+        used(&iris, KEY_B, "tokens_per_day").await,
+        total,
+        "read as a JSON body, not as events"
+    );
+}
+
+#[tokio::test]
 async fn a_plain_response_settles_to_its_reported_usage() {
     let (upstream, iris) = setup("tokens_per_day = 100000").await;
     let response = chat(&iris, KEY_B, &chat_body("other-model"), &[]).await;

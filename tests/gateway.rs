@@ -150,6 +150,27 @@ async fn the_usage_chunk_stays_when_the_client_asks_for_it() {
 }
 
 #[tokio::test]
+async fn a_plain_answer_to_a_stream_request_is_relayed_whole() {
+    let (_upstream, iris) = setup().await;
+    let mut body = chat_body("test-model");
+    body["stream"] = json!(true);
+    let response = http()
+        .post(iris.url("/v1/chat/completions"))
+        .bearer_auth(KEY_A)
+        .header("x-mock-plain", "1")
+        .json(&body)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.expect("the whole JSON body");
+    assert_eq!(
+        answer["choices"][0]["message"]["content"],
+        "Hello from the mock upstream."
+    );
+}
+
+#[tokio::test]
 async fn stream_chunks_are_flushed_as_they_arrive() {
     let (_upstream, iris) = setup().await;
     let mut body = chat_body("test-model");

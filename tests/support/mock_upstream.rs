@@ -8,6 +8,7 @@
 //! - `x-mock-chunks: N` streams N content chunks (default 3);
 //! - `x-mock-chunk-delay-ms: N` waits between streamed chunks;
 //! - `x-mock-no-usage: 1` reports no usage at all;
+//! - `x-mock-plain: 1` answers a plain JSON body even to `stream: true`;
 //! - `x-mock-echo: 1` answers (not streamed) with the request body it
 //!   received as the message content, so a test that only sees responses
 //!   (the SDK suite, driving the example) can check what Iris forwarded.
@@ -167,7 +168,8 @@ async fn chat(State(state): State<MockState>, headers: HeaderMap, body: Bytes) -
     let prompt_tokens = (body.len() / 4) as u64;
     let with_usage = headers.get("x-mock-no-usage").is_none();
 
-    if request["stream"].as_bool() != Some(true) {
+    let plain = headers.get("x-mock-plain").is_some();
+    if plain || request["stream"].as_bool() != Some(true) {
         let content = if headers.get("x-mock-echo").is_some() {
             String::from_utf8_lossy(&body).into_owned()
         } else {
