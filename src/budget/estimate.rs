@@ -14,10 +14,10 @@
 //!   in 2048×2048, then down so its shortest side is at most 768 px; it costs
 //!   85 + 170 per 512 px tile (`ceil(w/512) * ceil(h/512)` tiles). A 1024×1024
 //!   image is 765 tokens.
-//! - The dimensions of a `data:` URI image are read from its header: only
-//!   the first 64 KiB of base64 are decoded (the whole thing only when the
-//!   header lies further in, as a TIFF's may), and nothing is decoded to
-//!   pixels.
+//! - The dimensions of a `data:` URI image are read from its header: the
+//!   first 4 KiB of base64 are decoded, then 64 KiB if the header was not
+//!   there; nothing is decoded to pixels. An image whose header lies further
+//!   in (some TIFFs) counts at the worst case below.
 //! - A remote `http(s)` image is not fetched for the estimate (a client over
 //!   budget must not make Iris fetch anything), so it counts at the formula's
 //!   worst case, [`WORST_CASE_IMAGE_TOKENS`] (1445: 768×2048, 8 tiles);
@@ -50,11 +50,12 @@ const REPLY_PRIMING: u64 = 3;
 /// by at most a token per piece.
 const PIECE: usize = 4096;
 
-/// Base64 decoded to find an image's dimensions before decoding it all.
-const HEADER_PREFIX: usize = 64 * 1024;
-/// Above this much base64, an image whose header is not in the prefix counts
-/// at the worst case rather than being decoded whole.
-const MAX_FULL_DECODE: usize = 4 * 1024 * 1024;
+/// How much base64 is decoded to find an image's dimensions: a small prefix
+/// holds the header of almost every PNG, GIF, WebP and BMP and most JPEGs;
+/// the larger one covers JPEGs with big EXIF or colour-profile blocks. The
+/// image's validation decodes it whole later anyway, so the estimate never
+/// does: where no header is found, the image counts at the worst case.
+const HEADER_PREFIXES: [usize; 2] = [4 * 1024, 64 * 1024];
 /// Bodies with more than this outside their images are estimated on the
 /// blocking pool: o200k's regex tokenizes only a few MB/s (about 0.13 ms per
 /// KiB measured in release), so a larger prompt would hold an async worker
@@ -240,18 +241,22 @@ fn data_uri_dimensions(url: &str) -> Option<(u32, u32)> {
     // Bytes, not `str`: a client's malformed URI may hold multi-byte
     // characters, and a `str` cut at an arbitrary length would panic.
     let data = data.trim_end_matches('=').as_bytes();
-    let prefix = &data[..data.len().min(HEADER_PREFIX) / 4 * 4];
-    let decode = |b64: &[u8]| {
-        base64::engine::general_purpose::STANDARD_NO_PAD
-            .decode(b64)
+    let mut tried = 0;
+    for limit in HEADER_PREFIXES {
+        let prefix = &data[..data.len().min(limit) / 4 * 4];
+        if prefix.len() == tried {
+            break;
+        }
+        tried = prefix.len();
+        let dims = base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(prefix)
             .ok()
-            .and_then(|bytes| crate::images::dimensions(&bytes))
-    };
-    decode(prefix).or_else(|| {
-        (data.len() > prefix.len() && data.len() <= MAX_FULL_DECODE)
-            .then(|| decode(data))
-            .flatten()
-    })
+            .and_then(|bytes| crate::images::dimensions(&bytes));
+        if dims.is_some() {
+            return dims;
+        }
+    }
+    None
 }
 
 #[cfg(test)]
