@@ -330,13 +330,18 @@ async fn unknown_paths_and_methods_answer_in_openai_shape() {
 #[tokio::test]
 async fn models_are_listed_per_client() {
     let (_upstream, iris) = setup().await;
-    let list = |key: &'static str| http().get(iris.url("/v1/models")).bearer_auth(key).send();
-    let a: Value = list(KEY_A)
-        .await
-        .expect("request")
-        .json()
-        .await
-        .expect("json");
+    let get = |path: &str, key: Option<&str>| {
+        let request = http().get(iris.url(path));
+        match key {
+            Some(key) => request.bearer_auth(key),
+            None => request,
+        }
+        .send()
+    };
+    let json =
+        |response: reqwest::Response| async move { response.json::<Value>().await.expect("json") };
+
+    let a = json(get("/v1/models", Some(KEY_A)).await.expect("request")).await;
     assert_eq!(a["object"], "list");
     let ids: Vec<&str> = a["data"]
         .as_array()
@@ -346,69 +351,34 @@ async fn models_are_listed_per_client() {
         .collect();
     assert_eq!(ids, ["test-model", "other-model"]);
     assert_eq!(a["data"][0]["object"], "model");
-    let b: Value = list(KEY_B)
-        .await
-        .expect("request")
-        .json()
-        .await
-        .expect("json");
+    let b = json(get("/v1/models", Some(KEY_B)).await.expect("request")).await;
     assert_eq!(b["data"].as_array().map(Vec::len), Some(1));
 
-    let one: Value = http()
-        .get(iris.url("/v1/models/test-model"))
-        .bearer_auth(KEY_A)
-        .send()
-        .await
-        .expect("request")
-        .json()
-        .await
-        .expect("json");
+    let one = json(
+        get("/v1/models/test-model", Some(KEY_A))
+            .await
+            .expect("request"),
+    )
+    .await;
     assert_eq!(one["id"], "test-model");
-    let (status, error) = error_of(
-        http()
-            .get(iris.url("/v1/models/test-model"))
-            .bearer_auth(KEY_B)
-            .send()
-            .await
-            .expect("request"),
-    )
-    .await;
-    assert_eq!(
-        (status, error["code"].as_str()),
-        (403, Some("model_not_allowed"))
-    );
-    let (status, _) = error_of(
-        http()
-            .get(iris.url("/v1/models/nope"))
-            .bearer_auth(KEY_A)
-            .send()
-            .await
-            .expect("request"),
-    )
-    .await;
-    assert_eq!(status, 404);
-    let (status, error) = error_of(
-        http()
-            .get(iris.url("/v1/models/%FF"))
-            .bearer_auth(KEY_A)
-            .send()
-            .await
-            .expect("request"),
-    )
-    .await;
-    assert_eq!(
-        (status, error["code"].as_str()),
-        (400, Some("invalid_request"))
-    );
-    let (status, _) = error_of(
-        http()
-            .get(iris.url("/v1/models"))
-            .send()
-            .await
-            .expect("request"),
-    )
-    .await;
-    assert_eq!(status, 401);
+    for (path, key, status, code) in [
+        (
+            "/v1/models/test-model",
+            Some(KEY_B),
+            403,
+            "model_not_allowed",
+        ),
+        ("/v1/models/nope", Some(KEY_A), 404, "model_not_found"),
+        ("/v1/models/%FF", Some(KEY_A), 400, "invalid_request"),
+        ("/v1/models", None, 401, "invalid_api_key"),
+    ] {
+        let (got, error) = error_of(get(path, key).await.expect("request")).await;
+        assert_eq!(
+            (got, error["code"].as_str()),
+            (status, Some(code)),
+            "{path}"
+        );
+    }
 }
 
 #[tokio::test]
