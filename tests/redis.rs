@@ -361,24 +361,38 @@ async fn an_expired_lease_frees_a_stuck_reservation() {
     settled(&iris).await;
 }
 
-#[tokio::test]
-async fn a_reservation_whose_answer_was_lost_is_given_back() {
-    use iris::budget::store::{RedisClock, RedisOptions, RedisStore, Store};
+/// A Redis server of the test's own (it may be stopped and watched) and a
+/// store on it; `None` (the test skips) where redis-server is missing.
+async fn private_store(
+    timeout: Duration,
+) -> Option<(
+    RedisProcess,
+    std::sync::Arc<iris::budget::store::RedisStore>,
+)> {
+    use iris::budget::store::{RedisClock, RedisOptions, RedisStore};
 
-    let Some(mut redis) = RedisProcess::prepare() else {
-        return;
-    };
+    let mut redis = RedisProcess::prepare()?;
     redis.start().await;
     let store = RedisStore::connect(
         &redis.url(),
         RedisOptions {
             prefix: "iris".into(),
             lease: Duration::from_secs(600),
-            timeout: Duration::from_millis(300),
+            timeout,
             clock: RedisClock::Server,
         },
     )
     .unwrap();
+    Some((redis, store))
+}
+
+#[tokio::test]
+async fn a_reservation_whose_answer_was_lost_is_given_back() {
+    use iris::budget::store::Store;
+
+    let Some((redis, store)) = private_store(Duration::from_millis(300)).await else {
+        return;
+    };
     let limits = iris::config::BudgetConfig {
         tokens_per_day: Some(1000),
         max_concurrent: Some(1),
@@ -471,22 +485,11 @@ async fn iris_usage_reads_the_shared_budgets() {
 
 #[tokio::test]
 async fn reserving_and_settling_are_one_round_trip_each() {
-    use iris::budget::store::{RedisClock, RedisOptions, RedisStore, Store};
+    use iris::budget::store::Store;
 
-    let Some(mut redis) = RedisProcess::prepare() else {
+    let Some((redis, store)) = private_store(Duration::from_secs(2)).await else {
         return;
     };
-    redis.start().await;
-    let store = RedisStore::connect(
-        &redis.url(),
-        RedisOptions {
-            prefix: "iris".into(),
-            lease: Duration::from_secs(600),
-            timeout: Duration::from_secs(2),
-            clock: RedisClock::Server,
-        },
-    )
-    .unwrap();
     let limits = iris::config::BudgetConfig {
         requests_per_minute: Some(1000),
         tokens_per_minute: Some(100_000),
