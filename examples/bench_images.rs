@@ -17,8 +17,7 @@ use std::io::Cursor;
 use std::time::{Duration, Instant};
 
 use image::{DynamicImage, Rgb, RgbImage};
-use iris::config::{ImagesConfig, UpstreamConfig};
-use iris::images::{Format, Images};
+use iris::images::{Format, ImagePolicy, Images, ImagesSettings};
 use iris::openai::chat::ChatRequest;
 
 const RUNS: usize = 25;
@@ -69,7 +68,7 @@ async fn download(client: &reqwest::Client, url: &str) -> usize {
 }
 
 /// One request's image work, as the chat route does it.
-async fn inline(images: &Images, upstream: &UpstreamConfig, body: &[u8]) -> usize {
+async fn inline(images: &Images, upstream: &ImagePolicy, body: &[u8]) -> usize {
     let mut request = ChatRequest::parse(body).expect("request");
     iris::rewrite::apply_image_policy(images, upstream, &mut request)
         .await
@@ -92,16 +91,16 @@ fn chat_body(url: &str) -> Vec<u8> {
 async fn main() {
     iris::init_tls();
     let host = image_server::ImageServer::start("127.0.0.2").await;
-    let images = Images::new(&ImagesConfig {
-        allowed_networks: vec!["127.0.0.2/32".into()],
+    let mut settings = ImagesSettings {
+        allowed_networks: vec!["127.0.0.2/32".parse().expect("cidr")],
         cache_bytes: 512 << 20,
-        max_bytes: 32 << 20,
-        ..ImagesConfig::default()
-    })
-    .expect("images");
-    let upstream = UpstreamConfig {
-        inline_images: true,
-        ..UpstreamConfig::default()
+        ..ImagesSettings::default()
+    };
+    settings.fetch.max_bytes = 32 << 20;
+    let images = Images::new(&settings).expect("images");
+    let upstream = ImagePolicy {
+        inline: true,
+        ..ImagePolicy::default()
     };
     let client = reqwest::Client::builder()
         .no_proxy()

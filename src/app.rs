@@ -3,26 +3,36 @@
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderName, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
 
+use crate::access_log::{self, NewRequestId};
 use crate::budget::Budgets;
-use crate::catalog::Catalog;
 use crate::config::Config;
+use crate::error::{ApiError, ErrorCode};
+use crate::gateway::Gateway;
 use crate::images::Images;
 use crate::metrics::Metrics;
 use crate::routes;
 use crate::upstream::Forwarder;
 
-/// Everything a request handler may need, built once at startup.
+/// Everything a request handler may need: the services, built once at
+/// startup, and the configuration, one immutable snapshot behind an atomic
+/// pointer.
 pub struct AppState {
-    pub config: Config,
-    pub catalog: Catalog,
-    pub forwarder: Forwarder,
-    pub budgets: Budgets,
+    config: ArcSwap<Config>,
+    pub gateway: Gateway,
     pub metrics: Metrics,
-    /// Fetching, converting and caching images for every upstream.
-    pub images: Images,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -31,25 +41,60 @@ impl AppState {
     /// Builds the state from a validated config. Async because it opens the
     /// budget store (loading its file, starting its background writer).
     pub async fn new(config: Config) -> Result<Self, String> {
-        let catalog = Catalog::new(&config)?;
         let forwarder = Forwarder::new().map_err(|e| format!("HTTP client: {e}"))?;
         // Metrics first, so the image metrics' descriptions reach the recorder.
         let metrics = Metrics::install();
         let budgets = Budgets::open(&config.store).await?;
         let images = Images::new(&config.images)?;
         Ok(Self {
-            config,
-            catalog,
-            forwarder,
-            budgets,
+            config: ArcSwap::from_pointee(config),
+            gateway: Gateway {
+                budgets,
+                images,
+                forwarder,
+                drain: CancellationToken::new(),
+            },
             metrics,
-            images,
         })
+    }
+
+    /// The configuration now. Take it once per request and use that
+    /// snapshot throughout, so a request never sees two configurations.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
     }
 }
 
 /// The router with every route and layer.
 pub fn app(state: SharedState) -> Router {
+    let max_body_bytes = state.config().server.max_body_bytes;
+    let request_id = HeaderName::from_static(access_log::REQUEST_ID);
+    // Layers in the order a request meets them (ServiceBuilder runs the
+    // first one added first):
+    let layers = ServiceBuilder::new()
+        // 1. the request id: the client's if acceptable, else a new one...
+        .layer(axum::middleware::map_request(
+            access_log::drop_unacceptable_request_id,
+        ))
+        .layer(SetRequestIdLayer::new(request_id.clone(), NewRequestId))
+        // 2. ...stamped on every response, errors of the layers below included;
+        .layer(PropagateRequestIdLayer::new(request_id))
+        // 3. a span per request, so every log line of it names the request;
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        // 4. the request log line and metrics, seeing every final response;
+        .layer(axum::middleware::from_fn(access_log::access_log))
+        // 5. a handler that panics answers 500, and only its own request;
+        .layer(CatchPanicLayer::custom(|_| {
+            tracing::error!("request handler panicked");
+            ApiError::internal().into_response()
+        }))
+        // 6. bodies over the limit: 413, at once when Content-Length says
+        //    so, else as the body streams in (the handler's read fails).
+        .layer(axum::middleware::map_response_with_state(
+            max_body_bytes,
+            render_bare_413,
+        ))
+        .layer(RequestBodyLimitLayer::new(max_body_bytes));
     Router::new()
         .route("/v1/chat/completions", post(routes::chat::completions))
         .route("/v1/models", get(routes::models::list))
@@ -62,9 +107,29 @@ pub fn app(state: SharedState) -> Router {
         .route("/metrics", get(routes::health::metrics))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
-        // Layers wrap from the inside out: the last one added runs first.
-        // `observe` is outermost so it sees every response, fallbacks and
-        // rejections included, and stamps each with its request id.
-        .layer(axum::middleware::from_fn(crate::observe::observe))
+        .layer(layers)
         .with_state(state)
+}
+
+fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    let id = request
+        .headers()
+        .get(access_log::REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    tracing::info_span!("request", request_id = id)
+}
+
+/// tower-http's body limit answers 413 in plain text; Iris answers every
+/// error in OpenAI's shape.
+async fn render_bare_413<B>(State(limit): State<usize>, response: Response<B>) -> Response
+where
+    Response<B>: IntoResponse,
+{
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE
+        && response.extensions().get::<ErrorCode>().is_none()
+    {
+        return ApiError::request_too_large(limit).into_response();
+    }
+    response.into_response()
 }

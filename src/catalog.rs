@@ -1,55 +1,52 @@
-//! Who may call what, where: the validated config turned into lookup tables
-//! (clients by key, models by name, each model's upstream).
+//! Who may call what, where: clients by key, models by name, each model's
+//! upstream. Built by the config (see [`crate::config`]) from validated,
+//! typed values; requests only look things up.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use axum::http::{HeaderMap, HeaderValue, header};
-
-use crate::config::{BudgetConfig, Config, UpstreamConfig};
+use crate::budget::Limits;
 use crate::keys::KeyHash;
-
-/// An upstream with everything a request needs precomputed.
-#[derive(Debug)]
-pub struct Upstream {
-    pub name: String,
-    /// `{base_url}/chat/completions`.
-    pub chat_url: reqwest::Url,
-    /// `Bearer {api_key}`, marked sensitive so it never shows in debug output.
-    pub authorization: Option<HeaderValue>,
-    pub timeout: Duration,
-    pub config: UpstreamConfig,
-}
+use crate::upstream::Upstream;
 
 #[derive(Debug)]
 pub struct Model {
+    /// What clients send as `model`.
     pub name: String,
     pub upstream: Arc<Upstream>,
     /// What the upstream calls this model, when it differs from `name`.
     pub upstream_model: Option<String>,
+    /// Completion tokens reserved when a request sets no cap.
     pub max_output_tokens: u64,
+}
+
+/// Which models a client may use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelAccess {
+    All,
+    Only(Vec<String>),
 }
 
 #[derive(Debug)]
 pub struct Client {
     pub name: Arc<str>,
-    key: KeyHash,
-    /// `None` allows every model.
-    models: Option<Vec<String>>,
-    pub budget: BudgetConfig,
+    pub key: KeyHash,
+    pub models: ModelAccess,
+    pub budget: Limits,
 }
 
 impl Client {
     pub fn may_use(&self, model: &str) -> bool {
-        self.models
-            .as_ref()
-            .is_none_or(|allowed| allowed.iter().any(|m| m == model))
+        match &self.models {
+            ModelAccess::All => true,
+            ModelAccess::Only(allowed) => allowed.iter().any(|m| m == model),
+        }
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Catalog {
+    upstreams: Vec<Arc<Upstream>>,
     models: HashMap<String, Model>,
     /// In config order, so `/v1/models` lists models as configured.
     model_order: Vec<String>,
@@ -57,98 +54,23 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// Builds the tables from a config that passed validation.
-    pub fn new(config: &Config) -> Result<Self, String> {
-        let mut upstreams = HashMap::new();
-        for upstream in &config.upstreams {
-            let base = upstream.base_url.trim_end_matches('/');
-            let chat_url = reqwest::Url::parse(&format!("{base}/chat/completions"))
-                .map_err(|e| format!("upstream {:?}: base_url: {e}", upstream.name))?;
-            let authorization = match &upstream.api_key {
-                Some(key) if !key.expose().is_empty() => {
-                    let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
-                        .map_err(|_| {
-                            format!(
-                                "upstream {:?}: api_key is not a valid header value",
-                                upstream.name
-                            )
-                        })?;
-                    value.set_sensitive(true);
-                    Some(value)
-                }
-                _ => None,
-            };
-            upstreams.insert(
-                upstream.name.clone(),
-                Arc::new(Upstream {
-                    name: upstream.name.clone(),
-                    chat_url,
-                    authorization,
-                    timeout: Duration::from_millis(upstream.timeout_ms),
-                    config: upstream.clone(),
-                }),
-            );
-        }
-
-        let mut models = HashMap::new();
-        let mut model_order = Vec::new();
-        for model in &config.models {
-            let upstream = upstreams.get(&model.upstream).ok_or_else(|| {
-                format!(
-                    "model {:?}: no upstream named {:?}",
-                    model.name, model.upstream
-                )
-            })?;
-            model_order.push(model.name.clone());
-            models.insert(
-                model.name.clone(),
-                Model {
-                    name: model.name.clone(),
-                    upstream: Arc::clone(upstream),
-                    upstream_model: model.upstream_model.clone().filter(|m| m != &model.name),
-                    max_output_tokens: model.max_output_tokens,
-                },
-            );
-        }
-
-        let clients = config
-            .clients
-            .iter()
-            .map(|client| {
-                let key = KeyHash::parse(&client.key)
-                    .map_err(|e| format!("client {:?}: key {e}", client.name))?;
-                let models = if client.models.iter().any(|m| m == "*") {
-                    None
-                } else {
-                    Some(client.models.clone())
-                };
-                Ok(Arc::new(Client {
-                    name: Arc::from(client.name.as_str()),
-                    key,
-                    models,
-                    budget: client.budget,
-                }))
-            })
-            .collect::<Result<_, String>>()?;
-
-        Ok(Self {
-            models,
+    /// Indexes resolved upstreams, models and clients (names already unique).
+    pub fn new(upstreams: Vec<Arc<Upstream>>, models: Vec<Model>, clients: Vec<Client>) -> Self {
+        let model_order = models.iter().map(|m| m.name.clone()).collect();
+        Self {
+            upstreams,
+            models: models.into_iter().map(|m| (m.name.clone(), m)).collect(),
             model_order,
-            clients,
-        })
+            clients: clients.into_iter().map(Arc::new).collect(),
+        }
     }
 
-    /// The client whose key is presented as `Authorization: Bearer KEY`.
+    /// The client whose key is `presented`.
     ///
     /// Every configured hash is compared, in constant time, whatever matches,
     /// so the time taken says nothing about which key is close.
-    pub fn authenticate(&self, headers: &HeaderMap) -> Option<&Arc<Client>> {
-        let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-        let (scheme, key) = value.split_once(' ')?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return None;
-        }
-        let presented = KeyHash::of(key.trim());
+    pub fn authenticate(&self, presented: &str) -> Option<&Arc<Client>> {
+        let presented = KeyHash::of(presented);
         let mut found = None;
         for client in &self.clients {
             if client.key.matches(&presented) && found.is_none() {
@@ -172,6 +94,10 @@ impl Catalog {
 
     pub fn clients(&self) -> &[Arc<Client>] {
         &self.clients
+    }
+
+    pub fn upstreams(&self) -> &[Arc<Upstream>] {
+        &self.upstreams
     }
 }
 
@@ -208,38 +134,29 @@ mod tests {
             &|_| None,
         )
         .expect("valid config");
-        Catalog::new(&config).expect("catalog")
-    }
-
-    fn bearer(key: &str) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_str(&format!("Bearer {key}")).expect("header"),
-        );
-        headers
+        config.catalog
     }
 
     #[test]
     fn authenticates_by_key_hash() {
         let catalog = catalog();
         assert_eq!(
-            catalog.authenticate(&bearer("key-one")).map(|c| &*c.name),
+            catalog.authenticate("key-one").map(|c| &*c.name),
             Some("one")
         );
         assert_eq!(
-            catalog.authenticate(&bearer("key-two")).map(|c| &*c.name),
+            catalog.authenticate("key-two").map(|c| &*c.name),
             Some("two")
         );
-        assert!(catalog.authenticate(&bearer("key-three")).is_none());
-        assert!(catalog.authenticate(&HeaderMap::new()).is_none());
+        assert!(catalog.authenticate("key-three").is_none());
+        assert!(catalog.authenticate("").is_none());
     }
 
     #[test]
     fn model_lists_and_renames() {
         let catalog = catalog();
-        let one = catalog.authenticate(&bearer("key-one")).expect("client");
-        let two = catalog.authenticate(&bearer("key-two")).expect("client");
+        let one = catalog.authenticate("key-one").expect("client");
+        let two = catalog.authenticate("key-two").expect("client");
         assert_eq!(
             catalog
                 .models_for(one)
@@ -255,5 +172,6 @@ mod tests {
             "http://127.0.0.1:1/v1/chat/completions"
         );
         assert!(!format!("{a:?}").contains("upstream-secret"));
+        assert!(catalog.model("b").expect("model").upstream_model.is_none());
     }
 }

@@ -1,15 +1,23 @@
-//! The one error type Iris answers with, rendered in OpenAI's shape.
+//! The HTTP edge's errors: the one place where what went wrong becomes a
+//! status, an OpenAI-shaped body (`message`, `type`, `param`, `code`) and
+//! the headers SDKs act on (`retry-after`, `retry-after-ms`,
+//! `x-should-retry`, `x-ratelimit-*`).
 //!
-//! Every error Iris produces itself goes through [`ApiError`]'s `IntoResponse`,
-//! so the body shape, the `Content-Type` and the retry headers are decided in
-//! one place. Errors an upstream returns are not `ApiError`s: they pass
-//! through untouched.
+//! The layers below report their own errors ([`ChatError`] and the domain
+//! errors inside it, [`BudgetError`]); each is mapped here, and every error
+//! Iris answers goes through [`ApiError`]'s `IntoResponse`. Errors an
+//! upstream returns are not `ApiError`s: they pass through untouched.
 
 use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+
+use crate::budget::window::{Refusal, Snapshot};
+use crate::budget::{BudgetError, Rejection, duration_string};
+use crate::gateway::ChatError;
+use crate::upstream::UpstreamError;
 
 /// An error answer: status, OpenAI error `type`, `code`, `param` and message,
 /// plus the headers it must carry.
@@ -96,6 +104,38 @@ impl ApiError {
         )
     }
 
+    pub fn unsupported_api() -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "unsupported_api",
+            "The Responses API is not supported by this gateway. Use POST /v1/chat/completions instead.",
+        )
+    }
+
+    pub fn method_not_allowed(method: &str, path: &str) -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{method} is not supported on {path}."),
+        )
+    }
+
+    pub fn internal() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "The gateway failed to handle this request.",
+        )
+    }
+
+    pub fn request_timeout() -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            "The request body did not arrive in time.",
+        )
+    }
+
     pub fn request_too_large(limit: usize) -> Self {
         Self::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -118,6 +158,114 @@ impl ApiError {
             _ => "invalid_request_error",
         }
     }
+}
+
+impl From<ChatError> for ApiError {
+    fn from(error: ChatError) -> Self {
+        let message = error.to_string();
+        match error {
+            ChatError::Request(e) => {
+                let error = Self::invalid_request(e.message);
+                match e.param {
+                    Some(param) => error.with_param(param),
+                    None => error,
+                }
+            }
+            ChatError::ModelNotFound(model) => Self::model_not_found(&model),
+            ChatError::ModelNotAllowed(model) => Self::model_not_allowed(&model),
+            ChatError::Budget(e) => e.into(),
+            ChatError::Image(refusal) => Self::new(
+                StatusCode::BAD_REQUEST,
+                refusal.error.kind.code(),
+                refusal.error.message,
+            )
+            .with_param(refusal.param.to_string()),
+            ChatError::Upstream(UpstreamError::Unreachable { .. }) => {
+                Self::new(StatusCode::BAD_GATEWAY, "upstream_unavailable", message)
+            }
+            ChatError::Upstream(UpstreamError::Timeout { .. }) => {
+                Self::new(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", message)
+            }
+        }
+    }
+}
+
+impl From<BudgetError> for ApiError {
+    fn from(error: BudgetError) -> Self {
+        match error {
+            BudgetError::StoreUnavailable => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                error.to_string(),
+            )
+            .with_retry_after(Duration::from_secs(1)),
+            BudgetError::Rejected(rejection) => Self::rejected(&rejection),
+        }
+    }
+}
+
+impl ApiError {
+    /// The 429 for a budget refusal: `rate_limit_exceeded` when waiting
+    /// helps (the SDKs retry after `retry-after`), `insufficient_quota` with
+    /// `x-should-retry: false` when a budget is spent or the request can
+    /// never fit (the SDKs stop).
+    fn rejected(rejection: &Rejection) -> Self {
+        let code = match rejection.refusal {
+            Refusal::RateLimited { .. } => "rate_limit_exceeded",
+            Refusal::Exhausted { .. } | Refusal::TooLarge { .. } => "insufficient_quota",
+        };
+        let mut error = Self::new(StatusCode::TOO_MANY_REQUESTS, code, rejection.to_string());
+        if code == "insufficient_quota" {
+            error = error.with_header(
+                HeaderName::from_static("x-should-retry"),
+                HeaderValue::from_static("false"),
+            );
+        }
+        if let Some(wait) = rejection.retry_after() {
+            error = error.with_retry_after(wait);
+        }
+        error
+            .headers
+            .get_or_insert_default()
+            .extend(rate_limit_headers(&rejection.snapshot));
+        error
+    }
+}
+
+static TOKEN_HEADERS: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-limit-tokens"),
+    HeaderName::from_static("x-ratelimit-remaining-tokens"),
+    HeaderName::from_static("x-ratelimit-reset-tokens"),
+];
+static REQUEST_HEADERS: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-limit-requests"),
+    HeaderName::from_static("x-ratelimit-remaining-requests"),
+    HeaderName::from_static("x-ratelimit-reset-requests"),
+];
+
+/// `x-ratelimit-{limit,remaining,reset}-{tokens,requests}` for the client's
+/// tightest token window and its requests-per-minute limit (see
+/// [`Snapshot::headline`]), on successes and 429s alike.
+pub fn rate_limit_headers(snapshot: &Snapshot) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    let (tokens, requests) = snapshot.headline();
+    for (names, status) in [(&TOKEN_HEADERS, tokens), (&REQUEST_HEADERS, requests)] {
+        let Some(status) = status else { continue };
+        let reset = status
+            .reset_at
+            .unwrap_or(snapshot.now)
+            .saturating_sub(snapshot.now);
+        let [limit, remaining, reset_name] = names;
+        headers.insert(limit, HeaderValue::from(status.limit.unwrap_or(0)));
+        headers.insert(
+            remaining,
+            HeaderValue::from(status.remaining().unwrap_or(0)),
+        );
+        if let Ok(value) = HeaderValue::try_from(duration_string(reset)) {
+            headers.insert(reset_name, value);
+        }
+    }
+    headers
 }
 
 impl std::fmt::Display for ApiError {

@@ -1,32 +1,42 @@
 //! Iris: an OpenAI-compatible gateway in front of vision-language model
 //! upstreams that disagree on details.
 //!
-//! A request flows down this map and its response back up:
+//! A request flows down this map and its response back up; each layer only
+//! knows the ones below it:
 //!
-//! - [`observe`]: request ids, the request log line, metrics (outermost layer)
-//! - [`routes`]: one module per endpoint group, on top of:
-//!   - [`catalog`]: clients by key, models by name, each model's upstream
-//!   - [`openai`]: the wire types Iris looks inside (requests kept mostly raw)
-//!   - [`budget`]: per-client budgets: estimate, reserve, settle; the stores
-//!   - [`rewrite`]: each upstream's image policy applied to a request, using
-//!     [`images`]: safe fetching, sniffing, conversion, resizing, caching
-//!   - [`upstream`]: forwarding and streaming responses back
-//! - [`app`]: the state and the router; [`server`]: serving and draining
-//! - at the bottom: [`config`], [`keys`], [`error`], [`metrics`], [`telemetry`]
+//! - the edge: [`app`] builds the router and its layer stack (request ids,
+//!   trace spans, [`access_log`], panics, body limits); [`routes`] turn HTTP
+//!   into calls below; [`error`] renders every failure in OpenAI's shape;
+//!   [`server`] serves and drains
+//! - [`gateway`]: a chat completion from request to response, and the body
+//!   that relays the answer and settles its budget
+//! - [`config`]: text to typed values, once; the snapshot the app holds
+//! - the domain, beside each other: [`catalog`] (clients, models, their
+//!   upstream), [`budget`] (estimate, reserve, settle; the stores),
+//!   [`rewrite`] (an upstream's image policy applied to a request, using
+//!   [`images`]: safe fetching, sniffing, conversion, caching), [`upstream`]
+//!   (forwarding)
+//! - at the bottom: [`openai`] (the wire types Iris looks inside), [`keys`],
+//!   [`secret`], [`metrics`], [`telemetry`]
+//!
+//! [`commands`] holds one function per CLI command, [`cli`] their arguments.
 
+pub mod access_log;
 pub mod app;
 pub mod budget;
 pub mod catalog;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod error;
+pub mod gateway;
 pub mod images;
 pub mod keys;
 pub mod metrics;
-pub mod observe;
 pub mod openai;
 pub mod rewrite;
 pub mod routes;
+pub mod secret;
 pub mod server;
 pub mod telemetry;
 pub mod upstream;

@@ -8,13 +8,19 @@
 
 use std::sync::Arc;
 
-use axum::http::StatusCode;
 use futures_util::{StreamExt, TryStreamExt, stream};
 
-use crate::config::UpstreamConfig;
-use crate::error::ApiError;
-use crate::images::{ErrorKind, FormatSet, ImageError, Images, Target};
-use crate::openai::chat::ChatRequest;
+use crate::images::data_uri::is_data_uri;
+use crate::images::{ErrorKind, ImageError, ImagePolicy, Images, Target};
+use crate::openai::chat::{ChatRequest, ImageAt};
+
+/// An image of the request refused or failed, and which one.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{param}: {error}")]
+pub struct ImageRefusal {
+    pub param: ImageAt,
+    pub error: ImageError,
+}
 
 /// Images of one request processed at once. Enough to hide the latency of
 /// several slow image hosts; few enough that one request cannot open
@@ -32,13 +38,13 @@ enum Work<'r> {
     Data(&'r str),
 }
 
-/// Rewrites `request`'s images for `upstream`. Refuses the whole request on
-/// the first image that fails, with `param` naming that image.
+/// Rewrites `request`'s images for an upstream with `policy`. Refuses the
+/// whole request on the first image that fails, naming that image.
 pub async fn apply_image_policy(
     images: &Images,
-    upstream: &UpstreamConfig,
+    policy: &ImagePolicy,
     request: &mut ChatRequest<'_>,
-) -> Result<(), ApiError> {
+) -> Result<(), ImageRefusal> {
     let count = request.image_count();
     if count == 0 {
         return Ok(());
@@ -47,10 +53,13 @@ pub async fn apply_image_policy(
     let max = images.max_images_per_request();
     if count > max {
         let param = request
-            .images_with_params()
+            .images()
             .nth(max)
-            .map(|(param, _)| param)
-            .unwrap_or_default();
+            .map(|(at, _)| at)
+            .unwrap_or(ImageAt {
+                message: 0,
+                part: 0,
+            });
         return Err(refusal(
             ImageError::new(
                 ErrorKind::TooMany,
@@ -61,9 +70,8 @@ pub async fn apply_image_policy(
         ));
     }
 
-    let formats = FormatSet::from_names(&upstream.image_formats);
-    let jobs: Vec<(usize, String, Work<'_>, Target)> = request
-        .images_with_params()
+    let jobs: Vec<(usize, ImageAt, Work<'_>, Target)> = request
+        .images()
         .enumerate()
         .filter_map(|(index, (param, image))| {
             let low = image
@@ -71,16 +79,16 @@ pub async fn apply_image_policy(
                 .as_deref()
                 .is_some_and(|d| d.eq_ignore_ascii_case("low"));
             let target = Target {
-                formats,
-                max_bytes: upstream.max_image_bytes,
+                formats: policy.formats,
+                max_bytes: policy.max_image_bytes,
                 // Only where `detail` is stripped must Iris carry out its
                 // meaning; elsewhere the upstream does.
-                max_side: (upstream.strip_detail && low).then_some(LOW_DETAIL_SIDE),
+                max_side: (policy.strip_detail && low).then_some(LOW_DETAIL_SIDE),
             };
             let url: &str = &image.url;
             let work = if is_data_uri(url) {
                 Work::Data(url)
-            } else if upstream.inline_images {
+            } else if policy.inline {
                 Work::Fetch(url)
             } else {
                 // The upstream fetches URLs itself: they go as sent.
@@ -106,7 +114,7 @@ pub async fn apply_image_policy(
         }
     }
 
-    if replacements.is_empty() && !upstream.strip_detail {
+    if replacements.is_empty() && !policy.strip_detail {
         return Ok(());
     }
     let mut replacements = replacements.into_iter();
@@ -116,7 +124,7 @@ pub async fn apply_image_policy(
             Some(Replacement::Owned(url)) => image.set_url(url),
             None => {}
         }
-        if upstream.strip_detail {
+        if policy.strip_detail {
             image.strip_detail();
         }
     }
@@ -133,8 +141,8 @@ enum Replacement {
 /// One image's work; the replacement URL, if it changes.
 async fn process(
     images: &Images,
-    (index, param, work, target): (usize, String, Work<'_>, Target),
-) -> Result<(usize, Option<Replacement>), ApiError> {
+    (index, param, work, target): (usize, ImageAt, Work<'_>, Target),
+) -> Result<(usize, Option<Replacement>), ImageRefusal> {
     let result = match work {
         Work::Fetch(url) => images
             .inline_url(url, target)
@@ -150,17 +158,12 @@ async fn process(
         .map_err(|e| refusal(e, param))
 }
 
-fn is_data_uri(url: &str) -> bool {
-    url.get(..5)
-        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("data:"))
-}
-
-/// The client-facing error for an image, counted and logged by reason.
-/// Neither the metric nor the log carries the URL.
-fn refusal(error: ImageError, param: String) -> ApiError {
+/// The refusal of one image, counted and logged by reason. Neither the
+/// metric nor the log carries the URL.
+fn refusal(error: ImageError, param: ImageAt) -> ImageRefusal {
     let code = error.kind.code();
     metrics::counter!("iris_image_refusals_total", "code" => code, "reason" => error.reason)
         .increment(1);
     tracing::info!(code, reason = error.reason, param = %param, "image refused");
-    ApiError::new(StatusCode::BAD_REQUEST, code, error.message).with_param(param)
+    ImageRefusal { param, error }
 }

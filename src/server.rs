@@ -1,5 +1,6 @@
 //! Serving: accept on a listener until `shutdown` resolves, then drain
-//! in-flight requests (streams included) for at most the grace period.
+//! in-flight requests (streams included) for at most the grace period, wait
+//! for the settlements they left running, and persist the budgets.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -10,6 +11,10 @@ use tokio::net::TcpListener;
 
 use crate::app::{AppState, app};
 
+/// How long shutdown waits for the reservations of responses ended at the
+/// grace period to settle (they settle as soon as their body notices).
+const SETTLE_AT_SHUTDOWN: Duration = Duration::from_secs(5);
+
 /// Serves `state` on `listener` until `shutdown` resolves and in-flight
 /// requests finish, or `grace` passes after it.
 pub async fn run(
@@ -17,7 +22,7 @@ pub async fn run(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let grace = Duration::from_millis(state.config.server.shutdown_grace_ms);
+    let grace = state.config().server.shutdown_grace;
     let state = Arc::new(state);
     // TCP_NODELAY on every accepted socket: without it a chunked response
     // waits for the client's delayed ACK (tens of ms per keep-alive request).
@@ -44,10 +49,14 @@ pub async fn run(
 
     tokio::select! {
         result = serve => result?,
-        () = grace_expired => tracing::warn!("grace period over: dropping requests still in flight"),
+        () = grace_expired => {
+            tracing::warn!("grace period over: ending responses still in flight");
+            state.gateway.drain.cancel();
+        }
     }
-    // Every drained request has settled: persist the budgets before exiting.
-    match state.budgets.flush().await {
+    // Every request has ended (a stream cut at the grace period settled as
+    // it was dropped): wait for the settlements still running, then persist.
+    match state.gateway.budgets.shutdown(SETTLE_AT_SHUTDOWN).await {
         Ok(()) => tracing::info!("budget usage flushed"),
         Err(e) => tracing::error!("budget usage not flushed: {e}"),
     }

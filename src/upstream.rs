@@ -1,17 +1,36 @@
 //! Forwarding to an upstream: its credentials in place of the client's, a
 //! shared connection pool, timeouts, and the response streamed straight back.
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
-use bytes::Bytes;
-use futures_util::Stream;
-use tokio::time::{Instant, Sleep};
+use http::{HeaderMap, HeaderName, HeaderValue, header};
 
-use crate::catalog::Upstream;
-use crate::error::ApiError;
+use crate::images::ImagePolicy;
+
+/// An upstream, resolved from the config: everything a request to it needs.
+#[derive(Debug)]
+pub struct Upstream {
+    pub name: String,
+    /// `{base_url}/chat/completions`.
+    pub chat_url: reqwest::Url,
+    /// `Bearer {api_key}`, marked sensitive so it never shows in debug output.
+    pub authorization: Option<HeaderValue>,
+    /// To the response head, and the longest pause between streamed chunks.
+    pub timeout: Duration,
+    /// What it accepts of images.
+    pub images: ImagePolicy,
+    /// Ask for `stream_options.include_usage` so streams settle exactly.
+    pub stream_usage: bool,
+}
+
+/// Why no response came back from an upstream.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("The upstream `{upstream}` could not be reached.")]
+    Unreachable { upstream: String },
+    #[error("The upstream `{upstream}` did not answer within {} ms.", after.as_millis())]
+    Timeout { upstream: String, after: Duration },
+}
 
 /// Request headers never forwarded: the client's credentials, hop-by-hop
 /// headers, and those the forwarding client sets itself.
@@ -73,7 +92,7 @@ impl Forwarder {
         upstream: &Upstream,
         body: bytes::Bytes,
         client_headers: &HeaderMap,
-    ) -> Result<reqwest::Response, ApiError> {
+    ) -> Result<reqwest::Response, UpstreamError> {
         let mut headers = HeaderMap::with_capacity(client_headers.len() + 2);
         for (name, value) in client_headers {
             if !DROPPED_REQUEST_HEADERS.contains(name) && !name.as_str().starts_with("proxy-") {
@@ -99,32 +118,25 @@ impl Forwarder {
             Ok(Err(e)) if e.is_timeout() => Err(timeout_error(upstream)),
             Ok(Err(e)) => {
                 tracing::warn!(upstream = %upstream.name, error = %error_chain(&e), "upstream request failed");
-                Err(ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream_unavailable",
-                    format!("The upstream `{}` could not be reached.", upstream.name),
-                ))
+                Err(UpstreamError::Unreachable {
+                    upstream: upstream.name.clone(),
+                })
             }
             Ok(Ok(response)) => Ok(response),
         }
     }
 }
 
-fn timeout_error(upstream: &Upstream) -> ApiError {
-    ApiError::new(
-        StatusCode::GATEWAY_TIMEOUT,
-        "upstream_timeout",
-        format!(
-            "The upstream `{}` did not answer within {} ms.",
-            upstream.name,
-            upstream.timeout.as_millis()
-        ),
-    )
+fn timeout_error(upstream: &Upstream) -> UpstreamError {
+    UpstreamError::Timeout {
+        upstream: upstream.name.clone(),
+        after: upstream.timeout,
+    }
 }
 
 /// The error's kind and causes on one line, without the URL: the cause is
 /// what an operator needs.
-fn error_chain(error: &reqwest::Error) -> String {
+pub fn error_chain(error: &reqwest::Error) -> String {
     let mut text = String::from(if error.is_connect() {
         "connect error"
     } else if error.is_body() {
@@ -150,93 +162,6 @@ pub fn response_headers(upstream: &HeaderMap) -> HeaderMap {
         }
     }
     headers
-}
-
-/// What a relayed response body reports when it ends.
-pub trait RelayObserver: Send + 'static {
-    /// Each chunk, before it goes to the client; may edit it (e.g. drop a usage-only event).
-    fn on_chunk(&mut self, chunk: Bytes) -> Bytes;
-    /// Called once: the body finished (`complete`), failed, or the client
-    /// went away. Returns bytes still to send, if the body finished.
-    fn on_end(&mut self, complete: bool) -> Option<Bytes>;
-}
-
-/// An upstream body on its way to the client, chunk by chunk as it arrives:
-/// never collected. Dropping it (the client hung up) drops the upstream
-/// response, which cancels the upstream request.
-pub struct Relay<S, O: RelayObserver> {
-    inner: S,
-    observer: Option<O>,
-    idle: Duration,
-    deadline: Pin<Box<Sleep>>,
-}
-
-impl<S, O: RelayObserver> Relay<S, O> {
-    /// `idle` bounds the wait for each chunk.
-    pub fn new(inner: S, observer: O, idle: Duration) -> Self {
-        Self {
-            inner,
-            observer: Some(observer),
-            idle,
-            deadline: Box::pin(tokio::time::sleep(idle)),
-        }
-    }
-
-    fn finish(&mut self, complete: bool) -> Option<Bytes> {
-        self.observer
-            .take()
-            .and_then(|mut observer| observer.on_end(complete))
-    }
-}
-
-impl<S, O> Stream for Relay<S, O>
-where
-    S: Stream<Item = reqwest::Result<Bytes>> + Unpin,
-    O: RelayObserver + Unpin,
-{
-    type Item = Result<Bytes, std::io::Error>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        if this.observer.is_none() {
-            return Poll::Ready(None);
-        }
-        match Pin::new(&mut this.inner).poll_next(cx) {
-            Poll::Ready(Some(Ok(chunk))) => {
-                let idle = this.idle;
-                this.deadline.as_mut().reset(Instant::now() + idle);
-                let chunk = match this.observer.as_mut() {
-                    Some(observer) => observer.on_chunk(chunk),
-                    None => chunk,
-                };
-                Poll::Ready(Some(Ok(chunk)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                this.finish(false);
-                tracing::warn!(error = %error_chain(&e), "upstream body failed");
-                Poll::Ready(Some(Err(std::io::Error::other("upstream body failed"))))
-            }
-            Poll::Ready(None) => match this.finish(true) {
-                Some(unsent) => Poll::Ready(Some(Ok(unsent))),
-                None => Poll::Ready(None),
-            },
-            Poll::Pending => match this.deadline.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    this.finish(false);
-                    tracing::warn!("upstream body stalled past the upstream timeout");
-                    Poll::Ready(Some(Err(std::io::Error::other("upstream body stalled"))))
-                }
-                Poll::Pending => Poll::Pending,
-            },
-        }
-    }
-}
-
-impl<S, O: RelayObserver> Drop for Relay<S, O> {
-    fn drop(&mut self) {
-        // The client hung up before the end: still account what was relayed.
-        self.finish(false);
-    }
 }
 
 #[cfg(test)]

@@ -611,7 +611,7 @@ async fn usage_is_counted_in_metrics_and_requires_a_key() {
 async fn readiness_and_requests_follow_the_store() {
     use iris::budget::store::{Reserved, Store, StoreError, StoreFuture};
     use iris::budget::window::{Clock, Hold, Snapshot};
-    use iris::config::{BudgetConfig, OnUnavailable};
+    use iris::budget::{Limits as BudgetConfig, OnUnavailable};
     use tower::ServiceExt;
 
     struct Down;
@@ -650,7 +650,7 @@ async fn readiness_and_requests_follow_the_store() {
             .unwrap()
             .status()
     };
-    state.budgets =
+    state.gateway.budgets =
         iris::budget::Budgets::new(Arc::new(Down), Clock::system(), OnUnavailable::Reject);
     let state = Arc::new(state);
     assert_eq!(ready(Arc::clone(&state)).await, 503);

@@ -320,7 +320,7 @@ async fn an_expired_lease_frees_a_stuck_reservation() {
         },
     )
     .unwrap();
-    let limits = iris::config::BudgetConfig {
+    let limits = iris::budget::Limits {
         max_concurrent: Some(1),
         ..Default::default()
     };
@@ -393,7 +393,7 @@ async fn a_reservation_whose_answer_was_lost_is_given_back() {
     let Some((redis, store)) = private_store(Duration::from_millis(300)).await else {
         return;
     };
-    let limits = iris::config::BudgetConfig {
+    let limits = iris::budget::Limits {
         tokens_per_day: Some(1000),
         max_concurrent: Some(1),
         ..Default::default()
@@ -490,7 +490,7 @@ async fn reserving_and_settling_are_one_round_trip_each() {
     let Some((redis, store)) = private_store(Duration::from_secs(2)).await else {
         return;
     };
-    let limits = iris::config::BudgetConfig {
+    let limits = iris::budget::Limits {
         requests_per_minute: Some(1000),
         tokens_per_minute: Some(100_000),
         tokens_per_day: Some(1_000_000),

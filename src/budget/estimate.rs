@@ -30,6 +30,7 @@ use base64::Engine;
 use bytes::Bytes;
 use tiktoken_rs::CoreBPE;
 
+use crate::images::data_uri::DataUri;
 use crate::openai::chat::{ChatRequest, Content, PartKind};
 use crate::openai::raw;
 
@@ -157,7 +158,7 @@ pub fn estimate(request: &ChatRequest<'_>, default_cap: u64) -> Estimate {
 pub async fn estimate_body(body: &Bytes, request: &ChatRequest<'_>, default_cap: u64) -> Estimate {
     // Image data is not tokenized (only its header is read): what costs time
     // is the rest of the body.
-    let image_bytes: usize = request.images().map(|image| image.url.len()).sum();
+    let image_bytes: usize = request.images().map(|(_, image)| image.url.len()).sum();
     if body.len().saturating_sub(image_bytes) <= OFFLOAD_BYTES {
         return estimate(request, default_cap);
     }
@@ -233,14 +234,10 @@ pub fn tile_tokens(width: u32, height: u32) -> u64 {
 
 /// The dimensions of a base64 `data:` URI image, from its header.
 fn data_uri_dimensions(url: &str) -> Option<(u32, u32)> {
-    let rest = url.strip_prefix("data:")?;
-    let (meta, data) = rest.split_once(',')?;
-    if !meta.ends_with(";base64") {
-        return None;
-    }
+    let uri = DataUri::parse(url).ok().filter(|uri| uri.base64)?;
     // Bytes, not `str`: a client's malformed URI may hold multi-byte
     // characters, and a `str` cut at an arbitrary length would panic.
-    let data = data.trim_end_matches('=').as_bytes();
+    let data = uri.data.trim_end_matches('=').as_bytes();
     let mut tried = 0;
     for limit in HEADER_PREFIXES {
         let prefix = &data[..data.len().min(limit) / 4 * 4];
@@ -339,6 +336,9 @@ mod tests {
     fn images_are_estimated_from_their_header() {
         let uri = data_uri(&png(1024, 1024));
         assert_eq!(image_tokens(&uri, None), 765);
+        // RFC 2397's scheme and `;base64` are case-insensitive, as in validation.
+        let shouted = uri.replacen("data:image/png;base64", "DATA:image/PNG;BASE64", 1);
+        assert_eq!(image_tokens(&shouted, None), 765);
         assert_eq!(image_tokens(&uri, Some("high")), 765);
         assert_eq!(image_tokens(&uri, Some("low")), LOW_DETAIL_TOKENS);
         assert_eq!(

@@ -3,35 +3,104 @@
 //!
 //! Checking first and charging later would let concurrent requests
 //! overspend many times over; a reservation charges every window at once,
-//! atomically, and settlement only corrects it. [`Reservation`] is a guard:
-//! dropped without settling (an error path, a client gone), it gives the
-//! reservation back, and settling from a `Drop` finishes even though nobody
-//! awaits it.
+//! atomically, and settlement only corrects it. A [`Reservation`] is settled
+//! exactly once: by [`Reservation::settle`] when its response ends, or by its
+//! `Drop` (an error path, a client gone), which gives it back. Settlements
+//! that cannot finish at once run as tasks tracked by [`Budgets`], which
+//! [`Budgets::shutdown`] waits for before the store is flushed.
+//!
+//! Nothing here knows HTTP: refusals are [`BudgetError`]s, rendered as 429s
+//! (and their headers) at the edge.
 //!
 //! - [`estimate`]: tokens a request may cost (tokenizer, images, caps)
 //! - [`window`]: the windows' arithmetic (GCRA per minute, UTC day and month)
 //! - [`store`]: where the state lives (memory, SQLite, Redis)
 //! - [`report`]: `iris usage`
-
 pub mod estimate;
 pub mod report;
 pub mod store;
 pub mod window;
 
+use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use serde::Deserialize;
+use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
-use crate::catalog::Client;
-use crate::config::{BudgetConfig, OnUnavailable, StoreConfig, StoreKind};
-use crate::error::ApiError;
 use crate::openai::stream::Outcome;
+use crate::secret::Secret;
 use estimate::Estimate;
-use store::{MemoryStore, RedisStore, Reserved, SqliteStore, Store, StoreError, StoreFuture};
-use window::{Clock, Hold, NANOS_PER_SEC, Refusal, Snapshot, Window, WindowStatus};
+use store::{
+    MemoryStore, RedisOptions, RedisStore, Reserved, SqliteStore, Store, StoreError, StoreFuture,
+};
+use window::{Clock, Hold, Refusal, Snapshot, Window};
+
+/// A client's limits. Every one is optional; an absent one is not enforced.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct Limits {
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+    /// UTC calendar day.
+    pub tokens_per_day: Option<u64>,
+    /// UTC calendar month.
+    pub tokens_per_month: Option<u64>,
+    pub max_concurrent: Option<u64>,
+}
+
+/// What to do when the store does not answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnUnavailable {
+    /// Answer 503 `store_unavailable`: the safe default when budgets are money.
+    #[default]
+    Reject,
+    /// Admit the request and count it locally until the store is back.
+    Allow,
+}
+
+/// Where budget state lives.
+#[derive(Debug, Clone)]
+pub enum StoreBackend {
+    /// Nothing persisted.
+    Memory,
+    /// The embedded default: live state in memory, written to this file.
+    Sqlite { path: PathBuf },
+    /// Shared by every instance.
+    Redis { url: Secret, options: RedisOptions },
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    pub backend: StoreBackend,
+    pub on_unavailable: OnUnavailable,
+}
+
+/// Why a request gets no reservation.
+#[derive(Debug, thiserror::Error)]
+pub enum BudgetError {
+    /// A window cannot hold the request.
+    #[error("{0}")]
+    Rejected(Box<Rejection>),
+    /// The store did not answer and `on_unavailable = "reject"`.
+    #[error(
+        "The budget store is unavailable, so this request cannot be accounted. Try again shortly."
+    )]
+    StoreUnavailable,
+}
+
+/// A refusal with what the client needs to hear about it: the windows as
+/// they stand and what the request would have cost.
+#[derive(Debug)]
+pub struct Rejection {
+    pub refusal: Refusal,
+    pub snapshot: Snapshot,
+    pub estimate: Estimate,
+}
 
 /// The budget service: a store, a clock, and what to do when the store is down.
 #[derive(Clone)]
@@ -48,16 +117,19 @@ struct Inner {
     local: MemoryStore,
     clock: Clock,
     on_unavailable: OnUnavailable,
+    /// Reservations not yet settled, and settlements still running after
+    /// their request ended: what shutdown waits for before flushing.
+    pending: TaskTracker,
 }
 
 impl Budgets {
     /// Opens the configured store (loading an SQLite file and starting its
     /// background writer) and warms the tokenizer.
-    pub async fn open(config: &StoreConfig) -> Result<Self, String> {
-        let store: Arc<dyn Store> = match config.kind {
-            StoreKind::Memory => Arc::new(MemoryStore::new()),
-            StoreKind::Sqlite => {
-                let path = PathBuf::from(&config.path);
+    pub async fn open(settings: &StoreSettings) -> Result<Self, String> {
+        let store: Arc<dyn Store> = match &settings.backend {
+            StoreBackend::Memory => Arc::new(MemoryStore::new()),
+            StoreBackend::Sqlite { path } => {
+                let path = path.clone();
                 let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path))
                     .await
                     .map_err(|e| format!("store: {e}"))?
@@ -65,8 +137,9 @@ impl Budgets {
                 store.spawn_flusher(store::FLUSH_EVERY);
                 store
             }
-            StoreKind::Redis => {
-                let store = RedisStore::from_config(config).map_err(|e| e.to_string())?;
+            StoreBackend::Redis { url, options } => {
+                let store = RedisStore::connect(url.expose(), options.clone())
+                    .map_err(|e| e.to_string())?;
                 // Start anyway: not ready until Redis answers, then serving
                 // without a restart.
                 if let Err(e) = store.health().await {
@@ -77,7 +150,7 @@ impl Budgets {
         };
         // Loading the tokenizer takes a moment: do it before the first request.
         let _ = tokio::task::spawn_blocking(estimate::warm).await;
-        Ok(Self::new(store, Clock::system(), config.on_unavailable))
+        Ok(Self::new(store, Clock::system(), settings.on_unavailable))
     }
 
     pub fn new(store: Arc<dyn Store>, clock: Clock, on_unavailable: OnUnavailable) -> Self {
@@ -87,71 +160,84 @@ impl Budgets {
                 local: MemoryStore::new(),
                 clock,
                 on_unavailable,
+                pending: TaskTracker::new(),
             }),
         }
     }
 
-    /// Reserves `estimate` for `client`, or answers the 429 (or 503) to send
-    /// without calling upstream.
+    /// Reserves `estimate` for `client`, or says why not (without calling
+    /// upstream).
     pub async fn reserve(
         &self,
-        client: &Client,
+        client: &Arc<str>,
+        limits: &Limits,
         model: &str,
         estimate: Estimate,
-    ) -> Result<Reservation, ApiError> {
-        let limits = client.budget;
+    ) -> Result<Reservation, BudgetError> {
+        let limits = *limits;
         let now = self.inner.clock.now();
         let reserved = self
             .inner
             .store
-            .reserve(&client.name, &limits, estimate.total(), now)
+            .reserve(client, &limits, estimate.total(), now)
             .await;
-        let mut reservation = Reservation {
-            budgets: self.clone(),
-            client: Arc::clone(&client.name),
-            limits,
-            model: model.to_owned(),
-            estimate,
-            hold: None,
-            local: false,
-            headers: HeaderMap::new(),
-            request_id: None,
-        };
-        match reserved {
-            Ok(reserved) => reservation.decide(reserved),
+        let (reserved, local) = match reserved {
+            Ok(reserved) => (reserved, false),
             Err(e) => match self.inner.on_unavailable {
                 OnUnavailable::Allow => {
                     tracing::warn!(
-                        client = %client.name,
+                        client = %client,
                         "budget store unavailable, counting the request locally: {e}"
                     );
-                    metrics::counter!("iris_budget_store_fallback_total", "client" => client.name.to_string())
+                    metrics::counter!("iris_budget_store_fallback_total", "client" => client.to_string())
                         .increment(1);
                     let reserved =
                         self.inner
                             .local
-                            .reserve_now(&client.name, &limits, estimate.total(), now);
-                    reservation.local = true;
-                    reservation.decide(reserved)
+                            .reserve_now(client, &limits, estimate.total(), now);
+                    (reserved, true)
                 }
                 OnUnavailable::Reject => {
-                    tracing::error!(client = %client.name, "budget store unavailable: {e}");
-                    reject_metric(&client.name, "store_unavailable");
-                    Err(store_unavailable())
+                    tracing::error!(client = %client, "budget store unavailable: {e}");
+                    reject_metric(client, "store_unavailable");
+                    return Err(BudgetError::StoreUnavailable);
                 }
             },
+        };
+        let Reserved { outcome, snapshot } = reserved;
+        match outcome {
+            Ok(hold) => Ok(Reservation {
+                budgets: self.clone(),
+                client: Arc::clone(client),
+                limits,
+                model: model.to_owned(),
+                estimate,
+                hold: Some(hold),
+                local,
+                snapshot,
+                request_id: None,
+                _pending: self.inner.pending.token(),
+            }),
+            Err(refusal) => {
+                reject_metric(client, refusal.window().name());
+                Err(BudgetError::Rejected(Box::new(Rejection {
+                    refusal,
+                    snapshot,
+                    estimate,
+                })))
+            }
         }
     }
 
     /// The client's windows now.
-    pub async fn snapshot(&self, client: &Client) -> Result<Snapshot, ApiError> {
+    pub async fn snapshot(&self, client: &str, limits: &Limits) -> Result<Snapshot, BudgetError> {
         self.inner
             .store
-            .snapshot(&client.name, &client.budget, self.inner.clock.now())
+            .snapshot(client, limits, self.inner.clock.now())
             .await
             .map_err(|e| {
-                tracing::error!(client = %client.name, "budget store unavailable: {e}");
-                store_unavailable()
+                tracing::error!(client, "budget store unavailable: {e}");
+                BudgetError::StoreUnavailable
             })
     }
 
@@ -159,58 +245,62 @@ impl Budgets {
         self.inner.store.health().await
     }
 
-    /// Persists everything (at shutdown, after in-flight requests drained).
-    pub async fn flush(&self) -> Result<(), StoreError> {
+    /// At shutdown, once requests stopped coming: waits for every
+    /// reservation to be settled (bounded by `wait`) and the settlements
+    /// still running, then persists everything.
+    pub async fn shutdown(&self, wait: Duration) -> Result<(), StoreError> {
+        self.inner.pending.close();
+        if tokio::time::timeout(wait, self.inner.pending.wait())
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                unsettled = self.inner.pending.len(),
+                "reservations still unsettled at shutdown: their tokens stay reserved"
+            );
+        }
         self.inner.store.flush().await
     }
 
-    fn settle_detached(
-        &self,
-        client: &str,
-        limits: &BudgetConfig,
-        hold: Hold,
-        actual: u64,
-        local: bool,
-    ) {
+    /// Gives `hold` back, charging `actual` tokens instead, without making
+    /// the caller wait: in-memory stores finish on the spot; others run as a
+    /// tracked task, so shutdown waits for them.
+    fn settle_detached(&self, client: &str, limits: &Limits, hold: Hold, actual: u64, local: bool) {
         let now = self.inner.clock.now();
         if local {
             self.inner
                 .local
                 .settle_now(client, limits, &hold, actual, now);
-        } else {
-            run_detached(self.inner.store.settle(client, limits, hold, actual, now));
+            return;
         }
+        let mut future = self.inner.store.settle(client, limits, hold, actual, now);
+        if let Poll::Ready(result) = future
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+        {
+            if let Err(e) = result {
+                tracing::error!("budget not settled: {e}");
+            }
+            return;
+        }
+        self.spawn(future);
     }
-}
 
-/// Drives a store future from synchronous code (a `Drop`): in-memory stores
-/// finish on the first poll; others are spawned onto the runtime so the
-/// accounting completes after the request is gone.
-fn run_detached(mut future: StoreFuture<()>) {
-    let mut cx = Context::from_waker(Waker::noop());
-    match future.as_mut().poll(&mut cx) {
-        Poll::Ready(Ok(())) => {}
-        Poll::Ready(Err(e)) => tracing::error!("budget not settled: {e}"),
-        Poll::Pending => match tokio::runtime::Handle::try_current() {
+    fn spawn(&self, future: StoreFuture<()>) {
+        match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
-                runtime.spawn(async move {
-                    if let Err(e) = future.await {
-                        tracing::error!("budget not settled: {e}");
-                    }
-                });
+                self.inner.pending.spawn_on(
+                    async move {
+                        if let Err(e) = future.await {
+                            tracing::error!("budget not settled: {e}");
+                        }
+                    },
+                    &runtime,
+                );
             }
             Err(_) => tracing::error!("budget not settled: no runtime left to run the store on"),
-        },
+        }
     }
-}
-
-fn store_unavailable() -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "store_unavailable",
-        "The budget store is unavailable, so this request cannot be accounted. Try again shortly.",
-    )
-    .with_retry_after(Duration::from_secs(1))
 }
 
 fn reject_metric(client: &str, reason: &'static str) {
@@ -218,49 +308,34 @@ fn reject_metric(client: &str, reason: &'static str) {
         .increment(1);
 }
 
-/// Tokens reserved for one admitted request, given back or corrected when it
-/// ends. Dropping it without [`Reservation::finish`] releases it.
+/// Tokens reserved for one admitted request. Settled exactly once: by
+/// [`Reservation::settle`] when the response ends, else by `Drop`, which
+/// gives everything back but the request it counted.
 #[must_use = "dropping a reservation releases it at once"]
 pub struct Reservation {
     budgets: Budgets,
     client: Arc<str>,
-    limits: BudgetConfig,
+    limits: Limits,
     model: String,
     estimate: Estimate,
     /// `None` once settled.
     hold: Option<Hold>,
     /// Reserved in the local count while the store was down: settled there.
     local: bool,
-    headers: HeaderMap,
+    snapshot: Snapshot,
     request_id: Option<String>,
+    /// Counts the reservation as pending until it is dropped.
+    _pending: TaskTrackerToken,
 }
 
 impl Reservation {
-    /// This reservation if `reserved` admitted it, else the 429 to answer.
-    fn decide(mut self, reserved: Reserved) -> Result<Self, ApiError> {
-        let headers = rate_limit_headers(&reserved.snapshot);
-        match reserved.outcome {
-            Ok(hold) => {
-                self.hold = Some(hold);
-                self.headers = headers;
-                Ok(self)
-            }
-            Err(refusal) => {
-                reject_metric(&self.client, refusal.window().name());
-                let mut error = refusal_error(&refusal, &reserved.snapshot, self.estimate);
-                error.headers.get_or_insert_default().extend(headers);
-                Err(error)
-            }
-        }
-    }
-
     pub fn estimate(&self) -> Estimate {
         self.estimate
     }
 
-    /// The `x-ratelimit-*` headers for the response, as of the reservation.
-    pub fn headers(&self) -> &HeaderMap {
-        &self.headers
+    /// The client's windows as of the reservation (for the rate-limit headers).
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
     }
 
     /// Names the request in the settlement log line.
@@ -271,24 +346,26 @@ impl Reservation {
     /// Settles from how the response ended: the upstream's reported usage;
     /// where none came, the prompt estimate plus the generated text counted
     /// by the tokenizer (a client that hung up pays for what was generated);
-    /// an upstream error without usage releases everything.
+    /// an upstream error without usage gives everything back.
     ///
     /// Counting a long generated text takes the tokenizer milliseconds, so
-    /// that case runs on the blocking pool rather than in the relay (whose
-    /// `poll` or `Drop` calls this).
-    pub fn finish(self, outcome: Outcome, upstream_ok: bool) {
+    /// that case runs on the blocking pool (tracked, like every settlement
+    /// that outlives its request) rather than in the caller, which is a
+    /// response body being polled or dropped.
+    pub fn settle(self, outcome: Outcome, upstream_ok: bool) {
         let tokenize = outcome.usage.is_none() && upstream_ok;
         if tokenize
             && outcome.generated.len() > estimate::OFFLOAD_BYTES
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
-            runtime.spawn_blocking(move || self.finish_now(&outcome, upstream_ok));
+            let tracker = self.budgets.inner.pending.clone();
+            tracker.spawn_blocking_on(move || self.settle_now(&outcome, upstream_ok), &runtime);
             return;
         }
-        self.finish_now(&outcome, upstream_ok);
+        self.settle_now(&outcome, upstream_ok);
     }
 
-    fn finish_now(self, outcome: &Outcome, upstream_ok: bool) {
+    fn settle_now(mut self, outcome: &Outcome, upstream_ok: bool) {
         let (prompt, completion, total, source) = match outcome.usage {
             Some(usage) => (
                 usage.prompt_tokens,
@@ -320,11 +397,16 @@ impl Reservation {
             complete = outcome.complete,
             "usage settled"
         );
-        self.settle(total);
+        self.replace_hold(total);
     }
 
-    /// Replaces the reservation by `actual` tokens.
-    pub fn settle(mut self, actual: u64) {
+    /// Replaces the reservation by exactly `actual` tokens.
+    pub fn charge(mut self, actual: u64) {
+        self.replace_hold(actual);
+    }
+
+    /// The one place a hold is given back: it is taken, so it happens once.
+    fn replace_hold(&mut self, actual: u64) {
         if let Some(hold) = self.hold.take() {
             self.budgets
                 .settle_detached(&self.client, &self.limits, hold, actual, self.local);
@@ -334,59 +416,8 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        if let Some(hold) = self.hold.take() {
-            self.budgets
-                .settle_detached(&self.client, &self.limits, hold, 0, self.local);
-        }
+        self.replace_hold(0);
     }
-}
-
-static TOKEN_HEADERS: [HeaderName; 3] = [
-    HeaderName::from_static("x-ratelimit-limit-tokens"),
-    HeaderName::from_static("x-ratelimit-remaining-tokens"),
-    HeaderName::from_static("x-ratelimit-reset-tokens"),
-];
-static REQUEST_HEADERS: [HeaderName; 3] = [
-    HeaderName::from_static("x-ratelimit-limit-requests"),
-    HeaderName::from_static("x-ratelimit-remaining-requests"),
-    HeaderName::from_static("x-ratelimit-reset-requests"),
-];
-
-/// `x-ratelimit-{limit,remaining,reset}-{tokens,requests}` for the client's
-/// tightest token window (least remaining: the minute, day or month budget,
-/// whichever will refuse first) and its requests-per-minute limit.
-pub fn rate_limit_headers(snapshot: &Snapshot) -> HeaderMap {
-    let mut headers = HeaderMap::new();
-    let tightest_tokens = [
-        Window::TokensPerMinute,
-        Window::TokensPerDay,
-        Window::TokensPerMonth,
-    ]
-    .into_iter()
-    .map(|w| snapshot.get(w))
-    .filter(|w| w.limit.is_some())
-    .min_by_key(|w| (w.remaining(), w.limit));
-    let requests = Some(snapshot.get(Window::RequestsPerMinute)).filter(|w| w.limit.is_some());
-    for (names, status) in [
-        (&TOKEN_HEADERS, tightest_tokens),
-        (&REQUEST_HEADERS, requests),
-    ] {
-        let Some(status) = status else { continue };
-        let reset = status
-            .reset_at
-            .unwrap_or(snapshot.now)
-            .saturating_sub(snapshot.now);
-        let [limit, remaining, reset_name] = names;
-        headers.insert(limit, HeaderValue::from(status.limit.unwrap_or(0)));
-        headers.insert(
-            remaining,
-            HeaderValue::from(status.remaining().unwrap_or(0)),
-        );
-        if let Ok(value) = HeaderValue::try_from(duration_string(reset)) {
-            headers.insert(reset_name, value);
-        }
-    }
-    headers
 }
 
 /// A duration in OpenAI's rate-limit header format: `6m0s`, `1.5s`, `20ms`,
@@ -418,36 +449,47 @@ pub fn duration_string(ns: u64) -> String {
     out
 }
 
-fn nanos(duration_ns: u64) -> Duration {
-    Duration::from_nanos(duration_ns)
+impl Rejection {
+    /// How long the client should wait before a retry can succeed: until the
+    /// window has room, or until a spent budget resets. `None` when retrying
+    /// cannot help (the request alone is larger than the window).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self.refusal {
+            Refusal::RateLimited { wait, .. } => Some(Duration::from_nanos(wait)),
+            Refusal::Exhausted { reset_at, .. } => Some(Duration::from_nanos(
+                reset_at
+                    .saturating_sub(self.snapshot.now)
+                    .max(window::NANOS_PER_SEC / 1000),
+            )),
+            Refusal::TooLarge { .. } => None,
+        }
+    }
 }
 
-/// The 429 for a refusal, in OpenAI's words where OpenAI has some.
-fn refusal_error(refusal: &Refusal, snapshot: &Snapshot, estimate: Estimate) -> ApiError {
-    let status = |window: Window| -> &WindowStatus { snapshot.get(window) };
-    let should_not_retry = |error: ApiError| {
-        error.with_header(
-            HeaderName::from_static("x-should-retry"),
-            HeaderValue::from_static("false"),
-        )
-    };
-    match *refusal {
-        Refusal::RateLimited { window, wait } => {
-            let current = status(window);
-            let requested = if window.counts_tokens() {
-                estimate.total()
-            } else {
-                1
-            };
-            let message = if window == Window::MaxConcurrent {
-                format!(
-                    "Concurrency limit reached: {} requests of yours are already in flight \
-                     (max_concurrent = {}). Please try again when one has finished.",
-                    current.used,
-                    current.limit.unwrap_or(0)
-                )
-            } else {
-                format!(
+/// The client-facing message, in OpenAI's words where OpenAI has some.
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let estimate = self.estimate;
+        let snapshot = &self.snapshot;
+        match self.refusal {
+            Refusal::RateLimited { window, wait } => {
+                let current = snapshot.get(window);
+                if window == Window::MaxConcurrent {
+                    return write!(
+                        f,
+                        "Concurrency limit reached: {} requests of yours are already in flight \
+                         (max_concurrent = {}). Please try again when one has finished.",
+                        current.used,
+                        current.limit.unwrap_or(0)
+                    );
+                }
+                let requested = if window.counts_tokens() {
+                    estimate.total()
+                } else {
+                    1
+                };
+                write!(
+                    f,
                     "Rate limit reached on {}: limit {}, used {}, requested {requested}. \
                      Please try again in {}.",
                     window.name(),
@@ -455,43 +497,27 @@ fn refusal_error(refusal: &Refusal, snapshot: &Snapshot, estimate: Estimate) -> 
                     current.used,
                     duration_string(wait)
                 )
-            };
-            ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_exceeded",
-                message,
-            )
-            .with_retry_after(nanos(wait))
-        }
-        Refusal::Exhausted { window, reset_at } => {
-            let current = status(window);
-            let message = format!(
-                "You exceeded your {} budget: limit {}, used {}, requested {}. \
-                 It resets at {} (in {}).",
-                window.name(),
-                current.limit.unwrap_or(0),
-                current.used,
-                estimate.total(),
-                window::format_utc(reset_at),
-                duration_string(reset_at.saturating_sub(snapshot.now)),
-            );
-            should_not_retry(
-                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "insufficient_quota", message)
-                    .with_retry_after(nanos(
-                        reset_at
-                            .saturating_sub(snapshot.now)
-                            .max(NANOS_PER_SEC / 1000),
-                    )),
-            )
-        }
-        Refusal::TooLarge {
-            window,
-            limit,
-            tokens,
-        } => should_not_retry(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "insufficient_quota",
-            format!(
+            }
+            Refusal::Exhausted { window, reset_at } => {
+                let current = snapshot.get(window);
+                write!(
+                    f,
+                    "You exceeded your {} budget: limit {}, used {}, requested {}. \
+                     It resets at {} (in {}).",
+                    window.name(),
+                    current.limit.unwrap_or(0),
+                    current.used,
+                    estimate.total(),
+                    window::format_utc(reset_at),
+                    duration_string(reset_at.saturating_sub(snapshot.now)),
+                )
+            }
+            Refusal::TooLarge {
+                window,
+                limit,
+                tokens,
+            } => write!(
+                f,
                 "This request may use up to {tokens} tokens ({} prompt + {} completion cap), \
                  more than your whole {} budget of {limit}. Lower max_completion_tokens \
                  or shorten the prompt.",
@@ -499,7 +525,7 @@ fn refusal_error(refusal: &Refusal, snapshot: &Snapshot, estimate: Estimate) -> 
                 estimate.completion,
                 window.name()
             ),
-        )),
+        }
     }
 }
 

@@ -4,53 +4,47 @@
 //! included).
 
 use std::fmt::Write;
-use std::path::Path;
 
 use super::duration_string;
 use super::store::{RedisStore, SqliteStore, Store};
 use super::window::{Clock, Snapshot, Window};
-use crate::config::{Config, StoreKind};
+use super::{Limits, StoreBackend};
 
-/// The report for every client, or only `only`.
-pub async fn usage(config: &Config, only: Option<&str>) -> Result<String, String> {
-    if let Some(name) = only
-        && !config.clients.iter().any(|c| c.name == name)
-    {
-        return Err(format!("no client named {name:?} in the config"));
-    }
-    let clients = config
-        .clients
-        .iter()
-        .filter(|client| only.is_none_or(|name| client.name == name));
+/// The report for `clients` (name and limits), from the store `backend`
+/// describes.
+pub async fn usage(
+    backend: &StoreBackend,
+    clients: impl IntoIterator<Item = (&str, Limits)>,
+) -> Result<String, String> {
     let now = Clock::system().now();
     let mut snapshots = Vec::new();
-    match config.store.kind {
-        StoreKind::Sqlite => {
-            let states =
-                SqliteStore::read(Path::new(&config.store.path)).map_err(|e| e.to_string())?;
-            for client in clients {
+    match backend {
+        StoreBackend::Sqlite { path } => {
+            let states = SqliteStore::read(path).map_err(|e| e.to_string())?;
+            for (client, limits) in clients {
                 let state = states
                     .iter()
-                    .find(|(name, _)| *name == client.name)
+                    .find(|(name, _)| name == client)
                     .map(|(_, state)| *state)
                     .unwrap_or_default();
-                snapshots.push((client.name.as_str(), state.snapshot(&client.budget, now)));
+                snapshots.push((client, state.snapshot(&limits, now)));
             }
             // Nothing is in flight as far as the file knows.
             Ok(render(snapshots, false))
         }
-        StoreKind::Redis => {
-            let store = RedisStore::from_config(&config.store).map_err(|e| e.to_string())?;
-            for client in clients {
+        StoreBackend::Redis { url, options } => {
+            let store =
+                RedisStore::connect(url.expose(), options.clone()).map_err(|e| e.to_string())?;
+            for (client, limits) in clients {
                 let snapshot = store
-                    .snapshot(&client.name, &client.budget, now)
+                    .snapshot(client, &limits, now)
                     .await
                     .map_err(|e| format!("budget store: {e}"))?;
-                snapshots.push((client.name.as_str(), snapshot));
+                snapshots.push((client, snapshot));
             }
             Ok(render(snapshots, true))
         }
-        StoreKind::Memory => Err(
+        StoreBackend::Memory => Err(
             "store.kind = \"memory\" keeps usage inside the running server only; \
              ask it with GET /v1/usage"
                 .into(),
@@ -119,7 +113,11 @@ pub fn render<'a>(
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
     use super::*;
+    use crate::config::Config;
 
     fn config(path: &Path) -> Config {
         crate::config::parse(
@@ -152,7 +150,7 @@ mod tests {
         let path = dir.path().join("usage.db");
         let config = config(&path);
         let store = SqliteStore::open(&path).expect("open");
-        let limits = config.clients[0].budget;
+        let limits = config.catalog.clients()[0].budget;
         let now = Clock::system().now();
         let hold = store
             .reserve("team-a", &limits, 400, now)
@@ -166,7 +164,7 @@ mod tests {
             .expect("settle");
         store.flush().await.expect("flush");
 
-        let report = usage(&config, None).await.expect("report");
+        let report = report_for(&config, None).await.expect("report");
         let lines: Vec<&str> = report.lines().collect();
         assert!(lines[0].starts_with("CLIENT"), "{report}");
         let day_a = lines
@@ -185,18 +183,26 @@ mod tests {
             ["-", "0", "-"]
         );
 
-        let only_b = usage(&config, Some("team-b")).await.expect("report");
+        let only_b = report_for(&config, Some("team-b")).await.expect("report");
         assert!(!only_b.contains("team-a"), "{only_b}");
         assert!(!only_b.contains("max_concurrent"), "{only_b}");
-        assert!(usage(&config, Some("nobody")).await.is_err());
+    }
+
+    /// The report for the config's clients, or only one.
+    async fn report_for(config: &Config, only: Option<&str>) -> Result<String, String> {
+        let clients = config
+            .catalog
+            .clients()
+            .iter()
+            .filter(|c| only.is_none_or(|name| &*c.name == name))
+            .map(|c| (&*c.name, c.budget));
+        usage(&config.store.backend, clients).await
     }
 
     #[tokio::test]
     async fn a_memory_store_has_nothing_to_report() {
-        let mut config = config(Path::new("unused.db"));
-        config.store.kind = StoreKind::Memory;
         assert!(
-            usage(&config, None)
+            usage(&StoreBackend::Memory, [("a", Limits::default())])
                 .await
                 .expect_err("memory")
                 .contains("GET /v1/usage")
@@ -211,13 +217,18 @@ mod tests {
         let Some((store, keys)) = test_store(RedisClock::Server).await else {
             return;
         };
-        let mut config = config(Path::new("unused.db"));
-        config.store.kind = StoreKind::Redis;
-        config.store.url = Some(crate::config::Secret::new(
-            crate::budget::store::redis_tests::test_url(),
-        ));
-        config.store.key_prefix = keys.prefix.clone();
-        let limits = config.clients[0].budget;
+        let config = config(Path::new("unused.db"));
+        let options = |timeout| crate::budget::store::RedisOptions {
+            prefix: keys.prefix.clone(),
+            lease: Duration::from_secs(600),
+            timeout,
+            clock: RedisClock::Server,
+        };
+        let redis = StoreBackend::Redis {
+            url: crate::secret::Secret::new(crate::budget::store::redis_tests::test_url()),
+            options: options(Duration::from_secs(2)),
+        };
+        let limits = config.catalog.clients()[0].budget;
         let hold = store
             .reserve("team-a", &limits, 400, 0)
             .await
@@ -235,7 +246,7 @@ mod tests {
             .outcome
             .expect("fits");
 
-        let report = usage(&config, Some("team-a")).await.expect("report");
+        let report = usage(&redis, [("team-a", limits)]).await.expect("report");
         let row = |window: &str| -> Vec<String> {
             report
                 .lines()
@@ -252,9 +263,13 @@ mod tests {
         );
         assert_eq!(&row("max_concurrent")[2..4], ["-", "1"], "{report}");
 
-        config.store.url = Some(crate::config::Secret::new("redis://127.0.0.1:1/0"));
-        config.store.timeout_ms = 300;
-        let error = usage(&config, None).await.expect_err("no Redis there");
+        let nowhere = StoreBackend::Redis {
+            url: crate::secret::Secret::new("redis://127.0.0.1:1/0"),
+            options: options(Duration::from_millis(300)),
+        };
+        let error = usage(&nowhere, [("team-a", limits)])
+            .await
+            .expect_err("no Redis there");
         assert!(error.starts_with("budget store: "), "{error}");
     }
 }

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
-use crate::catalog::Catalog;
+use crate::budget::window::NANOS_PER_SEC;
+use crate::catalog::Client;
+use crate::error::{ApiError, rate_limit_headers};
 use crate::keys::KeyHash;
 use crate::openai::stream::Usage;
 
@@ -21,8 +23,29 @@ fn client(budget: &str) -> Arc<Client> {
         &|_| None,
     )
     .expect("config");
-    let catalog = Catalog::new(&config).expect("catalog");
-    Arc::clone(&catalog.clients()[0])
+    Arc::clone(&config.catalog.clients()[0])
+}
+
+/// Reserves for `client` and renders a refusal as the client would get it,
+/// so these tests cover the 429s' headers too.
+trait ReserveFor {
+    async fn reserve_for(
+        &self,
+        client: &Client,
+        estimate: Estimate,
+    ) -> Result<Reservation, ApiError>;
+}
+
+impl ReserveFor for Budgets {
+    async fn reserve_for(
+        &self,
+        client: &Client,
+        estimate: Estimate,
+    ) -> Result<Reservation, ApiError> {
+        self.reserve(&client.name, &client.budget, "m", estimate)
+            .await
+            .map_err(ApiError::from)
+    }
 }
 
 fn budgets(start: Duration) -> Budgets {
@@ -46,7 +69,7 @@ fn header<'a>(error: &'a ApiError, name: &str) -> Option<&'a str> {
 
 async fn used(budgets: &Budgets, client: &Client, window: Window) -> u64 {
     budgets
-        .snapshot(client)
+        .snapshot(&client.name, &client.budget)
         .await
         .expect("snapshot")
         .get(window)
@@ -58,12 +81,12 @@ async fn minute_window_refuses_then_admits_after_retry_after() {
     let budgets = budgets(NEW_YEARS_EVE - Duration::from_secs(3600));
     let client = client("tokens_per_minute = 1000");
     budgets
-        .reserve(&client, "m", cost(600))
+        .reserve_for(&client, cost(600))
         .await
         .expect("fits")
-        .settle(600);
+        .charge(600);
     let error = budgets
-        .reserve(&client, "m", cost(600))
+        .reserve_for(&client, cost(600))
         .await
         .err()
         .expect("over the minute");
@@ -78,14 +101,20 @@ async fn minute_window_refuses_then_admits_after_retry_after() {
     assert_eq!(header(&error, "x-ratelimit-reset-tokens"), Some("36s"));
 
     tokio::time::advance(Duration::from_millis(11_999)).await;
-    assert!(budgets.reserve(&client, "m", cost(600)).await.is_err());
+    assert!(budgets.reserve_for(&client, cost(600)).await.is_err());
     tokio::time::advance(Duration::from_millis(1)).await;
     let reservation = budgets
-        .reserve(&client, "m", cost(600))
+        .reserve_for(&client, cost(600))
         .await
         .expect("drained");
-    assert_eq!(reservation.headers()["x-ratelimit-remaining-tokens"], "0");
-    assert_eq!(reservation.headers()["x-ratelimit-reset-tokens"], "1m0s");
+    assert_eq!(
+        rate_limit_headers(reservation.snapshot())["x-ratelimit-remaining-tokens"],
+        "0"
+    );
+    assert_eq!(
+        rate_limit_headers(reservation.snapshot())["x-ratelimit-reset-tokens"],
+        "1m0s"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -93,12 +122,12 @@ async fn the_day_ends_at_midnight_utc_and_the_month_with_the_year() {
     let budgets = budgets(NEW_YEARS_EVE);
     let client = client("tokens_per_day = 100\ntokens_per_month = 1000");
     budgets
-        .reserve(&client, "m", cost(90))
+        .reserve_for(&client, cost(90))
         .await
         .expect("fits")
-        .settle(90);
+        .charge(90);
     let error = budgets
-        .reserve(&client, "m", cost(20))
+        .reserve_for(&client, cost(20))
         .await
         .err()
         .expect("day spent");
@@ -116,10 +145,10 @@ async fn the_day_ends_at_midnight_utc_and_the_month_with_the_year() {
     assert_eq!(used(&budgets, &client, Window::TokensPerDay).await, 0);
     assert_eq!(used(&budgets, &client, Window::TokensPerMonth).await, 0);
     budgets
-        .reserve(&client, "m", cost(20))
+        .reserve_for(&client, cost(20))
         .await
         .expect("a new day and a new month")
-        .settle(20);
+        .charge(20);
     assert_eq!(used(&budgets, &client, Window::TokensPerMonth).await, 20);
 }
 
@@ -129,13 +158,13 @@ async fn february_ends_on_the_29th_in_a_leap_year() {
     let budgets = budgets(Duration::from_secs(1_709_161_200));
     let client = client("tokens_per_month = 100");
     budgets
-        .reserve(&client, "m", cost(100))
+        .reserve_for(&client, cost(100))
         .await
         .expect("fits")
-        .settle(100);
+        .charge(100);
     tokio::time::advance(Duration::from_secs(3600)).await; // Feb 29, 00:00
     let error = budgets
-        .reserve(&client, "m", cost(1))
+        .reserve_for(&client, cost(1))
         .await
         .err()
         .expect("still February");
@@ -145,7 +174,7 @@ async fn february_ends_on_the_29th_in_a_leap_year() {
         "until March 1"
     );
     tokio::time::advance(Duration::from_secs(86_400)).await;
-    assert!(budgets.reserve(&client, "m", cost(100)).await.is_ok());
+    assert!(budgets.reserve_for(&client, cost(100)).await.is_ok());
 }
 
 #[tokio::test(start_paused = true)]
@@ -153,7 +182,7 @@ async fn a_request_larger_than_the_window_is_insufficient_quota_at_once() {
     let budgets = budgets(NEW_YEARS_EVE);
     let client = client("tokens_per_minute = 100000\ntokens_per_day = 1000");
     let error = budgets
-        .reserve(&client, "m", cost(5000))
+        .reserve_for(&client, cost(5000))
         .await
         .err()
         .expect("too large");
@@ -172,13 +201,10 @@ async fn a_request_larger_than_the_window_is_insufficient_quota_at_once() {
 async fn dropping_a_reservation_releases_it() {
     let budgets = budgets(NEW_YEARS_EVE);
     let client = client("tokens_per_day = 1000\nmax_concurrent = 1");
-    let reservation = budgets
-        .reserve(&client, "m", cost(800))
-        .await
-        .expect("fits");
+    let reservation = budgets.reserve_for(&client, cost(800)).await.expect("fits");
     assert_eq!(used(&budgets, &client, Window::TokensPerDay).await, 800);
     let error = budgets
-        .reserve(&client, "m", cost(1))
+        .reserve_for(&client, cost(1))
         .await
         .err()
         .expect("one at a time");
@@ -208,10 +234,10 @@ async fn finish_settles_by_reported_usage_or_by_estimate() {
         generated: "ignored when usage came".into(),
     };
     budgets
-        .reserve(&client, "m", estimate)
+        .reserve_for(&client, estimate)
         .await
         .expect("fits")
-        .finish(reported, true);
+        .settle(reported, true);
     assert_eq!(used(&budgets, &client, Window::TokensPerDay).await, 47);
 
     // The client hung up after some text and no usage: prompt estimate + text.
@@ -221,10 +247,10 @@ async fn finish_settles_by_reported_usage_or_by_estimate() {
         generated: "Hello, world!".into(),
     };
     budgets
-        .reserve(&client, "m", estimate)
+        .reserve_for(&client, estimate)
         .await
         .expect("fits")
-        .finish(hung_up, true);
+        .settle(hung_up, true);
     assert_eq!(
         used(&budgets, &client, Window::TokensPerDay).await,
         47 + 50 + 4
@@ -234,10 +260,10 @@ async fn finish_settles_by_reported_usage_or_by_estimate() {
     let long = "word ".repeat(1000);
     let long_tokens = estimate::count_tokens(&long);
     budgets
-        .reserve(&client, "m", estimate)
+        .reserve_for(&client, estimate)
         .await
         .expect("fits")
-        .finish(
+        .settle(
             Outcome {
                 complete: false,
                 usage: None,
@@ -259,10 +285,10 @@ async fn finish_settles_by_reported_usage_or_by_estimate() {
 
     // An upstream error without usage costs nothing.
     budgets
-        .reserve(&client, "m", estimate)
+        .reserve_for(&client, estimate)
         .await
         .expect("fits")
-        .finish(Outcome::default(), false);
+        .settle(Outcome::default(), false);
     assert_eq!(
         used(&budgets, &client, Window::TokensPerDay).await,
         expected
@@ -275,11 +301,8 @@ async fn headers_name_the_tightest_token_window() {
     let budgets = budgets(NEW_YEARS_EVE - Duration::from_secs(3540)); // 23:00
     let client =
         client("requests_per_minute = 10\ntokens_per_minute = 1000\ntokens_per_day = 1500\n");
-    let first = budgets
-        .reserve(&client, "m", cost(100))
-        .await
-        .expect("fits");
-    let headers = first.headers().clone();
+    let first = budgets.reserve_for(&client, cost(100)).await.expect("fits");
+    let headers = rate_limit_headers(first.snapshot());
     assert_eq!(
         headers["x-ratelimit-limit-tokens"], "1000",
         "minute has least left"
@@ -289,16 +312,22 @@ async fn headers_name_the_tightest_token_window() {
     assert_eq!(headers["x-ratelimit-limit-requests"], "10");
     assert_eq!(headers["x-ratelimit-remaining-requests"], "9");
     assert_eq!(headers["x-ratelimit-reset-requests"], "6s");
-    first.settle(1000);
+    first.charge(1000);
     tokio::time::advance(Duration::from_secs(60)).await;
-    let second = budgets
-        .reserve(&client, "m", cost(100))
-        .await
-        .expect("fits");
+    let second = budgets.reserve_for(&client, cost(100)).await.expect("fits");
     // Day: 1500 - 1000 settled - 100 reserved = 400 left, less than the minute's 900.
-    assert_eq!(second.headers()["x-ratelimit-limit-tokens"], "1500");
-    assert_eq!(second.headers()["x-ratelimit-remaining-tokens"], "400");
-    assert_eq!(second.headers()["x-ratelimit-reset-tokens"], "59m0s");
+    assert_eq!(
+        rate_limit_headers(second.snapshot())["x-ratelimit-limit-tokens"],
+        "1500"
+    );
+    assert_eq!(
+        rate_limit_headers(second.snapshot())["x-ratelimit-remaining-tokens"],
+        "400"
+    );
+    assert_eq!(
+        rate_limit_headers(second.snapshot())["x-ratelimit-reset-tokens"],
+        "59m0s"
+    );
 }
 
 #[test]
@@ -317,19 +346,13 @@ fn durations_use_openais_format() {
 async fn an_unavailable_store_answers_503_or_admits_as_configured() {
     struct Down;
     impl Store for Down {
-        fn reserve(
-            &self,
-            _: &str,
-            _: &BudgetConfig,
-            _: u64,
-            _: u64,
-        ) -> StoreFuture<store::Reserved> {
+        fn reserve(&self, _: &str, _: &Limits, _: u64, _: u64) -> StoreFuture<store::Reserved> {
             Box::pin(async { Err(StoreError("connection refused".into())) })
         }
-        fn settle(&self, _: &str, _: &BudgetConfig, _: Hold, _: u64, _: u64) -> StoreFuture<()> {
+        fn settle(&self, _: &str, _: &Limits, _: Hold, _: u64, _: u64) -> StoreFuture<()> {
             Box::pin(async { Err(StoreError("connection refused".into())) })
         }
-        fn snapshot(&self, _: &str, _: &BudgetConfig, _: u64) -> StoreFuture<Snapshot> {
+        fn snapshot(&self, _: &str, _: &Limits, _: u64) -> StoreFuture<Snapshot> {
             Box::pin(async { Err(StoreError("connection refused".into())) })
         }
         fn health(&self) -> StoreFuture<()> {
@@ -342,7 +365,7 @@ async fn an_unavailable_store_answers_503_or_admits_as_configured() {
     let client = client("tokens_per_day = 10");
     let reject = Budgets::new(Arc::new(Down), Clock::system(), OnUnavailable::Reject);
     let error = reject
-        .reserve(&client, "m", cost(1))
+        .reserve_for(&client, cost(1))
         .await
         .err()
         .expect("503");
@@ -353,10 +376,10 @@ async fn an_unavailable_store_answers_503_or_admits_as_configured() {
     assert!(reject.health().await.is_err());
     let allow = Budgets::new(Arc::new(Down), Clock::system(), OnUnavailable::Allow);
     allow
-        .reserve(&client, "m", cost(1))
+        .reserve_for(&client, cost(1))
         .await
         .expect("admitted")
-        .settle(1);
+        .charge(1);
 }
 
 /// A memory store that can be switched off, like a Redis that goes away and
@@ -380,7 +403,7 @@ impl Store for Flaky {
     fn reserve(
         &self,
         client: &str,
-        limits: &BudgetConfig,
+        limits: &Limits,
         tokens: u64,
         now: u64,
     ) -> StoreFuture<store::Reserved> {
@@ -392,7 +415,7 @@ impl Store for Flaky {
     fn settle(
         &self,
         client: &str,
-        limits: &BudgetConfig,
+        limits: &Limits,
         hold: Hold,
         actual: u64,
         now: u64,
@@ -402,7 +425,7 @@ impl Store for Flaky {
             .map(|()| self.store.settle_now(client, limits, &hold, actual, now));
         Box::pin(std::future::ready(result))
     }
-    fn snapshot(&self, client: &str, limits: &BudgetConfig, now: u64) -> StoreFuture<Snapshot> {
+    fn snapshot(&self, client: &str, limits: &Limits, now: u64) -> StoreFuture<Snapshot> {
         let result = self
             .check()
             .map(|()| self.store.snapshot_now(client, limits, now));
@@ -431,19 +454,18 @@ async fn allowed_through_an_outage_requests_are_counted_locally_then_the_store_a
 
     // Down: admitted against this instance's own count, which still limits.
     let during = budgets
-        .reserve(&client, "m", cost(60))
+        .reserve_for(&client, cost(60))
         .await
         .expect("admitted");
     assert_eq!(
-        during
-            .headers()
+        rate_limit_headers(during.snapshot())
             .get("x-ratelimit-remaining-tokens")
             .map(|v| v.to_str().ok()),
         Some(Some("40")),
         "headers from the local count"
     );
     let error = budgets
-        .reserve(&client, "m", cost(60))
+        .reserve_for(&client, cost(60))
         .await
         .err()
         .expect("over the local count");
@@ -451,7 +473,7 @@ async fn allowed_through_an_outage_requests_are_counted_locally_then_the_store_a
 
     // Back: the store decides again, and knows nothing of the outage.
     flaky.down.store(false, std::sync::atomic::Ordering::SeqCst);
-    let after = budgets.reserve(&client, "m", cost(60)).await.expect("fits");
+    let after = budgets.reserve_for(&client, cost(60)).await.expect("fits");
     let in_store = |window| {
         flaky
             .store
@@ -463,7 +485,7 @@ async fn allowed_through_an_outage_requests_are_counted_locally_then_the_store_a
     assert_eq!(in_store(Window::MaxConcurrent), 1);
 
     // Each reservation settles where it was made.
-    during.settle(10);
+    during.charge(10);
     assert_eq!(
         in_store(Window::MaxConcurrent),
         1,
@@ -475,7 +497,7 @@ async fn allowed_through_an_outage_requests_are_counted_locally_then_the_store_a
         .snapshot_now("c", &client.budget, budgets.inner.clock.now());
     assert_eq!(local.get(Window::TokensPerDay).used, 10);
     assert_eq!(local.get(Window::MaxConcurrent).used, 0);
-    after.settle(20);
+    after.charge(20);
     assert_eq!(in_store(Window::TokensPerDay), 20);
     assert_eq!(in_store(Window::MaxConcurrent), 0);
 }
@@ -498,10 +520,10 @@ async fn budget_hot_path() {
     for _ in 0..100_000 {
         let started = std::time::Instant::now();
         let reservation = budgets
-            .reserve(&client, "m", cost(1000))
+            .reserve_for(&client, cost(1000))
             .await
             .expect("fits");
-        reservation.settle(900);
+        reservation.charge(900);
         samples.push(started.elapsed());
     }
     samples.sort();

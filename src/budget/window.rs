@@ -13,7 +13,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::config::BudgetConfig;
+use crate::budget::Limits;
 
 pub const NANOS_PER_SEC: u64 = 1_000_000_000;
 /// The span of the per-minute windows.
@@ -89,7 +89,7 @@ impl Window {
         }
     }
 
-    pub fn limit(self, limits: &BudgetConfig) -> Option<u64> {
+    pub fn limit(self, limits: &Limits) -> Option<u64> {
         match self {
             Window::RequestsPerMinute => limits.requests_per_minute,
             Window::TokensPerMinute => limits.tokens_per_minute,
@@ -353,6 +353,23 @@ impl Snapshot {
         }
     }
 
+    /// The windows the `x-ratelimit-*` headers describe: the token window
+    /// with the least remaining (the minute, day or month budget, whichever
+    /// will refuse first) and the requests-per-minute limit, each if limited.
+    pub fn headline(&self) -> (Option<&WindowStatus>, Option<&WindowStatus>) {
+        let tokens = [
+            Window::TokensPerMinute,
+            Window::TokensPerDay,
+            Window::TokensPerMonth,
+        ]
+        .into_iter()
+        .map(|w| self.get(w))
+        .filter(|w| w.limit.is_some())
+        .min_by_key(|w| (w.remaining(), w.limit));
+        let requests = Some(self.get(Window::RequestsPerMinute)).filter(|w| w.limit.is_some());
+        (tokens, requests)
+    }
+
     /// Windows worth reporting: every limited one, plus the day and month
     /// totals and concurrency, which are counted even without a limit.
     pub fn reported(&self) -> impl Iterator<Item = &WindowStatus> {
@@ -369,12 +386,7 @@ impl Snapshot {
 impl ClientState {
     /// Reserves `tokens`, one request and one concurrency slot against every
     /// window, or changes nothing and says why not.
-    pub fn reserve(
-        &mut self,
-        limits: &BudgetConfig,
-        tokens: u64,
-        now: u64,
-    ) -> Result<Hold, Refusal> {
+    pub fn reserve(&mut self, limits: &Limits, tokens: u64, now: u64) -> Result<Hold, Refusal> {
         let periods = Periods::at(now);
         self.day.roll(periods.day);
         self.month.roll(periods.month);
@@ -470,7 +482,7 @@ impl ClientState {
 
     /// Replaces what `hold` reserved by `actual` tokens and frees its
     /// concurrency slot. The request itself stays counted.
-    pub fn settle(&mut self, limits: &BudgetConfig, hold: &Hold, actual: u64, now: u64) {
+    pub fn settle(&mut self, limits: &Limits, hold: &Hold, actual: u64, now: u64) {
         self.in_flight = self.in_flight.saturating_sub(1);
         if let Some(limit) = limits.tokens_per_minute {
             if actual > hold.tokens {
@@ -490,7 +502,7 @@ impl ClientState {
     }
 
     /// The windows as they stand at `now`.
-    pub fn snapshot(&self, limits: &BudgetConfig, now: u64) -> Snapshot {
+    pub fn snapshot(&self, limits: &Limits, now: u64) -> Snapshot {
         let periods = Periods::at(now);
         let bucket = |window: Window, bucket: &Bucket| {
             let limit = window.limit(limits);
@@ -541,8 +553,8 @@ mod tests {
         (days * DAY_SECS + hms.0 * 3600 + hms.1 * 60 + hms.2) * SEC
     }
 
-    fn limits() -> BudgetConfig {
-        BudgetConfig::default()
+    fn limits() -> Limits {
+        Limits::default()
     }
 
     #[test]
@@ -600,7 +612,7 @@ mod tests {
 
     #[test]
     fn bucket_admits_a_full_minute_then_refills_gradually() {
-        let limits = BudgetConfig {
+        let limits = Limits {
             tokens_per_minute: Some(600),
             ..limits()
         };
@@ -641,7 +653,7 @@ mod tests {
 
     #[test]
     fn refunds_return_unused_tokens_and_overruns_are_charged() {
-        let limits = BudgetConfig {
+        let limits = Limits {
             tokens_per_minute: Some(1000),
             tokens_per_day: Some(5000),
             ..limits()
@@ -671,7 +683,7 @@ mod tests {
 
     #[test]
     fn a_refund_never_gives_back_what_already_drained() {
-        let limits = BudgetConfig {
+        let limits = Limits {
             tokens_per_minute: Some(60),
             ..limits()
         };
@@ -686,7 +698,7 @@ mod tests {
 
     #[test]
     fn requests_per_minute_is_gcra() {
-        let limits = BudgetConfig {
+        let limits = Limits {
             requests_per_minute: Some(3),
             ..limits()
         };
@@ -707,7 +719,7 @@ mod tests {
 
     #[test]
     fn calendar_budgets_reset_at_midnight_and_month_start() {
-        let limits = BudgetConfig {
+        let limits = Limits {
             tokens_per_day: Some(100),
             tokens_per_month: Some(150),
             ..limits()
@@ -755,7 +767,7 @@ mod tests {
 
     #[test]
     fn settling_after_midnight_corrects_the_day_of_admission() {
-        let limits = BudgetConfig {
+        let limits = Limits {
             tokens_per_day: Some(1000),
             ..limits()
         };
@@ -778,7 +790,7 @@ mod tests {
 
     #[test]
     fn a_request_larger_than_a_window_is_refused_outright() {
-        let limits = BudgetConfig {
+        let limits = Limits {
             tokens_per_minute: Some(1000),
             tokens_per_day: Some(500),
             ..limits()
@@ -800,7 +812,7 @@ mod tests {
 
     #[test]
     fn refusal_changes_nothing_and_reports_the_longest_wait() {
-        let limits = BudgetConfig {
+        let limits = Limits {
             requests_per_minute: Some(10),
             tokens_per_minute: Some(100),
             tokens_per_day: Some(150),
@@ -822,7 +834,7 @@ mod tests {
 
     #[test]
     fn concurrency_is_limited_and_freed_on_settle() {
-        let limits = BudgetConfig {
+        let limits = Limits {
             max_concurrent: Some(2),
             ..limits()
         };

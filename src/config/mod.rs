@@ -1,16 +1,48 @@
-//! Loading a config: read the TOML, expand `${ENV}`, deserialize, validate.
+//! The config: from TOML text to the typed [`Config`] the server runs on, in
+//! one path that `iris check` and `iris serve` share: read the TOML, expand
+//! `${ENV}`, deserialize its shape ([`schema`]), then [`resolve`] every value
+//! into its type, checking each.
 //!
-//! Every problem is reported with its key path (`upstreams[1].base_url: …`), and
-//! loading goes on past the first one so `iris check` can list them all.
+//! Every problem is reported with its key path (`upstreams[1].base_url: …`),
+//! and loading goes on past the first one so `iris check` can list them all.
+//!
+//! The config sits above the modules whose settings it fills (budget,
+//! images, upstream, catalog): they define the typed values they need, and
+//! only this module knows how a file spells them.
 
 mod env;
-mod schema;
-mod validate;
+mod resolve;
+pub mod schema;
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
-pub use schema::*;
+use crate::budget::StoreSettings;
+use crate::catalog::Catalog;
+use crate::images::ImagesSettings;
+
+/// A whole, valid configuration: one immutable snapshot of what the server
+/// runs on. Held behind an atomic pointer by the app and taken once per
+/// request, so a reload is a pointer swap.
+#[derive(Debug)]
+pub struct Config {
+    pub server: Server,
+    pub store: StoreSettings,
+    pub images: ImagesSettings,
+    pub catalog: Catalog,
+}
+
+/// `[server]`: the listener and request limits.
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub listen: SocketAddr,
+    /// Larger request bodies are answered 413, counted as they arrive.
+    pub max_body_bytes: usize,
+    /// How long in-flight requests may run on after SIGTERM/SIGINT.
+    pub shutdown_grace: Duration,
+}
 
 /// One thing wrong with a config, at a key path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,25 +112,26 @@ pub fn parse(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     let mut note_unknown = |path: serde_ignored::Path<'_>| unknown.push(ignored_path(&path));
     let deserializer =
         serde_ignored::Deserializer::new(toml::Value::Table(table), &mut note_unknown);
-    let config: Result<Config, _> = serde_path_to_error::deserialize(deserializer);
+    let file: Result<schema::File, _> = serde_path_to_error::deserialize(deserializer);
     problems.extend(
         unknown
             .into_iter()
             .map(|path| Problem::new(path, "unknown key")),
     );
-    let config = match config {
-        Ok(config) => config,
+    let file = match file {
+        Ok(file) => file,
         Err(e) => {
             problems.push(Problem::new(e.path().to_string(), e.inner().to_string()));
             return Err(Problems(problems));
         }
     };
-
-    problems.extend(validate::validate(&config));
-    if problems.is_empty() {
-        Ok(config)
-    } else {
-        Err(Problems(problems))
+    match resolve::resolve(file) {
+        Ok(config) if problems.is_empty() => Ok(config),
+        Ok(_) => Err(Problems(problems)),
+        Err(found) => {
+            problems.extend(found);
+            Err(Problems(problems))
+        }
     }
 }
 
@@ -140,9 +173,12 @@ mod tests {
     #[test]
     fn empty_config_takes_every_default() {
         let config = parse("", &no_env).expect("empty config is valid");
-        assert_eq!(config.server.listen, "127.0.0.1:8080");
+        assert_eq!(config.server.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(config.server.max_body_bytes, 33_554_432);
-        assert_eq!(config.store.kind, StoreKind::Sqlite);
+        assert!(matches!(
+            &config.store.backend,
+            crate::budget::StoreBackend::Sqlite { path } if path.as_os_str() == "iris.db"
+        ));
         assert_eq!(config.images.max_images_per_request, 16);
     }
 

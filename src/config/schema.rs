@@ -1,27 +1,30 @@
-//! The TOML schema: every key Iris reads, with its default.
+//! The config file's shape: every key a user may write, with its default.
+//! Values are kept as written (strings, integers); [`super::resolve`] turns
+//! them into the typed values the server runs on, checking each on the way.
 //!
-//! Field names here are the config keys users write; changing one is a breaking
-//! change to CONTRACT.md.
-
-use std::fmt;
+//! Field names here are the config keys users write; changing one is a
+//! breaking change (see docs/configuration.md).
 
 use serde::Deserialize;
+
+use crate::budget::{Limits, OnUnavailable};
+use crate::secret::Secret;
 
 /// The whole config file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
-pub struct Config {
-    pub server: ServerConfig,
-    pub store: StoreConfig,
-    pub images: ImagesConfig,
-    pub upstreams: Vec<UpstreamConfig>,
-    pub models: Vec<ModelConfig>,
-    pub clients: Vec<ClientConfig>,
+pub struct File {
+    pub server: Server,
+    pub store: Store,
+    pub images: Images,
+    pub upstreams: Vec<Upstream>,
+    pub models: Vec<Model>,
+    pub clients: Vec<Client>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
-pub struct ServerConfig {
+pub struct Server {
     /// `host:port` to bind.
     pub listen: String,
     /// Requests with a larger body are answered 413, whether or not they sent a length.
@@ -30,7 +33,7 @@ pub struct ServerConfig {
     pub shutdown_grace_ms: u64,
 }
 
-impl Default for ServerConfig {
+impl Default for Server {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:8080".into(),
@@ -49,19 +52,9 @@ pub enum StoreKind {
     Redis,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnUnavailable {
-    /// Answer 503 `store_unavailable`: the safe default when budgets are money.
-    #[default]
-    Reject,
-    /// Admit the request and count it locally until the store is back.
-    Allow,
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
-pub struct StoreConfig {
+pub struct Store {
     pub kind: StoreKind,
     /// SQLite file (kind = "sqlite").
     pub path: String,
@@ -79,7 +72,7 @@ pub struct StoreConfig {
     pub key_prefix: String,
 }
 
-impl Default for StoreConfig {
+impl Default for Store {
     fn default() -> Self {
         Self {
             kind: StoreKind::Sqlite,
@@ -95,7 +88,7 @@ impl Default for StoreConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
-pub struct ImagesConfig {
+pub struct Images {
     pub fetch_timeout_ms: u64,
     pub max_bytes: usize,
     pub max_redirects: usize,
@@ -107,7 +100,7 @@ pub struct ImagesConfig {
     pub cache_ttl_s: u64,
 }
 
-impl Default for ImagesConfig {
+impl Default for Images {
     fn default() -> Self {
         Self {
             fetch_timeout_ms: 10_000,
@@ -124,7 +117,7 @@ impl Default for ImagesConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
-pub struct UpstreamConfig {
+pub struct Upstream {
     pub name: String,
     /// Base URL up to and including the version segment, e.g. `https://host/v1`.
     pub base_url: String,
@@ -143,7 +136,7 @@ pub struct UpstreamConfig {
     pub timeout_ms: u64,
 }
 
-impl Default for UpstreamConfig {
+impl Default for Upstream {
     fn default() -> Self {
         Self {
             name: String::new(),
@@ -161,7 +154,7 @@ impl Default for UpstreamConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
-pub struct ModelConfig {
+pub struct Model {
     /// What clients send as `model`.
     pub name: String,
     pub upstream: String,
@@ -171,7 +164,7 @@ pub struct ModelConfig {
     pub max_output_tokens: u64,
 }
 
-impl Default for ModelConfig {
+impl Default for Model {
     fn default() -> Self {
         Self {
             name: String::new(),
@@ -184,65 +177,23 @@ impl Default for ModelConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
-pub struct ClientConfig {
+pub struct Client {
     pub name: String,
     /// `sha256:<64 hex>` of the client's key; the key itself is never configured.
     pub key: String,
     /// Model names this client may use; `"*"` allows all.
     pub models: Vec<String>,
-    pub budget: BudgetConfig,
+    pub budget: Limits,
 }
 
-impl Default for ClientConfig {
+impl Default for Client {
     fn default() -> Self {
         Self {
             name: String::new(),
             key: String::new(),
             models: vec!["*".into()],
-            budget: BudgetConfig::default(),
+            budget: Limits::default(),
         }
-    }
-}
-
-/// Every limit is optional; an absent one is not enforced.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(default)]
-pub struct BudgetConfig {
-    pub requests_per_minute: Option<u64>,
-    pub tokens_per_minute: Option<u64>,
-    /// UTC calendar day.
-    pub tokens_per_day: Option<u64>,
-    /// UTC calendar month.
-    pub tokens_per_month: Option<u64>,
-    pub max_concurrent: Option<u64>,
-}
-
-/// A credential from the config. It prints as `***` so that neither `Debug`
-/// output, a log line nor an error message can carry it.
-#[derive(Clone, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    /// The only way to read the value; grep for it to audit where secrets go.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
     }
 }
 
@@ -252,11 +203,9 @@ mod tests {
 
     #[test]
     fn secrets_never_print() {
-        let secret = Secret::new("sk-live-123");
-        assert_eq!(format!("{secret:?} {secret}"), "*** ***");
-        let upstream = UpstreamConfig {
-            api_key: Some(secret),
-            ..UpstreamConfig::default()
+        let upstream = Upstream {
+            api_key: Some(Secret::new("sk-live-123")),
+            ..Upstream::default()
         };
         assert!(!format!("{upstream:?}").contains("sk-live"));
     }

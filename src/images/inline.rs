@@ -9,6 +9,7 @@ use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STAN
 use bytes::Bytes;
 
 use super::cache::FetchedImage;
+use super::data_uri::DataUri;
 use super::fetch::Sink;
 use super::sniff::{self, Format};
 use super::{ErrorKind, ImageError, convert};
@@ -162,37 +163,26 @@ impl Sink for InliningSink {
     }
 }
 
-/// Splits `data:<mediatype>[;params];base64,<payload>` into the declared
-/// media type and the payload.
-pub fn parse_data_uri(uri: &str) -> Result<(&str, &str), ImageError> {
-    let malformed = |what: &str| {
+/// A client's data URI, parsed and held to what Iris accepts: base64 and
+/// not empty.
+pub fn checked_data_uri(uri: &str) -> Result<DataUri<'_>, ImageError> {
+    let malformed = |what: &dyn std::fmt::Display| {
         ImageError::new(
             ErrorKind::InvalidData,
             "data_uri",
             format!("The data URI is malformed: {what}."),
         )
     };
-    let rest = uri
-        .get(..5)
-        .filter(|scheme| scheme.eq_ignore_ascii_case("data:"))
-        .map(|_| &uri[5..])
-        .ok_or_else(|| malformed("it does not start with data:"))?;
-    let (header, payload) = rest
-        .split_once(',')
-        .ok_or_else(|| malformed("it has no comma before the data"))?;
-    let media = header
-        .len()
-        .checked_sub(7)
-        .filter(|&at| header.is_char_boundary(at) && header[at..].eq_ignore_ascii_case(";base64"))
-        .map(|at| &header[..at])
-        .ok_or_else(|| {
-            malformed("only base64 data URIs are accepted (data:image/png;base64,...)")
-        })?;
-    let declared = media.split(';').next().unwrap_or("").trim();
-    if payload.is_empty() {
-        return Err(malformed("it carries no data"));
+    let parsed = DataUri::parse(uri).map_err(|e| malformed(&e))?;
+    if !parsed.base64 {
+        return Err(malformed(
+            &"only base64 data URIs are accepted (data:image/png;base64,...)",
+        ));
     }
-    Ok((declared, payload))
+    if parsed.data.is_empty() {
+        return Err(malformed(&"it carries no data"));
+    }
+    Ok(parsed)
 }
 
 #[cfg(test)]
@@ -250,18 +240,16 @@ mod tests {
 
     #[test]
     fn data_uris_are_parsed_strictly() {
+        let parts = |uri| {
+            let parsed = checked_data_uri(uri).expect("ok");
+            (parsed.media_type, parsed.data)
+        };
+        assert_eq!(parts("data:image/png;base64,AAAA"), ("image/png", "AAAA"));
         assert_eq!(
-            parse_data_uri("data:image/png;base64,AAAA").expect("ok"),
+            parts("DATA:image/png;name=x.png;BASE64,AAAA"),
             ("image/png", "AAAA")
         );
-        assert_eq!(
-            parse_data_uri("DATA:image/png;name=x.png;BASE64,AAAA").expect("ok"),
-            ("image/png", "AAAA")
-        );
-        assert_eq!(
-            parse_data_uri("data:;base64,AAAA").expect("ok"),
-            ("", "AAAA")
-        );
+        assert_eq!(parts("data:;base64,AAAA"), ("", "AAAA"));
         for bad in [
             "data:image/png,AAAA",
             "data:image/png;base64",
@@ -271,7 +259,7 @@ mod tests {
             "dat",
             "data:\u{e9}\u{e9}\u{e9}\u{e9},x",
         ] {
-            let e = parse_data_uri(bad).expect_err(bad);
+            let e = checked_data_uri(bad).expect_err(bad);
             assert_eq!(e.kind, ErrorKind::InvalidData, "{bad}");
         }
     }

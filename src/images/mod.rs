@@ -5,18 +5,19 @@
 //! - [`policy`]: which addresses may be fetched (pure, table-tested)
 //! - [`fetch`]: the SSRF-safe fetcher (filtering resolver, checked redirects, limits)
 //! - [`sniff`]: format and dimensions from the bytes
-//! - [`inline`]: data URIs, written as the body streams in, or parsed
+//! - [`data_uri`]: the one RFC 2397 parser
+//! - [`inline`]: data URIs, written as the body streams in, or checked
 //! - [`convert`]: decode, convert, downscale, fit under a byte size
 //! - [`cache`]: bounded, byte-weighed, single-flight
 
 pub mod cache;
 pub mod convert;
+pub mod data_uri;
 pub mod fetch;
 pub mod inline;
 pub mod policy;
 pub mod sniff;
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,12 +25,13 @@ use base64::Engine as _;
 use bytes::Bytes;
 use tokio::sync::Semaphore;
 
-use crate::config::ImagesConfig;
 use cache::ImageCache;
 pub use convert::Target;
-use fetch::{FetchLimits, Fetcher, Lookup, SystemLookup};
+pub use fetch::FetchLimits;
+use fetch::{Fetcher, Lookup, SystemLookup};
 pub use inline::data_uri;
 use inline::{BASE64, InliningSink};
+use ipnet::IpNet;
 use policy::AddressPolicy;
 pub use sniff::{Format, FormatSet, dimensions};
 
@@ -65,7 +67,8 @@ impl ErrorKind {
 /// An image refused or failed: its kind, a short machine reason (a metric
 /// label such as `loopback` or `timeout`) and a message for the client that
 /// names no query string.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}: {message}", kind.code())]
 pub struct ImageError {
     pub kind: ErrorKind,
     pub reason: &'static str,
@@ -82,13 +85,60 @@ impl ImageError {
     }
 }
 
-impl fmt::Display for ImageError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.kind.code(), self.message)
+/// The `[images]` settings: limits for every image, fetched or sent inline.
+#[derive(Debug, Clone)]
+pub struct ImagesSettings {
+    pub fetch: FetchLimits,
+    pub max_images_per_request: usize,
+    /// Decoded width×height above this is refused, judged from the header.
+    pub max_pixels: u64,
+    /// Networks that bypass the private-address block (an internal image host).
+    pub allowed_networks: Vec<IpNet>,
+    /// 0 disables the cache of fetched images.
+    pub cache_bytes: u64,
+    pub cache_ttl: Duration,
+}
+
+impl Default for ImagesSettings {
+    fn default() -> Self {
+        Self {
+            fetch: FetchLimits {
+                timeout: Duration::from_secs(10),
+                max_bytes: 20 * 1024 * 1024,
+                max_redirects: 3,
+            },
+            max_images_per_request: 16,
+            max_pixels: 50_000_000,
+            allowed_networks: Vec::new(),
+            cache_bytes: 64 * 1024 * 1024,
+            cache_ttl: Duration::from_secs(300),
+        }
     }
 }
 
-impl std::error::Error for ImageError {}
+/// What one upstream accepts, applied to every image part sent to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImagePolicy {
+    /// Remote image URLs become `data:` URIs (the upstream cannot fetch).
+    pub inline: bool,
+    /// Remove `image_url.detail` (`"low"` first downscales, where Iris fetches).
+    pub strip_detail: bool,
+    /// Formats the upstream accepts; others are converted.
+    pub formats: FormatSet,
+    /// Re-encode or downscale larger images until they fit.
+    pub max_image_bytes: Option<usize>,
+}
+
+impl Default for ImagePolicy {
+    fn default() -> Self {
+        Self {
+            inline: false,
+            strip_detail: false,
+            formats: FormatSet::of(&[Format::Jpeg, Format::Png, Format::Webp, Format::Gif]),
+            max_image_bytes: None,
+        }
+    }
+}
 
 /// Below this many bytes, decoding base64 is cheaper than a hop to the blocking pool.
 const INLINE_CODEC_BYTES: usize = 256 * 1024;
@@ -106,31 +156,25 @@ pub struct Images {
 }
 
 impl Images {
-    pub fn new(config: &ImagesConfig) -> Result<Self, String> {
-        Self::with_lookup(config, Arc::new(SystemLookup))
+    pub fn new(settings: &ImagesSettings) -> Result<Self, String> {
+        Self::with_lookup(settings, Arc::new(SystemLookup))
     }
 
     /// With a resolver of the caller's choosing; tests use a table to point
     /// names at loopback addresses.
-    pub fn with_lookup(config: &ImagesConfig, lookup: Arc<dyn Lookup>) -> Result<Self, String> {
+    pub fn with_lookup(settings: &ImagesSettings, lookup: Arc<dyn Lookup>) -> Result<Self, String> {
         describe_metrics();
-        let policy = Arc::new(AddressPolicy::new(&config.allowed_networks)?);
-        let fetcher = Fetcher::with_lookup(
-            policy,
-            FetchLimits {
-                timeout: Duration::from_millis(config.fetch_timeout_ms),
-                max_bytes: config.max_bytes,
-                max_redirects: config.max_redirects,
-            },
-            lookup,
-        )?;
+        let policy = Arc::new(AddressPolicy::from_networks(
+            settings.allowed_networks.clone(),
+        ));
+        let fetcher = Fetcher::with_lookup(policy, settings.fetch, lookup)?;
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Ok(Self {
             fetcher,
-            cache: ImageCache::new(config.cache_bytes, Duration::from_secs(config.cache_ttl_s)),
-            max_bytes: config.max_bytes,
-            max_pixels: config.max_pixels,
-            max_images_per_request: config.max_images_per_request,
+            cache: ImageCache::new(settings.cache_bytes, settings.cache_ttl),
+            max_bytes: settings.fetch.max_bytes,
+            max_pixels: settings.max_pixels,
+            max_images_per_request: settings.max_images_per_request,
             cpu: Arc::new(Semaphore::new(cores)),
         })
     }
@@ -175,7 +219,8 @@ impl Images {
         uri: &str,
         target: Target,
     ) -> Result<Option<String>, ImageError> {
-        let (declared, payload) = inline::parse_data_uri(uri)?;
+        let uri = inline::checked_data_uri(uri)?;
+        let payload = uri.data;
         // Decoded size from the encoded length, before decoding anything.
         let decoded_len = payload.len() / 4 * 3 + (payload.len() % 4).saturating_sub(1);
         if decoded_len > self.max_bytes + 2 {
@@ -199,7 +244,7 @@ impl Images {
         }
         let (format, dims) = inline::inspect(&bytes, self.max_pixels)?;
         if target.accepts(format, bytes.len(), dims) {
-            if declared.eq_ignore_ascii_case(format.mime()) {
+            if uri.declares(format.mime()) {
                 return Ok(None);
             }
             // The right bytes under the wrong type: only the type changes.
@@ -326,11 +371,9 @@ mod tests {
     use super::*;
 
     fn images() -> Images {
-        Images::new(&ImagesConfig {
-            max_bytes: 10_000,
-            ..ImagesConfig::default()
-        })
-        .expect("images")
+        let mut settings = ImagesSettings::default();
+        settings.fetch.max_bytes = 10_000;
+        Images::new(&settings).expect("images")
     }
 
     use super::test_png as png;
@@ -396,9 +439,9 @@ mod tests {
 
     #[tokio::test]
     async fn the_pixel_cap_is_checked_from_the_header() {
-        let images = Images::new(&ImagesConfig {
+        let images = Images::new(&ImagesSettings {
             max_pixels: 1_000,
-            ..ImagesConfig::default()
+            ..ImagesSettings::default()
         })
         .expect("images");
         // A GIF header claiming 65535x65535, with no pixel data at all.

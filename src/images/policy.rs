@@ -100,6 +100,11 @@ impl AddressPolicy {
         Ok(Self { allowed })
     }
 
+    /// Allows `networks` (already parsed by the config) through the block.
+    pub fn from_networks(networks: Vec<IpNet>) -> Self {
+        Self { allowed: networks }
+    }
+
     /// Whether Iris may connect to `addr`.
     pub fn check(&self, addr: IpAddr) -> Result<(), Refused> {
         // An IPv4-mapped address is the IPv4 address itself to the kernel,

@@ -12,8 +12,6 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::upstream::RelayObserver;
-
 /// Token counts as the upstream reports them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 pub struct Usage {
@@ -43,8 +41,6 @@ pub struct Outcome {
     pub generated: String,
 }
 
-type OnEnd = Box<dyn FnOnce(Outcome) + Send>;
-
 /// An event larger than this is not held back to be edited: the body is
 /// passed through as it comes.
 const MAX_PENDING_EVENT: usize = 1024 * 1024;
@@ -58,7 +54,6 @@ pub struct UsageTap {
     /// Streaming: the incomplete tail event. Otherwise: the body so far.
     pending: Vec<u8>,
     outcome: Outcome,
-    on_end: Option<OnEnd>,
 }
 
 impl UsageTap {
@@ -70,14 +65,7 @@ impl UsageTap {
             drop_usage_chunk: streaming && drop_usage_chunk,
             pending: Vec::new(),
             outcome: Outcome::default(),
-            on_end: None,
         }
-    }
-
-    /// Runs `f` with the outcome once the response has ended, however it ended.
-    pub fn on_end(mut self, f: impl FnOnce(Outcome) + Send + 'static) -> Self {
-        self.on_end = Some(Box::new(f));
-        self
     }
 
     /// Splits complete events off `pending`, noting each; returns the bytes to send.
@@ -97,8 +85,10 @@ impl UsageTap {
     }
 }
 
-impl RelayObserver for UsageTap {
-    fn on_chunk(&mut self, chunk: Bytes) -> Bytes {
+impl UsageTap {
+    /// Notes a chunk on its way to the client; returns what to send of it
+    /// (the chunk, or less when the usage event is held back or removed).
+    pub fn on_chunk(&mut self, chunk: Bytes) -> Bytes {
         if !self.streaming {
             if self.pending.len() + chunk.len() <= MAX_KEPT_BODY {
                 self.pending.extend_from_slice(&chunk);
@@ -127,7 +117,10 @@ impl RelayObserver for UsageTap {
         }
     }
 
-    fn on_end(&mut self, complete: bool) -> Option<Bytes> {
+    /// The body ended, reaching its end (`complete`) or not (the upstream
+    /// failed, the client went away): the bytes still to send, if any, and
+    /// how the response went.
+    pub fn finish(&mut self, complete: bool) -> (Option<Bytes>, Outcome) {
         let mut unsent = None;
         if self.streaming {
             // An unterminated last event still counts, and still goes to
@@ -142,10 +135,7 @@ impl RelayObserver for UsageTap {
             note_body(&self.pending, &mut self.outcome);
         }
         self.outcome.complete = complete;
-        if let Some(f) = self.on_end.take() {
-            f(std::mem::take(&mut self.outcome));
-        }
-        unsent
+        (unsent, std::mem::take(&mut self.outcome))
     }
 }
 
@@ -239,7 +229,6 @@ fn note_message(message: Option<&MessageView<'_>>, outcome: &mut Outcome) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
 
     fn run(
         streaming: bool,
@@ -247,20 +236,16 @@ mod tests {
         chunks: &[&str],
         complete: bool,
     ) -> (String, Outcome) {
-        let seen = Arc::new(Mutex::new(None));
-        let sink = Arc::clone(&seen);
-        let mut tap = UsageTap::new(streaming, drop_usage).on_end(move |o| {
-            *sink.lock().expect("lock") = Some(o);
-        });
+        let mut tap = UsageTap::new(streaming, drop_usage);
         let mut out = String::new();
         for chunk in chunks {
             let bytes = tap.on_chunk(Bytes::copy_from_slice(chunk.as_bytes()));
             out.push_str(std::str::from_utf8(&bytes).expect("utf8"));
         }
-        if let Some(tail) = RelayObserver::on_end(&mut tap, complete) {
+        let (tail, outcome) = tap.finish(complete);
+        if let Some(tail) = tail {
             out.push_str(std::str::from_utf8(&tail).expect("utf8"));
         }
-        let outcome = seen.lock().expect("lock").take().expect("on_end ran");
         (out, outcome)
     }
 

@@ -1,130 +1,90 @@
-//! `POST /v1/chat/completions`: the gateway's job, step by step as
-//! CONTRACT.md lists it: authenticate, resolve the model, reserve budget,
-//! rewrite for the upstream, forward, relay the answer, settle.
-
-use std::time::Instant;
+//! `POST /v1/chat/completions`: the body read within its limit, handed to
+//! the [`Gateway`](crate::gateway::Gateway), and its answer (or error) sent
+//! back: the upstream's status, headers and streamed body, plus the
+//! client's rate-limit headers.
 
 use axum::Extension;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::{BodyExt, LengthLimitError};
+use tower_http::request_id::RequestId;
 
 use super::Authenticated;
+use crate::access_log::RequestLog;
 use crate::app::SharedState;
-use crate::budget::estimate;
-use crate::error::ApiError;
-use crate::observe::{RequestId, RequestLog};
-use crate::openai::chat::ChatRequest;
-use crate::openai::stream::UsageTap;
-use crate::upstream::{self, Relay};
+use crate::error::{ApiError, rate_limit_headers};
+use crate::gateway::{Answer, Incoming, Trail};
 
 pub async fn completions(
     State(state): State<SharedState>,
-    Authenticated(client): Authenticated,
+    Authenticated { client, config }: Authenticated,
     Extension(request_id): Extension<RequestId>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let mut log = RequestLog {
-        client: Some(client.name.clone()),
-        ..RequestLog::default()
+    let mut trail = Trail::default();
+    let answer = match read_body(body, config.server.max_body_bytes).await {
+        Ok(body) => {
+            let incoming = Incoming {
+                client: &client,
+                body,
+                headers: &headers,
+                request_id: request_id.header_value().to_str().unwrap_or(""),
+            };
+            state
+                .gateway
+                .complete(&config.catalog, incoming, &mut trail)
+                .await
+                .map_err(ApiError::from)
+        }
+        Err(e) => Err(e),
     };
-    let mut response = match handle(&state, &client, &headers, body, &request_id, &mut log).await {
-        Ok(response) => response,
+    let mut response = match answer {
+        Ok(answer) => respond(answer),
         Err(error) => error.into_response(),
     };
-    response.extensions_mut().insert(log);
+    response.extensions_mut().insert(RequestLog(trail));
     response
 }
 
-async fn handle(
-    state: &SharedState,
-    client: &crate::catalog::Client,
-    headers: &HeaderMap,
-    body: Body,
-    request_id: &RequestId,
-    log: &mut RequestLog,
-) -> Result<Response, ApiError> {
-    let bytes = read_body(body, state.config.server.max_body_bytes).await?;
-    let mut request = ChatRequest::parse(&bytes)?;
-
-    let model = state
-        .catalog
-        .model(&request.model)
-        .ok_or_else(|| ApiError::model_not_found(&request.model))?;
-    if !client.may_use(&model.name) {
-        return Err(ApiError::model_not_allowed(&model.name));
-    }
-    log.model = Some(model.name.clone());
-    // Budget: reserve the estimate now, or answer 429 without calling
-    // upstream. Any early return below drops the reservation, releasing it.
-    let estimate = estimate::estimate_body(&bytes, &request, model.max_output_tokens).await;
-    log.estimated_tokens = Some(estimate.total());
-    let mut reservation = state.budgets.reserve(client, &model.name, estimate).await?;
-    reservation.set_request_id(request_id.0.to_str().unwrap_or(""));
-
-    let upstream = &model.upstream;
-    log.upstream = Some(upstream.name.clone());
-
-    crate::rewrite::apply_image_policy(&state.images, &upstream.config, &mut request).await?;
-    if let Some(name) = &model.upstream_model {
-        request.set_model(name);
-    }
-    // Iris asks for the usage chunk to account streamed requests exactly; the
-    // client only sees it if it asked for it too.
-    let drop_usage_chunk = request.stream && upstream.config.stream_usage && !request.include_usage;
-    if drop_usage_chunk {
-        request.request_stream_usage();
-    }
-    let stream = request.stream;
-    let upstream_body = if request.changed() {
-        Bytes::from(request.to_body())
-    } else {
-        bytes.clone()
-    };
-    drop(request);
-
-    let sent = Instant::now();
-    let upstream_response = state.forwarder.send(upstream, upstream_body, headers).await;
-    log.upstream_latency = Some(sent.elapsed());
-    let upstream_response = upstream_response?;
-
-    let status = StatusCode::from_u16(upstream_response.status().as_u16())
-        .unwrap_or(StatusCode::BAD_GATEWAY);
-    let response_headers = upstream::response_headers(upstream_response.headers());
-    let rate_limit_headers = reservation.headers().clone();
-    let upstream_ok = status.is_success();
-    // Only an event stream is read (and edited) event by event; anything
-    // else, even in answer to `stream: true`, is a plain body.
-    let event_stream = upstream_ok
-        && stream
-        && upstream_response
-            .headers()
-            .get(axum::http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
-    // Settles when the body ends, however it ends (the relay's Drop included).
-    let tap = UsageTap::new(event_stream, drop_usage_chunk && event_stream)
-        .on_end(move |outcome| reservation.finish(outcome, upstream_ok));
-    let relay = Relay::new(upstream_response.bytes_stream(), tap, upstream.timeout);
-    let mut response = Response::new(Body::from_stream(relay));
+fn respond(answer: Answer) -> Response {
+    let Answer {
+        status,
+        headers,
+        budget,
+        body,
+    } = answer;
+    let mut response = Response::new(Body::from_stream(body));
     *response.status_mut() = status;
-    *response.headers_mut() = response_headers;
-    response.headers_mut().extend(rate_limit_headers);
-    Ok(response)
+    *response.headers_mut() = headers;
+    response.headers_mut().extend(rate_limit_headers(&budget));
+    response
 }
 
-/// Reads the request body, counting bytes as they arrive so a body without
-/// (or with a lying) `Content-Length` cannot exceed `limit`.
+/// Reads the request body; the body limit layer counts bytes as they
+/// arrive, so a body without (or with a lying) `Content-Length` cannot
+/// exceed `limit` either.
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    match Limited::new(body, limit).collect().await {
+    match body.collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<LengthLimitError>() => Err(ApiError::request_too_large(limit)),
+        Err(e) if caused_by::<LengthLimitError>(&e) => Err(ApiError::request_too_large(limit)),
         Err(_) => Err(ApiError::invalid_request(
             "The request body could not be read.",
         )),
     }
+}
+
+/// Whether `E` is somewhere in `error`'s chain of causes.
+fn caused_by<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if e.is::<E>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }

@@ -7,7 +7,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 
 use crate::app::SharedState;
-use crate::config::OnUnavailable;
+use crate::budget::OnUnavailable;
 
 /// 200 while the process runs.
 pub async fn healthz() -> &'static str {
@@ -25,13 +25,14 @@ const STORE_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// every instance out of its load balancer at once, exactly when `allow` was
 /// chosen to keep serving. The body still says the store is down.
 pub async fn readyz(State(state): State<SharedState>) -> impl IntoResponse {
-    let problem = match tokio::time::timeout(STORE_PROBE_TIMEOUT, state.budgets.health()).await {
-        Ok(Ok(())) => return (StatusCode::OK, "ready".to_owned()),
-        Ok(Err(e)) => format!("budget store unavailable: {e}"),
-        Err(_) => "budget store did not answer".to_owned(),
-    };
+    let problem =
+        match tokio::time::timeout(STORE_PROBE_TIMEOUT, state.gateway.budgets.health()).await {
+            Ok(Ok(())) => return (StatusCode::OK, "ready".to_owned()),
+            Ok(Err(e)) => format!("budget store unavailable: {e}"),
+            Err(_) => "budget store did not answer".to_owned(),
+        };
     tracing::warn!("readiness: {problem}");
-    if state.config.store.on_unavailable == OnUnavailable::Allow {
+    if state.config().store.on_unavailable == OnUnavailable::Allow {
         (
             StatusCode::OK,
             format!("ready, counting budgets locally: {problem}"),

@@ -2,12 +2,11 @@
 //! may use, in OpenAI's list and object shapes.
 
 use axum::Json;
+use axum::extract::Path;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
 use serde::Serialize;
 
 use super::Authenticated;
-use crate::app::SharedState;
 use crate::catalog::Model;
 use crate::error::ApiError;
 
@@ -36,13 +35,10 @@ pub struct ModelList<'a> {
     data: Vec<ModelObject<'a>>,
 }
 
-pub async fn list(
-    State(state): State<SharedState>,
-    Authenticated(client): Authenticated,
-) -> Json<serde_json::Value> {
+pub async fn list(Authenticated { client, config }: Authenticated) -> Json<serde_json::Value> {
     let list = ModelList {
         object: "list",
-        data: state
+        data: config
             .catalog
             .models_for(&client)
             .map(ModelObject::from)
@@ -52,15 +48,14 @@ pub async fn list(
 }
 
 pub async fn retrieve(
-    State(state): State<SharedState>,
-    Authenticated(client): Authenticated,
+    Authenticated { client, config }: Authenticated,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Path(id) = id.map_err(|e| {
         ApiError::invalid_request(format!("The model id in the path is invalid: {e}."))
             .with_param("model")
     })?;
-    let model = state
+    let model = config
         .catalog
         .model(&id)
         .ok_or_else(|| ApiError::model_not_found(&id))?;

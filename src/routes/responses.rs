@@ -4,9 +4,5 @@
 use crate::error::ApiError;
 
 pub async fn reject() -> ApiError {
-    ApiError::new(
-        axum::http::StatusCode::BAD_REQUEST,
-        "unsupported_api",
-        "The Responses API is not supported by this gateway. Use POST /v1/chat/completions instead.",
-    )
+    ApiError::unsupported_api()
 }

@@ -28,9 +28,13 @@ use crate::error::ApiError;
 
 pub async fn usage(
     State(state): State<SharedState>,
-    Authenticated(client): Authenticated,
+    Authenticated { client, .. }: Authenticated,
 ) -> Result<Json<Value>, ApiError> {
-    let snapshot = state.budgets.snapshot(&client).await?;
+    let snapshot = state
+        .gateway
+        .budgets
+        .snapshot(&client.name, &client.budget)
+        .await?;
     Ok(Json(usage_json(&client.name, &snapshot)))
 }
 

@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
 
 use super::{Reserved, Store, StoreError, StoreFuture, ready};
+use crate::budget::Limits;
 use crate::budget::window::{ClientState, Hold, Snapshot};
-use crate::config::BudgetConfig;
 
 #[derive(Default)]
 struct Entry {
@@ -98,13 +98,7 @@ impl MemoryStore {
         }
     }
 
-    pub fn reserve_now(
-        &self,
-        client: &str,
-        limits: &BudgetConfig,
-        tokens: u64,
-        now: u64,
-    ) -> Reserved {
+    pub fn reserve_now(&self, client: &str, limits: &Limits, tokens: u64, now: u64) -> Reserved {
         self.update(client, |state| {
             let outcome = state.reserve(limits, tokens, now);
             Reserved {
@@ -114,18 +108,11 @@ impl MemoryStore {
         })
     }
 
-    pub fn settle_now(
-        &self,
-        client: &str,
-        limits: &BudgetConfig,
-        hold: &Hold,
-        actual: u64,
-        now: u64,
-    ) {
+    pub fn settle_now(&self, client: &str, limits: &Limits, hold: &Hold, actual: u64, now: u64) {
         self.update(client, |state| state.settle(limits, hold, actual, now));
     }
 
-    pub fn snapshot_now(&self, client: &str, limits: &BudgetConfig, now: u64) -> Snapshot {
+    pub fn snapshot_now(&self, client: &str, limits: &Limits, now: u64) -> Snapshot {
         self.state(client).snapshot(limits, now)
     }
 }
@@ -134,7 +121,7 @@ impl Store for MemoryStore {
     fn reserve(
         &self,
         client: &str,
-        limits: &BudgetConfig,
+        limits: &Limits,
         tokens: u64,
         now: u64,
     ) -> StoreFuture<Reserved> {
@@ -144,7 +131,7 @@ impl Store for MemoryStore {
     fn settle(
         &self,
         client: &str,
-        limits: &BudgetConfig,
+        limits: &Limits,
         hold: Hold,
         actual: u64,
         now: u64,
@@ -153,7 +140,7 @@ impl Store for MemoryStore {
         ready(Ok(()))
     }
 
-    fn snapshot(&self, client: &str, limits: &BudgetConfig, now: u64) -> StoreFuture<Snapshot> {
+    fn snapshot(&self, client: &str, limits: &Limits, now: u64) -> StoreFuture<Snapshot> {
         ready(Ok(self.snapshot_now(client, limits, now)))
     }
 

@@ -23,7 +23,7 @@ pub use memory::MemoryStore;
 pub use sqlite::{FLUSH_EVERY, SqliteStore};
 
 use super::window::{Hold, Refusal, Snapshot};
-use crate::config::BudgetConfig;
+use crate::budget::Limits;
 
 /// The future every store operation returns. `'static` so that settling can
 /// be spawned from a `Drop` (a client that hung up) and outlive the request.
@@ -49,7 +49,7 @@ pub trait Store: Send + Sync + 'static {
     fn reserve(
         &self,
         client: &str,
-        limits: &BudgetConfig,
+        limits: &Limits,
         tokens: u64,
         now: u64,
     ) -> StoreFuture<Reserved>;
@@ -58,7 +58,7 @@ pub trait Store: Send + Sync + 'static {
     fn settle(
         &self,
         client: &str,
-        limits: &BudgetConfig,
+        limits: &Limits,
         hold: Hold,
         actual: u64,
         now: u64,
@@ -66,18 +66,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Gives back everything `hold` reserved except the request it counted
     /// (the upstream failed, or Iris refused the request after reserving).
-    fn release(
-        &self,
-        client: &str,
-        limits: &BudgetConfig,
-        hold: Hold,
-        now: u64,
-    ) -> StoreFuture<()> {
+    fn release(&self, client: &str, limits: &Limits, hold: Hold, now: u64) -> StoreFuture<()> {
         self.settle(client, limits, hold, 0, now)
     }
 
     /// The client's windows at `now`, without changing them.
-    fn snapshot(&self, client: &str, limits: &BudgetConfig, now: u64) -> StoreFuture<Snapshot>;
+    fn snapshot(&self, client: &str, limits: &Limits, now: u64) -> StoreFuture<Snapshot>;
 
     /// Ok when the store answers (and, for a persistent one, persists).
     fn health(&self) -> StoreFuture<()>;
@@ -158,8 +152,8 @@ pub(crate) mod tests {
 
     const NOW: u64 = 1_735_689_600 * NANOS_PER_SEC; // 2025-01-01T00:00:00Z
 
-    fn limits() -> BudgetConfig {
-        BudgetConfig {
+    fn limits() -> Limits {
+        Limits {
             requests_per_minute: Some(100),
             tokens_per_minute: Some(1000),
             tokens_per_day: Some(1500),
@@ -259,9 +253,9 @@ pub(crate) mod tests {
     }
 
     pub async fn concurrent_reservations_never_overspend(store: Arc<dyn Store>) {
-        let limits = BudgetConfig {
+        let limits = Limits {
             tokens_per_day: Some(1000),
-            ..BudgetConfig::default()
+            ..Limits::default()
         };
         let mut tasks = Vec::new();
         for _ in 0..64 {

@@ -69,17 +69,18 @@
 
 use std::sync::Arc;
 use std::sync::LazyLock;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{FromRedisValue, Script, ScriptInvocation};
+use tokio_util::task::TaskTracker;
 
 use super::{Reserved, Store, StoreError, StoreFuture};
+use crate::budget::Limits;
 use crate::budget::window::{
     Bucket, CONCURRENCY_RETRY, Calendar, ClientState, Hold, Periods, Refusal, Snapshot, Window,
 };
-use crate::config::{BudgetConfig, StoreConfig};
 
 /// The key layout version (see the module documentation before changing it).
 pub const LAYOUT: &str = "v1";
@@ -115,49 +116,14 @@ pub struct RedisOptions {
     pub clock: RedisClock,
 }
 
-impl RedisOptions {
-    pub fn from_config(config: &StoreConfig) -> Self {
-        Self {
-            prefix: config.key_prefix.clone(),
-            lease: Duration::from_millis(config.lease_ms),
-            timeout: Duration::from_millis(config.timeout_ms),
-            clock: RedisClock::Server,
-        }
-    }
-}
-
 pub struct RedisStore {
     connection: ConnectionManager,
     options: RedisOptions,
     leases: LeaseIds,
-    settling: Arc<Settling>,
-}
-
-/// Settlements not yet answered: they run detached from their requests
-/// (spawned from a `Drop`), so `flush` waits for them at shutdown rather than
-/// let the process exit under them.
-#[derive(Default)]
-struct Settling {
-    count: AtomicUsize,
-    done: tokio::sync::Notify,
-}
-
-/// Counts one settlement as pending while it lives.
-struct SettlingGuard(Arc<Settling>);
-
-impl SettlingGuard {
-    fn new(settling: &Arc<Settling>) -> Self {
-        settling.count.fetch_add(1, Ordering::SeqCst);
-        Self(Arc::clone(settling))
-    }
-}
-
-impl Drop for SettlingGuard {
-    fn drop(&mut self) {
-        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.done.notify_waiters();
-        }
-    }
+    /// Settlements not yet answered: they run detached from their requests
+    /// (spawned from a `Drop`), so `flush` waits for them at shutdown rather
+    /// than let the process exit under them.
+    settling: TaskTracker,
 }
 
 /// Lease ids: unique within the process (a bijection of a counter), random
@@ -255,17 +221,8 @@ impl RedisStore {
             connection,
             options,
             leases: LeaseIds::new(),
-            settling: Arc::default(),
+            settling: TaskTracker::new(),
         }))
-    }
-
-    /// The store `config` describes (`store.kind = "redis"`).
-    pub fn from_config(config: &StoreConfig) -> Result<Arc<Self>, StoreError> {
-        let url = config
-            .url
-            .as_ref()
-            .ok_or_else(|| StoreError("store.url is required for store.kind = \"redis\"".into()))?;
-        Self::connect(url.expose(), RedisOptions::from_config(config))
     }
 
     fn keys(&self, client: &str) -> ClientKeys {
@@ -285,7 +242,7 @@ impl RedisStore {
     fn settlement(
         &self,
         client: &str,
-        limits: &BudgetConfig,
+        limits: &Limits,
         hold: &Hold,
         actual: u64,
         now: u64,
@@ -384,7 +341,7 @@ fn state_from(reply: &[i64]) -> Result<(u64, ClientState), StoreError> {
 /// in µs): the one the client must wait longest for, as `window.rs` picks.
 fn refusal_from(
     refused: &[i64],
-    limits: &BudgetConfig,
+    limits: &Limits,
     tokens: u64,
     now: u64,
 ) -> Result<Refusal, StoreError> {
@@ -430,7 +387,7 @@ impl Store for RedisStore {
     fn reserve(
         &self,
         client: &str,
-        limits: &BudgetConfig,
+        limits: &Limits,
         tokens: u64,
         now: u64,
     ) -> StoreFuture<Reserved> {
@@ -507,15 +464,13 @@ impl Store for RedisStore {
     fn settle(
         &self,
         client: &str,
-        limits: &BudgetConfig,
+        limits: &Limits,
         hold: Hold,
         actual: u64,
         now: u64,
     ) -> StoreFuture<()> {
         let reply = self.run::<i64>(self.settlement(client, limits, &hold, actual, now, false));
-        let pending = SettlingGuard::new(&self.settling);
-        Box::pin(async move {
-            let _pending = pending;
+        Box::pin(self.settling.track_future(async move {
             if reply.await? == 0 {
                 tracing::warn!(
                     "a reservation settled after its lease expired: its concurrency slot \
@@ -523,10 +478,10 @@ impl Store for RedisStore {
                 );
             }
             Ok(())
-        })
+        }))
     }
 
-    fn snapshot(&self, client: &str, limits: &BudgetConfig, now: u64) -> StoreFuture<Snapshot> {
+    fn snapshot(&self, client: &str, limits: &Limits, now: u64) -> StoreFuture<Snapshot> {
         let keys = self.keys(client);
         let mut invocation = SNAPSHOT.prepare_invoke();
         invocation
@@ -561,24 +516,17 @@ impl Store for RedisStore {
     /// Every operation is written when it happens; this only waits for the
     /// settlements still on their way (bounded: each is bounded itself).
     fn flush(&self) -> StoreFuture<()> {
-        let settling = Arc::clone(&self.settling);
+        let settling = self.settling.clone();
         let limit = self.options.timeout.saturating_mul(2);
         Box::pin(async move {
-            let all_done = async {
-                loop {
-                    // Registered before the check, so a notification between
-                    // the two is not missed.
-                    let done = settling.done.notified();
-                    if settling.count.load(Ordering::SeqCst) == 0 {
-                        return;
-                    }
-                    done.await;
-                }
-            };
-            tokio::time::timeout(limit, all_done).await.map_err(|_| {
+            settling.close();
+            let waited = tokio::time::timeout(limit, settling.wait()).await;
+            // Still usable after a flush (tests and `iris usage` flush early).
+            settling.reopen();
+            waited.map_err(|_| {
                 StoreError(format!(
                     "{} settlement(s) still unanswered by Redis",
-                    settling.count.load(Ordering::SeqCst)
+                    settling.len()
                 ))
             })
         })

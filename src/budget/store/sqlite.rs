@@ -14,8 +14,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{MemoryStore, Reserved, Store, StoreError, StoreFuture, ready};
+use crate::budget::Limits;
 use crate::budget::window::{Bucket, Calendar, ClientState, Hold, Snapshot};
-use crate::config::BudgetConfig;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS budget_state (
@@ -238,7 +238,7 @@ impl Store for SqliteStore {
     fn reserve(
         &self,
         client: &str,
-        limits: &BudgetConfig,
+        limits: &Limits,
         tokens: u64,
         now: u64,
     ) -> StoreFuture<Reserved> {
@@ -251,7 +251,7 @@ impl Store for SqliteStore {
     fn settle(
         &self,
         client: &str,
-        limits: &BudgetConfig,
+        limits: &Limits,
         hold: Hold,
         actual: u64,
         now: u64,
@@ -262,7 +262,7 @@ impl Store for SqliteStore {
         ready(Ok(()))
     }
 
-    fn snapshot(&self, client: &str, limits: &BudgetConfig, now: u64) -> StoreFuture<Snapshot> {
+    fn snapshot(&self, client: &str, limits: &Limits, now: u64) -> StoreFuture<Snapshot> {
         ready(Ok(self.inner.memory.snapshot_now(client, limits, now)))
     }
 
@@ -302,11 +302,11 @@ mod tests {
 
     const NOW: u64 = 1_717_200_000 * NANOS_PER_SEC;
 
-    fn limits() -> BudgetConfig {
-        BudgetConfig {
+    fn limits() -> Limits {
+        Limits {
             tokens_per_minute: Some(10_000),
             tokens_per_day: Some(100_000),
-            ..BudgetConfig::default()
+            ..Limits::default()
         }
     }
 

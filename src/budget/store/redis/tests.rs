@@ -83,14 +83,14 @@ fn at(year: i64, month: u32, day: u32, hms: (u64, u64, u64)) -> u64 {
     (days * 86_400 + hms.0 * 3600 + hms.1 * 60 + hms.2) * SEC
 }
 
-async fn reserve(store: &RedisStore, limits: &BudgetConfig, tokens: u64, now: u64) -> Reserved {
+async fn reserve(store: &RedisStore, limits: &Limits, tokens: u64, now: u64) -> Reserved {
     store
         .reserve("c", limits, tokens, now)
         .await
         .expect("store")
 }
 
-async fn snapshot(store: &RedisStore, limits: &BudgetConfig, now: u64) -> Snapshot {
+async fn snapshot(store: &RedisStore, limits: &Limits, now: u64) -> Snapshot {
     store.snapshot("c", limits, now).await.expect("store")
 }
 
@@ -158,7 +158,7 @@ async fn redis_and_memory_agree_step_by_step() {
         return;
     };
     let memory = MemoryStore::new();
-    let limits = BudgetConfig {
+    let limits = Limits {
         requests_per_minute: Some(6),
         tokens_per_minute: Some(1000),
         tokens_per_day: Some(12_000),
@@ -253,10 +253,10 @@ async fn calendar_windows_roll_at_utc_midnight_and_settle_the_day_of_admission()
     let Some((store, _keys)) = test_store(RedisClock::Caller).await else {
         return;
     };
-    let limits = BudgetConfig {
+    let limits = Limits {
         tokens_per_day: Some(1000),
         tokens_per_month: Some(1500),
-        ..BudgetConfig::default()
+        ..Limits::default()
     };
     let eve = at(2024, 12, 31, (23, 59, 59)) + 999_999_000;
     let hold = reserve(&store, &limits, 900, eve)
@@ -293,9 +293,9 @@ async fn redis_time_is_the_clock_not_the_callers() {
     let Some((store, _keys)) = test_store(RedisClock::Server).await else {
         return;
     };
-    let limits = BudgetConfig {
+    let limits = Limits {
         tokens_per_day: Some(1000),
-        ..BudgetConfig::default()
+        ..Limits::default()
     };
     let system = crate::budget::window::Clock::system().now();
     // A caller whose clock says 1970: ignored.
@@ -323,10 +323,10 @@ async fn an_expired_lease_frees_its_slot_and_a_late_settle_corrects_the_tokens_o
     let Some((store, _keys)) = test_store_with(options).await else {
         return;
     };
-    let limits = BudgetConfig {
+    let limits = Limits {
         tokens_per_day: Some(1000),
         max_concurrent: Some(1),
-        ..BudgetConfig::default()
+        ..Limits::default()
     };
     let t0 = at(2025, 3, 3, (3, 3, 3));
     let stuck = reserve(&store, &limits, 600, t0)
@@ -378,10 +378,10 @@ async fn every_key_expires_after_its_window() {
     let Some((store, keys)) = test_store(RedisClock::Server).await else {
         return;
     };
-    let limits = BudgetConfig {
+    let limits = Limits {
         requests_per_minute: Some(60),
         tokens_per_minute: Some(6000),
-        ..BudgetConfig::default()
+        ..Limits::default()
     };
     let hold = reserve(&store, &limits, 100, 0)
         .await
@@ -483,9 +483,9 @@ async fn another_layouts_keys_are_never_read() {
                 .expect("set");
         }
     }
-    let limits = BudgetConfig {
+    let limits = Limits {
         tokens_per_day: Some(100),
-        ..BudgetConfig::default()
+        ..Limits::default()
     };
     let reserved = reserve(&store, &limits, 10, 0).await;
     assert!(reserved.outcome.is_ok());
@@ -497,7 +497,7 @@ async fn flush_waits_for_settlements_on_their_way() {
     let Some((store, _keys)) = test_store(RedisClock::Server).await else {
         return;
     };
-    let limits = BudgetConfig::default();
+    let limits = Limits::default();
     let hold = reserve(&store, &limits, 100, 0)
         .await
         .outcome
@@ -535,7 +535,7 @@ async fn a_redis_that_does_not_answer_fails_within_the_timeout() {
     let mut options = test_options(RedisClock::Server);
     options.timeout = Duration::from_millis(300);
     let store = RedisStore::connect(&url, options.clone()).expect("store");
-    let limits = BudgetConfig::default();
+    let limits = Limits::default();
     for _ in 0..2 {
         let started = std::time::Instant::now();
         let error = store

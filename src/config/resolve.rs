@@ -1,0 +1,530 @@
+//! From the file's shape to the typed values the server runs on, in one pass
+//! that checks every value on the way: ranges, formats, CIDRs, URLs, key
+//! hashes, unique names and cross-references (a model naming a missing
+//! upstream). Every problem is collected with its key path, so `iris check`
+//! lists them all; the server never interprets a config string again.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderValue;
+use ipnet::IpNet;
+
+use super::schema::{self, StoreKind};
+use super::{Config, Problem, Server};
+use crate::budget::store::{RedisClock, RedisOptions};
+use crate::budget::{Limits, StoreBackend, StoreSettings};
+use crate::catalog::{Catalog, Client, Model, ModelAccess};
+use crate::images::{FetchLimits, Format, FormatSet, ImagePolicy, ImagesSettings};
+use crate::keys::KeyHash;
+use crate::upstream::Upstream;
+
+/// Problems found so far; each resolver adds to it and returns what it
+/// could make of its section, so later sections are still checked.
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem::new(path, message));
+    }
+
+    /// `value`, or a problem at `path` when it is zero.
+    fn above_zero<T: Default + PartialEq>(&mut self, path: &str, value: T) -> T {
+        if value == T::default() {
+            self.add(path, "must be above 0");
+        }
+        value
+    }
+}
+
+pub fn resolve(file: schema::File) -> Result<Config, Vec<Problem>> {
+    let mut problems = Problems::default();
+    let server = server(&file.server, &mut problems);
+    let store = store(&file, &mut problems);
+    let images = images(&file.images, &mut problems);
+    let upstreams: Vec<Arc<Upstream>> = upstreams(&file.upstreams, &mut problems);
+    let models = models(&file.models, &upstreams, &mut problems);
+    let clients = clients(&file.clients, &models, &mut problems);
+    match (problems.0.is_empty(), server, store) {
+        (true, Some(server), Some(store)) => Ok(Config {
+            server,
+            store,
+            images,
+            catalog: Catalog::new(upstreams, models, clients),
+        }),
+        _ => Err(problems.0),
+    }
+}
+
+fn server(server: &schema::Server, problems: &mut Problems) -> Option<Server> {
+    let listen = server.listen.parse::<SocketAddr>().map_err(|_| {
+        problems.add(
+            "server.listen",
+            format!("{:?} is not a host:port address", server.listen),
+        );
+    });
+    let max_body_bytes = problems.above_zero("server.max_body_bytes", server.max_body_bytes);
+    Some(Server {
+        listen: listen.ok()?,
+        max_body_bytes,
+        shutdown_grace: Duration::from_millis(server.shutdown_grace_ms),
+    })
+}
+
+fn store(file: &schema::File, problems: &mut Problems) -> Option<StoreSettings> {
+    let store = &file.store;
+    let backend = match store.kind {
+        StoreKind::Memory => StoreBackend::Memory,
+        StoreKind::Sqlite => {
+            if store.path.is_empty() {
+                problems.add("store.path", "must name a file");
+            }
+            StoreBackend::Sqlite {
+                path: PathBuf::from(&store.path),
+            }
+        }
+        StoreKind::Redis => {
+            let options = redis_options(file, problems);
+            let Some(url) = &store.url else {
+                problems.add("store.url", "required when store.kind = \"redis\"");
+                return None;
+            };
+            let text = url.expose();
+            if !(text.starts_with("redis://") || text.starts_with("rediss://")) {
+                problems.add("store.url", "must be a redis:// or rediss:// URL");
+            } else if let Err(e) = redis::Client::open(text) {
+                // The URL may carry a password: name the problem, never the URL.
+                problems.add(
+                    "store.url",
+                    format!("not a valid Redis URL ({:?})", e.kind()),
+                );
+            }
+            StoreBackend::Redis {
+                url: url.clone(),
+                options,
+            }
+        }
+    };
+    Some(StoreSettings {
+        backend,
+        on_unavailable: store.on_unavailable,
+    })
+}
+
+/// The Redis-only knobs: a lease shorter than an upstream's timeout would
+/// free a concurrency slot while its request may still be running.
+fn redis_options(file: &schema::File, problems: &mut Problems) -> RedisOptions {
+    let store = &file.store;
+    problems.above_zero("store.timeout_ms", store.timeout_ms);
+    if store.key_prefix.is_empty()
+        || store
+            .key_prefix
+            .chars()
+            .any(|c| matches!(c, '{' | '}') || c.is_whitespace() || c.is_control())
+    {
+        problems.add(
+            "store.key_prefix",
+            "must be non-empty, without braces or spaces",
+        );
+    }
+    let longest = file
+        .upstreams
+        .iter()
+        .map(|u| (u.timeout_ms, u.name.as_str()))
+        .max();
+    match longest {
+        _ if store.lease_ms == 0 => problems.add("store.lease_ms", "must be above 0"),
+        Some((timeout_ms, name)) if store.lease_ms <= timeout_ms => problems.add(
+            "store.lease_ms",
+            format!(
+                "must be longer than every upstream's timeout_ms ({timeout_ms} for {name:?}), \
+                 or a slow request's concurrency slot is freed while it still runs"
+            ),
+        ),
+        _ => {}
+    }
+    RedisOptions {
+        prefix: store.key_prefix.clone(),
+        lease: Duration::from_millis(store.lease_ms),
+        timeout: Duration::from_millis(store.timeout_ms),
+        clock: RedisClock::Server,
+    }
+}
+
+fn images(images: &schema::Images, problems: &mut Problems) -> ImagesSettings {
+    let allowed_networks = images
+        .allowed_networks
+        .iter()
+        .enumerate()
+        .filter_map(|(i, network)| {
+            let parsed = network
+                .parse::<IpNet>()
+                .or_else(|_| network.parse::<IpAddr>().map(IpNet::from));
+            if parsed.is_err() {
+                problems.add(
+                    format!("images.allowed_networks[{i}]"),
+                    format!("{network:?} is not a CIDR such as 10.0.0.0/8"),
+                );
+            }
+            parsed.ok()
+        })
+        .collect();
+    let timeout_ms = problems.above_zero("images.fetch_timeout_ms", images.fetch_timeout_ms);
+    ImagesSettings {
+        fetch: FetchLimits {
+            timeout: Duration::from_millis(timeout_ms),
+            max_bytes: images.max_bytes,
+            max_redirects: images.max_redirects,
+        },
+        max_images_per_request: images.max_images_per_request,
+        max_pixels: images.max_pixels,
+        allowed_networks,
+        cache_bytes: images.cache_bytes,
+        cache_ttl: Duration::from_secs(images.cache_ttl_s),
+    }
+}
+
+fn upstreams(upstreams: &[schema::Upstream], problems: &mut Problems) -> Vec<Arc<Upstream>> {
+    let mut names = HashSet::new();
+    let mut resolved = Vec::new();
+    for (i, upstream) in upstreams.iter().enumerate() {
+        let at = |key: &str| format!("upstreams[{i}].{key}");
+        if upstream.name.is_empty() {
+            problems.add(at("name"), "required");
+        } else if !names.insert(upstream.name.as_str()) {
+            problems.add(
+                at("name"),
+                format!("duplicate upstream {:?}", upstream.name),
+            );
+        }
+        let base = upstream.base_url.trim_end_matches('/');
+        let chat_url = match reqwest::Url::parse(&format!("{base}/chat/completions")) {
+            _ if upstream.base_url.is_empty() => {
+                problems.add(at("base_url"), "required");
+                None
+            }
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {
+                Some(url)
+            }
+            Ok(_) => {
+                problems.add(at("base_url"), "must be an http:// or https:// URL");
+                None
+            }
+            Err(e) => {
+                problems.add(at("base_url"), format!("not a URL: {e}"));
+                None
+            }
+        };
+        let authorization = match &upstream.api_key {
+            Some(key) if !key.expose().is_empty() => {
+                match HeaderValue::from_str(&format!("Bearer {}", key.expose())) {
+                    Ok(mut value) => {
+                        value.set_sensitive(true);
+                        Some(value)
+                    }
+                    Err(_) => {
+                        problems.add(at("api_key"), "is not a valid header value");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let formats = image_formats(&upstream.image_formats, i, problems);
+        if upstream.max_image_bytes == Some(0) {
+            problems.add(at("max_image_bytes"), "must be above 0");
+        }
+        let timeout_ms = problems.above_zero(&at("timeout_ms"), upstream.timeout_ms);
+        if let Some(chat_url) = chat_url {
+            resolved.push(Arc::new(Upstream {
+                name: upstream.name.clone(),
+                chat_url,
+                authorization,
+                timeout: Duration::from_millis(timeout_ms),
+                images: ImagePolicy {
+                    inline: upstream.inline_images,
+                    strip_detail: upstream.strip_detail,
+                    formats,
+                    max_image_bytes: upstream.max_image_bytes,
+                },
+                stream_usage: upstream.stream_usage,
+            }));
+        }
+    }
+    resolved
+}
+
+fn image_formats(names: &[String], upstream: usize, problems: &mut Problems) -> FormatSet {
+    if names.is_empty() {
+        problems.add(
+            format!("upstreams[{upstream}].image_formats"),
+            "must list at least one format",
+        );
+    }
+    let mut formats = Vec::new();
+    for (j, name) in names.iter().enumerate() {
+        match Format::from_name(name) {
+            Some(format) => formats.push(format),
+            None => problems.add(
+                format!("upstreams[{upstream}].image_formats[{j}]"),
+                format!(
+                    "unknown format {name:?}; known: {}",
+                    Format::ALL.map(Format::name).join(", ")
+                ),
+            ),
+        }
+    }
+    FormatSet::of(&formats)
+}
+
+fn models(
+    models: &[schema::Model],
+    upstreams: &[Arc<Upstream>],
+    problems: &mut Problems,
+) -> Vec<Model> {
+    let mut names = HashSet::new();
+    let mut resolved = Vec::new();
+    for (i, model) in models.iter().enumerate() {
+        let at = |key: &str| format!("models[{i}].{key}");
+        if model.name.is_empty() {
+            problems.add(at("name"), "required");
+        } else if !names.insert(model.name.as_str()) {
+            problems.add(at("name"), format!("duplicate model {:?}", model.name));
+        }
+        let upstream = upstreams.iter().find(|u| u.name == model.upstream);
+        if upstream.is_none() {
+            problems.add(
+                at("upstream"),
+                format!("no upstream named {:?}", model.upstream),
+            );
+        }
+        let max_output_tokens =
+            problems.above_zero(&at("max_output_tokens"), model.max_output_tokens);
+        if let Some(upstream) = upstream {
+            resolved.push(Model {
+                name: model.name.clone(),
+                upstream: Arc::clone(upstream),
+                upstream_model: model.upstream_model.clone().filter(|m| m != &model.name),
+                max_output_tokens,
+            });
+        }
+    }
+    resolved
+}
+
+fn clients(clients: &[schema::Client], models: &[Model], problems: &mut Problems) -> Vec<Client> {
+    let mut names = HashSet::new();
+    let mut keys: Vec<KeyHash> = Vec::new();
+    let mut resolved = Vec::new();
+    for (i, client) in clients.iter().enumerate() {
+        let at = |key: &str| format!("clients[{i}].{key}");
+        if client.name.is_empty() {
+            problems.add(at("name"), "required");
+        } else if !names.insert(client.name.as_str()) {
+            problems.add(at("name"), format!("duplicate client {:?}", client.name));
+        }
+        let key = match KeyHash::parse(&client.key) {
+            Ok(hash) if keys.contains(&hash) => {
+                problems.add(
+                    at("key"),
+                    "the same key hash is configured for another client",
+                );
+                None
+            }
+            Ok(hash) => {
+                keys.push(hash);
+                Some(hash)
+            }
+            Err(message) => {
+                problems.add(at("key"), message);
+                None
+            }
+        };
+        for (j, model) in client.models.iter().enumerate() {
+            if model != "*" && !models.iter().any(|m| &m.name == model) {
+                problems.add(
+                    format!("clients[{i}].models[{j}]"),
+                    format!("no model named {model:?}"),
+                );
+            }
+        }
+        check_limits(&client.budget, &at("budget"), problems);
+        let models = if client.models.iter().any(|m| m == "*") {
+            ModelAccess::All
+        } else {
+            ModelAccess::Only(client.models.clone())
+        };
+        if let Some(key) = key {
+            resolved.push(Client {
+                name: Arc::from(client.name.as_str()),
+                key,
+                models,
+                budget: client.budget,
+            });
+        }
+    }
+    resolved
+}
+
+fn check_limits(budget: &Limits, at: &str, problems: &mut Problems) {
+    for (key, limit) in [
+        ("requests_per_minute", budget.requests_per_minute),
+        ("tokens_per_minute", budget.tokens_per_minute),
+        ("tokens_per_day", budget.tokens_per_day),
+        ("tokens_per_month", budget.tokens_per_month),
+        ("max_concurrent", budget.max_concurrent),
+    ] {
+        if limit == Some(0) {
+            problems.add(
+                format!("{at}.{key}"),
+                "must be above 0 (leave it out for no limit)",
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::parse;
+
+    fn problems(text: &str) -> Vec<String> {
+        match parse(text, &|_| None) {
+            Ok(_) => Vec::new(),
+            Err(p) => p.0.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn cross_references_are_checked() {
+        let found = problems(
+            r#"
+            [[upstreams]]
+            name = "a"
+            base_url = "http://a/v1"
+            [[upstreams]]
+            name = "b"
+            base_url = "ftp://b"
+            image_formats = ["png", "avif"]
+            [[models]]
+            name = "m"
+            upstream = "x"
+            [[clients]]
+            name = "c"
+            key = "plain-key"
+            models = ["m", "nope"]
+            [clients.budget]
+            tokens_per_day = 0
+            "#,
+        );
+        for expected in [
+            "upstreams[1].base_url: must be an http:// or https:// URL",
+            "models[0].upstream: no upstream named \"x\"",
+            "clients[0].models[1]: no model named \"nope\"",
+            "clients[0].budget.tokens_per_day: must be above 0 (leave it out for no limit)",
+        ] {
+            assert!(
+                found.iter().any(|p| p == expected),
+                "missing {expected:?} in {found:?}"
+            );
+        }
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("upstreams[1].image_formats[1]: unknown format"))
+        );
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("clients[0].key: must start with"))
+        );
+    }
+
+    #[test]
+    fn values_are_typed_once() {
+        let config = parse(
+            r#"
+            [server]
+            listen = "127.0.0.1:9"
+            shutdown_grace_ms = 1500
+            [images]
+            allowed_networks = ["10.1.0.0/16", "192.168.1.7"]
+            fetch_timeout_ms = 2500
+            [[upstreams]]
+            name = "u"
+            base_url = "http://127.0.0.1:1/v1/"
+            image_formats = ["png", "jpeg"]
+            max_image_bytes = 1000
+            timeout_ms = 700
+            "#,
+            &|_| None,
+        )
+        .expect("valid");
+        assert_eq!(config.server.listen.port(), 9);
+        assert_eq!(config.server.shutdown_grace.as_millis(), 1500);
+        assert_eq!(config.images.fetch.timeout.as_millis(), 2500);
+        assert_eq!(
+            config
+                .images
+                .allowed_networks
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["10.1.0.0/16", "192.168.1.7/32"]
+        );
+        let upstream = &config.catalog.upstreams()[0];
+        assert_eq!(upstream.timeout.as_millis(), 700);
+        assert!(upstream.images.formats.contains(crate::images::Format::Png));
+        assert!(!upstream.images.formats.contains(crate::images::Format::Gif));
+        assert_eq!(upstream.images.max_image_bytes, Some(1000));
+    }
+
+    #[test]
+    fn redis_store_knobs_are_checked() {
+        let found = problems(
+            r#"
+            [store]
+            kind = "redis"
+            url = "redis://127.0.0.1:6379/0"
+            lease_ms = 1000
+            timeout_ms = 0
+            key_prefix = "a{b}"
+            [[upstreams]]
+            name = "slow"
+            base_url = "http://127.0.0.1:1/v1"
+            api_key = "k"
+            timeout_ms = 5000
+            "#,
+        );
+        assert_eq!(
+            found,
+            vec![
+                "store.timeout_ms: must be above 0".to_string(),
+                "store.key_prefix: must be non-empty, without braces or spaces".to_string(),
+                "store.lease_ms: must be longer than every upstream's timeout_ms (5000 for \"slow\"), \
+                 or a slow request's concurrency slot is freed while it still runs"
+                    .to_string(),
+            ]
+        );
+        let bad_url =
+            problems("[store]\nkind = \"redis\"\nurl = \"redis://:secret@host:notaport/0\"\n");
+        assert_eq!(bad_url.len(), 1, "{bad_url:?}");
+        assert!(
+            bad_url[0].starts_with("store.url: not a valid Redis URL"),
+            "{bad_url:?}"
+        );
+        assert!(!bad_url[0].contains("secret"), "{bad_url:?}");
+        assert!(problems("[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1/3\"\n").is_empty());
+    }
+
+    #[test]
+    fn redis_store_needs_a_url() {
+        assert_eq!(
+            problems("[store]\nkind = \"redis\"\n"),
+            vec!["store.url: required when store.kind = \"redis\"".to_string()]
+        );
+    }
+}

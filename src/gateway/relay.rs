@@ -1,0 +1,117 @@
+//! The response body on its way to the client: the upstream's bytes, chunk
+//! by chunk as they arrive (never collected), watched for usage, and the
+//! request's [`Reservation`], which travels with the body and is settled
+//! exactly once, here, however the body ends:
+//!
+//! - the upstream body reached its end: settled from what it reported;
+//! - the upstream body failed or stalled past the upstream's timeout:
+//!   settled from what was generated so far;
+//! - the process is shutting down and its grace period is over: settled
+//!   from what was generated so far;
+//! - the client went away (the body is dropped): settled from what was
+//!   generated so far, and dropping the upstream response cancels the
+//!   upstream request.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::Stream;
+use futures_util::stream::BoxStream;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+use crate::budget::Reservation;
+use crate::openai::stream::UsageTap;
+use crate::upstream::error_chain;
+
+pub struct ResponseBody {
+    upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+    tap: UsageTap,
+    /// The longest wait for each chunk.
+    idle: Duration,
+    deadline: Pin<Box<Sleep>>,
+    /// Taken when the body ends: `None` means it has.
+    reservation: Option<Reservation>,
+    /// The upstream answered with success (an error body releases the
+    /// reservation unless it reports usage).
+    upstream_ok: bool,
+    /// Resolves when shutdown's grace period is over.
+    drained: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl ResponseBody {
+    pub fn new(
+        upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+        tap: UsageTap,
+        idle: Duration,
+        reservation: Reservation,
+        upstream_ok: bool,
+        drain: CancellationToken,
+    ) -> Self {
+        Self {
+            upstream,
+            tap,
+            idle,
+            deadline: Box::pin(tokio::time::sleep(idle)),
+            reservation: Some(reservation),
+            upstream_ok,
+            drained: Box::pin(drain.cancelled_owned()),
+        }
+    }
+
+    /// The one place the body ends: the tap reports how it went and the
+    /// reservation is settled with it. Returns bytes still to send.
+    fn end(&mut self, complete: bool) -> Option<Bytes> {
+        let reservation = self.reservation.take()?;
+        let (unsent, outcome) = self.tap.finish(complete);
+        reservation.settle(outcome, self.upstream_ok);
+        unsent.filter(|_| complete)
+    }
+}
+
+impl Stream for ResponseBody {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.reservation.is_none() {
+            return Poll::Ready(None);
+        }
+        match this.upstream.as_mut().poll_next(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                let idle = this.idle;
+                this.deadline.as_mut().reset(Instant::now() + idle);
+                Poll::Ready(Some(Ok(this.tap.on_chunk(chunk))))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.end(false);
+                tracing::warn!(error = %error_chain(&e), "upstream body failed");
+                Poll::Ready(Some(Err(std::io::Error::other("upstream body failed"))))
+            }
+            Poll::Ready(None) => Poll::Ready(this.end(true).map(Ok)),
+            Poll::Pending => {
+                if this.deadline.as_mut().poll(cx).is_ready() {
+                    this.end(false);
+                    tracing::warn!("upstream body stalled past the upstream timeout");
+                    return Poll::Ready(Some(Err(std::io::Error::other("upstream body stalled"))));
+                }
+                if this.drained.as_mut().poll(cx).is_ready() {
+                    this.end(false);
+                    tracing::warn!("response cut short: the server is shutting down");
+                    return Poll::Ready(Some(Err(std::io::Error::other("server shutting down"))));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // The client hung up (or the server gave up on it) before the end:
+        // still account what was relayed.
+        self.end(false);
+    }
+}
