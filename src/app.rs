@@ -24,7 +24,7 @@ use crate::gateway::Gateway;
 use crate::images::Images;
 use crate::metrics::Metrics;
 use crate::routes;
-use crate::upstream::Forwarder;
+use crate::upstream::{Endpoint, Forwarder};
 
 /// Everything a request handler may need: the services, built once at
 /// startup, and the configuration, one immutable snapshot behind an atomic
@@ -46,6 +46,14 @@ impl AppState {
         let metrics = Metrics::install();
         let budgets = Budgets::open(&config.store).await?;
         let images = Images::new(&config.images)?;
+        for upstream in config.catalog.upstreams() {
+            if matches!(upstream.endpoint, Endpoint::Demo) {
+                tracing::info!(
+                    upstream = %upstream.name,
+                    "a demo upstream answers in-process: no model behind it"
+                );
+            }
+        }
         Ok(Self {
             config: ArcSwap::from_pointee(config),
             gateway: Gateway {

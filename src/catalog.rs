@@ -167,10 +167,11 @@ mod tests {
         assert_eq!(catalog.models_for(two).count(), 2);
         let a = catalog.model("a").expect("model");
         assert_eq!(a.upstream_model.as_deref(), Some("real-a"));
-        assert_eq!(
-            a.upstream.chat_url.as_str(),
-            "http://127.0.0.1:1/v1/chat/completions"
-        );
+        assert!(matches!(
+            &a.upstream.endpoint,
+            crate::upstream::Endpoint::Http { chat_url, .. }
+                if chat_url.as_str() == "http://127.0.0.1:1/v1/chat/completions"
+        ));
         assert!(!format!("{a:?}").contains("upstream-secret"));
         assert!(catalog.model("b").expect("model").upstream_model.is_none());
     }

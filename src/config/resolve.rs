@@ -13,14 +13,14 @@ use std::time::Duration;
 use http::HeaderValue;
 use ipnet::IpNet;
 
-use super::schema::{self, StoreKind};
+use super::schema::{self, StoreKind, UpstreamKind};
 use super::{Config, Problem, Server};
 use crate::budget::store::{RedisClock, RedisOptions};
 use crate::budget::{Limits, StoreBackend, StoreSettings};
 use crate::catalog::{Catalog, Client, Model, ModelAccess};
 use crate::images::{FetchLimits, Format, FormatSet, ImagePolicy, ImagesSettings};
 use crate::keys::KeyHash;
-use crate::upstream::Upstream;
+use crate::upstream::{Endpoint, Upstream};
 
 /// Problems found so far; each resolver adds to it and returns what it
 /// could make of its section, so later sections are still checked.
@@ -201,49 +201,29 @@ fn upstreams(upstreams: &[schema::Upstream], problems: &mut Problems) -> Vec<Arc
                 format!("duplicate upstream {:?}", upstream.name),
             );
         }
-        let base = upstream.base_url.trim_end_matches('/');
-        let chat_url = match reqwest::Url::parse(&format!("{base}/chat/completions")) {
-            _ if upstream.base_url.is_empty() => {
-                problems.add(at("base_url"), "required");
-                None
-            }
-            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {
-                Some(url)
-            }
-            Ok(_) => {
-                problems.add(at("base_url"), "must be an http:// or https:// URL");
-                None
-            }
-            Err(e) => {
-                problems.add(at("base_url"), format!("not a URL: {e}"));
-                None
-            }
-        };
-        let authorization = match &upstream.api_key {
-            Some(key) if !key.expose().is_empty() => {
-                match HeaderValue::from_str(&format!("Bearer {}", key.expose())) {
-                    Ok(mut value) => {
-                        value.set_sensitive(true);
-                        Some(value)
-                    }
-                    Err(_) => {
-                        problems.add(at("api_key"), "is not a valid header value");
-                        None
+        let endpoint = match upstream.kind {
+            UpstreamKind::Openai => http_endpoint(upstream, i, problems),
+            UpstreamKind::Demo => {
+                for (key, set) in [
+                    ("base_url", !upstream.base_url.is_empty()),
+                    ("api_key", upstream.api_key.is_some()),
+                ] {
+                    if set {
+                        problems.add(at(key), "not used by kind = \"demo\": leave it out");
                     }
                 }
+                Some(Endpoint::Demo)
             }
-            _ => None,
         };
         let formats = image_formats(&upstream.image_formats, i, problems);
         if upstream.max_image_bytes == Some(0) {
             problems.add(at("max_image_bytes"), "must be above 0");
         }
         let timeout_ms = problems.above_zero(&at("timeout_ms"), upstream.timeout_ms);
-        if let Some(chat_url) = chat_url {
+        if let Some(endpoint) = endpoint {
             resolved.push(Arc::new(Upstream {
                 name: upstream.name.clone(),
-                chat_url,
-                authorization,
+                endpoint,
                 timeout: Duration::from_millis(timeout_ms),
                 images: ImagePolicy {
                     inline: upstream.inline_images,
@@ -256,6 +236,50 @@ fn upstreams(upstreams: &[schema::Upstream], problems: &mut Problems) -> Vec<Arc
         }
     }
     resolved
+}
+
+/// `{base_url}/chat/completions` and the `Authorization` header for it.
+fn http_endpoint(
+    upstream: &schema::Upstream,
+    i: usize,
+    problems: &mut Problems,
+) -> Option<Endpoint> {
+    let at = |key: &str| format!("upstreams[{i}].{key}");
+    let base = upstream.base_url.trim_end_matches('/');
+    let chat_url = match reqwest::Url::parse(&format!("{base}/chat/completions")) {
+        _ if upstream.base_url.is_empty() => {
+            problems.add(at("base_url"), "required");
+            None
+        }
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => Some(url),
+        Ok(_) => {
+            problems.add(at("base_url"), "must be an http:// or https:// URL");
+            None
+        }
+        Err(e) => {
+            problems.add(at("base_url"), format!("not a URL: {e}"));
+            None
+        }
+    };
+    let authorization = match &upstream.api_key {
+        Some(key) if !key.expose().is_empty() => {
+            match HeaderValue::from_str(&format!("Bearer {}", key.expose())) {
+                Ok(mut value) => {
+                    value.set_sensitive(true);
+                    Some(value)
+                }
+                Err(_) => {
+                    problems.add(at("api_key"), "is not a valid header value");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    Some(Endpoint::Http {
+        chat_url: chat_url?,
+        authorization,
+    })
 }
 
 fn image_formats(names: &[String], upstream: usize, problems: &mut Problems) -> FormatSet {

@@ -115,10 +115,21 @@ impl Default for Images {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamKind {
+    /// An OpenAI-compatible HTTP endpoint at `base_url`.
+    #[default]
+    Openai,
+    /// Iris's built-in demo model, answered in-process.
+    Demo,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct Upstream {
     pub name: String,
+    pub kind: UpstreamKind,
     /// Base URL up to and including the version segment, e.g. `https://host/v1`.
     pub base_url: String,
     /// Absent for keyless upstreams.
@@ -140,6 +151,7 @@ impl Default for Upstream {
     fn default() -> Self {
         Self {
             name: String::new(),
+            kind: UpstreamKind::Openai,
             base_url: String::new(),
             api_key: None,
             inline_images: false,

@@ -1,5 +1,9 @@
 //! Forwarding to an upstream: its credentials in place of the client's, a
 //! shared connection pool, timeouts, and the response streamed straight back.
+//!
+//! - [`demo`]: the built-in demo upstream, answered in-process
+
+pub mod demo;
 
 use std::time::Duration;
 
@@ -11,16 +15,28 @@ use crate::images::ImagePolicy;
 #[derive(Debug)]
 pub struct Upstream {
     pub name: String,
-    /// `{base_url}/chat/completions`.
-    pub chat_url: reqwest::Url,
-    /// `Bearer {api_key}`, marked sensitive so it never shows in debug output.
-    pub authorization: Option<HeaderValue>,
+    pub endpoint: Endpoint,
     /// To the response head, and the longest pause between streamed chunks.
     pub timeout: Duration,
     /// What it accepts of images.
     pub images: ImagePolicy,
     /// Ask for `stream_options.include_usage` so streams settle exactly.
     pub stream_usage: bool,
+}
+
+/// Where an upstream's answers come from.
+#[derive(Debug)]
+pub enum Endpoint {
+    /// An OpenAI-compatible server.
+    Http {
+        /// `{base_url}/chat/completions`.
+        chat_url: reqwest::Url,
+        /// `Bearer {api_key}`, marked sensitive so it never shows in debug output.
+        authorization: Option<HeaderValue>,
+    },
+    /// Iris's built-in demo model, answered in-process (`kind = "demo"`),
+    /// so Iris can be tried end to end with no upstream account.
+    Demo,
 }
 
 /// Why no response came back from an upstream.
@@ -86,13 +102,21 @@ impl Forwarder {
     /// Sends a chat completion body upstream and waits for the response head.
     ///
     /// The time to the head is bounded by the upstream's `timeout_ms`; the
-    /// body is then bounded by the same time between chunks (see [`Relay`]).
+    /// body is then bounded by the same time between chunks (see
+    /// [`crate::gateway::relay`]).
     pub async fn send(
         &self,
         upstream: &Upstream,
         body: bytes::Bytes,
         client_headers: &HeaderMap,
     ) -> Result<reqwest::Response, UpstreamError> {
+        let (chat_url, authorization) = match &upstream.endpoint {
+            Endpoint::Http {
+                chat_url,
+                authorization,
+            } => (chat_url, authorization),
+            Endpoint::Demo => return Ok(demo::answer(&body)),
+        };
         let mut headers = HeaderMap::with_capacity(client_headers.len() + 2);
         for (name, value) in client_headers {
             if !DROPPED_REQUEST_HEADERS.contains(name) && !name.as_str().starts_with("proxy-") {
@@ -103,13 +127,13 @@ impl Forwarder {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let Some(authorization) = &upstream.authorization {
+        if let Some(authorization) = authorization {
             headers.insert(header::AUTHORIZATION, authorization.clone());
         }
 
         let request = self
             .http
-            .post(upstream.chat_url.clone())
+            .post(chat_url.clone())
             .headers(headers)
             .body(body)
             .send();
