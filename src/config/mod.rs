@@ -7,6 +7,9 @@ mod env;
 mod schema;
 mod validate;
 
+#[cfg(test)]
+mod doc_check;
+
 use std::fmt;
 use std::path::Path;
 
