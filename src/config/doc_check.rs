@@ -103,65 +103,38 @@ impl Probe<'_> {
     }
 }
 
+macro_rules! leaves {
+    ($($method:ident => $kind:literal, $visit:ident($($value:expr)?);)*) => {
+        $(fn $method<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ProbeError> {
+            self.leaf($kind, || visitor.$visit($($value)?))
+        })*
+    };
+}
+
 impl<'de> Deserializer<'de> for Probe<'_> {
     type Error = ProbeError;
 
-    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ProbeError> {
-        self.leaf("value", || visitor.visit_unit())
-    }
-    fn deserialize_bool<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ProbeError> {
-        self.leaf("boolean", || visitor.visit_bool(false))
-    }
-    fn deserialize_i8<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ProbeError> {
-        self.leaf("integer", || visitor.visit_i64(1))
-    }
-    fn deserialize_i16<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ProbeError> {
-        self.leaf("integer", || visitor.visit_i64(1))
-    }
-    fn deserialize_i32<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ProbeError> {
-        self.leaf("integer", || visitor.visit_i64(1))
-    }
-    fn deserialize_i64<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ProbeError> {
-        self.leaf("integer", || visitor.visit_i64(1))
-    }
-    fn deserialize_i128<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ProbeError> {
-        self.leaf("integer", || visitor.visit_i128(1))
-    }
-    fn deserialize_u8<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ProbeError> {
-        self.leaf("integer", || visitor.visit_u64(1))
-    }
-    fn deserialize_u16<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ProbeError> {
-        self.leaf("integer", || visitor.visit_u64(1))
-    }
-    fn deserialize_u32<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ProbeError> {
-        self.leaf("integer", || visitor.visit_u64(1))
-    }
-    fn deserialize_u64<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ProbeError> {
-        self.leaf("integer", || visitor.visit_u64(1))
-    }
-    fn deserialize_u128<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ProbeError> {
-        self.leaf("integer", || visitor.visit_u128(1))
-    }
-    fn deserialize_f32<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ProbeError> {
-        self.leaf("number", || visitor.visit_f64(1.0))
-    }
-    fn deserialize_f64<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ProbeError> {
-        self.leaf("number", || visitor.visit_f64(1.0))
-    }
-    fn deserialize_char<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ProbeError> {
-        self.leaf("string", || visitor.visit_char('x'))
-    }
-    fn deserialize_str<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ProbeError> {
-        self.leaf("string", || visitor.visit_str("x"))
-    }
-    fn deserialize_string<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ProbeError> {
-        self.leaf("string", || visitor.visit_str("x"))
-    }
-    fn deserialize_bytes<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ProbeError> {
-        self.leaf("byte", || visitor.visit_bytes(b"x"))
-    }
-    fn deserialize_byte_buf<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ProbeError> {
-        self.leaf("byte", || visitor.visit_bytes(b"x"))
+    // Scalars: recorded as leaves of their kind, answered with a plausible value.
+    leaves! {
+        deserialize_any => "value", visit_unit();
+        deserialize_bool => "boolean", visit_bool(false);
+        deserialize_i8 => "integer", visit_i64(1);
+        deserialize_i16 => "integer", visit_i64(1);
+        deserialize_i32 => "integer", visit_i64(1);
+        deserialize_i64 => "integer", visit_i64(1);
+        deserialize_i128 => "integer", visit_i128(1);
+        deserialize_u8 => "integer", visit_u64(1);
+        deserialize_u16 => "integer", visit_u64(1);
+        deserialize_u32 => "integer", visit_u64(1);
+        deserialize_u64 => "integer", visit_u64(1);
+        deserialize_u128 => "integer", visit_u128(1);
+        deserialize_f32 => "number", visit_f64(1.0);
+        deserialize_f64 => "number", visit_f64(1.0);
+        deserialize_char => "string", visit_char('x');
+        deserialize_str => "string", visit_str("x");
+        deserialize_string => "string", visit_str("x");
+        deserialize_bytes => "byte", visit_bytes(b"x");
+        deserialize_byte_buf => "byte", visit_bytes(b"x");
     }
     fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ProbeError> {
         visitor.visit_some(self)
