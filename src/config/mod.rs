@@ -14,6 +14,9 @@ mod env;
 mod resolve;
 pub mod schema;
 
+#[cfg(test)]
+mod doc_check;
+
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
