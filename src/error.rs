@@ -128,14 +128,6 @@ impl ApiError {
         )
     }
 
-    pub fn request_timeout() -> Self {
-        Self::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "request_timeout",
-            "The request body did not arrive in time.",
-        )
-    }
-
     pub fn request_too_large(limit: usize) -> Self {
         Self::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -210,17 +202,20 @@ impl ApiError {
     /// `x-should-retry: false` when a budget is spent or the request can
     /// never fit (the SDKs stop).
     fn rejected(rejection: &Rejection) -> Self {
-        let code = match rejection.refusal {
-            Refusal::RateLimited { .. } => "rate_limit_exceeded",
-            Refusal::Exhausted { .. } | Refusal::TooLarge { .. } => "insufficient_quota",
+        let message = rejection.to_string();
+        let mut error = match rejection.refusal {
+            Refusal::RateLimited { .. } => Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                message,
+            ),
+            Refusal::Exhausted { .. } | Refusal::TooLarge { .. } => {
+                Self::new(StatusCode::TOO_MANY_REQUESTS, "insufficient_quota", message).with_header(
+                    HeaderName::from_static("x-should-retry"),
+                    HeaderValue::from_static("false"),
+                )
+            }
         };
-        let mut error = Self::new(StatusCode::TOO_MANY_REQUESTS, code, rejection.to_string());
-        if code == "insufficient_quota" {
-            error = error.with_header(
-                HeaderName::from_static("x-should-retry"),
-                HeaderValue::from_static("false"),
-            );
-        }
         if let Some(wait) = rejection.retry_after() {
             error = error.with_retry_after(wait);
         }

@@ -3,6 +3,8 @@
 //! streamed answer, an inline image (converted for the upstream), a 429
 //! from the tiny demo budget, and `iris usage` afterwards.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+
 mod support;
 
 use std::process::Command;

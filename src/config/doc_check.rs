@@ -24,7 +24,7 @@ use serde::de::{
     Visitor,
 };
 
-use super::Config;
+use super::schema::File as Config;
 
 // ---------------------------------------------------------------------------
 // The config schema, enumerated from the code.
@@ -1056,7 +1056,7 @@ fn the_probe_enumerates_nested_structs_arrays_options_maps_and_enums() {
     #[allow(dead_code)]
     struct Entry {
         inner: Option<Section>,
-        secret: super::Secret,
+        secret: crate::secret::Secret,
     }
     #[derive(serde::Deserialize)]
     #[serde(rename_all = "lowercase")]

@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+#[allow(unused_imports, reason = "not every test binary uses the mock")]
 pub use mock_upstream::MockUpstream;
 
 /// Keys of the clients in [`base_config`].
