@@ -1,4 +1,4 @@
-//! The command line, as CONTRACT.md lists it.
+//! The command line (README "Commands").
 
 use std::path::PathBuf;
 

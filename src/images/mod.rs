@@ -35,7 +35,7 @@ use ipnet::IpNet;
 use policy::AddressPolicy;
 pub use sniff::{Format, FormatSet, dimensions};
 
-/// The kinds of image failure, each one error code of CONTRACT.md.
+/// The kinds of image failure; each kind's name is its error code (docs/errors.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     /// Scheme, userinfo, refused address, redirect to one.
