@@ -2,18 +2,14 @@
 //! settlement to the upstream's usage (plain, streamed, hung up), the 429s
 //! and their headers, `GET /v1/usage`, persistence across a restart.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
-
-mod support;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::support::{Iris, KEY_A, KEY_B, MockUpstream, base_config, chat_body, http};
 use futures_util::StreamExt;
 use iris::budget::estimate;
 use iris::openai::chat::ChatRequest;
 use serde_json::{Value, json};
-use support::{Iris, KEY_A, KEY_B, MockUpstream, base_config, chat_body, http};
 
 /// Client `b` (model `other-model`) with `budget` lines; `a` is unlimited.
 async fn setup(budget: &str) -> (MockUpstream, Iris) {

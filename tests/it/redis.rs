@@ -5,19 +5,15 @@
 //! ends.
 //!
 //! Without Redis these tests say they were skipped and pass, unless
-//! `IRIS_REQUIRE_REDIS=1` (see tests/support/redis.rs).
-
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
-
-mod support;
+//! `IRIS_REQUIRE_REDIS=1` (see tests/it/support/redis.rs).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::support::redis::{RedisProcess, SharedRedis, store_toml, with_store};
+use crate::support::{Iris, KEY_B, MockUpstream, base_config, chat_body, http};
 use serde_json::{Value, json};
-use support::redis::{RedisProcess, SharedRedis, store_toml, with_store};
-use support::{Iris, KEY_B, MockUpstream, base_config, chat_body, http};
 
 /// An Iris on `store` (a `[store]` table); client `b` has `budget`.
 async fn iris(upstream: &MockUpstream, store: &str, budget: &str) -> Iris {

@@ -8,19 +8,15 @@
 //! (see `refusals_in_a_loopback_only_network_namespace`), so not even wrong
 //! code could reach them.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
-
-mod support;
-
 use std::io::Cursor;
 use std::time::{Duration, Instant};
 
+use crate::support::image_server::{ImageServer, raw_server};
+use crate::support::{Iris, KEY_A, MockUpstream, base_config, http};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
 use serde_json::{Value, json};
-use support::image_server::{ImageServer, raw_server};
-use support::{Iris, KEY_A, MockUpstream, base_config, http};
 
 const IMAGE_HOST: &str = "127.0.0.2";
 const INLINE: &str = "inline_images = true";
@@ -953,8 +949,15 @@ fn rerun(name: &str, netns: bool, envs: &[(&str, String)]) -> Option<std::proces
     } else {
         std::process::Command::new(exe)
     };
+    // Tests are named by their path below the crate: `images::name`.
+    let module = module_path!().split_once("::").map_or("", |(_, rest)| rest);
     command
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .args([
+            &format!("{module}::{name}"),
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env_remove("NO_PROXY")
         .env_remove("no_proxy");
     for (key, value) in envs {

@@ -1,15 +1,11 @@
 //! The gateway core through the real server: forwarding, streaming, auth,
 //! errors, the rest of the HTTP surface, shutdown.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
-
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::{Iris, KEY_A, KEY_B, MockUpstream, base_config, chat_body, http};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use support::{Iris, KEY_A, KEY_B, MockUpstream, base_config, chat_body, http};
 
 async fn setup() -> (MockUpstream, Iris) {
     let upstream = MockUpstream::start().await;
