@@ -213,9 +213,7 @@ mod tests {
         };
         let mut config = config(Path::new("unused.db"));
         config.store.kind = StoreKind::Redis;
-        config.store.url = Some(crate::config::Secret::new(
-            crate::budget::store::redis_tests::test_url(),
-        ));
+        config.store.url = Some(crate::config::Secret::new(keys.url.clone()));
         config.store.key_prefix = keys.prefix.clone();
         let limits = config.clients[0].budget;
         let hold = store

@@ -12,7 +12,7 @@ use std::io::Cursor;
 use std::time::{Duration, Instant};
 
 use crate::support::image_server::{ImageServer, raw_server};
-use crate::support::{Iris, KEY_A, MockUpstream, base_config, http};
+use crate::support::{Iris, KEY_A, MockUpstream, base_config, http, skip};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
@@ -925,7 +925,8 @@ const INNER: &str = "IRIS_IMAGES_INNER_TEST";
 
 /// Re-runs the single test `name` of this binary in a child process with
 /// `envs`, inside a fresh network namespace (only loopback, brought up) when
-/// `netns`. `None` when namespaces are unavailable here.
+/// `netns`. `None` (the test is skipped: [`skip`]) when namespaces are
+/// unavailable here.
 fn rerun(name: &str, netns: bool, envs: &[(&str, String)]) -> Option<std::process::Output> {
     let exe = std::env::current_exe().expect("test binary");
     let mut command = if netns {
@@ -933,7 +934,9 @@ fn rerun(name: &str, netns: bool, envs: &[(&str, String)]) -> Option<std::proces
             .args(["-n", "true"])
             .output();
         if !probe.is_ok_and(|o| o.status.success()) {
-            return None;
+            return skip(
+                "cannot create a network namespace here (`unshare -n` needs root or user namespaces)",
+            );
         }
         let mut command = std::process::Command::new("unshare");
         command
@@ -982,9 +985,6 @@ async fn refusals_in_a_loopback_only_network_namespace() {
         return refusals_inside_the_namespace().await;
     }
     let Some(output) = rerun(NAME, true, &[(INNER, "netns".into())]) else {
-        eprintln!(
-            "SKIPPED {NAME}: cannot create a network namespace here (`unshare -n` needs root or user namespaces)"
-        );
         return;
     };
     assert_child_passed(&output, NAME);

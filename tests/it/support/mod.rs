@@ -5,6 +5,7 @@
 pub mod image_server;
 pub mod mock_upstream;
 pub mod redis;
+mod skip;
 
 use std::net::SocketAddr;
 
@@ -15,6 +16,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub use mock_upstream::MockUpstream;
+pub use skip::skip;
 
 /// Keys of the clients in [`base_config`].
 pub const KEY_A: &str = "test-key-a";
