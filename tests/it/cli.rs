@@ -5,15 +5,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::support::{KEY_A, MockUpstream, base_config, chat_body, http};
-
-fn iris() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_iris"));
-    command
-        .env_remove("IRIS_CONFIG")
-        .env_remove("IRIS_LOG_FORMAT");
-    command
-}
+use crate::support::{
+    KEY_A, MockUpstream, base_config, chat_body, http, iris_command as iris, write_config,
+};
 
 /// Kills the server if the test fails before stopping it.
 struct KillOnDrop(Option<std::process::Child>);
@@ -25,15 +19,6 @@ impl Drop for KillOnDrop {
             let _ = child.wait();
         }
     }
-}
-
-fn write_config(text: &str) -> tempfile::NamedTempFile {
-    let file = tempfile::Builder::new()
-        .suffix(".toml")
-        .tempfile()
-        .expect("temp file");
-    std::fs::write(file.path(), text).expect("write config");
-    file
 }
 
 #[test]

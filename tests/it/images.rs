@@ -11,12 +11,13 @@
 use std::io::Cursor;
 use std::time::{Duration, Instant};
 
-use crate::support::image_server::{ImageServer, raw_server};
-use crate::support::{Iris, KEY_A, MockUpstream, base_config, http, skip};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
 use serde_json::{Value, json};
+
+use crate::support::image_server::{ImageServer, raw_server};
+use crate::support::{Iris, KEY_A, MockUpstream, base_config, http, skip};
 
 const IMAGE_HOST: &str = "127.0.0.2";
 const INLINE: &str = "inline_images = true";
@@ -105,13 +106,7 @@ fn body_with_images(images: &[(&str, Option<&str>)]) -> Value {
 }
 
 async fn send(iris: &Iris, body: &Value) -> (u16, Value) {
-    let response = http()
-        .post(iris.url("/v1/chat/completions"))
-        .bearer_auth(KEY_A)
-        .json(body)
-        .send()
-        .await
-        .expect("request");
+    let response = iris.chat(KEY_A, body, &[]).await;
     let status = response.status().as_u16();
     (status, response.json().await.expect("JSON"))
 }
