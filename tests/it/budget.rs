@@ -10,7 +10,8 @@ use iris::budget::estimate;
 use serde_json::{Value, json};
 
 use crate::support::{
-    App, Iris, KEY_A, KEY_B, MockUpstream, base_config, chat_body, prompt_estimate, usage_row,
+    App, Iris, KEY_A, KEY_B, MockUpstream, base_config, chat_body, prompt_estimate, stream_body,
+    usage_row,
 };
 
 /// Client `b` (model `other-model`) with `budget` lines; `a` is unlimited.
@@ -93,8 +94,7 @@ async fn concurrent_requests_never_exceed_the_budget() {
 #[tokio::test]
 async fn a_plain_answer_to_a_stream_request_settles_to_its_reported_usage() {
     let (_upstream, iris) = setup("tokens_per_day = 100000").await;
-    let mut body = chat_body("other-model");
-    body["stream"] = json!(true);
+    let body = stream_body("other-model");
     let response = iris.chat(KEY_B, &body, &[("x-mock-plain", "1")]).await;
     assert_eq!(response.status(), 200);
     let answer: Value = response.json().await.unwrap();
@@ -142,8 +142,7 @@ async fn a_plain_response_settles_to_its_reported_usage() {
 #[tokio::test]
 async fn streamed_usage_settles_and_its_chunk_is_hidden_unless_asked_for() {
     let (upstream, iris) = setup("tokens_per_day = 100000").await;
-    let mut body = chat_body("other-model");
-    body["stream"] = json!(true);
+    let mut body = stream_body("other-model");
 
     let text = iris
         .chat(KEY_B, &body, &[("x-mock-chunks", "5")])
@@ -176,8 +175,7 @@ async fn streamed_usage_settles_and_its_chunk_is_hidden_unless_asked_for() {
 #[tokio::test]
 async fn a_stream_without_usage_settles_from_the_streamed_text() {
     let (_upstream, iris) = setup("tokens_per_day = 100000").await;
-    let mut body = chat_body("other-model");
-    body["stream"] = json!(true);
+    let body = stream_body("other-model");
     let text = iris
         .chat(
             KEY_B,
@@ -199,8 +197,7 @@ async fn a_stream_without_usage_settles_from_the_streamed_text() {
 #[tokio::test]
 async fn a_client_hanging_up_mid_stream_pays_for_what_was_generated() {
     let (upstream, iris) = setup("tokens_per_day = 100000").await;
-    let mut body = chat_body("other-model");
-    body["stream"] = json!(true);
+    let body = stream_body("other-model");
     let response = iris
         .chat(
             KEY_B,

@@ -9,7 +9,9 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use crate::support::app::to;
-use crate::support::{App, Iris, KEY_A, KEY_B, MockUpstream, base_config, chat_body, http};
+use crate::support::{
+    App, Iris, KEY_A, KEY_B, MockUpstream, base_config, chat_body, http, stream_body,
+};
 
 async fn setup() -> (MockUpstream, Iris) {
     let upstream = MockUpstream::start().await;
@@ -106,8 +108,7 @@ async fn every_response_gets_a_request_id() {
 #[tokio::test]
 async fn streams_are_relayed_and_the_added_usage_chunk_is_removed() {
     let (upstream, iris) = setup().await;
-    let mut body = chat_body("test-model");
-    body["stream"] = json!(true);
+    let body = stream_body("test-model");
     let response = iris.chat(KEY_A, &body, &[]).await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
@@ -131,8 +132,7 @@ async fn streams_are_relayed_and_the_added_usage_chunk_is_removed() {
 #[tokio::test]
 async fn the_usage_chunk_stays_when_the_client_asks_for_it() {
     let (_upstream, iris) = setup().await;
-    let mut body = chat_body("test-model");
-    body["stream"] = json!(true);
+    let mut body = stream_body("test-model");
     body["stream_options"] = json!({"include_usage": true});
     let text = iris
         .chat(KEY_A, &body, &[])
@@ -146,8 +146,7 @@ async fn the_usage_chunk_stays_when_the_client_asks_for_it() {
 #[tokio::test]
 async fn a_plain_answer_to_a_stream_request_is_relayed_whole() {
     let (_upstream, iris) = setup().await;
-    let mut body = chat_body("test-model");
-    body["stream"] = json!(true);
+    let body = stream_body("test-model");
     let response = iris.chat(KEY_A, &body, &[("x-mock-plain", "1")]).await;
     assert_eq!(response.status(), 200);
     let answer: Value = response.json().await.expect("the whole JSON body");
@@ -160,8 +159,7 @@ async fn a_plain_answer_to_a_stream_request_is_relayed_whole() {
 #[tokio::test]
 async fn stream_chunks_are_flushed_as_they_arrive() {
     let (_upstream, iris) = setup().await;
-    let mut body = chat_body("test-model");
-    body["stream"] = json!(true);
+    let body = stream_body("test-model");
     let started = Instant::now();
     let response = iris
         .chat(
@@ -188,8 +186,7 @@ async fn stream_chunks_are_flushed_as_they_arrive() {
 #[tokio::test]
 async fn a_client_hanging_up_cancels_the_upstream_stream() {
     let (upstream, iris) = setup().await;
-    let mut body = chat_body("test-model");
-    body["stream"] = json!(true);
+    let body = stream_body("test-model");
     let response = iris
         .chat(
             KEY_A,
@@ -493,8 +490,7 @@ async fn health_readiness_and_metrics() {
 async fn shutdown_lets_an_in_flight_stream_finish() {
     let upstream = MockUpstream::start().await;
     let mut iris = Iris::start(&base_config(&upstream.base_url(), "")).await;
-    let mut body = chat_body("test-model");
-    body["stream"] = json!(true);
+    let body = stream_body("test-model");
     let response = iris
         .chat(
             KEY_A,

@@ -195,14 +195,11 @@ async fn max_image_bytes_makes_larger_images_fit() {
     ]);
     let (status, answer) = send(&s.iris, &body).await;
     assert_eq!(status, 200, "{answer}");
-    let (_, fitted) = data_uri(&sent_image(&s.upstream, 1)["url"]);
+    let (_, fitted) = s.inlined(1);
     assert!(fitted.len() <= 150_000, "{}", fitted.len());
     let (w, h) = dims(&fitted);
     assert!(w <= 1200 && h <= 900);
-    assert!(
-        data_uri(&sent_image(&s.upstream, 2)["url"]).1 == small,
-        "under the limit: untouched"
-    );
+    assert!(s.inlined(2).1 == small, "under the limit: untouched");
 }
 
 // --- data URIs ----------------------------------------------------------------------------
@@ -234,15 +231,15 @@ async fn client_data_uris_are_validated_and_converted_like_fetched_images() {
         "data:image/gif;base64,{}",
         BASE64.encode(encode(&chart(30, 20), ImageFormat::Gif))
     );
-    let (status, answer) = send(&s.iris, &body_with_images(&[(&gif, None)])).await;
+    let (status, answer) = s.send_one(&gif).await;
     assert_eq!(status, 200, "{answer}");
-    let (mime, bytes) = data_uri(&sent_image(&s.upstream, 1)["url"]);
+    let (mime, bytes) = s.inlined(1);
     assert_eq!(mime, "image/png");
     assert_eq!(dims(&bytes), (30, 20));
 
     // A declared type that lies is corrected; the bytes stay.
     let lying = format!("data:image/webp;base64,{}", BASE64.encode(&png));
-    let (status, _) = send(&s.iris, &body_with_images(&[(&lying, None)])).await;
+    let (status, _) = s.send_one(&lying).await;
     assert_eq!(status, 200);
     assert_eq!(sent_image(&s.upstream, 1)["url"], good);
 
@@ -268,6 +265,6 @@ async fn client_data_uris_are_validated_and_converted_like_fetched_images() {
             "image_too_large",
         ),
     ] {
-        refused(&s.iris, &body_with_images(&[(&uri, None)]), code, PARAM).await;
+        s.refuse_one(&uri, code).await;
     }
 }

@@ -101,7 +101,7 @@ async fn the_cache_serves_repeats_and_fetches_a_url_once_for_concurrent_requests
     let (status, _) = send(&s.iris, &body).await;
     assert_eq!(status, 200);
     assert_eq!(s.host.hits("/files/a.png"), 1, "served from the cache");
-    assert!(data_uri(&sent_image(&s.upstream, 1)["url"]).1 == png);
+    assert!(s.inlined(1).1 == png);
 }
 
 #[tokio::test]
@@ -140,13 +140,7 @@ async fn loopback_is_refused_unless_allowed_in_every_notation() {
         // A name: refused by the resolver, not by a literal check.
         format!("http://localhost:{port}/files/a.png"),
     ] {
-        let message = refused(
-            &s.iris,
-            &body_with_images(&[(&url, None)]),
-            "image_url_forbidden",
-            PARAM,
-        )
-        .await;
+        let message = s.refuse_one(&url, "image_url_forbidden").await;
         assert!(message.contains("loopback"), "{url}: {message}");
     }
     assert!(other.seen().is_empty(), "the refused host saw no request");
@@ -160,9 +154,9 @@ async fn allowed_networks_let_a_name_through_the_resolver() {
     let png = encode(&chart(8, 8), ImageFormat::Png);
     local.add("a.png", "image/png", png.clone());
     let url = format!("http://localhost:{}/files/a.png", local.addr.port());
-    let (status, answer) = send(&s.iris, &body_with_images(&[(&url, None)])).await;
+    let (status, answer) = s.send_one(&url).await;
     assert_eq!(status, 200, "{answer}");
-    assert!(data_uri(&sent_image(&s.upstream, 1)["url"]).1 == png);
+    assert!(s.inlined(1).1 == png);
     drop(s.host);
 }
 
@@ -183,13 +177,7 @@ async fn schemes_other_than_http_and_userinfo_are_refused() {
         "/relative/a.png".to_owned(),
         with_credentials,
     ] {
-        let message = refused(
-            &s.iris,
-            &body_with_images(&[(&url, None)]),
-            "image_url_forbidden",
-            PARAM,
-        )
-        .await;
+        let message = s.refuse_one(&url, "image_url_forbidden").await;
         assert!(!message.contains("hunter2"), "{message}");
     }
     assert!(s.host.seen().is_empty());
@@ -209,7 +197,7 @@ async fn errors_never_echo_paths_or_query_strings() {
             "image_url_forbidden",
         ),
     ] {
-        let message = refused(&s.iris, &body_with_images(&[(&url, None)]), code, PARAM).await;
+        let message = s.refuse_one(&url, code).await;
         assert!(
             !message.contains("SECRET") && !message.contains("secret-path"),
             "{message}"
@@ -225,22 +213,12 @@ async fn redirects_are_followed_counted_and_checked_at_every_hop() {
     let png = encode(&chart(8, 8), ImageFormat::Png);
     s.host.add("a.png", "image/png", png.clone());
 
-    let (status, answer) = send(
-        &s.iris,
-        &body_with_images(&[(&s.host.url("/chain/3/a.png"), None)]),
-    )
-    .await;
+    let (status, answer) = s.send_one(&s.host.url("/chain/3/a.png")).await;
     assert_eq!(status, 200, "three redirects are allowed: {answer}");
-    assert!(data_uri(&sent_image(&s.upstream, 1)["url"]).1 == png);
+    assert!(s.inlined(1).1 == png);
 
     for path in ["/chain/4/a.png", "/loop"] {
-        let message = refused(
-            &s.iris,
-            &body_with_images(&[(&s.host.url(path), None)]),
-            "image_fetch_failed",
-            PARAM,
-        )
-        .await;
+        let message = s.refuse_one(&s.host.url(path), "image_fetch_failed").await;
         assert!(
             message.contains("more than 3 redirects"),
             "{path}: {message}"
@@ -266,13 +244,7 @@ async fn redirects_are_followed_counted_and_checked_at_every_hop() {
         s.host.url("/files/a.png").replace("http://", "http://u:p@"),
     ] {
         let url = s.host.url(&format!("/redirect?to={}", urlencode(&target)));
-        refused(
-            &s.iris,
-            &body_with_images(&[(&url, None)]),
-            "image_url_forbidden",
-            PARAM,
-        )
-        .await;
+        s.refuse_one(&url, "image_url_forbidden").await;
     }
     assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
@@ -287,13 +259,12 @@ async fn one_deadline_covers_the_whole_fetch_redirects_included() {
 
     // Three hops of 400 ms: each within the deadline, together not.
     let started = Instant::now();
-    let message = refused(
-        &s.iris,
-        &body_with_images(&[(&s.host.url("/chain/3/a.png?delay_ms=400"), None)]),
-        "image_fetch_failed",
-        PARAM,
-    )
-    .await;
+    let message = s
+        .refuse_one(
+            &s.host.url("/chain/3/a.png?delay_ms=400"),
+            "image_fetch_failed",
+        )
+        .await;
     assert!(message.contains("longer than 1000 ms"), "{message}");
     assert!(
         started.elapsed() < Duration::from_millis(1500),
@@ -304,11 +275,9 @@ async fn one_deadline_covers_the_whole_fetch_redirects_included() {
     // A body that trickles in for seconds.
     assert!(png.len() > 20 * 1024);
     let started = Instant::now();
-    refused(
-        &s.iris,
-        &body_with_images(&[(&s.host.url("/slow/a.png?chunk_ms=100"), None)]),
+    s.refuse_one(
+        &s.host.url("/slow/a.png?chunk_ms=100"),
         "image_fetch_failed",
-        PARAM,
     )
     .await;
     assert!(
@@ -322,26 +291,16 @@ async fn one_deadline_covers_the_whole_fetch_redirects_included() {
 async fn the_byte_cap_holds_whatever_content_length_says() {
     let s = setup(INLINE, &format!("{ALLOW_HOST}\nmax_bytes = 100000")).await;
     // No Content-Length: chunked.
-    refused(
-        &s.iris,
-        &body_with_images(&[(&s.host.url("/chunked/1000000"), None)]),
-        "image_too_large",
-        PARAM,
-    )
-    .await;
+    s.refuse_one(&s.host.url("/chunked/1000000"), "image_too_large")
+        .await;
     // No Content-Length and no chunking: the body runs to the connection's end.
     let mut until_close =
         b"HTTP/1.1 200 OK\r\ncontent-type: image/png\r\nconnection: close\r\n\r\n\x89PNG\r\n\x1a\n"
             .to_vec();
     until_close.resize(until_close.len() + 1_000_000, 0);
     let (addr, _) = raw_server(IMAGE_HOST, until_close, false).await;
-    refused(
-        &s.iris,
-        &body_with_images(&[(&format!("http://{addr}/a.png"), None)]),
-        "image_too_large",
-        PARAM,
-    )
-    .await;
+    s.refuse_one(&format!("http://{addr}/a.png"), "image_too_large")
+        .await;
     // A declared length over the cap is refused at once, before a body that never comes.
     let (addr, _) = raw_server(
         IMAGE_HOST,
@@ -351,13 +310,8 @@ async fn the_byte_cap_holds_whatever_content_length_says() {
     )
     .await;
     let started = Instant::now();
-    refused(
-        &s.iris,
-        &body_with_images(&[(&format!("http://{addr}/a.png"), None)]),
-        "image_too_large",
-        PARAM,
-    )
-    .await;
+    s.refuse_one(&format!("http://{addr}/a.png"), "image_too_large")
+        .await;
     assert!(started.elapsed() < Duration::from_secs(2));
     // A length that understates the body: only the declared bytes are read.
     let png = encode(&chart(8, 8), ImageFormat::Png);
@@ -375,18 +329,14 @@ async fn the_byte_cap_holds_whatever_content_length_says() {
     )
     .await;
     assert_eq!(status, 200, "{answer}");
-    assert!(data_uri(&sent_image(&s.upstream, 1)["url"]).1 == png);
+    assert!(s.inlined(1).1 == png);
     // An image of exactly the cap is fine.
     let mut exact = encode(&chart(8, 8), ImageFormat::Png);
     exact.resize(100_000, 0);
     s.host.add("exact.png", "image/png", exact.clone());
-    let (status, answer) = send(
-        &s.iris,
-        &body_with_images(&[(&s.host.url("/files/exact.png"), None)]),
-    )
-    .await;
+    let (status, answer) = s.send_one(&s.host.url("/files/exact.png")).await;
     assert_eq!(status, 200, "{answer}");
-    assert!(data_uri(&sent_image(&s.upstream, 1)["url"]).1 == exact);
+    assert!(s.inlined(1).1 == exact);
 }
 
 #[tokio::test]
@@ -394,13 +344,9 @@ async fn compressed_bodies_are_refused_not_inflated() {
     let s = setup(INLINE, ALLOW_HOST).await;
     s.host
         .add("a.png", "image/png", encode(&chart(8, 8), ImageFormat::Png));
-    let message = refused(
-        &s.iris,
-        &body_with_images(&[(&s.host.url("/gzip/a.png"), None)]),
-        "image_fetch_failed",
-        PARAM,
-    )
-    .await;
+    let message = s
+        .refuse_one(&s.host.url("/gzip/a.png"), "image_fetch_failed")
+        .await;
     assert!(message.contains("gzip"), "{message}");
 }
 
@@ -422,13 +368,9 @@ async fn the_pixel_cap_is_checked_from_the_header_before_decoding() {
     s.host.add("huge.png", "image/png", huge);
     for name in ["bomb.gif", "huge.png"] {
         let started = Instant::now();
-        let message = refused(
-            &s.iris,
-            &body_with_images(&[(&s.host.url(&format!("/files/{name}")), None)]),
-            "image_too_large",
-            PARAM,
-        )
-        .await;
+        let message = s
+            .refuse_one(&s.host.url(&format!("/files/{name}")), "image_too_large")
+            .await;
         assert!(message.contains("pixels"), "{message}");
         assert!(started.elapsed() < Duration::from_secs(2));
     }
@@ -438,23 +380,15 @@ async fn the_pixel_cap_is_checked_from_the_header_before_decoding() {
 async fn http_errors_and_dead_hosts_are_fetch_failures() {
     let s = setup(INLINE, ALLOW_HOST).await;
     for path in ["/status/500", "/status/404", "/files/nothing-here.png"] {
-        refused(
-            &s.iris,
-            &body_with_images(&[(&s.host.url(path), None)]),
-            "image_fetch_failed",
-            PARAM,
-        )
-        .await;
+        s.refuse_one(&s.host.url(path), "image_fetch_failed").await;
     }
     // A port nobody listens on.
     let closed = std::net::TcpListener::bind((IMAGE_HOST, 0)).expect("bind");
     let port = closed.local_addr().expect("addr").port();
     drop(closed);
-    refused(
-        &s.iris,
-        &body_with_images(&[(&format!("http://{IMAGE_HOST}:{port}/a.png"), None)]),
+    s.refuse_one(
+        &format!("http://{IMAGE_HOST}:{port}/a.png"),
         "image_fetch_failed",
-        PARAM,
     )
     .await;
 }

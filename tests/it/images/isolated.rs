@@ -121,13 +121,7 @@ async fn refusals_inside_the_namespace() {
         ("http://[2002:c0a8:0101::1]/", "private"),
     ] {
         let url = format!("{target}{secret}");
-        let message = refused(
-            &s.iris,
-            &body_with_images(&[(&url, None)]),
-            "image_url_forbidden",
-            PARAM,
-        )
-        .await;
+        let message = s.refuse_one(&url, "image_url_forbidden").await;
         assert!(message.contains(reason), "{target}: {message}");
         assert!(!message.contains("SECRET"), "{message}");
     }
@@ -140,13 +134,7 @@ async fn refusals_inside_the_namespace() {
         "http://0xa9fea9fe/",
     ] {
         let url = s.host.url(&format!("/redirect?to={}", urlencode(target)));
-        let message = refused(
-            &s.iris,
-            &body_with_images(&[(&url, None)]),
-            "image_url_forbidden",
-            PARAM,
-        )
-        .await;
+        let message = s.refuse_one(&url, "image_url_forbidden").await;
         assert!(message.contains("redirects to"), "{target}: {message}");
     }
     assert!(s.upstream.received().is_empty());
@@ -204,8 +192,8 @@ async fn fetch_with_proxy_variables_set() {
         .expect("via the proxy");
     assert_eq!(control.status(), 502, "the proxy variables are in effect");
 
-    let (status, answer) = send(&s.iris, &body_with_images(&[(&url, None)])).await;
+    let (status, answer) = s.send_one(&url).await;
     assert_eq!(status, 200, "{answer}");
-    assert!(data_uri(&sent_image(&s.upstream, 1)["url"]).1 == png);
+    assert!(s.inlined(1).1 == png);
     assert_eq!(s.host.hits("/files/a.png"), 1, "Iris fetched directly");
 }

@@ -87,6 +87,25 @@ async fn setup(upstream_keys: &str, images: &str) -> Setup {
     }
 }
 
+impl Setup {
+    /// Sends a request with one image, at `url`: its status and answer.
+    async fn send_one(&self, url: &str) -> (u16, Value) {
+        send(&self.iris, &body_with_images(&[(url, None)])).await
+    }
+
+    /// Sends a request with one image, at `url`, and expects a 400 with
+    /// `code` naming that image; returns the message.
+    async fn refuse_one(&self, url: &str, code: &str) -> String {
+        refused(&self.iris, &body_with_images(&[(url, None)]), code, PARAM).await
+    }
+
+    /// The MIME type and bytes of the data URI the upstream last received at
+    /// `messages[0].content[part]`.
+    fn inlined(&self, part: usize) -> (String, Vec<u8>) {
+        data_uri(&sent_image(&self.upstream, part)["url"])
+    }
+}
+
 fn config(upstream: &str, upstream_keys: &str, images: &str) -> String {
     let config = base_config(upstream, &format!("\n[images]\n{images}\n"));
     assert!(config.contains("timeout_ms = 2000\n"));

@@ -150,6 +150,13 @@ pub fn chat_body(model: &str) -> serde_json::Value {
     serde_json::json!({"model": model, "messages": [{"role": "user", "content": "Say hello"}]})
 }
 
+/// [`chat_body`], asking for a streamed answer.
+pub fn stream_body(model: &str) -> serde_json::Value {
+    let mut body = chat_body(model);
+    body["stream"] = serde_json::json!(true);
+    body
+}
+
 impl Iris {
     /// `POST /v1/chat/completions` as the client with `key`, with extra
     /// `headers` (the mock upstream's `x-mock-*`, which Iris forwards).
