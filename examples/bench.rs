@@ -13,7 +13,7 @@
 //! proxy (a few dozen lines of hyper that forward bytes and nothing else) is the
 //! floor any gateway sits on: Iris's overhead is reported next to it.
 
-#[path = "../tests/support/mock_upstream.rs"]
+#[path = "../tests/it/support/mock_upstream.rs"]
 mod mock_upstream;
 
 use std::convert::Infallible;

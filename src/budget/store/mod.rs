@@ -87,8 +87,10 @@ fn ready<T: Send + 'static>(value: Result<T, StoreError>) -> StoreFuture<T> {
 
 /// One suite for every store: `store_suite!(name, path::to::async_constructor)`;
 /// the constructor returns the store and whatever must live as long as it (a
-/// temporary directory), or `None` when the store cannot run here (no Redis:
-/// the test prints that it was skipped and passes).
+/// temporary directory, a Redis key prefix to delete), or `None` when the
+/// store cannot run here: no Redis, said by the tests' one skip policy
+/// (`tests/it/support/skip.rs`: `SKIPPED: <test>: <why>`, and a failure under
+/// `IRIS_REQUIRE_REDIS=1`), after which the test returns.
 #[cfg(test)]
 macro_rules! store_suite {
     ($name:ident, $make:path) => {
@@ -295,7 +297,7 @@ pub(crate) mod tests {
 
     /// The Redis store on the test database, with the caller's clock so the
     /// suite's fixed dates mean the same as for the other stores.
-    async fn redis_store() -> Option<(Arc<dyn Store>, super::redis::tests::TestKeys)> {
+    async fn redis_store() -> Option<(Arc<dyn Store>, super::redis::tests::SharedRedis)> {
         let (store, keys) = super::redis::tests::test_store(RedisClock::Caller).await?;
         Some((store, keys))
     }
