@@ -219,6 +219,10 @@ const fn named4(net: [u8; 4], prefix: u32, reason: Reason, service: &'static str
     }
 }
 
+const fn metadata4(net: [u8; 4], prefix: u32, service: &'static str) -> Range4 {
+    named4(net, prefix, Reason::Metadata, service)
+}
+
 /// Every IPv4 address that is not ordinary public unicast.
 const V4: &[Range4] = &[
     // --- cloud metadata and host-agent endpoints (never re-opened) --------
@@ -238,113 +242,73 @@ const V4: &[Range4] = &[
     // - Akamai/Linode: "Use the Metadata service API",
     //   https://techdocs.akamai.com/cloud-computing/docs/metadata-service-api
     // - IBM Cloud VPC, Huawei Cloud, Vultr and others use the same address.
-    named4(
+    metadata4(
         [169, 254, 169, 254],
         32,
-        Reason::Metadata,
         "instance metadata: AWS, GCP, Azure, DigitalOcean, Hetzner, OpenStack, Oracle and others",
     ),
     // AWS: "Amazon DNS server" (Route 53 Resolver at the VPC's link-local
     // address), https://docs.aws.amazon.com/vpc/latest/userguide/AmazonDNS-concepts.html
-    named4(
-        [169, 254, 169, 253],
-        32,
-        Reason::Metadata,
-        "AWS VPC DNS resolver",
-    ),
+    metadata4([169, 254, 169, 253], 32, "AWS VPC DNS resolver"),
     // AWS: "Set the time for your EC2 instance" (Amazon Time Sync Service),
     // https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/set-time.html
-    named4(
-        [169, 254, 169, 123],
-        32,
-        Reason::Metadata,
-        "Amazon Time Sync Service",
-    ),
+    metadata4([169, 254, 169, 123], 32, "Amazon Time Sync Service"),
     // The rest of the /24 around IMDS: AWS's Windows activation servers
     // (169.254.169.250 and .251, "Troubleshoot Windows activation" in the EC2
     // Windows guide) and GKE's node metadata server for Workload Identity
     // (169.254.169.252, seen in GKE nodes' iptables rules, not in a public
     // page). No image is ever served from here; refusing the block keeps a
     // host service that nobody listed from becoming reachable.
-    named4(
+    metadata4(
         [169, 254, 169, 0],
         24,
-        Reason::Metadata,
         "the link-local block of cloud host services around 169.254.169.254",
     ),
     // AWS ECS: "Task metadata endpoint version 2" and the task IAM role
     // credentials (AWS_CONTAINER_CREDENTIALS_RELATIVE_URI) at 169.254.170.2;
     // versions 3 and 4 are served from the same address.
     // https://docs.aws.amazon.com/AmazonECS/latest/developerguide/task-metadata-endpoint-v2.html
-    named4(
+    metadata4(
         [169, 254, 170, 2],
         32,
-        Reason::Metadata,
         "AWS ECS task metadata and credentials",
     ),
     // AWS EKS: "Set up the Amazon EKS Pod Identity Agent": the agent listens
     // on 169.254.170.23 (and [fd00:ec2::23]).
     // https://docs.aws.amazon.com/eks/latest/userguide/pod-id-agent-setup.html
-    named4(
-        [169, 254, 170, 23],
-        32,
-        Reason::Metadata,
-        "AWS EKS Pod Identity Agent",
-    ),
+    metadata4([169, 254, 170, 23], 32, "AWS EKS Pod Identity Agent"),
     // The rest of AWS's container-credentials /24, for the same reason as
     // the block around IMDS.
-    named4(
+    metadata4(
         [169, 254, 170, 0],
         24,
-        Reason::Metadata,
         "AWS's link-local block of container credential endpoints",
     ),
     // Azure: "What is IP address 168.63.129.16?": the WireServer, the host
     // agent's endpoint (guest agent, extensions, health probes, DNS) on
     // every Azure VM. A public address that Azure routes to the host.
     // https://learn.microsoft.com/azure/virtual-network/what-is-ip-address-168-63-129-16
-    named4(
+    metadata4(
         [168, 63, 129, 16],
         32,
-        Reason::Metadata,
         "Azure WireServer, the host agent's endpoint",
     ),
     // Alibaba Cloud: "Obtain instance metadata" (ECS metadata at
     // http://100.100.100.200/latest/meta-data/), inside CGNAT space.
     // https://www.alibabacloud.com/help/en/ecs/user-guide/view-instance-metadata
-    named4(
-        [100, 100, 100, 200],
-        32,
-        Reason::Metadata,
-        "Alibaba Cloud instance metadata",
-    ),
+    metadata4([100, 100, 100, 200], 32, "Alibaba Cloud instance metadata"),
     // Oracle Cloud (Classic/legacy) metadata at http://192.0.0.192/latest/.
     // Not on Oracle's current pages (OCI uses 169.254.169.254); listed by
     // the common SSRF payload collections (PayloadsAllTheThings, "SSRF
     // Cloud Instances", Oracle Cloud).
-    named4(
-        [192, 0, 0, 192],
-        32,
-        Reason::Metadata,
-        "Oracle Cloud metadata (legacy)",
-    ),
+    metadata4([192, 0, 0, 192], 32, "Oracle Cloud metadata (legacy)"),
     // Tencent Cloud: "Querying Instance Metadata" documents
     // http://metadata.tencentyun.com/latest/meta-data/, which resolves to
     // 169.254.0.23. https://www.tencentcloud.com/document/product/213/4934
-    named4(
-        [169, 254, 0, 23],
-        32,
-        Reason::Metadata,
-        "Tencent Cloud instance metadata",
-    ),
+    metadata4([169, 254, 0, 23], 32, "Tencent Cloud instance metadata"),
     // Scaleway: the Instance metadata API at http://169.254.42.42/conf
     // (Scaleway documentation "Instance metadata"; the scw-metadata tools).
-    named4(
-        [169, 254, 42, 42],
-        32,
-        Reason::Metadata,
-        "Scaleway instance metadata",
-    ),
+    metadata4([169, 254, 42, 42], 32, "Scaleway instance metadata"),
     // --- Kubernetes' usual service ranges ----------------------------------
     // Private already; named so a refusal says what is there. kubeadm's
     // default serviceSubnet (kubeadm configuration API, ClusterConfiguration
@@ -463,6 +427,10 @@ const fn named6(net: [u16; 8], prefix: u32, reason: Reason, service: &'static st
     }
 }
 
+const fn metadata6(net: [u16; 8], prefix: u32, service: &'static str) -> Range6 {
+    named6(net, prefix, Reason::Metadata, service)
+}
+
 /// IPv6 ranges, after the forms that embed an IPv4 address (see [`judge_v6`]).
 const V6: &[Range6] = &[
     // --- cloud metadata and host-agent endpoints (never re-opened) --------
@@ -473,69 +441,60 @@ const V6: &[Range6] = &[
     // fd00:ec2::123 ("Set the time for your EC2 instance"), and the EKS Pod
     // Identity Agent at fd00:ec2::23 ("Set up the Amazon EKS Pod Identity
     // Agent"); pages as for their IPv4 twins above.
-    named6(
+    metadata6(
         [0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254],
         128,
-        Reason::Metadata,
         "AWS instance metadata (IPv6)",
     ),
-    named6(
+    metadata6(
         [0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x253],
         128,
-        Reason::Metadata,
         "AWS VPC DNS resolver (IPv6)",
     ),
-    named6(
+    metadata6(
         [0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x123],
         128,
-        Reason::Metadata,
         "Amazon Time Sync Service (IPv6)",
     ),
-    named6(
+    metadata6(
         [0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23],
         128,
-        Reason::Metadata,
         "AWS EKS Pod Identity Agent (IPv6)",
     ),
     // GCP: the metadata server's IPv6 address for IPv6-only VMs,
     // http://[fd20:ce::254]/computeMetadata/v1/ ("About VM metadata").
-    named6(
+    metadata6(
         [0xfd20, 0xce, 0, 0, 0, 0, 0, 0x254],
         128,
-        Reason::Metadata,
         "GCP metadata server (IPv6)",
     ),
     // Akamai/Linode: "Use the Metadata service API" lists IPv6
     // fd00:a9fe:a9fe::1 and fe80::a9fe:a9fe; OpenStack Neutron serves
     // metadata on fe80::a9fe:a9fe too ("Metadata service" over IPv6 in the
     // Neutron admin guide).
-    named6(
+    metadata6(
         [0xfd00, 0xa9fe, 0xa9fe, 0, 0, 0, 0, 1],
         128,
-        Reason::Metadata,
         "Akamai/Linode instance metadata (IPv6)",
     ),
-    named6(
+    metadata6(
         [0xfe80, 0, 0, 0, 0, 0, 0xa9fe, 0xa9fe],
         128,
-        Reason::Metadata,
         "instance metadata over IPv6: OpenStack, Akamai/Linode",
     ),
     // Oracle OCI: IMDS over IPv6 at http://[fd00:c1::a9fe:a9fe]/opc/v2/, as
     // cited by current SSRF deny lists (not checked against Oracle's page
     // here, which names 169.254.169.254).
-    named6(
+    metadata6(
         [0xfd00, 0xc1, 0, 0, 0, 0, 0xa9fe, 0xa9fe],
         128,
-        Reason::Metadata,
         "Oracle Cloud instance metadata (IPv6)",
     ),
     // Scaleway: the metadata API's IPv6 address fd00:42::42, the twin of
     // 169.254.42.42 (Scaleway "Instance metadata"; not checked here).
-    named6(
+    metadata6(
         [0xfd00, 0x42, 0, 0, 0, 0, 0, 0x42],
         128,
-        Reason::Metadata,
         "Scaleway instance metadata (IPv6)",
     ),
     // --- special-purpose ranges ---------------------------------------------
