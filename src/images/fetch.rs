@@ -4,8 +4,12 @@
 //! The defences, each where it cannot be bypassed:
 //! - the URL (and every redirect hop) must be `http`/`https` with no userinfo;
 //! - an IP-literal host is checked directly, since reqwest never hands IP
-//!   literals to a resolver ([`check_url`], called before the request and by
-//!   the redirect policy for every hop);
+//!   literals to a resolver, and the names of metadata endpoints are refused
+//!   before any lookup ([`check_url`], called before the request and by the
+//!   redirect policy for every hop);
+//! - a redirect that reqwest hands back unfollowed (its `Location` is not a
+//!   URL, or has a scheme the HTTP stack cannot hold, like `file:`) is
+//!   refused too, named by its target, not by the hop that sent it;
 //! - a host name goes through [`FilteringResolver`], which drops refused
 //!   addresses: reqwest connects only to the addresses it returns, so there
 //!   is no second lookup that DNS rebinding could answer differently;
