@@ -237,16 +237,171 @@ async fn redirects_are_followed_counted_and_checked_at_every_hop() {
         false,
     )
     .await;
-    for target in [
-        format!("http://{refused_host}/a.png"),
-        format!("http://localhost:{}/a.png", refused_host.port()),
-        "ftp://127.0.0.2/a.png".to_owned(),
-        s.host.url("/files/a.png").replace("http://", "http://u:p@"),
+    let hop = s.host.addr.to_string();
+    for (target, named) in [
+        (
+            format!("http://{refused_host}/a.png"),
+            format!("http://{refused_host}"),
+        ),
+        (
+            format!("http://localhost:{}/a.png", refused_host.port()),
+            "localhost".to_owned(),
+        ),
+        (
+            "ftp://127.0.0.2/a.png".to_owned(),
+            "ftp://127.0.0.2".to_owned(),
+        ),
+        (
+            s.host.url("/files/a.png").replace("http://", "http://u:p@"),
+            format!("http://{hop}"),
+        ),
     ] {
         let url = s.host.url(&format!("/redirect?to={}", urlencode(&target)));
-        s.refuse_one(&url, "image_url_forbidden").await;
+        let message = s.refuse_one(&url, "image_url_forbidden").await;
+        // The refused target is named; the hop before it (the image host)
+        // only where it is the target itself (the userinfo case).
+        assert!(
+            message.contains(&format!("redirects to {named}")),
+            "{target}: {message}"
+        );
+        if !named.contains(&hop) {
+            assert!(!message.contains(&hop), "{target}: {message}");
+        }
     }
     assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+/// A `Location` that is not http(s), or is not a URL at all, is refused as
+/// `image_url_forbidden`, and the message names that target (its origin, or
+/// its scheme alone), never its path or query, and not the hop before it.
+#[tokio::test]
+async fn redirects_to_other_schemes_or_unparseable_locations_are_refused() {
+    let s = setup(INLINE, &format!("{ALLOW_HOST}\nmax_redirects = 3")).await;
+    let png = encode(&chart(8, 8), ImageFormat::Png);
+    s.host.add("a.png", "image/png", png.clone());
+    // A host that counts connections, to show nothing is dialled.
+    let (listener, connections) = raw_server(
+        "127.0.0.1",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_vec(),
+        false,
+    )
+    .await;
+    let port = listener.port();
+    let hop = s.host.addr.to_string();
+    for (location, named) in [
+        // Schemes the HTTP stack can hold: refused by the redirect policy.
+        (
+            "gopher://127.0.0.2:70/_SECRET-PATH?q=SECRET".to_owned(),
+            "gopher://127.0.0.2:70".to_owned(),
+        ),
+        (
+            "ftp://127.0.0.2/SECRET.png".to_owned(),
+            "ftp://127.0.0.2".to_owned(),
+        ),
+        (
+            format!("dict://127.0.0.1:{port}/SECRET"),
+            format!("dict://127.0.0.1:{port}"),
+        ),
+        (
+            format!("ldap://127.0.0.1:{port}/dc=SECRET"),
+            format!("ldap://127.0.0.1:{port}"),
+        ),
+        (
+            "ws://127.0.0.2/SECRET".to_owned(),
+            "ws://127.0.0.2".to_owned(),
+        ),
+        // Schemes it cannot: handed back unfollowed, refused after.
+        ("file:///etc/passwd?SECRET".to_owned(), "file:".to_owned()),
+        (
+            "file://fileserver/SECRET/share".to_owned(),
+            "file://fileserver".to_owned(),
+        ),
+        (
+            "data:image/png;base64,iVBORw0KGgoSECRET".to_owned(),
+            "data:".to_owned(),
+        ),
+        (
+            "javascript:alert('SECRET')".to_owned(),
+            "javascript:".to_owned(),
+        ),
+        ("mailto:SECRET@example.com".to_owned(), "mailto:".to_owned()),
+        // Not URLs: the scheme alone, or nothing, is named.
+        ("http://[::1/SECRET".to_owned(), "http:".to_owned()),
+        ("http://999.1.1.1/SECRET".to_owned(), "http:".to_owned()),
+        (
+            "https://exa mple.com/SECRET".to_owned(),
+            "https:".to_owned(),
+        ),
+        ("https://%00/SECRET".to_owned(), "https:".to_owned()),
+        ("//[::1/SECRET".to_owned(), "a Location".to_owned()),
+    ] {
+        for status in [301, 302, 303, 307, 308, 300] {
+            let url = s.host.url(&format!(
+                "/redirect?status={status}&to={}",
+                urlencode(&location)
+            ));
+            let message = s.refuse_one(&url, "image_url_forbidden").await;
+            assert!(
+                message.starts_with(&format!(
+                    "The image URL redirects to {named}, which is refused: "
+                )),
+                "{status} {location}: {message}"
+            );
+            assert!(
+                !message.contains("SECRET"),
+                "{status} {location}: {message}"
+            );
+            assert!(!message.contains(&hop), "{status} {location}: {message}");
+        }
+    }
+
+    // Two hops on: the refused third names the third, not the second.
+    let inner = format!("/redirect?to={}", urlencode("file:///etc/passwd"));
+    let url = s.host.url(&format!("/redirect?to={}", urlencode(&inner)));
+    let message = s.refuse_one(&url, "image_url_forbidden").await;
+    assert!(
+        message
+            .starts_with("The image URL redirects to file:, which is refused: the scheme \"file\""),
+        "{message}"
+    );
+
+    // A Location that is not UTF-8, from a second host one hop on.
+    let (raw, _) = raw_server(
+        IMAGE_HOST,
+        b"HTTP/1.1 302 Found\r\nlocation: http://\xff\xfe/SECRET\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_vec(),
+        false,
+    )
+    .await;
+    let url = s.host.url(&format!(
+        "/redirect?to={}",
+        urlencode(&format!("http://{raw}/"))
+    ));
+    let message = s.refuse_one(&url, "image_url_forbidden").await;
+    assert_eq!(
+        message,
+        "The image URL redirects to http:, which is refused: it cannot be parsed as a URL."
+    );
+
+    // Control: 300 towards an allowed URL is a status failure, and a 302
+    // towards one is followed.
+    let to_png = urlencode(&s.host.url("/files/a.png"));
+    let url = s.host.url(&format!("/redirect?status=300&to={to_png}"));
+    s.refuse_one(&url, "image_fetch_failed").await;
+    let url = s.host.url(&format!("/redirect?status=302&to={to_png}"));
+    let (status, answer) = s.send_one(&url).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(s.inlined(1).1 == png);
+
+    assert_eq!(
+        connections.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "nothing dialled"
+    );
+    assert_eq!(
+        s.upstream.received().len(),
+        1,
+        "only the control reached the upstream"
+    );
 }
 
 // --- limits while reading -------------------------------------------------------------------

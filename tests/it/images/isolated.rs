@@ -119,6 +119,35 @@ async fn refusals_inside_the_namespace() {
         ("http://[64:ff9b::192.168.0.1]/", "private"),
         ("http://[2002:a9fe:a9fe::1]/", "metadata"),
         ("http://[2002:c0a8:0101::1]/", "private"),
+        // Host agents and metadata outside 169.254.0.0/16, and their notations.
+        (
+            "http://168.63.129.16/machine?comp=goalstate",
+            "Azure WireServer",
+        ),
+        ("http://2822734096/machine", "Azure WireServer"),
+        ("http://0xa83f8110/machine", "Azure WireServer"),
+        ("http://[::ffff:a83f:8110]/machine", "Azure WireServer"),
+        ("http://169.254.170.2/v2/credentials/", "ECS"),
+        ("http://169.254.170.23/v1/credentials", "Pod Identity"),
+        ("http://[fd00:ec2::23]/v1/credentials", "Pod Identity"),
+        ("http://[fd20:ce::254]/computeMetadata/v1/", "GCP"),
+        ("http://192.0.0.192/latest/", "Oracle"),
+        ("http://100.100.100.200./latest/", "Alibaba"),
+        // By name, before any lookup.
+        ("http://metadata.google.internal/computeMetadata/v1/", "GCP"),
+        (
+            "http://METADATA.google.internal./computeMetadata/v1/",
+            "GCP",
+        ),
+        ("http://metadata/computeMetadata/v1/", "GCP"),
+        ("http://instance-data/latest/meta-data/", "AWS"),
+        (
+            "https://kubernetes.default.svc/api",
+            "Kubernetes API server",
+        ),
+        // Kubernetes service ranges, named.
+        ("http://34.118.224.1/", "GKE"),
+        ("http://10.96.0.1/", "Kubernetes"),
     ] {
         let url = format!("{target}{secret}");
         let message = s.refuse_one(&url, "image_url_forbidden").await;
@@ -126,18 +155,82 @@ async fn refusals_inside_the_namespace() {
         assert!(!message.contains("SECRET"), "{message}");
     }
 
-    // Redirects from the allowed host to refused addresses.
-    for target in [
-        "http://169.254.169.254/latest/meta-data/iam/",
-        "http://10.0.0.1/a.png",
-        "http://[::ffff:a9fe:a9fe]/",
-        "http://0xa9fea9fe/",
+    // Redirects from the allowed host to refused addresses and names: the
+    // message names the target, not the image host that redirected.
+    let hop = s.host.addr.to_string();
+    for (target, named) in [
+        (
+            "http://169.254.169.254/latest/meta-data/iam/",
+            "http://169.254.169.254",
+        ),
+        ("http://10.0.0.1/a.png", "http://10.0.0.1"),
+        ("http://[::ffff:a9fe:a9fe]/", "http://[::ffff:a9fe:a9fe]"),
+        ("http://0xa9fea9fe/", "http://169.254.169.254"),
+        (
+            "http://168.63.129.16:32526/vmSettings",
+            "http://168.63.129.16:32526",
+        ),
+        (
+            "http://[fd00:ec2::254]/latest/api/token",
+            "http://[fd00:ec2::254]",
+        ),
+        (
+            "http://metadata.google.internal/computeMetadata/v1/",
+            "http://metadata.google.internal",
+        ),
     ] {
         let url = s.host.url(&format!("/redirect?to={}", urlencode(target)));
         let message = s.refuse_one(&url, "image_url_forbidden").await;
-        assert!(message.contains("redirects to"), "{target}: {message}");
+        assert!(
+            message.starts_with(&format!(
+                "The image URL redirects to {named}, which is refused: "
+            )),
+            "{target}: {message}"
+        );
+        assert!(!message.contains(&hop), "{target}: {message}");
     }
     assert!(s.upstream.received().is_empty());
+
+    // Networks allowed around metadata endpoints open the networks, never
+    // the endpoints: CGNAT without Alibaba's, link-local without IMDS,
+    // 168.63/16 without the WireServer, fd00::/8 without AWS's IPv6 IMDS.
+    let s = setup(
+        INLINE,
+        r#"allowed_networks = ["127.0.0.2/32", "100.64.0.0/10", "169.254.0.0/16", "168.63.0.0/16", "fd00::/8", "2002::/16"]"#,
+    )
+    .await;
+    for target in [
+        "http://100.100.100.200/latest/meta-data/",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://169.254.170.2/v2/credentials/",
+        "http://168.63.129.16/machine",
+        "http://[fd00:ec2::254]/latest/meta-data/",
+        "http://[2002:a9fe:a9fe::1]/",
+    ] {
+        let message = refused(
+            &s.iris,
+            &body_with_images(&[(target, None)]),
+            "image_url_forbidden",
+            PARAM,
+        )
+        .await;
+        assert!(message.contains("metadata"), "{target}: {message}");
+    }
+    // The rest of those networks is allowed: Iris tries to connect, and in
+    // this namespace there is no route.
+    for target in [
+        "http://100.64.0.1/a.png",
+        "http://169.254.1.1/a.png",
+        "http://168.63.1.1/a.png",
+    ] {
+        refused(
+            &s.iris,
+            &body_with_images(&[(target, None)]),
+            "image_fetch_failed",
+            PARAM,
+        )
+        .await;
+    }
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@
 //! - `/files/{name}`: a registered file with its registered content type;
 //! - `/chain/{n}/{name}`: `n` redirects, then the file;
 //! - `/loop`: redirects to itself;
-//! - `/redirect?to=URL`: one redirect to `URL`;
+//! - `/redirect?to=URL[&status=N]`: one redirect to `URL` (302, or status `N`);
 //! - `/chunked/{len}`: `len` bytes (a PNG signature, then zeros) with no `Content-Length`;
 //! - `/slow/{name}?chunk_ms=N&chunk_bytes=B`: the file B bytes (1 KiB) at a time, N ms apart;
 //! - `/gzip/{name}`: the file labelled `Content-Encoding: gzip`;
@@ -209,8 +209,14 @@ async fn redirect_loop(_hit: Hit) -> Response {
 }
 
 async fn redirect(hit: Hit) -> Response {
+    let status = hit
+        .params
+        .get("status")
+        .and_then(|s| s.parse().ok())
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::FOUND);
     match hit.params.get("to") {
-        Some(to) => found(to),
+        Some(to) => (status, [(header::LOCATION, to.to_owned())]).into_response(),
         None => StatusCode::BAD_REQUEST.into_response(),
     }
 }
