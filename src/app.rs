@@ -1,7 +1,7 @@
 //! The application: shared state and the one place the router and its layer
 //! stack are built.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use arc_swap::ArcSwap;
 use axum::Router;
@@ -24,13 +24,15 @@ use crate::gateway::Gateway;
 use crate::images::Images;
 use crate::metrics::Metrics;
 use crate::routes;
+use crate::routing::health::{Health, REFRESH_EVERY};
+use crate::routing::queue::Queues;
 use crate::upstream::{Endpoint, Forwarder};
 
 /// Everything a request handler may need: the services, built once at
 /// startup, and the configuration, one immutable snapshot behind an atomic
 /// pointer.
 pub struct AppState {
-    config: ArcSwap<Config>,
+    config: Arc<ArcSwap<Config>>,
     pub gateway: Gateway,
     pub metrics: Metrics,
 }
@@ -54,12 +56,17 @@ impl AppState {
                 );
             }
         }
+        let health = Arc::new(Health::new(Arc::clone(budgets.store())));
+        let config = Arc::new(ArcSwap::from_pointee(config));
+        spawn_health_refresh(Arc::downgrade(&health), Arc::downgrade(&config));
         Ok(Self {
-            config: ArcSwap::from_pointee(config),
+            config,
             gateway: Gateway {
                 budgets,
                 images,
                 forwarder,
+                health,
+                queues: Queues::default(),
                 drain: CancellationToken::new(),
             },
             metrics,
@@ -71,6 +78,23 @@ impl AppState {
     pub fn config(&self) -> Arc<Config> {
         self.config.load_full()
     }
+}
+
+/// Keeps deployment health current: shared cooldowns pulled from the store,
+/// the cooling gauges updated. Ends when the app is gone.
+fn spawn_health_refresh(health: Weak<Health>, config: Weak<ArcSwap<Config>>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(REFRESH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let (Some(health), Some(config)) = (health.upgrade(), config.upgrade()) else {
+                return;
+            };
+            let deployments = config.load().catalog.deployment_labels();
+            health.refresh(&deployments).await;
+        }
+    });
 }
 
 /// The router with every route and layer.

@@ -17,7 +17,9 @@ use serde::Serialize;
 use crate::budget::window::{Refusal, Snapshot};
 use crate::budget::{BudgetError, Rejection, duration_string};
 use crate::gateway::ChatError;
+use crate::gateway::relay::Cut;
 use crate::upstream::UpstreamError;
+use bytes::Bytes;
 
 /// An error answer: status, OpenAI error `type`, `code`, `param` and message,
 /// plus the headers it must carry.
@@ -172,12 +174,18 @@ impl From<ChatError> for ApiError {
                 refusal.error.message,
             )
             .with_param(refusal.param.to_string()),
-            ChatError::Upstream(UpstreamError::Unreachable { .. }) => {
-                Self::new(StatusCode::BAD_GATEWAY, "upstream_unavailable", message)
-            }
+            ChatError::Upstream(
+                UpstreamError::Unreachable { .. } | UpstreamError::Invalid { .. },
+            ) => Self::new(StatusCode::BAD_GATEWAY, "upstream_unavailable", message),
             ChatError::Upstream(UpstreamError::Timeout { .. }) => {
                 Self::new(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", message)
             }
+            ChatError::NoUpstreamRoom { retry_after, .. } => Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "upstream_rate_limited",
+                message,
+            )
+            .with_retry_after(retry_after),
         }
     }
 }
@@ -225,6 +233,38 @@ impl ApiError {
             .extend(rate_limit_headers(&rejection.snapshot));
         error
     }
+}
+
+/// How a response body cut short ends for the client: a stream gets one
+/// last event with an OpenAI-shaped error and no `[DONE]` (the SDKs raise
+/// on it instead of returning a truncated answer as if complete); a plain
+/// body is aborted (the connection closes before its end).
+pub fn cut_short(cut: Cut) -> Result<Bytes, std::io::Error> {
+    let (stream, message, code) = match cut {
+        Cut::Upstream { stream } => (
+            stream,
+            "The upstream failed after the response started; the answer is incomplete.",
+            "upstream_stream_interrupted",
+        ),
+        Cut::ShuttingDown { stream } => (
+            stream,
+            "The gateway is shutting down; the answer is incomplete.",
+            "server_shutting_down",
+        ),
+    };
+    if !stream {
+        return Err(std::io::Error::other(message));
+    }
+    let event = serde_json::to_string(&Envelope {
+        error: Body {
+            message,
+            kind: "server_error",
+            param: None,
+            code,
+        },
+    })
+    .unwrap_or_default();
+    Ok(Bytes::from(format!("data: {event}\n\n")))
 }
 
 static TOKEN_HEADERS: [HeaderName; 3] = [

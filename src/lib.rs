@@ -36,6 +36,7 @@ pub mod metrics;
 pub mod openai;
 pub mod rewrite;
 pub mod routes;
+pub mod routing;
 pub mod secret;
 pub mod server;
 pub mod telemetry;

@@ -25,6 +25,7 @@ use std::time::Duration;
 use crate::budget::StoreSettings;
 use crate::catalog::Catalog;
 use crate::images::ImagesSettings;
+use crate::routing::RoutingSettings;
 
 /// A whole, valid configuration: one immutable snapshot of what the server
 /// runs on. Held behind an atomic pointer by the app and taken once per
@@ -34,6 +35,7 @@ pub struct Config {
     pub server: Server,
     pub store: StoreSettings,
     pub images: ImagesSettings,
+    pub routing: RoutingSettings,
     pub catalog: Catalog,
 }
 

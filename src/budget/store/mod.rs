@@ -15,6 +15,8 @@ mod sqlite;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
 
 #[cfg(test)]
 pub(crate) use self::redis::tests as redis_tests;
@@ -78,6 +80,36 @@ pub trait Store: Send + Sync + 'static {
 
     /// Writes out anything not yet persisted (at shutdown).
     fn flush(&self) -> StoreFuture<()>;
+
+    /// Whether deployment health is shared through this store with other
+    /// instances. In-process stores share nothing: each process's own
+    /// memory is the whole truth, and the methods below do nothing.
+    fn shares_health(&self) -> bool {
+        false
+    }
+
+    /// Counts a failure of deployment `key` for every instance: at `allowed`
+    /// failures within `window`, it cools down for `cooldown`.
+    fn share_failure(
+        &self,
+        _key: &str,
+        _window: Duration,
+        _allowed: u32,
+        _cooldown: Duration,
+    ) -> StoreFuture<()> {
+        ready(Ok(()))
+    }
+
+    /// Cools deployment `key` down for `length` for every instance (unless
+    /// it already cools down longer).
+    fn share_cooldown(&self, _key: &str, _length: Duration) -> StoreFuture<()> {
+        ready(Ok(()))
+    }
+
+    /// For each key, how long its shared cooldown still runs.
+    fn shared_cooldowns(&self, keys: &[Arc<str>]) -> StoreFuture<Vec<Option<Duration>>> {
+        ready(Ok(vec![None; keys.len()]))
+    }
 }
 
 /// A future that is already done: the in-memory stores answer synchronously.
