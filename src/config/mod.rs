@@ -217,6 +217,29 @@ mod tests {
         );
     }
 
+    /// Every config the repository ships passes the checks `iris check` runs.
+    #[test]
+    fn shipped_configs_are_valid() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut paths = vec![root.join("config/iris.toml")];
+        let examples = std::fs::read_dir(root.join("config/examples")).expect("examples");
+        paths.extend(examples.filter_map(|e| e.ok().map(|e| e.path())));
+        // Variables the examples name: key hashes must look like hashes.
+        let lookup = |name: &str| {
+            Some(if name.ends_with("_KEY_HASH") {
+                crate::keys::KeyHash::of(name).to_string()
+            } else {
+                format!("value-of-{name}")
+            })
+        };
+        for path in paths {
+            let text = std::fs::read_to_string(&path).expect("read");
+            if let Err(problems) = parse(&text, &lookup) {
+                panic!("{}:\n{problems}", path.display());
+            }
+        }
+    }
+
     #[test]
     fn type_errors_name_the_key() {
         let found = problems("[server]\nmax_body_bytes = \"big\"\n");
