@@ -573,13 +573,8 @@ impl Stream {
         let cancelled = Arc::clone(&state.cancelled_streams);
         tokio::spawn(async move {
             let _in_flight = in_flight;
-            let mut sent = self.events();
-            match self.end {
-                End::Die => sent.push(Err(std::io::Error::other("the mock upstream died"))),
-                End::Done | End::Stall | End::Vanish => {}
-            }
             let mut reader_left = false;
-            for (i, item) in sent.into_iter().enumerate() {
+            for (i, item) in self.events().into_iter().enumerate() {
                 if i > 0 && !self.delay.is_zero() {
                     tokio::time::sleep(self.delay).await;
                 }
@@ -587,6 +582,14 @@ impl Stream {
                     reader_left = true;
                     break;
                 }
+            }
+            if self.end == End::Die && !reader_left {
+                // A moment for what was sent to reach the wire: a body error
+                // drops the connection with whatever is still buffered.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let _ = tx
+                    .send(Err(std::io::Error::other("the mock upstream died")))
+                    .await;
             }
             if self.end == End::Stall && !reader_left {
                 tx.closed().await;
