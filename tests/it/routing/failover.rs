@@ -424,6 +424,33 @@ async fn the_iris_headers_name_the_upstream_and_count_the_attempts() {
     );
 }
 
+#[tokio::test]
+async fn an_upstream_403_cools_the_deployment_too() {
+    let [a, b] = farm().await;
+    let iris = Config::new()
+        .upstream("fo403-a", &a.base_url(), "")
+        .upstream("fo403-b", &b.base_url(), "")
+        .model("fo403", &[("fo403-a", ""), ("fo403-b", "priority = 1")])
+        .routing(QUICK)
+        .start()
+        .await;
+    a.fail_always(Fault::status(403));
+    assert_answered(&chat(&iris, "fo403").await, "fo403-b", 2);
+    for _ in 0..5 {
+        assert_answered(&chat(&iris, "fo403").await, "fo403-b", 1);
+    }
+    assert_eq!(a.requests(), 1, "one 403 is enough: Iris's key is refused");
+    assert_eq!(
+        metric(
+            &iris,
+            "iris_upstream_cooldowns_total",
+            &["upstream=\"fo403-a\"", "reason=\"auth\""]
+        )
+        .await,
+        1.0
+    );
+}
+
 // --- what is logged --------------------------------------------------------
 
 /// `iris serve` as a child process with JSON logs, killed on drop.

@@ -166,7 +166,7 @@ max_concurrent = 1000
     }
 }
 
-/// Mock upstreams, one per name.
+/// `N` mock upstreams, each on its own port.
 pub async fn farm<const N: usize>() -> [MockUpstream; N] {
     let mut mocks = Vec::with_capacity(N);
     for _ in 0..N {
