@@ -17,3 +17,4 @@ mod gateway;
 mod images;
 mod quickstart;
 mod redis;
+mod routing;
