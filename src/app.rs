@@ -26,6 +26,7 @@ use crate::metrics::Metrics;
 use crate::routes;
 use crate::routing::health::{Health, REFRESH_EVERY};
 use crate::routing::queue::Queues;
+use crate::spend::SpendLog;
 use crate::upstream::{Endpoint, Forwarder};
 
 /// Everything a request handler may need: the services, built once at
@@ -35,6 +36,8 @@ pub struct AppState {
     config: Arc<ArcSwap<Config>>,
     pub gateway: Gateway,
     pub metrics: Metrics,
+    /// One record per finished chat completion.
+    pub spend: SpendLog,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -47,6 +50,7 @@ impl AppState {
         // Metrics first, so the image metrics' descriptions reach the recorder.
         let metrics = Metrics::install();
         let budgets = Budgets::open(&config.store).await?;
+        let spend = SpendLog::open(&config.spend_log, &config.store.backend).await?;
         let images = Images::new(&config.images)?;
         for upstream in config.catalog.upstreams() {
             if matches!(upstream.endpoint, Endpoint::Demo) {
@@ -70,6 +74,7 @@ impl AppState {
                 drain: CancellationToken::new(),
             },
             metrics,
+            spend,
         })
     }
 

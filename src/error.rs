@@ -240,16 +240,15 @@ impl ApiError {
 /// on it instead of returning a truncated answer as if complete); a plain
 /// body is aborted (the connection closes before its end).
 pub fn cut_short(cut: Cut) -> Result<Bytes, std::io::Error> {
-    let (stream, message, code) = match cut {
+    let code = cut.error_code();
+    let (stream, message) = match cut {
         Cut::Upstream { stream } => (
             stream,
             "The upstream failed after the response started; the answer is incomplete.",
-            "upstream_stream_interrupted",
         ),
         Cut::ShuttingDown { stream } => (
             stream,
             "The gateway is shutting down; the answer is incomplete.",
-            "server_shutting_down",
         ),
     };
     if !stream {

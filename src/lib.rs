@@ -15,7 +15,8 @@
 //!   upstream), [`budget`] (estimate, reserve, settle; the stores),
 //!   [`rewrite`] (an upstream's image policy applied to a request, using
 //!   [`images`]: safe fetching, sniffing, conversion, caching), [`upstream`]
-//!   (forwarding)
+//!   (forwarding), [`spend`] (the spend log: a record per chat completion,
+//!   batched to SQLite or PostgreSQL off the request path)
 //! - at the bottom: [`openai`] (the wire types Iris looks inside), [`keys`],
 //!   [`secret`], [`metrics`], [`telemetry`]
 //!
@@ -39,6 +40,7 @@ pub mod routes;
 pub mod routing;
 pub mod secret;
 pub mod server;
+pub mod spend;
 pub mod telemetry;
 pub mod upstream;
 

@@ -76,6 +76,16 @@ impl<'i> ImageWork<'i> {
         apply(self, policy, request).await
     }
 
+    /// How many image URLs were fetched (or found in the cache) for this
+    /// request, and their bytes as fetched.
+    pub fn fetched(&self) -> (u32, u64) {
+        self.fetched.lock().map_or((0, 0), |fetched| {
+            let count = u32::try_from(fetched.len()).unwrap_or(u32::MAX);
+            let bytes = fetched.values().map(|image| image.bytes.len() as u64).sum();
+            (count, bytes)
+        })
+    }
+
     /// The image at `url`, fetched for this request already or now.
     async fn fetch(&self, url: &str) -> Result<Arc<FetchedImage>, ImageError> {
         let known = self

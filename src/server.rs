@@ -1,6 +1,7 @@
 //! Serving: accept on a listener until `shutdown` resolves, then drain
 //! in-flight requests (streams included) for at most the grace period, wait
-//! for the settlements they left running, and persist the budgets.
+//! for the settlements they left running, persist the budgets and write the
+//! spend log's queue.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -14,6 +15,9 @@ use crate::app::{AppState, app};
 /// How long shutdown waits for the reservations of responses ended at the
 /// grace period to settle (they settle as soon as their body notices).
 const SETTLE_AT_SHUTDOWN: Duration = Duration::from_secs(5);
+
+/// How long shutdown waits for the spend log's queue to be written.
+const SPEND_LOG_AT_SHUTDOWN: Duration = Duration::from_secs(5);
 
 /// Serves `state` on `listener` until `shutdown` resolves and in-flight
 /// requests finish, or `grace` passes after it.
@@ -59,6 +63,10 @@ pub async fn run(
     match state.gateway.budgets.shutdown(SETTLE_AT_SHUTDOWN).await {
         Ok(()) => tracing::info!("budget usage flushed"),
         Err(e) => tracing::error!("budget usage not flushed: {e}"),
+    }
+    // Settlements are done, so every record is queued: write them.
+    if !state.spend.shutdown(SPEND_LOG_AT_SHUTDOWN).await {
+        tracing::error!("spend log: records still queued at shutdown were not written");
     }
     tracing::info!("stopped");
     Ok(())

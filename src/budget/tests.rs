@@ -233,6 +233,7 @@ async fn finish_settles_by_reported_usage_or_by_estimate() {
         }),
         generated: "ignored when usage came".into(),
         finished: true,
+        error_code: None,
     };
     budgets
         .reserve_for(&client, estimate)
@@ -247,6 +248,7 @@ async fn finish_settles_by_reported_usage_or_by_estimate() {
         usage: None,
         generated: "Hello, world!".into(),
         finished: false,
+        error_code: None,
     };
     budgets
         .reserve_for(&client, estimate)
@@ -271,6 +273,7 @@ async fn finish_settles_by_reported_usage_or_by_estimate() {
                 usage: None,
                 generated: long,
                 finished: false,
+                error_code: None,
             },
             true,
         );

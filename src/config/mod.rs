@@ -26,6 +26,7 @@ use crate::budget::StoreSettings;
 use crate::catalog::Catalog;
 use crate::images::ImagesSettings;
 use crate::routing::RoutingSettings;
+use crate::spend::SpendSettings;
 
 /// A whole, valid configuration: one immutable snapshot of what the server
 /// runs on. Held behind an atomic pointer by the app and taken once per
@@ -37,6 +38,7 @@ pub struct Config {
     pub images: ImagesSettings,
     pub routing: RoutingSettings,
     pub catalog: Catalog,
+    pub spend_log: SpendSettings,
 }
 
 /// `[server]`: the listener and request limits.

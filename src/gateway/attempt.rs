@@ -83,6 +83,12 @@ impl Attempts<'_> {
             selector.attempted(index);
             trail.attempts += 1;
             trail.upstream = Some(upstream.name.clone());
+            trail.upstream_model = Some(
+                deployment
+                    .upstream_model
+                    .clone()
+                    .unwrap_or_else(|| self.model.name.clone()),
+            );
 
             let request = match first.take() {
                 Some(request) => request,

@@ -87,6 +87,13 @@ pub struct Trail {
     pub model: Option<String>,
     /// The upstream of the last attempt (the one that answered, if any).
     pub upstream: Option<String>,
+    /// What that upstream calls the model.
+    pub upstream_model: Option<String>,
+    /// The client asked for a streamed answer.
+    pub stream: bool,
+    /// Image URLs fetched and inlined for the request, and their bytes.
+    pub images: u32,
+    pub image_bytes: u64,
     /// Attempts made upstream.
     pub attempts: u32,
     pub upstream_latency: Option<Duration>,
@@ -118,6 +125,7 @@ impl Gateway {
             request_id,
         } = incoming;
         let request = ChatRequest::parse(&body)?;
+        trail.stream = request.stream;
 
         let model = config
             .catalog
@@ -141,7 +149,7 @@ impl Gateway {
         reservation.set_request_id(request_id);
 
         let images = ImageWork::new(&self.images);
-        attempt::Attempts {
+        let answer = attempt::Attempts {
             gateway: self,
             settings: &config.routing,
             model,
@@ -153,6 +161,8 @@ impl Gateway {
             images: &images,
         }
         .run(request, reservation, trail)
-        .await
+        .await;
+        (trail.images, trail.image_bytes) = images.fetched();
+        answer
     }
 }
