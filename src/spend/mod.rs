@@ -24,6 +24,7 @@ pub mod sqlite;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -294,6 +295,7 @@ pub struct SpendLog {
 
 struct Inner {
     records: mpsc::Sender<Record>,
+    stats: Arc<Stats>,
     control: mpsc::UnboundedSender<Control>,
     sink: Arc<dyn Sink>,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -324,8 +326,10 @@ impl SpendLog {
     pub fn start(sink: Arc<dyn Sink>, options: WriterOptions, retention: Option<Duration>) -> Self {
         let (records, queue) = mpsc::channel(options.queue_capacity.max(1));
         let (control, commands) = mpsc::unbounded_channel();
+        let stats = Arc::new(Stats::default());
         let writer = Writer {
             sink: Arc::clone(&sink),
+            stats: Arc::clone(&stats),
             options,
             retention,
             errors: ErrorLog::default(),
@@ -334,6 +338,7 @@ impl SpendLog {
         Self {
             inner: Some(Arc::new(Inner {
                 records,
+                stats,
                 control,
                 sink,
                 writer: Mutex::new(Some(task)),
@@ -351,9 +356,19 @@ impl SpendLog {
         let Some(inner) = &self.inner else { return };
         match inner.records.try_send(record) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => dropped("queue_full", 1),
-            Err(mpsc::error::TrySendError::Closed(_)) => dropped("stopped", 1),
+            Err(mpsc::error::TrySendError::Full(_)) => inner.stats.dropped("queue_full", 1),
+            Err(mpsc::error::TrySendError::Closed(_)) => inner.stats.dropped("stopped", 1),
         }
+    }
+
+    /// Records written and dropped by this process so far.
+    pub fn counts(&self) -> (u64, u64) {
+        self.inner.as_ref().map_or((0, 0), |inner| {
+            (
+                inner.stats.written.load(Ordering::Relaxed),
+                inner.stats.dropped.load(Ordering::Relaxed),
+            )
+        })
     }
 
     /// Waits (at most `wait`) until every record queued before the call is
@@ -409,12 +424,29 @@ impl SpendLog {
     }
 }
 
-fn dropped(reason: &'static str, records: usize) {
-    metrics::counter!("iris_spend_log_dropped_total", "reason" => reason).increment(records as u64);
+/// What the metrics count, also kept for [`SpendLog::counts`].
+#[derive(Default)]
+struct Stats {
+    written: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl Stats {
+    fn dropped(&self, reason: &'static str, records: usize) {
+        self.dropped.fetch_add(records as u64, Ordering::Relaxed);
+        metrics::counter!("iris_spend_log_dropped_total", "reason" => reason)
+            .increment(records as u64);
+    }
+
+    fn written(&self, records: usize) {
+        self.written.fetch_add(records as u64, Ordering::Relaxed);
+        metrics::counter!("iris_spend_log_written_total").increment(records as u64);
+    }
 }
 
 struct Writer {
     sink: Arc<dyn Sink>,
+    stats: Arc<Stats>,
     options: WriterOptions,
     retention: Option<Duration>,
     errors: ErrorLog,
@@ -509,7 +541,7 @@ impl Writer {
             };
             match result {
                 Ok(()) => {
-                    metrics::counter!("iris_spend_log_written_total").increment(batch.len() as u64);
+                    self.stats.written(batch.len());
                     return;
                 }
                 Err(e) => {
@@ -524,7 +556,7 @@ impl Writer {
                 }
             }
         }
-        dropped("sink_failed", batch.len());
+        self.stats.dropped("sink_failed", batch.len());
     }
 
     async fn expire(&mut self) {

@@ -57,7 +57,9 @@ impl PostgresSink {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
-        config.application_name("iris");
+        if config.get_application_name().is_none() {
+            config.application_name("iris");
+        }
         Ok(Self {
             config,
             client: tokio::sync::Mutex::new(None),

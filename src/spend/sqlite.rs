@@ -212,11 +212,18 @@ pub(super) fn totals_sql(
         sql.push_str(&place(3));
     }
     if !keys.is_empty() {
-        let list = (1..=keys.len())
-            .map(|i| i.to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
-        sql.push_str(&format!(" GROUP BY {list} ORDER BY {list}"));
+        let list = |suffix: &str| {
+            (1..=keys.len())
+                .map(|i| format!("{i}{suffix}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        // The same order from both backends: PostgreSQL puts NULLs last.
+        sql.push_str(&format!(
+            " GROUP BY {} ORDER BY {}",
+            list(""),
+            list(" NULLS FIRST")
+        ));
     }
     sql
 }

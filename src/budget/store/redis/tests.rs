@@ -14,7 +14,9 @@ use crate::budget::window::{MINUTE, NANOS_PER_SEC, days_from_civil};
 
 #[path = "../../../../tests/it/support/skip.rs"]
 mod skip;
-use self::skip::skip;
+/// The one skip policy, for the spend log's PostgreSQL tests too (a file
+/// may be a module only once).
+pub(crate) use self::skip::skip;
 
 /// The one Redis harness of Iris's tests (`tests/it/support/redis.rs`).
 #[path = "../../../../tests/it/support/redis.rs"]
