@@ -19,7 +19,7 @@ use tower_http::trace::TraceLayer;
 use crate::access_log::{self, NewRequestId};
 use crate::budget::Budgets;
 use crate::config::Config;
-use crate::error::{ApiError, ErrorCode};
+use crate::error::{ApiError, ErrorCode, Relayed};
 use crate::gateway::Gateway;
 use crate::images::Images;
 use crate::metrics::Metrics;
@@ -160,6 +160,7 @@ where
 {
     if response.status() == StatusCode::PAYLOAD_TOO_LARGE
         && response.extensions().get::<ErrorCode>().is_none()
+        && response.extensions().get::<Relayed>().is_none()
     {
         return ApiError::request_too_large(limit).into_response();
     }

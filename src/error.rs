@@ -356,6 +356,11 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Left on an upstream's answer relayed as it came (its status included),
+/// so that no layer mistakes an upstream's 413 for its own.
+#[derive(Debug, Clone, Copy)]
+pub struct Relayed;
+
 /// Left on error responses so the request log can name the code.
 #[derive(Debug, Clone, Copy)]
 pub struct ErrorCode(pub &'static str);

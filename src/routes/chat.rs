@@ -15,7 +15,7 @@ use tower_http::request_id::RequestId;
 use super::Authenticated;
 use crate::access_log::RequestLog;
 use crate::app::SharedState;
-use crate::error::{self, ApiError, rate_limit_headers};
+use crate::error::{self, ApiError, Relayed, rate_limit_headers};
 use crate::gateway::{Answer, Incoming, Trail};
 use futures_util::StreamExt;
 
@@ -80,6 +80,7 @@ fn respond(answer: Answer) -> Response {
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     response.headers_mut().extend(rate_limit_headers(&budget));
+    response.extensions_mut().insert(Relayed);
     response
 }
 
