@@ -1,6 +1,7 @@
 //! The application: shared state and the one place the router and its layer
 //! stack are built.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Weak};
 
 use arc_swap::ArcSwap;
@@ -17,7 +18,9 @@ use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::access_log::{self, NewRequestId};
+use crate::auth_throttle::AuthFailures;
 use crate::budget::Budgets;
+use crate::clients::{self, ManagedClients};
 use crate::config::Config;
 use crate::error::{ApiError, ErrorCode, Relayed};
 use crate::gateway::Gateway;
@@ -33,7 +36,13 @@ use crate::upstream::{Endpoint, Forwarder};
 /// pointer.
 pub struct AppState {
     config: Arc<ArcSwap<Config>>,
+    /// The file the config came from, re-read by a reload.
+    config_path: Option<PathBuf>,
     pub gateway: Gateway,
+    /// Clients created at run time, kept current from the store.
+    pub clients: Arc<ManagedClients>,
+    /// Wrong keys, counted per source address.
+    pub auth_failures: AuthFailures,
     pub metrics: Metrics,
 }
 
@@ -57,13 +66,17 @@ impl AppState {
             }
         }
         let health = Arc::new(Health::new(Arc::clone(budgets.store())));
+        let clients = ManagedClients::start(clients::open(&config.store.backend)?).await;
         let config = Arc::new(ArcSwap::from_pointee(config));
         spawn_health_refresh(Arc::downgrade(&health), Arc::downgrade(&config));
         Ok(Self {
             config,
+            config_path: None,
+            clients,
+            auth_failures: AuthFailures::default(),
             gateway: Gateway {
                 budgets,
-                images,
+                images: ArcSwap::from_pointee(images),
                 forwarder,
                 health,
                 queues: Queues::default(),
@@ -73,10 +86,26 @@ impl AppState {
         })
     }
 
+    /// Remembers the file the config came from, for reloads.
+    pub fn with_config_path(mut self, path: PathBuf) -> Self {
+        self.config_path = Some(path);
+        self
+    }
+
+    pub fn config_path(&self) -> Option<&std::path::Path> {
+        self.config_path.as_deref()
+    }
+
     /// The configuration now. Take it once per request and use that
     /// snapshot throughout, so a request never sees two configurations.
     pub fn config(&self) -> Arc<Config> {
         self.config.load_full()
+    }
+
+    /// Makes `config` the one new requests use; requests in flight finish
+    /// with the one they took.
+    pub fn swap_config(&self, config: Config) {
+        self.config.store(Arc::new(config));
     }
 }
 
@@ -134,6 +163,21 @@ pub fn app(state: SharedState) -> Router {
         .route("/v1/usage", get(routes::usage::usage))
         .route("/v1/responses", any(routes::responses::reject))
         .route("/v1/responses/{*rest}", any(routes::responses::reject))
+        .route(
+            "/admin/clients",
+            get(routes::admin::list_clients).post(routes::admin::create_client),
+        )
+        .route(
+            "/admin/clients/{name}",
+            axum::routing::patch(routes::admin::change_client).delete(routes::admin::delete_client),
+        )
+        .route(
+            "/admin/clients/{name}/rotate",
+            post(routes::admin::rotate_client),
+        )
+        .route("/admin/reload", post(routes::admin::reload))
+        .route("/admin", any(routes::admin::not_found))
+        .route("/admin/{*rest}", any(routes::admin::not_found))
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
         .route("/metrics", get(routes::health::metrics))

@@ -24,6 +24,9 @@ pub enum Command {
     /// Make or hash client keys.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Manage clients in the configured store (every instance sees them).
+    #[command(subcommand)]
+    Clients(ClientsCommand),
     /// Print each client's budgets: used and remaining.
     Usage {
         #[command(flatten)]
@@ -32,6 +35,68 @@ pub enum Command {
         #[arg(long)]
         client: Option<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClientsCommand {
+    /// Every client: source (config or managed), models, budget.
+    List(ConfigArg),
+    /// Create a managed client; prints its key once.
+    Add {
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(flatten)]
+        settings: ClientSettings,
+    },
+    /// Change a managed client's models, budget, or whether it is disabled.
+    Set {
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(flatten)]
+        settings: ClientSettings,
+        /// Disable the client: its keys stop working.
+        #[arg(long, conflicts_with = "enable")]
+        disable: bool,
+        /// Enable it again.
+        #[arg(long)]
+        enable: bool,
+    },
+    /// Give a managed client a new key; prints it once.
+    Rotate {
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+        /// How long the old key keeps working, in seconds.
+        #[arg(long, default_value_t = 0)]
+        grace_s: i64,
+    },
+    /// Delete a managed client; its keys stop working.
+    Remove {
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+/// A managed client's models and limits. A limit is a number, or `none`
+/// (with `set`) to remove it.
+#[derive(Debug, Args, Default)]
+pub struct ClientSettings {
+    /// Model names, comma-separated; `*` for all.
+    #[arg(long, value_delimiter = ',')]
+    pub models: Option<Vec<String>>,
+    #[arg(long)]
+    pub requests_per_minute: Option<String>,
+    #[arg(long)]
+    pub tokens_per_minute: Option<String>,
+    #[arg(long)]
+    pub tokens_per_day: Option<String>,
+    #[arg(long)]
+    pub tokens_per_month: Option<String>,
+    #[arg(long)]
+    pub max_concurrent: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

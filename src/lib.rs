@@ -23,9 +23,11 @@
 
 pub mod access_log;
 pub mod app;
+pub mod auth_throttle;
 pub mod budget;
 pub mod catalog;
 pub mod cli;
+pub mod clients;
 pub mod commands;
 pub mod config;
 pub mod error;
@@ -34,6 +36,7 @@ pub mod images;
 pub mod keys;
 pub mod metrics;
 pub mod openai;
+pub mod reload;
 pub mod rewrite;
 pub mod routes;
 pub mod routing;
