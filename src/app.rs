@@ -176,6 +176,7 @@ pub fn app(state: SharedState) -> Router {
             post(routes::admin::rotate_client),
         )
         .route("/admin/reload", post(routes::admin::reload))
+        .route("/admin/upstreams", get(routes::admin::upstreams))
         .route("/admin", any(routes::admin::not_found))
         .route("/admin/{*rest}", any(routes::admin::not_found))
         .route("/healthz", get(routes::health::healthz))

@@ -27,6 +27,15 @@ pub enum Command {
     /// Manage clients in the configured store (every instance sees them).
     #[command(subcommand)]
     Clients(ClientsCommand),
+    /// Each deployment's health, from the running server's admin API
+    /// (the admin key in $IRIS_ADMIN_KEY).
+    Upstreams {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The server's base URL [default: from server.listen]
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Print each client's budgets: used and remaining.
     Usage {
         #[command(flatten)]

@@ -199,6 +199,67 @@ pub fn clients(command: ClientsCommand) -> ExitCode {
     })
 }
 
+/// `iris upstreams`: `GET /admin/upstreams` of the running server, as a table.
+pub fn upstreams(arg: &ConfigArg, url: Option<&str>) -> ExitCode {
+    let result = config_or_message(&arg.path()).and_then(|config| {
+        let key = std::env::var("IRIS_ADMIN_KEY")
+            .map_err(|_| "set IRIS_ADMIN_KEY to the admin key".to_owned())?;
+        let base = match url {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => {
+                let mut listen = config.server.listen;
+                if listen.ip().is_unspecified() {
+                    listen.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                }
+                format!("http://{listen}")
+            }
+        };
+        block_on(false, async move {
+            crate::init_tls();
+            let client = reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .map_err(|e| e.to_string())?;
+            let response = client
+                .get(format!("{base}/admin/upstreams"))
+                .bearer_auth(key)
+                .send()
+                .await
+                .map_err(|e| format!("{base}: {e}"))?;
+            let status = response.status();
+            let text = response.bytes().await.map_err(|e| e.to_string())?;
+            let body: serde_json::Value =
+                serde_json::from_slice(&text).map_err(|e| format!("not JSON: {e}"))?;
+            if !status.is_success() {
+                return Err(format!(
+                    "{status}: {}",
+                    body["error"]["message"].as_str().unwrap_or("")
+                ));
+            }
+            let mut out = String::from("DEPLOYMENT\tSTATE\tATTEMPTS_5M\tFAILURES_5M\n");
+            for row in body["data"].as_array().into_iter().flatten() {
+                let state = match row["cooling_until"].as_u64() {
+                    Some(until) => format!(
+                        "cooling until {}",
+                        crate::budget::window::format_utc(until * 1_000_000_000)
+                    ),
+                    None => "healthy".to_owned(),
+                };
+                out.push_str(&format!(
+                    "{}\t{state}\t{}\t{}\n",
+                    row["deployment"].as_str().unwrap_or(""),
+                    row["attempts_5m"],
+                    row["failures_5m"]
+                ));
+            }
+            Ok(out)
+        })
+    });
+    report(result.map(|text| print!("{text}")), |message| {
+        eprintln!("iris upstreams: {message}");
+    })
+}
+
 /// The limits given as flags: a number, or `none` to remove one.
 fn budget_input(settings: &ClientSettings) -> Result<BudgetInput, String> {
     let parse = |flag: &str, value: &Option<String>| -> Result<Option<Option<i64>>, String> {

@@ -326,6 +326,13 @@ impl Budgets {
         }
     }
 
+    /// An upstream's pacing windows now (requests and tokens this minute,
+    /// requests in flight), against its `limits`.
+    pub async fn room(&self, upstream: &str, limits: &Limits) -> Result<Snapshot, BudgetError> {
+        self.snapshot(&format!("{UPSTREAM_ACCOUNT}{upstream}"), limits)
+            .await
+    }
+
     /// The store itself, for what else it shares (deployment health).
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.inner.store

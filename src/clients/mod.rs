@@ -100,9 +100,14 @@ pub fn open(backend: &StoreBackend) -> Result<Arc<dyn Registry>, String> {
 
 /// Unix seconds now.
 pub fn unix_now() -> u64 {
+    unix_now_ms() / 1000
+}
+
+/// Unix milliseconds now.
+pub fn unix_now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// The managed clients this instance knows, indexed by key hash.

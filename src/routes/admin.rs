@@ -151,6 +151,52 @@ pub async fn delete_client(
     Ok(Json(json!({"name": name, "deleted": true})))
 }
 
+/// Every deployment: healthy or cooling down (until when), attempts and
+/// failures in the last five minutes, and its upstream's pacing room.
+pub async fn upstreams(State(state): State<SharedState>, Admin { config }: Admin) -> Json<Value> {
+    let now = crate::clients::unix_now_ms();
+    let mut data = Vec::new();
+    for (key, upstream_name, upstream_model) in config.catalog.deployment_labels() {
+        let report = state.gateway.health.report(&key);
+        let models: Vec<&str> = config
+            .catalog
+            .models()
+            .filter(|m| m.deployments.iter().any(|d| d.key == key))
+            .map(|m| m.name.as_str())
+            .collect();
+        let pacing = match config
+            .catalog
+            .upstreams()
+            .iter()
+            .find(|u| u.name == upstream_name)
+        {
+            Some(upstream) if upstream.pacing != crate::budget::Limits::default() => state
+                .gateway
+                .budgets
+                .room(&upstream.name, &upstream.pacing)
+                .await
+                .map(|snapshot| super::usage::windows_json(&snapshot))
+                .unwrap_or(Value::Null),
+            _ => Value::Null,
+        };
+        let cooling_until = report
+            .cooling_for
+            .map(|left| now + u64::try_from(left.as_millis()).unwrap_or(u64::MAX));
+        data.push(json!({
+            "deployment": &*key,
+            "upstream": upstream_name,
+            "upstream_model": upstream_model,
+            "models": models,
+            "state": if cooling_until.is_some() { "cooling_down" } else { "healthy" },
+            "cooling_until": cooling_until.map(|ms| ms / 1000),
+            "attempts_5m": report.attempts,
+            "failures_5m": report.failures,
+            "pacing": pacing,
+        }));
+    }
+    Json(json!({"object": "list", "data": data}))
+}
+
 pub async fn reload(State(state): State<SharedState>, _: Admin) -> Result<Json<Value>, ApiError> {
     crate::reload::reload(&state)?;
     Ok(Json(json!({"status": "reloaded"})))
