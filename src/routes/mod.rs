@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod chat;
+pub mod console;
 pub mod health;
 pub mod models;
 pub mod responses;
