@@ -33,7 +33,7 @@ pub fn serve(arg: &ConfigArg) -> ExitCode {
 async fn run(config: Config, path: std::path::PathBuf) -> Result<(), String> {
     crate::init_tls();
     let listen = config.server.listen;
-    let state = crate::app::AppState::new(config)
+    let state = crate::state::AppState::new(config)
         .await?
         .with_config_path(path);
     let listener = tokio::net::TcpListener::bind(listen)

@@ -42,6 +42,7 @@ pub mod routes;
 pub mod routing;
 pub mod secret;
 pub mod server;
+pub mod state;
 pub mod telemetry;
 pub mod upstream;
 

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use crate::app::AppState;
+use crate::state::AppState;
 use crate::config::{self, Config, Problem};
 use crate::images::Images;
 

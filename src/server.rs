@@ -9,7 +9,8 @@ use std::time::Duration;
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
-use crate::app::{AppState, app};
+use crate::app::app;
+use crate::state::AppState;
 
 /// How long shutdown waits for the reservations of responses ended at the
 /// grace period to settle (they settle as soon as their body notices).

@@ -24,7 +24,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::{bearer_key, failed_authentication};
-use crate::app::SharedState;
+use crate::state::SharedState;
 use crate::clients::ops::{self, ClientChange, ClientView, NewClient, Rotation};
 use crate::config::Config;
 use crate::error::ApiError;

@@ -14,7 +14,7 @@ use tower_http::request_id::RequestId;
 
 use super::Authenticated;
 use crate::access_log::RequestLog;
-use crate::app::SharedState;
+use crate::state::SharedState;
 use crate::error::{self, ApiError, Relayed, rate_limit_headers};
 use crate::gateway::{Answer, Incoming, Trail};
 use futures_util::StreamExt;

@@ -12,7 +12,7 @@ use axum::extract::{OriginalUri, State};
 use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
 
-use crate::app::SharedState;
+use crate::state::SharedState;
 use crate::error::ApiError;
 
 const INDEX: &str = include_str!("console/index.html");

@@ -6,7 +6,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 
-use crate::app::SharedState;
+use crate::state::SharedState;
 use crate::budget::OnUnavailable;
 
 /// 200 while the process runs.

@@ -18,7 +18,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, Uri, header};
 
 use crate::access_log::ClientSlot;
-use crate::app::SharedState;
+use crate::state::SharedState;
 use crate::catalog::Client;
 use crate::config::Config;
 use crate::error::ApiError;

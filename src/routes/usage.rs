@@ -21,7 +21,7 @@ use axum::extract::State;
 use serde_json::{Map, Value, json};
 
 use super::Authenticated;
-use crate::app::SharedState;
+use crate::state::SharedState;
 use crate::budget::duration_string;
 use crate::budget::window::{NANOS_PER_SEC, Snapshot};
 use crate::error::ApiError;
