@@ -668,6 +668,18 @@ async fn bad_input_on_create_is_refused_by_name_and_writes_nothing() {
         "the refusal echoes the markup: {}",
         answer.text()
     );
+    // The list above is this instance's index, reloaded after each change
+    // it makes itself: a good create reloads it from the store, where a
+    // half-written client would now show.
+    let created = admin(
+        &app,
+        Method::POST,
+        "/admin/clients",
+        Some(r#"{"name": "ok"}"#),
+    )
+    .await;
+    assert_eq!(created.status, 201, "{}", created.text());
+    assert_eq!(names(&list(&app).await), ["a", "b", "ok"]);
 }
 
 #[tokio::test]
@@ -747,6 +759,12 @@ async fn bad_input_on_change_and_rotate_is_refused_by_name_and_changes_nothing()
         assert_refused(&answer, *param, body);
         assert_eq!(list(&app).await, before, "rotate {body} changed something");
     }
+    // The list above is this instance's index, reloaded after each change
+    // it makes itself: an empty change reloads it from the store, where
+    // anything half-written would now show.
+    let answer = admin(&app, Method::PATCH, "/admin/clients/m", Some("{}")).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(list(&app).await, before, "something was half-written");
     // The key was never rotated out.
     assert_eq!(app.get("/v1/models", Some(&key)).await.status, 200);
     let markup = admin(

@@ -443,3 +443,33 @@ async fn sighup_reloads_the_binary_and_every_outcome_is_logged_and_counted() {
     assert_eq!(served.status(KEY_B, "other-model", here).await, 200);
     assert_eq!(served.stop().await, Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_names_a_config_client_like_a_managed_one_is_refused() {
+    // Else both clients would be in, sharing one budget (kept by name), and
+    // the managed one could no longer be disabled, rotated or deleted: the
+    // admin API and the CLI refuse a name the config file has (409).
+    let upstream = MockUpstream::start().await;
+    let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    write(file.path(), &before(&upstream.base_url()));
+    let iris = Iris::start_from_file(file.path()).await;
+    let managed = iris.create_client(r#"{"name": "c"}"#).await;
+
+    write(file.path(), &after(&upstream.base_url()));
+    let (status, answer) = reload(&iris).await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["error"]["code"], "config_invalid");
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(message.contains("clients[1].name"), "{message}");
+    runs_before(&iris).await;
+    let (status, answer) = iris
+        .admin(reqwest::Method::DELETE, "/admin/clients/c", None)
+        .await;
+    assert_eq!(status, 200, "the managed client is still managed: {answer}");
+    assert!(iris.key_refused(&managed).await);
+
+    // With the managed one gone, the name is free for the config.
+    let (status, answer) = reload(&iris).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(iris.chat_status(KEY_C, "test-model").await, 200);
+}
