@@ -422,6 +422,10 @@ async fn a_rotated_key_keeps_working_for_its_grace_then_only_the_new_one_does() 
     let (_upstream, config) = admin_config().await;
     let iris = Iris::start(&config).await;
     let old = iris.create_client(r#"{"name": "team-r"}"#).await;
+    // Measured from before the request: the grace ends a whole number of
+    // seconds after the rotation's own clock second, so at least 1 s after
+    // this instant, and at most 2 s after the answer.
+    let rotated_at = Instant::now();
     let (status, rotated) = iris
         .admin(
             reqwest::Method::POST,
@@ -429,7 +433,6 @@ async fn a_rotated_key_keeps_working_for_its_grace_then_only_the_new_one_does() 
             Some(r#"{"grace_s": 2}"#),
         )
         .await;
-    let rotated_at = Instant::now();
     assert_eq!(status, 200, "{rotated}");
     let new = rotated["key"].as_str().expect("a new key").to_owned();
     assert_ne!(new, old);
