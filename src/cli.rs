@@ -78,7 +78,7 @@ pub enum ClientsCommand {
         #[command(flatten)]
         config: ConfigArg,
         /// How long the old key keeps working, in seconds.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
         grace_s: i64,
     },
     /// Delete a managed client; its keys stop working.
@@ -90,21 +90,23 @@ pub enum ClientsCommand {
 }
 
 /// A managed client's models and limits. A limit is a number, or `none`
-/// (with `set`) to remove it.
+/// (with `set`) to remove it. Negative numbers are taken as values, so that
+/// `--tokens-per-day -5` is refused by name like the admin API refuses it,
+/// not by clap as an unknown flag.
 #[derive(Debug, Args, Default)]
 pub struct ClientSettings {
     /// Model names, comma-separated; `*` for all.
     #[arg(long, value_delimiter = ',')]
     pub models: Option<Vec<String>>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub requests_per_minute: Option<String>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub tokens_per_minute: Option<String>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub tokens_per_day: Option<String>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub tokens_per_month: Option<String>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub max_concurrent: Option<String>,
 }
 

@@ -61,6 +61,10 @@ fn apply(state: &AppState) -> Result<(), ReloadError> {
     if !fixed.is_empty() {
         return Err(ReloadError::NeedsRestart(fixed));
     }
+    let taken = names_of_managed_clients(state, &new);
+    if !taken.is_empty() {
+        return Err(ReloadError::Invalid(taken));
+    }
     if new.images != old.images {
         // A new image service: new limits, an empty cache.
         let images = Images::new(&new.images)
@@ -69,6 +73,30 @@ fn apply(state: &AppState) -> Result<(), ReloadError> {
     }
     state.swap_config(new);
     Ok(())
+}
+
+/// Config clients named like a managed client. Names are unique across
+/// both (creating a managed client refuses a config client's name): two
+/// clients of one name would share one budget, and the managed one could
+/// no longer be changed or deleted, since a config client's name is
+/// read-only.
+fn names_of_managed_clients(state: &AppState, new: &Config) -> Vec<Problem> {
+    let managed = state.clients.index();
+    new.catalog
+        .clients()
+        .iter()
+        .enumerate()
+        .filter(|(_, client)| managed.clients.iter().any(|m| *m.name == *client.name))
+        .map(|(i, client)| {
+            Problem::new(
+                format!("clients[{i}].name"),
+                format!(
+                    "a managed client is named {:?}: delete it (or rename this one) first",
+                    &*client.name
+                ),
+            )
+        })
+        .collect()
 }
 
 /// The sections a running process keeps: it listens where it listens and

@@ -122,6 +122,9 @@ impl BudgetInput {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewClient {
+    /// Required; defaulted only so that a missing name is refused by
+    /// [`check_name`] with `param: "name"`, not as a body-level error.
+    #[serde(default)]
     pub name: String,
     #[serde(default)]
     pub models: Option<Vec<String>>,
@@ -192,15 +195,43 @@ impl From<&ManagedClient> for ClientView {
 
 /// Parses a JSON request body, naming the offending field in the error.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ClientError> {
-    let mut deserializer = serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
-        let path = e.path().to_string();
-        let param = if path == "." { String::new() } else { path };
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| invalid("", format!("The request body is not valid JSON: {e}.")))?;
+    // serde would also build a struct from an array (`["name"]`): only an
+    // object is a request.
+    if !value.is_object() {
+        return Err(invalid("", "The request body must be a JSON object."));
+    }
+    serde_path_to_error::deserialize(value).map_err(|e| {
         invalid(
-            &param,
+            &param_of(e.path()),
             format!("The request body is invalid: {}.", e.inner()),
         )
     })
+}
+
+/// Where in a body an error is, as a `param`: `budget.tokens_per_day`,
+/// `models[1]`; empty at the top level. The path stops where serde could
+/// not tell the field, rather than naming `?`.
+fn param_of(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    use std::fmt::Write as _;
+    let mut param = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => {
+                let _ = write!(param, "[{index}]");
+            }
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !param.is_empty() {
+                    param.push('.');
+                }
+                param.push_str(key);
+            }
+            Segment::Unknown => break,
+        }
+    }
+    param
 }
 
 /// A name that is safe everywhere it shows: logs, metric labels, the

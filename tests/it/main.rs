@@ -11,10 +11,12 @@
 
 mod support;
 
+mod admin;
 mod budget;
 mod cli;
 mod gateway;
 mod images;
 mod quickstart;
 mod redis;
+mod reload;
 mod routing;
