@@ -104,6 +104,13 @@ impl Catalog {
         self.models.get(name)
     }
 
+    /// Every model, in config order.
+    pub fn models(&self) -> impl Iterator<Item = &Model> {
+        self.model_order
+            .iter()
+            .filter_map(|name| self.models.get(name))
+    }
+
     /// The models `client` may use, in config order.
     pub fn models_for<'a>(&'a self, client: &'a Client) -> impl Iterator<Item = &'a Model> {
         self.model_order

@@ -16,8 +16,10 @@ use serde::Serialize;
 
 use crate::budget::window::{Refusal, Snapshot};
 use crate::budget::{BudgetError, Rejection, duration_string};
+use crate::clients::ops::ClientError;
 use crate::gateway::ChatError;
 use crate::gateway::relay::Cut;
+use crate::reload::ReloadError;
 use crate::upstream::UpstreamError;
 use bytes::Bytes;
 
@@ -78,6 +80,16 @@ impl ApiError {
             "invalid_api_key",
             "Incorrect API key provided. Send your Iris key as `Authorization: Bearer KEY`.",
         )
+    }
+
+    /// Too many wrong keys from one address.
+    pub fn too_many_auth_failures(wait: Duration) -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_auth_failures",
+            "Too many requests with a wrong key from your address. Please try again later.",
+        )
+        .with_retry_after(wait)
     }
 
     pub fn model_not_found(model: &str) -> Self {
@@ -186,6 +198,59 @@ impl From<ChatError> for ApiError {
                 message,
             )
             .with_retry_after(retry_after),
+        }
+    }
+}
+
+impl From<ClientError> for ApiError {
+    fn from(error: ClientError) -> Self {
+        let message = error.to_string();
+        match error {
+            ClientError::Invalid { param, .. } => {
+                let error = Self::invalid_request(message);
+                if param.is_empty() {
+                    error
+                } else {
+                    error.with_param(param)
+                }
+            }
+            ClientError::Exists(_) => {
+                Self::new(StatusCode::CONFLICT, "client_exists", message).with_param("name")
+            }
+            ClientError::ManagedByConfig(_) => {
+                Self::new(StatusCode::CONFLICT, "client_managed_by_config", message)
+            }
+            ClientError::NotFound(_) => {
+                Self::new(StatusCode::NOT_FOUND, "client_not_found", message)
+            }
+            ClientError::Unavailable(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                message,
+            )
+            .with_retry_after(Duration::from_secs(1)),
+        }
+    }
+}
+
+impl From<ReloadError> for ApiError {
+    fn from(error: ReloadError) -> Self {
+        let message = error.to_string();
+        match error {
+            ReloadError::Invalid(problems) => {
+                let listed: Vec<String> = problems.iter().map(ToString::to_string).collect();
+                Self::new(
+                    StatusCode::BAD_REQUEST,
+                    "config_invalid",
+                    format!("{message}; nothing changed: {}", listed.join("; ")),
+                )
+            }
+            ReloadError::NeedsRestart(_) => Self::new(
+                StatusCode::CONFLICT,
+                "restart_required",
+                format!("{message}; nothing changed"),
+            ),
+            ReloadError::NoFile => Self::new(StatusCode::BAD_REQUEST, "config_invalid", message),
         }
     }
 }
@@ -354,6 +419,11 @@ impl IntoResponse for ApiError {
         response
     }
 }
+
+/// Left on an upstream's answer relayed as it came (its status included),
+/// so that no layer mistakes an upstream's 413 for its own.
+#[derive(Debug, Clone, Copy)]
+pub struct Relayed;
 
 /// Left on error responses so the request log can name the code.
 #[derive(Debug, Clone, Copy)]

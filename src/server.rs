@@ -10,7 +10,8 @@ use std::time::Duration;
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
-use crate::app::{AppState, app};
+use crate::app::app;
+use crate::state::AppState;
 
 /// How long shutdown waits for the reservations of responses ended at the
 /// grace period to settle (they settle as soon as their body notices).
@@ -28,6 +29,7 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let grace = state.config().server.shutdown_grace;
     let state = Arc::new(state);
+    crate::reload::on_sighup(Arc::downgrade(&state));
     // TCP_NODELAY on every accepted socket: without it a chunked response
     // waits for the client's delayed ACK (tens of ms per keep-alive request).
     let listener = listener.tap_io(|tcp| {
@@ -35,7 +37,8 @@ pub async fn run(
     });
 
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
-    let serve = axum::serve(listener, app(Arc::clone(&state))).with_graceful_shutdown(async move {
+    let app = app(Arc::clone(&state)).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown.await;
         tracing::info!(
             grace_ms = grace.as_millis() as u64,

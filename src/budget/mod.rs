@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
@@ -40,7 +40,7 @@ use store::{
 use window::{Clock, Hold, Refusal, Snapshot, Window};
 
 /// A client's limits. Every one is optional; an absent one is not enforced.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default)]
 pub struct Limits {
     pub requests_per_minute: Option<u64>,
@@ -64,7 +64,7 @@ pub enum OnUnavailable {
 }
 
 /// Where budget state lives.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreBackend {
     /// Nothing persisted.
     Memory,
@@ -74,7 +74,7 @@ pub enum StoreBackend {
     Redis { url: Secret, options: RedisOptions },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreSettings {
     pub backend: StoreBackend,
     pub on_unavailable: OnUnavailable,
@@ -324,6 +324,13 @@ impl Budgets {
             linked: None,
             _pending: self.inner.pending.token(),
         }
+    }
+
+    /// An upstream's pacing windows now (requests and tokens this minute,
+    /// requests in flight), against its `limits`.
+    pub async fn room(&self, upstream: &str, limits: &Limits) -> Result<Snapshot, BudgetError> {
+        self.snapshot(&format!("{UPSTREAM_ACCOUNT}{upstream}"), limits)
+            .await
     }
 
     /// The store itself, for what else it shares (deployment health).

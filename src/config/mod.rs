@@ -25,6 +25,7 @@ use std::time::Duration;
 use crate::budget::StoreSettings;
 use crate::catalog::Catalog;
 use crate::images::ImagesSettings;
+use crate::keys::KeyHash;
 use crate::routing::RoutingSettings;
 use crate::spend::SpendSettings;
 
@@ -37,12 +38,14 @@ pub struct Config {
     pub store: StoreSettings,
     pub images: ImagesSettings,
     pub routing: RoutingSettings,
+    /// The operator's key, when `[admin]` is set (else no `/admin/*`).
+    pub admin: Option<KeyHash>,
     pub catalog: Catalog,
     pub spend_log: SpendSettings,
 }
 
 /// `[server]`: the listener and request limits.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Server {
     pub listen: SocketAddr,
     /// Larger request bodies are answered 413, counted as they arrive.

@@ -51,6 +51,11 @@ pub fn resolve(file: schema::File) -> Result<Config, Vec<Problem>> {
     let upstreams: Vec<Arc<Upstream>> = upstreams(&file.upstreams, &mut problems);
     let models = models(&file.models, &upstreams, &mut problems);
     let routing = routing(&file.routing, &mut problems);
+    let admin = file.admin.as_ref().and_then(|admin| {
+        KeyHash::parse(&admin.key)
+            .map_err(|message| problems.add("admin.key", message))
+            .ok()
+    });
     let clients = clients(&file.clients, &models, &mut problems);
     let spend_log = spend_log(&file.spend_log, &mut problems);
     match (problems.0.is_empty(), server, store) {
@@ -59,6 +64,7 @@ pub fn resolve(file: schema::File) -> Result<Config, Vec<Problem>> {
             store,
             images,
             routing,
+            admin,
             catalog: Catalog::new(upstreams, models, clients),
             spend_log,
         }),

@@ -20,8 +20,17 @@ pub struct File {
     pub upstreams: Vec<Upstream>,
     pub models: Vec<Model>,
     pub routing: Routing,
+    /// `/admin/*` exists only when this is set.
+    pub admin: Option<Admin>,
     pub clients: Vec<Client>,
     pub spend_log: SpendLog,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Admin {
+    /// `sha256:<64 hex>` of the operator's key.
+    pub key: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

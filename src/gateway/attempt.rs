@@ -107,6 +107,7 @@ impl Attempts<'_> {
             let failure = match outcome {
                 Ok((response, first_chunk, rest)) => {
                     count_attempt(upstream, "ok");
+                    self.gateway.health.attempted(&deployment.key, false);
                     reservation.link(room);
                     return Ok(self.answer(
                         upstream,
@@ -140,6 +141,8 @@ impl Attempts<'_> {
                 Failure::Status(status) => routing::unhealthy(status),
                 _ => true,
             };
+            // A 4xx other than 401/403/429 is the request's fault, not the upstream's.
+            self.gateway.health.attempted(&deployment.key, counts);
             if counts {
                 self.gateway
                     .health

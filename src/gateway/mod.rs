@@ -33,7 +33,8 @@ use relay::ResponseBody;
 /// The services every chat completion uses, built once per process.
 pub struct Gateway {
     pub budgets: Budgets,
-    pub images: Images,
+    /// Replaced whole when a reload changes `[images]`.
+    pub images: arc_swap::ArcSwap<Images>,
     pub forwarder: Forwarder,
     /// Deployments' failures and cooldowns.
     pub health: std::sync::Arc<Health>,
@@ -148,7 +149,8 @@ impl Gateway {
             .await?;
         reservation.set_request_id(request_id);
 
-        let images = ImageWork::new(&self.images);
+        let images = self.images.load_full();
+        let images = ImageWork::new(&images);
         let answer = attempt::Attempts {
             gateway: self,
             settings: &config.routing,

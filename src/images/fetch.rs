@@ -246,7 +246,7 @@ impl Sink for Vec<u8> {
 }
 
 /// The limits of one fetch.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FetchLimits {
     pub timeout: Duration,
     pub max_bytes: usize,

@@ -87,7 +87,7 @@ impl ImageError {
 }
 
 /// The `[images]` settings: limits for every image, fetched or sent inline.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImagesSettings {
     pub fetch: FetchLimits,
     pub max_images_per_request: usize,

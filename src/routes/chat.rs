@@ -14,11 +14,11 @@ use tower_http::request_id::RequestId;
 
 use super::Authenticated;
 use crate::access_log::RequestLog;
-use crate::app::SharedState;
 use crate::catalog::Client;
-use crate::error::{self, ApiError, rate_limit_headers};
+use crate::error::{self, ApiError, Relayed, rate_limit_headers};
 use crate::gateway::{Answer, Incoming, Trail};
 use crate::spend::{self, Draft, Record, SpendLog};
+use crate::state::SharedState;
 use futures_util::StreamExt;
 use std::time::SystemTime;
 use tokio::time::Instant;
@@ -156,6 +156,7 @@ fn respond(answer: Answer) -> Response {
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     response.headers_mut().extend(rate_limit_headers(&budget));
+    response.extensions_mut().insert(Relayed);
     response
 }
 

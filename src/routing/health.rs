@@ -42,8 +42,62 @@ impl Cooldown {
     }
 }
 
+/// Attempts and failures over the last five minutes, in 10 s buckets.
+#[derive(Default)]
+struct Recent {
+    /// (bucket number, attempts, failures), newest last.
+    buckets: VecDeque<(u64, u64, u64)>,
+}
+
+const BUCKET: Duration = Duration::from_secs(10);
+const RECENT: Duration = Duration::from_secs(300);
+
+impl Recent {
+    fn record(&mut self, bucket: u64, failed: bool) {
+        match self.buckets.back_mut() {
+            Some((b, attempts, failures)) if *b == bucket => {
+                *attempts += 1;
+                *failures += u64::from(failed);
+            }
+            _ => self.buckets.push_back((bucket, 1, u64::from(failed))),
+        }
+        self.trim(bucket);
+    }
+
+    fn trim(&mut self, bucket: u64) {
+        let keep = RECENT.as_secs() / BUCKET.as_secs();
+        while self
+            .buckets
+            .front()
+            .is_some_and(|(b, ..)| b + keep <= bucket)
+        {
+            self.buckets.pop_front();
+        }
+    }
+
+    fn totals(&mut self, bucket: u64) -> (u64, u64) {
+        self.trim(bucket);
+        self.buckets
+            .iter()
+            .fold((0, 0), |(a, f), (_, attempts, failures)| {
+                (a + attempts, f + failures)
+            })
+    }
+}
+
+/// What `/admin/upstreams` shows of one deployment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Report {
+    /// How long its cooldown still runs, if it is cooling down.
+    pub cooling_for: Option<Duration>,
+    /// Attempts and failed attempts in the last five minutes.
+    pub attempts: u64,
+    pub failures: u64,
+}
+
 #[derive(Default)]
 struct State {
+    recent: Recent,
     failures: VecDeque<Instant>,
     /// Cooling down until then, as this instance decided.
     local_until: Option<Instant>,
@@ -62,6 +116,8 @@ impl State {
 pub struct Health {
     states: Mutex<HashMap<Arc<str>, State>>,
     store: Arc<dyn Store>,
+    /// Where the 10 s buckets of [`Recent`] count from.
+    started: Instant,
 }
 
 impl Health {
@@ -69,6 +125,55 @@ impl Health {
         Self {
             states: Mutex::default(),
             store,
+            started: Instant::now(),
+        }
+    }
+
+    fn bucket(&self, now: Instant) -> u64 {
+        now.duration_since(self.started).as_secs() / BUCKET.as_secs()
+    }
+
+    /// Counts an attempt on deployment `key` (`failed` or not) for the
+    /// last-five-minutes figures.
+    pub fn attempted(&self, key: &Arc<str>, failed: bool) {
+        let bucket = self.bucket(Instant::now());
+        if let Ok(mut states) = self.states.lock() {
+            states
+                .entry(Arc::clone(key))
+                .or_default()
+                .recent
+                .record(bucket, failed);
+        }
+    }
+
+    /// The deployment's state now, for operators.
+    pub fn report(&self, key: &str) -> Report {
+        let now = Instant::now();
+        let bucket = self.bucket(now);
+        let Ok(mut states) = self.states.lock() else {
+            return Report {
+                cooling_for: None,
+                attempts: 0,
+                failures: 0,
+            };
+        };
+        match states.get_mut(key) {
+            Some(state) => {
+                let (attempts, failures) = state.recent.totals(bucket);
+                Report {
+                    cooling_for: state
+                        .until()
+                        .filter(|until| *until > now)
+                        .map(|until| until - now),
+                    attempts,
+                    failures,
+                }
+            }
+            None => Report {
+                cooling_for: None,
+                attempts: 0,
+                failures: 0,
+            },
         }
     }
 

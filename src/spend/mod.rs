@@ -160,7 +160,7 @@ impl Draft {
 // Settings
 
 /// Where the spend log is written.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SpendBackend {
     /// Not kept.
     Off,
@@ -171,7 +171,7 @@ pub enum SpendBackend {
     Postgres { url: Secret },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpendSettings {
     pub backend: SpendBackend,
     /// Records older than this are deleted; `None` keeps them forever.
@@ -180,7 +180,7 @@ pub struct SpendSettings {
 }
 
 /// How the background writer batches.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WriterOptions {
     /// Records waiting to be written; more are dropped (and counted).
     pub queue_capacity: usize,

@@ -74,23 +74,23 @@ pub struct QueryError {
 
 impl Query {
     /// A query from its text form, as `iris usage` and `GET /admin/usage`
-    /// take it: `since` and `until` are `YYYY-MM-DD` (UTC; an `until` date
-    /// includes that whole day), `YYYY-MM-DDTHH:MM:SSZ`, or `Nd` (N days
-    /// ago, from the start of that UTC day); `by` a comma-separated list of
-    /// `client`, `model`, `upstream`, `day`.
+    /// take it: `since` (inclusive) and `until` (exclusive) are `YYYY-MM-DD`
+    /// (the start of that UTC day), `YYYY-MM-DDTHH:MM:SSZ`, or `Nd` (the
+    /// start of the UTC day N days ago): June is `since=2025-06-01&until=2025-07-01`.
+    /// `by` is a comma-separated list of `client`, `model`, `upstream`, `day`.
     pub fn parse(
         since: &str,
         until: Option<&str>,
         by: Option<&str>,
         now_ms: i64,
     ) -> Result<Self, QueryError> {
-        let since_ms = parse_time(since, false, now_ms).map_err(|message| QueryError {
+        let since_ms = parse_time(since, now_ms).map_err(|message| QueryError {
             param: "since",
             message,
         })?;
         let until_ms = until
             .filter(|u| !u.trim().is_empty())
-            .map(|u| parse_time(u, true, now_ms))
+            .map(|u| parse_time(u, now_ms))
             .transpose()
             .map_err(|message| QueryError {
                 param: "until",
@@ -123,9 +123,8 @@ impl Query {
     }
 }
 
-/// Unix ms of a time as `Query::parse` takes it. `end`: a date means the end
-/// of that day (the start of the next).
-fn parse_time(text: &str, end: bool, now_ms: i64) -> Result<i64, String> {
+/// Unix ms of a time as `Query::parse` takes it.
+fn parse_time(text: &str, now_ms: i64) -> Result<i64, String> {
     let text = text.trim();
     let problem = || {
         format!(
@@ -136,7 +135,7 @@ fn parse_time(text: &str, end: bool, now_ms: i64) -> Result<i64, String> {
         && let Ok(days) = days.parse::<i64>()
     {
         let today = now_ms.div_euclid(DAY_MS);
-        return Ok((today - days) * DAY_MS + if end { DAY_MS } else { 0 });
+        return Ok((today - days) * DAY_MS);
     }
     let (date, time) = match text.split_once(['T', ' ']) {
         Some((date, time)) => (date, Some(time)),
@@ -144,7 +143,7 @@ fn parse_time(text: &str, end: bool, now_ms: i64) -> Result<i64, String> {
     };
     let day = parse_date(date).ok_or_else(problem)?;
     let Some(time) = time else {
-        return Ok((day + i64::from(end)) * DAY_MS);
+        return Ok(day * DAY_MS);
     };
     let time = time.strip_suffix('Z').ok_or_else(problem)?;
     let mut parts = time.split(':').map(|p| p.parse::<i64>().ok());
@@ -222,7 +221,7 @@ pub struct Totals {
 ///
 /// ```json
 /// {"since": "2025-06-01T00:00:00Z", "until": null, "by": ["client", "model"],
-///  "rows": [{"client": "a", "model": "m", "requests": 3, "errors": 0,
+///  "data": [{"client": "a", "model": "m", "requests": 3, "errors": 0,
 ///            "prompt_tokens": 30, "completion_tokens": 9, "total_tokens": 39}],
 ///  "total": {"requests": 3, …}}
 /// ```
@@ -231,7 +230,9 @@ pub struct UsageReport {
     pub since: String,
     pub until: Option<String>,
     pub by: Vec<&'static str>,
-    pub rows: Vec<Row>,
+    /// One row per group, in key order (`data`, like every list the
+    /// admin API answers).
+    pub data: Vec<Row>,
     pub total: Counts,
 }
 
@@ -262,7 +263,7 @@ impl UsageReport {
     pub fn new(query: &Query, totals: Vec<Totals>) -> Self {
         let by: Vec<&'static str> = query.by.iter().map(|d| d.name()).collect();
         let mut total = Counts::default();
-        let rows = totals
+        let data = totals
             .into_iter()
             .filter(|t| t.counts.requests > 0)
             .map(|t| {
@@ -277,7 +278,7 @@ impl UsageReport {
             since: format_time(query.since_ms),
             until: query.until_ms.map(format_time),
             by,
-            rows,
+            data,
             total,
         }
     }
@@ -386,7 +387,7 @@ fn cells(report: &UsageReport, with_total: bool) -> Vec<Vec<String>> {
         lines.push(numbers(&report.total).to_vec());
         return lines;
     }
-    for row in &report.rows {
+    for row in &report.data {
         let mut line: Vec<String> = row
             .keys
             .iter()
@@ -446,13 +447,8 @@ mod tests {
 
     #[test]
     fn times_parse_as_utc_days_instants_and_days_ago() {
-        let day = |s| parse_time(s, false, NOW).unwrap();
+        let day = |s| parse_time(s, NOW).unwrap();
         assert_eq!(format_time(day("2025-06-01")), "2025-06-01T00:00:00Z");
-        assert_eq!(
-            format_time(parse_time("2025-06-30", true, NOW).unwrap()),
-            "2025-07-01T00:00:00Z",
-            "an until date includes its day"
-        );
         assert_eq!(
             format_time(day("2025-06-01T12:30:05Z")),
             "2025-06-01T12:30:05Z"
@@ -466,7 +462,7 @@ mod tests {
             "2025-06-01T12:00",
             "-",
         ] {
-            assert!(parse_time(bad, false, NOW).is_err(), "{bad}");
+            assert!(parse_time(bad, NOW).is_err(), "{bad}");
         }
     }
 
@@ -474,7 +470,7 @@ mod tests {
     fn queries_name_the_parameter_they_refuse() {
         let q = Query::parse(
             "2025-06-01",
-            Some("2025-06-30"),
+            Some("2025-07-01"),
             Some("client,day,client"),
             NOW,
         )
@@ -485,6 +481,7 @@ mod tests {
         assert_eq!(error("june", None, None), "since");
         assert_eq!(error("2025-06-01", Some("x"), None), "until");
         assert_eq!(error("2025-06-02", Some("2025-06-01"), None), "until");
+        assert_eq!(error("2025-06-01", Some("2025-06-01"), None), "until");
         assert_eq!(error("2025-06-01", None, Some("client,team")), "by");
     }
 
@@ -538,8 +535,8 @@ mod tests {
         let json: serde_json::Value = serde_json::from_str(&render(&report, Format::Json)).unwrap();
         assert_eq!(json["since"], "2025-06-01T00:00:00Z");
         assert_eq!(json["by"], serde_json::json!(["client", "model"]));
-        assert_eq!(json["rows"][1]["model"], serde_json::Value::Null);
-        assert_eq!(json["rows"][0]["prompt_tokens"], 20);
+        assert_eq!(json["data"][1]["model"], serde_json::Value::Null);
+        assert_eq!(json["data"][0]["prompt_tokens"], 20);
         assert_eq!(json["total"]["requests"], 3);
     }
 }

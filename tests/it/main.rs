@@ -11,11 +11,13 @@
 
 mod support;
 
+mod admin;
 mod budget;
 mod cli;
 mod gateway;
 mod images;
 mod quickstart;
 mod redis;
+mod reload;
 mod routing;
 mod spend;

@@ -152,7 +152,7 @@ async fn a_mixed_run_totals_what_the_upstream_reported() {
     iris.stop().await.expect("stop"); // the spend log's queue is written at shutdown
 
     let report = usage_json(&config, &["--since", "0d", "--by", "client"]);
-    let rows = report["rows"].as_array().expect("rows");
+    let rows = report["data"].as_array().expect("rows");
     assert_eq!(rows.len(), 2, "{report}");
     let (a, b) = (&rows[0], &rows[1]);
     assert_eq!(
@@ -282,7 +282,7 @@ async fn iris_usage_since_explains_what_it_cannot_do() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let fresh = config(&upstream.base_url(), &dir.path().join("none.db"), "");
-    let report = usage_json(&fresh, &["--since", "2025-01-01", "--until", "2025-01-31"]);
+    let report = usage_json(&fresh, &["--since", "2025-01-01", "--until", "2025-02-01"]);
     assert_eq!(report["total"]["requests"], 0, "no file yet: nothing spent");
     assert_eq!(report["until"], "2025-02-01T00:00:00Z");
     assert!(
@@ -404,7 +404,7 @@ async fn a_postgres_spend_log_through_the_binary() {
     iris.stop().await.expect("stop");
 
     let report = usage_json(&config, &["--since", "1d", "--by", "model,upstream,day"]);
-    let rows = report["rows"].as_array().expect("rows");
+    let rows = report["data"].as_array().expect("rows");
     assert_eq!(rows.len(), 1, "{report}");
     assert_eq!(rows[0]["model"], "test-model");
     assert_eq!(rows[0]["upstream"], "mock");

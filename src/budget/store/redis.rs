@@ -136,7 +136,7 @@ pub enum RedisClock {
 }
 
 /// How a [`RedisStore`] names its keys, times out and leases.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisOptions {
     /// The first part of every key (`store.key_prefix`).
     pub prefix: String,

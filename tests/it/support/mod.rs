@@ -29,6 +29,34 @@ pub use skip::skip;
 pub const KEY_A: &str = "test-key-a";
 pub const KEY_B: &str = "test-key-b";
 
+/// The operator's key of [`admin_toml`].
+pub const ADMIN_KEY: &str = "test-admin-key";
+
+/// An `[admin]` table with [`ADMIN_KEY`]'s hash, for `base_config`'s `extra`.
+pub fn admin_toml() -> String {
+    format!("\n[admin]\nkey = \"{}\"\n", KeyHash::of(ADMIN_KEY))
+}
+
+/// Polls `check` every 20 ms until it holds, failing the test if it still
+/// does not after `within`; returns how long it took.
+pub async fn eventually(
+    within: Duration,
+    what: &str,
+    mut check: impl AsyncFnMut() -> bool,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < within, "{what}: not so after {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The loopback address [`Iris::key_works`] polls from.
+pub const POLL_ADDRESS: [u8; 4] = [127, 0, 0, 77];
+
 /// A running Iris.
 pub struct Iris {
     pub addr: SocketAddr,
@@ -39,7 +67,24 @@ pub struct Iris {
 impl Iris {
     /// Starts Iris with a config given as TOML text.
     pub async fn start(config: &str) -> Self {
-        let state = state(config).await;
+        Self::serve(state(config).await).await
+    }
+
+    /// Starts Iris from a config file, remembering its path as `iris serve`
+    /// does, so `POST /admin/reload` (and `SIGHUP`) re-read it.
+    pub async fn start_from_file(path: &std::path::Path) -> Self {
+        iris::init_tls();
+        let config = iris::config::load(path)
+            .unwrap_or_else(|problems| panic!("test config is invalid:\n{problems}"));
+        let state = AppState::new(config)
+            .await
+            .unwrap_or_else(|e| panic!("state: {e}"))
+            .with_config_path(path.to_path_buf());
+        Self::serve(state).await
+    }
+
+    /// Serves a state the test built itself.
+    pub async fn serve(state: AppState) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .unwrap_or_else(|e| panic!("bind: {e}"));
@@ -178,6 +223,109 @@ impl Iris {
             .send()
             .await
             .unwrap_or_else(|e| panic!("POST /v1/chat/completions: {e}"))
+    }
+
+    /// The status of a plain chat completion for `model` as the client with `key`.
+    pub async fn chat_status(&self, key: &str, model: &str) -> u16 {
+        self.chat(key, &chat_body(model), &[])
+            .await
+            .status()
+            .as_u16()
+    }
+
+    /// `method path` on the admin API with `key` (the admin key, or not),
+    /// and `body` as JSON text when given: the status and the JSON answer.
+    pub async fn admin_as(
+        &self,
+        key: Option<&str>,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&str>,
+    ) -> (u16, Value) {
+        let mut request = http().request(method.clone(), self.url(path));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body.to_owned());
+        }
+        let response = request
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        status_and_json(response).await
+    }
+
+    /// [`Self::admin_as`] with [`ADMIN_KEY`].
+    pub async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&str>,
+    ) -> (u16, Value) {
+        self.admin_as(Some(ADMIN_KEY), method, path, body).await
+    }
+
+    /// Creates a managed client from `body` (JSON text) over the admin API;
+    /// returns its key.
+    pub async fn create_client(&self, body: &str) -> String {
+        let (status, answer) = self
+            .admin(reqwest::Method::POST, "/admin/clients", Some(body))
+            .await;
+        assert_eq!(status, 201, "{answer}");
+        answer["key"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no key in {answer}"))
+            .to_owned()
+    }
+
+    /// `GET /admin/clients`'s entry for `name`, if listed.
+    pub async fn listed(&self, name: &str) -> Option<Value> {
+        let (status, list) = self
+            .admin(reqwest::Method::GET, "/admin/clients", None)
+            .await;
+        assert_eq!(status, 200, "{list}");
+        list["data"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no data in {list}"))
+            .iter()
+            .find(|c| c["name"] == name)
+            .cloned()
+    }
+
+    /// The status of `GET /v1/models` with `key`, sent from `source` (a
+    /// loopback address: failed authentication is counted per address).
+    pub async fn models_status_from(&self, key: &str, source: std::net::IpAddr) -> u16 {
+        reqwest::Client::builder()
+            .no_proxy()
+            .local_address(source)
+            .build()
+            .unwrap_or_else(|e| panic!("http client: {e}"))
+            .get(self.url("/v1/models"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET /v1/models from {source}: {e}"))
+            .status()
+            .as_u16()
+    }
+
+    /// Whether `key` authenticates now. Asked from [`POLL_ADDRESS`], so that
+    /// polling for a key to start working spends that address's allowance
+    /// of failures, not the test's own.
+    pub async fn key_works(&self, key: &str) -> bool {
+        self.models_status_from(key, POLL_ADDRESS.into()).await == 200
+    }
+
+    /// Whether `key` is refused now (401; anything else but 200 fails the test).
+    pub async fn key_refused(&self, key: &str) -> bool {
+        match self.models_status_from(key, [127, 0, 0, 1].into()).await {
+            200 => false,
+            401 => true,
+            other => panic!("GET /v1/models answered {other}"),
+        }
     }
 
     /// The status of `GET path`.
