@@ -44,7 +44,17 @@ impl FromRequestParts<SharedState> for Authenticated {
                     .catalog
                     .authenticate(key)
                     .cloned()
-                    .or_else(|| state.clients.index().authenticate(key).cloned())
+                    .or_else(|| {
+                        // A managed client shadowed by a config client of the
+                        // same name (the file changed under it) does not
+                        // authenticate: one name, one budget, one owner.
+                        state
+                            .clients
+                            .index()
+                            .authenticate(key)
+                            .filter(|c| !config.catalog.has_client(&c.name))
+                            .cloned()
+                    })
             })
             .ok_or_else(|| failed_authentication(state, parts))?;
         if let Some(slot) = parts.extensions.get::<ClientSlot>() {
