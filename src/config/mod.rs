@@ -37,7 +37,8 @@ pub struct Config {
     pub catalog: Catalog,
 }
 
-/// `[server]`: the listener and request limits.
+/// `[server]`: the listener, and the limits on connections and requests
+/// that keep slow or idle clients from holding the server.
 #[derive(Debug, Clone)]
 pub struct Server {
     pub listen: SocketAddr,
@@ -45,6 +46,20 @@ pub struct Server {
     pub max_body_bytes: usize,
     /// How long in-flight requests may run on after SIGTERM/SIGINT.
     pub shutdown_grace: Duration,
+    /// The request line and headers must have arrived this long after the
+    /// connection was accepted (its first request) or the request's first
+    /// byte arrived (later ones); else the connection is closed.
+    pub header_read_timeout: Duration,
+    /// The whole body must have arrived this long after the headers; else 408.
+    pub body_read_timeout: Duration,
+    /// How long a connection may wait for its next request.
+    pub keep_alive_timeout: Duration,
+    /// The request line and headers together; larger get 431.
+    pub max_header_bytes: usize,
+    /// Header fields per request; more get 431.
+    pub max_headers: usize,
+    /// Connections open at once; one more is answered 503 and closed.
+    pub max_connections: usize,
 }
 
 /// One thing wrong with a config, at a key path.
