@@ -11,30 +11,36 @@
 //! hyper's own `header_read_timeout` cannot express this: its one timer
 //! starts when hyper begins waiting for a request head, which on a kept-alive
 //! connection is as soon as the previous response was written, so it bounds
-//! the idle wait and the header read together with one value. The deadlines
-//! are kept here instead, by [`WatchedIo`]: hyper reads through it exactly
-//! while it waits for a request, so a read that waits past the deadline fails
-//! the connection. hyper's timer is still set, far beyond ours, because only
-//! with it does hyper go back to reading as soon as a response is written.
+//! the idle wait and the header read together with one value.
 //!
-//! Until a new connection sends its first byte nothing of hyper's exists for
-//! it (hyper allocates its 8 KiB read and write buffers per connection):
-//! an idle connection costs its socket and a small task.
+//! A connection waiting for a request is *parked*: its socket and a small
+//! task, nothing of hyper's. hyper keeps an 8 KiB read buffer and an 8 KiB
+//! write buffer per connection for as long as the connection lives; parked,
+//! an idle connection costs about 1 KiB of heap instead of about 20. So a
+//! connection alternates: parked until a byte arrives (or its deadline
+//! passes: closed), then served by a hyper connection for one request (more
+//! when the client pipelines), which, once the response is written, is
+//! ended without closing the socket (`graceful_shutdown` +
+//! `poll_without_shutdown`), handing back the socket and any bytes it read
+//! ahead. A connection that must not be reused (the client or the response
+//! said `Connection: close`, or a request body was left unread) is closed
+//! instead. While hyper serves, [`WatchedIo`] enforces the header deadline
+//! on its reads.
 
 use std::convert::Infallible;
-use std::future::Future;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::http::{Request, Response};
+use axum::http::{HeaderMap, Request, Response, Version, header};
 use axum::response::IntoResponse;
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -66,9 +72,7 @@ impl Connections {
     pub(super) fn new(router: Router, server: &config::Server, closing: CancellationToken) -> Self {
         let mut http = http1::Builder::new();
         http.timer(TokioTimer::new())
-            // Only so that hyper reads again as soon as a response is
-            // written (see the module's comment); WatchedIo's deadlines
-            // always end a wait before this does.
+            // A backstop only: WatchedIo's deadlines end every wait first.
             .header_read_timeout(server.header_read_timeout + server.keep_alive_timeout)
             .max_header_size(server.max_header_bytes)
             .max_headers(server.max_headers);
@@ -85,30 +89,54 @@ impl Connections {
     /// `server.max_connections`, given back when this returns.
     pub(super) async fn serve(
         self: Arc<Self>,
-        stream: TcpStream,
+        mut stream: TcpStream,
         accepted: Instant,
         _permit: OwnedSemaphorePermit,
     ) {
-        let headers_due = accepted + self.header_read_timeout;
-        tokio::select! {
-            biased;
-            () = self.closing.cancelled() => return,
-            ready = tokio::time::timeout_at(headers_due, stream.readable()) => {
-                if !matches!(ready, Ok(Ok(()))) {
-                    tracing::debug!("connection closed: no request within the header deadline");
-                    return;
+        // The first request's headers are due from the accept on.
+        let mut wait_until = accepted + self.header_read_timeout;
+        let mut headers_due = Some(wait_until);
+        let mut read_ahead = Bytes::new();
+        loop {
+            if read_ahead.is_empty() {
+                let mut byte = [0u8; 1];
+                tokio::select! {
+                    biased;
+                    () = self.closing.cancelled() => return,
+                    // Not `readable()`: it is ready at once on a new socket.
+                    ready = tokio::time::timeout_at(wait_until, stream.peek(&mut byte)) => {
+                        if !matches!(ready, Ok(Ok(1..))) {
+                            tracing::debug!("connection closed: nothing received in time");
+                            return;
+                        }
+                    }
                 }
             }
+            let due = headers_due
+                .take()
+                .unwrap_or_else(|| Instant::now() + self.header_read_timeout);
+            // Boxed, so a parked connection's task holds none of it.
+            match Box::pin(self.serve_http(stream, read_ahead, due)).await {
+                Some(parked) => (stream, read_ahead) = parked,
+                None => return,
+            }
+            wait_until = Instant::now() + self.keep_alive_timeout;
         }
-        // Boxed: the waiting above stays a small task, and hyper's state is
-        // only allocated for a connection with a request coming.
-        Box::pin(self.serve_http(stream, headers_due)).await;
     }
 
-    async fn serve_http(&self, stream: TcpStream, headers_due: Instant) {
+    /// Serves requests on `stream` with hyper until a response has been
+    /// written and the connection is idle; returns the socket and the bytes
+    /// hyper read beyond its last request, or `None` once it is closed.
+    async fn serve_http(
+        &self,
+        stream: TcpStream,
+        read_ahead: Bytes,
+        headers_due: Instant,
+    ) -> Option<(TcpStream, Bytes)> {
         let requests = Arc::new(Requests::default());
         let io = WatchedIo {
             stream,
+            read_ahead,
             requests: Arc::clone(&requests),
             header_read_timeout: self.header_read_timeout,
             keep_alive_timeout: self.keep_alive_timeout,
@@ -118,29 +146,86 @@ impl Connections {
         };
         let service = Service {
             router: self.router.clone(),
-            requests,
+            requests: Arc::clone(&requests),
         };
-        let mut connection = pin!(self.http.serve_connection(TokioIo::new(io), service));
-        let result = tokio::select! {
-            result = connection.as_mut() => result,
-            () = self.closing.cancelled() => {
-                connection.as_mut().graceful_shutdown();
-                connection.await
+        let mut connection = self.http.serve_connection(TokioIo::new(io), service);
+        let mut closing = pin!(self.closing.cancelled());
+        let mut ending = false;
+        let result = poll_fn(|cx| {
+            if !ending && closing.as_mut().poll(cx).is_ready() {
+                Pin::new(&mut connection).graceful_shutdown();
+                ending = true;
             }
-        };
+            loop {
+                match connection.poll_without_shutdown(cx) {
+                    // A response is written and nothing else is in flight:
+                    // end hyper's part (at once if idle, else once the
+                    // response is flushed) and park the socket.
+                    Poll::Pending if !ending && requests.all_finished() => {
+                        Pin::new(&mut connection).graceful_shutdown();
+                        ending = true;
+                    }
+                    other => return other,
+                }
+            }
+        })
+        .await;
         if let Err(e) = result {
             tracing::debug!("connection closed: {e}");
+            return None;
+        }
+        let parts = connection.into_parts();
+        let mut io = parts.io.into_inner();
+        if self.closing.is_cancelled() || !requests.reusable.load(Ordering::Relaxed) {
+            let _ = io.stream.shutdown().await;
+            return None;
+        }
+        // What hyper read ahead comes before what it was not yet given.
+        // Copied (rarely anything): even empty, `read_buf` holds on to
+        // hyper's whole read buffer.
+        let read_ahead = if parts.read_buf.is_empty() {
+            io.read_ahead
+        } else {
+            let mut both = BytesMut::from(&parts.read_buf[..]);
+            both.extend_from_slice(&io.read_ahead);
+            both.freeze()
+        };
+        Some((io.stream, read_ahead))
+    }
+}
+
+/// What one hyper connection's requests have done: [`WatchedIo`] reads
+/// whether one is in flight, [`Connections::serve_http`] whether the
+/// connection may be reused. Everything of a connection runs on its one
+/// task, so relaxed ordering suffices.
+struct Requests {
+    started: AtomicU64,
+    finished: AtomicU64,
+    /// Cleared when a request or its response asks for the connection to
+    /// close, or a request body is dropped unread (its rest is still coming).
+    reusable: AtomicBool,
+}
+
+impl Default for Requests {
+    fn default() -> Self {
+        Self {
+            started: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
+            reusable: AtomicBool::new(true),
         }
     }
 }
 
-/// Requests started and finished on one connection: [`WatchedIo`] reads them
-/// to know whether one is in flight. Everything of a connection runs on its
-/// one task, so relaxed ordering suffices.
-#[derive(Default)]
-struct Requests {
-    started: AtomicU64,
-    finished: AtomicU64,
+impl Requests {
+    /// At least one request was answered and none is in flight.
+    fn all_finished(&self) -> bool {
+        let finished = self.finished.load(Ordering::Relaxed);
+        finished > 0 && self.started.load(Ordering::Relaxed) == finished
+    }
+
+    fn not_reusable(&self) {
+        self.reusable.store(false, Ordering::Relaxed);
+    }
 }
 
 /// One request in flight, from its headers until hyper has taken the last
@@ -160,6 +245,28 @@ impl Drop for InFlight {
     }
 }
 
+/// Whether a `Connection` header lists `token`.
+fn connection_says(headers: &HeaderMap, token: &str) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|value| {
+        value
+            .to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+/// Whether the client lets the connection live on after this request (as
+/// hyper decides it: HTTP/1.1 unless `close`, HTTP/1.0 only with
+/// `keep-alive`).
+fn client_keeps_alive(version: Version, headers: &HeaderMap) -> bool {
+    match version {
+        Version::HTTP_11 => !connection_says(headers, "close"),
+        Version::HTTP_10 => {
+            connection_says(headers, "keep-alive") && !connection_says(headers, "close")
+        }
+        _ => false,
+    }
+}
+
 /// The router as hyper's per-connection service.
 struct Service {
     router: Router,
@@ -173,17 +280,72 @@ impl hyper::service::Service<Request<Incoming>> for Service {
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let in_flight = InFlight::start(&self.requests);
-        let response = self.router.clone().oneshot(request.map(Body::new));
+        if !client_keeps_alive(request.version(), request.headers()) {
+            self.requests.not_reusable();
+        }
+        let requests = Arc::clone(&self.requests);
+        let request = request.map(|body| {
+            Body::new(RequestBody {
+                body,
+                requests: Arc::clone(&requests),
+                ended: false,
+            })
+        });
+        let response = self.router.clone().oneshot(request);
         Box::pin(async move {
             let response = match response.await {
                 Ok(response) => response,
                 Err(never) => match never {},
             };
+            if connection_says(response.headers(), "close") {
+                requests.not_reusable();
+            }
             Ok(response.map(|body| TrackedBody {
                 body,
                 _in_flight: in_flight,
             }))
         })
+    }
+}
+
+/// A request body that marks the connection not reusable if it is dropped
+/// before its end: the rest of it may still be on the way.
+struct RequestBody {
+    body: Incoming,
+    requests: Arc<Requests>,
+    /// Polled to its end (a chunked body never says `is_end_stream`).
+    ended: bool,
+}
+
+impl http_body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let frame = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(None) = frame {
+            self.ended = true;
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        if !self.ended && !http_body::Body::is_end_stream(&self.body) {
+            self.requests.not_reusable();
+        }
     }
 }
 
@@ -229,6 +391,9 @@ enum Phase {
 /// deadline fails with `TimedOut`, which ends the connection.
 struct WatchedIo {
     stream: TcpStream,
+    /// Bytes read from the socket by the previous hyper connection but not
+    /// parsed: given to hyper before anything more is read.
+    read_ahead: Bytes,
     requests: Arc<Requests>,
     header_read_timeout: Duration,
     keep_alive_timeout: Duration,
@@ -261,7 +426,14 @@ impl AsyncRead for WatchedIo {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        let result = Pin::new(&mut this.stream).poll_read(cx, buf);
+        let result = if this.read_ahead.is_empty() {
+            Pin::new(&mut this.stream).poll_read(cx, buf)
+        } else {
+            let n = this.read_ahead.len().min(buf.remaining());
+            buf.put_slice(&this.read_ahead[..n]);
+            this.read_ahead.advance(n);
+            Poll::Ready(Ok(()))
+        };
         this.refresh();
         match result {
             Poll::Ready(Ok(())) => {
