@@ -494,9 +494,11 @@ impl AsyncWrite for WatchedIo {
     }
 }
 
-/// How long a refused connection is kept open after its 503, reading what
-/// the client sends: closing a socket with unread data makes the kernel
-/// answer with a reset, which can destroy the 503 before the client reads it.
+/// How long a refused connection may take: to start sending its request
+/// (answered once it has: most HTTP clients treat an answer that arrives
+/// before their request as a broken connection), then to be read after the
+/// answer (closing a socket with unread data makes the kernel reset it,
+/// which can destroy the answer before the client reads it).
 const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 
 /// At most this many refused connections linger at once; beyond, one is
@@ -519,8 +521,8 @@ impl Refusal {
         }
     }
 
-    /// Answers 503 before reading the request (there is no room to read
-    /// it) and closes.
+    /// Answers 503 as soon as the request starts (there is no room to read
+    /// it whole) and closes.
     pub(super) fn refuse(&self, mut stream: TcpStream) {
         let Ok(permit) = Arc::clone(&self.lingering).try_acquire_owned() else {
             // A new socket's send buffer is empty: the answer fits.
@@ -531,9 +533,12 @@ impl Refusal {
         tokio::spawn(async move {
             let _permit = permit;
             let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+                let mut sink = [0u8; 1024];
+                if stream.read(&mut sink).await? == 0 {
+                    return Ok(());
+                }
                 stream.write_all(&response).await?;
                 stream.shutdown().await?;
-                let mut sink = [0u8; 1024];
                 let mut read = 0;
                 while read < 64 * 1024 {
                     match stream.read(&mut sink).await? {
