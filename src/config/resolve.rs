@@ -297,6 +297,14 @@ fn http_endpoint(
             problems.add(at("base_url"), "required");
             None
         }
+        Ok(url) if !url.username().is_empty() || url.password().is_some() => {
+            // A URL may be printed (Debug, errors); only `api_key` never is.
+            problems.add(
+                at("base_url"),
+                "must not contain a user name or password: put the key in api_key",
+            );
+            None
+        }
         Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => Some(url),
         Ok(_) => {
             problems.add(at("base_url"), "must be an http:// or https:// URL");

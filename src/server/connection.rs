@@ -105,9 +105,13 @@ impl Connections {
                     () = self.closing.cancelled() => return,
                     // Not `readable()`: it is ready at once on a new socket.
                     ready = tokio::time::timeout_at(wait_until, stream.peek(&mut byte)) => {
-                        if !matches!(ready, Ok(Ok(1..))) {
-                            tracing::debug!("connection closed: nothing received in time");
-                            return;
+                        match ready {
+                            Ok(Ok(1..)) => {}
+                            Ok(_) => return, // closed by the client, or broken
+                            Err(_) => {
+                                tracing::debug!("connection closed: no request in time");
+                                return;
+                            }
                         }
                     }
                 }
