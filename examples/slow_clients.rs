@@ -17,8 +17,12 @@
 //!   slowest of the normal requests (`GET /healthz` on a new connection)
 //!   sent every 2 s meanwhile.
 //! - `idle`: the server's resident memory (VmRSS) before and after 2,000
-//!   connections that connect and send nothing; then, on a new server,
-//!   2,000 connections that each made one keep-alive request and stay open.
+//!   connections that connect and send nothing, and after 2,000 more;
+//!   then, on a new server, the same with connections that each made one
+//!   keep-alive request and stay open. The server runs with
+//!   `MIMALLOC_PURGE_DELAY=0`, so what its allocator holds is what it uses. Give the server a header deadline longer than
+//!   opening them takes (`--server 'header_read_timeout_ms = 120000'`) or
+//!   it rightly closes the silent ones first.
 //!
 //! Only loopback addresses are used.
 
@@ -103,6 +107,10 @@ impl Server {
             .args(["serve", "--config"])
             .arg(config.path())
             .env("IRIS_LOG", "error")
+            // Freed memory goes back to the system at once, not a second
+            // later: otherwise memory freed before a measurement can be
+            // returned during it and pass for a saving.
+            .env("MIMALLOC_PURGE_DELAY", "0")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -131,6 +139,24 @@ impl Server {
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .expect("VmRSS")
+    }
+}
+
+impl Server {
+    /// RSS once it stops moving: the allocator returns memory freed earlier
+    /// (startup, warm-up) to the system some time later, which would
+    /// otherwise pass for a saving.
+    async fn settled_rss_kib(&self) -> u64 {
+        let mut last = self.rss_kib();
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = self.rss_kib();
+            if now.abs_diff(last) < 64 {
+                return now;
+            }
+            last = now;
+        }
+        last
     }
 }
 
@@ -296,19 +322,12 @@ async fn slow(args: &Args) {
     );
 }
 
-/// Opens `n` connections; `request` makes each send one keep-alive request
-/// and read its answer first. Returns the RSS growth per connection.
-async fn idle_cost(args: &Args, request: bool) -> f64 {
-    let server = Server::start(args).await;
-    // Warm up: the first requests initialise what every later one shares.
-    for _ in 0..50 {
-        healthz(server.addr).await;
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = server.rss_kib();
-    let mut streams = Vec::with_capacity(args.idle);
-    for _ in 0..args.idle {
-        let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+/// Opens `n` connections, `request` making each send one keep-alive request
+/// and read its answer.
+async fn open_idle(addr: SocketAddr, n: usize, request: bool) -> Vec<TcpStream> {
+    let mut streams = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
         if request {
             stream
                 .write_all(b"GET /healthz HTTP/1.1\r\nHost: probe\r\n\r\n")
@@ -324,30 +343,49 @@ async fn idle_cost(args: &Args, request: bool) -> f64 {
         }
         streams.push(stream);
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = server.rss_kib();
-    // Still open? A server that closed them would make the figure meaningless.
-    let mut open = 0;
-    for stream in &streams {
-        let mut buf = [0u8; 1];
-        if matches!(stream.try_read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-        {
-            open += 1;
-        }
+    streams
+}
+
+/// How many of `streams` the server has not closed.
+fn still_open(streams: &[TcpStream]) -> usize {
+    streams
+        .iter()
+        .filter(|s| {
+            let mut buf = [0u8; 1];
+            matches!(s.try_read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        })
+        .count()
+}
+
+/// The RSS growth per idle connection, for the first `args.idle`
+/// connections and for as many more on top of them.
+async fn idle_cost(args: &Args, request: bool) {
+    let server = Server::start(args).await;
+    for _ in 0..50 {
+        healthz(server.addr).await;
     }
-    let per = (after.saturating_sub(before)) as f64 / args.idle as f64;
+    let start = server.settled_rss_kib().await;
+    let first = open_idle(server.addr, args.idle, request).await;
+    let middle = server.settled_rss_kib().await;
+    let second = open_idle(server.addr, args.idle, request).await;
+    let end = server.settled_rss_kib().await;
+    // A server that had closed them would make the figure meaningless.
+    let open = still_open(&first) + still_open(&second);
+    let per = |from: u64, to: u64| (to as f64 - from as f64) / args.idle as f64;
     println!(
-        "{} idle connections{}: RSS {before} KiB -> {after} KiB, {:.1} MiB more, \
-         {per:.2} KiB each ({open} still open when measured)",
-        args.idle,
+        "idle connections{}: RSS {start} KiB, {middle} KiB with {n}, {end} KiB with {}: \
+         {:.2} KiB each for the first {n}, {:.2} KiB each for the next {n} \
+         ({open} still open when measured)",
         if request {
             " after one keep-alive request each"
         } else {
             " that sent nothing"
         },
-        (after.saturating_sub(before)) as f64 / 1024.0,
+        2 * args.idle,
+        per(start, middle),
+        per(middle, end),
+        n = args.idle,
     );
-    per
 }
 
 #[tokio::main]

@@ -536,7 +536,8 @@ async fn a_parked_connection_keeps_http_semantics() {
     assert_eq!(old.answer().await.expect("1.0").status, 200);
     assert!(old.closed_within(SLACK).await);
 
-    // A body the handler never read (401 before reading): answered whole.
+    // A body the handler never read (401 before reading): answered whole,
+    // and, the body having arrived, drained: the connection goes on.
     let mut unread = Raw::connect(iris.addr).await;
     unread
         .send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: iris\r\nContent-Length: 5\r\n\r\nhello")
@@ -544,6 +545,11 @@ async fn a_parked_connection_keeps_http_semantics() {
     let answer = unread.answer().await.expect("401");
     assert_eq!(answer.status, 401);
     assert_eq!(answer.json()["error"]["code"], "invalid_api_key");
+    assert_eq!(answer.header("connection"), None);
+    for _ in 0..2 {
+        unread.send(HEALTHZ).await;
+        assert_eq!(unread.answer().await.expect("after the 401").status, 200);
+    }
     iris.stop().await.expect("clean stop");
 }
 

@@ -22,9 +22,10 @@
 //! when the client pipelines), which, once the response is written, is
 //! ended without closing the socket (`graceful_shutdown` +
 //! `poll_without_shutdown`), handing back the socket and any bytes it read
-//! ahead. A connection that must not be reused (the client or the response
-//! said `Connection: close`, or a request body was left unread) is closed
-//! instead. While hyper serves, [`WatchedIo`] enforces the header deadline
+//! ahead. When hyper would not simply keep the connection (the client or
+//! the response said `Connection: close`; a request body was left unread,
+//! which hyper drains if it can), hyper is left to do what it does, and a
+//! connection it ends is closed. While hyper serves, [`WatchedIo`] enforces the header deadline
 //! on its reads.
 
 use std::convert::Infallible;
@@ -154,20 +155,27 @@ impl Connections {
         };
         let mut connection = self.http.serve_connection(TokioIo::new(io), service);
         let mut closing = pin!(self.closing.cancelled());
-        let mut ending = false;
+        // Set once hyper was asked to end: to park the socket, or to close.
+        let mut ending = None;
         let result = poll_fn(|cx| {
-            if !ending && closing.as_mut().poll(cx).is_ready() {
+            if ending != Some(Ending::Close) && closing.as_mut().poll(cx).is_ready() {
                 Pin::new(&mut connection).graceful_shutdown();
-                ending = true;
+                ending = Some(Ending::Close);
             }
             loop {
                 match connection.poll_without_shutdown(cx) {
-                    // A response is written and nothing else is in flight:
-                    // end hyper's part (at once if idle, else once the
-                    // response is flushed) and park the socket.
-                    Poll::Pending if !ending && requests.all_finished() => {
+                    // A response is written, nothing else is in flight and
+                    // hyper would keep the connection: end hyper's part (at
+                    // once if idle, else once the response is flushed) and
+                    // park the socket. Otherwise hyper goes on as it would
+                    // (it drains an unread body or closes).
+                    Poll::Pending
+                        if ending.is_none()
+                            && requests.all_finished()
+                            && requests.parkable.load(Ordering::Relaxed) =>
+                    {
                         Pin::new(&mut connection).graceful_shutdown();
-                        ending = true;
+                        ending = Some(Ending::Park);
                     }
                     other => return other,
                 }
@@ -180,7 +188,10 @@ impl Connections {
         }
         let parts = connection.into_parts();
         let mut io = parts.io.into_inner();
-        if self.closing.is_cancelled() || !requests.reusable.load(Ordering::Relaxed) {
+        // hyper ended by itself (the client or the response said close, a
+        // body could not be drained, the client closed) or for shutdown:
+        // close the socket, as hyper would have.
+        if ending != Some(Ending::Park) || self.closing.is_cancelled() {
             let _ = io.stream.shutdown().await;
             return None;
         }
@@ -198,26 +209,28 @@ impl Connections {
     }
 }
 
+/// Why hyper was asked to end its connection.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Ending {
+    /// The response is written: the socket goes on, parked.
+    Park,
+    /// The server is shutting down.
+    Close,
+}
+
 /// What one hyper connection's requests have done: [`WatchedIo`] reads
 /// whether one is in flight, [`Connections::serve_http`] whether the
-/// connection may be reused. Everything of a connection runs on its one
+/// connection may be parked. Everything of a connection runs on its one
 /// task, so relaxed ordering suffices.
+#[derive(Default)]
 struct Requests {
     started: AtomicU64,
     finished: AtomicU64,
-    /// Cleared when a request or its response asks for the connection to
-    /// close, or a request body is dropped unread (its rest is still coming).
-    reusable: AtomicBool,
-}
-
-impl Default for Requests {
-    fn default() -> Self {
-        Self {
-            started: AtomicU64::new(0),
-            finished: AtomicU64::new(0),
-            reusable: AtomicBool::new(true),
-        }
-    }
+    /// Whether hyper would keep the connection after the latest request:
+    /// set when it starts, cleared when it or its response asks for the
+    /// connection to close, or its body is dropped unread (hyper then
+    /// drains what has arrived or closes).
+    parkable: AtomicBool,
 }
 
 impl Requests {
@@ -227,8 +240,8 @@ impl Requests {
         finished > 0 && self.started.load(Ordering::Relaxed) == finished
     }
 
-    fn not_reusable(&self) {
-        self.reusable.store(false, Ordering::Relaxed);
+    fn not_parkable(&self) {
+        self.parkable.store(false, Ordering::Relaxed);
     }
 }
 
@@ -284,9 +297,10 @@ impl hyper::service::Service<Request<Incoming>> for Service {
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let in_flight = InFlight::start(&self.requests);
-        if !client_keeps_alive(request.version(), request.headers()) {
-            self.requests.not_reusable();
-        }
+        self.requests.parkable.store(
+            client_keeps_alive(request.version(), request.headers()),
+            Ordering::Relaxed,
+        );
         let requests = Arc::clone(&self.requests);
         let request = request.map(|body| {
             Body::new(RequestBody {
@@ -302,7 +316,7 @@ impl hyper::service::Service<Request<Incoming>> for Service {
                 Err(never) => match never {},
             };
             if connection_says(response.headers(), "close") {
-                requests.not_reusable();
+                requests.not_parkable();
             }
             Ok(response.map(|body| TrackedBody {
                 body,
@@ -312,8 +326,9 @@ impl hyper::service::Service<Request<Incoming>> for Service {
     }
 }
 
-/// A request body that marks the connection not reusable if it is dropped
-/// before its end: the rest of it may still be on the way.
+/// A request body that marks the connection not parkable if it is dropped
+/// before its end: the rest of it may still be on the way, for hyper to
+/// drain.
 struct RequestBody {
     body: Incoming,
     requests: Arc<Requests>,
@@ -348,7 +363,7 @@ impl http_body::Body for RequestBody {
 impl Drop for RequestBody {
     fn drop(&mut self) {
         if !self.ended && !http_body::Body::is_end_stream(&self.body) {
-            self.requests.not_reusable();
+            self.requests.not_parkable();
         }
     }
 }
