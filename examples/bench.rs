@@ -13,7 +13,7 @@
 //! proxy (a few dozen lines of hyper that forward bytes and nothing else) is the
 //! floor any gateway sits on: Iris's overhead is reported next to it.
 
-#[path = "../tests/support/mock_upstream.rs"]
+#[path = "../tests/it/support/mock_upstream.rs"]
 mod mock_upstream;
 
 use std::convert::Infallible;
@@ -53,7 +53,7 @@ impl Scenario {
         }
     }
 
-    fn body(self) -> Bytes {
+    fn body(self, model: &str) -> Bytes {
         let content = match self {
             Scenario::Image => {
                 let image = sample_jpeg(150 * 1024);
@@ -66,7 +66,7 @@ impl Scenario {
             _ => serde_json::json!("Say hello in five words."),
         };
         let mut body = serde_json::json!({
-            "model": "bench-model",
+            "model": model,
             "messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": content}],
             "max_tokens": 64,
         });
@@ -173,8 +173,44 @@ async fn bare_proxy(upstream: SocketAddr, ready: tokio::sync::oneshot::Sender<So
     }
 }
 
+/// An upstream that answers every request 503 at once, for the failover cells.
+async fn failing_upstream(ready: tokio::sync::oneshot::Sender<SocketAddr>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let _ = ready.send(
+        listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("addr: {e}")),
+    );
+    loop {
+        let Ok((socket, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = socket.set_nodelay(true);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(|_: Request<Incoming>| async {
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .status(503)
+                        .header("content-type", "application/json")
+                        .body(Full::new(Bytes::from_static(
+                            br#"{"error":{"message":"overloaded","type":"server_error","code":null}}"#,
+                        )))
+                        .unwrap_or_default(),
+                )
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(socket), service)
+                .await;
+        });
+    }
+}
+
 async fn iris_server(
     upstream: SocketAddr,
+    second: SocketAddr,
+    failing: SocketAddr,
     store: String,
     ready: tokio::sync::oneshot::Sender<SocketAddr>,
 ) {
@@ -186,9 +222,23 @@ async fn iris_server(
         name = "mock"
         base_url = "http://{upstream}/v1"
         api_key = "upstream-key"
+        [[upstreams]]
+        name = "mock-2"
+        base_url = "http://{second}/v1"
+        api_key = "upstream-key"
+        [[upstreams]]
+        name = "failing"
+        base_url = "http://{failing}/v1"
+        api_key = "upstream-key"
         [[models]]
         name = "bench-model"
         upstream = "mock"
+        [[models]]
+        name = "bench-routed"
+        deployments = [{{ upstream = "mock" }}, {{ upstream = "mock-2" }}]
+        [[models]]
+        name = "bench-failover"
+        deployments = [{{ upstream = "failing" }}, {{ upstream = "mock" }}]
         [[clients]]
         name = "bench"
         key = "{key}"
@@ -247,11 +297,12 @@ impl Measured {
 async fn load(
     target: SocketAddr,
     key: &str,
+    model: &str,
     scenario: Scenario,
     concurrency: usize,
     seconds: f64,
 ) -> Measured {
-    let body = scenario.body();
+    let body = scenario.body(model);
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
@@ -384,9 +435,19 @@ fn main() {
         let _ = ready.send(mock.addr);
         std::future::pending::<()>().await;
     });
+    // The second deployment is another upstream entry on the same mock, so
+    // the cell measures routing, not a second server's thread.
+    let second = upstream;
+    let failing = spawn_runtime("failing", failing_upstream);
     let bare = spawn_runtime("bare", move |ready| bare_proxy(upstream, ready));
     let iris = spawn_runtime("iris", move |ready| {
-        iris_server(upstream, "[store]\nkind = \"memory\"".into(), ready)
+        iris_server(
+            upstream,
+            second,
+            failing,
+            "[store]\nkind = \"memory\"".into(),
+            ready,
+        )
     });
     let redis = BenchRedis::find();
     let iris_redis = redis.as_ref().map(|redis| {
@@ -395,7 +456,7 @@ fn main() {
             redis.url, redis.prefix
         );
         spawn_runtime("iris-redis", move |ready| {
-            iris_server(upstream, store, ready)
+            iris_server(upstream, second, failing, store, ready)
         })
     });
 
@@ -414,22 +475,30 @@ fn main() {
     println!("|---|---|---|---|---|---|---|---|");
     for scenario in [Scenario::Small, Scenario::Image, Scenario::Stream] {
         for concurrency in [1, 64] {
+            let model = "bench-model";
             let mut targets = vec![
-                ("direct", upstream, KEY),
-                ("bare proxy", bare, KEY),
-                ("iris", iris, KEY),
-                ("iris + budgets", iris, KEY_BUDGETED),
+                ("direct", upstream, KEY, model),
+                ("bare proxy", bare, KEY, model),
+                ("iris", iris, KEY, model),
+                ("iris + budgets", iris, KEY_BUDGETED, model),
             ];
             if let Some(iris_redis) = iris_redis {
-                targets.push(("iris + budgets (redis)", iris_redis, KEY_BUDGETED));
+                targets.push(("iris + budgets (redis)", iris_redis, KEY_BUDGETED, model));
+            }
+            if scenario == Scenario::Small {
+                // Routing: two healthy deployments; then one of two answering
+                // 503 to everything (failover, then its cooldown).
+                targets.push(("iris, 2 deployments", iris, KEY, "bench-routed"));
+                targets.push(("iris, 1 of 2 failing", iris, KEY, "bench-failover"));
             }
             let mut direct_p50 = Duration::ZERO;
-            for (name, addr, key) in targets {
+            for (name, addr, key, model) in targets {
                 let cell = format!("{}/{concurrency}/{name}", scenario.name());
                 if !cell.contains(&only) && (name != "direct" || !only.is_empty()) {
                     continue;
                 }
-                let measured = runtime.block_on(load(addr, key, scenario, concurrency, seconds));
+                let measured =
+                    runtime.block_on(load(addr, key, model, scenario, concurrency, seconds));
                 let p50 = measured.percentile(0.5);
                 if name == "direct" {
                     direct_p50 = p50;

@@ -10,7 +10,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark")]
 
-#[path = "../tests/support/image_server.rs"]
+#[path = "../tests/it/support/image_server.rs"]
 mod image_server;
 
 use std::io::Cursor;

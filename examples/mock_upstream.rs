@@ -3,7 +3,7 @@
 //!
 //!   cargo run --release --example mock_upstream [-- LISTEN_ADDR]   (default 127.0.0.1:9100)
 
-#[path = "../tests/support/mock_upstream.rs"]
+#[path = "../tests/it/support/mock_upstream.rs"]
 mod mock_upstream;
 
 #[tokio::main]

@@ -1,15 +1,11 @@
-//! The application: shared state and the one place the router and its layer
-//! stack are built.
+//! The one place the router and its layer stack are built, over the
+//! application's state ([`crate::state`]).
 
-use std::sync::Arc;
-
-use arc_swap::ArcSwap;
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
-use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::limit::RequestBodyLimitLayer;
@@ -18,61 +14,9 @@ use tower_http::trace::TraceLayer;
 
 use crate::access_log::{self, NewRequestId};
 use crate::body_deadline;
-use crate::budget::Budgets;
-use crate::config::Config;
-use crate::error::{ApiError, ErrorCode};
-use crate::gateway::Gateway;
-use crate::images::Images;
-use crate::metrics::Metrics;
+use crate::error::{ApiError, ErrorCode, Relayed};
 use crate::routes;
-use crate::upstream::{Endpoint, Forwarder};
-
-/// Everything a request handler may need: the services, built once at
-/// startup, and the configuration, one immutable snapshot behind an atomic
-/// pointer.
-pub struct AppState {
-    config: ArcSwap<Config>,
-    pub gateway: Gateway,
-    pub metrics: Metrics,
-}
-
-pub type SharedState = Arc<AppState>;
-
-impl AppState {
-    /// Builds the state from a validated config. Async because it opens the
-    /// budget store (loading its file, starting its background writer).
-    pub async fn new(config: Config) -> Result<Self, String> {
-        let forwarder = Forwarder::new().map_err(|e| format!("HTTP client: {e}"))?;
-        // Metrics first, so the image metrics' descriptions reach the recorder.
-        let metrics = Metrics::install();
-        let budgets = Budgets::open(&config.store).await?;
-        let images = Images::new(&config.images)?;
-        for upstream in config.catalog.upstreams() {
-            if matches!(upstream.endpoint, Endpoint::Demo) {
-                tracing::info!(
-                    upstream = %upstream.name,
-                    "a demo upstream answers in-process: no model behind it"
-                );
-            }
-        }
-        Ok(Self {
-            config: ArcSwap::from_pointee(config),
-            gateway: Gateway {
-                budgets,
-                images,
-                forwarder,
-                drain: CancellationToken::new(),
-            },
-            metrics,
-        })
-    }
-
-    /// The configuration now. Take it once per request and use that
-    /// snapshot throughout, so a request never sees two configurations.
-    pub fn config(&self) -> Arc<Config> {
-        self.config.load_full()
-    }
-}
+pub use crate::state::{AppState, SharedState};
 
 /// The router with every route and layer.
 pub fn app(state: SharedState) -> Router {
@@ -120,6 +64,25 @@ pub fn app(state: SharedState) -> Router {
         .route("/v1/usage", get(routes::usage::usage))
         .route("/v1/responses", any(routes::responses::reject))
         .route("/v1/responses/{*rest}", any(routes::responses::reject))
+        .route(
+            "/admin/clients",
+            get(routes::admin::list_clients).post(routes::admin::create_client),
+        )
+        .route(
+            "/admin/clients/{name}",
+            axum::routing::patch(routes::admin::change_client).delete(routes::admin::delete_client),
+        )
+        .route(
+            "/admin/clients/{name}/rotate",
+            post(routes::admin::rotate_client),
+        )
+        .route("/admin/reload", post(routes::admin::reload))
+        .route("/admin/upstreams", get(routes::admin::upstreams))
+        .route("/admin/ui", get(routes::console::page))
+        .route("/admin/ui/app.js", get(routes::console::script))
+        .route("/admin/ui/style.css", get(routes::console::style))
+        .route("/admin", any(routes::admin::not_found))
+        .route("/admin/{*rest}", any(routes::admin::not_found))
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
         .route("/metrics", get(routes::health::metrics))
@@ -146,6 +109,7 @@ where
 {
     if response.status() == StatusCode::PAYLOAD_TOO_LARGE
         && response.extensions().get::<ErrorCode>().is_none()
+        && response.extensions().get::<Relayed>().is_none()
     {
         return ApiError::request_too_large(limit).into_response();
     }

@@ -1,5 +1,5 @@
 //! Who may call what, where: clients by key, models by name, each model's
-//! upstream. Built by the config (see [`crate::config`]) from validated,
+//! deployments. Built by the config (see [`crate::config`]) from validated,
 //! typed values; requests only look things up.
 
 use std::collections::HashMap;
@@ -13,11 +13,31 @@ use crate::upstream::Upstream;
 pub struct Model {
     /// What clients send as `model`.
     pub name: String,
-    pub upstream: Arc<Upstream>,
-    /// What the upstream calls this model, when it differs from `name`.
-    pub upstream_model: Option<String>,
+    /// In priority order (lowest first), config order within a priority.
+    pub deployments: Vec<Deployment>,
     /// Completion tokens reserved when a request sets no cap.
     pub max_output_tokens: u64,
+}
+
+impl Model {
+    /// The upstream that serves the model first (for `owned_by`).
+    pub fn primary(&self) -> &Upstream {
+        &self.deployments[0].upstream
+    }
+}
+
+/// One place a model is served: an upstream and the model's name there.
+#[derive(Debug)]
+pub struct Deployment {
+    pub upstream: Arc<Upstream>,
+    /// What the upstream calls the model, when it differs from the model's name.
+    pub upstream_model: Option<String>,
+    /// Share of the traffic within its priority tier, at least 1.
+    pub weight: u32,
+    /// Lower is tried first.
+    pub priority: u32,
+    /// Names the deployment in health and metrics: `upstream/model`.
+    pub key: Arc<str>,
 }
 
 /// Which models a client may use.
@@ -84,6 +104,13 @@ impl Catalog {
         self.models.get(name)
     }
 
+    /// Every model, in config order.
+    pub fn models(&self) -> impl Iterator<Item = &Model> {
+        self.model_order
+            .iter()
+            .filter_map(|name| self.models.get(name))
+    }
+
     /// The models `client` may use, in config order.
     pub fn models_for<'a>(&'a self, client: &'a Client) -> impl Iterator<Item = &'a Model> {
         self.model_order
@@ -98,6 +125,32 @@ impl Catalog {
 
     pub fn upstreams(&self) -> &[Arc<Upstream>] {
         &self.upstreams
+    }
+
+    /// Every deployment, once, with its metric labels (upstream, model).
+    pub fn deployment_labels(&self) -> Vec<(Arc<str>, String, String)> {
+        let mut seen = std::collections::HashSet::new();
+        let mut labels = Vec::new();
+        for model in self
+            .model_order
+            .iter()
+            .filter_map(|name| self.models.get(name))
+        {
+            for deployment in &model.deployments {
+                if seen.insert(Arc::clone(&deployment.key)) {
+                    let sent_as = deployment
+                        .key
+                        .split_once('/')
+                        .map_or_else(String::new, |(_, m)| m.to_owned());
+                    labels.push((
+                        Arc::clone(&deployment.key),
+                        deployment.upstream.name.clone(),
+                        sent_as,
+                    ));
+                }
+            }
+        }
+        labels
     }
 }
 
@@ -165,14 +218,19 @@ mod tests {
             ["a"]
         );
         assert_eq!(catalog.models_for(two).count(), 2);
-        let a = catalog.model("a").expect("model");
+        let a = &catalog.model("a").expect("model").deployments[0];
         assert_eq!(a.upstream_model.as_deref(), Some("real-a"));
+        assert_eq!(&*a.key, "u/real-a");
         assert!(matches!(
             &a.upstream.endpoint,
             crate::upstream::Endpoint::Http { chat_url, .. }
                 if chat_url.as_str() == "http://127.0.0.1:1/v1/chat/completions"
         ));
         assert!(!format!("{a:?}").contains("upstream-secret"));
-        assert!(catalog.model("b").expect("model").upstream_model.is_none());
+        assert!(
+            catalog.model("b").expect("model").deployments[0]
+                .upstream_model
+                .is_none()
+        );
     }
 }

@@ -24,6 +24,18 @@ pub enum Command {
     /// Make or hash client keys.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Manage clients in the configured store (every instance sees them).
+    #[command(subcommand)]
+    Clients(ClientsCommand),
+    /// Each deployment's health, from the running server's admin API
+    /// (the admin key in $IRIS_ADMIN_KEY).
+    Upstreams {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The server's base URL [default: from server.listen]
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Print each client's budgets: used and remaining.
     Usage {
         #[command(flatten)]
@@ -32,6 +44,70 @@ pub enum Command {
         #[arg(long)]
         client: Option<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClientsCommand {
+    /// Every client: source (config or managed), models, budget.
+    List(ConfigArg),
+    /// Create a managed client; prints its key once.
+    Add {
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(flatten)]
+        settings: ClientSettings,
+    },
+    /// Change a managed client's models, budget, or whether it is disabled.
+    Set {
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(flatten)]
+        settings: ClientSettings,
+        /// Disable the client: its keys stop working.
+        #[arg(long, conflicts_with = "enable")]
+        disable: bool,
+        /// Enable it again.
+        #[arg(long)]
+        enable: bool,
+    },
+    /// Give a managed client a new key; prints it once.
+    Rotate {
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+        /// How long the old key keeps working, in seconds.
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        grace_s: i64,
+    },
+    /// Delete a managed client; its keys stop working.
+    Remove {
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+/// A managed client's models and limits. A limit is a number, or `none`
+/// (with `set`) to remove it. Negative numbers are taken as values, so that
+/// `--tokens-per-day -5` is refused by name like the admin API refuses it,
+/// not by clap as an unknown flag.
+#[derive(Debug, Args, Default)]
+pub struct ClientSettings {
+    /// Model names, comma-separated; `*` for all.
+    #[arg(long, value_delimiter = ',')]
+    pub models: Option<Vec<String>>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub requests_per_minute: Option<String>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub tokens_per_minute: Option<String>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub tokens_per_day: Option<String>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub tokens_per_month: Option<String>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub max_concurrent: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

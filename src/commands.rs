@@ -7,7 +7,8 @@ use std::future::Future;
 use std::path::Path;
 use std::process::ExitCode;
 
-use crate::cli::ConfigArg;
+use crate::cli::{ClientSettings, ClientsCommand, ConfigArg};
+use crate::clients::ops::{self, BudgetInput, ClientChange, ClientView, NewClient, Rotation};
 use crate::config::{self, Config};
 use crate::keys::{self, KeyHash};
 
@@ -24,15 +25,17 @@ pub fn serve(arg: &ConfigArg) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    report(block_on(true, run(config)), |message| {
+    report(block_on(true, run(config, path)), |message| {
         tracing::error!("{message}");
     })
 }
 
-async fn run(config: Config) -> Result<(), String> {
+async fn run(config: Config, path: std::path::PathBuf) -> Result<(), String> {
     crate::init_tls();
     let listen = config.server.listen;
-    let state = crate::app::AppState::new(config).await?;
+    let state = crate::state::AppState::new(config)
+        .await?
+        .with_config_path(path);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
@@ -103,6 +106,178 @@ pub fn usage(arg: &ConfigArg, only: Option<&str>) -> ExitCode {
     });
     report(result.map(|text| print!("{text}")), |message| {
         eprintln!("iris usage: {message}");
+    })
+}
+
+/// `iris clients ...`: the admin API's client operations, on the store.
+pub fn clients(command: ClientsCommand) -> ExitCode {
+    let config_arg = match &command {
+        ClientsCommand::List(config)
+        | ClientsCommand::Add { config, .. }
+        | ClientsCommand::Set { config, .. }
+        | ClientsCommand::Rotate { config, .. }
+        | ClientsCommand::Remove { config, .. } => config,
+    };
+    let result = config_or_message(&config_arg.path()).and_then(|config| {
+        block_on(false, async move {
+            let registry = crate::clients::open(&config.store.backend)?;
+            let registry = registry.as_ref();
+            let said = |e: ops::ClientError| e.to_string();
+            match command {
+                ClientsCommand::List(_) => {
+                    let (_, managed) = registry.load().await.map_err(|e| e.to_string())?;
+                    let mut rows = vec!["NAME\tSOURCE\tMODELS\tDISABLED".to_owned()];
+                    for client in config.catalog.clients() {
+                        let models = match &client.models {
+                            crate::catalog::ModelAccess::All => "*".to_owned(),
+                            crate::catalog::ModelAccess::Only(m) => m.join(","),
+                        };
+                        rows.push(format!("{}\tconfig\t{models}\tno", client.name));
+                    }
+                    for client in &managed {
+                        let view = ClientView::from(client);
+                        let disabled = if view.disabled { "yes" } else { "no" };
+                        rows.push(format!(
+                            "{}\tmanaged\t{}\t{disabled}",
+                            view.name,
+                            view.models.join(",")
+                        ));
+                    }
+                    Ok(rows.join("\n") + "\n")
+                }
+                ClientsCommand::Add { name, settings, .. } => {
+                    let request = NewClient {
+                        name,
+                        models: settings.models.clone(),
+                        budget: budget_input(&settings)?,
+                        disabled: false,
+                    };
+                    let (client, key) = ops::create(registry, &config, request).await.map_err(said)?;
+                    Ok(format!(
+                        "created {}\nkey: {key}\n(the key is shown only now; Iris keeps its hash)\n",
+                        client.name
+                    ))
+                }
+                ClientsCommand::Set {
+                    name,
+                    settings,
+                    disable,
+                    enable,
+                    ..
+                } => {
+                    let change = ClientChange {
+                        models: settings.models.clone(),
+                        budget: budget_input(&settings)?,
+                        disabled: (disable || enable).then_some(disable),
+                    };
+                    let client = ops::change(registry, &config, &name, change).await.map_err(said)?;
+                    Ok(format!(
+                        "changed {}{}\n",
+                        client.name,
+                        if client.disabled { " (disabled)" } else { "" }
+                    ))
+                }
+                ClientsCommand::Rotate { name, grace_s, .. } => {
+                    let rotation = Rotation {
+                        grace_s: Some(grace_s),
+                    };
+                    let (client, key) = ops::rotate(registry, &config, &name, rotation).await.map_err(said)?;
+                    Ok(format!(
+                        "rotated {}\nkey: {key}\n(the old key works {grace_s} s more)\n",
+                        client.name
+                    ))
+                }
+                ClientsCommand::Remove { name, .. } => {
+                    ops::remove(registry, &config, &name).await.map_err(said)?;
+                    Ok(format!("removed {name}\n"))
+                }
+            }
+        })
+    });
+    report(result.map(|text| print!("{text}")), |message| {
+        eprintln!("iris clients: {message}");
+    })
+}
+
+/// `iris upstreams`: `GET /admin/upstreams` of the running server, as a table.
+pub fn upstreams(arg: &ConfigArg, url: Option<&str>) -> ExitCode {
+    let result = config_or_message(&arg.path()).and_then(|config| {
+        let key = std::env::var("IRIS_ADMIN_KEY")
+            .map_err(|_| "set IRIS_ADMIN_KEY to the admin key".to_owned())?;
+        let base = match url {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => {
+                let mut listen = config.server.listen;
+                if listen.ip().is_unspecified() {
+                    listen.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                }
+                format!("http://{listen}")
+            }
+        };
+        block_on(false, async move {
+            crate::init_tls();
+            let client = reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .map_err(|e| e.to_string())?;
+            let response = client
+                .get(format!("{base}/admin/upstreams"))
+                .bearer_auth(key)
+                .send()
+                .await
+                .map_err(|e| format!("{base}: {e}"))?;
+            let status = response.status();
+            let text = response.bytes().await.map_err(|e| e.to_string())?;
+            let body: serde_json::Value =
+                serde_json::from_slice(&text).map_err(|e| format!("not JSON: {e}"))?;
+            if !status.is_success() {
+                return Err(format!(
+                    "{status}: {}",
+                    body["error"]["message"].as_str().unwrap_or("")
+                ));
+            }
+            let mut out = String::from("DEPLOYMENT\tSTATE\tATTEMPTS_5M\tFAILURES_5M\n");
+            for row in body["data"].as_array().into_iter().flatten() {
+                let state = match row["cooling_until"].as_u64() {
+                    Some(until) => format!(
+                        "cooling until {}",
+                        crate::budget::window::format_utc(until * 1_000_000_000)
+                    ),
+                    None => "healthy".to_owned(),
+                };
+                out.push_str(&format!(
+                    "{}\t{state}\t{}\t{}\n",
+                    row["deployment"].as_str().unwrap_or(""),
+                    row["attempts_5m"],
+                    row["failures_5m"]
+                ));
+            }
+            Ok(out)
+        })
+    });
+    report(result.map(|text| print!("{text}")), |message| {
+        eprintln!("iris upstreams: {message}");
+    })
+}
+
+/// The limits given as flags: a number, or `none` to remove one.
+fn budget_input(settings: &ClientSettings) -> Result<BudgetInput, String> {
+    let parse = |flag: &str, value: &Option<String>| -> Result<Option<Option<i64>>, String> {
+        match value.as_deref() {
+            None => Ok(None),
+            Some("none") => Ok(Some(None)),
+            Some(text) => text
+                .parse::<i64>()
+                .map(|n| Some(Some(n)))
+                .map_err(|_| format!("--{flag}: {text:?} is not a number (or none)")),
+        }
+    };
+    Ok(BudgetInput {
+        requests_per_minute: parse("requests-per-minute", &settings.requests_per_minute)?,
+        tokens_per_minute: parse("tokens-per-minute", &settings.tokens_per_minute)?,
+        tokens_per_day: parse("tokens-per-day", &settings.tokens_per_day)?,
+        tokens_per_month: parse("tokens-per-month", &settings.tokens_per_month)?,
+        max_concurrent: parse("max-concurrent", &settings.max_concurrent)?,
     })
 }
 

@@ -16,8 +16,12 @@ use serde::Serialize;
 
 use crate::budget::window::{Refusal, Snapshot};
 use crate::budget::{BudgetError, Rejection, duration_string};
+use crate::clients::ops::ClientError;
 use crate::gateway::ChatError;
+use crate::gateway::relay::Cut;
+use crate::reload::ReloadError;
 use crate::upstream::UpstreamError;
+use bytes::Bytes;
 
 /// An error answer: status, OpenAI error `type`, `code`, `param` and message,
 /// plus the headers it must carry.
@@ -76,6 +80,16 @@ impl ApiError {
             "invalid_api_key",
             "Incorrect API key provided. Send your Iris key as `Authorization: Bearer KEY`.",
         )
+    }
+
+    /// Too many wrong keys from one address.
+    pub fn too_many_auth_failures(wait: Duration) -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_auth_failures",
+            "Too many requests with a wrong key from your address. Please try again later.",
+        )
+        .with_retry_after(wait)
     }
 
     pub fn model_not_found(model: &str) -> Self {
@@ -201,12 +215,71 @@ impl From<ChatError> for ApiError {
                 refusal.error.message,
             )
             .with_param(refusal.param.to_string()),
-            ChatError::Upstream(UpstreamError::Unreachable { .. }) => {
-                Self::new(StatusCode::BAD_GATEWAY, "upstream_unavailable", message)
-            }
+            ChatError::Upstream(
+                UpstreamError::Unreachable { .. } | UpstreamError::Invalid { .. },
+            ) => Self::new(StatusCode::BAD_GATEWAY, "upstream_unavailable", message),
             ChatError::Upstream(UpstreamError::Timeout { .. }) => {
                 Self::new(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", message)
             }
+            ChatError::NoUpstreamRoom { retry_after, .. } => Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "upstream_rate_limited",
+                message,
+            )
+            .with_retry_after(retry_after),
+        }
+    }
+}
+
+impl From<ClientError> for ApiError {
+    fn from(error: ClientError) -> Self {
+        let message = error.to_string();
+        match error {
+            ClientError::Invalid { param, .. } => {
+                let error = Self::invalid_request(message);
+                if param.is_empty() {
+                    error
+                } else {
+                    error.with_param(param)
+                }
+            }
+            ClientError::Exists(_) => {
+                Self::new(StatusCode::CONFLICT, "client_exists", message).with_param("name")
+            }
+            ClientError::ManagedByConfig(_) => {
+                Self::new(StatusCode::CONFLICT, "client_managed_by_config", message)
+            }
+            ClientError::NotFound(_) => {
+                Self::new(StatusCode::NOT_FOUND, "client_not_found", message)
+            }
+            ClientError::Unavailable(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                message,
+            )
+            .with_retry_after(Duration::from_secs(1)),
+        }
+    }
+}
+
+impl From<ReloadError> for ApiError {
+    fn from(error: ReloadError) -> Self {
+        let message = error.to_string();
+        match error {
+            ReloadError::Invalid(problems) => {
+                let listed: Vec<String> = problems.iter().map(ToString::to_string).collect();
+                Self::new(
+                    StatusCode::BAD_REQUEST,
+                    "config_invalid",
+                    format!("{message}; nothing changed: {}", listed.join("; ")),
+                )
+            }
+            ReloadError::NeedsRestart(_) => Self::new(
+                StatusCode::CONFLICT,
+                "restart_required",
+                format!("{message}; nothing changed"),
+            ),
+            ReloadError::NoFile => Self::new(StatusCode::BAD_REQUEST, "config_invalid", message),
         }
     }
 }
@@ -254,6 +327,38 @@ impl ApiError {
             .extend(rate_limit_headers(&rejection.snapshot));
         error
     }
+}
+
+/// How a response body cut short ends for the client: a stream gets one
+/// last event with an OpenAI-shaped error and no `[DONE]` (the SDKs raise
+/// on it instead of returning a truncated answer as if complete); a plain
+/// body is aborted (the connection closes before its end).
+pub fn cut_short(cut: Cut) -> Result<Bytes, std::io::Error> {
+    let (stream, message, code) = match cut {
+        Cut::Upstream { stream } => (
+            stream,
+            "The upstream failed after the response started; the answer is incomplete.",
+            "upstream_stream_interrupted",
+        ),
+        Cut::ShuttingDown { stream } => (
+            stream,
+            "The gateway is shutting down; the answer is incomplete.",
+            "server_shutting_down",
+        ),
+    };
+    if !stream {
+        return Err(std::io::Error::other(message));
+    }
+    let event = serde_json::to_string(&Envelope {
+        error: Body {
+            message,
+            kind: "server_error",
+            param: None,
+            code,
+        },
+    })
+    .unwrap_or_default();
+    Ok(Bytes::from(format!("data: {event}\n\n")))
 }
 
 static TOKEN_HEADERS: [HeaderName; 3] = [
@@ -344,6 +449,11 @@ impl IntoResponse for ApiError {
         response
     }
 }
+
+/// Left on an upstream's answer relayed as it came (its status included),
+/// so that no layer mistakes an upstream's 413 for its own.
+#[derive(Debug, Clone, Copy)]
+pub struct Relayed;
 
 /// Left on error responses so the request log can name the code.
 #[derive(Debug, Clone, Copy)]

@@ -8,7 +8,7 @@ use subtle::ConstantTimeEq;
 const HASH_PREFIX: &str = "sha256:";
 
 /// The SHA-256 of a client key, as configured.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct KeyHash([u8; 32]);
 
 impl KeyHash {

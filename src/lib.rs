@@ -24,10 +24,12 @@
 
 pub mod access_log;
 pub mod app;
+pub mod auth_throttle;
 pub mod body_deadline;
 pub mod budget;
 pub mod catalog;
 pub mod cli;
+pub mod clients;
 pub mod commands;
 pub mod config;
 pub mod error;
@@ -36,10 +38,13 @@ pub mod images;
 pub mod keys;
 pub mod metrics;
 pub mod openai;
+pub mod reload;
 pub mod rewrite;
 pub mod routes;
+pub mod routing;
 pub mod secret;
 pub mod server;
+pub mod state;
 pub mod telemetry;
 pub mod upstream;
 

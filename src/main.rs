@@ -20,6 +20,8 @@ fn main() -> ExitCode {
         Command::Check(config) => commands::check(&config),
         Command::Key(KeyCommand::New) => commands::key_new(),
         Command::Key(KeyCommand::Hash { key }) => commands::key_hash(&key),
+        Command::Clients(command) => commands::clients(command),
+        Command::Upstreams { config, url } => commands::upstreams(&config, url.as_deref()),
         Command::Usage { config, client } => commands::usage(&config, client.as_deref()),
     }
 }

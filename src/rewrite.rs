@@ -4,14 +4,17 @@
 //!
 //! The work per image lives in [`crate::images`]; this module decides which
 //! work each image gets, runs the images of one request concurrently (with a
-//! bound), and names the failing image in the error's `param`.
+//! bound), and names the failing image in the error's `param`. A request
+//! tried on several upstreams fetches each image once ([`ImageWork`]) and
+//! renders it for each upstream's policy.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use futures_util::{StreamExt, TryStreamExt, stream};
 
 use crate::images::data_uri::is_data_uri;
-use crate::images::{ErrorKind, ImageError, ImagePolicy, Images, Target};
+use crate::images::{ErrorKind, FetchedImage, ImageError, ImagePolicy, Images, Target};
 use crate::openai::chat::{ChatRequest, ImageAt};
 
 /// An image of the request refused or failed, and which one.
@@ -38,13 +41,65 @@ enum Work<'r> {
     Data(&'r str),
 }
 
-/// Rewrites `request`'s images for an upstream with `policy`. Refuses the
-/// whole request on the first image that fails, naming that image.
+/// Rewrites `request`'s images for an upstream with `policy`, for a request
+/// sent once.
 pub async fn apply_image_policy(
     images: &Images,
     policy: &ImagePolicy,
     request: &mut ChatRequest<'_>,
 ) -> Result<(), ImageRefusal> {
+    ImageWork::new(images).apply(policy, request).await
+}
+
+/// The image work of one request, kept across its attempts: each image URL
+/// is fetched once, whatever the cache does, and rendered per upstream.
+pub struct ImageWork<'i> {
+    images: &'i Images,
+    fetched: Mutex<HashMap<String, Arc<FetchedImage>>>,
+}
+
+impl<'i> ImageWork<'i> {
+    pub fn new(images: &'i Images) -> Self {
+        Self {
+            images,
+            fetched: Mutex::default(),
+        }
+    }
+
+    /// Rewrites `request`'s images for an upstream with `policy`. Refuses
+    /// the whole request on the first image that fails, naming that image.
+    pub async fn apply(
+        &self,
+        policy: &ImagePolicy,
+        request: &mut ChatRequest<'_>,
+    ) -> Result<(), ImageRefusal> {
+        apply(self, policy, request).await
+    }
+
+    /// The image at `url`, fetched for this request already or now.
+    async fn fetch(&self, url: &str) -> Result<Arc<FetchedImage>, ImageError> {
+        let known = self
+            .fetched
+            .lock()
+            .ok()
+            .and_then(|fetched| fetched.get(url).cloned());
+        if let Some(image) = known {
+            return Ok(image);
+        }
+        let image = self.images.fetch(url).await?;
+        if let Ok(mut fetched) = self.fetched.lock() {
+            fetched.insert(url.to_owned(), Arc::clone(&image));
+        }
+        Ok(image)
+    }
+}
+
+async fn apply(
+    work: &ImageWork<'_>,
+    policy: &ImagePolicy,
+    request: &mut ChatRequest<'_>,
+) -> Result<(), ImageRefusal> {
+    let images = work.images;
     let count = request.image_count();
     if count == 0 {
         return Ok(());
@@ -104,7 +159,7 @@ pub async fn apply_image_policy(
         // Futures built up front and polled at most N at a time. (A named
         // async fn rather than a closure: closures over borrowed jobs trip
         // the compiler's higher-ranked lifetime inference.)
-        let pending: Vec<_> = jobs.into_iter().map(|job| process(images, job)).collect();
+        let pending: Vec<_> = jobs.into_iter().map(|job| process(work, job)).collect();
         let done: Vec<(usize, Option<Replacement>)> = stream::iter(pending)
             .buffer_unordered(CONCURRENT_IMAGES_PER_REQUEST)
             .try_collect()
@@ -140,15 +195,20 @@ enum Replacement {
 
 /// One image's work; the replacement URL, if it changes.
 async fn process(
-    images: &Images,
+    images: &ImageWork<'_>,
     (index, param, work, target): (usize, ImageAt, Work<'_>, Target),
 ) -> Result<(usize, Option<Replacement>), ImageRefusal> {
     let result = match work {
-        Work::Fetch(url) => images
-            .inline_url(url, target)
-            .await
-            .map(|uri| Some(Replacement::Shared(uri))),
+        Work::Fetch(url) => match images.fetch(url).await {
+            Ok(image) => images
+                .images
+                .render(url, &image, target)
+                .await
+                .map(|uri| Some(Replacement::Shared(uri))),
+            Err(e) => Err(e),
+        },
         Work::Data(uri) => images
+            .images
             .process_data_uri(uri, target)
             .await
             .map(|uri| uri.map(Replacement::Owned)),

@@ -21,7 +21,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::app::{AppState, app};
+use crate::app::app;
+use crate::state::AppState;
 use connection::{Connections, Refusal};
 
 /// How long shutdown waits for the reservations of responses ended at the
@@ -41,6 +42,7 @@ pub async fn run(
 ) -> io::Result<()> {
     let server = state.config().server.clone();
     let state = Arc::new(state);
+    crate::reload::on_sighup(Arc::downgrade(&state));
     warn_if_files_limited(server.max_connections);
     let closing = CancellationToken::new();
     let connections = Arc::new(Connections::new(
@@ -59,8 +61,8 @@ pub async fn run(
             () = &mut shutdown => break,
             accepted = listener.accept() => accepted,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 accept_failed(&e).await;
                 continue;
@@ -73,7 +75,7 @@ pub async fn run(
         match Arc::clone(&permits).try_acquire_owned() {
             Ok(permit) => {
                 at_limit = false;
-                tracker.spawn(Arc::clone(&connections).serve(stream, accepted, permit));
+                tracker.spawn(Arc::clone(&connections).serve(stream, peer, accepted, permit));
             }
             Err(_) => {
                 if !at_limit {

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
@@ -40,7 +40,7 @@ use store::{
 use window::{Clock, Hold, Refusal, Snapshot, Window};
 
 /// A client's limits. Every one is optional; an absent one is not enforced.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default)]
 pub struct Limits {
     pub requests_per_minute: Option<u64>,
@@ -64,7 +64,7 @@ pub enum OnUnavailable {
 }
 
 /// Where budget state lives.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreBackend {
     /// Nothing persisted.
     Memory,
@@ -74,10 +74,33 @@ pub enum StoreBackend {
     Redis { url: Secret, options: RedisOptions },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreSettings {
     pub backend: StoreBackend,
     pub on_unavailable: OnUnavailable,
+}
+
+/// Upstream pacing accounts share the store with clients, under names no
+/// client can have (client names may not hold control characters).
+const UPSTREAM_ACCOUNT: &str = "\u{1}upstream/";
+
+/// Why an upstream has no room for a request now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoRoom {
+    /// Its limits are reached; there may be room after `retry_after`
+    /// (`None`: never for a request this large).
+    Full { retry_after: Option<Duration> },
+    /// The store did not answer and `on_unavailable = "reject"`.
+    StoreUnavailable,
+}
+
+/// Whose budget a reservation is charged to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Account {
+    Client,
+    /// An upstream's pacing limits: settled like a client's, not reported
+    /// as a client's usage.
+    Upstream,
 }
 
 /// Why a request gets no reservation.
@@ -174,50 +197,21 @@ impl Budgets {
         model: &str,
         estimate: Estimate,
     ) -> Result<Reservation, BudgetError> {
-        let limits = *limits;
-        let now = self.inner.clock.now();
-        let reserved = self
-            .inner
-            .store
-            .reserve(client, &limits, estimate.total(), now)
-            .await;
-        let (reserved, local) = match reserved {
-            Ok(reserved) => (reserved, false),
-            Err(e) => match self.inner.on_unavailable {
-                OnUnavailable::Allow => {
-                    tracing::warn!(
-                        client = %client,
-                        "budget store unavailable, counting the request locally: {e}"
-                    );
-                    metrics::counter!("iris_budget_store_fallback_total", "client" => client.to_string())
-                        .increment(1);
-                    let reserved =
-                        self.inner
-                            .local
-                            .reserve_now(client, &limits, estimate.total(), now);
-                    (reserved, true)
-                }
-                OnUnavailable::Reject => {
-                    tracing::error!(client = %client, "budget store unavailable: {e}");
-                    reject_metric(client, "store_unavailable");
-                    return Err(BudgetError::StoreUnavailable);
-                }
-            },
-        };
-        let Reserved { outcome, snapshot } = reserved;
+        let (Reserved { outcome, snapshot }, local) = self
+            .reserve_account(client, limits, estimate.total())
+            .await
+            .inspect_err(|_| reject_metric(client, "store_unavailable"))?;
         match outcome {
-            Ok(hold) => Ok(Reservation {
-                budgets: self.clone(),
-                client: Arc::clone(client),
+            Ok(hold) => Ok(self.reservation(
+                Account::Client,
+                client,
                 limits,
-                model: model.to_owned(),
+                model,
                 estimate,
-                hold: Some(hold),
+                hold,
                 local,
                 snapshot,
-                request_id: None,
-                _pending: self.inner.pending.token(),
-            }),
+            )),
             Err(refusal) => {
                 reject_metric(client, refusal.window().name());
                 Err(BudgetError::Rejected(Box::new(Rejection {
@@ -227,6 +221,121 @@ impl Budgets {
                 })))
             }
         }
+    }
+
+    /// Reserves room for one request of `estimate` under an upstream's
+    /// pacing limits (`None` when it has none), or says how long until
+    /// there may be room.
+    pub async fn reserve_room(
+        &self,
+        upstream: &str,
+        limits: &Limits,
+        estimate: Estimate,
+    ) -> Result<Option<Reservation>, NoRoom> {
+        if *limits == Limits::default() {
+            return Ok(None);
+        }
+        let account: Arc<str> = Arc::from(format!("{UPSTREAM_ACCOUNT}{upstream}"));
+        let (Reserved { outcome, snapshot }, local) = self
+            .reserve_account(&account, limits, estimate.total())
+            .await
+            .map_err(|_| NoRoom::StoreUnavailable)?;
+        match outcome {
+            Ok(hold) => Ok(Some(self.reservation(
+                Account::Upstream,
+                &account,
+                limits,
+                upstream,
+                estimate,
+                hold,
+                local,
+                snapshot,
+            ))),
+            Err(refusal) => Err(NoRoom::Full {
+                retry_after: Rejection {
+                    refusal,
+                    snapshot,
+                    estimate,
+                }
+                .retry_after(),
+            }),
+        }
+    }
+
+    /// One atomic reservation of `tokens` against `account`'s windows, in
+    /// the store or, while it is down and `on_unavailable = "allow"`, in
+    /// this instance's local count (then `true`).
+    async fn reserve_account(
+        &self,
+        account: &str,
+        limits: &Limits,
+        tokens: u64,
+    ) -> Result<(Reserved, bool), BudgetError> {
+        let now = self.inner.clock.now();
+        match self.inner.store.reserve(account, limits, tokens, now).await {
+            Ok(reserved) => Ok((reserved, false)),
+            Err(e) => match self.inner.on_unavailable {
+                OnUnavailable::Allow => {
+                    tracing::warn!(
+                        account,
+                        "budget store unavailable, counting the request locally: {e}"
+                    );
+                    metrics::counter!("iris_budget_store_fallback_total", "client" => account.to_owned())
+                        .increment(1);
+                    Ok((
+                        self.inner.local.reserve_now(account, limits, tokens, now),
+                        true,
+                    ))
+                }
+                OnUnavailable::Reject => {
+                    tracing::error!(account, "budget store unavailable: {e}");
+                    Err(BudgetError::StoreUnavailable)
+                }
+            },
+        }
+    }
+
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "a private constructor of one struct"
+    )]
+    fn reservation(
+        &self,
+        account: Account,
+        name: &Arc<str>,
+        limits: &Limits,
+        model: &str,
+        estimate: Estimate,
+        hold: Hold,
+        local: bool,
+        snapshot: Snapshot,
+    ) -> Reservation {
+        Reservation {
+            budgets: self.clone(),
+            account,
+            client: Arc::clone(name),
+            limits: *limits,
+            model: model.to_owned(),
+            estimate,
+            hold: Some(hold),
+            local,
+            snapshot,
+            request_id: None,
+            linked: None,
+            _pending: self.inner.pending.token(),
+        }
+    }
+
+    /// An upstream's pacing windows now (requests and tokens this minute,
+    /// requests in flight), against its `limits`.
+    pub async fn room(&self, upstream: &str, limits: &Limits) -> Result<Snapshot, BudgetError> {
+        self.snapshot(&format!("{UPSTREAM_ACCOUNT}{upstream}"), limits)
+            .await
+    }
+
+    /// The store itself, for what else it shares (deployment health).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
     }
 
     /// The client's windows now.
@@ -314,6 +423,7 @@ fn reject_metric(client: &str, reason: &'static str) {
 #[must_use = "dropping a reservation releases it at once"]
 pub struct Reservation {
     budgets: Budgets,
+    account: Account,
     client: Arc<str>,
     limits: Limits,
     model: String,
@@ -324,6 +434,9 @@ pub struct Reservation {
     local: bool,
     snapshot: Snapshot,
     request_id: Option<String>,
+    /// Charged what this one is charged (the upstream's pacing for the
+    /// client's request), or released with it.
+    linked: Option<Box<Reservation>>,
     /// Counts the reservation as pending until it is dropped.
     _pending: TaskTrackerToken,
 }
@@ -341,6 +454,12 @@ impl Reservation {
     /// Names the request in the settlement log line.
     pub fn set_request_id(&mut self, id: &str) {
         self.request_id = Some(id.to_owned());
+    }
+
+    /// Settles `other` with this reservation: charged the same tokens, or
+    /// released with it (replacing any reservation linked before).
+    pub fn link(&mut self, other: Option<Reservation>) {
+        self.linked = other.map(Box::new);
     }
 
     /// Settles from how the response ended: the upstream's reported usage;
@@ -380,6 +499,13 @@ impl Reservation {
             }
             None => (0, 0, 0, "released"),
         };
+        if let Some(linked) = self.linked.take() {
+            linked.charge(total);
+        }
+        if self.account == Account::Upstream {
+            self.replace_hold(total);
+            return;
+        }
         let client = self.client.to_string();
         for (kind, tokens) in [("prompt", prompt), ("completion", completion)] {
             metrics::counter!("iris_tokens_total", "client" => client.clone(), "model" => self.model.clone(), "kind" => kind)
@@ -400,8 +526,11 @@ impl Reservation {
         self.replace_hold(total);
     }
 
-    /// Replaces the reservation by exactly `actual` tokens.
+    /// Replaces the reservation (and any linked one) by exactly `actual` tokens.
     pub fn charge(mut self, actual: u64) {
+        if let Some(linked) = self.linked.take() {
+            linked.charge(actual);
+        }
         self.replace_hold(actual);
     }
 

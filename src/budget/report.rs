@@ -225,7 +225,7 @@ mod tests {
             clock: RedisClock::Server,
         };
         let redis = StoreBackend::Redis {
-            url: crate::secret::Secret::new(crate::budget::store::redis_tests::test_url()),
+            url: crate::secret::Secret::new(keys.url.clone()),
             options: options(Duration::from_secs(2)),
         };
         let limits = config.catalog.clients()[0].budget;

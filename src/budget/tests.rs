@@ -232,6 +232,7 @@ async fn finish_settles_by_reported_usage_or_by_estimate() {
             total_tokens: 47,
         }),
         generated: "ignored when usage came".into(),
+        finished: true,
     };
     budgets
         .reserve_for(&client, estimate)
@@ -245,6 +246,7 @@ async fn finish_settles_by_reported_usage_or_by_estimate() {
         complete: false,
         usage: None,
         generated: "Hello, world!".into(),
+        finished: false,
     };
     budgets
         .reserve_for(&client, estimate)
@@ -268,6 +270,7 @@ async fn finish_settles_by_reported_usage_or_by_estimate() {
                 complete: false,
                 usage: None,
                 generated: long,
+                finished: false,
             },
             true,
         );

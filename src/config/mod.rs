@@ -25,6 +25,8 @@ use std::time::Duration;
 use crate::budget::StoreSettings;
 use crate::catalog::Catalog;
 use crate::images::ImagesSettings;
+use crate::keys::KeyHash;
+use crate::routing::RoutingSettings;
 
 /// A whole, valid configuration: one immutable snapshot of what the server
 /// runs on. Held behind an atomic pointer by the app and taken once per
@@ -34,12 +36,15 @@ pub struct Config {
     pub server: Server,
     pub store: StoreSettings,
     pub images: ImagesSettings,
+    pub routing: RoutingSettings,
+    /// The operator's key, when `[admin]` is set (else no `/admin/*`).
+    pub admin: Option<KeyHash>,
     pub catalog: Catalog,
 }
 
 /// `[server]`: the listener, and the limits on connections and requests
 /// that keep slow or idle clients from holding the server.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Server {
     pub listen: SocketAddr,
     /// Larger request bodies are answered 413, counted as they arrive.
@@ -289,6 +294,29 @@ mod tests {
         check("Problems", format!("{problems} {problems:?}"));
         for key in ["store.url", "upstreams[0].base_url"] {
             assert!(problems.0.iter().any(|p| p.path == key), "{problems}");
+        }
+    }
+
+    /// Every config the repository ships passes the checks `iris check` runs.
+    #[test]
+    fn shipped_configs_are_valid() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut paths = vec![root.join("config/iris.toml")];
+        let examples = std::fs::read_dir(root.join("config/examples")).expect("examples");
+        paths.extend(examples.filter_map(|e| e.ok().map(|e| e.path())));
+        // Variables the examples name: key hashes must look like hashes.
+        let lookup = |name: &str| {
+            Some(if name.ends_with("_KEY_HASH") {
+                crate::keys::KeyHash::of(name).to_string()
+            } else {
+                format!("value-of-{name}")
+            })
+        };
+        for path in paths {
+            let text = std::fs::read_to_string(&path).expect("read");
+            if let Err(problems) = parse(&text, &lookup) {
+                panic!("{}:\n{problems}", path.display());
+            }
         }
     }
 

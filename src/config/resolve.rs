@@ -17,9 +17,10 @@ use super::schema::{self, StoreKind, UpstreamKind};
 use super::{Config, Problem, Server};
 use crate::budget::store::{RedisClock, RedisOptions};
 use crate::budget::{Limits, StoreBackend, StoreSettings};
-use crate::catalog::{Catalog, Client, Model, ModelAccess};
+use crate::catalog::{Catalog, Client, Deployment, Model, ModelAccess};
 use crate::images::{FetchLimits, Format, FormatSet, ImagePolicy, ImagesSettings};
 use crate::keys::KeyHash;
+use crate::routing::{RetryOn, RoutingSettings};
 use crate::upstream::{Endpoint, Upstream};
 
 /// Problems found so far; each resolver adds to it and returns what it
@@ -56,12 +57,20 @@ pub fn resolve(file: schema::File) -> Result<Config, Vec<Problem>> {
     let images = images(&file.images, &mut problems);
     let upstreams: Vec<Arc<Upstream>> = upstreams(&file.upstreams, &mut problems);
     let models = models(&file.models, &upstreams, &mut problems);
+    let routing = routing(&file.routing, &mut problems);
+    let admin = file.admin.as_ref().and_then(|admin| {
+        KeyHash::parse(&admin.key)
+            .map_err(|message| problems.add("admin.key", message))
+            .ok()
+    });
     let clients = clients(&file.clients, &models, &mut problems);
     match (problems.0.is_empty(), server, store) {
         (true, Some(server), Some(store)) => Ok(Config {
             server,
             store,
             images,
+            routing,
+            admin,
             catalog: Catalog::new(upstreams, models, clients),
         }),
         _ => Err(problems.0),
@@ -266,6 +275,15 @@ fn upstreams(upstreams: &[schema::Upstream], problems: &mut Problems) -> Vec<Arc
             problems.add(at("max_image_bytes"), "must be above 0");
         }
         let timeout_ms = problems.above_zero(&at("timeout_ms"), upstream.timeout_ms);
+        for (key, limit) in [
+            ("requests_per_minute", upstream.requests_per_minute),
+            ("tokens_per_minute", upstream.tokens_per_minute),
+            ("max_concurrent", upstream.max_concurrent),
+        ] {
+            if limit == Some(0) {
+                problems.add(at(key), "must be above 0 (leave it out for no limit)");
+            }
+        }
         if let Some(endpoint) = endpoint {
             resolved.push(Arc::new(Upstream {
                 name: upstream.name.clone(),
@@ -278,6 +296,12 @@ fn upstreams(upstreams: &[schema::Upstream], problems: &mut Problems) -> Vec<Arc
                     max_image_bytes: upstream.max_image_bytes,
                 },
                 stream_usage: upstream.stream_usage,
+                pacing: Limits {
+                    requests_per_minute: upstream.requests_per_minute,
+                    tokens_per_minute: upstream.tokens_per_minute,
+                    max_concurrent: upstream.max_concurrent,
+                    ..Limits::default()
+                },
             }));
         }
     }
@@ -373,25 +397,158 @@ fn models(
         } else if !names.insert(model.name.as_str()) {
             problems.add(at("name"), format!("duplicate model {:?}", model.name));
         }
-        let upstream = upstreams.iter().find(|u| u.name == model.upstream);
-        if upstream.is_none() {
-            problems.add(
-                at("upstream"),
-                format!("no upstream named {:?}", model.upstream),
-            );
-        }
         let max_output_tokens =
             problems.above_zero(&at("max_output_tokens"), model.max_output_tokens);
-        if let Some(upstream) = upstream {
+        let deployments = deployments(model, i, upstreams, problems);
+        if !deployments.is_empty() {
             resolved.push(Model {
                 name: model.name.clone(),
-                upstream: Arc::clone(upstream),
-                upstream_model: model.upstream_model.clone().filter(|m| m != &model.name),
+                deployments,
                 max_output_tokens,
             });
         }
     }
     resolved
+}
+
+/// A model's deployments: `upstream = …` as the one-deployment shorthand,
+/// or `deployments = […]`, in priority order.
+fn deployments(
+    model: &schema::Model,
+    i: usize,
+    upstreams: &[Arc<Upstream>],
+    problems: &mut Problems,
+) -> Vec<Deployment> {
+    let written: Vec<(String, schema::Deployment)> =
+        match (&model.upstream, model.deployments.is_empty()) {
+            (Some(_), false) => {
+                problems.add(
+                    format!("models[{i}]"),
+                    "set upstream or deployments, not both",
+                );
+                return Vec::new();
+            }
+            (None, true) => {
+                problems.add(format!("models[{i}].upstream"), "required (or deployments)");
+                return Vec::new();
+            }
+            (Some(upstream), true) => vec![(
+                format!("models[{i}].upstream"),
+                schema::Deployment {
+                    upstream: upstream.clone(),
+                    ..schema::Deployment::default()
+                },
+            )],
+            (None, false) => model
+                .deployments
+                .iter()
+                .enumerate()
+                .map(|(j, d)| (format!("models[{i}].deployments[{j}]"), d.clone()))
+                .collect(),
+        };
+    let mut resolved: Vec<Deployment> = Vec::new();
+    let mut seen: HashSet<(String, String)> = HashSet::new();
+    let mut tier_weights: Vec<(u32, u64)> = Vec::new();
+    for (at, written) in &written {
+        let shorthand = model.deployments.is_empty();
+        let field = |key: &str| {
+            if shorthand {
+                at.clone()
+            } else {
+                format!("{at}.{key}")
+            }
+        };
+        let upstream = upstreams.iter().find(|u| u.name == written.upstream);
+        if upstream.is_none() {
+            problems.add(
+                field("upstream"),
+                format!("no upstream named {:?}", written.upstream),
+            );
+        }
+        let weight = u32::try_from(written.weight).ok().filter(|w| *w >= 1);
+        if weight.is_none() {
+            problems.add(field("weight"), "must be 1 or more");
+        }
+        let priority = u32::try_from(written.priority).ok();
+        if priority.is_none() {
+            problems.add(field("priority"), "must be 0 or more");
+        }
+        let upstream_model = written
+            .upstream_model
+            .clone()
+            .or_else(|| model.upstream_model.clone())
+            .filter(|m| m != &model.name);
+        let sent_as = upstream_model.as_deref().unwrap_or(&model.name);
+        if !seen.insert((written.upstream.clone(), sent_as.to_owned())) {
+            problems.add(
+                at.clone(),
+                "duplicate deployment (same upstream and upstream_model)",
+            );
+            continue;
+        }
+        let priority = priority.unwrap_or(0);
+        match tier_weights.iter_mut().find(|(p, _)| *p == priority) {
+            Some((_, total)) => *total += u64::from(weight.unwrap_or(0)),
+            None => tier_weights.push((priority, u64::from(weight.unwrap_or(0)))),
+        }
+        if let (Some(upstream), Some(weight)) = (upstream, weight) {
+            resolved.push(Deployment {
+                key: Arc::from(format!("{}/{sent_as}", upstream.name)),
+                upstream: Arc::clone(upstream),
+                upstream_model,
+                weight,
+                priority,
+            });
+        }
+    }
+    for (priority, total) in tier_weights {
+        if total == 0 {
+            problems.add(
+                format!("models[{i}].deployments"),
+                format!("priority {priority} has no deployment with a weight"),
+            );
+        }
+    }
+    // Stable: config order within a priority.
+    resolved.sort_by_key(|d| d.priority);
+    resolved
+}
+
+fn routing(routing: &schema::Routing, problems: &mut Problems) -> RoutingSettings {
+    let mut retry_on = RetryOn {
+        connect: false,
+        timeout: false,
+        statuses: Vec::new(),
+    };
+    for (i, condition) in routing.retry_on.iter().enumerate() {
+        let at = format!("routing.retry_on[{i}]");
+        match condition {
+            schema::RetryOn::Condition(name) if name == "connect" => retry_on.connect = true,
+            schema::RetryOn::Condition(name) if name == "timeout" => retry_on.timeout = true,
+            schema::RetryOn::Condition(name) => problems.add(
+                at,
+                format!(
+                    "unknown condition {name:?}; known: \"connect\", \"timeout\", or an HTTP status"
+                ),
+            ),
+            schema::RetryOn::Status(status) => match u16::try_from(*status) {
+                Ok(status @ 400..=599) => retry_on.statuses.push(status),
+                _ => problems.add(
+                    at,
+                    format!("{status} is not an HTTP error status (400 to 599)"),
+                ),
+            },
+        }
+    }
+    RoutingSettings {
+        retries: routing.retries,
+        retry_on,
+        backoff: Duration::from_millis(routing.backoff_ms),
+        max_retry_wait: Duration::from_millis(routing.max_retry_wait_ms),
+        allowed_fails: problems.above_zero("routing.allowed_fails", routing.allowed_fails),
+        cooldown: Duration::from_millis(routing.cooldown_ms),
+        max_queue: Duration::from_millis(routing.max_queue_ms),
+    }
 }
 
 fn clients(clients: &[schema::Client], models: &[Model], problems: &mut Problems) -> Vec<Client> {
@@ -402,6 +559,10 @@ fn clients(clients: &[schema::Client], models: &[Model], problems: &mut Problems
         let at = |key: &str| format!("clients[{i}].{key}");
         if client.name.is_empty() {
             problems.add(at("name"), "required");
+        } else if client.name.chars().any(char::is_control) {
+            // Names go into logs and metric labels (and control characters
+            // are how upstream pacing accounts are kept apart from clients).
+            problems.add(at("name"), "must not contain control characters");
         } else if !names.insert(client.name.as_str()) {
             problems.add(at("name"), format!("duplicate client {:?}", client.name));
         }
@@ -519,6 +680,109 @@ mod tests {
                 .iter()
                 .any(|p| p.starts_with("clients[0].key: must start with"))
         );
+    }
+
+    #[test]
+    fn deployments_are_checked_with_their_key_paths() {
+        let found = problems(
+            r#"
+            [[upstreams]]
+            name = "a"
+            base_url = "http://a/v1"
+            [[upstreams]]
+            name = "b"
+            base_url = "http://b/v1"
+            [[models]]
+            name = "m"
+            deployments = [
+              { upstream = "a", weight = 0 },
+              { upstream = "nope" },
+              { upstream = "b", priority = -1 },
+              { upstream = "a", upstream_model = "m" },
+            ]
+            [[models]]
+            name = "both"
+            upstream = "a"
+            deployments = [{ upstream = "b" }]
+            [[models]]
+            name = "neither"
+            [routing]
+            retry_on = ["connect", "sometimes", 200, 503]
+            "#,
+        );
+        for expected in [
+            "models[0].deployments[0].weight: must be 1 or more",
+            "models[0].deployments[1].upstream: no upstream named \"nope\"",
+            "models[0].deployments[2].priority: must be 0 or more",
+            "models[0].deployments[3]: duplicate deployment (same upstream and upstream_model)",
+            "models[1]: set upstream or deployments, not both",
+            "models[2].upstream: required (or deployments)",
+            "routing.retry_on[2]: 200 is not an HTTP error status (400 to 599)",
+        ] {
+            assert!(
+                found.iter().any(|p| p == expected),
+                "missing {expected:?} in {found:?}"
+            );
+        }
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("routing.retry_on[1]: unknown condition \"sometimes\""))
+        );
+    }
+
+    #[test]
+    fn deployments_are_resolved_in_priority_order() {
+        let config = parse(
+            r#"
+            [[upstreams]]
+            name = "a"
+            base_url = "http://a/v1"
+            requests_per_minute = 60
+            [[upstreams]]
+            name = "b"
+            base_url = "http://b/v1"
+            [[models]]
+            name = "m"
+            upstream_model = "shared-name"
+            deployments = [
+              { upstream = "b", priority = 1 },
+              { upstream = "a", weight = 3, upstream_model = "own-name" },
+            ]
+            [routing]
+            retries = 5
+            retry_on = [503, "timeout"]
+            "#,
+            &|_| None,
+        )
+        .expect("valid");
+        let model = config.catalog.model("m").expect("model");
+        let summary: Vec<(&str, u32, u32, Option<&str>)> = model
+            .deployments
+            .iter()
+            .map(|d| {
+                (
+                    d.upstream.name.as_str(),
+                    d.weight,
+                    d.priority,
+                    d.upstream_model.as_deref(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("a", 3, 0, Some("own-name")),
+                ("b", 1, 1, Some("shared-name"))
+            ]
+        );
+        assert_eq!(
+            model.deployments[0].upstream.pacing.requests_per_minute,
+            Some(60)
+        );
+        assert_eq!(config.routing.retries, 5);
+        assert!(config.routing.retry_on.timeout && !config.routing.retry_on.connect);
+        assert_eq!(config.routing.retry_on.statuses, [503]);
     }
 
     #[test]

@@ -19,7 +19,17 @@ pub struct File {
     pub images: Images,
     pub upstreams: Vec<Upstream>,
     pub models: Vec<Model>,
+    pub routing: Routing,
+    /// `/admin/*` exists only when this is set.
+    pub admin: Option<Admin>,
     pub clients: Vec<Client>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Admin {
+    /// `sha256:<64 hex>` of the operator's key.
+    pub key: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -164,6 +174,10 @@ pub struct Upstream {
     /// Ask for `stream_options.include_usage` so streamed requests can be settled exactly.
     pub stream_usage: bool,
     pub timeout_ms: u64,
+    /// The provider's fair-usage limits on this key: Iris paces itself under them.
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+    pub max_concurrent: Option<u64>,
 }
 
 impl Default for Upstream {
@@ -179,6 +193,9 @@ impl Default for Upstream {
             max_image_bytes: None,
             stream_usage: true,
             timeout_ms: 120_000,
+            requests_per_minute: None,
+            tokens_per_minute: None,
+            max_concurrent: None,
         }
     }
 }
@@ -188,9 +205,13 @@ impl Default for Upstream {
 pub struct Model {
     /// What clients send as `model`.
     pub name: String,
-    pub upstream: String,
-    /// What is sent upstream as `model` (default: `name`).
+    /// One deployment, shorthand for `deployments = [{ upstream = … }]`.
+    pub upstream: Option<String>,
+    /// What is sent upstream as `model` (default: `name`); with `upstream`,
+    /// or as the default of every deployment.
     pub upstream_model: Option<String>,
+    /// Several deployments of one model (another key, another provider).
+    pub deployments: Vec<Deployment>,
     /// Completion tokens reserved when the request sets no cap.
     pub max_output_tokens: u64,
 }
@@ -199,11 +220,81 @@ impl Default for Model {
     fn default() -> Self {
         Self {
             name: String::new(),
-            upstream: String::new(),
+            upstream: None,
             upstream_model: None,
+            deployments: Vec::new(),
             max_output_tokens: 4096,
         }
     }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Deployment {
+    pub upstream: String,
+    pub upstream_model: Option<String>,
+    /// Share of the traffic within its priority tier (signed, so that a
+    /// negative one is reported rather than a type error).
+    pub weight: i64,
+    /// Lower is tried first; the next tier only when none of this one is usable.
+    pub priority: i64,
+}
+
+impl Default for Deployment {
+    fn default() -> Self {
+        Self {
+            upstream: String::new(),
+            upstream_model: None,
+            weight: 1,
+            priority: 0,
+        }
+    }
+}
+
+/// `[routing]`: retries and failover between deployments.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Routing {
+    pub retries: u32,
+    /// `"connect"`, `"timeout"`, or upstream statuses.
+    pub retry_on: Vec<RetryOn>,
+    pub backoff_ms: u64,
+    pub max_retry_wait_ms: u64,
+    pub allowed_fails: u32,
+    pub cooldown_ms: u64,
+    pub max_queue_ms: u64,
+}
+
+impl Default for Routing {
+    fn default() -> Self {
+        Self {
+            retries: 2,
+            retry_on: vec![
+                RetryOn::Condition("connect".into()),
+                RetryOn::Condition("timeout".into()),
+                RetryOn::Status(401),
+                RetryOn::Status(403),
+                RetryOn::Status(429),
+                RetryOn::Status(500),
+                RetryOn::Status(502),
+                RetryOn::Status(503),
+                RetryOn::Status(504),
+            ],
+            backoff_ms: 100,
+            max_retry_wait_ms: 10_000,
+            allowed_fails: 3,
+            cooldown_ms: 30_000,
+            max_queue_ms: 0,
+        }
+    }
+}
+
+/// One `retry_on` entry: a condition's name or an HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum RetryOn {
+    Status(i64),
+    Condition(String),
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -1,37 +1,45 @@
 //! A chat completion from request to response, step by step as the
 //! contract lists them: resolve the model and check the client may use it,
-//! reserve the estimate against the client's budget, rewrite the request for
-//! the upstream, forward it, and hand back a body that relays the answer and
-//! settles the reservation when it ends ([`relay::ResponseBody`]).
+//! reserve the estimate against the client's budget, then attempt the
+//! model's deployments ([`attempt`]): each attempt gets upstream room, the
+//! request rewritten for that upstream, and is forwarded; the answer comes
+//! back as a body that relays it and settles the reservations when it ends
+//! ([`relay::ResponseBody`]).
 //!
 //! Knows nothing of the server's HTTP edge: failures are [`ChatError`]s,
 //! which the edge renders.
 
+mod attempt;
 pub mod relay;
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
-use http::{HeaderMap, StatusCode, header};
+use http::{HeaderMap, StatusCode};
 use tokio_util::sync::CancellationToken;
 
 use crate::budget::window::Snapshot;
 use crate::budget::{BudgetError, Budgets, estimate};
-use crate::catalog::{Catalog, Client};
+use crate::catalog::Client;
+use crate::config::Config;
 use crate::images::Images;
 use crate::openai::chat::{ChatRequest, RequestError};
-use crate::openai::stream::UsageTap;
-use crate::rewrite::{self, ImageRefusal};
-use crate::upstream::{self, Forwarder, UpstreamError};
+use crate::rewrite::{ImageRefusal, ImageWork};
+use crate::routing::health::Health;
+use crate::routing::queue::Queues;
+use crate::upstream::{Forwarder, UpstreamError};
 use relay::ResponseBody;
 
 /// The services every chat completion uses, built once per process.
 pub struct Gateway {
     pub budgets: Budgets,
-    pub images: Images,
+    /// Replaced whole when a reload changes `[images]`.
+    pub images: arc_swap::ArcSwap<Images>,
     pub forwarder: Forwarder,
+    /// Deployments' failures and cooldowns.
+    pub health: std::sync::Arc<Health>,
+    /// Requests waiting for upstream room.
+    pub queues: Queues,
     /// Cancelled when shutdown's grace period is over: responses still
     /// streaming end (and settle) then.
     pub drain: CancellationToken,
@@ -52,6 +60,15 @@ pub enum ChatError {
     Image(#[from] ImageRefusal),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    /// Every deployment of the model is at its upstream limits.
+    #[error(
+        "Every upstream of the model `{model}` is at its rate limit. Please try again in {}.",
+        crate::budget::duration_string(u64::try_from(retry_after.as_nanos()).unwrap_or(u64::MAX))
+    )]
+    NoUpstreamRoom {
+        model: String,
+        retry_after: Duration,
+    },
 }
 
 /// The upstream's answer on its way back.
@@ -64,12 +81,15 @@ pub struct Answer {
     pub body: ResponseBody,
 }
 
-/// What a request learned on its way, for its log line and metrics; kept
-/// whether or not it succeeded.
+/// What a request learned on its way, for its log line, metrics and the
+/// `x-iris-*` headers; kept whether or not it succeeded.
 #[derive(Debug, Clone, Default)]
 pub struct Trail {
     pub model: Option<String>,
+    /// The upstream of the last attempt (the one that answered, if any).
     pub upstream: Option<String>,
+    /// Attempts made upstream.
+    pub attempts: u32,
     pub upstream_latency: Option<Duration>,
     /// Tokens reserved (prompt estimate + completion cap), also set when the
     /// budget refused the request.
@@ -88,7 +108,7 @@ pub struct Incoming<'a> {
 impl Gateway {
     pub async fn complete(
         &self,
-        catalog: &Catalog,
+        config: &Config,
         incoming: Incoming<'_>,
         trail: &mut Trail,
     ) -> Result<Answer, ChatError> {
@@ -98,9 +118,10 @@ impl Gateway {
             headers,
             request_id,
         } = incoming;
-        let mut request = ChatRequest::parse(&body)?;
+        let request = ChatRequest::parse(&body)?;
 
-        let model = catalog
+        let model = config
+            .catalog
             .model(&request.model)
             .ok_or_else(|| ChatError::ModelNotFound(request.model.to_string()))?;
         if !client.may_use(&model.name) {
@@ -110,7 +131,8 @@ impl Gateway {
 
         // Budget: reserve the estimate now, or refuse without calling
         // upstream. Every early return below drops the reservation, which
-        // gives it back.
+        // gives it back; the answer's body settles it once, with the usage
+        // of the attempt that answered.
         let estimate = estimate::estimate_body(&body, &request, model.max_output_tokens).await;
         trail.estimated_tokens = Some(estimate.total());
         let mut reservation = self
@@ -119,59 +141,20 @@ impl Gateway {
             .await?;
         reservation.set_request_id(request_id);
 
-        let upstream = Arc::clone(&model.upstream);
-        trail.upstream = Some(upstream.name.clone());
-        rewrite::apply_image_policy(&self.images, &upstream.images, &mut request).await?;
-        if let Some(name) = &model.upstream_model {
-            request.set_model(name);
-        }
-        // Iris asks for the usage chunk to account streamed requests exactly;
-        // the client only sees it if it asked for it too.
-        let drop_usage_chunk = request.stream && upstream.stream_usage && !request.include_usage;
-        if drop_usage_chunk {
-            request.request_stream_usage();
-        }
-        let stream = request.stream;
-        let upstream_body = if request.changed() {
-            Bytes::from(request.to_body())
-        } else {
-            body.clone()
-        };
-        drop(request);
-
-        let sent = Instant::now();
-        let response = self.forwarder.send(&upstream, upstream_body, headers).await;
-        trail.upstream_latency = Some(sent.elapsed());
-        let response = response?;
-
-        let status =
-            StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-        let upstream_ok = status.is_success();
-        // Only an event stream is read (and edited) event by event; anything
-        // else, even in answer to `stream: true`, is a plain body.
-        let event_stream = upstream_ok
-            && stream
-            && response
-                .headers()
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v.starts_with("text/event-stream"));
-        let headers = upstream::response_headers(response.headers());
-        let budget = *reservation.snapshot();
-        let tap = UsageTap::new(event_stream, drop_usage_chunk && event_stream);
-        let body = ResponseBody::new(
-            response.bytes_stream().boxed(),
-            tap,
-            upstream.timeout,
-            reservation,
-            upstream_ok,
-            self.drain.clone(),
-        );
-        Ok(Answer {
-            status,
+        let images = self.images.load_full();
+        let images = ImageWork::new(&images);
+        attempt::Attempts {
+            gateway: self,
+            settings: &config.routing,
+            model,
+            client,
+            estimate,
+            body: &body,
             headers,
-            budget,
-            body,
-        })
+            request_id,
+            images: &images,
+        }
+        .run(request, reservation, trail)
+        .await
     }
 }

@@ -4,8 +4,10 @@
 //! exactly once, here, however the body ends:
 //!
 //! - the upstream body reached its end: settled from what it reported;
-//! - the upstream body failed or stalled past the upstream's timeout:
-//!   settled from what was generated so far;
+//! - the upstream body failed, stalled past the upstream's timeout, or (a
+//!   stream) ended without saying it was done: settled from what was
+//!   generated so far, and the client told so ([`Cut`]) rather than left
+//!   with what looks like a complete answer;
 //! - the process is shutting down and its grace period is over: settled
 //!   from what was generated so far;
 //! - the client went away (the body is dropped): settled from what was
@@ -25,6 +27,16 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use crate::budget::Reservation;
 use crate::openai::stream::UsageTap;
 use crate::upstream::error_chain;
+
+/// Why a body ends before its end: the edge tells the client (a stream gets
+/// one error event, then ends without `[DONE]`; a plain body is aborted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// The upstream failed, stalled, or stopped short.
+    Upstream { stream: bool },
+    /// The server's shutdown grace period is over.
+    ShuttingDown { stream: bool },
+}
 
 pub struct ResponseBody {
     upstream: BoxStream<'static, reqwest::Result<Bytes>>,
@@ -71,8 +83,17 @@ impl ResponseBody {
     }
 }
 
+impl ResponseBody {
+    /// Ends the body early: settles, and says why.
+    fn cut(&mut self, why: fn(bool) -> Cut) -> Poll<Option<Result<Bytes, Cut>>> {
+        let stream = self.tap.reads_events();
+        self.end(false);
+        Poll::Ready(Some(Err(why(stream))))
+    }
+}
+
 impl Stream for ResponseBody {
-    type Item = Result<Bytes, std::io::Error>;
+    type Item = Result<Bytes, Cut>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
@@ -86,21 +107,24 @@ impl Stream for ResponseBody {
                 Poll::Ready(Some(Ok(this.tap.on_chunk(chunk))))
             }
             Poll::Ready(Some(Err(e))) => {
-                this.end(false);
                 tracing::warn!(error = %error_chain(&e), "upstream body failed");
-                Poll::Ready(Some(Err(std::io::Error::other("upstream body failed"))))
+                this.cut(|stream| Cut::Upstream { stream })
             }
-            Poll::Ready(None) => Poll::Ready(this.end(true).map(Ok)),
+            Poll::Ready(None) => {
+                if this.tap.reads_events() && !this.tap.said_done() {
+                    tracing::warn!("upstream stream ended without [DONE]");
+                    return this.cut(|stream| Cut::Upstream { stream });
+                }
+                Poll::Ready(this.end(true).map(Ok))
+            }
             Poll::Pending => {
                 if this.deadline.as_mut().poll(cx).is_ready() {
-                    this.end(false);
                     tracing::warn!("upstream body stalled past the upstream timeout");
-                    return Poll::Ready(Some(Err(std::io::Error::other("upstream body stalled"))));
+                    return this.cut(|stream| Cut::Upstream { stream });
                 }
                 if this.drained.as_mut().poll(cx).is_ready() {
-                    this.end(false);
                     tracing::warn!("response cut short: the server is shutting down");
-                    return Poll::Ready(Some(Err(std::io::Error::other("server shutting down"))));
+                    return this.cut(|stream| Cut::ShuttingDown { stream });
                 }
                 Poll::Pending
             }

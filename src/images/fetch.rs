@@ -4,8 +4,12 @@
 //! The defences, each where it cannot be bypassed:
 //! - the URL (and every redirect hop) must be `http`/`https` with no userinfo;
 //! - an IP-literal host is checked directly, since reqwest never hands IP
-//!   literals to a resolver ([`check_url`], called before the request and by
-//!   the redirect policy for every hop);
+//!   literals to a resolver, and the names of metadata endpoints are refused
+//!   before any lookup ([`check_url`], called before the request and by the
+//!   redirect policy for every hop);
+//! - a redirect that reqwest hands back unfollowed (its `Location` is not a
+//!   URL, or has a scheme the HTTP stack cannot hold, like `file:`) is
+//!   refused too, named by its target, not by the hop that sent it;
 //! - a host name goes through [`FilteringResolver`], which drops refused
 //!   addresses: reqwest connects only to the addresses it returns, so there
 //!   is no second lookup that DNS rebinding could answer differently;
@@ -16,7 +20,6 @@
 //!   bodies are refused rather than inflated.
 
 use std::error::Error as _;
-use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,17 +29,27 @@ use futures_util::future::BoxFuture;
 use reqwest::header::{self, HeaderValue};
 use reqwest::{Url, redirect};
 
-use super::policy::{AddressPolicy, Refused};
+use super::policy::{AddressPolicy, Refused, RefusedName, refused_name};
 use super::{ErrorKind, ImageError};
 
 /// Why a URL is refused before any connection is made.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UrlRefusal {
+    #[error("it is not an absolute http(s) URL")]
     NotAUrl,
+    #[error("the scheme {0:?} is not fetched (only http and https are)")]
     Scheme(String),
+    #[error("URLs with credentials (user:password@) are refused")]
     UserInfo,
+    #[error("the URL has no host")]
     NoHost,
+    #[error("{0}")]
     Address(Refused),
+    #[error("{0}")]
+    Name(RefusedName),
+    /// A redirect's `Location` that is not a URL Iris can request.
+    #[error("it cannot be parsed as a URL")]
+    Location,
 }
 
 impl UrlRefusal {
@@ -46,32 +59,18 @@ impl UrlRefusal {
             UrlRefusal::UserInfo => "userinfo",
             UrlRefusal::NoHost => "no_host",
             UrlRefusal::Address(refused) => refused.reason.label(),
+            UrlRefusal::Name(refused) => refused.reason.label(),
+            UrlRefusal::Location => "location",
         }
     }
 }
 
-impl fmt::Display for UrlRefusal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            UrlRefusal::NotAUrl => f.write_str("it is not an absolute http(s) URL"),
-            UrlRefusal::Scheme(scheme) => write!(
-                f,
-                "the scheme {scheme:?} is not fetched (only http and https are)"
-            ),
-            UrlRefusal::UserInfo => {
-                f.write_str("URLs with credentials (user:password@) are refused")
-            }
-            UrlRefusal::NoHost => f.write_str("the URL has no host"),
-            UrlRefusal::Address(refused) => refused.fmt(f),
-        }
-    }
-}
-
-impl std::error::Error for UrlRefusal {}
-
-/// Checks what can be checked from the URL alone: scheme, userinfo, and an
+/// Checks what can be checked from the URL alone: scheme, userinfo, an
 /// IP-literal host (in any notation the URL parser accepts: `0x7f.1`,
-/// `2130706433`, `[::ffff:127.0.0.1]` all arrive here as addresses).
+/// `2130706433`, `[::ffff:127.0.0.1]` all arrive here as addresses) and the
+/// names of metadata endpoints (`metadata.google.internal.` and its
+/// upper-case, percent-encoded and Unicode spellings arrive here as one
+/// lower-case name, which [`refused_name`] compares without the dot).
 pub fn check_url(url: &Url, policy: &AddressPolicy) -> Result<(), UrlRefusal> {
     if !matches!(url.scheme(), "http" | "https") {
         return Err(UrlRefusal::Scheme(url.scheme().chars().take(16).collect()));
@@ -79,10 +78,13 @@ pub fn check_url(url: &Url, policy: &AddressPolicy) -> Result<(), UrlRefusal> {
     if !url.username().is_empty() || url.password().is_some() {
         return Err(UrlRefusal::UserInfo);
     }
-    match literal_ip(url) {
-        Some(ip) => policy.check(ip).map_err(UrlRefusal::Address),
-        None if url.host_str().is_some_and(|h| !h.is_empty()) => Ok(()),
-        None => Err(UrlRefusal::NoHost),
+    match (literal_ip(url), url.host_str()) {
+        (Some(ip), _) => policy.check(ip).map_err(UrlRefusal::Address),
+        (None, Some(name)) if !name.is_empty() => match refused_name(name) {
+            Some(refused) => Err(UrlRefusal::Name(refused)),
+            None => Ok(()),
+        },
+        (None, _) => Err(UrlRefusal::NoHost),
     }
 }
 
@@ -98,14 +100,21 @@ fn literal_ip(url: &Url) -> Option<IpAddr> {
     }
 }
 
-/// `scheme://host[:port]`: what an error or a log line may say about a URL.
-/// Paths and query strings can carry signatures and tokens, so they never
-/// leave this module.
+/// `scheme://host[:port]`, or `scheme:` for a URL with no host (`file:`,
+/// `data:`): what an error or a log line may say about a URL. Paths and
+/// query strings can carry signatures and tokens, so they never leave this
+/// module; an over-long scheme or host is cut.
 pub fn origin(url: &Url) -> String {
-    match (url.host_str(), url.port()) {
-        (Some(host), Some(port)) => format!("{}://{host}:{port}", url.scheme()),
-        (Some(host), None) => format!("{}://{host}", url.scheme()),
-        _ => format!("{}:", url.scheme()),
+    let scheme: String = url.scheme().chars().take(32).collect();
+    match url.host_str().filter(|host| !host.is_empty()) {
+        Some(host) => {
+            let host: String = host.chars().take(253).collect();
+            match url.port() {
+                Some(port) => format!("{scheme}://{host}:{port}"),
+                None => format!("{scheme}://{host}"),
+            }
+        }
+        None => format!("{scheme}:"),
     }
 }
 
@@ -131,28 +140,28 @@ impl Lookup for SystemLookup {
 
 /// Resolution failures, told apart so a refusal is `image_url_forbidden` and
 /// a failure `image_fetch_failed`.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 enum ResolveError {
+    #[error("{0}")]
+    RefusedName(RefusedName),
+    #[error("{host} resolves only to refused addresses ({refused})")]
     Refused { host: String, refused: Refused },
+    #[error("{host} has no address")]
     NoAddress { host: String },
+    #[error("{host} could not be resolved: {error}")]
     Failed { host: String, error: std::io::Error },
 }
 
-impl fmt::Display for ResolveError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl ResolveError {
+    fn host(&self) -> &str {
         match self {
-            ResolveError::Refused { host, refused } => {
-                write!(f, "{host} resolves only to refused addresses ({refused})")
-            }
-            ResolveError::NoAddress { host } => write!(f, "{host} has no address"),
-            ResolveError::Failed { host, error } => {
-                write!(f, "{host} could not be resolved: {error}")
-            }
+            ResolveError::RefusedName(refused) => &refused.name,
+            ResolveError::Refused { host, .. }
+            | ResolveError::NoAddress { host }
+            | ResolveError::Failed { host, .. } => host,
         }
     }
 }
-
-impl std::error::Error for ResolveError {}
 
 /// A resolver that returns only addresses the policy allows. reqwest
 /// connects to what it returns and looks nothing up again.
@@ -164,8 +173,16 @@ pub struct FilteringResolver {
 impl reqwest::dns::Resolve for FilteringResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let policy = Arc::clone(&self.policy);
-        let lookup = self.lookup.lookup(name.as_str().to_owned());
         let host = name.as_str().to_owned();
+        // check_url refused these names already; the resolver is the last
+        // gate before a connection, so it refuses them too, unasked.
+        if let Some(refused) = refused_name(&host) {
+            return Box::pin(async move {
+                Err(Box::new(ResolveError::RefusedName(refused))
+                    as Box<dyn std::error::Error + Send + Sync>)
+            });
+        }
+        let lookup = self.lookup.lookup(host.clone());
         Box::pin(async move {
             let addrs = lookup.await.map_err(|error| ResolveError::Failed {
                 host: host.clone(),
@@ -197,22 +214,15 @@ impl reqwest::dns::Resolve for FilteringResolver {
 }
 
 /// Why the redirect policy stopped a chain.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 enum HopError {
+    #[error("more than {0} redirects")]
     TooMany(usize),
-    Refused(UrlRefusal),
+    /// `target` is the refused hop's [`origin`]: reqwest's error carries the
+    /// URL of the hop before it, which is not the one refused.
+    #[error("{target} is refused: {refusal}")]
+    Refused { target: String, refusal: UrlRefusal },
 }
-
-impl fmt::Display for HopError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            HopError::TooMany(max) => write!(f, "more than {max} redirects"),
-            HopError::Refused(refusal) => refusal.fmt(f),
-        }
-    }
-}
-
-impl std::error::Error for HopError {}
 
 /// Where a fetched body goes, chunk by chunk, as it streams: so work on it
 /// (sniffing, base64) overlaps the download instead of following it.
@@ -236,7 +246,7 @@ impl Sink for Vec<u8> {
 }
 
 /// The limits of one fetch.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FetchLimits {
     pub timeout: Duration,
     pub max_bytes: usize,
@@ -272,7 +282,10 @@ impl Fetcher {
             }
             match check_url(attempt.url(), &hop_policy) {
                 Ok(()) => attempt.follow(),
-                Err(refusal) => attempt.error(HopError::Refused(refusal)),
+                Err(refusal) => {
+                    let target = origin(attempt.url());
+                    attempt.error(HopError::Refused { target, refusal })
+                }
             }
         });
         let mut headers = header::HeaderMap::new();
@@ -384,6 +397,13 @@ impl Fetcher {
             ));
         }
         let status = response.status();
+        if status.is_redirection()
+            && let Some(location) = response.headers().get(header::LOCATION)
+            && let Some(refused) =
+                unfollowed_redirect(response.url(), location.as_bytes(), status, &self.policy)
+        {
+            return Err(refused);
+        }
         if !status.is_success() {
             return Err(ImageError::new(
                 ErrorKind::FetchFailed,
@@ -453,6 +473,57 @@ fn forbidden(refusal: &UrlRefusal, url: Option<&Url>) -> ImageError {
     ImageError::new(ErrorKind::Forbidden, refusal.reason(), message)
 }
 
+/// A redirect refused, named by its target (`scheme://host:port`, or what
+/// can be told of a `Location` that is not a URL), never by the hop before.
+fn redirect_refused(target: &str, refusal: &UrlRefusal) -> ImageError {
+    ImageError::new(
+        ErrorKind::Forbidden,
+        refusal.reason(),
+        format!("The image URL redirects to {target}, which is refused: {refusal}."),
+    )
+}
+
+/// Judges a redirect that reqwest handed back instead of following. Its
+/// redirect policy sees every `Location` that parses into a URL the HTTP
+/// stack can request; what arrives here could not be parsed (not UTF-8,
+/// not a URL), or names a scheme the stack cannot even represent
+/// (`file:`, `data:`, `javascript:`), or came with a status that is not
+/// followed (300, 304). All but the last kind are refused; a plain 300 or
+/// 304 towards an allowed URL is left to the status check.
+fn unfollowed_redirect(
+    base: &Url,
+    location: &[u8],
+    status: reqwest::StatusCode,
+    policy: &AddressPolicy,
+) -> Option<ImageError> {
+    let followed = matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308);
+    let target = std::str::from_utf8(location)
+        .ok()
+        .and_then(|location| base.join(location).ok());
+    let Some(target) = target else {
+        let what = location_scheme(location).map_or_else(|| "a Location".to_owned(), |s| s + ":");
+        return Some(redirect_refused(&what, &UrlRefusal::Location));
+    };
+    match check_url(&target, policy) {
+        Err(refusal) => Some(redirect_refused(&origin(&target), &refusal)),
+        Ok(()) if followed => Some(redirect_refused(&origin(&target), &UrlRefusal::Location)),
+        Ok(()) => None,
+    }
+}
+
+/// The scheme a `Location` that is not a URL starts with, if it has one:
+/// the one part of it safe to repeat.
+fn location_scheme(location: &[u8]) -> Option<String> {
+    let colon = location.iter().position(|b| *b == b':')?;
+    let scheme = &location[..colon];
+    let valid = scheme.first().is_some_and(u8::is_ascii_alphabetic)
+        && scheme.len() <= 32
+        && scheme
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'));
+    valid.then(|| String::from_utf8_lossy(scheme).to_ascii_lowercase())
+}
+
 /// Classifies a failed send by the error Iris's own resolver or redirect
 /// policy put in its source chain; anything else is a fetch failure.
 fn send_error(error: &reqwest::Error, url: &Url) -> ImageError {
@@ -468,32 +539,31 @@ fn send_error(error: &reqwest::Error, url: &Url) -> ImageError {
                         origin(url)
                     ),
                 ),
-                HopError::Refused(refusal) => {
-                    let next = error.url().map(origin).unwrap_or_default();
-                    ImageError::new(
-                        ErrorKind::Forbidden,
-                        refusal.reason(),
-                        format!(
-                            "The image at {} redirects to {next}, which is refused: {refusal}.",
-                            origin(url)
-                        ),
-                    )
-                }
+                HopError::Refused { target, refusal } => redirect_refused(target, refusal),
             };
         }
         if let Some(resolve) = e.downcast_ref::<ResolveError>() {
-            return match resolve {
-                ResolveError::Refused { refused, .. } => ImageError::new(
-                    ErrorKind::Forbidden,
-                    refused.reason.label(),
-                    format!("The image URL is refused: {resolve}."),
-                ),
-                _ => ImageError::new(
-                    ErrorKind::FetchFailed,
-                    "dns",
-                    format!("The image could not be fetched: {resolve}."),
-                ),
+            let label = match resolve {
+                ResolveError::RefusedName(refused) => refused.reason.label(),
+                ResolveError::Refused { refused, .. } => refused.reason.label(),
+                _ => {
+                    return ImageError::new(
+                        ErrorKind::FetchFailed,
+                        "dns",
+                        format!("The image could not be fetched: {resolve}."),
+                    );
+                }
             };
+            // A name other than the URL's own came from a redirect.
+            let message = if url.host_str() == Some(resolve.host()) {
+                format!("The image URL is refused: {resolve}.")
+            } else {
+                format!(
+                    "The image URL redirects to {}, which is refused: {resolve}.",
+                    resolve.host()
+                )
+            };
+            return ImageError::new(ErrorKind::Forbidden, label, message);
         }
         source = e.source();
     }
@@ -633,6 +703,169 @@ mod tests {
         assert_eq!(reason("http://[2606:4700:4700::1111]/"), None);
     }
 
+    /// Every notation of an endpoint's address that the URL parser turns
+    /// into that address: each must come out as the same refusal.
+    fn notations_v4(a: [u8; 4]) -> Vec<String> {
+        let [w, x, y, z] = a;
+        let n = u32::from_be_bytes(a);
+        vec![
+            format!("{w}.{x}.{y}.{z}"),
+            format!("{w}.{x}.{y}.{z}."),
+            // Decimal, hex and octal, whole and per part, and the short forms.
+            format!("{n}"),
+            format!("0x{n:x}"),
+            format!("0X{n:X}"),
+            format!("0{n:o}"),
+            format!("0x{w:x}.0x{x:x}.0x{y:x}.0x{z:x}"),
+            format!("0{w:o}.0{x:o}.0{y:o}.0{z:o}"),
+            format!("0x{w:02X}.{x}.0{y:o}.{z}"),
+            format!("{w}.{x}.{}", u32::from(y) << 8 | u32::from(z)),
+            format!("{w}.{}", n & 0xff_ffff),
+            // Percent-encoded digits are decoded before the address is parsed.
+            format!("%3{}{}.{x}.{y}.{z}", w / 100, &w.to_string()[1..]),
+            // IPv6 forms that embed it.
+            format!("[::ffff:{w}.{x}.{y}.{z}]"),
+            format!("[::FFFF:{:X}:{:X}]", n >> 16, n & 0xffff),
+            format!("[0:0:0:0:0:ffff:{w}.{x}.{y}.{z}]"),
+            format!("[::{w}.{x}.{y}.{z}]"),
+            format!("[::ffff:0:{w}.{x}.{y}.{z}]"),
+            format!("[64:ff9b::{w}.{x}.{y}.{z}]"),
+            format!("[2002:{:x}:{:x}::1]", n >> 16, n & 0xffff),
+        ]
+    }
+
+    #[test]
+    fn metadata_endpoints_are_refused_in_every_notation() {
+        // Azure's WireServer and Alibaba's metadata are outside 169.254/16,
+        // and allowed networks that contain them must not open them.
+        let allowed = &[
+            "100.64.0.0/10",
+            "169.254.0.0/16",
+            "168.63.0.0/16",
+            "2002::/16",
+            "64:ff9b::/96",
+        ];
+        for endpoint in [
+            [169, 254, 169, 254],
+            [168, 63, 129, 16],
+            [100, 100, 100, 200],
+            [192, 0, 0, 192],
+            [169, 254, 170, 2],
+            [169, 254, 170, 23],
+            [169, 254, 0, 23],
+        ] {
+            for host in notations_v4(endpoint) {
+                let url = format!("http://{host}/latest/meta-data/");
+                let parsed = Url::parse(&url).expect("the URL parser takes it");
+                let refused = refusal(&url, allowed).expect("refused");
+                assert_eq!(refused.reason(), "metadata", "{url} ({parsed}): {refused}");
+                // The verdict is about this endpoint, whichever way it was written.
+                let v4 = std::net::Ipv4Addr::from(endpoint);
+                let UrlRefusal::Address(refused) = refused else {
+                    panic!("{url}: {refused:?}");
+                };
+                assert!(
+                    refused.addr == IpAddr::V4(v4) || refused.embedded == Some(v4),
+                    "{url}: {refused:?}"
+                );
+            }
+        }
+        for url in [
+            "http://[fd00:ec2::254]/",
+            "http://[FD00:EC2::254]/",
+            "http://[fd00:ec2:0:0:0:0:0:254]/",
+            "http://[fd00:ec2::23]/",
+            "http://[fd20:ce::254]/",
+            "http://[fd00:a9fe:a9fe::1]/",
+            "http://[64:ff9b:1::a9fe:a9fe]/",
+            "http://[2001:0:a9fe:a9fe::1]/",
+        ] {
+            let refused = refusal(url, &["::/0"]).expect("refused");
+            assert_eq!(refused.reason(), "metadata", "{url}: {refused}");
+        }
+        // Zone indexes are not part of a URL: refused as not a URL.
+        assert!(Url::parse("http://[fe80::a9fe:a9fe%25eth0]/").is_err());
+    }
+
+    #[test]
+    fn metadata_and_cluster_names_are_refused_in_every_spelling() {
+        for (url, expected) in [
+            (
+                "http://metadata.google.internal/computeMetadata/v1/",
+                "metadata",
+            ),
+            ("http://METADATA.GOOGLE.INTERNAL/", "metadata"),
+            ("http://metadata.google.internal./", "metadata"),
+            ("http://metadata.google.internal:80/", "metadata"),
+            ("http://metadata%2Egoogle%2Einternal/", "metadata"),
+            ("http://%6Detadata.google.internal/", "metadata"),
+            // Ideographic full stops, full-width letters and a soft hyphen
+            // are mapped by IDNA to the same ASCII name.
+            ("http://metadata\u{3002}google\u{3002}internal/", "metadata"),
+            (
+                "http://\u{ff4d}\u{ff45}\u{ff54}\u{ff41}data.google.internal/",
+                "metadata",
+            ),
+            ("http://meta\u{ad}data.google.internal/", "metadata"),
+            ("http://metadata/computeMetadata/v1/", "metadata"),
+            ("http://metadata./", "metadata"),
+            ("http://metadata.goog/", "metadata"),
+            ("http://instance-data/latest/meta-data/", "metadata"),
+            ("http://instance-data.ec2.internal/latest/", "metadata"),
+            (
+                "http://instance-data.us-west-2.compute.internal/",
+                "metadata",
+            ),
+            (
+                "http://metadata.tencentyun.com/latest/meta-data/",
+                "metadata",
+            ),
+            ("https://kubernetes.default.svc/api", "cluster_service"),
+            (
+                "https://kubernetes.default.svc.cluster.local:443/api",
+                "cluster_service",
+            ),
+            (
+                "https://KUBERNETES.default.svc.cluster.local./",
+                "cluster_service",
+            ),
+            ("https://kubernetes.default/", "cluster_service"),
+            ("https://kubernetes/", "cluster_service"),
+        ] {
+            let refused = refusal(url, &["0.0.0.0/0", "::/0"]).expect("refused by name");
+            assert_eq!(refused.reason(), expected, "{url}: {refused}");
+            assert!(matches!(refused, UrlRefusal::Name(_)), "{url}: {refused:?}");
+        }
+        assert_eq!(reason("http://metadata.example.com/a.png"), None);
+        assert_eq!(reason("http://kubernetes.io/a.png"), None);
+    }
+
+    #[test]
+    fn origins_name_scheme_host_and_port_only() {
+        for (url, expected) in [
+            ("http://example.com/a.png?sig=SECRET", "http://example.com"),
+            ("https://example.com:8443/a", "https://example.com:8443"),
+            ("http://[::1]:8080/", "http://[::1]:8080"),
+            ("file:///etc/passwd", "file:"),
+            ("file://fileserver/share/secret", "file://fileserver"),
+            ("data:image/png;base64,iVBORw0KGgo=", "data:"),
+            ("javascript:alert(1)", "javascript:"),
+            ("gopher://127.0.0.2:70/_SECRET", "gopher://127.0.0.2:70"),
+            ("mailto:someone@example.com", "mailto:"),
+        ] {
+            assert_eq!(origin(&Url::parse(url).expect("url")), expected, "{url}");
+        }
+        assert_eq!(location_scheme(b"http://[::1"), Some("http".to_owned()));
+        assert_eq!(
+            location_scheme(b"HTTP://exa mple/"),
+            Some("http".to_owned())
+        );
+        assert_eq!(location_scheme(b"//[::1"), None);
+        assert_eq!(location_scheme(b"1http://x"), None);
+        assert_eq!(location_scheme(b"/a:b"), None);
+        assert_eq!(location_scheme(b"\xff\xfe:x"), None);
+    }
+
     #[test]
     fn allowed_networks_open_literals() {
         assert!(refusal("http://127.0.0.2:8080/a.png", &["127.0.0.2/32"]).is_none());
@@ -644,7 +877,7 @@ mod tests {
 
     #[test]
     fn messages_name_the_origin_never_the_path_or_query() {
-        let url = Url::parse("http://10.0.0.1:8080/private/path?X-Amz-Signature=SECRET#frag")
+        let url = Url::parse("http://192.168.7.1:8080/private/path?X-Amz-Signature=SECRET#frag")
             .expect("url");
         let refusal = check_url(&url, &AddressPolicy::default()).expect_err("refused");
         let error = forbidden(&refusal, Some(&url));
@@ -652,7 +885,7 @@ mod tests {
         assert_eq!(error.reason, "private");
         assert_eq!(
             error.message,
-            "The image URL http://10.0.0.1:8080 is refused: 10.0.0.1 is a private network address."
+            "The image URL http://192.168.7.1:8080 is refused: 192.168.7.1 is a private network address."
         );
         let url = Url::parse("http://user:hunter2@example.com/").expect("url");
         let error = forbidden(
@@ -853,6 +1086,92 @@ mod tests {
         let e = e.downcast_ref::<ResolveError>().expect("a ResolveError");
         assert!(
             matches!(e, ResolveError::Refused { refused, .. } if refused.reason == Reason::Private)
+        );
+    }
+
+    #[tokio::test]
+    async fn names_resolving_to_metadata_are_refused_whatever_is_allowed() {
+        use reqwest::dns::Resolve as _;
+        let table = Arc::new(Table::default());
+        // Public-looking names whose DNS answers point at host services, the
+        // way a rebinding or wildcard-DNS service (nip.io) would.
+        table.set("wireserver.test", &[&["168.63.129.16"]]);
+        table.set("alibaba.test", &[&["100.100.100.200"]]);
+        table.set(
+            "imds6.test",
+            &[&["fd00:ec2::254", "::ffff:169.254.169.254"]],
+        );
+        table.set("169.254.169.254.nip.test", &[&["169.254.169.254"]]);
+        table.set("mixed.test", &[&["168.63.129.16", "127.0.0.2"]]);
+        let resolver = FilteringResolver {
+            policy: Arc::new(
+                AddressPolicy::new(&[
+                    "168.63.0.0/16",
+                    "100.64.0.0/10",
+                    "169.254.0.0/16",
+                    "fd00::/8",
+                    "127.0.0.2/32",
+                ])
+                .expect("policy"),
+            ),
+            lookup: Arc::new(Arc::clone(&table)),
+        };
+        for name in [
+            "wireserver.test",
+            "alibaba.test",
+            "imds6.test",
+            "169.254.169.254.nip.test",
+        ] {
+            let Err(e) = resolver.resolve(name.parse().expect("name")).await else {
+                panic!("{name}: nothing allowed");
+            };
+            let e = e.downcast_ref::<ResolveError>().expect("a ResolveError");
+            assert!(
+                matches!(e, ResolveError::Refused { refused, .. } if refused.reason == Reason::Metadata),
+                "{name}: {e}"
+            );
+        }
+        // A metadata address among others is dropped; the rest is used.
+        let addrs: Vec<IpAddr> = resolver
+            .resolve("mixed.test".parse().expect("name"))
+            .await
+            .expect("127.0.0.2 is allowed")
+            .map(|a| a.ip())
+            .collect();
+        assert_eq!(addrs, ["127.0.0.2".parse::<IpAddr>().expect("ip")]);
+
+        // Metadata and API-server names are refused without a lookup.
+        let before = table.lookups.load(Ordering::SeqCst);
+        for name in [
+            "metadata.google.internal",
+            "instance-data",
+            "kubernetes.default.svc",
+        ] {
+            let Err(e) = resolver.resolve(name.parse().expect("name")).await else {
+                panic!("{name}: refused by name");
+            };
+            let e = e.downcast_ref::<ResolveError>().expect("a ResolveError");
+            assert!(matches!(e, ResolveError::RefusedName(_)), "{name}: {e}");
+        }
+        assert_eq!(
+            table.lookups.load(Ordering::SeqCst),
+            before,
+            "no lookup made"
+        );
+
+        // Through the fetcher: image_url_forbidden, reason metadata, and the
+        // message names the host and the service.
+        let fetcher = fetcher(&table, &["168.63.0.0/16"]);
+        let e = fetcher
+            .fetch("http://wireserver.test/machine?comp=goalstate")
+            .await
+            .expect_err("refused");
+        assert_eq!(e.kind, ErrorKind::Forbidden, "{e}");
+        assert_eq!(e.reason, "metadata");
+        assert_eq!(
+            e.message,
+            "The image URL is refused: wireserver.test resolves only to refused addresses \
+             (168.63.129.16 is a cloud metadata or host-agent endpoint (Azure WireServer, the host agent's endpoint))."
         );
     }
 }

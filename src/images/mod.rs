@@ -25,6 +25,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use tokio::sync::Semaphore;
 
+pub use cache::FetchedImage;
 use cache::ImageCache;
 pub use convert::Target;
 pub use fetch::FetchLimits;
@@ -86,7 +87,7 @@ impl ImageError {
 }
 
 /// The `[images]` settings: limits for every image, fetched or sent inline.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImagesSettings {
     pub fetch: FetchLimits,
     pub max_images_per_request: usize,
@@ -191,14 +192,31 @@ impl Images {
     /// `data:` URI meeting `target`. When the image already meets it, the
     /// URI carries exactly the fetched bytes, encoded while they arrived.
     pub async fn inline_url(&self, url: &str, target: Target) -> Result<Arc<String>, ImageError> {
-        let image = self
-            .cache
+        let image = self.fetch(url).await?;
+        self.render(url, &image, target).await
+    }
+
+    /// Fetches an `http(s)` URL through the cache (one fetch for concurrent
+    /// requests of the same URL), inspected and base64-encoded as it arrives.
+    pub async fn fetch(&self, url: &str) -> Result<Arc<FetchedImage>, ImageError> {
+        self.cache
             .fetched(url, async {
                 let mut sink = InliningSink::new(self.max_pixels);
                 self.fetcher.fetch_into(url, &mut sink).await?;
                 sink.finish().map(Arc::new)
             })
-            .await?;
+            .await
+    }
+
+    /// The `data:` URI of a fetched `image` (from `url`) meeting `target`:
+    /// its own when it does, else converted (once per URL and target, then
+    /// cached).
+    pub async fn render(
+        &self,
+        url: &str,
+        image: &Arc<FetchedImage>,
+        target: Target,
+    ) -> Result<Arc<String>, ImageError> {
         let dims = (image.width, image.height);
         if target.accepts(image.format, image.bytes.len(), dims) {
             return Ok(Arc::clone(&image.data_uri));

@@ -39,6 +39,9 @@ pub struct Outcome {
     pub usage: Option<Usage>,
     /// The generated text seen so far, for an estimate where no usage came.
     pub generated: String,
+    /// A stream said it was done (`[DONE]`, or a `finish_reason`); a stream
+    /// that ends without either was cut short.
+    pub finished: bool,
 }
 
 /// An event larger than this is not held back to be edited: the body is
@@ -57,6 +60,17 @@ pub struct UsageTap {
 }
 
 impl UsageTap {
+    /// Whether the body is read as server-sent events, event by event.
+    pub fn reads_events(&self) -> bool {
+        self.streaming
+    }
+
+    /// Whether the stream has said it is done (`[DONE]` or a
+    /// `finish_reason`), counting an event still held back.
+    pub fn said_done(&self) -> bool {
+        self.outcome.finished || self.pending.windows(6).any(|w| w == b"[DONE]")
+    }
+
     /// `streaming`: the body is SSE. `drop_usage_chunk`: remove the usage-only
     /// event, which the client did not ask for.
     pub fn new(streaming: bool, drop_usage_chunk: bool) -> Self {
@@ -99,8 +113,10 @@ impl UsageTap {
         let ready = self.drain_events();
         if self.pending.len() > MAX_PENDING_EVENT {
             // No event boundary in sight: this is not an event stream Iris
-            // can edit. Stop holding anything back and stop looking.
+            // can edit. Stop holding anything back and stop looking (and
+            // judging whether it ended as it should).
             self.streaming = false;
+            self.outcome.finished = true;
             let held = std::mem::take(&mut self.pending);
             if self.drop_usage_chunk {
                 self.drop_usage_chunk = false;
@@ -167,6 +183,8 @@ struct ChunkView<'a> {
 #[derive(Deserialize)]
 struct ChoiceView<'a> {
     #[serde(default, borrow)]
+    finish_reason: Option<&'a RawValue>,
+    #[serde(default, borrow)]
     delta: Option<MessageView<'a>>,
     #[serde(default, borrow)]
     message: Option<MessageView<'a>>,
@@ -188,7 +206,11 @@ fn note_event(event: &[u8], outcome: &mut Outcome) -> bool {
             continue;
         };
         let data = data.trim_ascii();
-        if data.is_empty() || data == b"[DONE]" {
+        if data == b"[DONE]" {
+            outcome.finished = true;
+            continue;
+        }
+        if data.is_empty() {
             continue;
         }
         let Ok(chunk) = serde_json::from_slice::<ChunkView<'_>>(data) else {
@@ -201,6 +223,12 @@ fn note_event(event: &[u8], outcome: &mut Outcome) -> bool {
         }
         for choice in chunk.choices.iter().flatten() {
             note_message(choice.delta.as_ref(), outcome);
+            if choice
+                .finish_reason
+                .is_some_and(|reason| reason.get() != "null")
+            {
+                outcome.finished = true;
+            }
         }
     }
     usage_only

@@ -6,7 +6,7 @@
 use axum::Extension;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError};
@@ -14,11 +14,12 @@ use tower_http::request_id::RequestId;
 
 use super::Authenticated;
 use crate::access_log::RequestLog;
-use crate::app::SharedState;
 use crate::body_deadline::BodyDeadlineElapsed;
 use crate::config;
-use crate::error::{ApiError, rate_limit_headers};
+use crate::error::{self, ApiError, Relayed, rate_limit_headers};
 use crate::gateway::{Answer, Incoming, Trail};
+use crate::state::SharedState;
+use futures_util::StreamExt;
 
 pub async fn completions(
     State(state): State<SharedState>,
@@ -38,7 +39,7 @@ pub async fn completions(
             };
             state
                 .gateway
-                .complete(&config.catalog, incoming, &mut trail)
+                .complete(&config, incoming, &mut trail)
                 .await
                 .map_err(ApiError::from)
         }
@@ -48,6 +49,21 @@ pub async fn completions(
         Ok(answer) => respond(answer),
         Err(error) => error.into_response(),
     };
+    // Which deployment answered (or was tried last), and after how many attempts.
+    if trail.attempts > 0 {
+        let headers = response.headers_mut();
+        if let Some(value) = trail
+            .upstream
+            .as_deref()
+            .and_then(|name| HeaderValue::from_str(name).ok())
+        {
+            headers.insert(HeaderName::from_static("x-iris-upstream"), value);
+        }
+        headers.insert(
+            HeaderName::from_static("x-iris-attempts"),
+            HeaderValue::from(trail.attempts),
+        );
+    }
     response.extensions_mut().insert(RequestLog(trail));
     response
 }
@@ -59,10 +75,14 @@ fn respond(answer: Answer) -> Response {
         budget,
         body,
     } = answer;
-    let mut response = Response::new(Body::from_stream(body));
+    let mut response = Response::new(Body::from_stream(body.map(|item| match item {
+        Ok(bytes) => Ok(bytes),
+        Err(cut) => error::cut_short(cut),
+    })));
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     response.headers_mut().extend(rate_limit_headers(&budget));
+    response.extensions_mut().insert(Relayed);
     response
 }
 

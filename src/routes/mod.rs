@@ -1,7 +1,9 @@
 //! One module per endpoint group; each turns HTTP into calls on the layers
 //! below and their answers (or errors, through [`ApiError`]) back into HTTP.
 
+pub mod admin;
 pub mod chat;
+pub mod console;
 pub mod health;
 pub mod models;
 pub mod responses;
@@ -9,15 +11,17 @@ pub mod usage;
 
 use std::sync::Arc;
 
-use axum::extract::FromRequestParts;
+use std::net::{IpAddr, SocketAddr};
+
+use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, Uri, header};
 
 use crate::access_log::ClientSlot;
-use crate::app::SharedState;
 use crate::catalog::Client;
 use crate::config::Config;
 use crate::error::ApiError;
+use crate::state::SharedState;
 
 /// The client a request authenticated as, and the configuration snapshot it
 /// was found in (the one the whole request then uses); extracting it
@@ -32,10 +36,17 @@ impl FromRequestParts<SharedState> for Authenticated {
 
     async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<Self, ApiError> {
         let config = state.config();
+        // The config's clients, then the managed ones; a disabled, deleted
+        // or rotated-out key is in neither.
         let client = bearer_key(&parts.headers)
-            .and_then(|key| config.catalog.authenticate(key))
-            .cloned()
-            .ok_or_else(ApiError::invalid_api_key)?;
+            .and_then(|key| {
+                config
+                    .catalog
+                    .authenticate(key)
+                    .cloned()
+                    .or_else(|| state.clients.index().authenticate(key).cloned())
+            })
+            .ok_or_else(|| failed_authentication(state, parts))?;
         if let Some(slot) = parts.extensions.get::<ClientSlot>() {
             slot.set(Arc::clone(&client.name));
         }
@@ -43,8 +54,21 @@ impl FromRequestParts<SharedState> for Authenticated {
     }
 }
 
+/// The answer to a wrong or missing key: 401, or 429 once the address sent
+/// too many of them.
+pub(crate) fn failed_authentication(state: &SharedState, parts: &Parts) -> ApiError {
+    let address = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::from([0, 0, 0, 0]), |info| info.0.ip());
+    match state.auth_failures.failed(address) {
+        Ok(()) => ApiError::invalid_api_key(),
+        Err(wait) => ApiError::too_many_auth_failures(wait),
+    }
+}
+
 /// The key of `Authorization: Bearer KEY`.
-fn bearer_key(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn bearer_key(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, key) = value.split_once(' ')?;
     scheme
@@ -57,6 +81,15 @@ pub async fn not_found(method: Method, uri: Uri) -> ApiError {
     ApiError::not_found(method.as_str(), uri.path())
 }
 
-pub async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+pub async fn method_not_allowed(
+    axum::extract::State(state): axum::extract::State<SharedState>,
+    method: Method,
+    uri: Uri,
+) -> ApiError {
+    // Without `[admin]`, nothing under /admin exists, not even its methods.
+    let admin_path = uri.path() == "/admin" || uri.path().starts_with("/admin/");
+    if admin_path && state.config().admin.is_none() {
+        return ApiError::not_found(method.as_str(), uri.path());
+    }
     ApiError::method_not_allowed(method.as_str(), uri.path())
 }

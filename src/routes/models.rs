@@ -24,7 +24,7 @@ impl<'a> From<&'a Model> for ModelObject<'a> {
             id: &model.name,
             object: "model",
             created: 0,
-            owned_by: &model.upstream.name,
+            owned_by: &model.primary().name,
         }
     }
 }

@@ -21,10 +21,10 @@ use axum::extract::State;
 use serde_json::{Map, Value, json};
 
 use super::Authenticated;
-use crate::app::SharedState;
 use crate::budget::duration_string;
 use crate::budget::window::{NANOS_PER_SEC, Snapshot};
 use crate::error::ApiError;
+use crate::state::SharedState;
 
 pub async fn usage(
     State(state): State<SharedState>,
@@ -40,6 +40,11 @@ pub async fn usage(
 
 /// The `/v1/usage` body for one client's snapshot.
 pub fn usage_json(client: &str, snapshot: &Snapshot) -> Value {
+    json!({"object": "usage", "client": client, "windows": windows_json(snapshot)})
+}
+
+/// A snapshot's windows: limit, used, remaining, reset.
+pub fn windows_json(snapshot: &Snapshot) -> Value {
     let mut windows = Map::new();
     for status in snapshot.reported() {
         let mut window = json!({
@@ -53,5 +58,5 @@ pub fn usage_json(client: &str, snapshot: &Snapshot) -> Value {
         }
         windows.insert(status.window.name().to_owned(), window);
     }
-    json!({"object": "usage", "client": client, "windows": windows})
+    Value::Object(windows)
 }

@@ -31,6 +31,7 @@
 use std::convert::Infallible;
 use std::future::{Future, poll_fn};
 use std::io;
+use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -39,6 +40,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
+use axum::extract::ConnectInfo;
 use axum::http::{HeaderMap, Request, Response, Version, header};
 use axum::response::IntoResponse;
 use bytes::{Buf, Bytes, BytesMut};
@@ -91,6 +93,7 @@ impl Connections {
     pub(super) async fn serve(
         self: Arc<Self>,
         mut stream: TcpStream,
+        peer: SocketAddr,
         accepted: Instant,
         _permit: OwnedSemaphorePermit,
     ) {
@@ -121,7 +124,7 @@ impl Connections {
                 .take()
                 .unwrap_or_else(|| Instant::now() + self.header_read_timeout);
             // Boxed, so a parked connection's task holds none of it.
-            match Box::pin(self.serve_http(stream, read_ahead, due)).await {
+            match Box::pin(self.serve_http(stream, peer, read_ahead, due)).await {
                 Some(parked) => (stream, read_ahead) = parked,
                 None => return,
             }
@@ -135,6 +138,7 @@ impl Connections {
     async fn serve_http(
         &self,
         stream: TcpStream,
+        peer: SocketAddr,
         read_ahead: Bytes,
         headers_due: Instant,
     ) -> Option<(TcpStream, Bytes)> {
@@ -151,6 +155,7 @@ impl Connections {
         };
         let service = Service {
             router: self.router.clone(),
+            peer,
             requests: Arc::clone(&requests),
         };
         let mut connection = self.http.serve_connection(TokioIo::new(io), service);
@@ -287,6 +292,8 @@ fn client_keeps_alive(version: Version, headers: &HeaderMap) -> bool {
 /// The router as hyper's per-connection service.
 struct Service {
     router: Router,
+    /// The client's address, for handlers (as axum's `ConnectInfo`).
+    peer: SocketAddr,
     requests: Arc<Requests>,
 }
 
@@ -302,13 +309,14 @@ impl hyper::service::Service<Request<Incoming>> for Service {
             Ordering::Relaxed,
         );
         let requests = Arc::clone(&self.requests);
-        let request = request.map(|body| {
+        let mut request = request.map(|body| {
             Body::new(RequestBody {
                 body,
                 requests: Arc::clone(&requests),
                 ended: false,
             })
         });
+        request.extensions_mut().insert(ConnectInfo(self.peer));
         let response = self.router.clone().oneshot(request);
         Box::pin(async move {
             let response = match response.await {

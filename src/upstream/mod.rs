@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue, header};
 
+use crate::budget::Limits;
 use crate::images::ImagePolicy;
 
 /// An upstream, resolved from the config: everything a request to it needs.
@@ -22,6 +23,10 @@ pub struct Upstream {
     pub images: ImagePolicy,
     /// Ask for `stream_options.include_usage` so streams settle exactly.
     pub stream_usage: bool,
+    /// The provider's fair-usage limits on Iris's key (requests and tokens
+    /// per minute, concurrency): Iris reserves and settles against them like
+    /// a client's budget, so it paces itself instead of collecting 429s.
+    pub pacing: Limits,
 }
 
 /// Where an upstream's answers come from.
@@ -46,6 +51,8 @@ pub enum UpstreamError {
     Unreachable { upstream: String },
     #[error("The upstream `{upstream}` did not answer within {} ms.", after.as_millis())]
     Timeout { upstream: String, after: Duration },
+    #[error("The upstream `{upstream}` answered with something that is not a chat completion.")]
+    Invalid { upstream: String },
 }
 
 /// Request headers never forwarded: the client's credentials, hop-by-hop
@@ -99,16 +106,16 @@ impl Forwarder {
         Ok(Self { http })
     }
 
-    /// Sends a chat completion body upstream and waits for the response head.
-    ///
-    /// The time to the head is bounded by the upstream's `timeout_ms`; the
-    /// body is then bounded by the same time between chunks (see
-    /// [`crate::gateway::relay`]).
+    /// Sends a chat completion body upstream and waits for the response
+    /// head, at most `timeout` (the upstream's `timeout_ms`, or what is
+    /// left of it for a retry). The body is then bounded by the upstream's
+    /// timeout between chunks (see [`crate::gateway::relay`]).
     pub async fn send(
         &self,
         upstream: &Upstream,
         body: bytes::Bytes,
         client_headers: &HeaderMap,
+        timeout: Duration,
     ) -> Result<reqwest::Response, UpstreamError> {
         let (chat_url, authorization) = match &upstream.endpoint {
             Endpoint::Http {
@@ -137,9 +144,9 @@ impl Forwarder {
             .headers(headers)
             .body(body)
             .send();
-        match tokio::time::timeout(upstream.timeout, request).await {
-            Err(_) => Err(timeout_error(upstream)),
-            Ok(Err(e)) if e.is_timeout() => Err(timeout_error(upstream)),
+        match tokio::time::timeout(timeout, request).await {
+            Err(_) => Err(timeout_error(upstream, timeout)),
+            Ok(Err(e)) if e.is_timeout() => Err(timeout_error(upstream, timeout)),
             Ok(Err(e)) => {
                 tracing::warn!(upstream = %upstream.name, error = %error_chain(&e), "upstream request failed");
                 Err(UpstreamError::Unreachable {
@@ -151,10 +158,10 @@ impl Forwarder {
     }
 }
 
-fn timeout_error(upstream: &Upstream) -> UpstreamError {
+fn timeout_error(upstream: &Upstream, after: Duration) -> UpstreamError {
     UpstreamError::Timeout {
         upstream: upstream.name.clone(),
-        after: upstream.timeout,
+        after,
     }
 }
 

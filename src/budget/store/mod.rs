@@ -15,6 +15,8 @@ mod sqlite;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
 
 #[cfg(test)]
 pub(crate) use self::redis::tests as redis_tests;
@@ -78,6 +80,36 @@ pub trait Store: Send + Sync + 'static {
 
     /// Writes out anything not yet persisted (at shutdown).
     fn flush(&self) -> StoreFuture<()>;
+
+    /// Whether deployment health is shared through this store with other
+    /// instances. In-process stores share nothing: each process's own
+    /// memory is the whole truth, and the methods below do nothing.
+    fn shares_health(&self) -> bool {
+        false
+    }
+
+    /// Counts a failure of deployment `key` for every instance: at `allowed`
+    /// failures within `window`, it cools down for `cooldown`.
+    fn share_failure(
+        &self,
+        _key: &str,
+        _window: Duration,
+        _allowed: u32,
+        _cooldown: Duration,
+    ) -> StoreFuture<()> {
+        ready(Ok(()))
+    }
+
+    /// Cools deployment `key` down for `length` for every instance (unless
+    /// it already cools down longer).
+    fn share_cooldown(&self, _key: &str, _length: Duration) -> StoreFuture<()> {
+        ready(Ok(()))
+    }
+
+    /// For each key, how long its shared cooldown still runs.
+    fn shared_cooldowns(&self, keys: &[Arc<str>]) -> StoreFuture<Vec<Option<Duration>>> {
+        ready(Ok(vec![None; keys.len()]))
+    }
 }
 
 /// A future that is already done: the in-memory stores answer synchronously.
@@ -87,8 +119,10 @@ fn ready<T: Send + 'static>(value: Result<T, StoreError>) -> StoreFuture<T> {
 
 /// One suite for every store: `store_suite!(name, path::to::async_constructor)`;
 /// the constructor returns the store and whatever must live as long as it (a
-/// temporary directory), or `None` when the store cannot run here (no Redis:
-/// the test prints that it was skipped and passes).
+/// temporary directory, a Redis key prefix to delete), or `None` when the
+/// store cannot run here: no Redis, said by the tests' one skip policy
+/// (`tests/it/support/skip.rs`: `SKIPPED: <test>: <why>`, and a failure under
+/// `IRIS_REQUIRE_REDIS=1`), after which the test returns.
 #[cfg(test)]
 macro_rules! store_suite {
     ($name:ident, $make:path) => {
@@ -295,7 +329,7 @@ pub(crate) mod tests {
 
     /// The Redis store on the test database, with the caller's clock so the
     /// suite's fixed dates mean the same as for the other stores.
-    async fn redis_store() -> Option<(Arc<dyn Store>, super::redis::tests::TestKeys)> {
+    async fn redis_store() -> Option<(Arc<dyn Store>, super::redis::tests::SharedRedis)> {
         let (store, keys) = super::redis::tests::test_store(RedisClock::Caller).await?;
         Some((store, keys))
     }

@@ -93,6 +93,37 @@ fn script(body: &str) -> Script {
 
 static RESERVE: LazyLock<Script> = LazyLock::new(|| script(include_str!("lua/reserve.lua")));
 static SETTLE: LazyLock<Script> = LazyLock::new(|| script(include_str!("lua/settle.lua")));
+/// A deployment's failure, counted for every instance: `KEYS[1]` counts
+/// failures in a window of `ARGV[1]` ms; at `ARGV[2]` of them, `KEYS[2]`
+/// (the cooldown) is set for `ARGV[3]` ms unless it runs longer already.
+static SHARE_FAILURE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+if n >= tonumber(ARGV[2]) then
+  if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[3]) then
+    redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
+  end
+  redis.call('DEL', KEYS[1])
+end
+return n
+",
+    )
+});
+
+/// A cooldown of `ARGV[1]` ms on `KEYS[1]`, unless it runs longer already.
+static SHARE_COOLDOWN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+end
+return 1
+",
+    )
+});
+
 static SNAPSHOT: LazyLock<Script> = LazyLock::new(|| script(include_str!("lua/snapshot.lua")));
 
 /// Whose clock the scripts use.
@@ -105,7 +136,7 @@ pub enum RedisClock {
 }
 
 /// How a [`RedisStore`] names its keys, times out and leases.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisOptions {
     /// The first part of every key (`store.key_prefix`).
     pub prefix: String,
@@ -185,6 +216,16 @@ impl ClientKeys {
             leases: format!("{base}leases"),
         }
     }
+}
+
+/// A deployment's health keys: `{prefix}:v1:{health/<deployment>}:fails`
+/// and `:cooldown`, the deployment in the hash tag (one slot for both).
+fn health_keys(prefix: &str, deployment: &str) -> (String, String) {
+    let base = format!(
+        "{prefix}:{LAYOUT}:{{health/{}}}:",
+        encode_client(deployment)
+    );
+    (format!("{base}fails"), format!("{base}cooldown"))
 }
 
 /// `client` safe inside a hash tag and a `:`-separated key.
@@ -280,6 +321,10 @@ impl RedisStore {
             .await
         }
     }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// `future` within `timeout`, its errors as store errors.
@@ -510,6 +555,55 @@ impl Store for RedisStore {
             } else {
                 Err(StoreError(format!("redis answered PING with {pong:?}")))
             }
+        })
+    }
+
+    fn shares_health(&self) -> bool {
+        true
+    }
+
+    fn share_failure(
+        &self,
+        key: &str,
+        window: Duration,
+        allowed: u32,
+        cooldown: Duration,
+    ) -> StoreFuture<()> {
+        let (fails, cooling) = health_keys(&self.options.prefix, key);
+        let mut invocation = SHARE_FAILURE.prepare_invoke();
+        invocation
+            .key(fails)
+            .key(cooling)
+            .arg(millis(window))
+            .arg(allowed)
+            .arg(millis(cooldown));
+        let reply = self.run::<i64>(invocation);
+        Box::pin(async move { reply.await.map(|_| ()) })
+    }
+
+    fn share_cooldown(&self, key: &str, length: Duration) -> StoreFuture<()> {
+        let (_, cooling) = health_keys(&self.options.prefix, key);
+        let mut invocation = SHARE_COOLDOWN.prepare_invoke();
+        invocation.key(cooling).arg(millis(length).max(1));
+        let reply = self.run::<i64>(invocation);
+        Box::pin(async move { reply.await.map(|_| ()) })
+    }
+
+    fn shared_cooldowns(&self, keys: &[Arc<str>]) -> StoreFuture<Vec<Option<Duration>>> {
+        let mut pipeline = redis::pipe();
+        for key in keys {
+            pipeline
+                .cmd("PTTL")
+                .arg(health_keys(&self.options.prefix, key).1);
+        }
+        let mut connection = self.connection.clone();
+        let timeout = self.options.timeout;
+        Box::pin(async move {
+            let ttls: Vec<i64> = bounded(timeout, pipeline.query_async(&mut connection)).await?;
+            Ok(ttls
+                .into_iter()
+                .map(|ttl| u64::try_from(ttl).ok().map(Duration::from_millis))
+                .collect())
         })
     }
 

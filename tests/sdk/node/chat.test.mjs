@@ -127,3 +127,32 @@ test("the client's own request id is echoed", async () => {
 
   assert.equal(response.headers.get('x-request-id'), 'sdk-trace-42');
 });
+
+test('a stream interrupted mid-way throws instead of ending quietly', async () => {
+  // The upstream dies after two words. Iris cannot retry once words have
+  // reached the client, so it ends the stream with an `error` event and no
+  // `[DONE]`, and the SDK throws: a truncated answer never looks complete.
+  const before = await env.upstream.chatRequests();
+  const stream = await env
+    .client()
+    .chat.completions.create(
+      { model: 'sdk-model', messages, stream: true },
+      { headers: { 'x-mock-die-after': '2' } },
+    );
+  const chunks = [];
+  await assert.rejects(
+    (async () => {
+      for await (const chunk of stream) chunks.push(chunk);
+    })(),
+    (error) => {
+      assert.ok(error instanceof OpenAI.APIError, `expected an APIError, got ${error.constructor.name}: ${error.message}`);
+      assert.equal(error.code, 'upstream_stream_interrupted');
+      assert.equal(error.type, 'server_error');
+      assert.ok(error.message);
+      return true;
+    },
+  );
+  assert.equal(contentOf(chunks), 'word0 word1 '); // what came before the failure was relayed
+  assert.ok(chunks.every((c) => c.choices[0]?.finish_reason == null));
+  assert.equal(await env.upstream.chatRequests(), before + 1); // not retried
+});

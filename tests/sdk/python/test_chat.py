@@ -114,3 +114,29 @@ def test_client_request_id_is_echoed(client):
     )
 
     assert raw.headers["x-request-id"] == "sdk-trace-42"
+
+
+def test_a_stream_interrupted_mid_way_raises_instead_of_ending_quietly(client, mock_upstream):
+    """The upstream dies after two words. Iris cannot retry once words have
+    reached the client, so it ends the stream with an `error` event and no
+    `[DONE]`, and the SDK raises: a truncated answer never looks complete."""
+    before = mock_upstream.chat_requests()
+    stream = client.chat.completions.create(
+        model="sdk-model",
+        messages=MESSAGES,
+        stream=True,
+        extra_headers={"x-mock-die-after": "2"},
+    )
+    chunks = []
+    with pytest.raises(openai.APIError) as caught:
+        for chunk in stream:
+            chunks.append(chunk)
+
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == "word0 word1 "  # what came before the failure was relayed
+    assert all(c.choices[0].finish_reason is None for c in chunks if c.choices)
+    error = caught.value
+    assert error.code == "upstream_stream_interrupted"
+    assert error.type == "server_error"
+    assert error.message
+    assert mock_upstream.chat_requests() == before + 1  # not retried

@@ -1,8 +1,10 @@
 //! The Redis store against a real Redis: its own database on the local
-//! server (`redis://127.0.0.1:6379/13`, or `$IRIS_TEST_REDIS_URL`), every
-//! test under its own random key prefix, deleted afterwards, so tests run in
-//! parallel and never touch anyone else's keys. Without Redis the tests say
-//! they were skipped and pass, unless `IRIS_REQUIRE_REDIS=1` (CI).
+//! server, every test under its own random key prefix, deleted afterwards, so
+//! tests run in parallel and never touch anyone else's keys. Without Redis the
+//! tests say they were skipped and pass, unless `IRIS_REQUIRE_REDIS=1` (CI).
+//!
+//! The URL, the key cleanup and the skip policy are the integration tests'
+//! own harness, included here so that they are written once.
 
 use std::collections::HashSet;
 
@@ -10,39 +12,20 @@ use super::*;
 use crate::budget::store::MemoryStore;
 use crate::budget::window::{MINUTE, NANOS_PER_SEC, days_from_civil};
 
+#[path = "../../../../tests/it/support/skip.rs"]
+mod skip;
+use self::skip::skip;
+
+/// The one Redis harness of Iris's tests (`tests/it/support/redis.rs`).
+#[path = "../../../../tests/it/support/redis.rs"]
+pub(crate) mod harness;
+pub(crate) use self::harness::SharedRedis;
+
 const SEC: u64 = NANOS_PER_SEC;
 
-pub(crate) fn test_url() -> String {
-    std::env::var("IRIS_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/13".into())
-}
-
-/// A test's keys: everything under its prefix is deleted on drop.
-pub(crate) struct TestKeys {
-    url: String,
-    pub prefix: String,
-}
-
-impl Drop for TestKeys {
-    fn drop(&mut self) {
-        let Ok(client) = redis::Client::open(self.url.as_str()) else {
-            return;
-        };
-        let Ok(mut connection) = client.get_connection_with_timeout(Duration::from_secs(2)) else {
-            return;
-        };
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}:*", self.prefix))
-            .query(&mut connection)
-            .unwrap_or_default();
-        if !keys.is_empty() {
-            let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(keys).query(&mut connection);
-        }
-    }
-}
-
-pub(crate) fn test_options(clock: RedisClock) -> RedisOptions {
+pub(crate) fn test_options(prefix: &str, clock: RedisClock) -> RedisOptions {
     RedisOptions {
-        prefix: format!("iris-test-{:016x}", getrandom::u64().expect("random")),
+        prefix: prefix.to_owned(),
         lease: Duration::from_secs(600),
         // Generous: the test machine is shared and busy.
         timeout: Duration::from_secs(2),
@@ -50,31 +33,22 @@ pub(crate) fn test_options(clock: RedisClock) -> RedisOptions {
     }
 }
 
-/// A store on the test database, or `None` (with a message) without Redis.
-pub(crate) async fn test_store(clock: RedisClock) -> Option<(Arc<RedisStore>, TestKeys)> {
-    test_store_with(test_options(clock)).await
+/// A store on the test database under the test's own prefix (deleted when
+/// the [`SharedRedis`] drops), or `None` after [`skip`] without Redis.
+pub(crate) async fn test_store(clock: RedisClock) -> Option<(Arc<RedisStore>, SharedRedis)> {
+    test_store_with(clock, |_| {}).await
 }
 
-pub(crate) async fn test_store_with(options: RedisOptions) -> Option<(Arc<RedisStore>, TestKeys)> {
-    let url = test_url();
-    let keys = TestKeys {
-        url: url.clone(),
-        prefix: options.prefix.clone(),
-    };
-    let store = RedisStore::connect(&url, options).expect("store");
-    match store.health().await {
-        Ok(()) => Some((store, keys)),
-        Err(e) if std::env::var("IRIS_REQUIRE_REDIS").as_deref() == Ok("1") => {
-            panic!("IRIS_REQUIRE_REDIS=1 but Redis at {url} does not answer: {e}")
-        }
-        Err(e) => {
-            eprintln!(
-                "SKIPPED: Redis at {url} does not answer ({e}); start redis-server to run \
-                 the Redis tests (IRIS_REQUIRE_REDIS=1 makes this a failure)"
-            );
-            None
-        }
-    }
+/// [`test_store`] with `adjust` applied to its options.
+pub(crate) async fn test_store_with(
+    clock: RedisClock,
+    adjust: impl FnOnce(&mut RedisOptions),
+) -> Option<(Arc<RedisStore>, SharedRedis)> {
+    let redis = SharedRedis::get().await?;
+    let mut options = test_options(&redis.prefix, clock);
+    adjust(&mut options);
+    let store = RedisStore::connect(&redis.url, options).expect("store");
+    Some((store, redis))
 }
 
 /// Unix nanoseconds of a UTC date and time.
@@ -318,9 +292,11 @@ async fn redis_time_is_the_clock_not_the_callers() {
 
 #[tokio::test]
 async fn an_expired_lease_frees_its_slot_and_a_late_settle_corrects_the_tokens_once() {
-    let mut options = test_options(RedisClock::Caller);
-    options.lease = Duration::from_secs(10);
-    let Some((store, _keys)) = test_store_with(options).await else {
+    let Some((store, _keys)) = test_store_with(RedisClock::Caller, |options| {
+        options.lease = Duration::from_secs(10);
+    })
+    .await
+    else {
         return;
     };
     let limits = Limits {
@@ -532,7 +508,7 @@ async fn silent_server() -> (tokio::net::TcpListener, String) {
 #[tokio::test]
 async fn a_redis_that_does_not_answer_fails_within_the_timeout() {
     let (_silent, url) = silent_server().await;
-    let mut options = test_options(RedisClock::Server);
+    let mut options = test_options("iris-test", RedisClock::Server);
     options.timeout = Duration::from_millis(300);
     let store = RedisStore::connect(&url, options.clone()).expect("store");
     let limits = Limits::default();

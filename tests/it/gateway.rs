@@ -1,20 +1,29 @@
 //! The gateway core through the real server: forwarding, streaming, auth,
 //! errors, the rest of the HTTP surface, shutdown.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
-
-mod support;
-
 use std::time::{Duration, Instant};
 
+use axum::body::Body;
+use axum::http::Method;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use support::{Iris, KEY_A, KEY_B, MockUpstream, base_config, chat_body, http};
+
+use crate::support::app::to;
+use crate::support::{
+    App, Iris, KEY_A, KEY_B, MockUpstream, base_config, chat_body, http, stream_body,
+};
 
 async fn setup() -> (MockUpstream, Iris) {
     let upstream = MockUpstream::start().await;
     let iris = Iris::start(&base_config(&upstream.base_url(), "")).await;
     (upstream, iris)
+}
+
+/// Iris in-process, without a socket of its own, against the mock upstream.
+async fn in_process() -> (MockUpstream, App) {
+    let upstream = MockUpstream::start().await;
+    let app = App::start(&base_config(&upstream.base_url(), "")).await;
+    (upstream, app)
 }
 
 async fn error_of(response: reqwest::Response) -> (u16, Value) {
@@ -37,15 +46,16 @@ async fn forwards_with_upstream_credentials_and_renamed_model() {
         "temperature": 0.2,
         "some_future_field": {"nested": [1, 2, 3]},
     });
-    let response = http()
-        .post(iris.url("/v1/chat/completions"))
-        .bearer_auth(KEY_A)
-        .header("x-request-id", "client-chosen-id")
-        .header("x-custom-header", "kept")
-        .json(&body)
-        .send()
-        .await
-        .expect("request");
+    let response = iris
+        .chat(
+            KEY_A,
+            &body,
+            &[
+                ("x-request-id", "client-chosen-id"),
+                ("x-custom-header", "kept"),
+            ],
+        )
+        .await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-request-id"], "client-chosen-id");
     let answer: Value = response.json().await.expect("json");
@@ -88,29 +98,18 @@ async fn unchanged_requests_are_forwarded_byte_for_byte() {
 
 #[tokio::test]
 async fn every_response_gets_a_request_id() {
-    let (_upstream, iris) = setup().await;
-    let a = http()
-        .get(iris.url("/healthz"))
-        .send()
-        .await
-        .expect("request");
-    let b = http().get(iris.url("/nope")).send().await.expect("request");
-    let (a, b) = (&a.headers()["x-request-id"], &b.headers()["x-request-id"]);
-    assert!(!a.is_empty() && a != b);
+    let (_upstream, app) = in_process().await;
+    let a = app.get("/healthz", None).await;
+    let b = app.get("/nope", None).await;
+    let (a, b) = (a.header("x-request-id"), b.header("x-request-id"));
+    assert!(a.is_some_and(|a| !a.is_empty()) && b.is_some() && a != b);
 }
 
 #[tokio::test]
 async fn streams_are_relayed_and_the_added_usage_chunk_is_removed() {
     let (upstream, iris) = setup().await;
-    let mut body = chat_body("test-model");
-    body["stream"] = json!(true);
-    let response = http()
-        .post(iris.url("/v1/chat/completions"))
-        .bearer_auth(KEY_A)
-        .json(&body)
-        .send()
-        .await
-        .expect("request");
+    let body = stream_body("test-model");
+    let response = iris.chat(KEY_A, &body, &[]).await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     assert!(
@@ -133,16 +132,11 @@ async fn streams_are_relayed_and_the_added_usage_chunk_is_removed() {
 #[tokio::test]
 async fn the_usage_chunk_stays_when_the_client_asks_for_it() {
     let (_upstream, iris) = setup().await;
-    let mut body = chat_body("test-model");
-    body["stream"] = json!(true);
+    let mut body = stream_body("test-model");
     body["stream_options"] = json!({"include_usage": true});
-    let text = http()
-        .post(iris.url("/v1/chat/completions"))
-        .bearer_auth(KEY_A)
-        .json(&body)
-        .send()
+    let text = iris
+        .chat(KEY_A, &body, &[])
         .await
-        .expect("request")
         .text()
         .await
         .expect("body");
@@ -152,16 +146,8 @@ async fn the_usage_chunk_stays_when_the_client_asks_for_it() {
 #[tokio::test]
 async fn a_plain_answer_to_a_stream_request_is_relayed_whole() {
     let (_upstream, iris) = setup().await;
-    let mut body = chat_body("test-model");
-    body["stream"] = json!(true);
-    let response = http()
-        .post(iris.url("/v1/chat/completions"))
-        .bearer_auth(KEY_A)
-        .header("x-mock-plain", "1")
-        .json(&body)
-        .send()
-        .await
-        .expect("request");
+    let body = stream_body("test-model");
+    let response = iris.chat(KEY_A, &body, &[("x-mock-plain", "1")]).await;
     assert_eq!(response.status(), 200);
     let answer: Value = response.json().await.expect("the whole JSON body");
     assert_eq!(
@@ -173,18 +159,15 @@ async fn a_plain_answer_to_a_stream_request_is_relayed_whole() {
 #[tokio::test]
 async fn stream_chunks_are_flushed_as_they_arrive() {
     let (_upstream, iris) = setup().await;
-    let mut body = chat_body("test-model");
-    body["stream"] = json!(true);
+    let body = stream_body("test-model");
     let started = Instant::now();
-    let response = http()
-        .post(iris.url("/v1/chat/completions"))
-        .bearer_auth(KEY_A)
-        .header("x-mock-chunk-delay-ms", "300")
-        .header("x-mock-chunks", "3")
-        .json(&body)
-        .send()
-        .await
-        .expect("request");
+    let response = iris
+        .chat(
+            KEY_A,
+            &body,
+            &[("x-mock-chunk-delay-ms", "300"), ("x-mock-chunks", "3")],
+        )
+        .await;
     let mut stream = response.bytes_stream();
     let first = stream.next().await.expect("a chunk").expect("ok");
     let first_at = started.elapsed();
@@ -203,17 +186,14 @@ async fn stream_chunks_are_flushed_as_they_arrive() {
 #[tokio::test]
 async fn a_client_hanging_up_cancels_the_upstream_stream() {
     let (upstream, iris) = setup().await;
-    let mut body = chat_body("test-model");
-    body["stream"] = json!(true);
-    let response = http()
-        .post(iris.url("/v1/chat/completions"))
-        .bearer_auth(KEY_A)
-        .header("x-mock-chunk-delay-ms", "100")
-        .header("x-mock-chunks", "50")
-        .json(&body)
-        .send()
-        .await
-        .expect("request");
+    let body = stream_body("test-model");
+    let response = iris
+        .chat(
+            KEY_A,
+            &body,
+            &[("x-mock-chunk-delay-ms", "100"), ("x-mock-chunks", "50")],
+        )
+        .await;
     let mut stream = response.bytes_stream();
     stream.next().await.expect("a chunk").expect("ok");
     drop(stream);
@@ -230,44 +210,37 @@ async fn a_client_hanging_up_cancels_the_upstream_stream() {
 
 #[tokio::test]
 async fn authentication_and_model_access() {
-    let (upstream, iris) = setup().await;
-    let post = |key: Option<&str>, model: &str| {
-        let mut request = http()
-            .post(iris.url("/v1/chat/completions"))
-            .json(&chat_body(model));
-        if let Some(key) = key {
-            request = request.bearer_auth(key);
-        }
-        request.send()
+    let (upstream, app) = in_process().await;
+    let post = async |key: Option<&str>, model: &str| {
+        app.post_json("/v1/chat/completions", key, &chat_body(model))
+            .await
     };
-    let (status, error) = error_of(post(None, "test-model").await.expect("request")).await;
+    let answer = post(None, "test-model").await;
     assert_eq!(
-        (status, error["code"].as_str()),
+        (answer.status, answer.error()["code"].as_str()),
         (401, Some("invalid_api_key"))
     );
-    let (status, error) = error_of(post(Some("wrong"), "test-model").await.expect("request")).await;
+    let answer = post(Some("wrong"), "test-model").await;
     assert_eq!(
-        (status, error["code"].as_str()),
+        (answer.status, answer.error()["code"].as_str()),
         (401, Some("invalid_api_key"))
     );
-    let (status, error) =
-        error_of(post(Some(KEY_A), "no-such-model").await.expect("request")).await;
+    let answer = post(Some(KEY_A), "no-such-model").await;
+    let error = answer.error();
     assert_eq!(
-        (status, error["code"].as_str(), error["param"].as_str()),
+        (
+            answer.status,
+            error["code"].as_str(),
+            error["param"].as_str()
+        ),
         (404, Some("model_not_found"), Some("model"))
     );
-    let (status, error) = error_of(post(Some(KEY_B), "test-model").await.expect("request")).await;
+    let answer = post(Some(KEY_B), "test-model").await;
     assert_eq!(
-        (status, error["code"].as_str()),
+        (answer.status, answer.error()["code"].as_str()),
         (403, Some("model_not_allowed"))
     );
-    assert_eq!(
-        post(Some(KEY_B), "other-model")
-            .await
-            .expect("request")
-            .status(),
-        200
-    );
+    assert_eq!(post(Some(KEY_B), "other-model").await.status, 200);
     assert_eq!(
         upstream.received().len(),
         1,
@@ -277,22 +250,22 @@ async fn authentication_and_model_access() {
 
 #[tokio::test]
 async fn the_responses_api_is_refused_on_every_method_and_path() {
-    let (upstream, iris) = setup().await;
+    let (upstream, app) = in_process().await;
     for (method, path) in [
-        (reqwest::Method::POST, "/v1/responses"),
-        (reqwest::Method::GET, "/v1/responses/resp_123"),
-        (reqwest::Method::DELETE, "/v1/responses/resp_123"),
-        (reqwest::Method::GET, "/v1/responses/resp_123/input_items"),
+        (Method::POST, "/v1/responses"),
+        (Method::GET, "/v1/responses/resp_123"),
+        (Method::DELETE, "/v1/responses/resp_123"),
+        (Method::GET, "/v1/responses/resp_123/input_items"),
     ] {
-        let response = http()
-            .request(method, iris.url(path))
-            .bearer_auth(KEY_A)
-            .json(&json!({"model": "test-model", "input": "hi"}))
-            .send()
-            .await
-            .expect("request");
-        let (status, error) = error_of(response).await;
-        assert_eq!(status, 400, "{path}");
+        let request = to(method, path, Some(KEY_A))
+            .header("content-type", "application/json")
+            .body(Body::from(
+                json!({"model": "test-model", "input": "hi"}).to_string(),
+            ))
+            .unwrap();
+        let answer = app.send(request).await;
+        let error = answer.error();
+        assert_eq!(answer.status, 400, "{path}");
         assert_eq!(error["code"], "unsupported_api");
         assert!(
             error["message"]
@@ -306,42 +279,21 @@ async fn the_responses_api_is_refused_on_every_method_and_path() {
 
 #[tokio::test]
 async fn unknown_paths_and_methods_answer_in_openai_shape() {
-    let (_upstream, iris) = setup().await;
-    let (status, error) = error_of(
-        http()
-            .get(iris.url("/v1/embeddings"))
-            .send()
-            .await
-            .expect("request"),
-    )
-    .await;
-    assert_eq!((status, error["code"].as_str()), (404, Some("not_found")));
-    let (status, _) = error_of(
-        http()
-            .get(iris.url("/v1/chat/completions"))
-            .send()
-            .await
-            .expect("request"),
-    )
-    .await;
-    assert_eq!(status, 405);
+    let (_upstream, app) = in_process().await;
+    let answer = app.get("/v1/embeddings", None).await;
+    assert_eq!(
+        (answer.status, answer.error()["code"].as_str()),
+        (404, Some("not_found"))
+    );
+    let answer = app.get("/v1/chat/completions", None).await;
+    answer.error();
+    assert_eq!(answer.status, 405);
 }
 
 #[tokio::test]
 async fn models_are_listed_per_client() {
-    let (_upstream, iris) = setup().await;
-    let get = |path: &str, key: Option<&str>| {
-        let request = http().get(iris.url(path));
-        match key {
-            Some(key) => request.bearer_auth(key),
-            None => request,
-        }
-        .send()
-    };
-    let json =
-        |response: reqwest::Response| async move { response.json::<Value>().await.expect("json") };
-
-    let a = json(get("/v1/models", Some(KEY_A)).await.expect("request")).await;
+    let (_upstream, app) = in_process().await;
+    let a = app.get("/v1/models", Some(KEY_A)).await.json();
     assert_eq!(a["object"], "list");
     let ids: Vec<&str> = a["data"]
         .as_array()
@@ -351,15 +303,10 @@ async fn models_are_listed_per_client() {
         .collect();
     assert_eq!(ids, ["test-model", "other-model"]);
     assert_eq!(a["data"][0]["object"], "model");
-    let b = json(get("/v1/models", Some(KEY_B)).await.expect("request")).await;
+    let b = app.get("/v1/models", Some(KEY_B)).await.json();
     assert_eq!(b["data"].as_array().map(Vec::len), Some(1));
 
-    let one = json(
-        get("/v1/models/test-model", Some(KEY_A))
-            .await
-            .expect("request"),
-    )
-    .await;
+    let one = app.get("/v1/models/test-model", Some(KEY_A)).await.json();
     assert_eq!(one["id"], "test-model");
     for (path, key, status, code) in [
         (
@@ -372,9 +319,9 @@ async fn models_are_listed_per_client() {
         ("/v1/models/%FF", Some(KEY_A), 400, "invalid_request"),
         ("/v1/models", None, 401, "invalid_api_key"),
     ] {
-        let (got, error) = error_of(get(path, key).await.expect("request")).await;
+        let answer = app.get(path, key).await;
         assert_eq!(
-            (got, error["code"].as_str()),
+            (answer.status, answer.error()["code"].as_str()),
             (status, Some(code)),
             "{path}"
         );
@@ -383,15 +330,7 @@ async fn models_are_listed_per_client() {
 
 #[tokio::test]
 async fn bad_bodies_are_refused_with_their_param() {
-    let (upstream, iris) = setup().await;
-    let send = |body: &'static str| {
-        http()
-            .post(iris.url("/v1/chat/completions"))
-            .bearer_auth(KEY_A)
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-    };
+    let (upstream, app) = in_process().await;
     for (body, param) in [
         ("{not json", None),
         ("[]", None),
@@ -408,8 +347,9 @@ async fn bad_bodies_are_refused_with_their_param() {
             Some("messages"),
         ),
     ] {
-        let (status, error) = error_of(send(body).await.expect("request")).await;
-        assert_eq!(status, 400, "{body}");
+        let answer = app.post("/v1/chat/completions", Some(KEY_A), body).await;
+        let error = answer.error();
+        assert_eq!(answer.status, 400, "{body}");
         assert_eq!(error["code"], "invalid_request", "{body}");
         assert_eq!(error["param"].as_str(), param, "{body}");
     }
@@ -417,25 +357,15 @@ async fn bad_bodies_are_refused_with_their_param() {
         r#"{{"model":"test-model","messages":[{{"role":"user","content":"x"}}],"x":{}}}"#,
         "[".repeat(100_000)
     );
-    let response = http()
-        .post(iris.url("/v1/chat/completions"))
-        .bearer_auth(KEY_A)
-        .body(deep)
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(error_of(response).await.0, 400);
+    let request = to(Method::POST, "/v1/chat/completions", Some(KEY_A))
+        .body(Body::from(deep))
+        .unwrap();
+    let answer = app.send(request).await;
+    answer.error();
+    assert_eq!(answer.status, 400);
     assert!(upstream.received().is_empty());
-    // The server is still fine.
-    assert_eq!(
-        http()
-            .get(iris.url("/healthz"))
-            .send()
-            .await
-            .expect("request")
-            .status(),
-        200
-    );
+    // Iris is still fine.
+    assert_eq!(app.get("/healthz", None).await.status, 200);
 }
 
 #[tokio::test]
@@ -445,24 +375,19 @@ async fn oversized_bodies_are_refused_with_or_without_a_length() {
         "shutdown_grace_ms = 2000",
         "shutdown_grace_ms = 2000\nmax_body_bytes = 1024",
     );
-    let iris = Iris::start(&config).await;
+    let app = App::start(&config).await;
     let big = format!(
         r#"{{"model":"test-model","messages":[{{"role":"user","content":"{}"}}]}}"#,
         "x".repeat(4096)
     );
 
-    let (status, error) = error_of(
-        http()
-            .post(iris.url("/v1/chat/completions"))
-            .bearer_auth(KEY_A)
-            .body(big.clone())
-            .send()
-            .await
-            .expect("request"),
-    )
-    .await;
+    let with_length = to(Method::POST, "/v1/chat/completions", Some(KEY_A))
+        .header("content-length", big.len())
+        .body(Body::from(big.clone()))
+        .unwrap();
+    let answer = app.send(with_length).await;
     assert_eq!(
-        (status, error["code"].as_str()),
+        (answer.status, answer.error()["code"].as_str()),
         (413, Some("request_too_large"))
     );
 
@@ -471,23 +396,12 @@ async fn oversized_bodies_are_refused_with_or_without_a_length() {
         .chunks(100)
         .map(|c| Ok(String::from_utf8_lossy(c).into_owned()))
         .collect();
-    let streamed = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
-    let response = http()
-        .post(iris.url("/v1/chat/completions"))
-        .bearer_auth(KEY_A)
-        .body(streamed)
-        .send()
-        .await
-        .expect("request");
-    assert!(
-        response
-            .headers()
-            .get("content-length")
-            .is_none_or(|_| true)
-    );
-    let (status, error) = error_of(response).await;
+    let without_length = to(Method::POST, "/v1/chat/completions", Some(KEY_A))
+        .body(Body::from_stream(futures_util::stream::iter(chunks)))
+        .unwrap();
+    let answer = app.send(without_length).await;
     assert_eq!(
-        (status, error["code"].as_str()),
+        (answer.status, answer.error()["code"].as_str()),
         (413, Some("request_too_large"))
     );
     assert!(upstream.received().is_empty());
@@ -496,14 +410,9 @@ async fn oversized_bodies_are_refused_with_or_without_a_length() {
 #[tokio::test]
 async fn upstream_errors_pass_through_with_status_and_body() {
     let (_upstream, iris) = setup().await;
-    let response = http()
-        .post(iris.url("/v1/chat/completions"))
-        .bearer_auth(KEY_A)
-        .header("x-mock-status", "422")
-        .json(&chat_body("test-model"))
-        .send()
-        .await
-        .expect("request");
+    let response = iris
+        .chat(KEY_A, &chat_body("test-model"), &[("x-mock-status", "422")])
+        .await;
     assert_eq!(response.status(), 422);
     let body: Value = response.json().await.expect("json");
     assert_eq!(body["error"]["code"], "mock_error");
@@ -519,16 +428,7 @@ async fn unreachable_upstream_is_502_and_slow_upstream_is_504() {
         "",
     ))
     .await;
-    let (status, error) = error_of(
-        http()
-            .post(iris.url("/v1/chat/completions"))
-            .bearer_auth(KEY_A)
-            .json(&chat_body("test-model"))
-            .send()
-            .await
-            .expect("request"),
-    )
-    .await;
+    let (status, error) = error_of(iris.chat(KEY_A, &chat_body("test-model"), &[]).await).await;
     assert_eq!(
         (status, error["code"].as_str()),
         (502, Some("upstream_unavailable"))
@@ -540,14 +440,12 @@ async fn unreachable_upstream_is_502_and_slow_upstream_is_504() {
         base_config(&upstream.base_url(), "").replace("timeout_ms = 2000", "timeout_ms = 200");
     let iris = Iris::start(&config).await;
     let (status, error) = error_of(
-        http()
-            .post(iris.url("/v1/chat/completions"))
-            .bearer_auth(KEY_A)
-            .header("x-mock-delay-ms", "2000")
-            .json(&chat_body("test-model"))
-            .send()
-            .await
-            .expect("request"),
+        iris.chat(
+            KEY_A,
+            &chat_body("test-model"),
+            &[("x-mock-delay-ms", "2000")],
+        )
+        .await,
     )
     .await;
     assert_eq!(
@@ -558,40 +456,16 @@ async fn unreachable_upstream_is_502_and_slow_upstream_is_504() {
 
 #[tokio::test]
 async fn health_readiness_and_metrics() {
-    let (_upstream, iris) = setup().await;
-    assert_eq!(
-        http()
-            .get(iris.url("/healthz"))
-            .send()
-            .await
-            .expect("request")
-            .status(),
-        200
-    );
-    assert_eq!(
-        http()
-            .get(iris.url("/readyz"))
-            .send()
-            .await
-            .expect("request")
-            .status(),
-        200
-    );
-    http()
-        .post(iris.url("/v1/chat/completions"))
-        .bearer_auth(KEY_B)
-        .json(&chat_body("other-model"))
-        .send()
-        .await
-        .expect("request");
-    let metrics = http()
-        .get(iris.url("/metrics"))
-        .send()
-        .await
-        .expect("request")
-        .text()
-        .await
-        .expect("text");
+    let (_upstream, app) = in_process().await;
+    assert_eq!(app.get("/healthz", None).await.status, 200);
+    assert_eq!(app.get("/readyz", None).await.status, 200);
+    app.post_json(
+        "/v1/chat/completions",
+        Some(KEY_B),
+        &chat_body("other-model"),
+    )
+    .await;
+    let metrics = app.get("/metrics", None).await.text();
     assert!(
         metrics
             .lines()
@@ -616,17 +490,14 @@ async fn health_readiness_and_metrics() {
 async fn shutdown_lets_an_in_flight_stream_finish() {
     let upstream = MockUpstream::start().await;
     let mut iris = Iris::start(&base_config(&upstream.base_url(), "")).await;
-    let mut body = chat_body("test-model");
-    body["stream"] = json!(true);
-    let response = http()
-        .post(iris.url("/v1/chat/completions"))
-        .bearer_auth(KEY_A)
-        .header("x-mock-chunk-delay-ms", "100")
-        .header("x-mock-chunks", "5")
-        .json(&body)
-        .send()
-        .await
-        .expect("request");
+    let body = stream_body("test-model");
+    let response = iris
+        .chat(
+            KEY_A,
+            &body,
+            &[("x-mock-chunk-delay-ms", "100"), ("x-mock-chunks", "5")],
+        )
+        .await;
     let url = iris.url("/healthz");
     iris.begin_shutdown();
     let text = response.text().await.expect("the stream completes");

@@ -5,19 +5,19 @@
 //! ends.
 //!
 //! Without Redis these tests say they were skipped and pass, unless
-//! `IRIS_REQUIRE_REDIS=1` (see tests/support/redis.rs).
-
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
-
-mod support;
+//! `IRIS_REQUIRE_REDIS=1` (see tests/it/support/redis.rs).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::redis::{RedisProcess, SharedRedis, store_toml, with_store};
-use support::{Iris, KEY_B, MockUpstream, base_config, chat_body, http};
+
+use crate::support::redis::{RedisProcess, SharedRedis, store_toml, with_store};
+use crate::support::{
+    Iris, KEY_B, MockUpstream, base_config, chat_body, metric_sum, prompt_estimate,
+    status_and_json, usage_row,
+};
 
 /// An Iris on `store` (a `[store]` table); client `b` has `budget`.
 async fn iris(upstream: &MockUpstream, store: &str, budget: &str) -> Iris {
@@ -25,49 +25,10 @@ async fn iris(upstream: &MockUpstream, store: &str, budget: &str) -> Iris {
     Iris::start(&with_store(&config, store)).await
 }
 
+/// A chat request as client `b`, answered by the mock after `delay_ms`.
 async fn chat(iris: &Iris, body: &Value, delay_ms: u64) -> (u16, Value) {
-    let response = http()
-        .post(iris.url("/v1/chat/completions"))
-        .bearer_auth(KEY_B)
-        .header("x-mock-delay-ms", delay_ms.to_string())
-        .json(body)
-        .send()
-        .await
-        .expect("request");
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
-async fn used(iris: &Iris, window: &str) -> u64 {
-    iris.usage(KEY_B).await["windows"][window]["used"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no {window} in usage"))
-}
-
-async fn ready(iris: &Iris) -> u16 {
-    http()
-        .get(iris.url("/readyz"))
-        .send()
-        .await
-        .expect("request")
-        .status()
-        .as_u16()
-}
-
-/// Waits until nothing of client `b` is in flight anywhere.
-async fn settled(iris: &Iris) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while used(iris, "max_concurrent").await > 0 {
-        assert!(Instant::now() < deadline, "requests still in flight");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// What Iris reserves for `body`: its prompt estimate plus `max_tokens`.
-fn reserved(body: &Value) -> u64 {
-    let bytes = serde_json::to_vec(body).unwrap();
-    let request = iris::openai::chat::ChatRequest::parse(&bytes).unwrap();
-    iris::budget::estimate::prompt_tokens(&request) + body["max_tokens"].as_u64().unwrap()
+    let delay = delay_ms.to_string();
+    status_and_json(iris.chat(KEY_B, body, &[("x-mock-delay-ms", &delay)]).await).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -86,7 +47,7 @@ async fn two_and_three_instances_under_load_never_overspend_one_budget() {
         }
         let mut body = chat_body("other-model");
         body["max_tokens"] = json!(50);
-        let reserved = reserved(&body);
+        let reserved = prompt_estimate(&body) + 50;
 
         let mut tasks = Vec::new();
         for i in 0..60 {
@@ -108,7 +69,7 @@ async fn two_and_three_instances_under_load_never_overspend_one_budget() {
         assert!(admitted > 0);
         assert_eq!(upstream.received().len() as u64, admitted);
         for iris in &fleet {
-            settled(iris).await;
+            iris.settled(KEY_B).await;
         }
         assert!(
             charged <= 1000,
@@ -116,7 +77,7 @@ async fn two_and_three_instances_under_load_never_overspend_one_budget() {
         );
         // Every instance reports the one shared figure.
         for iris in &fleet {
-            assert_eq!(used(iris, "tokens_per_day").await, charged);
+            assert_eq!(iris.used(KEY_B, "tokens_per_day").await, charged);
         }
         // And the budget is spent for all of them: the next request that does
         // not fit is refused whichever instance it reaches.
@@ -158,7 +119,7 @@ async fn max_concurrent_holds_across_instances() {
         }
     }
     assert_eq!(admitted, 4, "four slots across three instances");
-    settled(&fleet[0]).await;
+    fleet[0].settled(KEY_B).await;
 }
 
 /// Requests from one task until `stop`: each status, and the slowest answer.
@@ -182,19 +143,9 @@ fn keep_asking(
     })
 }
 
+/// The sum of metric `name` for client `b`.
 async fn metric(iris: &Iris, name: &str) -> u64 {
-    let text = http()
-        .get(iris.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    text.lines()
-        .filter(|line| line.starts_with(name) && line.contains("client=\"b\""))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
+    metric_sum(&iris.metrics().await, name, &["client=\"b\""]) as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -213,11 +164,11 @@ async fn a_redis_crash_and_restart_is_survived_as_on_unavailable_says() {
     // Iris starts while Redis is still down: running, not ready.
     let reject = Arc::new(iris(&upstream, &store("reject"), "tokens_per_day = 1000000").await);
     let allow = Arc::new(iris(&upstream, &store("allow"), "tokens_per_day = 1000000").await);
-    assert_eq!(ready(&reject).await, 503);
+    assert_eq!(reject.status("/readyz").await, 503);
     redis.start().await;
     for iris in [&reject, &allow] {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while ready(iris).await != 200 {
+        while iris.status("/readyz").await != 200 {
             assert!(Instant::now() < deadline, "not ready once Redis answers");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -233,9 +184,13 @@ async fn a_redis_crash_and_restart_is_survived_as_on_unavailable_says() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(chat(&reject, &chat_body("other-model"), 0).await.0, 503);
     assert_eq!(chat(&allow, &chat_body("other-model"), 0).await.0, 200);
-    assert_eq!(ready(&reject).await, 503, "readiness follows the store");
     assert_eq!(
-        ready(&allow).await,
+        reject.status("/readyz").await,
+        503,
+        "readiness follows the store"
+    );
+    assert_eq!(
+        allow.status("/readyz").await,
         200,
         "in allow mode an instance stays ready: it serves through the outage"
     );
@@ -271,19 +226,19 @@ async fn a_redis_crash_and_restart_is_survived_as_on_unavailable_says() {
         );
     }
     for iris in [&reject, &allow] {
-        assert_eq!(ready(iris).await, 200);
+        assert_eq!(iris.status("/readyz").await, 200);
     }
 
     // Both count in Redis again: the outage's local count was not copied
     // over, so the fresh Redis holds exactly what was charged since.
     let fallbacks_after = metric(&allow, "iris_budget_store_fallback_total").await;
-    settled(&allow).await;
-    let before = used(&reject, "tokens_per_day").await;
+    allow.settled(KEY_B).await;
+    let before = reject.used(KEY_B, "tokens_per_day").await;
     let (status, answer) = chat(&allow, &chat_body("other-model"), 0).await;
     assert_eq!(status, 200);
-    settled(&allow).await;
+    allow.settled(KEY_B).await;
     assert_eq!(
-        used(&reject, "tokens_per_day").await,
+        reject.used(KEY_B, "tokens_per_day").await,
         before + answer["usage"]["total_tokens"].as_u64().unwrap(),
         "the allowing instance charges Redis again"
     );
@@ -337,7 +292,7 @@ async fn an_expired_lease_frees_a_stuck_reservation() {
             .unwrap()
             .contains("max_concurrent")
     );
-    assert_eq!(used(&iris, "max_concurrent").await, 1);
+    assert_eq!(iris.used(KEY_B, "max_concurrent").await, 1);
 
     // At the lease's end the slot is free again, without any settle.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -358,7 +313,7 @@ async fn an_expired_lease_frees_a_stuck_reservation() {
         "freed by the lease, not earlier: {:?}",
         leased_at.elapsed()
     );
-    settled(&iris).await;
+    iris.settled(KEY_B).await;
 }
 
 /// A Redis server of the test's own (it may be stopped and watched) and a
@@ -453,33 +408,13 @@ async fn iris_usage_reads_the_shared_budgets() {
     );
     let iris = Iris::start(&config).await;
     assert_eq!(chat(&iris, &chat_body("other-model"), 0).await.0, 200);
-    settled(&iris).await;
-    let charged = used(&iris, "tokens_per_day").await;
+    iris.settled(KEY_B).await;
+    let charged = iris.used(KEY_B, "tokens_per_day").await;
     assert!(charged > 0);
 
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), &config).unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_iris"))
-        .args(["usage", "--client", "b", "--config"])
-        .arg(file.path())
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{report}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let day: Vec<&str> = report
-        .lines()
-        .find(|line| line.contains("tokens_per_day"))
-        .unwrap_or_else(|| panic!("{report}"))
-        .split_whitespace()
-        .collect();
     assert_eq!(
-        day[..4],
-        ["b", "tokens_per_day", "100000", &charged.to_string()],
-        "{report}"
+        usage_row(&config, "b", "tokens_per_day")[..4],
+        ["b", "tokens_per_day", "100000", &charged.to_string()]
     );
 }
 

@@ -3,13 +3,9 @@
 //! streamed answer, an inline image (converted for the upstream), a 429
 //! from the tiny demo budget, and `iris usage` afterwards.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
-
-mod support;
-
 use std::process::Command;
 
-use support::{Iris, http};
+use crate::support::{Iris, http};
 
 /// The shipped config, on a free port and a temporary database.
 fn shipped_config(db: &std::path::Path) -> String {

@@ -1,34 +1,25 @@
-//! Redis for the integration tests: the shared server on 127.0.0.1:6379
-//! (database 13, or `$IRIS_TEST_REDIS_URL`), each test under its own random
-//! key prefix, deleted afterwards; and throwaway `redis-server` processes on
-//! free ports for tests that kill and restart Redis.
+//! Redis for Iris's tests, the one harness: the shared server on
+//! 127.0.0.1:6379 (database 13, or `$IRIS_TEST_REDIS_URL`), each test under
+//! its own random key prefix, deleted afterwards; and throwaway
+//! `redis-server` processes on free ports for tests that kill and restart
+//! Redis. The library's Redis tests include this file with `#[path]` (it
+//! names nothing of Iris), so the URL, the cleanup and the skip policy are
+//! written once.
 //!
-//! Without Redis the tests print that they were skipped and pass, unless
-//! `IRIS_REQUIRE_REDIS=1` (CI), which makes a missing Redis a failure.
+//! Without Redis the tests say they were skipped and pass, unless
+//! `IRIS_REQUIRE_REDIS=1` (CI): see [`super::skip`].
+
+#![allow(dead_code)]
 
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::skip;
+
 pub fn test_url() -> String {
     std::env::var("IRIS_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/13".into())
-}
-
-fn required() -> bool {
-    std::env::var("IRIS_REQUIRE_REDIS").as_deref() == Ok("1")
-}
-
-/// `None` after saying why the test is skipped; a panic when Redis is required.
-pub fn skip<T>(why: &str) -> Option<T> {
-    if required() {
-        panic!("IRIS_REQUIRE_REDIS=1 but {why}");
-    }
-    eprintln!(
-        "SKIPPED: {why}; start redis-server to run the Redis tests \
-         (IRIS_REQUIRE_REDIS=1 makes this a failure)"
-    );
-    None
 }
 
 /// Whether Redis at `url` answers PING within a second.
@@ -58,7 +49,9 @@ impl SharedRedis {
     pub async fn get() -> Option<Self> {
         let url = test_url();
         if !answers(&url).await {
-            return skip(&format!("Redis at {url} does not answer"));
+            return skip(format!(
+                "Redis at {url} does not answer; start redis-server (or point IRIS_TEST_REDIS_URL at one)"
+            ));
         }
         let mut random = [0u8; 8];
         getrandom::fill(&mut random).expect("random");
@@ -118,7 +111,7 @@ impl RedisProcess {
     /// without a `redis-server` binary.
     pub fn prepare() -> Option<Self> {
         if !Path::new(REDIS_SERVER).exists() {
-            return skip(&format!("{REDIS_SERVER} is not installed"));
+            return skip(format!("{REDIS_SERVER} is not installed"));
         }
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())

@@ -1,23 +1,13 @@
 //! The `iris` binary as users and scripts run it: commands, exit codes, logs,
 //! and a clean exit on SIGTERM.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
-
-mod support;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::{KEY_A, MockUpstream, base_config};
-
-fn iris() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_iris"));
-    command
-        .env_remove("IRIS_CONFIG")
-        .env_remove("IRIS_LOG_FORMAT");
-    command
-}
+use crate::support::{
+    KEY_A, MockUpstream, base_config, chat_body, http, iris_command as iris, write_config,
+};
 
 /// Kills the server if the test fails before stopping it.
 struct KillOnDrop(Option<std::process::Child>);
@@ -29,15 +19,6 @@ impl Drop for KillOnDrop {
             let _ = child.wait();
         }
     }
-}
-
-fn write_config(text: &str) -> tempfile::NamedTempFile {
-    let file = tempfile::Builder::new()
-        .suffix(".toml")
-        .tempfile()
-        .expect("temp file");
-    std::fs::write(file.path(), text).expect("write config");
-    file
 }
 
 #[test]
@@ -185,11 +166,11 @@ async fn serve_logs_json_without_keys_and_exits_cleanly_on_sigterm() {
         }
     };
 
-    let client = support::http();
+    let client = http();
     let response = client
         .post(format!("http://{addr}/v1/chat/completions"))
         .bearer_auth(KEY_A)
-        .json(&support::chat_body("test-model"))
+        .json(&chat_body("test-model"))
         .send()
         .await
         .expect("request");
@@ -197,7 +178,7 @@ async fn serve_logs_json_without_keys_and_exits_cleanly_on_sigterm() {
     let wrong = client
         .post(format!("http://{addr}/v1/chat/completions"))
         .bearer_auth("not-a-real-key-123")
-        .json(&support::chat_body("test-model"))
+        .json(&chat_body("test-model"))
         .send()
         .await
         .expect("request");

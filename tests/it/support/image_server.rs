@@ -7,7 +7,7 @@
 //! - `/files/{name}`: a registered file with its registered content type;
 //! - `/chain/{n}/{name}`: `n` redirects, then the file;
 //! - `/loop`: redirects to itself;
-//! - `/redirect?to=URL`: one redirect to `URL`;
+//! - `/redirect?to=URL[&status=N]`: one redirect to `URL` (302, or status `N`);
 //! - `/chunked/{len}`: `len` bytes (a PNG signature, then zeros) with no `Content-Length`;
 //! - `/slow/{name}?chunk_ms=N&chunk_bytes=B`: the file B bytes (1 KiB) at a time, N ms apart;
 //! - `/gzip/{name}`: the file labelled `Content-Encoding: gzip`;
@@ -23,7 +23,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -57,7 +58,12 @@ impl Drop for InFlight {
 }
 
 impl ServerState {
-    async fn enter(&self, uri: &Uri, headers: &HeaderMap, params: &Params) -> InFlight {
+    async fn enter(
+        &self,
+        uri: &Uri,
+        headers: &HeaderMap,
+        params: &HashMap<String, String>,
+    ) -> InFlight {
         if let Ok(mut seen) = self.seen.lock() {
             seen.push(Seen {
                 uri: uri.to_string(),
@@ -75,6 +81,33 @@ impl ServerState {
 
     fn file(&self, name: &str) -> Option<(String, Bytes)> {
         self.files.lock().ok()?.get(name).cloned()
+    }
+}
+
+/// A request being served: recorded, counted in flight for as long as this
+/// lives, and already past its `?delay_ms`. Every route takes one.
+struct Hit {
+    state: ServerState,
+    params: HashMap<String, String>,
+    uri: Uri,
+    in_flight: InFlight,
+}
+
+impl FromRequestParts<ServerState> for Hit {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &ServerState,
+    ) -> Result<Self, Self::Rejection> {
+        let Query(params) = Params::try_from_uri(&parts.uri).unwrap_or(Query(HashMap::new()));
+        let in_flight = state.enter(&parts.uri, &parts.headers, &params).await;
+        Ok(Self {
+            state: state.clone(),
+            params,
+            uri: parts.uri.clone(),
+            in_flight,
+        })
     }
 }
 
@@ -159,63 +192,37 @@ fn serve_file(state: &ServerState, name: &str) -> Response {
     }
 }
 
-async fn file(
-    State(state): State<ServerState>,
-    Path(name): Path<String>,
-    params: Params,
-    uri: Uri,
-    headers: HeaderMap,
-) -> Response {
-    let _guard = state.enter(&uri, &headers, &params).await;
-    serve_file(&state, &name)
+async fn file(Path(name): Path<String>, hit: Hit) -> Response {
+    serve_file(&hit.state, &name)
 }
 
-async fn chain(
-    State(state): State<ServerState>,
-    Path((n, name)): Path<(u32, String)>,
-    params: Params,
-    uri: Uri,
-    headers: HeaderMap,
-) -> Response {
-    let _guard = state.enter(&uri, &headers, &params).await;
+async fn chain(Path((n, name)): Path<(u32, String)>, hit: Hit) -> Response {
     if n == 0 {
-        return serve_file(&state, &name);
+        return serve_file(&hit.state, &name);
     }
-    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    let query = hit.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
     found(&format!("/chain/{}/{name}{query}", n - 1))
 }
 
-async fn redirect_loop(
-    State(state): State<ServerState>,
-    params: Params,
-    uri: Uri,
-    headers: HeaderMap,
-) -> Response {
-    let _guard = state.enter(&uri, &headers, &params).await;
+async fn redirect_loop(_hit: Hit) -> Response {
     found("/loop")
 }
 
-async fn redirect(
-    State(state): State<ServerState>,
-    params: Params,
-    uri: Uri,
-    headers: HeaderMap,
-) -> Response {
-    let _guard = state.enter(&uri, &headers, &params).await;
-    match params.get("to") {
-        Some(to) => found(to),
+async fn redirect(hit: Hit) -> Response {
+    let status = hit
+        .params
+        .get("status")
+        .and_then(|s| s.parse().ok())
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::FOUND);
+    match hit.params.get("to") {
+        Some(to) => (status, [(header::LOCATION, to.to_owned())]).into_response(),
         None => StatusCode::BAD_REQUEST.into_response(),
     }
 }
 
-async fn chunked(
-    State(state): State<ServerState>,
-    Path(len): Path<usize>,
-    params: Params,
-    uri: Uri,
-    headers: HeaderMap,
-) -> Response {
-    let guard = state.enter(&uri, &headers, &params).await;
+async fn chunked(Path(len): Path<usize>, hit: Hit) -> Response {
+    let guard = hit.in_flight;
     let mut first = b"\x89PNG\r\n\x1a\n".to_vec();
     first.resize(len.min(64 * 1024), 0);
     let rest = len.saturating_sub(first.len());
@@ -234,36 +241,28 @@ async fn chunked(
         .into_response()
 }
 
-async fn slow(
-    State(state): State<ServerState>,
-    Path(name): Path<String>,
-    params: Params,
-    uri: Uri,
-    headers: HeaderMap,
-) -> Response {
-    let guard = state.enter(&uri, &headers, &params).await;
-    let Some((content_type, bytes)) = state.file(&name) else {
+async fn slow(Path(name): Path<String>, hit: Hit) -> Response {
+    let Some((content_type, bytes)) = hit.state.file(&name) else {
         return StatusCode::NOT_FOUND.into_response();
     };
-    let pause = Duration::from_millis(
-        params
-            .get("chunk_ms")
+    let number = |name: &str, default: u64| {
+        hit.params
+            .get(name)
             .and_then(|v| v.parse().ok())
-            .unwrap_or(100),
-    );
-    let chunk: usize = params
-        .get("chunk_bytes")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1024);
-    let stream = futures_util::stream::unfold((bytes, guard), move |(rest, guard)| async move {
-        if rest.is_empty() {
-            return None;
-        }
-        tokio::time::sleep(pause).await;
-        let take = rest.len().min(chunk);
-        let chunk = rest.slice(..take);
-        Some((Ok::<_, std::io::Error>(chunk), (rest.slice(take..), guard)))
-    });
+            .unwrap_or(default)
+    };
+    let pause = Duration::from_millis(number("chunk_ms", 100));
+    let chunk = number("chunk_bytes", 1024) as usize;
+    let stream =
+        futures_util::stream::unfold((bytes, hit.in_flight), move |(rest, guard)| async move {
+            if rest.is_empty() {
+                return None;
+            }
+            tokio::time::sleep(pause).await;
+            let take = rest.len().min(chunk);
+            let chunk = rest.slice(..take);
+            Some((Ok::<_, std::io::Error>(chunk), (rest.slice(take..), guard)))
+        });
     (
         [(header::CONTENT_TYPE, content_type)],
         Body::from_stream(stream),
@@ -271,15 +270,8 @@ async fn slow(
         .into_response()
 }
 
-async fn gzip(
-    State(state): State<ServerState>,
-    Path(name): Path<String>,
-    params: Params,
-    uri: Uri,
-    headers: HeaderMap,
-) -> Response {
-    let _guard = state.enter(&uri, &headers, &params).await;
-    let mut response = serve_file(&state, &name);
+async fn gzip(Path(name): Path<String>, hit: Hit) -> Response {
+    let mut response = serve_file(&hit.state, &name);
     response.headers_mut().insert(
         header::CONTENT_ENCODING,
         header::HeaderValue::from_static("gzip"),
@@ -287,14 +279,7 @@ async fn gzip(
     response
 }
 
-async fn status(
-    State(state): State<ServerState>,
-    Path(code): Path<u16>,
-    params: Params,
-    uri: Uri,
-    headers: HeaderMap,
-) -> Response {
-    let _guard = state.enter(&uri, &headers, &params).await;
+async fn status(Path(code): Path<u16>, _hit: Hit) -> Response {
     StatusCode::from_u16(code)
         .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
         .into_response()

@@ -2,18 +2,17 @@
 //! settlement to the upstream's usage (plain, streamed, hung up), the 429s
 //! and their headers, `GET /v1/usage`, persistence across a restart.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
-
-mod support;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use iris::budget::estimate;
-use iris::openai::chat::ChatRequest;
 use serde_json::{Value, json};
-use support::{Iris, KEY_A, KEY_B, MockUpstream, base_config, chat_body, http};
+
+use crate::support::{
+    App, Iris, KEY_A, KEY_B, MockUpstream, base_config, chat_body, prompt_estimate, stream_body,
+    usage_row,
+};
 
 /// Client `b` (model `other-model`) with `budget` lines; `a` is unlimited.
 async fn setup(budget: &str) -> (MockUpstream, Iris) {
@@ -24,38 +23,6 @@ async fn setup(budget: &str) -> (MockUpstream, Iris) {
     ))
     .await;
     (upstream, iris)
-}
-
-async fn chat(iris: &Iris, key: &str, body: &Value, headers: &[(&str, &str)]) -> reqwest::Response {
-    let mut request = http()
-        .post(iris.url("/v1/chat/completions"))
-        .bearer_auth(key)
-        .json(body);
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    request.send().await.expect("request")
-}
-
-async fn used(iris: &Iris, key: &str, window: &str) -> u64 {
-    iris.usage(key).await["windows"][window]["used"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no {window} in usage"))
-}
-
-/// Waits until no request of the client is in flight (settlement done).
-async fn settled(iris: &Iris, key: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while used(iris, key, "max_concurrent").await > 0 {
-        assert!(Instant::now() < deadline, "requests still in flight");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// What Iris estimates for a body's prompt.
-fn prompt_estimate(body: &Value) -> u64 {
-    let bytes = serde_json::to_vec(body).unwrap();
-    estimate::prompt_tokens(&ChatRequest::parse(&bytes).unwrap())
 }
 
 /// The concatenated `delta.content` of SSE text.
@@ -90,7 +57,7 @@ async fn concurrent_requests_never_exceed_the_budget() {
         let iris = Arc::clone(&iris);
         let body = body.clone();
         tasks.push(tokio::spawn(async move {
-            let response = chat(&iris, KEY_B, &body, &[("x-mock-delay-ms", "300")]).await;
+            let response = iris.chat(KEY_B, &body, &[("x-mock-delay-ms", "300")]).await;
             let status = response.status().as_u16();
             let answer: Value = response.json().await.unwrap();
             (status, answer)
@@ -119,23 +86,22 @@ async fn concurrent_requests_never_exceed_the_budget() {
         admitted,
         "refused ones never went upstream"
     );
-    settled(&iris, KEY_B).await;
-    assert_eq!(used(&iris, KEY_B, "tokens_per_day").await, charged);
+    iris.settled(KEY_B).await;
+    assert_eq!(iris.used(KEY_B, "tokens_per_day").await, charged);
     assert!(charged <= 1000, "{charged}");
 }
 
 #[tokio::test]
 async fn a_plain_answer_to_a_stream_request_settles_to_its_reported_usage() {
     let (_upstream, iris) = setup("tokens_per_day = 100000").await;
-    let mut body = chat_body("other-model");
-    body["stream"] = json!(true);
-    let response = chat(&iris, KEY_B, &body, &[("x-mock-plain", "1")]).await;
+    let body = stream_body("other-model");
+    let response = iris.chat(KEY_B, &body, &[("x-mock-plain", "1")]).await;
     assert_eq!(response.status(), 200);
     let answer: Value = response.json().await.unwrap();
     let total = answer["usage"]["total_tokens"].as_u64().unwrap();
-    settled(&iris, KEY_B).await;
+    iris.settled(KEY_B).await;
     assert_eq!(
-        used(&iris, KEY_B, "tokens_per_day").await,
+        iris.used(KEY_B, "tokens_per_day").await,
         total,
         "read as a JSON body, not as events"
     );
@@ -144,7 +110,7 @@ async fn a_plain_answer_to_a_stream_request_settles_to_its_reported_usage() {
 #[tokio::test]
 async fn a_plain_response_settles_to_its_reported_usage() {
     let (upstream, iris) = setup("tokens_per_day = 100000").await;
-    let response = chat(&iris, KEY_B, &chat_body("other-model"), &[]).await;
+    let response = iris.chat(KEY_B, &chat_body("other-model"), &[]).await;
     assert_eq!(response.status(), 200);
     let answer: Value = response.json().await.unwrap();
     let total = answer["usage"]["total_tokens"].as_u64().unwrap();
@@ -176,10 +142,10 @@ async fn a_plain_response_settles_to_its_reported_usage() {
 #[tokio::test]
 async fn streamed_usage_settles_and_its_chunk_is_hidden_unless_asked_for() {
     let (upstream, iris) = setup("tokens_per_day = 100000").await;
-    let mut body = chat_body("other-model");
-    body["stream"] = json!(true);
+    let mut body = stream_body("other-model");
 
-    let text = chat(&iris, KEY_B, &body, &[("x-mock-chunks", "5")])
+    let text = iris
+        .chat(KEY_B, &body, &[("x-mock-chunks", "5")])
         .await
         .text()
         .await
@@ -189,10 +155,11 @@ async fn streamed_usage_settles_and_its_chunk_is_hidden_unless_asked_for() {
         "Iris's usage chunk is removed: {text}"
     );
     let first = upstream.last().body.len() as u64 / 4 + 5;
-    assert_eq!(used(&iris, KEY_B, "tokens_per_day").await, first);
+    assert_eq!(iris.used(KEY_B, "tokens_per_day").await, first);
 
     body["stream_options"] = json!({"include_usage": true});
-    let text = chat(&iris, KEY_B, &body, &[("x-mock-chunks", "2")])
+    let text = iris
+        .chat(KEY_B, &body, &[("x-mock-chunks", "2")])
         .await
         .text()
         .await
@@ -202,28 +169,27 @@ async fn streamed_usage_settles_and_its_chunk_is_hidden_unless_asked_for() {
         "the client asked for it: {text}"
     );
     let second = upstream.last().body.len() as u64 / 4 + 2;
-    assert_eq!(used(&iris, KEY_B, "tokens_per_day").await, first + second);
+    assert_eq!(iris.used(KEY_B, "tokens_per_day").await, first + second);
 }
 
 #[tokio::test]
 async fn a_stream_without_usage_settles_from_the_streamed_text() {
     let (_upstream, iris) = setup("tokens_per_day = 100000").await;
-    let mut body = chat_body("other-model");
-    body["stream"] = json!(true);
-    let text = chat(
-        &iris,
-        KEY_B,
-        &body,
-        &[("x-mock-no-usage", "1"), ("x-mock-chunks", "4")],
-    )
-    .await
-    .text()
-    .await
-    .unwrap();
+    let body = stream_body("other-model");
+    let text = iris
+        .chat(
+            KEY_B,
+            &body,
+            &[("x-mock-no-usage", "1"), ("x-mock-chunks", "4")],
+        )
+        .await
+        .text()
+        .await
+        .unwrap();
     let generated = streamed_text(&text);
     assert_eq!(generated, "word0 word1 word2 word3 ");
     assert_eq!(
-        used(&iris, KEY_B, "tokens_per_day").await,
+        iris.used(KEY_B, "tokens_per_day").await,
         prompt_estimate(&body) + estimate::count_tokens(&generated)
     );
 }
@@ -231,15 +197,14 @@ async fn a_stream_without_usage_settles_from_the_streamed_text() {
 #[tokio::test]
 async fn a_client_hanging_up_mid_stream_pays_for_what_was_generated() {
     let (upstream, iris) = setup("tokens_per_day = 100000").await;
-    let mut body = chat_body("other-model");
-    body["stream"] = json!(true);
-    let response = chat(
-        &iris,
-        KEY_B,
-        &body,
-        &[("x-mock-chunks", "50"), ("x-mock-chunk-delay-ms", "50")],
-    )
-    .await;
+    let body = stream_body("other-model");
+    let response = iris
+        .chat(
+            KEY_B,
+            &body,
+            &[("x-mock-chunks", "50"), ("x-mock-chunk-delay-ms", "50")],
+        )
+        .await;
     assert_eq!(response.status(), 200);
     assert!(
         header(&response, "x-ratelimit-remaining-tokens").is_some(),
@@ -261,10 +226,10 @@ async fn a_client_hanging_up_mid_stream_pays_for_what_was_generated() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    settled(&iris, KEY_B).await;
+    iris.settled(KEY_B).await;
 
     let prompt = prompt_estimate(&body);
-    let charged = used(&iris, KEY_B, "tokens_per_day").await;
+    let charged = iris.used(KEY_B, "tokens_per_day").await;
     let seen = estimate::count_tokens(&streamed_text(&read));
     let everything: String = (0..50).map(|i| format!("word{i} ")).collect();
     assert!(charged >= prompt + seen, "{charged} < {prompt} + {seen}");
@@ -289,42 +254,24 @@ async fn usage_survives_a_restart_with_sqlite() {
     );
 
     let iris = Iris::start(&config).await;
-    let answer: Value = chat(&iris, KEY_B, &chat_body("other-model"), &[])
+    let answer: Value = iris
+        .chat(KEY_B, &chat_body("other-model"), &[])
         .await
         .json()
         .await
         .unwrap();
     let spent = answer["usage"]["total_tokens"].as_u64().unwrap();
-    assert_eq!(used(&iris, KEY_B, "tokens_per_day").await, spent);
+    assert_eq!(iris.used(KEY_B, "tokens_per_day").await, spent);
     iris.stop().await.unwrap();
 
     let iris = Iris::start(&config).await;
-    assert_eq!(used(&iris, KEY_B, "tokens_per_day").await, spent);
-    assert_eq!(used(&iris, KEY_B, "tokens_per_month").await, spent);
-    assert_eq!(used(&iris, KEY_A, "tokens_per_day").await, 0);
+    assert_eq!(iris.used(KEY_B, "tokens_per_day").await, spent);
+    assert_eq!(iris.used(KEY_B, "tokens_per_month").await, spent);
+    assert_eq!(iris.used(KEY_A, "tokens_per_day").await, 0);
 
     // `iris usage` reads the same file, even while the server runs.
-    let config_path = dir.path().join("iris.toml");
-    std::fs::write(&config_path, &config).unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_iris"))
-        .args(["usage", "--config"])
-        .arg(&config_path)
-        .args(["--client", "b"])
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{report}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let day = report
-        .lines()
-        .find(|l| l.contains("tokens_per_day"))
-        .unwrap_or_else(|| panic!("{report}"));
-    let cells: Vec<&str> = day.split_whitespace().collect();
     assert_eq!(
-        &cells[..5],
+        usage_row(&config, "b", "tokens_per_day")[..5],
         [
             "b",
             "tokens_per_day",
@@ -343,23 +290,23 @@ async fn one_clients_spending_leaves_another_untouched() {
     body["max_tokens"] = json!(100);
     let mut refused = None;
     for _ in 0..10 {
-        let response = chat(&iris, KEY_B, &body, &[]).await;
+        let response = iris.chat(KEY_B, &body, &[]).await;
         if response.status() == 429 {
             refused = Some(response);
             break;
         }
     }
     assert!(refused.is_some(), "b's budget ran out");
-    let b_used = used(&iris, KEY_B, "tokens_per_day").await;
+    let b_used = iris.used(KEY_B, "tokens_per_day").await;
 
-    let response = chat(&iris, KEY_A, &body, &[]).await;
+    let response = iris.chat(KEY_A, &body, &[]).await;
     assert_eq!(response.status(), 200, "a has its own budget");
     let answer: Value = response.json().await.unwrap();
     assert_eq!(
-        used(&iris, KEY_A, "tokens_per_day").await,
+        iris.used(KEY_A, "tokens_per_day").await,
         answer["usage"]["total_tokens"].as_u64().unwrap()
     );
-    assert_eq!(used(&iris, KEY_B, "tokens_per_day").await, b_used);
+    assert_eq!(iris.used(KEY_B, "tokens_per_day").await, b_used);
 }
 
 #[tokio::test]
@@ -370,8 +317,7 @@ async fn max_concurrent_refuses_while_requests_are_in_flight() {
         .map(|_| {
             let iris = Arc::clone(&iris);
             tokio::spawn(async move {
-                chat(
-                    &iris,
+                iris.chat(
                     KEY_B,
                     &chat_body("other-model"),
                     &[("x-mock-delay-ms", "700")],
@@ -382,11 +328,11 @@ async fn max_concurrent_refuses_while_requests_are_in_flight() {
         })
         .collect();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while used(&iris, KEY_B, "max_concurrent").await < 2 {
+    while iris.used(KEY_B, "max_concurrent").await < 2 {
         assert!(Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let response = chat(&iris, KEY_B, &chat_body("other-model"), &[]).await;
+    let response = iris.chat(KEY_B, &chat_body("other-model"), &[]).await;
     assert_eq!(response.status(), 429);
     assert_eq!(header(&response, "retry-after").as_deref(), Some("1"));
     assert_eq!(header(&response, "x-should-retry"), None);
@@ -402,8 +348,8 @@ async fn max_concurrent_refuses_while_requests_are_in_flight() {
     for task in slow {
         assert_eq!(task.await.unwrap(), 200);
     }
-    settled(&iris, KEY_B).await;
-    let response = chat(&iris, KEY_B, &chat_body("other-model"), &[]).await;
+    iris.settled(KEY_B).await;
+    let response = iris.chat(KEY_B, &chat_body("other-model"), &[]).await;
     assert_eq!(response.status(), 200, "slots are freed when requests end");
 }
 
@@ -411,7 +357,7 @@ async fn max_concurrent_refuses_while_requests_are_in_flight() {
 async fn requests_per_minute_is_enforced_with_retry_after() {
     let (upstream, iris) = setup("requests_per_minute = 3").await;
     for remaining in ["2", "1", "0"] {
-        let response = chat(&iris, KEY_B, &chat_body("other-model"), &[]).await;
+        let response = iris.chat(KEY_B, &chat_body("other-model"), &[]).await;
         assert_eq!(response.status(), 200);
         assert_eq!(
             header(&response, "x-ratelimit-limit-requests").as_deref(),
@@ -426,7 +372,7 @@ async fn requests_per_minute_is_enforced_with_retry_after() {
             "no token limit"
         );
     }
-    let response = chat(&iris, KEY_B, &chat_body("other-model"), &[]).await;
+    let response = iris.chat(KEY_B, &chat_body("other-model"), &[]).await;
     assert_eq!(response.status(), 429);
     let retry_ms: u64 = header(&response, "retry-after-ms")
         .unwrap()
@@ -455,7 +401,7 @@ async fn rate_limit_headers_on_success_and_on_each_kind_of_429() {
     body["max_tokens"] = json!(1000);
     let reserved = prompt_estimate(&body) + 1000;
 
-    let response = chat(&iris, KEY_B, &body, &[]).await;
+    let response = iris.chat(KEY_B, &body, &[]).await;
     assert_eq!(response.status(), 200);
     assert_eq!(
         header(&response, "x-ratelimit-limit-tokens").as_deref(),
@@ -489,7 +435,7 @@ async fn rate_limit_headers_on_success_and_on_each_kind_of_429() {
     // Spend the day down: the request is refused with the reset time, and
     // SDKs are told not to retry.
     body["max_tokens"] = json!(5000 - spent - prompt_estimate(&body) + 1);
-    let response = chat(&iris, KEY_B, &body, &[]).await;
+    let response = iris.chat(KEY_B, &body, &[]).await;
     assert_eq!(response.status(), 429);
     assert_eq!(
         header(&response, "x-should-retry").as_deref(),
@@ -507,7 +453,7 @@ async fn rate_limit_headers_on_success_and_on_each_kind_of_429() {
 
     // Larger than the whole day: refused outright, no Retry-After.
     body["max_tokens"] = json!(6000);
-    let response = chat(&iris, KEY_B, &body, &[]).await;
+    let response = iris.chat(KEY_B, &body, &[]).await;
     assert_eq!(response.status(), 429);
     assert_eq!(
         header(&response, "x-should-retry").as_deref(),
@@ -532,18 +478,18 @@ async fn rate_limit_headers_on_success_and_on_each_kind_of_429() {
 #[tokio::test]
 async fn upstream_errors_and_failures_return_the_reservation() {
     let (_upstream, iris) = setup("tokens_per_day = 100000").await;
-    let response = chat(
-        &iris,
-        KEY_B,
-        &chat_body("other-model"),
-        &[("x-mock-status", "500")],
-    )
-    .await;
+    let response = iris
+        .chat(
+            KEY_B,
+            &chat_body("other-model"),
+            &[("x-mock-status", "500")],
+        )
+        .await;
     assert_eq!(response.status(), 500, "passed through");
     assert!(header(&response, "x-ratelimit-limit-tokens").is_some());
     let _ = response.text().await;
-    settled(&iris, KEY_B).await;
-    assert_eq!(used(&iris, KEY_B, "tokens_per_day").await, 0);
+    iris.settled(KEY_B).await;
+    assert_eq!(iris.used(KEY_B, "tokens_per_day").await, 0);
 
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead = format!("http://{}/v1", closed.local_addr().unwrap());
@@ -553,29 +499,29 @@ async fn upstream_errors_and_failures_return_the_reservation() {
         "[clients.budget]\ntokens_per_day = 100000",
     ))
     .await;
-    let response = chat(&iris, KEY_B, &chat_body("other-model"), &[]).await;
+    let response = iris.chat(KEY_B, &chat_body("other-model"), &[]).await;
     assert_eq!(response.status(), 502);
-    assert_eq!(used(&iris, KEY_B, "tokens_per_day").await, 0);
-    assert_eq!(used(&iris, KEY_B, "max_concurrent").await, 0);
+    assert_eq!(iris.used(KEY_B, "tokens_per_day").await, 0);
+    assert_eq!(iris.used(KEY_B, "max_concurrent").await, 0);
 }
 
 #[tokio::test]
 async fn usage_is_counted_in_metrics_and_requires_a_key() {
-    let (_upstream, iris) = setup("tokens_per_day = 10").await;
-    let response = chat(&iris, KEY_A, &chat_body("other-model"), &[]).await;
-    assert_eq!(response.status(), 200);
-    let _ = response.text().await;
-    let response = chat(&iris, KEY_B, &chat_body("other-model"), &[]).await;
-    assert_eq!(response.status(), 429);
+    let upstream = MockUpstream::start().await;
+    let app = App::start(&base_config(
+        &upstream.base_url(),
+        "[clients.budget]\ntokens_per_day = 10",
+    ))
+    .await;
+    let chat = async |key| {
+        app.post_json("/v1/chat/completions", Some(key), &chat_body("other-model"))
+            .await
+            .status
+    };
+    assert_eq!(chat(KEY_A).await, 200);
+    assert_eq!(chat(KEY_B).await, 429);
 
-    let metrics = http()
-        .get(iris.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.get("/metrics", None).await.text();
     let has = |needle: &[&str]| {
         metrics
             .lines()
@@ -603,29 +549,27 @@ async fn usage_is_counted_in_metrics_and_requires_a_key() {
         "{metrics}"
     );
 
-    let response = http().get(iris.url("/v1/usage")).send().await.unwrap();
-    assert_eq!(response.status(), 401);
+    assert_eq!(app.get("/v1/usage", None).await.status, 401);
 }
 
 #[tokio::test]
 async fn readiness_and_requests_follow_the_store() {
     use iris::budget::store::{Reserved, Store, StoreError, StoreFuture};
     use iris::budget::window::{Clock, Hold, Snapshot};
-    use iris::budget::{Limits as BudgetConfig, OnUnavailable};
-    use tower::ServiceExt;
+    use iris::budget::{Limits, OnUnavailable};
 
     struct Down;
     fn down<T>() -> StoreFuture<T> {
         Box::pin(async { Err(StoreError("connection refused".into())) })
     }
     impl Store for Down {
-        fn reserve(&self, _: &str, _: &BudgetConfig, _: u64, _: u64) -> StoreFuture<Reserved> {
+        fn reserve(&self, _: &str, _: &Limits, _: u64, _: u64) -> StoreFuture<Reserved> {
             down()
         }
-        fn settle(&self, _: &str, _: &BudgetConfig, _: Hold, _: u64, _: u64) -> StoreFuture<()> {
+        fn settle(&self, _: &str, _: &Limits, _: Hold, _: u64, _: u64) -> StoreFuture<()> {
             down()
         }
-        fn snapshot(&self, _: &str, _: &BudgetConfig, _: u64) -> StoreFuture<Snapshot> {
+        fn snapshot(&self, _: &str, _: &Limits, _: u64) -> StoreFuture<Snapshot> {
             down()
         }
         fn health(&self) -> StoreFuture<()> {
@@ -637,40 +581,26 @@ async fn readiness_and_requests_follow_the_store() {
     }
 
     let upstream = MockUpstream::start().await;
-    let config = iris::config::parse(&base_config(&upstream.base_url(), ""), &|_| None).unwrap();
-    let mut state = iris::app::AppState::new(config).await.unwrap();
-    let ready = |state: Arc<iris::app::AppState>| async move {
-        iris::app::app(state)
-            .oneshot(
-                axum::http::Request::get("/readyz")
-                    .body(axum::body::Body::empty())
-                    .unwrap(),
-            )
-            .await
-            .unwrap()
-            .status()
-    };
+    let config = base_config(&upstream.base_url(), "");
+    let mut state = crate::support::state(&config).await;
     state.gateway.budgets =
         iris::budget::Budgets::new(Arc::new(Down), Clock::system(), OnUnavailable::Reject);
-    let state = Arc::new(state);
-    assert_eq!(ready(Arc::clone(&state)).await, 503);
+    let app = App::with_state(state);
+    assert_eq!(app.get("/readyz", None).await.status, 503);
 
-    let request = axum::http::Request::post("/v1/chat/completions")
-        .header("authorization", format!("Bearer {KEY_A}"))
-        .header("content-type", "application/json")
-        .body(axum::body::Body::from(chat_body("test-model").to_string()))
-        .unwrap();
-    let response = iris::app::app(Arc::clone(&state))
-        .oneshot(request)
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 503);
+    let response = app
+        .post_json(
+            "/v1/chat/completions",
+            Some(KEY_A),
+            &chat_body("test-model"),
+        )
+        .await;
+    assert_eq!(response.status, 503);
     assert!(
         upstream.received().is_empty(),
         "nothing is sent without accounting"
     );
 
-    let iris = Iris::start(&base_config(&upstream.base_url(), "")).await;
-    let response = http().get(iris.url("/readyz")).send().await.unwrap();
-    assert_eq!(response.status(), 200);
+    let app = App::start(&config).await;
+    assert_eq!(app.get("/readyz", None).await.status, 200);
 }

@@ -7,15 +7,11 @@
 //! assertion allows generous slack for a busy machine, and a lower bound
 //! shows that the deadline, not something else, closed the connection.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
-
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::support::{self, Iris, KEY_A};
 use iris::keys::KeyHash;
-use support::{Iris, KEY_A};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;

@@ -1,0 +1,455 @@
+//! The attempts of one chat completion over its model's deployments:
+//! retries before the first response byte only, on `retry_on` failures,
+//! other deployments first, backoff (or the upstream's Retry-After) before
+//! the same one again, all within the first upstream's timeout; upstream
+//! room reserved per attempt, waited for fairly when there is none.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use http::{HeaderMap, StatusCode, header};
+use tokio::time::Instant;
+
+use super::relay::ResponseBody;
+use super::{Answer, ChatError, Gateway, Trail};
+use crate::budget::estimate::Estimate;
+use crate::budget::{BudgetError, NoRoom, Reservation};
+use crate::catalog::{Client, Deployment, Model};
+use crate::openai::chat::ChatRequest;
+use crate::openai::stream::UsageTap;
+use crate::rewrite::ImageWork;
+use crate::routing::select::Selector;
+use crate::routing::{self, Failure, RoutingSettings};
+use crate::upstream::{self, Upstream, UpstreamError};
+
+/// How long the request whose turn it is waits before asking for room
+/// again, at most: the store's own estimate is used when shorter.
+const ROOM_POLL: Duration = Duration::from_millis(50);
+
+pub(super) struct Attempts<'a> {
+    pub gateway: &'a Gateway,
+    pub settings: &'a RoutingSettings,
+    pub model: &'a Model,
+    pub client: &'a Client,
+    pub estimate: Estimate,
+    pub body: &'a Bytes,
+    pub headers: &'a HeaderMap,
+    pub request_id: &'a str,
+    pub images: &'a ImageWork<'a>,
+}
+
+/// How an attempt ended without an answer to relay.
+enum Failed {
+    /// No response (refused, reset, timed out), or one that was not an answer.
+    Unanswered(UpstreamError, Failure),
+    /// An upstream error response, kept to pass through if it is the last.
+    Status(reqwest::Response),
+}
+
+impl Attempts<'_> {
+    pub async fn run(
+        self,
+        request: ChatRequest<'_>,
+        mut reservation: Reservation,
+        trail: &mut Trail,
+    ) -> Result<Answer, ChatError> {
+        let started = Instant::now();
+        let mut deadline = None;
+        let mut selector = Selector::new(&self.model.deployments);
+        let mut first = Some(request);
+        let mut retry_at: Vec<Option<Instant>> = vec![None; self.model.deployments.len()];
+        let mut last: Option<(Failed, Arc<Upstream>)> = None;
+        loop {
+            let (index, room) = match self.place(&mut selector).await {
+                Ok(placed) => placed,
+                // Nothing left to try: the last failure stands.
+                Err(_) if last.is_some() => break,
+                Err(e) => return Err(e),
+            };
+            let deployment = selector.deployment(index);
+            let upstream = &deployment.upstream;
+            let deadline = *deadline.get_or_insert(started + upstream.timeout);
+            if selector.tried(index) > 0 {
+                let wait = routing::backoff(self.settings.backoff, selector.tried(index))
+                    .max(retry_at[index].map_or(Duration::ZERO, |at| at - Instant::now().min(at)));
+                if Instant::now() + wait >= deadline {
+                    break;
+                }
+                tokio::time::sleep(wait).await;
+            }
+            selector.attempted(index);
+            trail.attempts += 1;
+            trail.upstream = Some(upstream.name.clone());
+
+            let request = match first.take() {
+                Some(request) => request,
+                // A retry: the same body, parsed again (it parsed before).
+                None => ChatRequest::parse(self.body)?,
+            };
+            let (upstream_body, stream, drop_usage_chunk) =
+                self.prepare(deployment, request).await?;
+            let sent = Instant::now();
+            let remaining = deadline.saturating_duration_since(sent);
+            let outcome = self
+                .attempt(upstream, upstream_body, stream, remaining)
+                .await;
+            trail.upstream_latency = Some(sent.elapsed());
+
+            let failure = match outcome {
+                Ok((response, first_chunk, rest)) => {
+                    count_attempt(upstream, "ok");
+                    self.gateway.health.attempted(&deployment.key, false);
+                    reservation.link(room);
+                    return Ok(self.answer(
+                        upstream,
+                        response,
+                        first_chunk,
+                        rest,
+                        stream,
+                        drop_usage_chunk,
+                        reservation,
+                    ));
+                }
+                Err(failed) => failed,
+            };
+            drop(room);
+            let (kind, retry_after) = match &failure {
+                Failed::Unanswered(_, kind) => (*kind, None),
+                Failed::Status(response) => (
+                    Failure::Status(response.status().as_u16()),
+                    routing::retry_after(response.headers()),
+                ),
+            };
+            count_attempt(upstream, &kind.label());
+            tracing::warn!(
+                request_id = self.request_id,
+                upstream = %upstream.name,
+                attempt = trail.attempts,
+                outcome = %kind.label(),
+                "upstream attempt failed"
+            );
+            let counts = match kind {
+                Failure::Status(status) => routing::unhealthy(status),
+                _ => true,
+            };
+            // A 4xx other than 401/403/429 is the request's fault, not the upstream's.
+            self.gateway.health.attempted(&deployment.key, counts);
+            if counts {
+                self.gateway
+                    .health
+                    .failed(deployment, kind, retry_after, self.settings);
+            }
+            last = Some((failure, Arc::clone(upstream)));
+
+            let retry = self.settings.retry_on.retries(kind)
+                && trail.attempts <= self.settings.retries
+                && Instant::now() < deadline;
+            if !retry {
+                break;
+            }
+            // An upstream that asks for more than `max_retry_wait` is not
+            // waited for: another deployment may answer instead.
+            match retry_after {
+                Some(wait) if wait > self.settings.max_retry_wait => selector.give_up(index),
+                Some(wait) => retry_at[index] = Some(Instant::now() + wait),
+                None => {}
+            }
+            if selector.exhausted() {
+                break;
+            }
+        }
+        match last {
+            // The last upstream error, as the upstream sent it.
+            Some((Failed::Status(response), upstream)) => {
+                Ok(self.answer(&upstream, response, None, None, false, false, reservation))
+            }
+            Some((Failed::Unanswered(error, _), _)) => Err(error.into()),
+            None => Err(ChatError::Upstream(UpstreamError::Unreachable {
+                upstream: self.model.primary().name.clone(),
+            })),
+        }
+    }
+
+    /// A deployment with upstream room, and that room; waits for it in the
+    /// model's queue when there is none (at most `max_queue`).
+    async fn place(
+        &self,
+        selector: &mut Selector<'_>,
+    ) -> Result<(usize, Option<Reservation>), ChatError> {
+        let mut waiting: Option<(crate::routing::queue::Ticket, Instant)> = None;
+        loop {
+            let mut retry_after: Option<Duration> = None;
+            while let Some(index) = selector.next(&self.gateway.health) {
+                let upstream = &selector.deployment(index).upstream;
+                match self
+                    .gateway
+                    .budgets
+                    .reserve_room(&upstream.name, &upstream.pacing, self.estimate)
+                    .await
+                {
+                    Ok(room) => {
+                        if let Some((_, since)) = waiting {
+                            metrics::histogram!("iris_upstream_queue_wait_seconds", "model" => self.model.name.clone())
+                                .record(since.elapsed().as_secs_f64());
+                        }
+                        return Ok((index, room));
+                    }
+                    Err(NoRoom::Full { retry_after: wait }) => {
+                        retry_after = match (retry_after, wait) {
+                            (Some(a), Some(b)) => Some(a.min(b)),
+                            (a, b) => a.or(b),
+                        };
+                        selector.full(index);
+                    }
+                    Err(NoRoom::StoreUnavailable) => {
+                        return Err(ChatError::Budget(BudgetError::StoreUnavailable));
+                    }
+                }
+            }
+            if selector.exhausted() {
+                return Err(self.no_room(retry_after));
+            }
+            // No room anywhere: wait for it, our turn first.
+            let (ticket, since) = match waiting.take() {
+                Some(waiting) => waiting,
+                None if self.settings.max_queue.is_zero() => {
+                    return Err(self.no_room(retry_after));
+                }
+                None => (
+                    self.gateway
+                        .queues
+                        .of(&self.model.name)
+                        .join(&self.client.name),
+                    Instant::now(),
+                ),
+            };
+            let deadline = since + self.settings.max_queue;
+            if tokio::time::timeout_at(deadline, ticket.turn())
+                .await
+                .is_err()
+            {
+                return Err(self.no_room(retry_after));
+            }
+            let pause = retry_after.unwrap_or(ROOM_POLL).min(ROOM_POLL);
+            if Instant::now() + pause >= deadline {
+                return Err(self.no_room(retry_after));
+            }
+            tokio::time::sleep(pause).await;
+            selector.waited();
+            waiting = Some((ticket, since));
+        }
+    }
+
+    fn no_room(&self, retry_after: Option<Duration>) -> ChatError {
+        ChatError::NoUpstreamRoom {
+            model: self.model.name.clone(),
+            retry_after: retry_after.unwrap_or(Duration::from_secs(1)),
+        }
+    }
+
+    /// The body as `deployment`'s upstream takes it: its image policy, its
+    /// name for the model, the usage chunk asked for on streams. Returns
+    /// the body, whether it streams, and whether the usage chunk is Iris's
+    /// (to be removed on the way back).
+    async fn prepare(
+        &self,
+        deployment: &Deployment,
+        mut request: ChatRequest<'_>,
+    ) -> Result<(Bytes, bool, bool), ChatError> {
+        let upstream = &deployment.upstream;
+        self.images.apply(&upstream.images, &mut request).await?;
+        if let Some(name) = &deployment.upstream_model {
+            request.set_model(name);
+        }
+        // Iris asks for the usage chunk to account streamed requests
+        // exactly; the client only sees it if it asked for it too.
+        let drop_usage_chunk = request.stream && upstream.stream_usage && !request.include_usage;
+        if drop_usage_chunk {
+            request.request_stream_usage();
+        }
+        let stream = request.stream;
+        let body = if request.changed() {
+            Bytes::from(request.to_body())
+        } else {
+            self.body.clone()
+        };
+        Ok((body, stream, drop_usage_chunk))
+    }
+
+    /// Sends one attempt and, on success, reads its first body chunk, so
+    /// that an answer that is not one is a failed attempt (retried) rather
+    /// than something a client already started to receive.
+    async fn attempt(
+        &self,
+        upstream: &Upstream,
+        body: Bytes,
+        stream: bool,
+        remaining: Duration,
+    ) -> Result<
+        (
+            reqwest::Response,
+            Option<Bytes>,
+            Option<BoxStream<'static, reqwest::Result<Bytes>>>,
+        ),
+        Failed,
+    > {
+        let timeout = upstream.timeout.min(remaining);
+        let response = self
+            .gateway
+            .forwarder
+            .send(upstream, body, self.headers, timeout)
+            .await
+            .map_err(|e| {
+                let kind = match e {
+                    UpstreamError::Timeout { .. } => Failure::Timeout,
+                    _ => Failure::Connect,
+                };
+                Failed::Unanswered(e, kind)
+            })?;
+        if !response.status().is_success() {
+            return Err(Failed::Status(response));
+        }
+        let event_stream = stream && is_event_stream(response.headers());
+        let invalid = |why: &str| {
+            tracing::warn!(upstream = %upstream.name, "the upstream's 200 is not an answer: {why}");
+            Failed::Unanswered(
+                UpstreamError::Invalid {
+                    upstream: upstream.name.clone(),
+                },
+                Failure::Invalid,
+            )
+        };
+        // The head carries headers only: keep them, read the first chunk.
+        let head = http_head(&response);
+        let mut rest = response.bytes_stream().boxed();
+        let first = match tokio::time::timeout(timeout, rest.next()).await {
+            Err(_) => {
+                return Err(Failed::Unanswered(
+                    UpstreamError::Timeout {
+                        upstream: upstream.name.clone(),
+                        after: timeout,
+                    },
+                    Failure::Timeout,
+                ));
+            }
+            Ok(None) => return Err(invalid("an empty body")),
+            Ok(Some(Err(_))) => {
+                return Err(Failed::Unanswered(
+                    UpstreamError::Unreachable {
+                        upstream: upstream.name.clone(),
+                    },
+                    Failure::Connect,
+                ));
+            }
+            Ok(Some(Ok(chunk))) => chunk,
+        };
+        if !looks_like_an_answer(&first, event_stream) {
+            return Err(invalid(if event_stream {
+                "not server-sent events"
+            } else {
+                "not JSON"
+            }));
+        }
+        Ok((head, Some(first), Some(rest)))
+    }
+
+    #[expect(clippy::too_many_arguments, reason = "the parts of one answer")]
+    fn answer(
+        &self,
+        upstream: &Upstream,
+        response: reqwest::Response,
+        first: Option<Bytes>,
+        rest: Option<BoxStream<'static, reqwest::Result<Bytes>>>,
+        stream: bool,
+        drop_usage_chunk: bool,
+        reservation: Reservation,
+    ) -> Answer {
+        let status =
+            StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        let upstream_ok = status.is_success();
+        // Only an event stream is read (and edited) event by event; anything
+        // else, even in answer to `stream: true`, is a plain body.
+        let event_stream = upstream_ok && stream && is_event_stream(response.headers());
+        let headers = upstream::response_headers(response.headers());
+        let budget = *reservation.snapshot();
+        let body = match rest {
+            Some(rest) => futures_util::stream::iter(first.map(Ok))
+                .chain(rest)
+                .boxed(),
+            None => response.bytes_stream().boxed(),
+        };
+        let tap = UsageTap::new(event_stream, drop_usage_chunk && event_stream);
+        Answer {
+            status,
+            headers,
+            budget,
+            body: ResponseBody::new(
+                body,
+                tap,
+                upstream.timeout,
+                reservation,
+                upstream_ok,
+                self.gateway.drain.clone(),
+            ),
+        }
+    }
+}
+
+fn count_attempt(upstream: &Upstream, outcome: &str) {
+    metrics::counter!("iris_upstream_attempts_total", "upstream" => upstream.name.clone(), "outcome" => outcome.to_owned())
+        .increment(1);
+}
+
+fn is_event_stream(headers: &reqwest::header::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"))
+}
+
+/// A response with the head of `response` and no body yet.
+fn http_head(response: &reqwest::Response) -> reqwest::Response {
+    let mut head = http::Response::new(reqwest::Body::from(Bytes::new()));
+    *head.status_mut() = response.status();
+    *head.headers_mut() = response.headers().clone();
+    reqwest::Response::from(head)
+}
+
+/// Whether the first chunk of a 200 can begin a chat completion: JSON (an
+/// object) for a plain answer, server-sent events for a stream.
+fn looks_like_an_answer(first: &[u8], event_stream: bool) -> bool {
+    let text = first
+        .strip_prefix(b"\xEF\xBB\xBF")
+        .unwrap_or(first)
+        .trim_ascii_start();
+    if text.is_empty() {
+        return true;
+    }
+    if !event_stream {
+        return text[0] == b'{';
+    }
+    const FIELDS: [&[u8]; 5] = [b"data:", b":", b"event:", b"id:", b"retry:"];
+    FIELDS
+        .iter()
+        .any(|field| text.starts_with(field) || field.starts_with(text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::looks_like_an_answer;
+
+    #[test]
+    fn answers_are_told_from_garbage_by_their_first_bytes() {
+        assert!(looks_like_an_answer(b" {\"id\":1", false));
+        assert!(!looks_like_an_answer(b"<html>", false));
+        assert!(looks_like_an_answer(b"data: {}", true));
+        assert!(looks_like_an_answer(b": keep-alive\n\n", true));
+        assert!(looks_like_an_answer(b"da", true), "a prefix of a field");
+        assert!(!looks_like_an_answer(b"{\"id\":1}", true));
+        assert!(!looks_like_an_answer(b"Internal Server Error", true));
+        assert!(looks_like_an_answer(b"   ", false));
+    }
+}

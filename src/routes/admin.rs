@@ -1,0 +1,209 @@
+//! `/admin/*`: the operator's API, present only when `[admin]` is set (else
+//! every path under it is 404, as if it did not exist). Every request
+//! carries the admin key (`Authorization: Bearer`), compared in constant
+//! time with its configured hash; client keys get 401 here, and wrong keys
+//! count against the address like client keys do.
+//!
+//! | method, path | does |
+//! |---|---|
+//! | `GET /admin/clients` | every client: source, models, budget, usage now |
+//! | `POST /admin/clients` | create a managed client; answers its key once |
+//! | `PATCH /admin/clients/{name}` | change models, budget, `disabled` |
+//! | `POST /admin/clients/{name}/rotate` | a new key; the old one works `grace_s` more |
+//! | `DELETE /admin/clients/{name}` | delete; its key stops working |
+//! | `POST /admin/reload` | re-read the config file |
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::{bearer_key, failed_authentication};
+use crate::clients::ops::{self, ClientChange, ClientView, NewClient, Rotation};
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::keys::KeyHash;
+use crate::state::SharedState;
+
+/// The operator, authenticated; carries the configuration snapshot.
+pub struct Admin {
+    pub config: Arc<Config>,
+}
+
+impl FromRequestParts<SharedState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<Self, ApiError> {
+        let config = state.config();
+        let Some(admin_key) = config.admin else {
+            return Err(ApiError::not_found(parts.method.as_str(), parts.uri.path()));
+        };
+        let presented = bearer_key(&parts.headers).map(KeyHash::of);
+        if presented.is_some_and(|key| key.matches(&admin_key)) {
+            Ok(Admin { config })
+        } else {
+            Err(failed_authentication(state, parts))
+        }
+    }
+}
+
+/// A client's view with its budget windows now.
+async fn with_usage(state: &SharedState, view: ClientView) -> Value {
+    let mut value = serde_json::to_value(&view).unwrap_or_default();
+    let usage = state
+        .gateway
+        .budgets
+        .snapshot(&view.name, &view.budget)
+        .await
+        .map(|snapshot| super::usage::windows_json(&snapshot))
+        .unwrap_or(Value::Null);
+    value["usage"] = usage;
+    value
+}
+
+pub async fn list_clients(
+    State(state): State<SharedState>,
+    Admin { config }: Admin,
+) -> Json<Value> {
+    let mut data = Vec::new();
+    for client in config.catalog.clients() {
+        let view = ClientView {
+            name: client.name.to_string(),
+            source: "config",
+            models: match &client.models {
+                crate::catalog::ModelAccess::All => vec!["*".into()],
+                crate::catalog::ModelAccess::Only(models) => models.clone(),
+            },
+            budget: client.budget,
+            disabled: false,
+            created_at: None,
+            keys: None,
+        };
+        data.push(with_usage(&state, view).await);
+    }
+    let managed = state.clients.index().clients.clone();
+    for client in &managed {
+        data.push(with_usage(&state, ClientView::from(client)).await);
+    }
+    Json(json!({"object": "list", "data": data}))
+}
+
+pub async fn create_client(
+    State(state): State<SharedState>,
+    Admin { config }: Admin,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let request: NewClient = ops::parse_json(&body)?;
+    let (client, key) = ops::create(state.clients.registry().as_ref(), &config, request).await?;
+    state.clients.refresh().await;
+    tracing::info!(client = %client.name, "managed client created");
+    let body = json!({"client": ClientView::from(&client), "key": key});
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+pub async fn change_client(
+    State(state): State<SharedState>,
+    Admin { config }: Admin,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let change: ClientChange = ops::parse_json(&body)?;
+    let client = ops::change(state.clients.registry().as_ref(), &config, &name, change).await?;
+    state.clients.refresh().await;
+    tracing::info!(client = %client.name, disabled = client.disabled, "managed client changed");
+    Ok(Json(json!({"client": ClientView::from(&client)})))
+}
+
+pub async fn rotate_client(
+    State(state): State<SharedState>,
+    Admin { config }: Admin,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let rotation: Rotation = if body.iter().all(u8::is_ascii_whitespace) {
+        Rotation::default()
+    } else {
+        ops::parse_json(&body)?
+    };
+    let grace = ops::grace(&rotation);
+    let (client, key) =
+        ops::rotate(state.clients.registry().as_ref(), &config, &name, rotation).await?;
+    state.clients.refresh().await;
+    tracing::info!(client = %client.name, grace_s = grace.as_secs(), "managed client's key rotated");
+    Ok(Json(
+        json!({"client": ClientView::from(&client), "key": key}),
+    ))
+}
+
+pub async fn delete_client(
+    State(state): State<SharedState>,
+    Admin { config }: Admin,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    ops::remove(state.clients.registry().as_ref(), &config, &name).await?;
+    state.clients.refresh().await;
+    tracing::info!(client = %name, "managed client deleted");
+    Ok(Json(json!({"name": name, "deleted": true})))
+}
+
+/// Every deployment: healthy or cooling down (until when), attempts and
+/// failures in the last five minutes, and its upstream's pacing room.
+pub async fn upstreams(State(state): State<SharedState>, Admin { config }: Admin) -> Json<Value> {
+    let now = crate::clients::unix_now_ms();
+    let mut data = Vec::new();
+    for (key, upstream_name, upstream_model) in config.catalog.deployment_labels() {
+        let report = state.gateway.health.report(&key);
+        let models: Vec<&str> = config
+            .catalog
+            .models()
+            .filter(|m| m.deployments.iter().any(|d| d.key == key))
+            .map(|m| m.name.as_str())
+            .collect();
+        let pacing = match config
+            .catalog
+            .upstreams()
+            .iter()
+            .find(|u| u.name == upstream_name)
+        {
+            Some(upstream) if upstream.pacing != crate::budget::Limits::default() => state
+                .gateway
+                .budgets
+                .room(&upstream.name, &upstream.pacing)
+                .await
+                .map(|snapshot| super::usage::windows_json(&snapshot))
+                .unwrap_or(Value::Null),
+            _ => Value::Null,
+        };
+        let cooling_until = report
+            .cooling_for
+            .map(|left| now + u64::try_from(left.as_millis()).unwrap_or(u64::MAX));
+        data.push(json!({
+            "deployment": &*key,
+            "upstream": upstream_name,
+            "upstream_model": upstream_model,
+            "models": models,
+            "state": if cooling_until.is_some() { "cooling_down" } else { "healthy" },
+            "cooling_until": cooling_until.map(|ms| ms / 1000),
+            "attempts_5m": report.attempts,
+            "failures_5m": report.failures,
+            "pacing": pacing,
+        }));
+    }
+    Json(json!({"object": "list", "data": data}))
+}
+
+pub async fn reload(State(state): State<SharedState>, _: Admin) -> Result<Json<Value>, ApiError> {
+    crate::reload::reload(&state)?;
+    Ok(Json(json!({"status": "reloaded"})))
+}
+
+/// Any other path under `/admin`: 404 in OpenAI's shape (after the admin
+/// check, so without `[admin]` nothing under it seems to exist).
+pub async fn not_found(_: Admin, parts: Parts) -> ApiError {
+    ApiError::not_found(parts.method.as_str(), parts.uri.path())
+}

@@ -1,0 +1,115 @@
+//! The application's state: the services every request uses, built once at
+//! startup, and the configuration, one immutable snapshot behind an atomic
+//! pointer.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Weak};
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth_throttle::AuthFailures;
+use crate::budget::Budgets;
+use crate::clients::{self, ManagedClients};
+use crate::config::Config;
+use crate::gateway::Gateway;
+use crate::images::Images;
+use crate::metrics::Metrics;
+use crate::routing::health::{Health, REFRESH_EVERY};
+use crate::routing::queue::Queues;
+use crate::upstream::{Endpoint, Forwarder};
+
+/// Everything a request handler may need: the services, built once at
+/// startup, and the configuration, one immutable snapshot behind an atomic
+/// pointer.
+pub struct AppState {
+    config: Arc<ArcSwap<Config>>,
+    /// The file the config came from, re-read by a reload.
+    config_path: Option<PathBuf>,
+    pub gateway: Gateway,
+    /// Clients created at run time, kept current from the store.
+    pub clients: Arc<ManagedClients>,
+    /// Wrong keys, counted per source address.
+    pub auth_failures: AuthFailures,
+    pub metrics: Metrics,
+}
+
+pub type SharedState = Arc<AppState>;
+
+impl AppState {
+    /// Builds the state from a validated config. Async because it opens the
+    /// budget store (loading its file, starting its background writer).
+    pub async fn new(config: Config) -> Result<Self, String> {
+        let forwarder = Forwarder::new().map_err(|e| format!("HTTP client: {e}"))?;
+        // Metrics first, so the image metrics' descriptions reach the recorder.
+        let metrics = Metrics::install();
+        let budgets = Budgets::open(&config.store).await?;
+        let images = Images::new(&config.images)?;
+        for upstream in config.catalog.upstreams() {
+            if matches!(upstream.endpoint, Endpoint::Demo) {
+                tracing::info!(
+                    upstream = %upstream.name,
+                    "a demo upstream answers in-process: no model behind it"
+                );
+            }
+        }
+        let health = Arc::new(Health::new(Arc::clone(budgets.store())));
+        let clients = ManagedClients::start(clients::open(&config.store.backend)?).await;
+        let config = Arc::new(ArcSwap::from_pointee(config));
+        spawn_health_refresh(Arc::downgrade(&health), Arc::downgrade(&config));
+        Ok(Self {
+            config,
+            config_path: None,
+            clients,
+            auth_failures: AuthFailures::default(),
+            gateway: Gateway {
+                budgets,
+                images: ArcSwap::from_pointee(images),
+                forwarder,
+                health,
+                queues: Queues::default(),
+                drain: CancellationToken::new(),
+            },
+            metrics,
+        })
+    }
+
+    /// Remembers the file the config came from, for reloads.
+    pub fn with_config_path(mut self, path: PathBuf) -> Self {
+        self.config_path = Some(path);
+        self
+    }
+
+    pub fn config_path(&self) -> Option<&std::path::Path> {
+        self.config_path.as_deref()
+    }
+
+    /// The configuration now. Take it once per request and use that
+    /// snapshot throughout, so a request never sees two configurations.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    /// Makes `config` the one new requests use; requests in flight finish
+    /// with the one they took.
+    pub fn swap_config(&self, config: Config) {
+        self.config.store(Arc::new(config));
+    }
+}
+
+/// Keeps deployment health current: shared cooldowns pulled from the store,
+/// the cooling gauges updated. Ends when the app is gone.
+fn spawn_health_refresh(health: Weak<Health>, config: Weak<ArcSwap<Config>>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(REFRESH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let (Some(health), Some(config)) = (health.upgrade(), config.upgrade()) else {
+                return;
+            };
+            let deployments = config.load().catalog.deployment_labels();
+            health.refresh(&deployments).await;
+        }
+    });
+}

@@ -1,0 +1,24 @@
+//! Iris's integration tests, linked as one binary (one link instead of one
+//! per file: on two cores the links dominated an edit-and-test cycle).
+//!
+//! Each module is a topic; `support` is the one harness they share: the real
+//! server on port 0 or the router in-process, the mock upstream, the image
+//! host, Redis, and the skip policy (`support::skip`).
+//!
+//! Run one topic with `cargo test --test it budget::`, one test by its path.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+
+mod support;
+
+mod admin;
+mod budget;
+mod cli;
+mod connections;
+mod gateway;
+mod images;
+mod quickstart;
+mod redis;
+mod reload;
+mod routing;
+mod secrets;
