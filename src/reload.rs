@@ -8,9 +8,9 @@
 
 use std::sync::Arc;
 
-use crate::state::AppState;
 use crate::config::{self, Config, Problem};
 use crate::images::Images;
+use crate::state::AppState;
 
 /// Why a reload changed nothing.
 #[derive(Debug, thiserror::Error)]

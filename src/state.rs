@@ -122,4 +122,3 @@ fn spawn_health_refresh(health: Weak<Health>, config: Weak<ArcSwap<Config>>) {
         }
     });
 }
-

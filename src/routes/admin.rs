@@ -24,11 +24,11 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::{bearer_key, failed_authentication};
-use crate::state::SharedState;
 use crate::clients::ops::{self, ClientChange, ClientView, NewClient, Rotation};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::keys::KeyHash;
+use crate::state::SharedState;
 
 /// The operator, authenticated; carries the configuration snapshot.
 pub struct Admin {

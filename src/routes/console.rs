@@ -12,8 +12,8 @@ use axum::extract::{OriginalUri, State};
 use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
 
-use crate::state::SharedState;
 use crate::error::ApiError;
+use crate::state::SharedState;
 
 const INDEX: &str = include_str!("console/index.html");
 const SCRIPT: &str = include_str!("console/app.js");

@@ -6,8 +6,8 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 
-use crate::state::SharedState;
 use crate::budget::OnUnavailable;
+use crate::state::SharedState;
 
 /// 200 while the process runs.
 pub async fn healthz() -> &'static str {

@@ -18,10 +18,10 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, Uri, header};
 
 use crate::access_log::ClientSlot;
-use crate::state::SharedState;
 use crate::catalog::Client;
 use crate::config::Config;
 use crate::error::ApiError;
+use crate::state::SharedState;
 
 /// The client a request authenticated as, and the configuration snapshot it
 /// was found in (the one the whole request then uses); extracting it

@@ -21,10 +21,10 @@ use axum::extract::State;
 use serde_json::{Map, Value, json};
 
 use super::Authenticated;
-use crate::state::SharedState;
 use crate::budget::duration_string;
 use crate::budget::window::{NANOS_PER_SEC, Snapshot};
 use crate::error::ApiError;
+use crate::state::SharedState;
 
 pub async fn usage(
     State(state): State<SharedState>,
