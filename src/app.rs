@@ -13,13 +13,16 @@ use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::access_log::{self, NewRequestId};
+use crate::body_deadline;
 use crate::error::{ApiError, ErrorCode, Relayed};
 use crate::routes;
 pub use crate::state::{AppState, SharedState};
 
 /// The router with every route and layer.
 pub fn app(state: SharedState) -> Router {
-    let max_body_bytes = state.config().server.max_body_bytes;
+    let config = state.config();
+    let max_body_bytes = config.server.max_body_bytes;
+    let body_read_timeout = config.server.body_read_timeout;
     let request_id = HeaderName::from_static(access_log::REQUEST_ID);
     // Layers in the order a request meets them (ServiceBuilder runs the
     // first one added first):
@@ -40,7 +43,14 @@ pub fn app(state: SharedState) -> Router {
             tracing::error!("request handler panicked");
             ApiError::internal().into_response()
         }))
-        // 6. bodies over the limit: 413, at once when Content-Length says
+        // 6. a body not arrived by its deadline (counted from here, just
+        //    after the headers were read) fails the handler's read: 408.
+        //    Deadlines on headers and idle connections are the server's;
+        .layer(axum::middleware::map_request_with_state(
+            body_read_timeout,
+            body_deadline::apply,
+        ))
+        // 7. bodies over the limit: 413, at once when Content-Length says
         //    so, else as the body streams in (the handler's read fails).
         .layer(axum::middleware::map_response_with_state(
             max_body_bytes,

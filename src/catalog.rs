@@ -119,6 +119,11 @@ impl Catalog {
             .filter(|model| client.may_use(&model.name))
     }
 
+    /// Whether a client of the config file has this name.
+    pub fn has_client(&self, name: &str) -> bool {
+        self.clients.iter().any(|c| &*c.name == name)
+    }
+
     pub fn clients(&self) -> &[Arc<Client>] {
         &self.clients
     }

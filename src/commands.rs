@@ -33,6 +33,7 @@ pub fn serve(arg: &ConfigArg) -> ExitCode {
 }
 
 async fn run(config: Config, path: std::path::PathBuf) -> Result<(), String> {
+    crate::reload::hold_sighup();
     crate::init_tls();
     let listen = config.server.listen;
     let state = crate::state::AppState::new(config)

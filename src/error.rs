@@ -150,6 +150,35 @@ impl ApiError {
         )
     }
 
+    /// The body did not arrive within `server.body_read_timeout_ms`. The
+    /// connection is closed after it: the rest of the body may still come.
+    pub fn request_timeout(limit: Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "The request body did not arrive within {} ms.",
+                limit.as_millis()
+            ),
+        )
+        .with_header(header::CONNECTION, HeaderValue::from_static("close"))
+    }
+
+    /// `server.max_connections` connections are open: this one is answered
+    /// and closed before its request is read.
+    pub fn too_many_connections(limit: usize) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_connections",
+            format!(
+                "The gateway is serving as many connections as it accepts ({limit}). \
+                 Retry shortly."
+            ),
+        )
+        .with_retry_after(Duration::from_secs(1))
+        .with_header(header::CONNECTION, HeaderValue::from_static("close"))
+    }
+
     /// OpenAI's error `type` for this status.
     fn error_type(&self) -> &'static str {
         match self.status {

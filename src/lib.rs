@@ -5,9 +5,10 @@
 //! knows the ones below it:
 //!
 //! - the edge: [`app`] builds the router and its layer stack (request ids,
-//!   trace spans, [`access_log`], panics, body limits); [`routes`] turn HTTP
-//!   into calls below; [`error`] renders every failure in OpenAI's shape;
-//!   [`server`] serves and drains
+//!   trace spans, [`access_log`], panics, body limits, [`body_deadline`]);
+//!   [`routes`] turn HTTP into calls below; [`error`] renders every failure
+//!   in OpenAI's shape; [`server`] accepts, bounds and serves connections,
+//!   and drains
 //! - [`gateway`]: a chat completion from request to response, and the body
 //!   that relays the answer and settles its budget
 //! - [`config`]: text to typed values, once; the snapshot the app holds
@@ -25,6 +26,7 @@
 pub mod access_log;
 pub mod app;
 pub mod auth_throttle;
+pub mod body_deadline;
 pub mod budget;
 pub mod catalog;
 pub mod cli;

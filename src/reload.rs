@@ -117,6 +117,16 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     fixed
 }
 
+/// Takes `SIGHUP` away from its default (ending the process) at once, so
+/// that one arriving while the server starts does not stop it; reloads are
+/// served from [`on_sighup`] once it runs.
+pub fn hold_sighup() {
+    #[cfg(unix)]
+    if let Err(e) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        tracing::warn!("SIGHUP cannot be watched: {e}");
+    }
+}
+
 /// Reloads on every `SIGHUP`, for as long as the process runs.
 pub fn on_sighup(state: std::sync::Weak<AppState>) {
     #[cfg(unix)]

@@ -59,6 +59,15 @@ impl AppState {
         }
         let health = Arc::new(Health::new(Arc::clone(budgets.store())));
         let clients = ManagedClients::start(clients::open(&config.store.backend)?).await;
+        for managed in &clients.index().clients {
+            if config.catalog.has_client(&managed.name) {
+                tracing::error!(
+                    client = %managed.name,
+                    "a managed client has the name of a config client: the config's wins, \
+                     the managed one's keys do not work (delete it, or rename one)"
+                );
+            }
+        }
         let config = Arc::new(ArcSwap::from_pointee(config));
         spawn_health_refresh(Arc::downgrade(&health), Arc::downgrade(&config));
         Ok(Self {

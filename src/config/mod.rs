@@ -44,7 +44,8 @@ pub struct Config {
     pub spend_log: SpendSettings,
 }
 
-/// `[server]`: the listener and request limits.
+/// `[server]`: the listener, and the limits on connections and requests
+/// that keep slow or idle clients from holding the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Server {
     pub listen: SocketAddr,
@@ -52,6 +53,20 @@ pub struct Server {
     pub max_body_bytes: usize,
     /// How long in-flight requests may run on after SIGTERM/SIGINT.
     pub shutdown_grace: Duration,
+    /// The request line and headers must have arrived this long after the
+    /// connection was accepted (its first request) or the request's first
+    /// byte arrived (later ones); else the connection is closed.
+    pub header_read_timeout: Duration,
+    /// The whole body must have arrived this long after the headers; else 408.
+    pub body_read_timeout: Duration,
+    /// How long a connection may wait for its next request.
+    pub keep_alive_timeout: Duration,
+    /// The request line and headers together; larger get 431.
+    pub max_header_bytes: usize,
+    /// Header fields per request; more get 431.
+    pub max_headers: usize,
+    /// Connections open at once; one more is answered 503 and closed.
+    pub max_connections: usize,
 }
 
 /// One thing wrong with a config, at a key path.
@@ -220,6 +235,68 @@ mod tests {
             found.contains(&"upstreams[1].api_kye: unknown key".to_string()),
             "{found:?}"
         );
+    }
+
+    /// Every type a config becomes (the file's shape, the typed config, the
+    /// store settings, the catalog, each upstream and its endpoint, the
+    /// problems found) prints no credential with `{:?}` or `{:#?}`, so
+    /// neither a log line, an error nor a panic message can carry one.
+    #[test]
+    fn no_config_type_prints_a_secret() {
+        const UPSTREAM_KEY: &str = "sk-audit-upstream-4b1e";
+        const REDIS_PASSWORD: &str = "audit-redis-password-9c2d";
+        let text = format!(
+            r#"
+            [store]
+            kind = "redis"
+            url = "redis://:{REDIS_PASSWORD}@127.0.0.1:6379/13"
+            [[upstreams]]
+            name = "u"
+            base_url = "https://upstream.example/v1"
+            api_key = "{UPSTREAM_KEY}"
+            [[models]]
+            name = "m"
+            upstream = "u"
+            [[clients]]
+            name = "c"
+            key = "{}"
+            "#,
+            crate::keys::KeyHash::of("audit-client-key")
+        );
+        let secrets = [UPSTREAM_KEY, REDIS_PASSWORD, "audit-client-key"];
+        let check = |what: &str, printed: String| {
+            for secret in secrets {
+                assert!(
+                    !printed.contains(secret),
+                    "{what} prints {secret}: {printed}"
+                );
+            }
+        };
+        let table: toml::Table = text.parse().expect("toml");
+        let file: schema::File = toml::Value::Table(table).try_into().expect("schema");
+        check("schema::File", format!("{file:?} {file:#?}"));
+        let config = parse(&text, &no_env).expect("valid");
+        check("Config", format!("{config:?} {config:#?}"));
+        check("StoreSettings", format!("{:?}", config.store));
+        check("Catalog", format!("{:?}", config.catalog));
+        for upstream in config.catalog.upstreams() {
+            check("Upstream", format!("{upstream:?} {:?}", upstream.endpoint));
+            // The credential is there, just not printed.
+            assert!(
+                matches!(&upstream.endpoint, crate::upstream::Endpoint::Http { authorization: Some(v), .. }
+                    if v.as_bytes().ends_with(UPSTREAM_KEY.as_bytes()))
+            );
+        }
+        // A config that fails names the key, never the secret in it.
+        let bad = text.replace("6379/13", "notaport/13").replace(
+            "https://upstream.example/v1",
+            &format!("https://user:{UPSTREAM_KEY}@upstream.example/v1"),
+        );
+        let problems = parse(&bad, &no_env).expect_err("invalid");
+        check("Problems", format!("{problems} {problems:?}"));
+        for key in ["store.url", "upstreams[0].base_url"] {
+            assert!(problems.0.iter().any(|p| p.path == key), "{problems}");
+        }
     }
 
     /// Every config the repository ships passes the checks `iris check` runs.

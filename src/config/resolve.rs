@@ -43,6 +43,14 @@ impl Problems {
     }
 }
 
+/// The smallest `server.max_header_bytes`: a request line and the few
+/// headers every client sends.
+const MIN_HEADER_BYTES: usize = 1024;
+
+/// The largest `server.max_connections`: more than one process can hold
+/// sockets for (and within what a semaphore counts).
+const MAX_CONNECTIONS: usize = 1 << 24;
+
 pub fn resolve(file: schema::File) -> Result<Config, Vec<Problem>> {
     let mut problems = Problems::default();
     let server = server(&file.server, &mut problems);
@@ -80,10 +88,48 @@ fn server(server: &schema::Server, problems: &mut Problems) -> Option<Server> {
         );
     });
     let max_body_bytes = problems.above_zero("server.max_body_bytes", server.max_body_bytes);
+    let millis = |problems: &mut Problems, key: &str, ms: u64| {
+        Duration::from_millis(problems.above_zero(&format!("server.{key}"), ms))
+    };
+    let header_read_timeout = millis(
+        problems,
+        "header_read_timeout_ms",
+        server.header_read_timeout_ms,
+    );
+    let body_read_timeout = millis(
+        problems,
+        "body_read_timeout_ms",
+        server.body_read_timeout_ms,
+    );
+    let keep_alive_timeout = millis(
+        problems,
+        "keep_alive_timeout_ms",
+        server.keep_alive_timeout_ms,
+    );
+    if server.max_header_bytes < MIN_HEADER_BYTES {
+        problems.add(
+            "server.max_header_bytes",
+            format!("must be at least {MIN_HEADER_BYTES}"),
+        );
+    }
+    let max_headers = problems.above_zero("server.max_headers", server.max_headers);
+    let max_connections = problems.above_zero("server.max_connections", server.max_connections);
+    if max_connections > MAX_CONNECTIONS {
+        problems.add(
+            "server.max_connections",
+            format!("must be at most {MAX_CONNECTIONS}"),
+        );
+    }
     Some(Server {
         listen: listen.ok()?,
         max_body_bytes,
         shutdown_grace: Duration::from_millis(server.shutdown_grace_ms),
+        header_read_timeout,
+        body_read_timeout,
+        keep_alive_timeout,
+        max_header_bytes: server.max_header_bytes,
+        max_headers,
+        max_connections,
     })
 }
 
@@ -326,6 +372,14 @@ fn http_endpoint(
     let chat_url = match reqwest::Url::parse(&format!("{base}/chat/completions")) {
         _ if upstream.base_url.is_empty() => {
             problems.add(at("base_url"), "required");
+            None
+        }
+        Ok(url) if !url.username().is_empty() || url.password().is_some() => {
+            // A URL may be printed (Debug, errors); only `api_key` never is.
+            problems.add(
+                at("base_url"),
+                "must not contain a user name or password: put the key in api_key",
+            );
             None
         }
         Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => Some(url),

@@ -42,6 +42,19 @@ pub struct Server {
     pub max_body_bytes: usize,
     /// How long in-flight requests may run on after SIGTERM/SIGINT.
     pub shutdown_grace_ms: u64,
+    /// A request's line and headers must arrive within this, counted from
+    /// the connection's accept or the request's first byte.
+    pub header_read_timeout_ms: u64,
+    /// A request's body must arrive within this, counted from its headers.
+    pub body_read_timeout_ms: u64,
+    /// A kept-alive connection with no request in flight is closed after this.
+    pub keep_alive_timeout_ms: u64,
+    /// The request line and headers together; larger get 431.
+    pub max_header_bytes: usize,
+    /// More header fields than this get 431.
+    pub max_headers: usize,
+    /// Connections served at once; those beyond get a 503 and are closed.
+    pub max_connections: usize,
 }
 
 impl Default for Server {
@@ -50,6 +63,12 @@ impl Default for Server {
             listen: "127.0.0.1:8080".into(),
             max_body_bytes: 32 * 1024 * 1024,
             shutdown_grace_ms: 30_000,
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 30_000,
+            keep_alive_timeout_ms: 75_000,
+            max_header_bytes: 16 * 1024,
+            max_headers: 100,
+            max_connections: 10_000,
         }
     }
 }

@@ -14,7 +14,9 @@ use tower_http::request_id::RequestId;
 
 use super::Authenticated;
 use crate::access_log::RequestLog;
+use crate::body_deadline::BodyDeadlineElapsed;
 use crate::catalog::Client;
+use crate::config;
 use crate::error::{self, ApiError, Relayed, rate_limit_headers};
 use crate::gateway::{Answer, Incoming, Trail};
 use crate::spend::{self, Draft, Record, SpendLog};
@@ -32,7 +34,7 @@ pub async fn completions(
 ) -> Response {
     let started = Instant::now();
     let mut trail = Trail::default();
-    let answer = match read_body(body, config.server.max_body_bytes).await {
+    let answer = match read_body(body, &config.server).await {
         Ok(body) => {
             let incoming = Incoming {
                 client: &client,
@@ -162,11 +164,17 @@ fn respond(answer: Answer) -> Response {
 
 /// Reads the request body; the body limit layer counts bytes as they
 /// arrive, so a body without (or with a lying) `Content-Length` cannot
-/// exceed `limit` either.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+/// exceed the limit either, and the deadline layer ends a body that has not
+/// arrived in time.
+async fn read_body(body: Body, server: &config::Server) -> Result<Bytes, ApiError> {
     match body.collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if caused_by::<LengthLimitError>(&e) => Err(ApiError::request_too_large(limit)),
+        Err(e) if caused_by::<BodyDeadlineElapsed>(&e) => {
+            Err(ApiError::request_timeout(server.body_read_timeout))
+        }
+        Err(e) if caused_by::<LengthLimitError>(&e) => {
+            Err(ApiError::request_too_large(server.max_body_bytes))
+        }
         Err(_) => Err(ApiError::invalid_request(
             "The request body could not be read.",
         )),
