@@ -78,6 +78,7 @@ pub fn app(state: SharedState) -> Router {
         )
         .route("/admin/reload", post(routes::admin::reload))
         .route("/admin/upstreams", get(routes::admin::upstreams))
+        .route("/admin/usage", get(routes::admin::usage))
         .route("/admin/ui", get(routes::console::page))
         .route("/admin/ui/app.js", get(routes::console::script))
         .route("/admin/ui/style.css", get(routes::console::style))

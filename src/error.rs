@@ -20,6 +20,7 @@ use crate::clients::ops::ClientError;
 use crate::gateway::ChatError;
 use crate::gateway::relay::Cut;
 use crate::reload::ReloadError;
+use crate::spend::SpendError;
 use crate::upstream::UpstreamError;
 use bytes::Bytes;
 
@@ -255,6 +256,21 @@ impl From<ClientError> for ApiError {
             ClientError::Unavailable(_) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store_unavailable",
+                message,
+            )
+            .with_retry_after(Duration::from_secs(1)),
+        }
+    }
+}
+
+impl From<SpendError> for ApiError {
+    fn from(error: SpendError) -> Self {
+        let message = error.to_string();
+        match error {
+            SpendError::Off => Self::new(StatusCode::CONFLICT, "spend_log_off", message),
+            SpendError::Sink(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "spend_log_unavailable",
                 message,
             )
             .with_retry_after(Duration::from_secs(1)),
