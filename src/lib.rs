@@ -17,7 +17,7 @@
 //!   [`images`]: safe fetching, sniffing, conversion, caching), [`upstream`]
 //!   (forwarding)
 //! - at the bottom: [`openai`] (the wire types Iris looks inside), [`keys`],
-//!   [`secret`], [`metrics`], [`telemetry`]
+//!   [`secret`], [`metrics`], [`telemetry`] (logs), [`traces`] (OpenTelemetry)
 //!
 //! [`commands`] holds one function per CLI command, [`cli`] their arguments.
 
@@ -43,6 +43,7 @@ pub mod routing;
 pub mod secret;
 pub mod server;
 pub mod telemetry;
+pub mod traces;
 pub mod upstream;
 
 /// Installs rustls's crypto provider for HTTPS upstreams and image hosts.

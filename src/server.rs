@@ -15,6 +15,9 @@ use crate::app::{AppState, app};
 /// grace period to settle (they settle as soon as their body notices).
 const SETTLE_AT_SHUTDOWN: Duration = Duration::from_secs(5);
 
+/// How long shutdown waits for the queued spans to be exported.
+const FLUSH_TRACES_AT_SHUTDOWN: Duration = Duration::from_secs(3);
+
 /// Serves `state` on `listener` until `shutdown` resolves and in-flight
 /// requests finish, or `grace` passes after it.
 pub async fn run(
@@ -62,6 +65,8 @@ pub async fn run(
         Ok(()) => tracing::info!("budget usage flushed"),
         Err(e) => tracing::error!("budget usage not flushed: {e}"),
     }
+    // The requests' spans have all ended: export what is queued, bounded.
+    crate::traces::shutdown(FLUSH_TRACES_AT_SHUTDOWN).await;
     tracing::info!("stopped");
     Ok(())
 }

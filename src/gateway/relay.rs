@@ -51,6 +51,8 @@ pub struct ResponseBody {
     upstream_ok: bool,
     /// Resolves when shutdown's grace period is over.
     drained: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The request's span (when traces are on), for the usage.
+    span: tracing::Span,
 }
 
 impl ResponseBody {
@@ -70,6 +72,8 @@ impl ResponseBody {
             reservation: Some(reservation),
             upstream_ok,
             drained: Box::pin(drain.cancelled_owned()),
+            // Built in the handler, so the current span is the request's.
+            span: crate::traces::current(),
         }
     }
 
@@ -78,6 +82,7 @@ impl ResponseBody {
     fn end(&mut self, complete: bool) -> Option<Bytes> {
         let reservation = self.reservation.take()?;
         let (unsent, outcome) = self.tap.finish(complete);
+        crate::traces::record_usage(&self.span, &outcome);
         reservation.settle(outcome, self.upstream_ok);
         unsent.filter(|_| complete)
     }

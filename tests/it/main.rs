@@ -18,3 +18,4 @@ mod images;
 mod quickstart;
 mod redis;
 mod routing;
+mod traces;
