@@ -99,6 +99,9 @@ fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Spa
         .get(access_log::REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
+    if crate::traces::enabled() {
+        return crate::traces::request_span(request, id);
+    }
     tracing::info_span!("request", request_id = id)
 }
 

@@ -19,7 +19,7 @@
 //!   (forwarding), [`spend`] (the spend log: a record per chat completion,
 //!   batched to SQLite or PostgreSQL off the request path)
 //! - at the bottom: [`openai`] (the wire types Iris looks inside), [`keys`],
-//!   [`secret`], [`metrics`], [`telemetry`]
+//!   [`secret`], [`metrics`], [`telemetry`] (logs), [`traces`] (OpenTelemetry)
 //!
 //! [`commands`] holds one function per CLI command, [`cli`] their arguments.
 
@@ -48,6 +48,7 @@ pub mod server;
 pub mod spend;
 pub mod state;
 pub mod telemetry;
+pub mod traces;
 pub mod upstream;
 
 /// Installs rustls's crypto provider for HTTPS upstreams and image hosts.

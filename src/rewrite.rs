@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use futures_util::{StreamExt, TryStreamExt, stream};
+use tracing::Instrument;
 
 use crate::images::data_uri::is_data_uri;
 use crate::images::{ErrorKind, FetchedImage, ImageError, ImagePolicy, Images, Target};
@@ -96,7 +97,13 @@ impl<'i> ImageWork<'i> {
         if let Some(image) = known {
             return Ok(image);
         }
-        let image = self.images.fetch(url).await?;
+        let span = crate::traces::image_fetch_span(url);
+        let image = self
+            .images
+            .fetch(url)
+            .instrument(span.clone())
+            .await
+            .inspect_err(|e| crate::traces::record_image_failure(&span, e.reason))?;
         if let Ok(mut fetched) = self.fetched.lock() {
             fetched.insert(url.to_owned(), Arc::clone(&image));
         }

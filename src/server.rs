@@ -36,6 +36,8 @@ const SPEND_LOG_AT_SHUTDOWN: Duration = Duration::from_secs(5);
 /// File descriptors kept for what is not a client connection: upstream
 /// connections, the store, the listener, logs.
 const OTHER_FILES: u64 = 256;
+/// How long shutdown waits for the queued spans to be exported.
+const FLUSH_TRACES_AT_SHUTDOWN: Duration = Duration::from_secs(3);
 
 /// Serves `state` on `listener` until `shutdown` resolves and in-flight
 /// requests finish, or `grace` passes after it.
@@ -116,6 +118,8 @@ pub async fn run(
     if !state.spend.shutdown(SPEND_LOG_AT_SHUTDOWN).await {
         tracing::error!("spend log: records still queued at shutdown were not written");
     }
+    // The requests' spans have all ended: export what is queued, bounded.
+    crate::traces::shutdown(FLUSH_TRACES_AT_SHUTDOWN).await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -17,6 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::budget::window::Snapshot;
 use crate::budget::{BudgetError, Budgets, estimate};
@@ -136,6 +137,7 @@ impl Gateway {
             return Err(ChatError::ModelNotAllowed(model.name.clone()));
         }
         trail.model = Some(model.name.clone());
+        crate::traces::record_chat(&model.name, request.completion_cap);
 
         // Budget: reserve the estimate now, or refuse without calling
         // upstream. Every early return below drops the reservation, which
@@ -146,6 +148,7 @@ impl Gateway {
         let mut reservation = self
             .budgets
             .reserve(&client.name, &client.budget, &model.name, estimate)
+            .instrument(crate::traces::budget_span(estimate.total()))
             .await?;
         reservation.set_request_id(request_id);
 

@@ -69,6 +69,8 @@ pub struct ResponseBody {
     spend: Option<Draft>,
     /// When the first byte went to the client.
     first_byte: Option<Instant>,
+    /// The request's span (when traces are on), for the usage.
+    span: tracing::Span,
 }
 
 impl ResponseBody {
@@ -90,6 +92,8 @@ impl ResponseBody {
             drained: Box::pin(drain.cancelled_owned()),
             spend: None,
             first_byte: None,
+            // Built in the handler, so the current span is the request's.
+            span: crate::traces::current(),
         }
     }
 
@@ -105,6 +109,7 @@ impl ResponseBody {
     fn end(&mut self, complete: bool, cut: Option<&'static str>) -> Option<Bytes> {
         let reservation = self.reservation.take()?;
         let (unsent, outcome) = self.tap.finish(complete);
+        crate::traces::record_usage(&self.span, &outcome);
         let unsent = unsent.filter(|_| complete);
         if unsent.is_some() {
             self.first_byte.get_or_insert_with(Instant::now);

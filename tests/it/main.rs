@@ -23,3 +23,4 @@ mod reload;
 mod routing;
 mod secrets;
 mod spend;
+mod traces;
