@@ -173,7 +173,7 @@ function actionsCell(client) {
 }
 
 function sourceCell(client) {
-  const cell = el("td", client.source);
+  const cell = el("td", client.source, { class: "source" });
   if (client.created_at) {
     const created = el("div", "created ", { class: "muted small" });
     created.append(timeNode(client.created_at));
