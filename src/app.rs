@@ -54,6 +54,7 @@ fn routes() -> Router<SharedState> {
         .route("/admin/ui", get(routes::console::page))
         .route("/admin/ui/app.js", get(routes::console::script))
         .route("/admin/ui/style.css", get(routes::console::style))
+        .route("/admin/ui/icon.svg", get(routes::console::icon))
         .route("/admin", any(routes::admin::not_found))
         .route("/admin/{*rest}", any(routes::admin::not_found))
         .route("/healthz", get(routes::health::healthz))

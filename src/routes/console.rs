@@ -1,5 +1,5 @@
 //! `GET /admin/ui`: the operator console, a small page served from the
-//! binary (its three files are compiled in: no CDN, no external font or
+//! binary (its four files are compiled in: no CDN, no external font or
 //! script; it works offline). The page itself needs no key: it asks for the
 //! admin key and then uses only the admin API with it. Like every path
 //! under `/admin`, it does not exist without `[admin]`.
@@ -18,6 +18,7 @@ use crate::state::SharedState;
 const INDEX: &str = include_str!("console/index.html");
 const SCRIPT: &str = include_str!("console/app.js");
 const STYLE: &str = include_str!("console/style.css");
+const ICON: &str = include_str!("console/icon.svg");
 
 /// Only this origin's own files and API; no inline script or style, no
 /// plugins, no framing, no forms posted elsewhere.
@@ -70,15 +71,21 @@ pub async fn style(State(state): State<SharedState>, uri: OriginalUri) -> Respon
     asset(&state, &uri, "text/css; charset=utf-8", STYLE)
 }
 
+/// The tab's icon: served here, since the policy refuses `data:` images and a
+/// browser asks for `/favicon.ico` (a 404) when the page names none.
+pub async fn icon(State(state): State<SharedState>, uri: OriginalUri) -> Response {
+    asset(&state, &uri, "image/svg+xml", ICON)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn the_page_is_small_and_loads_nothing_from_elsewhere() {
-        let total = INDEX.len() + SCRIPT.len() + STYLE.len();
+        let total = INDEX.len() + SCRIPT.len() + STYLE.len() + ICON.len();
         assert!(total < 200 * 1024, "{total} bytes");
-        for text in [INDEX, SCRIPT, STYLE] {
+        for text in [INDEX, SCRIPT, STYLE, ICON] {
             assert!(!text.contains("http://") || text.contains("http://www.w3.org/2000/svg"));
             assert!(!text.contains("https://"));
             assert!(!text.contains("innerHTML"), "values are rendered as text");

@@ -87,6 +87,9 @@ async fn without_an_admin_section_every_admin_path_is_404_whatever_the_method_or
         "/admin/reload",
         "/admin/usage",
         "/admin/ui",
+        "/admin/ui/app.js",
+        "/admin/ui/style.css",
+        "/admin/ui/icon.svg",
         "/admin/no/such/thing",
     ];
     let methods = [

@@ -53,12 +53,12 @@ function fmt(n) {
 /** A time in the viewer's zone, with UTC on hover. */
 function timeNode(unixSeconds) {
   const date = new Date(unixSeconds * 1000);
-  return el("time", date.toLocaleString(), { datetime: date.toISOString(), title: `${date.toISOString().replace(".000", "")} UTC` });
+  const utc = `${date.toISOString().slice(0, 19).replace("T", " ")} UTC`;
+  return el("time", date.toLocaleString(), { datetime: date.toISOString(), title: utc });
 }
 
 function showError(message) {
-  const box = $("error");
-  box.textContent = message || "";
+  $("error").textContent = message || "";
 }
 
 async function guarded(action) {
@@ -76,6 +76,7 @@ async function guarded(action) {
 
 // --- login ------------------------------------------------------------------
 
+/** Forgets the key and every value shown with it. */
 function logout(message) {
   adminKey = "";
   sessionStorage.removeItem(KEY_SLOT);
@@ -83,6 +84,12 @@ function logout(message) {
   $("nav").hidden = true;
   $("login").hidden = false;
   $("login-error").textContent = message || "";
+  for (const table of document.querySelectorAll("#app table")) {
+    for (const section of [...table.tBodies, table.tFoot]) section?.replaceChildren();
+  }
+  for (const chart of document.querySelectorAll("#app .chart")) chart.replaceChildren();
+  charts.clear();
+  dismissKey();
 }
 
 async function login(key) {
@@ -115,7 +122,7 @@ function budgetCell(client) {
     any = true;
     const row = el("div", null, { class: "window" });
     row.append(el("span", name.replaceAll("_", " "), { class: "label" }));
-    const bar = el("span", null, { class: "bar", role: "meter", "aria-valuemin": "0", "aria-valuemax": String(window.limit), "aria-valuenow": String(window.used) });
+    const bar = el("span", null, { class: "bar", role: "meter", "aria-valuemin": "0", "aria-valuemax": String(window.limit), "aria-valuenow": String(window.used), "aria-label": name.replaceAll("_", " ") });
     const share = window.limit > 0 ? Math.min(1, window.used / window.limit) : 0;
     const fill = el("span", null, { class: share >= 0.9 ? "fill hot" : "fill" });
     fill.style.width = `${(share * 100).toFixed(1)}%`;
@@ -128,7 +135,9 @@ function budgetCell(client) {
 }
 
 function actionsCell(client) {
-  const cell = el("td", null, { class: "actions" });
+  const cell = el("td");
+  const box = el("div", null, { class: "actions" });
+  cell.append(box);
   const managed = client.source === "managed";
   const reason = "Defined in the config file: change it there, then reload.";
   const button = (label, handler) => {
@@ -141,23 +150,35 @@ function actionsCell(client) {
     return b;
   };
   const toggle = client.disabled ? "Enable" : "Disable";
-  cell.append(button(toggle, async () => {
+  box.append(button(toggle, async () => {
     await api("PATCH", `/admin/clients/${encodeURIComponent(client.name)}`, { disabled: !client.disabled });
     await loadClients();
   }));
-  const grace = el("input", null, { type: "number", min: "0", value: "0", class: "grace", title: "Seconds the old key keeps working", "aria-label": `Grace seconds for ${client.name}` });
+  const grace = el("input", null, { type: "number", min: "0", value: "0", class: "grace", title: "Seconds the current key keeps working after Rotate", "aria-label": `Grace seconds for ${client.name}` });
   if (!managed) grace.disabled = true;
-  cell.append(button("Rotate", async () => {
+  const graceLabel = el("label", null, { class: "grace-label" });
+  graceLabel.append(grace, el("span", "s grace"));
+  box.append(button("Rotate", async () => {
     const answer = await api("POST", `/admin/clients/${encodeURIComponent(client.name)}/rotate`, { grace_s: Number(grace.value || 0) });
     showKey(answer.client.name, answer.key);
     await loadClients();
-  }), grace);
-  cell.append(button("Delete", async () => {
+  }), graceLabel);
+  box.append(button("Delete", async () => {
     if (!window.confirm(`Delete ${client.name}? Its key stops working.`)) return;
     await api("DELETE", `/admin/clients/${encodeURIComponent(client.name)}`);
     await loadClients();
   }));
-  if (!managed) cell.append(el("span", reason, { class: "muted reason" }));
+  if (!managed) box.append(el("span", reason, { class: "muted reason" }));
+  return cell;
+}
+
+function sourceCell(client) {
+  const cell = el("td", client.source, { class: "source" });
+  if (client.created_at) {
+    const created = el("div", "created ", { class: "muted small" });
+    created.append(timeNode(client.created_at));
+    cell.append(created);
+  }
   return cell;
 }
 
@@ -169,9 +190,12 @@ async function loadClients() {
     const row = el("tr", null, { "data-client": client.name });
     const name = el("td", client.name, { class: "name" });
     if (client.disabled) name.append(el("span", " (disabled)", { class: "muted" }));
-    row.append(name, el("td", client.source), el("td", client.models.join(", ")), budgetCell(client), actionsCell(client));
+    const cells = [name, sourceCell(client), el("td", client.models.join(", ")), budgetCell(client), actionsCell(client)];
+    ["Name", "Source", "Models", "Budget", "Actions"].forEach((label, i) => i > 0 && cells[i].setAttribute("data-label", label));
+    row.append(...cells);
     body.append(row);
   }
+  $("clients-table").hidden = list.data.length === 0;
   $("clients-empty").hidden = list.data.length > 0;
   $("managed-empty").hidden = list.data.some((c) => c.source === "managed");
 }
@@ -179,7 +203,15 @@ async function loadClients() {
 function showKey(name, key) {
   $("new-key-client").textContent = name;
   $("new-key-value").textContent = key;
+  $("copy-key").textContent = "Copy";
   $("new-key").hidden = false;
+}
+
+function dismissKey() {
+  $("new-key").hidden = true;
+  $("new-key-client").textContent = "";
+  $("new-key-value").textContent = "";
+  $("copy-key").textContent = "Copy";
 }
 
 async function createClient(form) {
@@ -201,15 +233,24 @@ async function createClient(form) {
 
 // --- spend ------------------------------------------------------------------
 
+const DAY_MS = 86400000;
+
+/** `YYYY-MM-DD` of a date's UTC day: the spend log counts UTC days. */
 function isoDay(date) {
   return date.toISOString().slice(0, 10);
 }
 
+/** The first and last UTC day of this month. */
 function thisMonth() {
   const now = new Date();
   const first = new Date(Date.UTC(now.getUTCFullYear(), now.getUTCMonth(), 1));
-  const next = new Date(Date.UTC(now.getUTCFullYear(), now.getUTCMonth() + 1, 1));
-  return [isoDay(first), isoDay(next)];
+  const last = new Date(Date.UTC(now.getUTCFullYear(), now.getUTCMonth() + 1, 0));
+  return [isoDay(first), isoDay(last)];
+}
+
+/** The day after `YYYY-MM-DD`: the API's `until` is exclusive, the form's "To" is not. */
+function nextDay(day) {
+  return isoDay(new Date(Date.parse(`${day}T00:00:00Z`) + DAY_MS));
 }
 
 const SVG = "http://www.w3.org/2000/svg";
@@ -221,26 +262,67 @@ function svg(tag, attrs = {}, text) {
   return node;
 }
 
+/** Shortens an SVG text (already in the page) with an ellipsis until it fits `width`. */
+function fit(text, width) {
+  const full = text.textContent;
+  if (text.getComputedTextLength() <= width) return;
+  let keep = full.length;
+  while (keep > 1 && text.getComputedTextLength() > width) {
+    keep -= 1;
+    text.textContent = `${full.slice(0, keep)}…`;
+  }
+}
+
+/** Charts are drawn at their box's width, and again when it changes. */
+const charts = new Map();
+const resized = new ResizeObserver((entries) => {
+  for (const entry of entries) {
+    const chart = charts.get(entry.target);
+    if (chart && Math.abs(chart.width - entry.contentRect.width) >= 1) draw(entry.target, chart.paint);
+  }
+});
+
+function draw(container, paint) {
+  const width = Math.max(200, Math.floor(container.clientWidth || 480));
+  charts.set(container, { width, paint });
+  resized.observe(container);
+  container.replaceChildren();
+  paint(width);
+}
+
 /** Horizontal bars: prompt and completion tokens per row. */
 function barChart(container, rows, labelKey) {
-  container.replaceChildren();
-  if (!rows.length) return;
-  const width = 480;
-  const line = 22;
-  const labelWidth = 140;
-  const max = Math.max(1, ...rows.map((r) => r.prompt_tokens + r.completion_tokens));
-  const chart = svg("svg", { viewBox: `0 0 ${width} ${rows.length * line + 4}`, width: "100%", role: "img", "aria-label": `Tokens by ${labelKey}` });
-  rows.forEach((row, i) => {
-    const y = i * line + 2;
-    const scale = (width - labelWidth - 90) / max;
-    chart.append(svg("text", { x: 0, y: y + 15, class: "axis" }, row[labelKey]));
-    const prompt = row.prompt_tokens * scale;
-    const completion = row.completion_tokens * scale;
-    chart.append(svg("rect", { x: labelWidth, y, width: Math.max(prompt, 0.5), height: line - 6, class: "prompt" }));
-    chart.append(svg("rect", { x: labelWidth + prompt, y, width: Math.max(completion, 0.5), height: line - 6, class: "completion" }));
-    chart.append(svg("text", { x: labelWidth + prompt + completion + 4, y: y + 15, class: "axis" }, fmt(row.prompt_tokens + row.completion_tokens)));
+  if (!rows.length) {
+    charts.delete(container);
+    container.replaceChildren();
+    return;
+  }
+  draw(container, (width) => {
+    const line = 24;
+    const labelWidth = Math.min(160, Math.round(width * 0.32));
+    const figures = 70;
+    const max = Math.max(1, ...rows.map((r) => r.prompt_tokens + r.completion_tokens));
+    const scale = (width - labelWidth - figures) / max;
+    const chart = svg("svg", { width, height: rows.length * line + 4, viewBox: `0 0 ${width} ${rows.length * line + 4}`, role: "img", "aria-label": `Tokens by ${labelKey}` });
+    container.append(chart, legend());
+    rows.forEach((row, i) => {
+      const y = i * line + 2;
+      const total = row.prompt_tokens + row.completion_tokens;
+      const label = svg("text", { x: 0, y: y + 14, class: "axis" }, row[labelKey]);
+      chart.append(label);
+      fit(label, labelWidth - 8);
+      label.append(svg("title", {}, row[labelKey]));
+      const prompt = row.prompt_tokens * scale;
+      const completion = row.completion_tokens * scale;
+      const bars = svg("g");
+      bars.append(
+        svg("rect", { x: labelWidth, y: y + 2, width: Math.max(prompt, 0.5), height: line - 8, class: "prompt" }),
+        svg("rect", { x: labelWidth + prompt, y: y + 2, width: Math.max(completion, 0.5), height: line - 8, class: "completion" }),
+        svg("title", {}, `${row[labelKey]}: ${fmt(row.prompt_tokens)} prompt + ${fmt(row.completion_tokens)} completion tokens`),
+      );
+      chart.append(bars, svg("text", { x: labelWidth + prompt + completion + 4, y: y + 14, class: "axis" }, fmt(total)));
+    });
   });
-  container.append(chart, legend());
 }
 
 function legend() {
@@ -249,57 +331,86 @@ function legend() {
   return box;
 }
 
-/** Vertical bars: tokens per day. */
+const shortDay = new Intl.DateTimeFormat(undefined, { month: "short", day: "numeric", timeZone: "UTC" });
+
+/** Vertical bars: tokens per UTC day, with the largest day marked on the axis. */
 function dayChart(container, days) {
-  container.replaceChildren();
-  const width = 720;
-  const height = 180;
-  const max = Math.max(1, ...days.map((d) => d.tokens));
-  const barWidth = width / days.length;
-  const chart = svg("svg", { viewBox: `0 0 ${width} ${height + 20}`, width: "100%", role: "img", "aria-label": "Tokens per day" });
-  days.forEach((day, i) => {
-    const h = (day.tokens / max) * height;
-    const bar = svg("rect", { x: i * barWidth + 1, y: height - h, width: Math.max(barWidth - 2, 1), height: Math.max(h, 0.5), class: "completion" });
-    bar.append(svg("title", {}, `${day.day}: ${fmt(day.tokens)} tokens`));
-    chart.append(bar);
-    if (i % 5 === 0) chart.append(svg("text", { x: i * barWidth, y: height + 15, class: "axis" }, day.day.slice(5)));
+  draw(container, (width) => {
+    const height = 150;
+    const left = 64;
+    const top = 8;
+    const max = Math.max(1, ...days.map((d) => d.tokens));
+    const barWidth = (width - left) / days.length;
+    const chart = svg("svg", { width, height: height + top + 22, viewBox: `0 0 ${width} ${height + top + 22}`, role: "img", "aria-label": "Tokens per day, last 30 days" });
+    for (const share of [1, 0.5]) {
+      const y = top + height - share * height;
+      chart.append(svg("line", { x1: left, x2: width, y1: y, y2: y, class: "grid" }));
+      chart.append(svg("text", { x: left - 6, y: y + 4, class: "axis", "text-anchor": "end" }, fmt(Math.round(max * share))));
+    }
+    chart.append(svg("line", { x1: left, x2: width, y1: top + height, y2: top + height, class: "grid" }));
+    const every = Math.ceil(days.length / Math.max(1, Math.floor((width - left) / 64)));
+    days.forEach((day, i) => {
+      const h = (day.tokens / max) * height;
+      const x = left + i * barWidth;
+      const date = new Date(`${day.day}T00:00:00Z`);
+      const bar = svg("rect", { x: x + 1, y: top + height - h, width: Math.max(barWidth - 2, 1), height: Math.max(h, 0.5), class: "completion" });
+      bar.append(svg("title", {}, `${shortDay.format(date)} (UTC): ${fmt(day.tokens)} tokens`));
+      chart.append(bar);
+      if (i % every === 0) chart.append(svg("text", { x, y: top + height + 16, class: "axis" }, shortDay.format(date)));
+    });
+    container.append(chart);
   });
-  container.append(chart);
 }
 
-function spendTable(table, rows, key) {
+function spendTable(table, report, key) {
   const body = table.tBodies[0];
   body.replaceChildren();
-  for (const row of rows) {
-    const tr = el("tr");
-    tr.append(el("td", row[key]), el("td", fmt(row.requests)), el("td", fmt(row.errors)), el("td", fmt(row.prompt_tokens)), el("td", fmt(row.completion_tokens)));
+  const number = (n) => el("td", fmt(n), { class: "num" });
+  const cells = (row, label) => [el("td", label), number(row.requests), number(row.errors), number(row.prompt_tokens), number(row.completion_tokens)];
+  for (const row of report.rows) {
+    const tr = el("tr", null, { [`data-${key}`]: row[key] });
+    tr.append(...cells(row, row[key]));
     body.append(tr);
+  }
+  const foot = table.tFoot;
+  foot.replaceChildren();
+  if (report.rows.length > 1 && report.total) {
+    const tr = el("tr");
+    tr.append(...cells(report.total, "Total"));
+    foot.append(tr);
   }
 }
 
 async function loadSpend() {
   const form = $("period");
   const since = form.elements.since.value;
-  const until = form.elements.until.value;
-  const query = (by, from, to) => `/admin/usage?since=${encodeURIComponent(from)}&until=${encodeURIComponent(to)}&by=${by}`;
+  const to = form.elements.to.value;
+  if (!since || !to) throw new Error("Choose both days of the period.");
+  const until = nextDay(to);
+  const query = (by, from, end) => `/admin/usage?since=${encodeURIComponent(from)}&until=${encodeURIComponent(end)}&by=${by}`;
   const [byClient, byModel] = await Promise.all([api("GET", query("client", since, until)), api("GET", query("model", since, until))]);
-  const sorted = (rows) => [...rows].sort((a, b) => b.prompt_tokens + b.completion_tokens - (a.prompt_tokens + a.completion_tokens));
-  spendTable($("spend-client"), sorted(byClient.data), "client");
-  spendTable($("spend-model"), sorted(byModel.data), "model");
-  barChart($("chart-client"), sorted(byClient.data), "client");
-  barChart($("chart-model"), sorted(byModel.data), "model");
-  $("spend-empty").hidden = byClient.data.length > 0;
+  const sorted = (report) => ({ rows: [...report.data].sort((a, b) => b.prompt_tokens + b.completion_tokens - (a.prompt_tokens + a.completion_tokens)), total: report.total });
+  const clients = sorted(byClient);
+  const models = sorted(byModel);
+  const empty = clients.rows.length === 0;
+  $("spend-empty").hidden = !empty;
+  $("spend-data").hidden = empty;
+  spendTable($("spend-client"), clients, "client");
+  spendTable($("spend-model"), models, "model");
+  barChart($("chart-client"), clients.rows, "client");
+  barChart($("chart-model"), models.rows, "model");
 
   const today = new Date();
   const start = new Date(Date.UTC(today.getUTCFullYear(), today.getUTCMonth(), today.getUTCDate() - 29));
-  const end = new Date(Date.UTC(today.getUTCFullYear(), today.getUTCMonth(), today.getUTCDate() + 1));
+  const end = new Date(start.getTime() + 30 * DAY_MS);
   const byDay = await api("GET", query("day", isoDay(start), isoDay(end)));
   const tokens = new Map(byDay.data.map((row) => [row.day, row.prompt_tokens + row.completion_tokens]));
   const days = [];
   for (let i = 0; i < 30; i++) {
-    const day = isoDay(new Date(start.getTime() + i * 86400000));
+    const day = isoDay(new Date(start.getTime() + i * DAY_MS));
     days.push({ day, tokens: tokens.get(day) || 0 });
   }
+  $("days-empty").hidden = byDay.data.length > 0;
   dayChart($("chart-days"), days);
 }
 
@@ -315,21 +426,19 @@ async function loadUpstreams() {
     if (row.cooling_until) {
       state.append(el("span", "cooling down until "), timeNode(row.cooling_until));
     } else {
-      state.textContent = "healthy";
+      state.textContent = row.state === "healthy" ? "healthy" : row.state.replaceAll("_", " ");
     }
     const room = el("td");
-    if (row.pacing) {
-      const parts = [];
-      for (const [name, window] of Object.entries(row.pacing)) {
-        if (window.limit !== null && window.limit !== undefined) parts.push(`${name.replaceAll("_", " ")}: ${fmt(window.remaining)} of ${fmt(window.limit)}`);
-      }
-      room.textContent = parts.join("; ") || "no limits";
-    } else {
-      room.append(el("span", "no limits", { class: "muted" }));
+    const parts = [];
+    for (const [name, window] of Object.entries(row.pacing || {})) {
+      if (window.limit !== null && window.limit !== undefined) parts.push(`${name.replaceAll("_", " ")}: ${fmt(window.remaining)} of ${fmt(window.limit)}`);
     }
+    if (parts.length) room.textContent = parts.join("; ");
+    else room.append(el("span", "no limits", { class: "muted" }));
     tr.append(el("td", row.deployment), el("td", row.models.join(", ")), state, el("td", fmt(row.attempts_5m)), el("td", fmt(row.failures_5m)), room);
     body.append(tr);
   }
+  $("upstreams-table").hidden = list.data.length === 0;
   $("upstreams-empty").hidden = list.data.length > 0;
 }
 
@@ -342,9 +451,9 @@ async function refresh() {
 // --- wiring -------------------------------------------------------------------
 
 function start() {
-  const [since, until] = thisMonth();
+  const [since, to] = thisMonth();
   $("period").elements.since.value = since;
-  $("period").elements.until.value = until;
+  $("period").elements.to.value = to;
   $("login-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const input = $("admin-key");
@@ -367,19 +476,17 @@ function start() {
       await navigator.clipboard.writeText($("new-key-value").textContent);
       $("copy-key").textContent = "Copied";
     } catch {
-      // Clipboard refused (no permission): select the key for a manual copy.
+      // Clipboard refused (no permission, or not a secure context): select
+      // the key for a manual copy.
       const range = document.createRange();
       range.selectNodeContents($("new-key-value"));
       const selection = window.getSelection();
       selection.removeAllRanges();
       selection.addRange(range);
+      $("copy-key").textContent = "Selected: press Ctrl+C";
     }
   });
-  $("dismiss-key").addEventListener("click", () => {
-    $("new-key").hidden = true;
-    $("new-key-value").textContent = "";
-    $("copy-key").textContent = "Copy";
-  });
+  $("dismiss-key").addEventListener("click", dismissKey);
   if (adminKey) login(adminKey);
 }
 
