@@ -40,21 +40,17 @@ impl FromRequestParts<SharedState> for Authenticated {
         // or rotated-out key is in neither.
         let client = bearer_key(&parts.headers)
             .and_then(|key| {
-                config
-                    .catalog
-                    .authenticate(key)
-                    .cloned()
-                    .or_else(|| {
-                        // A managed client shadowed by a config client of the
-                        // same name (the file changed under it) does not
-                        // authenticate: one name, one budget, one owner.
-                        state
-                            .clients
-                            .index()
-                            .authenticate(key)
-                            .filter(|c| !config.catalog.has_client(&c.name))
-                            .cloned()
-                    })
+                config.catalog.authenticate(key).cloned().or_else(|| {
+                    // A managed client shadowed by a config client of the
+                    // same name (the file changed under it) does not
+                    // authenticate: one name, one budget, one owner.
+                    state
+                        .clients
+                        .index()
+                        .authenticate(key)
+                        .filter(|c| !config.catalog.has_client(&c.name))
+                        .cloned()
+                })
             })
             .ok_or_else(|| failed_authentication(state, parts))?;
         if let Some(slot) = parts.extensions.get::<ClientSlot>() {

@@ -4,8 +4,9 @@
 //! **Atomic.** Each operation is one Lua script, run by Redis as one step:
 //! `reserve` checks every window and charges them all or none, `settle`
 //! corrects them, `snapshot` reads. No interleaving of instances can
-//! overspend, and each operation is one round trip (`EVALSHA`; the script is
-//! loaded on the first `NOSCRIPT`, so a flushed script cache heals itself).
+//! overspend, and each operation is one round trip (`EVALSHA`; on a
+//! `NOSCRIPT` the script is sent whole with `EVAL`, which caches it, so a
+//! flushed script cache or a freshly promoted replica heals itself).
 //!
 //! **Keys.** One client's state is five keys, all carrying the client in a
 //! hash tag so they share one Redis Cluster slot and every script names all
@@ -53,28 +54,36 @@
 //! **Unavailable.** Every operation is bounded by `store.timeout_ms`
 //! (connecting included), so a dead Redis fails a request fast, and
 //! [`crate::budget::Budgets`] then rejects or counts locally as
-//! `store.on_unavailable` says. The connection is one multiplexed
-//! connection shared by every request ([`ConnectionManager`]); it reconnects
-//! on the next operation after a failure, so Iris recovers when Redis does.
-//! Redis 5 or newer (scripts that call `TIME` before writing).
+//! `store.on_unavailable` says. The connection is shared by every request
+//! ([`RedisConnection`]); it reconnects on the next operation after a
+//! failure, so Iris recovers when Redis does. Redis 5 or newer (scripts
+//! that call `TIME` before writing).
 //!
 //! **Shutdown.** Settlements run detached from their requests; `flush` waits
 //! for those still on their way, so a draining instance exits with every
 //! finished request settled.
 //!
-//! **Cluster.** The scripts are Cluster-safe (one slot per call, every key
-//! in `KEYS`), but this build connects to one endpoint: a standalone or
-//! managed primary, or a Cluster proxy (a Cluster client needs the `redis`
-//! crate's `cluster-async` feature).
+//! **Cluster and Sentinel.** `store.url`'s scheme picks the deployment
+//! (`redis+cluster://`, `redis+sentinel://`: see [`Deployment`]). Each script
+//! names all its keys in `KEYS`, one hash tag per call, so in a Cluster it
+//! runs whole on the primary of that slot. A script is resent only when
+//! Redis answered that it did not run it (`MOVED`, `NOSCRIPT`, …), never
+//! after a lost answer, so a failover cannot charge a request twice (see
+//! [`connection`](self::connection)).
 
 use std::sync::Arc;
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{FromRedisValue, Script, ScriptInvocation};
+use redis::FromRedisValue;
 use tokio_util::task::TaskTracker;
+
+mod connection;
+mod url;
+
+pub use self::connection::{Lua, LuaCall, RedisConnection};
+pub use self::url::Deployment;
 
 use super::{Reserved, Store, StoreError, StoreFuture};
 use crate::budget::Limits;
@@ -87,17 +96,17 @@ pub const LAYOUT: &str = "v1";
 
 const COMMON: &str = include_str!("lua/common.lua");
 
-fn script(body: &str) -> Script {
-    Script::new(&format!("{COMMON}\n{body}"))
+fn script(body: &str) -> Lua {
+    Lua::new(&format!("{COMMON}\n{body}"))
 }
 
-static RESERVE: LazyLock<Script> = LazyLock::new(|| script(include_str!("lua/reserve.lua")));
-static SETTLE: LazyLock<Script> = LazyLock::new(|| script(include_str!("lua/settle.lua")));
+static RESERVE: LazyLock<Lua> = LazyLock::new(|| script(include_str!("lua/reserve.lua")));
+static SETTLE: LazyLock<Lua> = LazyLock::new(|| script(include_str!("lua/settle.lua")));
 /// A deployment's failure, counted for every instance: `KEYS[1]` counts
 /// failures in a window of `ARGV[1]` ms; at `ARGV[2]` of them, `KEYS[2]`
 /// (the cooldown) is set for `ARGV[3]` ms unless it runs longer already.
-static SHARE_FAILURE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+static SHARE_FAILURE: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
         r"
 local n = redis.call('INCR', KEYS[1])
 if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
@@ -113,8 +122,8 @@ return n
 });
 
 /// A cooldown of `ARGV[1]` ms on `KEYS[1]`, unless it runs longer already.
-static SHARE_COOLDOWN: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+static SHARE_COOLDOWN: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
         r"
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
   redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
@@ -124,7 +133,7 @@ return 1
     )
 });
 
-static SNAPSHOT: LazyLock<Script> = LazyLock::new(|| script(include_str!("lua/snapshot.lua")));
+static SNAPSHOT: LazyLock<Lua> = LazyLock::new(|| script(include_str!("lua/snapshot.lua")));
 
 /// Whose clock the scripts use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,7 +157,7 @@ pub struct RedisOptions {
 }
 
 pub struct RedisStore {
-    connection: ConnectionManager,
+    connection: RedisConnection,
     options: RedisOptions,
     leases: LeaseIds,
     /// Settlements not yet answered: they run detached from their requests
@@ -245,19 +254,9 @@ impl RedisStore {
     /// A store on `url`. Does not wait for Redis: Iris starts (and reports
     /// not ready) while Redis is down, and connects when it answers.
     pub fn connect(url: &str, options: RedisOptions) -> Result<Arc<Self>, StoreError> {
-        // rediss:// needs rustls's crypto provider.
-        crate::init_tls();
         // The URL may carry a password: never repeat it in an error.
-        let client = redis::Client::open(url)
-            .map_err(|e| StoreError(format!("store.url is not a usable Redis URL: {e:?}")))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(options.timeout))
-            .set_response_timeout(Some(options.timeout))
-            // One attempt per reconnection: a request never waits on a
-            // backoff; the next operation tries again.
-            .set_number_of_retries(0);
-        let connection = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| StoreError(format!("redis: {e}")))?;
+        let connection = RedisConnection::open(url, options.timeout)
+            .map_err(|e| StoreError(format!("store.url: {e}")))?;
         Ok(Arc::new(Self {
             connection,
             options,
@@ -288,9 +287,9 @@ impl RedisStore {
         actual: u64,
         now: u64,
         cancel: bool,
-    ) -> ScriptInvocation<'static> {
+    ) -> LuaCall {
         let keys = self.keys(client);
-        let mut invocation = SETTLE.prepare_invoke();
+        let mut invocation = SETTLE.call();
         invocation
             .key(keys.tpm)
             .key(keys.day)
@@ -307,19 +306,14 @@ impl RedisStore {
         invocation
     }
 
-    /// Runs a prepared script invocation within the timeout.
+    /// Runs a script call within the timeout.
     fn run<T: FromRedisValue + Send + 'static>(
         &self,
-        invocation: ScriptInvocation<'static>,
+        call: LuaCall,
     ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static {
-        let mut connection = self.connection.clone();
+        let connection = self.connection.clone();
         let timeout = self.options.timeout;
-        async move {
-            bounded(timeout, async move {
-                invocation.invoke_async::<T>(&mut connection).await
-            })
-            .await
-        }
+        async move { bounded(timeout, async move { connection.eval::<T>(&call).await }).await }
     }
 }
 
@@ -438,7 +432,7 @@ impl Store for RedisStore {
     ) -> StoreFuture<Reserved> {
         let keys = self.keys(client);
         let lease = self.leases.next();
-        let mut invocation = RESERVE.prepare_invoke();
+        let mut invocation = RESERVE.call();
         invocation
             .key(keys.rpm)
             .key(keys.tpm)
@@ -528,7 +522,7 @@ impl Store for RedisStore {
 
     fn snapshot(&self, client: &str, limits: &Limits, now: u64) -> StoreFuture<Snapshot> {
         let keys = self.keys(client);
-        let mut invocation = SNAPSHOT.prepare_invoke();
+        let mut invocation = SNAPSHOT.call();
         invocation
             .key(keys.rpm)
             .key(keys.tpm)
@@ -570,7 +564,7 @@ impl Store for RedisStore {
         cooldown: Duration,
     ) -> StoreFuture<()> {
         let (fails, cooling) = health_keys(&self.options.prefix, key);
-        let mut invocation = SHARE_FAILURE.prepare_invoke();
+        let mut invocation = SHARE_FAILURE.call();
         invocation
             .key(fails)
             .key(cooling)
@@ -583,23 +577,42 @@ impl Store for RedisStore {
 
     fn share_cooldown(&self, key: &str, length: Duration) -> StoreFuture<()> {
         let (_, cooling) = health_keys(&self.options.prefix, key);
-        let mut invocation = SHARE_COOLDOWN.prepare_invoke();
+        let mut invocation = SHARE_COOLDOWN.call();
         invocation.key(cooling).arg(millis(length).max(1));
         let reply = self.run::<i64>(invocation);
         Box::pin(async move { reply.await.map(|_| ()) })
     }
 
     fn shared_cooldowns(&self, keys: &[Arc<str>]) -> StoreFuture<Vec<Option<Duration>>> {
-        let mut pipeline = redis::pipe();
-        for key in keys {
-            pipeline
-                .cmd("PTTL")
-                .arg(health_keys(&self.options.prefix, key).1);
-        }
-        let mut connection = self.connection.clone();
+        let names: Vec<String> = keys
+            .iter()
+            .map(|key| health_keys(&self.options.prefix, key).1)
+            .collect();
+        let connection = self.connection.clone();
         let timeout = self.options.timeout;
         Box::pin(async move {
-            let ttls: Vec<i64> = bounded(timeout, pipeline.query_async(&mut connection)).await?;
+            let ttls: Vec<i64> = bounded(timeout, async move {
+                if connection.is_cluster() {
+                    // Each deployment's keys have a slot of their own, and a
+                    // pipeline must stay within one: one PTTL each, sent
+                    // together (the cluster client writes them at once).
+                    let asks = names.iter().map(|name| {
+                        let mut connection = connection.clone();
+                        let mut pttl = redis::cmd("PTTL");
+                        pttl.arg(name);
+                        async move { pttl.query_async::<i64>(&mut connection).await }
+                    });
+                    futures_util::future::try_join_all(asks).await
+                } else {
+                    let mut pipeline = redis::pipe();
+                    for name in &names {
+                        pipeline.cmd("PTTL").arg(name);
+                    }
+                    let mut connection = connection;
+                    pipeline.query_async(&mut connection).await
+                }
+            })
+            .await?;
             Ok(ttls
                 .into_iter()
                 .map(|ttl| u64::try_from(ttl).ok().map(Duration::from_millis))

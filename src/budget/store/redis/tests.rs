@@ -11,6 +11,7 @@ use std::collections::HashSet;
 use super::*;
 use crate::budget::store::MemoryStore;
 use crate::budget::window::{MINUTE, NANOS_PER_SEC, days_from_civil};
+use redis::Script;
 
 #[path = "../../../../tests/it/support/skip.rs"]
 mod skip;
