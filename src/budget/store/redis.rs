@@ -19,6 +19,7 @@
 //! | `{prefix}:v1:{client}:day` | hash `p`, `u` | UTC day number, tokens used in it | an hour after that day ends |
 //! | `{prefix}:v1:{client}:month` | hash `p`, `u` | month number, tokens used in it | an hour after that month ends |
 //! | `{prefix}:v1:{client}:leases` | sorted set | one member per request in flight, scored by its lease's end (µs) | with its last lease |
+//! | `{prefix}:v1:{client}:expired` | sorted set | leases that ended unsettled, scored by when that was noticed (µs), for a day | a day after the last |
 //!
 //! The client name is percent-encoded (anything but `A-Z a-z 0-9 . _ ~ -`),
 //! so a `{`, `}` or `:` in a name cannot break the hash tag or the layout.
@@ -44,12 +45,17 @@
 //! settle could not reach Redis) expires: the next `reserve` drops leases
 //! past their end, freeing their concurrency slots. Their tokens stay
 //! charged at the reservation (the safe side, as the SQLite store does after
-//! a crash). A late settle of an expired lease still corrects the tokens,
-//! once: expiry gave none back.
+//! a crash), and the lease moves to the client's `expired` set: a late
+//! settle of it still corrects the tokens, once (expiry gave none back).
 //!
-//! A reservation whose reply was lost (a timeout, a dropped connection) may
-//! still have run: a cancel is sent behind it, which gives it back only if
-//! its lease exists, so its slot is not held for a whole lease.
+//! **Answers lost.** A reservation whose reply was lost (a timeout, a
+//! dropped connection, a primary failing over) may still have run: a cancel
+//! is sent behind it, which gives it back only if its lease exists, so its
+//! slot is not held for a whole lease. Settles and cancels are idempotent (a
+//! lease neither live nor expired has nothing left to settle), so they are
+//! sent again until Redis answers, for as long as the lease lasts: a
+//! settlement caught in a failover lands on the new primary. A reservation
+//! is never sent twice.
 //!
 //! **Unavailable.** Every operation is bounded by `store.timeout_ms`
 //! (connecting included), so a dead Redis fails a request fast, and
@@ -211,6 +217,7 @@ struct ClientKeys {
     day: String,
     month: String,
     leases: String,
+    expired: String,
 }
 
 impl ClientKeys {
@@ -223,6 +230,7 @@ impl ClientKeys {
             day: format!("{base}day"),
             month: format!("{base}month"),
             leases: format!("{base}leases"),
+            expired: format!("{base}expired"),
         }
     }
 }
@@ -295,6 +303,7 @@ impl RedisStore {
             .key(keys.day)
             .key(keys.month)
             .key(keys.leases)
+            .key(keys.expired)
             .arg(self.now_arg(now))
             .arg(hold.lease)
             .arg(hold.tokens)
@@ -314,6 +323,38 @@ impl RedisStore {
         let connection = self.connection.clone();
         let timeout = self.options.timeout;
         async move { bounded(timeout, async move { connection.eval::<T>(&call).await }).await }
+    }
+
+    /// Runs an idempotent script call (a settle, a cancel) until Redis
+    /// answers it, each attempt within the timeout, for as long as the
+    /// lease lasts: an answer lost in a failover is asked for again.
+    fn run_until_answered<T: FromRedisValue + Send + 'static>(
+        &self,
+        call: LuaCall,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static {
+        let connection = self.connection.clone();
+        let timeout = self.options.timeout;
+        let give_up = tokio::time::Instant::now() + self.options.lease;
+        async move {
+            let mut pause = Duration::from_millis(50);
+            loop {
+                let failure = match tokio::time::timeout(timeout, connection.eval::<T>(&call)).await
+                {
+                    Ok(Ok(value)) => return Ok(value),
+                    Ok(Err(e)) if !connection::transient(&e) => {
+                        return Err(StoreError(format!("redis: {e}")));
+                    }
+                    Ok(Err(e)) => format!("redis: {e}"),
+                    Err(_) => format!("redis did not answer within {} ms", timeout.as_millis()),
+                };
+                if tokio::time::Instant::now() + pause >= give_up {
+                    return Err(StoreError(failure));
+                }
+                tracing::debug!("a settlement is sent again: {failure}");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+        }
     }
 }
 
@@ -439,6 +480,7 @@ impl Store for RedisStore {
             .key(keys.day)
             .key(keys.month)
             .key(keys.leases)
+            .key(keys.expired)
             .arg(self.now_arg(now))
             .arg(tokens)
             .arg(limit_arg(limits.requests_per_minute))
@@ -464,7 +506,8 @@ impl Store for RedisStore {
             month: guess.month,
             lease,
         };
-        let cancel = self.run::<i64>(self.settlement(client, limits, &lost, 0, now, true));
+        let cancel =
+            self.run_until_answered::<i64>(self.settlement(client, limits, &lost, 0, now, true));
         let limits = *limits;
         Box::pin(async move {
             let reply = match reply.await {
@@ -508,13 +551,20 @@ impl Store for RedisStore {
         actual: u64,
         now: u64,
     ) -> StoreFuture<()> {
-        let reply = self.run::<i64>(self.settlement(client, limits, &hold, actual, now, false));
+        let reply = self
+            .run_until_answered::<i64>(self.settlement(client, limits, &hold, actual, now, false));
         Box::pin(self.settling.track_future(async move {
-            if reply.await? == 0 {
-                tracing::warn!(
+            match reply.await? {
+                0 => tracing::warn!(
                     "a reservation settled after its lease expired: its concurrency slot \
                      had been freed already (raise store.lease_ms above the longest request)"
-                );
+                ),
+                2 => tracing::info!(
+                    "a settlement found nothing to settle: settled already by an attempt \
+                     whose answer was lost, or its reservation was lost with a failed \
+                     primary's unreplicated writes"
+                ),
+                _ => {}
             }
             Ok(())
         }))

@@ -167,6 +167,26 @@ impl RedisConnection {
     }
 }
 
+/// Whether the same call may succeed later: the connection, the topology
+/// or the primary is changing, rather than the call being wrong.
+pub fn transient(error: &RedisError) -> bool {
+    !matches!(
+        error.kind(),
+        ErrorKind::Server(
+            ServerErrorKind::ResponseError
+                | ServerErrorKind::ExecAbort
+                | ServerErrorKind::NoScript
+                | ServerErrorKind::CrossSlot
+                | ServerErrorKind::NotBusy
+                | ServerErrorKind::NoSub
+                | ServerErrorKind::NoPerm
+        ) | ErrorKind::UnexpectedReturnType
+            | ErrorKind::InvalidClientConfig
+            | ErrorKind::AuthenticationFailed
+            | ErrorKind::EmptySentinelList
+    )
+}
+
 fn host_port(node: &Node) -> String {
     if node.host.contains(':') {
         format!("[{}]:{}", node.host, node.port)
