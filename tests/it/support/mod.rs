@@ -7,6 +7,7 @@ pub mod app;
 pub mod image_server;
 pub mod mock_upstream;
 pub mod redis;
+pub mod redis_cluster;
 mod skip;
 
 use std::net::SocketAddr;
