@@ -204,6 +204,30 @@ async fn two_instances_on_a_cluster_never_overspend_one_budget() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_instance_started_before_its_cluster_serves_once_the_cluster_is_up() {
+    let Some(mut cluster) = RedisCluster::prepare() else {
+        return;
+    };
+    let upstream = MockUpstream::start().await;
+    let iris = iris(
+        &upstream,
+        &cluster.url(),
+        "timeout_ms = 300",
+        "tokens_per_day = 100000",
+    )
+    .await;
+    assert_eq!(iris.status("/readyz").await, 503, "not ready without Redis");
+    let started = Instant::now();
+    assert_eq!(iris.chat(KEY_B, &body(), &[]).await.status(), 503);
+    assert!(started.elapsed() < Duration::from_secs(2), "fails fast");
+
+    cluster.launch().await;
+    let (waited, _) = until_admitted(&iris, KEY_B, Duration::from_secs(10)).await;
+    eprintln!("admitted {waited:?} after the cluster was up");
+    assert_eq!(iris.status("/readyz").await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_crashed_primary_is_failed_over_as_on_unavailable_says_and_nothing_is_charged_twice() {
     let Some(mut cluster) = RedisCluster::start().await else {
         return;

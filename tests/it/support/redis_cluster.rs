@@ -10,7 +10,9 @@
 //! [`super::skip`].
 //!
 //! Timings are short on purpose (a node is failed after 500 ms of silence),
-//! so that a failover takes a second or two and the tests stay quick.
+//! so that a failover takes a second or two and the tests stay quick. Every
+//! server, sentinels included, requires [`PASSWORD`], which the URLs carry
+//! percent-encoded: Iris must decode and send it to each node it finds.
 
 #![allow(dead_code)]
 
@@ -23,6 +25,11 @@ use super::skip;
 
 const REDIS_SERVER: &str = "/usr/bin/redis-server";
 const REDIS_CLI: &str = "/usr/bin/redis-cli";
+
+/// Every server's password: characters a URL must percent-encode.
+pub const PASSWORD: &str = "p@ss:w/rd?%";
+/// [`PASSWORD`] as a URL carries it.
+const PASSWORD_IN_URL: &str = "p%40ss%3Aw%2Frd%3F%25";
 
 /// A loopback port nobody listens on (just now).
 fn free_port() -> u16 {
@@ -87,7 +94,7 @@ pub async fn admin(port: u16) -> redis::aio::MultiplexedConnection {
 }
 
 async fn try_admin(port: u16) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
+    let client = redis::Client::open(format!("redis://:{PASSWORD_IN_URL}@127.0.0.1:{port}/"))?;
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(1)))
         .set_response_timeout(Some(Duration::from_secs(2)));
@@ -131,11 +138,31 @@ impl RedisCluster {
     /// Starts the six servers, makes them one cluster and waits until every
     /// node sees every slot served; `None` (skipped) without the binaries.
     pub async fn start() -> Option<Self> {
+        let mut cluster = Self::prepare()?;
+        cluster.launch().await;
+        Some(cluster)
+    }
+
+    /// Ports and a directory, nothing started yet (so that Iris can be
+    /// started first); `None` (skipped) without the binaries.
+    pub fn prepare() -> Option<Self> {
         binaries()?;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut servers = Vec::new();
-        for i in 0..6 {
-            let port = free_port();
+        let servers = (0..6)
+            .map(|_| Server {
+                port: free_port(),
+                child: None,
+            })
+            .collect();
+        Some(Self {
+            servers,
+            dir: tempfile::tempdir().expect("tempdir"),
+        })
+    }
+
+    /// What [`Self::start`] does after [`Self::prepare`].
+    pub async fn launch(&mut self) {
+        for (i, server) in self.servers.iter_mut().enumerate() {
+            let port = server.port;
             let args: Vec<String> = [
                 "--port",
                 &port.to_string(),
@@ -163,14 +190,17 @@ impl RedisCluster {
                 // Replicas sync at once (the default waits 5 s for more).
                 "--repl-diskless-sync-delay",
                 "0",
+                "--requirepass",
+                PASSWORD,
+                "--masterauth",
+                PASSWORD,
             ]
             .iter()
             .map(|s| (*s).to_owned())
             .collect();
-            servers.push(Server::spawn(port, &dir.path().join(i.to_string()), &args));
+            *server = Server::spawn(port, &self.dir.path().join(i.to_string()), &args);
         }
-        let cluster = Self { servers, dir };
-        for server in &cluster.servers {
+        for server in &self.servers {
             let port = server.port;
             until(
                 Duration::from_secs(10),
@@ -179,7 +209,7 @@ impl RedisCluster {
             )
             .await;
         }
-        let nodes: Vec<String> = cluster
+        let nodes: Vec<String> = self
             .servers
             .iter()
             .map(|s| format!("127.0.0.1:{}", s.port))
@@ -190,6 +220,7 @@ impl RedisCluster {
                 .arg("create")
                 .args(&nodes)
                 .args(["--cluster-replicas", "1", "--cluster-yes"])
+                .args(["-a", PASSWORD, "--no-auth-warning"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .output()
@@ -202,17 +233,16 @@ impl RedisCluster {
             "redis-cli --cluster create: {}",
             String::from_utf8_lossy(&created.stderr)
         );
-        cluster.wait_healthy().await;
-        Some(cluster)
+        self.wait_healthy().await;
     }
 
-    /// `redis+cluster://` with the primaries as seed nodes.
+    /// `redis+cluster://` with the primaries as seed nodes and the password.
     pub fn url(&self) -> String {
         let seeds: Vec<String> = self.servers[..3]
             .iter()
             .map(|s| format!("127.0.0.1:{}", s.port))
             .collect();
-        format!("redis+cluster://{}/", seeds.join(","))
+        format!("redis+cluster://:{PASSWORD_IN_URL}@{}/", seeds.join(","))
     }
 
     fn live_ports(&self) -> Vec<u16> {
@@ -419,6 +449,10 @@ impl RedisSentinels {
                 "no",
                 "--repl-diskless-sync-delay",
                 "0",
+                "--requirepass",
+                PASSWORD,
+                "--masterauth",
+                PASSWORD,
             ]
             .iter()
             .map(|s| (*s).to_owned())
@@ -462,7 +496,9 @@ impl RedisSentinels {
                 &conf,
                 format!(
                     "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                     requirepass {PASSWORD}\nsentinel sentinel-pass {PASSWORD}\n\
                      sentinel monitor {SERVICE} 127.0.0.1 {primary_port} 2\n\
+                     sentinel auth-pass {SERVICE} {PASSWORD}\n\
                      sentinel down-after-milliseconds {SERVICE} 500\n\
                      sentinel failover-timeout {SERVICE} 5000\n",
                     dir = conf_dir.display(),
@@ -499,14 +535,18 @@ impl RedisSentinels {
         Some(deployment)
     }
 
-    /// `redis+sentinel://` naming the three sentinels and the service.
+    /// `redis+sentinel://` naming the three sentinels and the service, with
+    /// the data nodes' password and the sentinels' own (the same here).
     pub fn url(&self) -> String {
         let sentinels: Vec<String> = self
             .sentinels
             .iter()
             .map(|s| format!("127.0.0.1:{}", s.port))
             .collect();
-        format!("redis+sentinel://{}/{SERVICE}", sentinels.join(","))
+        format!(
+            "redis+sentinel://:{PASSWORD_IN_URL}@{}/{SERVICE}?sentinel_password={PASSWORD_IN_URL}",
+            sentinels.join(",")
+        )
     }
 
     pub fn primary_port(&self) -> u16 {
