@@ -78,6 +78,7 @@ pub fn app(state: SharedState) -> Router {
         )
         .route("/admin/reload", post(routes::admin::reload))
         .route("/admin/upstreams", get(routes::admin::upstreams))
+        .route("/admin/usage", get(routes::admin::usage))
         .route("/admin/ui", get(routes::console::page))
         .route("/admin/ui/app.js", get(routes::console::script))
         .route("/admin/ui/style.css", get(routes::console::style))
@@ -98,6 +99,9 @@ fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Spa
         .get(access_log::REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
+    if crate::traces::enabled() {
+        return crate::traces::request_span(request, id);
+    }
     tracing::info_span!("request", request_id = id)
 }
 

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+pub use crate::spend::report::Format;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "iris",
@@ -36,14 +38,36 @@ pub enum Command {
         #[arg(long)]
         url: Option<String>,
     },
-    /// Print each client's budgets: used and remaining.
+    /// Print each client's budgets: used and remaining; with --since, the
+    /// totals from the spend log instead.
     Usage {
         #[command(flatten)]
         config: ConfigArg,
         /// Only this client.
         #[arg(long)]
         client: Option<String>,
+        #[command(flatten)]
+        spend: SpendArgs,
     },
+}
+
+/// `iris usage --since …`: totals from the spend log.
+#[derive(Debug, Args, Default)]
+pub struct SpendArgs {
+    /// Totals from the spend log from this time: YYYY-MM-DD (UTC),
+    /// YYYY-MM-DDTHH:MM:SSZ, or Nd (N days ago)
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Up to this time, not included (a date: the start of that UTC day)
+    /// [default: now]
+    #[arg(long, requires = "since")]
+    pub until: Option<String>,
+    /// Group by any of client,model,upstream,day (comma-separated)
+    #[arg(long, requires = "since")]
+    pub by: Option<String>,
+    /// Output format [default: table]
+    #[arg(long, value_enum, requires = "since")]
+    pub format: Option<Format>,
 }
 
 #[derive(Debug, Subcommand)]

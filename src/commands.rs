@@ -7,10 +7,12 @@ use std::future::Future;
 use std::path::Path;
 use std::process::ExitCode;
 
-use crate::cli::{ClientSettings, ClientsCommand, ConfigArg};
+use crate::cli::{ClientSettings, ClientsCommand, ConfigArg, SpendArgs};
 use crate::clients::ops::{self, BudgetInput, ClientChange, ClientView, NewClient, Rotation};
 use crate::config::{self, Config};
 use crate::keys::{self, KeyHash};
+use crate::spend::Query;
+use crate::spend::report as spend_report;
 
 /// `iris serve`: runs the gateway until SIGTERM/SIGINT.
 pub fn serve(arg: &ConfigArg) -> ExitCode {
@@ -85,9 +87,28 @@ pub fn key_hash(key: &str) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// `iris usage`: each client's budgets from the configured store.
-pub fn usage(arg: &ConfigArg, only: Option<&str>) -> ExitCode {
+/// `iris usage`: each client's budgets from the configured store; with
+/// `--since`, totals from the spend log.
+pub fn usage(arg: &ConfigArg, only: Option<&str>, spend: &SpendArgs) -> ExitCode {
     let path = arg.path();
+    if let Some(since) = &spend.since {
+        let result = config_or_message(&path).and_then(|config| {
+            let now = crate::spend::unix_ms(std::time::SystemTime::now());
+            let mut query = Query::parse(since, spend.until.as_deref(), spend.by.as_deref(), now)
+                .map_err(|e| format!("--{e}"))?;
+            query.client = only.map(str::to_owned);
+            let report = block_on(
+                false,
+                spend_report::from_config(&config.spend_log, &config.store.backend, &query),
+            )?;
+            print!(
+                "{}",
+                spend_report::render(&report, spend.format.unwrap_or_default())
+            );
+            Ok(())
+        });
+        return report(result, |message| eprintln!("iris usage: {message}"));
+    }
     let result = config_or_message(&path).and_then(|config| {
         if let Some(name) = only
             && !config.catalog.clients().iter().any(|c| &*c.name == name)

@@ -20,6 +20,7 @@ use crate::clients::ops::ClientError;
 use crate::gateway::ChatError;
 use crate::gateway::relay::Cut;
 use crate::reload::ReloadError;
+use crate::spend::SpendError;
 use crate::upstream::UpstreamError;
 use bytes::Bytes;
 
@@ -262,6 +263,21 @@ impl From<ClientError> for ApiError {
     }
 }
 
+impl From<SpendError> for ApiError {
+    fn from(error: SpendError) -> Self {
+        let message = error.to_string();
+        match error {
+            SpendError::Off => Self::new(StatusCode::CONFLICT, "spend_log_off", message),
+            SpendError::Sink(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "spend_log_unavailable",
+                message,
+            )
+            .with_retry_after(Duration::from_secs(1)),
+        }
+    }
+}
+
 impl From<ReloadError> for ApiError {
     fn from(error: ReloadError) -> Self {
         let message = error.to_string();
@@ -334,16 +350,15 @@ impl ApiError {
 /// on it instead of returning a truncated answer as if complete); a plain
 /// body is aborted (the connection closes before its end).
 pub fn cut_short(cut: Cut) -> Result<Bytes, std::io::Error> {
-    let (stream, message, code) = match cut {
+    let code = cut.error_code();
+    let (stream, message) = match cut {
         Cut::Upstream { stream } => (
             stream,
             "The upstream failed after the response started; the answer is incomplete.",
-            "upstream_stream_interrupted",
         ),
         Cut::ShuttingDown { stream } => (
             stream,
             "The gateway is shutting down; the answer is incomplete.",
-            "server_shutting_down",
         ),
     };
     if !stream {

@@ -16,9 +16,10 @@
 //!   upstream), [`budget`] (estimate, reserve, settle; the stores),
 //!   [`rewrite`] (an upstream's image policy applied to a request, using
 //!   [`images`]: safe fetching, sniffing, conversion, caching), [`upstream`]
-//!   (forwarding)
+//!   (forwarding), [`spend`] (the spend log: a record per chat completion,
+//!   batched to SQLite or PostgreSQL off the request path)
 //! - at the bottom: [`openai`] (the wire types Iris looks inside), [`keys`],
-//!   [`secret`], [`metrics`], [`telemetry`]
+//!   [`secret`], [`metrics`], [`telemetry`] (logs), [`traces`] (OpenTelemetry)
 //!
 //! [`commands`] holds one function per CLI command, [`cli`] their arguments.
 
@@ -44,8 +45,10 @@ pub mod routes;
 pub mod routing;
 pub mod secret;
 pub mod server;
+pub mod spend;
 pub mod state;
 pub mod telemetry;
+pub mod traces;
 pub mod upstream;
 
 /// Installs rustls's crypto provider for HTTPS upstreams and image hosts.

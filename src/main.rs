@@ -22,6 +22,10 @@ fn main() -> ExitCode {
         Command::Key(KeyCommand::Hash { key }) => commands::key_hash(&key),
         Command::Clients(command) => commands::clients(command),
         Command::Upstreams { config, url } => commands::upstreams(&config, url.as_deref()),
-        Command::Usage { config, client } => commands::usage(&config, client.as_deref()),
+        Command::Usage {
+            config,
+            client,
+            spend,
+        } => commands::usage(&config, client.as_deref(), &spend),
     }
 }

@@ -4,7 +4,8 @@
 //! at once: new requests use it, requests in flight finish with the one
 //! they took, budgets (kept by client name in the store) are untouched, and
 //! clients that are gone stop authenticating. What a running process cannot
-//! change (`[server]`, `[store]`) makes the reload refuse, saying so.
+//! change (`[server]`, `[store]`, `[spend_log]`) makes the reload refuse,
+//! saying so.
 
 use std::sync::Arc;
 
@@ -108,6 +109,10 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if old.store != new.store {
         fixed.push("[store]");
+    }
+    // The spend log's writer and database are opened once, at startup.
+    if old.spend_log != new.spend_log {
+        fixed.push("[spend_log]");
     }
     fixed
 }

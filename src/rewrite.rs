@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use futures_util::{StreamExt, TryStreamExt, stream};
+use tracing::Instrument;
 
 use crate::images::data_uri::is_data_uri;
 use crate::images::{ErrorKind, FetchedImage, ImageError, ImagePolicy, Images, Target};
@@ -76,6 +77,16 @@ impl<'i> ImageWork<'i> {
         apply(self, policy, request).await
     }
 
+    /// How many image URLs were fetched (or found in the cache) for this
+    /// request, and their bytes as fetched.
+    pub fn fetched(&self) -> (u32, u64) {
+        self.fetched.lock().map_or((0, 0), |fetched| {
+            let count = u32::try_from(fetched.len()).unwrap_or(u32::MAX);
+            let bytes = fetched.values().map(|image| image.bytes.len() as u64).sum();
+            (count, bytes)
+        })
+    }
+
     /// The image at `url`, fetched for this request already or now.
     async fn fetch(&self, url: &str) -> Result<Arc<FetchedImage>, ImageError> {
         let known = self
@@ -86,7 +97,13 @@ impl<'i> ImageWork<'i> {
         if let Some(image) = known {
             return Ok(image);
         }
-        let image = self.images.fetch(url).await?;
+        let span = crate::traces::image_fetch_span(url);
+        let image = self
+            .images
+            .fetch(url)
+            .instrument(span.clone())
+            .await
+            .inspect_err(|e| crate::traces::record_image_failure(&span, e.reason))?;
         if let Ok(mut fetched) = self.fetched.lock() {
             fetched.insert(url.to_owned(), Arc::clone(&image));
         }

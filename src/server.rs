@@ -1,6 +1,7 @@
 //! Serving: accept on a listener until `shutdown` resolves, then drain
 //! in-flight requests (streams included) for at most the grace period, wait
-//! for the settlements they left running, and persist the budgets.
+//! for the settlements they left running, persist the budgets and write the
+//! spend log's queue.
 //!
 //! Each accepted connection is served by [`connection`] under deadlines on
 //! its headers and its idle time, with limits on header size and count;
@@ -29,9 +30,14 @@ use connection::{Connections, Refusal};
 /// grace period to settle (they settle as soon as their body notices).
 const SETTLE_AT_SHUTDOWN: Duration = Duration::from_secs(5);
 
+/// How long shutdown waits for the spend log's queue to be written.
+const SPEND_LOG_AT_SHUTDOWN: Duration = Duration::from_secs(5);
+
 /// File descriptors kept for what is not a client connection: upstream
 /// connections, the store, the listener, logs.
 const OTHER_FILES: u64 = 256;
+/// How long shutdown waits for the queued spans to be exported.
+const FLUSH_TRACES_AT_SHUTDOWN: Duration = Duration::from_secs(3);
 
 /// Serves `state` on `listener` until `shutdown` resolves and in-flight
 /// requests finish, or `grace` passes after it.
@@ -108,6 +114,12 @@ pub async fn run(
         Ok(()) => tracing::info!("budget usage flushed"),
         Err(e) => tracing::error!("budget usage not flushed: {e}"),
     }
+    // Settlements are done, so every record is queued: write them.
+    if !state.spend.shutdown(SPEND_LOG_AT_SHUTDOWN).await {
+        tracing::error!("spend log: records still queued at shutdown were not written");
+    }
+    // The requests' spans have all ended: export what is queued, bounded.
+    crate::traces::shutdown(FLUSH_TRACES_AT_SHUTDOWN).await;
     tracing::info!("stopped");
     Ok(())
 }

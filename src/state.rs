@@ -17,6 +17,7 @@ use crate::images::Images;
 use crate::metrics::Metrics;
 use crate::routing::health::{Health, REFRESH_EVERY};
 use crate::routing::queue::Queues;
+use crate::spend::SpendLog;
 use crate::upstream::{Endpoint, Forwarder};
 
 /// Everything a request handler may need: the services, built once at
@@ -32,6 +33,8 @@ pub struct AppState {
     /// Wrong keys, counted per source address.
     pub auth_failures: AuthFailures,
     pub metrics: Metrics,
+    /// One record per finished chat completion.
+    pub spend: SpendLog,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -44,6 +47,7 @@ impl AppState {
         // Metrics first, so the image metrics' descriptions reach the recorder.
         let metrics = Metrics::install();
         let budgets = Budgets::open(&config.store).await?;
+        let spend = SpendLog::open(&config.spend_log, &config.store.backend).await?;
         let images = Images::new(&config.images)?;
         for upstream in config.catalog.upstreams() {
             if matches!(upstream.endpoint, Endpoint::Demo) {
@@ -80,6 +84,7 @@ impl AppState {
                 drain: CancellationToken::new(),
             },
             metrics,
+            spend,
         })
     }
 

@@ -417,6 +417,18 @@ fn reject_metric(client: &str, reason: &'static str) {
         .increment(1);
 }
 
+/// What a settled request was charged: the upstream's reported usage, else
+/// the prompt estimate and the generated text counted; nothing for an
+/// upstream error without usage.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Charged {
+    pub prompt: u64,
+    pub completion: u64,
+    /// What the budget was charged: the upstream's `total_tokens` where it
+    /// reported more than the sum.
+    pub total: u64,
+}
+
 /// Tokens reserved for one admitted request. Settled exactly once: by
 /// [`Reservation::settle`] when the response ends, else by `Drop`, which
 /// gives everything back but the request it counted.
@@ -472,19 +484,34 @@ impl Reservation {
     /// that outlives its request) rather than in the caller, which is a
     /// response body being polled or dropped.
     pub fn settle(self, outcome: Outcome, upstream_ok: bool) {
+        self.settle_then(outcome, upstream_ok, |_| {});
+    }
+
+    /// [`Self::settle`], then `then` with what was charged (the spend log's
+    /// record takes its token counts from there), wherever the settlement
+    /// runs.
+    pub fn settle_then(
+        self,
+        outcome: Outcome,
+        upstream_ok: bool,
+        then: impl FnOnce(Charged) + Send + 'static,
+    ) {
         let tokenize = outcome.usage.is_none() && upstream_ok;
         if tokenize
             && outcome.generated.len() > estimate::OFFLOAD_BYTES
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             let tracker = self.budgets.inner.pending.clone();
-            tracker.spawn_blocking_on(move || self.settle_now(&outcome, upstream_ok), &runtime);
+            tracker.spawn_blocking_on(
+                move || then(self.settle_now(&outcome, upstream_ok)),
+                &runtime,
+            );
             return;
         }
-        self.settle_now(&outcome, upstream_ok);
+        then(self.settle_now(&outcome, upstream_ok));
     }
 
-    fn settle_now(mut self, outcome: &Outcome, upstream_ok: bool) {
+    fn settle_now(mut self, outcome: &Outcome, upstream_ok: bool) -> Charged {
         let (prompt, completion, total, source) = match outcome.usage {
             Some(usage) => (
                 usage.prompt_tokens,
@@ -502,9 +529,14 @@ impl Reservation {
         if let Some(linked) = self.linked.take() {
             linked.charge(total);
         }
+        let charged = Charged {
+            prompt,
+            completion,
+            total,
+        };
         if self.account == Account::Upstream {
             self.replace_hold(total);
-            return;
+            return charged;
         }
         let client = self.client.to_string();
         for (kind, tokens) in [("prompt", prompt), ("completion", completion)] {
@@ -524,6 +556,7 @@ impl Reservation {
             "usage settled"
         );
         self.replace_hold(total);
+        charged
     }
 
     /// Replaces the reservation (and any linked one) by exactly `actual` tokens.

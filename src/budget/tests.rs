@@ -233,6 +233,7 @@ async fn finish_settles_by_reported_usage_or_by_estimate() {
         }),
         generated: "ignored when usage came".into(),
         finished: true,
+        error_code: None,
     };
     budgets
         .reserve_for(&client, estimate)
@@ -247,6 +248,7 @@ async fn finish_settles_by_reported_usage_or_by_estimate() {
         usage: None,
         generated: "Hello, world!".into(),
         finished: false,
+        error_code: None,
     };
     budgets
         .reserve_for(&client, estimate)
@@ -271,6 +273,7 @@ async fn finish_settles_by_reported_usage_or_by_estimate() {
                 usage: None,
                 generated: long,
                 finished: false,
+                error_code: None,
             },
             true,
         );
@@ -566,4 +569,70 @@ async fn budget_hot_path() {
         tokens / 1000
     );
     assert!(at(0.5) < Duration::from_millis(1));
+}
+
+/// The spend log's token counts come from `settle_then`: what the budget
+/// was charged, whether the settlement ran inline or on the blocking pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settle_then_reports_what_was_charged() {
+    let budgets = budgets(NEW_YEARS_EVE);
+    let client = client("tokens_per_day = 1000000");
+    let estimate = Estimate {
+        prompt: 50,
+        completion: 1000,
+    };
+    let settled = |outcome: Outcome, upstream_ok: bool| {
+        let budgets = budgets.clone();
+        let client = Arc::clone(&client);
+        async move {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            budgets
+                .reserve_for(&client, estimate)
+                .await
+                .expect("fits")
+                .settle_then(outcome, upstream_ok, move |charged| {
+                    let _ = tx.send(charged);
+                });
+            rx.await.expect("then runs")
+        }
+    };
+    let reported = Outcome {
+        complete: true,
+        usage: Some(Usage {
+            prompt_tokens: 40,
+            completion_tokens: 7,
+            total_tokens: 50,
+        }),
+        ..Outcome::default()
+    };
+    assert_eq!(
+        settled(reported, true).await,
+        Charged {
+            prompt: 40,
+            completion: 7,
+            total: 50
+        },
+        "the upstream's total, where it reports more than the sum"
+    );
+    let long = "word ".repeat(1000);
+    let counted = estimate::count_tokens(&long);
+    let offloaded = Outcome {
+        generated: long,
+        ..Outcome::default()
+    };
+    assert_eq!(
+        settled(offloaded, true).await,
+        Charged {
+            prompt: 50,
+            completion: counted,
+            total: 50 + counted
+        }
+    );
+    assert_eq!(
+        settled(Outcome::default(), false).await,
+        Charged::default(),
+        "an upstream error without usage is charged nothing"
+    );
+    let before = used(&budgets, &client, Window::TokensPerDay).await;
+    assert_eq!(before, 50 + 50 + counted);
 }

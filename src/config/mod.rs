@@ -27,6 +27,7 @@ use crate::catalog::Catalog;
 use crate::images::ImagesSettings;
 use crate::keys::KeyHash;
 use crate::routing::RoutingSettings;
+use crate::spend::SpendSettings;
 
 /// A whole, valid configuration: one immutable snapshot of what the server
 /// runs on. Held behind an atomic pointer by the app and taken once per
@@ -40,6 +41,7 @@ pub struct Config {
     /// The operator's key, when `[admin]` is set (else no `/admin/*`).
     pub admin: Option<KeyHash>,
     pub catalog: Catalog,
+    pub spend_log: SpendSettings,
 }
 
 /// `[server]`: the listener, and the limits on connections and requests

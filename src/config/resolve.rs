@@ -13,7 +13,7 @@ use std::time::Duration;
 use http::HeaderValue;
 use ipnet::IpNet;
 
-use super::schema::{self, StoreKind, UpstreamKind};
+use super::schema::{self, SpendLogKind, StoreKind, UpstreamKind};
 use super::{Config, Problem, Server};
 use crate::budget::store::{RedisClock, RedisDeployment, RedisOptions};
 use crate::budget::{Limits, StoreBackend, StoreSettings};
@@ -21,6 +21,7 @@ use crate::catalog::{Catalog, Client, Deployment, Model, ModelAccess};
 use crate::images::{FetchLimits, Format, FormatSet, ImagePolicy, ImagesSettings};
 use crate::keys::KeyHash;
 use crate::routing::{RetryOn, RoutingSettings};
+use crate::spend::{SpendBackend, SpendSettings, WriterOptions};
 use crate::upstream::{Endpoint, Upstream};
 
 /// Problems found so far; each resolver adds to it and returns what it
@@ -64,6 +65,7 @@ pub fn resolve(file: schema::File) -> Result<Config, Vec<Problem>> {
             .ok()
     });
     let clients = clients(&file.clients, &models, &mut problems);
+    let spend_log = spend_log(&file.spend_log, &mut problems);
     match (problems.0.is_empty(), server, store) {
         (true, Some(server), Some(store)) => Ok(Config {
             server,
@@ -72,6 +74,7 @@ pub fn resolve(file: schema::File) -> Result<Config, Vec<Problem>> {
             routing,
             admin,
             catalog: Catalog::new(upstreams, models, clients),
+            spend_log,
         }),
         _ => Err(problems.0),
     }
@@ -202,6 +205,56 @@ fn redis_options(file: &schema::File, problems: &mut Problems) -> RedisOptions {
         lease: Duration::from_millis(store.lease_ms),
         timeout: Duration::from_millis(store.timeout_ms),
         clock: RedisClock::Server,
+    }
+}
+
+fn spend_log(log: &schema::SpendLog, problems: &mut Problems) -> SpendSettings {
+    let queue_capacity = problems.above_zero("spend_log.queue_capacity", log.queue_capacity);
+    let batch_size = problems.above_zero("spend_log.batch_size", log.batch_size);
+    let flush_ms = problems.above_zero("spend_log.flush_ms", log.flush_ms);
+    if log.kind != SpendLogKind::Postgres && log.url.is_some() {
+        problems.add("spend_log.url", "only with spend_log.kind = \"postgres\"");
+    }
+    if log.kind != SpendLogKind::Sqlite && log.path.is_some() {
+        problems.add("spend_log.path", "only with spend_log.kind = \"sqlite\"");
+    }
+    let backend = match log.kind {
+        SpendLogKind::Off => SpendBackend::Off,
+        SpendLogKind::Sqlite => {
+            if log.path.as_deref() == Some("") {
+                problems.add("spend_log.path", "must name a file");
+            }
+            SpendBackend::Sqlite {
+                path: log.path.as_ref().map(PathBuf::from),
+            }
+        }
+        SpendLogKind::Postgres => match &log.url {
+            None => {
+                problems.add(
+                    "spend_log.url",
+                    "required when spend_log.kind = \"postgres\"",
+                );
+                SpendBackend::Off
+            }
+            Some(url) => {
+                // The URL may carry a password: name the problem, never the URL.
+                if let Err(e) = crate::spend::postgres::check_url(url.expose()) {
+                    problems.add("spend_log.url", e);
+                }
+                SpendBackend::Postgres { url: url.clone() }
+            }
+        },
+    };
+    SpendSettings {
+        backend,
+        retention: (log.retention_days > 0)
+            .then(|| Duration::from_secs(log.retention_days.saturating_mul(86_400))),
+        writer: WriterOptions {
+            queue_capacity,
+            batch_size,
+            flush: Duration::from_millis(flush_ms),
+            ..WriterOptions::default()
+        },
     }
 }
 

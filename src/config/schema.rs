@@ -23,6 +23,7 @@ pub struct File {
     /// `/admin/*` exists only when this is set.
     pub admin: Option<Admin>,
     pub clients: Vec<Client>,
+    pub spend_log: SpendLog,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -111,6 +112,50 @@ impl Default for Store {
             lease_ms: 600_000,
             timeout_ms: 500,
             key_prefix: "iris".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpendLogKind {
+    /// Beside the budget store: in its SQLite file, in memory with the
+    /// memory store, else in `path`.
+    #[default]
+    Sqlite,
+    Postgres,
+    Off,
+}
+
+/// `[spend_log]`: one record per finished chat completion.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct SpendLog {
+    pub kind: SpendLogKind,
+    /// SQLite file; default: the store's file (`store.kind = "sqlite"`).
+    pub path: Option<String>,
+    /// PostgreSQL URL (kind = "postgres"); may carry a password.
+    pub url: Option<Secret>,
+    /// Records older than this many days are deleted; 0 keeps them.
+    pub retention_days: u64,
+    /// Records waiting to be written; more are dropped and counted.
+    pub queue_capacity: usize,
+    /// Records written in one batch at most.
+    pub batch_size: usize,
+    /// The longest a record waits for its batch.
+    pub flush_ms: u64,
+}
+
+impl Default for SpendLog {
+    fn default() -> Self {
+        Self {
+            kind: SpendLogKind::Sqlite,
+            path: None,
+            url: None,
+            retention_days: 90,
+            queue_capacity: 10_000,
+            batch_size: 500,
+            flush_ms: 1000,
         }
     }
 }

@@ -12,6 +12,7 @@ use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use http::{HeaderMap, StatusCode, header};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::relay::ResponseBody;
 use super::{Answer, ChatError, Gateway, Trail};
@@ -83,6 +84,12 @@ impl Attempts<'_> {
             selector.attempted(index);
             trail.attempts += 1;
             trail.upstream = Some(upstream.name.clone());
+            trail.upstream_model = Some(
+                deployment
+                    .upstream_model
+                    .clone()
+                    .unwrap_or_else(|| self.model.name.clone()),
+            );
 
             let request = match first.take() {
                 Some(request) => request,
@@ -93,14 +100,17 @@ impl Attempts<'_> {
                 self.prepare(deployment, request).await?;
             let sent = Instant::now();
             let remaining = deadline.saturating_duration_since(sent);
+            let span = crate::traces::attempt_span(deployment, &self.model.name, trail.attempts);
             let outcome = self
                 .attempt(upstream, upstream_body, stream, remaining)
+                .instrument(span.clone())
                 .await;
             trail.upstream_latency = Some(sent.elapsed());
 
             let failure = match outcome {
                 Ok((response, first_chunk, rest)) => {
                     count_attempt(upstream, "ok");
+                    crate::traces::record_attempt(&span, "ok", Some(response.status().as_u16()));
                     self.gateway.health.attempted(&deployment.key, false);
                     reservation.link(room);
                     return Ok(self.answer(
@@ -124,6 +134,11 @@ impl Attempts<'_> {
                 ),
             };
             count_attempt(upstream, &kind.label());
+            let status = match kind {
+                Failure::Status(status) => Some(status),
+                _ => None,
+            };
+            crate::traces::record_attempt(&span, &kind.label(), status);
             tracing::warn!(
                 request_id = self.request_id,
                 upstream = %upstream.name,

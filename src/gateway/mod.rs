@@ -17,6 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::budget::window::Snapshot;
 use crate::budget::{BudgetError, Budgets, estimate};
@@ -88,6 +89,13 @@ pub struct Trail {
     pub model: Option<String>,
     /// The upstream of the last attempt (the one that answered, if any).
     pub upstream: Option<String>,
+    /// What that upstream calls the model.
+    pub upstream_model: Option<String>,
+    /// The client asked for a streamed answer.
+    pub stream: bool,
+    /// Image URLs fetched and inlined for the request, and their bytes.
+    pub images: u32,
+    pub image_bytes: u64,
     /// Attempts made upstream.
     pub attempts: u32,
     pub upstream_latency: Option<Duration>,
@@ -119,6 +127,7 @@ impl Gateway {
             request_id,
         } = incoming;
         let request = ChatRequest::parse(&body)?;
+        trail.stream = request.stream;
 
         let model = config
             .catalog
@@ -128,6 +137,7 @@ impl Gateway {
             return Err(ChatError::ModelNotAllowed(model.name.clone()));
         }
         trail.model = Some(model.name.clone());
+        crate::traces::record_chat(&model.name, request.completion_cap);
 
         // Budget: reserve the estimate now, or refuse without calling
         // upstream. Every early return below drops the reservation, which
@@ -138,12 +148,13 @@ impl Gateway {
         let mut reservation = self
             .budgets
             .reserve(&client.name, &client.budget, &model.name, estimate)
+            .instrument(crate::traces::budget_span(estimate.total()))
             .await?;
         reservation.set_request_id(request_id);
 
         let images = self.images.load_full();
         let images = ImageWork::new(&images);
-        attempt::Attempts {
+        let answer = attempt::Attempts {
             gateway: self,
             settings: &config.routing,
             model,
@@ -155,6 +166,8 @@ impl Gateway {
             images: &images,
         }
         .run(request, reservation, trail)
-        .await
+        .await;
+        (trail.images, trail.image_bytes) = images.fetched();
+        answer
     }
 }

@@ -26,6 +26,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::budget::Reservation;
 use crate::openai::stream::UsageTap;
+use crate::spend::{Draft, Ending};
 use crate::upstream::error_chain;
 
 /// Why a body ends before its end: the edge tells the client (a stream gets
@@ -37,6 +38,19 @@ pub enum Cut {
     /// The server's shutdown grace period is over.
     ShuttingDown { stream: bool },
 }
+
+impl Cut {
+    /// The error code the client is told (a stream, in its error event).
+    pub fn error_code(self) -> &'static str {
+        match self {
+            Self::Upstream { .. } => "upstream_stream_interrupted",
+            Self::ShuttingDown { .. } => "server_shutting_down",
+        }
+    }
+}
+
+/// The spend log's error code for a response whose client went away first.
+pub const CLIENT_DISCONNECTED: &str = "client_disconnected";
 
 pub struct ResponseBody {
     upstream: BoxStream<'static, reqwest::Result<Bytes>>,
@@ -51,6 +65,12 @@ pub struct ResponseBody {
     upstream_ok: bool,
     /// Resolves when shutdown's grace period is over.
     drained: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The request's spend-log record, finished when the body ends.
+    spend: Option<Draft>,
+    /// When the first byte went to the client.
+    first_byte: Option<Instant>,
+    /// The request's span (when traces are on), for the usage.
+    span: tracing::Span,
 }
 
 impl ResponseBody {
@@ -70,25 +90,56 @@ impl ResponseBody {
             reservation: Some(reservation),
             upstream_ok,
             drained: Box::pin(drain.cancelled_owned()),
+            spend: None,
+            first_byte: None,
+            // Built in the handler, so the current span is the request's.
+            span: crate::traces::current(),
         }
     }
 
+    /// Writes the request's spend-log record when the body ends.
+    pub fn record_to(&mut self, draft: Draft) {
+        self.spend = Some(draft);
+    }
+
     /// The one place the body ends: the tap reports how it went and the
-    /// reservation is settled with it. Returns bytes still to send.
-    fn end(&mut self, complete: bool) -> Option<Bytes> {
+    /// reservation is settled with it, then the spend log told what it was
+    /// charged. `cut`: the error code of an end before the end. Returns
+    /// bytes still to send.
+    fn end(&mut self, complete: bool, cut: Option<&'static str>) -> Option<Bytes> {
         let reservation = self.reservation.take()?;
         let (unsent, outcome) = self.tap.finish(complete);
-        reservation.settle(outcome, self.upstream_ok);
-        unsent.filter(|_| complete)
+        crate::traces::record_usage(&self.span, &outcome);
+        let unsent = unsent.filter(|_| complete);
+        if unsent.is_some() {
+            self.first_byte.get_or_insert_with(Instant::now);
+        }
+        match self.spend.take() {
+            Some(draft) => {
+                let error_code = match cut {
+                    Some(code) => Some(code.to_owned()),
+                    // An upstream error relayed: its own code.
+                    None if !self.upstream_ok => outcome.error_code.clone(),
+                    None => None,
+                };
+                let then = draft.finish(Ending {
+                    error_code,
+                    first_byte: self.first_byte,
+                });
+                reservation.settle_then(outcome, self.upstream_ok, then);
+            }
+            None => reservation.settle(outcome, self.upstream_ok),
+        }
+        unsent
     }
 }
 
 impl ResponseBody {
     /// Ends the body early: settles, and says why.
     fn cut(&mut self, why: fn(bool) -> Cut) -> Poll<Option<Result<Bytes, Cut>>> {
-        let stream = self.tap.reads_events();
-        self.end(false);
-        Poll::Ready(Some(Err(why(stream))))
+        let cut = why(self.tap.reads_events());
+        self.end(false, Some(cut.error_code()));
+        Poll::Ready(Some(Err(cut)))
     }
 }
 
@@ -104,7 +155,11 @@ impl Stream for ResponseBody {
             Poll::Ready(Some(Ok(chunk))) => {
                 let idle = this.idle;
                 this.deadline.as_mut().reset(Instant::now() + idle);
-                Poll::Ready(Some(Ok(this.tap.on_chunk(chunk))))
+                let out = this.tap.on_chunk(chunk);
+                if !out.is_empty() {
+                    this.first_byte.get_or_insert_with(Instant::now);
+                }
+                Poll::Ready(Some(Ok(out)))
             }
             Poll::Ready(Some(Err(e))) => {
                 tracing::warn!(error = %error_chain(&e), "upstream body failed");
@@ -115,7 +170,7 @@ impl Stream for ResponseBody {
                     tracing::warn!("upstream stream ended without [DONE]");
                     return this.cut(|stream| Cut::Upstream { stream });
                 }
-                Poll::Ready(this.end(true).map(Ok))
+                Poll::Ready(this.end(true, None).map(Ok))
             }
             Poll::Pending => {
                 if this.deadline.as_mut().poll(cx).is_ready() {
@@ -136,6 +191,6 @@ impl Drop for ResponseBody {
     fn drop(&mut self) {
         // The client hung up (or the server gave up on it) before the end:
         // still account what was relayed.
-        self.end(false);
+        self.end(false, Some(CLIENT_DISCONNECTED));
     }
 }

@@ -42,6 +42,9 @@ pub struct Outcome {
     /// A stream said it was done (`[DONE]`, or a `finish_reason`); a stream
     /// that ends without either was cut short.
     pub finished: bool,
+    /// A plain body's `error.code` (else its `error.type`), as an upstream
+    /// error reports it: short, printable, or left out.
+    pub error_code: Option<String>,
 }
 
 /// An event larger than this is not held back to be edited: the body is
@@ -178,6 +181,34 @@ struct ChunkView<'a> {
     usage: Option<Usage>,
     #[serde(default, borrow)]
     choices: Option<Vec<ChoiceView<'a>>>,
+    #[serde(default, borrow)]
+    error: Option<ErrorView<'a>>,
+}
+
+/// OpenAI's error object, as far as the spend log names it.
+#[derive(Deserialize)]
+struct ErrorView<'a> {
+    #[serde(default, borrow)]
+    code: Option<&'a RawValue>,
+    #[serde(default, borrow, rename = "type")]
+    kind: Option<&'a RawValue>,
+}
+
+impl ErrorView<'_> {
+    /// `code`, else `type`: a string (or a number) of at most 64 printable
+    /// ASCII characters.
+    fn code(&self) -> Option<String> {
+        let name = |raw: Option<&RawValue>| {
+            let raw = raw?.get();
+            let text = serde_json::from_str::<String>(raw).unwrap_or_else(|_| raw.to_owned());
+            (!text.is_empty()
+                && text.len() <= 64
+                && text.bytes().all(|b| b.is_ascii_graphic())
+                && text != "null")
+                .then_some(text)
+        };
+        name(self.code).or_else(|| name(self.kind))
+    }
 }
 
 #[derive(Deserialize)]
@@ -238,6 +269,7 @@ fn note_event(event: &[u8], outcome: &mut Outcome) -> bool {
 fn note_body(body: &[u8], outcome: &mut Outcome) {
     if let Ok(chunk) = serde_json::from_slice::<ChunkView<'_>>(body) {
         outcome.usage = chunk.usage;
+        outcome.error_code = chunk.error.as_ref().and_then(ErrorView::code);
         for choice in chunk.choices.iter().flatten() {
             note_message(choice.message.as_ref(), outcome);
         }
@@ -335,6 +367,27 @@ mod tests {
         assert_eq!(out, body);
         assert_eq!(outcome.usage.map(|u| u.total()), Some(5));
         assert_eq!(outcome.generated, "Hi there");
+    }
+
+    #[test]
+    fn an_error_body_names_its_code() {
+        let body = r#"{"error":{"message":"no","type":"server_error","code":"mock_error"}}"#;
+        assert_eq!(
+            run(false, false, &[body], true).1.error_code.as_deref(),
+            Some("mock_error")
+        );
+        let typed = r#"{"error":{"message":"no","type":"rate_limit","code":null}}"#;
+        assert_eq!(
+            run(false, false, &[typed], true).1.error_code.as_deref(),
+            Some("rate_limit")
+        );
+        let numbered = r#"{"error":{"message":"no","code":429}}"#;
+        assert_eq!(
+            run(false, false, &[numbered], true).1.error_code.as_deref(),
+            Some("429")
+        );
+        let odd = r#"{"error":{"code":"has spaces in it"}}"#;
+        assert_eq!(run(false, false, &[odd], true).1.error_code, None);
     }
 
     #[test]

@@ -197,6 +197,54 @@ pub async fn upstreams(State(state): State<SharedState>, Admin { config }: Admin
     Json(json!({"object": "list", "data": data}))
 }
 
+/// `?since=&until=&by=client,model,upstream,day` (and `client=`).
+#[derive(Debug, serde::Deserialize)]
+pub struct UsageParams {
+    since: Option<String>,
+    until: Option<String>,
+    by: Option<String>,
+    client: Option<String>,
+}
+
+/// Totals from the spend log for a period.
+pub async fn usage(
+    State(state): State<SharedState>,
+    _: Admin,
+    params: Result<axum::extract::Query<UsageParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let axum::extract::Query(params) =
+        params.map_err(|e| ApiError::invalid_request(format!("The query is invalid: {e}.")))?;
+    let since = params.since.ok_or_else(|| {
+        ApiError::invalid_request(
+            "Missing required parameter: 'since' (a date such as 2026-11-01).",
+        )
+        .with_param("since")
+    })?;
+    let now = i64::try_from(crate::clients::unix_now_ms()).unwrap_or(i64::MAX);
+    let mut query = crate::spend::report::Query::parse(
+        &since,
+        params.until.as_deref(),
+        params.by.as_deref(),
+        now,
+    )
+    .map_err(|e| ApiError::invalid_request(e.message).with_param(e.param))?;
+    query.client = params.client;
+    let report = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        crate::spend::report::usage(&state.spend, &query),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::from(crate::spend::SpendError::Sink(crate::spend::SinkError(
+            "the spend log did not answer within 10 s".into(),
+        )))
+    })?
+    .map_err(ApiError::from)?;
+    let mut body = serde_json::to_value(report).unwrap_or_default();
+    body["object"] = json!("usage_report");
+    Ok(Json(body))
+}
+
 pub async fn reload(State(state): State<SharedState>, _: Admin) -> Result<Json<Value>, ApiError> {
     crate::reload::reload(&state)?;
     Ok(Json(json!({"status": "reloaded"})))

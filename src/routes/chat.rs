@@ -15,11 +15,15 @@ use tower_http::request_id::RequestId;
 use super::Authenticated;
 use crate::access_log::RequestLog;
 use crate::body_deadline::BodyDeadlineElapsed;
+use crate::catalog::Client;
 use crate::config;
 use crate::error::{self, ApiError, Relayed, rate_limit_headers};
 use crate::gateway::{Answer, Incoming, Trail};
+use crate::spend::{self, Draft, Record, SpendLog};
 use crate::state::SharedState;
 use futures_util::StreamExt;
+use std::time::SystemTime;
+use tokio::time::Instant;
 
 pub async fn completions(
     State(state): State<SharedState>,
@@ -28,6 +32,7 @@ pub async fn completions(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let started = Instant::now();
     let mut trail = Trail::default();
     let answer = match read_body(body, &config.server).await {
         Ok(body) => {
@@ -45,9 +50,26 @@ pub async fn completions(
         }
         Err(e) => Err(e),
     };
+    let request_id = request_id.header_value().to_str().unwrap_or("");
     let mut response = match answer {
-        Ok(answer) => respond(answer),
-        Err(error) => error.into_response(),
+        Ok(mut answer) => {
+            if state.spend.is_on() {
+                let draft = draft(&state.spend, &client, request_id, &trail, started);
+                answer.body.record_to(Draft {
+                    status: answer.status.as_u16(),
+                    ..draft
+                });
+            }
+            respond(answer)
+        }
+        Err(error) => {
+            if state.spend.is_on() {
+                state
+                    .spend
+                    .record(refused(&client, request_id, &trail, &error, started));
+            }
+            error.into_response()
+        }
     };
     // Which deployment answered (or was tried last), and after how many attempts.
     if trail.attempts > 0 {
@@ -66,6 +88,60 @@ pub async fn completions(
     }
     response.extensions_mut().insert(RequestLog(trail));
     response
+}
+
+/// The spend-log record of a relayed answer, but for how it ends.
+fn draft(
+    log: &SpendLog,
+    client: &Client,
+    request_id: &str,
+    trail: &Trail,
+    started: Instant,
+) -> Draft {
+    Draft {
+        log: log.clone(),
+        request_id: request_id.to_owned(),
+        client: client.name.to_string(),
+        model: trail.model.clone(),
+        upstream: trail.upstream.clone(),
+        upstream_model: trail.upstream_model.clone(),
+        status: 0,
+        stream: trail.stream,
+        attempts: trail.attempts,
+        images: trail.images,
+        image_bytes: trail.image_bytes,
+        started,
+    }
+}
+
+/// The spend-log record of a request Iris answered with an error (nothing
+/// charged: its reservation, if any, was given back).
+fn refused(
+    client: &Client,
+    request_id: &str,
+    trail: &Trail,
+    error: &ApiError,
+    started: Instant,
+) -> Record {
+    Record {
+        at_ms: spend::unix_ms(SystemTime::now()),
+        request_id: request_id.to_owned(),
+        client: client.name.to_string(),
+        model: trail.model.clone(),
+        upstream: trail.upstream.clone(),
+        upstream_model: trail.upstream_model.clone(),
+        status: error.status.as_u16(),
+        error_code: Some(error.code.to_owned()),
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        total_tokens: 0,
+        images: trail.images,
+        image_bytes: trail.image_bytes,
+        stream: trail.stream,
+        attempts: trail.attempts,
+        ttfb_ms: None,
+        total_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+    }
 }
 
 fn respond(answer: Answer) -> Response {

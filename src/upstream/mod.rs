@@ -137,6 +137,8 @@ impl Forwarder {
         if let Some(authorization) = authorization {
             headers.insert(header::AUTHORIZATION, authorization.clone());
         }
+        // The attempt's trace context, in place of the client's.
+        crate::traces::inject(&mut headers);
 
         let request = self
             .http

@@ -23,3 +23,5 @@ mod redis_cluster;
 mod reload;
 mod routing;
 mod secrets;
+mod spend;
+mod traces;

@@ -209,7 +209,8 @@ async fn an_invalid_reload_changes_nothing_and_names_each_problem_by_key_path() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reload_that_changes_the_listen_address_or_the_store_is_refused_and_changes_nothing() {
+async fn a_reload_that_changes_the_listen_address_the_store_or_the_spend_log_is_refused_and_changes_nothing()
+ {
     let upstream = MockUpstream::start().await;
     let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -229,7 +230,15 @@ async fn a_reload_that_changes_the_listen_address_or_the_store_is_refused_and_ch
         ),
         1,
     );
-    for (text, section) in [(&moved, "[server]"), (&stored, "[store]")] {
+    let logged = format!(
+        "{}\n[spend_log]\nkind = \"off\"\n",
+        after(&upstream.base_url())
+    );
+    for (text, section) in [
+        (&moved, "[server]"),
+        (&stored, "[store]"),
+        (&logged, "[spend_log]"),
+    ] {
         write(file.path(), text);
         let (status, answer) = reload(&iris).await;
         assert_eq!(status, 409, "{section}: {answer}");

@@ -24,11 +24,12 @@ const ADMIN_KEY: &str = "iris-admin-key-3a9e5c7b13";
 const WRONG_ADMIN_KEY: &str = "iris-wrong-admin-key-7c1f2e";
 
 /// Port 1 on loopback: refused at once, so the store is unavailable and
-/// requests are counted locally.
+/// requests are counted locally. (The spend log off: beside Redis it would
+/// be a file in the working directory.)
 fn unreachable_redis() -> String {
     format!(
         "kind = \"redis\"\nurl = \"redis://:{REDIS_PASSWORD}@127.0.0.1:1/13\"\n\
-         on_unavailable = \"allow\"\ntimeout_ms = 200\n"
+         on_unavailable = \"allow\"\ntimeout_ms = 200\n\n[spend_log]\nkind = \"off\"\n"
     )
 }
 

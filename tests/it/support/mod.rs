@@ -6,6 +6,7 @@
 pub mod app;
 pub mod image_server;
 pub mod mock_upstream;
+pub mod postgres;
 pub mod redis;
 pub mod redis_cluster;
 mod skip;

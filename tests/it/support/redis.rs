@@ -61,7 +61,8 @@ impl SharedRedis {
         })
     }
 
-    /// The `[store]` table for an Iris on this Redis and prefix.
+    /// The `[store]` table for an Iris on this Redis and prefix (and the
+    /// spend log off).
     pub fn store_toml(&self, extra: &str) -> String {
         store_toml(&self.url, &self.prefix, extra)
     }
@@ -85,8 +86,14 @@ impl Drop for SharedRedis {
     }
 }
 
+/// The `[store]` table for an Iris on Redis at `url` under `prefix`, with
+/// `extra` store keys; and the spend log off (beside a Redis store it would
+/// be a SQLite file in the working directory, shared by every test).
 pub fn store_toml(url: &str, prefix: &str, extra: &str) -> String {
-    format!("[store]\nkind = \"redis\"\nurl = \"{url}\"\nkey_prefix = \"{prefix}\"\n{extra}\n")
+    format!(
+        "[store]\nkind = \"redis\"\nurl = \"{url}\"\nkey_prefix = \"{prefix}\"\n{extra}\n\
+         [spend_log]\nkind = \"off\"\n"
+    )
 }
 
 /// [`super::base_config`] with its memory store replaced by `store`.

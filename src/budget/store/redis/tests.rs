@@ -15,7 +15,9 @@ use redis::Script;
 
 #[path = "../../../../tests/it/support/skip.rs"]
 mod skip;
-use self::skip::skip;
+/// The one skip policy, for the spend log's PostgreSQL tests too (a file
+/// may be a module only once).
+pub(crate) use self::skip::skip;
 
 /// The one Redis harness of Iris's tests (`tests/it/support/redis.rs`).
 #[path = "../../../../tests/it/support/redis.rs"]

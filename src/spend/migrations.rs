@@ -1,0 +1,125 @@
+//! The spend log's tables, created and migrated by Iris itself: each backend
+//! has a list of migrations, applied in order, and a `schema_version` table
+//! that remembers, per component, the last one applied. A sink applies the
+//! ones after it (all of them on a fresh database) in one transaction, so
+//! instances starting together never apply one twice. A database migrated
+//! by a newer Iris is refused rather than written in a shape this one does
+//! not know.
+//!
+//! To change the schema, append a migration; never edit one that shipped.
+
+/// This component's row in `schema_version`.
+pub const COMPONENT: &str = "spend_log";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Migration {
+    pub version: i64,
+    pub sql: &'static str,
+}
+
+pub const SQLITE_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_version (
+    component TEXT PRIMARY KEY NOT NULL,
+    version   INTEGER NOT NULL
+) STRICT";
+
+pub const SQLITE: &[Migration] = &[Migration {
+    version: 1,
+    sql: "
+CREATE TABLE spend_log (
+    at                INTEGER NOT NULL,  -- Unix ms: when the request ended
+    request_id        TEXT NOT NULL,
+    client            TEXT NOT NULL,
+    model             TEXT,
+    upstream          TEXT,
+    upstream_model    TEXT,
+    status            INTEGER NOT NULL,
+    error_code        TEXT,
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    total_tokens      INTEGER NOT NULL,
+    images            INTEGER NOT NULL,
+    image_bytes       INTEGER NOT NULL,
+    stream            INTEGER NOT NULL,  -- 0 or 1
+    attempts          INTEGER NOT NULL,
+    ttfb_ms           INTEGER,
+    total_ms          INTEGER NOT NULL
+) STRICT;
+CREATE INDEX spend_log_at ON spend_log (at);
+",
+}];
+
+pub const POSTGRES_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_version (
+    component TEXT PRIMARY KEY,
+    version   BIGINT NOT NULL
+)";
+
+pub const POSTGRES: &[Migration] = &[Migration {
+    version: 1,
+    sql: "
+CREATE TABLE spend_log (
+    at                TIMESTAMPTZ NOT NULL,
+    request_id        TEXT NOT NULL,
+    client            TEXT NOT NULL,
+    model             TEXT,
+    upstream          TEXT,
+    upstream_model    TEXT,
+    status            INTEGER NOT NULL,
+    error_code        TEXT,
+    prompt_tokens     BIGINT NOT NULL,
+    completion_tokens BIGINT NOT NULL,
+    total_tokens      BIGINT NOT NULL,
+    images            INTEGER NOT NULL,
+    image_bytes       BIGINT NOT NULL,
+    stream            BOOLEAN NOT NULL,
+    attempts          INTEGER NOT NULL,
+    ttfb_ms           BIGINT,
+    total_ms          BIGINT NOT NULL
+);
+CREATE INDEX spend_log_at ON spend_log (at);
+",
+}];
+
+/// The migrations of `list` that a database at `current` still needs, or
+/// why it cannot be used.
+pub fn pending(list: &'static [Migration], current: i64) -> Result<&'static [Migration], String> {
+    let latest = list.last().map_or(0, |m| m.version);
+    if current > latest {
+        return Err(format!(
+            "the spend log's tables are at schema version {current}, newer than this Iris knows \
+             ({latest}): run a newer Iris, or point spend_log at another database"
+        ));
+    }
+    Ok(&list[list.partition_point(|m| m.version <= current)..])
+}
+
+/// The version a fully migrated database is at.
+pub fn latest(list: &[Migration]) -> i64 {
+    list.last().map_or(0, |m| m.version)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_ascend_from_one_without_gaps() {
+        for list in [SQLITE, POSTGRES] {
+            for (i, migration) in list.iter().enumerate() {
+                assert_eq!(migration.version, i as i64 + 1);
+            }
+        }
+        assert_eq!(
+            latest(SQLITE),
+            latest(POSTGRES),
+            "the backends move together"
+        );
+    }
+
+    #[test]
+    fn only_later_migrations_are_pending_and_newer_databases_are_refused() {
+        assert_eq!(pending(SQLITE, 0).unwrap().len(), SQLITE.len());
+        assert!(pending(SQLITE, latest(SQLITE)).unwrap().is_empty());
+        let refused = pending(SQLITE, latest(SQLITE) + 1).unwrap_err();
+        assert!(refused.contains("newer than this Iris knows"), "{refused}");
+    }
+}

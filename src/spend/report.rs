@@ -1,0 +1,542 @@
+//! Totals from the spend log: the question ([`Query`]: since, until, an
+//! optional client, grouped by client, model, upstream and/or day), the
+//! answer ([`UsageReport`], serializable for `GET /admin/usage`), and its
+//! renderings for `iris usage --since` (table, CSV, JSON).
+
+use std::fmt::Write as _;
+use std::str::FromStr;
+
+use serde::Serialize;
+use serde::ser::{SerializeMap, Serializer};
+
+use super::postgres::PostgresSink;
+use super::sqlite::SqliteSink;
+use super::{Sink, SinkError, SpendBackend, SpendError, SpendLog, SpendSettings};
+use crate::budget::StoreBackend;
+use crate::budget::window::{civil_from_days, days_from_civil};
+
+const DAY_MS: i64 = 86_400_000;
+
+/// What the totals can be grouped by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dimension {
+    Client,
+    Model,
+    Upstream,
+    /// The UTC calendar day, `YYYY-MM-DD`.
+    Day,
+}
+
+impl Dimension {
+    pub const ALL: [Dimension; 4] = [Self::Client, Self::Model, Self::Upstream, Self::Day];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Model => "model",
+            Self::Upstream => "upstream",
+            Self::Day => "day",
+        }
+    }
+}
+
+impl FromStr for Dimension {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|d| d.name() == s.trim())
+            .ok_or_else(|| format!("{s:?} is not one of client, model, upstream, day"))
+    }
+}
+
+/// Which records to total, and how to group them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Query {
+    /// Records at or after this Unix millisecond...
+    pub since_ms: i64,
+    /// ...and before this one (none: up to now).
+    pub until_ms: Option<i64>,
+    /// Only this client's records.
+    pub client: Option<String>,
+    pub by: Vec<Dimension>,
+}
+
+/// A query parameter that is not understood: `param` names it, for an
+/// OpenAI-shaped 400.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{param}: {message}")]
+pub struct QueryError {
+    pub param: &'static str,
+    pub message: String,
+}
+
+impl Query {
+    /// A query from its text form, as `iris usage` and `GET /admin/usage`
+    /// take it: `since` (inclusive) and `until` (exclusive) are `YYYY-MM-DD`
+    /// (the start of that UTC day), `YYYY-MM-DDTHH:MM:SSZ`, or `Nd` (the
+    /// start of the UTC day N days ago): June is `since=2025-06-01&until=2025-07-01`.
+    /// `by` is a comma-separated list of `client`, `model`, `upstream`, `day`.
+    pub fn parse(
+        since: &str,
+        until: Option<&str>,
+        by: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Self, QueryError> {
+        let since_ms = parse_time(since, now_ms).map_err(|message| QueryError {
+            param: "since",
+            message,
+        })?;
+        let until_ms = until
+            .filter(|u| !u.trim().is_empty())
+            .map(|u| parse_time(u, now_ms))
+            .transpose()
+            .map_err(|message| QueryError {
+                param: "until",
+                message,
+            })?;
+        if let Some(until_ms) = until_ms
+            && until_ms <= since_ms
+        {
+            return Err(QueryError {
+                param: "until",
+                message: "must be after since".into(),
+            });
+        }
+        let mut dimensions = Vec::new();
+        for part in by.unwrap_or("").split(',').filter(|p| !p.trim().is_empty()) {
+            let dimension: Dimension = part.parse().map_err(|message| QueryError {
+                param: "by",
+                message,
+            })?;
+            if !dimensions.contains(&dimension) {
+                dimensions.push(dimension);
+            }
+        }
+        Ok(Self {
+            since_ms,
+            until_ms,
+            client: None,
+            by: dimensions,
+        })
+    }
+}
+
+/// Unix ms of a time as `Query::parse` takes it.
+fn parse_time(text: &str, now_ms: i64) -> Result<i64, String> {
+    let text = text.trim();
+    let problem = || {
+        format!(
+            "{text:?} is not a date (YYYY-MM-DD), a UTC time (YYYY-MM-DDTHH:MM:SSZ) or a number of days ago (30d)"
+        )
+    };
+    if let Some(days) = text.strip_suffix('d')
+        && let Ok(days) = days.parse::<i64>()
+    {
+        let today = now_ms.div_euclid(DAY_MS);
+        return Ok((today - days) * DAY_MS);
+    }
+    let (date, time) = match text.split_once(['T', ' ']) {
+        Some((date, time)) => (date, Some(time)),
+        None => (text, None),
+    };
+    let day = parse_date(date).ok_or_else(problem)?;
+    let Some(time) = time else {
+        return Ok(day * DAY_MS);
+    };
+    let time = time.strip_suffix('Z').ok_or_else(problem)?;
+    let mut parts = time.split(':').map(|p| p.parse::<i64>().ok());
+    let (Some(Some(h)), Some(Some(m)), Some(Some(s)), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(problem());
+    };
+    if !(0..24).contains(&h) || !(0..60).contains(&m) || !(0..61).contains(&s) {
+        return Err(problem());
+    }
+    Ok(day * DAY_MS + ((h * 60 + m) * 60 + s) * 1000)
+}
+
+/// Days since 1970-01-01 of `YYYY-MM-DD`.
+fn parse_date(text: &str) -> Option<i64> {
+    let mut parts = text.split('-');
+    let (Some(y), Some(m), Some(d), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    if y.len() != 4 || m.len() != 2 || d.len() != 2 {
+        return None;
+    }
+    let (year, month, day) = (y.parse().ok()?, m.parse().ok()?, d.parse().ok()?);
+    let days = days_from_civil(year, month, day);
+    // Rejects 2025-02-30 and friends.
+    (civil_from_days(days) == (year, month, day)).then_some(days)
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` of Unix ms.
+pub fn format_time(ms: i64) -> String {
+    let (days, rest) = (ms.div_euclid(DAY_MS), ms.rem_euclid(DAY_MS) / 1000);
+    let (year, month, day) = civil_from_days(days);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest / 60 % 60,
+        rest % 60
+    )
+}
+
+/// The counts of one group of records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    pub requests: u64,
+    /// Records with an error status or an error code (see [`super::Record::is_error`]).
+    pub errors: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+}
+
+impl Counts {
+    fn add(&mut self, other: &Counts) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.prompt_tokens += other.prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+        self.total_tokens += other.total_tokens;
+    }
+}
+
+/// One group as a sink answers it: its keys, in the query's `by` order
+/// (`None`: the records had none, such as the model of a request refused
+/// before it named a configured one), and its counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Totals {
+    pub keys: Vec<Option<String>>,
+    pub counts: Counts,
+}
+
+/// The answer to a [`Query`], as `GET /admin/usage` serializes it:
+///
+/// ```json
+/// {"since": "2025-06-01T00:00:00Z", "until": null, "by": ["client", "model"],
+///  "data": [{"client": "a", "model": "m", "requests": 3, "errors": 0,
+///            "prompt_tokens": 30, "completion_tokens": 9, "total_tokens": 39}],
+///  "total": {"requests": 3, …}}
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UsageReport {
+    pub since: String,
+    pub until: Option<String>,
+    pub by: Vec<&'static str>,
+    /// One row per group, in key order (`data`, like every list the
+    /// admin API answers).
+    pub data: Vec<Row>,
+    pub total: Counts,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    /// (dimension, key) in the query's `by` order.
+    pub keys: Vec<(&'static str, Option<String>)>,
+    pub counts: Counts,
+}
+
+impl Serialize for Row {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.keys.len() + 5))?;
+        for (name, key) in &self.keys {
+            map.serialize_entry(name, key)?;
+        }
+        let c = &self.counts;
+        map.serialize_entry("requests", &c.requests)?;
+        map.serialize_entry("errors", &c.errors)?;
+        map.serialize_entry("prompt_tokens", &c.prompt_tokens)?;
+        map.serialize_entry("completion_tokens", &c.completion_tokens)?;
+        map.serialize_entry("total_tokens", &c.total_tokens)?;
+        map.end()
+    }
+}
+
+impl UsageReport {
+    pub fn new(query: &Query, totals: Vec<Totals>) -> Self {
+        let by: Vec<&'static str> = query.by.iter().map(|d| d.name()).collect();
+        let mut total = Counts::default();
+        let data = totals
+            .into_iter()
+            .filter(|t| t.counts.requests > 0)
+            .map(|t| {
+                total.add(&t.counts);
+                Row {
+                    keys: by.iter().copied().zip(t.keys).collect(),
+                    counts: t.counts,
+                }
+            })
+            .collect();
+        Self {
+            since: format_time(query.since_ms),
+            until: query.until_ms.map(format_time),
+            by,
+            data,
+            total,
+        }
+    }
+}
+
+/// The report for `query` from a running server's spend log: what the
+/// admin API answers (`GET /admin/usage?since=&until=&by=`).
+pub async fn usage(log: &SpendLog, query: &Query) -> Result<UsageReport, SpendError> {
+    let totals = log.totals(query).await?;
+    Ok(UsageReport::new(query, totals))
+}
+
+/// The report for `query` from the configured spend log, without a running
+/// server (`iris usage --since`): the SQLite file read-only, or PostgreSQL.
+pub async fn from_config(
+    settings: &SpendSettings,
+    store: &StoreBackend,
+    query: &Query,
+) -> Result<UsageReport, String> {
+    let totals = match &settings.backend {
+        SpendBackend::Off => return Err(SpendError::Off.to_string()),
+        SpendBackend::Sqlite { path } => {
+            let Some(path) = super::sqlite_path(path.as_ref(), store) else {
+                return Err(
+                    "with store.kind = \"memory\" the spend log lives in the running \
+                            server's memory only; ask it with GET /admin/usage"
+                        .into(),
+                );
+            };
+            let query = query.clone();
+            tokio::task::spawn_blocking(move || -> Result<Vec<Totals>, SinkError> {
+                match SqliteSink::open_read_only(&path)? {
+                    Some(sink) => sink.totals_now(&query),
+                    None => Ok(Vec::new()),
+                }
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("spend log: {e}"))?
+        }
+        SpendBackend::Postgres { url } => {
+            let sink = PostgresSink::new(url).map_err(|e| format!("spend log: {e}"))?;
+            sink.totals(query)
+                .await
+                .map_err(|e| format!("spend log: {e}"))?
+        }
+    };
+    Ok(UsageReport::new(query, totals))
+}
+
+/// How `iris usage --since` prints a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Format {
+    #[default]
+    Table,
+    Csv,
+    Json,
+}
+
+pub fn render(report: &UsageReport, format: Format) -> String {
+    match format {
+        Format::Json => {
+            let mut out = serde_json::to_string_pretty(report).unwrap_or_default();
+            out.push('\n');
+            out
+        }
+        Format::Csv => {
+            let mut out = String::new();
+            for row in cells(report, false) {
+                let line: Vec<String> = row.iter().map(|c| csv_field(c)).collect();
+                out.push_str(&line.join(","));
+                out.push('\n');
+            }
+            out
+        }
+        Format::Table => table(&cells(report, true)),
+    }
+}
+
+/// The header and one line per row (and, for a table, the total).
+fn cells(report: &UsageReport, with_total: bool) -> Vec<Vec<String>> {
+    let mut header: Vec<String> = report.by.iter().map(|d| d.to_uppercase()).collect();
+    header.extend(
+        [
+            "REQUESTS",
+            "ERRORS",
+            "PROMPT_TOKENS",
+            "COMPLETION_TOKENS",
+            "TOTAL_TOKENS",
+        ]
+        .map(String::from),
+    );
+    let numbers = |c: &Counts| {
+        [
+            c.requests,
+            c.errors,
+            c.prompt_tokens,
+            c.completion_tokens,
+            c.total_tokens,
+        ]
+        .map(|n| n.to_string())
+    };
+    let mut lines = vec![header];
+    if report.by.is_empty() {
+        // Ungrouped: the one line is the total (zeros when nothing matched).
+        lines.push(numbers(&report.total).to_vec());
+        return lines;
+    }
+    for row in &report.data {
+        let mut line: Vec<String> = row
+            .keys
+            .iter()
+            .map(|(_, key)| key.clone().unwrap_or_else(|| "-".into()))
+            .collect();
+        line.extend(numbers(&row.counts));
+        lines.push(line);
+    }
+    if with_total {
+        let mut line = vec![String::new(); report.by.len()];
+        line[0] = "TOTAL".into();
+        line.extend(numbers(&report.total));
+        lines.push(line);
+    }
+    lines
+}
+
+fn table(lines: &[Vec<String>]) -> String {
+    let columns = lines.first().map_or(0, Vec::len);
+    let mut widths = vec![0; columns];
+    for line in lines {
+        for (width, cell) in widths.iter_mut().zip(line) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    for line in lines {
+        let mut text = String::new();
+        for (i, (cell, width)) in line.iter().zip(&widths).enumerate() {
+            // Keys left-aligned, numbers right-aligned.
+            let number = i + 5 >= columns;
+            if number {
+                let _ = write!(text, "{cell:>width$}  ");
+            } else {
+                let _ = write!(text, "{cell:<width$}  ");
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn csv_field(cell: &str) -> String {
+    if cell.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", cell.replace('"', "\"\""))
+    } else {
+        cell.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_750_000_000_000; // 2025-06-15T15:06:40Z
+
+    #[test]
+    fn times_parse_as_utc_days_instants_and_days_ago() {
+        let day = |s| parse_time(s, NOW).unwrap();
+        assert_eq!(format_time(day("2025-06-01")), "2025-06-01T00:00:00Z");
+        assert_eq!(
+            format_time(day("2025-06-01T12:30:05Z")),
+            "2025-06-01T12:30:05Z"
+        );
+        assert_eq!(format_time(day("0d")), "2025-06-15T00:00:00Z");
+        assert_eq!(format_time(day("7d")), "2025-06-08T00:00:00Z");
+        for bad in [
+            "2025-02-30",
+            "2025-6-1",
+            "yesterday",
+            "2025-06-01T12:00",
+            "-",
+        ] {
+            assert!(parse_time(bad, NOW).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn queries_name_the_parameter_they_refuse() {
+        let q = Query::parse(
+            "2025-06-01",
+            Some("2025-07-01"),
+            Some("client,day,client"),
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(q.by, vec![Dimension::Client, Dimension::Day]);
+        assert_eq!(q.until_ms.map(format_time).unwrap(), "2025-07-01T00:00:00Z");
+        let error = |since, until, by| Query::parse(since, until, by, NOW).unwrap_err().param;
+        assert_eq!(error("june", None, None), "since");
+        assert_eq!(error("2025-06-01", Some("x"), None), "until");
+        assert_eq!(error("2025-06-02", Some("2025-06-01"), None), "until");
+        assert_eq!(error("2025-06-01", Some("2025-06-01"), None), "until");
+        assert_eq!(error("2025-06-01", None, Some("client,team")), "by");
+    }
+
+    fn report() -> UsageReport {
+        let query = Query::parse("2025-06-01", None, Some("client,model"), NOW).unwrap();
+        let counts = |n: u64| Counts {
+            requests: n,
+            errors: 1,
+            prompt_tokens: 10 * n,
+            completion_tokens: n,
+            total_tokens: 11 * n,
+        };
+        UsageReport::new(
+            &query,
+            vec![
+                Totals {
+                    keys: vec![Some("a".into()), Some("m, \"big\"".into())],
+                    counts: counts(2),
+                },
+                Totals {
+                    keys: vec![Some("b".into()), None],
+                    counts: counts(1),
+                },
+            ],
+        )
+    }
+
+    #[test]
+    fn reports_render_as_table_csv_and_json() {
+        let report = report();
+        assert_eq!(report.total.requests, 3);
+        assert_eq!(report.total.total_tokens, 33);
+        let table = render(&report, Format::Table);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 4, "{table}");
+        assert!(lines[0].starts_with("CLIENT  MODEL"), "{table}");
+        assert!(lines[2].starts_with("b       -"), "{table}");
+        assert!(
+            lines[3].starts_with("TOTAL") && lines[3].ends_with("33"),
+            "{table}"
+        );
+
+        let csv = render(&report, Format::Csv);
+        assert_eq!(
+            csv,
+            "CLIENT,MODEL,REQUESTS,ERRORS,PROMPT_TOKENS,COMPLETION_TOKENS,TOTAL_TOKENS\n\
+             a,\"m, \"\"big\"\"\",2,1,20,2,22\n\
+             b,-,1,1,10,1,11\n"
+        );
+
+        let json: serde_json::Value = serde_json::from_str(&render(&report, Format::Json)).unwrap();
+        assert_eq!(json["since"], "2025-06-01T00:00:00Z");
+        assert_eq!(json["by"], serde_json::json!(["client", "model"]));
+        assert_eq!(json["data"][1]["model"], serde_json::Value::Null);
+        assert_eq!(json["data"][0]["prompt_tokens"], 20);
+        assert_eq!(json["total"]["requests"], 3);
+    }
+}

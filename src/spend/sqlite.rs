@@ -1,0 +1,279 @@
+//! The SQLite sink (the default): the `spend_log` table in the budget
+//! store's file (WAL mode, so `iris usage` reads while the server writes),
+//! in its own file, or in memory. Every operation runs on the blocking pool;
+//! a batch is one transaction.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+
+use super::migrations::{self, COMPONENT};
+use super::report::{Counts, Dimension, Query, Totals};
+use super::{Record, Sink, SinkError, SinkFuture};
+
+pub struct SqliteSink {
+    db: Arc<Mutex<Connection>>,
+    /// For messages; `None` in memory.
+    path: Option<PathBuf>,
+}
+
+impl SqliteSink {
+    /// Opens (or creates) `path`, or an in-memory database, and migrates it.
+    pub fn open(path: Option<&Path>) -> Result<Self, SinkError> {
+        let name = path.map(Path::to_path_buf);
+        let error = |e: rusqlite::Error| SinkError(message(name.as_deref(), &e));
+        let mut db = match path {
+            Some(path) => Connection::open(path),
+            None => Connection::open_in_memory(),
+        }
+        .map_err(error)?;
+        db.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;",
+        )
+        .map_err(error)?;
+        migrate(&mut db).map_err(|e| SinkError(format!("{}: {e}", describe(name.as_deref()))))?;
+        Ok(Self {
+            db: Arc::new(Mutex::new(db)),
+            path: name,
+        })
+    }
+
+    /// Opens `path` for reading only (`iris usage`), without creating or
+    /// migrating anything: `None` when there is no spend log there yet.
+    pub fn open_read_only(path: &Path) -> Result<Option<Self>, SinkError> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        let error = |e: rusqlite::Error| SinkError(message(Some(path), &e));
+        let db =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(error)?;
+        db.busy_timeout(Duration::from_secs(5)).map_err(error)?;
+        let exists: Option<i64> = db
+            .query_row(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'spend_log'",
+                [],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(error)?;
+        Ok(exists.map(|_| Self {
+            db: Arc::new(Mutex::new(db)),
+            path: Some(path.to_owned()),
+        }))
+    }
+
+    /// The totals of `query`, on this thread (blocking).
+    pub fn totals_now(&self, query: &Query) -> Result<Vec<Totals>, SinkError> {
+        let db = self.db.lock().unwrap_or_else(PoisonError::into_inner);
+        totals(&db, query).map_err(|e| SinkError(message(self.path.as_deref(), &e)))
+    }
+
+    /// Runs `work` on the connection, on the blocking pool.
+    fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> SinkFuture<'_, T> {
+        let db = Arc::clone(&self.db);
+        let path = self.path.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let mut db = db.lock().unwrap_or_else(PoisonError::into_inner);
+                work(&mut db).map_err(|e| SinkError(message(path.as_deref(), &e)))
+            })
+            .await
+            .unwrap_or_else(|e| Err(SinkError(format!("spend log writer failed: {e}"))))
+        })
+    }
+}
+
+fn describe(path: Option<&Path>) -> String {
+    match path {
+        Some(path) => format!("sqlite {}", path.display()),
+        None => "sqlite (in memory)".into(),
+    }
+}
+
+fn message(path: Option<&Path>, e: &rusqlite::Error) -> String {
+    format!("{}: {e}", describe(path))
+}
+
+/// Applies the pending migrations in one transaction that holds the write
+/// lock from its start, so two processes never apply one twice.
+fn migrate(db: &mut Connection) -> Result<(), String> {
+    let tx = db
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(|e| e.to_string())?;
+    tx.execute_batch(migrations::SQLITE_VERSION_TABLE)
+        .map_err(|e| e.to_string())?;
+    let current: i64 = tx
+        .query_row(
+            "SELECT version FROM schema_version WHERE component = ?1",
+            [COMPONENT],
+            |row| row.get(0),
+        )
+        .optional()
+        .map_err(|e| e.to_string())?
+        .unwrap_or(0);
+    let pending = migrations::pending(migrations::SQLITE, current)?;
+    let Some(last) = pending.last() else {
+        return Ok(());
+    };
+    for migration in pending {
+        tx.execute_batch(migration.sql)
+            .map_err(|e| format!("migration {}: {e}", migration.version))?;
+    }
+    tx.execute(
+        "INSERT INTO schema_version (component, version) VALUES (?1, ?2)
+         ON CONFLICT (component) DO UPDATE SET version = excluded.version",
+        params![COMPONENT, last.version],
+    )
+    .map_err(|e| e.to_string())?;
+    tx.commit().map_err(|e| e.to_string())
+}
+
+fn to_sql(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn from_sql(value: Option<i64>) -> u64 {
+    value.and_then(|v| u64::try_from(v).ok()).unwrap_or(0)
+}
+
+fn insert(db: &mut Connection, batch: &[Record]) -> rusqlite::Result<()> {
+    let tx = db.transaction()?;
+    {
+        let mut statement = tx.prepare_cached(
+            "INSERT INTO spend_log (at, request_id, client, model, upstream, upstream_model,
+                status, error_code, prompt_tokens, completion_tokens, total_tokens, images,
+                image_bytes, stream, attempts, ttfb_ms, total_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+        )?;
+        for r in batch {
+            statement.execute(params![
+                r.at_ms,
+                r.request_id,
+                r.client,
+                r.model,
+                r.upstream,
+                r.upstream_model,
+                r.status,
+                r.error_code,
+                to_sql(r.prompt_tokens),
+                to_sql(r.completion_tokens),
+                to_sql(r.total_tokens),
+                r.images,
+                to_sql(r.image_bytes),
+                r.stream,
+                r.attempts,
+                r.ttfb_ms.map(to_sql),
+                to_sql(r.total_ms),
+            ])?;
+        }
+    }
+    tx.commit()
+}
+
+fn column(dimension: Dimension) -> &'static str {
+    match dimension {
+        Dimension::Client => "client",
+        Dimension::Model => "model",
+        Dimension::Upstream => "upstream",
+        Dimension::Day => "strftime('%Y-%m-%d', at / 1000, 'unixepoch')",
+    }
+}
+
+/// The aggregation: only fixed column expressions are spliced in; every
+/// value is a parameter.
+pub(super) fn totals_sql(
+    query: &Query,
+    column: fn(Dimension) -> &'static str,
+    place: fn(usize) -> String,
+) -> String {
+    let keys: Vec<&str> = query.by.iter().map(|d| column(*d)).collect();
+    let mut sql = String::from("SELECT ");
+    for key in &keys {
+        sql.push_str(key);
+        sql.push_str(", ");
+    }
+    sql.push_str(
+        "COUNT(*), \
+         CAST(SUM(CASE WHEN status >= 400 OR error_code IS NOT NULL THEN 1 ELSE 0 END) AS BIGINT), \
+         CAST(SUM(prompt_tokens) AS BIGINT), CAST(SUM(completion_tokens) AS BIGINT), \
+         CAST(SUM(total_tokens) AS BIGINT) \
+         FROM spend_log WHERE at >= ",
+    );
+    sql.push_str(&place(1));
+    sql.push_str(" AND at < ");
+    sql.push_str(&place(2));
+    if query.client.is_some() {
+        sql.push_str(" AND client = ");
+        sql.push_str(&place(3));
+    }
+    if !keys.is_empty() {
+        let list = |suffix: &str| {
+            (1..=keys.len())
+                .map(|i| format!("{i}{suffix}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        // The same order from both backends: PostgreSQL puts NULLs last.
+        sql.push_str(&format!(
+            " GROUP BY {} ORDER BY {}",
+            list(""),
+            list(" NULLS FIRST")
+        ));
+    }
+    sql
+}
+
+/// Far enough in the future to stand for "until now and later".
+pub(super) const END_OF_TIME_MS: i64 = 253_402_300_800_000; // 10000-01-01
+
+fn totals(db: &Connection, query: &Query) -> rusqlite::Result<Vec<Totals>> {
+    let sql = totals_sql(query, column, |i| format!("?{i}"));
+    let mut statement = db.prepare(&sql)?;
+    let until = query.until_ms.unwrap_or(END_OF_TIME_MS);
+    let width = query.by.len();
+    let read = |row: &rusqlite::Row<'_>| -> rusqlite::Result<Totals> {
+        let mut keys = Vec::with_capacity(width);
+        for i in 0..width {
+            keys.push(row.get::<_, Option<String>>(i)?);
+        }
+        let number = |i: usize| row.get::<_, Option<i64>>(width + i).map(from_sql);
+        Ok(Totals {
+            keys,
+            counts: Counts {
+                requests: number(0)?,
+                errors: number(1)?,
+                prompt_tokens: number(2)?,
+                completion_tokens: number(3)?,
+                total_tokens: number(4)?,
+            },
+        })
+    };
+    let rows = match &query.client {
+        Some(client) => statement.query_map(params![query.since_ms, until, client], read)?,
+        None => statement.query_map(params![query.since_ms, until], read)?,
+    };
+    rows.collect()
+}
+
+impl Sink for SqliteSink {
+    fn write(&self, batch: Arc<[Record]>) -> SinkFuture<'_, ()> {
+        self.blocking(move |db| insert(db, &batch))
+    }
+
+    fn delete_before(&self, cutoff_ms: i64) -> SinkFuture<'_, u64> {
+        self.blocking(move |db| {
+            db.execute("DELETE FROM spend_log WHERE at < ?1", [cutoff_ms])
+                .map(|n| n as u64)
+        })
+    }
+
+    fn totals<'a>(&'a self, query: &'a Query) -> SinkFuture<'a, Vec<Totals>> {
+        let query = query.clone();
+        self.blocking(move |db| totals(db, &query))
+    }
+}

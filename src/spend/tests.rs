@@ -1,0 +1,564 @@
+//! The spend log's writer (batching, overflow, retries, retention, shutdown)
+//! over a sink the tests control, with tokio's clock paused; and both real
+//! sinks (SQLite in a temporary directory, PostgreSQL in a schema of the
+//! test's own) through one suite of aggregation checks.
+
+use std::sync::atomic::{AtomicU32, AtomicUsize};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use super::report::{Counts, Dimension, Query, Totals, UsageReport, format_time};
+use super::*;
+
+use crate::budget::store::redis_tests::skip;
+#[path = "../../tests/it/support/postgres.rs"]
+mod shared_postgres;
+
+/// A sink whose writes can be held (a stalled database) or failed.
+struct TestSink {
+    batches: Mutex<Vec<Vec<Record>>>,
+    deletes: Mutex<Vec<i64>>,
+    /// Writes attempted, failed ones included.
+    attempts: AtomicUsize,
+    /// Writes still to fail.
+    failures: AtomicU32,
+    /// A write waits for a permit: none, and the sink is stalled.
+    gate: Semaphore,
+}
+
+impl TestSink {
+    fn new(permits: usize) -> Arc<Self> {
+        Arc::new(Self {
+            batches: Mutex::default(),
+            deletes: Mutex::default(),
+            attempts: AtomicUsize::new(0),
+            failures: AtomicU32::new(0),
+            gate: Semaphore::new(permits),
+        })
+    }
+
+    fn open() -> Arc<Self> {
+        Self::new(1 << 20)
+    }
+
+    fn stalled() -> Arc<Self> {
+        Self::new(0)
+    }
+
+    fn sizes(&self) -> Vec<usize> {
+        self.batches.lock().unwrap().iter().map(Vec::len).collect()
+    }
+}
+
+impl Sink for TestSink {
+    fn write(&self, batch: Arc<[Record]>) -> SinkFuture<'_, ()> {
+        Box::pin(async move {
+            self.attempts.fetch_add(1, Ordering::SeqCst);
+            let _permit = self.gate.acquire().await.unwrap();
+            if self
+                .failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(SinkError("refused".into()));
+            }
+            self.batches.lock().unwrap().push(batch.to_vec());
+            Ok(())
+        })
+    }
+
+    fn delete_before(&self, cutoff_ms: i64) -> SinkFuture<'_, u64> {
+        self.deletes.lock().unwrap().push(cutoff_ms);
+        Box::pin(async { Ok(0) })
+    }
+
+    fn totals<'a>(&'a self, _: &'a Query) -> SinkFuture<'a, Vec<Totals>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+}
+
+fn options(batch_size: usize, flush_ms: u64, queue_capacity: usize) -> WriterOptions {
+    WriterOptions {
+        queue_capacity,
+        batch_size,
+        flush: Duration::from_millis(flush_ms),
+        ..WriterOptions::default()
+    }
+}
+
+fn record(n: u64) -> Record {
+    Record {
+        at_ms: 1_750_000_000_000,
+        request_id: format!("req_{n}"),
+        client: "a".into(),
+        model: Some("m".into()),
+        upstream: Some("up".into()),
+        upstream_model: Some("up-m".into()),
+        status: 200,
+        error_code: None,
+        prompt_tokens: n,
+        completion_tokens: 1,
+        total_tokens: n + 1,
+        images: 0,
+        image_bytes: 0,
+        stream: false,
+        attempts: 1,
+        ttfb_ms: Some(5),
+        total_ms: 9,
+    }
+}
+
+async fn pause(ms: u64) {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn batches_fill_to_batch_size_or_wait_flush_ms() {
+    let sink = TestSink::open();
+    let log = SpendLog::start(sink.clone(), options(3, 100, 100), None);
+    for n in 0..7 {
+        log.record(record(n));
+    }
+    pause(50).await;
+    assert_eq!(sink.sizes(), vec![3, 3], "full batches go at once");
+    pause(60).await;
+    assert_eq!(sink.sizes(), vec![3, 3, 1], "the rest after flush_ms");
+    assert_eq!(log.counts(), (7, 0));
+    let ids: Vec<String> = sink
+        .batches
+        .lock()
+        .unwrap()
+        .iter()
+        .flatten()
+        .map(|r| r.request_id.clone())
+        .collect();
+    assert_eq!(ids, (0..7).map(|n| format!("req_{n}")).collect::<Vec<_>>());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_drops_and_counts_without_waiting() {
+    let sink = TestSink::stalled();
+    let log = SpendLog::start(sink.clone(), options(1, 10, 4), None);
+    log.record(record(0));
+    pause(1).await; // the writer took it and is stuck in the sink
+    assert_eq!(sink.attempts.load(Ordering::SeqCst), 1);
+    for n in 1..=10 {
+        log.record(record(n)); // returns at once, whatever the sink does
+    }
+    assert_eq!(log.counts(), (0, 6), "4 queued, 6 dropped");
+    sink.gate.add_permits(100);
+    assert!(log.flush(Duration::from_secs(5)).await);
+    assert_eq!(log.counts(), (5, 6));
+    assert_eq!(sink.sizes(), vec![1; 5]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_sink_is_retried_then_its_batch_dropped() {
+    let sink = TestSink::open();
+    sink.failures.store(u32::MAX, Ordering::SeqCst);
+    let log = SpendLog::start(sink.clone(), options(10, 10, 100), None);
+    log.record(record(1));
+    log.record(record(2));
+    assert!(log.flush(Duration::from_secs(60)).await);
+    assert_eq!(sink.attempts.load(Ordering::SeqCst), 3);
+    assert_eq!(log.counts(), (0, 2));
+
+    // A sink that comes back after two failures loses nothing.
+    sink.failures.store(2, Ordering::SeqCst);
+    log.record(record(3));
+    assert!(log.flush(Duration::from_secs(60)).await);
+    assert_eq!(log.counts(), (1, 2));
+    assert_eq!(sink.sizes(), vec![1]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_write_that_never_answers_times_out_and_counts_as_failed() {
+    let sink = TestSink::stalled();
+    let options = WriterOptions {
+        timeout: Duration::from_secs(1),
+        attempts: 2,
+        ..options(10, 10, 100)
+    };
+    let log = SpendLog::start(sink.clone(), options, None);
+    log.record(record(1));
+    assert!(log.flush(Duration::from_secs(60)).await);
+    assert_eq!(sink.attempts.load(Ordering::SeqCst), 2);
+    assert_eq!(log.counts(), (0, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn retention_runs_at_start_and_every_hour() {
+    let sink = TestSink::open();
+    let day = Duration::from_secs(86_400);
+    let _log = SpendLog::start(sink.clone(), options(10, 10, 100), Some(day));
+    pause(1).await;
+    let now = unix_ms(SystemTime::now());
+    let first = sink.deletes.lock().unwrap()[0];
+    assert!((now - 86_400_000 - first).abs() < 5_000, "{first} vs {now}");
+    tokio::time::sleep(RETENTION_EVERY).await;
+    assert_eq!(sink.deletes.lock().unwrap().len(), 2);
+
+    let kept = TestSink::open();
+    let _forever = SpendLog::start(kept.clone(), options(10, 10, 100), None);
+    tokio::time::sleep(RETENTION_EVERY * 2).await;
+    assert!(kept.deletes.lock().unwrap().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_writes_what_is_queued_then_drops_what_comes_later() {
+    let sink = TestSink::open();
+    let log = SpendLog::start(sink.clone(), options(100, 60_000, 100), None);
+    for n in 0..5 {
+        log.record(record(n));
+    }
+    assert!(log.shutdown(Duration::from_secs(1)).await);
+    assert_eq!(sink.sizes(), vec![5]);
+    log.record(record(5));
+    assert_eq!(log.counts(), (5, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_gives_up_on_a_stalled_sink_within_its_wait() {
+    let sink = TestSink::stalled();
+    let log = SpendLog::start(sink.clone(), options(1, 10, 100), None);
+    log.record(record(0));
+    let started = Instant::now();
+    assert!(!log.shutdown(Duration::from_secs(2)).await);
+    assert!(started.elapsed() <= Duration::from_secs(3));
+}
+
+#[test]
+fn an_off_log_takes_records_and_answers_nothing() {
+    let log = SpendLog::off();
+    log.record(record(1));
+    assert!(!log.is_on());
+    assert_eq!(log.counts(), (0, 0));
+}
+
+// ---------------------------------------------------------------------------
+// The real sinks, one suite
+
+/// 2025-06-01T00:00:00Z in Unix ms.
+const JUNE_1: i64 = 1_748_736_000_000;
+const DAY: i64 = 86_400_000;
+
+#[expect(clippy::too_many_arguments, reason = "a table of test records")]
+fn row(
+    at_ms: i64,
+    client: &str,
+    model: Option<&str>,
+    upstream: Option<&str>,
+    status: u16,
+    code: Option<&str>,
+    prompt: u64,
+    completion: u64,
+) -> Record {
+    Record {
+        at_ms,
+        client: client.into(),
+        model: model.map(Into::into),
+        upstream: upstream.map(Into::into),
+        upstream_model: upstream.map(|u| format!("{u}-model")),
+        status,
+        error_code: code.map(Into::into),
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        total_tokens: prompt + completion,
+        ttfb_ms: None,
+        ..record(0)
+    }
+}
+
+fn fixture() -> Vec<Record> {
+    vec![
+        row(
+            JUNE_1 - 1,
+            "a",
+            Some("m1"),
+            Some("up1"),
+            200,
+            None,
+            1000,
+            1000,
+        ), // before since
+        row(JUNE_1, "a", Some("m1"), Some("up1"), 200, None, 10, 5),
+        row(
+            JUNE_1 + 3_600_000,
+            "a",
+            Some("m1"),
+            Some("up1"),
+            200,
+            None,
+            20,
+            5,
+        ),
+        row(
+            JUNE_1 + 7_200_000,
+            "b",
+            Some("m2"),
+            Some("up2"),
+            502,
+            Some("upstream_unavailable"),
+            0,
+            0,
+        ),
+        row(
+            JUNE_1 + 2 * DAY - 1,
+            "a",
+            Some("m2"),
+            Some("up1"),
+            200,
+            Some("upstream_stream_interrupted"),
+            7,
+            3,
+        ),
+        row(
+            JUNE_1 + DAY,
+            "b",
+            None,
+            None,
+            400,
+            Some("invalid_request"),
+            0,
+            0,
+        ),
+        row(
+            JUNE_1 + 2 * DAY,
+            "a",
+            Some("m1"),
+            Some("up2"),
+            200,
+            None,
+            1,
+            1,
+        ), // at until: out
+    ]
+}
+
+fn counts(requests: u64, errors: u64, prompt: u64, completion: u64) -> Counts {
+    Counts {
+        requests,
+        errors,
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        total_tokens: prompt + completion,
+    }
+}
+
+fn keys(totals: &[Totals]) -> Vec<Vec<Option<&str>>> {
+    totals
+        .iter()
+        .map(|t| t.keys.iter().map(Option::as_deref).collect())
+        .collect()
+}
+
+/// Writes the fixture through `sink` and checks every grouping, the
+/// bounds (since inclusive, until exclusive), the client filter, the error
+/// count, records without a model, and retention.
+async fn aggregation_suite(sink: &dyn Sink) {
+    sink.write(fixture().into()).await.expect("write");
+    let query = |by: Vec<Dimension>| Query {
+        since_ms: JUNE_1,
+        until_ms: Some(JUNE_1 + 2 * DAY),
+        client: None,
+        by,
+    };
+    let all = sink.totals(&query(vec![])).await.expect("totals");
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].counts, counts(5, 3, 37, 13));
+
+    let by_client = sink.totals(&query(vec![Dimension::Client])).await.unwrap();
+    assert_eq!(keys(&by_client), vec![vec![Some("a")], vec![Some("b")]]);
+    assert_eq!(by_client[0].counts, counts(3, 1, 37, 13));
+    assert_eq!(by_client[1].counts, counts(2, 2, 0, 0));
+
+    let by_day = sink.totals(&query(vec![Dimension::Day])).await.unwrap();
+    assert_eq!(
+        keys(&by_day),
+        vec![vec![Some("2025-06-01")], vec![Some("2025-06-02")]]
+    );
+    assert_eq!(by_day[0].counts, counts(3, 1, 30, 10));
+    assert_eq!(by_day[1].counts, counts(2, 2, 7, 3));
+
+    let by_model = sink.totals(&query(vec![Dimension::Model])).await.unwrap();
+    assert_eq!(
+        keys(&by_model),
+        vec![vec![None], vec![Some("m1")], vec![Some("m2")]],
+        "a record without a model is its own group, first"
+    );
+
+    let mut filtered = query(vec![Dimension::Upstream, Dimension::Model]);
+    filtered.client = Some("a".into());
+    let by_two = sink.totals(&filtered).await.unwrap();
+    assert_eq!(
+        keys(&by_two),
+        vec![vec![Some("up1"), Some("m1")], vec![Some("up1"), Some("m2")]]
+    );
+    assert_eq!(by_two[0].counts, counts(2, 0, 30, 10));
+
+    let open_ended = Query {
+        until_ms: None,
+        ..query(vec![])
+    };
+    assert_eq!(
+        sink.totals(&open_ended).await.unwrap()[0].counts.requests,
+        6
+    );
+
+    // The report over it: rows and their total agree.
+    let report = UsageReport::new(&query(vec![Dimension::Client]), by_client);
+    assert_eq!(report.total, counts(5, 3, 37, 13));
+    assert_eq!(report.since, format_time(JUNE_1));
+
+    assert_eq!(sink.delete_before(JUNE_1 + DAY).await.unwrap(), 4);
+    let left = Query {
+        since_ms: 0,
+        ..open_ended
+    };
+    assert_eq!(sink.totals(&left).await.unwrap()[0].counts.requests, 3);
+}
+
+#[tokio::test]
+async fn sqlite_sink_aggregates() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = sqlite::SqliteSink::open(Some(&dir.path().join("spend.db"))).unwrap();
+    aggregation_suite(&sink).await;
+    let memory = sqlite::SqliteSink::open(None).unwrap();
+    aggregation_suite(&memory).await;
+}
+
+#[tokio::test]
+async fn sqlite_sink_shares_the_budget_stores_file_and_reads_back_read_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("iris.db");
+    let store = tokio::task::spawn_blocking({
+        let path = path.clone();
+        move || crate::budget::store::SqliteStore::open(&path)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let sink = sqlite::SqliteSink::open(Some(&path)).unwrap();
+    sink.write(fixture().into()).await.unwrap();
+    crate::budget::store::Store::flush(&*store).await.unwrap();
+    drop(store);
+    assert!(crate::budget::store::SqliteStore::read(&path).is_ok());
+
+    let reader = sqlite::SqliteSink::open_read_only(&path)
+        .unwrap()
+        .expect("the table is there");
+    let query = Query {
+        since_ms: 0,
+        until_ms: None,
+        client: None,
+        by: vec![],
+    };
+    assert_eq!(reader.totals_now(&query).unwrap()[0].counts.requests, 7);
+    assert!(
+        sqlite::SqliteSink::open_read_only(&dir.path().join("none.db"))
+            .unwrap()
+            .is_none(),
+        "no file, no log (and no file made)"
+    );
+    assert!(!dir.path().join("none.db").exists());
+}
+
+#[test]
+fn sqlite_migrations_are_idempotent_and_a_newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spend.db");
+    drop(sqlite::SqliteSink::open(Some(&path)).unwrap());
+    drop(sqlite::SqliteSink::open(Some(&path)).unwrap());
+    let db = rusqlite::Connection::open(&path).unwrap();
+    let version: i64 = db
+        .query_row(
+            "SELECT version FROM schema_version WHERE component = 'spend_log'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(version, migrations::latest(migrations::SQLITE));
+    db.execute(
+        "UPDATE schema_version SET version = 99 WHERE component = 'spend_log'",
+        [],
+    )
+    .unwrap();
+    drop(db);
+    let refused = sqlite::SqliteSink::open(Some(&path)).err().unwrap();
+    assert!(refused.0.contains("schema version 99"), "{refused}");
+}
+
+#[tokio::test]
+async fn postgres_sink_migrates_writes_and_aggregates() {
+    let Some(pg) = shared_postgres::SharedPostgres::get().await else {
+        return;
+    };
+    let url = Secret::new(pg.url());
+    let sink = postgres::PostgresSink::new(&url).unwrap();
+    aggregation_suite(&sink).await;
+
+    // A second instance on the same database: nothing migrated twice.
+    let again = postgres::PostgresSink::new(&url).unwrap();
+    let everything = Query {
+        since_ms: 0,
+        until_ms: None,
+        client: None,
+        by: vec![],
+    };
+    assert_eq!(
+        again.totals(&everything).await.unwrap()[0].counts.requests,
+        3
+    );
+    let client = pg.client().await;
+    let version: i64 = client
+        .query_one(
+            "SELECT version FROM schema_version WHERE component = 'spend_log'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, migrations::latest(migrations::POSTGRES));
+    let at: SystemTime = client
+        .query_one("SELECT max(at) FROM spend_log", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(unix_ms(at), JUNE_1 + 2 * DAY, "times are real timestamps");
+
+    client
+        .execute(
+            "UPDATE schema_version SET version = 99 WHERE component = 'spend_log'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let newer = postgres::PostgresSink::new(&url).unwrap();
+    let refused = newer.totals(&everything).await.unwrap_err();
+    assert!(refused.0.contains("schema version 99"), "{refused}");
+}
+
+#[tokio::test]
+async fn a_postgres_that_is_down_fails_each_operation_promptly() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let sink =
+        postgres::PostgresSink::new(&Secret::new(format!("postgres://iris@127.0.0.1:{port}/x")))
+            .unwrap();
+    let started = std::time::Instant::now();
+    let error = sink.write(vec![record(1)].into()).await.unwrap_err();
+    assert!(error.0.starts_with("postgres: "), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[test]
+fn postgres_urls_are_checked_without_being_printed() {
+    assert!(postgres::check_url("postgres://u:secret@db:5432/iris").is_ok());
+    assert!(postgres::check_url("host=db user=iris dbname=iris").is_ok());
+    let bad = postgres::check_url("postgres://u:secret@db:notaport/iris").unwrap_err();
+    assert!(!bad.contains("secret"), "{bad}");
+    let tls = postgres::check_url("postgres://db/iris?sslmode=require").unwrap_err();
+    assert!(tls.contains("sslmode=require"), "{tls}");
+}
