@@ -21,8 +21,66 @@ pub use crate::state::{AppState, SharedState};
 /// The router with every route and layer.
 pub fn app(state: SharedState) -> Router {
     let config = state.config();
-    let max_body_bytes = config.server.max_body_bytes;
-    let body_read_timeout = config.server.body_read_timeout;
+    let edge = Edge {
+        max_body_bytes: config.server.max_body_bytes,
+        body_read_timeout: config.server.body_read_timeout,
+    };
+    with_edge_layers(routes(), edge).with_state(state)
+}
+
+fn routes() -> Router<SharedState> {
+    Router::new()
+        .route("/v1/chat/completions", post(routes::chat::completions))
+        .route("/v1/models", get(routes::models::list))
+        .route("/v1/models/{*id}", get(routes::models::retrieve))
+        .route("/v1/usage", get(routes::usage::usage))
+        .route("/v1/responses", any(routes::responses::reject))
+        .route("/v1/responses/{*rest}", any(routes::responses::reject))
+        .route(
+            "/admin/clients",
+            get(routes::admin::list_clients).post(routes::admin::create_client),
+        )
+        .route(
+            "/admin/clients/{name}",
+            axum::routing::patch(routes::admin::change_client).delete(routes::admin::delete_client),
+        )
+        .route(
+            "/admin/clients/{name}/rotate",
+            post(routes::admin::rotate_client),
+        )
+        .route("/admin/reload", post(routes::admin::reload))
+        .route("/admin/upstreams", get(routes::admin::upstreams))
+        .route("/admin/usage", get(routes::admin::usage))
+        .route("/admin/ui", get(routes::console::page))
+        .route("/admin/ui/app.js", get(routes::console::script))
+        .route("/admin/ui/style.css", get(routes::console::style))
+        .route("/admin", any(routes::admin::not_found))
+        .route("/admin/{*rest}", any(routes::admin::not_found))
+        .route("/healthz", get(routes::health::healthz))
+        .route("/readyz", get(routes::health::readyz))
+        .route("/metrics", get(routes::health::metrics))
+        .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
+}
+
+/// What the edge layers need of the config (`[server]`, which a reload
+/// does not change).
+#[derive(Debug, Clone, Copy)]
+struct Edge {
+    max_body_bytes: usize,
+    body_read_timeout: std::time::Duration,
+}
+
+/// Puts `router` behind the layer stack every request meets (apart from
+/// the routes, so tests can put a route of their own behind it).
+fn with_edge_layers<S>(router: Router<S>, edge: Edge) -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    let Edge {
+        max_body_bytes,
+        body_read_timeout,
+    } = edge;
     let request_id = HeaderName::from_static(access_log::REQUEST_ID);
     // Layers in the order a request meets them (ServiceBuilder runs the
     // first one added first):
@@ -57,40 +115,7 @@ pub fn app(state: SharedState) -> Router {
             render_bare_413,
         ))
         .layer(RequestBodyLimitLayer::new(max_body_bytes));
-    Router::new()
-        .route("/v1/chat/completions", post(routes::chat::completions))
-        .route("/v1/models", get(routes::models::list))
-        .route("/v1/models/{*id}", get(routes::models::retrieve))
-        .route("/v1/usage", get(routes::usage::usage))
-        .route("/v1/responses", any(routes::responses::reject))
-        .route("/v1/responses/{*rest}", any(routes::responses::reject))
-        .route(
-            "/admin/clients",
-            get(routes::admin::list_clients).post(routes::admin::create_client),
-        )
-        .route(
-            "/admin/clients/{name}",
-            axum::routing::patch(routes::admin::change_client).delete(routes::admin::delete_client),
-        )
-        .route(
-            "/admin/clients/{name}/rotate",
-            post(routes::admin::rotate_client),
-        )
-        .route("/admin/reload", post(routes::admin::reload))
-        .route("/admin/upstreams", get(routes::admin::upstreams))
-        .route("/admin/usage", get(routes::admin::usage))
-        .route("/admin/ui", get(routes::console::page))
-        .route("/admin/ui/app.js", get(routes::console::script))
-        .route("/admin/ui/style.css", get(routes::console::style))
-        .route("/admin", any(routes::admin::not_found))
-        .route("/admin/{*rest}", any(routes::admin::not_found))
-        .route("/healthz", get(routes::health::healthz))
-        .route("/readyz", get(routes::health::readyz))
-        .route("/metrics", get(routes::health::metrics))
-        .fallback(routes::not_found)
-        .method_not_allowed_fallback(routes::method_not_allowed)
-        .layer(layers)
-        .with_state(state)
+    router.layer(layers)
 }
 
 fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
@@ -118,4 +143,124 @@ where
         return ApiError::request_too_large(limit).into_response();
     }
     response.into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use axum::body::Body;
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// A route that panics, and one that answers, behind Iris's layers.
+    fn panicking() -> Router {
+        let routes = Router::new()
+            .route(
+                "/panic",
+                get(|| async {
+                    if true {
+                        panic!("a handler's bug");
+                    }
+                    "unreachable"
+                }),
+            )
+            .route("/ok", get(|| async { "ok" }));
+        let edge = Edge {
+            max_body_bytes: 1024,
+            body_read_timeout: std::time::Duration::from_secs(5),
+        };
+        with_edge_layers(routes, edge)
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500_in_openai_shape() {
+        let response = panicking()
+            .oneshot(Request::get("/panic").body(Body::empty()).expect("request"))
+            .await
+            .expect("a response, not an error");
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(response.headers()["content-type"], "application/json");
+        assert!(
+            response.headers().contains_key(access_log::REQUEST_ID),
+            "the request id is stamped on it too"
+        );
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        let error = &json["error"];
+        assert_eq!(error["code"], "internal_error", "{json}");
+        assert!(
+            error["message"].is_string() && error["type"].is_string(),
+            "{json}"
+        );
+        assert!(error.get("param").is_some(), "{json}");
+    }
+
+    /// Over a real connection: the client gets the 500, and the same
+    /// keep-alive connection then serves its next request.
+    #[tokio::test]
+    async fn a_panic_keeps_the_connection_and_the_server() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move { axum::serve(listener, panicking()).await });
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        for (path, status, body) in [
+            ("/panic", "500", "internal_error"),
+            ("/ok", "200", "ok"),
+            ("/panic", "500", "internal_error"),
+        ] {
+            let request = format!("GET {path} HTTP/1.1\r\nHost: iris\r\n\r\n");
+            stream.write_all(request.as_bytes()).await.expect("write");
+            let response = tokio::time::timeout(Duration::from_secs(5), read_response(&mut stream))
+                .await
+                .expect("answered in time");
+            assert!(
+                response.starts_with(&format!("HTTP/1.1 {status} ")),
+                "{path}: {response}"
+            );
+            assert!(response.contains(body), "{path}: {response}");
+        }
+        server.abort();
+    }
+
+    /// One HTTP/1.1 response with a Content-Length body.
+    async fn read_response(stream: &mut tokio::net::TcpStream) -> String {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        loop {
+            let n = stream.read(&mut chunk).await.expect("read");
+            assert!(
+                n > 0,
+                "connection closed: {}",
+                String::from_utf8_lossy(&buf)
+            );
+            buf.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            let Some(head_end) = text.find("\r\n\r\n") else {
+                continue;
+            };
+            let length = text[..head_end]
+                .lines()
+                .find_map(|line| {
+                    let (name, value) = line.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())?
+                })
+                .expect("content-length");
+            if buf.len() >= head_end + 4 + length {
+                return text;
+            }
+        }
+    }
 }

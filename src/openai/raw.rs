@@ -106,8 +106,9 @@ impl<'a> RawObject<'a> {
         Ok(RawObject { fields })
     }
 
-    /// Writes the object; `override_field` may supply a replacement text for
-    /// a key, and must for every parsed one.
+    /// Writes the object; `override_field` writes the text of each parsed
+    /// field (returning whether it did). Raw fields are written as they are,
+    /// even beside a parsed field of the same name (a repeated key).
     pub fn write_with(
         &self,
         out: &mut Vec<u8>,
@@ -120,7 +121,8 @@ impl<'a> RawObject<'a> {
             }
             write_json_string(out, key);
             out.push(b':');
-            if !override_field(key, out) {
+            let parsed = matches!(value, Field::Parsed);
+            if !(parsed && override_field(key, out)) {
                 let raw = value.raw().map_or("null", RawValue::get);
                 out.extend_from_slice(raw.as_bytes());
             }

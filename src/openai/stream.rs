@@ -175,9 +175,11 @@ fn find_event_end(buf: &[u8]) -> Option<usize> {
     None
 }
 
+/// A chunk (or a whole response body): read only from a JSON object, as
+/// serde would otherwise read a struct from an array too (see [`is_object`]).
 #[derive(Deserialize)]
 struct ChunkView<'a> {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "usage_object")]
     usage: Option<Usage>,
     #[serde(default, borrow)]
     choices: Option<Vec<ChoiceView<'a>>>,
@@ -241,7 +243,7 @@ fn note_event(event: &[u8], outcome: &mut Outcome) -> bool {
             outcome.finished = true;
             continue;
         }
-        if data.is_empty() {
+        if !is_object(data) {
             continue;
         }
         let Ok(chunk) = serde_json::from_slice::<ChunkView<'_>>(data) else {
@@ -267,12 +269,36 @@ fn note_event(event: &[u8], outcome: &mut Outcome) -> bool {
 
 /// Notes a whole (non-streamed) response body.
 fn note_body(body: &[u8], outcome: &mut Outcome) {
+    if !is_object(body.trim_ascii()) {
+        return;
+    }
     if let Ok(chunk) = serde_json::from_slice::<ChunkView<'_>>(body) {
         outcome.usage = chunk.usage;
         outcome.error_code = chunk.error.as_ref().and_then(ErrorView::code);
         for choice in chunk.choices.iter().flatten() {
             note_message(choice.message.as_ref(), outcome);
         }
+    }
+}
+
+/// Whether trimmed JSON text is an object: serde reads a struct from an
+/// array of its fields in order, so `[[]]` would pass for a chunk whose
+/// usage is zero tokens.
+fn is_object(json: &[u8]) -> bool {
+    json.first() == Some(&b'{')
+}
+
+/// `usage`: an object or null; anything else makes the chunk unreadable.
+fn usage_object<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Usage>, D::Error> {
+    let raw: Option<&'de RawValue> = Option::deserialize(deserializer)?;
+    match raw {
+        None => Ok(None),
+        Some(raw) if is_object(raw.get().as_bytes()) => serde_json::from_str(raw.get())
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+        Some(_) => Err(serde::de::Error::custom("usage is not an object")),
     }
 }
 
@@ -367,6 +393,25 @@ mod tests {
         assert_eq!(out, body);
         assert_eq!(outcome.usage.map(|u| u.total()), Some(5));
         assert_eq!(outcome.generated, "Hi there");
+    }
+
+    /// Found by the `sse_usage` fuzz target: serde reads a struct from a
+    /// JSON array too, so `data: [[]]` passed for a usage-only chunk (zero
+    /// tokens) and was removed from the stream, and a body `[[]]` settled
+    /// as zero tokens. Chunks and their usage are objects, or not chunks.
+    #[test]
+    fn arrays_are_neither_chunks_nor_usage() {
+        for event in [
+            "data:[[]]\n\n",
+            "data: [[1,2,3]]\n\n",
+            "data: {\"choices\":[],\"usage\":[5,2,7]}\n\n",
+        ] {
+            let (out, outcome) = run(true, true, &[event], true);
+            assert_eq!(out, event, "{event:?} is passed on");
+            assert_eq!(outcome.usage, None, "{event:?} reports no usage");
+        }
+        let (_, outcome) = run(false, false, &["[[3,4,7]]"], true);
+        assert_eq!(outcome.usage, None, "an array body reports no usage");
     }
 
     #[test]

@@ -176,3 +176,20 @@ fn deep_nesting_is_refused_without_overflowing_the_stack() {
     );
     assert!(parse_err(&body).0);
 }
+
+/// Found by the `chat_body` fuzz target: a part whose `type` turns from
+/// `image_url` to another kind between two `image_url` fields had its second
+/// (raw) `image_url` overwritten by the first (parsed) one when the body was
+/// rewritten, so the upstream read another value than the client sent.
+#[test]
+fn a_raw_field_beside_a_parsed_one_of_the_same_name_is_written_as_sent() {
+    let body = br#"{"model":"a","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://x/b.png"},"type":"input_audio","image_url":{"url":"https://x/a.png","extra":[1]}}]}]}"#;
+    let mut request = ChatRequest::parse(body).expect("valid");
+    assert_eq!(request.image_count(), 0, "the part's last type is no image");
+    request.set_model("b");
+    let written = String::from_utf8(request.to_body()).expect("utf8");
+    assert_eq!(
+        written,
+        r#"{"model":"b","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://x/b.png"},"type":"input_audio","image_url":{"url":"https://x/a.png","extra":[1]}}]}]}"#
+    );
+}
