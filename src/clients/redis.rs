@@ -1,40 +1,39 @@
 //! Managed clients in Redis: one hash of records and a version counter,
 //! `{prefix}:v1:{clients}:all` and `…:version` (one hash tag: one Cluster
 //! slot), changed together by one script each. Every instance watches the
-//! version.
+//! version. The connection is the budget store's kind
+//! ([`RedisConnection`]): a single endpoint, a Cluster or a Sentinel-managed
+//! primary, as `store.url` says.
 
 use std::sync::LazyLock;
 
-use redis::Script;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-
 use super::{ManagedClient, Registry, RegistryError, RegistryFuture};
-use crate::budget::store::{REDIS_LAYOUT, RedisOptions};
+use crate::budget::store::{Lua, REDIS_LAYOUT, RedisConnection, RedisOptions};
 
-static LOAD: LazyLock<Script> = LazyLock::new(|| {
-    Script::new("return {redis.call('GET', KEYS[2]) or '0', redis.call('HGETALL', KEYS[1])}")
+static LOAD: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new("return {redis.call('GET', KEYS[2]) or '0', redis.call('HGETALL', KEYS[1])}")
 });
-static CREATE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+static CREATE: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
         "if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end \
          redis.call('INCR', KEYS[2]) return 1",
     )
 });
-static REPLACE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+static REPLACE: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
         "if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end \
          redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) redis.call('INCR', KEYS[2]) return 1",
     )
 });
-static DELETE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+static DELETE: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
         "if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end \
          redis.call('INCR', KEYS[2]) return 1",
     )
 });
 
 pub struct RedisRegistry {
-    connection: ConnectionManager,
+    connection: RedisConnection,
     all: String,
     version: String,
     timeout: std::time::Duration,
@@ -46,15 +45,9 @@ fn unavailable(e: impl std::fmt::Display) -> RegistryError {
 
 impl RedisRegistry {
     pub fn connect(url: &str, options: &RedisOptions) -> Result<Self, String> {
-        crate::init_tls();
-        let client = redis::Client::open(url)
-            .map_err(|e| format!("store.url is not a usable Redis URL ({:?})", e.kind()))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(options.timeout))
-            .set_response_timeout(Some(options.timeout))
-            .set_number_of_retries(0);
-        let connection = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| format!("redis: {e}"))?;
+        // The URL may carry a password: never repeat it in an error.
+        let connection =
+            RedisConnection::open(url, options.timeout).map_err(|e| format!("store.url: {e}"))?;
         let base = format!("{}:{REDIS_LAYOUT}:{{clients}}:", options.prefix);
         Ok(Self {
             connection,
@@ -66,19 +59,18 @@ impl RedisRegistry {
 
     fn run<T: redis::FromRedisValue + Send + 'static>(
         &self,
-        script: &'static Script,
+        script: &'static Lua,
         args: &[&str],
     ) -> RegistryFuture<T> {
-        let mut invocation = script.prepare_invoke();
-        invocation.key(&self.all).key(&self.version);
+        let mut call = script.call();
+        call.key(&self.all).key(&self.version);
         for arg in args {
-            invocation.arg(*arg);
+            call.arg(*arg);
         }
-        let mut connection = self.connection.clone();
+        let connection = self.connection.clone();
         let timeout = self.timeout;
         Box::pin(async move {
-            match tokio::time::timeout(timeout, invocation.invoke_async::<T>(&mut connection)).await
-            {
+            match tokio::time::timeout(timeout, connection.eval::<T>(&call)).await {
                 Ok(result) => result.map_err(unavailable),
                 Err(_) => Err(unavailable("no answer in time")),
             }
@@ -87,7 +79,7 @@ impl RedisRegistry {
 
     fn changed(
         &self,
-        script: &'static Script,
+        script: &'static Lua,
         name: &str,
         record: &str,
         missing: RegistryError,

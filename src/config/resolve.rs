@@ -15,7 +15,7 @@ use ipnet::IpNet;
 
 use super::schema::{self, SpendLogKind, StoreKind, UpstreamKind};
 use super::{Config, Problem, Server};
-use crate::budget::store::{RedisClock, RedisOptions};
+use crate::budget::store::{RedisClock, RedisDeployment, RedisOptions};
 use crate::budget::{Limits, StoreBackend, StoreSettings};
 use crate::catalog::{Catalog, Client, Deployment, Model, ModelAccess};
 use crate::images::{FetchLimits, Format, FormatSet, ImagePolicy, ImagesSettings};
@@ -151,15 +151,10 @@ fn store(file: &schema::File, problems: &mut Problems) -> Option<StoreSettings> 
                 problems.add("store.url", "required when store.kind = \"redis\"");
                 return None;
             };
-            let text = url.expose();
-            if !(text.starts_with("redis://") || text.starts_with("rediss://")) {
-                problems.add("store.url", "must be a redis:// or rediss:// URL");
-            } else if let Err(e) = redis::Client::open(text) {
-                // The URL may carry a password: name the problem, never the URL.
-                problems.add(
-                    "store.url",
-                    format!("not a valid Redis URL ({:?})", e.kind()),
-                );
+            // A single endpoint, a Cluster or Sentinel, by the scheme. The
+            // URL may carry a password: the problem is named, never the URL.
+            if let Err(e) = RedisDeployment::parse(url.expose()) {
+                problems.add("store.url", e);
             }
             StoreBackend::Redis {
                 url: url.clone(),
@@ -913,6 +908,39 @@ mod tests {
         );
         assert!(!bad_url[0].contains("secret"), "{bad_url:?}");
         assert!(problems("[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1/3\"\n").is_empty());
+    }
+
+    #[test]
+    fn cluster_and_sentinel_urls_are_checked_without_printing_passwords() {
+        let store = |url: &str| problems(&format!("[store]\nkind = \"redis\"\nurl = \"{url}\"\n"));
+        for good in [
+            "redis+cluster://:secret@10.0.0.1:7000,10.0.0.2:7000/",
+            "rediss+cluster://iris:secret@node-a",
+            "redis+sentinel://:secret@s1:26379,s2:26379/mymaster",
+            "rediss+sentinel://s1/mymaster/2?sentinel_password=secret",
+        ] {
+            assert!(store(good).is_empty(), "{good}: {:?}", store(good));
+        }
+        for (bad, expected) in [
+            (
+                "redis+cluster://:secret@a:7000/2",
+                "store.url: a Redis Cluster has only database 0",
+            ),
+            (
+                "redis+sentinel://:secret@s1:26379",
+                "store.url: a redis+sentinel:// URL names the primary's service",
+            ),
+            (
+                "redis+sentinel://:secret@s1:99999/m",
+                "store.url: host 1: the port",
+            ),
+            ("memcached://:secret@a", "store.url: must be a redis://"),
+        ] {
+            let found = store(bad);
+            assert_eq!(found.len(), 1, "{bad}: {found:?}");
+            assert!(found[0].starts_with(expected), "{bad}: {found:?}");
+            assert!(!found[0].contains("secret"), "{bad}: {found:?}");
+        }
     }
 
     #[test]

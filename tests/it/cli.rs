@@ -89,6 +89,59 @@ upstream = "x"
 }
 
 #[test]
+fn check_reads_cluster_and_sentinel_urls_and_never_prints_their_passwords() {
+    let check = |url: &str| {
+        let config = write_config(&format!(
+            r#"
+[store]
+kind = "redis"
+url = "{url}"
+[[upstreams]]
+name = "u"
+base_url = "http://u/v1"
+api_key = "k"
+[[models]]
+name = "m"
+upstream = "u"
+"#
+        ));
+        let output = iris()
+            .args(["check", "--config"])
+            .arg(config.path())
+            .output()
+            .expect("run");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(!text.contains("hunter2"), "{text}");
+        (output.status.code(), text)
+    };
+    for good in [
+        "redis+cluster://iris:hunter2@10.0.0.1:7000,10.0.0.2:7000/",
+        "rediss+sentinel://:hunter2@s1:26379,s2:26379/mymaster/1?sentinel_password=hunter2",
+    ] {
+        let (code, text) = check(good);
+        assert_eq!(code, Some(0), "{good}: {text}");
+    }
+    for (bad, expected) in [
+        (
+            "redis+cluster://:hunter2@10.0.0.1:7000/5",
+            "store.url: a Redis Cluster has only database 0",
+        ),
+        (
+            "redis+sentinel://:hunter2@s1:26379,s2:hunter2/mymaster",
+            "store.url: host 2: the port is not a number",
+        ),
+    ] {
+        let (code, text) = check(bad);
+        assert_eq!(code, Some(1), "{bad}: {text}");
+        assert!(text.contains(expected), "{bad}: {text}");
+    }
+}
+
+#[test]
 fn check_passes_the_shipped_configs() {
     let root = env!("CARGO_MANIFEST_DIR");
     let hash = "sha256:0ac1b2d84debab3bafdb52b26fd82c794da150ebfd2b41d437c6595891c4490a";

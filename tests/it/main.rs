@@ -19,6 +19,7 @@ mod gateway;
 mod images;
 mod quickstart;
 mod redis;
+mod redis_cluster;
 mod reload;
 mod routing;
 mod secrets;

@@ -20,7 +20,10 @@ use std::time::Duration;
 
 #[cfg(test)]
 pub(crate) use self::redis::tests as redis_tests;
-pub use self::redis::{LAYOUT as REDIS_LAYOUT, RedisClock, RedisOptions, RedisStore};
+pub use self::redis::{
+    Deployment as RedisDeployment, LAYOUT as REDIS_LAYOUT, Lua, LuaCall, RedisClock,
+    RedisConnection, RedisOptions, RedisStore,
+};
 pub use memory::MemoryStore;
 pub use sqlite::{FLUSH_EVERY, SqliteStore};
 

@@ -4,8 +4,9 @@
 //! **Atomic.** Each operation is one Lua script, run by Redis as one step:
 //! `reserve` checks every window and charges them all or none, `settle`
 //! corrects them, `snapshot` reads. No interleaving of instances can
-//! overspend, and each operation is one round trip (`EVALSHA`; the script is
-//! loaded on the first `NOSCRIPT`, so a flushed script cache heals itself).
+//! overspend, and each operation is one round trip (`EVALSHA`; on a
+//! `NOSCRIPT` the script is sent whole with `EVAL`, which caches it, so a
+//! flushed script cache or a freshly promoted replica heals itself).
 //!
 //! **Keys.** One client's state is five keys, all carrying the client in a
 //! hash tag so they share one Redis Cluster slot and every script names all
@@ -18,6 +19,7 @@
 //! | `{prefix}:v1:{client}:day` | hash `p`, `u` | UTC day number, tokens used in it | an hour after that day ends |
 //! | `{prefix}:v1:{client}:month` | hash `p`, `u` | month number, tokens used in it | an hour after that month ends |
 //! | `{prefix}:v1:{client}:leases` | sorted set | one member per request in flight, scored by its lease's end (µs) | with its last lease |
+//! | `{prefix}:v1:{client}:expired` | sorted set | leases that ended unsettled, scored by when that was noticed (µs), for a day | a day after the last |
 //!
 //! The client name is percent-encoded (anything but `A-Z a-z 0-9 . _ ~ -`),
 //! so a `{`, `}` or `:` in a name cannot break the hash tag or the layout.
@@ -43,38 +45,51 @@
 //! settle could not reach Redis) expires: the next `reserve` drops leases
 //! past their end, freeing their concurrency slots. Their tokens stay
 //! charged at the reservation (the safe side, as the SQLite store does after
-//! a crash). A late settle of an expired lease still corrects the tokens,
-//! once: expiry gave none back.
+//! a crash), and the lease moves to the client's `expired` set: a late
+//! settle of it still corrects the tokens, once (expiry gave none back).
 //!
-//! A reservation whose reply was lost (a timeout, a dropped connection) may
-//! still have run: a cancel is sent behind it, which gives it back only if
-//! its lease exists, so its slot is not held for a whole lease.
+//! **Answers lost.** A reservation whose reply was lost (a timeout, a
+//! dropped connection, a primary failing over) may still have run: a cancel
+//! is sent behind it, which gives it back only if its lease exists, so its
+//! slot is not held for a whole lease. Settles and cancels are idempotent (a
+//! lease neither live nor expired has nothing left to settle), so they are
+//! sent again until Redis answers, for as long as the lease lasts: a
+//! settlement caught in a failover lands on the new primary. A reservation
+//! is never sent twice.
 //!
 //! **Unavailable.** Every operation is bounded by `store.timeout_ms`
 //! (connecting included), so a dead Redis fails a request fast, and
 //! [`crate::budget::Budgets`] then rejects or counts locally as
-//! `store.on_unavailable` says. The connection is one multiplexed
-//! connection shared by every request ([`ConnectionManager`]); it reconnects
-//! on the next operation after a failure, so Iris recovers when Redis does.
-//! Redis 5 or newer (scripts that call `TIME` before writing).
+//! `store.on_unavailable` says. The connection is shared by every request
+//! ([`RedisConnection`]); it reconnects on the next operation after a
+//! failure, so Iris recovers when Redis does. Redis 5 or newer (scripts
+//! that call `TIME` before writing).
 //!
 //! **Shutdown.** Settlements run detached from their requests; `flush` waits
 //! for those still on their way, so a draining instance exits with every
 //! finished request settled.
 //!
-//! **Cluster.** The scripts are Cluster-safe (one slot per call, every key
-//! in `KEYS`), but this build connects to one endpoint: a standalone or
-//! managed primary, or a Cluster proxy (a Cluster client needs the `redis`
-//! crate's `cluster-async` feature).
+//! **Cluster and Sentinel.** `store.url`'s scheme picks the deployment
+//! (`redis+cluster://`, `redis+sentinel://`: see [`Deployment`]). Each script
+//! names all its keys in `KEYS`, one hash tag per call, so in a Cluster it
+//! runs whole on the primary of that slot. A script is resent only when
+//! Redis answered that it did not run it (`MOVED`, `NOSCRIPT`, …), never
+//! after a lost answer, so a failover cannot charge a request twice (see
+//! [`connection`](self::connection)).
 
 use std::sync::Arc;
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{FromRedisValue, Script, ScriptInvocation};
+use redis::FromRedisValue;
 use tokio_util::task::TaskTracker;
+
+mod connection;
+mod url;
+
+pub use self::connection::{Lua, LuaCall, RedisConnection};
+pub use self::url::Deployment;
 
 use super::{Reserved, Store, StoreError, StoreFuture};
 use crate::budget::Limits;
@@ -87,17 +102,17 @@ pub const LAYOUT: &str = "v1";
 
 const COMMON: &str = include_str!("lua/common.lua");
 
-fn script(body: &str) -> Script {
-    Script::new(&format!("{COMMON}\n{body}"))
+fn script(body: &str) -> Lua {
+    Lua::new(&format!("{COMMON}\n{body}"))
 }
 
-static RESERVE: LazyLock<Script> = LazyLock::new(|| script(include_str!("lua/reserve.lua")));
-static SETTLE: LazyLock<Script> = LazyLock::new(|| script(include_str!("lua/settle.lua")));
+static RESERVE: LazyLock<Lua> = LazyLock::new(|| script(include_str!("lua/reserve.lua")));
+static SETTLE: LazyLock<Lua> = LazyLock::new(|| script(include_str!("lua/settle.lua")));
 /// A deployment's failure, counted for every instance: `KEYS[1]` counts
 /// failures in a window of `ARGV[1]` ms; at `ARGV[2]` of them, `KEYS[2]`
 /// (the cooldown) is set for `ARGV[3]` ms unless it runs longer already.
-static SHARE_FAILURE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+static SHARE_FAILURE: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
         r"
 local n = redis.call('INCR', KEYS[1])
 if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
@@ -113,8 +128,8 @@ return n
 });
 
 /// A cooldown of `ARGV[1]` ms on `KEYS[1]`, unless it runs longer already.
-static SHARE_COOLDOWN: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+static SHARE_COOLDOWN: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
         r"
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
   redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
@@ -124,7 +139,7 @@ return 1
     )
 });
 
-static SNAPSHOT: LazyLock<Script> = LazyLock::new(|| script(include_str!("lua/snapshot.lua")));
+static SNAPSHOT: LazyLock<Lua> = LazyLock::new(|| script(include_str!("lua/snapshot.lua")));
 
 /// Whose clock the scripts use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,7 +163,7 @@ pub struct RedisOptions {
 }
 
 pub struct RedisStore {
-    connection: ConnectionManager,
+    connection: RedisConnection,
     options: RedisOptions,
     leases: LeaseIds,
     /// Settlements not yet answered: they run detached from their requests
@@ -202,6 +217,7 @@ struct ClientKeys {
     day: String,
     month: String,
     leases: String,
+    expired: String,
 }
 
 impl ClientKeys {
@@ -214,6 +230,7 @@ impl ClientKeys {
             day: format!("{base}day"),
             month: format!("{base}month"),
             leases: format!("{base}leases"),
+            expired: format!("{base}expired"),
         }
     }
 }
@@ -245,19 +262,9 @@ impl RedisStore {
     /// A store on `url`. Does not wait for Redis: Iris starts (and reports
     /// not ready) while Redis is down, and connects when it answers.
     pub fn connect(url: &str, options: RedisOptions) -> Result<Arc<Self>, StoreError> {
-        // rediss:// needs rustls's crypto provider.
-        crate::init_tls();
         // The URL may carry a password: never repeat it in an error.
-        let client = redis::Client::open(url)
-            .map_err(|e| StoreError(format!("store.url is not a usable Redis URL: {e:?}")))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(options.timeout))
-            .set_response_timeout(Some(options.timeout))
-            // One attempt per reconnection: a request never waits on a
-            // backoff; the next operation tries again.
-            .set_number_of_retries(0);
-        let connection = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| StoreError(format!("redis: {e}")))?;
+        let connection = RedisConnection::open(url, options.timeout)
+            .map_err(|e| StoreError(format!("store.url: {e}")))?;
         Ok(Arc::new(Self {
             connection,
             options,
@@ -288,14 +295,15 @@ impl RedisStore {
         actual: u64,
         now: u64,
         cancel: bool,
-    ) -> ScriptInvocation<'static> {
+    ) -> LuaCall {
         let keys = self.keys(client);
-        let mut invocation = SETTLE.prepare_invoke();
+        let mut invocation = SETTLE.call();
         invocation
             .key(keys.tpm)
             .key(keys.day)
             .key(keys.month)
             .key(keys.leases)
+            .key(keys.expired)
             .arg(self.now_arg(now))
             .arg(hold.lease)
             .arg(hold.tokens)
@@ -307,18 +315,45 @@ impl RedisStore {
         invocation
     }
 
-    /// Runs a prepared script invocation within the timeout.
+    /// Runs a script call within the timeout.
     fn run<T: FromRedisValue + Send + 'static>(
         &self,
-        invocation: ScriptInvocation<'static>,
+        call: LuaCall,
     ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static {
-        let mut connection = self.connection.clone();
+        let connection = self.connection.clone();
         let timeout = self.options.timeout;
+        async move { bounded(timeout, async move { connection.eval::<T>(&call).await }).await }
+    }
+
+    /// Runs an idempotent script call (a settle, a cancel) until Redis
+    /// answers it, each attempt within the timeout, for as long as the
+    /// lease lasts: an answer lost in a failover is asked for again.
+    fn run_until_answered<T: FromRedisValue + Send + 'static>(
+        &self,
+        call: LuaCall,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static {
+        let connection = self.connection.clone();
+        let timeout = self.options.timeout;
+        let give_up = tokio::time::Instant::now() + self.options.lease;
         async move {
-            bounded(timeout, async move {
-                invocation.invoke_async::<T>(&mut connection).await
-            })
-            .await
+            let mut pause = Duration::from_millis(50);
+            loop {
+                let failure = match tokio::time::timeout(timeout, connection.eval::<T>(&call)).await
+                {
+                    Ok(Ok(value)) => return Ok(value),
+                    Ok(Err(e)) if !connection::transient(&e) => {
+                        return Err(StoreError(format!("redis: {e}")));
+                    }
+                    Ok(Err(e)) => format!("redis: {e}"),
+                    Err(_) => format!("redis did not answer within {} ms", timeout.as_millis()),
+                };
+                if tokio::time::Instant::now() + pause >= give_up {
+                    return Err(StoreError(failure));
+                }
+                tracing::debug!("a settlement is sent again: {failure}");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
         }
     }
 }
@@ -438,13 +473,14 @@ impl Store for RedisStore {
     ) -> StoreFuture<Reserved> {
         let keys = self.keys(client);
         let lease = self.leases.next();
-        let mut invocation = RESERVE.prepare_invoke();
+        let mut invocation = RESERVE.call();
         invocation
             .key(keys.rpm)
             .key(keys.tpm)
             .key(keys.day)
             .key(keys.month)
             .key(keys.leases)
+            .key(keys.expired)
             .arg(self.now_arg(now))
             .arg(tokens)
             .arg(limit_arg(limits.requests_per_minute))
@@ -470,7 +506,8 @@ impl Store for RedisStore {
             month: guess.month,
             lease,
         };
-        let cancel = self.run::<i64>(self.settlement(client, limits, &lost, 0, now, true));
+        let cancel =
+            self.run_until_answered::<i64>(self.settlement(client, limits, &lost, 0, now, true));
         let limits = *limits;
         Box::pin(async move {
             let reply = match reply.await {
@@ -514,13 +551,20 @@ impl Store for RedisStore {
         actual: u64,
         now: u64,
     ) -> StoreFuture<()> {
-        let reply = self.run::<i64>(self.settlement(client, limits, &hold, actual, now, false));
+        let reply = self
+            .run_until_answered::<i64>(self.settlement(client, limits, &hold, actual, now, false));
         Box::pin(self.settling.track_future(async move {
-            if reply.await? == 0 {
-                tracing::warn!(
+            match reply.await? {
+                0 => tracing::warn!(
                     "a reservation settled after its lease expired: its concurrency slot \
                      had been freed already (raise store.lease_ms above the longest request)"
-                );
+                ),
+                2 => tracing::info!(
+                    "a settlement found nothing to settle: settled already by an attempt \
+                     whose answer was lost, or its reservation was lost with a failed \
+                     primary's unreplicated writes"
+                ),
+                _ => {}
             }
             Ok(())
         }))
@@ -528,7 +572,7 @@ impl Store for RedisStore {
 
     fn snapshot(&self, client: &str, limits: &Limits, now: u64) -> StoreFuture<Snapshot> {
         let keys = self.keys(client);
-        let mut invocation = SNAPSHOT.prepare_invoke();
+        let mut invocation = SNAPSHOT.call();
         invocation
             .key(keys.rpm)
             .key(keys.tpm)
@@ -570,7 +614,7 @@ impl Store for RedisStore {
         cooldown: Duration,
     ) -> StoreFuture<()> {
         let (fails, cooling) = health_keys(&self.options.prefix, key);
-        let mut invocation = SHARE_FAILURE.prepare_invoke();
+        let mut invocation = SHARE_FAILURE.call();
         invocation
             .key(fails)
             .key(cooling)
@@ -583,23 +627,42 @@ impl Store for RedisStore {
 
     fn share_cooldown(&self, key: &str, length: Duration) -> StoreFuture<()> {
         let (_, cooling) = health_keys(&self.options.prefix, key);
-        let mut invocation = SHARE_COOLDOWN.prepare_invoke();
+        let mut invocation = SHARE_COOLDOWN.call();
         invocation.key(cooling).arg(millis(length).max(1));
         let reply = self.run::<i64>(invocation);
         Box::pin(async move { reply.await.map(|_| ()) })
     }
 
     fn shared_cooldowns(&self, keys: &[Arc<str>]) -> StoreFuture<Vec<Option<Duration>>> {
-        let mut pipeline = redis::pipe();
-        for key in keys {
-            pipeline
-                .cmd("PTTL")
-                .arg(health_keys(&self.options.prefix, key).1);
-        }
-        let mut connection = self.connection.clone();
+        let names: Vec<String> = keys
+            .iter()
+            .map(|key| health_keys(&self.options.prefix, key).1)
+            .collect();
+        let connection = self.connection.clone();
         let timeout = self.options.timeout;
         Box::pin(async move {
-            let ttls: Vec<i64> = bounded(timeout, pipeline.query_async(&mut connection)).await?;
+            let ttls: Vec<i64> = bounded(timeout, async move {
+                if connection.is_cluster() {
+                    // Each deployment's keys have a slot of their own, and a
+                    // pipeline must stay within one: one PTTL each, sent
+                    // together (the cluster client writes them at once).
+                    let asks = names.iter().map(|name| {
+                        let mut connection = connection.clone();
+                        let mut pttl = redis::cmd("PTTL");
+                        pttl.arg(name);
+                        async move { pttl.query_async::<i64>(&mut connection).await }
+                    });
+                    futures_util::future::try_join_all(asks).await
+                } else {
+                    let mut pipeline = redis::pipe();
+                    for name in &names {
+                        pipeline.cmd("PTTL").arg(name);
+                    }
+                    let mut connection = connection;
+                    pipeline.query_async(&mut connection).await
+                }
+            })
+            .await?;
             Ok(ttls
                 .into_iter()
                 .map(|ttl| u64::try_from(ttl).ok().map(Duration::from_millis))

@@ -8,6 +8,7 @@ pub mod image_server;
 pub mod mock_upstream;
 pub mod postgres;
 pub mod redis;
+pub mod redis_cluster;
 mod skip;
 
 use std::net::SocketAddr;

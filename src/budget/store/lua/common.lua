@@ -12,6 +12,9 @@ local DAY_SECS = 86400
 local CALENDAR_MARGIN_MS = 3600000
 -- Minute buckets and leases outlive their last moment by this much.
 local MARGIN_MS = 1000
+-- An expired lease is remembered this long (microseconds) for its late
+-- settlement to find.
+local EXPIRED_KEPT = 86400000000
 
 -- An integer as Redis arguments need it: Lua would print 1.7e15 as
 -- "1.7356896e+15".

@@ -1,7 +1,7 @@
 -- Reserve `tokens`, one request and one concurrency slot against every
 -- window at once, or nothing (the refusing windows are returned instead).
 --
--- KEYS: rpm, tpm, day, month, leases (one client's: one hash slot)
+-- KEYS: rpm, tpm, day, month, leases, expired (one client's: one hash slot)
 -- ARGV: now_us or '', tokens, requests_per_minute, tokens_per_minute,
 --       tokens_per_day, tokens_per_month, max_concurrent ('' = no limit),
 --       lease id, lease duration (us)
@@ -17,8 +17,18 @@ local day, day_end, month, month_end = periods(now)
 local rpm_tat, tpm_tat = get_tat(KEYS[1]), get_tat(KEYS[2])
 local day_used, month_used = calendar_used(KEYS[3], day), calendar_used(KEYS[4], month)
 -- Leases past their expiry belong to requests that never settled (their
--- instance died): their slots are free again, their tokens stay charged.
-redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', int(now))
+-- instance died): their slots are free again, their tokens stay charged,
+-- and they are remembered (a day) so that a late settlement corrects the
+-- tokens once, and a repeated one does nothing.
+local expired = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', int(now))
+if #expired > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', int(now))
+  for _, id in ipairs(expired) do
+    redis.call('ZADD', KEYS[6], int(now), id)
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', int(now - EXPIRED_KEPT))
+  redis.call('PEXPIRE', KEYS[6], int(EXPIRED_KEPT / 1000))
+end
 local in_flight = redis.call('ZCARD', KEYS[5])
 
 -- Window indexes as in window.rs Window::ALL.

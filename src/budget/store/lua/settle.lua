@@ -1,17 +1,22 @@
 -- Replace the tokens a reservation held by what the request used, and free
--- its concurrency slot.
+-- its concurrency slot. Idempotent: a settlement whose answer was lost may
+-- be sent again, and changes nothing the second time.
 --
--- KEYS: tpm, day, month, leases
+-- KEYS: tpm, day, month, leases, expired
 -- ARGV: now_us or '', lease id, tokens held, tokens used, day and month the
 --       hold was charged to, tokens_per_minute ('' = no limit), cancel
 --       ('1': undo a reservation whose reply was lost, only if it happened)
--- Returns 1 if the lease was still live, 0 if it had expired (its slot was
--- already freed; the tokens are corrected all the same, exactly once, since
--- an expiring lease gives back no tokens) or, for a cancel, never existed.
+-- Returns 1 if the lease was live; 0 if it had expired (its slot was
+-- already freed; the tokens are corrected all the same, once, since an
+-- expiring lease gives back no tokens); 2 if there was nothing to settle:
+-- settled already, a cancel of a reservation that never ran (or expired),
+-- or a reservation lost with a failed primary's unreplicated writes.
 local now = now_us(ARGV[1])
 local live = redis.call('ZREM', KEYS[4], ARGV[2])
-if live == 0 and ARGV[8] == '1' then
-  return 0
+if live == 0 then
+  if ARGV[8] == '1' or redis.call('ZREM', KEYS[5], ARGV[2]) == 0 then
+    return 2
+  end
 end
 local held, actual = tonumber(ARGV[3]), tonumber(ARGV[4])
 local tpm_limit = tonumber(ARGV[7])

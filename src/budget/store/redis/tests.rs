@@ -11,6 +11,7 @@ use std::collections::HashSet;
 use super::*;
 use crate::budget::store::MemoryStore;
 use crate::budget::window::{MINUTE, NANOS_PER_SEC, days_from_civil};
+use redis::Script;
 
 #[path = "../../../../tests/it/support/skip.rs"]
 mod skip;
@@ -22,6 +23,10 @@ pub(crate) use self::skip::skip;
 #[path = "../../../../tests/it/support/redis.rs"]
 pub(crate) mod harness;
 pub(crate) use self::harness::SharedRedis;
+
+/// Its private Cluster (`tests/it/support/redis_cluster.rs`).
+#[path = "../../../../tests/it/support/redis_cluster.rs"]
+mod cluster;
 
 const SEC: u64 = NANOS_PER_SEC;
 
@@ -349,6 +354,20 @@ async fn an_expired_lease_frees_its_slot_and_a_late_settle_corrects_the_tokens_o
     let now = snapshot(&store, &limits, t0 + 12 * SEC).await;
     assert_eq!(now.get(Window::TokensPerDay).used, 400);
     assert_eq!(now.get(Window::MaxConcurrent).used, 0);
+
+    // Settlements are idempotent: sent again (their first answer lost in a
+    // failover), they change nothing, whether the lease was live or expired.
+    store
+        .settle("c", &limits, live, 50, t0 + 13 * SEC)
+        .await
+        .expect("settle again");
+    store
+        .settle("c", &limits, stuck, 0, t0 + 13 * SEC)
+        .await
+        .expect("late settle again");
+    let now = snapshot(&store, &limits, t0 + 13 * SEC).await;
+    assert_eq!(now.get(Window::TokensPerDay).used, 400);
+    assert_eq!(now.get(Window::MaxConcurrent).used, 0);
 }
 
 #[tokio::test]
@@ -557,4 +576,61 @@ fn the_minute_is_the_same_in_both_units() {
     // The scripts count microseconds; window.rs nanoseconds.
     assert_eq!(MINUTE / 1000, 60_000_000);
     assert!(COMMON.contains("local MINUTE = 60000000"));
+}
+
+/// The store suite every backend passes, on a Redis Cluster: each script
+/// runs whole on its client's slot, so reservations stay atomic there too;
+/// and deployment health, whose keys lie on several slots, is read one key
+/// at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_store_suite_and_shared_health_hold_on_a_redis_cluster() {
+    use crate::budget::store::tests as suite;
+
+    let Some(cluster) = cluster::RedisCluster::start().await else {
+        return;
+    };
+    let store = |prefix: &str| -> Arc<dyn Store> {
+        RedisStore::connect(&cluster.url(), test_options(prefix, RedisClock::Caller))
+            .expect("store")
+    };
+    suite::reserve_is_all_or_nothing(store("all-or-nothing")).await;
+    suite::settle_replaces_the_reservation(store("settle")).await;
+    suite::release_keeps_only_the_request(store("release")).await;
+    suite::clients_are_isolated(store("isolated")).await;
+    suite::concurrent_reservations_never_overspend(store("concurrent")).await;
+    suite::health_and_flush_answer(store("health")).await;
+
+    // Deployments whose keys hash to different primaries.
+    let deployments: Vec<Arc<str>> = ["one", "two", "three", "four"]
+        .into_iter()
+        .map(Arc::from)
+        .collect();
+    let mut primaries = HashSet::new();
+    for deployment in &deployments {
+        let (_, cooling) = health_keys("cooldowns", deployment);
+        primaries.insert(cluster.primary_for(&cooling).await);
+    }
+    assert!(primaries.len() > 1, "all on one primary: {primaries:?}");
+    let store = store("cooldowns");
+    store
+        .share_cooldown("one", Duration::from_secs(60))
+        .await
+        .expect("cooldown");
+    for _ in 0..2 {
+        store
+            .share_failure("three", Duration::from_secs(10), 2, Duration::from_secs(30))
+            .await
+            .expect("failure");
+    }
+    let left = store.shared_cooldowns(&deployments).await.expect("read");
+    assert!(
+        left[0].is_some_and(|d| d > Duration::from_secs(55)),
+        "{left:?}"
+    );
+    assert_eq!(left[1], None);
+    assert!(
+        left[2].is_some_and(|d| d > Duration::from_secs(25)),
+        "{left:?}"
+    );
+    assert_eq!(left[3], None);
 }
