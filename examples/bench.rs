@@ -11,7 +11,12 @@
 //! Each server runs on its own 1-thread runtime and the load generator on
 //! another, so the numbers compare like with like on a small machine. The bare
 //! proxy (a few dozen lines of hyper that forward bytes and nothing else) is the
-//! floor any gateway sits on: Iris's overhead is reported next to it.
+//! floor any gateway sits on: Iris's overhead is reported next to it, and a
+//! summary gives each headline figure as a ratio to the floor's.
+//!
+//! Memory is measured apart, in child processes (this program run again as
+//! the real `iris serve`, and as the bare proxy), from /proc: resident set
+//! when idle and after a load at concurrency 64. `--no-rss` skips it.
 
 #[path = "../tests/it/support/mock_upstream.rs"]
 mod mock_upstream;
@@ -128,7 +133,15 @@ where
 
 /// The floor: accepts, forwards the bytes to `upstream`, streams the answer back.
 async fn bare_proxy(upstream: SocketAddr, ready: tokio::sync::oneshot::Sender<SocketAddr>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+    bare_proxy_on(upstream, ("127.0.0.1", 0), ready).await;
+}
+
+async fn bare_proxy_on(
+    upstream: SocketAddr,
+    listen: (&str, u16),
+    ready: tokio::sync::oneshot::Sender<SocketAddr>,
+) {
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
         .unwrap_or_else(|e| panic!("bind: {e}"));
     let _ = ready.send(
@@ -425,6 +438,18 @@ fn micros(d: Duration) -> String {
 
 fn main() {
     let arg = |name: &str| std::env::args().skip_while(|a| a != name).nth(1);
+    // Child modes, for the memory figures.
+    if let Some(config) = arg("--serve-iris") {
+        std::process::exit(i32::from(
+            iris::commands::serve(&iris::cli::ConfigArg {
+                config: Some(config.into()),
+            }) != std::process::ExitCode::SUCCESS,
+        ));
+    }
+    if let (Some(upstream), Some(port)) = (arg("--serve-bare"), arg("--port")) {
+        serve_bare_child(&upstream, &port);
+        return;
+    }
     let seconds: f64 = arg("--seconds").and_then(|s| s.parse().ok()).unwrap_or(3.0);
     // `--only TEXT`: run only the cells whose "scenario/concurrency/target" contains TEXT.
     let only = arg("--only").unwrap_or_default();
@@ -471,6 +496,7 @@ fn main() {
             .map(|n| n.get())
             .unwrap_or(1)
     );
+    let mut cells = Vec::new();
     println!("| scenario | concurrency | target | req/s | p50 | p99 | added p50 | errors |");
     println!("|---|---|---|---|---|---|---|---|");
     for scenario in [Scenario::Small, Scenario::Image, Scenario::Stream] {
@@ -503,6 +529,13 @@ fn main() {
                 if name == "direct" {
                     direct_p50 = p50;
                 }
+                cells.push(Cell {
+                    scenario,
+                    concurrency,
+                    target: name,
+                    rps: measured.rps(),
+                    added_p50: p50.saturating_sub(direct_p50),
+                });
                 println!(
                     "| {} | {concurrency} | {name} | {:.0} | {} | {} | {} | {} |",
                     scenario.name(),
@@ -519,4 +552,213 @@ fn main() {
             }
         }
     }
+    print_summary(&cells);
+    if std::env::args().all(|a| a != "--no-rss") {
+        runtime.block_on(print_memory(upstream, seconds));
+    }
+}
+
+/// One measured cell, kept for the summary.
+struct Cell {
+    scenario: Scenario,
+    concurrency: usize,
+    target: &'static str,
+    rps: f64,
+    added_p50: Duration,
+}
+
+/// The headline figures as ratios to the bare proxy's, from this run's cells.
+fn print_summary(cells: &[Cell]) {
+    let find = |scenario, concurrency, target: &str| {
+        cells
+            .iter()
+            .find(|c| c.scenario == scenario && c.concurrency == concurrency && c.target == target)
+    };
+    println!("\n| figure | bare proxy | iris | iris ÷ floor | iris + budgets | ÷ floor | goal |");
+    println!("|---|---|---|---|---|---|---|");
+    let rows: [(&str, Scenario, usize, bool, &str); 3] = [
+        (
+            "latency added, small chat, c=1 (p50)",
+            Scenario::Small,
+            1,
+            false,
+            "≤ 1.5x",
+        ),
+        (
+            "throughput, small chat, c=64",
+            Scenario::Small,
+            64,
+            true,
+            "≥ 0.8",
+        ),
+        (
+            "latency added to the first streamed chunk, c=1 (p50)",
+            Scenario::Stream,
+            1,
+            false,
+            "≤ 1.5x",
+        ),
+    ];
+    for (figure, scenario, concurrency, throughput, goal) in rows {
+        let Some(bare) = find(scenario, concurrency, "bare proxy") else {
+            continue;
+        };
+        let value = |cell: &Cell| {
+            if throughput {
+                (format!("{:.0} req/s", cell.rps), cell.rps / bare.rps)
+            } else {
+                let floor = bare.added_p50.as_secs_f64().max(1e-6);
+                (micros(cell.added_p50), cell.added_p50.as_secs_f64() / floor)
+            }
+        };
+        let (bare_text, _) = value(bare);
+        let mut line = format!("| {figure} | {bare_text} |");
+        for target in ["iris", "iris + budgets"] {
+            match find(scenario, concurrency, target) {
+                Some(cell) => {
+                    let (text, ratio) = value(cell);
+                    line.push_str(&format!(
+                        " {text} | {ratio:.2}{} |",
+                        if throughput { "" } else { "x" }
+                    ));
+                }
+                None => line.push_str(" - | - |"),
+            }
+        }
+        println!("{line} {goal} |");
+    }
+}
+
+/// Resident memory of the real server and of the bare proxy, each in a
+/// child process: idle, then after `seconds` of small chats at concurrency 64.
+async fn print_memory(upstream: SocketAddr, seconds: f64) {
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    println!("\n| process | RSS idle | RSS after c=64 | peak (VmHWM) | goal |");
+    println!("|---|---|---|---|---|");
+    let bare_port = free_port();
+    let bare = std::process::Command::new(&exe)
+        .args([
+            "--serve-bare",
+            &upstream.to_string(),
+            "--port",
+            &bare_port.to_string(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    if let Ok(child) = bare {
+        measure_child(child, bare_port, "bare proxy", KEY, seconds, "").await;
+    }
+    for (name, key, budgeted) in [
+        ("iris serve, no token limits", KEY, false),
+        ("iris serve, a client with token limits", KEY_BUDGETED, true),
+    ] {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("iris-bench-{}-{port}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let config_path = dir.join("iris.toml");
+        let budget = if budgeted {
+            format!(
+                "[[clients]]\nname = \"bench-budgeted\"\nkey = \"{}\"\n[clients.budget]\ntokens_per_day = 1000000000000\nrequests_per_minute = 100000000\n",
+                KeyHash::of(KEY_BUDGETED)
+            )
+        } else {
+            String::new()
+        };
+        let config = format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[store]\nkind = \"sqlite\"\npath = \"{db}\"\n\
+             [[upstreams]]\nname = \"mock\"\nbase_url = \"http://{upstream}/v1\"\napi_key = \"k\"\n\
+             [[models]]\nname = \"bench-model\"\nupstream = \"mock\"\n\
+             [[clients]]\nname = \"bench\"\nkey = \"{hash}\"\n{budget}",
+            db = dir.join("iris.db").display(),
+            hash = KeyHash::of(KEY),
+        );
+        if std::fs::write(&config_path, config).is_err() {
+            continue;
+        }
+        let child = std::process::Command::new(&exe)
+            .args(["--serve-iris", &config_path.display().to_string()])
+            .env("IRIS_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        if let Ok(child) = child {
+            measure_child(child, port, name, key, seconds, "≤ 30 MiB at c=64").await;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+async fn measure_child(
+    mut child: std::process::Child,
+    port: u16,
+    name: &str,
+    key: &str,
+    seconds: f64,
+    goal: &str,
+) {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            println!("| {name} | did not start | | | |");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Let start-up work (the tokenizer's load, first flushes) settle.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = status_kib(child.id(), "VmRSS");
+    let measured = load(addr, key, "bench-model", Scenario::Small, 64, seconds).await;
+    let after = status_kib(child.id(), "VmRSS");
+    let peak = status_kib(child.id(), "VmHWM");
+    let _ = child.kill();
+    let _ = child.wait();
+    let mib =
+        |kib: Option<u64>| kib.map_or("-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
+    println!(
+        "| {name} ({:.0} req/s, {} errors) | {} | {} | {} | {goal} |",
+        measured.rps(),
+        measured.errors,
+        mib(idle),
+        mib(after),
+        mib(peak)
+    );
+}
+
+/// A field of /proc/PID/status, in KiB.
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|line| line.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// A port nothing listens on now (the child binds it a moment later).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map_or(0, |addr| addr.port())
+}
+
+/// `--serve-bare UPSTREAM --port PORT`: the bare proxy alone, in this process.
+fn serve_bare_child(upstream: &str, port: &str) {
+    let (Ok(upstream), Ok(port)) = (upstream.parse::<SocketAddr>(), port.parse::<u16>()) else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("runtime: {e}"));
+    runtime.block_on(async move {
+        let (ready, _) = tokio::sync::oneshot::channel();
+        bare_proxy_on(upstream, ("127.0.0.1", port), ready).await;
+    });
 }

@@ -68,6 +68,27 @@ impl AppState {
                 );
             }
         }
+        // The tokenizer takes a moment to load and about 45 MB to hold: loaded
+        // before the first request where a limit counts tokens, else only if
+        // a request ever needs it (see `estimate::estimate_body`).
+        let counts_tokens = config
+            .catalog
+            .clients()
+            .iter()
+            .any(|c| c.budget.counts_tokens())
+            || config
+                .catalog
+                .upstreams()
+                .iter()
+                .any(|u| u.pacing.counts_tokens())
+            || clients
+                .index()
+                .clients
+                .iter()
+                .any(|c| c.budget.counts_tokens());
+        if counts_tokens {
+            let _ = tokio::task::spawn_blocking(crate::budget::estimate::warm).await;
+        }
         let config = Arc::new(ArcSwap::from_pointee(config));
         spawn_health_refresh(Arc::downgrade(&health), Arc::downgrade(&config));
         Ok(Self {

@@ -141,24 +141,52 @@ fn pieces(text: &str) -> impl Iterator<Item = &str> {
 /// cap (`max_completion_tokens`, else `max_tokens`, else `default_cap`, the
 /// model's `max_output_tokens`), times `n` choices.
 pub fn estimate(request: &ChatRequest<'_>, default_cap: u64) -> Estimate {
+    Estimate {
+        prompt: prompt_tokens(request),
+        completion: completion_cap(request, default_cap),
+    }
+}
+
+/// The completion cap times `n` choices.
+fn completion_cap(request: &ChatRequest<'_>, default_cap: u64) -> u64 {
     let choices = request
         .raw_field("n")
         .and_then(|n| n.get().parse::<u64>().ok())
         .unwrap_or(1)
         .clamp(1, 128);
     let cap = request.completion_cap.unwrap_or(default_cap);
-    Estimate {
-        prompt: prompt_tokens(request),
-        completion: cap.saturating_mul(choices),
-    }
+    cap.saturating_mul(choices)
+}
+
+/// A prompt's tokens guessed from its size alone (about 4 bytes a token in
+/// English under o200k), for a request no token limit applies to.
+pub fn rough_prompt(text_bytes: usize) -> u64 {
+    text_bytes.div_ceil(4) as u64
 }
 
 /// [`estimate`], run on the blocking pool when the body is large. `body` is
 /// the request's bytes, `request` parsed from it.
-pub async fn estimate_body(body: &Bytes, request: &ChatRequest<'_>, default_cap: u64) -> Estimate {
+///
+/// `count`: whether any token limit applies to the request (the client's
+/// budget or its upstreams' pacing). Without one the prompt is not tokenized
+/// at all: nothing is decided on it, so [`rough_prompt`] stands in for the
+/// log line, and the reservation counts it exactly only if it has to settle
+/// without the upstream's usage ([`crate::budget::Reservation::count_prompt_later`]).
+pub async fn estimate_body(
+    body: &Bytes,
+    request: &ChatRequest<'_>,
+    default_cap: u64,
+    count: bool,
+) -> Estimate {
     // Image data is not tokenized (only its header is read): what costs time
     // is the rest of the body.
     let image_bytes: usize = request.images().map(|(_, image)| image.url.len()).sum();
+    if !count {
+        return Estimate {
+            prompt: rough_prompt(body.len().saturating_sub(image_bytes)),
+            completion: completion_cap(request, default_cap),
+        };
+    }
     if body.len().saturating_sub(image_bytes) <= OFFLOAD_BYTES {
         return estimate(request, default_cap);
     }
@@ -409,7 +437,7 @@ mod tests {
         );
         assert!(body.len() > OFFLOAD_BYTES);
         let request = ChatRequest::parse(&body).expect("valid");
-        let offloaded = estimate_body(&body, &request, 10).await;
+        let offloaded = estimate_body(&body, &request, 10, true).await;
         assert_eq!(offloaded, estimate(&request, 10));
         assert!(offloaded.prompt > 30_000, "{offloaded:?}");
     }

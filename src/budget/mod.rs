@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
@@ -50,6 +51,16 @@ pub struct Limits {
     /// UTC calendar month.
     pub tokens_per_month: Option<u64>,
     pub max_concurrent: Option<u64>,
+}
+
+impl Limits {
+    /// Whether any window counts tokens (so a request's estimate decides
+    /// something and must be counted).
+    pub fn counts_tokens(&self) -> bool {
+        self.tokens_per_minute.is_some()
+            || self.tokens_per_day.is_some()
+            || self.tokens_per_month.is_some()
+    }
 }
 
 /// What to do when the store does not answer.
@@ -147,7 +158,7 @@ struct Inner {
 
 impl Budgets {
     /// Opens the configured store (loading an SQLite file and starting its
-    /// background writer) and warms the tokenizer.
+    /// background writer).
     pub async fn open(settings: &StoreSettings) -> Result<Self, String> {
         let store: Arc<dyn Store> = match &settings.backend {
             StoreBackend::Memory => Arc::new(MemoryStore::new()),
@@ -171,8 +182,6 @@ impl Budgets {
                 store
             }
         };
-        // Loading the tokenizer takes a moment: do it before the first request.
-        let _ = tokio::task::spawn_blocking(estimate::warm).await;
         Ok(Self::new(store, Clock::system(), settings.on_unavailable))
     }
 
@@ -322,6 +331,7 @@ impl Budgets {
             snapshot,
             request_id: None,
             linked: None,
+            uncounted_prompt: None,
             _pending: self.inner.pending.token(),
         }
     }
@@ -449,6 +459,9 @@ pub struct Reservation {
     /// Charged what this one is charged (the upstream's pacing for the
     /// client's request), or released with it.
     linked: Option<Box<Reservation>>,
+    /// The request's body, when its prompt was not tokenized at reservation
+    /// (no token limit applied): counted only if the settlement needs it.
+    uncounted_prompt: Option<Bytes>,
     /// Counts the reservation as pending until it is dropped.
     _pending: TaskTrackerToken,
 }
@@ -466,6 +479,23 @@ impl Reservation {
     /// Names the request in the settlement log line.
     pub fn set_request_id(&mut self, id: &str) {
         self.request_id = Some(id.to_owned());
+    }
+
+    /// The estimate's prompt is a rough figure: if the settlement has no
+    /// usage from the upstream, the prompt is counted from `body` then.
+    pub fn count_prompt_later(&mut self, body: Bytes) {
+        self.uncounted_prompt = Some(body);
+    }
+
+    /// The prompt's tokens as estimated, counted now if they were not.
+    fn prompt_tokens(&self) -> u64 {
+        match &self.uncounted_prompt {
+            Some(body) => crate::openai::chat::ChatRequest::parse(body)
+                .map_or(self.estimate.prompt, |request| {
+                    estimate::prompt_tokens(&request)
+                }),
+            None => self.estimate.prompt,
+        }
     }
 
     /// Settles `other` with this reservation: charged the same tokens, or
@@ -497,8 +527,10 @@ impl Reservation {
         then: impl FnOnce(Charged) + Send + 'static,
     ) {
         let tokenize = outcome.usage.is_none() && upstream_ok;
+        let text_bytes =
+            outcome.generated.len() + self.uncounted_prompt.as_ref().map_or(0, |body| body.len());
         if tokenize
-            && outcome.generated.len() > estimate::OFFLOAD_BYTES
+            && text_bytes > estimate::OFFLOAD_BYTES
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             let tracker = self.budgets.inner.pending.clone();
@@ -521,7 +553,7 @@ impl Reservation {
             ),
             None if upstream_ok => {
                 let completion = estimate::count_tokens(&outcome.generated);
-                let prompt = self.estimate.prompt;
+                let prompt = self.prompt_tokens();
                 (prompt, completion, prompt + completion, "estimate")
             }
             None => (0, 0, 0, "released"),

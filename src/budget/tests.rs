@@ -636,3 +636,49 @@ async fn settle_then_reports_what_was_charged() {
     let before = used(&budgets, &client, Window::TokensPerDay).await;
     assert_eq!(before, 50 + 50 + counted);
 }
+
+/// A prompt not tokenized at reservation (no token limit applied) is counted
+/// exactly when the settlement has no usage from the upstream, and not at all
+/// when it has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncounted_prompt_is_counted_only_when_settling_without_usage() {
+    let budgets = budgets(NEW_YEARS_EVE);
+    let client = client("tokens_per_day = 1000000");
+    let body = bytes::Bytes::from_static(
+        br#"{"model":"m","messages":[{"role":"user","content":"Hello, world! Hello again."}]}"#,
+    );
+    let request = crate::openai::chat::ChatRequest::parse(&body).expect("a chat request");
+    let exact = estimate::prompt_tokens(&request);
+    let rough = estimate::estimate_body(&body, &request, 10, false).await;
+    assert_eq!(rough.prompt, estimate::rough_prompt(body.len()));
+    assert_ne!(rough.prompt, exact, "the test needs the two to differ");
+
+    let settled = |usage: Option<Usage>| {
+        let (budgets, client, body) = (budgets.clone(), Arc::clone(&client), body.clone());
+        async move {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let mut reservation = budgets.reserve_for(&client, rough).await.expect("fits");
+            reservation.count_prompt_later(body);
+            let outcome = Outcome {
+                complete: false,
+                usage,
+                generated: "Hello, world!".into(),
+                finished: false,
+                error_code: None,
+            };
+            reservation.settle_then(outcome, true, move |charged| {
+                let _ = tx.send(charged);
+            });
+            rx.await.expect("settled")
+        }
+    };
+    let without_usage = settled(None).await;
+    assert_eq!(without_usage.prompt, exact);
+    assert_eq!(without_usage.completion, 4);
+    let reported = Usage {
+        prompt_tokens: 40,
+        completion_tokens: 7,
+        total_tokens: 47,
+    };
+    assert_eq!(settled(Some(reported)).await.prompt, 40);
+}

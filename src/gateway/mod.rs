@@ -143,7 +143,15 @@ impl Gateway {
         // upstream. Every early return below drops the reservation, which
         // gives it back; the answer's body settles it once, with the usage
         // of the attempt that answered.
-        let estimate = estimate::estimate_body(&body, &request, model.max_output_tokens).await;
+        // The tokenizer runs only where a token limit (the client's, or an
+        // upstream's pacing) decides on the count.
+        let count = client.budget.counts_tokens()
+            || model
+                .deployments
+                .iter()
+                .any(|d| d.upstream.pacing.counts_tokens());
+        let estimate =
+            estimate::estimate_body(&body, &request, model.max_output_tokens, count).await;
         trail.estimated_tokens = Some(estimate.total());
         let mut reservation = self
             .budgets
@@ -151,6 +159,9 @@ impl Gateway {
             .instrument(crate::traces::budget_span(estimate.total()))
             .await?;
         reservation.set_request_id(request_id);
+        if !count {
+            reservation.count_prompt_later(body.clone());
+        }
 
         let images = self.images.load_full();
         let images = ImageWork::new(&images);
