@@ -92,6 +92,12 @@ pub enum Fault {
     GarbageJson,
     /// A 200 labelled `text/event-stream` whose body is an HTML page.
     GarbageSse,
+    /// A 200 `application/json` body that starts as a completion and stops
+    /// half-way through (a clean end of a body that is not JSON).
+    TruncatedJson,
+    /// A 200 `application/json` completion of about N bytes (its content
+    /// that long), sent in 64 KiB chunks, its usage at the very end.
+    Huge(usize),
 }
 
 impl Fault {
@@ -503,6 +509,14 @@ async fn chat(State(state): State<MockState>, request: Request) -> Response {
         Some(Fault::GarbageSse) => {
             return ([(header::CONTENT_TYPE, "text/event-stream")], GARBAGE).into_response();
         }
+        Some(Fault::TruncatedJson) => {
+            return (
+                [(header::CONTENT_TYPE, "application/json")],
+                r#"{"id": "chatcmpl-mock", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hel"#,
+            )
+                .into_response();
+        }
+        Some(Fault::Huge(size)) => return huge(size, stream.prompt_tokens),
         Some(Fault::DieAfter(k)) => return cut(k, End::Die).respond(&state, in_flight),
         Some(Fault::StallAfter(k)) => return cut(k, End::Stall).respond(&state, in_flight),
         Some(Fault::EndWithoutDone(k)) => return cut(k, End::Vanish).respond(&state, in_flight),
@@ -540,6 +554,31 @@ async fn chat(State(state): State<MockState>, request: Request) -> Response {
         Some(k) => cut(k as usize, End::Die).respond(&state, in_flight),
         None => stream.respond(&state, in_flight),
     }
+}
+
+/// A completion whose content is `size` bytes of `a`, with its usage (one
+/// completion token per 4 bytes) at the end, sent in 64 KiB chunks.
+fn huge(size: usize, prompt_tokens: u64) -> Response {
+    let completion = (size / 4) as u64;
+    let mut body = br#"{"id":"chatcmpl-mock","object":"chat.completion","created":1,"model":"huge","choices":[{"index":0,"message":{"role":"assistant","content":""#.to_vec();
+    body.resize(body.len() + size, b'a');
+    body.extend_from_slice(
+        format!(
+            r#""}},"finish_reason":"length"}}],"usage":{{"prompt_tokens":{prompt_tokens},"completion_tokens":{completion},"total_tokens":{}}}}}"#,
+            prompt_tokens + completion
+        )
+        .as_bytes(),
+    );
+    let body = Bytes::from(body);
+    let chunks: Vec<Bytes> = (0..body.len())
+        .step_by(64 * 1024)
+        .map(|at| body.slice(at..body.len().min(at + 64 * 1024)))
+        .collect();
+    let body = futures_util::stream::iter(chunks.into_iter().map(Ok::<_, std::io::Error>));
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
 /// How a streamed answer ends.
