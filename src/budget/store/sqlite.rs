@@ -387,6 +387,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_settlement_is_on_disk_once_persisted_answers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("usage.db");
+        let store = SqliteStore::open(&path).expect("open");
+        spend(&store, "c", 50, 42).await;
+        spend(&store, "d", 50, 7).await;
+        assert!(SqliteStore::read(&path).expect("read").is_empty());
+        store.persisted().await.expect("persisted");
+        let mut read = SqliteStore::read(&path).expect("read");
+        read.sort_by(|a, b| a.0.cmp(&b.0));
+        let used: Vec<u64> = read.iter().map(|(_, s)| s.day.used).collect();
+        assert_eq!(used, [42, 7], "both in one write");
+        // Nothing changed since: nothing to write, at once.
+        store.persisted().await.expect("persisted");
+        drop(store);
+    }
+
+    #[tokio::test]
     async fn the_flusher_persists_within_its_period() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("usage.db");
