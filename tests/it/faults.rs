@@ -287,6 +287,7 @@ struct Seen {
     /// The stream ended with `[DONE]`, or the plain body was whole JSON.
     whole: bool,
     bytes: usize,
+    text: String,
     charged: u64,
 }
 
@@ -324,6 +325,7 @@ async fn see(iris: &Iris, stream: bool) -> Seen {
         code,
         whole,
         bytes: text.len(),
+        text,
         charged,
     }
 }
@@ -354,6 +356,20 @@ async fn each_upstream_fault_gets_a_clear_answer_and_a_fair_charge() {
     upstream.fail_always(Fault::DieAfter(2));
     let seen = see(&iris, true).await;
     assert_eq!(seen.status, 200);
+    assert_eq!(seen.code.as_deref(), Some("upstream_stream_interrupted"));
+    assert!(!seen.whole);
+    assert!(seen.charged > prompt, "{} > {prompt}", seen.charged);
+
+    // Reset after the finish chunk, before [DONE]: what was held back for
+    // the end (the finish chunk) still comes, then the error event.
+    upstream.fail_always(Fault::DieBeforeDone(2));
+    let seen = see(&iris, true).await;
+    assert_eq!(seen.status, 200);
+    assert!(
+        seen.text.contains(r#""finish_reason":"stop""#),
+        "{}",
+        seen.text
+    );
     assert_eq!(seen.code.as_deref(), Some("upstream_stream_interrupted"));
     assert!(!seen.whole);
     assert!(seen.charged > prompt, "{} > {prompt}", seen.charged);

@@ -82,6 +82,10 @@ pub enum Fault {
     /// A 200 event stream: the role chunk and K content chunks, then the
     /// connection dies (no finish, no `[DONE]`, no terminating chunk).
     DieAfter(usize),
+    /// A 200 event stream: the role chunk, K content chunks, the finish
+    /// chunk and the usage chunk when asked for, then the connection dies
+    /// before `[DONE]`.
+    DieBeforeDone(usize),
     /// A 200 event stream: the role chunk and K content chunks, then silence
     /// with the connection open, until the reader goes away.
     StallAfter(usize),
@@ -518,6 +522,9 @@ async fn chat(State(state): State<MockState>, request: Request) -> Response {
         }
         Some(Fault::Huge(size)) => return huge(size, stream.prompt_tokens),
         Some(Fault::DieAfter(k)) => return cut(k, End::Die).respond(&state, in_flight),
+        Some(Fault::DieBeforeDone(k)) => {
+            return cut(k, End::DieBeforeDone).respond(&state, in_flight);
+        }
         Some(Fault::StallAfter(k)) => return cut(k, End::Stall).respond(&state, in_flight),
         Some(Fault::EndWithoutDone(k)) => return cut(k, End::Vanish).respond(&state, in_flight),
         None => {}
@@ -588,6 +595,8 @@ enum End {
     Done,
     /// The connection dies.
     Die,
+    /// The finish (and usage) chunks, then the connection dies.
+    DieBeforeDone,
     /// Silence until the reader goes away.
     Stall,
     /// The body ends with no finish and no `[DONE]`.
@@ -622,7 +631,7 @@ impl Stream {
                     break;
                 }
             }
-            if self.end == End::Die && !reader_left {
+            if matches!(self.end, End::Die | End::DieBeforeDone) && !reader_left {
                 // A moment for what was sent to reach the wire: a body error
                 // drops the connection with whatever is still buffered.
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -667,7 +676,7 @@ impl Stream {
                 None,
             )));
         }
-        if self.end != End::Done {
+        if !matches!(self.end, End::Done | End::DieBeforeDone) {
             return sent;
         }
         sent.push(event(chunk(serde_json::json!({}), Some("stop"))));
@@ -676,7 +685,9 @@ impl Stream {
             sent.push(event(serde_json::json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1, "model": model,
                 "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}})));
         }
-        sent.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
+        if self.end == End::Done {
+            sent.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
+        }
         sent
     }
 }
