@@ -7,10 +7,10 @@
 //!   the response's last bytes wait until the settlement is persisted
 //!   ([`crate::budget::store::Store::persisted`]), so a client never holds a
 //!   complete answer whose charge a crash could still lose. A plain body
-//!   holds back its last byte until then (a JSON body is of no use before
-//!   its end anyway); a stream holds back what comes once it said it is
-//!   done (the finish chunk, the usage chunk, `[DONE]`), never a token
-//!   before that;
+//!   is sent one chunk behind, its last chunk held back until then (a JSON
+//!   body is of no use before its end anyway, and nothing is copied); a
+//!   stream holds back what comes once it said it is done (the finish
+//!   chunk, the usage chunk, `[DONE]`), never a token before that;
 //! - the upstream body failed, stalled past the upstream's timeout, or (a
 //!   stream) ended without saying it was done: settled from what was
 //!   generated so far, and the client told so ([`Cut`]) rather than left
@@ -25,7 +25,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::Stream;
 use futures_util::stream::BoxStream;
 use tokio::time::{Instant, Sleep};
@@ -81,7 +81,7 @@ pub struct ResponseBody {
     span: tracing::Span,
     /// The response's last bytes, held back until its settlement is
     /// persisted.
-    held: BytesMut,
+    held: Bytes,
     /// A complete response's settlement being persisted: then `held` goes.
     persisting: Option<StoreFuture<()>>,
     /// An end before the end, told after the held-back bytes went out.
@@ -109,7 +109,7 @@ impl ResponseBody {
             first_byte: None,
             // Built in the handler, so the current span is the request's.
             span: crate::traces::current(),
-            held: BytesMut::new(),
+            held: Bytes::new(),
             persisting: None,
             cut_next: None,
         }
@@ -133,7 +133,7 @@ impl ResponseBody {
         crate::traces::record_usage(&self.span, &outcome);
         if complete {
             if let Some(unsent) = unsent {
-                self.held.extend_from_slice(&unsent);
+                self.hold(unsent);
             }
             if !self.held.is_empty() {
                 self.first_byte.get_or_insert_with(Instant::now);
@@ -166,15 +166,26 @@ impl ResponseBody {
             if self.held.is_empty() && !self.tap.said_done() {
                 return out;
             }
-            self.held.extend_from_slice(&out);
+            self.hold(out);
             return Bytes::new();
         }
         if out.is_empty() {
             return out;
         }
-        self.held.extend_from_slice(&out);
-        let last = self.held.split_off(self.held.len() - 1);
-        std::mem::replace(&mut self.held, last).freeze()
+        std::mem::replace(&mut self.held, out)
+    }
+
+    /// Adds `more` to what is held back (a copy only when both have bytes:
+    /// a stream's last few small events).
+    fn hold(&mut self, more: Bytes) {
+        if self.held.is_empty() {
+            self.held = more;
+        } else if !more.is_empty() {
+            let mut both = Vec::with_capacity(self.held.len() + more.len());
+            both.extend_from_slice(&self.held);
+            both.extend_from_slice(&more);
+            self.held = Bytes::from(both);
+        }
     }
 
     /// A complete body's end: once its settlement is persisted, the bytes
@@ -191,7 +202,7 @@ impl ResponseBody {
             }
         }
         let last = std::mem::take(&mut self.held);
-        Poll::Ready((!last.is_empty()).then(|| Ok(last.freeze())))
+        Poll::Ready((!last.is_empty()).then_some(Ok(last)))
     }
 
     /// Ends the body early: settles, and says why (a stream first gets what
@@ -202,7 +213,7 @@ impl ResponseBody {
         self.end(false, Some(cut.error_code()));
         if stream && !self.held.is_empty() {
             self.cut_next = Some(cut);
-            return Poll::Ready(Some(Ok(std::mem::take(&mut self.held).freeze())));
+            return Poll::Ready(Some(Ok(std::mem::take(&mut self.held))));
         }
         Poll::Ready(Some(Err(cut)))
     }
