@@ -526,6 +526,39 @@ impl Reservation {
         upstream_ok: bool,
         then: impl FnOnce(Charged) + Send + 'static,
     ) {
+        drop(self.settle_in_turn(outcome, upstream_ok, then));
+    }
+
+    /// [`Self::settle_then`], and a future that resolves once the
+    /// settlement is persisted as far as the store persists anything
+    /// ([`Store::persisted`]): a complete response's last byte waits for it.
+    /// Dropping the future leaves the settlement as done as it is.
+    pub fn settle_persisted(
+        self,
+        outcome: Outcome,
+        upstream_ok: bool,
+        then: impl FnOnce(Charged) + Send + 'static,
+    ) -> StoreFuture<()> {
+        let budgets = self.budgets.clone();
+        match self.settle_in_turn(outcome, upstream_ok, then) {
+            None => budgets.inner.store.persisted(),
+            Some(counting) => Box::pin(async move {
+                counting
+                    .await
+                    .map_err(|e| StoreError(format!("settlement failed: {e}")))?;
+                budgets.inner.store.persisted().await
+            }),
+        }
+    }
+
+    /// Settles now, or on the blocking pool when the generated text must be
+    /// counted first (then the task is returned).
+    fn settle_in_turn(
+        self,
+        outcome: Outcome,
+        upstream_ok: bool,
+        then: impl FnOnce(Charged) + Send + 'static,
+    ) -> Option<tokio::task::JoinHandle<()>> {
         let tokenize = outcome.usage.is_none() && upstream_ok;
         let text_bytes =
             outcome.generated.len() + self.uncounted_prompt.as_ref().map_or(0, |body| body.len());
@@ -534,13 +567,13 @@ impl Reservation {
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             let tracker = self.budgets.inner.pending.clone();
-            tracker.spawn_blocking_on(
+            return Some(tracker.spawn_blocking_on(
                 move || then(self.settle_now(&outcome, upstream_ok)),
                 &runtime,
-            );
-            return;
+            ));
         }
         then(self.settle_now(&outcome, upstream_ok));
+        None
     }
 
     fn settle_now(mut self, outcome: &Outcome, upstream_ok: bool) -> Charged {

@@ -1,7 +1,8 @@
 //! `iris usage`: each configured client's budgets, as the configured store
-//! has them: the SQLite file (written every second, so a running server's
-//! figures are at most a second old), or Redis (live, requests in flight
-//! included).
+//! has them: the SQLite file (every finished response's charge is written
+//! before its last byte, reservations every second, so a running server's
+//! in-flight requests are at most a second old there), or Redis (live,
+//! requests in flight included).
 
 use std::fmt::Write;
 

@@ -3,7 +3,14 @@
 //! request's [`Reservation`], which travels with the body and is settled
 //! exactly once, here, however the body ends:
 //!
-//! - the upstream body reached its end: settled from what it reported;
+//! - the upstream body reached its end: settled from what it reported, and
+//!   the response's last bytes wait until the settlement is persisted
+//!   ([`crate::budget::store::Store::persisted`]), so a client never holds a
+//!   complete answer whose charge a crash could still lose. A plain body
+//!   is sent one chunk behind, its last chunk held back until then (a JSON
+//!   body is of no use before its end anyway, and nothing is copied); a
+//!   stream holds back what comes once it said it is done (the finish
+//!   chunk, the usage chunk, `[DONE]`), never a token before that;
 //! - the upstream body failed, stalled past the upstream's timeout, or (a
 //!   stream) ended without saying it was done: settled from what was
 //!   generated so far, and the client told so ([`Cut`]) rather than left
@@ -25,6 +32,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::budget::Reservation;
+use crate::budget::store::StoreFuture;
 use crate::openai::stream::UsageTap;
 use crate::spend::{Draft, Ending};
 use crate::upstream::error_chain;
@@ -71,6 +79,13 @@ pub struct ResponseBody {
     first_byte: Option<Instant>,
     /// The request's span (when traces are on), for the usage.
     span: tracing::Span,
+    /// The response's last bytes, held back until its settlement is
+    /// persisted.
+    held: Bytes,
+    /// A complete response's settlement being persisted: then `held` goes.
+    persisting: Option<StoreFuture<()>>,
+    /// An end before the end, told after the held-back bytes went out.
+    cut_next: Option<Cut>,
 }
 
 impl ResponseBody {
@@ -94,6 +109,9 @@ impl ResponseBody {
             first_byte: None,
             // Built in the handler, so the current span is the request's.
             span: crate::traces::current(),
+            held: Bytes::new(),
+            persisting: None,
+            cut_next: None,
         }
     }
 
@@ -104,41 +122,99 @@ impl ResponseBody {
 
     /// The one place the body ends: the tap reports how it went and the
     /// reservation is settled with it, then the spend log told what it was
-    /// charged. `cut`: the error code of an end before the end. Returns
-    /// bytes still to send.
-    fn end(&mut self, complete: bool, cut: Option<&'static str>) -> Option<Bytes> {
-        let reservation = self.reservation.take()?;
+    /// charged. `cut`: the error code of an end before the end. A complete
+    /// end adds the bytes still to send to `held` and starts persisting the
+    /// settlement, which they wait for.
+    fn end(&mut self, complete: bool, cut: Option<&'static str>) {
+        let Some(reservation) = self.reservation.take() else {
+            return;
+        };
         let (unsent, outcome) = self.tap.finish(complete);
         crate::traces::record_usage(&self.span, &outcome);
-        let unsent = unsent.filter(|_| complete);
-        if unsent.is_some() {
-            self.first_byte.get_or_insert_with(Instant::now);
-        }
-        match self.spend.take() {
-            Some(draft) => {
-                let error_code = match cut {
-                    Some(code) => Some(code.to_owned()),
-                    // An upstream error relayed: its own code.
-                    None if !self.upstream_ok => outcome.error_code.clone(),
-                    None => None,
-                };
-                let then = draft.finish(Ending {
-                    error_code,
-                    first_byte: self.first_byte,
-                });
-                reservation.settle_then(outcome, self.upstream_ok, then);
+        if complete {
+            if let Some(unsent) = unsent {
+                self.hold(unsent);
             }
-            None => reservation.settle(outcome, self.upstream_ok),
+            if !self.held.is_empty() {
+                self.first_byte.get_or_insert_with(Instant::now);
+            }
         }
-        unsent
+        let error_code = match cut {
+            Some(code) => Some(code.to_owned()),
+            // An upstream error relayed: its own code.
+            None if !self.upstream_ok => outcome.error_code.clone(),
+            None => None,
+        };
+        let then: Box<dyn FnOnce(crate::budget::Charged) + Send> = match self.spend.take() {
+            Some(draft) => Box::new(draft.finish(Ending {
+                error_code,
+                first_byte: self.first_byte,
+            })),
+            None => Box::new(|_| {}),
+        };
+        if complete {
+            self.persisting = Some(reservation.settle_persisted(outcome, self.upstream_ok, then));
+        } else {
+            reservation.settle_then(outcome, self.upstream_ok, then);
+        }
     }
-}
 
-impl ResponseBody {
-    /// Ends the body early: settles, and says why.
+    /// What of a chunk goes to the client now; the rest waits in `held`
+    /// for the end (see the module's comment).
+    fn hold_back(&mut self, out: Bytes) -> Bytes {
+        if self.tap.reads_events() {
+            if self.held.is_empty() && !self.tap.said_done() {
+                return out;
+            }
+            self.hold(out);
+            return Bytes::new();
+        }
+        if out.is_empty() {
+            return out;
+        }
+        std::mem::replace(&mut self.held, out)
+    }
+
+    /// Adds `more` to what is held back (a copy only when both have bytes:
+    /// a stream's last few small events).
+    fn hold(&mut self, more: Bytes) {
+        if self.held.is_empty() {
+            self.held = more;
+        } else if !more.is_empty() {
+            let mut both = Vec::with_capacity(self.held.len() + more.len());
+            both.extend_from_slice(&self.held);
+            both.extend_from_slice(&more);
+            self.held = Bytes::from(both);
+        }
+    }
+
+    /// A complete body's end: once its settlement is persisted, the bytes
+    /// held back for it, then the end.
+    fn poll_persisting(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, Cut>>> {
+        if let Some(persisting) = self.persisting.as_mut() {
+            let Poll::Ready(persisted) = persisting.as_mut().poll(cx) else {
+                return Poll::Pending;
+            };
+            self.persisting = None;
+            if let Err(e) = persisted {
+                // The answer is complete: cutting it now would not unspend it.
+                tracing::error!("usage settled but not persisted before the response ended: {e}");
+            }
+        }
+        let last = std::mem::take(&mut self.held);
+        Poll::Ready((!last.is_empty()).then_some(Ok(last)))
+    }
+
+    /// Ends the body early: settles, and says why (a stream first gets what
+    /// it said before, held back for its end).
     fn cut(&mut self, why: fn(bool) -> Cut) -> Poll<Option<Result<Bytes, Cut>>> {
-        let cut = why(self.tap.reads_events());
+        let stream = self.tap.reads_events();
+        let cut = why(stream);
         self.end(false, Some(cut.error_code()));
+        if stream && !self.held.is_empty() {
+            self.cut_next = Some(cut);
+            return Poll::Ready(Some(Ok(std::mem::take(&mut self.held))));
+        }
         Poll::Ready(Some(Err(cut)))
     }
 }
@@ -148,6 +224,12 @@ impl Stream for ResponseBody {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
+        if let Some(cut) = this.cut_next.take() {
+            return Poll::Ready(Some(Err(cut)));
+        }
+        if this.persisting.is_some() {
+            return this.poll_persisting(cx);
+        }
         if this.reservation.is_none() {
             return Poll::Ready(None);
         }
@@ -156,6 +238,7 @@ impl Stream for ResponseBody {
                 let idle = this.idle;
                 this.deadline.as_mut().reset(Instant::now() + idle);
                 let out = this.tap.on_chunk(chunk);
+                let out = this.hold_back(out);
                 if !out.is_empty() {
                     this.first_byte.get_or_insert_with(Instant::now);
                 }
@@ -170,7 +253,8 @@ impl Stream for ResponseBody {
                     tracing::warn!("upstream stream ended without [DONE]");
                     return this.cut(|stream| Cut::Upstream { stream });
                 }
-                Poll::Ready(this.end(true, None).map(Ok))
+                this.end(true, None);
+                this.poll_persisting(cx)
             }
             Poll::Pending => {
                 if this.deadline.as_mut().poll(cx).is_ready() {

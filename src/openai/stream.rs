@@ -51,14 +51,21 @@ pub struct Outcome {
 /// passed through as it comes.
 const MAX_PENDING_EVENT: usize = 1024 * 1024;
 
-/// A response body larger than this is not kept for its `usage`.
+/// A response body larger than this is not kept whole: only its last
+/// [`KEPT_TAIL`] bytes, where OpenAI's shape puts the `usage`.
 const MAX_KEPT_BODY: usize = 8 * 1024 * 1024;
+
+/// How much of the end of a body too large to keep is kept.
+const KEPT_TAIL: usize = 64 * 1024;
 
 pub struct UsageTap {
     streaming: bool,
     drop_usage_chunk: bool,
-    /// Streaming: the incomplete tail event. Otherwise: the body so far.
+    /// Streaming: the incomplete tail event. Otherwise: the body so far
+    /// (or its last bytes, once `cut` is set).
     pending: Vec<u8>,
+    /// A plain body grew over [`MAX_KEPT_BODY`]: `pending` holds its tail.
+    cut: bool,
     outcome: Outcome,
 }
 
@@ -81,6 +88,7 @@ impl UsageTap {
             streaming,
             drop_usage_chunk: streaming && drop_usage_chunk,
             pending: Vec::new(),
+            cut: false,
             outcome: Outcome::default(),
         }
     }
@@ -107,8 +115,12 @@ impl UsageTap {
     /// (the chunk, or less when the usage event is held back or removed).
     pub fn on_chunk(&mut self, chunk: Bytes) -> Bytes {
         if !self.streaming {
-            if self.pending.len() + chunk.len() <= MAX_KEPT_BODY {
-                self.pending.extend_from_slice(&chunk);
+            self.pending.extend_from_slice(&chunk);
+            if self.pending.len() > MAX_KEPT_BODY {
+                self.cut = true;
+            }
+            if self.cut && self.pending.len() > 2 * KEPT_TAIL {
+                self.pending.drain(..self.pending.len() - KEPT_TAIL);
             }
             return chunk;
         }
@@ -150,6 +162,8 @@ impl UsageTap {
             if self.drop_usage_chunk && !usage_only && !tail.is_empty() {
                 unsent = Some(Bytes::from(tail));
             }
+        } else if self.cut {
+            self.outcome.usage = usage_in_tail(&self.pending);
         } else {
             note_body(&self.pending, &mut self.outcome);
         }
@@ -281,6 +295,34 @@ fn note_body(body: &[u8], outcome: &mut Outcome) {
     }
 }
 
+/// The last `"usage": {...}` member in the tail of a body too large to keep
+/// (not one inside a string: its quotes would be escaped).
+fn usage_in_tail(tail: &[u8]) -> Option<Usage> {
+    const KEY: &[u8] = b"\"usage\"";
+    let mut end = tail.len();
+    while let Some(at) = tail[..end].windows(KEY.len()).rposition(|w| w == KEY) {
+        end = at;
+        if at > 0 && tail[at - 1] == b'\\' {
+            continue;
+        }
+        let rest = tail[at + KEY.len()..].trim_ascii_start();
+        let Some(value) = rest.strip_prefix(b":") else {
+            continue;
+        };
+        let value = value.trim_ascii_start();
+        if !is_object(value) {
+            continue;
+        }
+        if let Some(Ok(usage)) = serde_json::Deserializer::from_slice(value)
+            .into_iter::<Usage>()
+            .next()
+        {
+            return Some(usage);
+        }
+    }
+    None
+}
+
 /// Whether trimmed JSON text is an object: serde reads a struct from an
 /// array of its fields in order, so `[[]]` would pass for a chunk whose
 /// usage is zero tokens.
@@ -384,6 +426,31 @@ mod tests {
         let big = "x".repeat(MAX_PENDING_EVENT + 10);
         let (out, _) = run(true, true, &["data: {", &big, "}"], true);
         assert_eq!(out.len(), "data: {}".len() + big.len());
+    }
+
+    #[test]
+    fn a_body_too_large_to_keep_is_charged_the_usage_at_its_end() {
+        let filler = "a".repeat(1 << 20);
+        let mut chunks = vec![
+            "{\"choices\":[{\"message\":{\"content\":\"say \\\"usage\\\": {\\\"total_tokens\\\": 1} ",
+        ];
+        chunks.extend(std::iter::repeat_n(filler.as_str(), 9));
+        chunks.push("\"}}],\"usage\": {\"prompt_tokens\":3,\"completion_tokens\":2359296,\"total_tokens\":2359299}}");
+        let (out, outcome) = run(false, false, &chunks, true);
+        assert_eq!(out.len(), chunks.iter().map(|c| c.len()).sum::<usize>());
+        assert_eq!(outcome.usage.map(|u| u.total()), Some(2_359_299));
+
+        // Inside a string, the last: not a usage.
+        let (_, outcome) = run(
+            false,
+            false,
+            &[
+                &chunks[..10].concat(),
+                "\\\"usage\\\": {\\\"total_tokens\\\": 1}\"}}]}",
+            ],
+            true,
+        );
+        assert_eq!(outcome.usage, None);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Where budget state lives, behind one small trait so the request path does
 //! not care: [`MemoryStore`] (tests, throwaway runs), [`SqliteStore`] (the
-//! embedded default: memory first, flushed to a file every second) and
+//! embedded default: memory first, written to a file before a response's
+//! last byte and every second) and
 //! [`RedisStore`] (shared by several instances).
 //!
 //! Each operation is one call that a backend must perform atomically for the
@@ -83,6 +84,18 @@ pub trait Store: Send + Sync + 'static {
 
     /// Writes out anything not yet persisted (at shutdown).
     fn flush(&self) -> StoreFuture<()>;
+
+    /// Resolves once every change made before the call is as durable as
+    /// this store makes anything. A response's last byte waits for it after
+    /// its settlement, so a client that has a complete answer was charged
+    /// for it even if the process dies next. SQLite writes what is pending
+    /// (one transaction for every settlement waiting then: a group commit).
+    /// Memory keeps nothing across a crash anyway; Redis has applied the
+    /// settlement or is sending it again until answered, and until then
+    /// holds the reservation, which a crash leaves charged: neither waits.
+    fn persisted(&self) -> StoreFuture<()> {
+        ready(Ok(()))
+    }
 
     /// Whether deployment health is shared through this store with other
     /// instances. In-process stores share nothing: each process's own

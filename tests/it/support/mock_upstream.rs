@@ -82,6 +82,10 @@ pub enum Fault {
     /// A 200 event stream: the role chunk and K content chunks, then the
     /// connection dies (no finish, no `[DONE]`, no terminating chunk).
     DieAfter(usize),
+    /// A 200 event stream: the role chunk, K content chunks, the finish
+    /// chunk and the usage chunk when asked for, then the connection dies
+    /// before `[DONE]`.
+    DieBeforeDone(usize),
     /// A 200 event stream: the role chunk and K content chunks, then silence
     /// with the connection open, until the reader goes away.
     StallAfter(usize),
@@ -92,6 +96,12 @@ pub enum Fault {
     GarbageJson,
     /// A 200 labelled `text/event-stream` whose body is an HTML page.
     GarbageSse,
+    /// A 200 `application/json` body that starts as a completion and stops
+    /// half-way through (a clean end of a body that is not JSON).
+    TruncatedJson,
+    /// A 200 `application/json` completion of about N bytes (its content
+    /// that long), sent in 64 KiB chunks, its usage at the very end.
+    Huge(usize),
 }
 
 impl Fault {
@@ -503,7 +513,18 @@ async fn chat(State(state): State<MockState>, request: Request) -> Response {
         Some(Fault::GarbageSse) => {
             return ([(header::CONTENT_TYPE, "text/event-stream")], GARBAGE).into_response();
         }
+        Some(Fault::TruncatedJson) => {
+            return (
+                [(header::CONTENT_TYPE, "application/json")],
+                r#"{"id": "chatcmpl-mock", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hel"#,
+            )
+                .into_response();
+        }
+        Some(Fault::Huge(size)) => return huge(size, stream.prompt_tokens),
         Some(Fault::DieAfter(k)) => return cut(k, End::Die).respond(&state, in_flight),
+        Some(Fault::DieBeforeDone(k)) => {
+            return cut(k, End::DieBeforeDone).respond(&state, in_flight);
+        }
         Some(Fault::StallAfter(k)) => return cut(k, End::Stall).respond(&state, in_flight),
         Some(Fault::EndWithoutDone(k)) => return cut(k, End::Vanish).respond(&state, in_flight),
         None => {}
@@ -542,6 +563,31 @@ async fn chat(State(state): State<MockState>, request: Request) -> Response {
     }
 }
 
+/// A completion whose content is `size` bytes of `a`, with its usage (one
+/// completion token per 4 bytes) at the end, sent in 64 KiB chunks.
+fn huge(size: usize, prompt_tokens: u64) -> Response {
+    let completion = (size / 4) as u64;
+    let mut body = br#"{"id":"chatcmpl-mock","object":"chat.completion","created":1,"model":"huge","choices":[{"index":0,"message":{"role":"assistant","content":""#.to_vec();
+    body.resize(body.len() + size, b'a');
+    body.extend_from_slice(
+        format!(
+            r#""}},"finish_reason":"length"}}],"usage":{{"prompt_tokens":{prompt_tokens},"completion_tokens":{completion},"total_tokens":{}}}}}"#,
+            prompt_tokens + completion
+        )
+        .as_bytes(),
+    );
+    let body = Bytes::from(body);
+    let chunks: Vec<Bytes> = (0..body.len())
+        .step_by(64 * 1024)
+        .map(|at| body.slice(at..body.len().min(at + 64 * 1024)))
+        .collect();
+    let body = futures_util::stream::iter(chunks.into_iter().map(Ok::<_, std::io::Error>));
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
 /// How a streamed answer ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
@@ -549,6 +595,8 @@ enum End {
     Done,
     /// The connection dies.
     Die,
+    /// The finish (and usage) chunks, then the connection dies.
+    DieBeforeDone,
     /// Silence until the reader goes away.
     Stall,
     /// The body ends with no finish and no `[DONE]`.
@@ -583,7 +631,7 @@ impl Stream {
                     break;
                 }
             }
-            if self.end == End::Die && !reader_left {
+            if matches!(self.end, End::Die | End::DieBeforeDone) && !reader_left {
                 // A moment for what was sent to reach the wire: a body error
                 // drops the connection with whatever is still buffered.
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -628,7 +676,7 @@ impl Stream {
                 None,
             )));
         }
-        if self.end != End::Done {
+        if !matches!(self.end, End::Done | End::DieBeforeDone) {
             return sent;
         }
         sent.push(event(chunk(serde_json::json!({}), Some("stop"))));
@@ -637,7 +685,9 @@ impl Stream {
             sent.push(event(serde_json::json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1, "model": model,
                 "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}})));
         }
-        sent.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
+        if self.end == End::Done {
+            sent.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
+        }
         sent
     }
 }

@@ -103,12 +103,15 @@ pub fn with_store(config: &str, store: &str) -> String {
     config.replacen(memory, store, 1)
 }
 
-/// A `redis-server` of the test's own on a free port, without persistence,
-/// that the test may kill and start again.
+/// A `redis-server` of the test's own on a free port, without persistence
+/// (unless [`Self::persistent`]), that the test may kill and start again.
 pub struct RedisProcess {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// An append-only file, synced on every write: a restart after a kill
+    /// comes back with every write Redis answered.
+    appendonly: bool,
 }
 
 const REDIS_SERVER: &str = "/usr/bin/redis-server";
@@ -128,7 +131,14 @@ impl RedisProcess {
             port,
             dir: tempfile::tempdir().expect("tempdir"),
             child: None,
+            appendonly: false,
         })
+    }
+
+    /// Keeps its data across a kill (in its directory).
+    pub fn persistent(mut self) -> Self {
+        self.appendonly = true;
+        self
     }
 
     pub fn url(&self) -> String {
@@ -140,7 +150,12 @@ impl RedisProcess {
         assert!(self.child.is_none(), "already running");
         let child = Command::new(REDIS_SERVER)
             .args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--bind", "127.0.0.1", "--save", ""])
+            .args(if self.appendonly {
+                ["--appendonly", "yes", "--appendfsync", "always"].as_slice()
+            } else {
+                ["--appendonly", "no"].as_slice()
+            })
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())

@@ -1,0 +1,569 @@
+//! Faults, and what is never lost through them (README "What is never
+//! lost"): an upstream that resets, answers garbage or too much, or never
+//! answers; the real `iris` binary killed with `kill -9` under load and
+//! restarted on its SQLite file; SIGTERM with live streams; Redis killed and
+//! restarted under three instances at concurrency 50.
+//!
+//! Faults covered elsewhere, with the same harness: a stream that dies, stalls
+//! or ends without `[DONE]` (`routing::streams`), a client hanging up
+//! mid-stream (`budget::a_client_hanging_up_mid_stream_pays_for_what_was_generated`,
+//! `gateway::a_client_hanging_up_cancels_the_upstream_stream`), failover on
+//! resets and garbage (`routing::failover`), one Redis instance per
+//! `on_unavailable` mode through a crash (`redis::a_redis_crash_and_restart_is_survived_as_on_unavailable_says`).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::mock_upstream::Fault;
+use crate::support::redis::{RedisProcess, store_toml, with_store};
+use crate::support::{
+    Iris, KEY_B, MockUpstream, base_config, chat_body, http, iris_command, prompt_estimate,
+    stream_body, usage_row, write_config,
+};
+
+/// [`base_config`] on the SQLite store in `db` (the spend log in the same
+/// file), client `b` on a daily budget, `extra` appended.
+fn sqlite_config(upstream: &str, db: &std::path::Path, extra: &str) -> String {
+    with_store(
+        &base_config(
+            upstream,
+            &format!("[clients.budget]\ntokens_per_day = 1000000\n{extra}"),
+        ),
+        &format!(
+            "[store]\nkind = \"sqlite\"\npath = {:?}\n",
+            db.display().to_string()
+        ),
+    )
+}
+
+/// The real `iris serve`, killed on drop.
+struct Binary {
+    child: Option<Child>,
+    addr: String,
+    _config: tempfile::NamedTempFile,
+}
+
+impl Binary {
+    /// Starts `iris serve` on `config` and waits until it says where it listens.
+    async fn start(config: &str) -> Self {
+        let file = write_config(config);
+        let mut child = iris_command()
+            .args(["serve", "--config"])
+            .arg(file.path())
+            .env("IRIS_LOG", "info")
+            .env("IRIS_LOG_FORMAT", "json")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn iris");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let json: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+                if json["message"] == "iris is serving"
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(json["listen"].as_str().unwrap_or("").to_owned());
+                }
+            }
+        });
+        let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
+            .await
+            .expect("join")
+            .expect("iris starts");
+        Self {
+            child: Some(child),
+            addr,
+            _config: file,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// `kill -9`: nothing runs after it.
+    fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("SIGKILL");
+        child.wait().expect("wait");
+    }
+
+    /// Sends SIGTERM; the exit status once the process is gone.
+    async fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+        tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .expect("join")
+            .expect("wait")
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The `usage` a response reported: a plain body's, or a stream's usage
+/// chunk's (the request asks for it). `None` when it did not come whole.
+async fn reported_total(response: reqwest::Response) -> Option<u64> {
+    let text = response.text().await.ok()?;
+    if text.starts_with('{') {
+        return serde_json::from_str::<Value>(&text).ok()?["usage"]["total_tokens"].as_u64();
+    }
+    if !text.ends_with("data: [DONE]\n\n") {
+        return None;
+    }
+    text.lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .filter_map(|data| serde_json::from_str::<Value>(data).ok())
+        .find_map(|chunk| chunk["usage"]["total_tokens"].as_u64())
+}
+
+/// Request `i` of a load: every other one streamed (asking for its usage).
+fn nth_body(i: usize) -> Value {
+    if i.is_multiple_of(2) {
+        chat_body("other-model")
+    } else {
+        let mut body = stream_body("other-model");
+        body["stream_options"] = json!({"include_usage": true});
+        body
+    }
+}
+
+/// `iris usage`'s figure for client `b`'s `tokens_per_day`, read from the file.
+fn used_on_disk(config: &str) -> u64 {
+    usage_row(config, "b", "tokens_per_day")[3]
+        .parse()
+        .expect("a number")
+}
+
+/// Before the fix, settlement was written behind the response (every
+/// second): a crash right after complete answers lost their charge (a run
+/// on main: 40 requests, `kill -9`, 24 of them missing). Now each response's
+/// last byte waits for its settlement to be written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_loses_no_charge_of_a_complete_response() {
+    let upstream = MockUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = sqlite_config(&upstream.base_url(), &dir.path().join("iris.db"), "");
+    let mut iris = Binary::start(&config).await;
+
+    // 40 requests from 8 clients at once, half of them streamed.
+    let client = http();
+    let mut workers = Vec::new();
+    for worker in 0..8 {
+        let (client, url) = (client.clone(), iris.url("/v1/chat/completions"));
+        workers.push(tokio::spawn(async move {
+            let mut totals = Vec::new();
+            for i in (worker..40).step_by(8) {
+                let response = client
+                    .post(&url)
+                    .bearer_auth(KEY_B)
+                    .json(&nth_body(i))
+                    .send()
+                    .await
+                    .expect("request");
+                assert_eq!(response.status(), 200);
+                totals.push(reported_total(response).await.expect("complete"));
+            }
+            totals
+        }));
+    }
+    let mut received = Vec::new();
+    for worker in workers {
+        received.extend(worker.await.expect("worker"));
+    }
+    // The last byte of every answer is in; nothing else may run.
+    iris.kill9();
+    let charged: u64 = received.iter().sum();
+    assert_eq!(received.len(), 40);
+
+    assert_eq!(
+        used_on_disk(&config),
+        charged,
+        "every complete answer's charge is on disk after kill -9"
+    );
+    // The spend log is written behind (batches, every `flush_ms`): what a
+    // crash kept of it is reported, not promised.
+    let output = iris_command()
+        .args(["usage", "--since", "0d", "--format", "json", "--config"])
+        .arg(write_config(&config).path())
+        .output()
+        .expect("iris usage");
+    let report: Value = serde_json::from_slice(&output.stdout).expect("json");
+    eprintln!(
+        "kill -9: {} tokens charged on disk of {charged}; spend log records kept: {} of 40",
+        used_on_disk(&config),
+        report["data"][0]["requests"].as_u64().unwrap_or(0)
+    );
+    // And a restart on the same file serves from it.
+    let iris = Binary::start(&config).await;
+    let usage: Value = client
+        .get(iris.url("/v1/usage"))
+        .bearer_auth(KEY_B)
+        .send()
+        .await
+        .expect("usage")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(usage["windows"]["tokens_per_day"]["used"], charged);
+}
+
+/// SIGTERM with streams in flight: every stream finishes whole within the
+/// grace, the process exits 0, and the usage and the spend log of every
+/// stream are in the file afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_finishes_live_streams_and_persists_their_usage() {
+    let upstream = MockUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A grace the streams fit in on a loaded machine: past it they would
+    // be cut with `server_shutting_down` (and not end with `[DONE]`).
+    let config = sqlite_config(&upstream.base_url(), &dir.path().join("iris.db"), "")
+        .replace("shutdown_grace_ms = 2000", "shutdown_grace_ms = 20000");
+    let mut iris = Binary::start(&config).await;
+
+    let client = http();
+    let mut streams = Vec::new();
+    for i in 0..5 {
+        let mut body = nth_body(1);
+        body["messages"][0]["content"] = json!(format!("Stream {i}, please"));
+        let response = client
+            .post(iris.url("/v1/chat/completions"))
+            .bearer_auth(KEY_B)
+            .header("x-mock-chunks", "6")
+            .header("x-mock-chunk-delay-ms", "150")
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), 200);
+        streams.push(tokio::spawn(reported_total(response)));
+    }
+    let status = iris.terminate().await;
+    let mut charged = 0;
+    for stream in streams {
+        charged += stream
+            .await
+            .expect("join")
+            .expect("each stream ends whole, with [DONE]");
+    }
+    assert_eq!(status.code(), Some(0), "SIGTERM exits 0");
+    assert_eq!(used_on_disk(&config), charged, "usage flushed");
+
+    let output = iris_command()
+        .args(["usage", "--since", "0d", "--format", "json", "--config"])
+        .arg(write_config(&config).path())
+        .output()
+        .expect("iris usage");
+    let report: Value = serde_json::from_slice(&output.stdout).expect("json");
+    let row = &report["data"][0];
+    assert_eq!(row["requests"], 5, "{report}");
+    assert_eq!(row["errors"], 0, "{report}");
+    assert_eq!(row["total_tokens"], charged, "{report}");
+}
+
+/// What a client sees of one upstream fault, and what it was charged.
+struct Seen {
+    status: u16,
+    /// The error code: of an error body, or of a stream's error event.
+    code: Option<String>,
+    /// The stream ended with `[DONE]`, or the plain body was whole JSON.
+    whole: bool,
+    bytes: usize,
+    text: String,
+    charged: u64,
+}
+
+async fn see(iris: &Iris, stream: bool) -> Seen {
+    let upstream_body = if stream {
+        stream_body("other-model")
+    } else {
+        chat_body("other-model")
+    };
+    let before = iris.used(KEY_B, "tokens_per_day").await;
+    let response = iris.chat(KEY_B, &upstream_body, &[]).await;
+    let status = response.status().as_u16();
+    let text = match response.bytes().await {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(e) => format!("(body failed: {e})"),
+    };
+    iris.settled(KEY_B).await;
+    let charged = iris.used(KEY_B, "tokens_per_day").await - before;
+    let code = serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|v| v["error"]["code"].as_str().map(str::to_owned))
+        .or_else(|| {
+            text.lines()
+                .filter_map(|line| line.strip_prefix("data: "))
+                .filter_map(|data| serde_json::from_str::<Value>(data).ok())
+                .find_map(|event| event["error"]["code"].as_str().map(str::to_owned))
+        });
+    let whole = if stream {
+        text.ends_with("data: [DONE]\n\n")
+    } else {
+        serde_json::from_str::<Value>(&text).is_ok()
+    };
+    Seen {
+        status,
+        code,
+        whole,
+        bytes: text.len(),
+        text,
+        charged,
+    }
+}
+
+/// Each upstream fault, on a model with one deployment: the status and
+/// error code the client gets, and what it is charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_upstream_fault_gets_a_clear_answer_and_a_fair_charge() {
+    let upstream = MockUpstream::start().await;
+    let config = base_config(
+        &upstream.base_url(),
+        "[routing]\nretries = 1\nbackoff_ms = 1\n[clients.budget]\ntokens_per_day = 100000000\n",
+    )
+    .replace("timeout_ms = 2000", "timeout_ms = 800");
+    let iris = Iris::start(&config).await;
+    let prompt = prompt_estimate(&chat_body("other-model"));
+
+    // Reset before the response head: retried, then 502, nothing charged.
+    upstream.fail_always(Fault::Reset);
+    let seen = see(&iris, false).await;
+    assert_eq!(
+        (seen.status, seen.code.as_deref(), seen.charged),
+        (502, Some("upstream_unavailable"), 0)
+    );
+
+    // Reset mid-stream: 200, then one error event and no [DONE]; charged
+    // the prompt and the words generated.
+    upstream.fail_always(Fault::DieAfter(2));
+    let seen = see(&iris, true).await;
+    assert_eq!(seen.status, 200);
+    assert_eq!(seen.code.as_deref(), Some("upstream_stream_interrupted"));
+    assert!(!seen.whole);
+    assert!(seen.charged > prompt, "{} > {prompt}", seen.charged);
+
+    // Reset after the finish chunk, before [DONE]: what was held back for
+    // the end (the finish chunk) still comes, then the error event.
+    upstream.fail_always(Fault::DieBeforeDone(2));
+    let seen = see(&iris, true).await;
+    assert_eq!(seen.status, 200);
+    assert!(
+        seen.text.contains(r#""finish_reason":"stop""#),
+        "{}",
+        seen.text
+    );
+    assert_eq!(seen.code.as_deref(), Some("upstream_stream_interrupted"));
+    assert!(!seen.whole);
+    assert!(seen.charged > prompt, "{} > {prompt}", seen.charged);
+
+    // 200 with a body that is not JSON at all: 502, nothing charged.
+    upstream.fail_always(Fault::GarbageJson);
+    let seen = see(&iris, false).await;
+    assert_eq!(
+        (seen.status, seen.code.as_deref(), seen.charged),
+        (502, Some("upstream_unavailable"), 0)
+    );
+
+    // 200 with JSON cut off half-way: relayed as it came (the head was
+    // fine), charged the prompt estimate, no usage being readable.
+    upstream.fail_always(Fault::TruncatedJson);
+    let seen = see(&iris, false).await;
+    assert_eq!((seen.status, seen.whole), (200, false));
+    assert_eq!(seen.charged, prompt);
+
+    // 200 event stream that is an HTML page: 502, nothing charged.
+    upstream.fail_always(Fault::GarbageSse);
+    let seen = see(&iris, true).await;
+    assert_eq!(
+        (seen.status, seen.code.as_deref(), seen.charged),
+        (502, Some("upstream_unavailable"), 0)
+    );
+
+    // A body of 24 MiB (over the 8 MiB Iris keeps to read a usage from):
+    // relayed whole, never collected; charged its reported usage all the same.
+    let size = 24 << 20;
+    upstream.fail_always(Fault::Huge(size));
+    let seen = see(&iris, false).await;
+    assert_eq!((seen.status, seen.whole), (200, true));
+    assert!(seen.bytes > size);
+    let reported = (chat_body("other-model").to_string().len() / 4 + size / 4) as u64;
+    assert!(
+        seen.charged >= reported - 64,
+        "charged {} of about {reported} reported",
+        seen.charged
+    );
+
+    // Never answers: 504 after the upstream's timeout, nothing charged.
+    upstream.fail_always(Fault::Hang);
+    let seen = see(&iris, false).await;
+    assert_eq!(
+        (seen.status, seen.code.as_deref(), seen.charged),
+        (504, Some("upstream_timeout"), 0)
+    );
+
+    upstream.heal();
+    assert_eq!(iris.status("/readyz").await, 200);
+}
+
+/// The total charged by each answer with a reported usage.
+fn total_of(answer: &Value) -> u64 {
+    answer["usage"]["total_tokens"].as_u64().unwrap_or(0)
+}
+
+/// Redis killed and restarted (with its append-only file, so it comes back
+/// with its data) under three instances and 50 concurrent clients on one
+/// small budget, `on_unavailable = "reject"`: while it is down every request
+/// fails fast with 503 `store_unavailable`; once it is back the instances
+/// serve again without a restart, the budget is enforced again, and over
+/// the whole run no more was granted than the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_killed_under_load_fails_fast_recovers_and_never_overspends() {
+    let Some(redis) = RedisProcess::prepare() else {
+        return;
+    };
+    let mut redis = redis.persistent();
+    redis.start().await;
+    let upstream = MockUpstream::start().await;
+    let budget = 12_000;
+    let store = store_toml(
+        &redis.url(),
+        "iris",
+        "on_unavailable = \"reject\"\ntimeout_ms = 300",
+    );
+    let config = with_store(
+        &base_config(
+            &upstream.base_url(),
+            &format!("[clients.budget]\ntokens_per_day = {budget}\n"),
+        ),
+        &store,
+    );
+    let mut fleet = Vec::new();
+    for _ in 0..3 {
+        fleet.push(Arc::new(Iris::start(&config).await));
+    }
+    let mut body = chat_body("other-model");
+    body["max_tokens"] = json!(40);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let redis_down = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for i in 0..50 {
+        let (iris, stop, down, body) = (
+            Arc::clone(&fleet[i % 3]),
+            Arc::clone(&stop),
+            Arc::clone(&redis_down),
+            body.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            // (status, code, tokens granted, how long, Redis down when sent)
+            let mut seen = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                let was_down = down.load(Ordering::SeqCst);
+                let started = Instant::now();
+                let response = iris.chat(KEY_B, &body, &[("x-mock-delay-ms", "100")]).await;
+                let status = response.status().as_u16();
+                let answer: Value = response.json().await.unwrap_or(Value::Null);
+                let code = answer["error"]["code"].as_str().unwrap_or("").to_owned();
+                seen.push((status, code, total_of(&answer), started.elapsed(), was_down));
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            seen
+        }));
+    }
+
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    redis.kill();
+    redis_down.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    redis_down.store(false, Ordering::SeqCst);
+    redis.start().await;
+    // Until the budget is spent and refused on every instance.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut granted_here = 0;
+    loop {
+        let mut refused = 0;
+        for iris in &fleet {
+            let response = iris.chat(KEY_B, &body, &[]).await;
+            let answer: Value = response.json().await.unwrap_or(Value::Null);
+            granted_here += total_of(&answer);
+            refused += usize::from(answer["error"]["code"] == "insufficient_quota");
+        }
+        if refused == fleet.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the budget is never enforced again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut seen = Vec::new();
+    for worker in workers {
+        seen.extend(worker.await.expect("worker"));
+    }
+
+    let granted: u64 = seen.iter().map(|s| s.2).sum::<u64>() + granted_here;
+    let count = |status: u16| seen.iter().filter(|s| s.0 == status).count();
+    eprintln!(
+        "redis kill/restart: {} requests: {} granted ({granted} tokens of {budget}), {} 503, {} 429; slowest {:?}",
+        seen.len(),
+        count(200),
+        count(503),
+        count(429),
+        seen.iter().map(|s| s.3).max().unwrap_or_default()
+    );
+    for (status, code, _, took, _) in &seen {
+        match status {
+            200 => {}
+            503 => assert_eq!(code, "store_unavailable"),
+            429 => assert!(
+                ["insufficient_quota", "rate_limit_exceeded"].contains(&code.as_str()),
+                "{code}"
+            ),
+            other => panic!("unexpected {other} {code}"),
+        }
+        // Not a speed test: a request that waited on the dead Redis would
+        // wait for the lease (minutes), not `timeout_ms` (0.3 s).
+        assert!(
+            *took < Duration::from_secs(5),
+            "a request waited {took:?} (Redis down or not)"
+        );
+    }
+    assert!(
+        seen.iter().any(|s| s.0 == 503 && s.4),
+        "the outage was seen"
+    );
+    assert!(count(200) > 0 && count(429) > 0);
+    assert!(
+        granted <= budget,
+        "granted {granted} tokens of a {budget} budget"
+    );
+    for iris in &fleet {
+        iris.settled(KEY_B).await;
+    }
+    assert_eq!(
+        fleet[0].used(KEY_B, "tokens_per_day").await,
+        granted,
+        "Redis holds exactly what was granted: no settlement lost in the outage"
+    );
+}
