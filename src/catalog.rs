@@ -229,7 +229,7 @@ mod tests {
         assert!(matches!(
             &a.upstream.endpoint,
             crate::upstream::Endpoint::Http { chat_url, .. }
-                if chat_url.as_str() == "http://127.0.0.1:1/v1/chat/completions"
+                if chat_url == "http://127.0.0.1:1/v1/chat/completions"
         ));
         assert!(!format!("{a:?}").contains("upstream-secret"));
         assert!(

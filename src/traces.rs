@@ -318,8 +318,15 @@ pub fn attempt_span(deployment: &Deployment, model: &str, attempt: u32) -> Span 
         let upstream = &deployment.upstream;
         let (address, port) = match &upstream.endpoint {
             Endpoint::Http { chat_url, .. } => (
-                chat_url.host_str().unwrap_or_default().to_owned(),
-                chat_url.port_or_known_default().map(i64::from),
+                chat_url.host().unwrap_or_default().to_owned(),
+                chat_url
+                    .port_u16()
+                    .or(match chat_url.scheme_str() {
+                        Some("https") => Some(443),
+                        Some("http") => Some(80),
+                        _ => None,
+                    })
+                    .map(i64::from),
             ),
             Endpoint::Demo => ("demo".to_owned(), None),
         };

@@ -377,7 +377,17 @@ fn http_endpoint(
             );
             None
         }
-        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => Some(url),
+        // Checked by the URL standard's parser, sent as the `Uri` the HTTP
+        // client takes (the serialized URL always parses as one).
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {
+            match url.as_str().parse::<http::Uri>() {
+                Ok(uri) => Some(uri),
+                Err(e) => {
+                    problems.add(at("base_url"), format!("not a URL: {e}"));
+                    None
+                }
+            }
+        }
         Ok(_) => {
             problems.add(at("base_url"), "must be an http:// or https:// URL");
             None

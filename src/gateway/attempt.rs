@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use futures_util::stream::BoxStream;
-use http::{HeaderMap, StatusCode, header};
+use http::{HeaderMap, header};
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -24,7 +23,7 @@ use crate::openai::stream::UsageTap;
 use crate::rewrite::ImageWork;
 use crate::routing::select::Selector;
 use crate::routing::{self, Failure, RoutingSettings};
-use crate::upstream::{self, Upstream, UpstreamError};
+use crate::upstream::{self, Reply, Upstream, UpstreamError};
 
 /// How long the request whose turn it is waits before asking for room
 /// again, at most: the store's own estimate is used when shorter.
@@ -47,7 +46,7 @@ enum Failed {
     /// No response (refused, reset, timed out), or one that was not an answer.
     Unanswered(UpstreamError, Failure),
     /// An upstream error response, kept to pass through if it is the last.
-    Status(reqwest::Response),
+    Status(Reply),
 }
 
 impl Attempts<'_> {
@@ -108,16 +107,15 @@ impl Attempts<'_> {
             trail.upstream_latency = Some(sent.elapsed());
 
             let failure = match outcome {
-                Ok((response, first_chunk, rest)) => {
+                Ok((response, first_chunk)) => {
                     count_attempt(upstream, "ok");
-                    crate::traces::record_attempt(&span, "ok", Some(response.status().as_u16()));
+                    crate::traces::record_attempt(&span, "ok", Some(response.status.as_u16()));
                     self.gateway.health.attempted(&deployment.key, false);
                     reservation.link(room);
                     return Ok(self.answer(
                         upstream,
                         response,
                         first_chunk,
-                        rest,
                         stream,
                         drop_usage_chunk,
                         reservation,
@@ -129,8 +127,8 @@ impl Attempts<'_> {
             let (kind, retry_after) = match &failure {
                 Failed::Unanswered(_, kind) => (*kind, None),
                 Failed::Status(response) => (
-                    Failure::Status(response.status().as_u16()),
-                    routing::retry_after(response.headers()),
+                    Failure::Status(response.status.as_u16()),
+                    routing::retry_after(&response.headers),
                 ),
             };
             count_attempt(upstream, &kind.label());
@@ -179,7 +177,7 @@ impl Attempts<'_> {
         match last {
             // The last upstream error, as the upstream sent it.
             Some((Failed::Status(response), upstream)) => {
-                Ok(self.answer(&upstream, response, None, None, false, false, reservation))
+                Ok(self.answer(&upstream, response, None, false, false, reservation))
             }
             Some((Failed::Unanswered(error, _), _)) => Err(error.into()),
             None => Err(ChatError::Upstream(UpstreamError::Unreachable {
@@ -303,14 +301,7 @@ impl Attempts<'_> {
         body: Bytes,
         stream: bool,
         remaining: Duration,
-    ) -> Result<
-        (
-            reqwest::Response,
-            Option<Bytes>,
-            Option<BoxStream<'static, reqwest::Result<Bytes>>>,
-        ),
-        Failed,
-    > {
+    ) -> Result<(Reply, Option<Bytes>), Failed> {
         let timeout = upstream.timeout.min(remaining);
         let response = self
             .gateway
@@ -324,10 +315,10 @@ impl Attempts<'_> {
                 };
                 Failed::Unanswered(e, kind)
             })?;
-        if !response.status().is_success() {
+        if !response.status.is_success() {
             return Err(Failed::Status(response));
         }
-        let event_stream = stream && is_event_stream(response.headers());
+        let event_stream = stream && is_event_stream(&response.headers);
         let invalid = |why: &str| {
             tracing::warn!(upstream = %upstream.name, "the upstream's 200 is not an answer: {why}");
             Failed::Unanswered(
@@ -337,10 +328,8 @@ impl Attempts<'_> {
                 Failure::Invalid,
             )
         };
-        // The head carries headers only: keep them, read the first chunk.
-        let head = http_head(&response);
-        let mut rest = response.bytes_stream().boxed();
-        let first = match tokio::time::timeout(timeout, rest.next()).await {
+        let mut response = response;
+        let first = match tokio::time::timeout(timeout, response.body.next()).await {
             Err(_) => {
                 return Err(Failed::Unanswered(
                     UpstreamError::Timeout {
@@ -368,33 +357,30 @@ impl Attempts<'_> {
                 "not JSON"
             }));
         }
-        Ok((head, Some(first), Some(rest)))
+        Ok((response, Some(first)))
     }
 
-    #[expect(clippy::too_many_arguments, reason = "the parts of one answer")]
     fn answer(
         &self,
         upstream: &Upstream,
-        response: reqwest::Response,
+        response: Reply,
         first: Option<Bytes>,
-        rest: Option<BoxStream<'static, reqwest::Result<Bytes>>>,
         stream: bool,
         drop_usage_chunk: bool,
         reservation: Reservation,
     ) -> Answer {
-        let status =
-            StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        let status = response.status;
         let upstream_ok = status.is_success();
         // Only an event stream is read (and edited) event by event; anything
         // else, even in answer to `stream: true`, is a plain body.
-        let event_stream = upstream_ok && stream && is_event_stream(response.headers());
-        let headers = upstream::response_headers(response.headers());
+        let event_stream = upstream_ok && stream && is_event_stream(&response.headers);
+        let headers = upstream::response_headers(&response.headers);
         let budget = *reservation.snapshot();
-        let body = match rest {
-            Some(rest) => futures_util::stream::iter(first.map(Ok))
-                .chain(rest)
+        let body = match first {
+            Some(first) => futures_util::stream::iter([Ok(first)])
+                .chain(response.body)
                 .boxed(),
-            None => response.bytes_stream().boxed(),
+            None => response.body,
         };
         let tap = UsageTap::new(event_stream, drop_usage_chunk && event_stream);
         Answer {
@@ -418,19 +404,11 @@ fn count_attempt(upstream: &Upstream, outcome: &str) {
         .increment(1);
 }
 
-fn is_event_stream(headers: &reqwest::header::HeaderMap) -> bool {
+fn is_event_stream(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"))
-}
-
-/// A response with the head of `response` and no body yet.
-fn http_head(response: &reqwest::Response) -> reqwest::Response {
-    let mut head = http::Response::new(reqwest::Body::from(Bytes::new()));
-    *head.status_mut() = response.status();
-    *head.headers_mut() = response.headers().clone();
-    reqwest::Response::from(head)
 }
 
 /// Whether the first chunk of a 200 can begin a chat completion: JSON (an

@@ -27,7 +27,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Stream;
-use futures_util::stream::BoxStream;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
@@ -35,7 +34,7 @@ use crate::budget::Reservation;
 use crate::budget::store::StoreFuture;
 use crate::openai::stream::UsageTap;
 use crate::spend::{Draft, Ending};
-use crate::upstream::error_chain;
+use crate::upstream::{Chunks, error_chain};
 
 /// Why a body ends before its end: the edge tells the client (a stream gets
 /// one error event, then ends without `[DONE]`; a plain body is aborted).
@@ -61,7 +60,7 @@ impl Cut {
 pub const CLIENT_DISCONNECTED: &str = "client_disconnected";
 
 pub struct ResponseBody {
-    upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+    upstream: Chunks,
     tap: UsageTap,
     /// The longest wait for each chunk.
     idle: Duration,
@@ -90,7 +89,7 @@ pub struct ResponseBody {
 
 impl ResponseBody {
     pub fn new(
-        upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+        upstream: Chunks,
         tap: UsageTap,
         idle: Duration,
         reservation: Reservation,
@@ -245,7 +244,7 @@ impl Stream for ResponseBody {
                 Poll::Ready(Some(Ok(out)))
             }
             Poll::Ready(Some(Err(e))) => {
-                tracing::warn!(error = %error_chain(&e), "upstream body failed");
+                tracing::warn!(error = %error_chain("body error", &*e), "upstream body failed");
                 this.cut(|stream| Cut::Upstream { stream })
             }
             Poll::Ready(None) => {

@@ -13,6 +13,8 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
+use super::{BodyError, Chunks, Reply};
+
 use crate::images::data_uri::DataUri;
 use crate::images::{dimensions, sniff};
 
@@ -20,7 +22,7 @@ use crate::images::{dimensions, sniff};
 const CHUNK_PAUSE: Duration = Duration::from_millis(30);
 
 /// The demo's answer to a chat completion body, as an upstream's response.
-pub fn answer(body: &[u8]) -> reqwest::Response {
+pub fn answer(body: &[u8]) -> Reply {
     let request: Value = serde_json::from_slice(body).unwrap_or_default();
     let model = request["model"].as_str().unwrap_or("demo").to_owned();
     let text = reply(&request);
@@ -42,7 +44,10 @@ pub fn answer(body: &[u8]) -> reqwest::Response {
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
             "usage": usage,
         });
-        return response("application/json", reqwest::Body::from(body.to_string()));
+        return response(
+            "application/json",
+            futures_util::stream::iter([Ok(Bytes::from(body.to_string()))]).boxed(),
+        );
     }
 
     let include_usage = request["stream_options"]["include_usage"].as_bool() == Some(true);
@@ -74,18 +79,22 @@ pub fn answer(body: &[u8]) -> reqwest::Response {
             if i > 0 {
                 tokio::time::sleep(CHUNK_PAUSE).await;
             }
-            Ok::<_, std::io::Error>(line)
+            Ok::<_, BodyError>(line)
         });
-    response("text/event-stream", reqwest::Body::wrap_stream(stream))
+    response("text/event-stream", stream.boxed())
 }
 
-fn response(content_type: &'static str, body: reqwest::Body) -> reqwest::Response {
-    let mut response = http::Response::new(body);
-    response.headers_mut().insert(
+fn response(content_type: &'static str, body: Chunks) -> Reply {
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static(content_type),
     );
-    reqwest::Response::from(response)
+    Reply {
+        status: http::StatusCode::OK,
+        headers,
+        body,
+    }
 }
 
 fn created() -> u64 {
@@ -158,15 +167,16 @@ fn describe_image(url: &str) -> String {
 mod tests {
     use super::*;
 
-    async fn body(response: reqwest::Response) -> String {
-        response.text().await.expect("body")
+    async fn body(response: Reply) -> String {
+        let chunks: Vec<Bytes> = response.body.map(|c| c.expect("chunk")).collect().await;
+        String::from_utf8(chunks.concat()).expect("text")
     }
 
     #[tokio::test]
     async fn answers_plainly_with_usage() {
         let response =
             answer(br#"{"model":"demo","messages":[{"role":"user","content":"Hi there"}]}"#);
-        assert_eq!(response.headers()["content-type"], "application/json");
+        assert_eq!(response.headers["content-type"], "application/json");
         let json: Value = serde_json::from_str(&body(response).await).expect("json");
         assert!(
             json["choices"][0]["message"]["content"]
@@ -186,7 +196,7 @@ mod tests {
         let response = answer(
             br#"{"model":"demo","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"Hello"}]}"#,
         );
-        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        assert_eq!(response.headers["content-type"], "text/event-stream");
         let text = body(response).await;
         let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
         assert!(events.len() > 4, "{text}");

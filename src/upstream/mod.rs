@@ -7,7 +7,15 @@ pub mod demo;
 
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderName, HeaderValue, header};
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use futures_util::{StreamExt, TryStreamExt};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 
 use crate::budget::Limits;
 use crate::images::ImagePolicy;
@@ -35,7 +43,7 @@ pub enum Endpoint {
     /// An OpenAI-compatible server.
     Http {
         /// `{base_url}/chat/completions`.
-        chat_url: reqwest::Url,
+        chat_url: http::Uri,
         /// `Bearer {api_key}`, marked sensitive so it never shows in debug output.
         authorization: Option<HeaderValue>,
     },
@@ -89,20 +97,55 @@ fn dropped_response_header(name: &HeaderName) -> bool {
         || name.as_str().starts_with("x-ratelimit-")
 }
 
-/// The pooled HTTP client every upstream request goes through.
+/// An upstream's answer: its head, then its body chunk by chunk.
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Chunks,
+}
+
+/// A response body as it arrives.
+pub type Chunks = BoxStream<'static, Result<Bytes, BodyError>>;
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Reply {
+    /// A reply whose body is `body`'s data frames.
+    fn from_hyper(response: http::Response<hyper::body::Incoming>) -> Self {
+        let (head, body) = response.into_parts();
+        Self {
+            status: head.status,
+            headers: head.headers,
+            body: body.into_data_stream().map_err(BodyError::from).boxed(),
+        }
+    }
+}
+
+type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// The pooled HTTP client every upstream request goes through: hyper's,
+/// HTTP/1.1 or HTTP/2 (ALPN) over rustls with the platform's roots, no
+/// redirects, no proxy, TCP_NODELAY.
 #[derive(Clone)]
 pub struct Forwarder {
-    http: reqwest::Client,
+    http: HttpsClient,
 }
 
 impl Forwarder {
-    pub fn new() -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .tcp_nodelay(true)
+    pub fn new() -> Result<Self, String> {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .try_with_platform_verifier()
+            .map_err(|e| format!("TLS: {e}"))?
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(connector);
+        let http = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .build()?;
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .build(https);
         Ok(Self { http })
     }
 
@@ -113,10 +156,10 @@ impl Forwarder {
     pub async fn send(
         &self,
         upstream: &Upstream,
-        body: bytes::Bytes,
+        body: Bytes,
         client_headers: &HeaderMap,
         timeout: Duration,
-    ) -> Result<reqwest::Response, UpstreamError> {
+    ) -> Result<Reply, UpstreamError> {
         let (chat_url, authorization) = match &upstream.endpoint {
             Endpoint::Http {
                 chat_url,
@@ -124,7 +167,11 @@ impl Forwarder {
             } => (chat_url, authorization),
             Endpoint::Demo => return Ok(demo::answer(&body)),
         };
-        let mut headers = HeaderMap::with_capacity(client_headers.len() + 2);
+        let mut request = http::Request::new(Full::new(body));
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = chat_url.clone();
+        let headers = request.headers_mut();
+        headers.reserve(client_headers.len() + 3);
         for (name, value) in client_headers {
             if !DROPPED_REQUEST_HEADERS.contains(name) && !name.as_str().starts_with("proxy-") {
                 headers.append(name, value.clone());
@@ -138,24 +185,22 @@ impl Forwarder {
             headers.insert(header::AUTHORIZATION, authorization.clone());
         }
         // The attempt's trace context, in place of the client's.
-        crate::traces::inject(&mut headers);
+        crate::traces::inject(headers);
 
-        let request = self
-            .http
-            .post(chat_url.clone())
-            .headers(headers)
-            .body(body)
-            .send();
-        match tokio::time::timeout(timeout, request).await {
+        match tokio::time::timeout(timeout, self.http.request(request)).await {
             Err(_) => Err(timeout_error(upstream, timeout)),
-            Ok(Err(e)) if e.is_timeout() => Err(timeout_error(upstream, timeout)),
             Ok(Err(e)) => {
-                tracing::warn!(upstream = %upstream.name, error = %error_chain(&e), "upstream request failed");
+                let kind = if e.is_connect() {
+                    "connect error"
+                } else {
+                    "request error"
+                };
+                tracing::warn!(upstream = %upstream.name, error = %error_chain(kind, &e), "upstream request failed");
                 Err(UpstreamError::Unreachable {
                     upstream: upstream.name.clone(),
                 })
             }
-            Ok(Ok(response)) => Ok(response),
+            Ok(Ok(response)) => Ok(Reply::from_hyper(response)),
         }
     }
 }
@@ -167,17 +212,11 @@ fn timeout_error(upstream: &Upstream, after: Duration) -> UpstreamError {
     }
 }
 
-/// The error's kind and causes on one line, without the URL: the cause is
-/// what an operator needs.
-pub fn error_chain(error: &reqwest::Error) -> String {
-    let mut text = String::from(if error.is_connect() {
-        "connect error"
-    } else if error.is_body() {
-        "body error"
-    } else {
-        "request error"
-    });
-    let mut source = std::error::Error::source(error);
+/// `kind`, then the error and its causes on one line, without the URL: the
+/// cause is what an operator needs.
+pub fn error_chain(kind: &str, error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = String::from(kind);
+    let mut source = Some(error);
     while let Some(cause) = source {
         text.push_str(": ");
         text.push_str(&cause.to_string());
