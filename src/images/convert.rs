@@ -7,6 +7,7 @@ use std::io::Cursor;
 
 use image::codecs::jpeg::JpegEncoder;
 use image::imageops::FilterType;
+use image::metadata::Orientation;
 use image::{DynamicImage, GenericImageView, ImageDecoder, ImageReader};
 
 use super::sniff::{Format, FormatSet};
@@ -131,9 +132,42 @@ fn finish(bytes: Vec<u8>, format: Format, image: &DynamicImage) -> Encoded {
     }
 }
 
+/// Decodes `bytes` (already sniffed as `format` and within the pixel cap by
+/// their header) to prove their pixel data whole, for an image forwarded as
+/// it is: a damaged data stream is refused here, not by the upstream. GIFs
+/// are checked to their first frame, the one models read. Returns the EXIF
+/// orientation, which stripping metadata must keep.
+pub fn validate(bytes: &[u8], format: Format, max_pixels: u64) -> Result<Orientation, ImageError> {
+    let mut decoder = decoder(bytes, format, max_pixels)?;
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    let len = usize::try_from(decoder.total_bytes()).map_err(|_| too_large_to_decode())?;
+    let mut pixels = vec![0u8; len];
+    decoder
+        .read_image(&mut pixels)
+        .map_err(|e| undecodable(e, format))?;
+    Ok(orientation)
+}
+
 /// Decodes with the pixel cap as a decoder limit, and turns the image upright
 /// by its EXIF orientation (which re-encoding would otherwise drop).
 fn decode(bytes: &[u8], format: Format, max_pixels: u64) -> Result<DynamicImage, ImageError> {
+    let mut decoder = decoder(bytes, format, max_pixels)?;
+    let orientation = decoder.orientation().ok();
+    let mut image = DynamicImage::from_decoder(decoder).map_err(|e| undecodable(e, format))?;
+    if let Some(orientation) = orientation {
+        image.apply_orientation(orientation);
+    }
+    Ok(image)
+}
+
+/// A decoder for `bytes` whose header is within the pixel cap, with the cap
+/// as its limit too, so even a header that lied to the cheap dimension check
+/// cannot make it allocate more.
+fn decoder(
+    bytes: &[u8],
+    format: Format,
+    max_pixels: u64,
+) -> Result<Box<dyn ImageDecoder + '_>, ImageError> {
     let mut limits = image::Limits::default();
     let side = u32::try_from(max_pixels).unwrap_or(u32::MAX);
     limits.max_image_width = Some(side);
@@ -143,25 +177,33 @@ fn decode(bytes: &[u8], format: Format, max_pixels: u64) -> Result<DynamicImage,
     limits.max_alloc = Some(max_pixels.saturating_mul(16).saturating_add(64 << 20));
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format.image_format());
     reader.limits(limits);
-    let failed = |e: image::ImageError| match e {
-        image::ImageError::Limits(_) => ImageError::new(
-            ErrorKind::TooLarge,
-            "pixels",
-            "The image is too large to decode.",
-        ),
-        _ => unsupported(format!("The {format} image could not be decoded.")),
-    };
-    let mut decoder = reader.into_decoder().map_err(failed)?;
+    let decoder = reader.into_decoder().map_err(|e| undecodable(e, format))?;
     let (w, h) = decoder.dimensions();
     if u64::from(w) * u64::from(h) > max_pixels {
         return Err(too_many_pixels(w, h, max_pixels));
     }
-    let orientation = decoder.orientation().ok();
-    let mut image = DynamicImage::from_decoder(decoder).map_err(failed)?;
-    if let Some(orientation) = orientation {
-        image.apply_orientation(orientation);
+    Ok(Box::new(decoder))
+}
+
+/// A decoder's failure: over a limit, or pixel data that is not what its
+/// format says (corrupt, truncated).
+fn undecodable(e: image::ImageError, format: Format) -> ImageError {
+    match e {
+        image::ImageError::Limits(_) => too_large_to_decode(),
+        _ => ImageError::new(
+            ErrorKind::FormatUnsupported,
+            "corrupt",
+            format!("The {format} image is damaged: its pixel data could not be decoded."),
+        ),
     }
-    Ok(image)
+}
+
+fn too_large_to_decode() -> ImageError {
+    ImageError::new(
+        ErrorKind::TooLarge,
+        "pixels",
+        "The image is too large to decode.",
+    )
 }
 
 pub fn too_many_pixels(width: u32, height: u32, max_pixels: u64) -> ImageError {

@@ -1,0 +1,232 @@
+//! Removing metadata (EXIF with its GPS position, XMP, IPTC, comments, text
+//! chunks) from an image forwarded as it is, without touching its pixels:
+//! the compressed image data is copied byte for byte, only the segments or
+//! chunks that carry metadata are left out.
+//!
+//! Kept: everything a decoder needs to show the same picture, namely the
+//! ICC colour profile, JFIF and Adobe segments, PNG colour chunks (`iCCP`,
+//! `sRGB`, `gAMA`, `cHRM`, `sBIT`, `pHYs`), and the EXIF orientation, which
+//! is written back as a one-entry EXIF block when it is not "upright", so
+//! the model sees the photo the right way up.
+
+use image::metadata::Orientation;
+
+use super::sniff::Format;
+
+/// `bytes` (already sniffed as `format` and fully decoded, so well formed)
+/// without their metadata; `None` when there is none to remove, or the
+/// format keeps none Iris removes (GIF, BMP, TIFF: see the README).
+pub fn strip(bytes: &[u8], format: Format, orientation: Orientation) -> Option<Vec<u8>> {
+    let stripped = match format {
+        Format::Jpeg => jpeg(bytes, orientation),
+        Format::Png => png(bytes, orientation),
+        Format::Webp => webp(bytes, orientation),
+        Format::Gif | Format::Bmp | Format::Tiff => None,
+    }?;
+    (stripped != bytes).then_some(stripped)
+}
+
+/// A TIFF-structured EXIF block with one entry, the orientation (big-endian).
+fn orientation_exif(orientation: Orientation) -> Option<Vec<u8>> {
+    if orientation == Orientation::NoTransforms {
+        return None;
+    }
+    let mut tiff = b"MM\x00\x2a\x00\x00\x00\x08".to_vec();
+    tiff.extend_from_slice(&1u16.to_be_bytes()); // one entry
+    tiff.extend_from_slice(&0x0112u16.to_be_bytes()); // Orientation
+    tiff.extend_from_slice(&3u16.to_be_bytes()); // SHORT
+    tiff.extend_from_slice(&1u32.to_be_bytes()); // one value
+    tiff.extend_from_slice(&u16::from(orientation.to_exif()).to_be_bytes());
+    tiff.extend_from_slice(&[0, 0]); // the value's padding to 4 bytes
+    tiff.extend_from_slice(&0u32.to_be_bytes()); // no next directory
+    Some(tiff)
+}
+
+fn be16(b: &[u8], at: usize) -> Option<usize> {
+    Some(usize::from(u16::from_be_bytes(
+        b.get(at..at + 2)?.try_into().ok()?,
+    )))
+}
+
+/// JPEG: keeps APP0 (JFIF), APP2 ICC profiles, APP14 (Adobe: the colour
+/// transform) and every non-APP segment; drops APP1 (EXIF, XMP), the other
+/// APPn (IPTC, maker data, FlashPix), comments, stray bytes between segments
+/// and anything after the end-of-image marker (appended previews, videos).
+fn jpeg(b: &[u8], orientation: Orientation) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(b.len());
+    out.extend_from_slice(b.get(..2)?);
+    let mut exif = orientation_exif(orientation);
+    let mut at = 2;
+    loop {
+        // The next marker: 0xFF, any fill 0xFFs, a byte other than 0x00.
+        let Some(offset) = b.get(at..)?.iter().position(|&byte| byte == 0xFF) else {
+            return Some(out);
+        };
+        let start = at + offset;
+        let mut m = start;
+        while b.get(m) == Some(&0xFF) {
+            m += 1;
+        }
+        let Some(&marker) = b.get(m) else {
+            return Some(out);
+        };
+        let after = m + 1;
+        match marker {
+            0x00 => {
+                at = after;
+                continue;
+            }
+            0xD9 => {
+                out.extend_from_slice(&[0xFF, 0xD9]);
+                return Some(out);
+            }
+            0x01 | 0xD0..=0xD7 => {
+                out.extend_from_slice(&[0xFF, marker]);
+                at = after;
+                continue;
+            }
+            _ => {}
+        }
+        let len = be16(b, after)?;
+        let end = after + len;
+        if len < 2 || end > b.len() {
+            return None;
+        }
+        let payload = &b[after + 2..end];
+        let keep = match marker {
+            0xE0 | 0xEE => true,
+            0xE2 => payload.starts_with(b"ICC_PROFILE\0"),
+            0xE1 | 0xE3..=0xED | 0xEF | 0xFE => false,
+            _ => true,
+        };
+        // The orientation goes where EXIF belongs: after JFIF, before the rest.
+        if marker != 0xE0
+            && let Some(tiff) = exif.take()
+        {
+            out.extend_from_slice(&[0xFF, 0xE1]);
+            out.extend_from_slice(&u16::try_from(2 + 6 + tiff.len()).ok()?.to_be_bytes());
+            out.extend_from_slice(b"Exif\0\0");
+            out.extend_from_slice(&tiff);
+        }
+        if keep {
+            out.extend_from_slice(&[0xFF, marker]);
+            out.extend_from_slice(&b[after..end]);
+        }
+        at = end;
+        if marker == 0xDA {
+            // Entropy-coded data runs to the next marker that is neither a
+            // stuffed 0xFF 0x00 nor a restart marker.
+            let mut p = at;
+            loop {
+                let Some(offset) = b.get(p..)?.iter().position(|&byte| byte == 0xFF) else {
+                    out.extend_from_slice(&b[at..]);
+                    return Some(out);
+                };
+                let ff = p + offset;
+                match b.get(ff + 1) {
+                    None => {
+                        out.extend_from_slice(&b[at..]);
+                        return Some(out);
+                    }
+                    Some(0x00 | 0xD0..=0xD7 | 0xFF) => p = ff + 1,
+                    Some(_) => {
+                        out.extend_from_slice(&b[at..ff]);
+                        at = ff;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// PNG: drops `eXIf` and the text and time chunks (`tEXt`, `zTXt`, `iTXt`,
+/// `tIME`); a non-upright orientation comes back as a minimal `eXIf` before
+/// the first `IDAT`.
+fn png(b: &[u8], orientation: Orientation) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(b.len());
+    out.extend_from_slice(b.get(..8)?);
+    let mut exif = orientation_exif(orientation);
+    let mut at = 8;
+    while at < b.len() {
+        let len = usize::try_from(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?)).ok()?;
+        let kind: [u8; 4] = b.get(at + 4..at + 8)?.try_into().ok()?;
+        let end = at.checked_add(12)?.checked_add(len)?;
+        let chunk = b.get(at..end)?;
+        if &kind == b"IDAT"
+            && let Some(tiff) = exif.take()
+        {
+            out.extend_from_slice(&png_chunk(b"eXIf", &tiff)?);
+        }
+        if !matches!(&kind, b"eXIf" | b"tEXt" | b"zTXt" | b"iTXt" | b"tIME") {
+            out.extend_from_slice(chunk);
+        }
+        at = end;
+        if &kind == b"IEND" {
+            break;
+        }
+    }
+    Some(out)
+}
+
+fn png_chunk(kind: &[u8; 4], data: &[u8]) -> Option<Vec<u8>> {
+    let mut chunk = Vec::with_capacity(12 + data.len());
+    chunk.extend_from_slice(&u32::try_from(data.len()).ok()?.to_be_bytes());
+    chunk.extend_from_slice(kind);
+    chunk.extend_from_slice(data);
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(kind);
+    crc.update(data);
+    chunk.extend_from_slice(&crc.finalize().to_be_bytes());
+    Some(chunk)
+}
+
+/// WebP: drops the `EXIF` and `XMP ` chunks and clears their flags in the
+/// `VP8X` header; a non-upright orientation comes back as a minimal `EXIF`
+/// chunk at the end, where the container puts it.
+fn webp(b: &[u8], orientation: Orientation) -> Option<Vec<u8>> {
+    const EXIF_FLAG: u8 = 0x08;
+    const XMP_FLAG: u8 = 0x04;
+    let mut out = Vec::with_capacity(b.len());
+    out.extend_from_slice(b.get(..12)?);
+    let mut vp8x_flags = None;
+    let mut at = 12;
+    while at + 8 <= b.len() {
+        let kind: [u8; 4] = b.get(at..at + 4)?.try_into().ok()?;
+        let len =
+            usize::try_from(u32::from_le_bytes(b.get(at + 4..at + 8)?.try_into().ok()?)).ok()?;
+        let end = (at + 8)
+            .checked_add(len)?
+            .checked_add(len % 2)?
+            .min(b.len());
+        let chunk = b.get(at..end)?;
+        if &kind == b"VP8X" {
+            vp8x_flags = Some(out.len() + 8);
+        }
+        if !matches!(&kind, b"EXIF" | b"XMP ") {
+            out.extend_from_slice(chunk);
+        }
+        at = end;
+    }
+    let exif = orientation_exif(orientation);
+    if let Some(flags) = vp8x_flags {
+        let byte = out.get_mut(flags)?;
+        *byte &= !(EXIF_FLAG | XMP_FLAG);
+        if exif.is_some() {
+            *byte |= EXIF_FLAG;
+        }
+        // A simple (VP8/VP8L only) file has no place for EXIF: without
+        // VP8X the orientation is not kept, as decoders would ignore it.
+        if let Some(tiff) = exif {
+            out.extend_from_slice(b"EXIF");
+            out.extend_from_slice(&u32::try_from(tiff.len()).ok()?.to_le_bytes());
+            out.extend_from_slice(&tiff);
+            if tiff.len() % 2 == 1 {
+                out.push(0);
+            }
+        }
+    }
+    let riff_size = u32::try_from(out.len() - 8).ok()?;
+    out.get_mut(4..8)?.copy_from_slice(&riff_size.to_le_bytes());
+    Some(out)
+}
