@@ -230,3 +230,161 @@ fn webp(b: &[u8], orientation: Orientation) -> Option<Vec<u8>> {
     out.get_mut(4..8)?.copy_from_slice(&riff_size.to_le_bytes());
     Some(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::{DynamicImage, ImageDecoder, ImageFormat, Rgb, RgbImage};
+    use std::io::Cursor;
+
+    fn picture() -> DynamicImage {
+        DynamicImage::ImageRgb8(RgbImage::from_fn(24, 16, |x, y| {
+            Rgb([(x * 10) as u8, (y * 15) as u8, ((x + y) * 5) as u8])
+        }))
+    }
+
+    fn encoded(format: ImageFormat) -> Vec<u8> {
+        let mut out = Cursor::new(Vec::new());
+        picture().write_to(&mut out, format).expect("encode");
+        out.into_inner()
+    }
+
+    /// An EXIF block (little-endian, as cameras write it) with an
+    /// orientation and a GPS directory pointer.
+    fn camera_exif(orientation: u16) -> Vec<u8> {
+        let mut tiff = b"II\x2a\x00\x08\x00\x00\x00\x02\x00".to_vec();
+        tiff.extend_from_slice(&[0x12, 0x01, 3, 0, 1, 0, 0, 0]);
+        tiff.extend_from_slice(&orientation.to_le_bytes());
+        tiff.extend_from_slice(&[0, 0]);
+        tiff.extend_from_slice(&[0x25, 0x88, 4, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
+        tiff.extend_from_slice(&[0, 0, 0, 0]);
+        tiff
+    }
+
+    fn orientation_of(bytes: &[u8], format: ImageFormat) -> Orientation {
+        let mut decoder = image::ImageReader::with_format(Cursor::new(bytes), format)
+            .into_decoder()
+            .expect("decoder");
+        decoder.orientation().expect("orientation")
+    }
+
+    fn pixels(bytes: &[u8]) -> RgbImage {
+        image::load_from_memory(bytes).expect("decodes").to_rgb8()
+    }
+
+    fn contains(bytes: &[u8], needle: &[u8]) -> bool {
+        bytes.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn jpeg_loses_exif_xmp_and_comments_and_keeps_icc_and_the_orientation() {
+        let plain = encoded(ImageFormat::Jpeg);
+        let segment = |marker: u8, payload: &[u8]| {
+            let mut s = vec![0xFF, marker];
+            s.extend_from_slice(&u16::try_from(payload.len() + 2).unwrap().to_be_bytes());
+            s.extend_from_slice(payload);
+            s
+        };
+        let mut exif = b"Exif\0\0".to_vec();
+        exif.extend_from_slice(&camera_exif(6));
+        let mut bytes = plain[..2].to_vec();
+        bytes.extend(segment(0xE1, &exif));
+        bytes.extend(segment(0xE1, b"http://ns.adobe.com/xap/1.0/\0<x:xmpmeta/>"));
+        bytes.extend(segment(0xE2, b"ICC_PROFILE\0\x01\x01profile"));
+        bytes.extend(segment(0xFE, b"a comment"));
+        bytes.extend_from_slice(&plain[2..]);
+        bytes.extend_from_slice(b"appended video");
+        assert_eq!(
+            orientation_of(&bytes, ImageFormat::Jpeg),
+            Orientation::Rotate90
+        );
+
+        let stripped = strip(&bytes, Format::Jpeg, Orientation::Rotate90).expect("stripped");
+        assert!(!contains(&stripped, &[0x25, 0x88]), "no GPS pointer");
+        assert!(!contains(&stripped, b"xmpmeta") && !contains(&stripped, b"comment"));
+        assert!(!contains(&stripped, b"appended"), "nothing after the image");
+        assert!(contains(&stripped, b"ICC_PROFILE\0"));
+        assert_eq!(
+            orientation_of(&stripped, ImageFormat::Jpeg),
+            Orientation::Rotate90
+        );
+        assert_eq!(pixels(&stripped), pixels(&bytes));
+
+        // Nothing to remove: nothing changes.
+        assert_eq!(strip(&plain, Format::Jpeg, Orientation::NoTransforms), None);
+    }
+
+    fn png_chunks(bytes: &[u8]) -> Vec<[u8; 4]> {
+        let mut kinds = Vec::new();
+        let mut at = 8;
+        while at + 8 <= bytes.len() {
+            let len = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+            kinds.push(bytes[at + 4..at + 8].try_into().unwrap());
+            at += 12 + len;
+        }
+        kinds
+    }
+
+    #[test]
+    fn png_loses_text_and_exif_chunks_and_keeps_the_orientation() {
+        let plain = encoded(ImageFormat::Png);
+        // After IHDR: a tEXt and an eXIf with GPS.
+        let ihdr_end = 8 + 12 + 13;
+        let mut bytes = plain[..ihdr_end].to_vec();
+        bytes.extend(png_chunk(b"tEXt", b"Author\0someone").unwrap());
+        bytes.extend(png_chunk(b"eXIf", &camera_exif(3)).unwrap());
+        bytes.extend_from_slice(&plain[ihdr_end..]);
+        assert_eq!(
+            orientation_of(&bytes, ImageFormat::Png),
+            Orientation::Rotate180
+        );
+
+        let stripped = strip(&bytes, Format::Png, Orientation::Rotate180).expect("stripped");
+        let kinds = png_chunks(&stripped);
+        assert!(!kinds.contains(b"tEXt"), "{kinds:?}");
+        assert!(!contains(&stripped, &[0x25, 0x88]), "no GPS pointer");
+        assert_eq!(
+            orientation_of(&stripped, ImageFormat::Png),
+            Orientation::Rotate180
+        );
+        assert_eq!(pixels(&stripped), pixels(&bytes));
+
+        let upright = strip(&bytes, Format::Png, Orientation::NoTransforms).expect("stripped");
+        assert_eq!(png_chunks(&upright), png_chunks(&plain));
+    }
+
+    #[test]
+    fn webp_loses_exif_and_xmp_chunks_and_their_flags() {
+        // The encoder writes a simple lossless file; wrap it as an extended one.
+        let simple = encoded(ImageFormat::WebP);
+        let riff_chunk = |kind: &[u8; 4], data: &[u8]| {
+            let mut c = kind.to_vec();
+            c.extend_from_slice(&u32::try_from(data.len()).unwrap().to_le_bytes());
+            c.extend_from_slice(data);
+            if data.len() % 2 == 1 {
+                c.push(0);
+            }
+            c
+        };
+        let mut vp8x = vec![0x08 | 0x04, 0, 0, 0];
+        vp8x.extend_from_slice(&[23, 0, 0, 15, 0, 0]);
+        let mut body = b"WEBP".to_vec();
+        body.extend(riff_chunk(b"VP8X", &vp8x));
+        body.extend_from_slice(&simple[12..]);
+        body.extend(riff_chunk(b"EXIF", &camera_exif(1)));
+        body.extend(riff_chunk(b"XMP ", b"<x:xmpmeta/>"));
+        let mut bytes = b"RIFF".to_vec();
+        bytes.extend_from_slice(&u32::try_from(body.len()).unwrap().to_le_bytes());
+        bytes.extend(body);
+        assert_eq!(pixels(&bytes), picture().to_rgb8());
+
+        let stripped = strip(&bytes, Format::Webp, Orientation::NoTransforms).expect("stripped");
+        assert!(!contains(&stripped, b"EXIF") && !contains(&stripped, b"XMP "));
+        assert_eq!(stripped[20] & (0x08 | 0x04), 0, "flags cleared");
+        assert_eq!(
+            u32::from_le_bytes(stripped[4..8].try_into().unwrap()) as usize,
+            stripped.len() - 8
+        );
+        assert_eq!(pixels(&stripped), picture().to_rgb8());
+    }
+}

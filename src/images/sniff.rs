@@ -224,7 +224,10 @@ fn gif_dimensions(b: &[u8]) -> Option<(u32, u32)> {
             0
         }
     };
-    let mut at = 13 + colour_table(*b.get(10)?);
+    let Some(&flags) = b.get(10) else {
+        return Some((width, height));
+    };
+    let mut at = 13 + colour_table(flags);
     // Data sub-blocks: a length byte, that many bytes, until a zero length.
     let skip_sub_blocks = |mut at: usize| -> Option<usize> {
         loop {
