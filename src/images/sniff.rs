@@ -192,7 +192,7 @@ fn jpeg_dimensions(b: &[u8]) -> Option<(u32, u32)> {
         match marker {
             // Standalone markers carry no length.
             0x01 | 0xD0..=0xD7 => continue,
-            0xD8 | 0xD9 | 0xDA => return None,
+            0xD8..=0xDA => return None,
             _ => {}
         }
         let length = usize::from(be16(b, at)?);
