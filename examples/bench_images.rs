@@ -23,6 +23,10 @@ use image::{DynamicImage, Rgb, RgbImage};
 use iris::images::{Format, ImagePolicy, Images, ImagesSettings};
 use iris::openai::chat::ChatRequest;
 
+/// The allocator the `iris` binary uses, so in-process numbers match it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const RUNS: usize = 25;
 
 /// A noisy photo-like JPEG of about `target` bytes.
@@ -230,7 +234,7 @@ const KEY: &str = "bench-key";
 /// job per core, so text requests are not starved of the async workers.
 async fn text_under_image_load(host: &image_server::ImageServer) {
     let upstream = mock_upstream::MockUpstream::start().await;
-    upstream.keep_bodies(false);
+    upstream.state.keep_bodies(false);
     let config = format!(
         r#"
 [store]

@@ -137,15 +137,90 @@ fn finish(bytes: Vec<u8>, format: Format, image: &DynamicImage) -> Encoded {
 /// it is: a damaged data stream is refused here, not by the upstream. GIFs
 /// are checked to their first frame, the one models read. Returns the EXIF
 /// orientation, which stripping metadata must keep.
+///
+/// A JPEG is the exception: its decoder (like libjpeg) decodes damaged or
+/// cut-short scan data without an error, filling what it cannot read, so a
+/// whole decode (about 20 ms a megapixel) proves little more than the
+/// headers it reads first. Those are read and checked in full (frame,
+/// tables), and the scans' structure is walked to the end-of-image marker.
 pub fn validate(bytes: &[u8], format: Format, max_pixels: u64) -> Result<Orientation, ImageError> {
     let mut decoder = decoder(bytes, format, max_pixels)?;
     let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    if format == Format::Jpeg {
+        return if jpeg_scans_complete(bytes) {
+            Ok(orientation)
+        } else {
+            Err(ImageError::new(
+                ErrorKind::FormatUnsupported,
+                "corrupt",
+                "The jpeg image is damaged or cut short: its scans do not run to the end-of-image marker.",
+            ))
+        };
+    }
     let len = usize::try_from(decoder.total_bytes()).map_err(|_| too_large_to_decode())?;
     let mut pixels = vec![0u8; len];
     decoder
         .read_image(&mut pixels)
         .map_err(|e| undecodable(e, format))?;
     Ok(orientation)
+}
+
+/// Whether a JPEG's structure is whole: segments (past stray bytes, as
+/// decoders resynchronise) with a frame header before the first scan, each
+/// scan's entropy-coded data running to a real marker (not a stuffed 0xFF
+/// 0x00 or a restart marker), and the end-of-image marker reached.
+fn jpeg_scans_complete(b: &[u8]) -> bool {
+    let be16 = |at: usize| {
+        b.get(at..at + 2)
+            .map(|s| usize::from(u16::from_be_bytes([s[0], s[1]])))
+    };
+    let (mut at, mut frame, mut scans) = (2, false, 0);
+    loop {
+        let Some(offset) = b.get(at..).and_then(|rest| memchr::memchr(0xFF, rest)) else {
+            return false;
+        };
+        let mut m = at + offset;
+        while b.get(m) == Some(&0xFF) {
+            m += 1;
+        }
+        let Some(&marker) = b.get(m) else {
+            return false;
+        };
+        at = m + 1;
+        match marker {
+            0x00 | 0x01 | 0xD0..=0xD7 => continue,
+            0xD9 => return frame && scans > 0,
+            0xD8 => return false,
+            _ => {}
+        }
+        let Some(len) = be16(at).filter(|&len| len >= 2 && at + len <= b.len()) else {
+            return false;
+        };
+        if matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC) {
+            frame = true;
+        }
+        at += len;
+        if marker == 0xDA {
+            if !frame {
+                return false;
+            }
+            scans += 1;
+            loop {
+                let Some(offset) = b.get(at..).and_then(|rest| memchr::memchr(0xFF, rest)) else {
+                    return false;
+                };
+                let ff = at + offset;
+                match b.get(ff + 1) {
+                    None => return false,
+                    Some(0x00 | 0xD0..=0xD7 | 0xFF) => at = ff + 1,
+                    Some(_) => {
+                        at = ff;
+                        break;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Decodes with the pixel cap as a decoder limit, and turns the image upright
@@ -524,6 +599,29 @@ mod tests {
         let png = bytes_of(&chart(400, 300), ImageFormat::Png);
         let e = transform(&png, Format::Png, &target(&[Format::Jpeg]), 100_000)
             .expect_err("over the cap");
+        assert_eq!(e.kind, ErrorKind::TooLarge);
+    }
+
+    #[test]
+    fn validation_refuses_damaged_pixel_data_and_cut_short_jpegs() {
+        let jpeg = bytes_of(&photo(64, 48), ImageFormat::Jpeg);
+        assert!(validate(&jpeg, Format::Jpeg, 1 << 30).is_ok());
+        // Cut short: no end-of-image marker.
+        let e = validate(&jpeg[..jpeg.len() - 40], Format::Jpeg, 1 << 30).expect_err("cut");
+        assert_eq!((e.kind, e.reason), (ErrorKind::FormatUnsupported, "corrupt"));
+        // Trailing bytes after the image are fine (cameras append previews).
+        let mut trailing = jpeg.clone();
+        trailing.extend_from_slice(b"\xFF\xD8 a preview");
+        assert!(validate(&trailing, Format::Jpeg, 1 << 30).is_ok());
+
+        let png = bytes_of(&chart(64, 48), ImageFormat::Png);
+        assert!(validate(&png, Format::Png, 1 << 30).is_ok());
+        let mut damaged = png.clone();
+        let at = damaged.len() - 30;
+        damaged[at] ^= 0x55;
+        let e = validate(&damaged, Format::Png, 1 << 30).expect_err("damaged");
+        assert_eq!((e.kind, e.reason), (ErrorKind::FormatUnsupported, "corrupt"));
+        let e = validate(&png, Format::Png, 1000).expect_err("over the cap");
         assert_eq!(e.kind, ErrorKind::TooLarge);
     }
 
