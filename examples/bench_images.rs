@@ -23,10 +23,6 @@ use image::{DynamicImage, Rgb, RgbImage};
 use iris::images::{Format, ImagePolicy, Images, ImagesSettings};
 use iris::openai::chat::ChatRequest;
 
-/// The allocator the `iris` binary uses, so in-process numbers match it.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 const RUNS: usize = 25;
 
 /// A noisy photo-like JPEG of about `target` bytes.

@@ -144,25 +144,57 @@ fn finish(bytes: Vec<u8>, format: Format, image: &DynamicImage) -> Encoded {
 /// headers it reads first. Those are read and checked in full (frame,
 /// tables), and the scans' structure is walked to the end-of-image marker.
 pub fn validate(bytes: &[u8], format: Format, max_pixels: u64) -> Result<Orientation, ImageError> {
+    if format == Format::Jpeg {
+        return validate_jpeg(bytes, max_pixels);
+    }
     let mut decoder = decoder(bytes, format, max_pixels)?;
     let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
-    if format == Format::Jpeg {
-        return if jpeg_scans_complete(bytes) {
-            Ok(orientation)
-        } else {
-            Err(ImageError::new(
-                ErrorKind::FormatUnsupported,
-                "corrupt",
-                "The jpeg image is damaged or cut short: its scans do not run to the end-of-image marker.",
-            ))
-        };
-    }
     let len = usize::try_from(decoder.total_bytes()).map_err(|_| too_large_to_decode())?;
     let mut pixels = vec![0u8; len];
     decoder
         .read_image(&mut pixels)
         .map_err(|e| undecodable(e, format))?;
     Ok(orientation)
+}
+
+/// A JPEG's headers read in full by its decoder (frame, tables, metadata),
+/// in place (the `image` crate's reader would copy the file first), and its
+/// scans walked to the end-of-image marker.
+fn validate_jpeg(bytes: &[u8], max_pixels: u64) -> Result<Orientation, ImageError> {
+    let corrupt = |why: &str| {
+        ImageError::new(
+            ErrorKind::FormatUnsupported,
+            "corrupt",
+            format!("The jpeg image is damaged: {why}."),
+        )
+    };
+    let options = zune_core::options::DecoderOptions::default()
+        .set_strict_mode(false)
+        .set_max_width(usize::MAX)
+        .set_max_height(usize::MAX);
+    let mut decoder = zune_jpeg::JpegDecoder::new_with_options(
+        zune_core::bytestream::ZCursor::new(bytes),
+        options,
+    );
+    decoder
+        .decode_headers()
+        .map_err(|_| corrupt("its headers could not be decoded"))?;
+    let info = decoder
+        .info()
+        .ok_or_else(|| corrupt("it has no frame header"))?;
+    let (w, h) = (u32::from(info.width), u32::from(info.height));
+    if u64::from(w) * u64::from(h) > max_pixels {
+        return Err(too_many_pixels(w, h, max_pixels));
+    }
+    if !jpeg_scans_complete(bytes) {
+        return Err(corrupt(
+            "its scans do not run to the end-of-image marker (cut short?)",
+        ));
+    }
+    Ok(decoder
+        .exif()
+        .and_then(|exif| Orientation::from_exif_chunk(exif))
+        .unwrap_or(Orientation::NoTransforms))
 }
 
 /// Whether a JPEG's structure is whole: segments (past stray bytes, as
@@ -608,7 +640,10 @@ mod tests {
         assert!(validate(&jpeg, Format::Jpeg, 1 << 30).is_ok());
         // Cut short: no end-of-image marker.
         let e = validate(&jpeg[..jpeg.len() - 40], Format::Jpeg, 1 << 30).expect_err("cut");
-        assert_eq!((e.kind, e.reason), (ErrorKind::FormatUnsupported, "corrupt"));
+        assert_eq!(
+            (e.kind, e.reason),
+            (ErrorKind::FormatUnsupported, "corrupt")
+        );
         // Trailing bytes after the image are fine (cameras append previews).
         let mut trailing = jpeg.clone();
         trailing.extend_from_slice(b"\xFF\xD8 a preview");
@@ -620,7 +655,10 @@ mod tests {
         let at = damaged.len() - 30;
         damaged[at] ^= 0x55;
         let e = validate(&damaged, Format::Png, 1 << 30).expect_err("damaged");
-        assert_eq!((e.kind, e.reason), (ErrorKind::FormatUnsupported, "corrupt"));
+        assert_eq!(
+            (e.kind, e.reason),
+            (ErrorKind::FormatUnsupported, "corrupt")
+        );
         let e = validate(&png, Format::Png, 1000).expect_err("over the cap");
         assert_eq!(e.kind, ErrorKind::TooLarge);
     }

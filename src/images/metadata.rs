@@ -298,6 +298,11 @@ mod tests {
             orientation_of(&bytes, ImageFormat::Jpeg),
             Orientation::Rotate90
         );
+        // Validation reads the same orientation, which stripping is given.
+        assert_eq!(
+            crate::images::convert::validate(&bytes, Format::Jpeg, 1 << 30).expect("valid"),
+            Orientation::Rotate90
+        );
 
         let stripped = strip(&bytes, Format::Jpeg, Orientation::Rotate90).expect("stripped");
         assert!(!contains(&stripped, &[0x25, 0x88]), "no GPS pointer");
