@@ -393,3 +393,50 @@ mod tests {
         assert_eq!(pixels(&stripped), picture().to_rgb8());
     }
 }
+
+/// Cut short or with a byte flipped anywhere, real files never make the
+/// header reader, the validation or the stripping panic.
+#[cfg(test)]
+mod robustness {
+    use super::*;
+    use crate::images::{convert, sniff};
+
+    const FILES: [(&[u8], Format); 4] = [
+        (
+            include_bytes!("../../tests/fixtures/real-world/photoshop-200dpi-broken.jpg"),
+            Format::Jpeg,
+        ),
+        (
+            include_bytes!("../../tests/fixtures/real-world/exif_gps.jpg"),
+            Format::Jpeg,
+        ),
+        (
+            include_bytes!("../../tests/fixtures/real-world/broken_data_stream.png"),
+            Format::Png,
+        ),
+        (
+            include_bytes!("../../tests/fixtures/real-world/decompression_bomb.gif"),
+            Format::Gif,
+        ),
+    ];
+
+    fn exercise(bytes: &[u8], format: Format) {
+        let _ = sniff::dimensions(bytes);
+        let _ = convert::validate(bytes, format, 1 << 22);
+        let _ = strip(bytes, format, Orientation::Rotate90);
+        let _ = strip(bytes, format, Orientation::NoTransforms);
+    }
+
+    #[test]
+    fn truncated_or_flipped_real_files_never_panic() {
+        for (file, format) in FILES {
+            let step = (file.len() / 150).max(1);
+            for len in (0..file.len()).step_by(step) {
+                exercise(&file[..len], format);
+                let mut flipped = file.to_vec();
+                flipped[len] ^= 0xA5;
+                exercise(&flipped, format);
+            }
+        }
+    }
+}
