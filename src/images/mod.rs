@@ -300,13 +300,20 @@ impl Images {
     /// without metadata (`None`: forward them as they are).
     async fn check(&self, bytes: Bytes, format: Format) -> Result<Option<Vec<u8>>, ImageError> {
         let (max_pixels, strip) = (self.max_pixels, self.strip_metadata);
-        self.blocking(move || {
+        // A small JPEG's check (headers and a scan for markers, tens of
+        // microseconds) is cheaper than the hop, and must not queue behind
+        // conversions for a core; everything else decodes, on the pool.
+        let here = format == Format::Jpeg && bytes.len() <= INLINE_CODEC_BYTES;
+        let work = move || {
             let orientation = convert::validate(&bytes, format, max_pixels)?;
             Ok(strip
                 .then(|| metadata::strip(&bytes, format, orientation))
                 .flatten())
-        })
-        .await?
+        };
+        if here {
+            return work();
+        }
+        self.blocking(work).await?
     }
 
     fn too_many_bytes(&self) -> ImageError {
