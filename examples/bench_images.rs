@@ -1,8 +1,9 @@
 //! The image path's speed: inlining a 1 MB and a 5 MB JPEG, cache cold and
-//! warm, against simply downloading the same bytes in the same run; and
-//! base64 throughput.
+//! warm, against simply downloading the same bytes in the same run; base64
+//! throughput; and small text requests' latency through Iris while 8 large
+//! images are re-encoded at once, against none.
 //!
-//!   cargo run --release --example bench_images
+//!   cargo run --release --example bench_images [-- --only text]
 //!
 //! "Inline" is what a request pays: parse the chat body, apply the upstream's
 //! image policy (fetch, sniff, base64), write the body that goes upstream.
@@ -12,6 +13,8 @@
 
 #[path = "../tests/it/support/image_server.rs"]
 mod image_server;
+#[path = "../tests/it/support/mock_upstream.rs"]
+mod mock_upstream;
 
 use std::io::Cursor;
 use std::time::{Duration, Instant};
@@ -91,6 +94,14 @@ fn chat_body(url: &str) -> Vec<u8> {
 async fn main() {
     iris::init_tls();
     let host = image_server::ImageServer::start("127.0.0.2").await;
+    let only_text = std::env::args().any(|a| a == "text");
+    if !only_text {
+        inline_and_base64(&host).await;
+    }
+    text_under_image_load(&host).await;
+}
+
+async fn inline_and_base64(host: &image_server::ImageServer) {
     let mut settings = ImagesSettings {
         allowed_networks: vec!["127.0.0.2/32".parse().expect("cidr")],
         cache_bytes: 512 << 20,
@@ -203,5 +214,171 @@ async fn main() {
         bytes.len(),
         ms(took),
         bytes.len() as f64 / took.as_secs_f64() / 1e6
+    );
+}
+
+/// Text requests sent one after another while this many image requests are
+/// in flight at all times, each converting a large JPEG to fit
+/// `max_image_bytes`.
+const CONVERTING: usize = 8;
+const TEXT_REQUESTS: usize = 300;
+const KEY: &str = "bench-key";
+
+/// Small chats through Iris (in-process, on its own multi-threaded runtime as
+/// in production) with no image work, then while `CONVERTING` large images
+/// are re-encoded at once: image work runs on the blocking pool, at most one
+/// job per core, so text requests are not starved of the async workers.
+async fn text_under_image_load(host: &image_server::ImageServer) {
+    let upstream = mock_upstream::MockUpstream::start().await;
+    upstream.state.keep_bodies(false);
+    let config = format!(
+        r#"
+[store]
+kind = "memory"
+
+[images]
+allowed_networks = ["127.0.0.2/32"]
+max_bytes = 33554432
+cache_bytes = 0
+
+[[upstreams]]
+name = "mock"
+base_url = "{upstream}"
+api_key = "upstream-key"
+inline_images = true
+max_image_bytes = 262144
+
+[[models]]
+name = "m"
+upstream = "mock"
+
+[[clients]]
+name = "bench"
+key = "{key}"
+"#,
+        upstream = upstream.base_url(),
+        key = iris::keys::KeyHash::of(KEY),
+    );
+    let config = iris::config::parse(&config, &|_| None).expect("config");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let state = iris::app::AppState::new(config).await.expect("state");
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            tx.send(listener.local_addr().expect("addr")).expect("send");
+            let _ = iris::server::run(listener, state, std::future::pending()).await;
+        });
+    });
+    let iris = rx.await.expect("iris started");
+    let chat = format!("http://{iris}/v1/chat/completions");
+
+    let jpeg = jpeg_of_about(5 << 20);
+    let (width, height) = iris::images::dimensions(&jpeg).expect("dims");
+    host.add("large.jpg", "image/jpeg", jpeg.clone());
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .tcp_nodelay(true)
+        .build()
+        .expect("client");
+    let text = serde_json::to_vec(&serde_json::json!({
+        "model": "m",
+        "messages": [{"role": "user", "content": "Say hello in five words."}],
+        "max_tokens": 16,
+    }))
+    .expect("json");
+
+    let texts = |client: reqwest::Client| {
+        let (chat, text) = (chat.clone(), text.clone());
+        async move {
+            let mut latencies = Vec::with_capacity(TEXT_REQUESTS);
+            for _ in 0..TEXT_REQUESTS {
+                let started = Instant::now();
+                let response = client
+                    .post(&chat)
+                    .bearer_auth(KEY)
+                    .header("content-type", "application/json")
+                    .body(text.clone())
+                    .send()
+                    .await
+                    .expect("text request");
+                assert_eq!(response.status(), 200);
+                response.bytes().await.expect("body");
+                latencies.push(started.elapsed());
+            }
+            latencies.sort();
+            latencies
+        }
+    };
+    // Warm-up, then text alone.
+    texts(client.clone()).await;
+    let alone = texts(client.clone()).await;
+
+    // Text while CONVERTING image requests are always in flight, each a
+    // fresh URL (nothing cached): fetch, decode, re-encode, downscale.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut converters = Vec::new();
+    for worker in 0..CONVERTING {
+        let (client, chat, stop) = (client.clone(), chat.clone(), stop.clone());
+        let base = host.url("/files/large.jpg");
+        converters.push(tokio::spawn(async move {
+            let mut took = Vec::new();
+            let mut run = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut body: serde_json::Value =
+                    serde_json::from_slice(&chat_body(&format!("{base}?w={worker}&r={run}")))
+                        .expect("json");
+                body["model"] = serde_json::json!("m");
+                run += 1;
+                let started = Instant::now();
+                let response = client
+                    .post(&chat)
+                    .bearer_auth(KEY)
+                    .json(&body)
+                    .send()
+                    .await
+                    .expect("image request");
+                assert_eq!(response.status(), 200, "{:?}", response.text().await);
+                took.push(started.elapsed());
+            }
+            took
+        }));
+    }
+    // Let every converter start before measuring.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let loaded = texts(client.clone()).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut images = Vec::new();
+    for converter in converters {
+        images.extend(converter.await.expect("converter"));
+    }
+
+    let pct = |l: &[Duration], p: f64| l[((l.len() - 1) as f64 * p).round() as usize];
+    println!(
+        "small text chats through Iris, {TEXT_REQUESTS} one after another \
+         (2-core machine; Iris on a multi-threaded runtime):"
+    );
+    for (name, l) in [
+        ("no image work", &alone),
+        ("8 images converting at once", &loaded),
+    ] {
+        println!(
+            "  {name:<28} p50 {}  p99 {}  max {}",
+            ms(pct(l, 0.5)),
+            ms(pct(l, 0.99)),
+            ms(pct(l, 1.0))
+        );
+    }
+    println!(
+        "  image requests meanwhile: {} done, each a {} byte {width}x{height} JPEG \
+         fitted to 256 KiB, median {}",
+        images.len(),
+        jpeg.len(),
+        ms(median(images))
     );
 }

@@ -8,11 +8,14 @@
 //! - no format means no dimensions, and dimensions are never zero;
 //! - `inspect` agrees with `format` and `dimensions` and holds the pixel cap;
 //! - what `transform` returns is an image of the format it says, of the
-//!   dimensions it says, and one the target accepts.
+//!   dimensions it says, and one the target accepts;
+//! - `validate` refuses only as unsupported (damaged) or too large, and an
+//!   image it passes keeps its format and dimensions once stripped of its
+//!   metadata.
 #![no_main]
 
 use iris::images::sniff::{self, Format, FormatSet};
-use iris::images::{ErrorKind, Target, convert, inline};
+use iris::images::{ErrorKind, Target, convert, inline, metadata};
 use libfuzzer_sys::fuzz_target;
 
 const MAX_PIXELS: u64 = 64 * 64;
@@ -69,6 +72,21 @@ fuzz_target!(|bytes: &[u8]| {
     assert_eq!(Some(format), sniff::format(bytes));
     assert_eq!(Some(dims), sniff::dimensions(bytes));
     assert!(u64::from(dims.0) * u64::from(dims.1) <= MAX_PIXELS);
+
+    match convert::validate(bytes, format, MAX_PIXELS) {
+        Ok(orientation) => {
+            if let Some(stripped) = metadata::strip(bytes, format, orientation) {
+                assert_eq!(sniff::format(&stripped), Some(format));
+                assert_eq!(sniff::dimensions(&stripped), Some(dims));
+            }
+        }
+        Err(e) => {
+            assert!(
+                matches!(e.kind, ErrorKind::FormatUnsupported | ErrorKind::TooLarge),
+                "{e:?}"
+            );
+        }
+    }
 
     let choice = bytes.iter().fold(0u8, |sum, b| sum.wrapping_add(*b));
     let target = target(choice);

@@ -288,6 +288,7 @@ fn images(images: &schema::Images, problems: &mut Problems) -> ImagesSettings {
         allowed_networks,
         cache_bytes: images.cache_bytes,
         cache_ttl: Duration::from_secs(images.cache_ttl_s),
+        strip_metadata: images.strip_metadata,
     }
 }
 

@@ -172,6 +172,8 @@ pub struct Images {
     pub allowed_networks: Vec<String>,
     pub cache_bytes: u64,
     pub cache_ttl_s: u64,
+    /// Remove EXIF (GPS included), XMP and text metadata from forwarded images.
+    pub strip_metadata: bool,
 }
 
 impl Default for Images {
@@ -185,6 +187,7 @@ impl Default for Images {
             allowed_networks: Vec::new(),
             cache_bytes: 64 * 1024 * 1024,
             cache_ttl_s: 300,
+            strip_metadata: false,
         }
     }
 }

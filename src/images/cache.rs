@@ -22,7 +22,8 @@ use super::sniff::Format;
 /// readable header within the pixel cap.
 #[derive(Debug)]
 pub struct FetchedImage {
-    /// The body exactly as the server sent it.
+    /// The body as the server sent it (without its metadata where
+    /// `images.strip_metadata` is on).
     pub bytes: Bytes,
     /// `data:<mime>;base64,<bytes>`: what upstreams that take the image as
     /// it is receive, shared by every request rather than re-encoded.

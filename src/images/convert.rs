@@ -7,6 +7,7 @@ use std::io::Cursor;
 
 use image::codecs::jpeg::JpegEncoder;
 use image::imageops::FilterType;
+use image::metadata::Orientation;
 use image::{DynamicImage, GenericImageView, ImageDecoder, ImageReader};
 
 use super::sniff::{Format, FormatSet};
@@ -131,9 +132,149 @@ fn finish(bytes: Vec<u8>, format: Format, image: &DynamicImage) -> Encoded {
     }
 }
 
+/// Decodes `bytes` (already sniffed as `format` and within the pixel cap by
+/// their header) to prove their pixel data whole, for an image forwarded as
+/// it is: a damaged data stream is refused here, not by the upstream. GIFs
+/// are checked to their first frame, the one models read. Returns the EXIF
+/// orientation, which stripping metadata must keep.
+///
+/// A JPEG is the exception: its decoder (like libjpeg) decodes damaged or
+/// cut-short scan data without an error, filling what it cannot read, so a
+/// whole decode (about 20 ms a megapixel) proves little more than the
+/// headers it reads first. Those are read and checked in full (frame,
+/// tables), and the scans' structure is walked to the end-of-image marker.
+pub fn validate(bytes: &[u8], format: Format, max_pixels: u64) -> Result<Orientation, ImageError> {
+    if format == Format::Jpeg {
+        return validate_jpeg(bytes, max_pixels);
+    }
+    let mut decoder = decoder(bytes, format, max_pixels)?;
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    let len = usize::try_from(decoder.total_bytes()).map_err(|_| too_large_to_decode())?;
+    let mut pixels = vec![0u8; len];
+    decoder
+        .read_image(&mut pixels)
+        .map_err(|e| undecodable(e, format))?;
+    Ok(orientation)
+}
+
+/// A JPEG's headers read in full by its decoder (frame, tables, metadata),
+/// in place (the `image` crate's reader would copy the file first), and its
+/// scans walked to the end-of-image marker.
+fn validate_jpeg(bytes: &[u8], max_pixels: u64) -> Result<Orientation, ImageError> {
+    let corrupt = |why: &str| {
+        ImageError::new(
+            ErrorKind::FormatUnsupported,
+            "corrupt",
+            format!("The jpeg image is damaged: {why}."),
+        )
+    };
+    let options = zune_core::options::DecoderOptions::default()
+        .set_strict_mode(false)
+        .set_max_width(usize::MAX)
+        .set_max_height(usize::MAX);
+    let mut decoder = zune_jpeg::JpegDecoder::new_with_options(
+        zune_core::bytestream::ZCursor::new(bytes),
+        options,
+    );
+    decoder
+        .decode_headers()
+        .map_err(|_| corrupt("its headers could not be decoded"))?;
+    let info = decoder
+        .info()
+        .ok_or_else(|| corrupt("it has no frame header"))?;
+    let (w, h) = (u32::from(info.width), u32::from(info.height));
+    if u64::from(w) * u64::from(h) > max_pixels {
+        return Err(too_many_pixels(w, h, max_pixels));
+    }
+    if !jpeg_scans_complete(bytes) {
+        return Err(corrupt(
+            "its scans do not run to the end-of-image marker (cut short?)",
+        ));
+    }
+    Ok(decoder
+        .exif()
+        .and_then(|exif| Orientation::from_exif_chunk(exif))
+        .unwrap_or(Orientation::NoTransforms))
+}
+
+/// Whether a JPEG's structure is whole: segments (past stray bytes, as
+/// decoders resynchronise) with a frame header before the first scan, each
+/// scan's entropy-coded data running to a real marker (not a stuffed 0xFF
+/// 0x00 or a restart marker), and the end-of-image marker reached.
+fn jpeg_scans_complete(b: &[u8]) -> bool {
+    let be16 = |at: usize| {
+        b.get(at..at + 2)
+            .map(|s| usize::from(u16::from_be_bytes([s[0], s[1]])))
+    };
+    let (mut at, mut frame, mut scans) = (2, false, 0);
+    loop {
+        let Some(offset) = b.get(at..).and_then(|rest| memchr::memchr(0xFF, rest)) else {
+            return false;
+        };
+        let mut m = at + offset;
+        while b.get(m) == Some(&0xFF) {
+            m += 1;
+        }
+        let Some(&marker) = b.get(m) else {
+            return false;
+        };
+        at = m + 1;
+        match marker {
+            0x00 | 0x01 | 0xD0..=0xD7 => continue,
+            0xD9 => return frame && scans > 0,
+            0xD8 => return false,
+            _ => {}
+        }
+        let Some(len) = be16(at).filter(|&len| len >= 2 && at + len <= b.len()) else {
+            return false;
+        };
+        if matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC) {
+            frame = true;
+        }
+        at += len;
+        if marker == 0xDA {
+            if !frame {
+                return false;
+            }
+            scans += 1;
+            loop {
+                let Some(offset) = b.get(at..).and_then(|rest| memchr::memchr(0xFF, rest)) else {
+                    return false;
+                };
+                let ff = at + offset;
+                match b.get(ff + 1) {
+                    None => return false,
+                    Some(0x00 | 0xD0..=0xD7 | 0xFF) => at = ff + 1,
+                    Some(_) => {
+                        at = ff;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Decodes with the pixel cap as a decoder limit, and turns the image upright
 /// by its EXIF orientation (which re-encoding would otherwise drop).
 fn decode(bytes: &[u8], format: Format, max_pixels: u64) -> Result<DynamicImage, ImageError> {
+    let mut decoder = decoder(bytes, format, max_pixels)?;
+    let orientation = decoder.orientation().ok();
+    let mut image = DynamicImage::from_decoder(decoder).map_err(|e| undecodable(e, format))?;
+    if let Some(orientation) = orientation {
+        image.apply_orientation(orientation);
+    }
+    Ok(image)
+}
+
+/// A decoder for `bytes` whose header is within the pixel cap, with the cap
+/// as its limit too, so even a header that lied to the cheap dimension check
+/// cannot make it allocate more.
+fn decoder(
+    bytes: &[u8],
+    format: Format,
+    max_pixels: u64,
+) -> Result<Box<dyn ImageDecoder + '_>, ImageError> {
     let mut limits = image::Limits::default();
     let side = u32::try_from(max_pixels).unwrap_or(u32::MAX);
     limits.max_image_width = Some(side);
@@ -143,25 +284,33 @@ fn decode(bytes: &[u8], format: Format, max_pixels: u64) -> Result<DynamicImage,
     limits.max_alloc = Some(max_pixels.saturating_mul(16).saturating_add(64 << 20));
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format.image_format());
     reader.limits(limits);
-    let failed = |e: image::ImageError| match e {
-        image::ImageError::Limits(_) => ImageError::new(
-            ErrorKind::TooLarge,
-            "pixels",
-            "The image is too large to decode.",
-        ),
-        _ => unsupported(format!("The {format} image could not be decoded.")),
-    };
-    let mut decoder = reader.into_decoder().map_err(failed)?;
+    let decoder = reader.into_decoder().map_err(|e| undecodable(e, format))?;
     let (w, h) = decoder.dimensions();
     if u64::from(w) * u64::from(h) > max_pixels {
         return Err(too_many_pixels(w, h, max_pixels));
     }
-    let orientation = decoder.orientation().ok();
-    let mut image = DynamicImage::from_decoder(decoder).map_err(failed)?;
-    if let Some(orientation) = orientation {
-        image.apply_orientation(orientation);
+    Ok(Box::new(decoder))
+}
+
+/// A decoder's failure: over a limit, or pixel data that is not what its
+/// format says (corrupt, truncated).
+fn undecodable(e: image::ImageError, format: Format) -> ImageError {
+    match e {
+        image::ImageError::Limits(_) => too_large_to_decode(),
+        _ => ImageError::new(
+            ErrorKind::FormatUnsupported,
+            "corrupt",
+            format!("The {format} image is damaged: its pixel data could not be decoded."),
+        ),
     }
-    Ok(image)
+}
+
+fn too_large_to_decode() -> ImageError {
+    ImageError::new(
+        ErrorKind::TooLarge,
+        "pixels",
+        "The image is too large to decode.",
+    )
 }
 
 pub fn too_many_pixels(width: u32, height: u32, max_pixels: u64) -> ImageError {
@@ -482,6 +631,35 @@ mod tests {
         let png = bytes_of(&chart(400, 300), ImageFormat::Png);
         let e = transform(&png, Format::Png, &target(&[Format::Jpeg]), 100_000)
             .expect_err("over the cap");
+        assert_eq!(e.kind, ErrorKind::TooLarge);
+    }
+
+    #[test]
+    fn validation_refuses_damaged_pixel_data_and_cut_short_jpegs() {
+        let jpeg = bytes_of(&photo(64, 48), ImageFormat::Jpeg);
+        assert!(validate(&jpeg, Format::Jpeg, 1 << 30).is_ok());
+        // Cut short: no end-of-image marker.
+        let e = validate(&jpeg[..jpeg.len() - 40], Format::Jpeg, 1 << 30).expect_err("cut");
+        assert_eq!(
+            (e.kind, e.reason),
+            (ErrorKind::FormatUnsupported, "corrupt")
+        );
+        // Trailing bytes after the image are fine (cameras append previews).
+        let mut trailing = jpeg.clone();
+        trailing.extend_from_slice(b"\xFF\xD8 a preview");
+        assert!(validate(&trailing, Format::Jpeg, 1 << 30).is_ok());
+
+        let png = bytes_of(&chart(64, 48), ImageFormat::Png);
+        assert!(validate(&png, Format::Png, 1 << 30).is_ok());
+        let mut damaged = png.clone();
+        let at = damaged.len() - 30;
+        damaged[at] ^= 0x55;
+        let e = validate(&damaged, Format::Png, 1 << 30).expect_err("damaged");
+        assert_eq!(
+            (e.kind, e.reason),
+            (ErrorKind::FormatUnsupported, "corrupt")
+        );
+        let e = validate(&png, Format::Png, 1000).expect_err("over the cap");
         assert_eq!(e.kind, ErrorKind::TooLarge);
     }
 

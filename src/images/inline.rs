@@ -119,9 +119,10 @@ impl InliningSink {
             Some(format) => format,
             None => self.start()?,
         };
+        // A GIF's later frames can grow its canvas: judged on the whole body.
         let dims = match self.dims {
-            Some(dims) => dims,
-            None => inspect(&self.body, self.max_pixels)?.1,
+            Some(dims) if format != Format::Gif => dims,
+            _ => inspect(&self.body, self.max_pixels)?.1,
         };
         STANDARD.encode_string(&self.body[self.encoded..], &mut self.uri);
         Ok(FetchedImage {

@@ -7,7 +7,8 @@
 //! - [`sniff`]: format and dimensions from the bytes
 //! - [`data_uri`]: the one RFC 2397 parser
 //! - [`inline`]: data URIs, written as the body streams in, or checked
-//! - [`convert`]: decode, convert, downscale, fit under a byte size
+//! - [`convert`]: decode (to validate), convert, downscale, fit under a byte size
+//! - [`metadata`]: EXIF/XMP removed without re-encoding
 //! - [`cache`]: bounded, byte-weighed, single-flight
 
 pub mod cache;
@@ -15,6 +16,7 @@ pub mod convert;
 pub mod data_uri;
 pub mod fetch;
 pub mod inline;
+pub mod metadata;
 pub mod policy;
 pub mod sniff;
 
@@ -98,6 +100,9 @@ pub struct ImagesSettings {
     /// 0 disables the cache of fetched images.
     pub cache_bytes: u64,
     pub cache_ttl: Duration,
+    /// Remove EXIF (GPS included), XMP and text metadata from every image
+    /// forwarded (see [`metadata`]).
+    pub strip_metadata: bool,
 }
 
 impl Default for ImagesSettings {
@@ -113,6 +118,7 @@ impl Default for ImagesSettings {
             allowed_networks: Vec::new(),
             cache_bytes: 64 * 1024 * 1024,
             cache_ttl: Duration::from_secs(300),
+            strip_metadata: false,
         }
     }
 }
@@ -151,6 +157,7 @@ pub struct Images {
     max_bytes: usize,
     max_pixels: u64,
     max_images_per_request: usize,
+    strip_metadata: bool,
     /// Bounds the CPU-heavy jobs (decode, convert, resize, big base64) to one
     /// per core, so a burst of large images queues instead of thrashing.
     cpu: Arc<Semaphore>,
@@ -176,6 +183,7 @@ impl Images {
             max_bytes: settings.fetch.max_bytes,
             max_pixels: settings.max_pixels,
             max_images_per_request: settings.max_images_per_request,
+            strip_metadata: settings.strip_metadata,
             cpu: Arc::new(Semaphore::new(cores)),
         })
     }
@@ -197,13 +205,20 @@ impl Images {
     }
 
     /// Fetches an `http(s)` URL through the cache (one fetch for concurrent
-    /// requests of the same URL), inspected and base64-encoded as it arrives.
+    /// requests of the same URL), inspected and base64-encoded as it
+    /// arrives, then decoded whole to prove its pixel data (and stripped of
+    /// metadata where configured) before it is cached.
     pub async fn fetch(&self, url: &str) -> Result<Arc<FetchedImage>, ImageError> {
         self.cache
             .fetched(url, async {
                 let mut sink = InliningSink::new(self.max_pixels);
                 self.fetcher.fetch_into(url, &mut sink).await?;
-                sink.finish().map(Arc::new)
+                let mut image = sink.finish()?;
+                if let Some(stripped) = self.check(image.bytes.clone(), image.format).await? {
+                    image.data_uri = Arc::new(data_uri(image.format, &stripped));
+                    image.bytes = Bytes::from(stripped);
+                }
+                Ok(Arc::new(image))
             })
             .await
     }
@@ -261,7 +276,11 @@ impl Images {
             return Err(self.too_many_bytes());
         }
         let (format, dims) = inline::inspect(&bytes, self.max_pixels)?;
+        let bytes = Bytes::from(bytes);
         if target.accepts(format, bytes.len(), dims) {
+            if let Some(stripped) = self.check(bytes, format).await? {
+                return Ok(Some(data_uri(format, &stripped)));
+            }
             if uri.declares(format.mime()) {
                 return Ok(None);
             }
@@ -272,9 +291,29 @@ impl Images {
             fixed.push_str(payload);
             return Ok(Some(fixed));
         }
-        self.convert(Bytes::from(bytes), format, dims, target)
-            .await
-            .map(Some)
+        // Converting decodes (and so validates) it, and drops its metadata.
+        self.convert(bytes, format, dims, target).await.map(Some)
+    }
+
+    /// Decodes an image to be forwarded as it is, off the async threads,
+    /// to prove its pixel data whole; with `strip_metadata`, its bytes
+    /// without metadata (`None`: forward them as they are).
+    async fn check(&self, bytes: Bytes, format: Format) -> Result<Option<Vec<u8>>, ImageError> {
+        let (max_pixels, strip) = (self.max_pixels, self.strip_metadata);
+        // A small JPEG's check (headers and a scan for markers, tens of
+        // microseconds) is cheaper than the hop, and must not queue behind
+        // conversions for a core; everything else decodes, on the pool.
+        let here = format == Format::Jpeg && bytes.len() <= INLINE_CODEC_BYTES;
+        let work = move || {
+            let orientation = convert::validate(&bytes, format, max_pixels)?;
+            Ok(strip
+                .then(|| metadata::strip(&bytes, format, orientation))
+                .flatten())
+        };
+        if here {
+            return work();
+        }
+        self.blocking(work).await?
     }
 
     fn too_many_bytes(&self) -> ImageError {

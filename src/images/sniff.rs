@@ -126,7 +126,7 @@ pub fn dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
     let dims = match format(bytes)? {
         Format::Jpeg => jpeg_dimensions(bytes),
         Format::Png => png_dimensions(bytes),
-        Format::Gif => Some((u32::from(le16(bytes, 6)?), u32::from(le16(bytes, 8)?))),
+        Format::Gif => gif_dimensions(bytes),
         Format::Webp => webp_dimensions(bytes),
         Format::Bmp => bmp_dimensions(bytes),
         // TIFF keeps its dimensions in tagged directories anywhere in the
@@ -170,23 +170,29 @@ fn png_dimensions(b: &[u8]) -> Option<(u32, u32)> {
 }
 
 /// JPEG: walks the marker segments to the first start-of-frame, skipping
-/// others (EXIF thumbnails included) by their length.
+/// others (EXIF thumbnails included) by their length. Where a segment's
+/// length is wrong (editors write broken APP segments) and the next byte is
+/// no marker, it scans on to the next marker, as libjpeg does.
 fn jpeg_dimensions(b: &[u8]) -> Option<(u32, u32)> {
     let mut at = 2;
     loop {
-        // Markers may be preceded by any number of 0xFF fill bytes.
-        if *b.get(at)? != 0xFF {
-            return None;
-        }
-        while *b.get(at)? == 0xFF {
+        // Stray bytes, then any number of 0xFF fill bytes, then the marker;
+        // 0xFF 0x00 is no marker.
+        let marker = loop {
+            at += b.get(at..)?.iter().position(|&byte| byte == 0xFF)?;
+            while *b.get(at)? == 0xFF {
+                at += 1;
+            }
+            let marker = *b.get(at)?;
             at += 1;
-        }
-        let marker = *b.get(at)?;
-        at += 1;
+            if marker != 0x00 {
+                break marker;
+            }
+        };
         match marker {
             // Standalone markers carry no length.
             0x01 | 0xD0..=0xD7 => continue,
-            0xD9 | 0xDA => return None,
+            0xD8..=0xDA => return None,
             _ => {}
         }
         let length = usize::from(be16(b, at)?);
@@ -201,6 +207,68 @@ fn jpeg_dimensions(b: &[u8]) -> Option<(u32, u32)> {
         }
         at += length;
     }
+}
+
+/// GIF: the canvas a decoder must allocate, which is the logical screen
+/// grown to hold every frame the bytes declare (a frame may lie far outside
+/// the screen: a 44-byte file can declare billions of pixels that way).
+/// Frames are found by walking the blocks, skipping their data; a body cut
+/// short counts the frames seen so far.
+fn gif_dimensions(b: &[u8]) -> Option<(u32, u32)> {
+    let mut width = u32::from(le16(b, 6)?);
+    let mut height = u32::from(le16(b, 8)?);
+    let colour_table = |flags: u8| {
+        if flags & 0x80 != 0 {
+            3 << ((flags & 0x07) + 1)
+        } else {
+            0
+        }
+    };
+    let Some(&flags) = b.get(10) else {
+        return Some((width, height));
+    };
+    let mut at = 13 + colour_table(flags);
+    // Data sub-blocks: a length byte, that many bytes, until a zero length.
+    let skip_sub_blocks = |mut at: usize| -> Option<usize> {
+        loop {
+            let len = usize::from(*b.get(at)?);
+            at += 1 + len;
+            if len == 0 {
+                return Some(at);
+            }
+        }
+    };
+    loop {
+        match b.get(at) {
+            // An image descriptor: left, top, width, height, flags.
+            Some(0x2C) => {
+                let (Some(left), Some(top), Some(w), Some(h), Some(&flags)) = (
+                    le16(b, at + 1),
+                    le16(b, at + 3),
+                    le16(b, at + 5),
+                    le16(b, at + 7),
+                    b.get(at + 9),
+                ) else {
+                    break;
+                };
+                width = width.max(u32::from(left) + u32::from(w));
+                height = height.max(u32::from(top) + u32::from(h));
+                // The colour table, the LZW code size, the data.
+                match skip_sub_blocks(at + 10 + colour_table(flags) + 1) {
+                    Some(next) => at = next,
+                    None => break,
+                }
+            }
+            // An extension: its label, then sub-blocks.
+            Some(0x21) => match skip_sub_blocks(at + 2) {
+                Some(next) => at = next,
+                None => break,
+            },
+            // The trailer, the end of the bytes, or garbage.
+            _ => break,
+        }
+    }
+    Some((width, height))
 }
 
 /// WebP: the first chunk says lossy (VP8), lossless (VP8L) or extended (VP8X).
@@ -298,6 +366,35 @@ mod tests {
         with_app1.extend_from_slice(&[0xFF, 0xC0, 0x00, 0x11, 0x08, 0x00, 0x01, 0x00]);
         with_app1.extend_from_slice(&plain[2..]);
         assert_eq!(dimensions(&with_app1), Some((640, 480)));
+    }
+
+    #[test]
+    fn jpeg_resyncs_after_a_segment_with_a_wrong_length() {
+        let plain = encoded(
+            &DynamicImage::ImageRgb8(RgbImage::new(64, 32)),
+            ImageFormat::Jpeg,
+        );
+        // An APP13 whose length stops short of its data: stray bytes (with a
+        // stuffed 0xFF 0x00) before the next real marker.
+        let mut broken = vec![0xFF, 0xD8, 0xFF, 0xED, 0x00, 0x04, b'8', b'B'];
+        broken.extend_from_slice(b"IM\x04\x04\xFF\x00\x00\x07");
+        broken.extend_from_slice(&plain[2..]);
+        assert_eq!(dimensions(&broken), Some((64, 32)));
+    }
+
+    #[test]
+    fn gif_frames_outside_the_logical_screen_grow_the_canvas() {
+        // Pillow's decompression_bomb.gif: a 32x32 screen, and one frame of
+        // 65535x1321 at row 65280.
+        let bomb = b"GIF89a\x20\x00\x20\x00\xf1\x03\x00\x00\x00\x00\xff\x00\x00\xff\xff\x00\xff\xff\xff\x21\xf9\x04\xc9\x00\x00\x00\x00\x2c\x00\x00\x00\xff\xff\xff\x29\x05\x00\x8f";
+        assert_eq!(bomb.len(), 44);
+        assert_eq!(dimensions(bomb), Some((65535, 65280 + 1321)));
+        // Frames inside the screen leave it as it is.
+        let gif = encoded(
+            &DynamicImage::ImageRgb8(RgbImage::new(40, 30)),
+            ImageFormat::Gif,
+        );
+        assert_eq!(dimensions(&gif), Some((40, 30)));
     }
 
     #[test]

@@ -13,6 +13,7 @@
 mod convert;
 mod fetch;
 mod isolated;
+mod real_world;
 
 use std::io::Cursor;
 use std::time::{Duration, Instant};
@@ -23,7 +24,7 @@ use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
 use serde_json::{Value, json};
 
 use crate::support::image_server::{ImageServer, raw_server};
-use crate::support::{Iris, KEY_A, MockUpstream, base_config, http, skip};
+use crate::support::{Iris, KEY_A, KEY_B, MockUpstream, base_config, http, skip};
 
 const IMAGE_HOST: &str = "127.0.0.2";
 const INLINE: &str = "inline_images = true";
