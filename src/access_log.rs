@@ -59,7 +59,13 @@ pub async fn access_log(mut request: Request, next: Next) -> Response {
     let code = response.extensions().get::<ErrorCode>().map(|c| c.0);
     let client = client_slot.0.get().map_or("", |name| &**name);
     let model = trail.model.as_deref().unwrap_or("");
-    crate::traces::record_response(status, code, client, &trail);
+    crate::traces::record_response(
+        status,
+        code,
+        client,
+        trail.attempts,
+        trail.upstream.as_deref(),
+    );
     metrics::counter!(
         "iris_requests_total",
         "route" => route.clone(),

@@ -99,7 +99,7 @@ pub fn usage(arg: &ConfigArg, only: Option<&str>, spend: &SpendArgs) -> ExitCode
             query.client = only.map(str::to_owned);
             let report = block_on(
                 false,
-                spend_report::from_config(&config.spend_log, &config.store.backend, &query),
+                crate::spend::report_from_config(&config.spend_log, &config.store.backend, &query),
             )?;
             print!(
                 "{}",

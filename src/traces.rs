@@ -39,7 +39,6 @@ use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::registry::LookupSpan;
 
 use crate::catalog::Deployment;
-use crate::gateway::Trail;
 use crate::openai::stream::Outcome;
 use crate::upstream::Endpoint;
 
@@ -221,7 +220,13 @@ pub fn request_span<B>(request: &http::Request<B>, request_id: &str) -> Span {
 /// What the request's edge learned, on its span: the status (5xx marks the
 /// span failed), the error code Iris answered with, the client, and for a
 /// chat completion the upstream that answered and how many attempts it took.
-pub fn record_response(status: u16, error_code: Option<&str>, client: &str, trail: &Trail) {
+pub fn record_response(
+    status: u16,
+    error_code: Option<&str>,
+    client: &str,
+    attempts: u32,
+    upstream: Option<&str>,
+) {
     if !enabled() {
         return;
     }
@@ -239,11 +244,11 @@ pub fn record_response(status: u16, error_code: Option<&str>, client: &str, trai
     if !client.is_empty() {
         span.set_attribute("iris.client", client.to_owned());
     }
-    if trail.attempts > 0 {
-        span.set_attribute("iris.attempts", i64::from(trail.attempts));
+    if attempts > 0 {
+        span.set_attribute("iris.attempts", i64::from(attempts));
     }
-    if let Some(upstream) = &trail.upstream {
-        span.set_attribute("iris.upstream", upstream.clone());
+    if let Some(upstream) = upstream {
+        span.set_attribute("iris.upstream", upstream.to_owned());
     }
 }
 

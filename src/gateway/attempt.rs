@@ -303,10 +303,13 @@ impl Attempts<'_> {
         remaining: Duration,
     ) -> Result<(Reply, Option<Bytes>), Failed> {
         let timeout = upstream.timeout.min(remaining);
+        // The attempt's trace context (this runs in the attempt's span).
+        let mut trace = HeaderMap::new();
+        crate::traces::inject(&mut trace);
         let response = self
             .gateway
             .forwarder
-            .send(upstream, body, self.headers, timeout)
+            .send(upstream, body, self.headers, trace, timeout)
             .await
             .map_err(|e| {
                 let kind = match e {

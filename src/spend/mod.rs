@@ -627,5 +627,43 @@ impl ErrorLog {
     }
 }
 
+/// The report for `query` from the configured spend log, without a running
+/// server (`iris usage --since`): the SQLite file read-only, or PostgreSQL.
+pub async fn report_from_config(
+    settings: &SpendSettings,
+    store: &StoreBackend,
+    query: &Query,
+) -> Result<UsageReport, String> {
+    let totals = match &settings.backend {
+        SpendBackend::Off => return Err(SpendError::Off.to_string()),
+        SpendBackend::Sqlite { path } => {
+            let Some(path) = sqlite_path(path.as_ref(), store) else {
+                return Err(
+                    "with store.kind = \"memory\" the spend log lives in the running \
+                            server's memory only; ask it with GET /admin/usage"
+                        .into(),
+                );
+            };
+            let query = query.clone();
+            tokio::task::spawn_blocking(move || -> Result<Vec<report::Totals>, SinkError> {
+                match sqlite::SqliteSink::open_read_only(&path)? {
+                    Some(sink) => sink.totals_now(&query),
+                    None => Ok(Vec::new()),
+                }
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("spend log: {e}"))?
+        }
+        SpendBackend::Postgres { url } => {
+            let sink = postgres::PostgresSink::new(url).map_err(|e| format!("spend log: {e}"))?;
+            sink.totals(query)
+                .await
+                .map_err(|e| format!("spend log: {e}"))?
+        }
+    };
+    Ok(UsageReport::new(query, totals))
+}
+
 #[cfg(test)]
 mod tests;

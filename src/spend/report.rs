@@ -9,10 +9,7 @@ use std::str::FromStr;
 use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
 
-use super::postgres::PostgresSink;
-use super::sqlite::SqliteSink;
-use super::{Sink, SinkError, SpendBackend, SpendError, SpendLog, SpendSettings};
-use crate::budget::StoreBackend;
+use super::{SpendError, SpendLog};
 use crate::budget::window::{civil_from_days, days_from_civil};
 
 const DAY_MS: i64 = 86_400_000;
@@ -288,44 +285,6 @@ impl UsageReport {
 /// admin API answers (`GET /admin/usage?since=&until=&by=`).
 pub async fn usage(log: &SpendLog, query: &Query) -> Result<UsageReport, SpendError> {
     let totals = log.totals(query).await?;
-    Ok(UsageReport::new(query, totals))
-}
-
-/// The report for `query` from the configured spend log, without a running
-/// server (`iris usage --since`): the SQLite file read-only, or PostgreSQL.
-pub async fn from_config(
-    settings: &SpendSettings,
-    store: &StoreBackend,
-    query: &Query,
-) -> Result<UsageReport, String> {
-    let totals = match &settings.backend {
-        SpendBackend::Off => return Err(SpendError::Off.to_string()),
-        SpendBackend::Sqlite { path } => {
-            let Some(path) = super::sqlite_path(path.as_ref(), store) else {
-                return Err(
-                    "with store.kind = \"memory\" the spend log lives in the running \
-                            server's memory only; ask it with GET /admin/usage"
-                        .into(),
-                );
-            };
-            let query = query.clone();
-            tokio::task::spawn_blocking(move || -> Result<Vec<Totals>, SinkError> {
-                match SqliteSink::open_read_only(&path)? {
-                    Some(sink) => sink.totals_now(&query),
-                    None => Ok(Vec::new()),
-                }
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("spend log: {e}"))?
-        }
-        SpendBackend::Postgres { url } => {
-            let sink = PostgresSink::new(url).map_err(|e| format!("spend log: {e}"))?;
-            sink.totals(query)
-                .await
-                .map_err(|e| format!("spend log: {e}"))?
-        }
-    };
     Ok(UsageReport::new(query, totals))
 }
 

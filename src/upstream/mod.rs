@@ -152,12 +152,14 @@ impl Forwarder {
     /// Sends a chat completion body upstream and waits for the response
     /// head, at most `timeout` (the upstream's `timeout_ms`, or what is
     /// left of it for a retry). The body is then bounded by the upstream's
-    /// timeout between chunks (see [`crate::gateway::relay`]).
+    /// timeout between chunks (see [`crate::gateway::relay`]). `trace`: the
+    /// attempt's trace context, sent in place of the client's.
     pub async fn send(
         &self,
         upstream: &Upstream,
         body: Bytes,
         client_headers: &HeaderMap,
+        trace: HeaderMap,
         timeout: Duration,
     ) -> Result<Reply, UpstreamError> {
         let (chat_url, authorization) = match &upstream.endpoint {
@@ -184,8 +186,11 @@ impl Forwarder {
         if let Some(authorization) = authorization {
             headers.insert(header::AUTHORIZATION, authorization.clone());
         }
-        // The attempt's trace context, in place of the client's.
-        crate::traces::inject(headers);
+        for (name, value) in trace {
+            if let Some(name) = name {
+                headers.insert(name, value);
+            }
+        }
 
         match tokio::time::timeout(timeout, self.http.request(request)).await {
             Err(_) => Err(timeout_error(upstream, timeout)),
