@@ -52,6 +52,11 @@ fuzz_target!(|data: &[u8]| {
         Err(UrlRefusal::NoHost) => assert!(url.host_str().is_none_or(str::is_empty)),
         Err(UrlRefusal::NotAUrl) => panic!("a parsed URL is a URL"),
         Err(UrlRefusal::Address(_)) | Ok(()) => assert!(http && !userinfo),
+        // Metadata endpoints refused by name: only ever a name.
+        Err(UrlRefusal::Name(_)) => {
+            assert!(http && !userinfo && matches!(url.host(), Some(Host::Domain(_))));
+        }
+        Err(UrlRefusal::Location) => panic!("only a redirect's Location is refused so"),
     }
 
     // The address Iris judged is the one the connector will use.
@@ -68,7 +73,10 @@ fuzz_target!(|data: &[u8]| {
             );
             assert!(name.parse::<IpAddr>().is_err(), "{name:?} kept as a name");
             if !userinfo && !name.is_empty() {
-                assert_eq!(verdict, Ok(()), "names are judged by the resolver");
+                assert!(
+                    matches!(verdict, Ok(()) | Err(UrlRefusal::Name(_))),
+                    "names are judged by the resolver, or refused as metadata names: {verdict:?}"
+                );
             }
             None
         }
@@ -93,7 +101,10 @@ fuzz_target!(|data: &[u8]| {
             }
         };
         let with_allowed = check_url(&url, allowing());
-        if allowed_net {
+        // Metadata and host-agent endpoints stay refused inside an allowed
+        // network (fd00:ec2::254 is AWS's, inside fd00::/8).
+        let metadata = refusal == Some(Reason::Metadata);
+        if allowed_net && !metadata {
             assert_eq!(with_allowed, Ok(()), "{addr} is in an allowed network");
         } else {
             assert_eq!(

@@ -289,6 +289,10 @@ fn decoder(
     if u64::from(w) * u64::from(h) > max_pixels {
         return Err(too_many_pixels(w, h, max_pixels));
     }
+    // A side of 0 decodes to nothing, and nothing can be encoded from it.
+    if w == 0 || h == 0 {
+        return Err(unsupported("The image has no pixels (a side of 0)."));
+    }
     Ok(Box::new(decoder))
 }
 
@@ -524,6 +528,20 @@ mod tests {
     }
 
     const WEB: &[Format] = &[Format::Jpeg, Format::Png, Format::Webp];
+
+    /// Found by the image_decode fuzz target: a GIF whose screen is 3×0
+    /// was converted to a PNG of no pixels, which no header describes.
+    #[test]
+    fn an_image_with_a_side_of_zero_is_refused_not_converted() {
+        let gif = include_bytes!("../../tests/fixtures/fuzz/gif-zero-height.gif");
+        for formats in [WEB, &[Format::Gif][..]] {
+            let refused = transform(gif, Format::Gif, &target(formats), 1 << 24)
+                .expect_err("nothing to convert");
+            assert_eq!(refused.kind, ErrorKind::FormatUnsupported);
+        }
+        let refused = validate(gif, Format::Gif, 1 << 24).expect_err("nothing to forward");
+        assert_eq!(refused.kind, ErrorKind::FormatUnsupported);
+    }
 
     #[test]
     fn unaccepted_formats_become_png_or_jpeg_for_photos() {
