@@ -74,6 +74,42 @@ async fn reported_usage(response: reqwest::Response) -> (u64, u64) {
     )
 }
 
+/// A client no token limit applies to has its prompt estimated without the
+/// tokenizer; when the upstream cuts a stream before reporting usage, the
+/// prompt is still charged (and logged) as the tokenizer counts it.
+#[tokio::test]
+async fn a_cut_stream_without_token_limits_is_charged_its_counted_prompt() {
+    let upstream = MockUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config(&upstream.base_url(), &dir.path().join("iris.db"), "");
+    let iris = Iris::start(&config).await;
+
+    let mut body = stream_body("test-model");
+    body["messages"][0]["content"] =
+        json!("Tell me, in as many words as you like, about tokenizers.");
+    let prompt = prompt_estimate(&body);
+    let bytes = serde_json::to_vec(&body).expect("json").len();
+    assert_ne!(
+        prompt,
+        iris::budget::estimate::rough_prompt(bytes),
+        "the test needs the rough figure to differ from the count"
+    );
+    let cut = iris.chat(KEY_A, &body, &[("x-mock-die-after", "2")]).await;
+    let text = cut.text().await.unwrap_or_default();
+    assert!(text.contains("upstream_stream_interrupted"), "{text}");
+    iris.stop().await.expect("stop");
+
+    let report = usage_json(&config, &["--since", "0d", "--by", "client"]);
+    let row = &report["data"][0];
+    assert_eq!(row["client"], "a", "{report}");
+    assert_eq!(row["prompt_tokens"].as_u64(), Some(prompt), "{report}");
+    assert_eq!(
+        row["completion_tokens"].as_u64(),
+        Some(iris::budget::estimate::count_tokens("word0 word1 ")),
+        "{report}"
+    );
+}
+
 #[tokio::test]
 async fn a_mixed_run_totals_what_the_upstream_reported() {
     let upstream = MockUpstream::start().await;
