@@ -7,11 +7,15 @@
 
 use super::*;
 
+/// A file of the public suite (`real-world/`), or an input the fuzzers
+/// found (`fuzz/`).
 fn fixture(name: &str) -> Vec<u8> {
-    let path = format!(
-        "{}/tests/fixtures/real-world/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    );
+    let dir = if name.starts_with("gif-zero") {
+        "fuzz"
+    } else {
+        "real-world"
+    };
+    let path = format!("{}/tests/fixtures/{dir}/{name}", env!("CARGO_MANIFEST_DIR"));
     std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
@@ -113,6 +117,22 @@ async fn a_gif_whose_frame_declares_billions_of_pixels_is_too_large() {
     // And where GIFs are converted for the upstream, too.
     let s = setup_with(&format!("{INLINE}\n{WEB_FORMATS}"), "").await;
     refused_both_ways(&s, "decompression_bomb.gif", "image/gif", "image_too_large").await;
+}
+
+/// Found by the image_decode fuzz target: a GIF 3 pixels wide and 0 high,
+/// once converted to a PNG of no pixels. Refused, forwarded or converted.
+#[tokio::test]
+async fn a_gif_with_a_side_of_zero_is_refused() {
+    for keys in [INLINE.to_owned(), format!("{INLINE}\n{WEB_FORMATS}")] {
+        let s = setup_with(&keys, "").await;
+        refused_both_ways(
+            &s,
+            "gif-zero-height.gif",
+            "image/gif",
+            "image_format_unsupported",
+        )
+        .await;
+    }
 }
 
 /// The GPS IFD pointer tag (0x8825) as it appears in a big- or little-endian
