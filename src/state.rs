@@ -70,7 +70,7 @@ impl AppState {
         }
         // The tokenizer takes a moment to load and about 45 MB to hold: loaded
         // before the first request where a limit counts tokens, else only if
-        // a request ever needs it (see `estimate::estimate_body`).
+        // a request ever needs it (see `estimate::estimate_counting`).
         let counts_tokens = config
             .catalog
             .clients()

@@ -27,7 +27,6 @@
 use std::sync::OnceLock;
 
 use base64::Engine;
-use bytes::Bytes;
 use tiktoken_rs::CoreBPE;
 
 use crate::images::data_uri::DataUri;
@@ -149,13 +148,8 @@ pub fn estimate(request: &ChatRequest<'_>, default_cap: u64) -> Estimate {
 
 /// The completion cap times `n` choices.
 fn completion_cap(request: &ChatRequest<'_>, default_cap: u64) -> u64 {
-    let choices = request
-        .raw_field("n")
-        .and_then(|n| n.get().parse::<u64>().ok())
-        .unwrap_or(1)
-        .clamp(1, 128);
     let cap = request.completion_cap.unwrap_or(default_cap);
-    cap.saturating_mul(choices)
+    cap.saturating_mul(request.choices)
 }
 
 /// A prompt's tokens guessed from its size alone (about 4 bytes a token in
@@ -164,43 +158,39 @@ pub fn rough_prompt(text_bytes: usize) -> u64 {
     text_bytes.div_ceil(4) as u64
 }
 
-/// [`estimate`], run on the blocking pool when the body is large. `body` is
-/// the request's bytes, `request` parsed from it.
+/// Bytes of the body outside its images' URLs: what the tokenizer reads
+/// (image data is not tokenized; only its header is read).
+fn text_bytes(body_len: usize, request: &ChatRequest<'_>) -> usize {
+    let image_bytes: usize = request.images().map(|(_, image)| image.url.len()).sum();
+    body_len.saturating_sub(image_bytes)
+}
+
+/// Whether [`estimate_counting`] tokenizes enough text (over
+/// [`OFFLOAD_BYTES`]) that the caller should run it off the async threads.
+pub fn is_heavy(body_len: usize, request: &ChatRequest<'_>, count: bool) -> bool {
+    count && text_bytes(body_len, request) > OFFLOAD_BYTES
+}
+
+/// [`estimate`] of a request whose body is `body_len` bytes.
 ///
 /// `count`: whether any token limit applies to the request (the client's
 /// budget or its upstreams' pacing). Without one the prompt is not tokenized
 /// at all: nothing is decided on it, so [`rough_prompt`] stands in for the
 /// log line, and the reservation counts it exactly only if it has to settle
 /// without the upstream's usage ([`crate::budget::Reservation::count_prompt_later`]).
-pub async fn estimate_body(
-    body: &Bytes,
+pub fn estimate_counting(
+    body_len: usize,
     request: &ChatRequest<'_>,
     default_cap: u64,
     count: bool,
 ) -> Estimate {
-    // Image data is not tokenized (only its header is read): what costs time
-    // is the rest of the body.
-    let image_bytes: usize = request.images().map(|(_, image)| image.url.len()).sum();
     if !count {
         return Estimate {
-            prompt: rough_prompt(body.len().saturating_sub(image_bytes)),
+            prompt: rough_prompt(text_bytes(body_len, request)),
             completion: completion_cap(request, default_cap),
         };
     }
-    if body.len().saturating_sub(image_bytes) <= OFFLOAD_BYTES {
-        return estimate(request, default_cap);
-    }
-    let owned = body.clone();
-    let offloaded = tokio::task::spawn_blocking(move || {
-        ChatRequest::parse(&owned)
-            .ok()
-            .map(|request| estimate(&request, default_cap))
-    })
-    .await;
-    match offloaded {
-        Ok(Some(estimate)) => estimate,
-        _ => estimate(request, default_cap),
-    }
+    estimate(request, default_cap)
 }
 
 /// Tokens of the prompt: each message's role, name, text, images and tool
@@ -428,17 +418,28 @@ mod tests {
         assert_eq!(super::estimate(&plain, 4096).completion, 4096);
     }
 
-    #[tokio::test]
-    async fn large_bodies_are_estimated_the_same_on_the_blocking_pool() {
+    #[test]
+    fn only_a_counted_prompt_of_more_than_a_few_kib_of_text_is_heavy() {
         let text = "Many words to count, over and over. ".repeat(4000);
-        let body = Bytes::from(
+        let body =
             serde_json::json!({"model": "m", "messages": [{"role": "user", "content": text}]})
-                .to_string(),
+                .to_string();
+        let request = ChatRequest::parse(body.as_bytes()).expect("valid");
+        assert!(is_heavy(body.len(), &request, true));
+        assert!(!is_heavy(body.len(), &request, false), "not tokenized");
+        let counted = estimate_counting(body.len(), &request, 10, true);
+        assert_eq!(counted, estimate(&request, 10));
+        assert!(counted.prompt > 30_000, "{counted:?}");
+
+        let image = format!("data:image/png;base64,{}", "A".repeat(64 * 1024));
+        let body = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": image}}
+        ]}]})
+        .to_string();
+        let request = ChatRequest::parse(body.as_bytes()).expect("valid");
+        assert!(
+            !is_heavy(body.len(), &request, true),
+            "image data is not tokenized"
         );
-        assert!(body.len() > OFFLOAD_BYTES);
-        let request = ChatRequest::parse(&body).expect("valid");
-        let offloaded = estimate_body(&body, &request, 10, true).await;
-        assert_eq!(offloaded, estimate(&request, 10));
-        assert!(offloaded.prompt > 30_000, "{offloaded:?}");
     }
 }

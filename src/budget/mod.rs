@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
+use crate::openai::chat::{ChatRequest, RequestLimits};
 use crate::openai::stream::Outcome;
 use crate::secret::Secret;
 use estimate::Estimate;
@@ -461,7 +462,7 @@ pub struct Reservation {
     linked: Option<Box<Reservation>>,
     /// The request's body, when its prompt was not tokenized at reservation
     /// (no token limit applied): counted only if the settlement needs it.
-    uncounted_prompt: Option<Bytes>,
+    uncounted_prompt: Option<(Bytes, RequestLimits)>,
     /// Counts the reservation as pending until it is dropped.
     _pending: TaskTrackerToken,
 }
@@ -482,15 +483,16 @@ impl Reservation {
     }
 
     /// The estimate's prompt is a rough figure: if the settlement has no
-    /// usage from the upstream, the prompt is counted from `body` then.
-    pub fn count_prompt_later(&mut self, body: Bytes) {
-        self.uncounted_prompt = Some(body);
+    /// usage from the upstream, the prompt is counted from `body` (parsed
+    /// under the `limits` it was accepted under) then.
+    pub fn count_prompt_later(&mut self, body: Bytes, limits: RequestLimits) {
+        self.uncounted_prompt = Some((body, limits));
     }
 
     /// The prompt's tokens as estimated, counted now if they were not.
     fn prompt_tokens(&self) -> u64 {
         match &self.uncounted_prompt {
-            Some(body) => crate::openai::chat::ChatRequest::parse(body)
+            Some((body, limits)) => ChatRequest::parse_within(body, *limits)
                 .map_or(self.estimate.prompt, |request| {
                     estimate::prompt_tokens(&request)
                 }),
@@ -560,8 +562,11 @@ impl Reservation {
         then: impl FnOnce(Charged) + Send + 'static,
     ) -> Option<tokio::task::JoinHandle<()>> {
         let tokenize = outcome.usage.is_none() && upstream_ok;
-        let text_bytes =
-            outcome.generated.len() + self.uncounted_prompt.as_ref().map_or(0, |body| body.len());
+        let text_bytes = outcome.generated.len()
+            + self
+                .uncounted_prompt
+                .as_ref()
+                .map_or(0, |(body, _)| body.len());
         if tokenize
             && text_bytes > estimate::OFFLOAD_BYTES
             && let Ok(runtime) = tokio::runtime::Handle::try_current()

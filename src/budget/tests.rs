@@ -649,7 +649,7 @@ async fn an_uncounted_prompt_is_counted_only_when_settling_without_usage() {
     );
     let request = crate::openai::chat::ChatRequest::parse(&body).expect("a chat request");
     let exact = estimate::prompt_tokens(&request);
-    let rough = estimate::estimate_body(&body, &request, 10, false).await;
+    let rough = estimate::estimate_counting(body.len(), &request, 10, false);
     assert_eq!(rough.prompt, estimate::rough_prompt(body.len()));
     assert_ne!(rough.prompt, exact, "the test needs the two to differ");
 
@@ -658,7 +658,7 @@ async fn an_uncounted_prompt_is_counted_only_when_settling_without_usage() {
         async move {
             let (tx, rx) = tokio::sync::oneshot::channel();
             let mut reservation = budgets.reserve_for(&client, rough).await.expect("fits");
-            reservation.count_prompt_later(body);
+            reservation.count_prompt_later(body, RequestLimits::DEFAULT);
             let outcome = Outcome {
                 complete: false,
                 usage,

@@ -26,6 +26,7 @@ use crate::budget::StoreSettings;
 use crate::catalog::Catalog;
 use crate::images::ImagesSettings;
 use crate::keys::KeyHash;
+use crate::openai::chat::RequestLimits;
 use crate::routing::RoutingSettings;
 use crate::spend::SpendSettings;
 
@@ -67,6 +68,8 @@ pub struct Server {
     pub max_headers: usize,
     /// Connections open at once; one more is answered 503 and closed.
     pub max_connections: usize,
+    /// Messages and content parts one chat completion may hold.
+    pub request_limits: RequestLimits,
 }
 
 /// One thing wrong with a config, at a key path.

@@ -20,6 +20,7 @@ use crate::budget::{Limits, StoreBackend, StoreSettings};
 use crate::catalog::{Catalog, Client, Deployment, Model, ModelAccess};
 use crate::images::{FetchLimits, Format, FormatSet, ImagePolicy, ImagesSettings};
 use crate::keys::KeyHash;
+use crate::openai::chat::RequestLimits;
 use crate::routing::{RetryOn, RoutingSettings};
 use crate::spend::{SpendBackend, SpendSettings, WriterOptions};
 use crate::upstream::{Endpoint, Upstream};
@@ -120,6 +121,11 @@ fn server(server: &schema::Server, problems: &mut Problems) -> Option<Server> {
             format!("must be at most {MAX_CONNECTIONS}"),
         );
     }
+    let request_limits = RequestLimits {
+        max_messages: problems.above_zero("server.max_messages", server.max_messages),
+        max_content_parts: problems
+            .above_zero("server.max_content_parts", server.max_content_parts),
+    };
     Some(Server {
         listen: listen.ok()?,
         max_body_bytes,
@@ -130,6 +136,7 @@ fn server(server: &schema::Server, problems: &mut Problems) -> Option<Server> {
         max_header_bytes: server.max_header_bytes,
         max_headers,
         max_connections,
+        request_limits,
     })
 }
 

@@ -8,6 +8,7 @@
 use serde::Deserialize;
 
 use crate::budget::{Limits, OnUnavailable};
+use crate::openai::chat::RequestLimits;
 use crate::secret::Secret;
 
 /// The whole config file.
@@ -55,6 +56,10 @@ pub struct Server {
     pub max_headers: usize,
     /// Connections served at once; those beyond get a 503 and are closed.
     pub max_connections: usize,
+    /// Messages in one chat completion request; more get 400.
+    pub max_messages: usize,
+    /// Content parts across one request's messages; more get 400.
+    pub max_content_parts: usize,
 }
 
 impl Default for Server {
@@ -69,6 +74,8 @@ impl Default for Server {
             max_header_bytes: 16 * 1024,
             max_headers: 100,
             max_connections: 10_000,
+            max_messages: RequestLimits::DEFAULT.max_messages,
+            max_content_parts: RequestLimits::DEFAULT.max_content_parts,
         }
     }
 }

@@ -18,7 +18,7 @@ use super::{Answer, ChatError, Gateway, Trail};
 use crate::budget::estimate::Estimate;
 use crate::budget::{BudgetError, NoRoom, Reservation};
 use crate::catalog::{Client, Deployment, Model};
-use crate::openai::chat::ChatRequest;
+use crate::openai::chat::{ChatRequest, RequestLimits};
 use crate::openai::stream::UsageTap;
 use crate::rewrite::ImageWork;
 use crate::routing::select::Selector;
@@ -39,6 +39,8 @@ pub(super) struct Attempts<'a> {
     pub headers: &'a HeaderMap,
     pub request_id: &'a str,
     pub images: &'a ImageWork<'a>,
+    /// What the body was accepted under, to parse it again for a retry.
+    pub limits: RequestLimits,
 }
 
 /// How an attempt ended without an answer to relay.
@@ -93,7 +95,9 @@ impl Attempts<'_> {
             let request = match first.take() {
                 Some(request) => request,
                 // A retry: the same body, parsed again (it parsed before).
-                None => ChatRequest::parse(self.body)?,
+                None => super::blocking_if(self.body.len() > super::PARSE_INLINE_BYTES, || {
+                    ChatRequest::parse_within(self.body, self.limits)
+                })?,
             };
             let (upstream_body, stream, drop_usage_chunk) =
                 self.prepare(deployment, request).await?;

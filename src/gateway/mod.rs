@@ -31,6 +31,25 @@ use crate::routing::queue::Queues;
 use crate::upstream::{Forwarder, UpstreamError};
 use relay::ResponseBody;
 
+/// Bodies larger than this are parsed off the async threads: serde_json
+/// reads a few hundred MB/s, so a larger body would hold a worker (and every
+/// connection waiting on it) for longer than handing it off costs.
+const PARSE_INLINE_BYTES: usize = 256 * 1024;
+
+/// Runs `work`, CPU-bound and borrowing from the request, on this thread;
+/// when `heavy`, first tells a multi-threaded runtime so that this worker's
+/// other tasks move to another thread while it runs (a current-thread
+/// runtime, as in tests, runs it in place).
+fn blocking_if<R>(heavy: bool, work: impl FnOnce() -> R) -> R {
+    let multi_threaded = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if heavy && multi_threaded {
+        tokio::task::block_in_place(work)
+    } else {
+        work()
+    }
+}
+
 /// The services every chat completion uses, built once per process.
 pub struct Gateway {
     pub budgets: Budgets,
@@ -126,7 +145,10 @@ impl Gateway {
             headers,
             request_id,
         } = incoming;
-        let request = ChatRequest::parse(&body)?;
+        let limits = config.server.request_limits;
+        let request = blocking_if(body.len() > PARSE_INLINE_BYTES, || {
+            ChatRequest::parse_within(&body, limits)
+        })?;
         trail.stream = request.stream;
 
         let model = config
@@ -150,8 +172,9 @@ impl Gateway {
                 .deployments
                 .iter()
                 .any(|d| d.upstream.pacing.counts_tokens());
-        let estimate =
-            estimate::estimate_body(&body, &request, model.max_output_tokens, count).await;
+        let estimate = blocking_if(estimate::is_heavy(body.len(), &request, count), || {
+            estimate::estimate_counting(body.len(), &request, model.max_output_tokens, count)
+        });
         trail.estimated_tokens = Some(estimate.total());
         let mut reservation = self
             .budgets
@@ -160,7 +183,7 @@ impl Gateway {
             .await?;
         reservation.set_request_id(request_id);
         if !count {
-            reservation.count_prompt_later(body.clone());
+            reservation.count_prompt_later(body.clone(), limits);
         }
 
         let images = self.images.load_full();
@@ -175,6 +198,7 @@ impl Gateway {
             headers,
             request_id,
             images: &images,
+            limits,
         }
         .run(request, reservation, trail)
         .await;

@@ -1,130 +1,249 @@
-//! A JSON object kept as its raw field texts, so that Iris can read and replace
-//! the few fields it cares about and write every other field back byte for byte
-//! (unknown fields included) without parsing or re-serializing them.
+//! A JSON object kept as the text it was sent as, so that Iris can read and
+//! replace the few fields it cares about and write every other field back
+//! byte for byte (unknown fields included) without parsing or re-serializing
+//! them.
+//!
+//! Only the fields Iris interprets are held one by one; the fields between
+//! them are held as runs of the body's text (`"a":1,"b":[2]`). An object of a
+//! million unknown fields costs one slice, not a million entries: what a
+//! parse allocates follows what Iris reads, not the shape of the JSON.
 
 use std::borrow::Cow;
 use std::fmt;
 
-use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-/// One field's value: borrowed from the request body, written by Iris, or
-/// parsed into a structure that its owner writes back (see
+/// One interpreted field's value: borrowed from the request body, written by
+/// Iris, or parsed into a structure that its owner writes back (see
 /// [`RawObject::from_map`]).
 #[derive(Debug)]
-enum Field<'a> {
+enum Value<'a> {
     Borrowed(&'a RawValue),
     Owned(Box<RawValue>),
     Parsed,
 }
 
-impl Field<'_> {
+impl Value<'_> {
     fn raw(&self) -> Option<&RawValue> {
         match self {
-            Field::Borrowed(raw) => Some(raw),
-            Field::Owned(raw) => Some(raw),
-            Field::Parsed => None,
+            Value::Borrowed(raw) => Some(raw),
+            Value::Owned(raw) => Some(raw),
+            Value::Parsed => None,
         }
     }
 }
 
+#[derive(Debug)]
+enum Entry<'a> {
+    /// Fields Iris does not interpret, side by side as in the body, commas
+    /// and all: `"a":1,"b":[2]`.
+    Run(&'a [u8]),
+    /// A field Iris reads, replaces or parses.
+    Field(Cow<'a, str>, Value<'a>),
+}
+
 /// What [`RawObject::from_map`]'s caller did with a field's value.
 pub enum Claim<'a> {
-    /// Nothing: keep it raw.
+    /// Nothing: keep it as it is, with the fields around it.
     Raw,
-    /// Read it raw to look at it: keep that raw text.
+    /// Read it raw to inspect it; keep it as it is, like [`Claim::Raw`].
+    Inspected(&'a RawValue),
+    /// Read it raw to interpret it: keep it as a field of its own, to be
+    /// read ([`RawObject::get`]) or replaced.
     Peeked(&'a RawValue),
     /// Parsed it into a structure of the caller's, which writes it back.
     Parsed,
 }
 
-/// A JSON object as an ordered list of `(key, raw value)`.
+/// The keys of an object that Iris interprets: each may appear once (an
+/// upstream whose parser keeps the first of two `model`s would otherwise
+/// serve another model than the one Iris checked), and only these are held
+/// one by one.
+#[derive(Debug, Clone, Copy)]
+pub struct Interpreted(pub &'static [&'static str]);
+
+impl Interpreted {
+    pub const NONE: Self = Self(&[]);
+
+    fn position(self, key: &str) -> Option<usize> {
+        self.0.iter().position(|k| *k == key)
+    }
+}
+
+/// A JSON object as an ordered list of its interpreted fields and the runs
+/// of text between them.
 #[derive(Debug, Default)]
 pub struct RawObject<'a> {
-    fields: Vec<(String, Field<'a>)>,
+    entries: Vec<Entry<'a>>,
 }
 
 impl<'a> RawObject<'a> {
-    /// The value of `key`; the last one wins if a key repeats, as in most JSON parsers.
+    /// Parses `text`, a JSON object, holding the `interpreted` keys one by
+    /// one; `None` when it is not an object or repeats one of them.
+    pub fn parse(text: &'a str, interpreted: Interpreted) -> Option<Self> {
+        struct ObjectSeed<'a>(&'a [u8], Interpreted);
+
+        impl<'de> DeserializeSeed<'de> for ObjectSeed<'de> {
+            type Value = RawObject<'de>;
+
+            fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+                d.deserialize_map(self)
+            }
+        }
+
+        impl<'de> Visitor<'de> for ObjectSeed<'de> {
+            type Value = RawObject<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let interpreted = self.1;
+                RawObject::from_map(
+                    self.0,
+                    &mut map,
+                    interpreted,
+                    |key| de::Error::custom(format_args!("`{key}` repeated")),
+                    |key, map| match interpreted.position(key) {
+                        Some(_) => Ok(Claim::Peeked(map.next_value()?)),
+                        None => Ok(Claim::Raw),
+                    },
+                )
+            }
+        }
+
+        let mut deserializer = serde_json::Deserializer::from_str(text);
+        let object = ObjectSeed(text.as_bytes(), interpreted)
+            .deserialize(&mut deserializer)
+            .ok()?;
+        deserializer.end().ok()?;
+        Some(object)
+    }
+
+    fn fields(&self) -> impl DoubleEndedIterator<Item = (&str, &Value<'a>)> {
+        self.entries.iter().filter_map(|entry| match entry {
+            Entry::Field(key, value) => Some((key.as_ref(), value)),
+            Entry::Run(_) => None,
+        })
+    }
+
+    /// The value of an interpreted `key` (see [`RawObject::from_map`]).
     pub fn get(&self, key: &str) -> Option<&RawValue> {
-        self.fields
-            .iter()
+        self.fields()
             .rev()
-            .find(|(k, _)| k == key)
+            .find(|(k, _)| *k == key)
             .and_then(|(_, v)| v.raw())
     }
 
-    /// The value of `key` as borrowed from the body, so it may outlive `self`.
+    /// [`RawObject::get`], as borrowed from the body, so it may outlive `self`.
     pub fn get_borrowed(&self, key: &str) -> Option<&'a RawValue> {
-        match self.fields.iter().rev().find(|(k, _)| k == key) {
-            Some((_, Field::Borrowed(raw))) => Some(raw),
+        self.entries.iter().rev().find_map(|entry| match entry {
+            Entry::Field(k, Value::Borrowed(raw)) if k == key => Some(*raw),
             _ => None,
-        }
+        })
     }
 
-    /// Replaces `key` (every occurrence) or appends it.
-    pub fn set(&mut self, key: &str, value: Box<RawValue>) {
-        self.remove(key);
-        self.fields.push((key.to_owned(), Field::Owned(value)));
-    }
-
-    /// Replaces `key` in place, keeping its position, or appends it.
+    /// Replaces an interpreted `key` in place, keeping its position, or
+    /// appends it.
     pub fn replace(&mut self, key: &str, value: Box<RawValue>) {
-        if let Some(position) = self.fields.iter().rposition(|(k, _)| k == key) {
-            self.fields[position].1 = Field::Owned(value);
-            let mut index = 0;
-            self.fields.retain(|(k, _)| {
-                index += 1;
-                k != key || index - 1 == position
-            });
-        } else {
-            self.fields.push((key.to_owned(), Field::Owned(value)));
+        let found = self.entries.iter_mut().rev().find_map(|entry| match entry {
+            Entry::Field(k, v) if k == key => Some(v),
+            _ => None,
+        });
+        match found {
+            Some(slot) => *slot = Value::Owned(value),
+            None => self.entries.push(Entry::Field(
+                Cow::Owned(key.to_owned()),
+                Value::Owned(value),
+            )),
         }
     }
 
+    /// Removes an interpreted `key`; whether it was there.
     pub fn remove(&mut self, key: &str) -> bool {
-        let before = self.fields.len();
-        self.fields.retain(|(k, _)| k != key);
-        self.fields.len() != before
+        let before = self.entries.len();
+        self.entries
+            .retain(|entry| !matches!(entry, Entry::Field(k, _) if k == key));
+        self.entries.len() != before
     }
 
-    /// Reads a JSON object's fields in one pass. `claim(key, map)` says what
-    /// becomes of each value (see [`Claim`]); unclaimed values stay raw.
+    /// Reads a JSON object's fields in one pass. `body` is the text the
+    /// deserializer reads (the values it lends are slices of it).
+    /// `claim(key, map)` says what becomes of each value (see [`Claim`]);
+    /// unclaimed values stay as they are, in runs of the body's text. A key
+    /// of `interpreted` met a second time fails with `duplicate(key)`,
+    /// before its value is read.
     pub fn from_map<A: MapAccess<'a>>(
+        body: &'a [u8],
         map: &mut A,
+        interpreted: Interpreted,
+        duplicate: impl Fn(&str) -> A::Error,
         mut claim: impl FnMut(&str, &mut A) -> Result<Claim<'a>, A::Error>,
     ) -> Result<Self, A::Error> {
-        let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(8));
-        while let Some(key) = map.next_key::<String>()? {
-            let field = match claim(&key, map)? {
-                Claim::Raw => Field::Borrowed(map.next_value()?),
-                Claim::Peeked(raw) => Field::Borrowed(raw),
-                Claim::Parsed => Field::Parsed,
+        let mut entries: Vec<Entry<'a>> = Vec::new();
+        let mut seen = 0u64;
+        while let Some(key) = map.next_key_seed(KeySeed)? {
+            if let Some(index) = interpreted.position(&key).filter(|&i| i < 64) {
+                if seen & (1 << index) != 0 {
+                    return Err(duplicate(&key));
+                }
+                seen |= 1 << index;
+            }
+            let raw = match claim(&key, map)? {
+                Claim::Raw => map.next_value::<&'a RawValue>()?,
+                Claim::Inspected(raw) => raw,
+                Claim::Peeked(raw) => {
+                    entries.push(Entry::Field(key, Value::Borrowed(raw)));
+                    continue;
+                }
+                Claim::Parsed => {
+                    entries.push(Entry::Field(key, Value::Parsed));
+                    continue;
+                }
             };
-            fields.push((key, field));
+            let Some((start, end)) = field_span(body, raw) else {
+                // Not a slice of `body` (never with serde_json's borrowing
+                // readers): held on its own.
+                entries.push(Entry::Field(key, Value::Borrowed(raw)));
+                continue;
+            };
+            match entries.last_mut() {
+                // The run grows over the comma to this field's value.
+                Some(Entry::Run(run)) => {
+                    let run_start = run.as_ptr() as usize - body.as_ptr() as usize;
+                    *run = &body[run_start..end];
+                }
+                _ => entries.push(Entry::Run(&body[start..end])),
+            }
         }
-        Ok(RawObject { fields })
+        Ok(RawObject { entries })
     }
 
     /// Writes the object; `override_field` writes the text of each parsed
-    /// field (returning whether it did). Raw fields are written as they are,
-    /// even beside a parsed field of the same name (a repeated key).
+    /// field (returning whether it did).
     pub fn write_with(
         &self,
         out: &mut Vec<u8>,
         mut override_field: impl FnMut(&str, &mut Vec<u8>) -> bool,
     ) {
         out.push(b'{');
-        for (i, (key, value)) in self.fields.iter().enumerate() {
+        for (i, entry) in self.entries.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            write_json_string(out, key);
-            out.push(b':');
-            let parsed = matches!(value, Field::Parsed);
-            if !(parsed && override_field(key, out)) {
-                let raw = value.raw().map_or("null", RawValue::get);
-                out.extend_from_slice(raw.as_bytes());
+            match entry {
+                Entry::Run(text) => out.extend_from_slice(text),
+                Entry::Field(key, value) => {
+                    write_json_string(out, key);
+                    out.push(b':');
+                    let parsed = matches!(value, Value::Parsed);
+                    if !(parsed && override_field(key, out)) {
+                        let raw = value.raw().map_or("null", RawValue::get);
+                        out.extend_from_slice(raw.as_bytes());
+                    }
+                }
             }
         }
         out.push(b'}');
@@ -135,23 +254,48 @@ impl<'a> RawObject<'a> {
     }
 }
 
-impl<'de> Deserialize<'de> for RawObject<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct ObjectVisitor;
-
-        impl<'de> Visitor<'de> for ObjectVisitor {
-            type Value = RawObject<'de>;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                RawObject::from_map(&mut map, |_, _| Ok(Claim::Raw))
-            }
+/// Where the field whose value is `value` lies in `body`: from its key's
+/// opening quote to the value's end. Found by stepping back from the value
+/// over `:` and the key string (a quote inside a JSON string is always
+/// escaped, so the first quote behind the key's closing one that is not
+/// preceded by an odd number of backslashes opens the key).
+fn field_span(body: &[u8], value: &RawValue) -> Option<(usize, usize)> {
+    let text = value.get().as_bytes();
+    let start = (text.as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
+    let end = start
+        .checked_add(text.len())
+        .filter(|&end| end <= body.len())?;
+    let before = &body[..start];
+    let mut i = before.iter().rposition(|b| !b.is_ascii_whitespace())?;
+    if before[i] != b':' {
+        return None;
+    }
+    i = before[..i].iter().rposition(|b| !b.is_ascii_whitespace())?;
+    if before[i] != b'"' {
+        return None;
+    }
+    let mut quote = i;
+    loop {
+        quote = memchr::memrchr(b'"', &before[..quote])?;
+        let backslashes = before[..quote]
+            .iter()
+            .rev()
+            .take_while(|&&b| b == b'\\')
+            .count();
+        if backslashes % 2 == 0 {
+            return Some((quote, end));
         }
+    }
+}
 
-        deserializer.deserialize_map(ObjectVisitor)
+/// A key, borrowed from the body unless it holds escapes.
+struct KeySeed;
+
+impl<'de> DeserializeSeed<'de> for KeySeed {
+    type Value = Cow<'de, str>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_str(StrVisitor)
     }
 }
 
@@ -242,30 +386,31 @@ fn raw_null() -> Box<RawValue> {
     RawValue::from_string("null".to_owned()).unwrap_or_else(|_| unreachable!("null is valid JSON"))
 }
 
-/// Reads a raw value as a string, borrowing from the body when it holds no escapes.
-pub fn as_str(raw: &RawValue) -> Option<Cow<'_, str>> {
-    struct StrVisitor;
+/// Reads a string, borrowing from the input when it holds no escapes.
+struct StrVisitor;
 
-    impl<'de> Visitor<'de> for StrVisitor {
-        type Value = Cow<'de, str>;
+impl<'de> Visitor<'de> for StrVisitor {
+    type Value = Cow<'de, str>;
 
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a string")
-        }
-
-        fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-            Ok(Cow::Borrowed(v))
-        }
-
-        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-            Ok(Cow::Owned(v.to_owned()))
-        }
-
-        fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
-            Ok(Cow::Owned(v))
-        }
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string")
     }
 
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Cow::Borrowed(v))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v.to_owned()))
+    }
+
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v))
+    }
+}
+
+/// Reads a raw value as a string, borrowing from the body when it holds no escapes.
+pub fn as_str(raw: &RawValue) -> Option<Cow<'_, str>> {
     let text = raw.get();
     if !text.starts_with('"') {
         return None;
@@ -293,27 +438,63 @@ mod tests {
     #[test]
     fn untouched_fields_are_written_back_byte_for_byte() {
         let body = r#"{"b": [1,  2], "a":{"x" : "\u00e9"},"z":null}"#;
-        let object: RawObject<'_> = serde_json::from_str(body).expect("object");
+        let object = RawObject::parse(body, Interpreted::NONE).expect("object");
+        assert_eq!(object.entries.len(), 1, "one run: {object:?}");
         let mut out = Vec::new();
         object.write(&mut out);
         assert_eq!(
             String::from_utf8(out).expect("utf8"),
-            r#"{"b":[1,  2],"a":{"x" : "\u00e9"},"z":null}"#
+            r#"{"b": [1,  2], "a":{"x" : "\u00e9"},"z":null}"#
         );
     }
 
     #[test]
-    fn replace_keeps_position_and_drops_duplicates() {
-        let mut object: RawObject<'_> =
-            serde_json::from_str(r#"{"model":"a","x":1,"model":"b"}"#).expect("object");
-        assert_eq!(object.get("model").map(|r| r.get()), Some(r#""b""#));
+    fn interpreted_fields_are_held_between_runs_and_replaced_in_place() {
+        const KEYS: Interpreted = Interpreted(&["model"]);
+        let body = r#"{ "x":1 , "m\"o":2,"model" : "a","y":[3],"z":"\"}"}"#;
+        let mut object = RawObject::parse(body, KEYS).expect("object");
+        assert_eq!(object.entries.len(), 3, "{object:?}");
+        assert_eq!(object.get("model").map(|r| r.get()), Some(r#""a""#));
+        assert!(object.get("x").is_none(), "only interpreted keys are held");
         object.replace("model", raw_string("c"));
         let mut out = Vec::new();
         object.write(&mut out);
         assert_eq!(
             String::from_utf8(out).expect("utf8"),
-            r#"{"x":1,"model":"c"}"#
+            r#"{"x":1 , "m\"o":2,"model":"c","y":[3],"z":"\"}"}"#
         );
+        assert!(object.remove("model"));
+        object.replace("added", raw_string("d"));
+        let mut out = Vec::new();
+        object.write(&mut out);
+        assert_eq!(
+            String::from_utf8(out).expect("utf8"),
+            r#"{"x":1 , "m\"o":2,"y":[3],"z":"\"}","added":"d"}"#
+        );
+    }
+
+    #[test]
+    fn an_interpreted_key_given_twice_is_refused() {
+        const KEYS: Interpreted = Interpreted(&["model"]);
+        assert!(RawObject::parse(r#"{"model":"a","model":"b"}"#, KEYS).is_none());
+        assert!(RawObject::parse(r#"{"x":"a","x":"b"}"#, KEYS).is_some());
+    }
+
+    #[test]
+    fn a_key_is_found_behind_escaped_quotes_and_backslashes() {
+        for body in [
+            r#"{"a\\":1}"#,
+            r#"{"\"":1,"b":2}"#,
+            r#"{"\\\"x":1}"#,
+            "{\n \"k\"\t:\r 5}",
+        ] {
+            let object = RawObject::parse(body, Interpreted::NONE).expect(body);
+            let mut out = Vec::new();
+            object.write(&mut out);
+            let expected: serde_json::Value = serde_json::from_str(body).expect("json");
+            let written: serde_json::Value = serde_json::from_slice(&out).expect("json");
+            assert_eq!(written, expected, "{body}");
+        }
     }
 
     #[test]

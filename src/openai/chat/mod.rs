@@ -10,7 +10,10 @@
 mod parse;
 #[cfg(test)]
 mod tests;
+mod urls;
 mod write;
+
+pub use parse::MAX_CHOICES;
 
 use std::borrow::Cow;
 use std::fmt;
@@ -46,6 +49,30 @@ impl RequestError {
     }
 }
 
+/// How much of a request's shape Iris takes: each message and content part
+/// costs memory to parse (a few dozen bytes) whatever its size in the body,
+/// so their number is bounded rather than only the body's length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// Messages in `messages`.
+    pub max_messages: usize,
+    /// Content parts across all messages.
+    pub max_content_parts: usize,
+}
+
+impl RequestLimits {
+    pub const DEFAULT: Self = Self {
+        max_messages: 4096,
+        max_content_parts: 8192,
+    };
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
 /// A parsed chat completion request, borrowing from the request body.
 #[derive(Debug)]
 pub struct ChatRequest<'a> {
@@ -54,8 +81,11 @@ pub struct ChatRequest<'a> {
     pub stream: bool,
     /// The client asked for `stream_options.include_usage`.
     pub include_usage: bool,
-    /// `max_completion_tokens`, else `max_tokens`, when the client set one.
+    /// The larger of `max_completion_tokens` and `max_tokens`, when the
+    /// client set one: an upstream may honour either.
     pub completion_cap: Option<u64>,
+    /// `n`, the number of choices (1 when not set).
+    pub choices: u64,
     pub messages: Vec<Message<'a>>,
     /// Set when a message may have changed, so only then is `messages` rewritten.
     messages_changed: bool,
@@ -85,16 +115,14 @@ pub enum Content<'a> {
 pub struct Part<'a> {
     fields: RawObject<'a>,
     pub kind: PartKind<'a>,
-    /// An `image_url` object parsed before the part's `type` said it is no
-    /// image part: kept only to be written back.
-    stray_image: Option<ImagePart<'a>>,
 }
 
 #[derive(Debug)]
 pub enum PartKind<'a> {
     Text(Cow<'a, str>),
     Image(ImagePart<'a>),
-    /// Audio, files and part types Iris does not know: passed through.
+    /// Audio, files and part types Iris does not know: passed through
+    /// (without URLs: the parser refuses them outside image parts).
     Other,
 }
 
@@ -244,7 +272,7 @@ impl<'a> ChatRequest<'a> {
         self.images().count()
     }
 
-    /// A top-level field as sent (`tools`, `n`, …), for estimates.
+    /// A top-level field Iris interprets, as sent (`tools`, …), for estimates.
     pub fn raw_field(&self, key: &str) -> Option<&RawValue> {
         self.body.get(key)
     }
@@ -262,7 +290,7 @@ impl<'a> ChatRequest<'a> {
         let mut options: RawObject<'_> = self
             .body
             .get("stream_options")
-            .and_then(|raw| serde_json::from_str::<RawObject<'_>>(raw.get()).ok())
+            .and_then(|raw| RawObject::parse(raw.get(), parse::STREAM_OPTIONS_FIELDS))
             .unwrap_or_default();
         options.replace("include_usage", raw::raw_from_vec(b"true".to_vec()));
         let mut text = Vec::new();
@@ -294,7 +322,7 @@ impl Message<'_> {
             }))
     }
 
-    /// Raw fields other than `content` (role, name, tool calls), for estimates.
+    /// Interpreted fields other than `content` (role, name, tool calls), for estimates.
     pub fn raw_field(&self, key: &str) -> Option<&RawValue> {
         self.fields.get(key)
     }

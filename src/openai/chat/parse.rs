@@ -1,46 +1,95 @@
 //! Parsing a chat completion request in one serde pass through nested
 //! seeds: `messages` and their content parts are parsed (strings borrowed
-//! from the body, so a large data URI is read once and never copied), every
-//! other field is kept raw. A field of the wrong kind fails with the
-//! client-facing error and its `param`.
+//! from the body, so a large data URI is read once and never copied), the
+//! other fields Iris interprets are read raw, and every field it does not
+//! interpret stays in runs of the body's text. A field of the wrong kind, a
+//! field Iris interprets given twice, or more messages or content parts
+//! than the limits fail with the client-facing error and its `param`.
+//!
+//! What a parse allocates is bounded by what Iris reads: a message, a
+//! content part and each interpreted field cost a few dozen bytes, the
+//! limits bound how many there are, and everything else is a slice of the
+//! body.
 
 use std::borrow::Cow;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
 use super::{
-    ChatRequest, Content, ImagePart, ImageUrl, Message, Part, PartKind, RequestError, UrlText,
+    ChatRequest, Content, ImagePart, ImageUrl, Message, Part, PartKind, RequestError,
+    RequestLimits, UrlText, urls,
 };
-use crate::openai::raw::{self, Claim, RawObject};
+use crate::openai::raw::{self, Claim, Interpreted, RawObject};
 
 /// Deeper JSON is refused: serde_json's own default recursion limit.
 const MAX_NESTING: usize = 128;
+
+/// OpenAI's range for `n`, the number of choices.
+pub const MAX_CHOICES: u64 = 128;
+
+/// The top-level fields Iris reads: the model and stream flags, the caps and
+/// `n` the reservation is made of, the messages, and the definitions the
+/// prompt estimate counts. Each may appear once.
+const REQUEST_FIELDS: Interpreted = Interpreted(&[
+    "model",
+    "messages",
+    "stream",
+    "stream_options",
+    "n",
+    "max_tokens",
+    "max_completion_tokens",
+    "tools",
+    "functions",
+    "response_format",
+]);
+/// A message's fields the estimate counts, and its content.
+const MESSAGE_FIELDS: Interpreted = Interpreted(&[
+    "content",
+    "role",
+    "name",
+    "tool_calls",
+    "function_call",
+    "tool_call_id",
+]);
+const PART_FIELDS: Interpreted = Interpreted(&["type", "text", "image_url"]);
+const IMAGE_FIELDS: Interpreted = Interpreted(&["url", "detail"]);
+pub(super) const STREAM_OPTIONS_FIELDS: Interpreted = Interpreted(&["include_usage"]);
 
 fn invalid(param: impl Into<String>, message: impl Into<String>) -> RequestError {
     RequestError::at(param, message)
 }
 
 impl<'a> ChatRequest<'a> {
-    /// Parses a request body, refusing what is not a chat completion request
-    /// with `invalid_request` and the offending `param`.
+    /// Parses a request body under the default [`RequestLimits`].
     pub fn parse(body: &'a [u8]) -> Result<Self, RequestError> {
+        Self::parse_within(body, RequestLimits::DEFAULT)
+    }
+
+    /// Parses a request body, refusing what is not a chat completion request
+    /// (or exceeds `limits`) with `invalid_request` and the offending `param`.
+    pub fn parse_within(body: &'a [u8], limits: RequestLimits) -> Result<Self, RequestError> {
         if raw::nests_deeper_than(body, MAX_NESTING) {
             return Err(RequestError::new(format!(
                 "The request body nests arrays and objects deeper than {MAX_NESTING} levels."
             )));
         }
-        let shape = ShapeError::default();
+        let parse = Parse {
+            body,
+            limits,
+            parts: Cell::new(0),
+            error: RefCell::default(),
+        };
         let mut deserializer = serde_json::Deserializer::from_slice(body);
-        let parsed = TopLevelSeed(&shape)
+        let parsed = TopLevelSeed(&parse)
             .deserialize(&mut deserializer)
             .and_then(|top| deserializer.end().map(|()| top));
         let (object, messages) = match parsed {
             Ok(top) => top,
             Err(e) => {
-                return Err(shape.take().unwrap_or_else(|| {
+                return Err(parse.error.take().unwrap_or_else(|| {
                     RequestError::new(format!("The request body is not a valid JSON object: {e}."))
                 }));
             }
@@ -53,31 +102,60 @@ impl<'a> ChatRequest<'a> {
                 .ok_or_else(|| invalid("model", "'model' must be a non-empty string."))?,
         };
 
-        let stream = match object.get("stream") {
-            None => false,
-            Some(raw) => match raw.get() {
-                "true" => true,
-                "false" | "null" => false,
-                _ => return Err(invalid("stream", "'stream' must be a boolean.")),
-            },
+        let stream = match object.get("stream").map(RawValue::get) {
+            None | Some("false" | "null") => false,
+            Some("true") => true,
+            Some(_) => return Err(invalid("stream", "'stream' must be a boolean.")),
         };
 
         let include_usage = match object.get("stream_options") {
             None => false,
             Some(raw) if raw.get() == "null" => false,
             Some(raw) => {
-                let options: RawObject<'_> = serde_json::from_str(raw.get()).map_err(|_| {
-                    invalid("stream_options", "'stream_options' must be an object.")
-                })?;
-                options
-                    .get("include_usage")
-                    .is_some_and(|v| v.get() == "true")
+                let options =
+                    RawObject::parse(raw.get(), STREAM_OPTIONS_FIELDS).ok_or_else(|| {
+                        invalid(
+                            "stream_options",
+                            "'stream_options' must be an object, each of its fields given once.",
+                        )
+                    })?;
+                match options.get("include_usage").map(RawValue::get) {
+                    None | Some("false" | "null") => false,
+                    Some("true") => true,
+                    Some(_) => {
+                        return Err(invalid(
+                            "stream_options.include_usage",
+                            "'stream_options.include_usage' must be a boolean.",
+                        ));
+                    }
+                }
             }
         };
 
-        let completion_cap = match cap(&object, "max_completion_tokens")? {
-            Some(cap) => Some(cap),
-            None => cap(&object, "max_tokens")?,
+        let choices = match object.get("n") {
+            None => 1,
+            Some(raw) if raw.get() == "null" => 1,
+            Some(raw) => raw
+                .get()
+                .parse::<u64>()
+                .ok()
+                .filter(|n| (1..=MAX_CHOICES).contains(n))
+                .ok_or_else(|| {
+                    invalid(
+                        "n",
+                        format!("'n' must be an integer from 1 to {MAX_CHOICES}."),
+                    )
+                })?,
+        };
+
+        // Both caps may reach an upstream that reads either: the larger is
+        // what it may generate, so the larger is reserved.
+        let completion_cap = match (
+            cap(&object, "max_completion_tokens")?,
+            cap(&object, "max_tokens")?,
+        ) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
         };
 
         let messages = match messages {
@@ -102,6 +180,7 @@ impl<'a> ChatRequest<'a> {
             stream,
             include_usage,
             completion_cap,
+            choices,
             messages,
             messages_changed: false,
             body_changed: false,
@@ -110,6 +189,7 @@ impl<'a> ChatRequest<'a> {
     }
 }
 
+/// A completion cap: a positive integer, or null for none.
 fn cap(object: &RawObject<'_>, key: &str) -> Result<Option<u64>, RequestError> {
     match object.get(key) {
         None => Ok(None),
@@ -117,27 +197,60 @@ fn cap(object: &RawObject<'_>, key: &str) -> Result<Option<u64>, RequestError> {
         Some(raw) => raw
             .get()
             .parse::<u64>()
+            .ok()
+            .filter(|&cap| cap >= 1)
             .map(Some)
-            .map_err(|_| invalid(key, format!("'{key}' must be a non-negative integer."))),
+            .ok_or_else(|| invalid(key, format!("'{key}' must be a positive integer."))),
     }
 }
 
-/// The first request-shape error met while parsing, with its `param`.
-/// Parsing is one serde pass through nested seeds; a seed that finds a field
-/// of the wrong kind records the client-facing error here and aborts.
-#[derive(Default)]
-struct ShapeError(RefCell<Option<RequestError>>);
+/// What one parse's seeds share: the body (the runs of fields Iris does not
+/// interpret are slices of it), the limits and the content parts counted so
+/// far, and the first request-shape error met, with its `param`. A seed
+/// that finds a field of the wrong kind records the client-facing error
+/// here and aborts the pass.
+struct Parse<'de> {
+    body: &'de [u8],
+    limits: RequestLimits,
+    parts: Cell<usize>,
+    error: RefCell<Option<RequestError>>,
+}
 
-impl ShapeError {
+impl Parse<'_> {
     fn fail<E: de::Error>(&self, param: String, message: &str) -> E {
-        self.0
+        self.error
             .borrow_mut()
             .get_or_insert_with(|| invalid(param, message));
         E::custom(message)
     }
 
-    fn take(&self) -> Option<RequestError> {
-        self.0.borrow_mut().take()
+    /// The error for an interpreted field given twice in the object at `at`.
+    fn repeated<E: de::Error>(&self, at: &str, key: &str) -> E {
+        let param = if at.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{at}.{key}")
+        };
+        let message = format!("'{param}' is given more than once.");
+        self.fail(param, &message)
+    }
+
+    /// Reads a content part's field that Iris does not interpret, refusing a
+    /// URL in it (see [`urls`]).
+    fn inspect<'de, A: MapAccess<'de>>(
+        &self,
+        map: &mut A,
+        at: &str,
+        key: &str,
+    ) -> Result<Claim<'de>, A::Error> {
+        let raw: &'de RawValue = map.next_value()?;
+        match urls::find(raw) {
+            None => Ok(Claim::Inspected(raw)),
+            Some(path) => Err(self.fail(
+                format!("{at}.{key}{path}"),
+                "Iris fetches URLs only as an 'image_url' part's 'url'; a URL anywhere else in a content part is not forwarded. Send the image as an image_url part.",
+            )),
+        }
     }
 }
 
@@ -183,12 +296,13 @@ macro_rules! refuse_kinds {
     };
 }
 
-/// The top-level object: `messages` parsed, every other field kept raw.
-struct TopLevelSeed<'s>(&'s ShapeError);
+/// The top-level object: `messages` parsed, the other interpreted fields
+/// read raw, the rest left in the body.
+struct TopLevelSeed<'p, 'de>(&'p Parse<'de>);
 
 type TopLevel<'a> = (RawObject<'a>, Option<Vec<Message<'a>>>);
 
-impl<'de> DeserializeSeed<'de> for TopLevelSeed<'_> {
+impl<'de> DeserializeSeed<'de> for TopLevelSeed<'_, 'de> {
     type Value = TopLevel<'de>;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
@@ -196,7 +310,7 @@ impl<'de> DeserializeSeed<'de> for TopLevelSeed<'_> {
     }
 }
 
-impl<'de> Visitor<'de> for TopLevelSeed<'_> {
+impl<'de> Visitor<'de> for TopLevelSeed<'_, 'de> {
     type Value = TopLevel<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -204,21 +318,29 @@ impl<'de> Visitor<'de> for TopLevelSeed<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let parse = self.0;
         let mut messages = None;
-        let object = RawObject::from_map(&mut map, |key, map| {
-            if key != "messages" {
-                return Ok(Claim::Raw);
-            }
-            messages = Some(map.next_value_seed(MessagesSeed(self.0))?);
-            Ok(Claim::Parsed)
-        })?;
+        let object = RawObject::from_map(
+            parse.body,
+            &mut map,
+            REQUEST_FIELDS,
+            |key| parse.repeated("", key),
+            |key, map| match key {
+                "messages" => {
+                    messages = Some(map.next_value_seed(MessagesSeed(parse))?);
+                    Ok(Claim::Parsed)
+                }
+                _ if REQUEST_FIELDS.0.contains(&key) => Ok(Claim::Peeked(map.next_value()?)),
+                _ => Ok(Claim::Raw),
+            },
+        )?;
         Ok((object, messages))
     }
 }
 
-struct MessagesSeed<'s>(&'s ShapeError);
+struct MessagesSeed<'p, 'de>(&'p Parse<'de>);
 
-impl<'de> DeserializeSeed<'de> for MessagesSeed<'_> {
+impl<'de> DeserializeSeed<'de> for MessagesSeed<'_, 'de> {
     type Value = Vec<Message<'de>>;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
@@ -226,7 +348,7 @@ impl<'de> DeserializeSeed<'de> for MessagesSeed<'_> {
     }
 }
 
-impl<'de> Visitor<'de> for MessagesSeed<'_> {
+impl<'de> Visitor<'de> for MessagesSeed<'_, 'de> {
     type Value = Vec<Message<'de>>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -234,7 +356,8 @@ impl<'de> Visitor<'de> for MessagesSeed<'_> {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let mut messages = Vec::with_capacity(seq.size_hint().unwrap_or(4));
+        // No capacity from the body's claims: it grows with what is parsed.
+        let mut messages = Vec::new();
         while let Some(message) = seq.next_element_seed(MessageSeed(self.0, messages.len()))? {
             messages.push(message);
         }
@@ -246,17 +369,25 @@ impl<'de> Visitor<'de> for MessagesSeed<'_> {
 }
 
 /// Message `.1` of the request.
-struct MessageSeed<'s>(&'s ShapeError, usize);
+struct MessageSeed<'p, 'de>(&'p Parse<'de>, usize);
 
-impl<'de> DeserializeSeed<'de> for MessageSeed<'_> {
+impl<'de> DeserializeSeed<'de> for MessageSeed<'_, 'de> {
     type Value = Message<'de>;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        let max = self.0.limits.max_messages;
+        if self.1 >= max {
+            // Refused before the message is read.
+            return Err(self.0.fail(
+                "messages".to_owned(),
+                &format!("'messages' holds more than {max} messages, the most this gateway takes in one request."),
+            ));
+        }
         deserializer.deserialize_any(self)
     }
 }
 
-impl<'de> Visitor<'de> for MessageSeed<'_> {
+impl<'de> Visitor<'de> for MessageSeed<'_, 'de> {
     type Value = Message<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -264,14 +395,22 @@ impl<'de> Visitor<'de> for MessageSeed<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let (parse, index) = (self.0, self.1);
         let mut content = Content::Absent;
-        let fields = RawObject::from_map(&mut map, |key, map| {
-            if key != "content" {
-                return Ok(Claim::Raw);
-            }
-            content = map.next_value_seed(ContentSeed(self.0, self.1))?;
-            Ok(Claim::Parsed)
-        })?;
+        let fields = RawObject::from_map(
+            parse.body,
+            &mut map,
+            MESSAGE_FIELDS,
+            |key| parse.repeated(&format!("messages[{index}]"), key),
+            |key, map| match key {
+                "content" => {
+                    content = map.next_value_seed(ContentSeed(parse, index))?;
+                    Ok(Claim::Parsed)
+                }
+                _ if MESSAGE_FIELDS.0.contains(&key) => Ok(Claim::Peeked(map.next_value()?)),
+                _ => Ok(Claim::Raw),
+            },
+        )?;
         Ok(Message { fields, content })
     }
 
@@ -280,9 +419,9 @@ impl<'de> Visitor<'de> for MessageSeed<'_> {
 }
 
 /// The `content` of message `.1`.
-struct ContentSeed<'s>(&'s ShapeError, usize);
+struct ContentSeed<'p, 'de>(&'p Parse<'de>, usize);
 
-impl<'de> DeserializeSeed<'de> for ContentSeed<'_> {
+impl<'de> DeserializeSeed<'de> for ContentSeed<'_, 'de> {
     type Value = Content<'de>;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
@@ -290,7 +429,7 @@ impl<'de> DeserializeSeed<'de> for ContentSeed<'_> {
     }
 }
 
-impl<'de> Visitor<'de> for ContentSeed<'_> {
+impl<'de> Visitor<'de> for ContentSeed<'_, 'de> {
     type Value = Content<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -310,7 +449,7 @@ impl<'de> Visitor<'de> for ContentSeed<'_> {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let mut parts = Vec::with_capacity(seq.size_hint().unwrap_or(2));
+        let mut parts = Vec::new();
         while let Some(part) = seq.next_element_seed(PartSeed(self.0, self.1, parts.len()))? {
             parts.push(part);
         }
@@ -322,23 +461,31 @@ impl<'de> Visitor<'de> for ContentSeed<'_> {
 }
 
 /// Content part `.2` of message `.1`.
-struct PartSeed<'s>(&'s ShapeError, usize, usize);
+struct PartSeed<'p, 'de>(&'p Parse<'de>, usize, usize);
 
-impl PartSeed<'_> {
+impl PartSeed<'_, '_> {
     fn at(&self) -> String {
         format!("messages[{}].content[{}]", self.1, self.2)
     }
 }
 
-impl<'de> DeserializeSeed<'de> for PartSeed<'_> {
+impl<'de> DeserializeSeed<'de> for PartSeed<'_, 'de> {
     type Value = Part<'de>;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        let (counted, max) = (self.0.parts.get(), self.0.limits.max_content_parts);
+        if counted >= max {
+            return Err(self.0.fail(
+                format!("messages[{}].content", self.1),
+                &format!("The messages hold more than {max} content parts, the most this gateway takes in one request."),
+            ));
+        }
+        self.0.parts.set(counted + 1);
         deserializer.deserialize_any(self)
     }
 }
 
-impl<'de> Visitor<'de> for PartSeed<'_> {
+impl<'de> Visitor<'de> for PartSeed<'_, 'de> {
     type Value = Part<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -346,46 +493,57 @@ impl<'de> Visitor<'de> for PartSeed<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let parse = self.0;
+        let at = self.at();
         let mut part_type = None;
         let mut text = None;
         let mut image = None;
-        let fields = RawObject::from_map(&mut map, |key, map| match key {
-            "type" => {
-                let raw: &'de RawValue = map.next_value()?;
-                part_type = raw::as_str(raw);
-                Ok(Claim::Peeked(raw))
-            }
-            "text" => {
-                let raw: &'de RawValue = map.next_value()?;
-                text = Some(raw);
-                Ok(Claim::Peeked(raw))
-            }
-            // Another type's `image_url` (type seen first) is passed through as sent.
-            "image_url" if part_type.as_deref().is_none_or(|t| t == "image_url") => {
-                image = Some(map.next_value_seed(ImageSeed(self.0, self.at()))?);
-                Ok(Claim::Parsed)
-            }
-            _ => Ok(Claim::Raw),
-        })?;
-        let at = self.at();
+        let fields = RawObject::from_map(
+            parse.body,
+            &mut map,
+            PART_FIELDS,
+            |key| parse.repeated(&at, key),
+            |key, map| match key {
+                "type" => {
+                    let raw: &'de RawValue = map.next_value()?;
+                    part_type = Some(raw::as_str(raw).ok_or_else(|| {
+                        parse.fail::<A::Error>(format!("{at}.type"), "'type' must be a string.")
+                    })?);
+                    Ok(Claim::Peeked(raw))
+                }
+                "text" => {
+                    let raw: &'de RawValue = map.next_value()?;
+                    text = Some(raw);
+                    Ok(Claim::Peeked(raw))
+                }
+                "image_url" => {
+                    image = Some(map.next_value_seed(ImageSeed(parse, &at))?);
+                    Ok(Claim::Parsed)
+                }
+                _ => parse.inspect(map, &at, key),
+            },
+        )?;
         let kind = match part_type.as_deref() {
             Some("text") => PartKind::Text(text.and_then(raw::as_str).ok_or_else(|| {
-                self.0
-                    .fail::<A::Error>(format!("{at}.text"), "A text part needs a string 'text'.")
+                parse.fail::<A::Error>(format!("{at}.text"), "A text part needs a string 'text'.")
             })?),
             Some("image_url") => PartKind::Image(image.take().ok_or_else(|| {
-                self.0.fail::<A::Error>(
+                parse.fail::<A::Error>(
                     format!("{at}.image_url"),
                     "An image_url part needs an 'image_url' object.",
                 )
             })?),
             _ => PartKind::Other,
         };
-        Ok(Part {
-            fields,
-            kind,
-            stray_image: image,
-        })
+        // An image elsewhere than in an image_url part would reach the
+        // upstream unchecked, not inlined and not counted.
+        if image.is_some() {
+            return Err(parse.fail(
+                format!("{at}.image_url"),
+                "Only a part of type 'image_url' may carry an 'image_url'.",
+            ));
+        }
+        Ok(Part { fields, kind })
     }
 
     refuse_kinds!(|s: &Self| s.0, |s: &Self| s.at(),
@@ -394,10 +552,10 @@ impl<'de> Visitor<'de> for PartSeed<'_> {
 
 /// The `image_url` object of the part at `.1`: `url` parsed (borrowed from
 /// the body, so a large data URI is read once and never copied), `detail`
-/// read, everything else raw.
-struct ImageSeed<'s>(&'s ShapeError, String);
+/// read, everything else left in the body.
+struct ImageSeed<'p, 'de>(&'p Parse<'de>, &'p str);
 
-impl<'de> DeserializeSeed<'de> for ImageSeed<'_> {
+impl<'de> DeserializeSeed<'de> for ImageSeed<'_, 'de> {
     type Value = ImagePart<'de>;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
@@ -405,7 +563,7 @@ impl<'de> DeserializeSeed<'de> for ImageSeed<'_> {
     }
 }
 
-impl<'de> Visitor<'de> for ImageSeed<'_> {
+impl<'de> Visitor<'de> for ImageSeed<'_, 'de> {
     type Value = ImagePart<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -413,32 +571,39 @@ impl<'de> Visitor<'de> for ImageSeed<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let at = &self.1;
+        let (parse, at) = (self.0, self.1);
+        let image_at = format!("{at}.image_url");
         let mut url = None;
         let mut detail = None;
-        let fields = RawObject::from_map(&mut map, |key, map| match key {
-            "url" => {
-                url = Some(map.next_value_seed(UrlSeed(self.0, at))?);
-                Ok(Claim::Parsed)
-            }
-            "detail" => {
-                let raw: &'de RawValue = map.next_value()?;
-                detail = match raw::kind(raw) {
-                    "null" => None,
-                    _ => Some(raw::as_str(raw).ok_or_else(|| {
-                        self.0.fail::<A::Error>(
-                            format!("{at}.image_url.detail"),
-                            "'detail' must be a string.",
-                        )
-                    })?),
-                };
-                Ok(Claim::Peeked(raw))
-            }
-            _ => Ok(Claim::Raw),
-        })?;
+        let fields = RawObject::from_map(
+            parse.body,
+            &mut map,
+            IMAGE_FIELDS,
+            |key| parse.repeated(&image_at, key),
+            |key, map| match key {
+                "url" => {
+                    url = Some(map.next_value_seed(UrlSeed(parse, at))?);
+                    Ok(Claim::Parsed)
+                }
+                "detail" => {
+                    let raw: &'de RawValue = map.next_value()?;
+                    detail = match raw::kind(raw) {
+                        "null" => None,
+                        _ => Some(raw::as_str(raw).ok_or_else(|| {
+                            parse.fail::<A::Error>(
+                                format!("{image_at}.detail"),
+                                "'detail' must be a string.",
+                            )
+                        })?),
+                    };
+                    Ok(Claim::Peeked(raw))
+                }
+                _ => parse.inspect(map, &image_at, key),
+            },
+        )?;
         let url = url.ok_or_else(|| {
-            self.0.fail::<A::Error>(
-                format!("{at}.image_url.url"),
+            parse.fail::<A::Error>(
+                format!("{image_at}.url"),
                 "'image_url.url' must be a string.",
             )
         })?;
@@ -455,9 +620,9 @@ impl<'de> Visitor<'de> for ImageSeed<'_> {
 }
 
 /// An image's `url`: a string, borrowed from the body when unescaped.
-struct UrlSeed<'s>(&'s ShapeError, &'s str);
+struct UrlSeed<'p, 'de>(&'p Parse<'de>, &'p str);
 
-impl<'de> DeserializeSeed<'de> for UrlSeed<'_> {
+impl<'de> DeserializeSeed<'de> for UrlSeed<'_, 'de> {
     type Value = Cow<'de, str>;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
@@ -465,7 +630,7 @@ impl<'de> DeserializeSeed<'de> for UrlSeed<'_> {
     }
 }
 
-impl<'de> Visitor<'de> for UrlSeed<'_> {
+impl<'de> Visitor<'de> for UrlSeed<'_, 'de> {
     type Value = Cow<'de, str>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -31,7 +31,7 @@ fn reads_the_fields_iris_needs() {
 
 #[test]
 fn rewritten_bodies_keep_every_field_of_every_level() {
-    let body = br#"{"model":"a","messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"t"}]},{"role":"user","content":[{"image_url":{"url":"https://x/b.png"},"type":"input_audio"},{"type":"text","text":"caf\u00e9","cache":1},{"type":"image_url","image_url":{"url":"https://x/a.png","extra":[1]}}]}]}"#;
+    let body = br#"{"model":"a","messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"t"}]},{"role":"user","content":[{"input_audio":{"data":"AAAA","format":"wav"},"type":"input_audio"},{"type":"text","text":"caf\u00e9","cache":1},{"type":"image_url","image_url":{"url":"https://x/a.png","extra":[1]}}]}]}"#;
     let mut request = ChatRequest::parse(body).expect("valid");
     assert_eq!(request.image_count(), 1, "only image_url parts are images");
     request.set_model("b");
@@ -177,19 +177,193 @@ fn deep_nesting_is_refused_without_overflowing_the_stack() {
     assert!(parse_err(&body).0);
 }
 
-/// Found by the `chat_body` fuzz target: a part whose `type` turns from
+/// Found by the `chat_body` fuzz target: a part whose `type` turned from
 /// `image_url` to another kind between two `image_url` fields had its second
-/// (raw) `image_url` overwritten by the first (parsed) one when the body was
-/// rewritten, so the upstream read another value than the client sent.
+/// `image_url` overwritten by the first when the body was rewritten. Fields
+/// Iris interprets may now appear once, and an `image_url` only in an
+/// image_url part.
 #[test]
-fn a_raw_field_beside_a_parsed_one_of_the_same_name_is_written_as_sent() {
-    let body = br#"{"model":"a","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://x/b.png"},"type":"input_audio","image_url":{"url":"https://x/a.png","extra":[1]}}]}]}"#;
-    let mut request = ChatRequest::parse(body).expect("valid");
-    assert_eq!(request.image_count(), 0, "the part's last type is no image");
-    request.set_model("b");
-    let written = String::from_utf8(request.to_body()).expect("utf8");
+fn an_interpreted_field_given_twice_is_refused_at_every_level() {
+    for (body, param) in [
+        (
+            r#"{"model":"a","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://x/b.png"},"type":"input_audio","image_url":{"url":"https://x/a.png"}}]}]}"#,
+            "messages[0].content[0].type",
+        ),
+        (
+            r#"{"model":"m-b","model":"m-a","messages":[{"content":"x"}]}"#,
+            "model",
+        ),
+        (
+            r#"{"model":"m","stream":true,"messages":[{"content":"x"}],"stream":false}"#,
+            "stream",
+        ),
+        (
+            r#"{"model":"m","n":1,"n":50,"messages":[{"content":"x"}]}"#,
+            "n",
+        ),
+        (
+            r#"{"model":"m","messages":[{"content":"x"}],"messages":[{"content":"y"}]}"#,
+            "messages",
+        ),
+        (
+            r#"{"model":"m","max_tokens":1,"max_tokens":25000,"messages":[{"content":"x"}]}"#,
+            "max_tokens",
+        ),
+        (
+            r#"{"model":"m","stream_options":{},"stream_options":{"include_usage":true},"messages":[{"content":"x"}]}"#,
+            "stream_options",
+        ),
+        (
+            r#"{"model":"m","\u006dodel":"n","messages":[{"content":"x"}]}"#,
+            "model",
+        ),
+        (
+            r#"{"model":"m","messages":[{"content":"x","role":"user","content":"y"}]}"#,
+            "messages[0].content",
+        ),
+        (
+            r#"{"model":"m","messages":[{"content":[{"type":"image_url","image_url":{"url":"data:,a","url":"http://169.254.169.254/"}}]}]}"#,
+            "messages[0].content[0].image_url.url",
+        ),
+    ] {
+        assert_eq!(parse_err(body).1.as_deref(), Some(param), "{body}");
+    }
+    let other = ChatRequest::parse(br#"{"model":"m","x":1,"x":2,"messages":[{"content":"x"}]}"#)
+        .expect("fields Iris does not interpret pass as sent");
     assert_eq!(
-        written,
-        r#"{"model":"b","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://x/b.png"},"type":"input_audio","image_url":{"url":"https://x/a.png","extra":[1]}}]}]}"#
+        other.to_body(),
+        br#"{"model":"m","x":1,"x":2,"messages":[{"content":"x"}]}"#.to_vec()
+    );
+}
+
+#[test]
+fn n_and_the_caps_are_what_openai_takes() {
+    // (choices, completion cap) as parsed.
+    let with = |fields: &str| {
+        let body = format!(r#"{{"model":"m","messages":[{{"content":"x"}}]{fields}}}"#);
+        ChatRequest::parse(body.as_bytes()).map(|r| (r.choices, r.completion_cap))
+    };
+    for n in [
+        "\"50\"", "50.0", "[50]", "0", "129", "100000", "-1", "true", "1e2",
+    ] {
+        let e = with(&format!(r#","n":{n}"#)).expect_err(n);
+        assert_eq!(e.param.as_deref(), Some("n"), "{n}");
+    }
+    assert_eq!(with(r#","n":128"#).expect("valid").0, 128);
+    assert_eq!(with(r#","n":null"#).expect("valid").0, 1);
+    assert_eq!(with("").expect("valid").0, 1);
+    for (field, value) in [
+        ("max_tokens", "0"),
+        ("max_tokens", "\"5\""),
+        ("max_tokens", "5.0"),
+        ("max_completion_tokens", "-3"),
+        ("max_completion_tokens", "99999999999999999999999"),
+    ] {
+        let e = with(&format!(r#","{field}":{value}"#)).expect_err(value);
+        assert_eq!(e.param.as_deref(), Some(field), "{field}: {value}");
+    }
+    let both = with(r#","max_completion_tokens":1,"max_tokens":25000"#).expect("valid");
+    assert_eq!(both.1, Some(25000), "the larger cap is reserved");
+    for (options, param) in [
+        (r#"[1]"#, "stream_options"),
+        (r#"{"include_usage":"yes"}"#, "stream_options.include_usage"),
+        (
+            r#"{"include_usage":true,"include_usage":false}"#,
+            "stream_options",
+        ),
+    ] {
+        let e = with(&format!(r#","stream":true,"stream_options":{options}"#)).expect_err(options);
+        assert_eq!(e.param.as_deref(), Some(param), "{options}");
+    }
+}
+
+#[test]
+fn urls_outside_image_parts_are_refused_with_their_param() {
+    let part = |part: &str| {
+        let body = format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":[{{"type":"text","text":"hi"}},{part}]}}]}}"#
+        );
+        ChatRequest::parse(body.as_bytes()).map(|_| ())
+    };
+    for (json, param) in [
+        (
+            r#"{"type":"input_image","image_url":"http://127.0.0.1:9/a.png"}"#,
+            "messages[0].content[1].image_url",
+        ),
+        (
+            r#"{"type":"input_image","url":"http://127.0.0.1:9/a.png"}"#,
+            "messages[0].content[1].url",
+        ),
+        (
+            r#"{"type":"file","file":{"file_url":"https://127.0.0.1/a.pdf"}}"#,
+            "messages[0].content[1].file.file_url",
+        ),
+        (
+            r#"{"type":"text","text":"see","image_url":{"url":"http://127.0.0.1:9/a.png"}}"#,
+            "messages[0].content[1].image_url",
+        ),
+        (
+            r#"{"type":"text","text":"see","image_url":{"url":"data:image/png;base64,AAAA"}}"#,
+            "messages[0].content[1].image_url",
+        ),
+        (
+            r#"{"type":"image_url","image_url":{"url":"data:,x","fallback":"http:\/\/127.0.0.1\/"}}"#,
+            "messages[0].content[1].image_url.fallback",
+        ),
+        (
+            r#"{"type":"text","text":"x","cache_control":{"ref":["a","h\u0074tps://10.0.0.1/"]}}"#,
+            "messages[0].content[1].cache_control.ref[1]",
+        ),
+    ] {
+        let e = part(json).expect_err(json);
+        assert_eq!(e.param.as_deref(), Some(param), "{json}");
+    }
+    for json in [
+        r#"{"type":"text","text":"https://example.com/ is in the text"}"#,
+        r#"{"type":"input_audio","input_audio":{"data":"AA//AA==","format":"wav"}}"#,
+        r#"{"type":"file","file":{"file_id":"file-1","filename":"a.pdf"}}"#,
+    ] {
+        part(json).expect(json);
+    }
+}
+
+#[test]
+fn the_number_of_messages_and_parts_is_bounded() {
+    let limits = RequestLimits {
+        max_messages: 3,
+        max_content_parts: 4,
+    };
+    let messages = |n: usize| {
+        let list = vec!["{}"; n].join(",");
+        format!(r#"{{"model":"m","messages":[{list}]}}"#)
+    };
+    ChatRequest::parse_within(messages(3).as_bytes(), limits).expect("at the limit");
+    let e = ChatRequest::parse_within(messages(4).as_bytes(), limits).expect_err("over");
+    assert_eq!(e.param.as_deref(), Some("messages"));
+    assert!(e.message.contains("more than 3 messages"), "{}", e.message);
+
+    let parts = r#"{"model":"m","messages":[{"content":[{},{}]},{"content":[{},{},{}]}]}"#;
+    let e = ChatRequest::parse_within(parts.as_bytes(), limits).expect_err("5 parts");
+    assert_eq!(e.param.as_deref(), Some("messages[1].content"));
+    let parts = r#"{"model":"m","messages":[{"content":[{},{}]},{"content":[{},{}]}]}"#;
+    ChatRequest::parse_within(parts.as_bytes(), limits).expect("4 parts");
+}
+
+/// What a parse holds is bounded by what Iris interprets: a million
+/// unknown fields (top level, in a message, in a part) are one run of the
+/// body's text each, written back as sent.
+#[test]
+fn unknown_fields_cost_no_entry_each() {
+    let many: String = (0..100_000).map(|i| format!(r#""f{i}":{i},"#)).collect();
+    let body = format!(
+        r#"{{{many}"model":"m",{many}"messages":[{{{many}"role":"user","content":[{{{many}"type":"text","text":"hi"}}]}}],{many}"z":0}}"#
+    );
+    let request = ChatRequest::parse(body.as_bytes()).expect("valid");
+    assert_eq!(request.to_body(), body.as_bytes());
+    let debug = format!("{request:?}");
+    assert!(
+        debug.matches("Field(").count() <= 8,
+        "interpreted fields only: {}",
+        debug.matches("Field(").count()
     );
 }

@@ -69,17 +69,14 @@ impl Message<'_> {
 
 impl Part<'_> {
     fn write(&self, out: &mut Vec<u8>) {
-        let image = match &self.kind {
-            PartKind::Image(image) => Some(image),
-            _ => self.stray_image.as_ref(),
-        };
-        self.fields.write_with(out, |key, out| match (key, image) {
-            ("image_url", Some(image)) => {
-                image.write(out);
-                true
-            }
-            _ => false,
-        });
+        self.fields
+            .write_with(out, |key, out| match (key, &self.kind) {
+                ("image_url", PartKind::Image(image)) => {
+                    image.write(out);
+                    true
+                }
+                _ => false,
+            });
     }
 }
 
