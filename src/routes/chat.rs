@@ -34,7 +34,10 @@ pub async fn completions(
 ) -> Response {
     let started = Instant::now();
     let mut trail = Trail::default();
-    let answer = match read_body(body, &config.server).await {
+    let length = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    let answer = match read_body(body, length, &config.server).await {
         Ok(body) => {
             let incoming = Incoming {
                 client: &client,
@@ -166,19 +169,51 @@ fn respond(answer: Answer) -> Response {
 /// arrive, so a body without (or with a lying) `Content-Length` cannot
 /// exceed the limit either, and the deadline layer ends a body that has not
 /// arrived in time.
-async fn read_body(body: Body, server: &config::Server) -> Result<Bytes, ApiError> {
-    match body.collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if caused_by::<BodyDeadlineElapsed>(&e) => {
-            Err(ApiError::request_timeout(server.body_read_timeout))
+///
+/// A body that came in one chunk is kept as it is; one of several chunks
+/// is gathered into a buffer sized once from `length` (its
+/// `Content-Length`, at most the limit), so a large body is held once, not
+/// as its chunks and their copy.
+async fn read_body(
+    mut body: Body,
+    length: Option<usize>,
+    server: &config::Server,
+) -> Result<Bytes, ApiError> {
+    let error = |e: axum::Error| {
+        if caused_by::<BodyDeadlineElapsed>(&e) {
+            ApiError::request_timeout(server.body_read_timeout)
+        } else if caused_by::<LengthLimitError>(&e) {
+            ApiError::request_too_large(server.max_body_bytes)
+        } else {
+            ApiError::invalid_request("The request body could not be read.")
         }
-        Err(e) if caused_by::<LengthLimitError>(&e) => {
-            Err(ApiError::request_too_large(server.max_body_bytes))
+    };
+    let mut next = async || -> Result<Option<Bytes>, ApiError> {
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.map_err(error)?.into_data() {
+                return Ok(Some(data));
+            }
         }
-        Err(_) => Err(ApiError::invalid_request(
-            "The request body could not be read.",
-        )),
+        Ok(None)
+    };
+    let Some(first) = next().await? else {
+        return Ok(Bytes::new());
+    };
+    let Some(second) = next().await? else {
+        return Ok(first);
+    };
+    let capacity = length
+        .unwrap_or(0)
+        .min(server.max_body_bytes)
+        .max(first.len() + second.len());
+    let mut gathered = bytes::BytesMut::with_capacity(capacity);
+    gathered.extend_from_slice(&first);
+    gathered.extend_from_slice(&second);
+    drop((first, second));
+    while let Some(data) = next().await? {
+        gathered.extend_from_slice(&data);
     }
+    Ok(gathered.freeze())
 }
 
 /// Whether `E` is somewhere in `error`'s chain of causes.

@@ -11,14 +11,13 @@
 //! resets and garbage (`routing::failover`), one Redis instance per
 //! `on_unavailable` mode through a crash (`redis::a_redis_crash_and_restart_is_survived_as_on_unavailable_says`).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::support::binary::Binary;
 use crate::support::mock_upstream::Fault;
 use crate::support::redis::{RedisProcess, store_toml, with_store};
 use crate::support::{
@@ -39,84 +38,6 @@ fn sqlite_config(upstream: &str, db: &std::path::Path, extra: &str) -> String {
             db.display().to_string()
         ),
     )
-}
-
-/// The real `iris serve`, killed on drop.
-struct Binary {
-    child: Option<Child>,
-    addr: String,
-    _config: tempfile::NamedTempFile,
-}
-
-impl Binary {
-    /// Starts `iris serve` on `config` and waits until it says where it listens.
-    async fn start(config: &str) -> Self {
-        let file = write_config(config);
-        let mut child = iris_command()
-            .args(["serve", "--config"])
-            .arg(file.path())
-            .env("IRIS_LOG", "info")
-            .env("IRIS_LOG_FORMAT", "json")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn iris");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let json: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
-                if json["message"] == "iris is serving"
-                    && let Some(tx) = tx.take()
-                {
-                    let _ = tx.send(json["listen"].as_str().unwrap_or("").to_owned());
-                }
-            }
-        });
-        let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
-            .await
-            .expect("join")
-            .expect("iris starts");
-        Self {
-            child: Some(child),
-            addr,
-            _config: file,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    /// `kill -9`: nothing runs after it.
-    fn kill9(&mut self) {
-        let mut child = self.child.take().expect("running");
-        child.kill().expect("SIGKILL");
-        child.wait().expect("wait");
-    }
-
-    /// Sends SIGTERM; the exit status once the process is gone.
-    async fn terminate(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("running");
-        let sent = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(sent.success());
-        tokio::task::spawn_blocking(move || child.wait())
-            .await
-            .expect("join")
-            .expect("wait")
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 /// The `usage` a response reported: a plain body's, or a stream's usage

@@ -17,6 +17,7 @@ mod cli;
 mod connections;
 mod faults;
 mod gateway;
+mod hardening;
 mod images;
 mod quickstart;
 mod redis;

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod app;
+pub mod binary;
 pub mod image_server;
 pub mod mock_upstream;
 pub mod postgres;
