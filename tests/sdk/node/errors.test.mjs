@@ -64,3 +64,22 @@ test('an API Iris does not serve is a NotFoundError', async () => {
     return true;
   });
 });
+
+test('an n outside OpenAI\'s range is a BadRequestError naming it', async () => {
+  const call = env.client().chat.completions.create({ model: 'sdk-model', messages, n: 129 });
+
+  await assert.rejects(call, isError(OpenAI.BadRequestError, { status: 400, code: 'invalid_request', param: 'n' }));
+});
+
+test('a URL outside an image part is a BadRequestError naming it', async () => {
+  const content = [
+    { type: 'text', text: 'Summarise this file.' },
+    { type: 'file', file: { file_url: 'http://127.0.0.1:9/a.pdf', filename: 'a.pdf' } },
+  ];
+  const call = env.client().chat.completions.create({ model: 'sdk-model', messages: [{ role: 'user', content }] });
+
+  await assert.rejects(
+    call,
+    isError(OpenAI.BadRequestError, { status: 400, code: 'invalid_request', param: 'messages[0].content[1].file.file_url' }),
+  );
+});

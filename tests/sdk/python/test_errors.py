@@ -59,3 +59,27 @@ def test_an_api_iris_does_not_serve_is_not_found(client):
 
     assert caught.value.code == "not_found"
     assert "/v1/embeddings" in caught.value.message
+
+
+def test_n_outside_openais_range_is_a_bad_request_naming_it(client):
+    # Reserved as what is forwarded: an n the upstream would read as 129
+    # choices is refused rather than reserved as fewer.
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="sdk-model", messages=MESSAGES, n=129)
+
+    assert caught.value.code == "invalid_request"
+    assert caught.value.param == "n"
+
+
+def test_a_url_outside_an_image_part_is_a_bad_request_naming_it(client):
+    content = [
+        {"type": "text", "text": "Summarise this file."},
+        {"type": "file", "file": {"file_url": "http://127.0.0.1:9/a.pdf", "filename": "a.pdf"}},
+    ]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="sdk-model", messages=[{"role": "user", "content": content}]
+        )
+
+    assert caught.value.code == "invalid_request"
+    assert caught.value.param == "messages[0].content[1].file.file_url"
