@@ -155,6 +155,15 @@ impl Attempts<'_> {
                     .health
                     .failed(deployment, kind, retry_after, self.settings);
             }
+            // An upstream that refuses Iris's own credentials: the client
+            // gets Iris's 502, never the upstream's body (it may echo the key).
+            let failure = match failure {
+                Failed::Status(reply) if upstream::refuses_credentials(reply.status) => {
+                    let error = credentials_refused(upstream, reply, self.request_id).await;
+                    Failed::Unanswered(error, kind)
+                }
+                failure => failure,
+            };
             last = Some((failure, Arc::clone(upstream)));
 
             let retry = self.settings.retry_on.retries(kind)
@@ -399,6 +408,42 @@ impl Attempts<'_> {
                 self.gateway.drain.clone(),
             ),
         }
+    }
+}
+
+/// How long the body of an upstream's 401 or 403 is waited for, and how
+/// much of it is read: it only goes to the log.
+const REFUSAL_BODY_WAIT: Duration = Duration::from_secs(2);
+const REFUSAL_BODY_LOGGED: usize = 2048;
+
+/// Logs an upstream's refusal of Iris's credentials with the start of its
+/// body, credentials masked (Iris's key for it, bearer tokens, key-shaped
+/// strings), and returns the error the client gets.
+async fn credentials_refused(upstream: &Upstream, reply: Reply, request_id: &str) -> UpstreamError {
+    let status = reply.status.as_u16();
+    let (start, cut) = reply
+        .body_start(REFUSAL_BODY_LOGGED, REFUSAL_BODY_WAIT)
+        .await;
+    let mut text = String::from_utf8_lossy(&start).into_owned();
+    if cut {
+        // A token cut by the limit may be a key's start that no longer
+        // looks like one: it goes, whole tokens only are judged.
+        let whole =
+            text.trim_end_matches(|c: char| c.is_ascii_alphanumeric() || "-._~+/=".contains(c));
+        text.truncate(whole.len());
+    }
+    let body = crate::secret::mask_credentials(&text, upstream.api_key().as_slice());
+    tracing::error!(
+        request_id,
+        upstream = %upstream.name,
+        status,
+        body = %body,
+        body_cut = cut,
+        "the upstream refused Iris's credentials: check its api_key"
+    );
+    UpstreamError::CredentialsRefused {
+        upstream: upstream.name.clone(),
+        status,
     }
 }
 

@@ -23,11 +23,11 @@ use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::{bearer_key, failed_authentication};
+use super::failed_authentication;
 use crate::clients::ops::{self, ClientChange, ClientView, NewClient, Rotation};
 use crate::config::Config;
 use crate::error::ApiError;
-use crate::keys::KeyHash;
+use crate::keys::{KeyHash, bearer_key};
 use crate::state::SharedState;
 
 /// The operator, authenticated; carries the configuration snapshot.
