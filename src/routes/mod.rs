@@ -84,8 +84,7 @@ pub async fn method_not_allowed(
     uri: Uri,
 ) -> ApiError {
     // Without `[admin]`, nothing under /admin exists, not even its methods.
-    let admin_path = uri.path() == "/admin" || uri.path().starts_with("/admin/");
-    if admin_path && state.config().admin.is_none() {
+    if admin::is_admin_path(uri.path()) && state.config().admin.is_none() {
         return ApiError::not_found(method.as_str(), uri.path());
     }
     ApiError::method_not_allowed(method.as_str(), uri.path())

@@ -18,6 +18,7 @@ mod connections;
 mod faults;
 mod gateway;
 mod images;
+mod leaks;
 mod quickstart;
 mod redis;
 mod redis_cluster;
