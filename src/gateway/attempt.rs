@@ -137,13 +137,6 @@ impl Attempts<'_> {
                 _ => None,
             };
             crate::traces::record_attempt(&span, &kind.label(), status);
-            tracing::warn!(
-                request_id = self.request_id,
-                upstream = %upstream.name,
-                attempt = trail.attempts,
-                outcome = %kind.label(),
-                "upstream attempt failed"
-            );
             let counts = match kind {
                 Failure::Status(status) => routing::unhealthy(status),
                 _ => true,
@@ -156,14 +149,23 @@ impl Attempts<'_> {
                     .failed(deployment, kind, retry_after, self.settings);
             }
             // An upstream that refuses Iris's own credentials: the client
-            // gets Iris's 502, never the upstream's body (it may echo the key).
-            let failure = match failure {
+            // gets Iris's 502, never the upstream's body (it may echo the
+            // key); the body, masked, goes on this attempt's log line.
+            let (failure, refusal) = match failure {
                 Failed::Status(reply) if upstream::refuses_credentials(reply.status) => {
-                    let error = credentials_refused(upstream, reply, self.request_id).await;
-                    Failed::Unanswered(error, kind)
+                    let (error, body) = credentials_refused(upstream, reply).await;
+                    (Failed::Unanswered(error, kind), Some(body))
                 }
-                failure => failure,
+                failure => (failure, None),
             };
+            tracing::warn!(
+                request_id = self.request_id,
+                upstream = %upstream.name,
+                attempt = trail.attempts,
+                outcome = %kind.label(),
+                body = refusal.as_deref(),
+                "upstream attempt failed"
+            );
             last = Some((failure, Arc::clone(upstream)));
 
             let retry = self.settings.retry_on.retries(kind)
@@ -416,10 +418,13 @@ impl Attempts<'_> {
 const REFUSAL_BODY_WAIT: Duration = Duration::from_secs(2);
 const REFUSAL_BODY_LOGGED: usize = 2048;
 
-/// Logs an upstream's refusal of Iris's credentials with the start of its
-/// body, credentials masked (Iris's key for it, bearer tokens, key-shaped
-/// strings), and returns the error the client gets.
-async fn credentials_refused(upstream: &Upstream, reply: Reply, request_id: &str) -> UpstreamError {
+/// The error the client gets for an upstream's refusal of Iris's
+/// credentials, and the start of the upstream's body for the log, UTF-8
+/// (lossy), credentials masked: Iris's key for it, bearer tokens,
+/// key-shaped strings ([`crate::secret::mask_credentials`]). (The
+/// operator is told what to check once per cooldown, by
+/// [`crate::routing::health`].)
+async fn credentials_refused(upstream: &Upstream, reply: Reply) -> (UpstreamError, String) {
     let status = reply.status.as_u16();
     let (start, cut) = reply
         .body_start(REFUSAL_BODY_LOGGED, REFUSAL_BODY_WAIT)
@@ -427,24 +432,18 @@ async fn credentials_refused(upstream: &Upstream, reply: Reply, request_id: &str
     let mut text = String::from_utf8_lossy(&start).into_owned();
     if cut {
         // A token cut by the limit may be a key's start that no longer
-        // looks like one: it goes, whole tokens only are judged.
+        // looks like one: it goes, so that only whole tokens are judged.
         let whole =
             text.trim_end_matches(|c: char| c.is_ascii_alphanumeric() || "-._~+/=".contains(c));
         text.truncate(whole.len());
+        text.push_str(" …");
     }
     let body = crate::secret::mask_credentials(&text, upstream.api_key().as_slice());
-    tracing::error!(
-        request_id,
-        upstream = %upstream.name,
-        status,
-        body = %body,
-        body_cut = cut,
-        "the upstream refused Iris's credentials: check its api_key"
-    );
-    UpstreamError::CredentialsRefused {
+    let error = UpstreamError::CredentialsRefused {
         upstream: upstream.name.clone(),
         status,
-    }
+    };
+    (error, body)
 }
 
 fn count_attempt(upstream: &Upstream, outcome: &str) {

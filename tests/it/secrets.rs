@@ -314,7 +314,7 @@ async fn everything_iris_said(format: &str, store: &str, managed: bool) -> (Stri
         "request",
         "stopped",
         // The refusal's body, its echoed key masked.
-        "the upstream refused Iris's credentials",
+        "the upstream refused Iris's API key",
         "We received `Authorization: Bearer ***`",
     ] {
         assert!(
