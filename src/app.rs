@@ -3,13 +3,14 @@
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{HeaderName, StatusCode};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::access_log::{self, NewRequestId};
@@ -34,7 +35,9 @@ fn routes() -> Router<SharedState> {
         .route("/v1/models", get(routes::models::list))
         .route("/v1/models/{*id}", get(routes::models::retrieve))
         .route("/v1/usage", get(routes::usage::usage))
+        // A catch-all needs a segment: `/v1/responses/` is routed alone.
         .route("/v1/responses", any(routes::responses::reject))
+        .route("/v1/responses/", any(routes::responses::reject))
         .route("/v1/responses/{*rest}", any(routes::responses::reject))
         .route(
             "/admin/clients",
@@ -91,8 +94,17 @@ where
             access_log::drop_unacceptable_request_id,
         ))
         .layer(SetRequestIdLayer::new(request_id.clone(), NewRequestId))
-        // 2. ...stamped on every response, errors of the layers below included;
+        // 2. ...stamped on every response, errors of the layers below
+        //    included; so is `X-Content-Type-Options: nosniff` (an answer
+        //    is only ever its declared type), and under /admin
+        //    `Cache-Control: no-store` (keys, usage) unless the route set
+        //    its own;
         .layer(PropagateRequestIdLayer::new(request_id))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ))
+        .layer(axum::middleware::from_fn(routes::admin::no_store))
         // 3. a span per request, so every log line of it names the request;
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         // 4. the request log line and metrics, seeing every final response;

@@ -6,7 +6,9 @@
 //! The layers below report their own errors ([`ChatError`] and the domain
 //! errors inside it, [`BudgetError`]); each is mapped here, and every error
 //! Iris answers goes through [`ApiError`]'s `IntoResponse`. Errors an
-//! upstream returns are not `ApiError`s: they pass through untouched.
+//! upstream returns are not `ApiError`s: they pass through untouched, but
+//! for a 401 or 403 (Iris's own credentials refused), which becomes
+//! `upstream_auth_failed`.
 
 use std::time::Duration;
 
@@ -219,6 +221,9 @@ impl From<ChatError> for ApiError {
             ChatError::Upstream(
                 UpstreamError::Unreachable { .. } | UpstreamError::Invalid { .. },
             ) => Self::new(StatusCode::BAD_GATEWAY, "upstream_unavailable", message),
+            ChatError::Upstream(UpstreamError::CredentialsRefused { .. }) => {
+                Self::new(StatusCode::BAD_GATEWAY, "upstream_auth_failed", message)
+            }
             ChatError::Upstream(UpstreamError::Timeout { .. }) => {
                 Self::new(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", message)
             }

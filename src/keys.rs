@@ -46,6 +46,17 @@ impl std::fmt::Debug for KeyHash {
     }
 }
 
+/// The key of `Authorization: Bearer KEY`: the scheme matched
+/// case-insensitively, spaces around the key ignored.
+pub fn bearer_key(headers: &http::HeaderMap) -> Option<&str> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, key) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| key.trim())
+        .filter(|key| !key.is_empty())
+}
+
 /// A fresh client key: `iris-` and 32 random bytes in hex.
 pub fn generate() -> Result<String, getrandom::Error> {
     let mut bytes = [0u8; 32];

@@ -235,19 +235,23 @@ fn param_of(path: &serde_path_to_error::Path) -> String {
 }
 
 /// A name that is safe everywhere it shows: logs, metric labels, the
-/// console, Redis keys.
+/// console, Redis keys, and a path segment of `/admin/clients/{name}` as
+/// sent (no character to escape; not `.` or `..`, which URL parsers,
+/// browsers first, resolve away).
 fn check_name(name: &str) -> Result<(), ClientError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && !matches!(name, "." | "..");
     if ok {
         Ok(())
     } else {
         Err(invalid(
             "name",
-            "'name' must be 1 to 64 characters: letters, digits, '.', '_' or '-'.",
+            "'name' must be 1 to 64 characters: letters, digits, '.', '_' or '-', \
+             and not '.' or '..'.",
         ))
     }
 }

@@ -141,13 +141,6 @@ impl Attempts<'_> {
                 _ => None,
             };
             crate::traces::record_attempt(&span, &kind.label(), status);
-            tracing::warn!(
-                request_id = self.request_id,
-                upstream = %upstream.name,
-                attempt = trail.attempts,
-                outcome = %kind.label(),
-                "upstream attempt failed"
-            );
             let counts = match kind {
                 Failure::Status(status) => routing::unhealthy(status),
                 _ => true,
@@ -159,6 +152,24 @@ impl Attempts<'_> {
                     .health
                     .failed(deployment, kind, retry_after, self.settings);
             }
+            // An upstream that refuses Iris's own credentials: the client
+            // gets Iris's 502, never the upstream's body (it may echo the
+            // key); the body, masked, goes on this attempt's log line.
+            let (failure, refusal) = match failure {
+                Failed::Status(reply) if upstream::refuses_credentials(reply.status) => {
+                    let (error, body) = credentials_refused(upstream, reply).await;
+                    (Failed::Unanswered(error, kind), Some(body))
+                }
+                failure => (failure, None),
+            };
+            tracing::warn!(
+                request_id = self.request_id,
+                upstream = %upstream.name,
+                attempt = trail.attempts,
+                outcome = %kind.label(),
+                body = refusal.as_deref(),
+                "upstream attempt failed"
+            );
             last = Some((failure, Arc::clone(upstream)));
 
             let retry = self.settings.retry_on.retries(kind)
@@ -404,6 +415,39 @@ impl Attempts<'_> {
             ),
         }
     }
+}
+
+/// How long the body of an upstream's 401 or 403 is waited for, and how
+/// much of it is read: it only goes to the log.
+const REFUSAL_BODY_WAIT: Duration = Duration::from_secs(2);
+const REFUSAL_BODY_LOGGED: usize = 2048;
+
+/// The error the client gets for an upstream's refusal of Iris's
+/// credentials, and the start of the upstream's body for the log, UTF-8
+/// (lossy), credentials masked: Iris's key for it, bearer tokens,
+/// key-shaped strings ([`crate::secret::mask_credentials`]). (The
+/// operator is told what to check once per cooldown, by
+/// [`crate::routing::health`].)
+async fn credentials_refused(upstream: &Upstream, reply: Reply) -> (UpstreamError, String) {
+    let status = reply.status.as_u16();
+    let (start, cut) = reply
+        .body_start(REFUSAL_BODY_LOGGED, REFUSAL_BODY_WAIT)
+        .await;
+    let mut text = String::from_utf8_lossy(&start).into_owned();
+    if cut {
+        // A token cut by the limit may be a key's start that no longer
+        // looks like one: it goes, so that only whole tokens are judged.
+        let whole =
+            text.trim_end_matches(|c: char| c.is_ascii_alphanumeric() || "-._~+/=".contains(c));
+        text.truncate(whole.len());
+        text.push_str(" …");
+    }
+    let body = crate::secret::mask_credentials(&text, upstream.api_key().as_slice());
+    let error = UpstreamError::CredentialsRefused {
+        upstream: upstream.name.clone(),
+        status,
+    };
+    (error, body)
 }
 
 fn count_attempt(upstream: &Upstream, outcome: &str) {

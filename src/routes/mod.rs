@@ -15,12 +15,13 @@ use std::net::{IpAddr, SocketAddr};
 
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, Method, Uri, header};
+use axum::http::{Method, Uri};
 
 use crate::access_log::ClientSlot;
 use crate::catalog::Client;
 use crate::config::Config;
 use crate::error::ApiError;
+use crate::keys::bearer_key;
 use crate::state::SharedState;
 
 /// The client a request authenticated as, and the configuration snapshot it
@@ -73,16 +74,6 @@ pub(crate) fn failed_authentication(state: &SharedState, parts: &Parts) -> ApiEr
     }
 }
 
-/// The key of `Authorization: Bearer KEY`.
-pub(crate) fn bearer_key(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, key) = value.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| key.trim())
-        .filter(|key| !key.is_empty())
-}
-
 pub async fn not_found(method: Method, uri: Uri) -> ApiError {
     ApiError::not_found(method.as_str(), uri.path())
 }
@@ -93,8 +84,7 @@ pub async fn method_not_allowed(
     uri: Uri,
 ) -> ApiError {
     // Without `[admin]`, nothing under /admin exists, not even its methods.
-    let admin_path = uri.path() == "/admin" || uri.path().starts_with("/admin/");
-    if admin_path && state.config().admin.is_none() {
+    if admin::is_admin_path(uri.path()) && state.config().admin.is_none() {
         return ApiError::not_found(method.as_str(), uri.path());
     }
     ApiError::method_not_allowed(method.as_str(), uri.path())

@@ -61,14 +61,52 @@ pub enum UpstreamError {
     Timeout { upstream: String, after: Duration },
     #[error("The upstream `{upstream}` answered with something that is not a chat completion.")]
     Invalid { upstream: String },
+    /// It answered 401 or 403: Iris's own credentials for it were refused,
+    /// which the client can do nothing about.
+    #[error(
+        "The upstream `{upstream}` refused the gateway's credentials (HTTP {status}). \
+         The gateway's operator must check that upstream's `api_key`."
+    )]
+    CredentialsRefused { upstream: String, status: u16 },
 }
 
-/// Request headers never forwarded: the client's credentials, hop-by-hop
-/// headers, and those the forwarding client sets itself.
-const DROPPED_REQUEST_HEADERS: &[HeaderName] = &[
+/// Whether an upstream's `status` says it refused Iris's credentials.
+pub fn refuses_credentials(status: StatusCode) -> bool {
+    matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
+}
+
+impl Upstream {
+    /// The key Iris sends this upstream, to be masked wherever the upstream
+    /// echoes it.
+    pub fn api_key(&self) -> Option<&str> {
+        match &self.endpoint {
+            Endpoint::Http {
+                authorization: Some(value),
+                ..
+            } => value.to_str().ok()?.strip_prefix("Bearer "),
+            _ => None,
+        }
+    }
+}
+
+/// Request headers never forwarded: the client's credentials, addresses
+/// as the client claims them, hop-by-hop headers, and those the forwarding
+/// client sets itself.
+static DROPPED_REQUEST_HEADERS: [HeaderName; 19] = [
+    // Credentials: the client's key is for Iris (SDKs and proxies put keys
+    // in the other two; some upstreams read them).
     header::AUTHORIZATION,
     header::PROXY_AUTHORIZATION,
     header::COOKIE,
+    HeaderName::from_static("x-api-key"),
+    HeaderName::from_static("api-key"),
+    // Iris does not tell upstreams its clients' addresses, and a client's
+    // own claims about them are not Iris's to pass on.
+    header::FORWARDED,
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-forwarded-proto"),
+    HeaderName::from_static("x-real-ip"),
     header::HOST,
     header::CONNECTION,
     header::CONTENT_LENGTH,
@@ -81,10 +119,33 @@ const DROPPED_REQUEST_HEADERS: &[HeaderName] = &[
     header::ACCEPT_ENCODING,
 ];
 
-/// Response headers not passed back: hop-by-hop ones, a length that may no
-/// longer hold once Iris edits a stream, and the upstream's own rate-limit
-/// headers, which describe Iris's upstream account rather than the client.
-fn dropped_response_header(name: &HeaderName) -> bool {
+/// A presented key shorter than this is not searched for in other
+/// headers' values: its bytes would turn up in ordinary ones.
+const MIN_SEARCHED_KEY: usize = 8;
+
+/// Whether the client's request header `name: value` stays with Iris.
+/// `hop`: the headers the client's `Connection` names; `key`: the Iris key
+/// it presented, dropped from wherever else the client put it (a custom
+/// header Iris does not know of).
+fn dropped_request_header(
+    name: &HeaderName,
+    value: &HeaderValue,
+    hop: &[HeaderName],
+    key: Option<&[u8]>,
+) -> bool {
+    DROPPED_REQUEST_HEADERS.contains(name)
+        || name.as_str().starts_with("proxy-")
+        || hop.contains(name)
+        || key.is_some_and(|key| memchr::memmem::find(value.as_bytes(), key).is_some())
+}
+
+/// Response headers not passed back: hop-by-hop ones (those the upstream's
+/// `Connection` names too), a length that may no longer hold once Iris
+/// edits a stream, the upstream's own rate-limit headers, which describe
+/// Iris's upstream account rather than the client, and what belongs to the
+/// upstream's own site: its cookies, its server's name, its other
+/// protocols' addresses.
+fn dropped_response_header(name: &HeaderName, hop: &[HeaderName]) -> bool {
     matches!(
         *name,
         header::CONNECTION
@@ -93,8 +154,24 @@ fn dropped_response_header(name: &HeaderName) -> bool {
             | header::TRAILER
             | header::UPGRADE
             | header::PROXY_AUTHENTICATE
-    ) || name.as_str() == "keep-alive"
+            | header::SET_COOKIE
+            | header::SERVER
+            | header::ALT_SVC
+    ) || matches!(name.as_str(), "keep-alive" | "set-cookie2")
         || name.as_str().starts_with("x-ratelimit-")
+        || hop.contains(name)
+}
+
+/// The header names listed in `headers`' `Connection` values (RFC 9110
+/// 7.6.1: hop-by-hop for this connection only).
+fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect()
 }
 
 /// An upstream's answer: its head, then its body chunk by chunk.
@@ -109,6 +186,28 @@ pub type Chunks = BoxStream<'static, Result<Bytes, BodyError>>;
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Reply {
+    /// The first `limit` bytes of the body at most, read for at most
+    /// `wait`; and whether there may be more (the read stopped at the limit
+    /// or the wait, not at the body's end or a failure).
+    pub async fn body_start(mut self, limit: usize, wait: Duration) -> (Vec<u8>, bool) {
+        let mut start = Vec::new();
+        let read = tokio::time::timeout(wait, async {
+            while start.len() < limit {
+                match self.body.next().await {
+                    Some(Ok(chunk)) => {
+                        let room = limit - start.len();
+                        start.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                    }
+                    Some(Err(_)) | None => return true,
+                }
+            }
+            false
+        })
+        .await;
+        let ended = read.unwrap_or(false);
+        (start, !ended)
+    }
+
     /// A reply whose body is `body`'s data frames.
     fn from_hyper(response: http::Response<hyper::body::Incoming>) -> Self {
         let (head, body) = response.into_parts();
@@ -174,8 +273,13 @@ impl Forwarder {
         *request.uri_mut() = chat_url.clone();
         let headers = request.headers_mut();
         headers.reserve(client_headers.len() + 3);
+        let hop = connection_named(client_headers);
+        // Found only after authentication: the client's own, valid key.
+        let key = crate::keys::bearer_key(client_headers)
+            .map(str::as_bytes)
+            .filter(|key| key.len() >= MIN_SEARCHED_KEY);
         for (name, value) in client_headers {
-            if !DROPPED_REQUEST_HEADERS.contains(name) && !name.as_str().starts_with("proxy-") {
+            if !dropped_request_header(name, value, &hop, key) {
                 headers.append(name, value.clone());
             }
         }
@@ -233,8 +337,9 @@ pub fn error_chain(kind: &str, error: &(dyn std::error::Error + 'static)) -> Str
 /// The response headers to send the client, from the upstream's.
 pub fn response_headers(upstream: &HeaderMap) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(upstream.len());
+    let hop = connection_named(upstream);
     for (name, value) in upstream {
-        if !dropped_response_header(name) {
+        if !dropped_response_header(name, &hop) {
             headers.append(name, value.clone());
         }
     }
@@ -258,8 +363,47 @@ mod tests {
             HeaderValue::from_static("text/event-stream"),
         );
         upstream.insert("openai-processing-ms", HeaderValue::from_static("12"));
+        for (name, value) in [
+            ("set-cookie", "session=abc"),
+            ("set-cookie2", "old=style"),
+            ("server", "upstream/1.2"),
+            ("alt-svc", "h3=\":443\""),
+            ("connection", "keep-alive, X-Hop"),
+            ("x-hop", "1"),
+        ] {
+            upstream.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
         let headers = response_headers(&upstream);
-        assert_eq!(headers.len(), 2);
+        assert_eq!(headers.len(), 2, "{headers:?}");
         assert!(headers.contains_key("openai-processing-ms"));
+    }
+
+    #[test]
+    fn client_credentials_addresses_and_its_key_anywhere_are_not_forwarded() {
+        let key = Some(&b"iris-client-key"[..]);
+        let hop = [HeaderName::from_static("x-hop")];
+        for (name, value, dropped) in [
+            ("x-api-key", "whatever", true),
+            ("api-key", "whatever", true),
+            ("x-forwarded-for", "10.0.0.1", true),
+            ("forwarded", "for=10.0.0.1", true),
+            ("x-real-ip", "10.0.0.1", true),
+            ("proxy-anything", "x", true),
+            ("x-hop", "1", true),
+            ("x-custom-auth", "key=iris-client-key;", true),
+            ("openai-organization", "org-1", false),
+            ("x-stainless-lang", "python", false),
+        ] {
+            let name = HeaderName::from_static(name);
+            let value = HeaderValue::from_static(value);
+            assert_eq!(
+                dropped_request_header(&name, &value, &hop, key),
+                dropped,
+                "{name}"
+            );
+        }
     }
 }

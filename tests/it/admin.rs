@@ -647,6 +647,13 @@ async fn bad_input_on_create_is_refused_by_name_and_writes_nothing() {
         (json!({"name": ""}).to_string(), Some("name")),
         (json!({"name": "team x"}).to_string(), Some("name")),
         (json!({"name": "team/x"}).to_string(), Some("name")),
+        // Path segments a browser resolves away: the console could not
+        // reach such a client.
+        (json!({"name": "."}).to_string(), Some("name")),
+        (json!({"name": ".."}).to_string(), Some("name")),
+        (json!({"name": "a%2Fb"}).to_string(), Some("name")),
+        (json!({"name": " x"}).to_string(), Some("name")),
+        (json!({"name": "x\n"}).to_string(), Some("name")),
         (json!({"name": long}).to_string(), Some("name")),
         (json!({"models": ["*"]}).to_string(), Some("name")),
         (r#"{"name": "x","#.to_owned(), None),
@@ -1069,6 +1076,8 @@ async fn bad_input_on_the_cli_says_what_is_wrong_and_exits_1_writing_nothing() {
     let cases: &[(&[&str], &str)] = &[
         (&["add", XSS], "'name' must be"),
         (&["add", ""], "'name' must be"),
+        (&["add", "."], "'name' must be"),
+        (&["add", ".."], "'name' must be"),
         (
             &["add", "x", "--models", "test-model,no-such-model"],
             "no-such-model",

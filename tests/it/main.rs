@@ -19,6 +19,7 @@ mod faults;
 mod gateway;
 mod hardening;
 mod images;
+mod leaks;
 mod quickstart;
 mod redis;
 mod redis_cluster;

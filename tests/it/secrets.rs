@@ -1,5 +1,6 @@
 //! Secrets are never printed: the real `iris` binary at `IRIS_LOG=trace`
-//! (plain and JSON logs), driven through successes and failures, and every
+//! (plain and JSON logs), driven through successes and failures (an
+//! upstream 401 that echoes its key among them), and every
 //! byte it wrote (stdout, stderr), served (`/metrics`, every response's
 //! head and body but the two that hand a managed client its key) or sent on
 //! shutdown is searched for each secret: a config client's key, a wrong
@@ -52,6 +53,14 @@ base_url = "{upstream}"
 api_key = "{UPSTREAM_KEY}"
 timeout_ms = 2000
 
+# The same mock, which refuses Iris's key and echoes it back
+# (`x-mock-echo-auth`): its own name, so its cooldown is its own.
+[[upstreams]]
+name = "refusing"
+base_url = "{upstream}"
+api_key = "{UPSTREAM_KEY}"
+timeout_ms = 2000
+
 [[upstreams]]
 name = "gone"
 base_url = "http://127.0.0.1:1/v1"
@@ -61,6 +70,10 @@ timeout_ms = 2000
 [[models]]
 name = "test-model"
 upstream = "mock"
+
+[[models]]
+name = "refused-model"
+upstream = "refusing"
 
 [[models]]
 name = "gone-model"
@@ -131,6 +144,7 @@ async fn everything_iris_said(format: &str, store: &str, managed: bool) -> (Stri
     let chat = serde_json::json!({"model": "test-model", "messages": [{"role": "user", "content": "Hello"}]});
     let streamed = serde_json::json!({"model": "test-model", "stream": true, "messages": [{"role": "user", "content": "Hello"}]});
     let gone = serde_json::json!({"model": "gone-model", "messages": [{"role": "user", "content": "Hello"}]});
+    let refused = serde_json::json!({"model": "refused-model", "messages": [{"role": "user", "content": "Hello"}]});
     let requests = [
         (
             client
@@ -158,6 +172,16 @@ async fn everything_iris_said(format: &str, store: &str, managed: bool) -> (Stri
                 .post(url("/v1/chat/completions"))
                 .bearer_auth(CLIENT_KEY)
                 .json(&gone),
+            502,
+        ),
+        // A 401 whose body hands back the upstream's key: 502 for the
+        // client, the body in the log with the key masked.
+        (
+            client
+                .post(url("/v1/chat/completions"))
+                .bearer_auth(CLIENT_KEY)
+                .header("x-mock-echo-auth", "401")
+                .json(&refused),
             502,
         ),
         (
@@ -261,7 +285,8 @@ async fn everything_iris_said(format: &str, store: &str, managed: bool) -> (Stri
     let metrics = client.get(url("/metrics")).send().await.expect("metrics");
     answers.push_str(&metrics.text().await.expect("a body"));
     assert!(answers.contains("iris_requests_total"), "{answers}");
-    let chats = if managed { 4 } else { 2 };
+    // The refused request is attempted three times (two retries).
+    let chats = if managed { 7 } else { 5 };
     assert_eq!(upstream.received().len(), chats, "the mock got every chat");
 
     assert!(
@@ -284,7 +309,14 @@ async fn everything_iris_said(format: &str, store: &str, managed: bool) -> (Stri
         stderr.contains("TRACE") || stderr.contains(r#""level":"TRACE""#),
         "no trace lines:\n{stderr}"
     );
-    for expected in ["upstream request failed", "request", "stopped"] {
+    for expected in [
+        "upstream request failed",
+        "request",
+        "stopped",
+        // The refusal's body, its echoed key masked.
+        "the upstream refused Iris's API key",
+        "We received `Authorization: Bearer ***`",
+    ] {
         assert!(
             stderr.contains(expected),
             "{expected:?} not logged:\n{stderr}"

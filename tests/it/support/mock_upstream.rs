@@ -17,7 +17,12 @@
 //! - `x-mock-plain: 1` answers a plain JSON body even to `stream: true`;
 //! - `x-mock-echo: 1` answers (not streamed) with the request body it
 //!   received as the message content, so a test that only sees responses
-//!   (the SDK suite, driving the example) can check what Iris forwarded.
+//!   (the SDK suite, driving the example) can check what Iris forwarded;
+//! - `x-mock-echo-auth: N` answers N (a 401, say) as a careless provider
+//!   does: its error body echoes the `Authorization` header it received,
+//!   and it sets `Set-Cookie`, `Server` and `Alt-Svc`;
+//! - `x-mock-set-header: NAME: VALUE` (repeatable) adds that header to the
+//!   answer, whatever the answer is.
 //!
 //! A script of [`Fault`]s, per instance, for the next requests whatever
 //! their headers ([`MockUpstream::fail_next`], [`MockUpstream::fail_always`],
@@ -458,7 +463,52 @@ fn error_response(
     response
 }
 
-async fn chat(State(state): State<MockState>, request: Request) -> Response {
+/// `x-mock-set-header`'s headers, added to whatever [`answer`] says.
+async fn chat(state: State<MockState>, request: Request) -> Response {
+    let extra: Vec<(header::HeaderName, header::HeaderValue)> = request
+        .headers()
+        .get_all("x-mock-set-header")
+        .iter()
+        .filter_map(|v| {
+            let (name, value) = v.to_str().ok()?.split_once(':')?;
+            Some((name.trim().parse().ok()?, value.trim().parse().ok()?))
+        })
+        .collect();
+    let mut response = answer(state, request).await;
+    for (name, value) in extra {
+        response.headers_mut().append(name, value);
+    }
+    response
+}
+
+/// A provider's 401 (or `status`) that hands back the credentials it was
+/// sent, with its session cookie and its own server's headers.
+fn echo_auth(status: u16, headers: &HeaderMap) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::UNAUTHORIZED);
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .unwrap_or_default();
+    let key = authorization.strip_prefix("Bearer ").unwrap_or_default();
+    let body = serde_json::json!({"error": {
+        "message": format!("Incorrect API key provided. We received `Authorization: {authorization}`."),
+        "type": "invalid_request_error", "param": null, "code": "invalid_api_key",
+        "received": {"api_key": key},
+    }});
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::SET_COOKIE, "session=mock-session; Path=/; HttpOnly"),
+            (header::SERVER, "mock-upstream/1.0"),
+            (header::ALT_SVC, "h3=\":443\"; ma=86400"),
+        ],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn answer(State(state): State<MockState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let headers = parts.headers;
     let Ok(body) = axum::body::to_bytes(body, usize::MAX).await else {
@@ -530,6 +580,9 @@ async fn chat(State(state): State<MockState>, request: Request) -> Response {
         None => {}
     }
 
+    if let Some(status) = header_num(&headers, "x-mock-echo-auth") {
+        return echo_auth(status as u16, &headers);
+    }
     if let Some(status) = header_num(&headers, "x-mock-status") {
         return error_response(status as u16, None, None);
     }

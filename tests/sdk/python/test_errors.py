@@ -83,3 +83,26 @@ def test_a_url_outside_an_image_part_is_a_bad_request_naming_it(client):
 
     assert caught.value.code == "invalid_request"
     assert caught.value.param == "messages[0].content[1].file.file_url"
+
+
+def test_an_upstream_refusing_iris_key_is_a_502_that_names_no_key(start_iris, make_client):
+    # An Iris of its own: the refusal cools the deployment down for a while.
+    iris = start_iris()
+
+    with pytest.raises(openai.APIStatusError) as caught:
+        make_client(target=iris).chat.completions.create(
+            model="sdk-model",
+            messages=MESSAGES,
+            # The mock's 401 echoes the Authorization header it received.
+            extra_headers={"x-mock-echo-auth": "401"},
+        )
+
+    error = caught.value
+    assert isinstance(error, openai.InternalServerError)
+    assert error.status_code == 502
+    assert error.code == "upstream_auth_failed"
+    assert error.type == "api_error"
+    assert "api_key" in error.message
+    assert "upstream-secret-key" not in error.response.text
+    assert "set-cookie" not in error.response.headers
+    assert error.request_id

@@ -1,0 +1,316 @@
+//! Nothing leaks either way (issue 24, items 5 to 7), through the real
+//! server: an upstream refusing Iris's credentials is Iris's own 502, its
+//! body (which may echo the key) never the client's; the upstream's
+//! session and server headers stay with Iris; the client's credentials and
+//! address claims stay with Iris; answers are never sniffed, admin answers
+//! never stored; the Responses API is refused at every path below it.
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::support::{
+    ADMIN_KEY, Iris, KEY_A, KEY_B, MockUpstream, admin_toml, base_config, chat_body, http,
+    stream_body,
+};
+
+/// The key [`base_config`] gives the mock upstream.
+const UPSTREAM_KEY: &str = "upstream-secret-key";
+
+/// Everything a client got: the status, the head as text, the body.
+async fn whole(response: reqwest::Response) -> (u16, String, String) {
+    let status = response.status().as_u16();
+    let head = format!("{:?}", response.headers());
+    let body = response.text().await.expect("a body");
+    (status, head, body)
+}
+
+#[tokio::test]
+async fn an_upstream_refusing_iris_credentials_is_iris_502_without_its_body() {
+    for status in ["401", "403"] {
+        let upstream = MockUpstream::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("iris.db");
+        let config = base_config(&upstream.base_url(), "").replace(
+            "[store]\nkind = \"memory\"",
+            &format!(
+                "[store]\nkind = \"sqlite\"\npath = {:?}",
+                db.display().to_string()
+            ),
+        );
+        let iris = Iris::start(&config).await;
+        let response = iris
+            .chat(
+                KEY_A,
+                &chat_body("test-model"),
+                &[("x-mock-echo-auth", status)],
+            )
+            .await;
+        let (code, head, body) = whole(response).await;
+        assert_eq!(code, 502, "{status}: {body}");
+        let error: Value = serde_json::from_str(&body).expect("JSON");
+        let error = &error["error"];
+        assert_eq!(error["code"], "upstream_auth_failed", "{status}: {body}");
+        assert_eq!(error["type"], "api_error");
+        assert!(error["param"].is_null());
+        let message = error["message"].as_str().unwrap();
+        assert!(
+            message.contains("`mock`") && message.contains("api_key"),
+            "names the upstream and what to check: {message}"
+        );
+        for leaked in [UPSTREAM_KEY, "Bearer", "mock-session", "mock-upstream/1.0"] {
+            assert!(
+                !head.contains(leaked) && !body.contains(leaked),
+                "{status}: {leaked} reached the client:\n{head}\n{body}"
+            );
+        }
+        for header in ["set-cookie", "server", "alt-svc"] {
+            assert!(!head.contains(&format!("\"{header}\"")), "{head}");
+        }
+        // The upstream did hand the key back, and 401/403 are still
+        // retried (`retry_on`'s default), each attempt refused.
+        let received = upstream.received();
+        assert_eq!(received.len(), 3, "the first attempt and two retries");
+        assert_eq!(
+            received[0].headers["authorization"],
+            format!("Bearer {UPSTREAM_KEY}")
+        );
+        iris.stop().await.unwrap();
+
+        // The spend log has Iris's answer, not the upstream's.
+        let db = rusqlite::Connection::open(&db).expect("open");
+        let record: (u16, String, u32) = db
+            .query_row(
+                "SELECT status, error_code, attempts FROM spend_log WHERE client = 'a'",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+            )
+            .expect("one record");
+        assert_eq!(record, (502, "upstream_auth_failed".to_owned(), 3));
+    }
+}
+
+#[tokio::test]
+async fn the_upstream_session_and_server_headers_are_not_relayed() {
+    let upstream = MockUpstream::start().await;
+    let iris = Iris::start(&base_config(&upstream.base_url(), "")).await;
+    let set = [
+        ("x-mock-set-header", "set-cookie: session=abc; Path=/"),
+        ("x-mock-set-header", "set-cookie2: old=style"),
+        ("x-mock-set-header", "server: upstream-server/1.0"),
+        ("x-mock-set-header", "alt-svc: h3=\":443\"; ma=86400"),
+        ("x-mock-set-header", "connection: x-upstream-hop"),
+        ("x-mock-set-header", "x-upstream-hop: 1"),
+        ("x-mock-set-header", "x-kept: yes"),
+    ];
+    let error = [set.as_slice(), &[("x-mock-status", "422")]].concat();
+    for (what, body, headers, status) in [
+        ("a plain answer", chat_body("test-model"), &set[..], 200),
+        ("a stream", stream_body("test-model"), &set[..], 200),
+        (
+            "an error passed through",
+            chat_body("test-model"),
+            &error[..],
+            422,
+        ),
+    ] {
+        let response = iris.chat(KEY_A, &body, headers).await;
+        assert_eq!(response.status(), status, "{what}");
+        let seen = response.headers();
+        assert_eq!(seen["x-kept"], "yes", "{what}: other headers pass");
+        for name in [
+            "set-cookie",
+            "set-cookie2",
+            "server",
+            "alt-svc",
+            "x-upstream-hop",
+        ] {
+            assert!(seen.get(name).is_none(), "{what}: {name} relayed: {seen:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_client_credentials_and_address_claims_are_not_forwarded() {
+    let upstream = MockUpstream::start().await;
+    let iris = Iris::start(&base_config(&upstream.base_url(), "")).await;
+    let dropped = [
+        // Keys in the places other APIs take them (the client's own Iris
+        // key there is dropped too: below).
+        ("x-api-key", "sk-ant-client-key".to_owned()),
+        ("api-key", "azure-client-key".to_owned()),
+        ("cookie", "session=client-session".to_owned()),
+        ("proxy-authorization", "Basic dXNlcjpwYXNz".to_owned()),
+        ("x-forwarded-for", "203.0.113.7".to_owned()),
+        ("forwarded", "for=203.0.113.7;proto=https".to_owned()),
+        ("x-real-ip", "203.0.113.7".to_owned()),
+        ("x-forwarded-host", "client.example".to_owned()),
+        ("x-forwarded-proto", "https".to_owned()),
+        // The client's key in a header Iris knows nothing of.
+        ("x-my-gateway-auth", format!("token={KEY_A};v=1")),
+    ];
+    let mut headers: Vec<(&str, &str)> = dropped
+        .iter()
+        .map(|(name, value)| (*name, value.as_str()))
+        .collect();
+    headers.push(("x-kept", "yes"));
+    headers.push(("openai-organization", "org-kept"));
+    let response = iris.chat(KEY_A, &chat_body("test-model"), &headers).await;
+    assert_eq!(response.status(), 200);
+    let seen = upstream.last().headers;
+    for (name, _) in &dropped {
+        assert!(seen.get(*name).is_none(), "{name} forwarded: {seen:?}");
+    }
+    assert_eq!(seen["x-kept"], "yes");
+    assert_eq!(seen["openai-organization"], "org-kept");
+    assert_eq!(seen["authorization"], format!("Bearer {UPSTREAM_KEY}"));
+    assert!(
+        !format!("{seen:?}").contains(KEY_A),
+        "the client's key reached the upstream: {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn answers_are_never_sniffed_and_admin_answers_never_stored() {
+    let upstream = MockUpstream::start().await;
+    let config = base_config(&upstream.base_url(), &admin_toml()).replace(
+        "shutdown_grace_ms = 2000",
+        "shutdown_grace_ms = 2000\nmax_body_bytes = 4096",
+    );
+    let iris = Iris::start(&config).await;
+    let client = http();
+    let get = |path: &str, key: Option<&str>| {
+        let request = client.get(iris.url(path));
+        match key {
+            Some(key) => request.bearer_auth(key),
+            None => request,
+        }
+    };
+    let mut answers = vec![
+        ("/v1/models", get("/v1/models", Some(KEY_A)).send().await),
+        ("/v1/usage", get("/v1/usage", Some(KEY_A)).send().await),
+        ("an error", get("/v1/nothing", None).send().await),
+        ("401", get("/v1/models", Some("wrong")).send().await),
+        ("/metrics", get("/metrics", None).send().await),
+        ("/healthz", get("/healthz", None).send().await),
+        (
+            "a chat completion",
+            Ok(iris.chat(KEY_A, &chat_body("test-model"), &[]).await),
+        ),
+        (
+            "413",
+            client
+                .post(iris.url("/v1/chat/completions"))
+                .bearer_auth(KEY_A)
+                .body(vec![b' '; 5000])
+                .send()
+                .await,
+        ),
+    ];
+    let created = client
+        .post(iris.url("/admin/clients"))
+        .bearer_auth(ADMIN_KEY)
+        .json(&json!({"name": "fresh"}))
+        .send()
+        .await;
+    let rotated = client
+        .post(iris.url("/admin/clients/fresh/rotate"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await;
+    let admin = vec![
+        ("POST /admin/clients", created),
+        ("POST /admin/clients/fresh/rotate", rotated),
+        (
+            "GET /admin/clients",
+            get("/admin/clients", Some(ADMIN_KEY)).send().await,
+        ),
+        (
+            "GET /admin/usage",
+            get("/admin/usage?since=2026-01-01", Some(ADMIN_KEY))
+                .send()
+                .await,
+        ),
+        (
+            "/admin with a wrong key",
+            get("/admin/clients", Some("wrong")).send().await,
+        ),
+        (
+            "an unknown /admin path",
+            get("/admin/nothing", Some(ADMIN_KEY)).send().await,
+        ),
+    ];
+    let admin_count = admin.len();
+    answers.extend(admin);
+    let total = answers.len();
+    for (i, (what, response)) in answers.into_iter().enumerate() {
+        let response = response.unwrap_or_else(|e| panic!("{what}: {e}"));
+        let headers = response.headers();
+        assert_eq!(
+            headers.get("x-content-type-options").map(|v| v.as_bytes()),
+            Some(&b"nosniff"[..]),
+            "{what} ({}): {headers:?}",
+            response.status()
+        );
+        let is_admin = i >= total - admin_count;
+        let cache = headers.get("cache-control").map(|v| v.as_bytes());
+        if is_admin {
+            assert_eq!(cache, Some(&b"no-store"[..]), "{what}: {headers:?}");
+        } else {
+            assert_ne!(cache, Some(&b"no-store"[..]), "{what}: {headers:?}");
+        }
+        if what.starts_with("POST") {
+            assert!(response.status().is_success(), "{what}");
+            let body: Value = response.json().await.expect("json");
+            assert!(body["key"].is_string(), "{what} hands out a key: {body}");
+        }
+    }
+    // The console's assets keep their own policy: revalidated, not unstored.
+    let page = get("/admin/ui", None).send().await.expect("console");
+    assert_eq!(page.headers()["cache-control"], "no-cache");
+    assert_eq!(page.headers()["x-content-type-options"], "nosniff");
+}
+
+#[tokio::test]
+async fn the_responses_api_is_refused_at_every_path_below_it() {
+    let upstream = MockUpstream::start().await;
+    // Client b has a request budget to watch.
+    let iris = Iris::start(&base_config(
+        &upstream.base_url(),
+        "[clients.budget]\nrequests_per_minute = 100\n",
+    ))
+    .await;
+    let client = http();
+    for path in [
+        "/v1/responses",
+        "/v1/responses/",
+        "/v1/responses/x",
+        "/v1/responses/x/",
+        "/v1/responses/resp_1/input_items",
+        "/v1/responses/a/b/c/d",
+    ] {
+        for method in [
+            Method::POST,
+            Method::GET,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+        ] {
+            let response = client
+                .request(method.clone(), iris.url(path))
+                .bearer_auth(KEY_B)
+                .json(&json!({"model": "other-model", "input": "hi"}))
+                .send()
+                .await
+                .expect("an answer");
+            let (status, _, body) = whole(response).await;
+            assert_eq!(status, 400, "{method} {path}: {body}");
+            let error: Value = serde_json::from_str(&body).expect("JSON");
+            assert_eq!(
+                error["error"]["code"], "unsupported_api",
+                "{method} {path}: {body}"
+            );
+        }
+    }
+    assert_eq!(upstream.requests(), 0, "nothing sent upstream");
+    assert_eq!(iris.used(KEY_B, "requests_per_minute").await, 0);
+}
