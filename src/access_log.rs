@@ -56,7 +56,7 @@ pub async fn access_log(mut request: Request, next: Next) -> Response {
         .get::<RequestLog>()
         .map(|log| log.0.clone())
         .unwrap_or_default();
-    let code = response.extensions().get::<ErrorCode>().map(|c| c.0);
+    let code = response.extensions().get::<ErrorCode>().map(|c| c.as_str());
     let client = client_slot.0.get().map_or("", |name| &**name);
     let model = trail.model.as_deref().unwrap_or("");
     crate::traces::record_response(
@@ -66,18 +66,20 @@ pub async fn access_log(mut request: Request, next: Next) -> Response {
         trail.attempts,
         trail.upstream.as_deref(),
     );
-    metrics::counter!(
-        "iris_requests_total",
-        "route" => route.clone(),
-        "model" => model.to_owned(),
-        "client" => client.to_owned(),
-        "status" => status.to_string()
-    )
-    .increment(1);
-    metrics::histogram!("iris_request_duration_seconds", "route" => route.clone())
+    crate::metrics::REQUESTS
+        .counter(&[
+            ("route", &route),
+            ("model", model),
+            ("client", client),
+            ("status", &status.to_string()),
+        ])
+        .increment(1);
+    crate::metrics::REQUEST_DURATION
+        .histogram(&[("route", &route)])
         .record(elapsed.as_secs_f64());
     if let (Some(upstream), Some(latency)) = (&trail.upstream, trail.upstream_latency) {
-        metrics::histogram!("iris_upstream_duration_seconds", "upstream" => upstream.clone())
+        crate::metrics::UPSTREAM_DURATION
+            .histogram(&[("upstream", upstream)])
             .record(latency.as_secs_f64());
     }
     tracing::info!(

@@ -19,6 +19,7 @@ use serde::Serialize;
 use crate::budget::window::{Refusal, Snapshot};
 use crate::budget::{BudgetError, Rejection, duration_string};
 use crate::clients::ops::ClientError;
+pub use crate::error_code::ErrorCode;
 use crate::gateway::ChatError;
 use crate::gateway::relay::Cut;
 use crate::reload::ReloadError;
@@ -26,12 +27,12 @@ use crate::spend::SpendError;
 use crate::upstream::UpstreamError;
 use bytes::Bytes;
 
-/// An error answer: status, OpenAI error `type`, `code`, `param` and message,
-/// plus the headers it must carry.
+/// An error answer: its code (which gives the status and OpenAI's error
+/// `type`), `param` and message, plus the headers it must carry.
 #[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
     pub param: Option<String>,
     /// Extra headers, e.g. `retry-after`, `x-should-retry` and `x-ratelimit-*`
@@ -40,9 +41,11 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    /// An answer with `code`'s status (500 for a code that is never an
+    /// HTTP answer, which would be a bug).
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
-            status,
+            status: code.status().unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             code,
             message: message.into(),
             param: None,
@@ -74,13 +77,12 @@ impl ApiError {
     }
 
     pub fn invalid_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+        Self::new(ErrorCode::InvalidRequest, message)
     }
 
     pub fn invalid_api_key() -> Self {
         Self::new(
-            StatusCode::UNAUTHORIZED,
-            "invalid_api_key",
+            ErrorCode::InvalidApiKey,
             "Incorrect API key provided. Send your Iris key as `Authorization: Bearer KEY`.",
         )
     }
@@ -88,8 +90,7 @@ impl ApiError {
     /// Too many wrong keys from one address.
     pub fn too_many_auth_failures(wait: Duration) -> Self {
         Self::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_auth_failures",
+            ErrorCode::TooManyAuthFailures,
             "Too many requests with a wrong key from your address. Please try again later.",
         )
         .with_retry_after(wait)
@@ -97,8 +98,7 @@ impl ApiError {
 
     pub fn model_not_found(model: &str) -> Self {
         Self::new(
-            StatusCode::NOT_FOUND,
-            "model_not_found",
+            ErrorCode::ModelNotFound,
             format!("The model `{model}` does not exist or you do not have access to it."),
         )
         .with_param("model")
@@ -106,8 +106,7 @@ impl ApiError {
 
     pub fn model_not_allowed(model: &str) -> Self {
         Self::new(
-            StatusCode::FORBIDDEN,
-            "model_not_allowed",
+            ErrorCode::ModelNotAllowed,
             format!("Your key is not allowed to use the model `{model}`."),
         )
         .with_param("model")
@@ -115,40 +114,35 @@ impl ApiError {
 
     pub fn not_found(method: &str, path: &str) -> Self {
         Self::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
+            ErrorCode::NotFound,
             format!("Unknown request URL: {method} {path}."),
         )
     }
 
     pub fn unsupported_api() -> Self {
         Self::new(
-            StatusCode::BAD_REQUEST,
-            "unsupported_api",
+            ErrorCode::UnsupportedApi,
             "The Responses API is not supported by this gateway. Use POST /v1/chat/completions instead.",
         )
     }
 
     pub fn method_not_allowed(method: &str, path: &str) -> Self {
         Self::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
+            ErrorCode::MethodNotAllowed,
             format!("{method} is not supported on {path}."),
         )
     }
 
     pub fn internal() -> Self {
         Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal_error",
+            ErrorCode::InternalError,
             "The gateway failed to handle this request.",
         )
     }
 
     pub fn request_too_large(limit: usize) -> Self {
         Self::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "request_too_large",
+            ErrorCode::RequestTooLarge,
             format!("The request body is larger than this gateway accepts ({limit} bytes)."),
         )
     }
@@ -157,8 +151,7 @@ impl ApiError {
     /// connection is closed after it: the rest of the body may still come.
     pub fn request_timeout(limit: Duration) -> Self {
         Self::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "request_timeout",
+            ErrorCode::RequestTimeout,
             format!(
                 "The request body did not arrive within {} ms.",
                 limit.as_millis()
@@ -171,8 +164,7 @@ impl ApiError {
     /// and closed before its request is read.
     pub fn too_many_connections(limit: usize) -> Self {
         Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too_many_connections",
+            ErrorCode::TooManyConnections,
             format!(
                 "The gateway is serving as many connections as it accepts ({limit}). \
                  Retry shortly."
@@ -180,21 +172,6 @@ impl ApiError {
         )
         .with_retry_after(Duration::from_secs(1))
         .with_header(header::CONNECTION, HeaderValue::from_static("close"))
-    }
-
-    /// OpenAI's error `type` for this status.
-    fn error_type(&self) -> &'static str {
-        match self.status {
-            StatusCode::UNAUTHORIZED => "authentication_error",
-            StatusCode::FORBIDDEN => "permission_error",
-            StatusCode::NOT_FOUND => "invalid_request_error",
-            StatusCode::TOO_MANY_REQUESTS if self.code == "insufficient_quota" => {
-                "insufficient_quota"
-            }
-            StatusCode::TOO_MANY_REQUESTS => "requests",
-            s if s.is_server_error() => "api_error",
-            _ => "invalid_request_error",
-        }
     }
 }
 
@@ -212,27 +189,22 @@ impl From<ChatError> for ApiError {
             ChatError::ModelNotFound(model) => Self::model_not_found(&model),
             ChatError::ModelNotAllowed(model) => Self::model_not_allowed(&model),
             ChatError::Budget(e) => e.into(),
-            ChatError::Image(refusal) => Self::new(
-                StatusCode::BAD_REQUEST,
-                refusal.error.kind.code(),
-                refusal.error.message,
-            )
-            .with_param(refusal.param.to_string()),
+            ChatError::Image(refusal) => {
+                Self::new(refusal.error.kind.code(), refusal.error.message)
+                    .with_param(refusal.param.to_string())
+            }
             ChatError::Upstream(
                 UpstreamError::Unreachable { .. } | UpstreamError::Invalid { .. },
-            ) => Self::new(StatusCode::BAD_GATEWAY, "upstream_unavailable", message),
+            ) => Self::new(ErrorCode::UpstreamUnavailable, message),
             ChatError::Upstream(UpstreamError::CredentialsRefused { .. }) => {
-                Self::new(StatusCode::BAD_GATEWAY, "upstream_auth_failed", message)
+                Self::new(ErrorCode::UpstreamAuthFailed, message)
             }
             ChatError::Upstream(UpstreamError::Timeout { .. }) => {
-                Self::new(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", message)
+                Self::new(ErrorCode::UpstreamTimeout, message)
             }
-            ChatError::NoUpstreamRoom { retry_after, .. } => Self::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "upstream_rate_limited",
-                message,
-            )
-            .with_retry_after(retry_after),
+            ChatError::NoUpstreamRoom { retry_after, .. } => {
+                Self::new(ErrorCode::UpstreamRateLimited, message).with_retry_after(retry_after)
+            }
         }
     }
 }
@@ -250,20 +222,12 @@ impl From<ClientError> for ApiError {
                 }
             }
             ClientError::Exists(_) => {
-                Self::new(StatusCode::CONFLICT, "client_exists", message).with_param("name")
+                Self::new(ErrorCode::ClientExists, message).with_param("name")
             }
-            ClientError::ManagedByConfig(_) => {
-                Self::new(StatusCode::CONFLICT, "client_managed_by_config", message)
-            }
-            ClientError::NotFound(_) => {
-                Self::new(StatusCode::NOT_FOUND, "client_not_found", message)
-            }
-            ClientError::Unavailable(_) => Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                message,
-            )
-            .with_retry_after(Duration::from_secs(1)),
+            ClientError::ManagedByConfig(_) => Self::new(ErrorCode::ClientManagedByConfig, message),
+            ClientError::NotFound(_) => Self::new(ErrorCode::ClientNotFound, message),
+            ClientError::Unavailable(_) => Self::new(ErrorCode::StoreUnavailable, message)
+                .with_retry_after(Duration::from_secs(1)),
         }
     }
 }
@@ -272,13 +236,9 @@ impl From<SpendError> for ApiError {
     fn from(error: SpendError) -> Self {
         let message = error.to_string();
         match error {
-            SpendError::Off => Self::new(StatusCode::CONFLICT, "spend_log_off", message),
-            SpendError::Sink(_) => Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "spend_log_unavailable",
-                message,
-            )
-            .with_retry_after(Duration::from_secs(1)),
+            SpendError::Off => Self::new(ErrorCode::SpendLogOff, message),
+            SpendError::Sink(_) => Self::new(ErrorCode::SpendLogUnavailable, message)
+                .with_retry_after(Duration::from_secs(1)),
         }
     }
 }
@@ -290,17 +250,15 @@ impl From<ReloadError> for ApiError {
             ReloadError::Invalid(problems) => {
                 let listed: Vec<String> = problems.iter().map(ToString::to_string).collect();
                 Self::new(
-                    StatusCode::BAD_REQUEST,
-                    "config_invalid",
+                    ErrorCode::ConfigInvalid,
                     format!("{message}; nothing changed: {}", listed.join("; ")),
                 )
             }
             ReloadError::NeedsRestart(_) => Self::new(
-                StatusCode::CONFLICT,
-                "restart_required",
+                ErrorCode::RestartRequired,
                 format!("{message}; nothing changed"),
             ),
-            ReloadError::NoFile => Self::new(StatusCode::BAD_REQUEST, "config_invalid", message),
+            ReloadError::NoFile => Self::new(ErrorCode::ConfigInvalid, message),
         }
     }
 }
@@ -308,12 +266,10 @@ impl From<ReloadError> for ApiError {
 impl From<BudgetError> for ApiError {
     fn from(error: BudgetError) -> Self {
         match error {
-            BudgetError::StoreUnavailable => Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                error.to_string(),
-            )
-            .with_retry_after(Duration::from_secs(1)),
+            BudgetError::StoreUnavailable => {
+                Self::new(ErrorCode::StoreUnavailable, error.to_string())
+                    .with_retry_after(Duration::from_secs(1))
+            }
             BudgetError::Rejected(rejection) => Self::rejected(&rejection),
         }
     }
@@ -327,13 +283,9 @@ impl ApiError {
     fn rejected(rejection: &Rejection) -> Self {
         let message = rejection.to_string();
         let mut error = match rejection.refusal {
-            Refusal::RateLimited { .. } => Self::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_exceeded",
-                message,
-            ),
+            Refusal::RateLimited { .. } => Self::new(ErrorCode::RateLimitExceeded, message),
             Refusal::Exhausted { .. } | Refusal::TooLarge { .. } => {
-                Self::new(StatusCode::TOO_MANY_REQUESTS, "insufficient_quota", message).with_header(
+                Self::new(ErrorCode::InsufficientQuota, message).with_header(
                     HeaderName::from_static("x-should-retry"),
                     HeaderValue::from_static("false"),
                 )
@@ -372,9 +324,9 @@ pub fn cut_short(cut: Cut) -> Result<Bytes, std::io::Error> {
     let event = serde_json::to_string(&Envelope {
         error: Body {
             message,
-            kind: "server_error",
+            kind: code.error_type(),
             param: None,
-            code,
+            code: code.as_str(),
         },
     })
     .unwrap_or_default();
@@ -450,9 +402,9 @@ impl IntoResponse for ApiError {
         let body = serde_json::to_vec(&Envelope {
             error: Body {
                 message: &self.message,
-                kind: self.error_type(),
+                kind: self.code.error_type(),
                 param: self.param.as_deref(),
-                code: self.code,
+                code: self.code.as_str(),
             },
         })
         .unwrap_or_default();
@@ -465,7 +417,8 @@ impl IntoResponse for ApiError {
         if let Some(extra) = self.headers {
             headers.extend(*extra);
         }
-        response.extensions_mut().insert(ErrorCode(self.code));
+        // For the request log, which names the code.
+        response.extensions_mut().insert(self.code);
         response
     }
 }
@@ -475,10 +428,6 @@ impl IntoResponse for ApiError {
 #[derive(Debug, Clone, Copy)]
 pub struct Relayed;
 
-/// Left on error responses so the request log can name the code.
-#[derive(Debug, Clone, Copy)]
-pub struct ErrorCode(pub &'static str);
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -486,14 +435,10 @@ mod tests {
 
     #[tokio::test]
     async fn renders_openai_shape_with_param_and_retry_headers() {
-        let response = ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limit_exceeded",
-            "slow down",
-        )
-        .with_param("model")
-        .with_retry_after(Duration::from_millis(1500))
-        .into_response();
+        let response = ApiError::new(ErrorCode::RateLimitExceeded, "slow down")
+            .with_param("model")
+            .with_retry_after(Duration::from_millis(1500))
+            .into_response();
         assert_eq!(response.status(), 429);
         assert_eq!(response.headers()["content-type"], "application/json");
         assert_eq!(response.headers()["retry-after"], "2");

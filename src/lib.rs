@@ -34,6 +34,7 @@ pub mod clients;
 pub mod commands;
 pub mod config;
 pub mod error;
+pub mod error_code;
 pub mod gateway;
 pub mod images;
 pub mod keys;

@@ -45,31 +45,176 @@ impl Metrics {
     }
 }
 
+/// Tells the recorder every metric's help text (and unit), once, when it is
+/// installed: before any is recorded, whatever the start-up order.
 fn describe() {
-    metrics::describe_counter!(
-        "iris_requests_total",
-        "Requests answered, by route, model, client and status."
-    );
-    metrics::describe_histogram!(
-        "iris_request_duration_seconds",
-        metrics::Unit::Seconds,
-        "Time from request to response head, by route."
-    );
-    metrics::describe_counter!(
-        "iris_tokens_total",
-        "Tokens charged to budgets, by client, model and kind (prompt or completion): the upstream's reported usage, else Iris's estimate."
-    );
-    metrics::describe_counter!(
-        "iris_budget_rejections_total",
-        "Requests refused by a budget, by client and reason (the window that refused, or store_unavailable)."
-    );
-    metrics::describe_counter!(
-        "iris_budget_store_fallback_total",
-        "Requests decided by this instance's local count because the budget store did not answer (on_unavailable = \"allow\"), by client."
-    );
-    metrics::describe_histogram!(
-        "iris_upstream_duration_seconds",
-        metrics::Unit::Seconds,
-        "Time from sending upstream to the upstream's response head, by upstream."
-    );
+    for metric in ALL {
+        match metric.kind {
+            Kind::Counter => metrics::describe_counter!(metric.name, metric.help),
+            Kind::Gauge => metrics::describe_gauge!(metric.name, metric.help),
+            Kind::Histogram => {
+                metrics::describe_histogram!(metric.name, metrics::Unit::Seconds, metric.help);
+            }
+        }
+    }
+}
+
+/// What a metric is to Prometheus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    /// In seconds, with [`LATENCY_BUCKETS`].
+    Histogram,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+/// A metric Iris records: its name, kind, label names and help text. Every
+/// one is in [`ALL`]; code records them by these constants' names, and
+/// `docs/metrics.md` is checked against the list.
+#[derive(Debug, Clone, Copy)]
+pub struct Metric {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub labels: &'static [&'static str],
+    pub help: &'static str,
+}
+
+impl Metric {
+    /// The counter with these label values.
+    pub fn counter(&self, labels: &[(&'static str, &str)]) -> metrics::Counter {
+        self.check(Kind::Counter, labels);
+        metrics::counter!(self.name, label_set(labels))
+    }
+
+    /// The gauge with these label values.
+    pub fn gauge(&self, labels: &[(&'static str, &str)]) -> metrics::Gauge {
+        self.check(Kind::Gauge, labels);
+        metrics::gauge!(self.name, label_set(labels))
+    }
+
+    /// The histogram with these label values.
+    pub fn histogram(&self, labels: &[(&'static str, &str)]) -> metrics::Histogram {
+        self.check(Kind::Histogram, labels);
+        metrics::histogram!(self.name, label_set(labels))
+    }
+
+    /// In debug builds (and so in every test that records it), a call site
+    /// that records the metric as another kind or with other labels than
+    /// the table's fails.
+    fn check(&self, kind: Kind, labels: &[(&'static str, &str)]) {
+        debug_assert!(
+            self.kind == kind
+                && labels.len() == self.labels.len()
+                && labels.iter().zip(self.labels).all(|((k, _), l)| k == l),
+            "{} is a {} with the labels {:?}; recorded as a {} with {:?}",
+            self.name,
+            self.kind.as_str(),
+            self.labels,
+            kind.as_str(),
+            labels.iter().map(|(k, _)| *k).collect::<Vec<_>>()
+        );
+    }
+}
+
+fn label_set(labels: &[(&'static str, &str)]) -> Vec<metrics::Label> {
+    labels
+        .iter()
+        .map(|(key, value)| metrics::Label::new(*key, (*value).to_owned()))
+        .collect()
+}
+
+macro_rules! metrics_table {
+    ($($constant:ident: $name:literal, $kind:ident, [$($label:literal),*], $help:literal;)+) => {
+        $(pub const $constant: Metric = Metric {
+            name: $name,
+            kind: Kind::$kind,
+            labels: &[$($label),*],
+            help: $help,
+        };)+
+
+        /// Every metric, in the order of `docs/metrics.md`.
+        pub const ALL: &[Metric] = &[$($constant),+];
+    };
+}
+
+metrics_table! {
+    REQUESTS: "iris_requests_total", Counter, ["route", "model", "client", "status"],
+        "Requests answered, on every route, errors included, by route, model, client and status.";
+    REQUEST_DURATION: "iris_request_duration_seconds", Histogram, ["route"],
+        "Time from receiving a request to its response head, by route.";
+    UPSTREAM_DURATION: "iris_upstream_duration_seconds", Histogram, ["upstream"],
+        "Time from sending a chat completion upstream to the upstream's response head, by upstream.";
+    UPSTREAM_ATTEMPTS: "iris_upstream_attempts_total", Counter, ["upstream", "outcome"],
+        "Attempts sent to an upstream, by how they ended: ok, connect, timeout, invalid, or the upstream's error status.";
+    UPSTREAM_COOLDOWNS: "iris_upstream_cooldowns_total", Counter, ["upstream", "reason"],
+        "Cooldowns started by this instance, by upstream and reason (failures, rate_limited, auth).";
+    UPSTREAM_COOLING: "iris_upstream_cooling", Gauge, ["upstream", "model"],
+        "1 while the deployment (upstream, and the model's name there) is cooling down as this instance sees it, else 0.";
+    UPSTREAM_QUEUE_LENGTH: "iris_upstream_queue_length", Gauge, ["model"],
+        "Requests waiting for upstream room, by model.";
+    UPSTREAM_QUEUE_WAIT: "iris_upstream_queue_wait_seconds", Histogram, ["model"],
+        "How long requests that waited for upstream room waited before they got it, by model.";
+    CONFIG_RELOADS: "iris_config_reloads_total", Counter, ["result"],
+        "Config reloads (SIGHUP, POST /admin/reload) by result: ok, invalid, restart_required.";
+    TOKENS: "iris_tokens_total", Counter, ["client", "model", "kind"],
+        "Tokens charged to budgets, by client, model and kind (prompt or completion): the upstream's reported usage, else Iris's estimate.";
+    BUDGET_REJECTIONS: "iris_budget_rejections_total", Counter, ["client", "reason"],
+        "Requests refused by a budget, by client and reason (the window that refused, or store_unavailable).";
+    BUDGET_STORE_FALLBACK: "iris_budget_store_fallback_total", Counter, ["client"],
+        "Requests decided by this instance's local count because the budget store did not answer (on_unavailable = \"allow\"), by client.";
+    SPEND_LOG_WRITTEN: "iris_spend_log_written_total", Counter, [],
+        "Spend-log records written to the database.";
+    SPEND_LOG_DROPPED: "iris_spend_log_dropped_total", Counter, ["reason"],
+        "Spend-log records lost, by reason: queue_full, sink_failed, stopped.";
+    SPEND_LOG_WRITE_FAILURES: "iris_spend_log_write_failures_total", Counter, [],
+        "Attempts to write a spend-log batch that failed.";
+    IMAGE_FETCHES: "iris_image_fetches_total", Counter, ["result"],
+        "Image URLs fetched, by result: ok, or the error code.";
+    IMAGE_FETCHED_BYTES: "iris_image_fetched_bytes_total", Counter, [],
+        "Bytes of image bodies fetched successfully.";
+    IMAGE_FETCH_DURATION: "iris_image_fetch_duration_seconds", Histogram, [],
+        "Time to fetch one image URL, redirects included, whether it succeeded or not.";
+    IMAGE_CACHE: "iris_image_cache_total", Counter, ["layer", "outcome"],
+        "Image cache lookups, by layer (fetched, rendered) and outcome (hit, miss).";
+    IMAGE_CONVERSIONS: "iris_image_conversions_total", Counter, ["from", "to", "reason"],
+        "Images re-encoded for an upstream, by source and target format and reason.";
+    IMAGE_REFUSALS: "iris_image_refusals_total", Counter, ["code", "reason"],
+        "Images that failed a request (the request got a 400), by error code and reason.";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_named_once_and_described() {
+        let mut seen = std::collections::HashSet::new();
+        for metric in ALL {
+            assert!(seen.insert(metric.name), "{} twice", metric.name);
+            assert!(metric.name.starts_with("iris_"), "{}", metric.name);
+            assert!(!metric.help.is_empty(), "{}", metric.name);
+            assert_eq!(
+                metric.kind == Kind::Histogram,
+                metric.name.ends_with("_seconds"),
+                "histograms, and only they, are in seconds: {}",
+                metric.name
+            );
+            assert_eq!(
+                metric.kind == Kind::Counter,
+                metric.name.ends_with("_total"),
+                "{}",
+                metric.name
+            );
+        }
+    }
 }

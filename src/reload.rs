@@ -41,7 +41,9 @@ pub fn reload(state: &AppState) -> Result<(), ReloadError> {
         Ok(()) => "ok",
         Err(e) => e.label(),
     };
-    metrics::counter!("iris_config_reloads_total", "result" => label).increment(1);
+    crate::metrics::CONFIG_RELOADS
+        .counter(&[("result", label)])
+        .increment(1);
     match &result {
         Ok(()) => tracing::info!("config reloaded"),
         Err(ReloadError::Invalid(problems)) => {

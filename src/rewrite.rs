@@ -238,8 +238,9 @@ async fn process(
 /// The refusal of one image, counted and logged by reason. Neither the
 /// metric nor the log carries the URL.
 fn refusal(error: ImageError, param: ImageAt) -> ImageRefusal {
-    let code = error.kind.code();
-    metrics::counter!("iris_image_refusals_total", "code" => code, "reason" => error.reason)
+    let code = error.kind.code().as_str();
+    crate::metrics::IMAGE_REFUSALS
+        .counter(&[("code", code), ("reason", error.reason)])
         .increment(1);
     tracing::info!(code, reason = error.reason, param = %param, "image refused");
     ImageRefusal { param, error }

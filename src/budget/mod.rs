@@ -290,7 +290,8 @@ impl Budgets {
                         account,
                         "budget store unavailable, counting the request locally: {e}"
                     );
-                    metrics::counter!("iris_budget_store_fallback_total", "client" => account.to_owned())
+                    crate::metrics::BUDGET_STORE_FALLBACK
+                        .counter(&[("client", account)])
                         .increment(1);
                     Ok((
                         self.inner.local.reserve_now(account, limits, tokens, now),
@@ -424,7 +425,8 @@ impl Budgets {
 }
 
 fn reject_metric(client: &str, reason: &'static str) {
-    metrics::counter!("iris_budget_rejections_total", "client" => client.to_owned(), "reason" => reason)
+    crate::metrics::BUDGET_REJECTIONS
+        .counter(&[("client", client), ("reason", reason)])
         .increment(1);
 }
 
@@ -610,7 +612,8 @@ impl Reservation {
         }
         let client = self.client.to_string();
         for (kind, tokens) in [("prompt", prompt), ("completion", completion)] {
-            metrics::counter!("iris_tokens_total", "client" => client.clone(), "model" => self.model.clone(), "kind" => kind)
+            crate::metrics::TOKENS
+                .counter(&[("client", &client), ("model", &self.model), ("kind", kind)])
                 .increment(tokens);
         }
         tracing::info!(

@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::*;
 use crate::budget::window::NANOS_PER_SEC;
 use crate::catalog::Client;
-use crate::error::{ApiError, rate_limit_headers};
+use crate::error::{ApiError, ErrorCode, rate_limit_headers};
 use crate::keys::KeyHash;
 use crate::openai::stream::Usage;
 
@@ -91,7 +91,7 @@ async fn minute_window_refuses_then_admits_after_retry_after() {
         .err()
         .expect("over the minute");
     assert_eq!(error.status, 429);
-    assert_eq!(error.code, "rate_limit_exceeded");
+    assert_eq!(error.code.as_str(), "rate_limit_exceeded");
     // 200 of 1000 per minute drain in 12 s.
     assert_eq!(header(&error, "retry-after"), Some("12"));
     assert_eq!(header(&error, "retry-after-ms"), Some("12000"));
@@ -131,7 +131,7 @@ async fn the_day_ends_at_midnight_utc_and_the_month_with_the_year() {
         .await
         .err()
         .expect("day spent");
-    assert_eq!(error.code, "insufficient_quota");
+    assert_eq!(error.code.as_str(), "insufficient_quota");
     assert_eq!(header(&error, "x-should-retry"), Some("false"));
     assert_eq!(header(&error, "retry-after"), Some("60"), "until midnight");
     assert!(
@@ -186,7 +186,7 @@ async fn a_request_larger_than_the_window_is_insufficient_quota_at_once() {
         .await
         .err()
         .expect("too large");
-    assert_eq!(error.code, "insufficient_quota");
+    assert_eq!(error.code.as_str(), "insufficient_quota");
     assert_eq!(header(&error, "x-should-retry"), Some("false"));
     assert_eq!(header(&error, "retry-after"), None, "waiting never helps");
     assert!(
@@ -208,7 +208,7 @@ async fn dropping_a_reservation_releases_it() {
         .await
         .err()
         .expect("one at a time");
-    assert_eq!(error.code, "rate_limit_exceeded");
+    assert_eq!(error.code.as_str(), "rate_limit_exceeded");
     assert_eq!(header(&error, "retry-after"), Some("1"));
     drop(reservation);
     assert_eq!(used(&budgets, &client, Window::TokensPerDay).await, 0);
@@ -377,7 +377,7 @@ async fn an_unavailable_store_answers_503_or_admits_as_configured() {
         .expect("503");
     assert_eq!(
         (error.status.as_u16(), error.code),
-        (503, "store_unavailable")
+        (503, ErrorCode::StoreUnavailable)
     );
     assert!(reject.health().await.is_err());
     let allow = Budgets::new(Arc::new(Down), Clock::system(), OnUnavailable::Allow);
@@ -475,7 +475,7 @@ async fn allowed_through_an_outage_requests_are_counted_locally_then_the_store_a
         .await
         .err()
         .expect("over the local count");
-    assert_eq!(error.code, "insufficient_quota");
+    assert_eq!(error.code.as_str(), "insufficient_quota");
 
     // Back: the store decides again, and knows nothing of the outage.
     flaky.down.store(false, std::sync::atomic::Ordering::SeqCst);

@@ -376,95 +376,6 @@ fn only_code_span(cell: &str) -> Option<&str> {
     (!inner.contains('`')).then_some(inner)
 }
 
-/// Every `.rs` file under `src/` but this one, as (path from the repo, text).
-fn sources() -> Vec<(String, String)> {
-    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
-        let entries =
-            std::fs::read_dir(dir).unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()));
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                walk(&path, out);
-            } else if path.extension().is_some_and(|e| e == "rs") {
-                out.push(path);
-            }
-        }
-    }
-    let root = repo();
-    let mut files = Vec::new();
-    walk(&root.join("src"), &mut files);
-    files.sort();
-    files
-        .into_iter()
-        .filter(|path| !path.ends_with("config/doc_check.rs"))
-        .map(|path| {
-            let text = std::fs::read_to_string(&path)
-                .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-            let name = path
-                .strip_prefix(&root)
-                .unwrap_or(&path)
-                .display()
-                .to_string();
-            (name, text)
-        })
-        .collect()
-}
-
-fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset].matches('\n').count() + 1
-}
-
-fn skip_space(text: &str, at: usize) -> usize {
-    at + text[at..].len() - text[at..].trim_start().len()
-}
-
-/// The string literal opening at `at` (a `"`), unescaped, and the offset
-/// after its closing quote.
-fn literal_at(text: &str, at: usize) -> Option<(String, usize)> {
-    let mut chars = text[at..].char_indices();
-    if chars.next()?.1 != '"' {
-        return None;
-    }
-    let mut value = String::new();
-    while let Some((i, c)) = chars.next() {
-        match c {
-            '"' => return Some((value, at + i + 1)),
-            '\\' => value.push(chars.next()?.1),
-            c => value.push(c),
-        }
-    }
-    None
-}
-
-/// The offset of the bracket closing the one at `open` (`(` or `{`),
-/// stepping over string literals.
-fn closing(text: &str, open: usize) -> Option<usize> {
-    let (opening, closing) = match text[open..].chars().next()? {
-        '(' => ('(', ')'),
-        '{' => ('{', '}'),
-        _ => return None,
-    };
-    let mut depth = 0usize;
-    let mut at = open;
-    while at < text.len() {
-        let c = text[at..].chars().next()?;
-        if c == '"' {
-            at = literal_at(text, at)?.1;
-            continue;
-        }
-        if c == opening {
-            depth += 1;
-        } else if c == closing {
-            depth -= 1;
-            if depth == 0 {
-                return Some(at);
-            }
-        }
-        at += c.len_utf8();
-    }
-    None
-}
-
 // ---------------------------------------------------------------------------
 // docs/configuration.md
 
@@ -606,70 +517,27 @@ fn documented_defaults_are_the_code_defaults() {
 
 const METRICS: &str = "docs/metrics.md";
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Metric {
     kind: &'static str,
     labels: BTreeSet<String>,
-    /// `src/…:line` of its first use.
-    at: String,
 }
 
-/// Every metric the code records or describes, from the `counter!`,
-/// `gauge!` and `histogram!` macros (and their `describe_*!` forms), with its
-/// kind and the labels its call sites set.
+/// Every metric Iris records, from its one table ([`crate::metrics::ALL`]).
 fn metrics_in_code() -> BTreeMap<String, Metric> {
-    let mut metrics = BTreeMap::new();
-    let mut problems = Vec::new();
-    for (file, text) in sources() {
-        scan_metrics(&file, &text, &mut metrics, &mut problems);
-    }
-    assert!(problems.is_empty(), "{}", problems.join("\n"));
-    metrics
-}
-
-fn scan_metrics(
-    file: &str,
-    text: &str,
-    metrics: &mut BTreeMap<String, Metric>,
-    problems: &mut Vec<String>,
-) {
-    for kind in ["counter", "gauge", "histogram"] {
-        let pattern = format!("{kind}!(");
-        for (start, _) in text.match_indices(&pattern) {
-            let open = start + pattern.len() - 1;
-            let at = format!("{file}:{}", line_of(text, start));
-            let name_at = skip_space(text, open + 1);
-            let (Some((name, _)), Some(close)) = (literal_at(text, name_at), closing(text, open))
-            else {
-                problems.push(format!(
-                    "{at}: {kind}! does not name its metric with a string literal, so {METRICS} cannot be checked"
-                ));
-                continue;
-            };
-            let metric = metrics.entry(name.clone()).or_insert_with(|| Metric {
-                kind,
-                labels: BTreeSet::new(),
-                at: at.clone(),
-            });
-            if metric.kind != kind {
-                problems.push(format!(
-                    "{at}: {name} is used as a {kind}, at {} as a {}",
-                    metric.at, metric.kind
-                ));
-            }
-            // Labels: the `"name" => value` pairs among the arguments.
-            let mut i = name_at;
-            while let Some(offset) = text[i..close].find('"') {
-                let Some((literal, end)) = literal_at(text, i + offset) else {
-                    break;
-                };
-                if text[skip_space(text, end)..].starts_with("=>") {
-                    metric.labels.insert(literal);
-                }
-                i = end;
-            }
-        }
-    }
+    crate::metrics::ALL
+        .iter()
+        .map(|m| {
+            let labels = m.labels.iter().map(|l| (*l).to_owned()).collect();
+            (
+                m.name.to_owned(),
+                Metric {
+                    kind: m.kind.as_str(),
+                    labels,
+                },
+            )
+        })
+        .collect()
 }
 
 /// `iris_*` metric names mentioned in `text`; a name followed by `*` is a
@@ -716,10 +584,7 @@ fn every_metric_is_documented_with_its_type_and_labels() {
     }
     for (name, metric) in &code {
         let Some((kind, labels)) = documented.get(name) else {
-            problems.push(format!(
-                "{METRICS} does not mention {name} (recorded at {})",
-                metric.at
-            ));
+            problems.push(format!("{METRICS} does not mention {name}"));
             continue;
         };
         if kind != metric.kind {
@@ -738,7 +603,7 @@ fn every_metric_is_documented_with_its_type_and_labels() {
     for name in documented.keys() {
         if !code.contains_key(name) {
             problems.push(format!(
-                "{METRICS} lists {name}, which no code in src/ records"
+                "{METRICS} lists {name}, which is not in crate::metrics::ALL"
             ));
         }
     }
@@ -785,114 +650,47 @@ fn every_metric_named_in_the_docs_exists() {
 
 const ERRORS: &str = "docs/errors.md";
 
-/// The HTTP status a `StatusCode::NAME` constant stands for.
-fn status_number(name: &str) -> Option<u16> {
-    (100..600).find(|&n| {
-        http::StatusCode::from_u16(n)
-            .ok()
-            .and_then(|s| s.canonical_reason())
-            .is_some_and(|reason| reason.to_ascii_uppercase().replace([' ', '-'], "_") == name)
-    })
-}
-
-fn looks_like_code(s: &str) -> bool {
-    s.starts_with(|c: char| c.is_ascii_lowercase())
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-}
-
-/// Every error code the code can answer with, with its status where the
-/// source names the two together, and where it was found. Two forms are
-/// read, however they are spread over lines:
-///
-/// - a `StatusCode::NAME` (4xx or 5xx) followed by a string literal as the
-///   next argument or tuple element: `ApiError::new(StatusCode::NOT_FOUND,
-///   "not_found", …)`, `(StatusCode::BAD_GATEWAY, "upstream_unavailable")`;
-/// - the `=> "literal"` arms of a `fn code(…)`, such as the image errors'
-///   `ErrorKind::code`.
-fn error_codes_in_code() -> BTreeMap<String, (Option<u16>, String)> {
-    let mut codes = BTreeMap::new();
-    for (file, text) in sources() {
-        scan_error_codes(&file, &text, &mut codes);
-    }
-    codes
-}
-
-fn scan_error_codes(file: &str, text: &str, codes: &mut BTreeMap<String, (Option<u16>, String)>) {
-    for (start, _) in text.match_indices("StatusCode::") {
-        let name_at = start + "StatusCode::".len();
-        let name: String = text[name_at..]
-            .chars()
-            .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
-            .collect();
-        let Some(status) = status_number(&name).filter(|s| *s >= 400) else {
-            continue;
-        };
-        let comma = skip_space(text, name_at + name.len());
-        if !text[comma..].starts_with(',') {
-            continue;
-        }
-        let Some((code, end)) = literal_at(text, skip_space(text, comma + 1)) else {
-            continue;
-        };
-        let after = skip_space(text, end);
-        if looks_like_code(&code) && text[after..].starts_with([',', ')']) {
-            let at = format!("{file}:{}", line_of(text, start));
-            codes.entry(code).or_insert((Some(status), at));
-        }
-    }
-    for (start, _) in text.match_indices("fn code(") {
-        let Some(open) = text[start..].find('{').map(|i| start + i) else {
-            continue;
-        };
-        let Some(close) = closing(text, open) else {
-            continue;
-        };
-        for (arm, _) in text[open..close].match_indices("=>") {
-            let literal_start = skip_space(text, open + arm + 2);
-            if let Some((code, _)) = literal_at(text, literal_start) {
-                let at = format!("{file}:{}", line_of(text, literal_start));
-                codes.entry(code).or_insert((None, at));
-            }
-        }
-    }
-}
-
+/// `docs/errors.md`'s table lists exactly [`ErrorCode::ALL`], each with
+/// its status (`–` for a code that is never an HTTP answer) and type.
 #[test]
-fn every_error_code_is_documented_with_its_status() {
-    let code = error_codes_in_code();
-    assert!(
-        code.len() >= 15,
-        "too few error codes found in src/: {code:?}"
-    );
+fn every_error_code_is_documented_with_its_status_and_type() {
+    use crate::error_code::ErrorCode;
     let doc = read(ERRORS);
     let mut documented = BTreeMap::new();
     for table in tables(&doc, "code") {
-        let status = table.column("status", ERRORS);
+        let (status, kind) = (table.column("status", ERRORS), table.column("type", ERRORS));
         for row in &table.rows {
             let Some(name) = only_code_span(table.cell(row, 0)) else {
                 panic!("{ERRORS}: a code row does not start with one `code`: {row:?}");
             };
-            documented.insert(name.to_owned(), table.cell(row, status).to_owned());
+            let kind = only_code_span(table.cell(row, kind)).unwrap_or("");
+            documented.insert(
+                name.to_owned(),
+                (table.cell(row, status).to_owned(), kind.to_owned()),
+            );
         }
     }
     let mut problems = Vec::new();
-    for (name, (status, at)) in &code {
-        match (documented.get(name), status) {
-            (None, _) => problems.push(format!(
-                "{ERRORS} does not list the error code {name} (answered at {at})"
+    for code in ErrorCode::ALL {
+        let status = code
+            .status()
+            .map_or("–".to_owned(), |s| s.as_u16().to_string());
+        match documented.get(code.as_str()) {
+            None => problems.push(format!("{ERRORS} does not list the error code {code}")),
+            Some((written, _)) if *written != status => problems.push(format!(
+                "{ERRORS} gives {code} the status {written}; its status is {status}"
             )),
-            (Some(written), Some(status)) if !written.contains(&status.to_string()) => problems
-                .push(format!(
-                    "{ERRORS} gives {name} the status {written}; the code answers {status} ({at})"
-                )),
+            Some((_, kind)) if kind != code.error_type() => problems.push(format!(
+                "{ERRORS} gives {code} the type {kind}; its type is {}",
+                code.error_type()
+            )),
             _ => {}
         }
     }
     for name in documented.keys() {
-        if !code.contains_key(name) {
+        if !ErrorCode::ALL.iter().any(|c| c.as_str() == name) {
             problems.push(format!(
-                "{ERRORS} lists {name}, which no code in src/ answers with"
+                "{ERRORS} lists {name}, which is not in ErrorCode::ALL"
             ));
         }
     }
@@ -1083,76 +881,7 @@ fn the_probe_enumerates_nested_structs_arrays_options_maps_and_enums() {
 }
 
 #[test]
-fn the_source_scanners_read_multi_line_calls() {
-    let text = r#"
-        metrics::describe_counter!("iris_x_total", "Things, (counted).");
-        metrics::counter!(
-            "iris_x_total",
-            "a" => a, "b" =>
-                b
-        )
-        .increment(1);
-        metrics::histogram!("iris_y_seconds").record(1.0);
-        metrics::gauge!(NAME).set(1.0);
-        ApiError::new(
-            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-            "too_big",
-            "message, with (parens) and \"quotes\"",
-        );
-        (StatusCode::OK, "ready");
-        (StatusCode::BAD_REQUEST, "Not a code".to_owned());
-        fn code(self) -> &'static str {
-            match self { A => "first_code", B => { "second_code" } }
-        }
-    "#;
-    let mut metrics = BTreeMap::new();
-    let mut problems = Vec::new();
-    scan_metrics("f.rs", text, &mut metrics, &mut problems);
-    let found: Vec<_> = metrics
-        .iter()
-        .map(|(name, m)| {
-            (
-                name.as_str(),
-                m.kind,
-                m.labels.iter().cloned().collect::<Vec<_>>(),
-            )
-        })
-        .collect();
-    assert_eq!(
-        found,
-        [
-            (
-                "iris_x_total",
-                "counter",
-                vec!["a".to_owned(), "b".to_owned()]
-            ),
-            ("iris_y_seconds", "histogram", vec![]),
-        ]
-    );
-    assert_eq!(problems.len(), 1, "{problems:?}");
-    assert!(
-        problems[0].starts_with("f.rs:10: gauge! does not name"),
-        "{problems:?}"
-    );
-
-    let mut codes = BTreeMap::new();
-    scan_error_codes("f.rs", text, &mut codes);
-    assert_eq!(
-        codes
-            .into_iter()
-            .map(|(code, (status, _))| (code, status))
-            .collect::<Vec<_>>(),
-        [
-            ("first_code".to_owned(), None),
-            ("too_big".to_owned(), Some(413)),
-        ]
-    );
-
-    assert_eq!(status_number("TOO_MANY_REQUESTS"), Some(429));
-    assert_eq!(
-        literal_at(r#""a \"b\" c" rest"#, 0),
-        Some((r#"a "b" c"#.to_owned(), 11))
-    );
+fn the_markdown_readers_find_names_anchors_and_tables() {
     assert_eq!(
         metric_names_in("`iris_a_total{x}`, iris_b_seconds_bucket and `iris_image_*`"),
         [

@@ -220,7 +220,8 @@ impl Attempts<'_> {
                 {
                     Ok(room) => {
                         if let Some((_, since)) = waiting {
-                            metrics::histogram!("iris_upstream_queue_wait_seconds", "model" => self.model.name.clone())
+                            crate::metrics::UPSTREAM_QUEUE_WAIT
+                                .histogram(&[("model", &self.model.name)])
                                 .record(since.elapsed().as_secs_f64());
                         }
                         return Ok((index, room));
@@ -451,7 +452,8 @@ async fn credentials_refused(upstream: &Upstream, reply: Reply) -> (UpstreamErro
 }
 
 fn count_attempt(upstream: &Upstream, outcome: &str) {
-    metrics::counter!("iris_upstream_attempts_total", "upstream" => upstream.name.clone(), "outcome" => outcome.to_owned())
+    crate::metrics::UPSTREAM_ATTEMPTS
+        .counter(&[("upstream", &upstream.name), ("outcome", outcome)])
         .increment(1);
 }
 

@@ -32,6 +32,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::budget::Reservation;
 use crate::budget::store::StoreFuture;
+use crate::error_code::ErrorCode;
 use crate::openai::stream::UsageTap;
 use crate::spend::{Draft, Ending};
 use crate::upstream::{Chunks, error_chain};
@@ -48,16 +49,13 @@ pub enum Cut {
 
 impl Cut {
     /// The error code the client is told (a stream, in its error event).
-    pub fn error_code(self) -> &'static str {
+    pub fn error_code(self) -> ErrorCode {
         match self {
-            Self::Upstream { .. } => "upstream_stream_interrupted",
-            Self::ShuttingDown { .. } => "server_shutting_down",
+            Self::Upstream { .. } => ErrorCode::UpstreamStreamInterrupted,
+            Self::ShuttingDown { .. } => ErrorCode::ServerShuttingDown,
         }
     }
 }
-
-/// The spend log's error code for a response whose client went away first.
-pub const CLIENT_DISCONNECTED: &str = "client_disconnected";
 
 pub struct ResponseBody {
     upstream: Chunks,
@@ -124,7 +122,7 @@ impl ResponseBody {
     /// charged. `cut`: the error code of an end before the end. A complete
     /// end adds the bytes still to send to `held` and starts persisting the
     /// settlement, which they wait for.
-    fn end(&mut self, complete: bool, cut: Option<&'static str>) {
+    fn end(&mut self, complete: bool, cut: Option<ErrorCode>) {
         let Some(reservation) = self.reservation.take() else {
             return;
         };
@@ -139,7 +137,7 @@ impl ResponseBody {
             }
         }
         let error_code = match cut {
-            Some(code) => Some(code.to_owned()),
+            Some(code) => Some(code.as_str().to_owned()),
             // An upstream error relayed: its own code.
             None if !self.upstream_ok => outcome.error_code.clone(),
             None => None,
@@ -274,6 +272,6 @@ impl Drop for ResponseBody {
     fn drop(&mut self) {
         // The client hung up (or the server gave up on it) before the end:
         // still account what was relayed.
-        self.end(false, Some(CLIENT_DISCONNECTED));
+        self.end(false, Some(ErrorCode::ClientDisconnected));
     }
 }

@@ -129,7 +129,8 @@ impl ImageCache {
             .map_err(|e| (*e).clone())?;
         // Not fresh: it was cached, or another request loaded it meanwhile.
         let outcome = if entry.is_fresh() { "miss" } else { "hit" };
-        metrics::counter!("iris_image_cache_total", "layer" => layer, "outcome" => outcome)
+        crate::metrics::IMAGE_CACHE
+            .counter(&[("layer", layer), ("outcome", outcome)])
             .increment(1);
         Ok(entry.into_value())
     }

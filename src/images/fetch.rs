@@ -357,7 +357,9 @@ impl Fetcher {
                 )),
             };
         let elapsed = started.elapsed();
-        metrics::histogram!("iris_image_fetch_duration_seconds").record(elapsed.as_secs_f64());
+        crate::metrics::IMAGE_FETCH_DURATION
+            .histogram(&[])
+            .record(elapsed.as_secs_f64());
         tracing::debug!(
             origin = %origin(&url),
             bytes = result.as_ref().map_or(0, |len| *len),
@@ -367,11 +369,15 @@ impl Fetcher {
         );
         match &result {
             Ok(len) => {
-                metrics::counter!("iris_image_fetches_total", "result" => "ok").increment(1);
-                metrics::counter!("iris_image_fetched_bytes_total").increment(*len as u64);
+                crate::metrics::IMAGE_FETCHES
+                    .counter(&[("result", "ok")])
+                    .increment(1);
+                crate::metrics::IMAGE_FETCHED_BYTES
+                    .counter(&[])
+                    .increment(*len as u64);
             }
             Err(e) => {
-                metrics::counter!("iris_image_fetches_total", "result" => e.kind.code())
+                metrics::counter!(crate::metrics::IMAGE_FETCHES.name, "result" => e.kind.code().as_str())
                     .increment(1);
             }
         }

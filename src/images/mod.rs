@@ -27,6 +27,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use tokio::sync::Semaphore;
 
+use crate::error_code::ErrorCode;
 pub use cache::FetchedImage;
 use cache::ImageCache;
 pub use convert::Target;
@@ -38,7 +39,7 @@ use ipnet::IpNet;
 use policy::AddressPolicy;
 pub use sniff::{Format, FormatSet, dimensions};
 
-/// The kinds of image failure; each kind's name is its error code (docs/errors.md).
+/// The kinds of image failure, each with its error code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     /// Scheme, userinfo, refused address, redirect to one.
@@ -55,14 +56,14 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    pub fn code(self) -> &'static str {
+    pub fn code(self) -> ErrorCode {
         match self {
-            ErrorKind::Forbidden => "image_url_forbidden",
-            ErrorKind::FetchFailed => "image_fetch_failed",
-            ErrorKind::TooLarge => "image_too_large",
-            ErrorKind::FormatUnsupported => "image_format_unsupported",
-            ErrorKind::InvalidData => "invalid_image_data",
-            ErrorKind::TooMany => "too_many_images",
+            ErrorKind::Forbidden => ErrorCode::ImageUrlForbidden,
+            ErrorKind::FetchFailed => ErrorCode::ImageFetchFailed,
+            ErrorKind::TooLarge => ErrorCode::ImageTooLarge,
+            ErrorKind::FormatUnsupported => ErrorCode::ImageFormatUnsupported,
+            ErrorKind::InvalidData => ErrorCode::InvalidImageData,
+            ErrorKind::TooMany => ErrorCode::TooManyImages,
         }
     }
 }
@@ -351,7 +352,8 @@ impl Images {
             })
             .await?;
         let to = result.as_ref().map_or("failed", |(to, _)| to.name());
-        metrics::counter!("iris_image_conversions_total", "from" => format.name(), "to" => to, "reason" => why)
+        crate::metrics::IMAGE_CONVERSIONS
+            .counter(&[("from", format.name()), ("to", to), ("reason", why)])
             .increment(1);
         tracing::debug!(from = format.name(), to, reason = why, "image converted");
         result.map(|(_, uri)| uri)

@@ -134,7 +134,7 @@ fn refused(
         upstream: trail.upstream.clone(),
         upstream_model: trail.upstream_model.clone(),
         status: error.status.as_u16(),
-        error_code: Some(error.code.to_owned()),
+        error_code: Some(error.code.as_str().to_owned()),
         prompt_tokens: 0,
         completion_tokens: 0,
         total_tokens: 0,

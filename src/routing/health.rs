@@ -250,9 +250,11 @@ impl Health {
 
         let (reason, length) = started?;
         let (upstream, model) = labels(deployment);
-        metrics::counter!("iris_upstream_cooldowns_total", "upstream" => upstream.clone(), "reason" => reason.label())
+        crate::metrics::UPSTREAM_COOLDOWNS
+            .counter(&[("upstream", &upstream), ("reason", reason.label())])
             .increment(1);
-        metrics::gauge!("iris_upstream_cooling", "upstream" => upstream.clone(), "model" => model.clone())
+        crate::metrics::UPSTREAM_COOLING
+            .gauge(&[("upstream", &upstream), ("model", &model)])
             .set(1.0);
         if reason == Cooldown::Auth && !already {
             // Once per cooldown: Iris's own key for this upstream is wrong.
@@ -306,7 +308,8 @@ impl Health {
                 state.shared_until = remaining.get(i).copied().flatten().map(|left| now + left);
             }
             let cooling = state.until().is_some_and(|until| until > now);
-            metrics::gauge!("iris_upstream_cooling", "upstream" => upstream.clone(), "model" => model.clone())
+            crate::metrics::UPSTREAM_COOLING
+                .gauge(&[("upstream", upstream), ("model", model)])
                 .set(if cooling { 1.0 } else { 0.0 });
         }
     }

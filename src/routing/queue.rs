@@ -73,7 +73,8 @@ impl Queue {
         }
         let length: usize = state.waiting.values().map(VecDeque::len).sum();
         drop(state);
-        metrics::gauge!("iris_upstream_queue_length", "model" => self.model.clone())
+        crate::metrics::UPSTREAM_QUEUE_LENGTH
+            .gauge(&[("model", &self.model)])
             .set(length as f64);
         Ticket {
             queue: Arc::clone(self),
@@ -129,7 +130,8 @@ impl Drop for Ticket {
         }
         let length: usize = state.waiting.values().map(VecDeque::len).sum();
         drop(state);
-        metrics::gauge!("iris_upstream_queue_length", "model" => self.queue.model.clone())
+        crate::metrics::UPSTREAM_QUEUE_LENGTH
+            .gauge(&[("model", &self.queue.model)])
             .set(length as f64);
         self.queue.changed.notify_waiters();
     }

@@ -434,13 +434,16 @@ struct Stats {
 impl Stats {
     fn dropped(&self, reason: &'static str, records: usize) {
         self.dropped.fetch_add(records as u64, Ordering::Relaxed);
-        metrics::counter!("iris_spend_log_dropped_total", "reason" => reason)
+        crate::metrics::SPEND_LOG_DROPPED
+            .counter(&[("reason", reason)])
             .increment(records as u64);
     }
 
     fn written(&self, records: usize) {
         self.written.fetch_add(records as u64, Ordering::Relaxed);
-        metrics::counter!("iris_spend_log_written_total").increment(records as u64);
+        crate::metrics::SPEND_LOG_WRITTEN
+            .counter(&[])
+            .increment(records as u64);
     }
 }
 
@@ -545,7 +548,9 @@ impl Writer {
                     return;
                 }
                 Err(e) => {
-                    metrics::counter!("iris_spend_log_write_failures_total").increment(1);
+                    crate::metrics::SPEND_LOG_WRITE_FAILURES
+                        .counter(&[])
+                        .increment(1);
                     let last = attempt >= self.options.attempts.max(1);
                     self.errors.error(&e, batch.len(), last);
                     if last {
