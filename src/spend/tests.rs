@@ -419,6 +419,75 @@ async fn aggregation_suite(sink: &dyn Sink) {
     assert_eq!(sink.totals(&left).await.unwrap()[0].counts.requests, 3);
 }
 
+/// Records a millisecond either side of midnight at a year's end and
+/// around a leap day (Unix times from GNU `date -u -d DATE +%s`): the days
+/// that `since`/`until` name (the report's calendar) and the sink's `by=day`
+/// keys (its SQL's) agree on every one.
+async fn calendar_edges_suite(sink: &dyn Sink) {
+    const JAN_1_2028: i64 = 1_830_297_600_000;
+    const FEB_29_2028: i64 = 1_835_395_200_000;
+    const MAR_1_2028: i64 = 1_835_481_600_000;
+    let at = |ms| row(ms, "edge", Some("m1"), Some("up1"), 200, None, 1, 0);
+    let records = [
+        JAN_1_2028 - 1,
+        JAN_1_2028,
+        FEB_29_2028 - 1,
+        FEB_29_2028,
+        MAR_1_2028 - 1,
+        MAR_1_2028,
+    ];
+    sink.write(records.map(at).to_vec().into())
+        .await
+        .expect("write");
+    let by_day = |since: &'static str, until: &'static str| async move {
+        let query = Query::parse(since, Some(until), Some("day"), MAR_1_2028).expect("query");
+        let totals = sink.totals(&query).await.expect("totals");
+        totals
+            .into_iter()
+            .map(|t| (t.keys[0].clone().unwrap_or_default(), t.counts.requests))
+            .collect::<Vec<_>>()
+    };
+    let day = |key: &str, n| (key.to_owned(), n);
+    assert_eq!(
+        by_day("2027-12-31", "2028-03-02").await,
+        vec![
+            day("2027-12-31", 1),
+            day("2028-01-01", 1),
+            day("2028-02-28", 1),
+            day("2028-02-29", 2),
+            day("2028-03-01", 1),
+        ]
+    );
+    assert_eq!(
+        by_day("2028-02-29", "2028-03-01").await,
+        vec![day("2028-02-29", 2)]
+    );
+    assert_eq!(
+        by_day("2027-12-31T23:59:59Z", "2028-01-01T00:00:01Z").await,
+        vec![day("2027-12-31", 1), day("2028-01-01", 1)]
+    );
+    assert_eq!(
+        by_day("1d", "2028-03-01T00:00:00Z").await,
+        vec![day("2028-02-29", 2)],
+        "a day ago from March 1st is the leap day"
+    );
+}
+
+#[tokio::test]
+async fn sqlite_sink_keys_days_as_the_report_dates_them() {
+    let memory = sqlite::SqliteSink::open(None).unwrap();
+    calendar_edges_suite(&memory).await;
+}
+
+#[tokio::test]
+async fn postgres_sink_keys_days_as_the_report_dates_them() {
+    let Some(pg) = shared_postgres::SharedPostgres::get().await else {
+        return;
+    };
+    let sink = postgres::PostgresSink::new(&Secret::new(pg.url())).unwrap();
+    calendar_edges_suite(&sink).await;
+}
+
 #[tokio::test]
 async fn sqlite_sink_aggregates() {
     let dir = tempfile::tempdir().unwrap();

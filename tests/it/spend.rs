@@ -329,6 +329,11 @@ async fn iris_usage_since_explains_what_it_cannot_do() {
     let bad = usage_cli(&fresh, &["--since", "last tuesday"]);
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--since: "));
+    // Days ago beyond the calendar (years -9999 to 9999) are refused like
+    // any other non-date; the count once overflowed (a panic in debug builds).
+    let far = usage_cli(&fresh, &["--since", "9223372036854775807d"]);
+    assert_eq!(far.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&far.stderr).contains("--since: "));
     let bad = usage_cli(&fresh, &["--since", "0d", "--by", "team"]);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--by: "));
     let no_since = usage_cli(&fresh, &["--by", "client"]);

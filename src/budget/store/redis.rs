@@ -36,8 +36,9 @@
 //! agrees on the minute buckets and on when a UTC day or month ends, however
 //! their clocks drift; the `now` the [`Store`] trait passes in is ignored
 //! (only tests pass it through, with [`RedisClock::Caller`], to cross
-//! midnight on purpose). Calendar periods are computed in Lua with the same
-//! arithmetic as `window.rs`, which the tests check against each other.
+//! midnight on purpose). Calendar periods are computed in Lua by a port of
+//! Hinnant's date algorithms (Lua has no calendar; `window.rs` uses jiff),
+//! which the tests check against `window.rs` at every month boundary.
 //!
 //! **Leases.** Each reservation adds a member (a fresh random id, carried in
 //! its [`Hold`]) to the client's lease set, scored `now + lease`. `settle`

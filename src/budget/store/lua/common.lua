@@ -33,7 +33,11 @@ local function now_us(arg)
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 
--- Howard Hinnant's civil_from_days / days_from_civil, as in window.rs.
+-- Howard Hinnant's civil_from_days / days_from_civil: Redis's Lua has no
+-- calendar, so this port is hand-written. window.rs takes its months from
+-- jiff; the two are compared at every month boundary from 1999 to 2101 and
+-- every midnight of a leap year (redis/tests.rs,
+-- lua_calendar_matches_window_rs_at_every_boundary).
 local function civil_from_days(days)
   local z = days + 719468
   local era = math.floor(z / 146097)

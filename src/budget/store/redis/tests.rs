@@ -10,7 +10,7 @@ use std::collections::HashSet;
 
 use super::*;
 use crate::budget::store::MemoryStore;
-use crate::budget::window::{MINUTE, NANOS_PER_SEC, days_from_civil};
+use crate::budget::window::{MINUTE, NANOS_PER_SEC};
 use redis::Script;
 
 #[path = "../../../../tests/it/support/skip.rs"]
@@ -59,9 +59,13 @@ pub(crate) async fn test_store_with(
 }
 
 /// Unix nanoseconds of a UTC date and time.
-fn at(year: i64, month: u32, day: u32, hms: (u64, u64, u64)) -> u64 {
-    let days = days_from_civil(year, month, day) as u64;
-    (days * 86_400 + hms.0 * 3600 + hms.1 * 60 + hms.2) * SEC
+fn at(year: i16, month: i8, day: i8, hms: (i8, i8, i8)) -> u64 {
+    let civil = jiff::civil::datetime(year, month, day, hms.0, hms.1, hms.2, 0);
+    let secs = jiff::tz::Offset::UTC
+        .to_timestamp(civil)
+        .expect("in range")
+        .as_second();
+    u64::try_from(secs).expect("after 1970") * SEC
 }
 
 async fn reserve(store: &RedisStore, limits: &Limits, tokens: u64, now: u64) -> Reserved {
