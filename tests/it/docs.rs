@@ -180,7 +180,8 @@ struct Page {
     headings: Vec<String>,
     /// The destination of each link and image, as written.
     links: Vec<String>,
-    /// All text, code spans and code blocks included, a line per block.
+    /// All text, code spans and code blocks included, a line per block and
+    /// per cell: where metric names are looked for.
     text: String,
 }
 
@@ -211,6 +212,9 @@ fn parse(markdown: &str) -> Page {
     let mut page = Page::default();
     let (mut heading, mut row, mut cell) = (None::<String>, None::<Vec<Cell>>, None::<Cell>);
     for event in Parser::new_ext(markdown, Options::ENABLE_TABLES) {
+        if matches!(event, Event::End(_) | Event::SoftBreak | Event::HardBreak) {
+            page.text.push('\n'); // so that no two cells' or blocks' words run together
+        }
         match event {
             Event::Start(Tag::Table(_)) => page.tables.push(Table::default()),
             Event::Start(Tag::TableHead | Tag::TableRow) => row = Some(Vec::new()),
@@ -250,7 +254,6 @@ fn parse(markdown: &str) -> Page {
                 // Spaced, so a name in a code span never runs into the text around it.
                 page.text.push_str(&format!(" {code} "));
             }
-            Event::End(_) | Event::SoftBreak | Event::HardBreak => page.text.push('\n'),
             _ => {}
         }
     }
@@ -747,9 +750,9 @@ fn the_markdown_reader_finds_tables_headings_links_and_names() {
         "| `a.b` | string |\n",
         "| `x \\| y` | array of `u8` |\n",
         "\n",
-        "| other |\n",
-        "|---|\n",
-        "| x |\n",
+        "| other | cells |\n",
+        "|---|---|\n",
+        "| iris_d_total | iris_e_total |\n",
         "\n",
         "See ![i](img.png), [b][ref], `iris_a_total{x}`, iris_b_seconds_bucket,\n",
         "`iris_image_*` and <someone@example.com>.\n",
@@ -790,6 +793,8 @@ fn the_markdown_reader_finds_tables_headings_links_and_names() {
     assert_eq!(
         metric_names_in(&page.text),
         [
+            ("iris_d_total".to_owned(), false),
+            ("iris_e_total".to_owned(), false),
             ("iris_a_total".to_owned(), false),
             ("iris_b_seconds_bucket".to_owned(), false),
             ("iris_image_".to_owned(), true),
