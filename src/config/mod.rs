@@ -14,9 +14,6 @@ mod env;
 mod resolve;
 pub mod schema;
 
-#[cfg(test)]
-mod doc_check;
-
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;

@@ -15,6 +15,7 @@ mod admin;
 mod budget;
 mod cli;
 mod connections;
+mod docs;
 mod faults;
 mod gateway;
 mod hardening;
