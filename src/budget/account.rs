@@ -20,7 +20,8 @@ use std::sync::Arc;
 pub enum AccountKind {
     /// A client's budget (`[clients.budget]`, or a managed client's).
     Client,
-    /// An upstream's pacing limits (`upstreams[].pacing`): reserved and
+    /// An upstream's pacing limits (`upstreams[].requests_per_minute`,
+    /// `tokens_per_minute`, `max_concurrent`): reserved and
     /// settled like a client's, never reported as a client's usage.
     Upstream,
 }
