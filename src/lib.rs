@@ -19,7 +19,9 @@
 //!   (forwarding), [`spend`] (the spend log: a record per chat completion,
 //!   batched to SQLite or PostgreSQL off the request path)
 //! - at the bottom: [`openai`] (the wire types Iris looks inside), [`keys`],
-//!   [`secret`], [`metrics`], [`telemetry`] (logs), [`traces`] (OpenTelemetry)
+//!   [`secret`], [`metrics`], [`telemetry`] (logs), [`traces`] (OpenTelemetry),
+//!   [`shared_health`] (deployment cooldowns shared between instances: what
+//!   routing asks of a shared store)
 //!
 //! [`commands`] holds one function per CLI command, [`cli`] their arguments.
 
@@ -46,6 +48,7 @@ pub mod routes;
 pub mod routing;
 pub mod secret;
 pub mod server;
+pub mod shared_health;
 pub mod spend;
 pub mod state;
 pub mod telemetry;

@@ -172,6 +172,8 @@ metrics_table! {
         "Requests refused by a budget, by client and reason (the window that refused, or store_unavailable).";
     BUDGET_STORE_FALLBACK: "iris_budget_store_fallback_total", Counter, ["client"],
         "Requests decided by this instance's local count because the budget store did not answer (on_unavailable = \"allow\"), by client.";
+    UPSTREAM_PACING_FALLBACK: "iris_upstream_pacing_fallback_total", Counter, ["upstream"],
+        "Upstream pacing reservations decided by this instance's local count because the budget store did not answer (on_unavailable = \"allow\"), by upstream.";
     SPEND_LOG_WRITTEN: "iris_spend_log_written_total", Counter, [],
         "Spend-log records written to the database.";
     SPEND_LOG_DROPPED: "iris_spend_log_dropped_total", Counter, ["reason"],

@@ -10,6 +10,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth_throttle::AuthFailures;
 use crate::budget::Budgets;
+use crate::budget::store::Stores;
+use crate::budget::window::Clock;
 use crate::clients::{self, ManagedClients};
 use crate::config::Config;
 use crate::gateway::Gateway;
@@ -46,7 +48,10 @@ impl AppState {
         let forwarder = Forwarder::new().map_err(|e| format!("HTTP client: {e}"))?;
         // Metrics first, so the image metrics' descriptions reach the recorder.
         let metrics = Metrics::install();
-        let budgets = Budgets::open(&config.store).await?;
+        // One backend, two services on it: budgets, and (where several
+        // instances share it) routing's deployment health.
+        let stores = Stores::open(&config.store.backend).await?;
+        let budgets = Budgets::new(stores.budgets, Clock::system(), config.store.on_unavailable);
         let spend = SpendLog::open(&config.spend_log, &config.store.backend).await?;
         let images = Images::new(&config.images)?;
         for upstream in config.catalog.upstreams() {
@@ -57,7 +62,7 @@ impl AppState {
                 );
             }
         }
-        let health = Arc::new(Health::new(Arc::clone(budgets.store())));
+        let health = Arc::new(Health::new(stores.health));
         let clients = ManagedClients::start(clients::open(&config.store.backend)?).await;
         for managed in &clients.index().clients {
             if config.catalog.has_client(&managed.name) {

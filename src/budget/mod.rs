@@ -1,5 +1,6 @@
-//! Fair-usage budgets per client: reserve an estimate before forwarding,
-//! settle with the upstream's reported usage when the response ends.
+//! Fair-usage budgets per client, and upstreams' pacing: reserve an
+//! estimate before forwarding, settle with the upstream's reported usage
+//! when the response ends.
 //!
 //! Checking first and charging later would let concurrent requests
 //! overspend many times over; a reservation charges every window at once,
@@ -12,10 +13,12 @@
 //! Nothing here knows HTTP: refusals are [`BudgetError`]s, rendered as 429s
 //! (and their headers) at the edge.
 //!
+//! - [`account`]: whose windows (a client's, an upstream's pacing)
 //! - [`estimate`]: tokens a request may cost (tokenizer, images, caps)
 //! - [`window`]: the windows' arithmetic (GCRA per minute, UTC day and month)
 //! - [`store`]: where the state lives (memory, SQLite, Redis)
 //! - [`report`]: `iris usage`
+pub mod account;
 pub mod estimate;
 pub mod report;
 pub mod store;
@@ -35,10 +38,9 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 use crate::openai::chat::{ChatRequest, RequestLimits};
 use crate::openai::stream::Outcome;
 use crate::secret::Secret;
+pub use account::{Account, AccountKind};
 use estimate::Estimate;
-use store::{
-    MemoryStore, RedisOptions, RedisStore, Reserved, SqliteStore, Store, StoreError, StoreFuture,
-};
+use store::{MemoryStore, RedisOptions, Reserved, Store, StoreError, StoreFuture};
 use window::{Clock, Hold, Refusal, Snapshot, Window};
 
 /// A client's limits. Every one is optional; an absent one is not enforced.
@@ -92,10 +94,6 @@ pub struct StoreSettings {
     pub on_unavailable: OnUnavailable,
 }
 
-/// Upstream pacing accounts share the store with clients, under names no
-/// client can have (client names may not hold control characters).
-const UPSTREAM_ACCOUNT: &str = "\u{1}upstream/";
-
 /// Why an upstream has no room for a request now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NoRoom {
@@ -104,15 +102,6 @@ pub enum NoRoom {
     Full { retry_after: Option<Duration> },
     /// The store did not answer and `on_unavailable = "reject"`.
     StoreUnavailable,
-}
-
-/// Whose budget a reservation is charged to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Account {
-    Client,
-    /// An upstream's pacing limits: settled like a client's, not reported
-    /// as a client's usage.
-    Upstream,
 }
 
 /// Why a request gets no reservation.
@@ -158,34 +147,6 @@ struct Inner {
 }
 
 impl Budgets {
-    /// Opens the configured store (loading an SQLite file and starting its
-    /// background writer).
-    pub async fn open(settings: &StoreSettings) -> Result<Self, String> {
-        let store: Arc<dyn Store> = match &settings.backend {
-            StoreBackend::Memory => Arc::new(MemoryStore::new()),
-            StoreBackend::Sqlite { path } => {
-                let path = path.clone();
-                let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path))
-                    .await
-                    .map_err(|e| format!("store: {e}"))?
-                    .map_err(|e| e.to_string())?;
-                store.spawn_flusher(store::FLUSH_EVERY);
-                store
-            }
-            StoreBackend::Redis { url, options } => {
-                let store = RedisStore::connect(url.expose(), options.clone())
-                    .map_err(|e| e.to_string())?;
-                // Start anyway: not ready until Redis answers, then serving
-                // without a restart.
-                if let Err(e) = store.health().await {
-                    tracing::warn!("budget store: Redis does not answer yet: {e}");
-                }
-                store
-            }
-        };
-        Ok(Self::new(store, Clock::system(), settings.on_unavailable))
-    }
-
     pub fn new(store: Arc<dyn Store>, clock: Clock, on_unavailable: OnUnavailable) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -198,8 +159,8 @@ impl Budgets {
         }
     }
 
-    /// Reserves `estimate` for `client`, or says why not (without calling
-    /// upstream).
+    /// Reserves `estimate` for a request of `client` to `model`, or says why
+    /// not (without calling upstream).
     pub async fn reserve(
         &self,
         client: &Arc<str>,
@@ -207,16 +168,16 @@ impl Budgets {
         model: &str,
         estimate: Estimate,
     ) -> Result<Reservation, BudgetError> {
+        let account = Account::client(Arc::clone(client));
         let (Reserved { outcome, snapshot }, local) = self
-            .reserve_account(client, limits, estimate.total())
+            .reserve_account(&account, limits, estimate.total())
             .await
             .inspect_err(|_| reject_metric(client, "store_unavailable"))?;
         match outcome {
             Ok(hold) => Ok(self.reservation(
-                Account::Client,
-                client,
+                account,
                 limits,
-                model,
+                Some(model),
                 estimate,
                 hold,
                 local,
@@ -245,22 +206,15 @@ impl Budgets {
         if *limits == Limits::default() {
             return Ok(None);
         }
-        let account: Arc<str> = Arc::from(format!("{UPSTREAM_ACCOUNT}{upstream}"));
+        let account = Account::upstream(upstream);
         let (Reserved { outcome, snapshot }, local) = self
             .reserve_account(&account, limits, estimate.total())
             .await
             .map_err(|_| NoRoom::StoreUnavailable)?;
         match outcome {
-            Ok(hold) => Ok(Some(self.reservation(
-                Account::Upstream,
-                &account,
-                limits,
-                upstream,
-                estimate,
-                hold,
-                local,
-                snapshot,
-            ))),
+            Ok(hold) => Ok(Some(
+                self.reservation(account, limits, None, estimate, hold, local, snapshot),
+            )),
             Err(refusal) => Err(NoRoom::Full {
                 retry_after: Rejection {
                     refusal,
@@ -277,7 +231,7 @@ impl Budgets {
     /// this instance's local count (then `true`).
     async fn reserve_account(
         &self,
-        account: &str,
+        account: &Account,
         limits: &Limits,
         tokens: u64,
     ) -> Result<(Reserved, bool), BudgetError> {
@@ -287,19 +241,17 @@ impl Budgets {
             Err(e) => match self.inner.on_unavailable {
                 OnUnavailable::Allow => {
                     tracing::warn!(
-                        account,
+                        %account,
                         "budget store unavailable, counting the request locally: {e}"
                     );
-                    crate::metrics::BUDGET_STORE_FALLBACK
-                        .counter(&[("client", account)])
-                        .increment(1);
+                    fallback_metric(account);
                     Ok((
                         self.inner.local.reserve_now(account, limits, tokens, now),
                         true,
                     ))
                 }
                 OnUnavailable::Reject => {
-                    tracing::error!(account, "budget store unavailable: {e}");
+                    tracing::error!(%account, "budget store unavailable: {e}");
                     Err(BudgetError::StoreUnavailable)
                 }
             },
@@ -313,9 +265,8 @@ impl Budgets {
     fn reservation(
         &self,
         account: Account,
-        name: &Arc<str>,
         limits: &Limits,
-        model: &str,
+        model: Option<&str>,
         estimate: Estimate,
         hold: Hold,
         local: bool,
@@ -324,9 +275,8 @@ impl Budgets {
         Reservation {
             budgets: self.clone(),
             account,
-            client: Arc::clone(name),
             limits: *limits,
-            model: model.to_owned(),
+            model: model.map(str::to_owned),
             estimate,
             hold: Some(hold),
             local,
@@ -338,26 +288,19 @@ impl Budgets {
         }
     }
 
-    /// An upstream's pacing windows now (requests and tokens this minute,
-    /// requests in flight), against its `limits`.
-    pub async fn room(&self, upstream: &str, limits: &Limits) -> Result<Snapshot, BudgetError> {
-        self.snapshot(&format!("{UPSTREAM_ACCOUNT}{upstream}"), limits)
-            .await
-    }
-
-    /// The store itself, for what else it shares (deployment health).
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.inner.store
-    }
-
-    /// The client's windows now.
-    pub async fn snapshot(&self, client: &str, limits: &Limits) -> Result<Snapshot, BudgetError> {
+    /// The account's windows now: a client's (`/v1/usage`), an upstream's
+    /// pacing (requests and tokens this minute, requests in flight).
+    pub async fn snapshot(
+        &self,
+        account: &Account,
+        limits: &Limits,
+    ) -> Result<Snapshot, BudgetError> {
         self.inner
             .store
-            .snapshot(client, limits, self.inner.clock.now())
+            .snapshot(account, limits, self.inner.clock.now())
             .await
             .map_err(|e| {
-                tracing::error!(client, "budget store unavailable: {e}");
+                tracing::error!(%account, "budget store unavailable: {e}");
                 BudgetError::StoreUnavailable
             })
     }
@@ -383,30 +326,8 @@ impl Budgets {
         self.inner.store.flush().await
     }
 
-    /// Gives `hold` back, charging `actual` tokens instead, without making
-    /// the caller wait: in-memory stores finish on the spot; others run as a
-    /// tracked task, so shutdown waits for them.
-    fn settle_detached(&self, client: &str, limits: &Limits, hold: Hold, actual: u64, local: bool) {
-        let now = self.inner.clock.now();
-        if local {
-            self.inner
-                .local
-                .settle_now(client, limits, &hold, actual, now);
-            return;
-        }
-        let mut future = self.inner.store.settle(client, limits, hold, actual, now);
-        if let Poll::Ready(result) = future
-            .as_mut()
-            .poll(&mut Context::from_waker(Waker::noop()))
-        {
-            if let Err(e) = result {
-                tracing::error!("budget not settled: {e}");
-            }
-            return;
-        }
-        self.spawn(future);
-    }
-
+    /// Runs a store's settlement that did not finish at once as a tracked
+    /// task, so shutdown waits for it.
     fn spawn(&self, future: StoreFuture<()>) {
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
@@ -430,6 +351,21 @@ fn reject_metric(client: &str, reason: &'static str) {
         .increment(1);
 }
 
+/// Counts a reservation made in the local count while the store is down,
+/// under the metric of the account's kind: a client's request, or an
+/// upstream's pacing (never a client).
+fn fallback_metric(account: &Account) {
+    let counter = match account.kind() {
+        AccountKind::Client => {
+            crate::metrics::BUDGET_STORE_FALLBACK.counter(&[("client", account.name())])
+        }
+        AccountKind::Upstream => {
+            crate::metrics::UPSTREAM_PACING_FALLBACK.counter(&[("upstream", account.name())])
+        }
+    };
+    counter.increment(1);
+}
+
 /// What a settled request was charged: the upstream's reported usage, else
 /// the prompt estimate and the generated text counted; nothing for an
 /// upstream error without usage.
@@ -442,16 +378,20 @@ pub struct Charged {
     pub total: u64,
 }
 
-/// Tokens reserved for one admitted request. Settled exactly once: by
-/// [`Reservation::settle`] when the response ends, else by `Drop`, which
-/// gives everything back but the request it counted.
+/// Tokens reserved for one admitted request. Settled exactly once, on one
+/// of two paths:
+/// - [`Reservation::settle`]: when the response's body ends, however it ends;
+/// - `Drop`: when the request ends without an answer to settle (an error
+///   path, a refusal after reserving, a retry elsewhere), giving back
+///   everything but the request it counted.
 #[must_use = "dropping a reservation releases it at once"]
 pub struct Reservation {
     budgets: Budgets,
     account: Account,
-    client: Arc<str>,
     limits: Limits,
-    model: String,
+    /// The model a client's request asked for, which names its token
+    /// metrics; `None` for an upstream's pacing, which reports nothing.
+    model: Option<String>,
     estimate: Estimate,
     /// `None` once settled.
     hold: Option<Hold>,
@@ -474,7 +414,7 @@ impl Reservation {
         self.estimate
     }
 
-    /// The client's windows as of the reservation (for the rate-limit headers).
+    /// The account's windows as of the reservation (for the rate-limit headers).
     pub fn snapshot(&self) -> &Snapshot {
         &self.snapshot
     }
@@ -508,150 +448,168 @@ impl Reservation {
         self.linked = other.map(Box::new);
     }
 
-    /// Settles from how the response ended: the upstream's reported usage;
-    /// where none came, the prompt estimate plus the generated text counted
-    /// by the tokenizer (a client that hung up pays for what was generated);
-    /// an upstream error without usage gives everything back.
+    /// When the response's body ends, however it ends (complete, cut, the
+    /// client gone): charges the upstream's reported usage; where none came,
+    /// the prompt estimate plus the generated text counted by the tokenizer
+    /// (a client that hung up pays for what was generated); an upstream
+    /// error without usage gives everything back. Then `then` gets what was
+    /// charged (the spend log's record takes its token counts from there),
+    /// wherever the settlement ran.
+    ///
+    /// The future resolves once the settlement is persisted as far as the
+    /// store persists anything ([`Store::persisted`]): a complete response's
+    /// last byte waits for it; a response that ended otherwise drops it,
+    /// which leaves the settlement running as it is.
     ///
     /// Counting a long generated text takes the tokenizer milliseconds, so
     /// that case runs on the blocking pool (tracked, like every settlement
     /// that outlives its request) rather than in the caller, which is a
     /// response body being polled or dropped.
-    pub fn settle(self, outcome: Outcome, upstream_ok: bool) {
-        self.settle_then(outcome, upstream_ok, |_| {});
-    }
-
-    /// [`Self::settle`], then `then` with what was charged (the spend log's
-    /// record takes its token counts from there), wherever the settlement
-    /// runs.
-    pub fn settle_then(
-        self,
-        outcome: Outcome,
-        upstream_ok: bool,
-        then: impl FnOnce(Charged) + Send + 'static,
-    ) {
-        drop(self.settle_in_turn(outcome, upstream_ok, then));
-    }
-
-    /// [`Self::settle_then`], and a future that resolves once the
-    /// settlement is persisted as far as the store persists anything
-    /// ([`Store::persisted`]): a complete response's last byte waits for it.
-    /// Dropping the future leaves the settlement as done as it is.
-    pub fn settle_persisted(
+    pub fn settle(
         self,
         outcome: Outcome,
         upstream_ok: bool,
         then: impl FnOnce(Charged) + Send + 'static,
     ) -> StoreFuture<()> {
         let budgets = self.budgets.clone();
-        match self.settle_in_turn(outcome, upstream_ok, then) {
-            None => budgets.inner.store.persisted(),
-            Some(counting) => Box::pin(async move {
-                counting
-                    .await
-                    .map_err(|e| StoreError(format!("settlement failed: {e}")))?;
-                budgets.inner.store.persisted().await
-            }),
-        }
-    }
-
-    /// Settles now, or on the blocking pool when the generated text must be
-    /// counted first (then the task is returned).
-    fn settle_in_turn(
-        self,
-        outcome: Outcome,
-        upstream_ok: bool,
-        then: impl FnOnce(Charged) + Send + 'static,
-    ) -> Option<tokio::task::JoinHandle<()>> {
         let tokenize = outcome.usage.is_none() && upstream_ok;
         let text_bytes = outcome.generated.len()
             + self
                 .uncounted_prompt
                 .as_ref()
                 .map_or(0, |(body, _)| body.len());
+        let work = move || then(self.finish(&outcome, upstream_ok));
         if tokenize
             && text_bytes > estimate::OFFLOAD_BYTES
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
-            let tracker = self.budgets.inner.pending.clone();
-            return Some(tracker.spawn_blocking_on(
-                move || then(self.settle_now(&outcome, upstream_ok)),
-                &runtime,
-            ));
+            let counting = budgets.inner.pending.spawn_blocking_on(work, &runtime);
+            return Box::pin(async move {
+                counting
+                    .await
+                    .map_err(|e| StoreError(format!("settlement failed: {e}")))?;
+                budgets.inner.store.persisted().await
+            });
         }
-        then(self.settle_now(&outcome, upstream_ok));
-        None
+        work();
+        budgets.inner.store.persisted()
     }
 
-    fn settle_now(mut self, outcome: &Outcome, upstream_ok: bool) -> Charged {
-        let (prompt, completion, total, source) = match outcome.usage {
+    /// [`Self::settle`]'s work, where it runs: what the outcome costs,
+    /// reported as the client's usage, charged.
+    fn finish(self, outcome: &Outcome, upstream_ok: bool) -> Charged {
+        let (charged, source) = self.cost(outcome, upstream_ok);
+        match self.account.kind() {
+            AccountKind::Client => self.report(charged, source, outcome.complete),
+            // Its tokens are a client's request's, reported as the client's.
+            AccountKind::Upstream => {}
+        }
+        self.charge(charged.total);
+        charged
+    }
+
+    /// What the outcome costs, and from where that figure came (`upstream`,
+    /// `estimate`, `released`).
+    fn cost(&self, outcome: &Outcome, upstream_ok: bool) -> (Charged, &'static str) {
+        match outcome.usage {
             Some(usage) => (
-                usage.prompt_tokens,
-                usage.completion_tokens,
-                usage.total(),
+                Charged {
+                    prompt: usage.prompt_tokens,
+                    completion: usage.completion_tokens,
+                    total: usage.total(),
+                },
                 "upstream",
             ),
             None if upstream_ok => {
                 let completion = estimate::count_tokens(&outcome.generated);
                 let prompt = self.prompt_tokens();
-                (prompt, completion, prompt + completion, "estimate")
+                let total = prompt + completion;
+                (
+                    Charged {
+                        prompt,
+                        completion,
+                        total,
+                    },
+                    "estimate",
+                )
             }
-            None => (0, 0, 0, "released"),
-        };
-        if let Some(linked) = self.linked.take() {
-            linked.charge(total);
+            None => (Charged::default(), "released"),
         }
-        let charged = Charged {
-            prompt,
-            completion,
-            total,
-        };
-        if self.account == Account::Upstream {
-            self.replace_hold(total);
-            return charged;
-        }
-        let client = self.client.to_string();
-        for (kind, tokens) in [("prompt", prompt), ("completion", completion)] {
+    }
+
+    /// A client's settlement in the metrics and the log.
+    fn report(&self, charged: Charged, source: &'static str, complete: bool) {
+        let client = self.account.name();
+        let model = self.model.as_deref().unwrap_or_default();
+        for (kind, tokens) in [
+            ("prompt", charged.prompt),
+            ("completion", charged.completion),
+        ] {
             crate::metrics::TOKENS
-                .counter(&[("client", &client), ("model", &self.model), ("kind", kind)])
+                .counter(&[("client", client), ("model", model), ("kind", kind)])
                 .increment(tokens);
         }
         tracing::info!(
             request_id = self.request_id.as_deref().unwrap_or(""),
-            client = %self.client,
-            model = %self.model,
+            client,
+            model,
             reserved_tokens = self.estimate.total(),
-            charged_tokens = total,
-            prompt_tokens = prompt,
-            completion_tokens = completion,
+            charged_tokens = charged.total,
+            prompt_tokens = charged.prompt,
+            completion_tokens = charged.completion,
             source,
-            complete = outcome.complete,
+            complete,
             "usage settled"
         );
-        self.replace_hold(total);
-        charged
     }
 
-    /// Replaces the reservation (and any linked one) by exactly `actual` tokens.
-    pub fn charge(mut self, actual: u64) {
+    /// When the tokens are known: replaces the reservation, and any linked
+    /// to it, by `actual` tokens (so an upstream's pacing is charged what
+    /// its client's request was).
+    fn charge(mut self, actual: u64) {
         if let Some(linked) = self.linked.take() {
             linked.charge(actual);
         }
-        self.replace_hold(actual);
+        self.give_back(actual);
     }
 
-    /// The one place a hold is given back: it is taken, so it happens once.
-    fn replace_hold(&mut self, actual: u64) {
-        if let Some(hold) = self.hold.take() {
-            self.budgets
-                .settle_detached(&self.client, &self.limits, hold, actual, self.local);
+    /// The one place a hold goes back to where it was reserved, keeping
+    /// `actual` tokens: taken, so it happens once. In-memory stores finish
+    /// on the spot; others run as a tracked task, so shutdown waits for
+    /// them, and the caller never does.
+    fn give_back(&mut self, actual: u64) {
+        let Some(hold) = self.hold.take() else {
+            return;
+        };
+        let inner = &self.budgets.inner;
+        let now = inner.clock.now();
+        if self.local {
+            inner
+                .local
+                .settle_now(&self.account, &self.limits, &hold, actual, now);
+            return;
         }
+        let mut future = inner
+            .store
+            .settle(&self.account, &self.limits, hold, actual, now);
+        if let Poll::Ready(result) = future
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+        {
+            if let Err(e) = result {
+                tracing::error!("budget not settled: {e}");
+            }
+            return;
+        }
+        self.budgets.spawn(future);
     }
 }
 
 impl Drop for Reservation {
+    /// When nothing settled it: everything but the request goes back.
     fn drop(&mut self) {
-        self.replace_hold(0);
+        // A linked reservation is dropped with this one, and gives itself back.
+        self.give_back(0);
     }
 }
 

@@ -9,7 +9,7 @@ use std::fmt::Write;
 use super::duration_string;
 use super::store::{RedisStore, SqliteStore, Store};
 use super::window::{Clock, Snapshot, Window};
-use super::{Limits, StoreBackend};
+use super::{Account, Limits, StoreBackend};
 
 /// The report for `clients` (name and limits), from the store `backend`
 /// describes.
@@ -23,9 +23,10 @@ pub async fn usage(
         StoreBackend::Sqlite { path } => {
             let states = SqliteStore::read(path).map_err(|e| e.to_string())?;
             for (client, limits) in clients {
+                let account = Account::client(client);
                 let state = states
                     .iter()
-                    .find(|(name, _)| name == client)
+                    .find(|(stored, _)| *stored == account)
                     .map(|(_, state)| *state)
                     .unwrap_or_default();
                 snapshots.push((client, state.snapshot(&limits, now)));
@@ -38,7 +39,7 @@ pub async fn usage(
                 RedisStore::connect(url.expose(), options.clone()).map_err(|e| e.to_string())?;
             for (client, limits) in clients {
                 let snapshot = store
-                    .snapshot(client, &limits, now)
+                    .snapshot(&Account::client(client), &limits, now)
                     .await
                     .map_err(|e| format!("budget store: {e}"))?;
                 snapshots.push((client, snapshot));
@@ -154,13 +155,13 @@ mod tests {
         let limits = config.catalog.clients()[0].budget;
         let now = Clock::system().now();
         let hold = store
-            .reserve("team-a", &limits, 400, now)
+            .reserve(&Account::client("team-a"), &limits, 400, now)
             .await
             .expect("store")
             .outcome
             .expect("fits");
         store
-            .settle("team-a", &limits, hold, 321, now)
+            .settle(&Account::client("team-a"), &limits, hold, 321, now)
             .await
             .expect("settle");
         store.flush().await.expect("flush");
@@ -231,17 +232,17 @@ mod tests {
         };
         let limits = config.catalog.clients()[0].budget;
         let hold = store
-            .reserve("team-a", &limits, 400, 0)
+            .reserve(&Account::client("team-a"), &limits, 400, 0)
             .await
             .expect("store")
             .outcome
             .expect("fits");
         store
-            .settle("team-a", &limits, hold, 321, 0)
+            .settle(&Account::client("team-a"), &limits, hold, 321, 0)
             .await
             .expect("settle");
         let _in_flight = store
-            .reserve("team-a", &limits, 50, 0)
+            .reserve(&Account::client("team-a"), &limits, 50, 0)
             .await
             .expect("store")
             .outcome

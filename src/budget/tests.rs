@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
+use crate::budget::store::SqliteStore;
 use crate::budget::window::NANOS_PER_SEC;
 use crate::catalog::Client;
 use crate::error::{ApiError, ErrorCode, rate_limit_headers};
@@ -69,7 +70,7 @@ fn header<'a>(error: &'a ApiError, name: &str) -> Option<&'a str> {
 
 async fn used(budgets: &Budgets, client: &Client, window: Window) -> u64 {
     budgets
-        .snapshot(&client.name, &client.budget)
+        .snapshot(&Account::client(Arc::clone(&client.name)), &client.budget)
         .await
         .expect("snapshot")
         .get(window)
@@ -235,11 +236,13 @@ async fn finish_settles_by_reported_usage_or_by_estimate() {
         finished: true,
         error_code: None,
     };
-    budgets
-        .reserve_for(&client, estimate)
-        .await
-        .expect("fits")
-        .settle(reported, true);
+    drop(
+        budgets
+            .reserve_for(&client, estimate)
+            .await
+            .expect("fits")
+            .settle(reported, true, |_| {}),
+    );
     assert_eq!(used(&budgets, &client, Window::TokensPerDay).await, 47);
 
     // The client hung up after some text and no usage: prompt estimate + text.
@@ -250,11 +253,13 @@ async fn finish_settles_by_reported_usage_or_by_estimate() {
         finished: false,
         error_code: None,
     };
-    budgets
-        .reserve_for(&client, estimate)
-        .await
-        .expect("fits")
-        .settle(hung_up, true);
+    drop(
+        budgets
+            .reserve_for(&client, estimate)
+            .await
+            .expect("fits")
+            .settle(hung_up, true, |_| {}),
+    );
     assert_eq!(
         used(&budgets, &client, Window::TokensPerDay).await,
         47 + 50 + 4
@@ -263,20 +268,23 @@ async fn finish_settles_by_reported_usage_or_by_estimate() {
     // A long text is counted off the async threads, and still charged.
     let long = "word ".repeat(1000);
     let long_tokens = estimate::count_tokens(&long);
-    budgets
-        .reserve_for(&client, estimate)
-        .await
-        .expect("fits")
-        .settle(
-            Outcome {
-                complete: false,
-                usage: None,
-                generated: long,
-                finished: false,
-                error_code: None,
-            },
-            true,
-        );
+    drop(
+        budgets
+            .reserve_for(&client, estimate)
+            .await
+            .expect("fits")
+            .settle(
+                Outcome {
+                    complete: false,
+                    usage: None,
+                    generated: long,
+                    finished: false,
+                    error_code: None,
+                },
+                true,
+                |_| {},
+            ),
+    );
     let expected = 47 + 50 + 4 + 50 + long_tokens;
     for _ in 0..400 {
         if used(&budgets, &client, Window::TokensPerDay).await == expected {
@@ -290,11 +298,13 @@ async fn finish_settles_by_reported_usage_or_by_estimate() {
     );
 
     // An upstream error without usage costs nothing.
-    budgets
-        .reserve_for(&client, estimate)
-        .await
-        .expect("fits")
-        .settle(Outcome::default(), false);
+    drop(
+        budgets
+            .reserve_for(&client, estimate)
+            .await
+            .expect("fits")
+            .settle(Outcome::default(), false, |_| {}),
+    );
     assert_eq!(
         used(&budgets, &client, Window::TokensPerDay).await,
         expected
@@ -348,26 +358,29 @@ fn durations_use_openais_format() {
     assert_eq!(duration_string(48_005_300 * ms), "13h20m5.3s");
 }
 
+/// A store that never answers.
+struct Down;
+
+impl Store for Down {
+    fn reserve(&self, _: &Account, _: &Limits, _: u64, _: u64) -> StoreFuture<store::Reserved> {
+        Box::pin(async { Err(StoreError("connection refused".into())) })
+    }
+    fn settle(&self, _: &Account, _: &Limits, _: Hold, _: u64, _: u64) -> StoreFuture<()> {
+        Box::pin(async { Err(StoreError("connection refused".into())) })
+    }
+    fn snapshot(&self, _: &Account, _: &Limits, _: u64) -> StoreFuture<Snapshot> {
+        Box::pin(async { Err(StoreError("connection refused".into())) })
+    }
+    fn health(&self) -> StoreFuture<()> {
+        Box::pin(async { Err(StoreError("connection refused".into())) })
+    }
+    fn flush(&self) -> StoreFuture<()> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
 #[tokio::test]
 async fn an_unavailable_store_answers_503_or_admits_as_configured() {
-    struct Down;
-    impl Store for Down {
-        fn reserve(&self, _: &str, _: &Limits, _: u64, _: u64) -> StoreFuture<store::Reserved> {
-            Box::pin(async { Err(StoreError("connection refused".into())) })
-        }
-        fn settle(&self, _: &str, _: &Limits, _: Hold, _: u64, _: u64) -> StoreFuture<()> {
-            Box::pin(async { Err(StoreError("connection refused".into())) })
-        }
-        fn snapshot(&self, _: &str, _: &Limits, _: u64) -> StoreFuture<Snapshot> {
-            Box::pin(async { Err(StoreError("connection refused".into())) })
-        }
-        fn health(&self) -> StoreFuture<()> {
-            Box::pin(async { Err(StoreError("connection refused".into())) })
-        }
-        fn flush(&self) -> StoreFuture<()> {
-            Box::pin(async { Ok(()) })
-        }
-    }
     let client = client("tokens_per_day = 10");
     let reject = Budgets::new(Arc::new(Down), Clock::system(), OnUnavailable::Reject);
     let error = reject
@@ -386,6 +399,35 @@ async fn an_unavailable_store_answers_503_or_admits_as_configured() {
         .await
         .expect("admitted")
         .charge(1);
+}
+
+/// An upstream's pacing counted locally while the store is down is counted
+/// as that upstream's, never as a client's (it once was, as a client named
+/// after the upstream's storage key).
+#[tokio::test]
+async fn a_pacing_fallback_is_counted_as_the_upstreams_not_a_clients() {
+    let metrics = crate::metrics::Metrics::install();
+    let budgets = Budgets::new(Arc::new(Down), Clock::system(), OnUnavailable::Allow);
+    let pacing = Limits {
+        requests_per_minute: Some(10),
+        ..Limits::default()
+    };
+    let room = budgets
+        .reserve_room("paced-upstream", &pacing, cost(1))
+        .await
+        .expect("counted locally")
+        .expect("paced");
+    drop(room);
+    let rendered = metrics.render();
+    let lines: Vec<&str> = rendered
+        .lines()
+        .filter(|line| line.contains("paced-upstream"))
+        .collect();
+    assert_eq!(
+        lines,
+        ["iris_upstream_pacing_fallback_total{upstream=\"paced-upstream\"} 1"],
+        "counted once, as the upstream's pacing, under no client"
+    );
 }
 
 /// A memory store that can be switched off, like a Redis that goes away and
@@ -408,19 +450,19 @@ impl Flaky {
 impl Store for Flaky {
     fn reserve(
         &self,
-        client: &str,
+        account: &Account,
         limits: &Limits,
         tokens: u64,
         now: u64,
     ) -> StoreFuture<store::Reserved> {
         let result = self
             .check()
-            .map(|()| self.store.reserve_now(client, limits, tokens, now));
+            .map(|()| self.store.reserve_now(account, limits, tokens, now));
         Box::pin(std::future::ready(result))
     }
     fn settle(
         &self,
-        client: &str,
+        account: &Account,
         limits: &Limits,
         hold: Hold,
         actual: u64,
@@ -428,13 +470,13 @@ impl Store for Flaky {
     ) -> StoreFuture<()> {
         let result = self
             .check()
-            .map(|()| self.store.settle_now(client, limits, &hold, actual, now));
+            .map(|()| self.store.settle_now(account, limits, &hold, actual, now));
         Box::pin(std::future::ready(result))
     }
-    fn snapshot(&self, client: &str, limits: &Limits, now: u64) -> StoreFuture<Snapshot> {
+    fn snapshot(&self, account: &Account, limits: &Limits, now: u64) -> StoreFuture<Snapshot> {
         let result = self
             .check()
-            .map(|()| self.store.snapshot_now(client, limits, now));
+            .map(|()| self.store.snapshot_now(account, limits, now));
         Box::pin(std::future::ready(result))
     }
     fn health(&self) -> StoreFuture<()> {
@@ -483,7 +525,11 @@ async fn allowed_through_an_outage_requests_are_counted_locally_then_the_store_a
     let in_store = |window| {
         flaky
             .store
-            .snapshot_now("c", &client.budget, budgets.inner.clock.now())
+            .snapshot_now(
+                &Account::client("c"),
+                &client.budget,
+                budgets.inner.clock.now(),
+            )
             .get(window)
             .used
     };
@@ -497,10 +543,11 @@ async fn allowed_through_an_outage_requests_are_counted_locally_then_the_store_a
         1,
         "the local one settled locally"
     );
-    let local = budgets
-        .inner
-        .local
-        .snapshot_now("c", &client.budget, budgets.inner.clock.now());
+    let local = budgets.inner.local.snapshot_now(
+        &Account::client("c"),
+        &client.budget,
+        budgets.inner.clock.now(),
+    );
     assert_eq!(local.get(Window::TokensPerDay).used, 10);
     assert_eq!(local.get(Window::MaxConcurrent).used, 0);
     after.charge(20);
@@ -544,12 +591,13 @@ async fn budget_hot_path() {
 
     // The store's part alone.
     let memory = MemoryStore::new();
+    let account = Account::client("c");
     let started = std::time::Instant::now();
     for i in 0..100_000u64 {
         let now = 1_735_689_540 * NANOS_PER_SEC + i * 1000;
-        let reserved = memory.reserve_now("c", &client.budget, 1000, now);
+        let reserved = memory.reserve_now(&account, &client.budget, 1000, now);
         let hold = reserved.outcome.expect("fits");
-        memory.settle_now("c", &client.budget, &hold, 900, now);
+        memory.settle_now(&account, &client.budget, &hold, 900, now);
     }
     println!(
         "store reserve + settle alone: {:?} per pair",
@@ -571,10 +619,11 @@ async fn budget_hot_path() {
     assert!(at(0.5) < Duration::from_millis(1));
 }
 
-/// The spend log's token counts come from `settle_then`: what the budget
-/// was charged, whether the settlement ran inline or on the blocking pool.
+/// The spend log's token counts come from `settle`'s `then`: what the
+/// budget was charged, whether the settlement ran inline or on the blocking
+/// pool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn settle_then_reports_what_was_charged() {
+async fn settle_reports_what_was_charged() {
     let budgets = budgets(NEW_YEARS_EVE);
     let client = client("tokens_per_day = 1000000");
     let estimate = Estimate {
@@ -586,13 +635,15 @@ async fn settle_then_reports_what_was_charged() {
         let client = Arc::clone(&client);
         async move {
             let (tx, rx) = tokio::sync::oneshot::channel();
-            budgets
-                .reserve_for(&client, estimate)
-                .await
-                .expect("fits")
-                .settle_then(outcome, upstream_ok, move |charged| {
-                    let _ = tx.send(charged);
-                });
+            drop(
+                budgets
+                    .reserve_for(&client, estimate)
+                    .await
+                    .expect("fits")
+                    .settle(outcome, upstream_ok, move |charged| {
+                        let _ = tx.send(charged);
+                    }),
+            );
             rx.await.expect("then runs")
         }
     };
@@ -666,9 +717,9 @@ async fn an_uncounted_prompt_is_counted_only_when_settling_without_usage() {
                 finished: false,
                 error_code: None,
             };
-            reservation.settle_then(outcome, true, move |charged| {
+            drop(reservation.settle(outcome, true, move |charged| {
                 let _ = tx.send(charged);
-            });
+            }));
             rx.await.expect("settled")
         }
     };

@@ -149,10 +149,11 @@ impl ResponseBody {
             })),
             None => Box::new(|_| {}),
         };
+        let persisted = reservation.settle(outcome, self.upstream_ok, then);
+        // Only a complete response's last bytes wait for it; otherwise the
+        // settlement runs on, and nothing is left to hold back.
         if complete {
-            self.persisting = Some(reservation.settle_persisted(outcome, self.upstream_ok, then));
-        } else {
-            reservation.settle_then(outcome, self.upstream_ok, then);
+            self.persisting = Some(persisted);
         }
     }
 

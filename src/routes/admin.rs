@@ -26,6 +26,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::failed_authentication;
+use crate::budget::Account;
 use crate::clients::ops::{self, ClientChange, ClientView, NewClient, Rotation};
 use crate::config::Config;
 use crate::error::ApiError;
@@ -80,7 +81,7 @@ async fn with_usage(state: &SharedState, view: ClientView) -> Value {
     let usage = state
         .gateway
         .budgets
-        .snapshot(&view.name, &view.budget)
+        .snapshot(&Account::client(view.name.as_str()), &view.budget)
         .await
         .map(|snapshot| super::usage::windows_json(&snapshot))
         .unwrap_or(Value::Null);
@@ -195,7 +196,7 @@ pub async fn upstreams(State(state): State<SharedState>, Admin { config }: Admin
             Some(upstream) if upstream.pacing != crate::budget::Limits::default() => state
                 .gateway
                 .budgets
-                .room(&upstream.name, &upstream.pacing)
+                .snapshot(&Account::upstream(&upstream.name), &upstream.pacing)
                 .await
                 .map(|snapshot| super::usage::windows_json(&snapshot))
                 .unwrap_or(Value::Null),

@@ -16,13 +16,15 @@
 //! the end of the UTC day or month for calendar windows) and `reset_in` the
 //! same as a duration, in the format of the `x-ratelimit-reset-*` headers.
 
+use std::sync::Arc;
+
 use axum::Json;
 use axum::extract::State;
 use serde_json::{Map, Value, json};
 
 use super::Authenticated;
-use crate::budget::duration_string;
 use crate::budget::window::{NANOS_PER_SEC, Snapshot};
+use crate::budget::{Account, duration_string};
 use crate::error::ApiError;
 use crate::state::SharedState;
 
@@ -33,7 +35,7 @@ pub async fn usage(
     let snapshot = state
         .gateway
         .budgets
-        .snapshot(&client.name, &client.budget)
+        .snapshot(&Account::client(Arc::clone(&client.name)), &client.budget)
         .await?;
     Ok(Json(usage_json(&client.name, &snapshot)))
 }

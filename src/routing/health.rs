@@ -1,11 +1,11 @@
 //! Deployment health: failures counted in a sliding window, cooldowns, and
-//! their sharing through the store, so that with Redis every instance skips
-//! a deployment one instance saw failing.
+//! their sharing with other instances ([`SharedHealth`]), so that with Redis
+//! every instance skips a deployment one instance saw failing.
 //!
 //! Every instance decides from its own memory, so checking health costs no
 //! round trip: local failures and cooldowns are written there at once, and
-//! shared ones (from the store) are pulled in by [`Health::refresh`], which
-//! the app runs every [`REFRESH_EVERY`].
+//! shared ones are pulled in by [`Health::refresh`], which the app runs
+//! every [`REFRESH_EVERY`].
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -14,11 +14,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{FAILURE_WINDOW, Failure, RoutingSettings};
-use crate::budget::store::Store;
 use crate::catalog::Deployment;
+use crate::shared_health::SharedHealth;
 
-/// How often shared cooldowns are read from the store (and the cooling
-/// gauges brought up to date).
+/// How often shared cooldowns are read (and the cooling gauges brought up
+/// to date).
 pub const REFRESH_EVERY: Duration = Duration::from_millis(500);
 
 /// Why a deployment cools down (the `reason` of `iris_upstream_cooldowns_total`).
@@ -101,7 +101,7 @@ struct State {
     failures: VecDeque<Instant>,
     /// Cooling down until then, as this instance decided.
     local_until: Option<Instant>,
-    /// Cooling down until then, as the store says (another instance's cooldown).
+    /// Cooling down until then, as shared (another instance's cooldown).
     shared_until: Option<Instant>,
     /// The metric labels, kept to update the gauge.
     labels: Option<(String, String)>,
@@ -115,16 +115,18 @@ impl State {
 
 pub struct Health {
     states: Mutex<HashMap<Arc<str>, State>>,
-    store: Arc<dyn Store>,
+    /// Where health is shared with other instances; `None` where the
+    /// store is this process's own (then its memory is the whole truth).
+    shared: Option<Arc<dyn SharedHealth>>,
     /// Where the 10 s buckets of [`Recent`] count from.
     started: Instant,
 }
 
 impl Health {
-    pub fn new(store: Arc<dyn Store>) -> Self {
+    pub fn new(shared: Option<Arc<dyn SharedHealth>>) -> Self {
         Self {
             states: Mutex::default(),
-            store,
+            shared,
             started: Instant::now(),
         }
     }
@@ -229,23 +231,25 @@ impl Health {
         }
         drop(states);
 
-        // Shared with the other instances (a no-op for in-process stores);
-        // never waited for: health is advice, not accounting.
-        let share = match started {
-            Some((_, length)) => self.store.share_cooldown(key, length),
-            None => self.store.share_failure(
-                key,
-                FAILURE_WINDOW,
-                settings.allowed_fails,
-                settings.cooldown,
-            ),
-        };
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                if let Err(e) = share.await {
-                    tracing::debug!("deployment health not shared: {e}");
-                }
-            });
+        // Shared with the other instances, never waited for: health is
+        // advice, not accounting.
+        if let Some(shared) = &self.shared {
+            let share = match started {
+                Some((_, length)) => shared.share_cooldown(key, length),
+                None => shared.share_failure(
+                    key,
+                    FAILURE_WINDOW,
+                    settings.allowed_fails,
+                    settings.cooldown,
+                ),
+            };
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    if let Err(e) = share.await {
+                        tracing::debug!("deployment health not shared: {e}");
+                    }
+                });
+            }
         }
 
         let (reason, length) = started?;
@@ -277,23 +281,24 @@ impl Health {
         Some(reason)
     }
 
-    /// Pulls the shared cooldowns of `deployments` from the store and brings
-    /// the cooling gauges up to date.
+    /// Pulls the shared cooldowns of `deployments` and brings the cooling
+    /// gauges up to date.
     pub async fn refresh(&self, deployments: &[(Arc<str>, String, String)]) {
-        let keys: Vec<Arc<str>> = deployments
-            .iter()
-            .map(|(key, ..)| Arc::clone(key))
-            .collect();
-        let shared = if self.store.shares_health() {
-            match self.store.shared_cooldowns(&keys).await {
-                Ok(remaining) => Some(remaining),
-                Err(e) => {
-                    tracing::debug!("shared cooldowns not read: {e}");
-                    None
+        let shared = match &self.shared {
+            Some(shared) => {
+                let keys: Vec<Arc<str>> = deployments
+                    .iter()
+                    .map(|(key, ..)| Arc::clone(key))
+                    .collect();
+                match shared.shared_cooldowns(&keys).await {
+                    Ok(remaining) => Some(remaining),
+                    Err(e) => {
+                        tracing::debug!("shared cooldowns not read: {e}");
+                        None
+                    }
                 }
             }
-        } else {
-            None
+            None => None,
         };
         let now = Instant::now();
         let Ok(mut states) = self.states.lock() else {

@@ -4,7 +4,7 @@
 //! upstream room. The gateway runs the attempts; this module decides.
 //!
 //! - [`select`]: priority tier, then weight, skipping cooling deployments
-//! - [`health`]: failures and cooldowns, shared through the store
+//! - [`health`]: failures and cooldowns, shared between instances
 //! - [`queue`]: waiting for upstream room, round-robin across clients
 
 pub mod health;

@@ -126,7 +126,6 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::budget::store::MemoryStore;
     use crate::routing::{Failure, RoutingSettings};
 
     fn deployments(spec: &[(&str, u32, u32)]) -> Vec<Deployment> {
@@ -163,7 +162,7 @@ mod tests {
     }
 
     fn health() -> Health {
-        Health::new(Arc::new(MemoryStore::new()))
+        Health::new(None)
     }
 
     #[tokio::test]

@@ -556,20 +556,20 @@ async fn usage_is_counted_in_metrics_and_requires_a_key() {
 async fn readiness_and_requests_follow_the_store() {
     use iris::budget::store::{Reserved, Store, StoreError, StoreFuture};
     use iris::budget::window::{Clock, Hold, Snapshot};
-    use iris::budget::{Limits, OnUnavailable};
+    use iris::budget::{Account, Limits, OnUnavailable};
 
     struct Down;
     fn down<T>() -> StoreFuture<T> {
         Box::pin(async { Err(StoreError("connection refused".into())) })
     }
     impl Store for Down {
-        fn reserve(&self, _: &str, _: &Limits, _: u64, _: u64) -> StoreFuture<Reserved> {
+        fn reserve(&self, _: &Account, _: &Limits, _: u64, _: u64) -> StoreFuture<Reserved> {
             down()
         }
-        fn settle(&self, _: &str, _: &Limits, _: Hold, _: u64, _: u64) -> StoreFuture<()> {
+        fn settle(&self, _: &Account, _: &Limits, _: Hold, _: u64, _: u64) -> StoreFuture<()> {
             down()
         }
-        fn snapshot(&self, _: &str, _: &Limits, _: u64) -> StoreFuture<Snapshot> {
+        fn snapshot(&self, _: &Account, _: &Limits, _: u64) -> StoreFuture<Snapshot> {
             down()
         }
         fn health(&self) -> StoreFuture<()> {

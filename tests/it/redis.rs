@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use iris::budget::Account;
 use serde_json::{Value, json};
 
 use crate::support::redis::{RedisProcess, SharedRedis, store_toml, with_store};
@@ -279,7 +280,10 @@ async fn an_expired_lease_frees_a_stuck_reservation() {
         max_concurrent: Some(1),
         ..Default::default()
     };
-    let reserved = dead.reserve("b", &limits, 10, 0).await.unwrap();
+    let reserved = dead
+        .reserve(&Account::client("b"), &limits, 10, 0)
+        .await
+        .unwrap();
     assert!(reserved.outcome.is_ok());
     let leased_at = Instant::now();
     drop(dead);
@@ -354,9 +358,18 @@ async fn a_reservation_whose_answer_was_lost_is_given_back() {
         ..Default::default()
     };
     // Scripts loaded (a script unknown to Redis would not run at all).
-    let warm = store.reserve("warm", &limits, 1, 0).await.unwrap();
+    let warm = store
+        .reserve(&Account::client("warm"), &limits, 1, 0)
+        .await
+        .unwrap();
     store
-        .settle("warm", &limits, warm.outcome.unwrap(), 1, 0)
+        .settle(
+            &Account::client("warm"),
+            &limits,
+            warm.outcome.unwrap(),
+            1,
+            0,
+        )
         .await
         .unwrap();
 
@@ -372,20 +385,28 @@ async fn a_reservation_whose_answer_was_lost_is_given_back() {
         .await
         .unwrap();
     let started = Instant::now();
-    assert!(store.reserve("c", &limits, 10, 0).await.is_err());
+    assert!(
+        store
+            .reserve(&Account::client("c"), &limits, 10, 0)
+            .await
+            .is_err()
+    );
     assert!(started.elapsed() < Duration::from_millis(900));
 
     // Once Redis resumes, the reservation ran, and the cancel behind it gave
     // it back: no slot held for the lease's ten minutes, no tokens charged.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let now = store.snapshot("c", &limits, 0).await.unwrap();
+    let now = store
+        .snapshot(&Account::client("c"), &limits, 0)
+        .await
+        .unwrap();
     let used = |window| now.get(window).used;
     use iris::budget::window::Window;
     assert_eq!(used(Window::MaxConcurrent), 0);
     assert_eq!(used(Window::TokensPerDay), 0);
     assert!(
         store
-            .reserve("c", &limits, 10, 0)
+            .reserve(&Account::client("c"), &limits, 10, 0)
             .await
             .unwrap()
             .outcome
@@ -433,9 +454,10 @@ async fn reserving_and_settling_are_one_round_trip_each() {
         max_concurrent: Some(10),
     };
     let spend = async |client: &str| {
-        let hold = store.reserve(client, &limits, 100, 0).await.unwrap();
+        let client = Account::client(client);
+        let hold = store.reserve(&client, &limits, 100, 0).await.unwrap();
         store
-            .settle(client, &limits, hold.outcome.unwrap(), 80, 0)
+            .settle(&client, &limits, hold.outcome.unwrap(), 80, 0)
             .await
             .unwrap();
     };

@@ -1,14 +1,15 @@
-//! The in-memory store: each client's windows behind its own mutex, held
+//! The in-memory store: each account's windows behind its own mutex, held
 //! only for the few arithmetic steps of one operation (never across an
-//! await), so reservations of different clients never wait on each other.
-//! Also the authoritative state of the SQLite store.
+//! await), so reservations of different accounts never wait on each other.
+//! Also the authoritative state of the SQLite store, which is why its map
+//! is keyed by the accounts' storage keys (the SQLite rows').
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
 
 use super::{Reserved, Store, StoreError, StoreFuture, ready};
-use crate::budget::Limits;
 use crate::budget::window::{ClientState, Hold, Snapshot};
+use crate::budget::{Account, Limits};
 
 #[derive(Default)]
 struct Entry {
@@ -19,7 +20,8 @@ struct Entry {
 
 #[derive(Default)]
 pub struct MemoryStore {
-    clients: RwLock<HashMap<Box<str>, Mutex<Entry>>>,
+    /// By [`Account::key`].
+    accounts: RwLock<HashMap<Box<str>, Mutex<Entry>>>,
 }
 
 /// A poisoned lock only means another thread panicked mid-update; the state
@@ -33,73 +35,85 @@ impl MemoryStore {
         Self::default()
     }
 
-    /// A store holding previously persisted states.
+    /// A store holding previously persisted states, by storage key.
     pub fn with_states(states: impl IntoIterator<Item = (String, ClientState)>) -> Self {
-        let clients = states
+        let accounts = states
             .into_iter()
-            .map(|(client, state)| {
+            .map(|(key, state)| {
                 let entry = Entry {
                     state,
                     dirty: false,
                 };
-                (client.into_boxed_str(), Mutex::new(entry))
+                (key.into_boxed_str(), Mutex::new(entry))
             })
             .collect();
         Self {
-            clients: RwLock::new(clients),
+            accounts: RwLock::new(accounts),
         }
     }
 
-    /// Runs `f` on the client's state (created on first use) and marks it dirty.
-    pub fn update<R>(&self, client: &str, f: impl FnOnce(&mut ClientState) -> R) -> R {
+    /// Runs `f` on the state under `key` (created on first use) and marks
+    /// it dirty.
+    fn update<R>(&self, key: &str, f: impl FnOnce(&mut ClientState) -> R) -> R {
         {
-            let clients = self.clients.read().unwrap_or_else(PoisonError::into_inner);
-            if let Some(entry) = clients.get(client) {
+            let accounts = self.accounts.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(entry) = accounts.get(key) {
                 let mut entry = lock(entry);
                 entry.dirty = true;
                 return f(&mut entry.state);
             }
         }
-        let mut clients = self.clients.write().unwrap_or_else(PoisonError::into_inner);
-        let entry = clients.entry(client.into()).or_default();
+        let mut accounts = self
+            .accounts
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let entry = accounts.entry(key.into()).or_default();
         let entry = entry.get_mut().unwrap_or_else(PoisonError::into_inner);
         entry.dirty = true;
         f(&mut entry.state)
     }
 
-    /// The client's state (the empty state for a client never seen).
-    pub fn state(&self, client: &str) -> ClientState {
-        let clients = self.clients.read().unwrap_or_else(PoisonError::into_inner);
-        clients
-            .get(client)
+    /// The account's state (the empty state for one never seen).
+    fn state(&self, account: &Account) -> ClientState {
+        let accounts = self.accounts.read().unwrap_or_else(PoisonError::into_inner);
+        accounts
+            .get(account.key())
             .map(|entry| lock(entry).state)
             .unwrap_or_default()
     }
 
-    /// The states changed since the last call, marking them clean.
+    /// The states changed since the last call, by storage key, marking them
+    /// clean.
     pub fn take_dirty(&self) -> Vec<(String, ClientState)> {
-        let clients = self.clients.read().unwrap_or_else(PoisonError::into_inner);
-        clients
+        let accounts = self.accounts.read().unwrap_or_else(PoisonError::into_inner);
+        accounts
             .iter()
-            .filter_map(|(client, entry)| {
+            .filter_map(|(key, entry)| {
                 let mut entry = lock(entry);
-                std::mem::take(&mut entry.dirty).then(|| (client.to_string(), entry.state))
+                std::mem::take(&mut entry.dirty).then(|| (key.to_string(), entry.state))
             })
             .collect()
     }
 
-    /// Marks clients dirty again after a failed write.
-    pub fn mark_dirty(&self, names: impl IntoIterator<Item = String>) {
-        let clients = self.clients.read().unwrap_or_else(PoisonError::into_inner);
-        for name in names {
-            if let Some(entry) = clients.get(name.as_str()) {
+    /// Marks the states under `keys` dirty again after a failed write.
+    pub fn mark_dirty(&self, keys: impl IntoIterator<Item = String>) {
+        let accounts = self.accounts.read().unwrap_or_else(PoisonError::into_inner);
+        for key in keys {
+            if let Some(entry) = accounts.get(key.as_str()) {
                 lock(entry).dirty = true;
             }
         }
     }
 
-    pub fn reserve_now(&self, client: &str, limits: &Limits, tokens: u64, now: u64) -> Reserved {
-        self.update(client, |state| {
+    /// [`Store::reserve`], answered at once.
+    pub fn reserve_now(
+        &self,
+        account: &Account,
+        limits: &Limits,
+        tokens: u64,
+        now: u64,
+    ) -> Reserved {
+        self.update(account.key(), |state| {
             let outcome = state.reserve(limits, tokens, now);
             Reserved {
                 outcome,
@@ -108,40 +122,51 @@ impl MemoryStore {
         })
     }
 
-    pub fn settle_now(&self, client: &str, limits: &Limits, hold: &Hold, actual: u64, now: u64) {
-        self.update(client, |state| state.settle(limits, hold, actual, now));
+    /// [`Store::settle`], done at once.
+    pub fn settle_now(
+        &self,
+        account: &Account,
+        limits: &Limits,
+        hold: &Hold,
+        actual: u64,
+        now: u64,
+    ) {
+        self.update(account.key(), |state| {
+            state.settle(limits, hold, actual, now);
+        });
     }
 
-    pub fn snapshot_now(&self, client: &str, limits: &Limits, now: u64) -> Snapshot {
-        self.state(client).snapshot(limits, now)
+    /// [`Store::snapshot`], answered at once.
+    pub fn snapshot_now(&self, account: &Account, limits: &Limits, now: u64) -> Snapshot {
+        self.state(account).snapshot(limits, now)
     }
 }
 
 impl Store for MemoryStore {
     fn reserve(
         &self,
-        client: &str,
+        account: &Account,
         limits: &Limits,
         tokens: u64,
         now: u64,
     ) -> StoreFuture<Reserved> {
-        ready(Ok(self.reserve_now(client, limits, tokens, now)))
+        ready(Ok(self.reserve_now(account, limits, tokens, now)))
     }
 
     fn settle(
         &self,
-        client: &str,
+        account: &Account,
         limits: &Limits,
         hold: Hold,
         actual: u64,
         now: u64,
     ) -> StoreFuture<()> {
-        self.settle_now(client, limits, &hold, actual, now);
+        self.settle_now(account, limits, &hold, actual, now);
         ready(Ok(()))
     }
 
-    fn snapshot(&self, client: &str, limits: &Limits, now: u64) -> StoreFuture<Snapshot> {
-        ready(Ok(self.snapshot_now(client, limits, now)))
+    fn snapshot(&self, account: &Account, limits: &Limits, now: u64) -> StoreFuture<Snapshot> {
+        ready(Ok(self.snapshot_now(account, limits, now)))
     }
 
     fn health(&self) -> StoreFuture<()> {

@@ -5,10 +5,13 @@
 //! [`RedisStore`] (shared by several instances).
 //!
 //! Each operation is one call that a backend must perform atomically for the
-//! client: `reserve` checks and charges every window together (the Redis
-//! store does it in one Lua script), and `settle`/`release` correct it in one
-//! step. Time is passed in, so every backend and every test agrees on "now"
+//! account: `reserve` checks and charges every window together (the Redis
+//! store does it in one Lua script), and `settle` corrects it in one step.
+//! Time is passed in, so every backend and every test agrees on "now"
 //! (the Redis store uses Redis's clock instead, shared by every instance).
+//!
+//! [`Stores::open`] opens the configured backend; the Redis store also
+//! shares deployment health between instances, as a [`SharedHealth`].
 
 mod memory;
 mod redis;
@@ -17,7 +20,6 @@ mod sqlite;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 #[cfg(test)]
 pub(crate) use self::redis::tests as redis_tests;
@@ -29,7 +31,9 @@ pub use memory::MemoryStore;
 pub use sqlite::{FLUSH_EVERY, SqliteStore};
 
 use super::window::{Hold, Refusal, Snapshot};
+use super::{Account, StoreBackend};
 use crate::budget::Limits;
+use crate::shared_health::SharedHealth;
 
 /// The future every store operation returns. `'static` so that settling can
 /// be spawned from a `Drop` (a client that hung up) and outlive the request.
@@ -51,33 +55,30 @@ pub struct Reserved {
 
 pub trait Store: Send + Sync + 'static {
     /// Atomically reserves `tokens`, one request and one concurrency slot
-    /// against every window of `client`, or reserves nothing and says why.
+    /// against every window of `account`, or reserves nothing and says why.
     fn reserve(
         &self,
-        client: &str,
+        account: &Account,
         limits: &Limits,
         tokens: u64,
         now: u64,
     ) -> StoreFuture<Reserved>;
 
     /// Replaces the tokens `hold` reserved by `actual` and frees its slot.
+    /// With `actual = 0` it gives back everything but the request it
+    /// counted (the upstream failed, or Iris refused the request after
+    /// reserving).
     fn settle(
         &self,
-        client: &str,
+        account: &Account,
         limits: &Limits,
         hold: Hold,
         actual: u64,
         now: u64,
     ) -> StoreFuture<()>;
 
-    /// Gives back everything `hold` reserved except the request it counted
-    /// (the upstream failed, or Iris refused the request after reserving).
-    fn release(&self, client: &str, limits: &Limits, hold: Hold, now: u64) -> StoreFuture<()> {
-        self.settle(client, limits, hold, 0, now)
-    }
-
-    /// The client's windows at `now`, without changing them.
-    fn snapshot(&self, client: &str, limits: &Limits, now: u64) -> StoreFuture<Snapshot>;
+    /// The account's windows at `now`, without changing them.
+    fn snapshot(&self, account: &Account, limits: &Limits, now: u64) -> StoreFuture<Snapshot>;
 
     /// Ok when the store answers (and, for a persistent one, persists).
     fn health(&self) -> StoreFuture<()>;
@@ -96,35 +97,51 @@ pub trait Store: Send + Sync + 'static {
     fn persisted(&self) -> StoreFuture<()> {
         ready(Ok(()))
     }
+}
 
-    /// Whether deployment health is shared through this store with other
-    /// instances. In-process stores share nothing: each process's own
-    /// memory is the whole truth, and the methods below do nothing.
-    fn shares_health(&self) -> bool {
-        false
-    }
+/// The configured backend, opened: the budget store, and the same store as
+/// routing's [`SharedHealth`] where it is shared by several instances.
+pub struct Stores {
+    pub budgets: Arc<dyn Store>,
+    /// `None` for the in-process stores: they share nothing.
+    pub health: Option<Arc<dyn SharedHealth>>,
+}
 
-    /// Counts a failure of deployment `key` for every instance: at `allowed`
-    /// failures within `window`, it cools down for `cooldown`.
-    fn share_failure(
-        &self,
-        _key: &str,
-        _window: Duration,
-        _allowed: u32,
-        _cooldown: Duration,
-    ) -> StoreFuture<()> {
-        ready(Ok(()))
-    }
-
-    /// Cools deployment `key` down for `length` for every instance (unless
-    /// it already cools down longer).
-    fn share_cooldown(&self, _key: &str, _length: Duration) -> StoreFuture<()> {
-        ready(Ok(()))
-    }
-
-    /// For each key, how long its shared cooldown still runs.
-    fn shared_cooldowns(&self, keys: &[Arc<str>]) -> StoreFuture<Vec<Option<Duration>>> {
-        ready(Ok(vec![None; keys.len()]))
+impl Stores {
+    /// Opens `backend` (loading an SQLite file and starting its background
+    /// writer; not waiting for Redis, which may come up later).
+    pub async fn open(backend: &StoreBackend) -> Result<Self, String> {
+        Ok(match backend {
+            StoreBackend::Memory => Self {
+                budgets: Arc::new(MemoryStore::new()),
+                health: None,
+            },
+            StoreBackend::Sqlite { path } => {
+                let path = path.clone();
+                let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path))
+                    .await
+                    .map_err(|e| format!("store: {e}"))?
+                    .map_err(|e| e.to_string())?;
+                store.spawn_flusher(FLUSH_EVERY);
+                Self {
+                    budgets: store,
+                    health: None,
+                }
+            }
+            StoreBackend::Redis { url, options } => {
+                let store = RedisStore::connect(url.expose(), options.clone())
+                    .map_err(|e| e.to_string())?;
+                // Start anyway: not ready until Redis answers, then serving
+                // without a restart.
+                if let Err(e) = store.health().await {
+                    tracing::warn!("budget store: Redis does not answer yet: {e}");
+                }
+                Self {
+                    budgets: Arc::clone(&store) as Arc<dyn Store>,
+                    health: Some(store),
+                }
+            }
+        })
     }
 }
 
@@ -212,19 +229,29 @@ pub(crate) mod tests {
         }
     }
 
+    fn account(client: &str) -> Account {
+        Account::client(client)
+    }
+
     fn used(snapshot: &Snapshot, window: Window) -> u64 {
         snapshot.get(window).used
     }
 
     pub async fn reserve_is_all_or_nothing(store: Arc<dyn Store>) {
         let limits = limits();
-        let first = store.reserve("c", &limits, 900, NOW).await.expect("store");
+        let first = store
+            .reserve(&account("c"), &limits, 900, NOW)
+            .await
+            .expect("store");
         let hold = first.outcome.expect("fits");
         assert_eq!(used(&first.snapshot, Window::TokensPerMinute), 900);
         assert_eq!(used(&first.snapshot, Window::RequestsPerMinute), 1);
         assert_eq!(used(&first.snapshot, Window::MaxConcurrent), 1);
 
-        let second = store.reserve("c", &limits, 200, NOW).await.expect("store");
+        let second = store
+            .reserve(&account("c"), &limits, 200, NOW)
+            .await
+            .expect("store");
         assert!(matches!(
             second.outcome,
             Err(Refusal::RateLimited {
@@ -237,7 +264,7 @@ pub(crate) mod tests {
             "a refused reservation changes no window"
         );
         store
-            .settle("c", &limits, hold, 900, NOW)
+            .settle(&account("c"), &limits, hold, 900, NOW)
             .await
             .expect("store");
     }
@@ -245,16 +272,19 @@ pub(crate) mod tests {
     pub async fn settle_replaces_the_reservation(store: Arc<dyn Store>) {
         let limits = limits();
         let hold = store
-            .reserve("c", &limits, 800, NOW)
+            .reserve(&account("c"), &limits, 800, NOW)
             .await
             .expect("store")
             .outcome
             .expect("fits");
         store
-            .settle("c", &limits, hold, 120, NOW)
+            .settle(&account("c"), &limits, hold, 120, NOW)
             .await
             .expect("store");
-        let snapshot = store.snapshot("c", &limits, NOW).await.expect("store");
+        let snapshot = store
+            .snapshot(&account("c"), &limits, NOW)
+            .await
+            .expect("store");
         assert_eq!(used(&snapshot, Window::TokensPerMinute), 120);
         assert_eq!(used(&snapshot, Window::TokensPerDay), 120);
         assert_eq!(used(&snapshot, Window::TokensPerMonth), 120);
@@ -265,13 +295,19 @@ pub(crate) mod tests {
     pub async fn release_keeps_only_the_request(store: Arc<dyn Store>) {
         let limits = limits();
         let hold = store
-            .reserve("c", &limits, 800, NOW)
+            .reserve(&account("c"), &limits, 800, NOW)
             .await
             .expect("store")
             .outcome
             .expect("fits");
-        store.release("c", &limits, hold, NOW).await.expect("store");
-        let snapshot = store.snapshot("c", &limits, NOW).await.expect("store");
+        store
+            .settle(&account("c"), &limits, hold, 0, NOW)
+            .await
+            .expect("store");
+        let snapshot = store
+            .snapshot(&account("c"), &limits, NOW)
+            .await
+            .expect("store");
         assert_eq!(used(&snapshot, Window::TokensPerMinute), 0);
         assert_eq!(used(&snapshot, Window::TokensPerDay), 0);
         assert_eq!(used(&snapshot, Window::MaxConcurrent), 0);
@@ -281,25 +317,37 @@ pub(crate) mod tests {
     pub async fn clients_are_isolated(store: Arc<dyn Store>) {
         let limits = limits();
         let hold = store
-            .reserve("one", &limits, 1000, NOW)
+            .reserve(&account("one"), &limits, 1000, NOW)
             .await
             .expect("store")
             .outcome
             .expect("fits");
         store
-            .settle("one", &limits, hold, 1000, NOW)
+            .settle(&account("one"), &limits, hold, 1000, NOW)
             .await
             .expect("store");
         let other = store
-            .reserve("two", &limits, 1000, NOW)
+            .reserve(&account("two"), &limits, 1000, NOW)
             .await
             .expect("store");
         assert!(
             other.outcome.is_ok(),
             "another client's budget is untouched"
         );
-        let snapshot = store.snapshot("three", &limits, NOW).await.expect("store");
+        let snapshot = store
+            .snapshot(&account("three"), &limits, NOW)
+            .await
+            .expect("store");
         assert_eq!(used(&snapshot, Window::TokensPerDay), 0);
+        let pacing = store
+            .snapshot(&Account::upstream("one"), &limits, NOW)
+            .await
+            .expect("store");
+        assert_eq!(
+            used(&pacing, Window::TokensPerDay),
+            0,
+            "an upstream's pacing is not the client of the same name"
+        );
     }
 
     pub async fn concurrent_reservations_never_overspend(store: Arc<dyn Store>) {
@@ -312,7 +360,7 @@ pub(crate) mod tests {
             let store = Arc::clone(&store);
             tasks.push(tokio::spawn(async move {
                 store
-                    .reserve("c", &limits, 30, NOW)
+                    .reserve(&account("c"), &limits, 30, NOW)
                     .await
                     .expect("store")
                     .outcome
@@ -324,7 +372,10 @@ pub(crate) mod tests {
             admitted += u64::from(task.await.expect("task"));
         }
         assert_eq!(admitted, 33, "1000 / 30 reservations fit, no more");
-        let snapshot = store.snapshot("c", &limits, NOW).await.expect("store");
+        let snapshot = store
+            .snapshot(&account("c"), &limits, NOW)
+            .await
+            .expect("store");
         assert_eq!(used(&snapshot, Window::TokensPerDay), 990);
     }
 

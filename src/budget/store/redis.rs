@@ -8,21 +8,27 @@
 //! `NOSCRIPT` the script is sent whole with `EVAL`, which caches it, so a
 //! flushed script cache or a freshly promoted replica heals itself).
 //!
-//! **Keys.** One client's state is five keys, all carrying the client in a
+//! **Keys.** One account's state is six keys, all carrying the account in a
 //! hash tag so they share one Redis Cluster slot and every script names all
 //! its keys in `KEYS`:
 //!
 //! | key | type | holds | expires |
 //! |---|---|---|---|
-//! | `{prefix}:v1:{client}:rpm` | string | requests-per-minute GCRA TAT (µs) | when the bucket is empty again |
-//! | `{prefix}:v1:{client}:tpm` | string | tokens-per-minute GCRA TAT (µs) | the same |
-//! | `{prefix}:v1:{client}:day` | hash `p`, `u` | UTC day number, tokens used in it | an hour after that day ends |
-//! | `{prefix}:v1:{client}:month` | hash `p`, `u` | month number, tokens used in it | an hour after that month ends |
-//! | `{prefix}:v1:{client}:leases` | sorted set | one member per request in flight, scored by its lease's end (µs) | with its last lease |
-//! | `{prefix}:v1:{client}:expired` | sorted set | leases that ended unsettled, scored by when that was noticed (µs), for a day | a day after the last |
+//! | `{prefix}:v1:{account}:rpm` | string | requests-per-minute GCRA TAT (µs) | when the bucket is empty again |
+//! | `{prefix}:v1:{account}:tpm` | string | tokens-per-minute GCRA TAT (µs) | the same |
+//! | `{prefix}:v1:{account}:day` | hash `p`, `u` | UTC day number, tokens used in it | an hour after that day ends |
+//! | `{prefix}:v1:{account}:month` | hash `p`, `u` | month number, tokens used in it | an hour after that month ends |
+//! | `{prefix}:v1:{account}:leases` | sorted set | one member per request in flight, scored by its lease's end (µs) | with its last lease |
+//! | `{prefix}:v1:{account}:expired` | sorted set | leases that ended unsettled, scored by when that was noticed (µs), for a day | a day after the last |
 //!
-//! The client name is percent-encoded (anything but `A-Z a-z 0-9 . _ ~ -`),
-//! so a `{`, `}` or `:` in a name cannot break the hash tag or the layout.
+//! `{account}` is the account's key ([`Account::key`]: a client's name, or
+//! `\u{1}upstream/` and an upstream's name for its pacing), percent-encoded
+//! (anything but `A-Z a-z 0-9 . _ ~ -`), so a `{`, `}` or `:` in a name
+//! cannot break the hash tag or the layout: `{b}`, `{%01upstream%2Fopenai}`.
+//!
+//! Deployment health shared between instances ([`SharedHealth`]) is two
+//! keys per deployment, `{prefix}:v1:{health/<deployment>}:fails` (failures
+//! in the window) and `:cooldown` (set while it cools down).
 //!
 //! **Versions.** `v1` is the layout: the keys above and what their values
 //! mean. Scripts may change freely within a layout (old and new scripts run
@@ -93,10 +99,11 @@ pub use self::connection::{Lua, LuaCall, RedisConnection};
 pub use self::url::Deployment;
 
 use super::{Reserved, Store, StoreError, StoreFuture};
-use crate::budget::Limits;
 use crate::budget::window::{
     Bucket, CONCURRENCY_RETRY, Calendar, ClientState, Hold, Periods, Refusal, Snapshot, Window,
 };
+use crate::budget::{Account, Limits};
+use crate::shared_health::{ShareError, ShareFuture, SharedHealth};
 
 /// The key layout version (see the module documentation before changing it).
 pub const LAYOUT: &str = "v1";
@@ -211,8 +218,8 @@ fn splitmix64(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// One client's keys.
-struct ClientKeys {
+/// One account's keys.
+struct AccountKeys {
     rpm: String,
     tpm: String,
     day: String,
@@ -221,10 +228,10 @@ struct ClientKeys {
     expired: String,
 }
 
-impl ClientKeys {
-    /// `{prefix}:v1:{client}:window`, the client in the hash tag.
-    fn new(prefix: &str, client: &str) -> Self {
-        let base = format!("{prefix}:{LAYOUT}:{{{}}}:", encode_client(client));
+impl AccountKeys {
+    /// `{prefix}:v1:{account}:window`, the account's key in the hash tag.
+    fn new(prefix: &str, account: &Account) -> Self {
+        let base = format!("{prefix}:{LAYOUT}:{{{}}}:", encode(account.key()));
         Self {
             rpm: format!("{base}rpm"),
             tpm: format!("{base}tpm"),
@@ -239,17 +246,14 @@ impl ClientKeys {
 /// A deployment's health keys: `{prefix}:v1:{health/<deployment>}:fails`
 /// and `:cooldown`, the deployment in the hash tag (one slot for both).
 fn health_keys(prefix: &str, deployment: &str) -> (String, String) {
-    let base = format!(
-        "{prefix}:{LAYOUT}:{{health/{}}}:",
-        encode_client(deployment)
-    );
+    let base = format!("{prefix}:{LAYOUT}:{{health/{}}}:", encode(deployment));
     (format!("{base}fails"), format!("{base}cooldown"))
 }
 
-/// `client` safe inside a hash tag and a `:`-separated key.
-fn encode_client(client: &str) -> String {
-    let mut out = String::with_capacity(client.len());
-    for byte in client.bytes() {
+/// `name` safe inside a hash tag and a `:`-separated key.
+fn encode(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for byte in name.bytes() {
         if byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'~' | b'-') {
             out.push(char::from(byte));
         } else {
@@ -274,8 +278,8 @@ impl RedisStore {
         }))
     }
 
-    fn keys(&self, client: &str) -> ClientKeys {
-        ClientKeys::new(&self.options.prefix, client)
+    fn keys(&self, account: &Account) -> AccountKeys {
+        AccountKeys::new(&self.options.prefix, account)
     }
 
     /// The script's `now` argument: empty for Redis's clock, else µs.
@@ -290,14 +294,14 @@ impl RedisStore {
     /// reservation is still live (see [`Store::reserve`] below).
     fn settlement(
         &self,
-        client: &str,
+        account: &Account,
         limits: &Limits,
         hold: &Hold,
         actual: u64,
         now: u64,
         cancel: bool,
     ) -> LuaCall {
-        let keys = self.keys(client);
+        let keys = self.keys(account);
         let mut invocation = SETTLE.call();
         invocation
             .key(keys.tpm)
@@ -467,12 +471,12 @@ fn refusal_from(
 impl Store for RedisStore {
     fn reserve(
         &self,
-        client: &str,
+        account: &Account,
         limits: &Limits,
         tokens: u64,
         now: u64,
     ) -> StoreFuture<Reserved> {
-        let keys = self.keys(client);
+        let keys = self.keys(account);
         let lease = self.leases.next();
         let mut invocation = RESERVE.call();
         invocation
@@ -508,7 +512,7 @@ impl Store for RedisStore {
             lease,
         };
         let cancel =
-            self.run_until_answered::<i64>(self.settlement(client, limits, &lost, 0, now, true));
+            self.run_until_answered::<i64>(self.settlement(account, limits, &lost, 0, now, true));
         let limits = *limits;
         Box::pin(async move {
             let reply = match reply.await {
@@ -546,14 +550,14 @@ impl Store for RedisStore {
 
     fn settle(
         &self,
-        client: &str,
+        account: &Account,
         limits: &Limits,
         hold: Hold,
         actual: u64,
         now: u64,
     ) -> StoreFuture<()> {
         let reply = self
-            .run_until_answered::<i64>(self.settlement(client, limits, &hold, actual, now, false));
+            .run_until_answered::<i64>(self.settlement(account, limits, &hold, actual, now, false));
         Box::pin(self.settling.track_future(async move {
             match reply.await? {
                 0 => tracing::warn!(
@@ -571,8 +575,8 @@ impl Store for RedisStore {
         }))
     }
 
-    fn snapshot(&self, client: &str, limits: &Limits, now: u64) -> StoreFuture<Snapshot> {
-        let keys = self.keys(client);
+    fn snapshot(&self, account: &Account, limits: &Limits, now: u64) -> StoreFuture<Snapshot> {
+        let keys = self.keys(account);
         let mut invocation = SNAPSHOT.call();
         invocation
             .key(keys.rpm)
@@ -603,17 +607,36 @@ impl Store for RedisStore {
         })
     }
 
-    fn shares_health(&self) -> bool {
-        true
+    /// Every operation is written when it happens; this only waits for the
+    /// settlements still on their way (bounded: each is bounded itself).
+    fn flush(&self) -> StoreFuture<()> {
+        let settling = self.settling.clone();
+        let limit = self.options.timeout.saturating_mul(2);
+        Box::pin(async move {
+            settling.close();
+            let waited = tokio::time::timeout(limit, settling.wait()).await;
+            // Still usable after a flush (tests and `iris usage` flush early).
+            settling.reopen();
+            waited.map_err(|_| {
+                StoreError(format!(
+                    "{} settlement(s) still unanswered by Redis",
+                    settling.len()
+                ))
+            })
+        })
     }
+}
 
+/// Shares deployment health on the budget store's connection, under keys
+/// of their own (see the module documentation).
+impl SharedHealth for RedisStore {
     fn share_failure(
         &self,
         key: &str,
         window: Duration,
         allowed: u32,
         cooldown: Duration,
-    ) -> StoreFuture<()> {
+    ) -> ShareFuture<()> {
         let (fails, cooling) = health_keys(&self.options.prefix, key);
         let mut invocation = SHARE_FAILURE.call();
         invocation
@@ -623,18 +646,18 @@ impl Store for RedisStore {
             .arg(allowed)
             .arg(millis(cooldown));
         let reply = self.run::<i64>(invocation);
-        Box::pin(async move { reply.await.map(|_| ()) })
+        Box::pin(async move { reply.await.map(drop).map_err(|e| ShareError(e.0)) })
     }
 
-    fn share_cooldown(&self, key: &str, length: Duration) -> StoreFuture<()> {
+    fn share_cooldown(&self, key: &str, length: Duration) -> ShareFuture<()> {
         let (_, cooling) = health_keys(&self.options.prefix, key);
         let mut invocation = SHARE_COOLDOWN.call();
         invocation.key(cooling).arg(millis(length).max(1));
         let reply = self.run::<i64>(invocation);
-        Box::pin(async move { reply.await.map(|_| ()) })
+        Box::pin(async move { reply.await.map(drop).map_err(|e| ShareError(e.0)) })
     }
 
-    fn shared_cooldowns(&self, keys: &[Arc<str>]) -> StoreFuture<Vec<Option<Duration>>> {
+    fn shared_cooldowns(&self, keys: &[Arc<str>]) -> ShareFuture<Vec<Option<Duration>>> {
         let names: Vec<String> = keys
             .iter()
             .map(|key| health_keys(&self.options.prefix, key).1)
@@ -663,30 +686,12 @@ impl Store for RedisStore {
                     pipeline.query_async(&mut connection).await
                 }
             })
-            .await?;
+            .await
+            .map_err(|e| ShareError(e.0))?;
             Ok(ttls
                 .into_iter()
                 .map(|ttl| u64::try_from(ttl).ok().map(Duration::from_millis))
                 .collect())
-        })
-    }
-
-    /// Every operation is written when it happens; this only waits for the
-    /// settlements still on their way (bounded: each is bounded itself).
-    fn flush(&self) -> StoreFuture<()> {
-        let settling = self.settling.clone();
-        let limit = self.options.timeout.saturating_mul(2);
-        Box::pin(async move {
-            settling.close();
-            let waited = tokio::time::timeout(limit, settling.wait()).await;
-            // Still usable after a flush (tests and `iris usage` flush early).
-            settling.reopen();
-            waited.map_err(|_| {
-                StoreError(format!(
-                    "{} settlement(s) still unanswered by Redis",
-                    settling.len()
-                ))
-            })
         })
     }
 }

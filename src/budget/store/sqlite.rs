@@ -20,9 +20,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{MemoryStore, Reserved, Store, StoreError, StoreFuture, ready};
-use crate::budget::Limits;
 use crate::budget::window::{Bucket, Calendar, ClientState, Hold, Snapshot};
+use crate::budget::{Account, Limits};
 
+/// One row per account; `client` holds its [`Account::key`] (the column
+/// kept its name from when clients were the only kind).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS budget_state (
     client       TEXT PRIMARY KEY NOT NULL,
@@ -36,7 +38,7 @@ CREATE TABLE IF NOT EXISTS budget_state (
 ) STRICT;
 ";
 
-/// How often changed clients are written out.
+/// How often changed accounts are written out.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 pub struct SqliteStore {
@@ -58,7 +60,7 @@ fn db_error(path: &Path, e: &rusqlite::Error) -> StoreError {
 }
 
 impl SqliteStore {
-    /// Opens (or creates) the file and loads every client's state from it.
+    /// Opens (or creates) the file and loads every account's state from it.
     pub fn open(path: &Path) -> Result<Arc<Self>, StoreError> {
         let db = Connection::open(path).map_err(|e| db_error(path, &e))?;
         // WAL: `iris usage` can read while the server writes; NORMAL sync is
@@ -80,9 +82,9 @@ impl SqliteStore {
         }))
     }
 
-    /// Every client's persisted state, read without starting a store (for
+    /// Every account's persisted state, read without starting a store (for
     /// `iris usage`). A missing file has no usage.
-    pub fn read(path: &Path) -> Result<Vec<(String, ClientState)>, StoreError> {
+    pub fn read(path: &Path) -> Result<Vec<(Account, ClientState)>, StoreError> {
         if !path.exists() {
             return Ok(Vec::new());
         }
@@ -101,10 +103,15 @@ impl SqliteStore {
         if exists.is_none() {
             return Ok(Vec::new());
         }
-        read_states(&db).map_err(|e| db_error(path, &e))
+        let states = read_states(&db).map_err(|e| db_error(path, &e))?;
+        // A row of a kind this version does not know is a newer instance's.
+        Ok(states
+            .into_iter()
+            .filter_map(|(key, state)| Some((Account::from_key(&key)?, state)))
+            .collect())
     }
 
-    /// Writes changed clients every `every` until the store is dropped.
+    /// Writes changed accounts every `every` until the store is dropped.
     pub fn spawn_flusher(&self, every: Duration) {
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
@@ -179,6 +186,7 @@ fn from_sql(value: i64) -> u64 {
     u64::try_from(value).unwrap_or(0)
 }
 
+/// Every row, by storage key.
 fn read_states(db: &Connection) -> rusqlite::Result<Vec<(String, ClientState)>> {
     let mut statement = db.prepare(
         "SELECT client, requests_tat, tokens_tat, day, day_used, month, month_used FROM budget_state",
@@ -224,9 +232,9 @@ fn write_states(db: &mut Connection, rows: &[(String, ClientState)]) -> rusqlite
                 month = excluded.month, month_used = excluded.month_used,
                 updated_at = excluded.updated_at",
         )?;
-        for (client, state) in rows {
+        for (key, state) in rows {
             upsert.execute(params![
-                client,
+                key,
                 to_sql(state.requests.tat),
                 to_sql(state.tokens.tat),
                 i64::from(state.day.period),
@@ -243,7 +251,7 @@ fn write_states(db: &mut Connection, rows: &[(String, ClientState)]) -> rusqlite
 impl Store for SqliteStore {
     fn reserve(
         &self,
-        client: &str,
+        account: &Account,
         limits: &Limits,
         tokens: u64,
         now: u64,
@@ -251,12 +259,12 @@ impl Store for SqliteStore {
         ready(Ok(self
             .inner
             .memory
-            .reserve_now(client, limits, tokens, now)))
+            .reserve_now(account, limits, tokens, now)))
     }
 
     fn settle(
         &self,
-        client: &str,
+        account: &Account,
         limits: &Limits,
         hold: Hold,
         actual: u64,
@@ -264,12 +272,12 @@ impl Store for SqliteStore {
     ) -> StoreFuture<()> {
         self.inner
             .memory
-            .settle_now(client, limits, &hold, actual, now);
+            .settle_now(account, limits, &hold, actual, now);
         ready(Ok(()))
     }
 
-    fn snapshot(&self, client: &str, limits: &Limits, now: u64) -> StoreFuture<Snapshot> {
-        ready(Ok(self.inner.memory.snapshot_now(client, limits, now)))
+    fn snapshot(&self, account: &Account, limits: &Limits, now: u64) -> StoreFuture<Snapshot> {
+        ready(Ok(self.inner.memory.snapshot_now(account, limits, now)))
     }
 
     fn health(&self) -> StoreFuture<()> {
@@ -334,14 +342,15 @@ mod tests {
     }
 
     async fn spend(store: &SqliteStore, client: &str, reserve: u64, actual: u64) {
+        let client = Account::client(client);
         let hold = store
-            .reserve(client, &limits(), reserve, NOW)
+            .reserve(&client, &limits(), reserve, NOW)
             .await
             .expect("store")
             .outcome
             .expect("fits");
         store
-            .settle(client, &limits(), hold, actual, NOW)
+            .settle(&client, &limits(), hold, actual, NOW)
             .await
             .expect("store");
     }
@@ -355,14 +364,14 @@ mod tests {
         spend(&store, "team-b", 10, 10).await;
         store.flush().await.expect("flush");
         let before = store
-            .snapshot("team-a", &limits(), NOW)
+            .snapshot(&Account::client("team-a"), &limits(), NOW)
             .await
             .expect("snapshot");
         drop(store);
 
         let reopened = SqliteStore::open(&path).expect("reopen");
         let after = reopened
-            .snapshot("team-a", &limits(), NOW)
+            .snapshot(&Account::client("team-a"), &limits(), NOW)
             .await
             .expect("snapshot");
         assert_eq!(after, before);

@@ -68,15 +68,20 @@ fn at(year: i16, month: i8, day: i8, hms: (i8, i8, i8)) -> u64 {
     u64::try_from(secs).expect("after 1970") * SEC
 }
 
+/// The client most tests use.
+fn c() -> Account {
+    Account::client("c")
+}
+
 async fn reserve(store: &RedisStore, limits: &Limits, tokens: u64, now: u64) -> Reserved {
     store
-        .reserve("c", limits, tokens, now)
+        .reserve(&c(), limits, tokens, now)
         .await
         .expect("store")
 }
 
 async fn snapshot(store: &RedisStore, limits: &Limits, now: u64) -> Snapshot {
-    store.snapshot("c", limits, now).await.expect("store")
+    store.snapshot(&c(), limits, now).await.expect("store")
 }
 
 #[tokio::test]
@@ -163,7 +168,7 @@ async fn redis_and_memory_agree_step_by_step() {
     for step in 0..600 {
         let tokens = [10, 40, 120, 250, 333, 600, 1000, 1200][next(8) as usize];
         let on_redis = reserve(&store, &limits, tokens, now).await;
-        let in_memory = memory.reserve_now("c", &limits, tokens, now);
+        let in_memory = memory.reserve_now(&c(), &limits, tokens, now);
         let context = format!(
             "step {step}, {tokens} tokens at {}",
             crate::budget::window::format_utc(now)
@@ -208,10 +213,10 @@ async fn redis_and_memory_agree_step_by_step() {
             let (r, m) = held.remove(next(held.len() as u64) as usize);
             let actual = r.tokens * next(4) / 2;
             store
-                .settle("c", &limits, r, actual, now)
+                .settle(&c(), &limits, r, actual, now)
                 .await
                 .expect("settle");
-            memory.settle_now("c", &limits, &m, actual, now);
+            memory.settle_now(&c(), &limits, &m, actual, now);
         }
         now += [0, 0, 0, 1, 3, 10, 20][next(7) as usize] * SEC + next(1000) * 1000;
     }
@@ -227,7 +232,7 @@ async fn redis_and_memory_agree_step_by_step() {
         "the sequence meets every kind of refusal"
     );
     let r = snapshot(&store, &limits, now).await;
-    let m = memory.snapshot_now("c", &limits, now);
+    let m = memory.snapshot_now(&c(), &limits, now);
     for (r, m) in r.windows.iter().zip(m.windows) {
         assert_eq!((r.used, r.limit), (m.used, m.limit), "{:?}", r.window);
     }
@@ -265,7 +270,7 @@ async fn calendar_windows_roll_at_utc_midnight_and_settle_the_day_of_admission()
     assert_eq!(next.snapshot.get(Window::TokensPerMonth).used, 200);
     // Settling last year's request corrects last year, not this one.
     store
-        .settle("c", &limits, hold, 10, new_year)
+        .settle(&c(), &limits, hold, 10, new_year)
         .await
         .expect("settle");
     let now = snapshot(&store, &limits, new_year).await;
@@ -338,7 +343,7 @@ async fn an_expired_lease_frees_its_slot_and_a_late_settle_corrects_the_tokens_o
     // The stuck request settles after all, late: its tokens are corrected
     // once, and the live reservation keeps its slot.
     store
-        .settle("c", &limits, stuck, 100, t0 + 11 * SEC)
+        .settle(&c(), &limits, stuck, 100, t0 + 11 * SEC)
         .await
         .expect("settle");
     let now = snapshot(&store, &limits, t0 + 11 * SEC).await;
@@ -352,7 +357,7 @@ async fn an_expired_lease_frees_its_slot_and_a_late_settle_corrects_the_tokens_o
         "the live reservation still holds the only slot"
     );
     store
-        .settle("c", &limits, live, 300, t0 + 12 * SEC)
+        .settle(&c(), &limits, live, 300, t0 + 12 * SEC)
         .await
         .expect("settle");
     let now = snapshot(&store, &limits, t0 + 12 * SEC).await;
@@ -362,11 +367,11 @@ async fn an_expired_lease_frees_its_slot_and_a_late_settle_corrects_the_tokens_o
     // Settlements are idempotent: sent again (their first answer lost in a
     // failover), they change nothing, whether the lease was live or expired.
     store
-        .settle("c", &limits, live, 50, t0 + 13 * SEC)
+        .settle(&c(), &limits, live, 50, t0 + 13 * SEC)
         .await
         .expect("settle again");
     store
-        .settle("c", &limits, stuck, 0, t0 + 13 * SEC)
+        .settle(&c(), &limits, stuck, 0, t0 + 13 * SEC)
         .await
         .expect("late settle again");
     let now = snapshot(&store, &limits, t0 + 13 * SEC).await;
@@ -419,7 +424,7 @@ async fn every_key_expires_after_its_window() {
     // Given back entirely, the token bucket is empty and needs no key, and
     // no lease is left.
     store
-        .settle("c", &limits, hold, 0, 0)
+        .settle(&c(), &limits, hold, 0, 0)
         .await
         .expect("settle");
     assert_eq!(ttl("tpm").await, -2);
@@ -439,19 +444,27 @@ async fn every_key_expires_after_its_window() {
     }
 }
 
+/// The keys of every kind of account are what they were before accounts
+/// were typed: running instances and existing data keep working.
+#[test]
+fn account_keys_keep_their_layout() {
+    let keys = AccountKeys::new("iris", &Account::client("b"));
+    assert_eq!(keys.rpm, "iris:v1:{b}:rpm");
+    assert_eq!(keys.expired, "iris:v1:{b}:expired");
+    let keys = AccountKeys::new("iris", &Account::upstream("openai"));
+    assert_eq!(keys.tpm, "iris:v1:{%01upstream%2Fopenai}:tpm");
+    assert_eq!(keys.leases, "iris:v1:{%01upstream%2Fopenai}:leases");
+}
+
 #[test]
 fn client_names_cannot_break_the_hash_tag() {
-    assert_eq!(encode_client("team-a_1.x~"), "team-a_1.x~");
-    assert_eq!(encode_client("a{b}:c d%"), "a%7Bb%7D%3Ac%20d%25");
-    assert_eq!(encode_client("é"), "%C3%A9");
-    assert_ne!(
-        encode_client("a{b}"),
-        encode_client("a%7Bb%7D"),
-        "% is encoded too"
-    );
+    assert_eq!(encode("team-a_1.x~"), "team-a_1.x~");
+    assert_eq!(encode("a{b}:c d%"), "a%7Bb%7D%3Ac%20d%25");
+    assert_eq!(encode("é"), "%C3%A9");
+    assert_ne!(encode("a{b}"), encode("a%7Bb%7D"), "% is encoded too");
 
     let prefix = "iris";
-    let keys = ClientKeys::new(prefix, "x}{y");
+    let keys = AccountKeys::new(prefix, &Account::client("x}{y"));
     for key in [&keys.rpm, &keys.tpm, &keys.day, &keys.month, &keys.leases] {
         // Redis Cluster hashes the text between the first `{` and the next `}`.
         let open = key.find('{').expect("{");
@@ -504,7 +517,7 @@ async fn flush_waits_for_settlements_on_their_way() {
         .outcome
         .expect("fits");
     // A settlement made (from a reservation's Drop) but not yet run.
-    let settlement = store.settle("c", &limits, hold, 40, 0);
+    let settlement = store.settle(&c(), &limits, hold, 40, 0);
     let flush = tokio::spawn(store.flush());
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!flush.is_finished(), "flush waits for the settlement");
@@ -514,7 +527,7 @@ async fn flush_waits_for_settlements_on_their_way() {
     assert_eq!(now.get(Window::TokensPerDay).used, 40);
 
     // Nothing pending: at once. A settlement dropped unrun is not waited for.
-    drop(store.settle("c", &limits, hold, 40, 0));
+    drop(store.settle(&c(), &limits, hold, 40, 0));
     tokio::time::timeout(Duration::from_millis(100), store.flush())
         .await
         .expect("immediate")
@@ -540,7 +553,7 @@ async fn a_redis_that_does_not_answer_fails_within_the_timeout() {
     for _ in 0..2 {
         let started = std::time::Instant::now();
         let error = store
-            .reserve("c", &limits, 1, 0)
+            .reserve(&c(), &limits, 1, 0)
             .await
             .expect_err("no answer");
         assert!(
@@ -559,7 +572,7 @@ async fn a_redis_that_does_not_answer_fails_within_the_timeout() {
     };
     let store = RedisStore::connect(&format!("redis://{closed}/0"), options).expect("store");
     let started = std::time::Instant::now();
-    assert!(store.snapshot("c", &limits, 0).await.is_err());
+    assert!(store.snapshot(&c(), &limits, 0).await.is_err());
     assert!(started.elapsed() < Duration::from_millis(1000));
 }
 
@@ -615,7 +628,11 @@ async fn the_store_suite_and_shared_health_hold_on_a_redis_cluster() {
         primaries.insert(cluster.primary_for(&cooling).await);
     }
     assert!(primaries.len() > 1, "all on one primary: {primaries:?}");
-    let store = store("cooldowns");
+    let store = RedisStore::connect(
+        &cluster.url(),
+        test_options("cooldowns", RedisClock::Caller),
+    )
+    .expect("store");
     store
         .share_cooldown("one", Duration::from_secs(60))
         .await
