@@ -40,6 +40,26 @@ impl Target {
     }
 }
 
+/// What decoding one image may allocate, set from what its job reserved in
+/// the decode budget ([`super::memory`]): a header that lied to the cheap
+/// checks cannot make the decoder take more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeAllowance {
+    /// Bytes of the decoded image (the decoder's output).
+    pub image: u64,
+    /// Bytes of the decoder's own buffers beside its output: the image
+    /// crate's `Limits::max_alloc`, which counts those and not the output.
+    pub decoder: u64,
+}
+
+impl DecodeAllowance {
+    /// No limit beyond the pixel cap, for tests and tools.
+    pub const UNLIMITED: Self = Self {
+        image: u64::MAX,
+        decoder: u64::MAX,
+    };
+}
+
 /// A re-encoded image.
 #[derive(Debug)]
 pub struct Encoded {
@@ -63,15 +83,16 @@ fn unsupported(message: impl Into<String>) -> ImageError {
 /// Decodes `bytes` (already sniffed as `format`), converts, downscales and
 /// re-encodes it until it meets `target`.
 ///
-/// `max_pixels` is also given to the decoder as a limit, so even a header
-/// that lied to the cheap dimension check cannot make it allocate more.
+/// `max_pixels` and `allowance` are also given to the decoder as limits, so
+/// even a header that lied to the cheap checks cannot make it allocate more.
 pub fn transform(
     bytes: &[u8],
     format: Format,
     target: &Target,
     max_pixels: u64,
+    allowance: DecodeAllowance,
 ) -> Result<Encoded, ImageError> {
-    let mut image = decode(bytes, format, max_pixels)?;
+    let mut image = decode(bytes, format, max_pixels, allowance)?;
 
     if let Some(max) = target.max_side {
         let (w, h) = image.dimensions();
@@ -146,11 +167,16 @@ fn finish(bytes: Vec<u8>, format: Format, image: &DynamicImage) -> Encoded {
 /// whole decode (about 20 ms a megapixel) proves little more than the
 /// headers it reads first. Those are read and checked in full (frame,
 /// tables), and the scans' structure is walked to the end-of-image marker.
-pub fn validate(bytes: &[u8], format: Format, max_pixels: u64) -> Result<Orientation, ImageError> {
+pub fn validate(
+    bytes: &[u8],
+    format: Format,
+    max_pixels: u64,
+    allowance: DecodeAllowance,
+) -> Result<Orientation, ImageError> {
     if format == Format::Jpeg {
         return validate_jpeg(bytes, max_pixels);
     }
-    let mut decoder = decoder(bytes, format, max_pixels)?;
+    let mut decoder = decoder(bytes, format, max_pixels, allowance)?;
     let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
     let len = usize::try_from(decoder.total_bytes()).map_err(|_| too_large_to_decode())?;
     let mut pixels = vec![0u8; len];
@@ -266,8 +292,13 @@ fn jpeg_scans_complete(b: &[u8]) -> bool {
 /// see 8-bit colour), so a 16-bit or float image is converted at once: its
 /// buffer, two to four times the size, is freed before the copies that
 /// rotating, resizing and encoding make.
-fn decode(bytes: &[u8], format: Format, max_pixels: u64) -> Result<DynamicImage, ImageError> {
-    let mut decoder = decoder(bytes, format, max_pixels)?;
+fn decode(
+    bytes: &[u8],
+    format: Format,
+    max_pixels: u64,
+    allowance: DecodeAllowance,
+) -> Result<DynamicImage, ImageError> {
+    let mut decoder = decoder(bytes, format, max_pixels, allowance)?;
     let orientation = decoder.orientation().ok();
     let image = DynamicImage::from_decoder(decoder).map_err(|e| undecodable(e, format))?;
     let mut image = eight_bit(image);
@@ -358,26 +389,28 @@ where
 }
 
 /// A decoder for `bytes` whose header is within the pixel cap, with the cap
-/// as its limit too, so even a header that lied to the cheap dimension check
-/// cannot make it allocate more.
+/// and `allowance` as its limits too, so even a header that lied to the
+/// cheap checks cannot make it allocate more than its job reserved.
 fn decoder(
     bytes: &[u8],
     format: Format,
     max_pixels: u64,
+    allowance: DecodeAllowance,
 ) -> Result<Box<dyn ImageDecoder + '_>, ImageError> {
     let mut limits = image::Limits::default();
     let side = u32::try_from(max_pixels).unwrap_or(u32::MAX);
     limits.max_image_width = Some(side);
     limits.max_image_height = Some(side);
-    // Room for the largest pixel type (RGBA, 32-bit float) at the cap, plus
-    // the decoders' own buffers; above that the decoder refuses.
-    limits.max_alloc = Some(max_pixels.saturating_mul(16).saturating_add(64 << 20));
+    limits.max_alloc = Some(allowance.decoder);
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format.image_format());
     reader.limits(limits);
     let decoder = reader.into_decoder().map_err(|e| undecodable(e, format))?;
     let (w, h) = decoder.dimensions();
     if u64::from(w) * u64::from(h) > max_pixels {
         return Err(too_many_pixels(w, h, max_pixels));
+    }
+    if decoder.total_bytes() > allowance.image {
+        return Err(too_large_to_decode());
     }
     // A side of 0 decodes to nothing, and nothing can be encoded from it.
     if w == 0 || h == 0 {
@@ -605,6 +638,7 @@ mod tests {
     }
 
     const WEB: &[Format] = &[Format::Jpeg, Format::Png, Format::Webp];
+    const ANY: DecodeAllowance = DecodeAllowance::UNLIMITED;
 
     /// Found by the image_decode fuzz target: a GIF whose screen is 3×0
     /// was converted to a PNG of no pixels, which no header describes.
@@ -612,30 +646,30 @@ mod tests {
     fn an_image_with_a_side_of_zero_is_refused_not_converted() {
         let gif = include_bytes!("../../tests/fixtures/fuzz/gif-zero-height.gif");
         for formats in [WEB, &[Format::Gif][..]] {
-            let refused = transform(gif, Format::Gif, &target(formats), 1 << 24)
+            let refused = transform(gif, Format::Gif, &target(formats), 1 << 24, ANY)
                 .expect_err("nothing to convert");
             assert_eq!(refused.kind, ErrorKind::FormatUnsupported);
         }
-        let refused = validate(gif, Format::Gif, 1 << 24).expect_err("nothing to forward");
+        let refused = validate(gif, Format::Gif, 1 << 24, ANY).expect_err("nothing to forward");
         assert_eq!(refused.kind, ErrorKind::FormatUnsupported);
     }
 
     #[test]
     fn unaccepted_formats_become_png_or_jpeg_for_photos() {
         let gif = bytes_of(&chart(120, 80), ImageFormat::Gif);
-        let out = transform(&gif, Format::Gif, &target(WEB), 1 << 30).expect("converted");
+        let out = transform(&gif, Format::Gif, &target(WEB), 1 << 30, ANY).expect("converted");
         assert_eq!(out.format, Format::Png);
         assert_eq!(sniff::format(&out.bytes), Some(Format::Png));
         assert_eq!(sniff::dimensions(&out.bytes), Some((120, 80)));
 
         let bmp = bytes_of(&photo(200, 150), ImageFormat::Bmp);
-        let out = transform(&bmp, Format::Bmp, &target(WEB), 1 << 30).expect("converted");
+        let out = transform(&bmp, Format::Bmp, &target(WEB), 1 << 30, ANY).expect("converted");
         assert_eq!(out.format, Format::Jpeg);
         assert_eq!(sniff::dimensions(&out.bytes), Some((200, 150)));
 
         let tiff = bytes_of(&photo(64, 48), ImageFormat::Tiff);
-        let out =
-            transform(&tiff, Format::Tiff, &target(&[Format::Png]), 1 << 30).expect("converted");
+        let out = transform(&tiff, Format::Tiff, &target(&[Format::Png]), 1 << 30, ANY)
+            .expect("converted");
         assert_eq!(out.format, Format::Png, "PNG when JPEG is not accepted");
     }
 
@@ -650,11 +684,11 @@ mod tests {
             ])
         }));
         let bmp = bytes_of(&rgba, ImageFormat::Bmp);
-        let out = transform(&bmp, Format::Bmp, &target(WEB), 1 << 30).expect("converted");
+        let out = transform(&bmp, Format::Bmp, &target(WEB), 1 << 30, ANY).expect("converted");
         assert_eq!(out.format, Format::Png);
 
-        let out =
-            transform(&bmp, Format::Bmp, &target(&[Format::Jpeg]), 1 << 30).expect("converted");
+        let out = transform(&bmp, Format::Bmp, &target(&[Format::Jpeg]), 1 << 30, ANY)
+            .expect("converted");
         assert_eq!(out.format, Format::Jpeg);
         // Fully transparent pixels (x = 0) come out white, not black.
         let decoded = image::load_from_memory(&out.bytes)
@@ -670,7 +704,7 @@ mod tests {
             max_side: Some(512),
             ..target(WEB)
         };
-        let out = transform(&png, Format::Png, &t, 1 << 30).expect("resized");
+        let out = transform(&png, Format::Png, &t, 1 << 30, ANY).expect("resized");
         assert_eq!(out.format, Format::Png, "an accepted source format is kept");
         assert_eq!((out.width, out.height), (512, 256));
         assert_eq!(sniff::dimensions(&out.bytes), Some((512, 256)));
@@ -685,7 +719,7 @@ mod tests {
             max_bytes: Some(100_000),
             ..target(WEB)
         };
-        let out = transform(&png, Format::Png, &t, 1 << 30).expect("fitted");
+        let out = transform(&png, Format::Png, &t, 1 << 30, ANY).expect("fitted");
         assert!(out.bytes.len() <= 100_000, "{}", out.bytes.len());
         assert_eq!(out.format, Format::Jpeg, "a photo goes lossy to fit");
         assert_eq!(sniff::dimensions(&out.bytes), Some((out.width, out.height)));
@@ -698,7 +732,7 @@ mod tests {
             max_bytes: Some(200_000),
             ..target(&[Format::Png])
         };
-        let out = transform(&png, Format::Png, &t, 1 << 30).expect("fitted");
+        let out = transform(&png, Format::Png, &t, 1 << 30, ANY).expect("fitted");
         assert_eq!(out.format, Format::Png);
         assert!(out.bytes.len() <= 200_000);
         assert!(out.width < 1600);
@@ -711,20 +745,26 @@ mod tests {
             max_bytes: Some(10),
             ..target(WEB)
         };
-        let e = transform(&png, Format::Png, &t, 1 << 30).expect_err("cannot fit");
+        let e = transform(&png, Format::Png, &t, 1 << 30, ANY).expect_err("cannot fit");
         assert_eq!(e.kind, ErrorKind::TooLarge);
 
         let mut garbage = b"\x89PNG\r\n\x1a\n".to_vec();
         garbage.extend_from_slice(&[0u8; 64]);
-        let e = transform(&garbage, Format::Png, &target(&[Format::Jpeg]), 1 << 30)
-            .expect_err("not decodable");
+        let e = transform(
+            &garbage,
+            Format::Png,
+            &target(&[Format::Jpeg]),
+            1 << 30,
+            ANY,
+        )
+        .expect_err("not decodable");
         assert_eq!(e.kind, ErrorKind::FormatUnsupported);
     }
 
     #[test]
     fn the_decoder_enforces_the_pixel_cap_too() {
         let png = bytes_of(&chart(400, 300), ImageFormat::Png);
-        let e = transform(&png, Format::Png, &target(&[Format::Jpeg]), 100_000)
+        let e = transform(&png, Format::Png, &target(&[Format::Jpeg]), 100_000, ANY)
             .expect_err("over the cap");
         assert_eq!(e.kind, ErrorKind::TooLarge);
     }
@@ -732,9 +772,9 @@ mod tests {
     #[test]
     fn validation_refuses_damaged_pixel_data_and_cut_short_jpegs() {
         let jpeg = bytes_of(&photo(64, 48), ImageFormat::Jpeg);
-        assert!(validate(&jpeg, Format::Jpeg, 1 << 30).is_ok());
+        assert!(validate(&jpeg, Format::Jpeg, 1 << 30, ANY).is_ok());
         // Cut short: no end-of-image marker.
-        let e = validate(&jpeg[..jpeg.len() - 40], Format::Jpeg, 1 << 30).expect_err("cut");
+        let e = validate(&jpeg[..jpeg.len() - 40], Format::Jpeg, 1 << 30, ANY).expect_err("cut");
         assert_eq!(
             (e.kind, e.reason),
             (ErrorKind::FormatUnsupported, "corrupt")
@@ -742,19 +782,19 @@ mod tests {
         // Trailing bytes after the image are fine (cameras append previews).
         let mut trailing = jpeg.clone();
         trailing.extend_from_slice(b"\xFF\xD8 a preview");
-        assert!(validate(&trailing, Format::Jpeg, 1 << 30).is_ok());
+        assert!(validate(&trailing, Format::Jpeg, 1 << 30, ANY).is_ok());
 
         let png = bytes_of(&chart(64, 48), ImageFormat::Png);
-        assert!(validate(&png, Format::Png, 1 << 30).is_ok());
+        assert!(validate(&png, Format::Png, 1 << 30, ANY).is_ok());
         let mut damaged = png.clone();
         let at = damaged.len() - 30;
         damaged[at] ^= 0x55;
-        let e = validate(&damaged, Format::Png, 1 << 30).expect_err("damaged");
+        let e = validate(&damaged, Format::Png, 1 << 30, ANY).expect_err("damaged");
         assert_eq!(
             (e.kind, e.reason),
             (ErrorKind::FormatUnsupported, "corrupt")
         );
-        let e = validate(&png, Format::Png, 1000).expect_err("over the cap");
+        let e = validate(&png, Format::Png, 1000, ANY).expect_err("over the cap");
         assert_eq!(e.kind, ErrorKind::TooLarge);
     }
 
