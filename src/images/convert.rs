@@ -819,6 +819,49 @@ mod tests {
         assert!(worst <= Some(1), "{worst:?}");
     }
 
+    /// The decoder's limits are what the job reserved: its output no larger
+    /// than the image's share, its own buffers no larger than the rest.
+    #[test]
+    fn the_decoder_takes_no_more_than_its_allowance() {
+        use crate::images::memory::Layout;
+        let rgba = DynamicImage::ImageRgba8(RgbaImage::from_pixel(40, 30, Rgba([1, 2, 3, 4])));
+        let png = bytes_of(&rgba, ImageFormat::Png);
+        let layout = Layout::of(&png, Format::Png, (40, 30));
+        let allowance = layout.allowance();
+        assert_eq!(allowance.image, 40 * 30 * 4);
+        let jpeg = target(&[Format::Jpeg]);
+        assert!(validate(&png, Format::Png, 1 << 30, allowance).is_ok());
+        assert!(transform(&png, Format::Png, &jpeg, 1 << 30, allowance).is_ok());
+
+        // A header claiming less than the decoder will produce.
+        let short = DecodeAllowance {
+            image: allowance.image - 1,
+            ..allowance
+        };
+        for refused in [
+            validate(&png, Format::Png, 1 << 30, short).expect_err("output"),
+            transform(&png, Format::Png, &jpeg, 1 << 30, short).expect_err("output"),
+        ] {
+            assert_eq!(
+                (refused.kind, refused.reason),
+                (ErrorKind::TooLarge, "pixels")
+            );
+        }
+
+        // A GIF's first frame, smaller than its screen, is read into a
+        // buffer of its own: the decoder's share.
+        let mut gif = bytes_of(&chart(20, 10), ImageFormat::Gif);
+        gif[6..10].copy_from_slice(&[40, 0, 30, 0]);
+        let layout = Layout::of(&gif, Format::Gif, (40, 30));
+        assert!(validate(&gif, Format::Gif, 1 << 30, layout.allowance()).is_ok());
+        let starved = DecodeAllowance {
+            decoder: 100,
+            ..layout.allowance()
+        };
+        let refused = validate(&gif, Format::Gif, 1 << 30, starved).expect_err("frame");
+        assert_eq!(refused.kind, ErrorKind::TooLarge);
+    }
+
     #[test]
     fn fit_within_keeps_aspect() {
         assert_eq!(fit_within(100, 50, 512), (100, 50));

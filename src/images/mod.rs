@@ -621,6 +621,34 @@ mod tests {
         assert_eq!(images.budget.permits_available(), total);
     }
 
+    /// A reload that keeps the budget's size keeps the budget (and the
+    /// cores): jobs of the old service and the new count together.
+    #[test]
+    fn a_reload_keeps_the_budget_when_its_size_is_unchanged() {
+        let settings = ImagesSettings::default();
+        let old = Images::new(&settings).expect("images");
+        let same = Images::succeeding(
+            &old,
+            &ImagesSettings {
+                max_pixels: 1_000,
+                ..settings.clone()
+            },
+        )
+        .expect("images");
+        assert!(Arc::ptr_eq(&old.budget, &same.budget));
+        assert!(Arc::ptr_eq(&old.cpu, &same.cpu));
+        let resized = Images::succeeding(
+            &old,
+            &ImagesSettings {
+                max_decode_bytes: 1 << 30,
+                ..settings
+            },
+        )
+        .expect("images");
+        assert!(!Arc::ptr_eq(&old.budget, &resized.budget));
+        assert_eq!(resized.budget.bytes(), 1 << 30);
+    }
+
     #[tokio::test]
     async fn the_pixel_cap_is_checked_from_the_header() {
         let images = Images::new(&ImagesSettings {
