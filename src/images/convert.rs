@@ -9,8 +9,7 @@ use image::codecs::jpeg::JpegEncoder;
 use image::imageops::FilterType;
 use image::metadata::Orientation;
 use image::{
-    DynamicImage, GenericImageView, ImageBuffer, ImageDecoder, ImageReader, Pixel, Rgb, RgbImage,
-    imageops,
+    DynamicImage, GenericImageView, ImageBuffer, ImageDecoder, ImageReader, Rgb, RgbImage,
 };
 
 use super::sniff::{Format, FormatSet};
@@ -326,66 +325,123 @@ fn eight_bit(image: DynamicImage) -> DynamicImage {
 /// `imageops::resize` filters columns into a 32-bit float RGBA image of the
 /// source's width and the new height (16 bytes a pixel: 700 MB for a 50 MP
 /// image shrunk by 10 %) before it filters rows. The same two passes run
-/// here on strips, each through `imageops::resize` with the other side
+/// here on strips, each through the crate's own resize with the other side
 /// unchanged (which filters by the identity), into an 8-bit intermediate:
 /// columns strip by strip, then rows band by band, each strip's float
 /// buffer at most [`STRIP_BYTES`]. The result differs from a whole resize
 /// only by rounding the intermediate to 8 bits.
+///
+/// The strips cost CPU (the identity passes, the copies: about a third
+/// more than a whole resize), so an image whose whole float intermediate
+/// is at most [`WHOLE_RESIZE_BYTES`] is resized whole.
+///
+/// Only the image crate's concrete `DynamicImage` methods touch pixels
+/// (compiled, optimised, in that crate); the strips are put together here
+/// with slice copies.
 fn resize(image: &DynamicImage, width: u32, height: u32) -> DynamicImage {
-    match image {
-        DynamicImage::ImageLuma8(i) => DynamicImage::ImageLuma8(resize_in_strips(i, width, height)),
-        DynamicImage::ImageLumaA8(i) => {
-            DynamicImage::ImageLumaA8(resize_in_strips(i, width, height))
-        }
-        DynamicImage::ImageRgb8(i) => DynamicImage::ImageRgb8(resize_in_strips(i, width, height)),
-        DynamicImage::ImageRgba8(i) => DynamicImage::ImageRgba8(resize_in_strips(i, width, height)),
-        // Not reached: decode() makes every image 8-bit.
-        other => other.resize_exact(width, height, FilterType::Triangle),
+    let (w, h) = image.dimensions();
+    if (w, h) == (width, height) {
+        return image.clone();
     }
+    if u64::from(w) * u64::from(height) * 16 <= WHOLE_RESIZE_BYTES {
+        return image.resize_exact(width, height, FilterType::Triangle);
+    }
+    let Some(columns) = assemble(image, w, height, Side::Columns, |x, part| {
+        image
+            .crop_imm(x, 0, part, h)
+            .resize_exact(part, height, FilterType::Triangle)
+    }) else {
+        return image.resize_exact(width, height, FilterType::Triangle);
+    };
+    assemble(&columns, width, height, Side::Rows, |y, part| {
+        columns
+            .crop_imm(0, y, w, part)
+            .resize_exact(width, part, FilterType::Triangle)
+    })
+    .unwrap_or_else(|| image.resize_exact(width, height, FilterType::Triangle))
 }
 
 /// The float buffer of one strip's pass (see [`resize`]).
 const STRIP_BYTES: u64 = 4 << 20;
 
-fn resize_in_strips<P>(
-    image: &ImageBuffer<P, Vec<u8>>,
+/// The largest float intermediate of a resize done whole (see [`resize`]):
+/// part of a conversion's fixed costs ([`super::memory`]).
+pub const WHOLE_RESIZE_BYTES: u64 = 16 << 20;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// Strips side by side, each `part` columns wide and `height` tall.
+    Columns,
+    /// Bands one under the other, each `width` wide and `part` rows tall.
+    Rows,
+}
+
+/// A `width`x`height` image of `like`'s colour type, put together from the
+/// pieces `piece(offset, part)` makes, across `side`, each small enough
+/// that its resize's float buffer (16 bytes a pixel) is at most
+/// [`STRIP_BYTES`]. `None` when `like` is not 8-bit (decode() makes every
+/// image 8-bit) or a piece is not the size asked for.
+fn assemble(
+    like: &DynamicImage,
     width: u32,
     height: u32,
-) -> ImageBuffer<P, Vec<u8>>
-where
-    P: Pixel<Subpixel = u8> + 'static,
-{
-    // One float RGBA pixel of the pass's intermediate.
+    side: Side,
+    mut piece: impl FnMut(u32, u32) -> DynamicImage,
+) -> Option<DynamicImage> {
     const FLOAT_PIXEL: u64 = 16;
-    let (w, h) = image.dimensions();
-    let strip = |across: u32| {
-        u32::try_from(STRIP_BYTES / (u64::from(across.max(1)) * FLOAT_PIXEL))
-            .unwrap_or(u32::MAX)
-            .max(1)
+    let bpp = usize::from(like.color().bytes_per_pixel());
+    let (across, along) = match side {
+        Side::Columns => (width, height),
+        Side::Rows => (height, width),
     };
-    // Columns: the new height, strip by strip of the old width.
-    let mut columns = ImageBuffer::<P, Vec<u8>>::new(w, height);
-    let step = strip(height);
-    let mut x = 0;
-    while x < w {
-        let part = step.min(w - x);
-        let view = imageops::crop_imm(image, x, 0, part, h);
-        let done = imageops::resize(&*view, part, height, FilterType::Triangle);
-        imageops::replace(&mut columns, &done, i64::from(x), 0);
-        x += part;
+    let step = u32::try_from(STRIP_BYTES / (u64::from(along.max(1)) * FLOAT_PIXEL))
+        .unwrap_or(u32::MAX)
+        .max(1);
+    let row = width as usize * bpp;
+    let mut out = vec![0u8; row * height as usize];
+    let mut at = 0;
+    while at < across {
+        let part = step.min(across - at);
+        let done = piece(at, part);
+        let bytes = done.as_bytes();
+        match side {
+            Side::Columns => {
+                let (offset, piece_row) = (at as usize * bpp, part as usize * bpp);
+                if bytes.len() != piece_row * height as usize {
+                    return None;
+                }
+                for (y, source) in bytes.chunks_exact(piece_row).enumerate() {
+                    let start = y * row + offset;
+                    out.get_mut(start..start + piece_row)?
+                        .copy_from_slice(source);
+                }
+            }
+            Side::Rows => {
+                let start = at as usize * row;
+                if bytes.len() != part as usize * row {
+                    return None;
+                }
+                out.get_mut(start..start + bytes.len())?
+                    .copy_from_slice(bytes);
+            }
+        }
+        at += part;
     }
-    // Rows: the new width, band by band of the new height.
-    let mut out = ImageBuffer::<P, Vec<u8>>::new(width, height);
-    let step = strip(w);
-    let mut y = 0;
-    while y < height {
-        let part = step.min(height - y);
-        let view = imageops::crop_imm(&columns, 0, y, w, part);
-        let done = imageops::resize(&*view, width, part, FilterType::Triangle);
-        imageops::replace(&mut out, &done, 0, i64::from(y));
-        y += part;
+    match like {
+        DynamicImage::ImageLuma8(_) => {
+            ImageBuffer::from_raw(width, height, out).map(DynamicImage::ImageLuma8)
+        }
+        DynamicImage::ImageLumaA8(_) => {
+            ImageBuffer::from_raw(width, height, out).map(DynamicImage::ImageLumaA8)
+        }
+        DynamicImage::ImageRgb8(_) => {
+            ImageBuffer::from_raw(width, height, out).map(DynamicImage::ImageRgb8)
+        }
+        DynamicImage::ImageRgba8(_) => {
+            ImageBuffer::from_raw(width, height, out).map(DynamicImage::ImageRgba8)
+        }
+        _ => None,
     }
-    out
 }
 
 /// A decoder for `bytes` whose header is within the pixel cap, with the cap
@@ -807,6 +863,7 @@ mod tests {
         let (w, h) = (500, 2000);
         // Columns: strips of the new height; rows: bands of the old width.
         assert!(u64::from(h) * 16 * 600 > 4 * STRIP_BYTES);
+        assert!(u64::from(h) * 16 * 600 > WHOLE_RESIZE_BYTES, "in strips");
         let strips = resize(&source, w, h).to_rgb8();
         let whole = source.resize_exact(w, h, FilterType::Triangle).to_rgb8();
         assert_eq!(strips.dimensions(), (w, h));

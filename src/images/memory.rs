@@ -20,7 +20,7 @@ use std::sync::Arc;
 use image::ImageDecoder;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::convert::{DecodeAllowance, Target};
+use super::convert::{DecodeAllowance, Target, WHOLE_RESIZE_BYTES};
 use super::sniff::{self, Format};
 
 /// Fixed costs of one job beside its per-pixel ones: the resize's strip
@@ -137,6 +137,12 @@ impl Layout {
         FIXED + ROWS * u64::from(self.width)
     }
 
+    /// A conversion's fixed costs: the decoder's, and a resize done whole
+    /// (its float intermediate, at most [`WHOLE_RESIZE_BYTES`]).
+    fn transform_fixed(&self) -> u64 {
+        self.fixed() + WHOLE_RESIZE_BYTES
+    }
+
     /// Bytes of the decoded image.
     pub fn image_bytes(&self) -> u64 {
         self.pixels() * u64::from(self.decoded)
@@ -204,9 +210,9 @@ impl Layout {
             },
             // Turned upright: a rotation copies.
             2 * image + self.fixed(),
-            image + encode + self.fixed(),
+            image + encode + self.transform_fixed(),
             if target.max_bytes.is_some() {
-                image + fit + self.fixed()
+                image + fit + self.transform_fixed()
             } else {
                 0
             },
@@ -488,10 +494,11 @@ mod tests {
             9 * pixels + fixed
         );
         // Where PNG may come out, the encoder's deflate stream counts
-        // (4.5 times the 8-bit image): 16.5 bytes a pixel.
+        // (4.5 times the 8-bit image): 16.5 bytes a pixel, and a resize's
+        // float intermediate among the fixed costs.
         assert_eq!(
             png.transform_need(&target(WEB, None)),
-            3 * pixels * 11 / 2 + fixed
+            3 * pixels * 11 / 2 + fixed + WHOLE_RESIZE_BYTES
         );
     }
 
