@@ -69,8 +69,9 @@ fn apply(state: &AppState) -> Result<(), ReloadError> {
         return Err(ReloadError::Invalid(taken));
     }
     if new.images != old.images {
-        // A new image service: new limits, an empty cache.
-        let images = Images::new(&new.images)
+        // A new image service: new limits, an empty cache (the same budget
+        // of decode memory, if its size did not change).
+        let images = Images::succeeding(&state.gateway.images.load(), &new.images)
             .map_err(|e| ReloadError::Invalid(vec![Problem::new("images", e)]))?;
         state.gateway.images.store(Arc::new(images));
     }

@@ -11,9 +11,12 @@
 //!   dimensions it says, and one the target accepts;
 //! - `validate` refuses only as unsupported (damaged) or too large, and an
 //!   image it passes keeps its format and dimensions once stripped of its
-//!   metadata.
+//!   metadata;
+//! - the memory layout and needs read from the header never panic, and
+//!   both run under the decoder allowance the decode budget would give.
 #![no_main]
 
+use iris::images::memory::Layout;
 use iris::images::sniff::{self, Format, FormatSet};
 use iris::images::{ErrorKind, Target, convert, inline, metadata};
 use libfuzzer_sys::fuzz_target;
@@ -73,7 +76,11 @@ fuzz_target!(|bytes: &[u8]| {
     assert_eq!(Some(dims), sniff::dimensions(bytes));
     assert!(u64::from(dims.0) * u64::from(dims.1) <= MAX_PIXELS);
 
-    match convert::validate(bytes, format, MAX_PIXELS) {
+    // What the decode budget would reserve, and the decoder's allowance
+    // that follows from it, under which everything below runs.
+    let layout = Layout::of(bytes, format, dims);
+    let _ = layout.decode_need();
+    match convert::validate(bytes, format, MAX_PIXELS, layout.allowance()) {
         Ok(orientation) => {
             if let Some(stripped) = metadata::strip(bytes, format, orientation) {
                 assert_eq!(sniff::format(&stripped), Some(format));
@@ -90,7 +97,8 @@ fuzz_target!(|bytes: &[u8]| {
 
     let choice = bytes.iter().fold(0u8, |sum, b| sum.wrapping_add(*b));
     let target = target(choice);
-    match convert::transform(bytes, format, &target, MAX_PIXELS) {
+    let _ = layout.transform_need(&target);
+    match convert::transform(bytes, format, &target, MAX_PIXELS, layout.allowance()) {
         Ok(encoded) => {
             assert!(
                 target.formats.contains(encoded.format),

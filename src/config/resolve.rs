@@ -296,6 +296,7 @@ fn images(images: &schema::Images, problems: &mut Problems) -> ImagesSettings {
         cache_bytes: images.cache_bytes,
         cache_ttl: Duration::from_secs(images.cache_ttl_s),
         strip_metadata: images.strip_metadata,
+        max_decode_bytes: problems.above_zero("images.max_decode_bytes", images.max_decode_bytes),
     }
 }
 

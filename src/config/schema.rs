@@ -181,6 +181,9 @@ pub struct Images {
     pub cache_ttl_s: u64,
     /// Remove EXIF (GPS included), XMP and text metadata from forwarded images.
     pub strip_metadata: bool,
+    /// Bytes of pixels that image decodes, conversions and downscales may
+    /// hold at once, across the process.
+    pub max_decode_bytes: u64,
 }
 
 impl Default for Images {
@@ -195,6 +198,7 @@ impl Default for Images {
             cache_bytes: 64 * 1024 * 1024,
             cache_ttl_s: 300,
             strip_metadata: false,
+            max_decode_bytes: crate::images::DEFAULT_MAX_DECODE_BYTES,
         }
     }
 }

@@ -8,7 +8,9 @@ use std::io::Cursor;
 use image::codecs::jpeg::JpegEncoder;
 use image::imageops::FilterType;
 use image::metadata::Orientation;
-use image::{DynamicImage, GenericImageView, ImageDecoder, ImageReader};
+use image::{
+    DynamicImage, GenericImageView, ImageBuffer, ImageDecoder, ImageReader, Rgb, RgbImage,
+};
 
 use super::sniff::{Format, FormatSet};
 use super::{ErrorKind, ImageError};
@@ -37,6 +39,26 @@ impl Target {
     }
 }
 
+/// What decoding one image may allocate, set from what its job reserved in
+/// the decode budget ([`super::memory`]): a header that lied to the cheap
+/// checks cannot make the decoder take more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeAllowance {
+    /// Bytes of the decoded image (the decoder's output).
+    pub image: u64,
+    /// Bytes of the decoder's own buffers beside its output: the image
+    /// crate's `Limits::max_alloc`, which counts those and not the output.
+    pub decoder: u64,
+}
+
+impl DecodeAllowance {
+    /// No limit beyond the pixel cap, for tests and tools.
+    pub const UNLIMITED: Self = Self {
+        image: u64::MAX,
+        decoder: u64::MAX,
+    };
+}
+
 /// A re-encoded image.
 #[derive(Debug)]
 pub struct Encoded {
@@ -60,21 +82,22 @@ fn unsupported(message: impl Into<String>) -> ImageError {
 /// Decodes `bytes` (already sniffed as `format`), converts, downscales and
 /// re-encodes it until it meets `target`.
 ///
-/// `max_pixels` is also given to the decoder as a limit, so even a header
-/// that lied to the cheap dimension check cannot make it allocate more.
+/// `max_pixels` and `allowance` are also given to the decoder as limits, so
+/// even a header that lied to the cheap checks cannot make it allocate more.
 pub fn transform(
     bytes: &[u8],
     format: Format,
     target: &Target,
     max_pixels: u64,
+    allowance: DecodeAllowance,
 ) -> Result<Encoded, ImageError> {
-    let mut image = decode(bytes, format, max_pixels)?;
+    let mut image = decode(bytes, format, max_pixels, allowance)?;
 
     if let Some(max) = target.max_side {
         let (w, h) = image.dimensions();
         if w > max || h > max {
             let (nw, nh) = fit_within(w, h, max);
-            image = image.resize_exact(nw, nh, FilterType::Triangle);
+            image = resize(&image, nw, nh);
         }
     }
 
@@ -110,7 +133,7 @@ pub fn transform(
         let ratio = ((max_bytes as f64 / encoded.len() as f64).sqrt() * 0.9).clamp(0.2, 0.9);
         let nw = ((f64::from(w) * ratio) as u32).max(1);
         let nh = ((f64::from(h) * ratio) as u32).max(1);
-        image = image.resize_exact(nw, nh, FilterType::Triangle);
+        image = resize(&image, nw, nh);
         encoded = encode(&image, output, quality, traits)?;
     }
     if encoded.len() <= max_bytes {
@@ -143,11 +166,16 @@ fn finish(bytes: Vec<u8>, format: Format, image: &DynamicImage) -> Encoded {
 /// whole decode (about 20 ms a megapixel) proves little more than the
 /// headers it reads first. Those are read and checked in full (frame,
 /// tables), and the scans' structure is walked to the end-of-image marker.
-pub fn validate(bytes: &[u8], format: Format, max_pixels: u64) -> Result<Orientation, ImageError> {
+pub fn validate(
+    bytes: &[u8],
+    format: Format,
+    max_pixels: u64,
+    allowance: DecodeAllowance,
+) -> Result<Orientation, ImageError> {
     if format == Format::Jpeg {
         return validate_jpeg(bytes, max_pixels);
     }
-    let mut decoder = decoder(bytes, format, max_pixels)?;
+    let mut decoder = decoder(bytes, format, max_pixels, allowance)?;
     let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
     let len = usize::try_from(decoder.total_bytes()).map_err(|_| too_large_to_decode())?;
     let mut pixels = vec![0u8; len];
@@ -255,39 +283,190 @@ fn jpeg_scans_complete(b: &[u8]) -> bool {
     }
 }
 
-/// Decodes with the pixel cap as a decoder limit, and turns the image upright
-/// by its EXIF orientation (which re-encoding would otherwise drop).
-fn decode(bytes: &[u8], format: Format, max_pixels: u64) -> Result<DynamicImage, ImageError> {
-    let mut decoder = decoder(bytes, format, max_pixels)?;
+/// Decodes with the pixel cap as a decoder limit, brings the image to 8 bits
+/// a channel, and turns it upright by its EXIF orientation (which
+/// re-encoding would otherwise drop).
+///
+/// Every format Iris writes is written at 8 bits a channel (upstream models
+/// see 8-bit colour), so a 16-bit or float image is converted at once: its
+/// buffer, two to four times the size, is freed before the copies that
+/// rotating, resizing and encoding make.
+fn decode(
+    bytes: &[u8],
+    format: Format,
+    max_pixels: u64,
+    allowance: DecodeAllowance,
+) -> Result<DynamicImage, ImageError> {
+    let mut decoder = decoder(bytes, format, max_pixels, allowance)?;
     let orientation = decoder.orientation().ok();
-    let mut image = DynamicImage::from_decoder(decoder).map_err(|e| undecodable(e, format))?;
+    let image = DynamicImage::from_decoder(decoder).map_err(|e| undecodable(e, format))?;
+    let mut image = eight_bit(image);
     if let Some(orientation) = orientation {
         image.apply_orientation(orientation);
     }
     Ok(image)
 }
 
+/// The image at 8 bits a channel, with the channels it has.
+fn eight_bit(image: DynamicImage) -> DynamicImage {
+    match image {
+        DynamicImage::ImageLuma8(_)
+        | DynamicImage::ImageLumaA8(_)
+        | DynamicImage::ImageRgb8(_)
+        | DynamicImage::ImageRgba8(_) => image,
+        DynamicImage::ImageLuma16(_) => DynamicImage::ImageLuma8(image.to_luma8()),
+        DynamicImage::ImageLumaA16(_) => DynamicImage::ImageLumaA8(image.to_luma_alpha8()),
+        _ if image.color().has_alpha() => DynamicImage::ImageRgba8(image.to_rgba8()),
+        _ => DynamicImage::ImageRgb8(image.to_rgb8()),
+    }
+}
+
+/// Resizes (triangle filter) without the image crate's whole intermediate:
+/// `imageops::resize` filters columns into a 32-bit float RGBA image of the
+/// source's width and the new height (16 bytes a pixel: 700 MB for a 50 MP
+/// image shrunk by 10 %) before it filters rows. The same two passes run
+/// here on strips, each through the crate's own resize with the other side
+/// unchanged (which filters by the identity), into an 8-bit intermediate:
+/// columns strip by strip, then rows band by band, each strip's float
+/// buffer at most [`STRIP_BYTES`]. The result differs from a whole resize
+/// only by rounding the intermediate to 8 bits.
+///
+/// The strips cost CPU (the identity passes, the copies: about a third
+/// more than a whole resize), so an image whose whole float intermediate
+/// is at most [`WHOLE_RESIZE_BYTES`] is resized whole.
+///
+/// Only the image crate's concrete `DynamicImage` methods touch pixels
+/// (compiled, optimised, in that crate); the strips are put together here
+/// with slice copies.
+fn resize(image: &DynamicImage, width: u32, height: u32) -> DynamicImage {
+    let (w, h) = image.dimensions();
+    if (w, h) == (width, height) {
+        return image.clone();
+    }
+    if u64::from(w) * u64::from(height) * 16 <= WHOLE_RESIZE_BYTES {
+        return image.resize_exact(width, height, FilterType::Triangle);
+    }
+    let Some(columns) = assemble(image, w, height, Side::Columns, |x, part| {
+        image
+            .crop_imm(x, 0, part, h)
+            .resize_exact(part, height, FilterType::Triangle)
+    }) else {
+        return image.resize_exact(width, height, FilterType::Triangle);
+    };
+    assemble(&columns, width, height, Side::Rows, |y, part| {
+        columns
+            .crop_imm(0, y, w, part)
+            .resize_exact(width, part, FilterType::Triangle)
+    })
+    .unwrap_or_else(|| image.resize_exact(width, height, FilterType::Triangle))
+}
+
+/// The float buffer of one strip's pass (see [`resize`]).
+const STRIP_BYTES: u64 = 4 << 20;
+
+/// The largest float intermediate of a resize done whole (see [`resize`]):
+/// part of a conversion's fixed costs ([`super::memory`]).
+pub const WHOLE_RESIZE_BYTES: u64 = 16 << 20;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// Strips side by side, each `part` columns wide and `height` tall.
+    Columns,
+    /// Bands one under the other, each `width` wide and `part` rows tall.
+    Rows,
+}
+
+/// A `width`x`height` image of `like`'s colour type, put together from the
+/// pieces `piece(offset, part)` makes, across `side`, each small enough
+/// that its resize's float buffer (16 bytes a pixel) is at most
+/// [`STRIP_BYTES`]. `None` when `like` is not 8-bit (decode() makes every
+/// image 8-bit) or a piece is not the size asked for.
+fn assemble(
+    like: &DynamicImage,
+    width: u32,
+    height: u32,
+    side: Side,
+    mut piece: impl FnMut(u32, u32) -> DynamicImage,
+) -> Option<DynamicImage> {
+    const FLOAT_PIXEL: u64 = 16;
+    let bpp = usize::from(like.color().bytes_per_pixel());
+    let (across, along) = match side {
+        Side::Columns => (width, height),
+        Side::Rows => (height, width),
+    };
+    let step = u32::try_from(STRIP_BYTES / (u64::from(along.max(1)) * FLOAT_PIXEL))
+        .unwrap_or(u32::MAX)
+        .max(1);
+    let row = width as usize * bpp;
+    let mut out = vec![0u8; row * height as usize];
+    let mut at = 0;
+    while at < across {
+        let part = step.min(across - at);
+        let done = piece(at, part);
+        let bytes = done.as_bytes();
+        match side {
+            Side::Columns => {
+                let (offset, piece_row) = (at as usize * bpp, part as usize * bpp);
+                if bytes.len() != piece_row * height as usize {
+                    return None;
+                }
+                for (y, source) in bytes.chunks_exact(piece_row).enumerate() {
+                    let start = y * row + offset;
+                    out.get_mut(start..start + piece_row)?
+                        .copy_from_slice(source);
+                }
+            }
+            Side::Rows => {
+                let start = at as usize * row;
+                if bytes.len() != part as usize * row {
+                    return None;
+                }
+                out.get_mut(start..start + bytes.len())?
+                    .copy_from_slice(bytes);
+            }
+        }
+        at += part;
+    }
+    match like {
+        DynamicImage::ImageLuma8(_) => {
+            ImageBuffer::from_raw(width, height, out).map(DynamicImage::ImageLuma8)
+        }
+        DynamicImage::ImageLumaA8(_) => {
+            ImageBuffer::from_raw(width, height, out).map(DynamicImage::ImageLumaA8)
+        }
+        DynamicImage::ImageRgb8(_) => {
+            ImageBuffer::from_raw(width, height, out).map(DynamicImage::ImageRgb8)
+        }
+        DynamicImage::ImageRgba8(_) => {
+            ImageBuffer::from_raw(width, height, out).map(DynamicImage::ImageRgba8)
+        }
+        _ => None,
+    }
+}
+
 /// A decoder for `bytes` whose header is within the pixel cap, with the cap
-/// as its limit too, so even a header that lied to the cheap dimension check
-/// cannot make it allocate more.
+/// and `allowance` as its limits too, so even a header that lied to the
+/// cheap checks cannot make it allocate more than its job reserved.
 fn decoder(
     bytes: &[u8],
     format: Format,
     max_pixels: u64,
+    allowance: DecodeAllowance,
 ) -> Result<Box<dyn ImageDecoder + '_>, ImageError> {
     let mut limits = image::Limits::default();
     let side = u32::try_from(max_pixels).unwrap_or(u32::MAX);
     limits.max_image_width = Some(side);
     limits.max_image_height = Some(side);
-    // Room for the largest pixel type (RGBA, 32-bit float) at the cap, plus
-    // the decoders' own buffers; above that the decoder refuses.
-    limits.max_alloc = Some(max_pixels.saturating_mul(16).saturating_add(64 << 20));
+    limits.max_alloc = Some(allowance.decoder);
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format.image_format());
     reader.limits(limits);
     let decoder = reader.into_decoder().map_err(|e| undecodable(e, format))?;
     let (w, h) = decoder.dimensions();
     if u64::from(w) * u64::from(h) > max_pixels {
         return Err(too_many_pixels(w, h, max_pixels));
+    }
+    if decoder.total_bytes() > allowance.image {
+        return Err(too_large_to_decode());
     }
     // A side of 0 decodes to nothing, and nothing can be encoded from it.
     if w == 0 || h == 0 {
@@ -449,47 +628,34 @@ fn encode(
                 image.write_with_encoder(encoder).map_err(failed)?;
             }
         }
-        _ => {
-            // 16-bit and float images are written as 8-bit: upstream models
-            // see 8-bit colour, and the result is half the size.
-            let eight_bit = match image {
-                DynamicImage::ImageLuma8(_)
-                | DynamicImage::ImageLumaA8(_)
-                | DynamicImage::ImageRgb8(_)
-                | DynamicImage::ImageRgba8(_) => None,
-                _ if image.color().has_alpha() => Some(DynamicImage::ImageRgba8(image.to_rgba8())),
-                _ => Some(DynamicImage::ImageRgb8(image.to_rgb8())),
-            };
-            eight_bit
-                .as_ref()
-                .unwrap_or(image)
-                .write_to(&mut out, format.image_format())
-                .map_err(failed)?;
-        }
+        // At 8 bits a channel already (decode() converts).
+        _ => image
+            .write_to(&mut out, format.image_format())
+            .map_err(failed)?,
     }
     Ok(out.into_inner())
 }
 
 /// Composites transparent pixels over white: JPEG has no alpha, and black
-/// (what dropping the channel gives) hides dark content.
+/// (what dropping the channel gives) hides dark content. Written straight
+/// into the RGB image, with no RGBA copy between.
 fn flatten_on_white(image: &DynamicImage) -> DynamicImage {
-    let mut rgba = image.to_rgba8();
-    for pixel in rgba.pixels_mut() {
+    let (w, h) = image.dimensions();
+    DynamicImage::ImageRgb8(RgbImage::from_fn(w, h, |x, y| {
+        let pixel = image.get_pixel(x, y).0;
         let alpha = u16::from(pixel[3]);
-        for c in 0..3 {
+        Rgb(std::array::from_fn(|c| {
             let value = u16::from(pixel[c]);
-            pixel[c] = ((value * alpha + 255 * (255 - alpha)) / 255) as u8;
-        }
-        pixel[3] = 255;
-    }
-    DynamicImage::ImageRgb8(DynamicImage::ImageRgba8(rgba).to_rgb8())
+            ((value * alpha + 255 * (255 - alpha)) / 255) as u8
+        }))
+    }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::images::sniff;
-    use image::{ImageFormat, Rgb, RgbImage, Rgba, RgbaImage};
+    use image::{ImageFormat, Rgba, RgbaImage};
 
     fn photo(w: u32, h: u32) -> DynamicImage {
         // Smooth gradients plus per-pixel noise: many colours, like a photo.
@@ -528,6 +694,7 @@ mod tests {
     }
 
     const WEB: &[Format] = &[Format::Jpeg, Format::Png, Format::Webp];
+    const ANY: DecodeAllowance = DecodeAllowance::UNLIMITED;
 
     /// Found by the image_decode fuzz target: a GIF whose screen is 3×0
     /// was converted to a PNG of no pixels, which no header describes.
@@ -535,30 +702,30 @@ mod tests {
     fn an_image_with_a_side_of_zero_is_refused_not_converted() {
         let gif = include_bytes!("../../tests/fixtures/fuzz/gif-zero-height.gif");
         for formats in [WEB, &[Format::Gif][..]] {
-            let refused = transform(gif, Format::Gif, &target(formats), 1 << 24)
+            let refused = transform(gif, Format::Gif, &target(formats), 1 << 24, ANY)
                 .expect_err("nothing to convert");
             assert_eq!(refused.kind, ErrorKind::FormatUnsupported);
         }
-        let refused = validate(gif, Format::Gif, 1 << 24).expect_err("nothing to forward");
+        let refused = validate(gif, Format::Gif, 1 << 24, ANY).expect_err("nothing to forward");
         assert_eq!(refused.kind, ErrorKind::FormatUnsupported);
     }
 
     #[test]
     fn unaccepted_formats_become_png_or_jpeg_for_photos() {
         let gif = bytes_of(&chart(120, 80), ImageFormat::Gif);
-        let out = transform(&gif, Format::Gif, &target(WEB), 1 << 30).expect("converted");
+        let out = transform(&gif, Format::Gif, &target(WEB), 1 << 30, ANY).expect("converted");
         assert_eq!(out.format, Format::Png);
         assert_eq!(sniff::format(&out.bytes), Some(Format::Png));
         assert_eq!(sniff::dimensions(&out.bytes), Some((120, 80)));
 
         let bmp = bytes_of(&photo(200, 150), ImageFormat::Bmp);
-        let out = transform(&bmp, Format::Bmp, &target(WEB), 1 << 30).expect("converted");
+        let out = transform(&bmp, Format::Bmp, &target(WEB), 1 << 30, ANY).expect("converted");
         assert_eq!(out.format, Format::Jpeg);
         assert_eq!(sniff::dimensions(&out.bytes), Some((200, 150)));
 
         let tiff = bytes_of(&photo(64, 48), ImageFormat::Tiff);
-        let out =
-            transform(&tiff, Format::Tiff, &target(&[Format::Png]), 1 << 30).expect("converted");
+        let out = transform(&tiff, Format::Tiff, &target(&[Format::Png]), 1 << 30, ANY)
+            .expect("converted");
         assert_eq!(out.format, Format::Png, "PNG when JPEG is not accepted");
     }
 
@@ -573,11 +740,11 @@ mod tests {
             ])
         }));
         let bmp = bytes_of(&rgba, ImageFormat::Bmp);
-        let out = transform(&bmp, Format::Bmp, &target(WEB), 1 << 30).expect("converted");
+        let out = transform(&bmp, Format::Bmp, &target(WEB), 1 << 30, ANY).expect("converted");
         assert_eq!(out.format, Format::Png);
 
-        let out =
-            transform(&bmp, Format::Bmp, &target(&[Format::Jpeg]), 1 << 30).expect("converted");
+        let out = transform(&bmp, Format::Bmp, &target(&[Format::Jpeg]), 1 << 30, ANY)
+            .expect("converted");
         assert_eq!(out.format, Format::Jpeg);
         // Fully transparent pixels (x = 0) come out white, not black.
         let decoded = image::load_from_memory(&out.bytes)
@@ -593,7 +760,7 @@ mod tests {
             max_side: Some(512),
             ..target(WEB)
         };
-        let out = transform(&png, Format::Png, &t, 1 << 30).expect("resized");
+        let out = transform(&png, Format::Png, &t, 1 << 30, ANY).expect("resized");
         assert_eq!(out.format, Format::Png, "an accepted source format is kept");
         assert_eq!((out.width, out.height), (512, 256));
         assert_eq!(sniff::dimensions(&out.bytes), Some((512, 256)));
@@ -608,7 +775,7 @@ mod tests {
             max_bytes: Some(100_000),
             ..target(WEB)
         };
-        let out = transform(&png, Format::Png, &t, 1 << 30).expect("fitted");
+        let out = transform(&png, Format::Png, &t, 1 << 30, ANY).expect("fitted");
         assert!(out.bytes.len() <= 100_000, "{}", out.bytes.len());
         assert_eq!(out.format, Format::Jpeg, "a photo goes lossy to fit");
         assert_eq!(sniff::dimensions(&out.bytes), Some((out.width, out.height)));
@@ -621,7 +788,7 @@ mod tests {
             max_bytes: Some(200_000),
             ..target(&[Format::Png])
         };
-        let out = transform(&png, Format::Png, &t, 1 << 30).expect("fitted");
+        let out = transform(&png, Format::Png, &t, 1 << 30, ANY).expect("fitted");
         assert_eq!(out.format, Format::Png);
         assert!(out.bytes.len() <= 200_000);
         assert!(out.width < 1600);
@@ -634,20 +801,26 @@ mod tests {
             max_bytes: Some(10),
             ..target(WEB)
         };
-        let e = transform(&png, Format::Png, &t, 1 << 30).expect_err("cannot fit");
+        let e = transform(&png, Format::Png, &t, 1 << 30, ANY).expect_err("cannot fit");
         assert_eq!(e.kind, ErrorKind::TooLarge);
 
         let mut garbage = b"\x89PNG\r\n\x1a\n".to_vec();
         garbage.extend_from_slice(&[0u8; 64]);
-        let e = transform(&garbage, Format::Png, &target(&[Format::Jpeg]), 1 << 30)
-            .expect_err("not decodable");
+        let e = transform(
+            &garbage,
+            Format::Png,
+            &target(&[Format::Jpeg]),
+            1 << 30,
+            ANY,
+        )
+        .expect_err("not decodable");
         assert_eq!(e.kind, ErrorKind::FormatUnsupported);
     }
 
     #[test]
     fn the_decoder_enforces_the_pixel_cap_too() {
         let png = bytes_of(&chart(400, 300), ImageFormat::Png);
-        let e = transform(&png, Format::Png, &target(&[Format::Jpeg]), 100_000)
+        let e = transform(&png, Format::Png, &target(&[Format::Jpeg]), 100_000, ANY)
             .expect_err("over the cap");
         assert_eq!(e.kind, ErrorKind::TooLarge);
     }
@@ -655,9 +828,9 @@ mod tests {
     #[test]
     fn validation_refuses_damaged_pixel_data_and_cut_short_jpegs() {
         let jpeg = bytes_of(&photo(64, 48), ImageFormat::Jpeg);
-        assert!(validate(&jpeg, Format::Jpeg, 1 << 30).is_ok());
+        assert!(validate(&jpeg, Format::Jpeg, 1 << 30, ANY).is_ok());
         // Cut short: no end-of-image marker.
-        let e = validate(&jpeg[..jpeg.len() - 40], Format::Jpeg, 1 << 30).expect_err("cut");
+        let e = validate(&jpeg[..jpeg.len() - 40], Format::Jpeg, 1 << 30, ANY).expect_err("cut");
         assert_eq!(
             (e.kind, e.reason),
             (ErrorKind::FormatUnsupported, "corrupt")
@@ -665,20 +838,85 @@ mod tests {
         // Trailing bytes after the image are fine (cameras append previews).
         let mut trailing = jpeg.clone();
         trailing.extend_from_slice(b"\xFF\xD8 a preview");
-        assert!(validate(&trailing, Format::Jpeg, 1 << 30).is_ok());
+        assert!(validate(&trailing, Format::Jpeg, 1 << 30, ANY).is_ok());
 
         let png = bytes_of(&chart(64, 48), ImageFormat::Png);
-        assert!(validate(&png, Format::Png, 1 << 30).is_ok());
+        assert!(validate(&png, Format::Png, 1 << 30, ANY).is_ok());
         let mut damaged = png.clone();
         let at = damaged.len() - 30;
         damaged[at] ^= 0x55;
-        let e = validate(&damaged, Format::Png, 1 << 30).expect_err("damaged");
+        let e = validate(&damaged, Format::Png, 1 << 30, ANY).expect_err("damaged");
         assert_eq!(
             (e.kind, e.reason),
             (ErrorKind::FormatUnsupported, "corrupt")
         );
-        let e = validate(&png, Format::Png, 1000).expect_err("over the cap");
+        let e = validate(&png, Format::Png, 1000, ANY).expect_err("over the cap");
         assert_eq!(e.kind, ErrorKind::TooLarge);
+    }
+
+    /// Several strips in each pass (a strip's float buffer holds
+    /// `STRIP_BYTES`), and the same pixels as the image crate's whole
+    /// resize but for rounding the intermediate to 8 bits.
+    #[test]
+    fn resizing_in_strips_matches_the_whole_resize() {
+        let source = photo(600, 2400);
+        let (w, h) = (500, 2000);
+        // Columns: strips of the new height; rows: bands of the old width.
+        assert!(u64::from(h) * 16 * 600 > 4 * STRIP_BYTES);
+        assert!(u64::from(h) * 16 * 600 > WHOLE_RESIZE_BYTES, "in strips");
+        let strips = resize(&source, w, h).to_rgb8();
+        let whole = source.resize_exact(w, h, FilterType::Triangle).to_rgb8();
+        assert_eq!(strips.dimensions(), (w, h));
+        let worst = strips
+            .as_raw()
+            .iter()
+            .zip(whole.as_raw())
+            .map(|(a, b)| a.abs_diff(*b))
+            .max();
+        assert!(worst <= Some(1), "{worst:?}");
+    }
+
+    /// The decoder's limits are what the job reserved: its output no larger
+    /// than the image's share, its own buffers no larger than the rest.
+    #[test]
+    fn the_decoder_takes_no_more_than_its_allowance() {
+        use crate::images::memory::Layout;
+        let rgba = DynamicImage::ImageRgba8(RgbaImage::from_pixel(40, 30, Rgba([1, 2, 3, 4])));
+        let png = bytes_of(&rgba, ImageFormat::Png);
+        let layout = Layout::of(&png, Format::Png, (40, 30));
+        let allowance = layout.allowance();
+        assert_eq!(allowance.image, 40 * 30 * 4);
+        let jpeg = target(&[Format::Jpeg]);
+        assert!(validate(&png, Format::Png, 1 << 30, allowance).is_ok());
+        assert!(transform(&png, Format::Png, &jpeg, 1 << 30, allowance).is_ok());
+
+        // A header claiming less than the decoder will produce.
+        let short = DecodeAllowance {
+            image: allowance.image - 1,
+            ..allowance
+        };
+        for refused in [
+            validate(&png, Format::Png, 1 << 30, short).expect_err("output"),
+            transform(&png, Format::Png, &jpeg, 1 << 30, short).expect_err("output"),
+        ] {
+            assert_eq!(
+                (refused.kind, refused.reason),
+                (ErrorKind::TooLarge, "pixels")
+            );
+        }
+
+        // A GIF's first frame, smaller than its screen, is read into a
+        // buffer of its own: the decoder's share.
+        let mut gif = bytes_of(&chart(20, 10), ImageFormat::Gif);
+        gif[6..10].copy_from_slice(&[40, 0, 30, 0]);
+        let layout = Layout::of(&gif, Format::Gif, (40, 30));
+        assert!(validate(&gif, Format::Gif, 1 << 30, layout.allowance()).is_ok());
+        let starved = DecodeAllowance {
+            decoder: 100,
+            ..layout.allowance()
+        };
+        let refused = validate(&gif, Format::Gif, 1 << 30, starved).expect_err("frame");
+        assert_eq!(refused.kind, ErrorKind::TooLarge);
     }
 
     #[test]

@@ -300,7 +300,13 @@ mod tests {
         );
         // Validation reads the same orientation, which stripping is given.
         assert_eq!(
-            crate::images::convert::validate(&bytes, Format::Jpeg, 1 << 30).expect("valid"),
+            crate::images::convert::validate(
+                &bytes,
+                Format::Jpeg,
+                1 << 30,
+                crate::images::convert::DecodeAllowance::UNLIMITED
+            )
+            .expect("valid"),
             Orientation::Rotate90
         );
 
@@ -422,7 +428,7 @@ mod robustness {
 
     fn exercise(bytes: &[u8], format: Format) {
         let _ = sniff::dimensions(bytes);
-        let _ = convert::validate(bytes, format, 1 << 22);
+        let _ = convert::validate(bytes, format, 1 << 22, convert::DecodeAllowance::UNLIMITED);
         let _ = strip(bytes, format, Orientation::Rotate90);
         let _ = strip(bytes, format, Orientation::NoTransforms);
     }

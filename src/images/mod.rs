@@ -8,6 +8,7 @@
 //! - [`data_uri`]: the one RFC 2397 parser
 //! - [`inline`]: data URIs, written as the body streams in, or checked
 //! - [`convert`]: decode (to validate), convert, downscale, fit under a byte size
+//! - [`memory`]: what each of those holds, from the header, and the budget of it
 //! - [`metadata`]: EXIF/XMP removed without re-encoding
 //! - [`cache`]: bounded, byte-weighed, single-flight
 
@@ -16,6 +17,7 @@ pub mod convert;
 pub mod data_uri;
 pub mod fetch;
 pub mod inline;
+pub mod memory;
 pub mod metadata;
 pub mod policy;
 pub mod sniff;
@@ -36,6 +38,7 @@ use fetch::{Fetcher, Lookup, SystemLookup};
 pub use inline::data_uri;
 use inline::{BASE64, InliningSink};
 use ipnet::IpNet;
+use memory::{DecodeBudget, Layout};
 use policy::AddressPolicy;
 pub use sniff::{Format, FormatSet, dimensions};
 
@@ -104,6 +107,10 @@ pub struct ImagesSettings {
     /// Remove EXIF (GPS included), XMP and text metadata from every image
     /// forwarded (see [`metadata`]).
     pub strip_metadata: bool,
+    /// Bytes of pixels in flight across the process: what every decode,
+    /// conversion and downscale running at once may hold together
+    /// ([`memory`]).
+    pub max_decode_bytes: u64,
 }
 
 impl Default for ImagesSettings {
@@ -120,9 +127,18 @@ impl Default for ImagesSettings {
             cache_bytes: 64 * 1024 * 1024,
             cache_ttl: Duration::from_secs(300),
             strip_metadata: false,
+            max_decode_bytes: DEFAULT_MAX_DECODE_BYTES,
         }
     }
 }
+
+/// The default `images.max_decode_bytes`: half of the deploy kit's 1 GiB
+/// pod limit. The images of the default `max_pixels` (50 million) that need
+/// most take it whole and run alone (a 16-bit RGB PNG converted: 9 bytes a
+/// pixel, 450 MB), most real images run several at a time (a 12 MP photo
+/// fitted under `max_image_bytes`: about 130 MB), and the other half is left
+/// to the process (request bodies, the image cache, buffers).
+pub const DEFAULT_MAX_DECODE_BYTES: u64 = 512 * 1024 * 1024;
 
 /// What one upstream accepts, applied to every image part sent to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,6 +178,8 @@ pub struct Images {
     /// Bounds the CPU-heavy jobs (decode, convert, resize, big base64) to one
     /// per core, so a burst of large images queues instead of thrashing.
     cpu: Arc<Semaphore>,
+    /// Bounds the memory of the jobs that touch pixels, whatever the cores.
+    budget: Arc<DecodeBudget>,
 }
 
 impl Images {
@@ -173,6 +191,7 @@ impl Images {
     /// names at loopback addresses.
     pub fn with_lookup(settings: &ImagesSettings, lookup: Arc<dyn Lookup>) -> Result<Self, String> {
         describe_metrics();
+        memory::describe_metrics();
         let policy = Arc::new(AddressPolicy::from_networks(
             settings.allowed_networks.clone(),
         ));
@@ -186,7 +205,21 @@ impl Images {
             max_images_per_request: settings.max_images_per_request,
             strip_metadata: settings.strip_metadata,
             cpu: Arc::new(Semaphore::new(cores)),
+            budget: Arc::new(DecodeBudget::new(settings.max_decode_bytes)),
         })
+    }
+
+    /// The image service for new settings, replacing `previous` (a reload):
+    /// when the budget's size is unchanged, the budget and the cores are
+    /// shared with it, so jobs still running under the old service count
+    /// against the same bytes as the new service's.
+    pub fn succeeding(previous: &Images, settings: &ImagesSettings) -> Result<Self, String> {
+        let mut images = Self::new(settings)?;
+        if previous.budget.bytes() == images.budget.bytes() {
+            images.budget = Arc::clone(&previous.budget);
+            images.cpu = Arc::clone(&previous.cpu);
+        }
+        Ok(images)
     }
 
     pub fn max_images_per_request(&self) -> usize {
@@ -215,7 +248,8 @@ impl Images {
                 let mut sink = InliningSink::new(self.max_pixels);
                 self.fetcher.fetch_into(url, &mut sink).await?;
                 let mut image = sink.finish()?;
-                if let Some(stripped) = self.check(image.bytes.clone(), image.format).await? {
+                let dims = (image.width, image.height);
+                if let Some(stripped) = self.check(image.bytes.clone(), image.format, dims).await? {
                     image.data_uri = Arc::new(data_uri(image.format, &stripped));
                     image.bytes = Bytes::from(stripped);
                 }
@@ -262,7 +296,7 @@ impl Images {
         }
         let bytes = if payload.len() > INLINE_CODEC_BYTES {
             let owned = payload.to_owned();
-            self.blocking(move || BASE64.decode(owned)).await?
+            self.blocking(0, move || BASE64.decode(owned)).await?
         } else {
             BASE64.decode(payload)
         }
@@ -279,7 +313,7 @@ impl Images {
         let (format, dims) = inline::inspect(&bytes, self.max_pixels)?;
         let bytes = Bytes::from(bytes);
         if target.accepts(format, bytes.len(), dims) {
-            if let Some(stripped) = self.check(bytes, format).await? {
+            if let Some(stripped) = self.check(bytes, format, dims).await? {
                 return Ok(Some(data_uri(format, &stripped)));
             }
             if uri.declares(format.mime()) {
@@ -299,14 +333,25 @@ impl Images {
     /// Decodes an image to be forwarded as it is, off the async threads,
     /// to prove its pixel data whole; with `strip_metadata`, its bytes
     /// without metadata (`None`: forward them as they are).
-    async fn check(&self, bytes: Bytes, format: Format) -> Result<Option<Vec<u8>>, ImageError> {
+    async fn check(
+        &self,
+        bytes: Bytes,
+        format: Format,
+        dims: (u32, u32),
+    ) -> Result<Option<Vec<u8>>, ImageError> {
         let (max_pixels, strip) = (self.max_pixels, self.strip_metadata);
-        // A small JPEG's check (headers and a scan for markers, tens of
-        // microseconds) is cheaper than the hop, and must not queue behind
-        // conversions for a core; everything else decodes, on the pool.
+        // A JPEG's check reads headers and walks the scans: no pixels, so
+        // no share of the decode budget. Everything else decodes whole.
+        let layout = (format != Format::Jpeg).then(|| Layout::of(&bytes, format, dims));
+        let need = layout.map_or(0, |layout| layout.decode_need());
+        let allowance = layout.map_or(convert::DecodeAllowance::UNLIMITED, |layout| {
+            layout.allowance()
+        });
+        // A small JPEG's check (tens of microseconds) is cheaper than the
+        // hop, and must not queue behind conversions for a core.
         let here = format == Format::Jpeg && bytes.len() <= INLINE_CODEC_BYTES;
         let work = move || {
-            let orientation = convert::validate(&bytes, format, max_pixels)?;
+            let orientation = convert::validate(&bytes, format, max_pixels, allowance)?;
             Ok(strip
                 .then(|| metadata::strip(&bytes, format, orientation))
                 .flatten())
@@ -314,7 +359,7 @@ impl Images {
         if here {
             return work();
         }
-        self.blocking(work).await?
+        self.blocking(need, work).await?
     }
 
     fn too_many_bytes(&self) -> ImageError {
@@ -345,9 +390,11 @@ impl Images {
         } else {
             "max_image_bytes"
         };
+        let layout = Layout::of(&bytes, format, dims);
+        let (need, allowance) = (layout.transform_need(&target), layout.allowance());
         let result = self
-            .blocking(move || {
-                convert::transform(&bytes, format, &target, max_pixels)
+            .blocking(need, move || {
+                convert::transform(&bytes, format, &target, max_pixels, allowance)
                     .map(|encoded| (encoded.format, data_uri(encoded.format, &encoded.bytes)))
             })
             .await?;
@@ -359,9 +406,20 @@ impl Images {
         result.map(|(_, uri)| uri)
     }
 
-    /// Runs CPU-heavy work on the blocking pool, at most one job per core.
+    /// Runs CPU-heavy work on the blocking pool: at most one job per core,
+    /// and only once `need` bytes (0 for work that holds no pixels) are
+    /// reserved in the decode budget.
+    ///
+    /// Memory first, then a core: a job waiting for memory holds nothing,
+    /// and a job holding a core has all the memory it needs and finishes,
+    /// so neither wait can close a cycle (no deadlock), and cores never
+    /// idle behind a wait for memory. Both waits are fair (first come,
+    /// first served, a large need included), so a large image cannot be
+    /// starved by small ones. Until the job starts, every wait belongs to
+    /// the request: a client that hangs up drops it, and whatever it held.
     async fn blocking<T: Send + 'static>(
         &self,
+        need: u64,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, ImageError> {
         let internal = || {
@@ -371,14 +429,19 @@ impl Images {
                 "The image could not be processed.",
             )
         };
-        let permit = Arc::clone(&self.cpu)
+        let memory = if need > 0 {
+            Some(self.budget.reserve(need).await.ok_or_else(internal)?)
+        } else {
+            None
+        };
+        let core = Arc::clone(&self.cpu)
             .acquire_owned()
             .await
             .map_err(|_| internal())?;
         tokio::task::spawn_blocking(move || {
             // Held by the job itself: a cancelled request does not free the
-            // core its conversion is still using.
-            let _permit = permit;
+            // core or the memory its conversion is still using.
+            let _held = (core, memory);
             work()
         })
         .await
@@ -494,6 +557,98 @@ mod tests {
             code(format!("data:image/png;base64,{}", "A".repeat(20_000))).await,
             ErrorKind::TooLarge
         );
+    }
+
+    fn data_uri_of(image: image::DynamicImage, format: image::ImageFormat) -> String {
+        let mut out = std::io::Cursor::new(Vec::new());
+        image.write_to(&mut out, format).expect("encode");
+        let bytes = out.into_inner();
+        let mime = Format::ALL
+            .into_iter()
+            .find(|f| f.image_format() == format)
+            .expect("known")
+            .mime();
+        format!(
+            "data:{mime};base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(bytes)
+        )
+    }
+
+    fn noise(w: u32, h: u32) -> image::DynamicImage {
+        image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(w, h, |x, y| {
+            let n =
+                (x.wrapping_mul(2_654_435_761) ^ y.wrapping_mul(40_503)).wrapping_mul(0x9E37_79B1);
+            image::Rgb([(n >> 8) as u8, (n >> 16) as u8, (n >> 24) as u8])
+        }))
+    }
+
+    /// A JPEG's check reads headers and walks its scans: it holds no
+    /// pixels, so it runs while the budget is spent.
+    #[tokio::test]
+    async fn a_jpeg_check_does_not_wait_for_the_decode_budget() {
+        let images = Images::new(&ImagesSettings::default()).expect("images");
+        let jpeg = data_uri_of(noise(600, 600), image::ImageFormat::Jpeg);
+        assert!(
+            jpeg.len() > INLINE_CODEC_BYTES * 4 / 3,
+            "checked on the pool"
+        );
+        let spent = images.budget.reserve(u64::MAX).await.expect("all of it");
+        let checked = tokio::time::timeout(
+            Duration::from_secs(30),
+            images.process_data_uri(&jpeg, web()),
+        )
+        .await
+        .expect("no wait for the budget");
+        assert_eq!(checked.expect("valid"), None);
+        drop(spent);
+    }
+
+    /// A PNG's check decodes it whole: it waits for its need, and a request
+    /// that ends while it waits gives its place back.
+    #[tokio::test]
+    async fn a_png_check_waits_for_the_budget_and_gives_up_its_place_with_the_request() {
+        let images = Arc::new(Images::new(&ImagesSettings::default()).expect("images"));
+        let png = data_uri_of(noise(64, 64), image::ImageFormat::Png);
+        let spent = images.budget.reserve(u64::MAX).await.expect("all of it");
+        let request = tokio::spawn({
+            let images = Arc::clone(&images);
+            async move { images.process_data_uri(&png, web()).await.map(drop) }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!request.is_finished(), "the check waits for its bytes");
+        request.abort();
+        assert!(request.await.expect_err("ended").is_cancelled());
+        drop(spent);
+        let total = u32::try_from(DEFAULT_MAX_DECODE_BYTES / 1024).expect("KiB");
+        assert_eq!(images.budget.permits_available(), total);
+    }
+
+    /// A reload that keeps the budget's size keeps the budget (and the
+    /// cores): jobs of the old service and the new count together.
+    #[test]
+    fn a_reload_keeps_the_budget_when_its_size_is_unchanged() {
+        let settings = ImagesSettings::default();
+        let old = Images::new(&settings).expect("images");
+        let same = Images::succeeding(
+            &old,
+            &ImagesSettings {
+                max_pixels: 1_000,
+                ..settings.clone()
+            },
+        )
+        .expect("images");
+        assert!(Arc::ptr_eq(&old.budget, &same.budget));
+        assert!(Arc::ptr_eq(&old.cpu, &same.cpu));
+        let resized = Images::succeeding(
+            &old,
+            &ImagesSettings {
+                max_decode_bytes: 1 << 30,
+                ..settings
+            },
+        )
+        .expect("images");
+        assert!(!Arc::ptr_eq(&old.budget, &resized.budget));
+        assert_eq!(resized.budget.bytes(), 1 << 30);
     }
 
     #[tokio::test]

@@ -169,11 +169,38 @@ fn png_dimensions(b: &[u8]) -> Option<(u32, u32)> {
     Some((be32(b, 16)?, be32(b, 20)?))
 }
 
-/// JPEG: walks the marker segments to the first start-of-frame, skipping
-/// others (EXIF thumbnails included) by their length. Where a segment's
-/// length is wrong (editors write broken APP segments) and the next byte is
-/// no marker, it scans on to the next marker, as libjpeg does.
+/// JPEG: from the first start-of-frame.
 fn jpeg_dimensions(b: &[u8]) -> Option<(u32, u32)> {
+    let (_, at) = jpeg_frame(b)?;
+    let height = be16(b, at + 3)?;
+    let width = be16(b, at + 5)?;
+    Some((u32::from(width), u32::from(height)))
+}
+
+/// What a JPEG's frame header says of its pixel data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JpegFrame {
+    /// Colour components: 1 (grey), 3 (YCbCr or RGB), 4 (CMYK).
+    pub components: u8,
+    /// Progressive (SOF2, SOF6, SOF10, SOF14): decoders keep every
+    /// coefficient of the image until the last scan.
+    pub progressive: bool,
+}
+
+pub fn jpeg_frame_header(b: &[u8]) -> Option<JpegFrame> {
+    let (marker, at) = jpeg_frame(b)?;
+    Some(JpegFrame {
+        components: *b.get(at + 7)?,
+        progressive: matches!(marker, 0xC2 | 0xC6 | 0xCA | 0xCE),
+    })
+}
+
+/// The first start-of-frame marker and the offset of its length field.
+/// Walks the marker segments, skipping others (EXIF thumbnails included) by
+/// their length. Where a segment's length is wrong (editors write broken
+/// APP segments) and the next byte is no marker, it scans on to the next
+/// marker, as libjpeg does.
+fn jpeg_frame(b: &[u8]) -> Option<(u8, usize)> {
     let mut at = 2;
     loop {
         // Stray bytes, then any number of 0xFF fill bytes, then the marker;
@@ -201,9 +228,7 @@ fn jpeg_dimensions(b: &[u8]) -> Option<(u32, u32)> {
         }
         // SOF0..SOF15, except DHT (C4), JPG (C8) and DAC (CC).
         if matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC) {
-            let height = be16(b, at + 3)?;
-            let width = be16(b, at + 5)?;
-            return Some((u32::from(width), u32::from(height)));
+            return Some((marker, at));
         }
         at += length;
     }
@@ -269,6 +294,73 @@ fn gif_dimensions(b: &[u8]) -> Option<(u32, u32)> {
         }
     }
     Some((width, height))
+}
+
+/// What a PNG's header chunks say of its pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PngHeader {
+    /// IHDR's colour type: 0 grey, 2 RGB, 3 palette, 4 grey and alpha, 6 RGBA.
+    pub colour_type: u8,
+    /// Bits per sample (per palette index for type 3): 1, 2, 4, 8 or 16.
+    pub bit_depth: u8,
+    /// A tRNS chunk before the image data: decoders give the image an alpha
+    /// channel. `true` too when the chunks could not be walked to the data.
+    pub transparency: bool,
+}
+
+/// IHDR, then the chunks before the first IDAT (where tRNS must be), walked
+/// by their lengths, at most [`PNG_HEADER_CHUNKS`] of them.
+pub fn png_header(b: &[u8]) -> Option<PngHeader> {
+    if b.get(12..16)? != b"IHDR" {
+        return None;
+    }
+    let (bit_depth, colour_type) = (*b.get(24)?, *b.get(25)?);
+    let mut at = 8usize;
+    let mut transparency = true;
+    for _ in 0..PNG_HEADER_CHUNKS {
+        let (Some(len), Some(kind)) = (be32(b, at), b.get(at + 4..at + 8)) else {
+            break;
+        };
+        match kind {
+            b"tRNS" => break,
+            b"IDAT" => {
+                transparency = false;
+                break;
+            }
+            _ => {}
+        }
+        // Length, type, data, CRC.
+        match usize::try_from(len)
+            .ok()
+            .and_then(|len| at.checked_add(12 + len))
+        {
+            Some(next) => at = next,
+            None => break,
+        }
+    }
+    Some(PngHeader {
+        colour_type,
+        bit_depth,
+        transparency,
+    })
+}
+
+/// Chunks walked for [`png_header`]: real files have a handful before the
+/// image data; a file of thousands of empty chunks is judged without them.
+const PNG_HEADER_CHUNKS: usize = 1024;
+
+/// WebP's simple lossy format (a bare VP8 chunk) has no alpha channel;
+/// lossless and extended files may have one.
+pub fn webp_is_simple_lossy(b: &[u8]) -> bool {
+    b.get(12..16) == Some(b"VP8 ")
+}
+
+/// A BMP's bits per pixel (BITMAPINFOHEADER or the older core header).
+pub fn bmp_bit_count(b: &[u8]) -> Option<u16> {
+    match le32(b, 14)? {
+        12 => le16(b, 24),
+        _ => le16(b, 28),
+    }
 }
 
 /// WebP: the first chunk says lossy (VP8), lossless (VP8L) or extended (VP8X).

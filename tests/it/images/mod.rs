@@ -13,6 +13,7 @@
 mod convert;
 mod fetch;
 mod isolated;
+mod memory;
 mod real_world;
 
 use std::io::Cursor;
