@@ -192,6 +192,12 @@ metrics_table! {
         "Images re-encoded for an upstream, by source and target format and reason.";
     IMAGE_REFUSALS: "iris_image_refusals_total", Counter, ["code", "reason"],
         "Images that failed a request (the request got a 400), by error code and reason.";
+    IMAGE_DECODE_RESERVED: "iris_image_decode_reserved_bytes", Gauge, [],
+        "Bytes of images.max_decode_bytes held now by running image decodes, conversions and downscales.";
+    IMAGE_DECODE_WAITING: "iris_image_decode_waiting", Gauge, [],
+        "Image jobs waiting now for room in images.max_decode_bytes.";
+    IMAGE_DECODE_WAITS: "iris_image_decode_waits_total", Counter, [],
+        "Image jobs that had to wait for room in images.max_decode_bytes.";
 }
 
 #[cfg(test)]

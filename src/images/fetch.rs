@@ -377,7 +377,8 @@ impl Fetcher {
                     .increment(*len as u64);
             }
             Err(e) => {
-                metrics::counter!(crate::metrics::IMAGE_FETCHES.name, "result" => e.kind.code().as_str())
+                crate::metrics::IMAGE_FETCHES
+                    .counter(&[("result", e.kind.code().as_str())])
                     .increment(1);
             }
         }

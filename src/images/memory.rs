@@ -297,7 +297,9 @@ impl DecodeBudget {
                     .ok()?
             }
         };
-        metrics::gauge!("iris_image_decode_reserved_bytes").increment(bytes as f64);
+        crate::metrics::IMAGE_DECODE_RESERVED
+            .gauge(&[])
+            .increment(bytes as f64);
         Some(Reservation {
             _permit: permit,
             bytes,
@@ -314,7 +316,9 @@ pub struct Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        metrics::gauge!("iris_image_decode_reserved_bytes").decrement(self.bytes as f64);
+        crate::metrics::IMAGE_DECODE_RESERVED
+            .gauge(&[])
+            .decrement(self.bytes as f64);
     }
 }
 
@@ -324,15 +328,19 @@ struct Waiting;
 
 impl Waiting {
     fn start() -> Self {
-        metrics::gauge!("iris_image_decode_waiting").increment(1.0);
-        metrics::counter!("iris_image_decode_waits_total").increment(1);
+        crate::metrics::IMAGE_DECODE_WAITING
+            .gauge(&[])
+            .increment(1.0);
+        crate::metrics::IMAGE_DECODE_WAITS.counter(&[]).increment(1);
         Self
     }
 }
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        metrics::gauge!("iris_image_decode_waiting").decrement(1.0);
+        crate::metrics::IMAGE_DECODE_WAITING
+            .gauge(&[])
+            .decrement(1.0);
     }
 }
 
