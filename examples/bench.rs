@@ -3,10 +3,10 @@
 //!
 //!   cargo run --release --example bench [-- --seconds 3] [--only 'small chat/64/iris']
 //!
-//! Iris is measured with budgets in its embedded (in-memory) store and, when
-//! a Redis answers at `redis://127.0.0.1:6379/13` (or `$IRIS_BENCH_REDIS_URL`),
-//! in the shared Redis store too (keys under a prefix of the run's own,
-//! deleted at the end).
+//! Iris is measured with budgets in the memory store (`store.kind = "memory"`,
+//! not the SQLite default: no write per settlement) and, when a Redis answers
+//! at `redis://127.0.0.1:6379/13` (or `$IRIS_BENCH_REDIS_URL`), in the shared
+//! Redis store too (keys under a prefix of the run's own, deleted at the end).
 //!
 //! Each server runs on its own 1-thread runtime and the load generator on
 //! another, so the numbers compare like with like on a small machine. The bare

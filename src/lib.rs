@@ -2,26 +2,36 @@
 //! upstreams that disagree on details.
 //!
 //! A request flows down this map and its response back up; each layer only
-//! knows the ones below it:
+//! knows the ones below it (docs/development.md draws it):
 //!
-//! - the edge: [`app`] builds the router and its layer stack (request ids,
-//!   trace spans, [`access_log`], panics, body limits, [`body_deadline`]);
-//!   [`routes`] turn HTTP into calls below; [`error`] renders every failure
-//!   in OpenAI's shape; [`server`] accepts, bounds and serves connections,
-//!   and drains
-//! - [`gateway`]: a chat completion from request to response, and the body
-//!   that relays the answer and settles its budget
+//! - the edge: [`server`] accepts, bounds and serves connections, drains on
+//!   SIGTERM and reloads on SIGHUP; [`app`] builds the router and its layer
+//!   stack (request ids, trace spans, [`access_log`], panics, body limits,
+//!   [`body_deadline`]); [`routes`] turn HTTP into calls below; [`error`]
+//!   renders every failure in OpenAI's shape; [`reload`] checks a new config
+//!   file whole and swaps it in (SIGHUP, `POST /admin/reload`)
+//! - [`state`]: the services every request uses, built once at startup, and
+//!   the config snapshot behind an atomic pointer
+//! - [`gateway`]: a chat completion from request to response: the attempts
+//!   across deployments, and the body that relays the answer and settles its
+//!   budget
+//! - [`clients`]: managed clients, created, changed, rotated and deleted at
+//!   run time and kept in the configured store beside the config file's
 //! - [`config`]: text to typed values, once; the snapshot the app holds
 //! - the domain, beside each other: [`catalog`] (clients, models, their
-//!   upstream), [`budget`] (estimate, reserve, settle; the stores),
-//!   [`rewrite`] (an upstream's image policy applied to a request, using
-//!   [`images`]: safe fetching, sniffing, conversion, caching), [`upstream`]
-//!   (forwarding), [`spend`] (the spend log: a record per chat completion,
-//!   batched to SQLite or PostgreSQL off the request path)
-//! - at the bottom: [`openai`] (the wire types Iris looks inside), [`keys`],
-//!   [`secret`], [`metrics`], [`telemetry`] (logs), [`traces`] (OpenTelemetry),
-//!   [`shared_health`] (deployment cooldowns shared between instances: what
-//!   routing asks of a shared store)
+//!   deployments), [`routing`] (which deployment an attempt goes to, which
+//!   failures are retried, cooldowns, the fair queue for upstream room),
+//!   [`budget`] (estimate, reserve, settle; the stores), [`rewrite`] (an
+//!   upstream's image policy applied to a request, using [`images`]: safe
+//!   fetching, sniffing, conversion, caching), [`upstream`] (forwarding; the
+//!   built-in demo upstream), [`spend`] (the spend log: a record per chat
+//!   completion, batched to SQLite or PostgreSQL off the request path),
+//!   [`auth_throttle`] (wrong keys throttled per source address)
+//! - at the bottom: [`openai`] (the wire types Iris looks inside),
+//!   [`error_code`] (every error code Iris emits, with its status, type and
+//!   doc line), [`keys`], [`secret`], [`metrics`], [`telemetry`] (logs),
+//!   [`traces`] (OpenTelemetry), [`shared_health`] (deployment cooldowns
+//!   shared between instances: what routing asks of a shared store)
 //!
 //! [`commands`] holds one function per CLI command, [`cli`] their arguments.
 

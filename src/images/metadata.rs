@@ -15,7 +15,7 @@ use super::sniff::Format;
 
 /// `bytes` (already sniffed as `format` and fully decoded, so well formed)
 /// without their metadata; `None` when there is none to remove, or the
-/// format keeps none Iris removes (GIF, BMP, TIFF: see the README).
+/// format keeps none Iris removes (GIF, BMP, TIFF: see docs/images.md).
 pub fn strip(bytes: &[u8], format: Format, orientation: Orientation) -> Option<Vec<u8>> {
     let stripped = match format {
         Format::Jpeg => jpeg(bytes, orientation),

@@ -1,7 +1,7 @@
-//! Faults, and what is never lost through them (README "What is never
-//! lost"): an upstream that resets, answers garbage or too much, or never
-//! answers; the real `iris` binary killed with `kill -9` under load and
-//! restarted on its SQLite file; SIGTERM with live streams; Redis killed and
+//! Faults, and what is never lost through them (docs/durability.md): an
+//! upstream that resets, answers garbage or too much, or never answers; the
+//! real `iris` binary killed with `kill -9` under load and restarted on its
+//! SQLite file; SIGTERM with live streams; Redis killed and
 //! restarted under three instances at concurrency 50.
 //!
 //! Faults covered elsewhere, with the same harness: a stream that dies, stalls
