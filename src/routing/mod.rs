@@ -4,11 +4,14 @@
 //! upstream room. The gateway runs the attempts; this module decides.
 //!
 //! - [`select`]: priority tier, then weight, skipping cooling deployments
+//! - [`retry`]: after a failed attempt, whether to try again, where, and
+//!   how long to wait first
 //! - [`health`]: failures and cooldowns, shared through the store
 //! - [`queue`]: waiting for upstream room, round-robin across clients
 
 pub mod health;
 pub mod queue;
+pub mod retry;
 pub mod select;
 
 use std::time::Duration;

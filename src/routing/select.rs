@@ -60,6 +60,14 @@ impl<'a> Selector<'a> {
         self.given_up.iter().all(|g| *g)
     }
 
+    /// Whether a deployment other than `index` was not given up.
+    pub fn open_besides(&self, index: usize) -> bool {
+        self.given_up
+            .iter()
+            .enumerate()
+            .any(|(i, given_up)| i != index && !given_up)
+    }
+
     /// After waiting for room: every deployment may have some again.
     pub fn waited(&mut self) {
         self.full.fill(false);
@@ -202,6 +210,23 @@ mod tests {
         assert_eq!(selector.next(&health), None, "no room anywhere");
         selector.waited();
         assert!(selector.next(&health).is_some());
+    }
+
+    #[tokio::test]
+    async fn deployments_given_up_are_not_chosen_and_the_rest_stay_open() {
+        let deployments = deployments(&[("a", 1, 0), ("b", 1, 0), ("c", 1, 1)]);
+        let health = health();
+        let mut selector = Selector::new(&deployments);
+        assert!(selector.open_besides(0));
+        selector.give_up(0);
+        selector.give_up(1);
+        assert_eq!(selector.next(&health), Some(2), "only c is left");
+        assert!(!selector.open_besides(2), "nothing besides c");
+        assert!(selector.open_besides(0), "c, besides a");
+        assert!(!selector.exhausted());
+        selector.give_up(2);
+        assert!(selector.exhausted());
+        assert_eq!(selector.next(&health), None);
     }
 
     #[tokio::test]
