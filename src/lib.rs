@@ -18,7 +18,8 @@
 //!   [`images`]: safe fetching, sniffing, conversion, caching), [`upstream`]
 //!   (forwarding), [`spend`] (the spend log: a record per chat completion,
 //!   batched to SQLite or PostgreSQL off the request path)
-//! - at the bottom: [`openai`] (the wire types Iris looks inside), [`keys`],
+//! - at the bottom: [`openai`] (the wire types Iris looks inside), [`facts`]
+//!   (what a request learned, for its headers, log line and spend record), [`keys`],
 //!   [`secret`], [`metrics`], [`telemetry`] (logs), [`traces`] (OpenTelemetry)
 //!
 //! [`commands`] holds one function per CLI command, [`cli`] their arguments.
@@ -35,6 +36,7 @@ pub mod commands;
 pub mod config;
 pub mod error;
 pub mod error_code;
+pub mod facts;
 pub mod gateway;
 pub mod images;
 pub mod keys;

@@ -14,10 +14,11 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::relay::ResponseBody;
-use super::{Answer, ChatError, Gateway, Trail};
+use super::{Answer, ChatError, Gateway};
 use crate::budget::estimate::Estimate;
 use crate::budget::{BudgetError, NoRoom, Reservation};
 use crate::catalog::{Client, Deployment, Model};
+use crate::facts::RequestFacts;
 use crate::openai::chat::{ChatRequest, RequestLimits};
 use crate::openai::stream::UsageTap;
 use crate::rewrite::ImageWork;
@@ -87,7 +88,7 @@ impl Attempts<'_> {
         self,
         request: ChatRequest<'_>,
         mut reservation: Reservation,
-        trail: &mut Trail,
+        facts: &mut RequestFacts,
     ) -> Result<Answer, ChatError> {
         let started = Instant::now();
         // The first upstream's timeout, for every attempt together.
@@ -119,7 +120,7 @@ impl Attempts<'_> {
             }
             selector.attempted(index);
             let (failed, span) = match self
-                .attempt(deployment, first.take(), deadline, trail)
+                .attempt(deployment, first.take(), deadline, facts)
                 .await?
             {
                 Ok(answered) => {
@@ -130,13 +131,13 @@ impl Attempts<'_> {
             };
             drop(room);
             let (failed, failure, retry_after) =
-                self.failed(deployment, failed, &span, trail.attempts).await;
+                self.failed(deployment, failed, &span, facts.attempts).await;
             let now = Instant::now();
             let next = retry::after_failure(
                 &FailedAttempt {
                     failure,
                     retry_after,
-                    attempts: trail.attempts,
+                    attempts: facts.attempts,
                     left: deadline.saturating_duration_since(now),
                     others_open: selector.open_besides(index),
                 },
@@ -170,7 +171,7 @@ impl Attempts<'_> {
         }
     }
 
-    /// One attempt on `deployment`, noted on the trail: `request` (or, for
+    /// One attempt on `deployment`, noted in the request's facts: `request` (or, for
     /// a retry, the body parsed again) prepared for its upstream and sent,
     /// within what is left until `deadline`. An attempt that failed comes
     /// back with its span, for [`Self::failed`].
@@ -179,12 +180,12 @@ impl Attempts<'_> {
         deployment: &Deployment,
         request: Option<ChatRequest<'_>>,
         deadline: Instant,
-        trail: &mut Trail,
+        facts: &mut RequestFacts,
     ) -> Result<Result<Answered, (Failed, tracing::Span)>, ChatError> {
         let upstream = &deployment.upstream;
-        trail.attempts += 1;
-        trail.upstream = Some(upstream.name.clone());
-        trail.upstream_model = Some(
+        facts.attempts += 1;
+        facts.upstream = Some(upstream.name.clone());
+        facts.upstream_model = Some(
             deployment
                 .upstream_model
                 .clone()
@@ -200,12 +201,12 @@ impl Attempts<'_> {
         let Prepared { body, relaying } = self.prepare(deployment, request).await?;
         let sent = Instant::now();
         let remaining = deadline.saturating_duration_since(sent);
-        let span = crate::traces::attempt_span(deployment, &self.model.name, trail.attempts);
+        let span = crate::traces::attempt_span(deployment, &self.model.name, facts.attempts);
         let outcome = self
             .send(upstream, body, relaying.stream, remaining)
             .instrument(span.clone())
             .await;
-        trail.upstream_latency = Some(sent.elapsed());
+        facts.upstream_latency = Some(sent.elapsed());
         Ok(match outcome {
             Ok((reply, first)) => {
                 count_attempt(upstream, "ok");
