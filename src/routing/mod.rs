@@ -8,11 +8,14 @@
 //!   how long to wait first
 //! - [`health`]: failures and cooldowns, shared through the store
 //! - [`queue`]: waiting for upstream room, round-robin across clients
+//! - [`view`]: what operators see of each deployment (`/admin/upstreams`,
+//!   `iris upstreams`)
 
 pub mod health;
 pub mod queue;
 pub mod retry;
 pub mod select;
+pub mod view;
 
 use std::time::Duration;
 
