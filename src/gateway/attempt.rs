@@ -82,8 +82,8 @@ impl Attempts<'_> {
     /// Attempts the model's deployments until one answers or
     /// [`retry::after_failure`] says to stop; the decisions are
     /// [`crate::routing`]'s, this loop carries them out and keeps their
-    /// state: the deadline, what each deployment was tried and when it may
-    /// be tried again, the last failure.
+    /// state: the deadline, the [`Selector`] (what each deployment was
+    /// tried, when it may be tried again), the last failure.
     pub async fn run(
         self,
         request: ChatRequest<'_>,
@@ -95,8 +95,6 @@ impl Attempts<'_> {
         let mut deadline = None;
         let mut selector = Selector::new(&self.model.deployments);
         let mut first = Some(request);
-        // When each deployment's upstream asked to be tried again.
-        let mut retry_at: Vec<Option<Instant>> = vec![None; self.model.deployments.len()];
         let mut last: Option<(Failed, Arc<Upstream>)> = None;
         loop {
             let (index, room) = match self.place(&mut selector).await {
@@ -111,7 +109,8 @@ impl Attempts<'_> {
                 let now = Instant::now();
                 let Some(wait) = retry::wait_before_retry(
                     routing::backoff(self.settings.backoff, selector.tried(index)),
-                    retry_at[index].map_or(Duration::ZERO, |at| at.saturating_duration_since(now)),
+                    (selector.retry_at(index))
+                        .map_or(Duration::ZERO, |at| at.saturating_duration_since(now)),
                     deadline.saturating_duration_since(now),
                 ) else {
                     break;
@@ -148,7 +147,7 @@ impl Attempts<'_> {
                 Next::Stop => break,
                 Next::Retry { not_before } => {
                     if let Some(wait) = not_before {
-                        retry_at[index] = Some(now + wait);
+                        selector.set_retry_at(index, now + wait);
                     }
                 }
                 Next::Elsewhere => selector.give_up(index),

@@ -14,21 +14,28 @@ use crate::catalog::Deployment;
 /// The attempts of one request over a model's deployments.
 pub struct Selector<'a> {
     deployments: &'a [Deployment],
-    /// Attempts made on each deployment in this request.
-    tried: Vec<u32>,
+    /// What this request did with each deployment (one allocation for all).
+    slots: Vec<Slot>,
+}
+
+/// What a request did with one deployment.
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    /// Attempts made on it.
+    tried: u32,
     /// No upstream room right now (cleared when the request waits).
-    full: Vec<bool>,
-    /// Not to be tried again in this request (its Retry-After is too long).
-    given_up: Vec<bool>,
+    full: bool,
+    /// Not to be tried again (its Retry-After is too long).
+    given_up: bool,
+    /// Not to be tried again before then (its Retry-After).
+    retry_at: Option<Instant>,
 }
 
 impl<'a> Selector<'a> {
     pub fn new(deployments: &'a [Deployment]) -> Self {
         Self {
             deployments,
-            tried: vec![0; deployments.len()],
-            full: vec![false; deployments.len()],
-            given_up: vec![false; deployments.len()],
+            slots: vec![Slot::default(); deployments.len()],
         }
     }
 
@@ -38,39 +45,51 @@ impl<'a> Selector<'a> {
 
     /// Attempts already made on deployment `index`.
     pub fn tried(&self, index: usize) -> u32 {
-        self.tried[index]
+        self.slots[index].tried
     }
 
     pub fn attempted(&mut self, index: usize) {
-        self.tried[index] += 1;
+        self.slots[index].tried += 1;
+    }
+
+    /// When deployment `index`'s upstream asked to be tried again, if it did.
+    pub fn retry_at(&self, index: usize) -> Option<Instant> {
+        self.slots[index].retry_at
+    }
+
+    /// Deployment `index`'s upstream asked not to be tried again before `at`.
+    pub fn set_retry_at(&mut self, index: usize, at: Instant) {
+        self.slots[index].retry_at = Some(at);
     }
 
     /// Deployment `index` has no upstream room: skip it until [`Self::waited`].
     pub fn full(&mut self, index: usize) {
-        self.full[index] = true;
+        self.slots[index].full = true;
     }
 
     /// Deployment `index` is not tried again in this request.
     pub fn give_up(&mut self, index: usize) {
-        self.given_up[index] = true;
+        self.slots[index].given_up = true;
     }
 
     /// Whether every deployment was given up.
     pub fn exhausted(&self) -> bool {
-        self.given_up.iter().all(|g| *g)
+        self.slots.iter().all(|slot| slot.given_up)
     }
 
     /// Whether a deployment other than `index` was not given up.
     pub fn open_besides(&self, index: usize) -> bool {
-        self.given_up
+        self.slots
             .iter()
             .enumerate()
-            .any(|(i, given_up)| i != index && !given_up)
+            .any(|(i, slot)| i != index && !slot.given_up)
     }
 
     /// After waiting for room: every deployment may have some again.
     pub fn waited(&mut self) {
-        self.full.fill(false);
+        for slot in &mut self.slots {
+            slot.full = false;
+        }
     }
 
     /// The next deployment to try, or `None` when every one is full (or
@@ -78,7 +97,7 @@ impl<'a> Selector<'a> {
     pub fn next(&self, health: &Health) -> Option<usize> {
         let now = Instant::now();
         let open: Vec<usize> = (0..self.deployments.len())
-            .filter(|&i| !self.full[i] && !self.given_up[i])
+            .filter(|&i| !self.slots[i].full && !self.slots[i].given_up)
             .collect();
         if open.is_empty() {
             return None;
@@ -97,7 +116,7 @@ impl<'a> Selector<'a> {
         let untried: Vec<usize> = usable
             .iter()
             .copied()
-            .filter(|&i| self.tried[i] == 0)
+            .filter(|&i| self.slots[i].tried == 0)
             .collect();
         let pool = if untried.is_empty() { usable } else { untried };
         let tier = pool.iter().map(|&i| self.deployments[i].priority).min()?;
