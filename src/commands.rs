@@ -149,7 +149,10 @@ pub fn clients(command: ClientsCommand) -> ExitCode {
             match command {
                 ClientsCommand::List(_) => {
                     let (_, managed) = registry.load().await.map_err(|e| e.to_string())?;
-                    let views = (config.catalog.clients().iter())
+                    let views = config
+                        .catalog
+                        .clients()
+                        .iter()
                         .map(|client| ClientView::from(&**client))
                         .chain(managed.iter().map(ClientView::from));
                     let mut out = String::from("NAME\tSOURCE\tMODELS\tDISABLED\n");

@@ -109,7 +109,8 @@ impl Attempts<'_> {
                 let now = Instant::now();
                 let Some(wait) = retry::wait_before_retry(
                     routing::backoff(self.settings.backoff, selector.tried(index)),
-                    (selector.retry_at(index))
+                    selector
+                        .retry_at(index)
                         .map_or(Duration::ZERO, |at| at.saturating_duration_since(now)),
                     deadline.saturating_duration_since(now),
                 ) else {
@@ -170,10 +171,11 @@ impl Attempts<'_> {
         }
     }
 
-    /// One attempt on `deployment`, noted in the request's facts: `request` (or, for
-    /// a retry, the body parsed again) prepared for its upstream and sent,
-    /// within what is left until `deadline`. An attempt that failed comes
-    /// back with its span, for [`Self::failed`].
+    /// One attempt on `deployment`, noted in the request's facts: `request`
+    /// (or, for a retry, the body parsed again) prepared for its upstream
+    /// and sent, within what is left until `deadline`. An attempt that
+    /// failed comes back with its span, for [`Self::failed`]; an error is
+    /// the request's own (its images refused, say): no retry helps.
     async fn attempt(
         &self,
         deployment: &Deployment,
