@@ -13,7 +13,7 @@ use axum::response::Response;
 use tower_http::request_id::{MakeRequestId, RequestId};
 
 use crate::error::ErrorCode;
-use crate::gateway::Trail;
+use crate::facts::RequestFacts;
 
 /// Where authentication records the client's name for the log line, on
 /// every route (set by [`crate::routes::Authenticated`]).
@@ -27,8 +27,8 @@ impl ClientSlot {
 }
 
 /// What a chat completion learned, left on its response for this log.
-#[derive(Clone, Default)]
-pub struct RequestLog(pub Trail);
+#[derive(Clone)]
+pub struct RequestLog(pub Arc<RequestFacts>);
 
 pub async fn access_log(mut request: Request, next: Next) -> Response {
     let started = Instant::now();
@@ -51,20 +51,22 @@ pub async fn access_log(mut request: Request, next: Next) -> Response {
 
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
-    let trail = response
+    let facts = response
         .extensions()
         .get::<RequestLog>()
-        .map(|log| log.0.clone())
-        .unwrap_or_default();
+        .map(|log| Arc::clone(&log.0));
+    let facts = facts.as_deref();
     let code = response.extensions().get::<ErrorCode>().map(|c| c.as_str());
     let client = client_slot.0.get().map_or("", |name| &**name);
-    let model = trail.model.as_deref().unwrap_or("");
+    let model = facts.and_then(|f| f.model.as_deref()).unwrap_or("");
+    let upstream = facts.and_then(|f| f.upstream.as_deref());
+    let upstream_latency = facts.and_then(|f| f.upstream_latency);
     crate::traces::record_response(
         status,
         code,
         client,
-        trail.attempts,
-        trail.upstream.as_deref(),
+        facts.map_or(0, |f| f.attempts),
+        upstream,
     );
     crate::metrics::REQUESTS
         .counter(&[
@@ -77,7 +79,7 @@ pub async fn access_log(mut request: Request, next: Next) -> Response {
     crate::metrics::REQUEST_DURATION
         .histogram(&[("route", &route)])
         .record(elapsed.as_secs_f64());
-    if let (Some(upstream), Some(latency)) = (&trail.upstream, trail.upstream_latency) {
+    if let (Some(upstream), Some(latency)) = (upstream, upstream_latency) {
         crate::metrics::UPSTREAM_DURATION
             .histogram(&[("upstream", upstream)])
             .record(latency.as_secs_f64());
@@ -90,8 +92,8 @@ pub async fn access_log(mut request: Request, next: Next) -> Response {
         code,
         client,
         model,
-        upstream_ms = trail.upstream_latency.map(|d| d.as_secs_f64() * 1000.0),
-        estimated_tokens = trail.estimated_tokens,
+        upstream_ms = upstream_latency.map(|d| d.as_secs_f64() * 1000.0),
+        estimated_tokens = facts.and_then(|f| f.estimated_tokens),
         total_ms = elapsed.as_secs_f64() * 1000.0,
         "request"
     );

@@ -11,6 +11,7 @@ use crate::cli::{ClientSettings, ClientsCommand, ConfigArg, SpendArgs};
 use crate::clients::ops::{self, BudgetInput, ClientChange, ClientView, NewClient, Rotation};
 use crate::config::{self, Config};
 use crate::keys::{self, KeyHash};
+use crate::routing::view::DeploymentView;
 use crate::spend::Query;
 use crate::spend::report as spend_report;
 
@@ -148,24 +149,23 @@ pub fn clients(command: ClientsCommand) -> ExitCode {
             match command {
                 ClientsCommand::List(_) => {
                     let (_, managed) = registry.load().await.map_err(|e| e.to_string())?;
-                    let mut rows = vec!["NAME\tSOURCE\tMODELS\tDISABLED".to_owned()];
-                    for client in config.catalog.clients() {
-                        let models = match &client.models {
-                            crate::catalog::ModelAccess::All => "*".to_owned(),
-                            crate::catalog::ModelAccess::Only(m) => m.join(","),
-                        };
-                        rows.push(format!("{}\tconfig\t{models}\tno", client.name));
-                    }
-                    for client in &managed {
-                        let view = ClientView::from(client);
+                    let views = config
+                        .catalog
+                        .clients()
+                        .iter()
+                        .map(|client| ClientView::from(&**client))
+                        .chain(managed.iter().map(ClientView::from));
+                    let mut out = String::from("NAME\tSOURCE\tMODELS\tDISABLED\n");
+                    for view in views {
                         let disabled = if view.disabled { "yes" } else { "no" };
-                        rows.push(format!(
-                            "{}\tmanaged\t{}\t{disabled}",
+                        out.push_str(&format!(
+                            "{}\t{}\t{}\t{disabled}\n",
                             view.name,
+                            view.source,
                             view.models.join(",")
                         ));
                     }
-                    Ok(rows.join("\n") + "\n")
+                    Ok(out)
                 }
                 ClientsCommand::Add { name, settings, .. } => {
                     let request = NewClient {
@@ -258,20 +258,23 @@ pub fn upstreams(arg: &ConfigArg, url: Option<&str>) -> ExitCode {
                     body["error"]["message"].as_str().unwrap_or("")
                 ));
             }
+            /// The answer's rows, read as the server wrote them.
+            #[derive(serde::Deserialize)]
+            struct List {
+                #[serde(default)]
+                data: Vec<DeploymentView>,
+            }
+            let list: List = serde_json::from_value(body)
+                .map_err(|e| format!("not a list of deployments: {e}"))?;
             let mut out = String::from("DEPLOYMENT\tSTATE\tATTEMPTS_5M\tFAILURES_5M\n");
-            for row in body["data"].as_array().into_iter().flatten() {
-                let state = match row["cooling_until"].as_u64() {
-                    Some(until) => format!(
-                        "cooling until {}",
-                        crate::budget::window::format_utc(until * 1_000_000_000)
-                    ),
+            for row in &list.data {
+                let state = match row.cooling_until_utc() {
+                    Some(until) => format!("cooling until {until}"),
                     None => "healthy".to_owned(),
                 };
                 out.push_str(&format!(
                     "{}\t{state}\t{}\t{}\n",
-                    row["deployment"].as_str().unwrap_or(""),
-                    row["attempts_5m"],
-                    row["failures_5m"]
+                    row.deployment, row.attempts_5m, row.failures_5m
                 ));
             }
             Ok(out)

@@ -28,6 +28,8 @@
 //!   completion, batched to SQLite or PostgreSQL off the request path),
 //!   [`auth_throttle`] (wrong keys throttled per source address)
 //! - at the bottom: [`openai`] (the wire types Iris looks inside),
+//!   [`facts`] (what a request learned, for its headers, log line, metrics
+//!   and spend record),
 //!   [`error_code`] (every error code Iris emits, with its status, type and
 //!   doc line), [`keys`], [`secret`], [`metrics`], [`telemetry`] (logs),
 //!   [`traces`] (OpenTelemetry), [`shared_health`] (deployment cooldowns
@@ -47,6 +49,7 @@ pub mod commands;
 pub mod config;
 pub mod error;
 pub mod error_code;
+pub mod facts;
 pub mod gateway;
 pub mod images;
 pub mod keys;

@@ -9,6 +9,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use super::{ManagedClient, Registry, RegistryError, StoredKey, unix_now};
 use crate::budget::Limits;
+use crate::catalog::{Client, ModelAccess};
 use crate::config::Config;
 use crate::keys::{self, KeyHash};
 
@@ -155,12 +156,14 @@ pub struct Rotation {
     pub grace_s: Option<i64>,
 }
 
-/// A client as the admin API lists it, minus usage.
+/// A client as the admin API lists it, minus usage, and as `iris clients
+/// list` prints it: one view of a config client and of a managed one.
 #[derive(Debug, Clone, Serialize)]
 pub struct ClientView {
     pub name: String,
     /// `config` or `managed`.
     pub source: &'static str,
+    /// The models it may use; `*`: every one.
     pub models: Vec<String>,
     pub budget: Limits,
     pub disabled: bool,
@@ -170,6 +173,24 @@ pub struct ClientView {
     /// Managed clients: keys in use (2 during a rotation's grace).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keys: Option<usize>,
+}
+
+impl From<&Client> for ClientView {
+    /// A client of the config file (never disabled: it is removed there).
+    fn from(client: &Client) -> Self {
+        Self {
+            name: client.name.to_string(),
+            source: "config",
+            models: match &client.models {
+                ModelAccess::All => vec!["*".into()],
+                ModelAccess::Only(models) => models.clone(),
+            },
+            budget: client.budget,
+            disabled: false,
+            created_at: None,
+            keys: None,
+        }
+    }
 }
 
 impl From<&ManagedClient> for ClientView {

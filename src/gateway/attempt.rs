@@ -14,13 +14,15 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::relay::ResponseBody;
-use super::{Answer, ChatError, Gateway, Trail};
+use super::{Answer, ChatError, Gateway};
 use crate::budget::estimate::Estimate;
 use crate::budget::{BudgetError, NoRoom, Reservation};
 use crate::catalog::{Client, Deployment, Model};
+use crate::facts::RequestFacts;
 use crate::openai::chat::{ChatRequest, RequestLimits};
 use crate::openai::stream::UsageTap;
 use crate::rewrite::ImageWork;
+use crate::routing::retry::{self, FailedAttempt, Next};
 use crate::routing::select::Selector;
 use crate::routing::{self, Failure, RoutingSettings};
 use crate::upstream::{self, Reply, Upstream, UpstreamError};
@@ -51,18 +53,48 @@ enum Failed {
     Status(Reply),
 }
 
+/// A request as one deployment's upstream takes it ([`Attempts::prepare`]).
+struct Prepared {
+    body: Bytes,
+    relaying: Relaying,
+}
+
+/// How an answer is relayed to the client.
+#[derive(Debug, Clone, Copy, Default)]
+struct Relaying {
+    /// The client asked for a stream (an event stream is then read event
+    /// by event).
+    stream: bool,
+    /// The stream's usage chunk is there because Iris asked for it alone:
+    /// removed on the way back.
+    drop_usage_chunk: bool,
+}
+
+/// An upstream's answer as the attempt got it: the response, its first
+/// chunk if it was read, and how to relay it.
+struct Answered {
+    reply: Reply,
+    first: Option<Bytes>,
+    relaying: Relaying,
+}
+
 impl Attempts<'_> {
+    /// Attempts the model's deployments until one answers or
+    /// [`retry::after_failure`] says to stop; the decisions are
+    /// [`crate::routing`]'s, this loop carries them out and keeps their
+    /// state: the deadline, the [`Selector`] (what each deployment was
+    /// tried, when it may be tried again), the last failure.
     pub async fn run(
         self,
         request: ChatRequest<'_>,
         mut reservation: Reservation,
-        trail: &mut Trail,
+        facts: &mut RequestFacts,
     ) -> Result<Answer, ChatError> {
         let started = Instant::now();
+        // The first upstream's timeout, for every attempt together.
         let mut deadline = None;
         let mut selector = Selector::new(&self.model.deployments);
         let mut first = Some(request);
-        let mut retry_at: Vec<Option<Instant>> = vec![None; self.model.deployments.len()];
         let mut last: Option<(Failed, Arc<Upstream>)> = None;
         loop {
             let (index, room) = match self.place(&mut selector).await {
@@ -72,133 +104,179 @@ impl Attempts<'_> {
                 Err(e) => return Err(e),
             };
             let deployment = selector.deployment(index);
-            let upstream = &deployment.upstream;
-            let deadline = *deadline.get_or_insert(started + upstream.timeout);
+            let deadline = *deadline.get_or_insert(started + deployment.upstream.timeout);
             if selector.tried(index) > 0 {
-                let wait = routing::backoff(self.settings.backoff, selector.tried(index))
-                    .max(retry_at[index].map_or(Duration::ZERO, |at| at - Instant::now().min(at)));
-                if Instant::now() + wait >= deadline {
+                let now = Instant::now();
+                let Some(wait) = retry::wait_before_retry(
+                    routing::backoff(self.settings.backoff, selector.tried(index)),
+                    selector
+                        .retry_at(index)
+                        .map_or(Duration::ZERO, |at| at.saturating_duration_since(now)),
+                    deadline.saturating_duration_since(now),
+                ) else {
                     break;
-                }
+                };
                 tokio::time::sleep(wait).await;
             }
             selector.attempted(index);
-            trail.attempts += 1;
-            trail.upstream = Some(upstream.name.clone());
-            trail.upstream_model = Some(
-                deployment
-                    .upstream_model
-                    .clone()
-                    .unwrap_or_else(|| self.model.name.clone()),
-            );
-
-            let request = match first.take() {
-                Some(request) => request,
-                // A retry: the same body, parsed again (it parsed before).
-                None => super::blocking_if(self.body.len() > super::PARSE_INLINE_BYTES, || {
-                    ChatRequest::parse_within(self.body, self.limits)
-                })?,
-            };
-            let (upstream_body, stream, drop_usage_chunk) =
-                self.prepare(deployment, request).await?;
-            let sent = Instant::now();
-            let remaining = deadline.saturating_duration_since(sent);
-            let span = crate::traces::attempt_span(deployment, &self.model.name, trail.attempts);
-            let outcome = self
-                .attempt(upstream, upstream_body, stream, remaining)
-                .instrument(span.clone())
-                .await;
-            trail.upstream_latency = Some(sent.elapsed());
-
-            let failure = match outcome {
-                Ok((response, first_chunk)) => {
-                    count_attempt(upstream, "ok");
-                    crate::traces::record_attempt(&span, "ok", Some(response.status.as_u16()));
-                    self.gateway.health.attempted(&deployment.key, false);
+            let (failed, span) = match self
+                .attempt(deployment, first.take(), deadline, facts)
+                .await?
+            {
+                Ok(answered) => {
                     reservation.link(room);
-                    return Ok(self.answer(
-                        upstream,
-                        response,
-                        first_chunk,
-                        stream,
-                        drop_usage_chunk,
-                        reservation,
-                    ));
+                    return Ok(self.answer(&deployment.upstream, answered, reservation));
                 }
                 Err(failed) => failed,
             };
             drop(room);
-            let (kind, retry_after) = match &failure {
-                Failed::Unanswered(_, kind) => (*kind, None),
-                Failed::Status(response) => (
-                    Failure::Status(response.status.as_u16()),
-                    routing::retry_after(&response.headers),
-                ),
-            };
-            count_attempt(upstream, &kind.label());
-            let status = match kind {
-                Failure::Status(status) => Some(status),
-                _ => None,
-            };
-            crate::traces::record_attempt(&span, &kind.label(), status);
-            let counts = match kind {
-                Failure::Status(status) => routing::unhealthy(status),
-                _ => true,
-            };
-            // A 4xx other than 401/403/429 is the request's fault, not the upstream's.
-            self.gateway.health.attempted(&deployment.key, counts);
-            if counts {
-                self.gateway
-                    .health
-                    .failed(deployment, kind, retry_after, self.settings);
-            }
-            // An upstream that refuses Iris's own credentials: the client
-            // gets Iris's 502, never the upstream's body (it may echo the
-            // key); the body, masked, goes on this attempt's log line.
-            let (failure, refusal) = match failure {
-                Failed::Status(reply) if upstream::refuses_credentials(reply.status) => {
-                    let (error, body) = credentials_refused(upstream, reply).await;
-                    (Failed::Unanswered(error, kind), Some(body))
-                }
-                failure => (failure, None),
-            };
-            tracing::warn!(
-                request_id = self.request_id,
-                upstream = %upstream.name,
-                attempt = trail.attempts,
-                outcome = %kind.label(),
-                body = refusal.as_deref(),
-                "upstream attempt failed"
+            let (failed, failure, retry_after) =
+                self.failed(deployment, failed, &span, facts.attempts).await;
+            let now = Instant::now();
+            let next = retry::after_failure(
+                &FailedAttempt {
+                    failure,
+                    retry_after,
+                    attempts: facts.attempts,
+                    left: deadline.saturating_duration_since(now),
+                    others_open: selector.open_besides(index),
+                },
+                self.settings,
             );
-            last = Some((failure, Arc::clone(upstream)));
-
-            let retry = self.settings.retry_on.retries(kind)
-                && trail.attempts <= self.settings.retries
-                && Instant::now() < deadline;
-            if !retry {
-                break;
-            }
-            // An upstream that asks for more than `max_retry_wait` is not
-            // waited for: another deployment may answer instead.
-            match retry_after {
-                Some(wait) if wait > self.settings.max_retry_wait => selector.give_up(index),
-                Some(wait) => retry_at[index] = Some(Instant::now() + wait),
-                None => {}
-            }
-            if selector.exhausted() {
-                break;
+            last = Some((failed, Arc::clone(&deployment.upstream)));
+            match next {
+                Next::Stop => break,
+                Next::Retry { not_before } => {
+                    if let Some(wait) = not_before {
+                        selector.set_retry_at(index, now + wait);
+                    }
+                }
+                Next::Elsewhere => selector.give_up(index),
             }
         }
         match last {
             // The last upstream error, as the upstream sent it.
-            Some((Failed::Status(response), upstream)) => {
-                Ok(self.answer(&upstream, response, None, false, false, reservation))
+            Some((Failed::Status(reply), upstream)) => {
+                let answered = Answered {
+                    reply,
+                    first: None,
+                    relaying: Relaying::default(),
+                };
+                Ok(self.answer(&upstream, answered, reservation))
             }
             Some((Failed::Unanswered(error, _), _)) => Err(error.into()),
             None => Err(ChatError::Upstream(UpstreamError::Unreachable {
                 upstream: self.model.primary().name.clone(),
             })),
         }
+    }
+
+    /// One attempt on `deployment`, noted in the request's facts: `request`
+    /// (or, for a retry, the body parsed again) prepared for its upstream
+    /// and sent, within what is left until `deadline`. An attempt that
+    /// failed comes back with its span, for [`Self::failed`]; an error is
+    /// the request's own (its images refused, say): no retry helps.
+    async fn attempt(
+        &self,
+        deployment: &Deployment,
+        request: Option<ChatRequest<'_>>,
+        deadline: Instant,
+        facts: &mut RequestFacts,
+    ) -> Result<Result<Answered, (Failed, tracing::Span)>, ChatError> {
+        let upstream = &deployment.upstream;
+        facts.attempts += 1;
+        facts.upstream = Some(upstream.name.clone());
+        facts.upstream_model = Some(
+            deployment
+                .upstream_model
+                .clone()
+                .unwrap_or_else(|| self.model.name.clone()),
+        );
+        let request = match request {
+            Some(request) => request,
+            // A retry: the same body, parsed again (it parsed before).
+            None => super::blocking_if(self.body.len() > super::PARSE_INLINE_BYTES, || {
+                ChatRequest::parse_within(self.body, self.limits)
+            })?,
+        };
+        let Prepared { body, relaying } = self.prepare(deployment, request).await?;
+        let sent = Instant::now();
+        let remaining = deadline.saturating_duration_since(sent);
+        let span = crate::traces::attempt_span(deployment, &self.model.name, facts.attempts);
+        let outcome = self
+            .send(upstream, body, relaying.stream, remaining)
+            .instrument(span.clone())
+            .await;
+        facts.upstream_latency = Some(sent.elapsed());
+        Ok(match outcome {
+            Ok((reply, first)) => {
+                count_attempt(upstream, "ok");
+                crate::traces::record_attempt(&span, "ok", Some(reply.status.as_u16()));
+                self.gateway.health.attempted(&deployment.key, false);
+                Ok(Answered {
+                    reply,
+                    first,
+                    relaying,
+                })
+            }
+            Err(failed) => Err((failed, span)),
+        })
+    }
+
+    /// A failed attempt counted, traced, told to the deployment's health
+    /// and logged. Returns the failure to keep for the client, why it
+    /// failed, and the wait its upstream asked for.
+    async fn failed(
+        &self,
+        deployment: &Deployment,
+        failed: Failed,
+        span: &tracing::Span,
+        attempt: u32,
+    ) -> (Failed, Failure, Option<Duration>) {
+        let upstream = &deployment.upstream;
+        let (kind, retry_after) = match &failed {
+            Failed::Unanswered(_, kind) => (*kind, None),
+            Failed::Status(response) => (
+                Failure::Status(response.status.as_u16()),
+                routing::retry_after(&response.headers),
+            ),
+        };
+        count_attempt(upstream, &kind.label());
+        let status = match kind {
+            Failure::Status(status) => Some(status),
+            _ => None,
+        };
+        crate::traces::record_attempt(span, &kind.label(), status);
+        let counts = match kind {
+            Failure::Status(status) => routing::unhealthy(status),
+            _ => true,
+        };
+        // A 4xx other than 401/403/429 is the request's fault, not the upstream's.
+        self.gateway.health.attempted(&deployment.key, counts);
+        if counts {
+            self.gateway
+                .health
+                .failed(deployment, kind, retry_after, self.settings);
+        }
+        // An upstream that refuses Iris's own credentials: the client
+        // gets Iris's 502, never the upstream's body (it may echo the
+        // key); the body, masked, goes on this attempt's log line.
+        let (failed, refusal) = match failed {
+            Failed::Status(reply) if upstream::refuses_credentials(reply.status) => {
+                let (error, body) = credentials_refused(upstream, reply).await;
+                (Failed::Unanswered(error, kind), Some(body))
+            }
+            failed => (failed, None),
+        };
+        tracing::warn!(
+            request_id = self.request_id,
+            upstream = %upstream.name,
+            attempt,
+            outcome = %kind.label(),
+            body = refusal.as_deref(),
+            "upstream attempt failed"
+        );
+        (failed, kind, retry_after)
     }
 
     /// A deployment with upstream room, and that room; waits for it in the
@@ -280,14 +358,12 @@ impl Attempts<'_> {
     }
 
     /// The body as `deployment`'s upstream takes it: its image policy, its
-    /// name for the model, the usage chunk asked for on streams. Returns
-    /// the body, whether it streams, and whether the usage chunk is Iris's
-    /// (to be removed on the way back).
+    /// name for the model, the usage chunk asked for on streams.
     async fn prepare(
         &self,
         deployment: &Deployment,
         mut request: ChatRequest<'_>,
-    ) -> Result<(Bytes, bool, bool), ChatError> {
+    ) -> Result<Prepared, ChatError> {
         let upstream = &deployment.upstream;
         self.images.apply(&upstream.images, &mut request).await?;
         if let Some(name) = &deployment.upstream_model {
@@ -299,19 +375,22 @@ impl Attempts<'_> {
         if drop_usage_chunk {
             request.request_stream_usage();
         }
-        let stream = request.stream;
+        let relaying = Relaying {
+            stream: request.stream,
+            drop_usage_chunk,
+        };
         let body = if request.changed() {
             Bytes::from(request.to_body())
         } else {
             self.body.clone()
         };
-        Ok((body, stream, drop_usage_chunk))
+        Ok(Prepared { body, relaying })
     }
 
     /// Sends one attempt and, on success, reads its first body chunk, so
     /// that an answer that is not one is a failed attempt (retried) rather
     /// than something a client already started to receive.
-    async fn attempt(
+    async fn send(
         &self,
         upstream: &Upstream,
         body: Bytes,
@@ -379,15 +458,16 @@ impl Attempts<'_> {
         Ok((response, Some(first)))
     }
 
-    fn answer(
-        &self,
-        upstream: &Upstream,
-        response: Reply,
-        first: Option<Bytes>,
-        stream: bool,
-        drop_usage_chunk: bool,
-        reservation: Reservation,
-    ) -> Answer {
+    fn answer(&self, upstream: &Upstream, answered: Answered, reservation: Reservation) -> Answer {
+        let Answered {
+            reply: response,
+            first,
+            relaying:
+                Relaying {
+                    stream,
+                    drop_usage_chunk,
+                },
+        } = answered;
         let status = response.status;
         let upstream_ok = status.is_success();
         // Only an event stream is read (and edited) event by event; anything

@@ -23,6 +23,7 @@ use crate::budget::window::Snapshot;
 use crate::budget::{BudgetError, Budgets, estimate};
 use crate::catalog::Client;
 use crate::config::Config;
+use crate::facts::RequestFacts;
 use crate::images::Images;
 use crate::openai::chat::{ChatRequest, RequestError};
 use crate::rewrite::{ImageRefusal, ImageWork};
@@ -101,28 +102,6 @@ pub struct Answer {
     pub body: ResponseBody,
 }
 
-/// What a request learned on its way, for its log line, metrics and the
-/// `x-iris-*` headers; kept whether or not it succeeded.
-#[derive(Debug, Clone, Default)]
-pub struct Trail {
-    pub model: Option<String>,
-    /// The upstream of the last attempt (the one that answered, if any).
-    pub upstream: Option<String>,
-    /// What that upstream calls the model.
-    pub upstream_model: Option<String>,
-    /// The client asked for a streamed answer.
-    pub stream: bool,
-    /// Image URLs fetched and inlined for the request, and their bytes.
-    pub images: u32,
-    pub image_bytes: u64,
-    /// Attempts made upstream.
-    pub attempts: u32,
-    pub upstream_latency: Option<Duration>,
-    /// Tokens reserved (prompt estimate + completion cap), also set when the
-    /// budget refused the request.
-    pub estimated_tokens: Option<u64>,
-}
-
 /// One chat completion request as received.
 pub struct Incoming<'a> {
     pub client: &'a Client,
@@ -137,7 +116,7 @@ impl Gateway {
         &self,
         config: &Config,
         incoming: Incoming<'_>,
-        trail: &mut Trail,
+        facts: &mut RequestFacts,
     ) -> Result<Answer, ChatError> {
         let Incoming {
             client,
@@ -149,7 +128,7 @@ impl Gateway {
         let request = blocking_if(body.len() > PARSE_INLINE_BYTES, || {
             ChatRequest::parse_within(&body, limits)
         })?;
-        trail.stream = request.stream;
+        facts.stream = request.stream;
 
         let model = config
             .catalog
@@ -158,7 +137,7 @@ impl Gateway {
         if !client.may_use(&model.name) {
             return Err(ChatError::ModelNotAllowed(model.name.clone()));
         }
-        trail.model = Some(model.name.clone());
+        facts.model = Some(model.name.clone());
         crate::traces::record_chat(&model.name, request.completion_cap);
 
         // Budget: reserve the estimate now, or refuse without calling
@@ -175,7 +154,7 @@ impl Gateway {
         let estimate = blocking_if(estimate::is_heavy(body.len(), &request, count), || {
             estimate::estimate_counting(body.len(), &request, model.max_output_tokens, count)
         });
-        trail.estimated_tokens = Some(estimate.total());
+        facts.estimated_tokens = Some(estimate.total());
         let mut reservation = self
             .budgets
             .reserve(&client.name, &client.budget, &model.name, estimate)
@@ -200,9 +179,9 @@ impl Gateway {
             images: &images,
             limits,
         }
-        .run(request, reservation, trail)
+        .run(request, reservation, facts)
         .await;
-        (trail.images, trail.image_bytes) = images.fetched();
+        (facts.images, facts.image_bytes) = images.fetched();
         answer
     }
 }

@@ -31,6 +31,7 @@ use crate::clients::ops::{self, ClientChange, ClientView, NewClient, Rotation};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::keys::{KeyHash, bearer_key};
+use crate::routing::view::DeploymentView;
 use crate::state::SharedState;
 
 /// Whether `path` is under `/admin`.
@@ -95,19 +96,7 @@ pub async fn list_clients(
 ) -> Json<Value> {
     let mut data = Vec::new();
     for client in config.catalog.clients() {
-        let view = ClientView {
-            name: client.name.to_string(),
-            source: "config",
-            models: match &client.models {
-                crate::catalog::ModelAccess::All => vec!["*".into()],
-                crate::catalog::ModelAccess::Only(models) => models.clone(),
-            },
-            budget: client.budget,
-            disabled: false,
-            created_at: None,
-            keys: None,
-        };
-        data.push(with_usage(&state, view).await);
+        data.push(with_usage(&state, ClientView::from(&**client)).await);
     }
     let managed = state.clients.index().clients.clone();
     for client in &managed {
@@ -181,11 +170,11 @@ pub async fn upstreams(State(state): State<SharedState>, Admin { config }: Admin
     let mut data = Vec::new();
     for (key, upstream_name, upstream_model) in config.catalog.deployment_labels() {
         let report = state.gateway.health.report(&key);
-        let models: Vec<&str> = config
+        let models: Vec<String> = config
             .catalog
             .models()
             .filter(|m| m.deployments.iter().any(|d| d.key == key))
-            .map(|m| m.name.as_str())
+            .map(|m| m.name.clone())
             .collect();
         let pacing = match config
             .catalog
@@ -202,20 +191,14 @@ pub async fn upstreams(State(state): State<SharedState>, Admin { config }: Admin
                 .unwrap_or(Value::Null),
             _ => Value::Null,
         };
-        let cooling_until = report
-            .cooling_for
-            .map(|left| now + u64::try_from(left.as_millis()).unwrap_or(u64::MAX));
-        data.push(json!({
-            "deployment": &*key,
-            "upstream": upstream_name,
-            "upstream_model": upstream_model,
-            "models": models,
-            "state": if cooling_until.is_some() { "cooling_down" } else { "healthy" },
-            "cooling_until": cooling_until.map(|ms| ms / 1000),
-            "attempts_5m": report.attempts,
-            "failures_5m": report.failures,
-            "pacing": pacing,
-        }));
+        data.push(DeploymentView {
+            deployment: key.to_string(),
+            upstream: upstream_name,
+            upstream_model,
+            models,
+            pacing,
+            ..DeploymentView::health(&report, now)
+        });
     }
     Json(json!({"object": "list", "data": data}))
 }

@@ -15,14 +15,14 @@ use tower_http::request_id::RequestId;
 use super::Authenticated;
 use crate::access_log::RequestLog;
 use crate::body_deadline::BodyDeadlineElapsed;
-use crate::catalog::Client;
 use crate::config;
 use crate::error::{self, ApiError, Relayed, rate_limit_headers};
-use crate::gateway::{Answer, Incoming, Trail};
-use crate::spend::{self, Draft, Record, SpendLog};
+use crate::facts::RequestFacts;
+use crate::gateway::{Answer, Incoming};
+use crate::spend::{Draft, Record};
 use crate::state::SharedState;
 use futures_util::StreamExt;
-use std::time::SystemTime;
+use std::sync::Arc;
 use tokio::time::Instant;
 
 pub async fn completions(
@@ -33,7 +33,8 @@ pub async fn completions(
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    let mut trail = Trail::default();
+    let request_id = request_id.header_value().to_str().unwrap_or("");
+    let mut facts = RequestFacts::new(request_id, &client.name);
     let length = headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
@@ -43,41 +44,45 @@ pub async fn completions(
                 client: &client,
                 body,
                 headers: &headers,
-                request_id: request_id.header_value().to_str().unwrap_or(""),
+                request_id,
             };
             state
                 .gateway
-                .complete(&config, incoming, &mut trail)
+                .complete(&config, incoming, &mut facts)
                 .await
                 .map_err(ApiError::from)
         }
         Err(e) => Err(e),
     };
-    let request_id = request_id.header_value().to_str().unwrap_or("");
+    let facts = Arc::new(facts);
     let mut response = match answer {
         Ok(mut answer) => {
             if state.spend.is_on() {
-                let draft = draft(&state.spend, &client, request_id, &trail, started);
                 answer.body.record_to(Draft {
+                    log: state.spend.clone(),
+                    facts: Arc::clone(&facts),
                     status: answer.status.as_u16(),
-                    ..draft
+                    started,
                 });
             }
             respond(answer)
         }
         Err(error) => {
             if state.spend.is_on() {
-                state
-                    .spend
-                    .record(refused(&client, request_id, &trail, &error, started));
+                state.spend.record(Record::refused(
+                    Arc::clone(&facts),
+                    error.status.as_u16(),
+                    error.code.as_str(),
+                    started,
+                ));
             }
             error.into_response()
         }
     };
     // Which deployment answered (or was tried last), and after how many attempts.
-    if trail.attempts > 0 {
+    if facts.attempts > 0 {
         let headers = response.headers_mut();
-        if let Some(value) = trail
+        if let Some(value) = facts
             .upstream
             .as_deref()
             .and_then(|name| HeaderValue::from_str(name).ok())
@@ -86,65 +91,11 @@ pub async fn completions(
         }
         headers.insert(
             HeaderName::from_static("x-iris-attempts"),
-            HeaderValue::from(trail.attempts),
+            HeaderValue::from(facts.attempts),
         );
     }
-    response.extensions_mut().insert(RequestLog(trail));
+    response.extensions_mut().insert(RequestLog(facts));
     response
-}
-
-/// The spend-log record of a relayed answer, but for how it ends.
-fn draft(
-    log: &SpendLog,
-    client: &Client,
-    request_id: &str,
-    trail: &Trail,
-    started: Instant,
-) -> Draft {
-    Draft {
-        log: log.clone(),
-        request_id: request_id.to_owned(),
-        client: client.name.to_string(),
-        model: trail.model.clone(),
-        upstream: trail.upstream.clone(),
-        upstream_model: trail.upstream_model.clone(),
-        status: 0,
-        stream: trail.stream,
-        attempts: trail.attempts,
-        images: trail.images,
-        image_bytes: trail.image_bytes,
-        started,
-    }
-}
-
-/// The spend-log record of a request Iris answered with an error (nothing
-/// charged: its reservation, if any, was given back).
-fn refused(
-    client: &Client,
-    request_id: &str,
-    trail: &Trail,
-    error: &ApiError,
-    started: Instant,
-) -> Record {
-    Record {
-        at_ms: spend::unix_ms(SystemTime::now()),
-        request_id: request_id.to_owned(),
-        client: client.name.to_string(),
-        model: trail.model.clone(),
-        upstream: trail.upstream.clone(),
-        upstream_model: trail.upstream_model.clone(),
-        status: error.status.as_u16(),
-        error_code: Some(error.code.as_str().to_owned()),
-        prompt_tokens: 0,
-        completion_tokens: 0,
-        total_tokens: 0,
-        images: trail.images,
-        image_bytes: trail.image_bytes,
-        stream: trail.stream,
-        attempts: trail.attempts,
-        ttfb_ms: None,
-        total_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-    }
 }
 
 fn respond(answer: Answer) -> Response {

@@ -4,12 +4,18 @@
 //! upstream room. The gateway runs the attempts; this module decides.
 //!
 //! - [`select`]: priority tier, then weight, skipping cooling deployments
+//! - [`retry`]: after a failed attempt, whether to try again, where, and
+//!   how long to wait first
 //! - [`health`]: failures and cooldowns, shared between instances
 //! - [`queue`]: waiting for upstream room, round-robin across clients
+//! - [`view`]: what operators see of each deployment (`/admin/upstreams`,
+//!   `iris upstreams`)
 
 pub mod health;
 pub mod queue;
+pub mod retry;
 pub mod select;
+pub mod view;
 
 use std::time::Duration;
 

@@ -14,21 +14,28 @@ use crate::catalog::Deployment;
 /// The attempts of one request over a model's deployments.
 pub struct Selector<'a> {
     deployments: &'a [Deployment],
-    /// Attempts made on each deployment in this request.
-    tried: Vec<u32>,
+    /// What this request did with each deployment (one allocation for all).
+    slots: Vec<Slot>,
+}
+
+/// What a request did with one deployment.
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    /// Attempts made on it.
+    tried: u32,
     /// No upstream room right now (cleared when the request waits).
-    full: Vec<bool>,
-    /// Not to be tried again in this request (its Retry-After is too long).
-    given_up: Vec<bool>,
+    full: bool,
+    /// Not to be tried again (its Retry-After is too long).
+    given_up: bool,
+    /// Not to be tried again before then (its Retry-After).
+    retry_at: Option<Instant>,
 }
 
 impl<'a> Selector<'a> {
     pub fn new(deployments: &'a [Deployment]) -> Self {
         Self {
             deployments,
-            tried: vec![0; deployments.len()],
-            full: vec![false; deployments.len()],
-            given_up: vec![false; deployments.len()],
+            slots: vec![Slot::default(); deployments.len()],
         }
     }
 
@@ -38,31 +45,51 @@ impl<'a> Selector<'a> {
 
     /// Attempts already made on deployment `index`.
     pub fn tried(&self, index: usize) -> u32 {
-        self.tried[index]
+        self.slots[index].tried
     }
 
     pub fn attempted(&mut self, index: usize) {
-        self.tried[index] += 1;
+        self.slots[index].tried += 1;
+    }
+
+    /// When deployment `index`'s upstream asked to be tried again, if it did.
+    pub fn retry_at(&self, index: usize) -> Option<Instant> {
+        self.slots[index].retry_at
+    }
+
+    /// Deployment `index`'s upstream asked not to be tried again before `at`.
+    pub fn set_retry_at(&mut self, index: usize, at: Instant) {
+        self.slots[index].retry_at = Some(at);
     }
 
     /// Deployment `index` has no upstream room: skip it until [`Self::waited`].
     pub fn full(&mut self, index: usize) {
-        self.full[index] = true;
+        self.slots[index].full = true;
     }
 
     /// Deployment `index` is not tried again in this request.
     pub fn give_up(&mut self, index: usize) {
-        self.given_up[index] = true;
+        self.slots[index].given_up = true;
     }
 
     /// Whether every deployment was given up.
     pub fn exhausted(&self) -> bool {
-        self.given_up.iter().all(|g| *g)
+        self.slots.iter().all(|slot| slot.given_up)
+    }
+
+    /// Whether a deployment other than `index` was not given up.
+    pub fn open_besides(&self, index: usize) -> bool {
+        self.slots
+            .iter()
+            .enumerate()
+            .any(|(i, slot)| i != index && !slot.given_up)
     }
 
     /// After waiting for room: every deployment may have some again.
     pub fn waited(&mut self) {
-        self.full.fill(false);
+        for slot in &mut self.slots {
+            slot.full = false;
+        }
     }
 
     /// The next deployment to try, or `None` when every one is full (or
@@ -70,7 +97,7 @@ impl<'a> Selector<'a> {
     pub fn next(&self, health: &Health) -> Option<usize> {
         let now = Instant::now();
         let open: Vec<usize> = (0..self.deployments.len())
-            .filter(|&i| !self.full[i] && !self.given_up[i])
+            .filter(|&i| !self.slots[i].full && !self.slots[i].given_up)
             .collect();
         if open.is_empty() {
             return None;
@@ -89,7 +116,7 @@ impl<'a> Selector<'a> {
         let untried: Vec<usize> = usable
             .iter()
             .copied()
-            .filter(|&i| self.tried[i] == 0)
+            .filter(|&i| self.slots[i].tried == 0)
             .collect();
         let pool = if untried.is_empty() { usable } else { untried };
         let tier = pool.iter().map(|&i| self.deployments[i].priority).min()?;
@@ -201,6 +228,23 @@ mod tests {
         assert_eq!(selector.next(&health), None, "no room anywhere");
         selector.waited();
         assert!(selector.next(&health).is_some());
+    }
+
+    #[tokio::test]
+    async fn deployments_given_up_are_not_chosen_and_the_rest_stay_open() {
+        let deployments = deployments(&[("a", 1, 0), ("b", 1, 0), ("c", 1, 1)]);
+        let health = health();
+        let mut selector = Selector::new(&deployments);
+        assert!(selector.open_besides(0));
+        selector.give_up(0);
+        selector.give_up(1);
+        assert_eq!(selector.next(&health), Some(2), "only c is left");
+        assert!(!selector.open_besides(2), "nothing besides c");
+        assert!(selector.open_besides(0), "c, besides a");
+        assert!(!selector.exhausted());
+        selector.give_up(2);
+        assert!(selector.exhausted());
+        assert_eq!(selector.next(&health), None);
     }
 
     #[tokio::test]

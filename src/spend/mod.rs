@@ -33,23 +33,20 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::budget::{Charged, StoreBackend};
+use crate::facts::RequestFacts;
 use crate::secret::Secret;
 pub use report::{Dimension, Query, QueryError, UsageReport};
 
-/// One finished chat completion, as the contract lists its fields.
+/// One finished chat completion, as the contract lists its fields: the
+/// request's facts (its id, client, model, upstream and the upstream's
+/// name for the model, images and their bytes, stream, attempts) and how
+/// it ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     /// When the request ended (its response body finished), Unix milliseconds.
     pub at_ms: i64,
-    pub request_id: String,
-    pub client: String,
-    /// The configured model, once the request resolved to one (a name a
-    /// client made up is not recorded).
-    pub model: Option<String>,
-    /// The upstream of the last attempt (the one that answered, if any).
-    pub upstream: Option<String>,
-    /// What that upstream calls the model.
-    pub upstream_model: Option<String>,
+    /// What the request learned on its way, shared with its log line.
+    pub facts: Arc<RequestFacts>,
     /// The HTTP status the client got.
     pub status: u16,
     /// Iris's error code, the upstream's for an error passed through,
@@ -61,14 +58,6 @@ pub struct Record {
     /// What the budget was charged: the upstream's `total_tokens`, or the
     /// sum where it reported none.
     pub total_tokens: u64,
-    /// Image URLs Iris fetched and inlined for the request.
-    pub images: u32,
-    /// The bytes of those images as fetched (cache hits included).
-    pub image_bytes: u64,
-    /// The client asked for a streamed answer.
-    pub stream: bool,
-    /// Attempts made upstream (0: Iris answered before any).
-    pub attempts: u32,
     /// From the request's arrival to the first byte of the upstream's
     /// answer going to the client; none when Iris answered itself.
     pub ttfb_ms: Option<u64>,
@@ -82,6 +71,27 @@ impl Record {
     pub fn is_error(&self) -> bool {
         self.status >= 400 || self.error_code.is_some()
     }
+
+    /// The record of a request Iris answered with an error itself, now
+    /// (nothing charged: its reservation, if any, was given back).
+    pub fn refused(
+        facts: Arc<RequestFacts>,
+        status: u16,
+        error_code: &str,
+        started: Instant,
+    ) -> Self {
+        Self {
+            at_ms: unix_ms(SystemTime::now()),
+            facts,
+            status,
+            error_code: Some(error_code.to_owned()),
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            total_tokens: 0,
+            ttfb_ms: None,
+            total_ms: millis(started.elapsed()),
+        }
+    }
 }
 
 /// Unix milliseconds of `time`.
@@ -94,21 +104,14 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// What a request learned before its answer's body started, kept by the
-/// body until it ends: then the record is finished with how it ended and
-/// what the budget was charged.
+/// A relayed answer's record but for how it ends, kept by its body until
+/// then: the record is finished with how it ended and what the budget was
+/// charged.
 pub struct Draft {
     pub log: SpendLog,
-    pub request_id: String,
-    pub client: String,
-    pub model: Option<String>,
-    pub upstream: Option<String>,
-    pub upstream_model: Option<String>,
+    pub facts: Arc<RequestFacts>,
+    /// The HTTP status the client got.
     pub status: u16,
-    pub stream: bool,
-    pub attempts: u32,
-    pub images: u32,
-    pub image_bytes: u64,
     /// When the request arrived.
     pub started: Instant,
 }
@@ -134,20 +137,12 @@ impl Draft {
         move |charged: Charged| {
             let record = Record {
                 at_ms,
-                request_id: self.request_id,
-                client: self.client,
-                model: self.model,
-                upstream: self.upstream,
-                upstream_model: self.upstream_model,
+                facts: self.facts,
                 status: self.status,
                 error_code: ending.error_code,
                 prompt_tokens: charged.prompt,
                 completion_tokens: charged.completion,
                 total_tokens: charged.total,
-                images: self.images,
-                image_bytes: self.image_bytes,
-                stream: self.stream,
-                attempts: self.attempts,
                 ttfb_ms,
                 total_ms,
             };

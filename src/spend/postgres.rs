@@ -161,21 +161,23 @@ const INSERT: &str = "INSERT INTO spend_log (at, request_id, client, model, upst
 
 async fn insert(client: &mut Client, batch: &[Record]) -> Result<(), tokio_postgres::Error> {
     let at: Vec<SystemTime> = batch.iter().map(|r| time(r.at_ms)).collect();
-    let request_id: Vec<&str> = batch.iter().map(|r| r.request_id.as_str()).collect();
-    let client_name: Vec<&str> = batch.iter().map(|r| r.client.as_str()).collect();
-    let model: Vec<Option<&str>> = batch.iter().map(|r| r.model.as_deref()).collect();
-    let upstream: Vec<Option<&str>> = batch.iter().map(|r| r.upstream.as_deref()).collect();
-    let upstream_model: Vec<Option<&str>> =
-        batch.iter().map(|r| r.upstream_model.as_deref()).collect();
+    let request_id: Vec<&str> = batch.iter().map(|r| r.facts.request_id.as_str()).collect();
+    let client_name: Vec<&str> = batch.iter().map(|r| &*r.facts.client).collect();
+    let model: Vec<Option<&str>> = batch.iter().map(|r| r.facts.model.as_deref()).collect();
+    let upstream: Vec<Option<&str>> = batch.iter().map(|r| r.facts.upstream.as_deref()).collect();
+    let upstream_model: Vec<Option<&str>> = batch
+        .iter()
+        .map(|r| r.facts.upstream_model.as_deref())
+        .collect();
     let status: Vec<i32> = batch.iter().map(|r| i32::from(r.status)).collect();
     let error_code: Vec<Option<&str>> = batch.iter().map(|r| r.error_code.as_deref()).collect();
     let prompt: Vec<i64> = batch.iter().map(|r| to_sql(r.prompt_tokens)).collect();
     let completion: Vec<i64> = batch.iter().map(|r| to_sql(r.completion_tokens)).collect();
     let total: Vec<i64> = batch.iter().map(|r| to_sql(r.total_tokens)).collect();
-    let images: Vec<i32> = batch.iter().map(|r| to_int(r.images)).collect();
-    let image_bytes: Vec<i64> = batch.iter().map(|r| to_sql(r.image_bytes)).collect();
-    let stream: Vec<bool> = batch.iter().map(|r| r.stream).collect();
-    let attempts: Vec<i32> = batch.iter().map(|r| to_int(r.attempts)).collect();
+    let images: Vec<i32> = batch.iter().map(|r| to_int(r.facts.images)).collect();
+    let image_bytes: Vec<i64> = batch.iter().map(|r| to_sql(r.facts.image_bytes)).collect();
+    let stream: Vec<bool> = batch.iter().map(|r| r.facts.stream).collect();
+    let attempts: Vec<i32> = batch.iter().map(|r| to_int(r.facts.attempts)).collect();
     let ttfb: Vec<Option<i64>> = batch.iter().map(|r| r.ttfb_ms.map(to_sql)).collect();
     let total_ms: Vec<i64> = batch.iter().map(|r| to_sql(r.total_ms)).collect();
     // One statement per batch, not per record: its preparation is cheap.

@@ -151,22 +151,23 @@ fn insert(db: &mut Connection, batch: &[Record]) -> rusqlite::Result<()> {
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
         )?;
         for r in batch {
+            let facts = &*r.facts;
             statement.execute(params![
                 r.at_ms,
-                r.request_id,
-                r.client,
-                r.model,
-                r.upstream,
-                r.upstream_model,
+                facts.request_id,
+                &*facts.client,
+                facts.model,
+                facts.upstream,
+                facts.upstream_model,
                 r.status,
                 r.error_code,
                 to_sql(r.prompt_tokens),
                 to_sql(r.completion_tokens),
                 to_sql(r.total_tokens),
-                r.images,
-                to_sql(r.image_bytes),
-                r.stream,
-                r.attempts,
+                facts.images,
+                to_sql(facts.image_bytes),
+                facts.stream,
+                facts.attempts,
                 r.ttfb_ms.map(to_sql),
                 to_sql(r.total_ms),
             ])?;

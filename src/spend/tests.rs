@@ -90,20 +90,23 @@ fn options(batch_size: usize, flush_ms: u64, queue_capacity: usize) -> WriterOpt
 fn record(n: u64) -> Record {
     Record {
         at_ms: 1_750_000_000_000,
-        request_id: format!("req_{n}"),
-        client: "a".into(),
-        model: Some("m".into()),
-        upstream: Some("up".into()),
-        upstream_model: Some("up-m".into()),
+        facts: Arc::new(RequestFacts {
+            request_id: format!("req_{n}"),
+            client: "a".into(),
+            model: Some("m".into()),
+            upstream: Some("up".into()),
+            upstream_model: Some("up-m".into()),
+            images: 0,
+            image_bytes: 0,
+            stream: false,
+            attempts: 1,
+            ..RequestFacts::default()
+        }),
         status: 200,
         error_code: None,
         prompt_tokens: n,
         completion_tokens: 1,
         total_tokens: n + 1,
-        images: 0,
-        image_bytes: 0,
-        stream: false,
-        attempts: 1,
         ttfb_ms: Some(5),
         total_ms: 9,
     }
@@ -131,7 +134,7 @@ async fn batches_fill_to_batch_size_or_wait_flush_ms() {
         .unwrap()
         .iter()
         .flatten()
-        .map(|r| r.request_id.clone())
+        .map(|r| r.facts.request_id.clone())
         .collect();
     assert_eq!(ids, (0..7).map(|n| format!("req_{n}")).collect::<Vec<_>>());
 }
@@ -254,19 +257,23 @@ fn row(
     prompt: u64,
     completion: u64,
 ) -> Record {
+    let base = record(0);
     Record {
         at_ms,
-        client: client.into(),
-        model: model.map(Into::into),
-        upstream: upstream.map(Into::into),
-        upstream_model: upstream.map(|u| format!("{u}-model")),
+        facts: Arc::new(RequestFacts {
+            client: client.into(),
+            model: model.map(Into::into),
+            upstream: upstream.map(Into::into),
+            upstream_model: upstream.map(|u| format!("{u}-model")),
+            ..(*base.facts).clone()
+        }),
         status,
         error_code: code.map(Into::into),
         prompt_tokens: prompt,
         completion_tokens: completion,
         total_tokens: prompt + completion,
         ttfb_ms: None,
-        ..record(0)
+        ..base
     }
 }
 

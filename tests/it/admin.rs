@@ -1063,6 +1063,67 @@ async fn the_cli_changes_clients_under_a_running_server_within_two_seconds() {
     iris.stop().await.unwrap();
 }
 
+/// `iris clients list` and `GET /admin/clients` show each client alike:
+/// every model as `*`, the config's clients never disabled, a managed
+/// client's models in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_and_the_admin_api_list_clients_alike() {
+    let upstream = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = sqlite_config(&upstream.base_url(), &dir.path().join("iris.db"));
+    let file = write_config(&config);
+    let added = clients(
+        file.path(),
+        &["add", "both", "--models", "other-model,test-model"],
+    )
+    .await;
+    printed_key(&added);
+    let listing = clients(file.path(), &["list"]).await;
+    assert!(listing.status.success(), "{}", stderr(&listing));
+    assert_eq!(
+        stdout(&listing),
+        "NAME\tSOURCE\tMODELS\tDISABLED\n\
+         a\tconfig\t*\tno\n\
+         b\tconfig\tother-model\tno\n\
+         both\tmanaged\tother-model,test-model\tno\n"
+    );
+
+    let iris = Iris::start_from_file(file.path()).await;
+    let (status, list) = iris
+        .admin(reqwest::Method::GET, "/admin/clients", None)
+        .await;
+    assert_eq!(status, 200, "{list}");
+    let data = list["data"].as_array().expect("a list");
+    let shown: Vec<Value> = data
+        .iter()
+        .map(|c| {
+            let mut c = c.clone();
+            let object = c.as_object_mut().expect("an object");
+            object.remove("usage");
+            if let Some(created) = object.remove("created_at") {
+                assert!(
+                    created.as_u64().is_some_and(|at| at > 1_700_000_000),
+                    "{created}"
+                );
+            }
+            c
+        })
+        .collect();
+    let no_budget = json!({
+        "requests_per_minute": null, "tokens_per_minute": null, "tokens_per_day": null,
+        "tokens_per_month": null, "max_concurrent": null
+    });
+    assert_eq!(
+        shown,
+        [
+            json!({"name": "a", "source": "config", "models": ["*"], "budget": no_budget, "disabled": false}),
+            json!({"name": "b", "source": "config", "models": ["other-model"], "budget": no_budget, "disabled": false}),
+            json!({"name": "both", "source": "managed", "models": ["other-model", "test-model"], "budget": no_budget, "disabled": false, "keys": 1}),
+        ]
+    );
+    iris.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_on_the_cli_says_what_is_wrong_and_exits_1_writing_nothing() {
     let upstream = MockUpstream::start().await;

@@ -194,3 +194,104 @@ async fn a_model_whose_every_deployment_is_cooling_is_still_served() {
     assert_answered(&chat(&iris, "selpanic").await, "selpanic-a", 1);
     assert_eq!(a.requests(), 2);
 }
+
+/// `GET /admin/upstreams` and `iris upstreams` show the same cooldown, in
+/// Unix seconds on the API and as a UTC time in the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_and_iris_upstreams_show_a_cooldown_alike() {
+    let [a, b] = farm().await;
+    let config = Config::new()
+        .upstream("selview-a", &a.base_url(), "")
+        .upstream("selview-b", &b.base_url(), "")
+        .single("selview", "selview-a")
+        .single("selview-ok", "selview-b")
+        .routing("retries = 0\nallowed_fails = 1\ncooldown_ms = 600000")
+        .extra(&crate::support::admin_toml());
+    let iris = config.start().await;
+    a.fail_next(1, Fault::status(503));
+    let before = unix_seconds();
+    assert_eq!(chat(&iris, "selview").await.status, 503);
+    let after = unix_seconds();
+
+    let (status, list) = iris
+        .admin(reqwest::Method::GET, "/admin/upstreams", None)
+        .await;
+    assert_eq!(status, 200, "{list}");
+    let rows = list["data"].as_array().expect("a list");
+    let row = |deployment: &str| {
+        rows.iter()
+            .find(|r| r["deployment"] == deployment)
+            .unwrap_or_else(|| panic!("no {deployment} in {list}"))
+            .clone()
+    };
+    let cooling = row("selview-a/selview");
+    assert_eq!(cooling["state"], "cooling_down");
+    assert_eq!(cooling["upstream"], "selview-a");
+    assert_eq!(cooling["models"], serde_json::json!(["selview"]));
+    assert_eq!(
+        (
+            cooling["attempts_5m"].as_u64(),
+            cooling["failures_5m"].as_u64()
+        ),
+        (Some(1), Some(1))
+    );
+    let until = cooling["cooling_until"].as_u64().expect("Unix seconds");
+    assert!(
+        (before + 599..=after + 600).contains(&until),
+        "cooling_until {until}: ten minutes after {before}..{after}"
+    );
+    let healthy = row("selview-b/selview-ok");
+    assert_eq!(healthy["state"], "healthy");
+    assert!(healthy["cooling_until"].is_null(), "{healthy}");
+    assert!(healthy["pacing"].is_null(), "{healthy}");
+
+    let file = crate::support::write_config(&config.text());
+    let base = iris.url("");
+    let output = tokio::task::spawn_blocking(move || {
+        crate::support::iris_command()
+            .args(["upstreams", "--url", &base, "--config"])
+            .arg(file.path())
+            .env("IRIS_ADMIN_KEY", crate::support::ADMIN_KEY)
+            .output()
+            .expect("run iris upstreams")
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "DEPLOYMENT\tSTATE\tATTEMPTS_5M\tFAILURES_5M");
+    let time_of_day = format!(
+        "T{:02}:{:02}:{:02}Z",
+        until % 86_400 / 3600,
+        until % 3600 / 60,
+        until % 60
+    );
+    let cooling_line = lines
+        .iter()
+        .find(|l| l.starts_with("selview-a/selview\t"))
+        .unwrap_or_else(|| panic!("no selview-a in {text}"));
+    let cells: Vec<&str> = cooling_line.split('\t').collect();
+    assert_eq!(cells.len(), 4, "{cooling_line}");
+    let shown = cells[1].strip_prefix("cooling until ").expect(cooling_line);
+    assert!(
+        shown.len() == 20 && shown.ends_with(&time_of_day),
+        "{shown} is not the UTC time of {until} ({time_of_day})"
+    );
+    assert_eq!(&cells[2..], ["1", "1"]);
+    assert!(
+        lines.contains(&"selview-b/selview-ok\thealthy\t0\t0"),
+        "{text}"
+    );
+}
+
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
+}

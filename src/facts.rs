@@ -1,0 +1,48 @@
+//! What one chat completion learned on its way through Iris, in one struct
+//! ([`RequestFacts`]): started by the edge, filled in by the gateway as it
+//! goes, then shared (not copied) by everything that reports the request:
+//! the `x-iris-*` headers, the access log's line and metrics
+//! ([`crate::access_log`]), and the spend log's record
+//! ([`crate::spend::Record`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What a request learned on its way; kept whether or not it succeeded.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestFacts {
+    pub request_id: String,
+    /// The client's name.
+    pub client: Arc<str>,
+    /// The configured model, once the request resolved to one (a name a
+    /// client made up is not kept).
+    pub model: Option<String>,
+    /// The upstream of the last attempt (the one that answered, if any).
+    pub upstream: Option<String>,
+    /// What that upstream calls the model.
+    pub upstream_model: Option<String>,
+    /// The client asked for a streamed answer.
+    pub stream: bool,
+    /// Image URLs fetched and inlined for the request, and their bytes as
+    /// fetched (cache hits included).
+    pub images: u32,
+    pub image_bytes: u64,
+    /// Attempts made upstream (0: Iris answered before any).
+    pub attempts: u32,
+    /// How long the last attempt took, to its first body chunk.
+    pub upstream_latency: Option<Duration>,
+    /// Tokens reserved (prompt estimate + completion cap), also set when the
+    /// budget refused the request.
+    pub estimated_tokens: Option<u64>,
+}
+
+impl RequestFacts {
+    /// The facts of a request `client` sent, known at the edge.
+    pub fn new(request_id: &str, client: &Arc<str>) -> Self {
+        Self {
+            request_id: request_id.to_owned(),
+            client: Arc::clone(client),
+            ..Self::default()
+        }
+    }
+}
