@@ -16,7 +16,7 @@ use crate::error::ErrorCode;
 use crate::facts::RequestFacts;
 
 /// Where authentication records the client's name for the log line, on
-/// every route (set by [`crate::routes::Authenticated`]).
+/// every route (set by [`crate::endpoints::Authenticated`]).
 #[derive(Clone, Default)]
 pub struct ClientSlot(Arc<OnceLock<Arc<str>>>);
 

@@ -15,8 +15,8 @@ use tower_http::trace::TraceLayer;
 
 use crate::access_log::{self, NewRequestId};
 use crate::body_deadline;
+use crate::endpoints;
 use crate::error::{ApiError, ErrorCode, Relayed};
-use crate::routes;
 pub use crate::state::{AppState, SharedState};
 
 /// The router with every route and layer.
@@ -31,40 +31,41 @@ pub fn app(state: SharedState) -> Router {
 
 fn routes() -> Router<SharedState> {
     Router::new()
-        .route("/v1/chat/completions", post(routes::chat::completions))
-        .route("/v1/models", get(routes::models::list))
-        .route("/v1/models/{*id}", get(routes::models::retrieve))
-        .route("/v1/usage", get(routes::usage::usage))
+        .route("/v1/chat/completions", post(endpoints::chat::completions))
+        .route("/v1/models", get(endpoints::models::list))
+        .route("/v1/models/{*id}", get(endpoints::models::retrieve))
+        .route("/v1/usage", get(endpoints::usage::usage))
         // A catch-all needs a segment: `/v1/responses/` is routed alone.
-        .route("/v1/responses", any(routes::responses::reject))
-        .route("/v1/responses/", any(routes::responses::reject))
-        .route("/v1/responses/{*rest}", any(routes::responses::reject))
+        .route("/v1/responses", any(endpoints::responses::reject))
+        .route("/v1/responses/", any(endpoints::responses::reject))
+        .route("/v1/responses/{*rest}", any(endpoints::responses::reject))
         .route(
             "/admin/clients",
-            get(routes::admin::list_clients).post(routes::admin::create_client),
+            get(endpoints::admin::list_clients).post(endpoints::admin::create_client),
         )
         .route(
             "/admin/clients/{name}",
-            axum::routing::patch(routes::admin::change_client).delete(routes::admin::delete_client),
+            axum::routing::patch(endpoints::admin::change_client)
+                .delete(endpoints::admin::delete_client),
         )
         .route(
             "/admin/clients/{name}/rotate",
-            post(routes::admin::rotate_client),
+            post(endpoints::admin::rotate_client),
         )
-        .route("/admin/reload", post(routes::admin::reload))
-        .route("/admin/upstreams", get(routes::admin::upstreams))
-        .route("/admin/usage", get(routes::admin::usage))
-        .route("/admin/ui", get(routes::console::page))
-        .route("/admin/ui/app.js", get(routes::console::script))
-        .route("/admin/ui/style.css", get(routes::console::style))
-        .route("/admin/ui/icon.svg", get(routes::console::icon))
-        .route("/admin", any(routes::admin::not_found))
-        .route("/admin/{*rest}", any(routes::admin::not_found))
-        .route("/healthz", get(routes::health::healthz))
-        .route("/readyz", get(routes::health::readyz))
-        .route("/metrics", get(routes::health::metrics))
-        .fallback(routes::not_found)
-        .method_not_allowed_fallback(routes::method_not_allowed)
+        .route("/admin/reload", post(endpoints::admin::reload))
+        .route("/admin/upstreams", get(endpoints::admin::upstreams))
+        .route("/admin/usage", get(endpoints::admin::usage))
+        .route("/admin/ui", get(endpoints::console::page))
+        .route("/admin/ui/app.js", get(endpoints::console::script))
+        .route("/admin/ui/style.css", get(endpoints::console::style))
+        .route("/admin/ui/icon.svg", get(endpoints::console::icon))
+        .route("/admin", any(endpoints::admin::not_found))
+        .route("/admin/{*rest}", any(endpoints::admin::not_found))
+        .route("/healthz", get(endpoints::probes::healthz))
+        .route("/readyz", get(endpoints::probes::readyz))
+        .route("/metrics", get(endpoints::probes::metrics))
+        .fallback(endpoints::not_found)
+        .method_not_allowed_fallback(endpoints::method_not_allowed)
 }
 
 /// What the edge layers need of the config (`[server]`, which a reload
@@ -104,7 +105,7 @@ where
             header::X_CONTENT_TYPE_OPTIONS,
             HeaderValue::from_static("nosniff"),
         ))
-        .layer(axum::middleware::from_fn(routes::admin::no_store))
+        .layer(axum::middleware::from_fn(endpoints::admin::no_store))
         // 3. a span per request, so every log line of it names the request;
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         // 4. the request log line and metrics, seeing every final response;

@@ -7,7 +7,7 @@
 //! - the edge: [`server`] accepts, bounds and serves connections, drains on
 //!   SIGTERM and reloads on SIGHUP; [`app`] builds the router and its layer
 //!   stack (request ids, trace spans, [`access_log`], panics, body limits,
-//!   [`body_deadline`]); [`routes`] turn HTTP into calls below; [`error`]
+//!   [`body_deadline`]); [`endpoints`] turn HTTP into calls below; [`error`]
 //!   renders every failure in OpenAI's shape; [`reload`] checks a new config
 //!   file whole and swaps it in (SIGHUP, `POST /admin/reload`)
 //! - [`state`]: the services every request uses, built once at startup, and
@@ -47,6 +47,7 @@ pub mod cli;
 pub mod clients;
 pub mod commands;
 pub mod config;
+pub mod endpoints;
 pub mod error;
 pub mod error_code;
 pub mod facts;
@@ -57,7 +58,6 @@ pub mod metrics;
 pub mod openai;
 pub mod reload;
 pub mod rewrite;
-pub mod routes;
 pub mod routing;
 pub mod secret;
 pub mod server;

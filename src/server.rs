@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::app::app;
 use crate::state::AppState;
-use connection::{Connections, Refusal};
+use connection::{Connections, OverCapacity};
 
 /// How long shutdown waits for the reservations of responses ended at the
 /// grace period to settle (they settle as soon as their body notices).
@@ -56,7 +56,7 @@ pub async fn run(
         &server,
         closing.clone(),
     ));
-    let refusal = Refusal::new(server.max_connections).await;
+    let over_capacity = OverCapacity::new(server.max_connections).await;
     let permits = Arc::new(Semaphore::new(server.max_connections));
     let tracker = TaskTracker::new();
     let mut shutdown = pin!(shutdown);
@@ -91,7 +91,7 @@ pub async fn run(
                     );
                     at_limit = true;
                 }
-                refusal.refuse(stream);
+                over_capacity.refuse(stream);
             }
         }
     }

@@ -29,7 +29,7 @@ use futures_util::future::BoxFuture;
 use reqwest::header::{self, HeaderValue};
 use reqwest::{Url, redirect};
 
-use super::policy::{AddressPolicy, Refused, RefusedName, refused_name};
+use super::address_policy::{AddressPolicy, Refused, RefusedName, refused_name};
 use super::{ErrorKind, ImageError};
 
 /// Why a URL is refused before any connection is made.
@@ -609,7 +609,7 @@ mod tests {
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use crate::images::policy::Reason;
+    use crate::images::address_policy::Reason;
 
     fn refusal(url: &str, allowed: &[&str]) -> Option<UrlRefusal> {
         let policy = AddressPolicy::new(allowed).expect("policy");

@@ -2,7 +2,7 @@
 //! and turning the result into a `data:` URI. Knows nothing of HTTP routing
 //! or of chat requests; [`crate::rewrite`] applies it to those.
 //!
-//! - [`policy`]: which addresses may be fetched (pure, table-tested)
+//! - [`address_policy`]: which addresses may be fetched (pure, table-tested)
 //! - [`fetch`]: the SSRF-safe fetcher (filtering resolver, checked redirects, limits)
 //! - [`sniff`]: format and dimensions from the bytes
 //! - [`data_uri`]: the one RFC 2397 parser
@@ -12,6 +12,7 @@
 //! - [`metadata`]: EXIF/XMP removed without re-encoding
 //! - [`cache`]: bounded, byte-weighed, single-flight
 
+pub mod address_policy;
 pub mod cache;
 pub mod convert;
 pub mod data_uri;
@@ -19,7 +20,6 @@ pub mod fetch;
 pub mod inline;
 pub mod memory;
 pub mod metadata;
-pub mod policy;
 pub mod sniff;
 
 use std::sync::Arc;
@@ -30,6 +30,7 @@ use bytes::Bytes;
 use tokio::sync::Semaphore;
 
 use crate::error_code::ErrorCode;
+use address_policy::AddressPolicy;
 pub use cache::FetchedImage;
 use cache::ImageCache;
 pub use convert::Target;
@@ -39,7 +40,6 @@ pub use inline::data_uri;
 use inline::{BASE64, InliningSink};
 use ipnet::IpNet;
 use memory::{DecodeBudget, Layout};
-use policy::AddressPolicy;
 pub use sniff::{Format, FormatSet, dimensions};
 
 /// The kinds of image failure, each with its error code.

@@ -533,13 +533,13 @@ const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 const REFUSALS_LINGERING: usize = 512;
 
 /// The answer to a connection over `server.max_connections`.
-pub(super) struct Refusal {
+pub(super) struct OverCapacity {
     /// A whole HTTP/1.1 response: 503 `too_many_connections`.
     response: Bytes,
     lingering: Arc<Semaphore>,
 }
 
-impl Refusal {
+impl OverCapacity {
     pub(super) async fn new(max_connections: usize) -> Self {
         Self {
             response: http1_bytes(ApiError::too_many_connections(max_connections).into_response())
@@ -617,7 +617,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_refusal_is_a_whole_openai_shaped_503_that_closes() {
-        let bytes = Refusal::new(7).await.response;
+        let bytes = OverCapacity::new(7).await.response;
         let text = std::str::from_utf8(&bytes).expect("text");
         let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
         assert!(

@@ -4,8 +4,8 @@
 pub mod admin;
 pub mod chat;
 pub mod console;
-pub mod health;
 pub mod models;
+pub mod probes;
 pub mod responses;
 pub mod usage;
 
