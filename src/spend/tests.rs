@@ -175,6 +175,76 @@ async fn a_failing_sink_is_retried_then_its_batch_dropped() {
     assert_eq!(sink.sizes(), vec![1]);
 }
 
+/// What the spend log's writer logs, as text lines, for as long as the
+/// guard of [`Logs::capture`] lives (on this thread: a paused-clock test's
+/// runtime runs the writer here too).
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn capture(&self) -> tracing::subscriber::DefaultGuard {
+        let logs = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || logs.clone())
+            .with_ansi(false)
+            .without_time()
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    fn lines_with(&self, text: &str) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .filter(|line| line.contains(text))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// A sink that is down fails every batch, every attempt: one log line a
+/// minute says so (docs/spend-log.md), each counting the failures it
+/// stands for, not one line per failure.
+#[tokio::test(start_paused = true)]
+async fn a_sink_that_is_down_is_logged_once_a_minute() {
+    let logs = Logs::default();
+    let _capture = logs.capture();
+    let sink = TestSink::open();
+    sink.failures.store(u32::MAX, Ordering::SeqCst);
+    let log = SpendLog::start(sink.clone(), options(1, 10, 1000), None);
+    // A record a second for two and a half minutes: 150 batches, each
+    // tried 3 times.
+    for n in 0..150 {
+        log.record(record(n));
+        pause(1000).await;
+    }
+    assert!(log.flush(Duration::from_secs(60)).await);
+    assert_eq!(sink.attempts.load(Ordering::SeqCst), 450);
+    assert_eq!(log.counts(), (0, 150));
+    let lines = logs.lines_with("spend log:");
+    assert_eq!(lines.len(), 3, "at 0, 1 and 2 minutes: {lines:#?}");
+    assert!(lines[0].contains("suppressed=0"), "{}", lines[0]);
+    for line in &lines[1..] {
+        let suppressed: u64 = line
+            .split("suppressed=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no count in {line}"));
+        assert!(suppressed > 100, "{line}");
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_write_that_never_answers_times_out_and_counts_as_failed() {
     let sink = TestSink::stalled();

@@ -6,12 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use iris::budget::estimate;
 use serde_json::{Value, json};
 
 use crate::support::{
-    App, Iris, KEY_A, KEY_B, MockUpstream, base_config, chat_body, prompt_estimate, stream_body,
-    usage_row,
+    App, Iris, KEY_A, KEY_B, MockUpstream, base_config, chat_body, o200k, stream_body, usage_row,
 };
 
 /// Client `b` (model `other-model`) with `budget` lines; `a` is unlimited.
@@ -50,7 +48,7 @@ async fn concurrent_requests_never_exceed_the_budget() {
     let (upstream, iris) = setup("tokens_per_day = 1000").await;
     let mut body = chat_body("other-model");
     body["max_tokens"] = json!(50);
-    let reserved = prompt_estimate(&body) + 50;
+    let reserved = o200k::SAY_HELLO + 50;
     let iris = Arc::new(iris);
     let mut tasks = Vec::new();
     for _ in 0..40 {
@@ -186,11 +184,10 @@ async fn a_stream_without_usage_settles_from_the_streamed_text() {
         .text()
         .await
         .unwrap();
-    let generated = streamed_text(&text);
-    assert_eq!(generated, "word0 word1 word2 word3 ");
+    assert_eq!(streamed_text(&text), "word0 word1 word2 word3 ");
     assert_eq!(
         iris.used(KEY_B, "tokens_per_day").await,
-        prompt_estimate(&body) + estimate::count_tokens(&generated)
+        o200k::SAY_HELLO + o200k::WORDS[4]
     );
 }
 
@@ -228,13 +225,14 @@ async fn a_client_hanging_up_mid_stream_pays_for_what_was_generated() {
     }
     iris.settled(KEY_B).await;
 
-    let prompt = prompt_estimate(&body);
+    // Between what the client read and the whole stream, counted as
+    // OpenAI's tokenizer counts them.
     let charged = iris.used(KEY_B, "tokens_per_day").await;
-    let seen = estimate::count_tokens(&streamed_text(&read));
-    let everything: String = (0..50).map(|i| format!("word{i} ")).collect();
+    let read_words = streamed_text(&read).split_whitespace().count();
+    let (prompt, seen) = (o200k::SAY_HELLO, o200k::WORDS[read_words]);
     assert!(charged >= prompt + seen, "{charged} < {prompt} + {seen}");
     assert!(
-        charged < prompt + estimate::count_tokens(&everything),
+        charged < prompt + o200k::WORDS[50],
         "charged for text never generated: {charged}"
     );
 }
@@ -399,7 +397,7 @@ async fn rate_limit_headers_on_success_and_on_each_kind_of_429() {
         setup("tokens_per_minute = 100000\ntokens_per_day = 5000\nrequests_per_minute = 100").await;
     let mut body = chat_body("other-model");
     body["max_tokens"] = json!(1000);
-    let reserved = prompt_estimate(&body) + 1000;
+    let reserved = o200k::SAY_HELLO + 1000;
 
     let response = iris.chat(KEY_B, &body, &[]).await;
     assert_eq!(response.status(), 200);
@@ -434,7 +432,7 @@ async fn rate_limit_headers_on_success_and_on_each_kind_of_429() {
 
     // Spend the day down: the request is refused with the reset time, and
     // SDKs are told not to retry.
-    body["max_tokens"] = json!(5000 - spent - prompt_estimate(&body) + 1);
+    body["max_tokens"] = json!(5000 - spent - o200k::SAY_HELLO + 1);
     let response = iris.chat(KEY_B, &body, &[]).await;
     assert_eq!(response.status(), 429);
     assert_eq!(

@@ -1,7 +1,9 @@
 //! Connection-level defences, against the real server on loopback: slow
 //! headers, slow bodies, idle keep-alive connections, the connection cap,
 //! oversize headers; and that a connection parked between requests is
-//! reused, pipelined and closed exactly as HTTP/1.1 says.
+//! reused, pipelined and closed exactly as HTTP/1.1 says. With the real
+//! binary: the warning about a low open-files limit, and TCP_NODELAY on
+//! client and upstream connections.
 //!
 //! Deadlines are configured short (about a second); every "closed within"
 //! assertion allows generous slack for a busy machine, and a lower bound
@@ -10,7 +12,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::support::{self, Iris, KEY_A};
+use crate::support::binary::Binary;
+use crate::support::{self, Iris, KEY_A, MockUpstream};
 use iris::keys::KeyHash;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -567,4 +570,150 @@ async fn shutdown_closes_idle_connections_at_once() {
     );
     assert!(parked.closed_within(SLACK).await);
     assert!(silent.closed_within(SLACK).await);
+}
+
+/// The open-files limit (docs/connections.md): below
+/// `server.max_connections` plus 256, Iris warns at startup, naming both;
+/// above it, not. The real binary under `ulimit -n 512`.
+#[tokio::test]
+async fn a_low_open_files_limit_is_warned_about_at_startup() {
+    for (max_connections, warned) in [(10_000, true), (200, false)] {
+        let config = config(&format!("max_connections = {max_connections}"));
+        let iris = Binary::start_after(&config, "ulimit -n 512").await;
+        // Answered: the accept loop runs, so the check before it has.
+        let healthz = support::http()
+            .get(iris.url("/healthz"))
+            .send()
+            .await
+            .expect("healthz");
+        assert_eq!(healthz.status(), 200);
+        let warnings = iris.logged("open-files limit");
+        if warned {
+            assert_eq!(warnings.len(), 1, "{warnings:?}");
+            assert_eq!(warnings[0]["level"], "WARN");
+            assert_eq!(warnings[0]["open_files_limit"], 512);
+            assert_eq!(warnings[0]["max_connections"], max_connections);
+        } else {
+            assert!(warnings.is_empty(), "{warnings:?}");
+        }
+    }
+}
+
+/// TCP_NODELAY (docs/performance.md): set on the connection Iris accepts
+/// from a client and on the one it opens to an upstream. The option lives
+/// in the kernel and reading it back needs the socket itself (and `unsafe`,
+/// which Iris forbids), so the real binary's system calls are read instead:
+/// `strace` attached to it while it serves one chat completion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_nodelay_is_set_on_client_and_upstream_connections() {
+    if !std::path::Path::new("/usr/bin/strace").exists() {
+        support::skip::<()>("no /usr/bin/strace");
+        return;
+    }
+    let upstream = MockUpstream::start().await;
+    let iris = Binary::start(&support::base_config(&upstream.base_url(), "")).await;
+    let trace = tempfile::NamedTempFile::new().expect("temp file");
+    let strace = Strace::attach(iris.pid(), trace.path()).await;
+    let answer = support::http()
+        .post(iris.url("/v1/chat/completions"))
+        .bearer_auth(KEY_A)
+        .json(&support::chat_body("test-model"))
+        .send()
+        .await
+        .expect("chat");
+    assert_eq!(answer.status(), 200);
+    strace.detach().await;
+
+    let calls = std::fs::read_to_string(trace.path()).expect("trace");
+    let fd_after = |line: &str, call: &str| -> Option<u32> {
+        line.split(call)
+            .nth(1)?
+            .split(',')
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let returned = |line: &str| -> Option<u32> { line.rsplit("= ").next()?.trim().parse().ok() };
+    let accepted: Vec<u32> = calls
+        .lines()
+        .filter(|line| line.contains("accept"))
+        .filter_map(returned)
+        .collect();
+    let upstream_port = format!("htons({})", upstream.addr.port());
+    let connected: Vec<u32> = calls
+        .lines()
+        .filter(|line| line.contains(&upstream_port))
+        .filter_map(|line| fd_after(line, "connect("))
+        .collect();
+    let nodelay: Vec<u32> = calls
+        .lines()
+        .filter(|line| line.contains("TCP_NODELAY, [1]"))
+        .filter_map(|line| fd_after(line, "setsockopt("))
+        .collect();
+    assert_eq!(accepted.len(), 1, "{calls}");
+    assert_eq!(connected.len(), 1, "{calls}");
+    for fd in accepted.iter().chain(&connected) {
+        assert!(nodelay.contains(fd), "no TCP_NODELAY on fd {fd}:\n{calls}");
+    }
+}
+
+/// `strace -f -p PID` writing to a file, until detached (killed on drop).
+struct Strace(Option<std::process::Child>);
+
+impl Strace {
+    /// Attaches to every thread of `pid`, and waits until it says so
+    /// ("Process N attached with T threads": once all are stopped, no
+    /// system call of theirs goes untraced).
+    async fn attach(pid: u32, trace: &std::path::Path) -> Self {
+        use std::io::BufRead as _;
+        let mut child = std::process::Command::new("strace")
+            .args(["-f", "-e", "trace=accept,accept4,connect,setsockopt", "-o"])
+            .arg(trace)
+            .args(["-p", &pid.to_string()])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("strace");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Read to the end: strace must never write to a closed pipe.
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        let said = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(20)))
+            .await
+            .expect("join")
+            .expect("strace says something");
+        assert!(said.contains("attached"), "{said}");
+        Self(Some(child))
+    }
+
+    /// Detaches (SIGTERM: the traced process runs on) and waits for the
+    /// trace to be written.
+    async fn detach(mut self) {
+        let mut child = self.0.take().expect("attached");
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+        tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .expect("join")
+            .expect("strace exits");
+    }
+}
+
+impl Drop for Strace {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }

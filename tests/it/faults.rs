@@ -1,8 +1,12 @@
 //! Faults, and what is never lost through them (docs/durability.md): an
 //! upstream that resets, answers garbage or too much, or never answers; the
 //! real `iris` binary killed with `kill -9` under load and restarted on its
-//! SQLite file; SIGTERM with live streams; Redis killed and
-//! restarted under three instances at concurrency 50.
+//! SQLite file; SIGTERM with live streams, and with one that outlasts the
+//! grace; Redis killed and restarted under three instances at concurrency 50.
+//!
+//! Expected charges come from what the mock upstream reported, or from
+//! OpenAI's tokenizer ([`o200k`]) where Iris had to count: never from Iris's
+//! own estimate.
 //!
 //! Faults covered elsewhere, with the same harness: a stream that dies, stalls
 //! or ends without `[DONE]` (`routing::streams`), a client hanging up
@@ -15,14 +19,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use crate::support::binary::Binary;
 use crate::support::mock_upstream::Fault;
 use crate::support::redis::{RedisProcess, store_toml, with_store};
 use crate::support::{
-    Iris, KEY_B, MockUpstream, base_config, chat_body, http, iris_command, prompt_estimate,
-    stream_body, usage_row, write_config,
+    Iris, KEY_B, MockUpstream, base_config, chat_body, http, iris_command, o200k, stream_body,
+    usage_row, write_config,
 };
 
 /// [`base_config`] on the SQLite store in `db` (the spend log in the same
@@ -200,6 +205,100 @@ async fn sigterm_finishes_live_streams_and_persists_their_usage() {
     assert_eq!(row["total_tokens"], charged, "{report}");
 }
 
+/// SIGTERM with a stream that outlasts the grace (a word a second, the
+/// grace 300 ms): the stream gets the words generated so far, then one
+/// error event `server_shutting_down` and no `[DONE]`; the process still
+/// exits 0; no usage having come, the client is charged its prompt and the
+/// words it was sent, on disk after the exit, and the spend record says
+/// why it ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_outlasting_the_shutdown_grace_is_cut_and_charged_what_was_generated() {
+    let upstream = MockUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("iris.db");
+    let config = sqlite_config(&upstream.base_url(), &db, "")
+        .replace("shutdown_grace_ms = 2000", "shutdown_grace_ms = 300");
+    let mut iris = Binary::start(&config).await;
+
+    let mut body = stream_body("other-model");
+    body["stream_options"] = json!({"include_usage": true});
+    let response = http()
+        .post(iris.url("/v1/chat/completions"))
+        .bearer_auth(KEY_B)
+        .header("x-mock-chunks", "30")
+        .header("x-mock-chunk-delay-ms", "1000")
+        .json(&body)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    let mut stream = response.bytes_stream();
+    let mut text = String::new();
+    while !text.contains("word0") {
+        let chunk = stream.next().await.expect("more").expect("chunk");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    // Read on while the server shuts down.
+    let rest = tokio::spawn(async move {
+        while let Some(chunk) = stream.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk.expect("chunk")));
+        }
+        text
+    });
+    let status = iris.terminate().await;
+    let text = tokio::time::timeout(Duration::from_secs(10), rest)
+        .await
+        .expect("the stream ends")
+        .expect("join");
+    assert_eq!(status.code(), Some(0), "SIGTERM exits 0");
+
+    let events: Vec<Value> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .map(|data| serde_json::from_str(data).unwrap_or_else(|_| panic!("{data} in {text}")))
+        .collect();
+    let last = events.last().expect("events");
+    assert_eq!(last["error"]["code"], "server_shutting_down", "{text}");
+    assert_eq!(last["error"]["type"], "server_error", "{text}");
+    assert!(!text.contains("[DONE]"), "{text}");
+    let words: String = events
+        .iter()
+        .filter_map(|event| event["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    let sent = words.split_whitespace().count();
+    assert!(sent < 30, "cut before its end: {words}");
+    let completion = o200k::WORDS[sent];
+
+    // Charged the prompt and the words sent, as OpenAI's tokenizer counts them.
+    assert_eq!(used_on_disk(&config), o200k::SAY_HELLO + completion);
+    let db = rusqlite::Connection::open(&db).expect("open");
+    let record = db
+        .query_row(
+            "SELECT status, error_code, stream, prompt_tokens, completion_tokens FROM spend_log",
+            [],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Option<String>>(1)?,
+                    r.get::<_, bool>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            },
+        )
+        .expect("one spend record");
+    assert_eq!(
+        record,
+        (
+            200,
+            Some("server_shutting_down".to_owned()),
+            true,
+            o200k::SAY_HELLO as i64,
+            completion as i64
+        )
+    );
+}
+
 /// What a client sees of one upstream fault, and what it was charged.
 struct Seen {
     status: u16,
@@ -262,7 +361,8 @@ async fn each_upstream_fault_gets_a_clear_answer_and_a_fair_charge() {
     )
     .replace("timeout_ms = 2000", "timeout_ms = 800");
     let iris = Iris::start(&config).await;
-    let prompt = prompt_estimate(&chat_body("other-model"));
+    // The prompt of every request below, as OpenAI's tokenizer counts it.
+    let prompt = o200k::SAY_HELLO;
 
     // Reset before the response head: retried, then 502, nothing charged.
     upstream.fail_always(Fault::Reset);
@@ -273,16 +373,19 @@ async fn each_upstream_fault_gets_a_clear_answer_and_a_fair_charge() {
     );
 
     // Reset mid-stream: 200, then one error event and no [DONE]; charged
-    // the prompt and the words generated.
+    // the prompt and the two words generated.
     upstream.fail_always(Fault::DieAfter(2));
     let seen = see(&iris, true).await;
     assert_eq!(seen.status, 200);
     assert_eq!(seen.code.as_deref(), Some("upstream_stream_interrupted"));
     assert!(!seen.whole);
-    assert!(seen.charged > prompt, "{} > {prompt}", seen.charged);
+    assert_eq!(seen.charged, prompt + o200k::WORDS[2]);
 
     // Reset after the finish chunk, before [DONE]: what was held back for
-    // the end (the finish chunk) still comes, then the error event.
+    // the end (the finish chunk) still comes, then the error event. The
+    // usage chunk Iris asked for came before the reset: charged what the
+    // upstream reported (the mock: a token per 4 bytes of the body it
+    // received, one per word).
     upstream.fail_always(Fault::DieBeforeDone(2));
     let seen = see(&iris, true).await;
     assert_eq!(seen.status, 200);
@@ -293,7 +396,8 @@ async fn each_upstream_fault_gets_a_clear_answer_and_a_fair_charge() {
     );
     assert_eq!(seen.code.as_deref(), Some("upstream_stream_interrupted"));
     assert!(!seen.whole);
-    assert!(seen.charged > prompt, "{} > {prompt}", seen.charged);
+    let reported = upstream.last().body.len() as u64 / 4 + 2;
+    assert_eq!(seen.charged, reported);
 
     // 200 with a body that is not JSON at all: 502, nothing charged.
     upstream.fail_always(Fault::GarbageJson);
@@ -304,7 +408,7 @@ async fn each_upstream_fault_gets_a_clear_answer_and_a_fair_charge() {
     );
 
     // 200 with JSON cut off half-way: relayed as it came (the head was
-    // fine), charged the prompt estimate, no usage being readable.
+    // fine), charged its prompt as counted, no usage being readable.
     upstream.fail_always(Fault::TruncatedJson);
     let seen = see(&iris, false).await;
     assert_eq!((seen.status, seen.whole), (200, false));
@@ -319,18 +423,17 @@ async fn each_upstream_fault_gets_a_clear_answer_and_a_fair_charge() {
     );
 
     // A body of 24 MiB (over the 8 MiB Iris keeps to read a usage from):
-    // relayed whole, never collected; charged its reported usage all the same.
+    // relayed whole, never collected; charged exactly its reported usage
+    // all the same.
     let size = 24 << 20;
     upstream.fail_always(Fault::Huge(size));
     let seen = see(&iris, false).await;
     assert_eq!((seen.status, seen.whole), (200, true));
     assert!(seen.bytes > size);
-    let reported = (chat_body("other-model").to_string().len() / 4 + size / 4) as u64;
-    assert!(
-        seen.charged >= reported - 64,
-        "charged {} of about {reported} reported",
-        seen.charged
-    );
+    let answer: Value = serde_json::from_str(&seen.text).expect("whole JSON");
+    let reported = answer["usage"]["total_tokens"].as_u64().expect("usage");
+    assert!(reported > (size / 4) as u64, "{reported}");
+    assert_eq!(seen.charged, reported);
 
     // Never answers: 504 after the upstream's timeout, nothing charged.
     upstream.fail_always(Fault::Hang);

@@ -16,8 +16,8 @@ use serde_json::{Value, json};
 
 use crate::support::redis::{RedisProcess, SharedRedis, store_toml, with_store};
 use crate::support::{
-    Iris, KEY_B, MockUpstream, base_config, chat_body, metric_sum, prompt_estimate,
-    status_and_json, usage_row,
+    Iris, KEY_B, MockUpstream, base_config, chat_body, metric_sum, o200k, status_and_json,
+    usage_row,
 };
 
 /// An Iris on `store` (a `[store]` table); client `b` has `budget`.
@@ -48,7 +48,7 @@ async fn two_and_three_instances_under_load_never_overspend_one_budget() {
         }
         let mut body = chat_body("other-model");
         body["max_tokens"] = json!(50);
-        let reserved = prompt_estimate(&body) + 50;
+        let reserved = o200k::SAY_HELLO + 50;
 
         let mut tasks = Vec::new();
         for i in 0..60 {

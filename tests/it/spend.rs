@@ -12,8 +12,8 @@ use tokio::net::TcpListener;
 
 use crate::support::postgres::SharedPostgres;
 use crate::support::{
-    App, Iris, KEY_A, KEY_B, MockUpstream, base_config, chat_body, http, iris_command,
-    prompt_estimate, stream_body, write_config,
+    App, Iris, KEY_A, KEY_B, MockUpstream, base_config, chat_body, http, iris_command, o200k,
+    stream_body, write_config,
 };
 
 /// [`base_config`] with the budget store in `db` (so the spend log goes in
@@ -87,11 +87,13 @@ async fn a_cut_stream_without_token_limits_is_charged_its_counted_prompt() {
     let mut body = stream_body("test-model");
     body["messages"][0]["content"] =
         json!("Tell me, in as many words as you like, about tokenizers.");
-    let prompt = prompt_estimate(&body);
+    // Counted as OpenAI's tokenizer counts it; the rough figure (a token
+    // per 4 bytes of the body) would be another number.
+    let prompt = o200k::TELL_ME;
     let bytes = serde_json::to_vec(&body).expect("json").len();
     assert_ne!(
         prompt,
-        iris::budget::estimate::rough_prompt(bytes),
+        bytes.div_ceil(4) as u64,
         "the test needs the rough figure to differ from the count"
     );
     let cut = iris.chat(KEY_A, &body, &[("x-mock-die-after", "2")]).await;
@@ -105,7 +107,7 @@ async fn a_cut_stream_without_token_limits_is_charged_its_counted_prompt() {
     assert_eq!(row["prompt_tokens"].as_u64(), Some(prompt), "{report}");
     assert_eq!(
         row["completion_tokens"].as_u64(),
-        Some(iris::budget::estimate::count_tokens("word0 word1 ")),
+        Some(o200k::WORDS[2]),
         "{report}"
     );
 }
@@ -207,9 +209,9 @@ async fn a_mixed_run_totals_what_the_upstream_reported() {
         Some(charged_b),
         "the same tokens the budget was charged"
     );
-    // The cut stream: the prompt estimate and the two words it streamed.
-    let cut_prompt = prompt_estimate(&cut_body);
-    let cut_completion = iris::budget::estimate::count_tokens("word0 word1 ");
+    // The cut stream: its prompt and the two words it streamed, counted as
+    // OpenAI's tokenizer counts them.
+    let (cut_prompt, cut_completion) = (o200k::SAY_HELLO, o200k::WORDS[2]);
     assert_eq!(
         charged_b,
         reported_b.0 + reported_b.1 + cut_prompt + cut_completion

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt as _;
 
 use super::{Config, Reply, ask, capped_body, chat, eventually, farm, metric};
-use crate::support::{KEY_A, KEY_B, chat_body, prompt_estimate};
+use crate::support::{KEY_A, KEY_B, chat_body, o200k};
 
 /// Asserts Iris's own 429 for a model without upstream room.
 #[track_caller]
@@ -118,7 +118,8 @@ async fn tokens_per_minute_reserves_then_settles() {
         .start()
         .await;
     let body = capped_body("pacetpm", 400);
-    let reserved = prompt_estimate(&body) + 400;
+    // The prompt as OpenAI's tokenizer counts it, and the cap.
+    let reserved = o200k::SAY_HELLO + 400;
     assert!(2 * reserved <= 1000 && 3 * reserved > 1000, "{reserved}");
     let slow = [("x-mock-delay-ms", "2000")];
     let replies: Vec<Reply> =

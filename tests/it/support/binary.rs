@@ -1,8 +1,10 @@
 //! The real `iris serve` as a child process: for what only a process shows
-//! (`kill -9`, SIGTERM, its own resident memory in `/proc`).
+//! (`kill -9`, SIGTERM, its own resident memory in `/proc`, its log, limits
+//! set on it).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -13,6 +15,8 @@ use super::{iris_command, write_config};
 pub struct Binary {
     child: Option<Child>,
     addr: String,
+    /// Every line it logged so far, as JSON.
+    logs: Arc<Mutex<Vec<Value>>>,
     _config: tempfile::NamedTempFile,
 }
 
@@ -20,16 +24,39 @@ impl Binary {
     /// Starts `iris serve` on `config` and waits until it says where it listens.
     pub async fn start(config: &str) -> Self {
         let file = write_config(config);
-        let mut child = iris_command()
-            .args(["serve", "--config"])
-            .arg(file.path())
+        let mut command = iris_command();
+        command.args(["serve", "--config"]).arg(file.path());
+        Self::spawn(command, file).await
+    }
+
+    /// [`Self::start`] with a shell line run first in the process that then
+    /// becomes `iris serve` (`exec`): `ulimit -n 512`, say.
+    pub async fn start_after(config: &str, shell: &str) -> Self {
+        let file = write_config(config);
+        let mut command = iris_command();
+        let iris = command.get_program().to_owned();
+        command = Command::new("sh");
+        command
+            .env_remove("IRIS_CONFIG")
+            .env_remove("IRIS_LOG_FORMAT")
+            .arg("-c")
+            .arg(format!("{shell} && exec \"$0\" serve --config \"$1\""))
+            .arg(iris)
+            .arg(file.path());
+        Self::spawn(command, file).await
+    }
+
+    async fn spawn(mut command: Command, file: tempfile::NamedTempFile) -> Self {
+        let mut child = command
             .env("IRIS_LOG", "info")
             .env("IRIS_LOG_FORMAT", "json")
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn iris");
         let stderr = child.stderr.take().expect("stderr");
+        let logs = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let kept = Arc::clone(&logs);
         std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -39,6 +66,7 @@ impl Binary {
                 {
                     let _ = tx.send(json["listen"].as_str().unwrap_or("").to_owned());
                 }
+                kept.lock().expect("logs").push(json);
             }
         });
         let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
@@ -48,12 +76,24 @@ impl Binary {
         Self {
             child: Some(child),
             addr,
+            logs,
             _config: file,
         }
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// The lines it logged so far whose message contains `text`.
+    pub fn logged(&self, text: &str) -> Vec<Value> {
+        self.logs
+            .lock()
+            .expect("logs")
+            .iter()
+            .filter(|line| line["message"].as_str().is_some_and(|m| m.contains(text)))
+            .cloned()
+            .collect()
     }
 
     /// `kill -9`: nothing runs after it.

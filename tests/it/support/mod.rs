@@ -392,12 +392,29 @@ pub async fn status_and_json(response: reqwest::Response) -> (u16, Value) {
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
-/// What Iris estimates for a chat body's prompt.
-pub fn prompt_estimate(body: &Value) -> u64 {
-    let bytes = serde_json::to_vec(body).unwrap_or_default();
-    let request = iris::openai::chat::ChatRequest::parse(&bytes)
-        .unwrap_or_else(|e| panic!("not a chat request: {e:?}"));
-    iris::budget::estimate::prompt_tokens(&request)
+/// Token counts from OpenAI's own tokenizer, not from Iris: a test that
+/// expects a charge built from Iris's estimate (a prompt counted, generated
+/// text counted when no usage came) compares it with these, never with the
+/// estimate function itself. Printed by `o200k_reference.py` beside this
+/// file: Python `tiktoken` 0.14.0 on o200k_base (its vocabulary checked
+/// against the sha256 tiktoken pins), a prompt counted as OpenAI's cookbook
+/// counts chat messages for gpt-4o (3 tokens per message, its values'
+/// tokens, 3 priming the reply).
+pub mod o200k {
+    /// The prompt of [`super::chat_body`] and [`super::stream_body`]: one
+    /// user message, "Say hello" (`max_tokens`, `stream` and the model are
+    /// not part of it).
+    pub const SAY_HELLO: u64 = 9;
+    /// The prompt of one user message, "Tell me, in as many words as you
+    /// like, about tokenizers.".
+    pub const TELL_ME: u64 = 22;
+    /// `WORDS[n]`: the text of the mock upstream's first `n` content chunks,
+    /// `word0 word1 … word{n-1} `.
+    pub const WORDS: [u64; 51] = [
+        0, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31, 33, 35, 37, 39, 41, 43, 45, 47,
+        49, 51, 53, 55, 57, 59, 61, 63, 65, 67, 69, 71, 73, 75, 77, 79, 81, 83, 85, 87, 89, 91, 93,
+        95, 97, 99, 101,
+    ];
 }
 
 /// The sum of the samples of metric `name` whose line contains every one of
