@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::budget::Limits;
+use crate::budget::money::Price;
 use crate::keys::KeyHash;
 use crate::upstream::Upstream;
 
@@ -17,6 +18,9 @@ pub struct Model {
     pub deployments: Vec<Deployment>,
     /// Completion tokens reserved when a request sets no cap.
     pub max_output_tokens: u64,
+    /// The highest of its deployments' prices, what a request is reserved
+    /// at before one answers; `None` when none has a price (it costs nothing).
+    pub reserve_price: Option<Price>,
 }
 
 impl Model {
@@ -38,6 +42,9 @@ pub struct Deployment {
     pub priority: u32,
     /// Names the deployment in health and metrics: `upstream/model`.
     pub key: Arc<str>,
+    /// Per million tokens: the deployment's own, else the model's; `None`:
+    /// its answers cost nothing.
+    pub price: Option<Price>,
 }
 
 /// Which models a client may use.

@@ -54,7 +54,10 @@ async fn run(config: Config, path: std::path::PathBuf) -> Result<(), String> {
 pub fn check(arg: &ConfigArg) -> ExitCode {
     let path = arg.path();
     match config::load(&path) {
-        Ok(_) => {
+        Ok(config) => {
+            for warning in &config.warnings {
+                println!("warning: {warning}");
+            }
             println!("{}: ok", path.display());
             ExitCode::SUCCESS
         }

@@ -11,11 +11,6 @@ use std::fmt;
 use std::sync::Arc;
 
 /// A kind of budget account.
-///
-/// A team's budget (reserved together with its clients' windows, all or
-/// nothing) becomes a third kind here, keyed `"\u{1}team/<name>"`, when
-/// teams arrive: added now, it would be a kind nothing reserves against,
-/// with metric labels and report rows nothing produces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum AccountKind {
     /// A client's budget (`[clients.budget]`, or a managed client's).
@@ -24,16 +19,24 @@ pub enum AccountKind {
     /// `tokens_per_minute`, `max_concurrent`): reserved and
     /// settled like a client's, never reported as a client's usage.
     Upstream,
+    /// A team's budget (`[[teams]]`, or a managed team's): reserved together
+    /// with each of its clients' windows, all or nothing.
+    Team,
 }
 
 impl AccountKind {
-    pub const ALL: [AccountKind; 2] = [AccountKind::Client, AccountKind::Upstream];
+    pub const ALL: [AccountKind; 3] = [
+        AccountKind::Client,
+        AccountKind::Upstream,
+        AccountKind::Team,
+    ];
 
     /// The kind's name in logs.
     pub fn label(self) -> &'static str {
         match self {
             AccountKind::Client => "client",
             AccountKind::Upstream => "upstream",
+            AccountKind::Team => "team",
         }
     }
 
@@ -43,6 +46,7 @@ impl AccountKind {
             // Bare names: clients were the only kind when the stores began.
             AccountKind::Client => "",
             AccountKind::Upstream => "\u{1}upstream/",
+            AccountKind::Team => "\u{1}team/",
         }
     }
 }
@@ -54,6 +58,10 @@ pub struct Account {
     kind: AccountKind,
     /// The kind's prefix, then the name.
     key: Arc<str>,
+    /// The team a client's windows are kept beside: in a Redis Cluster, one
+    /// script reserves against a client and its team together, so both
+    /// must live in one hash slot (the team's). `None` for anyone else.
+    home: Option<Arc<str>>,
 }
 
 impl Account {
@@ -67,15 +75,33 @@ impl Account {
         Self {
             kind: AccountKind::Client,
             key,
+            home: None,
+        }
+    }
+
+    /// A member of `team`: a client's account kept beside the team's.
+    pub fn member(name: impl Into<Arc<str>>, team: &Account) -> Self {
+        Self {
+            home: Some(Arc::clone(&team.key)),
+            ..Self::client(name)
         }
     }
 
     /// An upstream's pacing account.
     pub fn upstream(name: &str) -> Self {
-        let kind = AccountKind::Upstream;
+        Self::prefixed(AccountKind::Upstream, name)
+    }
+
+    /// A team's account.
+    pub fn team(name: &str) -> Self {
+        Self::prefixed(AccountKind::Team, name)
+    }
+
+    fn prefixed(kind: AccountKind, name: &str) -> Self {
         Self {
             kind,
             key: Arc::from(format!("{}{name}", kind.key_prefix())),
+            home: None,
         }
     }
 
@@ -96,6 +122,12 @@ impl Account {
         &self.key
     }
 
+    /// The storage key of the account this one's windows are kept beside
+    /// (a team member's team), if any: the hash slot of its Redis keys.
+    pub fn home(&self) -> Option<&str> {
+        self.home.as_deref()
+    }
+
     /// The account a storage key holds; `None` for a kind this version
     /// does not know (a newer instance's, sharing the store).
     pub fn from_key(key: &str) -> Option<Self> {
@@ -107,6 +139,7 @@ impl Account {
             Some(kind) => Some(Self {
                 kind,
                 key: Arc::from(key),
+                home: None,
             }),
             None if key.starts_with(char::is_control) => None,
             None => Some(Self::client(key)),
@@ -139,8 +172,18 @@ mod tests {
             (AccountKind::Upstream, "openai")
         );
         assert_eq!(upstream.to_string(), "upstream openai");
+        let team = Account::team("blue");
+        assert_eq!(team.key(), "\u{1}team/blue");
+        assert_eq!(Account::from_key(team.key()), Some(team.clone()));
+        assert_eq!((team.kind(), team.name()), (AccountKind::Team, "blue"));
+        let member = Account::member("alice", &team);
         assert_eq!(
-            Account::from_key("\u{1}team/blue"),
+            (member.key(), member.home()),
+            ("alice", Some("\u{1}team/blue")),
+            "a member's windows are the client's, kept beside its team's"
+        );
+        assert_eq!(
+            Account::from_key("\u{1}pool/blue"),
             None,
             "a kind this version does not know is nobody's, not a client's"
         );

@@ -13,13 +13,15 @@
 //! Nothing here knows HTTP: refusals are [`BudgetError`]s, rendered as 429s
 //! (and their headers) at the edge.
 //!
-//! - [`account`]: whose windows (a client's, an upstream's pacing)
+//! - [`account`]: whose windows (a client's, a team's, an upstream's pacing)
 //! - [`estimate`]: tokens a request may cost (tokenizer, images, caps)
+//! - [`money`]: amounts, prices, what usage costs
 //! - [`window`]: the windows' arithmetic (GCRA per minute, UTC day and month)
 //! - [`store`]: where the state lives (memory, SQLite, Redis)
 //! - [`report`]: `iris usage`
 pub mod account;
 pub mod estimate;
+pub mod money;
 pub mod report;
 pub mod store;
 pub mod window;
@@ -40,8 +42,11 @@ use crate::openai::stream::Outcome;
 use crate::secret::Secret;
 pub use account::{Account, AccountKind};
 use estimate::Estimate;
-use store::{MemoryStore, RedisOptions, Reserved, Store, StoreError, StoreFuture};
-use window::{Clock, Hold, Refusal, Snapshot, Window};
+use money::{Money, Price, TokenCounts};
+use store::{
+    MemoryStore, Parties, Party, RedisOptions, Refused, Reserved, Store, StoreError, StoreFuture,
+};
+use window::{Charge, Clock, Hold, Refusal, Snapshot, Window};
 
 /// A client's limits. Every one is optional; an absent one is not enforced.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -54,16 +59,39 @@ pub struct Limits {
     /// UTC calendar month.
     pub tokens_per_month: Option<u64>,
     pub max_concurrent: Option<u64>,
+    /// In the pricing currency, UTC calendar day.
+    pub cost_per_day: Option<Money>,
+    /// UTC calendar month.
+    pub cost_per_month: Option<Money>,
 }
 
 impl Limits {
-    /// Whether any window counts tokens (so a request's estimate decides
-    /// something and must be counted).
+    /// Whether any window counts tokens or money (so a request's estimate
+    /// decides something and must be counted).
     pub fn counts_tokens(&self) -> bool {
         self.tokens_per_minute.is_some()
             || self.tokens_per_day.is_some()
             || self.tokens_per_month.is_some()
+            || self.counts_cost()
     }
+
+    /// Whether any window counts money.
+    pub fn counts_cost(&self) -> bool {
+        self.cost_per_day.is_some() || self.cost_per_month.is_some()
+    }
+}
+
+/// What one client request asks the budgets for.
+pub struct Claim<'a> {
+    pub client: &'a Arc<str>,
+    pub limits: &'a Limits,
+    /// The client's team, with its limits: reserved against together.
+    pub team: Option<(&'a str, &'a Limits)>,
+    pub model: &'a str,
+    pub estimate: Estimate,
+    /// The highest of the model's deployments' prices (`None`: it costs
+    /// nothing): what the estimate is reserved at.
+    pub price: Option<Price>,
 }
 
 /// What to do when the store does not answer.
@@ -117,13 +145,19 @@ pub enum BudgetError {
     StoreUnavailable,
 }
 
-/// A refusal with what the client needs to hear about it: the windows as
-/// they stand and what the request would have cost.
+/// A refusal with what the client needs to hear about it: whose windows
+/// refused (the client's, its team's), as they stand, and what the request
+/// would have cost.
 #[derive(Debug)]
 pub struct Rejection {
     pub refusal: Refusal,
+    /// The refusing account's windows.
     pub snapshot: Snapshot,
+    /// The refusing account.
+    pub account: Account,
     pub estimate: Estimate,
+    /// The estimate's cost, as reserved.
+    pub cost: Money,
 }
 
 /// The budget service: a store, a clock, and what to do when the store is down.
@@ -159,36 +193,61 @@ impl Budgets {
         }
     }
 
-    /// Reserves `estimate` for a request of `client` to `model`, or says why
-    /// not (without calling upstream).
-    pub async fn reserve(
-        &self,
-        client: &Arc<str>,
-        limits: &Limits,
-        model: &str,
-        estimate: Estimate,
-    ) -> Result<Reservation, BudgetError> {
-        let account = Account::client(Arc::clone(client));
-        let (Reserved { outcome, snapshot }, local) = self
-            .reserve_account(&account, limits, estimate.total())
+    /// Reserves a client's request (and its team's share, in the same
+    /// step), or says why not (without calling upstream).
+    pub async fn reserve(&self, claim: Claim<'_>) -> Result<Reservation, BudgetError> {
+        let Claim {
+            client,
+            limits,
+            team,
+            model,
+            estimate,
+            price,
+        } = claim;
+        let charge = Charge {
+            tokens: estimate.total(),
+            cost: price.map_or(Money::ZERO, |p| {
+                p.most(estimate.prompt, estimate.completion)
+            }),
+        };
+        let parties: Parties = match team {
+            None => Arc::new([Party {
+                account: Account::client(Arc::clone(client)),
+                limits: *limits,
+            }]),
+            Some((team, team_limits)) => {
+                let team = Account::team(team);
+                Arc::new([
+                    Party {
+                        account: Account::member(Arc::clone(client), &team),
+                        limits: *limits,
+                    },
+                    Party {
+                        account: team,
+                        limits: *team_limits,
+                    },
+                ])
+            }
+        };
+        let (Reserved { outcome, snapshots }, local) = self
+            .reserve_parties(&parties, charge)
             .await
             .inspect_err(|_| reject_metric(client, "store_unavailable"))?;
         match outcome {
-            Ok(hold) => Ok(self.reservation(
-                account,
-                limits,
-                Some(model),
-                estimate,
-                hold,
-                local,
-                snapshot,
-            )),
-            Err(refusal) => {
+            Ok(hold) => {
+                let mut reservation =
+                    self.reservation(parties, Some(model), estimate, hold, local, snapshots);
+                reservation.price = price;
+                Ok(reservation)
+            }
+            Err(Refused { party, refusal }) => {
                 reject_metric(client, refusal.window().name());
                 Err(BudgetError::Rejected(Box::new(Rejection {
                     refusal,
-                    snapshot,
+                    snapshot: snapshots[party],
+                    account: parties[party].account.clone(),
                     estimate,
+                    cost: charge.cost,
                 })))
             }
         }
@@ -206,81 +265,73 @@ impl Budgets {
         if *limits == Limits::default() {
             return Ok(None);
         }
-        let account = Account::upstream(upstream);
-        let (Reserved { outcome, snapshot }, local) = self
-            .reserve_account(&account, limits, estimate.total())
+        let parties: Parties = Arc::new([Party {
+            account: Account::upstream(upstream),
+            limits: *limits,
+        }]);
+        let (Reserved { outcome, snapshots }, local) = self
+            .reserve_parties(&parties, Charge::tokens(estimate.total()))
             .await
             .map_err(|_| NoRoom::StoreUnavailable)?;
         match outcome {
             Ok(hold) => Ok(Some(
-                self.reservation(account, limits, None, estimate, hold, local, snapshot),
+                self.reservation(parties, None, estimate, hold, local, snapshots),
             )),
-            Err(refusal) => Err(NoRoom::Full {
-                retry_after: Rejection {
-                    refusal,
-                    snapshot,
-                    estimate,
-                }
-                .retry_after(),
+            Err(Refused { refusal, .. }) => Err(NoRoom::Full {
+                retry_after: retry_after(&refusal, snapshots[0].now),
             }),
         }
     }
 
-    /// One atomic reservation of `tokens` against `account`'s windows, in
-    /// the store or, while it is down and `on_unavailable = "allow"`, in
+    /// One atomic reservation of `charge` against every party's windows,
+    /// in the store or, while it is down and `on_unavailable = "allow"`, in
     /// this instance's local count (then `true`).
-    async fn reserve_account(
+    async fn reserve_parties(
         &self,
-        account: &Account,
-        limits: &Limits,
-        tokens: u64,
+        parties: &Parties,
+        charge: Charge,
     ) -> Result<(Reserved, bool), BudgetError> {
         let now = self.inner.clock.now();
-        match self.inner.store.reserve(account, limits, tokens, now).await {
+        match self.inner.store.reserve(parties, charge, now).await {
             Ok(reserved) => Ok((reserved, false)),
-            Err(e) => match self.inner.on_unavailable {
-                OnUnavailable::Allow => {
-                    tracing::warn!(
-                        %account,
-                        "budget store unavailable, counting the request locally: {e}"
-                    );
-                    fallback_metric(account);
-                    Ok((
-                        self.inner.local.reserve_now(account, limits, tokens, now),
-                        true,
-                    ))
+            Err(e) => {
+                let account = &parties[0].account;
+                match self.inner.on_unavailable {
+                    OnUnavailable::Allow => {
+                        tracing::warn!(
+                            %account,
+                            "budget store unavailable, counting the request locally: {e}"
+                        );
+                        fallback_metric(account);
+                        Ok((self.inner.local.reserve_now(parties, charge, now), true))
+                    }
+                    OnUnavailable::Reject => {
+                        tracing::error!(%account, "budget store unavailable: {e}");
+                        Err(BudgetError::StoreUnavailable)
+                    }
                 }
-                OnUnavailable::Reject => {
-                    tracing::error!(%account, "budget store unavailable: {e}");
-                    Err(BudgetError::StoreUnavailable)
-                }
-            },
+            }
         }
     }
 
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "a private constructor of one struct"
-    )]
     fn reservation(
         &self,
-        account: Account,
-        limits: &Limits,
+        parties: Parties,
         model: Option<&str>,
         estimate: Estimate,
         hold: Hold,
         local: bool,
-        snapshot: Snapshot,
+        snapshots: Vec<Snapshot>,
     ) -> Reservation {
         Reservation {
             budgets: self.clone(),
-            account,
-            limits: *limits,
+            parties,
             model: model.map(str::to_owned),
             estimate,
+            price: None,
             hold: Some(hold),
             local,
-            snapshot,
+            snapshots,
             request_id: None,
             linked: None,
             uncounted_prompt: None,
@@ -356,7 +407,8 @@ fn reject_metric(client: &str, reason: &'static str) {
 /// upstream's pacing (never a client).
 fn fallback_metric(account: &Account) {
     let counter = match account.kind() {
-        AccountKind::Client => {
+        // A team's share is reserved with its client's: counted as the client's.
+        AccountKind::Client | AccountKind::Team => {
             crate::metrics::BUDGET_STORE_FALLBACK.counter(&[("client", account.name())])
         }
         AccountKind::Upstream => {
@@ -376,6 +428,12 @@ pub struct Charged {
     /// What the budget was charged: the upstream's `total_tokens` where it
     /// reported more than the sum.
     pub total: u64,
+    /// Of `prompt`, served from the provider's cache (priced `cached_input`).
+    pub cached: u64,
+    /// Of `completion`, reasoning (reported; priced inside `completion`).
+    pub reasoning: u64,
+    /// The tokens at the answering deployment's prices.
+    pub cost: Money,
 }
 
 /// Tokens reserved for one admitted request. Settled exactly once, on one
@@ -387,17 +445,22 @@ pub struct Charged {
 #[must_use = "dropping a reservation releases it at once"]
 pub struct Reservation {
     budgets: Budgets,
-    account: Account,
-    limits: Limits,
+    /// The accounts reserved against: a client (and its team), or an
+    /// upstream's pacing.
+    parties: Parties,
     /// The model a client's request asked for, which names its token
     /// metrics; `None` for an upstream's pacing, which reports nothing.
     model: Option<String>,
     estimate: Estimate,
+    /// What the tokens cost: the answering deployment's prices once one
+    /// answered ([`Reservation::priced_at`]), else the reserved-at ones.
+    price: Option<Price>,
     /// `None` once settled.
     hold: Option<Hold>,
     /// Reserved in the local count while the store was down: settled there.
     local: bool,
-    snapshot: Snapshot,
+    /// Each party's windows as of the reservation.
+    snapshots: Vec<Snapshot>,
     request_id: Option<String>,
     /// Charged what this one is charged (the upstream's pacing for the
     /// client's request), or released with it.
@@ -414,9 +477,20 @@ impl Reservation {
         self.estimate
     }
 
-    /// The account's windows as of the reservation (for the rate-limit headers).
+    /// The client's windows as of the reservation (for the rate-limit headers).
     pub fn snapshot(&self) -> &Snapshot {
-        &self.snapshot
+        &self.snapshots[0]
+    }
+
+    /// The team's windows as of the reservation, for a team client's request.
+    pub fn team_snapshot(&self) -> Option<&Snapshot> {
+        self.snapshots.get(1)
+    }
+
+    /// The answering deployment's prices (`None`: it costs nothing), which
+    /// the settlement charges the usage at.
+    pub fn priced_at(&mut self, price: Option<Price>) {
+        self.price = price;
     }
 
     /// Names the request in the settlement log line.
@@ -499,47 +573,63 @@ impl Reservation {
     /// reported as the client's usage, charged.
     fn finish(self, outcome: &Outcome, upstream_ok: bool) -> Charged {
         let (charged, source) = self.cost(outcome, upstream_ok);
-        match self.account.kind() {
-            AccountKind::Client => self.report(charged, source, outcome.complete),
+        match self.parties[0].account.kind() {
+            AccountKind::Client | AccountKind::Team => {
+                self.report(charged, source, outcome.complete);
+            }
             // Its tokens are a client's request's, reported as the client's.
             AccountKind::Upstream => {}
         }
-        self.charge(charged.total);
+        self.charge(Charge {
+            tokens: charged.total,
+            cost: charged.cost,
+        });
         charged
     }
 
     /// What the outcome costs, and from where that figure came (`upstream`,
     /// `estimate`, `released`).
     fn cost(&self, outcome: &Outcome, upstream_ok: bool) -> (Charged, &'static str) {
-        match outcome.usage {
+        let (mut charged, source) = match outcome.usage {
             Some(usage) => (
                 Charged {
                     prompt: usage.prompt_tokens,
                     completion: usage.completion_tokens,
                     total: usage.total(),
+                    cached: usage.cached_tokens(),
+                    reasoning: usage.reasoning_tokens(),
+                    cost: Money::ZERO,
                 },
                 "upstream",
             ),
             None if upstream_ok => {
                 let completion = estimate::count_tokens(&outcome.generated);
                 let prompt = self.prompt_tokens();
-                let total = prompt + completion;
                 (
                     Charged {
                         prompt,
                         completion,
-                        total,
+                        total: prompt + completion,
+                        ..Charged::default()
                     },
                     "estimate",
                 )
             }
             None => (Charged::default(), "released"),
+        };
+        if let Some(price) = self.price {
+            charged.cost = price.cost(TokenCounts {
+                prompt: charged.prompt,
+                cached: charged.cached,
+                completion: charged.completion,
+            });
         }
+        (charged, source)
     }
 
     /// A client's settlement in the metrics and the log.
     fn report(&self, charged: Charged, source: &'static str, complete: bool) {
-        let client = self.account.name();
+        let client = self.parties[0].account.name();
         let model = self.model.as_deref().unwrap_or_default();
         for (kind, tokens) in [
             ("prompt", charged.prompt),
@@ -557,16 +647,17 @@ impl Reservation {
             charged_tokens = charged.total,
             prompt_tokens = charged.prompt,
             completion_tokens = charged.completion,
+            cost = %charged.cost,
             source,
             complete,
             "usage settled"
         );
     }
 
-    /// When the tokens are known: replaces the reservation, and any linked
-    /// to it, by `actual` tokens (so an upstream's pacing is charged what
-    /// its client's request was).
-    fn charge(mut self, actual: u64) {
+    /// When the usage is known: replaces the reservation, and any linked
+    /// to it, by `actual` (so an upstream's pacing is charged what its
+    /// client's request was).
+    fn charge(mut self, actual: Charge) {
         if let Some(linked) = self.linked.take() {
             linked.charge(actual);
         }
@@ -574,24 +665,20 @@ impl Reservation {
     }
 
     /// The one place a hold goes back to where it was reserved, keeping
-    /// `actual` tokens: taken, so it happens once. In-memory stores finish
+    /// `actual`: taken, so it happens once. In-memory stores finish
     /// on the spot; others run as a tracked task, so shutdown waits for
     /// them, and the caller never does.
-    fn give_back(&mut self, actual: u64) {
+    fn give_back(&mut self, actual: Charge) {
         let Some(hold) = self.hold.take() else {
             return;
         };
         let inner = &self.budgets.inner;
         let now = inner.clock.now();
         if self.local {
-            inner
-                .local
-                .settle_now(&self.account, &self.limits, &hold, actual, now);
+            inner.local.settle_now(&self.parties, &hold, actual, now);
             return;
         }
-        let mut future = inner
-            .store
-            .settle(&self.account, &self.limits, hold, actual, now);
+        let mut future = inner.store.settle(&self.parties, hold, actual, now);
         if let Poll::Ready(result) = future
             .as_mut()
             .poll(&mut Context::from_waker(Waker::noop()))
@@ -609,7 +696,7 @@ impl Drop for Reservation {
     /// When nothing settled it: everything but the request goes back.
     fn drop(&mut self) {
         // A linked reservation is dropped with this one, and gives itself back.
-        self.give_back(0);
+        self.give_back(Charge::default());
     }
 }
 
@@ -642,20 +729,52 @@ pub fn duration_string(ns: u64) -> String {
     out
 }
 
+/// How long to wait after `now` before a retry can succeed: until the
+/// window has room, or until a spent budget resets. `None` when retrying
+/// cannot help (the request alone is larger than the window).
+fn retry_after(refusal: &Refusal, now: u64) -> Option<Duration> {
+    match *refusal {
+        Refusal::RateLimited { wait, .. } => Some(Duration::from_nanos(wait)),
+        Refusal::Exhausted { reset_at, .. } => Some(Duration::from_nanos(
+            reset_at
+                .saturating_sub(now)
+                .max(window::NANOS_PER_SEC / 1000),
+        )),
+        Refusal::TooLarge { .. } => None,
+    }
+}
+
 impl Rejection {
-    /// How long the client should wait before a retry can succeed: until the
-    /// window has room, or until a spent budget resets. `None` when retrying
-    /// cannot help (the request alone is larger than the window).
+    /// How long the client should wait before a retry can succeed (see
+    /// [`retry_after`]).
     pub fn retry_after(&self) -> Option<Duration> {
-        match self.refusal {
-            Refusal::RateLimited { wait, .. } => Some(Duration::from_nanos(wait)),
-            Refusal::Exhausted { reset_at, .. } => Some(Duration::from_nanos(
-                reset_at
-                    .saturating_sub(self.snapshot.now)
-                    .max(window::NANOS_PER_SEC / 1000),
-            )),
-            Refusal::TooLarge { .. } => None,
+        retry_after(&self.refusal, self.snapshot.now)
+    }
+
+    /// `your`, or `your team research's`: whose budget refused.
+    fn whose(&self) -> String {
+        match self.account.kind() {
+            AccountKind::Team => format!("your team {}'s", self.account.name()),
+            AccountKind::Client | AccountKind::Upstream => "your".to_owned(),
         }
+    }
+
+    /// An amount of `window`'s unit as a person reads it: money to the
+    /// millionth (at least cents), else a count.
+    fn amount(window: Window, amount: u64) -> String {
+        if window.counts_cost() {
+            Money::from_micros(amount).to_string()
+        } else {
+            amount.to_string()
+        }
+    }
+
+    /// What the request asked of `window`.
+    fn requested(&self, window: Window) -> u64 {
+        window.amount(Charge {
+            tokens: self.estimate.total(),
+            cost: self.cost,
+        })
     }
 }
 
@@ -664,30 +783,35 @@ impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let estimate = self.estimate;
         let snapshot = &self.snapshot;
+        let whose = self.whose();
         match self.refusal {
             Refusal::RateLimited { window, wait } => {
                 let current = snapshot.get(window);
                 if window == Window::MaxConcurrent {
+                    let of = match self.account.kind() {
+                        AccountKind::Team => format!("your team {}", self.account.name()),
+                        AccountKind::Client | AccountKind::Upstream => "yours".to_owned(),
+                    };
                     return write!(
                         f,
-                        "Concurrency limit reached: {} requests of yours are already in flight \
+                        "Concurrency limit reached: {} requests of {of} are already in flight \
                          (max_concurrent = {}). Please try again when one has finished.",
                         current.used,
                         current.limit.unwrap_or(0)
                     );
                 }
-                let requested = if window.counts_tokens() {
-                    estimate.total()
-                } else {
-                    1
+                let on = match self.account.kind() {
+                    AccountKind::Team => format!("{whose} "),
+                    AccountKind::Client | AccountKind::Upstream => String::new(),
                 };
                 write!(
                     f,
-                    "Rate limit reached on {}: limit {}, used {}, requested {requested}. \
+                    "Rate limit reached on {on}{}: limit {}, used {}, requested {}. \
                      Please try again in {}.",
                     window.name(),
                     current.limit.unwrap_or(0),
                     current.used,
+                    self.requested(window),
                     duration_string(wait)
                 )
             }
@@ -695,12 +819,12 @@ impl fmt::Display for Rejection {
                 let current = snapshot.get(window);
                 write!(
                     f,
-                    "You exceeded your {} budget: limit {}, used {}, requested {}. \
+                    "You exceeded {whose} {} budget: limit {}, used {}, requested {}. \
                      It resets at {} (in {}).",
                     window.name(),
-                    current.limit.unwrap_or(0),
-                    current.used,
-                    estimate.total(),
+                    Self::amount(window, current.limit.unwrap_or(0)),
+                    Self::amount(window, current.used),
+                    Self::amount(window, self.requested(window)),
                     window::format_utc(reset_at),
                     duration_string(reset_at.saturating_sub(snapshot.now)),
                 )
@@ -708,11 +832,26 @@ impl fmt::Display for Rejection {
             Refusal::TooLarge {
                 window,
                 limit,
-                tokens,
+                amount,
+            } if window.counts_cost() => write!(
+                f,
+                "This request may cost up to {} ({} prompt + {} completion tokens at the \
+                 model's highest prices), more than {whose} whole {} budget of {}. Lower \
+                 max_completion_tokens or shorten the prompt.",
+                Self::amount(window, amount),
+                estimate.prompt,
+                estimate.completion,
+                window.name(),
+                Self::amount(window, limit),
+            ),
+            Refusal::TooLarge {
+                window,
+                limit,
+                amount,
             } => write!(
                 f,
-                "This request may use up to {tokens} tokens ({} prompt + {} completion cap), \
-                 more than your whole {} budget of {limit}. Lower max_completion_tokens \
+                "This request may use up to {amount} tokens ({} prompt + {} completion cap), \
+                 more than {whose} whole {} budget of {limit}. Lower max_completion_tokens \
                  or shorten the prompt.",
                 estimate.prompt,
                 estimate.completion,

@@ -119,6 +119,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::budget::store::OneAccount;
     use crate::config::Config;
 
     fn config(path: &Path) -> Config {
@@ -155,13 +156,13 @@ mod tests {
         let limits = config.catalog.clients()[0].budget;
         let now = Clock::system().now();
         let hold = store
-            .reserve(&Account::client("team-a"), &limits, 400, now)
+            .reserve_one(&Account::client("team-a"), &limits, 400, now)
             .await
             .expect("store")
             .outcome
             .expect("fits");
         store
-            .settle(&Account::client("team-a"), &limits, hold, 321, now)
+            .settle_one(&Account::client("team-a"), &limits, hold, 321, now)
             .await
             .expect("settle");
         store.flush().await.expect("flush");
@@ -232,17 +233,17 @@ mod tests {
         };
         let limits = config.catalog.clients()[0].budget;
         let hold = store
-            .reserve(&Account::client("team-a"), &limits, 400, 0)
+            .reserve_one(&Account::client("team-a"), &limits, 400, 0)
             .await
             .expect("store")
             .outcome
             .expect("fits");
         store
-            .settle(&Account::client("team-a"), &limits, hold, 321, 0)
+            .settle_one(&Account::client("team-a"), &limits, hold, 321, 0)
             .await
             .expect("settle");
         let _in_flight = store
-            .reserve(&Account::client("team-a"), &limits, 50, 0)
+            .reserve_one(&Account::client("team-a"), &limits, 50, 0)
             .await
             .expect("store")
             .outcome

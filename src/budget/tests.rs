@@ -43,9 +43,16 @@ impl ReserveFor for Budgets {
         client: &Client,
         estimate: Estimate,
     ) -> Result<Reservation, ApiError> {
-        self.reserve(&client.name, &client.budget, "m", estimate)
-            .await
-            .map_err(ApiError::from)
+        self.reserve(Claim {
+            client: &client.name,
+            limits: &client.budget,
+            team: None,
+            model: "m",
+            estimate,
+            price: None,
+        })
+        .await
+        .map_err(ApiError::from)
     }
 }
 
@@ -85,7 +92,7 @@ async fn minute_window_refuses_then_admits_after_retry_after() {
         .reserve_for(&client, cost(600))
         .await
         .expect("fits")
-        .charge(600);
+        .charge(Charge::tokens(600));
     let error = budgets
         .reserve_for(&client, cost(600))
         .await
@@ -126,7 +133,7 @@ async fn the_day_ends_at_midnight_utc_and_the_month_with_the_year() {
         .reserve_for(&client, cost(90))
         .await
         .expect("fits")
-        .charge(90);
+        .charge(Charge::tokens(90));
     let error = budgets
         .reserve_for(&client, cost(20))
         .await
@@ -149,7 +156,7 @@ async fn the_day_ends_at_midnight_utc_and_the_month_with_the_year() {
         .reserve_for(&client, cost(20))
         .await
         .expect("a new day and a new month")
-        .charge(20);
+        .charge(Charge::tokens(20));
     assert_eq!(used(&budgets, &client, Window::TokensPerMonth).await, 20);
 }
 
@@ -162,7 +169,7 @@ async fn february_ends_on_the_29th_in_a_leap_year() {
         .reserve_for(&client, cost(100))
         .await
         .expect("fits")
-        .charge(100);
+        .charge(Charge::tokens(100));
     tokio::time::advance(Duration::from_secs(3600)).await; // Feb 29, 00:00
     let error = budgets
         .reserve_for(&client, cost(1))
@@ -231,6 +238,7 @@ async fn finish_settles_by_reported_usage_or_by_estimate() {
             prompt_tokens: 40,
             completion_tokens: 7,
             total_tokens: 47,
+            ..Usage::default()
         }),
         generated: "ignored when usage came".into(),
         finished: true,
@@ -328,7 +336,7 @@ async fn headers_name_the_tightest_token_window() {
     assert_eq!(headers["x-ratelimit-limit-requests"], "10");
     assert_eq!(headers["x-ratelimit-remaining-requests"], "9");
     assert_eq!(headers["x-ratelimit-reset-requests"], "6s");
-    first.charge(1000);
+    first.charge(Charge::tokens(1000));
     tokio::time::advance(Duration::from_secs(60)).await;
     let second = budgets.reserve_for(&client, cost(100)).await.expect("fits");
     // Day: 1500 - 1000 settled - 100 reserved = 400 left, less than the minute's 900.
@@ -362,10 +370,10 @@ fn durations_use_openais_format() {
 struct Down;
 
 impl Store for Down {
-    fn reserve(&self, _: &Account, _: &Limits, _: u64, _: u64) -> StoreFuture<store::Reserved> {
+    fn reserve(&self, _: &Parties, _: Charge, _: u64) -> StoreFuture<store::Reserved> {
         Box::pin(async { Err(StoreError("connection refused".into())) })
     }
-    fn settle(&self, _: &Account, _: &Limits, _: Hold, _: u64, _: u64) -> StoreFuture<()> {
+    fn settle(&self, _: &Parties, _: Hold, _: Charge, _: u64) -> StoreFuture<()> {
         Box::pin(async { Err(StoreError("connection refused".into())) })
     }
     fn snapshot(&self, _: &Account, _: &Limits, _: u64) -> StoreFuture<Snapshot> {
@@ -398,7 +406,7 @@ async fn an_unavailable_store_answers_503_or_admits_as_configured() {
         .reserve_for(&client, cost(1))
         .await
         .expect("admitted")
-        .charge(1);
+        .charge(Charge::tokens(1));
 }
 
 /// An upstream's pacing counted locally while the store is down is counted
@@ -448,29 +456,16 @@ impl Flaky {
 }
 
 impl Store for Flaky {
-    fn reserve(
-        &self,
-        account: &Account,
-        limits: &Limits,
-        tokens: u64,
-        now: u64,
-    ) -> StoreFuture<store::Reserved> {
+    fn reserve(&self, parties: &Parties, charge: Charge, now: u64) -> StoreFuture<store::Reserved> {
         let result = self
             .check()
-            .map(|()| self.store.reserve_now(account, limits, tokens, now));
+            .map(|()| self.store.reserve_now(parties, charge, now));
         Box::pin(std::future::ready(result))
     }
-    fn settle(
-        &self,
-        account: &Account,
-        limits: &Limits,
-        hold: Hold,
-        actual: u64,
-        now: u64,
-    ) -> StoreFuture<()> {
+    fn settle(&self, parties: &Parties, hold: Hold, actual: Charge, now: u64) -> StoreFuture<()> {
         let result = self
             .check()
-            .map(|()| self.store.settle_now(account, limits, &hold, actual, now));
+            .map(|()| self.store.settle_now(parties, &hold, actual, now));
         Box::pin(std::future::ready(result))
     }
     fn snapshot(&self, account: &Account, limits: &Limits, now: u64) -> StoreFuture<Snapshot> {
@@ -537,7 +532,7 @@ async fn allowed_through_an_outage_requests_are_counted_locally_then_the_store_a
     assert_eq!(in_store(Window::MaxConcurrent), 1);
 
     // Each reservation settles where it was made.
-    during.charge(10);
+    during.charge(Charge::tokens(10));
     assert_eq!(
         in_store(Window::MaxConcurrent),
         1,
@@ -550,7 +545,7 @@ async fn allowed_through_an_outage_requests_are_counted_locally_then_the_store_a
     );
     assert_eq!(local.get(Window::TokensPerDay).used, 10);
     assert_eq!(local.get(Window::MaxConcurrent).used, 0);
-    after.charge(20);
+    after.charge(Charge::tokens(20));
     assert_eq!(in_store(Window::TokensPerDay), 20);
     assert_eq!(in_store(Window::MaxConcurrent), 0);
 }
@@ -576,7 +571,7 @@ async fn budget_hot_path() {
             .reserve_for(&client, cost(1000))
             .await
             .expect("fits");
-        reservation.charge(900);
+        reservation.charge(Charge::tokens(900));
         samples.push(started.elapsed());
     }
     samples.sort();
@@ -591,13 +586,13 @@ async fn budget_hot_path() {
 
     // The store's part alone.
     let memory = MemoryStore::new();
-    let account = Account::client("c");
+    let parties = store::Party::alone(Account::client("c"), client.budget);
     let started = std::time::Instant::now();
     for i in 0..100_000u64 {
         let now = 1_735_689_540 * NANOS_PER_SEC + i * 1000;
-        let reserved = memory.reserve_now(&account, &client.budget, 1000, now);
+        let reserved = memory.reserve_now(&parties, Charge::tokens(1000), now);
         let hold = reserved.outcome.expect("fits");
-        memory.settle_now(&account, &client.budget, &hold, 900, now);
+        memory.settle_now(&parties, &hold, Charge::tokens(900), now);
     }
     println!(
         "store reserve + settle alone: {:?} per pair",
@@ -653,6 +648,7 @@ async fn settle_reports_what_was_charged() {
             prompt_tokens: 40,
             completion_tokens: 7,
             total_tokens: 50,
+            ..Usage::default()
         }),
         ..Outcome::default()
     };
@@ -661,7 +657,8 @@ async fn settle_reports_what_was_charged() {
         Charged {
             prompt: 40,
             completion: 7,
-            total: 50
+            total: 50,
+            ..Charged::default()
         },
         "the upstream's total, where it reports more than the sum"
     );
@@ -676,7 +673,8 @@ async fn settle_reports_what_was_charged() {
         Charged {
             prompt: 50,
             completion: counted,
-            total: 50 + counted
+            total: 50 + counted,
+            ..Charged::default()
         }
     );
     assert_eq!(
@@ -730,6 +728,7 @@ async fn an_uncounted_prompt_is_counted_only_when_settling_without_usage() {
         prompt_tokens: 40,
         completion_tokens: 7,
         total_tokens: 47,
+        ..Usage::default()
     };
     assert_eq!(settled(Some(reported)).await.prompt, 40);
 }

@@ -19,6 +19,7 @@ use jiff::civil::{Date, Time};
 use jiff::tz::Offset;
 
 use crate::budget::Limits;
+use crate::budget::money::Money;
 
 pub const NANOS_PER_SEC: u64 = 1_000_000_000;
 /// The span of the per-minute windows.
@@ -66,7 +67,8 @@ impl Clock {
     }
 }
 
-/// The budget windows a client may have, in the order they are reported.
+/// The budget windows an account may have, in the order they are reported
+/// (the Redis scripts number them in this order too).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Window {
     RequestsPerMinute,
@@ -74,15 +76,21 @@ pub enum Window {
     TokensPerDay,
     TokensPerMonth,
     MaxConcurrent,
+    /// Money, in micro-units of the pricing currency, per UTC calendar day.
+    CostPerDay,
+    /// Money per UTC calendar month.
+    CostPerMonth,
 }
 
 impl Window {
-    pub const ALL: [Window; 5] = [
+    pub const ALL: [Window; 7] = [
         Window::RequestsPerMinute,
         Window::TokensPerMinute,
         Window::TokensPerDay,
         Window::TokensPerMonth,
         Window::MaxConcurrent,
+        Window::CostPerDay,
+        Window::CostPerMonth,
     ];
 
     /// The config key, also used in `/v1/usage`, metrics and `iris usage`.
@@ -93,9 +101,12 @@ impl Window {
             Window::TokensPerDay => "tokens_per_day",
             Window::TokensPerMonth => "tokens_per_month",
             Window::MaxConcurrent => "max_concurrent",
+            Window::CostPerDay => "cost_per_day",
+            Window::CostPerMonth => "cost_per_month",
         }
     }
 
+    /// The limit, in the window's unit (requests, tokens, micro-units of money).
     pub fn limit(self, limits: &Limits) -> Option<u64> {
         match self {
             Window::RequestsPerMinute => limits.requests_per_minute,
@@ -103,6 +114,24 @@ impl Window {
             Window::TokensPerDay => limits.tokens_per_day,
             Window::TokensPerMonth => limits.tokens_per_month,
             Window::MaxConcurrent => limits.max_concurrent,
+            Window::CostPerDay => limits.cost_per_day.map(Money::micros),
+            Window::CostPerMonth => limits.cost_per_month.map(Money::micros),
+        }
+    }
+
+    /// Whether the window counts money (micro-units), else requests or tokens.
+    pub fn counts_cost(self) -> bool {
+        matches!(self, Window::CostPerDay | Window::CostPerMonth)
+    }
+
+    /// What `charge` weighs in this window.
+    pub fn amount(self, charge: Charge) -> u64 {
+        if self.counts_cost() {
+            charge.cost.micros()
+        } else if self.counts_tokens() {
+            charge.tokens
+        } else {
+            1
         }
     }
 
@@ -201,6 +230,15 @@ pub struct Periods {
 }
 
 impl Periods {
+    /// When a calendar window's period ends (the day's for a daily window,
+    /// else the month's).
+    pub fn end_of(&self, window: Window) -> u64 {
+        match window {
+            Window::TokensPerDay | Window::CostPerDay => self.day_end,
+            _ => self.month_end,
+        }
+    }
+
     pub fn at(now: u64) -> Self {
         let day = now / DAY;
         // Every u64 of nanoseconds (up to the year 2554) is inside jiff's
@@ -254,13 +292,33 @@ pub fn format_utc(unix_ns: u64) -> String {
         )
 }
 
-/// Everything a store keeps for one client.
+/// What a reservation charges every window of its accounts, or what a
+/// settlement replaces it by.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Charge {
+    pub tokens: u64,
+    pub cost: Money,
+}
+
+impl Charge {
+    pub fn tokens(tokens: u64) -> Self {
+        Self {
+            tokens,
+            cost: Money::ZERO,
+        }
+    }
+}
+
+/// Everything a store keeps for one account.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ClientState {
     pub requests: Bucket,
     pub tokens: Bucket,
     pub day: Calendar,
     pub month: Calendar,
+    /// Money (micro-units) in the day and the month.
+    pub cost_day: Calendar,
+    pub cost_month: Calendar,
     /// Requests admitted and not yet settled. Not persisted: after a restart
     /// nothing is in flight.
     pub in_flight: u64,
@@ -270,6 +328,7 @@ pub struct ClientState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hold {
     pub tokens: u64,
+    pub cost: Money,
     /// The day and month the tokens were charged to: settling after midnight
     /// corrects the day of admission, not the new one.
     pub day: u32,
@@ -286,11 +345,12 @@ pub enum Refusal {
     RateLimited { window: Window, wait: u64 },
     /// A daily or monthly budget is spent until `reset_at` (Unix nanoseconds).
     Exhausted { window: Window, reset_at: u64 },
-    /// The request alone needs more than the whole window: retrying never helps.
+    /// The request alone needs more than the whole window (`amount` in the
+    /// window's unit): retrying never helps.
     TooLarge {
         window: Window,
         limit: u64,
-        tokens: u64,
+        amount: u64,
     },
 }
 
@@ -337,18 +397,12 @@ impl WindowStatus {
 pub struct Snapshot {
     pub now: u64,
     /// In [`Window::ALL`] order.
-    pub windows: [WindowStatus; 5],
+    pub windows: [WindowStatus; 7],
 }
 
 impl Snapshot {
     pub fn get(&self, window: Window) -> &WindowStatus {
-        match window {
-            Window::RequestsPerMinute => &self.windows[0],
-            Window::TokensPerMinute => &self.windows[1],
-            Window::TokensPerDay => &self.windows[2],
-            Window::TokensPerMonth => &self.windows[3],
-            Window::MaxConcurrent => &self.windows[4],
-        }
+        &self.windows[window as usize]
     }
 
     /// The windows the `x-ratelimit-*` headers describe: the token window
@@ -369,7 +423,8 @@ impl Snapshot {
     }
 
     /// Windows worth reporting: every limited one, plus the day and month
-    /// totals and concurrency, which are counted even without a limit.
+    /// token totals and concurrency, which are counted even without a limit
+    /// (cost windows only when limited: without prices they say nothing).
     pub fn reported(&self) -> impl Iterator<Item = &WindowStatus> {
         self.windows.iter().filter(|w| {
             w.limit.is_some()
@@ -382,12 +437,11 @@ impl Snapshot {
 }
 
 impl ClientState {
-    /// Reserves `tokens`, one request and one concurrency slot against every
+    /// Reserves `charge`, one request and one concurrency slot against every
     /// window, or changes nothing and says why not.
-    pub fn reserve(&mut self, limits: &Limits, tokens: u64, now: u64) -> Result<Hold, Refusal> {
+    pub fn reserve(&mut self, limits: &Limits, charge: Charge, now: u64) -> Result<Hold, Refusal> {
         let periods = Periods::at(now);
-        self.day.roll(periods.day);
-        self.month.roll(periods.month);
+        self.roll(&periods);
 
         let mut refusal: Option<Refusal> = None;
         let mut refuse = |r: Refusal| {
@@ -414,13 +468,14 @@ impl ClientState {
                 }),
             }
         }
+        let tokens = charge.tokens;
         let mut tokens_tat = None;
         if let Some(limit) = limits.tokens_per_minute {
             if tokens > limit {
                 refuse(Refusal::TooLarge {
                     window: Window::TokensPerMinute,
                     limit,
-                    tokens,
+                    amount: tokens,
                 });
             } else {
                 match self.tokens.admit(limit, tokens, now) {
@@ -432,29 +487,22 @@ impl ClientState {
                 }
             }
         }
-        for (window, calendar, limit, reset_at) in [
-            (
-                Window::TokensPerDay,
-                &self.day,
-                limits.tokens_per_day,
-                periods.day_end,
-            ),
-            (
-                Window::TokensPerMonth,
-                &self.month,
-                limits.tokens_per_month,
-                periods.month_end,
-            ),
-        ] {
-            let Some(limit) = limit else { continue };
-            if tokens > limit {
+        for (window, calendar) in self.calendars() {
+            let Some(limit) = window.limit(limits) else {
+                continue;
+            };
+            let amount = window.amount(charge);
+            if amount > limit {
                 refuse(Refusal::TooLarge {
                     window,
                     limit,
-                    tokens,
+                    amount,
                 });
-            } else if calendar.used.saturating_add(tokens) > limit {
-                refuse(Refusal::Exhausted { window, reset_at });
+            } else if calendar.used.saturating_add(amount) > limit {
+                refuse(Refusal::Exhausted {
+                    window,
+                    reset_at: periods.end_of(window),
+                });
             }
         }
 
@@ -467,34 +515,72 @@ impl ClientState {
         if let Some(tat) = tokens_tat {
             self.tokens.tat = tat;
         }
-        self.day.used = self.day.used.saturating_add(tokens);
-        self.month.used = self.month.used.saturating_add(tokens);
+        for (window, calendar) in self.calendars_mut() {
+            calendar.used = calendar.used.saturating_add(window.amount(charge));
+        }
         self.in_flight += 1;
         Ok(Hold {
             tokens,
+            cost: charge.cost,
             day: periods.day,
             month: periods.month,
             lease: 0,
         })
     }
 
-    /// Replaces what `hold` reserved by `actual` tokens and frees its
-    /// concurrency slot. The request itself stays counted.
-    pub fn settle(&mut self, limits: &Limits, hold: &Hold, actual: u64, now: u64) {
+    /// Starts the calendar windows' periods afresh where `periods` is newer.
+    fn roll(&mut self, periods: &Periods) {
+        self.day.roll(periods.day);
+        self.month.roll(periods.month);
+        self.cost_day.roll(periods.day);
+        self.cost_month.roll(periods.month);
+    }
+
+    /// The calendar windows, each with its state.
+    fn calendars(&self) -> [(Window, &Calendar); 4] {
+        [
+            (Window::TokensPerDay, &self.day),
+            (Window::TokensPerMonth, &self.month),
+            (Window::CostPerDay, &self.cost_day),
+            (Window::CostPerMonth, &self.cost_month),
+        ]
+    }
+
+    fn calendars_mut(&mut self) -> [(Window, &mut Calendar); 4] {
+        [
+            (Window::TokensPerDay, &mut self.day),
+            (Window::TokensPerMonth, &mut self.month),
+            (Window::CostPerDay, &mut self.cost_day),
+            (Window::CostPerMonth, &mut self.cost_month),
+        ]
+    }
+
+    /// Replaces what `hold` reserved by `actual` and frees its concurrency
+    /// slot. The request itself stays counted.
+    pub fn settle(&mut self, limits: &Limits, hold: &Hold, actual: Charge, now: u64) {
         self.in_flight = self.in_flight.saturating_sub(1);
         if let Some(limit) = limits.tokens_per_minute {
-            if actual > hold.tokens {
-                self.tokens.charge(limit, actual - hold.tokens, now);
+            if actual.tokens > hold.tokens {
+                self.tokens.charge(limit, actual.tokens - hold.tokens, now);
             } else {
-                self.tokens.refund(limit, hold.tokens - actual, now);
+                self.tokens.refund(limit, hold.tokens - actual.tokens, now);
             }
         }
-        for (calendar, period) in [(&mut self.day, hold.day), (&mut self.month, hold.month)] {
+        let held = Charge {
+            tokens: hold.tokens,
+            cost: hold.cost,
+        };
+        for (window, calendar) in self.calendars_mut() {
+            let period = if matches!(window, Window::TokensPerDay | Window::CostPerDay) {
+                hold.day
+            } else {
+                hold.month
+            };
             if calendar.period == period {
                 calendar.used = calendar
                     .used
-                    .saturating_sub(hold.tokens)
-                    .saturating_add(actual);
+                    .saturating_sub(window.amount(held))
+                    .saturating_add(window.amount(actual));
             }
         }
     }
@@ -511,29 +597,34 @@ impl ClientState {
                 reset_at: Some(bucket.reset_at(now)),
             }
         };
+        let calendar = |window: Window, calendar: &Calendar| {
+            let period = if matches!(window, Window::TokensPerDay | Window::CostPerDay) {
+                periods.day
+            } else {
+                periods.month
+            };
+            WindowStatus {
+                window,
+                limit: window.limit(limits),
+                used: calendar.used_in(period),
+                reset_at: Some(periods.end_of(window)),
+            }
+        };
         Snapshot {
             now,
             windows: [
                 bucket(Window::RequestsPerMinute, &self.requests),
                 bucket(Window::TokensPerMinute, &self.tokens),
-                WindowStatus {
-                    window: Window::TokensPerDay,
-                    limit: limits.tokens_per_day,
-                    used: self.day.used_in(periods.day),
-                    reset_at: Some(periods.day_end),
-                },
-                WindowStatus {
-                    window: Window::TokensPerMonth,
-                    limit: limits.tokens_per_month,
-                    used: self.month.used_in(periods.month),
-                    reset_at: Some(periods.month_end),
-                },
+                calendar(Window::TokensPerDay, &self.day),
+                calendar(Window::TokensPerMonth, &self.month),
                 WindowStatus {
                     window: Window::MaxConcurrent,
                     limit: limits.max_concurrent,
                     used: self.in_flight,
                     reset_at: None,
                 },
+                calendar(Window::CostPerDay, &self.cost_day),
+                calendar(Window::CostPerMonth, &self.cost_month),
             ],
         }
     }
@@ -676,10 +767,12 @@ mod tests {
         let mut state = ClientState::default();
         let t0 = 1_000 * SEC;
         let hold = state
-            .reserve(&limits, 600, t0)
+            .reserve(&limits, Charge::tokens(600), t0)
             .expect("the whole minute fits");
         assert_eq!(hold.tokens, 600);
-        let refused = state.reserve(&limits, 10, t0).expect_err("bucket is full");
+        let refused = state
+            .reserve(&limits, Charge::tokens(10), t0)
+            .expect_err("bucket is full");
         assert_eq!(
             refused,
             Refusal::RateLimited {
@@ -689,9 +782,13 @@ mod tests {
             "10 of 600 per minute refill in one second"
         );
         // Settle so the concurrency slot is free; the tokens stay charged.
-        state.settle(&limits, &hold, 600, t0);
-        assert!(state.reserve(&limits, 10, t0 + SEC - 1).is_err());
-        assert!(state.reserve(&limits, 10, t0 + SEC).is_ok());
+        state.settle(&limits, &hold, Charge::tokens(600), t0);
+        assert!(
+            state
+                .reserve(&limits, Charge::tokens(10), t0 + SEC - 1)
+                .is_err()
+        );
+        assert!(state.reserve(&limits, Charge::tokens(10), t0 + SEC).is_ok());
         assert_eq!(
             state
                 .snapshot(&limits, t0 + SEC)
@@ -717,15 +814,19 @@ mod tests {
         };
         let mut state = ClientState::default();
         let now = 10 * SEC;
-        let hold = state.reserve(&limits, 800, now).expect("fits");
-        state.settle(&limits, &hold, 100, now);
+        let hold = state
+            .reserve(&limits, Charge::tokens(800), now)
+            .expect("fits");
+        state.settle(&limits, &hold, Charge::tokens(100), now);
         let snap = state.snapshot(&limits, now);
         assert_eq!(snap.get(Window::TokensPerMinute).used, 100);
         assert_eq!(snap.get(Window::TokensPerDay).used, 100);
         assert_eq!(snap.get(Window::MaxConcurrent).used, 0);
 
-        let hold = state.reserve(&limits, 100, now).expect("fits");
-        state.settle(&limits, &hold, 1500, now);
+        let hold = state
+            .reserve(&limits, Charge::tokens(100), now)
+            .expect("fits");
+        state.settle(&limits, &hold, Charge::tokens(1500), now);
         let snap = state.snapshot(&limits, now);
         assert_eq!(
             snap.get(Window::TokensPerMinute).used,
@@ -734,7 +835,9 @@ mod tests {
         );
         assert_eq!(snap.get(Window::TokensPerDay).used, 1600);
         // Overspent: the minute window is blocked until 600 tokens' worth drained.
-        let refused = state.reserve(&limits, 1, now).expect_err("overspent");
+        let refused = state
+            .reserve(&limits, Charge::tokens(1), now)
+            .expect_err("overspent");
         assert!(matches!(refused, Refusal::RateLimited { wait, .. } if wait > 36 * SEC));
     }
 
@@ -745,12 +848,12 @@ mod tests {
             ..limits()
         };
         let mut state = ClientState::default();
-        let hold = state.reserve(&limits, 60, 0).expect("fits");
+        let hold = state.reserve(&limits, Charge::tokens(60), 0).expect("fits");
         // 50 s later only 10 tokens are still held; refunding all 60 empties the bucket.
-        state.settle(&limits, &hold, 0, 50 * SEC);
+        state.settle(&limits, &hold, Charge::tokens(0), 50 * SEC);
         assert_eq!(state.tokens.tat, 50 * SEC);
-        assert!(state.reserve(&limits, 60, 50 * SEC).is_ok());
-        assert!(state.reserve(&limits, 1, 50 * SEC).is_err());
+        assert!(state.reserve(&limits, Charge::tokens(60), 50 * SEC).is_ok());
+        assert!(state.reserve(&limits, Charge::tokens(1), 50 * SEC).is_err());
     }
 
     #[test]
@@ -761,17 +864,19 @@ mod tests {
         };
         let mut state = ClientState::default();
         for _ in 0..3 {
-            let hold = state.reserve(&limits, 5, 0).expect("within the burst");
-            state.settle(&limits, &hold, 5, 0);
+            let hold = state
+                .reserve(&limits, Charge::tokens(5), 0)
+                .expect("within the burst");
+            state.settle(&limits, &hold, Charge::tokens(5), 0);
         }
         assert_eq!(
-            state.reserve(&limits, 5, 0),
+            state.reserve(&limits, Charge::tokens(5), 0),
             Err(Refusal::RateLimited {
                 window: Window::RequestsPerMinute,
                 wait: 20 * SEC
             })
         );
-        assert!(state.reserve(&limits, 5, 20 * SEC).is_ok());
+        assert!(state.reserve(&limits, Charge::tokens(5), 20 * SEC).is_ok());
     }
 
     #[test]
@@ -783,10 +888,12 @@ mod tests {
         };
         let mut state = ClientState::default();
         let eve = at(2024, 12, 31, (23, 59, 0));
-        let hold = state.reserve(&limits, 100, eve).expect("fits");
-        state.settle(&limits, &hold, 100, eve);
+        let hold = state
+            .reserve(&limits, Charge::tokens(100), eve)
+            .expect("fits");
+        state.settle(&limits, &hold, Charge::tokens(100), eve);
         assert_eq!(
-            state.reserve(&limits, 1, eve),
+            state.reserve(&limits, Charge::tokens(1), eve),
             Err(Refusal::Exhausted {
                 window: Window::TokensPerDay,
                 reset_at: at(2025, 1, 1, (0, 0, 0))
@@ -794,18 +901,20 @@ mod tests {
         );
         let new_year = at(2025, 1, 1, (0, 0, 0));
         let hold = state
-            .reserve(&limits, 100, new_year)
+            .reserve(&limits, Charge::tokens(100), new_year)
             .expect("new day, new month");
-        state.settle(&limits, &hold, 100, new_year);
+        state.settle(&limits, &hold, Charge::tokens(100), new_year);
 
         // A day's budget left, but the month has only 50 more.
         let mut state = ClientState::default();
         let mid_month = at(2024, 2, 28, (10, 0, 0));
-        let hold = state.reserve(&limits, 100, mid_month).expect("fits");
-        state.settle(&limits, &hold, 100, mid_month);
+        let hold = state
+            .reserve(&limits, Charge::tokens(100), mid_month)
+            .expect("fits");
+        state.settle(&limits, &hold, Charge::tokens(100), mid_month);
         let next_day = at(2024, 2, 29, (10, 0, 0));
         let refused = state
-            .reserve(&limits, 60, next_day)
+            .reserve(&limits, Charge::tokens(60), next_day)
             .expect_err("month has 50 left");
         assert_eq!(
             refused,
@@ -814,10 +923,10 @@ mod tests {
                 reset_at: at(2024, 3, 1, (0, 0, 0))
             }
         );
-        assert!(state.reserve(&limits, 50, next_day).is_ok());
+        assert!(state.reserve(&limits, Charge::tokens(50), next_day).is_ok());
         assert!(
             state
-                .reserve(&limits, 50, at(2024, 3, 1, (0, 0, 0)))
+                .reserve(&limits, Charge::tokens(50), at(2024, 3, 1, (0, 0, 0)))
                 .is_ok()
         );
     }
@@ -830,10 +939,14 @@ mod tests {
         };
         let mut state = ClientState::default();
         let before = at(2024, 6, 30, (23, 59, 59));
-        let hold = state.reserve(&limits, 500, before).expect("fits");
+        let hold = state
+            .reserve(&limits, Charge::tokens(500), before)
+            .expect("fits");
         let after = at(2024, 7, 1, (0, 0, 5));
-        let next = state.reserve(&limits, 10, after).expect("new day");
-        state.settle(&limits, &hold, 20, after);
+        let next = state
+            .reserve(&limits, Charge::tokens(10), after)
+            .expect("new day");
+        state.settle(&limits, &hold, Charge::tokens(20), after);
         assert_eq!(
             state
                 .snapshot(&limits, after)
@@ -841,7 +954,7 @@ mod tests {
                 .used,
             10
         );
-        state.settle(&limits, &next, 10, after);
+        state.settle(&limits, &next, Charge::tokens(10), after);
         assert_eq!(state.in_flight, 0);
     }
 
@@ -854,11 +967,11 @@ mod tests {
         };
         let mut state = ClientState::default();
         assert_eq!(
-            state.reserve(&limits, 600, 0),
+            state.reserve(&limits, Charge::tokens(600), 0),
             Err(Refusal::TooLarge {
                 window: Window::TokensPerDay,
                 limit: 500,
-                tokens: 600
+                amount: 600
             })
         );
         assert_eq!(
@@ -878,14 +991,20 @@ mod tests {
         };
         let mut state = ClientState::default();
         let now = at(2024, 5, 5, (5, 5, 5));
-        let hold = state.reserve(&limits, 100, now).expect("fits");
+        let hold = state
+            .reserve(&limits, Charge::tokens(100), now)
+            .expect("fits");
         let before = state;
         // Concurrency, the minute bucket and the day all refuse: the day wins.
-        let refused = state.reserve(&limits, 60, now).expect_err("refused");
+        let refused = state
+            .reserve(&limits, Charge::tokens(60), now)
+            .expect_err("refused");
         assert_eq!(refused.window(), Window::TokensPerDay);
         assert_eq!(state, before, "a refusal reserves nothing");
-        state.settle(&limits, &hold, 100, now);
-        let refused = state.reserve(&limits, 10, now).expect_err("minute is full");
+        state.settle(&limits, &hold, Charge::tokens(100), now);
+        let refused = state
+            .reserve(&limits, Charge::tokens(10), now)
+            .expect_err("minute is full");
         assert_eq!(refused.window(), Window::TokensPerMinute);
     }
 
@@ -896,16 +1015,16 @@ mod tests {
             ..limits()
         };
         let mut state = ClientState::default();
-        let a = state.reserve(&limits, 1, 0).expect("1st");
-        let _b = state.reserve(&limits, 1, 0).expect("2nd");
+        let a = state.reserve(&limits, Charge::tokens(1), 0).expect("1st");
+        let _b = state.reserve(&limits, Charge::tokens(1), 0).expect("2nd");
         assert_eq!(
-            state.reserve(&limits, 1, 0),
+            state.reserve(&limits, Charge::tokens(1), 0),
             Err(Refusal::RateLimited {
                 window: Window::MaxConcurrent,
                 wait: CONCURRENCY_RETRY
             })
         );
-        state.settle(&limits, &a, 0, 0);
-        assert!(state.reserve(&limits, 1, 0).is_ok());
+        state.settle(&limits, &a, Charge::tokens(0), 0);
+        assert!(state.reserve(&limits, Charge::tokens(1), 0).is_ok());
     }
 }

@@ -17,6 +17,7 @@ pub mod schema;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::budget::StoreSettings;
@@ -40,6 +41,11 @@ pub struct Config {
     pub admin: Option<KeyHash>,
     pub catalog: Catalog,
     pub spend_log: SpendSettings,
+    /// `[pricing] currency`: the label of every price and cost.
+    pub currency: Arc<str>,
+    /// What `iris check` reports without failing (and the server logs at
+    /// start and reload), each at its key path.
+    pub warnings: Vec<Problem>,
 }
 
 /// `[server]`: the listener, and the limits on connections and requests

@@ -15,6 +15,7 @@ use ipnet::IpNet;
 
 use super::schema::{self, SpendLogKind, StoreKind, UpstreamKind};
 use super::{Config, Problem, Server};
+use crate::budget::money::{Money, Price};
 use crate::budget::store::{RedisClock, RedisDeployment, RedisOptions};
 use crate::budget::{Limits, StoreBackend, StoreSettings};
 use crate::catalog::{Catalog, Client, Deployment, Model, ModelAccess};
@@ -67,6 +68,14 @@ pub fn resolve(file: schema::File) -> Result<Config, Vec<Problem>> {
     });
     let clients = clients(&file.clients, &models, &mut problems);
     let spend_log = spend_log(&file.spend_log, &mut problems);
+    let currency = file.pricing.currency.trim();
+    if currency.is_empty() || currency.chars().any(char::is_control) {
+        problems.add(
+            "pricing.currency",
+            "must be a label such as \"USD\" (no control characters)",
+        );
+    }
+    let warnings = unpriced_cost_limits(&clients, &models);
     match (problems.0.is_empty(), server, store) {
         (true, Some(server), Some(store)) => Ok(Config {
             server,
@@ -76,6 +85,8 @@ pub fn resolve(file: schema::File) -> Result<Config, Vec<Problem>> {
             admin,
             catalog: Catalog::new(upstreams, models, clients),
             spend_log,
+            currency: Arc::from(currency),
+            warnings,
         }),
         _ => Err(problems.0),
     }
@@ -470,6 +481,7 @@ fn models(
         if !deployments.is_empty() {
             resolved.push(Model {
                 name: model.name.clone(),
+                reserve_price: Price::highest(deployments.iter().filter_map(|d| d.price.as_ref())),
                 deployments,
                 max_output_tokens,
             });
@@ -565,6 +577,7 @@ fn deployments(
                 upstream_model,
                 weight,
                 priority,
+                price: written.price.or(model.price),
             });
         }
     }
@@ -676,7 +689,51 @@ fn clients(clients: &[schema::Client], models: &[Model], problems: &mut Problems
     resolved
 }
 
+/// A warning for each client with a cost limit that may use a model without
+/// a price on every deployment: its requests there cost nothing, so the
+/// limit does not hold them.
+fn unpriced_cost_limits(clients: &[Client], models: &[Model]) -> Vec<Problem> {
+    let mut warnings = Vec::new();
+    for (i, client) in clients.iter().enumerate() {
+        if !client.budget.counts_cost() {
+            continue;
+        }
+        let unpriced: Vec<&str> = models
+            .iter()
+            .filter(|m| client.may_use(&m.name))
+            .filter(|m| m.deployments.iter().any(|d| d.price.is_none()))
+            .map(|m| m.name.as_str())
+            .collect();
+        if !unpriced.is_empty() {
+            warnings.push(Problem::new(
+                format!("clients[{i}].budget"),
+                format!(
+                    "has a cost limit but may use {} without a price (free there, so not held \
+                     to the limit): set models[].price",
+                    unpriced
+                        .iter()
+                        .map(|m| format!("{m:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+    }
+    warnings
+}
+
 fn check_limits(budget: &Limits, at: &str, problems: &mut Problems) {
+    for (key, limit) in [
+        ("cost_per_day", budget.cost_per_day),
+        ("cost_per_month", budget.cost_per_month),
+    ] {
+        if limit == Some(Money::ZERO) {
+            problems.add(
+                format!("{at}.{key}"),
+                "must be above 0 (leave it out for no limit)",
+            );
+        }
+    }
     for (key, limit) in [
         ("requests_per_minute", budget.requests_per_minute),
         ("tokens_per_minute", budget.tokens_per_minute),

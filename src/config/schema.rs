@@ -7,6 +7,7 @@
 
 use serde::Deserialize;
 
+use crate::budget::money::Price;
 use crate::budget::{Limits, OnUnavailable};
 use crate::openai::chat::RequestLimits;
 use crate::secret::Secret;
@@ -25,6 +26,23 @@ pub struct File {
     pub admin: Option<Admin>,
     pub clients: Vec<Client>,
     pub spend_log: SpendLog,
+    pub pricing: Pricing,
+}
+
+/// `[pricing]`: what every price and cost is in.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Pricing {
+    /// A label (`USD`, `EUR`): Iris converts nothing.
+    pub currency: String,
+}
+
+impl Default for Pricing {
+    fn default() -> Self {
+        Self {
+            currency: "USD".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -273,6 +291,8 @@ pub struct Model {
     pub deployments: Vec<Deployment>,
     /// Completion tokens reserved when the request sets no cap.
     pub max_output_tokens: u64,
+    /// Per million tokens; a deployment's own price wins over it.
+    pub price: Option<Price>,
 }
 
 impl Default for Model {
@@ -283,6 +303,7 @@ impl Default for Model {
             upstream_model: None,
             deployments: Vec::new(),
             max_output_tokens: 4096,
+            price: None,
         }
     }
 }
@@ -297,6 +318,8 @@ pub struct Deployment {
     pub weight: i64,
     /// Lower is tried first; the next tier only when none of this one is usable.
     pub priority: i64,
+    /// This deployment's price per million tokens (default: the model's).
+    pub price: Option<Price>,
 }
 
 impl Default for Deployment {
@@ -306,6 +329,7 @@ impl Default for Deployment {
             upstream_model: None,
             weight: 1,
             priority: 0,
+            price: None,
         }
     }
 }

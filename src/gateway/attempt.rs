@@ -125,6 +125,7 @@ impl Attempts<'_> {
             {
                 Ok(answered) => {
                     reservation.link(room);
+                    reservation.priced_at(deployment.price);
                     return Ok(self.answer(&deployment.upstream, answered, reservation));
                 }
                 Err(failed) => failed,

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::budget::window::Snapshot;
-use crate::budget::{BudgetError, Budgets, estimate};
+use crate::budget::{BudgetError, Budgets, Claim, estimate};
 use crate::catalog::Client;
 use crate::config::Config;
 use crate::facts::RequestFacts;
@@ -157,7 +157,14 @@ impl Gateway {
         facts.estimated_tokens = Some(estimate.total());
         let mut reservation = self
             .budgets
-            .reserve(&client.name, &client.budget, &model.name, estimate)
+            .reserve(Claim {
+                client: &client.name,
+                limits: &client.budget,
+                team: None,
+                model: &model.name,
+                estimate,
+                price: model.reserve_price,
+            })
             .instrument(crate::traces::budget_span(estimate.total()))
             .await?;
         reservation.set_request_id(request_id);

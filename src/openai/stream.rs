@@ -21,9 +21,49 @@ pub struct Usage {
     pub completion_tokens: u64,
     #[serde(default)]
     pub total_tokens: u64,
+    /// `cached_tokens`: prompt tokens the provider served from its cache.
+    #[serde(default, deserialize_with = "lenient")]
+    pub prompt_tokens_details: Option<TokenDetails>,
+    /// `reasoning_tokens`: completion tokens spent reasoning.
+    #[serde(default, deserialize_with = "lenient")]
+    pub completion_tokens_details: Option<TokenDetails>,
+}
+
+/// The breakdowns inside `usage` that pricing reads; other fields ignored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct TokenDetails {
+    #[serde(default, deserialize_with = "lenient")]
+    pub cached_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "lenient")]
+    pub reasoning_tokens: Option<u64>,
+}
+
+/// A breakdown that is `null`, or not the shape expected, reads as absent:
+/// providers vary here, and the counts that bill are the required ones.
+fn lenient<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    let value = serde_json::Value::deserialize(deserializer)?;
+    Ok(serde_json::from_value(value).ok())
 }
 
 impl Usage {
+    /// Prompt tokens served from the provider's cache (0 when not reported).
+    pub fn cached_tokens(&self) -> u64 {
+        self.prompt_tokens_details
+            .and_then(|d| d.cached_tokens)
+            .unwrap_or(0)
+    }
+
+    /// Completion tokens spent reasoning (0 when not reported).
+    pub fn reasoning_tokens(&self) -> u64 {
+        self.completion_tokens_details
+            .and_then(|d| d.reasoning_tokens)
+            .unwrap_or(0)
+    }
+
     /// `total_tokens`, or the sum where an upstream leaves it out.
     pub fn total(&self) -> u64 {
         self.total_tokens

@@ -184,6 +184,7 @@ mod tests {
                 weight: d.weight,
                 priority: d.priority,
                 key: Arc::clone(&d.key),
+                price: d.price,
             })
             .collect()
     }

@@ -1111,7 +1111,8 @@ async fn the_cli_and_the_admin_api_list_clients_alike() {
         .collect();
     let no_budget = json!({
         "requests_per_minute": null, "tokens_per_minute": null, "tokens_per_day": null,
-        "tokens_per_month": null, "max_concurrent": null
+        "tokens_per_month": null, "max_concurrent": null, "cost_per_day": null,
+        "cost_per_month": null
     });
     assert_eq!(
         shown,

@@ -552,8 +552,8 @@ async fn usage_is_counted_in_metrics_and_requires_a_key() {
 
 #[tokio::test]
 async fn readiness_and_requests_follow_the_store() {
-    use iris::budget::store::{Reserved, Store, StoreError, StoreFuture};
-    use iris::budget::window::{Clock, Hold, Snapshot};
+    use iris::budget::store::{Parties, Reserved, Store, StoreError, StoreFuture};
+    use iris::budget::window::{Charge, Clock, Hold, Snapshot};
     use iris::budget::{Account, Limits, OnUnavailable};
 
     struct Down;
@@ -561,10 +561,10 @@ async fn readiness_and_requests_follow_the_store() {
         Box::pin(async { Err(StoreError("connection refused".into())) })
     }
     impl Store for Down {
-        fn reserve(&self, _: &Account, _: &Limits, _: u64, _: u64) -> StoreFuture<Reserved> {
+        fn reserve(&self, _: &Parties, _: Charge, _: u64) -> StoreFuture<Reserved> {
             down()
         }
-        fn settle(&self, _: &Account, _: &Limits, _: Hold, _: u64, _: u64) -> StoreFuture<()> {
+        fn settle(&self, _: &Parties, _: Hold, _: Charge, _: u64) -> StoreFuture<()> {
             down()
         }
         fn snapshot(&self, _: &Account, _: &Limits, _: u64) -> StoreFuture<Snapshot> {

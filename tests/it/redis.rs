@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use iris::budget::Account;
+use iris::budget::store::Party;
+use iris::budget::window::Charge;
 use serde_json::{Value, json};
 
 use crate::support::redis::{RedisProcess, SharedRedis, store_toml, with_store};
@@ -281,7 +283,11 @@ async fn an_expired_lease_frees_a_stuck_reservation() {
         ..Default::default()
     };
     let reserved = dead
-        .reserve(&Account::client("b"), &limits, 10, 0)
+        .reserve(
+            &Party::alone(Account::client("b"), limits),
+            Charge::tokens(10),
+            0,
+        )
         .await
         .unwrap();
     assert!(reserved.outcome.is_ok());
@@ -358,18 +364,10 @@ async fn a_reservation_whose_answer_was_lost_is_given_back() {
         ..Default::default()
     };
     // Scripts loaded (a script unknown to Redis would not run at all).
-    let warm = store
-        .reserve(&Account::client("warm"), &limits, 1, 0)
-        .await
-        .unwrap();
+    let warm = Party::alone(Account::client("warm"), limits);
+    let hold = store.reserve(&warm, Charge::tokens(1), 0).await.unwrap();
     store
-        .settle(
-            &Account::client("warm"),
-            &limits,
-            warm.outcome.unwrap(),
-            1,
-            0,
-        )
+        .settle(&warm, hold.outcome.unwrap(), Charge::tokens(1), 0)
         .await
         .unwrap();
 
@@ -387,7 +385,11 @@ async fn a_reservation_whose_answer_was_lost_is_given_back() {
     let started = Instant::now();
     assert!(
         store
-            .reserve(&Account::client("c"), &limits, 10, 0)
+            .reserve(
+                &Party::alone(Account::client("c"), limits),
+                Charge::tokens(10),
+                0
+            )
             .await
             .is_err()
     );
@@ -406,7 +408,11 @@ async fn a_reservation_whose_answer_was_lost_is_given_back() {
     assert_eq!(used(Window::TokensPerDay), 0);
     assert!(
         store
-            .reserve(&Account::client("c"), &limits, 10, 0)
+            .reserve(
+                &Party::alone(Account::client("c"), limits),
+                Charge::tokens(10),
+                0
+            )
             .await
             .unwrap()
             .outcome
@@ -452,12 +458,16 @@ async fn reserving_and_settling_are_one_round_trip_each() {
         tokens_per_day: Some(1_000_000),
         tokens_per_month: Some(10_000_000),
         max_concurrent: Some(10),
+        ..Default::default()
     };
     let spend = async |client: &str| {
-        let client = Account::client(client);
-        let hold = store.reserve(&client, &limits, 100, 0).await.unwrap();
+        let client = Party::alone(Account::client(client), limits);
+        let hold = store
+            .reserve(&client, Charge::tokens(100), 0)
+            .await
+            .unwrap();
         store
-            .settle(&client, &limits, hold.outcome.unwrap(), 80, 0)
+            .settle(&client, hold.outcome.unwrap(), Charge::tokens(80), 0)
             .await
             .unwrap();
     };

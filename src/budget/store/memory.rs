@@ -7,8 +7,8 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
 
-use super::{Reserved, Store, StoreError, StoreFuture, ready};
-use crate::budget::window::{ClientState, Hold, Snapshot};
+use super::{Parties, Refused, Reserved, Store, StoreError, StoreFuture, ready, worst};
+use crate::budget::window::{Charge, ClientState, Hold, Snapshot};
 use crate::budget::{Account, Limits};
 
 #[derive(Default)]
@@ -105,35 +105,98 @@ impl MemoryStore {
         }
     }
 
-    /// [`Store::reserve`], answered at once.
-    pub fn reserve_now(
-        &self,
-        account: &Account,
-        limits: &Limits,
-        tokens: u64,
-        now: u64,
-    ) -> Reserved {
-        self.update(account.key(), |state| {
-            let outcome = state.reserve(limits, tokens, now);
-            Reserved {
-                outcome,
-                snapshot: state.snapshot(limits, now),
+    /// [`Store::reserve`], answered at once: every party's state locked
+    /// (in one order, the storage keys', so two reservations never wait on
+    /// each other in a circle), reserved on copies, written back only if
+    /// every party admits it.
+    pub fn reserve_now(&self, parties: &Parties, charge: Charge, now: u64) -> Reserved {
+        if let [party] = &parties[..] {
+            // One account: no copies, no ordering.
+            return self.update(party.account.key(), |state| {
+                let outcome = state
+                    .reserve(&party.limits, charge, now)
+                    .map_err(|refusal| Refused { party: 0, refusal });
+                Reserved {
+                    outcome,
+                    snapshots: vec![state.snapshot(&party.limits, now)],
+                }
+            });
+        }
+        self.create(parties);
+        let accounts = self.accounts.read().unwrap_or_else(PoisonError::into_inner);
+        let mut order: Vec<usize> = (0..parties.len()).collect();
+        order.sort_by_key(|&i| parties[i].account.key());
+        debug_assert!(
+            order
+                .windows(2)
+                .all(|w| parties[w[0]].account.key() != parties[w[1]].account.key()),
+            "one account twice in a reservation"
+        );
+        let mut guards: Vec<(usize, MutexGuard<'_, Entry>)> = order
+            .into_iter()
+            .filter_map(|i| accounts.get(parties[i].account.key()).map(|e| (i, lock(e))))
+            .collect();
+        guards.sort_by_key(|(i, _)| *i);
+        let mut states: Vec<ClientState> = guards.iter().map(|(_, e)| e.state).collect();
+        let mut holds = Vec::with_capacity(parties.len());
+        let mut refusals = Vec::new();
+        for (i, party) in parties.iter().enumerate() {
+            match states[i].reserve(&party.limits, charge, now) {
+                Ok(hold) => holds.push(hold),
+                Err(refusal) => refusals.push(Refused { party: i, refusal }),
             }
-        })
+        }
+        let outcome = match worst(refusals) {
+            Some(refused) => {
+                // Nothing written: the snapshots are of the states as stored.
+                states = guards.iter().map(|(_, e)| e.state).collect();
+                Err(refused)
+            }
+            None => {
+                for ((_, entry), state) in guards.iter_mut().zip(&states) {
+                    entry.state = *state;
+                    entry.dirty = true;
+                }
+                Ok(holds[0])
+            }
+        };
+        Reserved {
+            outcome,
+            snapshots: parties
+                .iter()
+                .zip(&states)
+                .map(|(party, state)| state.snapshot(&party.limits, now))
+                .collect(),
+        }
     }
 
-    /// [`Store::settle`], done at once.
-    pub fn settle_now(
-        &self,
-        account: &Account,
-        limits: &Limits,
-        hold: &Hold,
-        actual: u64,
-        now: u64,
-    ) {
-        self.update(account.key(), |state| {
-            state.settle(limits, hold, actual, now);
-        });
+    /// Makes sure every party has an entry.
+    fn create(&self, parties: &Parties) {
+        let missing = {
+            let accounts = self.accounts.read().unwrap_or_else(PoisonError::into_inner);
+            parties
+                .iter()
+                .any(|party| !accounts.contains_key(party.account.key()))
+        };
+        if missing {
+            let mut accounts = self
+                .accounts
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            for party in parties.iter() {
+                accounts.entry(party.account.key().into()).or_default();
+            }
+        }
+    }
+
+    /// [`Store::settle`], done at once (each party on its own: a settlement
+    /// only corrects, it cannot be refused).
+    pub fn settle_now(&self, parties: &Parties, hold: &Hold, actual: Charge, now: u64) {
+        for party in parties.iter() {
+            self.update(party.account.key(), |state| {
+                state.settle(&party.limits, hold, actual, now);
+            });
+        }
     }
 
     /// [`Store::snapshot`], answered at once.
@@ -143,25 +206,12 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
-    fn reserve(
-        &self,
-        account: &Account,
-        limits: &Limits,
-        tokens: u64,
-        now: u64,
-    ) -> StoreFuture<Reserved> {
-        ready(Ok(self.reserve_now(account, limits, tokens, now)))
+    fn reserve(&self, parties: &Parties, charge: Charge, now: u64) -> StoreFuture<Reserved> {
+        ready(Ok(self.reserve_now(parties, charge, now)))
     }
 
-    fn settle(
-        &self,
-        account: &Account,
-        limits: &Limits,
-        hold: Hold,
-        actual: u64,
-        now: u64,
-    ) -> StoreFuture<()> {
-        self.settle_now(account, limits, &hold, actual, now);
+    fn settle(&self, parties: &Parties, hold: Hold, actual: Charge, now: u64) -> StoreFuture<()> {
+        self.settle_now(parties, &hold, actual, now);
         ready(Ok(()))
     }
 

@@ -4,9 +4,10 @@
 //! last byte and every second) and
 //! [`RedisStore`] (shared by several instances).
 //!
-//! Each operation is one call that a backend must perform atomically for the
-//! account: `reserve` checks and charges every window together (the Redis
-//! store does it in one Lua script), and `settle` corrects it in one step.
+//! Each operation is one call that a backend must perform atomically: a
+//! `reserve` checks and charges every window of every [`Party`] together
+//! (a client, and its team if it has one: all or nothing; the Redis store
+//! does it in one Lua script), and `settle` corrects them in one step.
 //! Time is passed in, so every backend and every test agrees on "now"
 //! (the Redis store uses Redis's clock instead, shared by every instance).
 //!
@@ -30,7 +31,7 @@ pub use self::redis::{
 pub use memory::MemoryStore;
 pub use sqlite::{FLUSH_EVERY, SqliteStore};
 
-use super::window::{Hold, Refusal, Snapshot};
+use super::window::{Charge, Hold, Refusal, Snapshot};
 use super::{Account, StoreBackend};
 use crate::budget::Limits;
 use crate::shared_health::SharedHealth;
@@ -45,37 +46,63 @@ pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + S
 #[error("{0}")]
 pub struct StoreError(pub String);
 
-/// The result of a reservation, with the windows as they stand after it (for
-/// the `x-ratelimit-*` headers).
-#[derive(Debug, Clone, Copy)]
+/// One account a reservation counts against, with its limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Party {
+    pub account: Account,
+    pub limits: Limits,
+}
+
+/// The parties of one reservation: one account, or a client and its team.
+pub type Parties = Arc<[Party]>;
+
+impl Party {
+    /// A reservation's parties when it is `account`'s alone.
+    pub fn alone(account: Account, limits: Limits) -> Parties {
+        Arc::new([Party { account, limits }])
+    }
+}
+
+/// Which party refused a reservation, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    /// Its index among the reservation's parties.
+    pub party: usize,
+    pub refusal: Refusal,
+}
+
+/// The result of a reservation, with each party's windows as they stand
+/// after it (the first's for the `x-ratelimit-*` headers).
+#[derive(Debug, Clone)]
 pub struct Reserved {
-    pub outcome: Result<Hold, Refusal>,
-    pub snapshot: Snapshot,
+    pub outcome: Result<Hold, Refused>,
+    /// One per party, in their order.
+    pub snapshots: Vec<Snapshot>,
+}
+
+/// The refusal to report when several parties refuse: the one the client
+/// must wait longest for (see [`Refusal::severity`]); the first party's on
+/// a tie.
+pub(crate) fn worst(refusals: impl IntoIterator<Item = Refused>) -> Option<Refused> {
+    refusals
+        .into_iter()
+        .fold(None, |worst: Option<Refused>, r| match worst {
+            Some(w) if w.refusal.severity() >= r.refusal.severity() => Some(w),
+            _ => Some(r),
+        })
 }
 
 pub trait Store: Send + Sync + 'static {
-    /// Atomically reserves `tokens`, one request and one concurrency slot
-    /// against every window of `account`, or reserves nothing and says why.
-    fn reserve(
-        &self,
-        account: &Account,
-        limits: &Limits,
-        tokens: u64,
-        now: u64,
-    ) -> StoreFuture<Reserved>;
+    /// Atomically reserves `charge`, one request and one concurrency slot
+    /// against every window of every party, or reserves nothing anywhere
+    /// and says why.
+    fn reserve(&self, parties: &Parties, charge: Charge, now: u64) -> StoreFuture<Reserved>;
 
-    /// Replaces the tokens `hold` reserved by `actual` and frees its slot.
-    /// With `actual = 0` it gives back everything but the request it
-    /// counted (the upstream failed, or Iris refused the request after
-    /// reserving).
-    fn settle(
-        &self,
-        account: &Account,
-        limits: &Limits,
-        hold: Hold,
-        actual: u64,
-        now: u64,
-    ) -> StoreFuture<()>;
+    /// Replaces what `hold` reserved from each party by `actual` and frees
+    /// its slots. With nothing `actual`, it gives back everything but the
+    /// request it counted (the upstream failed, or Iris refused the request
+    /// after reserving).
+    fn settle(&self, parties: &Parties, hold: Hold, actual: Charge, now: u64) -> StoreFuture<()>;
 
     /// The account's windows at `now`, without changing them.
     fn snapshot(&self, account: &Account, limits: &Limits, now: u64) -> StoreFuture<Snapshot>;
@@ -150,6 +177,74 @@ fn ready<T: Send + 'static>(value: Result<T, StoreError>) -> StoreFuture<T> {
     Box::pin(std::future::ready(value))
 }
 
+/// One account's reservation, as most tests make them.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReservedOne {
+    pub outcome: Result<Hold, Refusal>,
+    pub snapshot: Snapshot,
+}
+
+/// Tests' shorthand for a reservation of one account, in tokens.
+#[cfg(test)]
+pub(crate) trait OneAccount {
+    fn reserve_one(
+        &self,
+        account: &Account,
+        limits: &Limits,
+        tokens: u64,
+        now: u64,
+    ) -> StoreFuture<ReservedOne>;
+    fn settle_one(
+        &self,
+        account: &Account,
+        limits: &Limits,
+        hold: Hold,
+        tokens: u64,
+        now: u64,
+    ) -> StoreFuture<()>;
+}
+
+#[cfg(test)]
+impl<S: Store + ?Sized> OneAccount for S {
+    fn reserve_one(
+        &self,
+        account: &Account,
+        limits: &Limits,
+        tokens: u64,
+        now: u64,
+    ) -> StoreFuture<ReservedOne> {
+        let reserved = self.reserve(
+            &Party::alone(account.clone(), *limits),
+            Charge::tokens(tokens),
+            now,
+        );
+        Box::pin(async move {
+            let Reserved { outcome, snapshots } = reserved.await?;
+            Ok(ReservedOne {
+                outcome: outcome.map_err(|refused| refused.refusal),
+                snapshot: snapshots[0],
+            })
+        })
+    }
+
+    fn settle_one(
+        &self,
+        account: &Account,
+        limits: &Limits,
+        hold: Hold,
+        tokens: u64,
+        now: u64,
+    ) -> StoreFuture<()> {
+        self.settle(
+            &Party::alone(account.clone(), *limits),
+            hold,
+            Charge::tokens(tokens),
+            now,
+        )
+    }
+}
+
 /// One suite for every store: `store_suite!(name, path::to::async_constructor)`;
 /// the constructor returns the store and whatever must live as long as it (a
 /// temporary directory, a Redis key prefix to delete), or `None` when the
@@ -202,6 +297,18 @@ macro_rules! store_suite {
             }
 
             #[tokio::test]
+            async fn a_team_reservation_is_all_or_nothing() {
+                let (store, _guard) = make!();
+                suite::a_team_reservation_is_all_or_nothing(store).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn concurrent_team_reservations_never_overspend() {
+                let (store, _guard) = make!();
+                suite::concurrent_team_reservations_never_overspend(store).await;
+            }
+
+            #[tokio::test]
             async fn health_and_flush_answer() {
                 let (store, _guard) = make!();
                 suite::health_and_flush_answer(store).await;
@@ -215,6 +322,8 @@ pub(crate) mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::budget::money::Money;
+    use crate::budget::store::OneAccount;
     use crate::budget::window::{NANOS_PER_SEC, Window};
 
     const NOW: u64 = 1_735_689_600 * NANOS_PER_SEC; // 2025-01-01T00:00:00Z
@@ -226,6 +335,7 @@ pub(crate) mod tests {
             tokens_per_day: Some(1500),
             tokens_per_month: Some(10_000),
             max_concurrent: Some(3),
+            ..Limits::default()
         }
     }
 
@@ -240,7 +350,7 @@ pub(crate) mod tests {
     pub async fn reserve_is_all_or_nothing(store: Arc<dyn Store>) {
         let limits = limits();
         let first = store
-            .reserve(&account("c"), &limits, 900, NOW)
+            .reserve_one(&account("c"), &limits, 900, NOW)
             .await
             .expect("store");
         let hold = first.outcome.expect("fits");
@@ -249,7 +359,7 @@ pub(crate) mod tests {
         assert_eq!(used(&first.snapshot, Window::MaxConcurrent), 1);
 
         let second = store
-            .reserve(&account("c"), &limits, 200, NOW)
+            .reserve_one(&account("c"), &limits, 200, NOW)
             .await
             .expect("store");
         assert!(matches!(
@@ -264,7 +374,7 @@ pub(crate) mod tests {
             "a refused reservation changes no window"
         );
         store
-            .settle(&account("c"), &limits, hold, 900, NOW)
+            .settle_one(&account("c"), &limits, hold, 900, NOW)
             .await
             .expect("store");
     }
@@ -272,13 +382,13 @@ pub(crate) mod tests {
     pub async fn settle_replaces_the_reservation(store: Arc<dyn Store>) {
         let limits = limits();
         let hold = store
-            .reserve(&account("c"), &limits, 800, NOW)
+            .reserve_one(&account("c"), &limits, 800, NOW)
             .await
             .expect("store")
             .outcome
             .expect("fits");
         store
-            .settle(&account("c"), &limits, hold, 120, NOW)
+            .settle_one(&account("c"), &limits, hold, 120, NOW)
             .await
             .expect("store");
         let snapshot = store
@@ -295,13 +405,13 @@ pub(crate) mod tests {
     pub async fn release_keeps_only_the_request(store: Arc<dyn Store>) {
         let limits = limits();
         let hold = store
-            .reserve(&account("c"), &limits, 800, NOW)
+            .reserve_one(&account("c"), &limits, 800, NOW)
             .await
             .expect("store")
             .outcome
             .expect("fits");
         store
-            .settle(&account("c"), &limits, hold, 0, NOW)
+            .settle_one(&account("c"), &limits, hold, 0, NOW)
             .await
             .expect("store");
         let snapshot = store
@@ -317,17 +427,17 @@ pub(crate) mod tests {
     pub async fn clients_are_isolated(store: Arc<dyn Store>) {
         let limits = limits();
         let hold = store
-            .reserve(&account("one"), &limits, 1000, NOW)
+            .reserve_one(&account("one"), &limits, 1000, NOW)
             .await
             .expect("store")
             .outcome
             .expect("fits");
         store
-            .settle(&account("one"), &limits, hold, 1000, NOW)
+            .settle_one(&account("one"), &limits, hold, 1000, NOW)
             .await
             .expect("store");
         let other = store
-            .reserve(&account("two"), &limits, 1000, NOW)
+            .reserve_one(&account("two"), &limits, 1000, NOW)
             .await
             .expect("store");
         assert!(
@@ -360,7 +470,7 @@ pub(crate) mod tests {
             let store = Arc::clone(&store);
             tasks.push(tokio::spawn(async move {
                 store
-                    .reserve(&account("c"), &limits, 30, NOW)
+                    .reserve_one(&account("c"), &limits, 30, NOW)
                     .await
                     .expect("store")
                     .outcome
@@ -377,6 +487,138 @@ pub(crate) mod tests {
             .await
             .expect("store");
         assert_eq!(used(&snapshot, Window::TokensPerDay), 990);
+    }
+
+    /// A client of `team` and the team's parties, with `limits` for the
+    /// client and `team_limits` for the team.
+    fn member_of(client: &str, team: &str, limits: Limits, team_limits: Limits) -> Parties {
+        let team = Account::team(team);
+        Arc::new([
+            Party {
+                account: Account::member(client, &team),
+                limits,
+            },
+            Party {
+                account: team,
+                limits: team_limits,
+            },
+        ])
+    }
+
+    fn money(micros: u64) -> Money {
+        Money::from_micros(micros)
+    }
+
+    pub async fn a_team_reservation_is_all_or_nothing(store: Arc<dyn Store>) {
+        let roomy = Limits {
+            cost_per_day: Some(money(1_000)),
+            ..Limits::default()
+        };
+        let team = Limits {
+            cost_per_month: Some(money(500)),
+            ..Limits::default()
+        };
+        let alice = member_of("alice", "t", roomy, team);
+        let bob = member_of("bob", "t", roomy, team);
+        let charge = |micros| Charge {
+            tokens: 10,
+            cost: money(micros),
+        };
+        let first = store
+            .reserve(&alice, charge(300), NOW)
+            .await
+            .expect("store");
+        let hold = first.outcome.expect("fits both");
+        assert_eq!(used(&first.snapshots[0], Window::CostPerDay), 300);
+        assert_eq!(used(&first.snapshots[1], Window::CostPerMonth), 300);
+
+        // The team has 200 left: bob's 300 is refused by the team, and
+        // nothing is reserved on bob's own windows either.
+        let refused = store.reserve(&bob, charge(300), NOW).await.expect("store");
+        let Err(Refused { party, refusal }) = refused.outcome else {
+            panic!("the team's budget refuses: {:?}", refused.outcome);
+        };
+        assert_eq!((party, refusal.window()), (1, Window::CostPerMonth));
+        let bob_now = store
+            .snapshot(&bob[0].account, &roomy, NOW)
+            .await
+            .expect("store");
+        assert_eq!(used(&bob_now, Window::CostPerDay), 0);
+        assert_eq!(used(&bob_now, Window::TokensPerDay), 0);
+        assert_eq!(used(&bob_now, Window::MaxConcurrent), 0);
+
+        // Alice's request costs less than reserved: the team gets it back.
+        store
+            .settle(&alice, hold, charge(100), NOW)
+            .await
+            .expect("store");
+        let team_now = store
+            .snapshot(&alice[1].account, &team, NOW)
+            .await
+            .expect("store");
+        assert_eq!(used(&team_now, Window::CostPerMonth), 100);
+        assert_eq!(used(&team_now, Window::MaxConcurrent), 0);
+        let admitted = store.reserve(&bob, charge(300), NOW).await.expect("store");
+        assert!(admitted.outcome.is_ok(), "{:?}", admitted.outcome);
+        let other_team = member_of("carol", "u", roomy, team);
+        let elsewhere = store
+            .reserve(&other_team, charge(500), NOW)
+            .await
+            .expect("store");
+        assert!(
+            elsewhere.outcome.is_ok(),
+            "another team's budget is its own: {:?}",
+            elsewhere.outcome
+        );
+    }
+
+    /// Many members of one team at once: the team's budget admits what it
+    /// fits, no more, and each member's windows count only what it was let do.
+    pub async fn concurrent_team_reservations_never_overspend(store: Arc<dyn Store>) {
+        let team = Limits {
+            cost_per_day: Some(money(1_000)),
+            ..Limits::default()
+        };
+        let mut tasks = Vec::new();
+        for i in 0..64 {
+            let parties = member_of(&format!("m{}", i % 8), "t", Limits::default(), team);
+            let store = Arc::clone(&store);
+            tasks.push(tokio::spawn(async move {
+                let charge = Charge {
+                    tokens: 1,
+                    cost: money(30),
+                };
+                store
+                    .reserve(&parties, charge, NOW)
+                    .await
+                    .expect("store")
+                    .outcome
+                    .is_ok()
+            }));
+        }
+        let mut admitted = 0;
+        for task in tasks {
+            admitted += u64::from(task.await.expect("task"));
+        }
+        assert_eq!(admitted, 33, "1000 / 30 reservations fit the team, no more");
+        let team_now = store
+            .snapshot(&Account::team("t"), &team, NOW)
+            .await
+            .expect("store");
+        assert_eq!(used(&team_now, Window::CostPerDay), 990);
+        let mut members = 0;
+        for i in 0..8 {
+            let member = Account::member(format!("m{i}"), &Account::team("t"));
+            let now = store
+                .snapshot(&member, &Limits::default(), NOW)
+                .await
+                .expect("store");
+            members += used(&now, Window::TokensPerDay);
+        }
+        assert_eq!(
+            members, 33,
+            "members were charged exactly what was admitted"
+        );
     }
 
     pub async fn health_and_flush_answer(store: Arc<dyn Store>) {

@@ -8,9 +8,9 @@
 //! `NOSCRIPT` the script is sent whole with `EVAL`, which caches it, so a
 //! flushed script cache or a freshly promoted replica heals itself).
 //!
-//! **Keys.** One account's state is six keys, all carrying the account in a
-//! hash tag so they share one Redis Cluster slot and every script names all
-//! its keys in `KEYS`:
+//! **Keys.** One account's state is eight keys, all carrying the account in
+//! a hash tag so they share one Redis Cluster slot and every script names
+//! all its keys in `KEYS`:
 //!
 //! | key | type | holds | expires |
 //! |---|---|---|---|
@@ -20,11 +20,24 @@
 //! | `{prefix}:v1:{account}:month` | hash `p`, `u` | month number, tokens used in it | an hour after that month ends |
 //! | `{prefix}:v1:{account}:leases` | sorted set | one member per request in flight, scored by its lease's end (µs) | with its last lease |
 //! | `{prefix}:v1:{account}:expired` | sorted set | leases that ended unsettled, scored by when that was noticed (µs), for a day | a day after the last |
+//! | `{prefix}:v1:{account}:cday` | hash `p`, `u` | UTC day number, money used in it (micro-units) | an hour after that day ends |
+//! | `{prefix}:v1:{account}:cmonth` | hash `p`, `u` | month number, money used in it | an hour after that month ends |
 //!
-//! `{account}` is the account's key ([`Account::key`]: a client's name, or
-//! `\u{1}upstream/` and an upstream's name for its pacing), percent-encoded
-//! (anything but `A-Z a-z 0-9 . _ ~ -`), so a `{`, `}` or `:` in a name
-//! cannot break the hash tag or the layout: `{b}`, `{%01upstream%2Fopenai}`.
+//! `{account}` is the account's key ([`Account::key`]: a client's name,
+//! `\u{1}upstream/` and an upstream's name for its pacing, `\u{1}team/` and a
+//! team's name), percent-encoded (anything but `A-Z a-z 0-9 . _ ~ -`), so a
+//! `{`, `}` or `:` in a name cannot break the hash tag or the layout: `{b}`,
+//! `{%01upstream%2Fopenai}`.
+//!
+//! A team member's keys are kept in its team's slot, since one script
+//! reserves against both: `{prefix}:v1:{%01team%2Fresearch}alice:rpm` (the
+//! team in the hash tag, the client after it). So in Redis a client that
+//! joins, leaves or changes team starts its own windows afresh (its team's
+//! are unaffected); the embedded stores keep them.
+//!
+//! The two money keys came after the first six, within `v1`: an instance
+//! of a version without them neither reads nor writes them (it charges no
+//! money), and nothing else changed meaning.
 //!
 //! Deployment health shared between instances ([`SharedHealth`]) is two
 //! keys per deployment, `{prefix}:v1:{health/<deployment>}:fails` (failures
@@ -98,9 +111,12 @@ mod url;
 pub use self::connection::{Lua, LuaCall, RedisConnection};
 pub use self::url::Deployment;
 
+use super::{Parties, Party, Refused, worst};
 use super::{Reserved, Store, StoreError, StoreFuture};
+use crate::budget::money::Money;
 use crate::budget::window::{
-    Bucket, CONCURRENCY_RETRY, Calendar, ClientState, Hold, Periods, Refusal, Snapshot, Window,
+    Bucket, CONCURRENCY_RETRY, Calendar, Charge, ClientState, Hold, Periods, Refusal, Snapshot,
+    Window,
 };
 use crate::budget::{Account, Limits};
 use crate::shared_health::{ShareError, ShareFuture, SharedHealth};
@@ -226,12 +242,22 @@ struct AccountKeys {
     month: String,
     leases: String,
     expired: String,
+    cday: String,
+    cmonth: String,
 }
 
 impl AccountKeys {
-    /// `{prefix}:v1:{account}:window`, the account's key in the hash tag.
+    /// `{prefix}:v1:{account}:window`, the account's key in the hash tag;
+    /// a team member's `{prefix}:v1:{team}client:window`.
     fn new(prefix: &str, account: &Account) -> Self {
-        let base = format!("{prefix}:{LAYOUT}:{{{}}}:", encode(account.key()));
+        let base = match account.home() {
+            None => format!("{prefix}:{LAYOUT}:{{{}}}:", encode(account.key())),
+            Some(home) => format!(
+                "{prefix}:{LAYOUT}:{{{}}}{}:",
+                encode(home),
+                encode(account.key())
+            ),
+        };
         Self {
             rpm: format!("{base}rpm"),
             tpm: format!("{base}tpm"),
@@ -239,6 +265,8 @@ impl AccountKeys {
             month: format!("{base}month"),
             leases: format!("{base}leases"),
             expired: format!("{base}expired"),
+            cday: format!("{base}cday"),
+            cmonth: format!("{base}cmonth"),
         }
     }
 }
@@ -294,29 +322,37 @@ impl RedisStore {
     /// reservation is still live (see [`Store::reserve`] below).
     fn settlement(
         &self,
-        account: &Account,
-        limits: &Limits,
+        parties: &[Party],
         hold: &Hold,
-        actual: u64,
+        actual: Charge,
         now: u64,
         cancel: bool,
     ) -> LuaCall {
-        let keys = self.keys(account);
         let mut invocation = SETTLE.call();
+        for party in parties {
+            let keys = self.keys(&party.account);
+            invocation
+                .key(keys.tpm)
+                .key(keys.day)
+                .key(keys.month)
+                .key(keys.leases)
+                .key(keys.expired)
+                .key(keys.cday)
+                .key(keys.cmonth);
+        }
         invocation
-            .key(keys.tpm)
-            .key(keys.day)
-            .key(keys.month)
-            .key(keys.leases)
-            .key(keys.expired)
             .arg(self.now_arg(now))
             .arg(hold.lease)
             .arg(hold.tokens)
-            .arg(actual)
+            .arg(actual.tokens)
+            .arg(hold.cost.micros())
+            .arg(actual.cost.micros())
             .arg(hold.day)
             .arg(hold.month)
-            .arg(limit_arg(limits.tokens_per_minute))
             .arg(if cancel { "1" } else { "" });
+        for party in parties {
+            invocation.arg(limit_arg(party.limits.tokens_per_minute));
+        }
         invocation
     }
 
@@ -394,126 +430,151 @@ fn to_u32(value: i64) -> u32 {
     u32::try_from(value).unwrap_or(0)
 }
 
-/// The state a script returned (`now`, two TATs, day, day used, month,
-/// month used, in flight), as the [`ClientState`] whose snapshot the other
-/// stores compute the same way.
-fn state_from(reply: &[i64]) -> Result<(u64, ClientState), StoreError> {
-    let [now, rpm, tpm, day, day_used, month, month_used, in_flight] = reply else {
+/// Values per account in a script's reply.
+const STATE_LEN: usize = 9;
+
+/// The state a script returned for one account (two TATs, day, day used,
+/// month, month used, in flight, money used in the day and the month), as
+/// the [`ClientState`] whose snapshot the other stores compute the same way.
+fn state_from(reply: &[i64]) -> Result<ClientState, StoreError> {
+    let [
+        rpm,
+        tpm,
+        day,
+        day_used,
+        month,
+        month_used,
+        in_flight,
+        cday_used,
+        cmonth_used,
+    ] = reply
+    else {
         return Err(StoreError(format!(
             "redis: unexpected script reply {reply:?}"
         )));
     };
     let micros = |us: i64| to_u64(us).saturating_mul(1000);
-    Ok((
-        micros(*now),
-        ClientState {
-            requests: Bucket { tat: micros(*rpm) },
-            tokens: Bucket { tat: micros(*tpm) },
-            day: Calendar {
-                period: to_u32(*day),
-                used: to_u64(*day_used),
-            },
-            month: Calendar {
-                period: to_u32(*month),
-                used: to_u64(*month_used),
-            },
-            in_flight: to_u64(*in_flight),
-        },
-    ))
+    let calendar = |period: i64, used: i64| Calendar {
+        period: to_u32(period),
+        used: to_u64(used),
+    };
+    Ok(ClientState {
+        requests: Bucket { tat: micros(*rpm) },
+        tokens: Bucket { tat: micros(*tpm) },
+        day: calendar(*day, *day_used),
+        month: calendar(*month, *month_used),
+        cost_day: calendar(*day, *cday_used),
+        cost_month: calendar(*month, *cmonth_used),
+        in_flight: to_u64(*in_flight),
+    })
 }
 
-/// The refusal to report from the windows the script refused (index, wait
-/// in µs): the one the client must wait longest for, as `window.rs` picks.
+/// The refusal to report from the windows the script refused (party, window
+/// index, wait in µs): the one the client must wait longest for, as
+/// `window.rs` picks.
 fn refusal_from(
     refused: &[i64],
-    limits: &Limits,
-    tokens: u64,
+    parties: &[Party],
+    charge: Charge,
     now: u64,
-) -> Result<Refusal, StoreError> {
+) -> Result<Refused, StoreError> {
     let periods = Periods::at(now);
-    let mut worst: Option<Refusal> = None;
-    for pair in refused.chunks_exact(2) {
-        let window = usize::try_from(pair[0])
+    let mut refusals = Vec::new();
+    for triple in refused.chunks_exact(3) {
+        let party = usize::try_from(triple[0])
+            .ok()
+            .filter(|&p| p < parties.len())
+            .ok_or_else(|| StoreError(format!("redis: unknown party {}", triple[0])))?;
+        let window = usize::try_from(triple[1])
             .ok()
             .and_then(|i| Window::ALL.get(i).copied())
-            .ok_or_else(|| StoreError(format!("redis: unknown window {}", pair[0])))?;
-        let wait = to_u64(pair[1]).saturating_mul(1000);
-        let limit = window.limit(limits).unwrap_or(0);
+            .ok_or_else(|| StoreError(format!("redis: unknown window {}", triple[1])))?;
+        let wait = to_u64(triple[2]).saturating_mul(1000);
+        let limit = window.limit(&parties[party].limits).unwrap_or(0);
+        let amount = window.amount(charge);
         let refusal = match window {
             Window::MaxConcurrent => Refusal::RateLimited {
                 window,
                 wait: CONCURRENCY_RETRY,
             },
-            _ if window.counts_tokens() && tokens > limit => Refusal::TooLarge {
+            Window::RequestsPerMinute => Refusal::RateLimited { window, wait },
+            _ if amount > limit => Refusal::TooLarge {
                 window,
                 limit,
-                tokens,
+                amount,
             },
-            Window::TokensPerDay => Refusal::Exhausted {
+            Window::TokensPerMinute => Refusal::RateLimited { window, wait },
+            Window::TokensPerDay
+            | Window::TokensPerMonth
+            | Window::CostPerDay
+            | Window::CostPerMonth => Refusal::Exhausted {
                 window,
-                reset_at: periods.day_end,
+                reset_at: periods.end_of(window),
             },
-            Window::TokensPerMonth => Refusal::Exhausted {
-                window,
-                reset_at: periods.month_end,
-            },
-            Window::RequestsPerMinute | Window::TokensPerMinute => {
-                Refusal::RateLimited { window, wait }
-            }
         };
-        if worst.is_none_or(|w| refusal.severity() > w.severity()) {
-            worst = Some(refusal);
-        }
+        refusals.push(Refused { party, refusal });
     }
-    worst.ok_or_else(|| StoreError("redis: a refusal without a window".into()))
+    worst(refusals).ok_or_else(|| StoreError("redis: a refusal without a window".into()))
 }
 
 impl Store for RedisStore {
-    fn reserve(
-        &self,
-        account: &Account,
-        limits: &Limits,
-        tokens: u64,
-        now: u64,
-    ) -> StoreFuture<Reserved> {
-        let keys = self.keys(account);
+    fn reserve(&self, parties: &Parties, charge: Charge, now: u64) -> StoreFuture<Reserved> {
         let lease = self.leases.next();
         let mut invocation = RESERVE.call();
+        for party in parties.iter() {
+            let keys = self.keys(&party.account);
+            invocation
+                .key(keys.rpm)
+                .key(keys.tpm)
+                .key(keys.day)
+                .key(keys.month)
+                .key(keys.leases)
+                .key(keys.expired)
+                .key(keys.cday)
+                .key(keys.cmonth);
+        }
         invocation
-            .key(keys.rpm)
-            .key(keys.tpm)
-            .key(keys.day)
-            .key(keys.month)
-            .key(keys.leases)
-            .key(keys.expired)
             .arg(self.now_arg(now))
-            .arg(tokens)
-            .arg(limit_arg(limits.requests_per_minute))
-            .arg(limit_arg(limits.tokens_per_minute))
-            .arg(limit_arg(limits.tokens_per_day))
-            .arg(limit_arg(limits.tokens_per_month))
-            .arg(limit_arg(limits.max_concurrent))
+            .arg(charge.tokens)
+            .arg(charge.cost.micros())
             .arg(lease)
             .arg(u64::try_from(self.options.lease.as_micros()).unwrap_or(u64::MAX));
+        for party in parties.iter() {
+            let limits = &party.limits;
+            invocation
+                .arg(limit_arg(limits.requests_per_minute))
+                .arg(limit_arg(limits.tokens_per_minute))
+                .arg(limit_arg(limits.tokens_per_day))
+                .arg(limit_arg(limits.tokens_per_month))
+                .arg(limit_arg(limits.max_concurrent))
+                .arg(limit_arg(limits.cost_per_day.map(Money::micros)))
+                .arg(limit_arg(limits.cost_per_month.map(Money::micros)));
+        }
         let reply = self.run::<Vec<i64>>(invocation);
         // If the reply is lost (a timeout, a dropped connection), the script
         // may still have run: then a cancel, queued behind it, gives the
         // reservation back at once instead of when its lease ends. Its day
         // and month are this instance's guess; wrong only at midnight, when
-        // the tokens stay charged (the safe side).
+        // the amounts stay charged (the safe side).
         let guess = Periods::at(match self.options.clock {
             RedisClock::Caller => now,
             RedisClock::Server => crate::budget::window::Clock::system().now(),
         });
         let lost = Hold {
-            tokens,
+            tokens: charge.tokens,
+            cost: charge.cost,
             day: guess.day,
             month: guess.month,
             lease,
         };
-        let cancel =
-            self.run_until_answered::<i64>(self.settlement(account, limits, &lost, 0, now, true));
-        let limits = *limits;
+        let cancel = self.run_until_answered::<i64>(self.settlement(
+            parties,
+            &lost,
+            Charge::default(),
+            now,
+            true,
+        ));
+        let parties = Arc::clone(parties);
         Box::pin(async move {
             let reply = match reply.await {
                 Ok(reply) => reply,
@@ -526,38 +587,43 @@ impl Store for RedisStore {
                     return Err(e);
                 }
             };
-            let (admitted, rest) = reply
-                .split_first()
-                .ok_or_else(|| StoreError("redis: empty script reply".into()))?;
-            let (state, refused) = rest.split_at(rest.len().min(8));
-            let (now, state) = state_from(state)?;
+            let [admitted, now, rest @ ..] = &reply[..] else {
+                return Err(StoreError("redis: short script reply".into()));
+            };
+            let now = to_u64(*now).saturating_mul(1000);
+            let (states, refused) = rest.split_at(rest.len().min(STATE_LEN * parties.len()));
+            let states = states
+                .chunks(STATE_LEN)
+                .map(state_from)
+                .collect::<Result<Vec<_>, _>>()?;
+            let Some(first) = states.first() else {
+                return Err(StoreError("redis: a reply without a state".into()));
+            };
             let outcome = if *admitted == 1 {
                 Ok(Hold {
-                    tokens,
-                    day: state.day.period,
-                    month: state.month.period,
+                    tokens: charge.tokens,
+                    cost: charge.cost,
+                    day: first.day.period,
+                    month: first.month.period,
                     lease,
                 })
             } else {
-                Err(refusal_from(refused, &limits, tokens, now)?)
+                Err(refusal_from(refused, &parties, charge, now)?)
             };
             Ok(Reserved {
                 outcome,
-                snapshot: state.snapshot(&limits, now),
+                snapshots: parties
+                    .iter()
+                    .zip(&states)
+                    .map(|(party, state)| state.snapshot(&party.limits, now))
+                    .collect(),
             })
         })
     }
 
-    fn settle(
-        &self,
-        account: &Account,
-        limits: &Limits,
-        hold: Hold,
-        actual: u64,
-        now: u64,
-    ) -> StoreFuture<()> {
-        let reply = self
-            .run_until_answered::<i64>(self.settlement(account, limits, &hold, actual, now, false));
+    fn settle(&self, parties: &Parties, hold: Hold, actual: Charge, now: u64) -> StoreFuture<()> {
+        let reply =
+            self.run_until_answered::<i64>(self.settlement(parties, &hold, actual, now, false));
         Box::pin(self.settling.track_future(async move {
             match reply.await? {
                 0 => tracing::warn!(
@@ -584,12 +650,18 @@ impl Store for RedisStore {
             .key(keys.day)
             .key(keys.month)
             .key(keys.leases)
+            .key(keys.cday)
+            .key(keys.cmonth)
             .arg(self.now_arg(now));
         let reply = self.run::<Vec<i64>>(invocation);
         let limits = *limits;
         Box::pin(async move {
-            let (now, state) = state_from(&reply.await?)?;
-            Ok(state.snapshot(&limits, now))
+            let reply = reply.await?;
+            let [now, state @ ..] = &reply[..] else {
+                return Err(StoreError("redis: empty script reply".into()));
+            };
+            let now = to_u64(*now).saturating_mul(1000);
+            Ok(state_from(state)?.snapshot(&limits, now))
         })
     }
 

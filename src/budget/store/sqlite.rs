@@ -19,8 +19,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{MemoryStore, Reserved, Store, StoreError, StoreFuture, ready};
-use crate::budget::window::{Bucket, Calendar, ClientState, Hold, Snapshot};
+use super::{MemoryStore, Parties, Reserved, Store, StoreError, StoreFuture, ready};
+use crate::budget::window::{Bucket, Calendar, Charge, ClientState, Hold, Snapshot};
 use crate::budget::{Account, Limits};
 
 /// One row per account; `client` holds its [`Account::key`] (the column
@@ -37,6 +37,47 @@ CREATE TABLE IF NOT EXISTS budget_state (
     updated_at   INTEGER NOT NULL   -- Unix seconds of the write
 ) STRICT;
 ";
+
+/// Columns added since the table was first shipped, each with the value
+/// an older row means (no money spent), added to a file that lacks them.
+/// (Listed with what each holds.)
+const ADDED_COLUMNS: [(&str, &str); 4] = [
+    ("cost_day", "the day of cost_day_used"),
+    ("cost_day_used", "micro-units of money spent in that day"),
+    ("cost_month", "the month of cost_month_used"),
+    (
+        "cost_month_used",
+        "micro-units of money spent in that month",
+    ),
+];
+
+/// The added columns the table lacks (a file written by an older version
+/// lacks them until opened for writing).
+fn missing_columns(db: &Connection) -> rusqlite::Result<Vec<&'static str>> {
+    let mut columns = db.prepare("SELECT name FROM pragma_table_info('budget_state')")?;
+    let names: Vec<String> = columns
+        .query_map([], |row| row.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(ADDED_COLUMNS
+        .iter()
+        .map(|(column, _)| *column)
+        .filter(|column| !names.iter().any(|name| name == column))
+        .collect())
+}
+
+fn has_added_columns(db: &Connection) -> rusqlite::Result<bool> {
+    Ok(missing_columns(db)?.is_empty())
+}
+
+/// Adds the missing columns (0: nothing spent in no period).
+fn migrate(db: &Connection) -> rusqlite::Result<()> {
+    for column in missing_columns(db)? {
+        db.execute_batch(&format!(
+            "ALTER TABLE budget_state ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0"
+        ))?;
+    }
+    Ok(())
+}
 
 /// How often changed accounts are written out.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
@@ -69,6 +110,7 @@ impl SqliteStore {
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;",
         )
         .and_then(|()| db.execute_batch(SCHEMA))
+        .and_then(|()| migrate(&db))
         .map_err(|e| db_error(path, &e))?;
         let states = read_states(&db).map_err(|e| db_error(path, &e))?;
         Ok(Arc::new(Self {
@@ -188,9 +230,15 @@ fn from_sql(value: i64) -> u64 {
 
 /// Every row, by storage key.
 fn read_states(db: &Connection) -> rusqlite::Result<Vec<(String, ClientState)>> {
-    let mut statement = db.prepare(
-        "SELECT client, requests_tat, tokens_tat, day, day_used, month, month_used FROM budget_state",
-    )?;
+    let costs = if has_added_columns(db)? {
+        "cost_day, cost_day_used, cost_month, cost_month_used"
+    } else {
+        "0, 0, 0, 0"
+    };
+    let mut statement = db.prepare(&format!(
+        "SELECT client, requests_tat, tokens_tat, day, day_used, month, month_used, {costs} \
+         FROM budget_state"
+    ))?;
     let rows = statement.query_map([], |row| {
         let period = |i| row.get::<_, i64>(i).map(|p| u32::try_from(p).unwrap_or(0));
         Ok((
@@ -210,6 +258,14 @@ fn read_states(db: &Connection) -> rusqlite::Result<Vec<(String, ClientState)>> 
                     period: period(5)?,
                     used: from_sql(row.get(6)?),
                 },
+                cost_day: Calendar {
+                    period: period(7)?,
+                    used: from_sql(row.get(8)?),
+                },
+                cost_month: Calendar {
+                    period: period(9)?,
+                    used: from_sql(row.get(10)?),
+                },
                 in_flight: 0,
             },
         ))
@@ -224,12 +280,15 @@ fn write_states(db: &mut Connection, rows: &[(String, ClientState)]) -> rusqlite
     let transaction = db.transaction()?;
     {
         let mut upsert = transaction.prepare_cached(
-            "INSERT INTO budget_state (client, requests_tat, tokens_tat, day, day_used, month, month_used, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+            "INSERT INTO budget_state (client, requests_tat, tokens_tat, day, day_used, month,
+                month_used, cost_day, cost_day_used, cost_month, cost_month_used, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
              ON CONFLICT (client) DO UPDATE SET
                 requests_tat = excluded.requests_tat, tokens_tat = excluded.tokens_tat,
                 day = excluded.day, day_used = excluded.day_used,
                 month = excluded.month, month_used = excluded.month_used,
+                cost_day = excluded.cost_day, cost_day_used = excluded.cost_day_used,
+                cost_month = excluded.cost_month, cost_month_used = excluded.cost_month_used,
                 updated_at = excluded.updated_at",
         )?;
         for (key, state) in rows {
@@ -241,6 +300,10 @@ fn write_states(db: &mut Connection, rows: &[(String, ClientState)]) -> rusqlite
                 to_sql(state.day.used),
                 i64::from(state.month.period),
                 to_sql(state.month.used),
+                i64::from(state.cost_day.period),
+                to_sql(state.cost_day.used),
+                i64::from(state.cost_month.period),
+                to_sql(state.cost_month.used),
                 to_sql(now),
             ])?;
         }
@@ -249,30 +312,12 @@ fn write_states(db: &mut Connection, rows: &[(String, ClientState)]) -> rusqlite
 }
 
 impl Store for SqliteStore {
-    fn reserve(
-        &self,
-        account: &Account,
-        limits: &Limits,
-        tokens: u64,
-        now: u64,
-    ) -> StoreFuture<Reserved> {
-        ready(Ok(self
-            .inner
-            .memory
-            .reserve_now(account, limits, tokens, now)))
+    fn reserve(&self, parties: &Parties, charge: Charge, now: u64) -> StoreFuture<Reserved> {
+        ready(Ok(self.inner.memory.reserve_now(parties, charge, now)))
     }
 
-    fn settle(
-        &self,
-        account: &Account,
-        limits: &Limits,
-        hold: Hold,
-        actual: u64,
-        now: u64,
-    ) -> StoreFuture<()> {
-        self.inner
-            .memory
-            .settle_now(account, limits, &hold, actual, now);
+    fn settle(&self, parties: &Parties, hold: Hold, actual: Charge, now: u64) -> StoreFuture<()> {
+        self.inner.memory.settle_now(parties, &hold, actual, now);
         ready(Ok(()))
     }
 
@@ -329,6 +374,7 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::budget::store::OneAccount;
     use crate::budget::window::{NANOS_PER_SEC, Window};
 
     const NOW: u64 = 1_717_200_000 * NANOS_PER_SEC;
@@ -344,13 +390,13 @@ mod tests {
     async fn spend(store: &SqliteStore, client: &str, reserve: u64, actual: u64) {
         let client = Account::client(client);
         let hold = store
-            .reserve(&client, &limits(), reserve, NOW)
+            .reserve_one(&client, &limits(), reserve, NOW)
             .await
             .expect("store")
             .outcome
             .expect("fits");
         store
-            .settle(&client, &limits(), hold, actual, NOW)
+            .settle_one(&client, &limits(), hold, actual, NOW)
             .await
             .expect("store");
     }

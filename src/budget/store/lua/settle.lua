@@ -1,42 +1,62 @@
--- Replace the tokens a reservation held by what the request used, and free
--- its concurrency slot. Idempotent: a settlement whose answer was lost may
--- be sent again, and changes nothing the second time.
+-- Replace what a reservation held (tokens and cost) by what the request
+-- used, and free its concurrency slot, for every party of the reservation.
+-- Idempotent: a settlement whose answer was lost may be sent again, and
+-- changes nothing the second time (each party's lease says whether it was
+-- settled already).
 --
--- KEYS: tpm, day, month, leases, expired
--- ARGV: now_us or '', lease id, tokens held, tokens used, day and month the
---       hold was charged to, tokens_per_minute ('' = no limit), cancel
---       ('1': undo a reservation whose reply was lost, only if it happened)
--- Returns 1 if the lease was live; 0 if it had expired (its slot was
--- already freed; the tokens are corrected all the same, once, since an
--- expiring lease gives back no tokens); 2 if there was nothing to settle:
--- settled already, a cancel of a reservation that never ran (or expired),
--- or a reservation lost with a failed primary's unreplicated writes.
+-- KEYS: per party, 7 keys: tpm, day, month, leases, expired, cday, cmonth
+-- ARGV: now_us or '', lease id, tokens held, tokens used, cost held, cost
+--       used (micro-units), day and month the hold was charged to, cancel
+--       ('1': undo a reservation whose reply was lost, only if it happened),
+--       then per party its tokens_per_minute ('' = no limit)
+-- Returns, for the first party: 1 if the lease was live; 0 if it had
+-- expired (its slot was already freed; the amounts are corrected all the
+-- same, once, since an expiring lease gives nothing back); 2 if there was
+-- nothing to settle: settled already, a cancel of a reservation that never
+-- ran (or expired), or a reservation lost with a failed primary's
+-- unreplicated writes.
 local now = now_us(ARGV[1])
-local live = redis.call('ZREM', KEYS[4], ARGV[2])
-if live == 0 then
-  if ARGV[8] == '1' or redis.call('ZREM', KEYS[5], ARGV[2]) == 0 then
-    return 2
-  end
-end
+local lease_id = ARGV[2]
 local held, actual = tonumber(ARGV[3]), tonumber(ARGV[4])
-local tpm_limit = tonumber(ARGV[7])
+local cost_held, cost_actual = tonumber(ARGV[5]), tonumber(ARGV[6])
+local periods_held = { tonumber(ARGV[7]), tonumber(ARGV[8]) }
+local cancel = ARGV[9] == '1'
+local parties = #KEYS / 7
 
-if tpm_limit then
-  local tat = get_tat(KEYS[1])
-  if actual > held then
-    set_tat(KEYS[1], math.max(tat, now) + drain(actual - held, tpm_limit), now)
-  elseif tat > now then
-    -- What already drained is not given back twice.
-    set_tat(KEYS[1], math.max(tat - drain(held - actual, tpm_limit), now), now)
-  end
-end
-
--- Correct the day and month of admission, if they are still the stored ones.
-for i, key in ipairs({ KEYS[2], KEYS[3] }) do
+-- Correct a calendar key of the period of admission, if it is still the stored one.
+local function correct(key, period, take, give)
   local stored = redis.call('HMGET', key, 'p', 'u')
-  if stored[1] and tonumber(stored[1]) == tonumber(ARGV[4 + i]) then
-    local used = math.max((tonumber(stored[2]) or 0) - held, 0) + actual
+  if stored[1] and tonumber(stored[1]) == period then
+    local used = math.max((tonumber(stored[2]) or 0) - take, 0) + give
     redis.call('HSET', key, 'u', int(used))
   end
 end
-return live
+
+local first
+for p = 1, parties do
+  local k = (p - 1) * 7
+  local status = redis.call('ZREM', KEYS[k + 4], lease_id)
+  if status == 0 and not cancel and redis.call('ZREM', KEYS[k + 5], lease_id) == 1 then
+    status = 0
+  elseif status == 0 then
+    status = 2
+  end
+  first = first or status
+  if status ~= 2 then
+    local tpm_limit = tonumber(ARGV[9 + p])
+    if tpm_limit then
+      local tat = get_tat(KEYS[k + 1])
+      if actual > held then
+        set_tat(KEYS[k + 1], math.max(tat, now) + drain(actual - held, tpm_limit), now)
+      elseif tat > now then
+        -- What already drained is not given back twice.
+        set_tat(KEYS[k + 1], math.max(tat - drain(held - actual, tpm_limit), now), now)
+      end
+    end
+    correct(KEYS[k + 2], periods_held[1], held, actual)
+    correct(KEYS[k + 3], periods_held[2], held, actual)
+    correct(KEYS[k + 6], periods_held[1], cost_held, cost_actual)
+    correct(KEYS[k + 7], periods_held[2], cost_held, cost_actual)
+  end
+end
+return first

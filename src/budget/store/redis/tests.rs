@@ -9,7 +9,9 @@
 use std::collections::HashSet;
 
 use super::*;
-use crate::budget::store::MemoryStore;
+use crate::budget::money::Money;
+use crate::budget::store::{MemoryStore, OneAccount, Parties, Party, ReservedOne};
+use crate::budget::window::Charge;
 use crate::budget::window::{MINUTE, NANOS_PER_SEC};
 use redis::Script;
 
@@ -73,9 +75,9 @@ fn c() -> Account {
     Account::client("c")
 }
 
-async fn reserve(store: &RedisStore, limits: &Limits, tokens: u64, now: u64) -> Reserved {
+async fn reserve(store: &RedisStore, limits: &Limits, tokens: u64, now: u64) -> ReservedOne {
     store
-        .reserve(&c(), limits, tokens, now)
+        .reserve_one(&c(), limits, tokens, now)
         .await
         .expect("store")
 }
@@ -141,7 +143,8 @@ async fn lua_calendar_matches_window_rs_at_every_boundary() {
 }
 
 /// The same operations on Redis and on the memory store give the same
-/// answers: the Lua port of the windows is the arithmetic of `window.rs`.
+/// answers: the Lua port of the windows is the arithmetic of `window.rs`,
+/// for a team client's reservations (two parties, tokens and money).
 #[tokio::test]
 async fn redis_and_memory_agree_step_by_step() {
     let Some((store, _keys)) = test_store(RedisClock::Caller).await else {
@@ -152,8 +155,33 @@ async fn redis_and_memory_agree_step_by_step() {
         requests_per_minute: Some(6),
         tokens_per_minute: Some(1000),
         tokens_per_day: Some(12_000),
-        tokens_per_month: Some(20_000),
+        tokens_per_month: None,
         max_concurrent: Some(3),
+        cost_per_day: Some(Money::from_micros(150_000)),
+        cost_per_month: None,
+    };
+    // The team's concurrency and money per month are narrower.
+    let team_limits = Limits {
+        requests_per_minute: Some(20),
+        max_concurrent: Some(2),
+        cost_per_month: Some(Money::from_micros(200_000)),
+        ..Limits::default()
+    };
+    let team = Account::team("t");
+    let parties: Parties = Arc::new([
+        Party {
+            account: Account::member("c", &team),
+            limits,
+        },
+        Party {
+            account: team,
+            limits: team_limits,
+        },
+    ]);
+    // Money: 13 micro-units a token, so the cost windows refuse too.
+    let charge = |tokens: u64| Charge {
+        tokens,
+        cost: Money::from_micros(tokens * 13),
     };
     // Across midnight into February 29th: a new day in the same month.
     let mut now = at(2024, 2, 28, (23, 45, 0));
@@ -167,8 +195,11 @@ async fn redis_and_memory_agree_step_by_step() {
     };
     for step in 0..600 {
         let tokens = [10, 40, 120, 250, 333, 600, 1000, 1200][next(8) as usize];
-        let on_redis = reserve(&store, &limits, tokens, now).await;
-        let in_memory = memory.reserve_now(&c(), &limits, tokens, now);
+        let on_redis = store
+            .reserve(&parties, charge(tokens), now)
+            .await
+            .expect("store");
+        let in_memory = memory.reserve_now(&parties, charge(tokens), now);
         let context = format!(
             "step {step}, {tokens} tokens at {}",
             crate::budget::window::format_utc(now)
@@ -176,16 +207,20 @@ async fn redis_and_memory_agree_step_by_step() {
         match (on_redis.outcome, in_memory.outcome) {
             (Ok(r), Ok(m)) => {
                 assert_eq!(
-                    (r.tokens, r.day, r.month),
-                    (m.tokens, m.day, m.month),
+                    (r.tokens, r.cost, r.day, r.month),
+                    (m.tokens, m.cost, m.day, m.month),
                     "{context}"
                 );
                 held.push((r, m));
             }
             (Err(r), Err(m)) => {
-                assert_eq!(r.window(), m.window(), "{context}");
-                seen.insert(r.window());
-                match (r, m) {
+                assert_eq!(
+                    (r.party, r.refusal.window()),
+                    (m.party, m.refusal.window()),
+                    "{context}"
+                );
+                seen.insert((r.party, r.refusal.window()));
+                match (r.refusal, m.refusal) {
                     (
                         Refusal::RateLimited { wait: a, .. },
                         Refusal::RateLimited { wait: b, .. },
@@ -195,46 +230,49 @@ async fn redis_and_memory_agree_step_by_step() {
             }
             (r, m) => panic!("{context}: redis {r:?}, memory {m:?}"),
         }
-        for (r, m) in on_redis
-            .snapshot
-            .windows
-            .iter()
-            .zip(in_memory.snapshot.windows)
-        {
-            assert_eq!(
-                (r.limit, r.used),
-                (m.limit, m.used),
-                "{context}: {:?}",
-                r.window
-            );
+        for (r, m) in on_redis.snapshots.iter().zip(&in_memory.snapshots) {
+            for (r, m) in r.windows.iter().zip(m.windows) {
+                assert_eq!(
+                    (r.limit, r.used),
+                    (m.limit, m.used),
+                    "{context}: {:?}",
+                    r.window
+                );
+            }
         }
         // Settle a random hold, at between nothing and 1.5 times its estimate.
         if !held.is_empty() && next(3) > 0 {
             let (r, m) = held.remove(next(held.len() as u64) as usize);
-            let actual = r.tokens * next(4) / 2;
+            let actual = charge(r.tokens * next(4) / 2);
             store
-                .settle(&c(), &limits, r, actual, now)
+                .settle(&parties, r, actual, now)
                 .await
                 .expect("settle");
-            memory.settle_now(&c(), &limits, &m, actual, now);
+            memory.settle_now(&parties, &m, actual, now);
         }
         now += [0, 0, 0, 1, 3, 10, 20][next(7) as usize] * SEC + next(1000) * 1000;
     }
     assert_eq!(
         seen,
         HashSet::from([
-            Window::RequestsPerMinute,
-            Window::TokensPerMinute,
-            Window::TokensPerDay,
-            Window::TokensPerMonth,
-            Window::MaxConcurrent,
+            (0, Window::RequestsPerMinute),
+            (0, Window::TokensPerMinute),
+            (0, Window::TokensPerDay),
+            (0, Window::CostPerDay),
+            (1, Window::MaxConcurrent),
+            (1, Window::CostPerMonth),
         ]),
-        "the sequence meets every kind of refusal"
+        "the sequence meets every kind of refusal, the team's too"
     );
-    let r = snapshot(&store, &limits, now).await;
-    let m = memory.snapshot_now(&c(), &limits, now);
-    for (r, m) in r.windows.iter().zip(m.windows) {
-        assert_eq!((r.used, r.limit), (m.used, m.limit), "{:?}", r.window);
+    for party in parties.iter() {
+        let r = store
+            .snapshot(&party.account, &party.limits, now)
+            .await
+            .expect("store");
+        let m = memory.snapshot_now(&party.account, &party.limits, now);
+        for (r, m) in r.windows.iter().zip(m.windows) {
+            assert_eq!((r.used, r.limit), (m.used, m.limit), "{:?}", r.window);
+        }
     }
 }
 
@@ -270,7 +308,7 @@ async fn calendar_windows_roll_at_utc_midnight_and_settle_the_day_of_admission()
     assert_eq!(next.snapshot.get(Window::TokensPerMonth).used, 200);
     // Settling last year's request corrects last year, not this one.
     store
-        .settle(&c(), &limits, hold, 10, new_year)
+        .settle_one(&c(), &limits, hold, 10, new_year)
         .await
         .expect("settle");
     let now = snapshot(&store, &limits, new_year).await;
@@ -343,7 +381,7 @@ async fn an_expired_lease_frees_its_slot_and_a_late_settle_corrects_the_tokens_o
     // The stuck request settles after all, late: its tokens are corrected
     // once, and the live reservation keeps its slot.
     store
-        .settle(&c(), &limits, stuck, 100, t0 + 11 * SEC)
+        .settle_one(&c(), &limits, stuck, 100, t0 + 11 * SEC)
         .await
         .expect("settle");
     let now = snapshot(&store, &limits, t0 + 11 * SEC).await;
@@ -357,7 +395,7 @@ async fn an_expired_lease_frees_its_slot_and_a_late_settle_corrects_the_tokens_o
         "the live reservation still holds the only slot"
     );
     store
-        .settle(&c(), &limits, live, 300, t0 + 12 * SEC)
+        .settle_one(&c(), &limits, live, 300, t0 + 12 * SEC)
         .await
         .expect("settle");
     let now = snapshot(&store, &limits, t0 + 12 * SEC).await;
@@ -367,11 +405,11 @@ async fn an_expired_lease_frees_its_slot_and_a_late_settle_corrects_the_tokens_o
     // Settlements are idempotent: sent again (their first answer lost in a
     // failover), they change nothing, whether the lease was live or expired.
     store
-        .settle(&c(), &limits, live, 50, t0 + 13 * SEC)
+        .settle_one(&c(), &limits, live, 50, t0 + 13 * SEC)
         .await
         .expect("settle again");
     store
-        .settle(&c(), &limits, stuck, 0, t0 + 13 * SEC)
+        .settle_one(&c(), &limits, stuck, 0, t0 + 13 * SEC)
         .await
         .expect("late settle again");
     let now = snapshot(&store, &limits, t0 + 13 * SEC).await;
@@ -424,7 +462,7 @@ async fn every_key_expires_after_its_window() {
     // Given back entirely, the token bucket is empty and needs no key, and
     // no lease is left.
     store
-        .settle(&c(), &limits, hold, 0, 0)
+        .settle_one(&c(), &limits, hold, 0, 0)
         .await
         .expect("settle");
     assert_eq!(ttl("tpm").await, -2);
@@ -517,7 +555,7 @@ async fn flush_waits_for_settlements_on_their_way() {
         .outcome
         .expect("fits");
     // A settlement made (from a reservation's Drop) but not yet run.
-    let settlement = store.settle(&c(), &limits, hold, 40, 0);
+    let settlement = store.settle_one(&c(), &limits, hold, 40, 0);
     let flush = tokio::spawn(store.flush());
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!flush.is_finished(), "flush waits for the settlement");
@@ -527,7 +565,7 @@ async fn flush_waits_for_settlements_on_their_way() {
     assert_eq!(now.get(Window::TokensPerDay).used, 40);
 
     // Nothing pending: at once. A settlement dropped unrun is not waited for.
-    drop(store.settle(&c(), &limits, hold, 40, 0));
+    drop(store.settle_one(&c(), &limits, hold, 40, 0));
     tokio::time::timeout(Duration::from_millis(100), store.flush())
         .await
         .expect("immediate")
@@ -553,7 +591,7 @@ async fn a_redis_that_does_not_answer_fails_within_the_timeout() {
     for _ in 0..2 {
         let started = std::time::Instant::now();
         let error = store
-            .reserve(&c(), &limits, 1, 0)
+            .reserve_one(&c(), &limits, 1, 0)
             .await
             .expect_err("no answer");
         assert!(
