@@ -11,11 +11,6 @@ use std::fmt;
 use std::sync::Arc;
 
 /// A kind of budget account.
-///
-/// A team's budget (reserved together with its clients' windows, all or
-/// nothing) becomes a third kind here, keyed `"\u{1}team/<name>"`, when
-/// teams arrive: added now, it would be a kind nothing reserves against,
-/// with metric labels and report rows nothing produces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum AccountKind {
     /// A client's budget (`[clients.budget]`, or a managed client's).
@@ -24,16 +19,25 @@ pub enum AccountKind {
     /// `tokens_per_minute`, `max_concurrent`): reserved and
     /// settled like a client's, never reported as a client's usage.
     Upstream,
+    /// A team's budget (`[[teams]]`, or a managed team), shared by the
+    /// clients that name the team: reserved together with a client's
+    /// windows, never reported as a client's usage.
+    Team,
 }
 
 impl AccountKind {
-    pub const ALL: [AccountKind; 2] = [AccountKind::Client, AccountKind::Upstream];
+    pub const ALL: [AccountKind; 3] = [
+        AccountKind::Client,
+        AccountKind::Upstream,
+        AccountKind::Team,
+    ];
 
     /// The kind's name in logs.
     pub fn label(self) -> &'static str {
         match self {
             AccountKind::Client => "client",
             AccountKind::Upstream => "upstream",
+            AccountKind::Team => "team",
         }
     }
 
@@ -43,6 +47,7 @@ impl AccountKind {
             // Bare names: clients were the only kind when the stores began.
             AccountKind::Client => "",
             AccountKind::Upstream => "\u{1}upstream/",
+            AccountKind::Team => "\u{1}team/",
         }
     }
 }
@@ -72,7 +77,15 @@ impl Account {
 
     /// An upstream's pacing account.
     pub fn upstream(name: &str) -> Self {
-        let kind = AccountKind::Upstream;
+        Self::prefixed(AccountKind::Upstream, name)
+    }
+
+    /// A team's account.
+    pub fn team(name: &str) -> Self {
+        Self::prefixed(AccountKind::Team, name)
+    }
+
+    fn prefixed(kind: AccountKind, name: &str) -> Self {
         Self {
             kind,
             key: Arc::from(format!("{}{name}", kind.key_prefix())),
@@ -83,7 +96,7 @@ impl Account {
         self.kind
     }
 
-    /// The client's or the upstream's name.
+    /// The client's, the upstream's or the team's name.
     pub fn name(&self) -> &str {
         self.key
             .strip_prefix(self.kind.key_prefix())
@@ -114,7 +127,7 @@ impl Account {
     }
 }
 
-/// `client alice`, `upstream openai`: for logs.
+/// `client alice`, `upstream openai`, `team research`: for logs.
 impl fmt::Display for Account {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {}", self.kind.label(), self.name())
@@ -130,7 +143,12 @@ mod tests {
     fn accounts_render_to_the_keys_the_stores_hold() {
         assert_eq!(Account::client("alice").key(), "alice");
         assert_eq!(Account::upstream("openai").key(), "\u{1}upstream/openai");
-        for account in [Account::client("alice"), Account::upstream("openai")] {
+        assert_eq!(Account::team("blue").key(), "\u{1}team/blue");
+        for account in [
+            Account::client("alice"),
+            Account::upstream("openai"),
+            Account::team("blue"),
+        ] {
             assert_eq!(Account::from_key(account.key()), Some(account.clone()));
         }
         let upstream = Account::upstream("openai");
@@ -139,8 +157,11 @@ mod tests {
             (AccountKind::Upstream, "openai")
         );
         assert_eq!(upstream.to_string(), "upstream openai");
+        let team = Account::team("blue");
+        assert_eq!((team.kind(), team.name()), (AccountKind::Team, "blue"));
+        assert_eq!(team.to_string(), "team blue");
         assert_eq!(
-            Account::from_key("\u{1}team/blue"),
+            Account::from_key("\u{1}group/blue"),
             None,
             "a kind this version does not know is nobody's, not a client's"
         );

@@ -362,6 +362,8 @@ fn fallback_metric(account: &Account) {
         AccountKind::Upstream => {
             crate::metrics::UPSTREAM_PACING_FALLBACK.counter(&[("upstream", account.name())])
         }
+        // Reserved with one of its clients' requests, which is counted.
+        AccountKind::Team => return,
     };
     counter.increment(1);
 }
@@ -502,7 +504,7 @@ impl Reservation {
         match self.account.kind() {
             AccountKind::Client => self.report(charged, source, outcome.complete),
             // Its tokens are a client's request's, reported as the client's.
-            AccountKind::Upstream => {}
+            AccountKind::Upstream | AccountKind::Team => {}
         }
         self.charge(charged.total);
         charged
