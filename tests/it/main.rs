@@ -28,4 +28,5 @@ mod reload;
 mod routing;
 mod secrets;
 mod spend;
+mod teams;
 mod traces;
