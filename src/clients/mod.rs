@@ -382,3 +382,102 @@ fn watch(managed: Weak<ManagedClients>) {
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(name: &str, team: Option<&str>) -> ManagedClient {
+        ManagedClient {
+            name: name.into(),
+            keys: vec![StoredKey {
+                hash: KeyHash::of(name).to_string(),
+                expires_at: None,
+            }],
+            models: vec!["*".into()],
+            budget: Limits::default(),
+            disabled: false,
+            created_at: 1,
+            team: team.map(str::to_owned),
+        }
+    }
+
+    fn team(name: &str, tokens_per_day: u64) -> ManagedTeam {
+        ManagedTeam {
+            name: name.into(),
+            budget: Limits {
+                tokens_per_day: Some(tokens_per_day),
+                ..Limits::default()
+            },
+            created_at: 2,
+        }
+    }
+
+    /// Each kind's names are its own, one version counts both, and a
+    /// record of one kind never reads as the other.
+    async fn kinds_are_kept_apart(registry: &dyn Registry) {
+        registry.create(client("blue", Some("blue"))).await.unwrap();
+        let before = registry.version().await.unwrap();
+        registry.create(team("blue", 10)).await.unwrap();
+        assert!(registry.version().await.unwrap() > before);
+        assert_eq!(
+            registry.create(team("blue", 20)).await,
+            Err(RegistryError::Exists("blue".into()))
+        );
+        registry.replace(team("blue", 30)).await.unwrap();
+        assert_eq!(
+            registry.replace(team("green", 1)).await,
+            Err(RegistryError::NotFound("green".into()))
+        );
+        let loaded = registry.load_all().await.unwrap();
+        assert_eq!(loaded.clients, [client("blue", Some("blue"))]);
+        assert_eq!(loaded.teams, [team("blue", 30)]);
+        assert_eq!(registry.load().await.unwrap().1.len(), 1);
+
+        let index = Index::build(loaded);
+        assert_eq!(
+            index.team("blue").map(|t| t.budget.tokens_per_day),
+            Some(Some(30))
+        );
+        let authenticated = index.authenticate("blue").expect("the client's key");
+        assert_eq!(authenticated.team.as_deref(), Some("blue"));
+
+        registry.remove(Kind::Team, "blue".into()).await.unwrap();
+        let loaded = registry.load_all().await.unwrap();
+        assert!(loaded.teams.is_empty());
+        assert_eq!(loaded.clients.len(), 1, "the client of that name stays");
+        assert_eq!(
+            registry.remove(Kind::Team, "blue".into()).await,
+            Err(RegistryError::NotFound("blue".into()))
+        );
+    }
+
+    #[tokio::test]
+    async fn memory_keeps_clients_and_teams_apart() {
+        kinds_are_kept_apart(&MemoryRegistry::default()).await;
+    }
+
+    #[tokio::test]
+    async fn sqlite_keeps_clients_and_teams_apart_and_reads_older_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("iris.db");
+        {
+            // A client written before teams existed: no `team` field.
+            let connection = rusqlite::Connection::open(&path).unwrap();
+            connection
+                .execute_batch(
+                    "CREATE TABLE managed_clients (name TEXT PRIMARY KEY, record TEXT NOT NULL);
+                     INSERT INTO managed_clients VALUES ('old', '{\"name\":\"old\",\"keys\":[],\
+                     \"models\":[\"*\"],\"budget\":{},\"disabled\":false,\"created_at\":5}');",
+                )
+                .unwrap();
+        }
+        let registry = SqliteRegistry::open(&path).unwrap();
+        let loaded = (&registry as &dyn Registry).load_all().await.unwrap();
+        assert_eq!(loaded.clients.len(), 1);
+        assert_eq!(loaded.clients[0].team, None);
+        let registry: &dyn Registry = &registry;
+        registry.delete("old").await.unwrap();
+        kinds_are_kept_apart(registry).await;
+    }
+}
