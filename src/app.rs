@@ -52,6 +52,15 @@ fn routes() -> Router<SharedState> {
             "/admin/clients/{name}/rotate",
             post(endpoints::admin::rotate_client),
         )
+        .route(
+            "/admin/teams",
+            get(endpoints::admin::list_teams).post(endpoints::admin::create_team),
+        )
+        .route(
+            "/admin/teams/{name}",
+            axum::routing::patch(endpoints::admin::change_team)
+                .delete(endpoints::admin::delete_team),
+        )
         .route("/admin/reload", post(endpoints::admin::reload))
         .route("/admin/upstreams", get(endpoints::admin::upstreams))
         .route("/admin/usage", get(endpoints::admin::usage))

@@ -1,5 +1,5 @@
-//! Who may call what, where: clients by key, models by name, each model's
-//! deployments. Built by the config (see [`crate::config`]) from validated,
+//! Who may call what, where: clients by key, the teams they belong to,
+//! models by name, each model's deployments. Built by the config (see [`crate::config`]) from validated,
 //! typed values; requests only look things up.
 
 use std::collections::HashMap;
@@ -60,6 +60,17 @@ pub struct Client {
     pub key: KeyHash,
     pub models: ModelAccess,
     pub budget: Limits,
+    /// The team whose budget its requests also count against, by name: a
+    /// config team or a managed one (see `AppState::team`).
+    pub team: Option<Arc<str>>,
+}
+
+/// A budget shared by the clients that name it (`[[teams]]`, or a managed
+/// team).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Team {
+    pub name: Arc<str>,
+    pub budget: Limits,
 }
 
 impl Client {
@@ -78,17 +89,26 @@ pub struct Catalog {
     /// In config order, so `/v1/models` lists models as configured.
     model_order: Vec<String>,
     clients: Vec<Arc<Client>>,
+    /// In config order.
+    teams: Vec<Arc<Team>>,
 }
 
 impl Catalog {
-    /// Indexes resolved upstreams, models and clients (names already unique).
-    pub fn new(upstreams: Vec<Arc<Upstream>>, models: Vec<Model>, clients: Vec<Client>) -> Self {
+    /// Indexes resolved upstreams, models, clients and teams (names already
+    /// unique, every client's team among `teams`).
+    pub fn new(
+        upstreams: Vec<Arc<Upstream>>,
+        models: Vec<Model>,
+        clients: Vec<Client>,
+        teams: Vec<Team>,
+    ) -> Self {
         let model_order = models.iter().map(|m| m.name.clone()).collect();
         Self {
             upstreams,
             models: models.into_iter().map(|m| (m.name.clone(), m)).collect(),
             model_order,
             clients: clients.into_iter().map(Arc::new).collect(),
+            teams: teams.into_iter().map(Arc::new).collect(),
         }
     }
 
@@ -133,6 +153,17 @@ impl Catalog {
 
     pub fn clients(&self) -> &[Arc<Client>] {
         &self.clients
+    }
+
+    /// The config file's team of that name (a managed one is not here: see
+    /// `AppState::team` for the lookup that finds either).
+    pub fn team(&self, name: &str) -> Option<&Arc<Team>> {
+        self.teams.iter().find(|t| &*t.name == name)
+    }
+
+    /// The config file's teams, in config order.
+    pub fn teams(&self) -> &[Arc<Team>] {
+        &self.teams
     }
 
     pub fn upstreams(&self) -> &[Arc<Upstream>] {

@@ -29,6 +29,9 @@ pub enum Command {
     /// Manage clients in the configured store (every instance sees them).
     #[command(subcommand)]
     Clients(ClientsCommand),
+    /// Manage teams (budgets shared by their clients) in the configured store.
+    #[command(subcommand)]
+    Teams(TeamsCommand),
     /// Each deployment's health, from the running server's admin API
     /// (the admin key in $IRIS_ADMIN_KEY).
     Upstreams {
@@ -132,6 +135,68 @@ pub struct ClientSettings {
     pub tokens_per_month: Option<String>,
     #[arg(long, allow_negative_numbers = true)]
     pub max_concurrent: Option<String>,
+    /// The team whose budget the client's requests also count against;
+    /// `""` (with `set`) takes it out of its team.
+    #[arg(long)]
+    pub team: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TeamsCommand {
+    /// Every team: source (config or managed), budget limits, members.
+    List(ConfigArg),
+    /// Create a managed team.
+    Add {
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(flatten)]
+        limits: TeamLimits,
+    },
+    /// Change a managed team's budget.
+    Set {
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(flatten)]
+        limits: TeamLimits,
+    },
+    /// Delete a managed team that no client names.
+    Remove {
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+/// A team's limits: the flags of a client's, with the same values (a
+/// number, or `none` with `set` to remove one).
+#[derive(Debug, Args, Default)]
+pub struct TeamLimits {
+    #[arg(long, allow_negative_numbers = true)]
+    pub requests_per_minute: Option<String>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub tokens_per_minute: Option<String>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub tokens_per_day: Option<String>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub tokens_per_month: Option<String>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub max_concurrent: Option<String>,
+}
+
+impl From<TeamLimits> for ClientSettings {
+    /// The same flags, read by the same code.
+    fn from(limits: TeamLimits) -> Self {
+        Self {
+            requests_per_minute: limits.requests_per_minute,
+            tokens_per_minute: limits.tokens_per_minute,
+            tokens_per_day: limits.tokens_per_day,
+            tokens_per_month: limits.tokens_per_month,
+            max_concurrent: limits.max_concurrent,
+            ..Self::default()
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]

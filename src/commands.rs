@@ -7,8 +7,9 @@ use std::future::Future;
 use std::path::Path;
 use std::process::ExitCode;
 
-use crate::cli::{ClientSettings, ClientsCommand, ConfigArg, SpendArgs};
+use crate::cli::{ClientSettings, ClientsCommand, ConfigArg, SpendArgs, TeamsCommand};
 use crate::clients::ops::{self, BudgetInput, ClientChange, ClientView, NewClient, Rotation};
+use crate::clients::teams::{self, NewTeam, TeamChange, TeamView};
 use crate::config::{self, Config};
 use crate::keys::{self, KeyHash};
 use crate::routing::view::DeploymentView;
@@ -124,7 +125,7 @@ pub fn usage(arg: &ConfigArg, only: Option<&str>, spend: &SpendArgs) -> ExitCode
             .clients()
             .iter()
             .filter(|c| only.is_none_or(|name| &*c.name == name))
-            .map(|c| (&*c.name, c.budget));
+            .map(|c| (&*c.name, c.budget, c.team.as_deref()));
         block_on(
             false,
             crate::budget::report::usage(&config.store.backend, clients),
@@ -176,6 +177,7 @@ pub fn clients(command: ClientsCommand) -> ExitCode {
                         models: settings.models.clone(),
                         budget: budget_input(&settings)?,
                         disabled: false,
+                        team: settings.team.clone().filter(|team| !team.is_empty()),
                     };
                     let (client, key) = ops::create(registry, &config, request).await.map_err(said)?;
                     Ok(format!(
@@ -194,6 +196,10 @@ pub fn clients(command: ClientsCommand) -> ExitCode {
                         models: settings.models.clone(),
                         budget: budget_input(&settings)?,
                         disabled: (disable || enable).then_some(disable),
+                        team: settings
+                            .team
+                            .clone()
+                            .map(|team| Some(team).filter(|team| !team.is_empty())),
                     };
                     let client = ops::change(registry, &config, &name, change).await.map_err(said)?;
                     Ok(format!(
@@ -222,6 +228,89 @@ pub fn clients(command: ClientsCommand) -> ExitCode {
     report(result.map(|text| print!("{text}")), |message| {
         eprintln!("iris clients: {message}");
     })
+}
+
+/// `iris teams ...`: the admin API's team operations, on the store.
+pub fn teams(command: TeamsCommand) -> ExitCode {
+    let config_arg = match &command {
+        TeamsCommand::List(config)
+        | TeamsCommand::Add { config, .. }
+        | TeamsCommand::Set { config, .. }
+        | TeamsCommand::Remove { config, .. } => config,
+    };
+    let result = config_or_message(&config_arg.path()).and_then(|config| {
+        block_on(false, async move {
+            let registry = crate::clients::open(&config.store.backend)?;
+            let registry = registry.as_ref();
+            let said = |e: teams::TeamError| e.to_string();
+            match command {
+                TeamsCommand::List(_) => {
+                    let loaded = registry.load_all().await.map_err(|e| e.to_string())?;
+                    let views = teams::views(&config, &loaded.clients, &loaded.teams);
+                    let mut out = String::from("NAME\tSOURCE\tBUDGET\tMEMBERS\n");
+                    for view in &views {
+                        out.push_str(&team_line(view));
+                    }
+                    Ok(out)
+                }
+                TeamsCommand::Add { name, limits, .. } => {
+                    let request = NewTeam {
+                        name,
+                        budget: budget_input(&limits.into())?,
+                    };
+                    let team = teams::create(registry, &config, request)
+                        .await
+                        .map_err(said)?;
+                    Ok(format!("created {}\n", team.name))
+                }
+                TeamsCommand::Set { name, limits, .. } => {
+                    let change = TeamChange {
+                        budget: budget_input(&limits.into())?,
+                    };
+                    let team = teams::change(registry, &config, &name, change)
+                        .await
+                        .map_err(said)?;
+                    Ok(format!("changed {}\n", team.name))
+                }
+                TeamsCommand::Remove { name, .. } => {
+                    teams::remove(registry, &config, &name)
+                        .await
+                        .map_err(said)?;
+                    Ok(format!("removed {name}\n"))
+                }
+            }
+        })
+    });
+    report(result.map(|text| print!("{text}")), |message| {
+        eprintln!("iris teams: {message}");
+    })
+}
+
+/// One team of `iris teams list`: its limits as `key=value` (or `-`), its
+/// members comma-separated (or `-`).
+fn team_line(view: &TeamView) -> String {
+    let limits = serde_json::to_value(view.budget).unwrap_or_default();
+    let budget: Vec<String> = limits
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, limit)| !limit.is_null())
+        .map(|(key, limit)| format!("{key}={limit}"))
+        .collect();
+    let dash = |list: Vec<String>| {
+        if list.is_empty() {
+            "-".to_owned()
+        } else {
+            list.join(",")
+        }
+    };
+    format!(
+        "{}\t{}\t{}\t{}\n",
+        view.name,
+        view.source,
+        dash(budget),
+        dash(view.members.clone())
+    )
 }
 
 /// `iris upstreams`: `GET /admin/upstreams` of the running server, as a table.

@@ -19,6 +19,7 @@ use serde::Serialize;
 use crate::budget::window::{Refusal, Snapshot};
 use crate::budget::{BudgetError, Rejection, duration_string};
 use crate::clients::ops::ClientError;
+use crate::clients::teams::TeamError;
 pub use crate::error_code::ErrorCode;
 use crate::gateway::ChatError;
 use crate::gateway::relay::Cut;
@@ -227,6 +228,28 @@ impl From<ClientError> for ApiError {
             ClientError::ManagedByConfig(_) => Self::new(ErrorCode::ClientManagedByConfig, message),
             ClientError::NotFound(_) => Self::new(ErrorCode::ClientNotFound, message),
             ClientError::Unavailable(_) => Self::new(ErrorCode::StoreUnavailable, message)
+                .with_retry_after(Duration::from_secs(1)),
+        }
+    }
+}
+
+impl From<TeamError> for ApiError {
+    fn from(error: TeamError) -> Self {
+        let message = error.to_string();
+        match error {
+            TeamError::Invalid { param, .. } => {
+                let error = Self::invalid_request(message);
+                if param.is_empty() {
+                    error
+                } else {
+                    error.with_param(param)
+                }
+            }
+            TeamError::Exists(_) => Self::new(ErrorCode::TeamExists, message).with_param("name"),
+            TeamError::ManagedByConfig(_) => Self::new(ErrorCode::TeamManagedByConfig, message),
+            TeamError::NotEmpty { .. } => Self::new(ErrorCode::TeamNotEmpty, message),
+            TeamError::NotFound(_) => Self::new(ErrorCode::TeamNotFound, message),
+            TeamError::Unavailable(_) => Self::new(ErrorCode::StoreUnavailable, message)
                 .with_retry_after(Duration::from_secs(1)),
         }
     }

@@ -87,6 +87,14 @@ error_codes! {
     ClientManagedByConfig = "client_managed_by_config", status(409), "invalid_request_error";
     /// No managed client of that name.
     ClientNotFound = "client_not_found", status(404), "invalid_request_error";
+    /// `POST /admin/teams`: the name is taken (by a config or a managed team).
+    TeamExists = "team_exists", status(409), "invalid_request_error";
+    /// Changing or deleting a team from the config file through the admin API or CLI.
+    TeamManagedByConfig = "team_managed_by_config", status(409), "invalid_request_error";
+    /// Deleting a team that clients (config or managed) still name.
+    TeamNotEmpty = "team_not_empty", status(409), "invalid_request_error";
+    /// No managed team of that name.
+    TeamNotFound = "team_not_found", status(404), "invalid_request_error";
     /// `GET /admin/usage` with the spend log off.
     SpendLogOff = "spend_log_off", status(409), "invalid_request_error";
     /// `GET /admin/usage`: the spend log failed or did not answer.

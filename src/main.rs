@@ -21,6 +21,7 @@ fn main() -> ExitCode {
         Command::Key(KeyCommand::New) => commands::key_new(),
         Command::Key(KeyCommand::Hash { key }) => commands::key_hash(&key),
         Command::Clients(command) => commands::clients(command),
+        Command::Teams(command) => commands::teams(command),
         Command::Upstreams { config, url } => commands::upstreams(&config, url.as_deref()),
         Command::Usage {
             config,

@@ -64,7 +64,8 @@ fn apply(state: &AppState) -> Result<(), ReloadError> {
     if !fixed.is_empty() {
         return Err(ReloadError::NeedsRestart(fixed));
     }
-    let taken = names_of_managed_clients(state, &new);
+    let mut taken = names_of_managed_clients(state, &new);
+    taken.extend(teams_against_managed(state, &new));
     if !taken.is_empty() {
         return Err(ReloadError::Invalid(taken));
     }
@@ -101,6 +102,41 @@ fn names_of_managed_clients(state: &AppState, new: &Config) -> Vec<Problem> {
             )
         })
         .collect()
+}
+
+/// Config teams named like a managed team (unique across both, as for
+/// clients), and teams the file drops that managed clients still name (a
+/// team with clients cannot be deleted through the admin API either).
+fn teams_against_managed(state: &AppState, new: &Config) -> Vec<Problem> {
+    let managed = state.clients.index();
+    let mut problems = Vec::new();
+    for (i, team) in new.catalog.teams().iter().enumerate() {
+        if managed.team(&team.name).is_some() {
+            problems.push(Problem::new(
+                format!("teams[{i}].name"),
+                format!(
+                    "a managed team is named {:?}: delete it (or rename this one) first",
+                    &*team.name
+                ),
+            ));
+        }
+    }
+    for client in &managed.clients {
+        if let Some(team) = &client.team
+            && new.catalog.team(team).is_none()
+            && managed.team(team).is_none()
+        {
+            problems.push(Problem::new(
+                "teams",
+                format!(
+                    "the managed client {:?} is in the team {team:?}, which this file no \
+                     longer has: move the client to another team first",
+                    client.name
+                ),
+            ));
+        }
+    }
+    problems
 }
 
 /// The sections a running process keeps: it listens where it listens and

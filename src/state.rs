@@ -12,6 +12,7 @@ use crate::auth_throttle::AuthFailures;
 use crate::budget::Budgets;
 use crate::budget::store::Stores;
 use crate::budget::window::Clock;
+use crate::catalog::Team;
 use crate::clients::{self, ManagedClients};
 use crate::config::Config;
 use crate::gateway::Gateway;
@@ -73,6 +74,15 @@ impl AppState {
                 );
             }
         }
+        for managed in &clients.index().teams {
+            if config.catalog.team(&managed.name).is_some() {
+                tracing::error!(
+                    team = %managed.name,
+                    "a managed team has the name of a config team: the config's wins \
+                     (delete the managed one, or rename one)"
+                );
+            }
+        }
         // The tokenizer takes a moment to load and about 45 MB to hold: loaded
         // before the first request where a limit counts tokens, else only if
         // a request ever needs it (see `estimate::estimate_counting`).
@@ -128,6 +138,17 @@ impl AppState {
     /// snapshot throughout, so a request never sees two configurations.
     pub fn config(&self) -> Arc<Config> {
         self.config.load_full()
+    }
+
+    /// The team of that name, from `config` (the request's snapshot) or
+    /// managed; a config team wins over a managed one of the same name.
+    /// The one lookup of a team at request time: a client's
+    /// [`Client::team`](crate::catalog::Client::team) names it.
+    pub fn team(&self, config: &Config, name: &str) -> Option<Arc<Team>> {
+        match config.catalog.team(name) {
+            Some(team) => Some(Arc::clone(team)),
+            None => self.clients.index().team(name).cloned(),
+        }
     }
 
     /// Makes `config` the one new requests use; requests in flight finish

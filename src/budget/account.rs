@@ -79,6 +79,14 @@ impl Account {
         }
     }
 
+    /// A client's account: a member's of `team` when it has one.
+    pub fn of_client(name: impl Into<Arc<str>>, team: Option<&str>) -> Self {
+        match team {
+            Some(team) => Self::member(name, &Self::team(team)),
+            None => Self::client(name),
+        }
+    }
+
     /// A member of `team`: a client's account kept beside the team's.
     pub fn member(name: impl Into<Arc<str>>, team: &Account) -> Self {
         Self {
@@ -109,7 +117,7 @@ impl Account {
         self.kind
     }
 
-    /// The client's or the upstream's name.
+    /// The client's, the upstream's or the team's name.
     pub fn name(&self) -> &str {
         self.key
             .strip_prefix(self.kind.key_prefix())
@@ -147,7 +155,7 @@ impl Account {
     }
 }
 
-/// `client alice`, `upstream openai`: for logs.
+/// `client alice`, `upstream openai`, `team research`: for logs.
 impl fmt::Display for Account {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {}", self.kind.label(), self.name())
@@ -163,7 +171,12 @@ mod tests {
     fn accounts_render_to_the_keys_the_stores_hold() {
         assert_eq!(Account::client("alice").key(), "alice");
         assert_eq!(Account::upstream("openai").key(), "\u{1}upstream/openai");
-        for account in [Account::client("alice"), Account::upstream("openai")] {
+        assert_eq!(Account::team("blue").key(), "\u{1}team/blue");
+        for account in [
+            Account::client("alice"),
+            Account::upstream("openai"),
+            Account::team("blue"),
+        ] {
             assert_eq!(Account::from_key(account.key()), Some(account.clone()));
         }
         let upstream = Account::upstream("openai");
@@ -176,6 +189,7 @@ mod tests {
         assert_eq!(team.key(), "\u{1}team/blue");
         assert_eq!(Account::from_key(team.key()), Some(team.clone()));
         assert_eq!((team.kind(), team.name()), (AccountKind::Team, "blue"));
+        assert_eq!(team.to_string(), "team blue");
         let member = Account::member("alice", &team);
         assert_eq!(
             (member.key(), member.home()),

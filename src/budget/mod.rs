@@ -407,13 +407,14 @@ fn reject_metric(client: &str, reason: &'static str) {
 /// upstream's pacing (never a client).
 fn fallback_metric(account: &Account) {
     let counter = match account.kind() {
-        // A team's share is reserved with its client's: counted as the client's.
-        AccountKind::Client | AccountKind::Team => {
+        AccountKind::Client => {
             crate::metrics::BUDGET_STORE_FALLBACK.counter(&[("client", account.name())])
         }
         AccountKind::Upstream => {
             crate::metrics::UPSTREAM_PACING_FALLBACK.counter(&[("upstream", account.name())])
         }
+        // Reserved with one of its clients' requests, which is counted.
+        AccountKind::Team => return,
     };
     counter.increment(1);
 }
@@ -574,11 +575,10 @@ impl Reservation {
     fn finish(self, outcome: &Outcome, upstream_ok: bool) -> Charged {
         let (charged, source) = self.cost(outcome, upstream_ok);
         match self.parties[0].account.kind() {
-            AccountKind::Client | AccountKind::Team => {
-                self.report(charged, source, outcome.complete);
-            }
-            // Its tokens are a client's request's, reported as the client's.
-            AccountKind::Upstream => {}
+            AccountKind::Client => self.report(charged, source, outcome.complete),
+            // Its tokens are a client's request's, reported as the client's
+            // (a team is never a reservation's first party).
+            AccountKind::Upstream | AccountKind::Team => {}
         }
         self.charge(Charge {
             tokens: charged.total,

@@ -15,15 +15,15 @@ use super::{Account, Limits, StoreBackend};
 /// describes.
 pub async fn usage(
     backend: &StoreBackend,
-    clients: impl IntoIterator<Item = (&str, Limits)>,
+    clients: impl IntoIterator<Item = (&str, Limits, Option<&str>)>,
 ) -> Result<String, String> {
     let now = Clock::system().now();
     let mut snapshots = Vec::new();
     match backend {
         StoreBackend::Sqlite { path } => {
             let states = SqliteStore::read(path).map_err(|e| e.to_string())?;
-            for (client, limits) in clients {
-                let account = Account::client(client);
+            for (client, limits, team) in clients {
+                let account = Account::of_client(client, team);
                 let state = states
                     .iter()
                     .find(|(stored, _)| *stored == account)
@@ -37,9 +37,9 @@ pub async fn usage(
         StoreBackend::Redis { url, options } => {
             let store =
                 RedisStore::connect(url.expose(), options.clone()).map_err(|e| e.to_string())?;
-            for (client, limits) in clients {
+            for (client, limits, team) in clients {
                 let snapshot = store
-                    .snapshot(&Account::client(client), &limits, now)
+                    .snapshot(&Account::of_client(client, team), &limits, now)
                     .await
                     .map_err(|e| format!("budget store: {e}"))?;
                 snapshots.push((client, snapshot));
@@ -198,14 +198,14 @@ mod tests {
             .clients()
             .iter()
             .filter(|c| only.is_none_or(|name| &*c.name == name))
-            .map(|c| (&*c.name, c.budget));
+            .map(|c| (&*c.name, c.budget, None));
         usage(&config.store.backend, clients).await
     }
 
     #[tokio::test]
     async fn a_memory_store_has_nothing_to_report() {
         assert!(
-            usage(&StoreBackend::Memory, [("a", Limits::default())])
+            usage(&StoreBackend::Memory, [("a", Limits::default(), None)])
                 .await
                 .expect_err("memory")
                 .contains("GET /v1/usage")
@@ -249,7 +249,9 @@ mod tests {
             .outcome
             .expect("fits");
 
-        let report = usage(&redis, [("team-a", limits)]).await.expect("report");
+        let report = usage(&redis, [("team-a", limits, None)])
+            .await
+            .expect("report");
         let row = |window: &str| -> Vec<String> {
             report
                 .lines()
@@ -270,7 +272,7 @@ mod tests {
             url: crate::secret::Secret::new("redis://127.0.0.1:1/0"),
             options: options(Duration::from_millis(300)),
         };
-        let error = usage(&nowhere, [("team-a", limits)])
+        let error = usage(&nowhere, [("team-a", limits, None)])
             .await
             .expect_err("no Redis there");
         assert!(error.starts_with("budget store: "), "{error}");

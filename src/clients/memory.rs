@@ -1,20 +1,23 @@
-//! Managed clients in this process's memory (`store.kind = "memory"`): gone
-//! at restart, like the budgets.
+//! Managed clients and teams in this process's memory (`store.kind =
+//! "memory"`): gone at restart, like the budgets.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use super::{ManagedClient, Registry, RegistryError, RegistryFuture};
+use super::{Kind, Registry, RegistryError, RegistryFuture};
+
+/// The version, and every record's JSON by kind and name.
+type State = (u64, BTreeMap<(Kind, String), String>);
 
 #[derive(Default)]
 pub struct MemoryRegistry {
-    state: Mutex<(u64, BTreeMap<String, ManagedClient>)>,
+    state: Mutex<State>,
 }
 
 impl MemoryRegistry {
     fn with<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut (u64, BTreeMap<String, ManagedClient>)) -> Result<T, RegistryError>,
+        f: impl FnOnce(&mut State) -> Result<T, RegistryError>,
     ) -> RegistryFuture<T> {
         let result = match self.state.lock() {
             Ok(mut state) => f(&mut state),
@@ -25,46 +28,54 @@ impl MemoryRegistry {
 }
 
 impl Registry for MemoryRegistry {
-    fn load(&self) -> RegistryFuture<(u64, Vec<ManagedClient>)> {
-        self.with(|(version, clients)| Ok((*version, clients.values().cloned().collect())))
+    fn load_records(&self) -> RegistryFuture<(u64, Vec<(Kind, String)>)> {
+        self.with(|(version, records)| {
+            let all = records
+                .iter()
+                .map(|((kind, _), text)| (*kind, text.clone()))
+                .collect();
+            Ok((*version, all))
+        })
     }
 
     fn version(&self) -> RegistryFuture<u64> {
         self.with(|(version, _)| Ok(*version))
     }
 
-    fn create(&self, client: ManagedClient) -> RegistryFuture<()> {
-        self.with(move |(version, clients)| {
-            if clients.contains_key(&client.name) {
-                return Err(RegistryError::Exists(client.name));
+    fn insert(&self, kind: Kind, name: String, record: String) -> RegistryFuture<()> {
+        self.with(move |(version, records)| {
+            let key = (kind, name);
+            if records.contains_key(&key) {
+                return Err(RegistryError::Exists(key.1));
             }
-            clients.insert(client.name.clone(), client);
+            records.insert(key, record);
             *version += 1;
             Ok(())
         })
     }
 
-    fn replace(&self, client: ManagedClient) -> RegistryFuture<()> {
+    fn update(&self, kind: Kind, name: String, record: String) -> RegistryFuture<()> {
         self.with(
-            move |(version, clients)| match clients.get_mut(&client.name) {
+            move |(version, records)| match records.get_mut(&(kind, name.clone())) {
                 Some(stored) => {
-                    *stored = client;
+                    *stored = record;
                     *version += 1;
                     Ok(())
                 }
-                None => Err(RegistryError::NotFound(client.name)),
+                None => Err(RegistryError::NotFound(name)),
             },
         )
     }
 
-    fn delete(&self, name: &str) -> RegistryFuture<()> {
-        let name = name.to_owned();
-        self.with(move |(version, clients)| match clients.remove(&name) {
-            Some(_) => {
-                *version += 1;
-                Ok(())
-            }
-            None => Err(RegistryError::NotFound(name)),
-        })
+    fn remove(&self, kind: Kind, name: String) -> RegistryFuture<()> {
+        self.with(
+            move |(version, records)| match records.remove(&(kind, name.clone())) {
+                Some(_) => {
+                    *version += 1;
+                    Ok(())
+                }
+                None => Err(RegistryError::NotFound(name)),
+            },
+        )
     }
 }

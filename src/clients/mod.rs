@@ -1,21 +1,25 @@
-//! Managed clients: clients an operator creates, changes, disables, rotates
-//! and deletes at run time (admin API, `iris clients`), beside the config
-//! file's. They live in the configured store ([`Registry`]: a table in the
-//! SQLite file, a hash in Redis, or memory), so every instance sees them and
-//! they survive restarts; only key hashes are stored.
+//! Managed clients and teams: clients an operator creates, changes,
+//! disables, rotates and deletes at run time (admin API, `iris clients`),
+//! beside the config file's, and the teams whose budgets they share (`iris
+//! teams`). They live in the configured store ([`Registry`]: a table per
+//! [`Kind`] in the SQLite file, a hash per kind in Redis, or memory), so
+//! every instance sees them and they survive restarts; only key hashes are
+//! stored.
 //!
 //! Each instance keeps an index of them in memory ([`ManagedClients`]) and
-//! reloads it when the registry's version changes (checked every
-//! [`WATCH_EVERY`]), so authentication never waits on the store and a
-//! revoked key stops working everywhere within that interval.
+//! reloads it when the registry's version (one for every kind) changes
+//! (checked every [`WATCH_EVERY`]), so authentication never waits on the
+//! store and a revoked key stops working everywhere within that interval.
 //!
-//! - [`ops`]: create, change, rotate, delete, with their validation
+//! - [`ops`]: clients: create, change, rotate, delete, with their validation
+//! - [`teams`]: teams: create, change, delete, with theirs
 //! - [`memory`], [`sqlite`], [`redis`]: the registries
 
 mod memory;
 pub mod ops;
 mod redis;
 mod sqlite;
+pub mod teams;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
@@ -23,10 +27,11 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use futures_util::future::BoxFuture;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::budget::{Limits, StoreBackend};
-use crate::catalog::{Client, ModelAccess};
+use crate::catalog::{Client, ModelAccess, Team};
 use crate::keys::KeyHash;
 
 pub use memory::MemoryRegistry;
@@ -49,6 +54,65 @@ pub struct ManagedClient {
     pub disabled: bool,
     /// Unix seconds.
     pub created_at: u64,
+    /// The team whose budget its requests also count against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team: Option<String>,
+}
+
+/// A managed team as stored: a budget its clients share.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManagedTeam {
+    pub name: String,
+    pub budget: Limits,
+    /// Unix seconds.
+    pub created_at: u64,
+}
+
+/// A kind of record a registry keeps, each kind's names its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Client,
+    Team,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 2] = [Kind::Client, Kind::Team];
+
+    /// For messages.
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Client => "client",
+            Kind::Team => "team",
+        }
+    }
+}
+
+/// A record a registry keeps, stored as JSON under its kind and name.
+pub trait Record: Serialize + DeserializeOwned + Send + 'static {
+    const KIND: Kind;
+    fn name(&self) -> &str;
+}
+
+impl Record for ManagedClient {
+    const KIND: Kind = Kind::Client;
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Record for ManagedTeam {
+    const KIND: Kind = Kind::Team;
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// Everything a registry holds, at one version.
+#[derive(Debug, Clone, Default)]
+pub struct Loaded {
+    pub version: u64,
+    pub clients: Vec<ManagedClient>,
+    pub teams: Vec<ManagedTeam>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,9 +126,9 @@ pub struct StoredKey {
 /// Why a registry operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {
-    #[error("a client named {0:?} exists already")]
+    #[error("the name {0:?} is taken")]
     Exists(String),
-    #[error("no managed client named {0:?}")]
+    #[error("nothing managed is named {0:?}")]
     NotFound(String),
     #[error("the client store is unavailable: {0}")]
     Unavailable(String),
@@ -72,19 +136,81 @@ pub enum RegistryError {
 
 pub type RegistryFuture<T> = BoxFuture<'static, Result<T, RegistryError>>;
 
-/// Where managed clients are kept. Every change bumps a version, which
-/// instances watch.
+/// Where managed clients and teams are kept: named records (JSON text) of
+/// each [`Kind`]. Every change, of any kind, bumps one version, which
+/// instances watch. The typed operations are on `dyn Registry` below.
 pub trait Registry: Send + Sync + 'static {
-    /// Every managed client, with the version they are at.
-    fn load(&self) -> RegistryFuture<(u64, Vec<ManagedClient>)>;
+    /// Every record of every kind, with the version they are at.
+    fn load_records(&self) -> RegistryFuture<(u64, Vec<(Kind, String)>)>;
     /// The version now (cheap: asked every [`WATCH_EVERY`]).
     fn version(&self) -> RegistryFuture<u64>;
-    /// Adds `client`; fails with `Exists` if its name is taken.
-    fn create(&self, client: ManagedClient) -> RegistryFuture<()>;
-    /// Replaces the client of that name; fails with `NotFound`.
-    fn replace(&self, client: ManagedClient) -> RegistryFuture<()>;
+    /// Adds a record; fails with `Exists` if its kind has one of that name.
+    fn insert(&self, kind: Kind, name: String, record: String) -> RegistryFuture<()>;
+    /// Replaces the record of that kind and name; fails with `NotFound`.
+    fn update(&self, kind: Kind, name: String, record: String) -> RegistryFuture<()>;
     /// Deletes it; fails with `NotFound`.
-    fn delete(&self, name: &str) -> RegistryFuture<()>;
+    fn remove(&self, kind: Kind, name: String) -> RegistryFuture<()>;
+}
+
+impl dyn Registry {
+    /// Every managed client and team, with the version they are at. A
+    /// record that does not parse is logged and left out.
+    pub fn load_all(&self) -> RegistryFuture<Loaded> {
+        let records = self.load_records();
+        Box::pin(async move {
+            let (version, records) = records.await?;
+            let mut loaded = Loaded {
+                version,
+                ..Loaded::default()
+            };
+            for (kind, text) in records {
+                let parsed = match kind {
+                    Kind::Client => serde_json::from_str(&text).map(|c| loaded.clients.push(c)),
+                    Kind::Team => serde_json::from_str(&text).map(|t| loaded.teams.push(t)),
+                };
+                if let Err(e) = parsed {
+                    tracing::error!("a managed {} record is unreadable: {e}", kind.label());
+                }
+            }
+            loaded.clients.sort_by(|a, b| a.name.cmp(&b.name));
+            loaded.teams.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(loaded)
+        })
+    }
+
+    /// Every managed client, with the version they are at.
+    pub fn load(&self) -> RegistryFuture<(u64, Vec<ManagedClient>)> {
+        let loaded = self.load_all();
+        Box::pin(async move {
+            let loaded = loaded.await?;
+            Ok((loaded.version, loaded.clients))
+        })
+    }
+
+    /// Adds `record`; fails with `Exists` if its name is taken (by its kind).
+    pub fn create<R: Record>(&self, record: R) -> RegistryFuture<()> {
+        match to_json(&record) {
+            Ok(text) => self.insert(R::KIND, record.name().to_owned(), text),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
+    }
+
+    /// Replaces the record of that kind and name; fails with `NotFound`.
+    pub fn replace<R: Record>(&self, record: R) -> RegistryFuture<()> {
+        match to_json(&record) {
+            Ok(text) => self.update(R::KIND, record.name().to_owned(), text),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
+    }
+
+    /// Deletes the managed client `name`; fails with `NotFound`.
+    pub fn delete(&self, name: &str) -> RegistryFuture<()> {
+        self.remove(Kind::Client, name.to_owned())
+    }
+}
+
+fn to_json(record: &impl Record) -> Result<String, RegistryError> {
+    serde_json::to_string(record).map_err(|e| RegistryError::Unavailable(e.to_string()))
 }
 
 /// The registry of the configured store.
@@ -110,17 +236,26 @@ pub fn unix_now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// The managed clients this instance knows, indexed by key hash.
+/// The managed clients this instance knows, indexed by key hash, and the
+/// managed teams, by name.
 #[derive(Default)]
 pub struct Index {
     pub version: u64,
     by_key: HashMap<KeyHash, (Arc<Client>, Option<u64>)>,
     /// As stored, by name, for listing.
     pub clients: Vec<ManagedClient>,
+    /// As stored, by name, for listing.
+    pub teams: Vec<ManagedTeam>,
+    by_team: HashMap<String, Arc<Team>>,
 }
 
 impl Index {
-    fn build(version: u64, clients: Vec<ManagedClient>) -> Self {
+    fn build(loaded: Loaded) -> Self {
+        let Loaded {
+            version,
+            clients,
+            teams,
+        } = loaded;
         let mut by_key = HashMap::new();
         for managed in clients.iter().filter(|c| !c.disabled) {
             let client = Arc::new(Client {
@@ -132,6 +267,7 @@ impl Index {
                     .unwrap_or_else(|| KeyHash::of("")),
                 models: model_access(&managed.models),
                 budget: managed.budget,
+                team: managed.team.as_deref().map(Arc::from),
             });
             for key in &managed.keys {
                 if let Ok(hash) = KeyHash::parse(&key.hash) {
@@ -139,13 +275,29 @@ impl Index {
                 }
             }
         }
-        let mut clients = clients;
-        clients.sort_by(|a, b| a.name.cmp(&b.name));
+        let by_team = teams
+            .iter()
+            .map(|team| {
+                let resolved = Team {
+                    name: Arc::from(team.name.as_str()),
+                    budget: team.budget,
+                };
+                (team.name.clone(), Arc::new(resolved))
+            })
+            .collect();
         Self {
             version,
             by_key,
             clients,
+            teams,
+            by_team,
         }
+    }
+
+    /// The managed team of that name (a config team of the same name wins
+    /// over it: see `AppState::team`).
+    pub fn team(&self, name: &str) -> Option<&Arc<Team>> {
+        self.by_team.get(name)
     }
 
     /// The enabled managed client whose (unexpired) key is `presented`.
@@ -179,8 +331,8 @@ impl ManagedClients {
     /// Loads the registry (an empty index if it does not answer yet: the
     /// watcher retries) and starts watching it.
     pub async fn start(registry: Arc<dyn Registry>) -> Arc<Self> {
-        let index = match registry.load().await {
-            Ok((version, clients)) => Index::build(version, clients),
+        let index = match registry.load_all().await {
+            Ok(loaded) => Index::build(loaded),
             Err(e) => {
                 tracing::warn!("managed clients not loaded yet: {e}");
                 Index::default()
@@ -208,10 +360,8 @@ impl ManagedClients {
         let known = self.index.load().version;
         match self.registry.version().await {
             Ok(version) if version == known => {}
-            Ok(_) => match self.registry.load().await {
-                Ok((version, clients)) => {
-                    self.index.store(Arc::new(Index::build(version, clients)));
-                }
+            Ok(_) => match self.registry.load_all().await {
+                Ok(loaded) => self.index.store(Arc::new(Index::build(loaded))),
                 Err(e) => tracing::warn!("managed clients not reloaded: {e}"),
             },
             Err(e) => tracing::debug!("managed clients' version not read: {e}"),
@@ -231,4 +381,103 @@ fn watch(managed: Weak<ManagedClients>) {
             managed.refresh().await;
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(name: &str, team: Option<&str>) -> ManagedClient {
+        ManagedClient {
+            name: name.into(),
+            keys: vec![StoredKey {
+                hash: KeyHash::of(name).to_string(),
+                expires_at: None,
+            }],
+            models: vec!["*".into()],
+            budget: Limits::default(),
+            disabled: false,
+            created_at: 1,
+            team: team.map(str::to_owned),
+        }
+    }
+
+    fn team(name: &str, tokens_per_day: u64) -> ManagedTeam {
+        ManagedTeam {
+            name: name.into(),
+            budget: Limits {
+                tokens_per_day: Some(tokens_per_day),
+                ..Limits::default()
+            },
+            created_at: 2,
+        }
+    }
+
+    /// Each kind's names are its own, one version counts both, and a
+    /// record of one kind never reads as the other.
+    async fn kinds_are_kept_apart(registry: &dyn Registry) {
+        registry.create(client("blue", Some("blue"))).await.unwrap();
+        let before = registry.version().await.unwrap();
+        registry.create(team("blue", 10)).await.unwrap();
+        assert!(registry.version().await.unwrap() > before);
+        assert_eq!(
+            registry.create(team("blue", 20)).await,
+            Err(RegistryError::Exists("blue".into()))
+        );
+        registry.replace(team("blue", 30)).await.unwrap();
+        assert_eq!(
+            registry.replace(team("green", 1)).await,
+            Err(RegistryError::NotFound("green".into()))
+        );
+        let loaded = registry.load_all().await.unwrap();
+        assert_eq!(loaded.clients, [client("blue", Some("blue"))]);
+        assert_eq!(loaded.teams, [team("blue", 30)]);
+        assert_eq!(registry.load().await.unwrap().1.len(), 1);
+
+        let index = Index::build(loaded);
+        assert_eq!(
+            index.team("blue").map(|t| t.budget.tokens_per_day),
+            Some(Some(30))
+        );
+        let authenticated = index.authenticate("blue").expect("the client's key");
+        assert_eq!(authenticated.team.as_deref(), Some("blue"));
+
+        registry.remove(Kind::Team, "blue".into()).await.unwrap();
+        let loaded = registry.load_all().await.unwrap();
+        assert!(loaded.teams.is_empty());
+        assert_eq!(loaded.clients.len(), 1, "the client of that name stays");
+        assert_eq!(
+            registry.remove(Kind::Team, "blue".into()).await,
+            Err(RegistryError::NotFound("blue".into()))
+        );
+    }
+
+    #[tokio::test]
+    async fn memory_keeps_clients_and_teams_apart() {
+        kinds_are_kept_apart(&MemoryRegistry::default()).await;
+    }
+
+    #[tokio::test]
+    async fn sqlite_keeps_clients_and_teams_apart_and_reads_older_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("iris.db");
+        {
+            // A client written before teams existed: no `team` field.
+            let connection = rusqlite::Connection::open(&path).unwrap();
+            connection
+                .execute_batch(
+                    "CREATE TABLE managed_clients (name TEXT PRIMARY KEY, record TEXT NOT NULL);
+                     INSERT INTO managed_clients VALUES ('old', '{\"name\":\"old\",\"keys\":[],\
+                     \"models\":[\"*\"],\"budget\":{},\"disabled\":false,\"created_at\":5}');",
+                )
+                .unwrap();
+        }
+        let registry = SqliteRegistry::open(&path).unwrap();
+        let loaded = (&registry as &dyn Registry).load_all().await.unwrap();
+        assert_eq!(loaded.clients.len(), 1);
+        assert_eq!(loaded.clients[0].team, None);
+        let registry: &dyn Registry = &registry;
+        registry.delete("old").await.unwrap();
+        kinds_are_kept_apart(registry).await;
+    }
 }

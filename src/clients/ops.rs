@@ -38,7 +38,7 @@ impl From<RegistryError> for ClientError {
     }
 }
 
-fn invalid(param: &str, message: impl Into<String>) -> ClientError {
+pub(super) fn invalid(param: &str, message: impl Into<String>) -> ClientError {
     ClientError::Invalid {
         param: param.to_owned(),
         message: message.into(),
@@ -64,13 +64,15 @@ pub struct BudgetInput {
 }
 
 /// Tells a field written as `null` (`Some(None)`) from one left out (`None`).
-fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Option<i64>>, D::Error> {
-    Option::<i64>::deserialize(deserializer).map(Some)
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    deserializer: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(deserializer).map(Some)
 }
 
 impl BudgetInput {
     /// `base` with these changes, each limit checked.
-    fn apply(&self, base: Limits) -> Result<Limits, ClientError> {
+    pub(super) fn apply(&self, base: Limits) -> Result<Limits, ClientError> {
         let mut limits = base;
         for (key, input, slot) in [
             (
@@ -133,6 +135,9 @@ pub struct NewClient {
     pub budget: BudgetInput,
     #[serde(default)]
     pub disabled: bool,
+    /// A team's name (config or managed).
+    #[serde(default)]
+    pub team: Option<String>,
 }
 
 /// `PATCH /admin/clients/{name}`, `iris clients set`.
@@ -145,6 +150,9 @@ pub struct ClientChange {
     pub budget: BudgetInput,
     #[serde(default)]
     pub disabled: Option<bool>,
+    /// A team's name; `null` takes the client out of its team.
+    #[serde(default, deserialize_with = "present")]
+    pub team: Option<Option<String>>,
 }
 
 /// `POST /admin/clients/{name}/rotate`, `iris clients rotate`.
@@ -173,6 +181,9 @@ pub struct ClientView {
     /// Managed clients: keys in use (2 during a rotation's grace).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keys: Option<usize>,
+    /// Its team's name, when it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub team: Option<String>,
 }
 
 impl From<&Client> for ClientView {
@@ -189,6 +200,7 @@ impl From<&Client> for ClientView {
             disabled: false,
             created_at: None,
             keys: None,
+            team: client.team.as_deref().map(str::to_owned),
         }
     }
 }
@@ -210,6 +222,7 @@ impl From<&ManagedClient> for ClientView {
                     .filter(|k| k.expires_at.is_none_or(|at| now < at))
                     .count(),
             ),
+            team: client.team.clone(),
         }
     }
 }
@@ -259,7 +272,7 @@ fn param_of(path: &serde_path_to_error::Path) -> String {
 /// console, Redis keys, and a path segment of `/admin/clients/{name}` as
 /// sent (no character to escape; not `.` or `..`, which URL parsers,
 /// browsers first, resolve away).
-fn check_name(name: &str) -> Result<(), ClientError> {
+pub(super) fn check_name(name: &str) -> Result<(), ClientError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name
@@ -324,6 +337,9 @@ pub async fn create(
     let models = request.models.unwrap_or_else(|| vec!["*".into()]);
     check_models(&models, config)?;
     let budget = request.budget.apply(Limits::default())?;
+    if let Some(team) = &request.team {
+        super::teams::check_exists(registry, config, team).await?;
+    }
     let (key, stored) = new_key()?;
     let client = ManagedClient {
         name: request.name,
@@ -332,6 +348,7 @@ pub async fn create(
         budget,
         disabled: request.disabled,
         created_at: unix_now(),
+        team: request.team,
     };
     registry.create(client.clone()).await?;
     Ok((client, key))
@@ -353,7 +370,7 @@ async fn existing(
         .ok_or_else(|| ClientError::NotFound(name.to_owned()))
 }
 
-/// Changes a client's models, budget or `disabled`.
+/// Changes a client's models, budget, `disabled` or team.
 pub async fn change(
     registry: &dyn Registry,
     config: &Config,
@@ -368,6 +385,12 @@ pub async fn change(
     client.budget = change.budget.apply(client.budget)?;
     if let Some(disabled) = change.disabled {
         client.disabled = disabled;
+    }
+    if let Some(team) = change.team {
+        if let Some(team) = &team {
+            super::teams::check_exists(registry, config, team).await?;
+        }
+        client.team = team;
     }
     registry.replace(client.clone()).await?;
     Ok(client)

@@ -1,18 +1,24 @@
-//! Managed clients in Redis: one hash of records and a version counter,
-//! `{prefix}:v1:{clients}:all` and `…:version` (one hash tag: one Cluster
-//! slot), changed together by one script each. Every instance watches the
+//! Managed clients and teams in Redis: a hash of records per kind and one
+//! version counter, `{prefix}:v1:{clients}:all` (clients),
+//! `…:teams` and `…:version` (one hash tag: one Cluster slot), changed
+//! together by one script each. Every instance watches the
 //! version. The connection is the budget store's kind
 //! ([`RedisConnection`]): a single endpoint, a Cluster or a Sentinel-managed
 //! primary, as `store.url` says.
 
 use std::sync::LazyLock;
 
-use super::{ManagedClient, Registry, RegistryError, RegistryFuture};
+use super::{Kind, Registry, RegistryError, RegistryFuture};
 use crate::budget::store::{Lua, REDIS_LAYOUT, RedisConnection, RedisOptions};
 
+/// KEYS: the clients' hash, the version, the teams' hash.
 static LOAD: LazyLock<Lua> = LazyLock::new(|| {
-    Lua::new("return {redis.call('GET', KEYS[2]) or '0', redis.call('HGETALL', KEYS[1])}")
+    Lua::new(
+        "return {redis.call('GET', KEYS[2]) or '0', redis.call('HGETALL', KEYS[1]), \
+         redis.call('HGETALL', KEYS[3])}",
+    )
 });
+// The writes' KEYS: the kind's hash, the version.
 static CREATE: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(
         "if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end \
@@ -34,7 +40,9 @@ static DELETE: LazyLock<Lua> = LazyLock::new(|| {
 
 pub struct RedisRegistry {
     connection: RedisConnection,
+    /// The clients' hash (named before teams existed).
     all: String,
+    teams: String,
     version: String,
     timeout: std::time::Duration,
 }
@@ -52,18 +60,29 @@ impl RedisRegistry {
         Ok(Self {
             connection,
             all: format!("{base}all"),
+            teams: format!("{base}teams"),
             version: format!("{base}version"),
             timeout: options.timeout,
         })
     }
 
+    fn hash(&self, kind: Kind) -> &str {
+        match kind {
+            Kind::Client => &self.all,
+            Kind::Team => &self.teams,
+        }
+    }
+
     fn run<T: redis::FromRedisValue + Send + 'static>(
         &self,
         script: &'static Lua,
+        keys: &[&str],
         args: &[&str],
     ) -> RegistryFuture<T> {
         let mut call = script.call();
-        call.key(&self.all).key(&self.version);
+        for key in keys {
+            call.key(*key);
+        }
         for arg in args {
             call.arg(*arg);
         }
@@ -80,11 +99,13 @@ impl RedisRegistry {
     fn changed(
         &self,
         script: &'static Lua,
+        kind: Kind,
         name: &str,
         record: &str,
         missing: RegistryError,
     ) -> RegistryFuture<()> {
-        let reply = self.run::<i64>(script, &[name, record]);
+        let keys = [self.hash(kind), self.version.as_str()];
+        let reply = self.run::<i64>(script, &keys, &[name, record]);
         Box::pin(async move {
             match reply.await? {
                 1 => Ok(()),
@@ -94,23 +115,21 @@ impl RedisRegistry {
     }
 }
 
-fn record(client: &ManagedClient) -> Result<String, RegistryError> {
-    serde_json::to_string(client).map_err(unavailable)
-}
-
 impl Registry for RedisRegistry {
-    fn load(&self) -> RegistryFuture<(u64, Vec<ManagedClient>)> {
-        let reply = self.run::<(String, Vec<(String, String)>)>(&LOAD, &[]);
+    fn load_records(&self) -> RegistryFuture<(u64, Vec<(Kind, String)>)> {
+        type Reply = (String, Vec<(String, String)>, Vec<(String, String)>);
+        let keys = [
+            self.all.as_str(),
+            self.version.as_str(),
+            self.teams.as_str(),
+        ];
+        let reply = self.run::<Reply>(&LOAD, &keys, &[]);
         Box::pin(async move {
-            let (version, entries) = reply.await?;
-            let mut clients = Vec::new();
-            for (_, text) in entries {
-                match serde_json::from_str(&text) {
-                    Ok(client) => clients.push(client),
-                    Err(e) => tracing::error!("a managed client record is unreadable: {e}"),
-                }
-            }
-            Ok((version.parse().unwrap_or(0), clients))
+            let (version, clients, teams) = reply.await?;
+            let records = (clients.into_iter().map(|(_, text)| (Kind::Client, text)))
+                .chain(teams.into_iter().map(|(_, text)| (Kind::Team, text)))
+                .collect();
+            Ok((version.parse().unwrap_or(0), records))
         })
     }
 
@@ -129,31 +148,18 @@ impl Registry for RedisRegistry {
         })
     }
 
-    fn create(&self, client: ManagedClient) -> RegistryFuture<()> {
-        match record(&client) {
-            Ok(text) => self.changed(
-                &CREATE,
-                &client.name,
-                &text,
-                RegistryError::Exists(client.name.clone()),
-            ),
-            Err(e) => Box::pin(std::future::ready(Err(e))),
-        }
+    fn insert(&self, kind: Kind, name: String, record: String) -> RegistryFuture<()> {
+        let taken = RegistryError::Exists(name.clone());
+        self.changed(&CREATE, kind, &name, &record, taken)
     }
 
-    fn replace(&self, client: ManagedClient) -> RegistryFuture<()> {
-        match record(&client) {
-            Ok(text) => self.changed(
-                &REPLACE,
-                &client.name,
-                &text,
-                RegistryError::NotFound(client.name.clone()),
-            ),
-            Err(e) => Box::pin(std::future::ready(Err(e))),
-        }
+    fn update(&self, kind: Kind, name: String, record: String) -> RegistryFuture<()> {
+        let missing = RegistryError::NotFound(name.clone());
+        self.changed(&REPLACE, kind, &name, &record, missing)
     }
 
-    fn delete(&self, name: &str) -> RegistryFuture<()> {
-        self.changed(&DELETE, name, "", RegistryError::NotFound(name.to_owned()))
+    fn remove(&self, kind: Kind, name: String) -> RegistryFuture<()> {
+        let missing = RegistryError::NotFound(name.clone());
+        self.changed(&DELETE, kind, &name, "", missing)
     }
 }

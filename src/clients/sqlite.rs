@@ -1,5 +1,5 @@
-//! Managed clients in the SQLite store's file: one table, and a version row
-//! bumped by every change, in the same transaction. Another process (the
+//! Managed clients and teams in the SQLite store's file: a table per kind,
+//! and a version row bumped by every change, in the same transaction. Another process (the
 //! `iris clients` command beside a running server) writes the same file;
 //! the server sees the new version within a second.
 
@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 
-use super::{ManagedClient, Registry, RegistryError, RegistryFuture};
+use super::{Kind, Registry, RegistryError, RegistryFuture};
 
 pub struct SqliteRegistry {
     connection: Arc<Mutex<Connection>>,
@@ -34,6 +34,10 @@ impl SqliteRegistry {
         connection.busy_timeout(Duration::from_secs(5))?;
         connection.execute_batch(
             "CREATE TABLE IF NOT EXISTS managed_clients (
+                 name TEXT PRIMARY KEY,
+                 record TEXT NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS managed_teams (
                  name TEXT PRIMARY KEY,
                  record TEXT NOT NULL
              );
@@ -65,8 +69,13 @@ impl SqliteRegistry {
     }
 }
 
-fn record(client: &ManagedClient) -> Result<String, RegistryError> {
-    serde_json::to_string(client).map_err(unavailable)
+/// The table of a kind's records. (The version row, older than teams,
+/// keeps its name: it counts every kind's changes.)
+fn table(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Client => "managed_clients",
+        Kind::Team => "managed_teams",
+    }
 }
 
 fn bump(transaction: &rusqlite::Transaction<'_>) -> Result<(), RegistryError> {
@@ -79,102 +88,88 @@ fn bump(transaction: &rusqlite::Transaction<'_>) -> Result<(), RegistryError> {
     Ok(())
 }
 
+fn read_version(connection: &Connection) -> Result<u64, RegistryError> {
+    let version: i64 = connection
+        .query_row(
+            "SELECT version FROM managed_clients_version WHERE id = 1",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(unavailable)?;
+    Ok(u64::try_from(version).unwrap_or(0))
+}
+
+/// Runs one write in a transaction that also bumps the version; `changed`
+/// says whether a row was written (else `missing` is the error).
+fn write(
+    connection: &mut Connection,
+    sql: &str,
+    name: &str,
+    record: Option<&str>,
+    missing: RegistryError,
+) -> Result<(), RegistryError> {
+    let transaction = connection.transaction().map_err(unavailable)?;
+    let changed = match record {
+        Some(record) => transaction.execute(sql, params![name, record]),
+        None => transaction.execute(sql, params![name]),
+    }
+    .map_err(unavailable)?;
+    if changed == 0 {
+        return Err(missing);
+    }
+    bump(&transaction)?;
+    transaction.commit().map_err(unavailable)
+}
+
 impl Registry for SqliteRegistry {
-    fn load(&self) -> RegistryFuture<(u64, Vec<ManagedClient>)> {
+    fn load_records(&self) -> RegistryFuture<(u64, Vec<(Kind, String)>)> {
         self.run(|connection| {
             let transaction = connection.transaction().map_err(unavailable)?;
-            let version: i64 = transaction
-                .query_row(
-                    "SELECT version FROM managed_clients_version WHERE id = 1",
-                    [],
-                    |row| row.get(0),
-                )
-                .map_err(unavailable)?;
-            let mut statement = transaction
-                .prepare("SELECT record FROM managed_clients ORDER BY name")
-                .map_err(unavailable)?;
-            let records = statement
-                .query_map([], |row| row.get::<_, String>(0))
-                .map_err(unavailable)?;
-            let mut clients = Vec::new();
-            for text in records {
-                let text = text.map_err(unavailable)?;
-                match serde_json::from_str(&text) {
-                    Ok(client) => clients.push(client),
-                    Err(e) => tracing::error!("a managed client record is unreadable: {e}"),
+            let version = read_version(&transaction)?;
+            let mut records = Vec::new();
+            for kind in Kind::ALL {
+                let mut statement = transaction
+                    .prepare(&format!("SELECT record FROM {} ORDER BY name", table(kind)))
+                    .map_err(unavailable)?;
+                let rows = statement
+                    .query_map([], |row| row.get::<_, String>(0))
+                    .map_err(unavailable)?;
+                for text in rows {
+                    records.push((kind, text.map_err(unavailable)?));
                 }
             }
-            Ok((u64::try_from(version).unwrap_or(0), clients))
+            Ok((version, records))
         })
     }
 
     fn version(&self) -> RegistryFuture<u64> {
-        self.run(|connection| {
-            let version: i64 = connection
-                .query_row(
-                    "SELECT version FROM managed_clients_version WHERE id = 1",
-                    [],
-                    |row| row.get(0),
-                )
-                .map_err(unavailable)?;
-            Ok(u64::try_from(version).unwrap_or(0))
+        self.run(|connection| read_version(connection))
+    }
+
+    fn insert(&self, kind: Kind, name: String, record: String) -> RegistryFuture<()> {
+        self.run(move |connection| {
+            let sql = format!(
+                "INSERT OR IGNORE INTO {} (name, record) VALUES (?1, ?2)",
+                table(kind)
+            );
+            let taken = RegistryError::Exists(name.clone());
+            write(connection, &sql, &name, Some(&record), taken)
         })
     }
 
-    fn create(&self, client: ManagedClient) -> RegistryFuture<()> {
+    fn update(&self, kind: Kind, name: String, record: String) -> RegistryFuture<()> {
         self.run(move |connection| {
-            let transaction = connection.transaction().map_err(unavailable)?;
-            let inserted = transaction
-                .execute(
-                    "INSERT OR IGNORE INTO managed_clients (name, record) VALUES (?1, ?2)",
-                    params![client.name, record(&client)?],
-                )
-                .map_err(unavailable)?;
-            if inserted == 0 {
-                return Err(RegistryError::Exists(client.name));
-            }
-            bump(&transaction)?;
-            transaction.commit().map_err(unavailable)
+            let sql = format!("UPDATE {} SET record = ?2 WHERE name = ?1", table(kind));
+            let missing = RegistryError::NotFound(name.clone());
+            write(connection, &sql, &name, Some(&record), missing)
         })
     }
 
-    fn replace(&self, client: ManagedClient) -> RegistryFuture<()> {
+    fn remove(&self, kind: Kind, name: String) -> RegistryFuture<()> {
         self.run(move |connection| {
-            let transaction = connection.transaction().map_err(unavailable)?;
-            let updated = transaction
-                .execute(
-                    "UPDATE managed_clients SET record = ?2 WHERE name = ?1",
-                    params![client.name, record(&client)?],
-                )
-                .map_err(unavailable)?;
-            if updated == 0 {
-                return Err(RegistryError::NotFound(client.name));
-            }
-            bump(&transaction)?;
-            transaction.commit().map_err(unavailable)
-        })
-    }
-
-    fn delete(&self, name: &str) -> RegistryFuture<()> {
-        let name = name.to_owned();
-        self.run(move |connection| {
-            let transaction = connection.transaction().map_err(unavailable)?;
-            let found: Option<String> = transaction
-                .query_row(
-                    "SELECT name FROM managed_clients WHERE name = ?1",
-                    params![name],
-                    |row| row.get(0),
-                )
-                .optional()
-                .map_err(unavailable)?;
-            if found.is_none() {
-                return Err(RegistryError::NotFound(name));
-            }
-            transaction
-                .execute("DELETE FROM managed_clients WHERE name = ?1", params![name])
-                .map_err(unavailable)?;
-            bump(&transaction)?;
-            transaction.commit().map_err(unavailable)
+            let sql = format!("DELETE FROM {} WHERE name = ?1", table(kind));
+            let missing = RegistryError::NotFound(name.clone());
+            write(connection, &sql, &name, None, missing)
         })
     }
 }

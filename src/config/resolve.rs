@@ -18,7 +18,7 @@ use super::{Config, Problem, Server};
 use crate::budget::money::{Money, Price};
 use crate::budget::store::{RedisClock, RedisDeployment, RedisOptions};
 use crate::budget::{Limits, StoreBackend, StoreSettings};
-use crate::catalog::{Catalog, Client, Deployment, Model, ModelAccess};
+use crate::catalog::{Catalog, Client, Deployment, Model, ModelAccess, Team};
 use crate::images::{FetchLimits, Format, FormatSet, ImagePolicy, ImagesSettings};
 use crate::keys::KeyHash;
 use crate::openai::chat::RequestLimits;
@@ -66,7 +66,8 @@ pub fn resolve(file: schema::File) -> Result<Config, Vec<Problem>> {
             .map_err(|message| problems.add("admin.key", message))
             .ok()
     });
-    let clients = clients(&file.clients, &models, &mut problems);
+    let teams = teams(&file.teams, &mut problems);
+    let clients = clients(&file.clients, &models, &teams, &mut problems);
     let spend_log = spend_log(&file.spend_log, &mut problems);
     let currency = file.pricing.currency.trim();
     if currency.is_empty() || currency.chars().any(char::is_control) {
@@ -83,7 +84,7 @@ pub fn resolve(file: schema::File) -> Result<Config, Vec<Problem>> {
             images,
             routing,
             admin,
-            catalog: Catalog::new(upstreams, models, clients),
+            catalog: Catalog::new(upstreams, models, clients, teams),
             spend_log,
             currency: Arc::from(currency),
             warnings,
@@ -631,7 +632,35 @@ fn routing(routing: &schema::Routing, problems: &mut Problems) -> RoutingSetting
     }
 }
 
-fn clients(clients: &[schema::Client], models: &[Model], problems: &mut Problems) -> Vec<Client> {
+fn teams(teams: &[schema::Team], problems: &mut Problems) -> Vec<Team> {
+    let mut names = HashSet::new();
+    let mut resolved = Vec::new();
+    for (i, team) in teams.iter().enumerate() {
+        let at = |key: &str| format!("teams[{i}].{key}");
+        if team.name.is_empty() {
+            problems.add(at("name"), "required");
+        } else if team.name.chars().any(char::is_control) {
+            // As for clients: names go into logs, metric labels and the
+            // budget store's keys.
+            problems.add(at("name"), "must not contain control characters");
+        } else if !names.insert(team.name.as_str()) {
+            problems.add(at("name"), format!("duplicate team {:?}", team.name));
+        }
+        check_limits(&team.budget, &at("budget"), problems);
+        resolved.push(Team {
+            name: Arc::from(team.name.as_str()),
+            budget: team.budget,
+        });
+    }
+    resolved
+}
+
+fn clients(
+    clients: &[schema::Client],
+    models: &[Model],
+    teams: &[Team],
+    problems: &mut Problems,
+) -> Vec<Client> {
     let mut names = HashSet::new();
     let mut keys: Vec<KeyHash> = Vec::new();
     let mut resolved = Vec::new();
@@ -672,6 +701,11 @@ fn clients(clients: &[schema::Client], models: &[Model], problems: &mut Problems
             }
         }
         check_limits(&client.budget, &at("budget"), problems);
+        if let Some(team) = &client.team
+            && !teams.iter().any(|t| &*t.name == team.as_str())
+        {
+            problems.add(at("team"), format!("no team named {team:?}"));
+        }
         let models = if client.models.iter().any(|m| m == "*") {
             ModelAccess::All
         } else {
@@ -683,6 +717,7 @@ fn clients(clients: &[schema::Client], models: &[Model], problems: &mut Problems
                 key,
                 models,
                 budget: client.budget,
+                team: client.team.as_deref().map(Arc::from),
             });
         }
     }
@@ -1017,6 +1052,44 @@ mod tests {
             assert!(found[0].starts_with(expected), "{bad}: {found:?}");
             assert!(!found[0].contains("secret"), "{bad}: {found:?}");
         }
+    }
+
+    #[test]
+    fn teams_are_checked_and_named_on_their_clients() {
+        let found = problems(
+            "[[teams]]\nname = \"blue\"\n[[teams]]\nname = \"blue\"\n\
+             [[teams]]\nname = \"\"\n[[teams]]\nname = \"re\\u0007d\"\n\
+             [teams.budget]\ntokens_per_day = 0\n\
+             [[clients]]\nname = \"c\"\nkey = \"sha256:0000000000000000000000000000000000000000000000000000000000000000\"\nteam = \"green\"\n",
+        );
+        assert_eq!(
+            found,
+            [
+                "teams[1].name: duplicate team \"blue\"",
+                "teams[2].name: required",
+                "teams[3].name: must not contain control characters",
+                "teams[3].budget.tokens_per_day: must be above 0 (leave it out for no limit)",
+                "clients[0].team: no team named \"green\"",
+            ]
+        );
+        let config = parse(
+            &format!(
+                "[[teams]]\nname = \"blue\"\n[teams.budget]\ntokens_per_day = 500\n\
+                 [[clients]]\nname = \"c\"\nkey = \"{}\"\nteam = \"blue\"\n\
+                 [[clients]]\nname = \"d\"\nkey = \"{}\"\n",
+                crate::keys::KeyHash::of("c"),
+                crate::keys::KeyHash::of("d")
+            ),
+            &|_| None,
+        )
+        .expect("valid");
+        let team = config.catalog.team("blue").expect("team");
+        assert_eq!(team.budget.tokens_per_day, Some(500));
+        assert_eq!(config.catalog.teams().len(), 1);
+        assert!(config.catalog.team("green").is_none());
+        let clients = config.catalog.clients();
+        assert_eq!(clients[0].team.as_deref(), Some("blue"));
+        assert_eq!(clients[1].team, None);
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub struct File {
     /// `/admin/*` exists only when this is set.
     pub admin: Option<Admin>,
     pub clients: Vec<Client>,
+    /// Budgets shared by the clients that name them.
+    pub teams: Vec<Team>,
     pub spend_log: SpendLog,
     pub pricing: Pricing,
 }
@@ -389,6 +391,8 @@ pub struct Client {
     /// Model names this client may use; `"*"` allows all.
     pub models: Vec<String>,
     pub budget: Limits,
+    /// A `[[teams]]` name: the client's requests also count against its budget.
+    pub team: Option<String>,
 }
 
 impl Default for Client {
@@ -398,8 +402,17 @@ impl Default for Client {
             key: String::new(),
             models: vec!["*".into()],
             budget: Limits::default(),
+            team: None,
         }
     }
+}
+
+/// `[[teams]]`: a budget with the same keys as a client's.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Team {
+    pub name: String,
+    pub budget: Limits,
 }
 
 #[cfg(test)]

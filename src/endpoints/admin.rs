@@ -11,6 +11,10 @@
 //! | `PATCH /admin/clients/{name}` | change models, budget, `disabled` |
 //! | `POST /admin/clients/{name}/rotate` | a new key; the old one works `grace_s` more |
 //! | `DELETE /admin/clients/{name}` | delete; its key stops working |
+//! | `GET /admin/teams` | every team: source, budget, members, usage now |
+//! | `POST /admin/teams` | create a managed team |
+//! | `PATCH /admin/teams/{name}` | change its budget |
+//! | `DELETE /admin/teams/{name}` | delete a team no client names |
 //! | `POST /admin/reload` | re-read the config file |
 
 use std::sync::Arc;
@@ -28,6 +32,7 @@ use serde_json::{Value, json};
 use super::failed_authentication;
 use crate::budget::Account;
 use crate::clients::ops::{self, ClientChange, ClientView, NewClient, Rotation};
+use crate::clients::teams::{self, NewTeam, TeamChange, TeamView};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::keys::{KeyHash, bearer_key};
@@ -82,7 +87,10 @@ async fn with_usage(state: &SharedState, view: ClientView) -> Value {
     let usage = state
         .gateway
         .budgets
-        .snapshot(&Account::client(view.name.as_str()), &view.budget)
+        .snapshot(
+            &Account::of_client(view.name.as_str(), view.team.as_deref()),
+            &view.budget,
+        )
         .await
         .map(|snapshot| super::usage::windows_json(&snapshot))
         .unwrap_or(Value::Null);
@@ -160,6 +168,72 @@ pub async fn delete_client(
     ops::remove(state.clients.registry().as_ref(), &config, &name).await?;
     state.clients.refresh().await;
     tracing::info!(client = %name, "managed client deleted");
+    Ok(Json(json!({"name": name, "deleted": true})))
+}
+
+/// A team's view with its budget windows now, shaped like a client's.
+async fn with_team_usage(state: &SharedState, view: &TeamView) -> Value {
+    let mut value = serde_json::to_value(view).unwrap_or_default();
+    value["usage"] = state
+        .gateway
+        .budgets
+        .snapshot(&Account::team(&view.name), &view.budget)
+        .await
+        .map(|snapshot| super::usage::windows_json(&snapshot))
+        .unwrap_or(Value::Null);
+    value
+}
+
+pub async fn list_teams(State(state): State<SharedState>, Admin { config }: Admin) -> Json<Value> {
+    let index = state.clients.index();
+    let views = teams::views(&config, &index.clients, &index.teams);
+    drop(index);
+    let mut data = Vec::new();
+    for view in &views {
+        data.push(with_team_usage(&state, view).await);
+    }
+    Json(json!({"object": "list", "data": data}))
+}
+
+/// A managed team as it is now, with its members, for an answer.
+fn team_view(state: &SharedState, config: &Config, team: &crate::clients::ManagedTeam) -> TeamView {
+    TeamView::managed(team, config, &state.clients.index().clients)
+}
+
+pub async fn create_team(
+    State(state): State<SharedState>,
+    Admin { config }: Admin,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let request: NewTeam = ops::parse_json(&body).map_err(teams::TeamError::from)?;
+    let team = teams::create(state.clients.registry().as_ref(), &config, request).await?;
+    state.clients.refresh().await;
+    tracing::info!(team = %team.name, "managed team created");
+    let body = json!({"team": team_view(&state, &config, &team)});
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+pub async fn change_team(
+    State(state): State<SharedState>,
+    Admin { config }: Admin,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let change: TeamChange = ops::parse_json(&body).map_err(teams::TeamError::from)?;
+    let team = teams::change(state.clients.registry().as_ref(), &config, &name, change).await?;
+    state.clients.refresh().await;
+    tracing::info!(team = %team.name, "managed team changed");
+    Ok(Json(json!({"team": team_view(&state, &config, &team)})))
+}
+
+pub async fn delete_team(
+    State(state): State<SharedState>,
+    Admin { config }: Admin,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    teams::remove(state.clients.registry().as_ref(), &config, &name).await?;
+    state.clients.refresh().await;
+    tracing::info!(team = %name, "managed team deleted");
     Ok(Json(json!({"name": name, "deleted": true})))
 }
 

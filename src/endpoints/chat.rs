@@ -40,8 +40,13 @@ pub async fn completions(
         .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
     let answer = match read_body(body, length, &config.server).await {
         Ok(body) => {
+            let team = client
+                .team
+                .as_deref()
+                .and_then(|name| state.team(&config, name));
             let incoming = Incoming {
                 client: &client,
+                team: team.as_deref(),
                 body,
                 headers: &headers,
                 request_id,

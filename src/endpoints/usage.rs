@@ -11,7 +11,10 @@
 //!
 //! Every configured limit is listed; the day and month totals and the
 //! requests in flight are listed even without a limit (`limit` and
-//! `remaining` are then `null`). `used` includes what requests in flight
+//! `remaining` are then `null`). Cost windows (`cost_per_day`,
+//! `cost_per_month`) are amounts in `currency` units, to the millionth. A
+//! team client's team is an object `team`: its `name` and its `windows`,
+//! shaped like the client's. `used` includes what requests in flight
 //! have reserved. `reset_at` is when `used` is back to zero (Unix seconds,
 //! the end of the UTC day or month for calendar windows) and `reset_in` the
 //! same as a duration, in the format of the `x-ratelimit-reset-*` headers.
@@ -23,6 +26,7 @@ use axum::extract::State;
 use serde_json::{Map, Value, json};
 
 use super::Authenticated;
+use crate::budget::money::Money;
 use crate::budget::window::{NANOS_PER_SEC, Snapshot};
 use crate::budget::{Account, duration_string};
 use crate::error::ApiError;
@@ -30,29 +34,43 @@ use crate::state::SharedState;
 
 pub async fn usage(
     State(state): State<SharedState>,
-    Authenticated { client, .. }: Authenticated,
+    Authenticated { client, config }: Authenticated,
 ) -> Result<Json<Value>, ApiError> {
-    let snapshot = state
-        .gateway
-        .budgets
-        .snapshot(&Account::client(Arc::clone(&client.name)), &client.budget)
-        .await?;
-    Ok(Json(usage_json(&client.name, &snapshot)))
+    let budgets = &state.gateway.budgets;
+    let team = client
+        .team
+        .as_deref()
+        .and_then(|name| state.team(&config, name));
+    let account = Account::of_client(Arc::clone(&client.name), client.team.as_deref());
+    let snapshot = budgets.snapshot(&account, &client.budget).await?;
+    let mut body = json!({
+        "object": "usage",
+        "client": &*client.name,
+        "currency": &*config.currency,
+        "windows": windows_json(&snapshot),
+    });
+    if let Some(team) = team {
+        let snapshot = budgets
+            .snapshot(&Account::team(&team.name), &team.budget)
+            .await?;
+        body["team"] = json!({"name": &*team.name, "windows": windows_json(&snapshot)});
+    }
+    Ok(Json(body))
 }
 
-/// The `/v1/usage` body for one client's snapshot.
-pub fn usage_json(client: &str, snapshot: &Snapshot) -> Value {
-    json!({"object": "usage", "client": client, "windows": windows_json(snapshot)})
-}
-
-/// A snapshot's windows: limit, used, remaining, reset.
+/// A snapshot's windows: limit, used, remaining, reset (money in currency
+/// units).
 pub fn windows_json(snapshot: &Snapshot) -> Value {
     let mut windows = Map::new();
     for status in snapshot.reported() {
+        let amount = |value: Option<u64>| match value {
+            Some(micros) if status.window.counts_cost() => json!(Money::from_micros(micros)),
+            value => json!(value),
+        };
         let mut window = json!({
-            "limit": status.limit,
-            "used": status.used,
-            "remaining": status.remaining(),
+            "limit": amount(status.limit),
+            "used": amount(Some(status.used)),
+            "remaining": amount(status.remaining()),
         });
         if let Some(reset_at) = status.reset_at {
             window["reset_at"] = json!(reset_at.div_ceil(NANOS_PER_SEC));

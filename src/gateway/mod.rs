@@ -21,7 +21,7 @@ use tracing::Instrument;
 
 use crate::budget::window::Snapshot;
 use crate::budget::{BudgetError, Budgets, Claim, estimate};
-use crate::catalog::Client;
+use crate::catalog::{Client, Team};
 use crate::config::Config;
 use crate::facts::RequestFacts;
 use crate::images::Images;
@@ -105,6 +105,8 @@ pub struct Answer {
 /// One chat completion request as received.
 pub struct Incoming<'a> {
     pub client: &'a Client,
+    /// The client's team, whose budget the request also counts against.
+    pub team: Option<&'a Team>,
     pub body: Bytes,
     /// The client's request headers; the forwarder drops its credentials.
     pub headers: &'a HeaderMap,
@@ -120,6 +122,7 @@ impl Gateway {
     ) -> Result<Answer, ChatError> {
         let Incoming {
             client,
+            team,
             body,
             headers,
             request_id,
@@ -147,6 +150,7 @@ impl Gateway {
         // The tokenizer runs only where a token limit (the client's, or an
         // upstream's pacing) decides on the count.
         let count = client.budget.counts_tokens()
+            || team.is_some_and(|team| team.budget.counts_tokens())
             || model
                 .deployments
                 .iter()
@@ -160,7 +164,7 @@ impl Gateway {
             .reserve(Claim {
                 client: &client.name,
                 limits: &client.budget,
-                team: None,
+                team: team.map(|team| (&*team.name, &team.budget)),
                 model: &model.name,
                 estimate,
                 price: model.reserve_price,

@@ -14,15 +14,16 @@ import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 
 import { REPO, admin, chat, launchBrowser, startIris, startMockUpstream } from './harness.mjs';
-import { Recorder, clientRow, logIn, openConsole, rows, submitKey } from './page.mjs';
+import { Recorder, clientRow, logIn, openConsole, rows, submitKey, teamRow } from './page.mjs';
 
 const ADMIN_KEY = 'iris-admin-browser-test';
 const MARKUP = '<img src=x onerror=alert(1)>';
 const CONFIG_CLIENTS = [
   { name: 'alpha', key: 'iris-alpha-key', budget: { tokens_per_day: 1_000_000, requests_per_minute: 1_000 } },
-  { name: 'beta', key: 'iris-beta-key', models: ['model-b'] },
+  { name: 'beta', key: 'iris-beta-key', models: ['model-b'], team: 'research' },
   { name: MARKUP, key: 'iris-markup-key' },
 ];
+const CONFIG_TEAMS = [{ name: 'research', budget: { tokens_per_day: 2_000_000, requests_per_minute: 500 } }];
 const MODELS = [{ name: 'model-a' }, { name: 'model-b' }, { name: 'model-c' }];
 const numbers = new Intl.NumberFormat('en-US');
 const fmt = (n) => numbers.format(n);
@@ -52,11 +53,14 @@ const usage = async (by) => {
 
 before(async () => {
   upstream = await startMockUpstream();
-  iris = await startIris({ upstreamURL: upstream.baseURL, adminKey: ADMIN_KEY, models: MODELS, clients: CONFIG_CLIENTS });
+  iris = await startIris({ upstreamURL: upstream.baseURL, adminKey: ADMIN_KEY, models: MODELS, clients: CONFIG_CLIENTS, teams: CONFIG_TEAMS });
+  const blue = await admin(iris.origin, ADMIN_KEY, 'POST', '/admin/teams', { name: 'blue', budget: { tokens_per_month: 3_000_000 } });
+  assert.equal(blue.status, 201);
   for (const name of ['team-a', 'team-b']) {
     const created = await admin(iris.origin, ADMIN_KEY, 'POST', '/admin/clients', {
       name,
       budget: name === 'team-a' ? { tokens_per_day: 50_000 } : undefined,
+      team: name === 'team-b' ? 'blue' : undefined,
     });
     assert.equal(created.status, 201);
     keys[name] = created.json.key;
@@ -182,6 +186,33 @@ test('logged in: the mixed run\'s totals per client and model, as the API has th
     mkdirSync(join(REPO, 'docs'), { recursive: true });
     await page.screenshot({ path: join(REPO, 'docs', 'console.png'), fullPage: true });
   }
+  await context.close();
+});
+
+test('the teams table shows each team\'s source, members and budget bars as the API has them; client rows name their team', async () => {
+  const { context, page } = await openConsole(browser, recorder, iris.origin);
+  await logIn(page, ADMIN_KEY);
+  await teamRow(page, 'blue').waitFor();
+  const teams = (await admin(iris.origin, ADMIN_KEY, 'GET', '/admin/teams')).json.data;
+  assert.deepEqual(teams.map((t) => t.name), ['research', 'blue']);
+  const shown = await rows(page, '#teams-table tbody tr');
+  assert.deepEqual(shown.map((r) => [r[0], r[2]]), [['research', 'beta'], ['blue', 'team-b']], 'names and members');
+  assert.equal(shown[0][1], 'config');
+  assert.match(shown[1][1], /^managed\s*created /);
+  assert.equal(await teamRow(page, 'blue').locator('td').nth(1).locator('time').count(), 1, 'managed: created at');
+  for (const team of teams) {
+    for (const [name, window] of Object.entries(team.usage)) {
+      if (window.limit === null) continue;
+      const bar = teamRow(page, team.name).locator('.window', { hasText: name.replaceAll('_', ' ') });
+      assert.equal(await bar.locator('.figures').textContent(), `${fmt(window.used)} / ${fmt(window.limit)}`, `${team.name} ${name}`);
+      assert.equal(await bar.locator('.bar').getAttribute('aria-valuemax'), String(window.limit));
+    }
+  }
+  assert.equal(await teamRow(page, 'research').locator('.window').count(), 2, 'research: a bar per limit');
+  assert.equal(await teamRow(page, 'blue').locator('.window').count(), 1, 'blue: a bar per limit');
+  assert.equal(await clientRow(page, 'beta').locator('td.team').textContent(), 'research');
+  assert.equal(await clientRow(page, 'team-b').locator('td.team').textContent(), 'blue');
+  assert.equal(await clientRow(page, 'alpha').locator('td.team').textContent(), '–');
   await context.close();
 });
 

@@ -48,6 +48,11 @@ test('with no spend and no managed clients, each view says what to do', async ()
   assert.equal(await page.isVisible('#clients-empty'), false, 'the config client is listed');
   assert.equal(await page.locator('#clients-table tbody tr').count(), 1);
 
+  const teamsEmpty = page.locator('#teams-empty');
+  await teamsEmpty.waitFor();
+  assert.match(await teamsEmpty.textContent(), /No teams yet/);
+  assert.equal(await page.isVisible('#teams-table'), false, 'no empty table');
+
   const daysEmpty = page.locator('#days-empty');
   assert.equal(await daysEmpty.isVisible(), true);
   assert.match(await daysEmpty.textContent(), /Nothing in the last 30 days/);

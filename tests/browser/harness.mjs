@@ -39,10 +39,11 @@ const CONSOLE_TOML = [
 /**
  * Starts `iris serve` (tests/support/harness.mjs) with `[admin]` keyed by
  * `adminKey`, one mock upstream serving `models`, config `clients` ({name,
- * key, models?, budget?}), a memory store and the spend log above.
+ * key, models?, team?, budget?}) and `teams` ({name, budget?}), a memory
+ * store and the spend log above.
  */
-export function startIris({ upstreamURL, adminKey, models, clients }) {
-  return startSharedIris({ upstreamURL, adminKey, models, clients, extraToml: CONSOLE_TOML });
+export function startIris({ upstreamURL, adminKey, models, clients, teams }) {
+  return startSharedIris({ upstreamURL, adminKey, models, clients, teams, extraToml: CONSOLE_TOML });
 }
 
 /** Headless Chromium from the system's package, with the flags above. */

@@ -61,6 +61,7 @@ export async function logIn(page, key) {
   await page.waitForSelector('#app', { state: 'visible' });
   await page.waitForSelector('#chart-days svg');
   await page.waitForSelector('#upstreams-table tbody tr, #upstreams-empty:not([hidden])');
+  await page.waitForSelector('#teams-table tbody tr, #teams-empty:not([hidden])');
 }
 
 /** A table's body rows as arrays of cell texts. */
@@ -71,4 +72,9 @@ export function rows(page, selector) {
 /** The row of the clients table for `name` (a JSON string is a valid CSS string). */
 export function clientRow(page, name) {
   return page.locator(`#clients-table tbody tr[data-client=${JSON.stringify(name)}]`);
+}
+
+/** The row of the teams table for `name`. */
+export function teamRow(page, name) {
+  return page.locator(`#teams-table tbody tr[data-team=${JSON.stringify(name)}]`);
 }

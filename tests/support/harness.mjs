@@ -143,10 +143,11 @@ const tomlString = (value) => JSON.stringify(value); // a JSON string is a valid
 /**
  * The config: one upstream `mock` at `upstreamURL` (`upstreamToml` goes
  * inside its `[[upstreams]]` table), `models` ({name, upstream?,
- * upstreamModel?}), config `clients` ({name, key, models?, budget?}), a
- * memory store, `[admin]` when `adminKey` is given, and `extraToml` last.
+ * upstreamModel?}), config `clients` ({name, key, models?, team?, budget?}),
+ * config `teams` ({name, budget?}), a memory store, `[admin]` when
+ * `adminKey` is given, and `extraToml` last.
  */
-function configToml({ upstreamURL, models, clients, adminKey, upstreamToml, extraToml }) {
+function configToml({ upstreamURL, models, clients, teams = [], adminKey, upstreamToml, extraToml }) {
   const lines = ['[server]', 'listen = "127.0.0.1:0"', 'shutdown_grace_ms = 2000', '', '[store]', 'kind = "memory"'];
   if (adminKey !== undefined) lines.push('', '[admin]', `key = ${tomlString(keyHash(adminKey))}`);
   lines.push(
@@ -166,9 +167,17 @@ function configToml({ upstreamURL, models, clients, adminKey, upstreamToml, extr
   for (const client of clients) {
     lines.push('', '[[clients]]', `name = ${tomlString(client.name)}`, `key = ${tomlString(keyHash(client.key))}`);
     if (client.models) lines.push(`models = [${client.models.map(tomlString).join(', ')}]`);
+    if (client.team) lines.push(`team = ${tomlString(client.team)}`);
     if (client.budget) {
       lines.push('[clients.budget]');
       for (const [name, limit] of Object.entries(client.budget)) lines.push(`${name} = ${Math.trunc(limit)}`);
+    }
+  }
+  for (const team of teams) {
+    lines.push('', '[[teams]]', `name = ${tomlString(team.name)}`);
+    if (team.budget) {
+      lines.push('[teams.budget]');
+      for (const [name, limit] of Object.entries(team.budget)) lines.push(`${name} = ${Math.trunc(limit)}`);
     }
   }
   return lines.join('\n') + '\n\n' + extraToml + '\n';
@@ -180,10 +189,10 @@ function configToml({ upstreamURL, models, clients, adminKey, upstreamToml, extr
  * `baseURL`, `key(name?)` (the key of client `name`, else of the first),
  * `log()` (its output so far) and `stop()`.
  */
-export async function startIris({ upstreamURL, models, clients, adminKey, upstreamToml = '', extraToml = '' }) {
+export async function startIris({ upstreamURL, models, clients, teams, adminKey, upstreamToml = '', extraToml = '' }) {
   const workdir = mkdtempSync(join(tmpdir(), 'iris-node-'));
   const configPath = join(workdir, 'iris.toml');
-  writeFileSync(configPath, configToml({ upstreamURL, models, clients, adminKey, upstreamToml, extraToml }));
+  writeFileSync(configPath, configToml({ upstreamURL, models, clients, teams, adminKey, upstreamToml, extraToml }));
   // JSON logs: the listen address is a field, with no colour codes around it.
   const child = new Child('iris', [binary('IRIS_BIN', 'iris'), 'serve', '--config', configPath], {
     IRIS_LOG: 'info',

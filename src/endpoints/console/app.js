@@ -112,6 +112,7 @@ async function login(key) {
 
 const WINDOWS = ["requests_per_minute", "tokens_per_minute", "tokens_per_day", "tokens_per_month", "max_concurrent"];
 
+/** Each budget window with a limit as a bar, used / limit: a client's or a team's. */
 function budgetCell(client) {
   const cell = el("td");
   const usage = client.usage || {};
@@ -190,14 +191,45 @@ async function loadClients() {
     const row = el("tr", null, { "data-client": client.name });
     const name = el("td", client.name, { class: "name" });
     if (client.disabled) name.append(el("span", " (disabled)", { class: "muted" }));
-    const cells = [name, sourceCell(client), el("td", client.models.join(", ")), budgetCell(client), actionsCell(client)];
-    ["Name", "Source", "Models", "Budget", "Actions"].forEach((label, i) => i > 0 && cells[i].setAttribute("data-label", label));
+    const team = client.team ? el("td", client.team, { class: "team" }) : el("td", "–", { class: "team muted" });
+    const cells = [name, sourceCell(client), el("td", client.models.join(", ")), team, budgetCell(client), actionsCell(client)];
+    ["Name", "Source", "Models", "Team", "Budget", "Actions"].forEach((label, i) => i > 0 && cells[i].setAttribute("data-label", label));
     row.append(...cells);
     body.append(row);
   }
   $("clients-table").hidden = list.data.length === 0;
   $("clients-empty").hidden = list.data.length > 0;
   $("managed-empty").hidden = list.data.some((c) => c.source === "managed");
+}
+
+// --- teams ------------------------------------------------------------------
+
+/** The members' names, or a count when there are many. */
+function membersCell(team) {
+  const cell = el("td", null, { class: "members" });
+  const members = team.members || [];
+  if (!members.length) cell.append(el("span", "no clients", { class: "muted" }));
+  else if (members.length <= 5) cell.textContent = members.join(", ");
+  else {
+    cell.textContent = `${fmt(members.length)} clients`;
+    cell.title = members.join(", ");
+  }
+  return cell;
+}
+
+async function loadTeams() {
+  const list = await api("GET", "/admin/teams");
+  const body = $("teams-table").tBodies[0];
+  body.replaceChildren();
+  for (const team of list.data) {
+    const row = el("tr", null, { "data-team": team.name });
+    const cells = [el("td", team.name, { class: "name" }), sourceCell(team), membersCell(team), budgetCell(team)];
+    ["Name", "Source", "Members", "Budget"].forEach((label, i) => i > 0 && cells[i].setAttribute("data-label", label));
+    row.append(...cells);
+    body.append(row);
+  }
+  $("teams-table").hidden = list.data.length === 0;
+  $("teams-empty").hidden = list.data.length > 0;
 }
 
 function showKey(name, key) {
@@ -444,7 +476,7 @@ async function loadUpstreams() {
 
 async function refresh() {
   await guarded(async () => {
-    await Promise.all([loadClients(), loadSpend(), loadUpstreams()]);
+    await Promise.all([loadClients(), loadTeams(), loadSpend(), loadUpstreams()]);
   });
 }
 

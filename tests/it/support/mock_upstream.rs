@@ -14,6 +14,8 @@
 //! - `x-mock-die-after: K` streams K content chunks, then the connection
 //!   dies (no finish, no `[DONE]`, no terminating chunk);
 //! - `x-mock-no-usage: 1` reports no usage at all;
+//! - `x-mock-usage: {JSON}` reports that object as the `usage`, plain or
+//!   streamed (cached and reasoning token details, say);
 //! - `x-mock-plain: 1` answers a plain JSON body even to `stream: true`;
 //! - `x-mock-echo: 1` answers (not streamed) with the request body it
 //!   received as the message content, so a test that only sees responses
@@ -537,6 +539,9 @@ async fn answer(State(state): State<MockState>, request: Request) -> Response {
         delay: Duration::from_millis(header_num(&headers, "x-mock-chunk-delay-ms").unwrap_or(0)),
         include_usage: headers.get("x-mock-no-usage").is_none()
             && request["stream_options"]["include_usage"].as_bool() == Some(true),
+        usage: headers
+            .get("x-mock-usage")
+            .and_then(|v| serde_json::from_slice(v.as_bytes()).ok()),
         end: End::Done,
     };
     let cut = |chunks: usize, end: End| Stream {
@@ -602,7 +607,7 @@ async fn answer(State(state): State<MockState>, request: Request) -> Response {
         });
         if headers.get("x-mock-no-usage").is_none() {
             let prompt_tokens = stream.prompt_tokens;
-            answer["usage"] = serde_json::json!({"prompt_tokens": prompt_tokens, "completion_tokens": 7, "total_tokens": prompt_tokens + 7});
+            answer["usage"] = stream.usage.clone().unwrap_or_else(|| serde_json::json!({"prompt_tokens": prompt_tokens, "completion_tokens": 7, "total_tokens": prompt_tokens + 7}));
         }
         return (
             [(header::CONTENT_TYPE, "application/json")],
@@ -665,6 +670,8 @@ struct Stream {
     chunks: usize,
     delay: Duration,
     include_usage: bool,
+    /// `x-mock-usage`'s object, reported instead of the counted usage.
+    usage: Option<serde_json::Value>,
     end: End,
 }
 
@@ -735,8 +742,9 @@ impl Stream {
         sent.push(event(chunk(serde_json::json!({}), Some("stop"))));
         if self.include_usage {
             let (prompt, completion) = (self.prompt_tokens, self.chunks as u64);
+            let usage = self.usage.clone().unwrap_or_else(|| serde_json::json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}));
             sent.push(event(serde_json::json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1, "model": model,
-                "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}})));
+                "choices": [], "usage": usage})));
         }
         if self.end == End::Done {
             sent.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
