@@ -44,6 +44,7 @@ pub mod body_deadline;
 pub mod budget;
 pub mod catalog;
 pub mod cli;
+pub mod client_addr;
 pub mod clients;
 pub mod commands;
 pub mod config;

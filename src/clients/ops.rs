@@ -64,8 +64,10 @@ pub struct BudgetInput {
 }
 
 /// Tells a field written as `null` (`Some(None)`) from one left out (`None`).
-fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Option<i64>>, D::Error> {
-    Option::<i64>::deserialize(deserializer).map(Some)
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    deserializer: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(deserializer).map(Some)
 }
 
 impl BudgetInput {
@@ -133,6 +135,12 @@ pub struct NewClient {
     pub budget: BudgetInput,
     #[serde(default)]
     pub disabled: bool,
+    /// RFC 3339; may be past already (the key then gets `key_expired`).
+    #[serde(default)]
+    pub expires_at: Option<String>,
+    /// CIDRs; none: anywhere.
+    #[serde(default)]
+    pub allowed_networks: Option<Vec<String>>,
 }
 
 /// `PATCH /admin/clients/{name}`, `iris clients set`.
@@ -145,6 +153,12 @@ pub struct ClientChange {
     pub budget: BudgetInput,
     #[serde(default)]
     pub disabled: Option<bool>,
+    /// `null` removes the expiry.
+    #[serde(default, deserialize_with = "present")]
+    pub expires_at: Option<Option<String>>,
+    /// `null` or `[]`: anywhere.
+    #[serde(default, deserialize_with = "present")]
+    pub allowed_networks: Option<Option<Vec<String>>>,
 }
 
 /// `POST /admin/clients/{name}/rotate`, `iris clients rotate`.
@@ -173,6 +187,10 @@ pub struct ClientView {
     /// Managed clients: keys in use (2 during a rotation's grace).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keys: Option<usize>,
+    /// RFC 3339 in UTC; null: never.
+    pub expires_at: Option<String>,
+    /// CIDRs; empty: anywhere.
+    pub allowed_networks: Vec<String>,
 }
 
 impl From<&Client> for ClientView {
@@ -189,6 +207,12 @@ impl From<&Client> for ClientView {
             disabled: false,
             created_at: None,
             keys: None,
+            expires_at: client.expires_at.map(|at| at.to_string()),
+            allowed_networks: client
+                .allowed_networks
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
         }
     }
 }
@@ -210,6 +234,8 @@ impl From<&ManagedClient> for ClientView {
                     .filter(|k| k.expires_at.is_none_or(|at| now < at))
                     .count(),
             ),
+            expires_at: client.expires_at.clone(),
+            allowed_networks: client.allowed_networks.clone(),
         }
     }
 }
@@ -295,6 +321,40 @@ fn check_models(models: &[String], config: &Config) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// An `expires_at` as written, checked, in the one form it is stored in
+/// (UTC). A past instant is allowed: the key then gets `key_expired`.
+fn check_expires_at(text: &str) -> Result<String, ClientError> {
+    crate::config::parse_instant(text)
+        .map(|at| at.to_string())
+        .map_err(|_| {
+            invalid(
+                "expires_at",
+                format!(
+                    "'expires_at' must be an RFC 3339 time with an offset, such as \
+                     2027-01-01T00:00:00Z (or null for never), not {text:?}."
+                ),
+            )
+        })
+}
+
+/// `allowed_networks` as written, each checked, in canonical form.
+fn check_networks(networks: &[String]) -> Result<Vec<String>, ClientError> {
+    networks
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            crate::client_addr::parse_network(text)
+                .map(|net| net.to_string())
+                .map_err(|message| {
+                    invalid(
+                        &format!("allowed_networks[{i}]"),
+                        format!("'allowed_networks[{i}]': {message}."),
+                    )
+                })
+        })
+        .collect()
+}
+
 fn from_config(name: &str, config: &Config) -> bool {
     config.catalog.clients().iter().any(|c| &*c.name == name)
 }
@@ -324,6 +384,12 @@ pub async fn create(
     let models = request.models.unwrap_or_else(|| vec!["*".into()]);
     check_models(&models, config)?;
     let budget = request.budget.apply(Limits::default())?;
+    let expires_at = request
+        .expires_at
+        .as_deref()
+        .map(check_expires_at)
+        .transpose()?;
+    let allowed_networks = check_networks(request.allowed_networks.as_deref().unwrap_or(&[]))?;
     let (key, stored) = new_key()?;
     let client = ManagedClient {
         name: request.name,
@@ -332,6 +398,8 @@ pub async fn create(
         budget,
         disabled: request.disabled,
         created_at: unix_now(),
+        expires_at,
+        allowed_networks,
     };
     registry.create(client.clone()).await?;
     Ok((client, key))
@@ -368,6 +436,12 @@ pub async fn change(
     client.budget = change.budget.apply(client.budget)?;
     if let Some(disabled) = change.disabled {
         client.disabled = disabled;
+    }
+    if let Some(expires_at) = change.expires_at {
+        client.expires_at = expires_at.as_deref().map(check_expires_at).transpose()?;
+    }
+    if let Some(networks) = change.allowed_networks {
+        client.allowed_networks = check_networks(networks.as_deref().unwrap_or(&[]))?;
     }
     registry.replace(client.clone()).await?;
     Ok(client)

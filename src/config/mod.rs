@@ -12,6 +12,7 @@
 
 mod env;
 mod resolve;
+pub use resolve::parse_instant;
 pub mod schema;
 
 use std::fmt;
@@ -40,6 +41,10 @@ pub struct Config {
     pub admin: Option<KeyHash>,
     pub catalog: Catalog,
     pub spend_log: SpendSettings,
+    /// What is allowed but probably a mistake (a config client whose key
+    /// has already expired): `iris check` prints these and exits 0, the
+    /// server logs them.
+    pub warnings: Vec<Problem>,
 }
 
 /// `[server]`: the listener, and the limits on connections and requests
@@ -67,6 +72,9 @@ pub struct Server {
     pub max_connections: usize,
     /// Messages and content parts one chat completion may hold.
     pub request_limits: RequestLimits,
+    /// From these peers, the client's address is taken from
+    /// `X-Forwarded-For` (see [`crate::client_addr`]).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// One thing wrong with a config, at a key path.
