@@ -21,6 +21,7 @@ mod gateway;
 mod hardening;
 mod images;
 mod leaks;
+mod policy;
 mod quickstart;
 mod redis;
 mod redis_cluster;
