@@ -22,6 +22,7 @@ Usage: python deploy/check.py [--iris PATH_TO_IRIS_BINARY]
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import importlib.util
 import os
 import re
@@ -370,9 +371,46 @@ def check_compose_wiring() -> list[str]:
     for host, port in servers:
         if host in iris_ports and port not in iris_ports[host]:
             problems.append(f"nginx.conf: server {host}:{port}, but {host} exposes {sorted(iris_ports[host])}")
-    for directive in ("proxy_buffering off;", "proxy_http_version 1.1;", 'proxy_set_header Connection "";'):
+    # Iris trusts nginx's X-Forwarded-For (server.trusted_proxies) only if
+    # nginx has the address Iris trusts, and appends the client to the header.
+    lb_addresses = [
+        (network or {}).get("ipv4_address")
+        for name, service in services.items()
+        if "nginx" in str(service.get("image", ""))
+        for network in (service.get("networks") or {}).values()
+    ]
+    for name, service in services.items():
+        if service.get("command", [None])[0] != "serve":
+            continue
+        config_path = service["command"][service["command"].index("--config") + 1]
+        mounts = [v.split(":") for v in service.get("volumes", []) if isinstance(v, str)]
+        host = next((m[0] for m in mounts if m[1] == config_path), None)
+        if host is None:
+            continue
+        config = tomllib.loads((DEPLOY / host).read_text())
+        trusted = [ipaddress.ip_network(n, strict=False) for n in config.get("server", {}).get("trusted_proxies", [])]
+        for address in lb_addresses:
+            if address is None or not any(ipaddress.ip_address(address) in net for net in trusted):
+                problems.append(
+                    f"{host}: server.trusted_proxies {[str(n) for n in trusted]} does not hold nginx's fixed "
+                    f"address ({address or 'none: give the lb service an ipv4_address'}): every client "
+                    "would look like nginx to the failed-auth throttle"
+                )
+        subnets = [
+            ipaddress.ip_network(c["subnet"])
+            for c in ((compose.get("networks") or {}).get("default") or {}).get("ipam", {}).get("config", [])
+        ]
+        for address in filter(None, lb_addresses):
+            if not any(ipaddress.ip_address(address) in subnet for subnet in subnets):
+                problems.append(f"compose.yaml: the lb's address {address} is outside the default network's subnets")
+    for directive in (
+        "proxy_buffering off;",
+        "proxy_http_version 1.1;",
+        'proxy_set_header Connection "";',
+        "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
+    ):
         if directive not in nginx:
-            problems.append(f"nginx.conf: `{directive}` missing (streams must not be buffered; keep-alive upstream)")
+            problems.append(f"nginx.conf: `{directive}` missing (streams must not be buffered; keep-alive upstream; the client in X-Forwarded-For)")
     return problems
 
 

@@ -12,6 +12,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use tower_http::request_id::{MakeRequestId, RequestId};
 
+use crate::client_addr::ClientAddr;
 use crate::error::ErrorCode;
 use crate::facts::RequestFacts;
 
@@ -46,6 +47,7 @@ pub async fn access_log(mut request: Request, next: Next) -> Response {
         .and_then(|id| id.header_value().to_str().ok())
         .unwrap_or("")
         .to_owned();
+    let client_addr = ClientAddr::of(request.extensions());
 
     let response = next.run(request).await;
 
@@ -91,6 +93,7 @@ pub async fn access_log(mut request: Request, next: Next) -> Response {
         status,
         code,
         client,
+        %client_addr,
         model,
         upstream_ms = upstream_latency.map(|d| d.as_secs_f64() * 1000.0),
         estimated_tokens = facts.and_then(|f| f.estimated_tokens),

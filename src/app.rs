@@ -15,6 +15,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::access_log::{self, NewRequestId};
 use crate::body_deadline;
+use crate::client_addr;
 use crate::endpoints;
 use crate::error::{ApiError, ErrorCode, Relayed};
 pub use crate::state::{AppState, SharedState};
@@ -25,6 +26,7 @@ pub fn app(state: SharedState) -> Router {
     let edge = Edge {
         max_body_bytes: config.server.max_body_bytes,
         body_read_timeout: config.server.body_read_timeout,
+        trusted_proxies: config.server.trusted_proxies.clone().into(),
     };
     with_edge_layers(routes(), edge).with_state(state)
 }
@@ -79,10 +81,11 @@ fn routes() -> Router<SharedState> {
 
 /// What the edge layers need of the config (`[server]`, which a reload
 /// does not change).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Edge {
     max_body_bytes: usize,
     body_read_timeout: std::time::Duration,
+    trusted_proxies: std::sync::Arc<[ipnet::IpNet]>,
 }
 
 /// Puts `router` behind the layer stack every request meets (apart from
@@ -94,11 +97,19 @@ where
     let Edge {
         max_body_bytes,
         body_read_timeout,
+        trusted_proxies,
     } = edge;
     let request_id = HeaderName::from_static(access_log::REQUEST_ID);
     // Layers in the order a request meets them (ServiceBuilder runs the
     // first one added first):
     let layers = ServiceBuilder::new()
+        // 0. the client's address, once: the peer, or behind a trusted
+        //    proxy what it forwarded (the throttle, allowed_networks, the
+        //    log line and the spend record all read this one);
+        .layer(axum::middleware::map_request_with_state(
+            trusted_proxies,
+            client_addr::stamp,
+        ))
         // 1. the request id: the client's if acceptable, else a new one...
         .layer(axum::middleware::map_request(
             access_log::drop_unacceptable_request_id,
@@ -196,6 +207,7 @@ mod tests {
         let edge = Edge {
             max_body_bytes: 1024,
             body_read_timeout: std::time::Duration::from_secs(5),
+            trusted_proxies: Vec::new().into(),
         };
         with_edge_layers(routes, edge)
     }

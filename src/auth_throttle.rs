@@ -2,7 +2,9 @@
 //! wrong keys (client or admin) from one address, that address gets 429 for
 //! a while instead of more guesses. Only failures are counted, so valid keys
 //! are never slowed, even from a busy address. (governor's keyed GCRA, the
-//! same algorithm as the minute budgets.)
+//! same algorithm as the minute budgets.) The address is the client's as
+//! [`crate::client_addr`] decides it: behind a trusted proxy, the forwarded
+//! one, so one client's guesses do not lock out everyone behind the proxy.
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;

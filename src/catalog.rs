@@ -5,6 +5,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use ipnet::IpNet;
+use jiff::Timestamp;
+
 use crate::budget::Limits;
 use crate::budget::money::Price;
 use crate::keys::KeyHash;
@@ -63,6 +66,10 @@ pub struct Client {
     /// The team whose budget its requests also count against, by name: a
     /// config team or a managed one (see `AppState::team`).
     pub team: Option<Arc<str>>,
+    /// From this instant on, its keys get 401 `key_expired`.
+    pub expires_at: Option<Timestamp>,
+    /// Where its requests may come from; empty: anywhere.
+    pub allowed_networks: Vec<IpNet>,
 }
 
 /// A budget shared by the clients that name it (`[[teams]]`, or a managed
@@ -74,12 +81,27 @@ pub struct Team {
 }
 
 impl Client {
+    /// Whether its key has expired at `now` (checked per request, so an
+    /// expiry needs no reload).
+    pub fn expired(&self, now: Timestamp) -> bool {
+        self.expires_at.is_some_and(|at| now >= at)
+    }
+
     pub fn may_use(&self, model: &str) -> bool {
         match &self.models {
             ModelAccess::All => true,
             ModelAccess::Only(allowed) => allowed.iter().any(|m| m == model),
         }
     }
+}
+
+/// The wall clock, to the millisecond (jiff is built without `std`, so
+/// without its own `now`).
+pub fn now() -> Timestamp {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    Timestamp::from_millisecond(ms).unwrap_or(Timestamp::MAX)
 }
 
 #[derive(Debug, Default)]

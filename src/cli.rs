@@ -139,6 +139,13 @@ pub struct ClientSettings {
     /// `""` (with `set`) takes it out of its team.
     #[arg(long)]
     pub team: Option<String>,
+    /// When its key stops working, RFC 3339 (2027-01-01T00:00:00Z); `none`
+    /// for never.
+    #[arg(long)]
+    pub expires_at: Option<String>,
+    /// CIDRs its requests may come from, comma-separated; `none` for anywhere.
+    #[arg(long)]
+    pub allowed_networks: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

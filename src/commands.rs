@@ -29,6 +29,9 @@ pub fn serve(arg: &ConfigArg) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    for warning in &config.warnings {
+        tracing::warn!(config = %path.display(), "{warning}");
+    }
     report(block_on(true, run(config, path)), |message| {
         tracing::error!("{message}");
     })
@@ -56,6 +59,7 @@ pub fn check(arg: &ConfigArg) -> ExitCode {
     let path = arg.path();
     match config::load(&path) {
         Ok(config) => {
+            // Allowed, so not problems: exit 0, but say so.
             for warning in &config.warnings {
                 println!("warning: {warning}");
             }
@@ -178,6 +182,8 @@ pub fn clients(command: ClientsCommand) -> ExitCode {
                         budget: budget_input(&settings)?,
                         disabled: false,
                         team: settings.team.clone().filter(|team| !team.is_empty()),
+                        expires_at: expires_at_input(&settings).flatten(),
+                        allowed_networks: networks_input(&settings).flatten(),
                     };
                     let (client, key) = ops::create(registry, &config, request).await.map_err(said)?;
                     Ok(format!(
@@ -200,6 +206,8 @@ pub fn clients(command: ClientsCommand) -> ExitCode {
                             .team
                             .clone()
                             .map(|team| Some(team).filter(|team| !team.is_empty())),
+                        expires_at: expires_at_input(&settings),
+                        allowed_networks: networks_input(&settings),
                     };
                     let client = ops::change(registry, &config, &name, change).await.map_err(said)?;
                     Ok(format!(
@@ -395,6 +403,21 @@ fn budget_input(settings: &ClientSettings) -> Result<BudgetInput, String> {
         tokens_per_day: parse("tokens-per-day", &settings.tokens_per_day)?,
         tokens_per_month: parse("tokens-per-month", &settings.tokens_per_month)?,
         max_concurrent: parse("max-concurrent", &settings.max_concurrent)?,
+    })
+}
+
+/// `--expires-at`: a time, or `none` for never.
+fn expires_at_input(settings: &ClientSettings) -> Option<Option<String>> {
+    settings
+        .expires_at
+        .as_ref()
+        .map(|text| (text != "none").then(|| text.clone()))
+}
+
+/// `--allowed-networks`: comma-separated CIDRs, or `none` for anywhere.
+fn networks_input(settings: &ClientSettings) -> Option<Option<Vec<String>>> {
+    settings.allowed_networks.as_ref().map(|text| {
+        (text != "none").then(|| text.split(',').map(|n| n.trim().to_owned()).collect())
     })
 }
 

@@ -88,6 +88,22 @@ impl ApiError {
         )
     }
 
+    /// A real key whose client's `expires_at` has passed.
+    pub fn key_expired() -> Self {
+        Self::new(
+            ErrorCode::KeyExpired,
+            "Your API key has expired. Ask the operator of this gateway for a new one.",
+        )
+    }
+
+    /// A key used from outside its client's `allowed_networks`.
+    pub fn client_network_forbidden(addr: std::net::IpAddr) -> Self {
+        Self::new(
+            ErrorCode::ClientNetworkForbidden,
+            format!("Your API key may not be used from your address ({addr})."),
+        )
+    }
+
     /// Too many wrong keys from one address.
     pub fn too_many_auth_failures(wait: Duration) -> Self {
         Self::new(

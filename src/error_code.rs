@@ -79,6 +79,8 @@ error_codes! {
     TooManyImages = "too_many_images", status(400), "invalid_request_error";
     /// No key, or one that belongs to no client.
     InvalidApiKey = "invalid_api_key", status(401), "authentication_error";
+    /// The key's client has an `expires_at`, and it has passed.
+    KeyExpired = "key_expired", status(401), "authentication_error";
     /// Too many wrong keys from the client's address.
     TooManyAuthFailures = "too_many_auth_failures", status(429), "requests";
     /// `POST /admin/clients`: the name is taken.
@@ -105,6 +107,9 @@ error_codes! {
     RestartRequired = "restart_required", status(409), "invalid_request_error";
     /// The model is configured, but not in the client's `models`.
     ModelNotAllowed = "model_not_allowed", status(403), "permission_error";
+    /// The request came from outside the client's `allowed_networks` (its
+    /// address as `server.trusted_proxies` says).
+    ClientNetworkForbidden = "client_network_forbidden", status(403), "permission_error";
     /// No model of that name is configured.
     ModelNotFound = "model_not_found", status(404), "invalid_request_error";
     /// No such path.

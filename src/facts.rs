@@ -14,6 +14,8 @@ pub struct RequestFacts {
     pub request_id: String,
     /// The client's name.
     pub client: Arc<str>,
+    /// Where the request came from (see [`crate::client_addr`]).
+    pub client_addr: Option<std::net::IpAddr>,
     /// The configured model, once the request resolved to one (a name a
     /// client made up is not kept).
     pub model: Option<String>,
@@ -38,10 +40,11 @@ pub struct RequestFacts {
 
 impl RequestFacts {
     /// The facts of a request `client` sent, known at the edge.
-    pub fn new(request_id: &str, client: &Arc<str>) -> Self {
+    pub fn new(request_id: &str, client: &Arc<str>, client_addr: std::net::IpAddr) -> Self {
         Self {
             request_id: request_id.to_owned(),
             client: Arc::clone(client),
+            client_addr: Some(client_addr),
             ..Self::default()
         }
     }

@@ -26,7 +26,9 @@
 //!   fetching, sniffing, conversion, caching), [`upstream`] (forwarding; the
 //!   built-in demo upstream), [`spend`] (the spend log: a record per chat
 //!   completion, batched to SQLite or PostgreSQL off the request path),
-//!   [`auth_throttle`] (wrong keys throttled per source address)
+//!   [`auth_throttle`] (wrong keys throttled per source address),
+//!   [`client_addr`] (the client's address, decided once at the edge: the
+//!   peer, or behind `server.trusted_proxies` the forwarded one)
 //! - at the bottom: [`openai`] (the wire types Iris looks inside),
 //!   [`facts`] (what a request learned, for its headers, log line, metrics
 //!   and spend record),
@@ -44,6 +46,7 @@ pub mod body_deadline;
 pub mod budget;
 pub mod catalog;
 pub mod cli;
+pub mod client_addr;
 pub mod clients;
 pub mod commands;
 pub mod config;

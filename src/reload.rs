@@ -45,7 +45,12 @@ pub fn reload(state: &AppState) -> Result<(), ReloadError> {
         .counter(&[("result", label)])
         .increment(1);
     match &result {
-        Ok(()) => tracing::info!("config reloaded"),
+        Ok(()) => {
+            tracing::info!("config reloaded");
+            for warning in &state.config().warnings {
+                tracing::warn!("{warning}");
+            }
+        }
         Err(ReloadError::Invalid(problems)) => {
             for problem in problems {
                 tracing::error!("config not reloaded: {problem}");

@@ -57,6 +57,13 @@ pub struct ManagedClient {
     /// The team whose budget its requests also count against.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub team: Option<String>,
+    /// RFC 3339 (as `ops` wrote it, in UTC): from then on its keys get
+    /// `key_expired`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    /// CIDRs its requests may come from; empty: anywhere.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_networks: Vec<String>,
 }
 
 /// A managed team as stored: a budget its clients share.
@@ -268,6 +275,24 @@ impl Index {
                 models: model_access(&managed.models),
                 budget: managed.budget,
                 team: managed.team.as_deref().map(Arc::from),
+                // Written checked by `ops`; a value that no longer parses
+                // (edited in the store by hand) locks the key rather than
+                // lifting its policy.
+                expires_at: managed
+                    .expires_at
+                    .as_deref()
+                    .map(|text| crate::config::parse_instant(text).unwrap_or(jiff::Timestamp::MIN)),
+                allowed_networks: managed
+                    .allowed_networks
+                    .iter()
+                    .map(|text| {
+                        crate::client_addr::parse_network(text).unwrap_or_else(|_| {
+                            ipnet::IpNet::from(std::net::IpAddr::from(
+                                std::net::Ipv6Addr::UNSPECIFIED,
+                            ))
+                        })
+                    })
+                    .collect(),
             });
             for key in &managed.keys {
                 if let Ok(hash) = KeyHash::parse(&key.hash) {
@@ -399,6 +424,8 @@ mod tests {
             disabled: false,
             created_at: 1,
             team: team.map(str::to_owned),
+            expires_at: None,
+            allowed_networks: Vec::new(),
         }
     }
 

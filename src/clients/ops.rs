@@ -138,6 +138,12 @@ pub struct NewClient {
     /// A team's name (config or managed).
     #[serde(default)]
     pub team: Option<String>,
+    /// RFC 3339; may be past already (the key then gets `key_expired`).
+    #[serde(default)]
+    pub expires_at: Option<String>,
+    /// CIDRs; none: anywhere.
+    #[serde(default)]
+    pub allowed_networks: Option<Vec<String>>,
 }
 
 /// `PATCH /admin/clients/{name}`, `iris clients set`.
@@ -153,6 +159,12 @@ pub struct ClientChange {
     /// A team's name; `null` takes the client out of its team.
     #[serde(default, deserialize_with = "present")]
     pub team: Option<Option<String>>,
+    /// `null` removes the expiry.
+    #[serde(default, deserialize_with = "present")]
+    pub expires_at: Option<Option<String>>,
+    /// `null` or `[]`: anywhere.
+    #[serde(default, deserialize_with = "present")]
+    pub allowed_networks: Option<Option<Vec<String>>>,
 }
 
 /// `POST /admin/clients/{name}/rotate`, `iris clients rotate`.
@@ -184,6 +196,10 @@ pub struct ClientView {
     /// Its team's name, when it has one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub team: Option<String>,
+    /// RFC 3339 in UTC; null: never.
+    pub expires_at: Option<String>,
+    /// CIDRs; empty: anywhere.
+    pub allowed_networks: Vec<String>,
 }
 
 impl From<&Client> for ClientView {
@@ -201,6 +217,12 @@ impl From<&Client> for ClientView {
             created_at: None,
             keys: None,
             team: client.team.as_deref().map(str::to_owned),
+            expires_at: client.expires_at.map(|at| at.to_string()),
+            allowed_networks: client
+                .allowed_networks
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
         }
     }
 }
@@ -223,6 +245,8 @@ impl From<&ManagedClient> for ClientView {
                     .count(),
             ),
             team: client.team.clone(),
+            expires_at: client.expires_at.clone(),
+            allowed_networks: client.allowed_networks.clone(),
         }
     }
 }
@@ -308,6 +332,40 @@ fn check_models(models: &[String], config: &Config) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// An `expires_at` as written, checked, in the one form it is stored in
+/// (UTC). A past instant is allowed: the key then gets `key_expired`.
+fn check_expires_at(text: &str) -> Result<String, ClientError> {
+    crate::config::parse_instant(text)
+        .map(|at| at.to_string())
+        .map_err(|_| {
+            invalid(
+                "expires_at",
+                format!(
+                    "'expires_at' must be an RFC 3339 time with an offset, such as \
+                     2027-01-01T00:00:00Z (or null for never), not {text:?}."
+                ),
+            )
+        })
+}
+
+/// `allowed_networks` as written, each checked, in canonical form.
+fn check_networks(networks: &[String]) -> Result<Vec<String>, ClientError> {
+    networks
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            crate::client_addr::parse_network(text)
+                .map(|net| net.to_string())
+                .map_err(|message| {
+                    invalid(
+                        &format!("allowed_networks[{i}]"),
+                        format!("'allowed_networks[{i}]': {message}."),
+                    )
+                })
+        })
+        .collect()
+}
+
 fn from_config(name: &str, config: &Config) -> bool {
     config.catalog.clients().iter().any(|c| &*c.name == name)
 }
@@ -340,6 +398,12 @@ pub async fn create(
     if let Some(team) = &request.team {
         super::teams::check_exists(registry, config, team).await?;
     }
+    let expires_at = request
+        .expires_at
+        .as_deref()
+        .map(check_expires_at)
+        .transpose()?;
+    let allowed_networks = check_networks(request.allowed_networks.as_deref().unwrap_or(&[]))?;
     let (key, stored) = new_key()?;
     let client = ManagedClient {
         name: request.name,
@@ -349,6 +413,8 @@ pub async fn create(
         disabled: request.disabled,
         created_at: unix_now(),
         team: request.team,
+        expires_at,
+        allowed_networks,
     };
     registry.create(client.clone()).await?;
     Ok((client, key))
@@ -391,6 +457,12 @@ pub async fn change(
             super::teams::check_exists(registry, config, team).await?;
         }
         client.team = team;
+    }
+    if let Some(expires_at) = change.expires_at {
+        client.expires_at = expires_at.as_deref().map(check_expires_at).transpose()?;
+    }
+    if let Some(networks) = change.allowed_networks {
+        client.allowed_networks = check_networks(networks.as_deref().unwrap_or(&[]))?;
     }
     registry.replace(client.clone()).await?;
     Ok(client)

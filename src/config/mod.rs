@@ -12,6 +12,7 @@
 
 mod env;
 mod resolve;
+pub use resolve::parse_instant;
 pub mod schema;
 
 use std::fmt;
@@ -43,8 +44,10 @@ pub struct Config {
     pub spend_log: SpendSettings,
     /// `[pricing] currency`: the label of every price and cost.
     pub currency: Arc<str>,
-    /// What `iris check` reports without failing (and the server logs at
-    /// start and reload), each at its key path.
+    /// What is allowed but probably a mistake (a config client whose key
+    /// has already expired, a cost limit on a model without a price), each
+    /// at its key path: `iris check` prints these and exits 0, the server
+    /// logs them.
     pub warnings: Vec<Problem>,
 }
 
@@ -73,6 +76,9 @@ pub struct Server {
     pub max_connections: usize,
     /// Messages and content parts one chat completion may hold.
     pub request_limits: RequestLimits,
+    /// From these peers, the client's address is taken from
+    /// `X-Forwarded-For` (see [`crate::client_addr`]).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// One thing wrong with a config, at a key path.

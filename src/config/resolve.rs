@@ -5,7 +5,7 @@
 //! lists them all; the server never interprets a config string again.
 
 use std::collections::HashSet;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,7 +67,8 @@ pub fn resolve(file: schema::File) -> Result<Config, Vec<Problem>> {
             .ok()
     });
     let teams = teams(&file.teams, &mut problems);
-    let clients = clients(&file.clients, &models, &teams, &mut problems);
+    let mut warnings = Vec::new();
+    let clients = clients(&file.clients, &models, &teams, &mut problems, &mut warnings);
     let spend_log = spend_log(&file.spend_log, &mut problems);
     let currency = file.pricing.currency.trim();
     if currency.is_empty() || currency.chars().any(char::is_control) {
@@ -76,7 +77,7 @@ pub fn resolve(file: schema::File) -> Result<Config, Vec<Problem>> {
             "must be a label such as \"USD\" (no control characters)",
         );
     }
-    let warnings = unpriced_cost_limits(&clients, &models);
+    warnings.extend(unpriced_cost_limits(&clients, &models));
     match (problems.0.is_empty(), server, store) {
         (true, Some(server), Some(store)) => Ok(Config {
             server,
@@ -138,6 +139,7 @@ fn server(server: &schema::Server, problems: &mut Problems) -> Option<Server> {
         max_content_parts: problems
             .above_zero("server.max_content_parts", server.max_content_parts),
     };
+    let trusted_proxies = networks(&server.trusted_proxies, "server.trusted_proxies", problems);
     Some(Server {
         listen: listen.ok()?,
         max_body_bytes,
@@ -149,7 +151,20 @@ fn server(server: &schema::Server, problems: &mut Problems) -> Option<Server> {
         max_headers,
         max_connections,
         request_limits,
+        trusted_proxies,
     })
+}
+
+/// A list of CIDRs (or single addresses), each problem at its index.
+fn networks(list: &[String], at: &str, problems: &mut Problems) -> Vec<IpNet> {
+    list.iter()
+        .enumerate()
+        .filter_map(|(i, network)| {
+            crate::client_addr::parse_network(network)
+                .map_err(|message| problems.add(format!("{at}[{i}]"), message))
+                .ok()
+        })
+        .collect()
 }
 
 fn store(file: &schema::File, problems: &mut Problems) -> Option<StoreSettings> {
@@ -278,23 +293,11 @@ fn spend_log(log: &schema::SpendLog, problems: &mut Problems) -> SpendSettings {
 }
 
 fn images(images: &schema::Images, problems: &mut Problems) -> ImagesSettings {
-    let allowed_networks = images
-        .allowed_networks
-        .iter()
-        .enumerate()
-        .filter_map(|(i, network)| {
-            let parsed = network
-                .parse::<IpNet>()
-                .or_else(|_| network.parse::<IpAddr>().map(IpNet::from));
-            if parsed.is_err() {
-                problems.add(
-                    format!("images.allowed_networks[{i}]"),
-                    format!("{network:?} is not a CIDR such as 10.0.0.0/8"),
-                );
-            }
-            parsed.ok()
-        })
-        .collect();
+    let allowed_networks = networks(
+        &images.allowed_networks,
+        "images.allowed_networks",
+        problems,
+    );
     let timeout_ms = problems.above_zero("images.fetch_timeout_ms", images.fetch_timeout_ms);
     ImagesSettings {
         fetch: FetchLimits {
@@ -660,7 +663,9 @@ fn clients(
     models: &[Model],
     teams: &[Team],
     problems: &mut Problems,
+    warnings: &mut Vec<Problem>,
 ) -> Vec<Client> {
+    let now = crate::catalog::now();
     let mut names = HashSet::new();
     let mut keys: Vec<KeyHash> = Vec::new();
     let mut resolved = Vec::new();
@@ -706,6 +711,23 @@ fn clients(
         {
             problems.add(at("team"), format!("no team named {team:?}"));
         }
+        let expires_at = client.expires_at.as_deref().and_then(|text| {
+            let parsed = parse_instant(text)
+                .map_err(|message| problems.add(at("expires_at"), message))
+                .ok()?;
+            if parsed <= now {
+                warnings.push(Problem::new(
+                    at("expires_at"),
+                    format!(
+                        "{text} is past: the key of {:?} gets key_expired",
+                        client.name
+                    ),
+                ));
+            }
+            Some(parsed)
+        });
+        let allowed_networks =
+            networks(&client.allowed_networks, &at("allowed_networks"), problems);
         let models = if client.models.iter().any(|m| m == "*") {
             ModelAccess::All
         } else {
@@ -718,6 +740,8 @@ fn clients(
                 models,
                 budget: client.budget,
                 team: client.team.as_deref().map(Arc::from),
+                expires_at,
+                allowed_networks,
             });
         }
     }
@@ -755,6 +779,14 @@ fn unpriced_cost_limits(clients: &[Client], models: &[Model]) -> Vec<Problem> {
         }
     }
     warnings
+}
+
+/// An RFC 3339 instant with its offset (`2027-01-01T00:00:00Z`,
+/// `2027-01-01T01:00:00+01:00`).
+pub fn parse_instant(text: &str) -> Result<jiff::Timestamp, String> {
+    text.parse::<jiff::Timestamp>().map_err(|_| {
+        format!("{text:?} is not an RFC 3339 time with an offset, such as 2027-01-01T00:00:00Z")
+    })
 }
 
 fn check_limits(budget: &Limits, at: &str, problems: &mut Problems) {
@@ -1090,6 +1122,74 @@ mod tests {
         let clients = config.catalog.clients();
         assert_eq!(clients[0].team.as_deref(), Some("blue"));
         assert_eq!(clients[1].team, None);
+    }
+
+    #[test]
+    fn key_policy_and_trusted_proxies_are_checked_with_their_key_paths() {
+        let key = crate::keys::KeyHash::of("k");
+        let text = |expires_at: &str| {
+            format!(
+                r#"
+                [server]
+                trusted_proxies = ["10.0.0.0/8", "fd00::/8", "10.0.0.300"]
+                [[clients]]
+                name = "c"
+                key = "{key}"
+                expires_at = "{expires_at}"
+                allowed_networks = ["192.168.0.0/16", "2001:db8::/32", "192.168.0.0/33"]
+                "#
+            )
+        };
+        assert_eq!(
+            problems(&text("2027-13-01T00:00:00Z")),
+            vec![
+                "server.trusted_proxies[2]: \"10.0.0.300\" is not a CIDR such as 10.0.0.0/8 or 2001:db8::/32"
+                    .to_string(),
+                "clients[0].expires_at: \"2027-13-01T00:00:00Z\" is not an RFC 3339 time with an \
+                 offset, such as 2027-01-01T00:00:00Z"
+                    .to_string(),
+                "clients[0].allowed_networks[2]: \"192.168.0.0/33\" is not a CIDR such as 10.0.0.0/8 \
+                 or 2001:db8::/32"
+                    .to_string(),
+            ]
+        );
+        // Without an offset, the instant is ambiguous: refused.
+        assert!(
+            problems(&text("2027-01-01T00:00:00"))
+                .iter()
+                .any(|p| p.starts_with("clients[0].expires_at: ")),
+        );
+        let valid = text("2027-01-01T01:00:00+01:00")
+            .replace(", \"10.0.0.300\"", "")
+            .replace(", \"192.168.0.0/33\"", "");
+        let config = parse(&valid, &|_| None).expect("valid");
+        assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+        let client = &config.catalog.clients()[0];
+        assert_eq!(
+            client.expires_at.map(|at| at.to_string()).as_deref(),
+            Some("2027-01-01T00:00:00Z")
+        );
+        assert_eq!(client.allowed_networks.len(), 2);
+        assert_eq!(config.server.trusted_proxies.len(), 2);
+    }
+
+    #[test]
+    fn a_config_client_already_expired_is_a_warning_not_a_problem() {
+        let config = parse(
+            &format!(
+                "[[clients]]\nname = \"old\"\nkey = \"{}\"\nexpires_at = \"2020-01-01T00:00:00Z\"\n",
+                crate::keys::KeyHash::of("k")
+            ),
+            &|_| None,
+        )
+        .expect("valid: a warning only");
+        let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            warnings,
+            [
+                "clients[0].expires_at: 2020-01-01T00:00:00Z is past: the key of \"old\" gets key_expired"
+            ]
+        );
     }
 
     #[test]

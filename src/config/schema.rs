@@ -80,6 +80,9 @@ pub struct Server {
     pub max_messages: usize,
     /// Content parts across one request's messages; more get 400.
     pub max_content_parts: usize,
+    /// CIDRs of the proxies in front of Iris: from them, the client's
+    /// address is taken from `X-Forwarded-For`.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for Server {
@@ -96,6 +99,7 @@ impl Default for Server {
             max_connections: 10_000,
             max_messages: RequestLimits::DEFAULT.max_messages,
             max_content_parts: RequestLimits::DEFAULT.max_content_parts,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -393,6 +397,10 @@ pub struct Client {
     pub budget: Limits,
     /// A `[[teams]]` name: the client's requests also count against its budget.
     pub team: Option<String>,
+    /// RFC 3339: from then on the key gets 401 `key_expired`.
+    pub expires_at: Option<String>,
+    /// CIDRs: from any other address the key gets 403 (empty: anywhere).
+    pub allowed_networks: Vec<String>,
 }
 
 impl Default for Client {
@@ -403,6 +411,8 @@ impl Default for Client {
             models: vec!["*".into()],
             budget: Limits::default(),
             team: None,
+            expires_at: None,
+            allowed_networks: Vec::new(),
         }
     }
 }

@@ -15,6 +15,7 @@ use tower_http::request_id::RequestId;
 use super::Authenticated;
 use crate::access_log::RequestLog;
 use crate::body_deadline::BodyDeadlineElapsed;
+use crate::client_addr::ClientAddr;
 use crate::config;
 use crate::error::{self, ApiError, Relayed, rate_limit_headers};
 use crate::facts::RequestFacts;
@@ -29,12 +30,13 @@ pub async fn completions(
     State(state): State<SharedState>,
     Authenticated { client, config }: Authenticated,
     Extension(request_id): Extension<RequestId>,
+    Extension(ClientAddr(client_addr)): Extension<ClientAddr>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     let started = Instant::now();
     let request_id = request_id.header_value().to_str().unwrap_or("");
-    let mut facts = RequestFacts::new(request_id, &client.name);
+    let mut facts = RequestFacts::new(request_id, &client.name, client_addr);
     let length = headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());

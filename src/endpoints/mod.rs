@@ -11,14 +11,13 @@ pub mod usage;
 
 use std::sync::Arc;
 
-use std::net::{IpAddr, SocketAddr};
-
-use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{Method, Uri};
 
 use crate::access_log::ClientSlot;
 use crate::catalog::Client;
+use crate::client_addr::{self, ClientAddr};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::keys::bearer_key;
@@ -57,6 +56,15 @@ impl FromRequestParts<SharedState> for Authenticated {
         if let Some(slot) = parts.extensions.get::<ClientSlot>() {
             slot.set(Arc::clone(&client.name));
         }
+        // The key's policy, against the clock and the address of this
+        // request (not at load: an expiry needs no reload).
+        if client.expired(crate::catalog::now()) {
+            return Err(ApiError::key_expired());
+        }
+        let addr = ClientAddr::of(&parts.extensions);
+        if !client_addr::allowed(addr, &client.allowed_networks) {
+            return Err(ApiError::client_network_forbidden(addr));
+        }
         Ok(Authenticated { client, config })
     }
 }
@@ -64,10 +72,7 @@ impl FromRequestParts<SharedState> for Authenticated {
 /// The answer to a wrong or missing key: 401, or 429 once the address sent
 /// too many of them.
 pub(crate) fn failed_authentication(state: &SharedState, parts: &Parts) -> ApiError {
-    let address = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map_or(IpAddr::from([0, 0, 0, 0]), |info| info.0.ip());
+    let address = ClientAddr::of(&parts.extensions);
     match state.auth_failures.failed(address) {
         Ok(()) => ApiError::invalid_api_key(),
         Err(wait) => ApiError::too_many_auth_failures(wait),

@@ -22,9 +22,10 @@ pub const SQLITE_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_versio
     version   INTEGER NOT NULL
 ) STRICT";
 
-pub const SQLITE: &[Migration] = &[Migration {
-    version: 1,
-    sql: "
+pub const SQLITE: &[Migration] = &[
+    Migration {
+        version: 1,
+        sql: "
 CREATE TABLE spend_log (
     at                INTEGER NOT NULL,  -- Unix ms: when the request ended
     request_id        TEXT NOT NULL,
@@ -46,16 +47,23 @@ CREATE TABLE spend_log (
 ) STRICT;
 CREATE INDEX spend_log_at ON spend_log (at);
 ",
-}];
+    },
+    Migration {
+        version: 2,
+        // The client's address (see crate::client_addr); none on older records.
+        sql: "ALTER TABLE spend_log ADD COLUMN client_addr TEXT;",
+    },
+];
 
 pub const POSTGRES_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_version (
     component TEXT PRIMARY KEY,
     version   BIGINT NOT NULL
 )";
 
-pub const POSTGRES: &[Migration] = &[Migration {
-    version: 1,
-    sql: "
+pub const POSTGRES: &[Migration] = &[
+    Migration {
+        version: 1,
+        sql: "
 CREATE TABLE spend_log (
     at                TIMESTAMPTZ NOT NULL,
     request_id        TEXT NOT NULL,
@@ -77,7 +85,12 @@ CREATE TABLE spend_log (
 );
 CREATE INDEX spend_log_at ON spend_log (at);
 ",
-}];
+    },
+    Migration {
+        version: 2,
+        sql: "ALTER TABLE spend_log ADD COLUMN client_addr TEXT;",
+    },
+];
 
 /// The migrations of `list` that a database at `current` still needs, or
 /// why it cannot be used.

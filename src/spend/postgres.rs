@@ -154,10 +154,10 @@ fn to_int(value: u32) -> i32 {
 
 const INSERT: &str = "INSERT INTO spend_log (at, request_id, client, model, upstream,
     upstream_model, status, error_code, prompt_tokens, completion_tokens, total_tokens, images,
-    image_bytes, stream, attempts, ttfb_ms, total_ms)
+    image_bytes, stream, attempts, ttfb_ms, total_ms, client_addr)
   SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[],
     $6::text[], $7::int4[], $8::text[], $9::int8[], $10::int8[], $11::int8[], $12::int4[],
-    $13::int8[], $14::bool[], $15::int4[], $16::int8[], $17::int8[])";
+    $13::int8[], $14::bool[], $15::int4[], $16::int8[], $17::int8[], $18::text[])";
 
 async fn insert(client: &mut Client, batch: &[Record]) -> Result<(), tokio_postgres::Error> {
     let at: Vec<SystemTime> = batch.iter().map(|r| time(r.at_ms)).collect();
@@ -180,6 +180,10 @@ async fn insert(client: &mut Client, batch: &[Record]) -> Result<(), tokio_postg
     let attempts: Vec<i32> = batch.iter().map(|r| to_int(r.facts.attempts)).collect();
     let ttfb: Vec<Option<i64>> = batch.iter().map(|r| r.ttfb_ms.map(to_sql)).collect();
     let total_ms: Vec<i64> = batch.iter().map(|r| to_sql(r.total_ms)).collect();
+    let client_addr: Vec<Option<String>> = batch
+        .iter()
+        .map(|r| r.facts.client_addr.map(|addr| addr.to_string()))
+        .collect();
     // One statement per batch, not per record: its preparation is cheap.
     client
         .execute(
@@ -202,6 +206,7 @@ async fn insert(client: &mut Client, batch: &[Record]) -> Result<(), tokio_postg
                 &attempts,
                 &ttfb,
                 &total_ms,
+                &client_addr,
             ],
         )
         .await?;

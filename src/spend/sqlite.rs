@@ -147,8 +147,9 @@ fn insert(db: &mut Connection, batch: &[Record]) -> rusqlite::Result<()> {
         let mut statement = tx.prepare_cached(
             "INSERT INTO spend_log (at, request_id, client, model, upstream, upstream_model,
                 status, error_code, prompt_tokens, completion_tokens, total_tokens, images,
-                image_bytes, stream, attempts, ttfb_ms, total_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                image_bytes, stream, attempts, ttfb_ms, total_ms, client_addr)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+                ?18)",
         )?;
         for r in batch {
             let facts = &*r.facts;
@@ -170,6 +171,7 @@ fn insert(db: &mut Connection, batch: &[Record]) -> rusqlite::Result<()> {
                 facts.attempts,
                 r.ttfb_ms.map(to_sql),
                 to_sql(r.total_ms),
+                facts.client_addr.map(|addr| addr.to_string()),
             ])?;
         }
     }

@@ -360,6 +360,36 @@ test('the key is kept in the tab only: not in localStorage, cookies or any URL',
   await context.close();
 });
 
+test('a key\'s expiry and networks show in its row', async () => {
+  const contractor = await admin(iris.origin, ADMIN_KEY, 'POST', '/admin/clients', {
+    name: 'contractor',
+    expires_at: '2020-01-01T01:00:00+01:00',
+    allowed_networks: ['10.0.0.0/8', '2001:db8::/32'],
+  });
+  assert.equal(contractor.status, 201, JSON.stringify(contractor.json));
+  const expired = await chat(iris.origin, contractor.json.key, { model: 'model-a' });
+  assert.equal(expired.status, 401);
+  assert.equal(JSON.parse(expired.text).error.code, 'key_expired');
+  const batch = await admin(iris.origin, ADMIN_KEY, 'POST', '/admin/clients', {
+    name: 'batch',
+    expires_at: '2999-01-01T00:00:00Z',
+  });
+  assert.equal(batch.status, 201, JSON.stringify(batch.json));
+
+  const { context, page } = await openConsole(browser, recorder, iris.origin);
+  await logIn(page, ADMIN_KEY);
+  const cell = clientRow(page, 'contractor').locator('td.source');
+  assert.match(await cell.textContent(), /expired /);
+  assert.match(await cell.textContent(), /only from 10\.0\.0\.0\/8, 2001:db8::\/32/);
+  assert.equal(await cell.locator('.expired time').getAttribute('datetime'), '2020-01-01T00:00:00.000Z');
+  const later = clientRow(page, 'batch').locator('td.source');
+  assert.match(await later.textContent(), /expires /);
+  assert.doesNotMatch(await later.textContent(), /expired|only from/);
+  assert.equal(await later.locator('time').last().getAttribute('datetime'), '2999-01-01T00:00:00.000Z');
+  assert.doesNotMatch(await clientRow(page, 'alpha').locator('td.source').textContent(), /expire|only from/);
+  await context.close();
+});
+
 test('at phone width nothing overflows the body, and the charts are drawn', async () => {
   const { context, page } = await openConsole(browser, recorder, iris.origin, { width: 375, height: 740 });
   await logIn(page, ADMIN_KEY);

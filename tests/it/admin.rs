@@ -1117,9 +1117,9 @@ async fn the_cli_and_the_admin_api_list_clients_alike() {
     assert_eq!(
         shown,
         [
-            json!({"name": "a", "source": "config", "models": ["*"], "budget": no_budget, "disabled": false}),
-            json!({"name": "b", "source": "config", "models": ["other-model"], "budget": no_budget, "disabled": false}),
-            json!({"name": "both", "source": "managed", "models": ["other-model", "test-model"], "budget": no_budget, "disabled": false, "keys": 1}),
+            json!({"name": "a", "source": "config", "models": ["*"], "budget": no_budget, "disabled": false, "expires_at": null, "allowed_networks": []}),
+            json!({"name": "b", "source": "config", "models": ["other-model"], "budget": no_budget, "disabled": false, "expires_at": null, "allowed_networks": []}),
+            json!({"name": "both", "source": "managed", "models": ["other-model", "test-model"], "budget": no_budget, "disabled": false, "keys": 1, "expires_at": null, "allowed_networks": []}),
         ]
     );
     iris.stop().await.unwrap();

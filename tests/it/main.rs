@@ -22,6 +22,7 @@ mod hardening;
 mod images;
 mod leaks;
 mod money;
+mod policy;
 mod quickstart;
 mod redis;
 mod redis_cluster;

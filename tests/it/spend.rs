@@ -461,7 +461,8 @@ async fn a_postgres_spend_log_through_the_binary() {
         .client()
         .await
         .query_one(
-            "SELECT count(*) FROM spend_log WHERE upstream_model = 'upstream-model'",
+            "SELECT count(*) FROM spend_log WHERE upstream_model = 'upstream-model' \
+             AND client_addr = '127.0.0.1'",
             &[],
         )
         .await

@@ -180,6 +180,17 @@ function sourceCell(client) {
     created.append(timeNode(client.created_at));
     cell.append(created);
   }
+  // The key's policy: when it stops (or stopped) working, and from where.
+  if (client.expires_at) {
+    const at = Date.parse(client.expires_at) / 1000;
+    const past = at * 1000 <= Date.now();
+    const expires = el("div", past ? "expired " : "expires ", { class: past ? "expired small" : "muted small" });
+    expires.append(timeNode(at));
+    cell.append(expires);
+  }
+  if (client.allowed_networks && client.allowed_networks.length) {
+    cell.append(el("div", `only from ${client.allowed_networks.join(", ")}`, { class: "muted small networks" }));
+  }
   return cell;
 }
 

@@ -140,6 +140,9 @@ class Client:
     models: list[str] | None = None  # None: every model
     # `[clients.budget]`, e.g. {"requests_per_minute": 60}; None: no limits.
     budget: dict[str, int] | None = None
+    # The key's policy: RFC 3339, and CIDRs; None: never, anywhere.
+    expires_at: str | None = None
+    allowed_networks: list[str] | None = None
 
 
 @dataclass
@@ -212,6 +215,10 @@ class Iris:
             ]
             if client.models is not None:
                 lines.append("models = [" + ", ".join(map(_toml_str, client.models)) + "]")
+            if client.expires_at is not None:
+                lines.append(f"expires_at = {_toml_str(client.expires_at)}")
+            if client.allowed_networks is not None:
+                lines.append("allowed_networks = [" + ", ".join(map(_toml_str, client.allowed_networks)) + "]")
             if client.budget:
                 lines.append("[clients.budget]")
                 lines += [f"{name} = {int(limit)}" for name, limit in client.budget.items()]

@@ -3,6 +3,8 @@
 import openai
 import pytest
 
+from iris_harness import DEFAULT_CLIENTS, Client
+
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 
 
@@ -106,3 +108,39 @@ def test_an_upstream_refusing_iris_key_is_a_502_that_names_no_key(start_iris, ma
     assert "upstream-secret-key" not in error.response.text
     assert "set-cookie" not in error.response.headers
     assert error.request_id
+
+
+@pytest.fixture(scope="module")
+def policed(start_iris):
+    """Iris with a key past its expiry and a key for another network."""
+    return start_iris(
+        clients=[
+            *DEFAULT_CLIENTS,
+            Client("contractor", "iris-sdk-expired-key", expires_at="2020-01-01T00:00:00Z"),
+            Client("cluster", "iris-sdk-cluster-key", allowed_networks=["10.0.0.0/8"]),
+        ]
+    )
+
+
+def test_an_expired_key_is_an_authentication_error(policed, make_client):
+    expired = make_client(policed.key("contractor"), target=policed)
+
+    with pytest.raises(openai.AuthenticationError) as caught:
+        expired.chat.completions.create(model="sdk-model", messages=MESSAGES)
+
+    assert caught.value.status_code == 401
+    assert caught.value.code == "key_expired"
+    assert caught.value.request_id
+
+
+def test_a_key_from_outside_its_networks_is_permission_denied(policed, make_client):
+    outside = make_client(policed.key("cluster"), target=policed)
+
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        outside.chat.completions.create(model="sdk-model", messages=MESSAGES)
+
+    assert caught.value.status_code == 403
+    assert caught.value.code == "client_network_forbidden"
+    assert "127.0.0.1" in caught.value.message
+    # The same server answers the other clients as before.
+    assert make_client(policed.key("sdk"), target=policed).models.list().data
