@@ -14,6 +14,8 @@ pub struct RequestFacts {
     pub request_id: String,
     /// The client's name.
     pub client: Arc<str>,
+    /// The client's team, when its requests count against one.
+    pub team: Option<Arc<str>>,
     /// Where the request came from (see [`crate::client_addr`]).
     pub client_addr: Option<std::net::IpAddr>,
     /// The configured model, once the request resolved to one (a name a

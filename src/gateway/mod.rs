@@ -159,6 +159,7 @@ impl Gateway {
             estimate::estimate_counting(body.len(), &request, model.max_output_tokens, count)
         });
         facts.estimated_tokens = Some(estimate.total());
+        facts.team = team.map(|team| std::sync::Arc::clone(&team.name));
         let mut reservation = self
             .budgets
             .reserve(Claim {
