@@ -135,6 +135,12 @@ pub struct ClientSettings {
     pub tokens_per_month: Option<String>,
     #[arg(long, allow_negative_numbers = true)]
     pub max_concurrent: Option<String>,
+    /// Money per UTC day, in the pricing currency (`none` removes it).
+    #[arg(long, allow_negative_numbers = true)]
+    pub cost_per_day: Option<String>,
+    /// Money per UTC month, in the pricing currency.
+    #[arg(long, allow_negative_numbers = true)]
+    pub cost_per_month: Option<String>,
     /// The team whose budget the client's requests also count against;
     /// `""` (with `set`) takes it out of its team.
     #[arg(long)]
@@ -190,6 +196,10 @@ pub struct TeamLimits {
     pub tokens_per_month: Option<String>,
     #[arg(long, allow_negative_numbers = true)]
     pub max_concurrent: Option<String>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub cost_per_day: Option<String>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub cost_per_month: Option<String>,
 }
 
 impl From<TeamLimits> for ClientSettings {
@@ -201,6 +211,8 @@ impl From<TeamLimits> for ClientSettings {
             tokens_per_day: limits.tokens_per_day,
             tokens_per_month: limits.tokens_per_month,
             max_concurrent: limits.max_concurrent,
+            cost_per_day: limits.cost_per_day,
+            cost_per_month: limits.cost_per_month,
             ..Self::default()
         }
     }

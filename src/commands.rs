@@ -397,12 +397,25 @@ fn budget_input(settings: &ClientSettings) -> Result<BudgetInput, String> {
                 .map_err(|_| format!("--{flag}: {text:?} is not a number (or none)")),
         }
     };
+    // Amounts of money: checked (above 0) where the admin API checks them.
+    let money = |flag: &str, value: &Option<String>| -> Result<Option<Option<f64>>, String> {
+        match value.as_deref() {
+            None => Ok(None),
+            Some("none") => Ok(Some(None)),
+            Some(text) => text
+                .parse::<f64>()
+                .map(|n| Some(Some(n)))
+                .map_err(|_| format!("--{flag}: {text:?} is not an amount (or none)")),
+        }
+    };
     Ok(BudgetInput {
         requests_per_minute: parse("requests-per-minute", &settings.requests_per_minute)?,
         tokens_per_minute: parse("tokens-per-minute", &settings.tokens_per_minute)?,
         tokens_per_day: parse("tokens-per-day", &settings.tokens_per_day)?,
         tokens_per_month: parse("tokens-per-month", &settings.tokens_per_month)?,
         max_concurrent: parse("max-concurrent", &settings.max_concurrent)?,
+        cost_per_day: money("cost-per-day", &settings.cost_per_day)?,
+        cost_per_month: money("cost-per-month", &settings.cost_per_month)?,
     })
 }
 

@@ -9,6 +9,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use super::{ManagedClient, Registry, RegistryError, StoredKey, unix_now};
 use crate::budget::Limits;
+use crate::budget::money::Money;
 use crate::catalog::{Client, ModelAccess};
 use crate::config::Config;
 use crate::keys::{self, KeyHash};
@@ -61,6 +62,11 @@ pub struct BudgetInput {
     pub tokens_per_month: Option<Option<i64>>,
     #[serde(default, deserialize_with = "present")]
     pub max_concurrent: Option<Option<i64>>,
+    /// Currency units (a JSON number; a string is refused by its type).
+    #[serde(default, deserialize_with = "present")]
+    pub cost_per_day: Option<Option<f64>>,
+    #[serde(default, deserialize_with = "present")]
+    pub cost_per_month: Option<Option<f64>>,
 }
 
 /// Tells a field written as `null` (`Some(None)`) from one left out (`None`).
@@ -111,6 +117,31 @@ impl BudgetInput {
                             &format!("budget.{key}"),
                             format!(
                                 "'budget.{key}' must be a positive integer, or null for no limit."
+                            ),
+                        ));
+                    }
+                },
+            }
+        }
+        for (key, input, slot) in [
+            ("cost_per_day", self.cost_per_day, &mut limits.cost_per_day),
+            (
+                "cost_per_month",
+                self.cost_per_month,
+                &mut limits.cost_per_month,
+            ),
+        ] {
+            match input {
+                None => {}
+                Some(None) => *slot = None,
+                Some(Some(units)) => match Money::from_units(units) {
+                    Some(amount) if amount > Money::ZERO => *slot = Some(amount),
+                    _ => {
+                        return Err(invalid(
+                            &format!("budget.{key}"),
+                            format!(
+                                "'budget.{key}' must be an amount above 0 in the pricing \
+                                 currency, or null for no limit."
                             ),
                         ));
                     }

@@ -619,6 +619,18 @@ async fn bad_input_on_create_is_refused_by_name_and_writes_nothing() {
             Some("budget.tokenz_per_day"),
         ),
         (
+            json!({"name": "x", "budget": {"cost_per_day": -1.5}}).to_string(),
+            Some("budget.cost_per_day"),
+        ),
+        (
+            json!({"name": "x", "budget": {"cost_per_month": 0}}).to_string(),
+            Some("budget.cost_per_month"),
+        ),
+        (
+            json!({"name": "x", "budget": {"cost_per_month": "20"}}).to_string(),
+            Some("budget.cost_per_month"),
+        ),
+        (
             json!({"name": "x", "budget": 5}).to_string(),
             Some("budget"),
         ),

@@ -462,6 +462,8 @@ async fn the_cli_manages_teams_under_a_running_server_within_two_seconds() {
             "none",
             "--max-concurrent",
             "3",
+            "--cost-per-day",
+            "12.5",
         ],
     )
     .await);
@@ -472,6 +474,7 @@ async fn the_cli_manages_teams_under_a_running_server_within_two_seconds() {
             team(&iris, "blue").await.is_some_and(|t| {
                 t["members"] == json!(["nb"])
                     && t["budget"]["max_concurrent"] == 3
+                    && t["budget"]["cost_per_day"] == 12.5
                     && t["budget"]["tokens_per_day"].is_null()
             })
         },
@@ -481,7 +484,7 @@ async fn the_cli_manages_teams_under_a_running_server_within_two_seconds() {
         ok(&iris_cli(path, &["teams", "list"]).await),
         "NAME\tSOURCE\tBUDGET\tMEMBERS\n\
          research\tconfig\ttokens_per_day=900000\tc\n\
-         blue\tmanaged\tmax_concurrent=3\tnb\n"
+         blue\tmanaged\tcost_per_day=12.5,max_concurrent=3\tnb\n"
     );
 
     // Refusals: exit 1, the reason named, nothing written.
@@ -499,6 +502,14 @@ async fn the_cli_manages_teams_under_a_running_server_within_two_seconds() {
         (
             &["teams", "add", "x", "--tokens-per-day", "-5"][..],
             "'budget.tokens_per_day'",
+        ),
+        (
+            &["teams", "add", "x", "--cost-per-day", "-5"][..],
+            "'budget.cost_per_day'",
+        ),
+        (
+            &["teams", "add", "x", "--cost-per-month", "lots"][..],
+            "--cost-per-month",
         ),
         (&["teams", "add", "re d"][..], "'name' must be"),
         (
