@@ -370,3 +370,103 @@ async fn concurrent_requests_never_overspend_a_team_on_redis() {
     assert_eq!(admitted, 5, "the team's budget fits five, no more");
     assert_amount(&json!(spent), 5.0 * SMALL_ESTIMATE, "spent");
 }
+
+/// README.md's "Budgets in money and by team", run: its config (upstream
+/// and keys aside), its requests with their usage, its figures.
+#[tokio::test]
+async fn the_readmes_worked_example_costs_what_the_readme_says() {
+    let upstream = MockUpstream::start().await;
+    let config = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[store]
+kind = "memory"
+[pricing]
+currency = "USD"
+[[upstreams]]
+name = "openai"
+base_url = "{}"
+api_key = "upstream-secret-key"
+[[models]]
+name = "vision"
+upstream = "openai"
+upstream_model = "gpt-4o"
+price = {{ input = 2.50, cached_input = 1.25, output = 10.00 }}
+[[models]]
+name = "small"
+upstream = "openai"
+upstream_model = "gpt-4o-mini"
+price = {{ input = 0.15, cached_input = 0.075, output = 0.60 }}
+[[teams]]
+name = "research"
+[teams.budget]
+cost_per_month = 500.0
+[[teams]]
+name = "ops"
+[teams.budget]
+cost_per_month = 100.0
+[[clients]]
+name = "notebook-1"
+key = "{}"
+team = "research"
+[clients.budget]
+cost_per_day = 20.0
+[[clients]]
+name = "notebook-2"
+key = "{}"
+team = "research"
+[clients.budget]
+cost_per_day = 20.0
+[[clients]]
+name = "batch"
+key = "{}"
+team = "ops"
+"#,
+        upstream.base_url(),
+        KeyHash::of(KEY_A),
+        KeyHash::of(KEY_B),
+        KeyHash::of(KEY_C)
+    );
+    let iris = Iris::start(&config).await;
+    let usage_of = |prompt: u64, cached: u64, completion: u64| {
+        format!(
+            r#"{{"prompt_tokens": {prompt}, "completion_tokens": {completion}, "total_tokens": {}, "prompt_tokens_details": {{"cached_tokens": {cached}}}}}"#,
+            prompt + completion
+        )
+    };
+    let sent = [
+        (KEY_A, "vision", 3, usage_of(1200, 0, 300)),
+        (KEY_B, "small", 10, usage_of(2000, 1000, 500)),
+        (KEY_C, "vision", 5, usage_of(800, 0, 200)),
+    ];
+    for (key, model, times, usage) in &sent {
+        for _ in 0..*times {
+            let body =
+                json!({"model": model, "messages": [{"role": "user", "content": "Say hello"}]});
+            let response = iris.chat(key, &body, &[("x-mock-usage", usage)]).await;
+            assert_eq!(response.status(), 200);
+        }
+        iris.settled(key).await;
+    }
+    let month = |shown: &Value| shown["team"]["windows"]["cost_per_month"]["used"].clone();
+    let research = usage(&iris, KEY_A).await;
+    assert_amount(&month(&research), 0.02325, "research's month");
+    assert_amount(
+        &research["windows"]["cost_per_day"]["used"],
+        0.018,
+        "notebook-1's day",
+    );
+    assert_amount(
+        &usage(&iris, KEY_B).await["windows"]["cost_per_day"]["used"],
+        0.00525,
+        "notebook-2's day",
+    );
+    assert_amount(&month(&usage(&iris, KEY_C).await), 0.020, "ops's month");
+    println!(
+        "README example: 18 requests sent; research expected 0.02325, reported {}; \
+         ops expected 0.020, reported {}",
+        month(&research),
+        month(&usage(&iris, KEY_C).await)
+    );
+}
