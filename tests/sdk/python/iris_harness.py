@@ -139,7 +139,9 @@ class Client:
     key: str
     models: list[str] | None = None  # None: every model
     # `[clients.budget]`, e.g. {"requests_per_minute": 60}; None: no limits.
-    budget: dict[str, int] | None = None
+    budget: dict[str, float] | None = None
+    # A `[[teams]]` name (the team itself goes in `extra_toml`).
+    team: str | None = None
     # The key's policy: RFC 3339, and CIDRs; None: never, anywhere.
     expires_at: str | None = None
     allowed_networks: list[str] | None = None
@@ -149,6 +151,8 @@ class Client:
 class Model:
     name: str
     upstream_model: str | None = None
+    # Per million tokens, e.g. {"input": 2.5, "output": 10.0}; None: free.
+    price: dict[str, float] | None = None
 
 
 # The default setup. `sdk-model` is renamed upstream, so a response's `model`
@@ -206,6 +210,9 @@ class Iris:
             lines += ["", "[[models]]", f"name = {_toml_str(model.name)}", 'upstream = "mock"']
             if model.upstream_model:
                 lines.append(f"upstream_model = {_toml_str(model.upstream_model)}")
+            if model.price:
+                prices = ", ".join(f"{name} = {value!r}" for name, value in model.price.items())
+                lines.append(f"price = {{ {prices} }}")
         for client in self.clients:
             lines += [
                 "",
@@ -215,13 +222,15 @@ class Iris:
             ]
             if client.models is not None:
                 lines.append("models = [" + ", ".join(map(_toml_str, client.models)) + "]")
+            if client.team is not None:
+                lines.append(f"team = {_toml_str(client.team)}")
             if client.expires_at is not None:
                 lines.append(f"expires_at = {_toml_str(client.expires_at)}")
             if client.allowed_networks is not None:
                 lines.append("allowed_networks = [" + ", ".join(map(_toml_str, client.allowed_networks)) + "]")
             if client.budget:
                 lines.append("[clients.budget]")
-                lines += [f"{name} = {int(limit)}" for name, limit in client.budget.items()]
+                lines += [f"{name} = {limit!r}" for name, limit in client.budget.items()]
         return "\n".join(lines) + "\n\n" + self.extra_toml + "\n"
 
     def start(self) -> "Iris":

@@ -4,12 +4,13 @@ spent daily budget is one the SDK does not retry; `GET /v1/usage` through the
 SDK's generic `get`. Each test runs its own Iris, so budgets never leak
 between tests."""
 
+import json
 import time
 
 import openai
 import pytest
 
-from iris_harness import Client
+from iris_harness import DEFAULT_MODELS, Client, Model
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 
@@ -145,3 +146,49 @@ def test_usage_endpoint_through_the_sdks_generic_get(start_iris, make_client):
     # Settled to what the upstream reported, not to the estimates.
     assert (day["limit"], day["used"], day["remaining"]) == (100_000, spent, 100_000 - spent)
     assert day["reset_at"] > time.time()
+
+
+def test_a_teams_spent_money_is_not_retried_and_names_the_team(start_iris, make_client, mock_upstream):
+    # 1000 prompt tokens (400 cached) and 250 completion tokens at 2.50 /
+    # 1.25 / 10.00 per million cost $0.0045: the team's $0.01 a day is
+    # spent by the third request, whichever member sends it.
+    usage = json.dumps(
+        {
+            "prompt_tokens": 1000,
+            "completion_tokens": 250,
+            "total_tokens": 1250,
+            "prompt_tokens_details": {"cached_tokens": 400},
+        }
+    )
+    iris = start_iris(
+        models=[*DEFAULT_MODELS, Model("priced", price={"input": 2.5, "cached_input": 1.25, "output": 10.0})],
+        clients=[
+            Client("member-1", "iris-sdk-member-1", team="research"),
+            Client("member-2", "iris-sdk-member-2", team="research"),
+        ],
+        extra_toml='[[teams]]\nname = "research"\n[teams.budget]\ncost_per_day = 0.01\n',
+    )
+    one = make_client("iris-sdk-member-1", target=iris)
+    two = make_client("iris-sdk-member-2", target=iris)
+    for member in (one, two, one):
+        member.chat.completions.create(
+            model="priced", messages=MESSAGES, max_tokens=16, extra_headers={"x-mock-usage": usage}
+        )
+
+    attempts = Attempts()
+    stubborn = make_client("iris-sdk-member-2", target=iris, max_retries=5, http_client=attempts.http_client())
+    before = mock_upstream.chat_requests()
+    with pytest.raises(openai.RateLimitError) as caught:
+        stubborn.chat.completions.create(model="priced", messages=MESSAGES, max_tokens=16)
+
+    error = caught.value
+    assert error.code == "insufficient_quota"
+    assert "team research" in error.message and "cost_per_day" in error.message, error.message
+    assert error.response.headers["x-should-retry"] == "false"
+    assert attempts.statuses == [429]
+    assert mock_upstream.chat_requests() == before
+
+    shown = stubborn.get("/usage", cast_to=object)
+    assert shown["currency"] == "USD"
+    assert shown["team"]["name"] == "research"
+    assert abs(shown["team"]["windows"]["cost_per_day"]["used"] - 3 * 0.0045) < 1e-6
