@@ -469,3 +469,78 @@ async fn sentinel_is_followed_to_the_new_primary() {
         .unwrap();
     assert_eq!(day, Some(used), "read from the promoted replica");
 }
+
+/// A team on a Redis Cluster: its members' requests are reserved against
+/// the member and the team in one script, so the member's keys live in the
+/// team's slot (else the cluster refuses the script: CROSSSLOT). Two
+/// instances, two members, one team budget: never overspent, and every
+/// instance reads the same team and member windows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_team_on_a_cluster_is_reserved_with_its_members_in_one_slot() {
+    let Some(cluster) = RedisCluster::start().await else {
+        return;
+    };
+    let upstream = MockUpstream::start().await;
+    let url = cluster.url();
+    let config = base_config(&upstream.base_url(), "")
+        .replace(
+            "[[clients]]\nname = \"a\"\n",
+            "[[clients]]\nname = \"a\"\nteam = \"blue\"\n",
+        )
+        .replace(
+            "[[clients]]\nname = \"b\"\n",
+            "[[clients]]\nname = \"b\"\nteam = \"blue\"\n",
+        )
+        + "\n[[teams]]\nname = \"blue\"\n[teams.budget]\ntokens_per_day = 1000\n";
+    assert!(config.matches("team = \"blue\"").count() == 2, "{config}");
+    let config = with_store(&config, &store_toml(&url, "iris", "timeout_ms = 2000"));
+    let fleet = [
+        Arc::new(Iris::start(&config).await),
+        Arc::new(Iris::start(&config).await),
+    ];
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let iris = Arc::clone(&fleet[i % 2]);
+        tasks.push(tokio::spawn(async move {
+            let key = if i % 3 == 0 { KEY_A } else { KEY_B };
+            let delay = [("x-mock-delay-ms", "100")];
+            let (status, answer) = status_and_json(iris.chat(key, &body(), &delay).await).await;
+            (status, answer)
+        }));
+    }
+    let (mut charged, mut admitted) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            (200, answer) => {
+                admitted += 1;
+                charged += answer["usage"]["total_tokens"].as_u64().unwrap();
+            }
+            (429, answer) => {
+                assert_eq!(answer["error"]["code"], "insufficient_quota", "{answer}");
+                let message = answer["error"]["message"].as_str().unwrap();
+                assert!(message.contains("team blue"), "{message}");
+            }
+            (status, answer) => panic!("unexpected {status}: {answer}"),
+        }
+    }
+    for iris in &fleet {
+        iris.settled(KEY_A).await;
+        iris.settled(KEY_B).await;
+    }
+    println!("cluster team: 40 sent, {admitted} admitted, {charged} of 1000 tokens charged");
+    assert!(admitted > 0 && charged <= 1000, "charged {charged} of 1000");
+    for iris in &fleet {
+        let (a, b) = (iris.usage(KEY_A).await, iris.usage(KEY_B).await);
+        assert_eq!(a["team"]["windows"]["tokens_per_day"]["used"], charged);
+        assert_eq!(
+            b["team"]["windows"]["tokens_per_day"]["used"], charged,
+            "one team, read the same by each member"
+        );
+        let members = a["windows"]["tokens_per_day"]["used"].as_u64().unwrap()
+            + b["windows"]["tokens_per_day"]["used"].as_u64().unwrap();
+        assert_eq!(
+            members, charged,
+            "the members' windows add up to the team's"
+        );
+    }
+}
