@@ -116,31 +116,14 @@ pub enum ClientsCommand {
     },
 }
 
-/// A managed client's models and limits. A limit is a number, or `none`
-/// (with `set`) to remove it. Negative numbers are taken as values, so that
-/// `--tokens-per-day -5` is refused by name like the admin API refuses it,
-/// not by clap as an unknown flag.
+/// A managed client's models, limits and policy.
 #[derive(Debug, Args, Default)]
 pub struct ClientSettings {
     /// Model names, comma-separated; `*` for all.
     #[arg(long, value_delimiter = ',')]
     pub models: Option<Vec<String>>,
-    #[arg(long, allow_negative_numbers = true)]
-    pub requests_per_minute: Option<String>,
-    #[arg(long, allow_negative_numbers = true)]
-    pub tokens_per_minute: Option<String>,
-    #[arg(long, allow_negative_numbers = true)]
-    pub tokens_per_day: Option<String>,
-    #[arg(long, allow_negative_numbers = true)]
-    pub tokens_per_month: Option<String>,
-    #[arg(long, allow_negative_numbers = true)]
-    pub max_concurrent: Option<String>,
-    /// Money per UTC day, in the pricing currency (`none` removes it).
-    #[arg(long, allow_negative_numbers = true)]
-    pub cost_per_day: Option<String>,
-    /// Money per UTC month, in the pricing currency.
-    #[arg(long, allow_negative_numbers = true)]
-    pub cost_per_month: Option<String>,
+    #[command(flatten)]
+    pub budget: BudgetFlags,
     /// The team whose budget the client's requests also count against;
     /// `""` (with `set`) takes it out of its team.
     #[arg(long)]
@@ -164,7 +147,7 @@ pub enum TeamsCommand {
         #[command(flatten)]
         config: ConfigArg,
         #[command(flatten)]
-        limits: TeamLimits,
+        limits: BudgetFlags,
     },
     /// Change a managed team's budget.
     Set {
@@ -172,7 +155,7 @@ pub enum TeamsCommand {
         #[command(flatten)]
         config: ConfigArg,
         #[command(flatten)]
-        limits: TeamLimits,
+        limits: BudgetFlags,
     },
     /// Delete a managed team that no client names.
     Remove {
@@ -182,10 +165,12 @@ pub enum TeamsCommand {
     },
 }
 
-/// A team's limits: the flags of a client's, with the same values (a
-/// number, or `none` with `set` to remove one).
+/// A budget's limits, for a client or a team. A limit is a number, or
+/// `none` (with `set`) to remove it. Negative numbers are taken as values,
+/// so that `--tokens-per-day -5` is refused by name like the admin API
+/// refuses it, not by clap as an unknown flag.
 #[derive(Debug, Args, Default)]
-pub struct TeamLimits {
+pub struct BudgetFlags {
     #[arg(long, allow_negative_numbers = true)]
     pub requests_per_minute: Option<String>,
     #[arg(long, allow_negative_numbers = true)]
@@ -196,26 +181,12 @@ pub struct TeamLimits {
     pub tokens_per_month: Option<String>,
     #[arg(long, allow_negative_numbers = true)]
     pub max_concurrent: Option<String>,
+    /// Money per UTC day, in the pricing currency.
     #[arg(long, allow_negative_numbers = true)]
     pub cost_per_day: Option<String>,
+    /// Money per UTC month, in the pricing currency.
     #[arg(long, allow_negative_numbers = true)]
     pub cost_per_month: Option<String>,
-}
-
-impl From<TeamLimits> for ClientSettings {
-    /// The same flags, read by the same code.
-    fn from(limits: TeamLimits) -> Self {
-        Self {
-            requests_per_minute: limits.requests_per_minute,
-            tokens_per_minute: limits.tokens_per_minute,
-            tokens_per_day: limits.tokens_per_day,
-            tokens_per_month: limits.tokens_per_month,
-            max_concurrent: limits.max_concurrent,
-            cost_per_day: limits.cost_per_day,
-            cost_per_month: limits.cost_per_month,
-            ..Self::default()
-        }
-    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -7,7 +7,7 @@ use std::future::Future;
 use std::path::Path;
 use std::process::ExitCode;
 
-use crate::cli::{ClientSettings, ClientsCommand, ConfigArg, SpendArgs, TeamsCommand};
+use crate::cli::{BudgetFlags, ClientSettings, ClientsCommand, ConfigArg, SpendArgs, TeamsCommand};
 use crate::clients::ops::{self, BudgetInput, ClientChange, ClientView, NewClient, Rotation};
 use crate::clients::teams::{self, NewTeam, TeamChange, TeamView};
 use crate::config::{self, Config};
@@ -179,7 +179,7 @@ pub fn clients(command: ClientsCommand) -> ExitCode {
                     let request = NewClient {
                         name,
                         models: settings.models.clone(),
-                        budget: budget_input(&settings)?,
+                        budget: budget_input(&settings.budget)?,
                         disabled: false,
                         team: settings.team.clone().filter(|team| !team.is_empty()),
                         expires_at: expires_at_input(&settings).flatten(),
@@ -200,7 +200,7 @@ pub fn clients(command: ClientsCommand) -> ExitCode {
                 } => {
                     let change = ClientChange {
                         models: settings.models.clone(),
-                        budget: budget_input(&settings)?,
+                        budget: budget_input(&settings.budget)?,
                         disabled: (disable || enable).then_some(disable),
                         team: settings
                             .team
@@ -264,7 +264,7 @@ pub fn teams(command: TeamsCommand) -> ExitCode {
                 TeamsCommand::Add { name, limits, .. } => {
                     let request = NewTeam {
                         name,
-                        budget: budget_input(&limits.into())?,
+                        budget: budget_input(&limits)?,
                     };
                     let team = teams::create(registry, &config, request)
                         .await
@@ -273,7 +273,7 @@ pub fn teams(command: TeamsCommand) -> ExitCode {
                 }
                 TeamsCommand::Set { name, limits, .. } => {
                     let change = TeamChange {
-                        budget: budget_input(&limits.into())?,
+                        budget: budget_input(&limits)?,
                     };
                     let team = teams::change(registry, &config, &name, change)
                         .await
@@ -386,7 +386,7 @@ pub fn upstreams(arg: &ConfigArg, url: Option<&str>) -> ExitCode {
 }
 
 /// The limits given as flags: a number, or `none` to remove one.
-fn budget_input(settings: &ClientSettings) -> Result<BudgetInput, String> {
+fn budget_input(flags: &BudgetFlags) -> Result<BudgetInput, String> {
     let parse = |flag: &str, value: &Option<String>| -> Result<Option<Option<i64>>, String> {
         match value.as_deref() {
             None => Ok(None),
@@ -409,13 +409,13 @@ fn budget_input(settings: &ClientSettings) -> Result<BudgetInput, String> {
         }
     };
     Ok(BudgetInput {
-        requests_per_minute: parse("requests-per-minute", &settings.requests_per_minute)?,
-        tokens_per_minute: parse("tokens-per-minute", &settings.tokens_per_minute)?,
-        tokens_per_day: parse("tokens-per-day", &settings.tokens_per_day)?,
-        tokens_per_month: parse("tokens-per-month", &settings.tokens_per_month)?,
-        max_concurrent: parse("max-concurrent", &settings.max_concurrent)?,
-        cost_per_day: money("cost-per-day", &settings.cost_per_day)?,
-        cost_per_month: money("cost-per-month", &settings.cost_per_month)?,
+        requests_per_minute: parse("requests-per-minute", &flags.requests_per_minute)?,
+        tokens_per_minute: parse("tokens-per-minute", &flags.tokens_per_minute)?,
+        tokens_per_day: parse("tokens-per-day", &flags.tokens_per_day)?,
+        tokens_per_month: parse("tokens-per-month", &flags.tokens_per_month)?,
+        max_concurrent: parse("max-concurrent", &flags.max_concurrent)?,
+        cost_per_day: money("cost-per-day", &flags.cost_per_day)?,
+        cost_per_month: money("cost-per-month", &flags.cost_per_month)?,
     })
 }
 

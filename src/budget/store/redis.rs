@@ -269,6 +269,23 @@ impl AccountKeys {
             cmonth: format!("{base}cmonth"),
         }
     }
+
+    /// Names every key in `call`'s `KEYS`, in the one order every script
+    /// of the layout reads them.
+    fn pass_to(self, call: &mut LuaCall) {
+        for key in [
+            self.rpm,
+            self.tpm,
+            self.day,
+            self.month,
+            self.leases,
+            self.expired,
+            self.cday,
+            self.cmonth,
+        ] {
+            call.key(key);
+        }
+    }
 }
 
 /// A deployment's health keys: `{prefix}:v1:{health/<deployment>}:fails`
@@ -330,15 +347,7 @@ impl RedisStore {
     ) -> LuaCall {
         let mut invocation = SETTLE.call();
         for party in parties {
-            let keys = self.keys(&party.account);
-            invocation
-                .key(keys.tpm)
-                .key(keys.day)
-                .key(keys.month)
-                .key(keys.leases)
-                .key(keys.expired)
-                .key(keys.cday)
-                .key(keys.cmonth);
+            self.keys(&party.account).pass_to(&mut invocation);
         }
         invocation
             .arg(self.now_arg(now))
@@ -522,16 +531,7 @@ impl Store for RedisStore {
         let lease = self.leases.next();
         let mut invocation = RESERVE.call();
         for party in parties.iter() {
-            let keys = self.keys(&party.account);
-            invocation
-                .key(keys.rpm)
-                .key(keys.tpm)
-                .key(keys.day)
-                .key(keys.month)
-                .key(keys.leases)
-                .key(keys.expired)
-                .key(keys.cday)
-                .key(keys.cmonth);
+            self.keys(&party.account).pass_to(&mut invocation);
         }
         invocation
             .arg(self.now_arg(now))
@@ -642,17 +642,9 @@ impl Store for RedisStore {
     }
 
     fn snapshot(&self, account: &Account, limits: &Limits, now: u64) -> StoreFuture<Snapshot> {
-        let keys = self.keys(account);
         let mut invocation = SNAPSHOT.call();
-        invocation
-            .key(keys.rpm)
-            .key(keys.tpm)
-            .key(keys.day)
-            .key(keys.month)
-            .key(keys.leases)
-            .key(keys.cday)
-            .key(keys.cmonth)
-            .arg(self.now_arg(now));
+        self.keys(account).pass_to(&mut invocation);
+        invocation.arg(self.now_arg(now));
         let reply = self.run::<Vec<i64>>(invocation);
         let limits = *limits;
         Box::pin(async move {

@@ -2,9 +2,9 @@
 -- every window of every party (a client, or a client and its team) at once,
 -- or nothing anywhere (the refusing windows are returned instead).
 --
--- KEYS: per party, 8 keys: rpm, tpm, day, month, leases, expired, cday,
---       cmonth (all in one hash slot: a team member's keys are kept in its
---       team's)
+-- KEYS: per party, the 8 keys every script of this layout takes: rpm, tpm,
+--       day, month, leases, expired, cday, cmonth (all in one hash slot: a
+--       team member's keys are kept in its team's)
 -- ARGV: now_us or '', tokens, cost (micro-units), lease id, lease duration
 --       (us), then per party 7 limits ('' = no limit): requests_per_minute,
 --       tokens_per_minute, tokens_per_day, tokens_per_month, max_concurrent,

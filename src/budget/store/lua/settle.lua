@@ -4,7 +4,8 @@
 -- changes nothing the second time (each party's lease says whether it was
 -- settled already).
 --
--- KEYS: per party, 7 keys: tpm, day, month, leases, expired, cday, cmonth
+-- KEYS: per party, the 8 keys every script of this layout takes (rpm, tpm,
+--       day, month, leases, expired, cday, cmonth; rpm unused here)
 -- ARGV: now_us or '', lease id, tokens held, tokens used, cost held, cost
 --       used (micro-units), day and month the hold was charged to, cancel
 --       ('1': undo a reservation whose reply was lost, only if it happened),
@@ -21,7 +22,7 @@ local held, actual = tonumber(ARGV[3]), tonumber(ARGV[4])
 local cost_held, cost_actual = tonumber(ARGV[5]), tonumber(ARGV[6])
 local periods_held = { tonumber(ARGV[7]), tonumber(ARGV[8]) }
 local cancel = ARGV[9] == '1'
-local parties = #KEYS / 7
+local parties = #KEYS / 8
 
 -- Correct a calendar key of the period of admission, if it is still the stored one.
 local function correct(key, period, take, give)
@@ -34,9 +35,9 @@ end
 
 local first
 for p = 1, parties do
-  local k = (p - 1) * 7
-  local status = redis.call('ZREM', KEYS[k + 4], lease_id)
-  if status == 0 and not cancel and redis.call('ZREM', KEYS[k + 5], lease_id) == 1 then
+  local k = (p - 1) * 8
+  local status = redis.call('ZREM', KEYS[k + 5], lease_id)
+  if status == 0 and not cancel and redis.call('ZREM', KEYS[k + 6], lease_id) == 1 then
     status = 0
   elseif status == 0 then
     status = 2
@@ -45,18 +46,18 @@ for p = 1, parties do
   if status ~= 2 then
     local tpm_limit = tonumber(ARGV[9 + p])
     if tpm_limit then
-      local tat = get_tat(KEYS[k + 1])
+      local tat = get_tat(KEYS[k + 2])
       if actual > held then
-        set_tat(KEYS[k + 1], math.max(tat, now) + drain(actual - held, tpm_limit), now)
+        set_tat(KEYS[k + 2], math.max(tat, now) + drain(actual - held, tpm_limit), now)
       elseif tat > now then
         -- What already drained is not given back twice.
-        set_tat(KEYS[k + 1], math.max(tat - drain(held - actual, tpm_limit), now), now)
+        set_tat(KEYS[k + 2], math.max(tat - drain(held - actual, tpm_limit), now), now)
       end
     end
-    correct(KEYS[k + 2], periods_held[1], held, actual)
-    correct(KEYS[k + 3], periods_held[2], held, actual)
-    correct(KEYS[k + 6], periods_held[1], cost_held, cost_actual)
-    correct(KEYS[k + 7], periods_held[2], cost_held, cost_actual)
+    correct(KEYS[k + 3], periods_held[1], held, actual)
+    correct(KEYS[k + 4], periods_held[2], held, actual)
+    correct(KEYS[k + 7], periods_held[1], cost_held, cost_actual)
+    correct(KEYS[k + 8], periods_held[2], cost_held, cost_actual)
   end
 end
 return first
