@@ -397,6 +397,26 @@ fn check_networks(networks: &[String]) -> Result<Vec<String>, ClientError> {
         .collect()
 }
 
+/// Refuses a client's `team` that names no team, config or managed.
+async fn check_team(
+    registry: &dyn Registry,
+    config: &Config,
+    team: &str,
+) -> Result<(), ClientError> {
+    if config.catalog.team(team).is_some() {
+        return Ok(());
+    }
+    let loaded = registry
+        .load_all()
+        .await
+        .map_err(|e| ClientError::Unavailable(e.to_string()))?;
+    if loaded.teams.iter().any(|t| t.name == team) {
+        Ok(())
+    } else {
+        Err(invalid("team", format!("There is no team named `{team}`.")))
+    }
+}
+
 fn from_config(name: &str, config: &Config) -> bool {
     config.catalog.clients().iter().any(|c| &*c.name == name)
 }
@@ -427,7 +447,7 @@ pub async fn create(
     check_models(&models, config)?;
     let budget = request.budget.apply(Limits::default())?;
     if let Some(team) = &request.team {
-        super::teams::check_exists(registry, config, team).await?;
+        check_team(registry, config, team).await?;
     }
     let expires_at = request
         .expires_at
@@ -485,7 +505,7 @@ pub async fn change(
     }
     if let Some(team) = change.team {
         if let Some(team) = &team {
-            super::teams::check_exists(registry, config, team).await?;
+            check_team(registry, config, team).await?;
         }
         client.team = team;
     }

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::ops::{BudgetInput, ClientError, check_name, invalid};
+use super::ops::{BudgetInput, ClientError, check_name};
 use super::{Kind, ManagedClient, ManagedTeam, Registry, RegistryError, unix_now};
 use crate::budget::Limits;
 use crate::catalog::Team;
@@ -142,26 +142,6 @@ pub fn views(config: &Config, clients: &[ManagedClient], teams: &[ManagedTeam]) 
                 .map(|team| TeamView::managed(team, config, clients)),
         )
         .collect()
-}
-
-/// Refuses a client's `team` that names no team, config or managed.
-pub(super) async fn check_exists(
-    registry: &dyn Registry,
-    config: &Config,
-    team: &str,
-) -> Result<(), ClientError> {
-    if config.catalog.team(team).is_some() {
-        return Ok(());
-    }
-    let loaded = registry
-        .load_all()
-        .await
-        .map_err(|e| ClientError::Unavailable(e.to_string()))?;
-    if loaded.teams.iter().any(|t| t.name == team) {
-        Ok(())
-    } else {
-        Err(invalid("team", format!("There is no team named `{team}`.")))
-    }
 }
 
 /// Creates a team.
