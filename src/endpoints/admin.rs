@@ -277,7 +277,7 @@ pub async fn upstreams(State(state): State<SharedState>, Admin { config }: Admin
     Json(json!({"object": "list", "data": data}))
 }
 
-/// `?since=&until=&by=client,model,upstream,day` (and `client=`).
+/// `?since=&until=&by=client,team,model,upstream,endpoint,day` (and `client=`).
 #[derive(Debug, serde::Deserialize)]
 pub struct UsageParams {
     since: Option<String>,
@@ -289,7 +289,7 @@ pub struct UsageParams {
 /// Totals from the spend log for a period.
 pub async fn usage(
     State(state): State<SharedState>,
-    _: Admin,
+    Admin { config }: Admin,
     params: Result<axum::extract::Query<UsageParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let axum::extract::Query(params) =
@@ -311,7 +311,7 @@ pub async fn usage(
     query.client = params.client;
     let report = tokio::time::timeout(
         std::time::Duration::from_secs(10),
-        crate::spend::report::usage(&state.spend, &query),
+        crate::spend::report::usage(&state.spend, &query, &config.currency),
     )
     .await
     .map_err(|_| {
