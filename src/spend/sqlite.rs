@@ -59,7 +59,29 @@ impl SqliteSink {
             )
             .optional()
             .map_err(error)?;
-        Ok(exists.map(|_| Self {
+        if exists.is_none() {
+            return Ok(None);
+        }
+        // Read-only: nothing is migrated here, so an older schema lacks
+        // columns the report sums; say what to do rather than fail on SQL.
+        let version: i64 = db
+            .query_row(
+                "SELECT version FROM schema_version WHERE component = ?1",
+                [COMPONENT],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(error)?
+            .unwrap_or(0);
+        let latest = migrations::latest(migrations::SQLITE);
+        if version < latest {
+            return Err(SinkError(format!(
+                "{}: the spend log's tables are at schema version {version}, older than this \
+                 Iris's ({latest}): start this Iris's server once (it migrates them), then ask again",
+                describe(Some(path))
+            )));
+        }
+        Ok(Some(Self {
             db: Arc::new(Mutex::new(db)),
             path: Some(path.to_owned()),
         }))

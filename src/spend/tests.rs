@@ -688,6 +688,9 @@ async fn sqlite_migration_3_keeps_older_records() {
         )
         .unwrap();
     }
+    // Read-only (`iris usage`) migrates nothing: it says what to do.
+    let refused = sqlite::SqliteSink::open_read_only(&path).err().unwrap();
+    assert!(refused.0.contains("schema version 2, older"), "{refused}");
     let sink = sqlite::SqliteSink::open(Some(&path)).unwrap();
     let mut new = row(JUNE_1, "a", Some("m1"), Some("up1"), 200, None, 10, 5);
     new.facts = Arc::new(RequestFacts {
