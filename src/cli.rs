@@ -65,7 +65,7 @@ pub struct SpendArgs {
     /// [default: now]
     #[arg(long, requires = "since")]
     pub until: Option<String>,
-    /// Group by any of client,model,upstream,day (comma-separated)
+    /// Group by any of client,team,model,upstream,endpoint,day (comma-separated)
     #[arg(long, requires = "since")]
     pub by: Option<String>,
     /// Output format [default: table]

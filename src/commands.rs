@@ -108,7 +108,12 @@ pub fn usage(arg: &ConfigArg, only: Option<&str>, spend: &SpendArgs) -> ExitCode
             query.client = only.map(str::to_owned);
             let report = block_on(
                 false,
-                crate::spend::report_from_config(&config.spend_log, &config.store.backend, &query),
+                crate::spend::report_from_config(
+                    &config.spend_log,
+                    &config.store.backend,
+                    &query,
+                    &config.currency,
+                ),
             )?;
             print!(
                 "{}",

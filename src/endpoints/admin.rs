@@ -6,12 +6,12 @@
 //!
 //! | method, path | does |
 //! |---|---|
-//! | `GET /admin/clients` | every client: source, models, budget, usage now |
+//! | `GET /admin/clients` | every client: source, models, budget, usage now (and the `currency` of its amounts) |
 //! | `POST /admin/clients` | create a managed client; answers its key once |
 //! | `PATCH /admin/clients/{name}` | change models, budget, `disabled` |
 //! | `POST /admin/clients/{name}/rotate` | a new key; the old one works `grace_s` more |
 //! | `DELETE /admin/clients/{name}` | delete; its key stops working |
-//! | `GET /admin/teams` | every team: source, budget, members, usage now |
+//! | `GET /admin/teams` | every team: source, budget, members, usage now (and the `currency`) |
 //! | `POST /admin/teams` | create a managed team |
 //! | `PATCH /admin/teams/{name}` | change its budget |
 //! | `DELETE /admin/teams/{name}` | delete a team no client names |
@@ -110,7 +110,7 @@ pub async fn list_clients(
     for client in &managed {
         data.push(with_usage(&state, ClientView::from(client)).await);
     }
-    Json(json!({"object": "list", "data": data}))
+    Json(json!({"object": "list", "currency": &*config.currency, "data": data}))
 }
 
 pub async fn create_client(
@@ -192,7 +192,7 @@ pub async fn list_teams(State(state): State<SharedState>, Admin { config }: Admi
     for view in &views {
         data.push(with_team_usage(&state, view).await);
     }
-    Json(json!({"object": "list", "data": data}))
+    Json(json!({"object": "list", "currency": &*config.currency, "data": data}))
 }
 
 /// A managed team as it is now, with its members, for an answer.
@@ -277,7 +277,7 @@ pub async fn upstreams(State(state): State<SharedState>, Admin { config }: Admin
     Json(json!({"object": "list", "data": data}))
 }
 
-/// `?since=&until=&by=client,model,upstream,day` (and `client=`).
+/// `?since=&until=&by=client,team,model,upstream,endpoint,day` (and `client=`).
 #[derive(Debug, serde::Deserialize)]
 pub struct UsageParams {
     since: Option<String>,
@@ -289,7 +289,7 @@ pub struct UsageParams {
 /// Totals from the spend log for a period.
 pub async fn usage(
     State(state): State<SharedState>,
-    _: Admin,
+    Admin { config }: Admin,
     params: Result<axum::extract::Query<UsageParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let axum::extract::Query(params) =
@@ -311,7 +311,7 @@ pub async fn usage(
     query.client = params.client;
     let report = tokio::time::timeout(
         std::time::Duration::from_secs(10),
-        crate::spend::report::usage(&state.spend, &query),
+        crate::spend::report::usage(&state.spend, &query, &config.currency),
     )
     .await
     .map_err(|_| {

@@ -53,6 +53,19 @@ CREATE INDEX spend_log_at ON spend_log (at);
         // The client's address (see crate::client_addr); none on older records.
         sql: "ALTER TABLE spend_log ADD COLUMN client_addr TEXT;",
     },
+    Migration {
+        version: 3,
+        // Money and teams: the client's team, cached and reasoning tokens,
+        // the cost in micro-units of the currency, the endpoint. Older
+        // records: no team, 0 of each, `chat` (the only endpoint then).
+        sql: "
+ALTER TABLE spend_log ADD COLUMN team TEXT;
+ALTER TABLE spend_log ADD COLUMN cached_tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE spend_log ADD COLUMN reasoning_tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE spend_log ADD COLUMN cost_micros INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE spend_log ADD COLUMN endpoint TEXT NOT NULL DEFAULT 'chat';
+",
+    },
 ];
 
 pub const POSTGRES_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_version (
@@ -89,6 +102,16 @@ CREATE INDEX spend_log_at ON spend_log (at);
     Migration {
         version: 2,
         sql: "ALTER TABLE spend_log ADD COLUMN client_addr TEXT;",
+    },
+    Migration {
+        version: 3,
+        sql: "
+ALTER TABLE spend_log ADD COLUMN team TEXT;
+ALTER TABLE spend_log ADD COLUMN cached_tokens BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE spend_log ADD COLUMN reasoning_tokens BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE spend_log ADD COLUMN cost_micros BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE spend_log ADD COLUMN endpoint TEXT NOT NULL DEFAULT 'chat';
+",
     },
 ];
 

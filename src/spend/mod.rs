@@ -32,15 +32,16 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::budget::money::Money;
 use crate::budget::{Charged, StoreBackend};
 use crate::facts::RequestFacts;
 use crate::secret::Secret;
 pub use report::{Dimension, Query, QueryError, UsageReport};
 
 /// One finished chat completion, as the contract lists its fields: the
-/// request's facts (its id, client, model, upstream and the upstream's
-/// name for the model, images and their bytes, stream, attempts) and how
-/// it ended.
+/// request's facts (its id, client and team, model, upstream and the
+/// upstream's name for the model, images and their bytes, stream,
+/// attempts) and how it ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     /// When the request ended (its response body finished), Unix milliseconds.
@@ -58,6 +59,16 @@ pub struct Record {
     /// What the budget was charged: the upstream's `total_tokens`, or the
     /// sum where it reported none.
     pub total_tokens: u64,
+    /// Of `prompt_tokens`, served from the provider's cache.
+    pub cached_tokens: u64,
+    /// Of `completion_tokens`, reasoning.
+    pub reasoning_tokens: u64,
+    /// The tokens at the answering deployment's prices (what the budget's
+    /// cost windows were charged).
+    pub cost: Money,
+    /// Which endpoint the request came in on: [`CHAT`], the only one that
+    /// writes records today.
+    pub endpoint: &'static str,
     /// From the request's arrival to the first byte of the upstream's
     /// answer going to the client; none when Iris answered itself.
     pub ttfb_ms: Option<u64>,
@@ -88,11 +99,18 @@ impl Record {
             prompt_tokens: 0,
             completion_tokens: 0,
             total_tokens: 0,
+            cached_tokens: 0,
+            reasoning_tokens: 0,
+            cost: Money::ZERO,
+            endpoint: CHAT,
             ttfb_ms: None,
             total_ms: millis(started.elapsed()),
         }
     }
 }
+
+/// A [`Record::endpoint`]: `POST /v1/chat/completions`.
+pub const CHAT: &str = "chat";
 
 /// Unix milliseconds of `time`.
 pub fn unix_ms(time: SystemTime) -> i64 {
@@ -143,6 +161,10 @@ impl Draft {
                 prompt_tokens: charged.prompt,
                 completion_tokens: charged.completion,
                 total_tokens: charged.total,
+                cached_tokens: charged.cached,
+                reasoning_tokens: charged.reasoning,
+                cost: charged.cost,
+                endpoint: CHAT,
                 ttfb_ms,
                 total_ms,
             };
@@ -633,6 +655,7 @@ pub async fn report_from_config(
     settings: &SpendSettings,
     store: &StoreBackend,
     query: &Query,
+    currency: &str,
 ) -> Result<UsageReport, String> {
     let totals = match &settings.backend {
         SpendBackend::Off => return Err(SpendError::Off.to_string()),
@@ -662,7 +685,7 @@ pub async fn report_from_config(
                 .map_err(|e| format!("spend log: {e}"))?
         }
     };
-    Ok(UsageReport::new(query, totals))
+    Ok(UsageReport::new(query, totals, currency))
 }
 
 #[cfg(test)]

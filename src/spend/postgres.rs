@@ -15,6 +15,7 @@ use super::migrations::{self, COMPONENT};
 use super::report::{Counts, Dimension, Query, Totals};
 use super::sqlite::{END_OF_TIME_MS, totals_sql};
 use super::{Record, Sink, SinkError, SinkFuture};
+use crate::budget::money::Money;
 use crate::secret::Secret;
 
 /// Connecting gives up after this long unless the URL sets `connect_timeout`.
@@ -154,10 +155,12 @@ fn to_int(value: u32) -> i32 {
 
 const INSERT: &str = "INSERT INTO spend_log (at, request_id, client, model, upstream,
     upstream_model, status, error_code, prompt_tokens, completion_tokens, total_tokens, images,
-    image_bytes, stream, attempts, ttfb_ms, total_ms, client_addr)
+    image_bytes, stream, attempts, ttfb_ms, total_ms, client_addr, team, cached_tokens,
+    reasoning_tokens, cost_micros, endpoint)
   SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[],
     $6::text[], $7::int4[], $8::text[], $9::int8[], $10::int8[], $11::int8[], $12::int4[],
-    $13::int8[], $14::bool[], $15::int4[], $16::int8[], $17::int8[], $18::text[])";
+    $13::int8[], $14::bool[], $15::int4[], $16::int8[], $17::int8[], $18::text[], $19::text[],
+    $20::int8[], $21::int8[], $22::int8[], $23::text[])";
 
 async fn insert(client: &mut Client, batch: &[Record]) -> Result<(), tokio_postgres::Error> {
     let at: Vec<SystemTime> = batch.iter().map(|r| time(r.at_ms)).collect();
@@ -184,6 +187,11 @@ async fn insert(client: &mut Client, batch: &[Record]) -> Result<(), tokio_postg
         .iter()
         .map(|r| r.facts.client_addr.map(|addr| addr.to_string()))
         .collect();
+    let team: Vec<Option<&str>> = batch.iter().map(|r| r.facts.team.as_deref()).collect();
+    let cached: Vec<i64> = batch.iter().map(|r| to_sql(r.cached_tokens)).collect();
+    let reasoning: Vec<i64> = batch.iter().map(|r| to_sql(r.reasoning_tokens)).collect();
+    let cost: Vec<i64> = batch.iter().map(|r| to_sql(r.cost.micros())).collect();
+    let endpoint: Vec<&str> = batch.iter().map(|r| r.endpoint).collect();
     // One statement per batch, not per record: its preparation is cheap.
     client
         .execute(
@@ -207,6 +215,11 @@ async fn insert(client: &mut Client, batch: &[Record]) -> Result<(), tokio_postg
                 &ttfb,
                 &total_ms,
                 &client_addr,
+                &team,
+                &cached,
+                &reasoning,
+                &cost,
+                &endpoint,
             ],
         )
         .await?;
@@ -216,8 +229,10 @@ async fn insert(client: &mut Client, batch: &[Record]) -> Result<(), tokio_postg
 fn column(dimension: Dimension) -> &'static str {
     match dimension {
         Dimension::Client => "client",
+        Dimension::Team => "team",
         Dimension::Model => "model",
         Dimension::Upstream => "upstream",
+        Dimension::Endpoint => "endpoint",
         Dimension::Day => "to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
     }
 }
@@ -251,6 +266,7 @@ async fn totals(client: &mut Client, query: &Query) -> Result<Vec<Totals>, tokio
                 prompt_tokens: number(row, 2),
                 completion_tokens: number(row, 3),
                 total_tokens: number(row, 4),
+                cost: Money::from_micros(number(row, 5)),
             },
         })
         .collect())

@@ -1,5 +1,6 @@
 //! Totals from the spend log: the question ([`Query`]: since, until, an
-//! optional client, grouped by client, model, upstream and/or day), the
+//! optional client, grouped by client, team, model, upstream, endpoint
+//! and/or day), the
 //! answer ([`UsageReport`], serializable for `GET /admin/usage`), and its
 //! renderings for `iris usage --since` (table, CSV, JSON).
 
@@ -13,25 +14,39 @@ use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
 
 use super::{SpendError, SpendLog};
+use crate::budget::money::Money;
 
 /// What the totals can be grouped by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Dimension {
     Client,
+    /// The client's team (none: a client without one).
+    Team,
     Model,
     Upstream,
+    /// `chat` (see [`super::Record::endpoint`]).
+    Endpoint,
     /// The UTC calendar day, `YYYY-MM-DD`.
     Day,
 }
 
 impl Dimension {
-    pub const ALL: [Dimension; 4] = [Self::Client, Self::Model, Self::Upstream, Self::Day];
+    pub const ALL: [Dimension; 6] = [
+        Self::Client,
+        Self::Team,
+        Self::Model,
+        Self::Upstream,
+        Self::Endpoint,
+        Self::Day,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::Client => "client",
+            Self::Team => "team",
             Self::Model => "model",
             Self::Upstream => "upstream",
+            Self::Endpoint => "endpoint",
             Self::Day => "day",
         }
     }
@@ -44,7 +59,9 @@ impl FromStr for Dimension {
         Self::ALL
             .into_iter()
             .find(|d| d.name() == s.trim())
-            .ok_or_else(|| format!("{s:?} is not one of client, model, upstream, day"))
+            .ok_or_else(|| {
+                format!("{s:?} is not one of client, team, model, upstream, endpoint, day")
+            })
     }
 }
 
@@ -74,7 +91,8 @@ impl Query {
     /// take it: `since` (inclusive) and `until` (exclusive) are `YYYY-MM-DD`
     /// (the start of that UTC day), `YYYY-MM-DDTHH:MM:SSZ`, or `Nd` (the
     /// start of the UTC day N days ago): June is `since=2025-06-01&until=2025-07-01`.
-    /// `by` is a comma-separated list of `client`, `model`, `upstream`, `day`.
+    /// `by` is a comma-separated list of `client`, `team`, `model`,
+    /// `upstream`, `endpoint`, `day`.
     pub fn parse(
         since: &str,
         until: Option<&str>,
@@ -207,6 +225,9 @@ pub struct Counts {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub total_tokens: u64,
+    /// The sum of the records' costs, summed in micro-units by the sink
+    /// (serialized in currency units).
+    pub cost: Money,
 }
 
 impl Counts {
@@ -216,6 +237,7 @@ impl Counts {
         self.prompt_tokens += other.prompt_tokens;
         self.completion_tokens += other.completion_tokens;
         self.total_tokens += other.total_tokens;
+        self.cost = self.cost.saturating_add(other.cost);
     }
 }
 
@@ -232,8 +254,10 @@ pub struct Totals {
 ///
 /// ```json
 /// {"since": "2025-06-01T00:00:00Z", "until": null, "by": ["client", "model"],
+///  "currency": "USD",
 ///  "data": [{"client": "a", "model": "m", "requests": 3, "errors": 0,
-///            "prompt_tokens": 30, "completion_tokens": 9, "total_tokens": 39}],
+///            "prompt_tokens": 30, "completion_tokens": 9, "total_tokens": 39,
+///            "cost": 0.000126}],
 ///  "total": {"requests": 3, …}}
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -241,6 +265,8 @@ pub struct UsageReport {
     pub since: String,
     pub until: Option<String>,
     pub by: Vec<&'static str>,
+    /// The unit of every `cost` (`[pricing] currency`).
+    pub currency: String,
     /// One row per group, in key order (`data`, like every list the
     /// admin API answers).
     pub data: Vec<Row>,
@@ -256,7 +282,7 @@ pub struct Row {
 
 impl Serialize for Row {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(Some(self.keys.len() + 5))?;
+        let mut map = serializer.serialize_map(Some(self.keys.len() + 6))?;
         for (name, key) in &self.keys {
             map.serialize_entry(name, key)?;
         }
@@ -266,12 +292,14 @@ impl Serialize for Row {
         map.serialize_entry("prompt_tokens", &c.prompt_tokens)?;
         map.serialize_entry("completion_tokens", &c.completion_tokens)?;
         map.serialize_entry("total_tokens", &c.total_tokens)?;
+        map.serialize_entry("cost", &c.cost)?;
         map.end()
     }
 }
 
 impl UsageReport {
-    pub fn new(query: &Query, totals: Vec<Totals>) -> Self {
+    /// The report of `totals`, its costs in `currency`.
+    pub fn new(query: &Query, totals: Vec<Totals>, currency: &str) -> Self {
         let by: Vec<&'static str> = query.by.iter().map(|d| d.name()).collect();
         let mut total = Counts::default();
         let data = totals
@@ -289,6 +317,7 @@ impl UsageReport {
             since: format_time(query.since_ms),
             until: query.until_ms.map(format_time),
             by,
+            currency: currency.to_owned(),
             data,
             total,
         }
@@ -297,9 +326,13 @@ impl UsageReport {
 
 /// The report for `query` from a running server's spend log: what the
 /// admin API answers (`GET /admin/usage?since=&until=&by=`).
-pub async fn usage(log: &SpendLog, query: &Query) -> Result<UsageReport, SpendError> {
+pub async fn usage(
+    log: &SpendLog,
+    query: &Query,
+    currency: &str,
+) -> Result<UsageReport, SpendError> {
     let totals = log.totals(query).await?;
-    Ok(UsageReport::new(query, totals))
+    Ok(UsageReport::new(query, totals, currency))
 }
 
 /// How `iris usage --since` prints a report.
@@ -331,7 +364,11 @@ pub fn render(report: &UsageReport, format: Format) -> String {
     }
 }
 
-/// The header and one line per row (and, for a table, the total).
+/// The numbers of each line: the counts, then the cost.
+const NUMBERS: usize = 6;
+
+/// The header and one line per row (and, for a table, the total); costs
+/// to the millionth, at least to the cent, the currency in the header.
 fn cells(report: &UsageReport, with_total: bool) -> Vec<Vec<String>> {
     let mut header: Vec<String> = report.by.iter().map(|d| d.to_uppercase()).collect();
     header.extend(
@@ -344,8 +381,9 @@ fn cells(report: &UsageReport, with_total: bool) -> Vec<Vec<String>> {
         ]
         .map(String::from),
     );
+    header.push(format!("COST ({})", report.currency));
     let numbers = |c: &Counts| {
-        [
+        let mut line = [
             c.requests,
             c.errors,
             c.prompt_tokens,
@@ -353,11 +391,14 @@ fn cells(report: &UsageReport, with_total: bool) -> Vec<Vec<String>> {
             c.total_tokens,
         ]
         .map(|n| n.to_string())
+        .to_vec();
+        line.push(c.cost.to_string());
+        line
     };
     let mut lines = vec![header];
     if report.by.is_empty() {
         // Ungrouped: the one line is the total (zeros when nothing matched).
-        lines.push(numbers(&report.total).to_vec());
+        lines.push(numbers(&report.total));
         return lines;
     }
     for row in &report.data {
@@ -391,7 +432,7 @@ fn table(lines: &[Vec<String>]) -> String {
         let mut text = String::new();
         for (i, (cell, width)) in line.iter().zip(&widths).enumerate() {
             // Keys left-aligned, numbers right-aligned.
-            let number = i + 5 >= columns;
+            let number = i + NUMBERS >= columns;
             if number {
                 let _ = write!(text, "{cell:>width$}  ");
             } else {
@@ -512,7 +553,9 @@ mod tests {
         assert_eq!(error("2025-06-01", Some("x"), None), "until");
         assert_eq!(error("2025-06-02", Some("2025-06-01"), None), "until");
         assert_eq!(error("2025-06-01", Some("2025-06-01"), None), "until");
-        assert_eq!(error("2025-06-01", None, Some("client,team")), "by");
+        assert_eq!(error("2025-06-01", None, Some("client,tenant")), "by");
+        let q = Query::parse("2025-06-01", None, Some("team,endpoint"), NOW).unwrap();
+        assert_eq!(q.by, vec![Dimension::Team, Dimension::Endpoint]);
     }
 
     fn report() -> UsageReport {
@@ -523,6 +566,7 @@ mod tests {
             prompt_tokens: 10 * n,
             completion_tokens: n,
             total_tokens: 11 * n,
+            cost: Money::from_micros(1_500_001 * n),
         };
         UsageReport::new(
             &query,
@@ -536,6 +580,7 @@ mod tests {
                     counts: counts(1),
                 },
             ],
+            "USD",
         )
     }
 
@@ -549,17 +594,18 @@ mod tests {
         assert_eq!(lines.len(), 4, "{table}");
         assert!(lines[0].starts_with("CLIENT  MODEL"), "{table}");
         assert!(lines[2].starts_with("b       -"), "{table}");
+        assert!(lines[0].ends_with("TOTAL_TOKENS  COST (USD)"), "{table}");
         assert!(
-            lines[3].starts_with("TOTAL") && lines[3].ends_with("33"),
+            lines[3].starts_with("TOTAL") && lines[3].ends_with("33    4.500003"),
             "{table}"
         );
 
         let csv = render(&report, Format::Csv);
         assert_eq!(
             csv,
-            "CLIENT,MODEL,REQUESTS,ERRORS,PROMPT_TOKENS,COMPLETION_TOKENS,TOTAL_TOKENS\n\
-             a,\"m, \"\"big\"\"\",2,1,20,2,22\n\
-             b,-,1,1,10,1,11\n"
+            "CLIENT,MODEL,REQUESTS,ERRORS,PROMPT_TOKENS,COMPLETION_TOKENS,TOTAL_TOKENS,COST (USD)\n\
+             a,\"m, \"\"big\"\"\",2,1,20,2,22,3.000002\n\
+             b,-,1,1,10,1,11,1.500001\n"
         );
 
         let json: serde_json::Value = serde_json::from_str(&render(&report, Format::Json)).unwrap();
@@ -568,5 +614,8 @@ mod tests {
         assert_eq!(json["data"][1]["model"], serde_json::Value::Null);
         assert_eq!(json["data"][0]["prompt_tokens"], 20);
         assert_eq!(json["total"]["requests"], 3);
+        assert_eq!(json["currency"], "USD");
+        assert_eq!(json["data"][0]["cost"], 3.000002);
+        assert_eq!(json["total"]["cost"], 4.500003);
     }
 }

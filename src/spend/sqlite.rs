@@ -12,6 +12,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use super::migrations::{self, COMPONENT};
 use super::report::{Counts, Dimension, Query, Totals};
 use super::{Record, Sink, SinkError, SinkFuture};
+use crate::budget::money::Money;
 
 pub struct SqliteSink {
     db: Arc<Mutex<Connection>>,
@@ -58,7 +59,29 @@ impl SqliteSink {
             )
             .optional()
             .map_err(error)?;
-        Ok(exists.map(|_| Self {
+        if exists.is_none() {
+            return Ok(None);
+        }
+        // Read-only: nothing is migrated here, so an older schema lacks
+        // columns the report sums; say what to do rather than fail on SQL.
+        let version: i64 = db
+            .query_row(
+                "SELECT version FROM schema_version WHERE component = ?1",
+                [COMPONENT],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(error)?
+            .unwrap_or(0);
+        let latest = migrations::latest(migrations::SQLITE);
+        if version < latest {
+            return Err(SinkError(format!(
+                "{}: the spend log's tables are at schema version {version}, older than this \
+                 Iris's ({latest}): start this Iris's server once (it migrates them), then ask again",
+                describe(Some(path))
+            )));
+        }
+        Ok(Some(Self {
             db: Arc::new(Mutex::new(db)),
             path: Some(path.to_owned()),
         }))
@@ -147,9 +170,10 @@ fn insert(db: &mut Connection, batch: &[Record]) -> rusqlite::Result<()> {
         let mut statement = tx.prepare_cached(
             "INSERT INTO spend_log (at, request_id, client, model, upstream, upstream_model,
                 status, error_code, prompt_tokens, completion_tokens, total_tokens, images,
-                image_bytes, stream, attempts, ttfb_ms, total_ms, client_addr)
+                image_bytes, stream, attempts, ttfb_ms, total_ms, client_addr, team,
+                cached_tokens, reasoning_tokens, cost_micros, endpoint)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                ?18)",
+                ?18, ?19, ?20, ?21, ?22, ?23)",
         )?;
         for r in batch {
             let facts = &*r.facts;
@@ -172,6 +196,11 @@ fn insert(db: &mut Connection, batch: &[Record]) -> rusqlite::Result<()> {
                 r.ttfb_ms.map(to_sql),
                 to_sql(r.total_ms),
                 facts.client_addr.map(|addr| addr.to_string()),
+                facts.team.as_deref(),
+                to_sql(r.cached_tokens),
+                to_sql(r.reasoning_tokens),
+                to_sql(r.cost.micros()),
+                r.endpoint,
             ])?;
         }
     }
@@ -181,14 +210,17 @@ fn insert(db: &mut Connection, batch: &[Record]) -> rusqlite::Result<()> {
 fn column(dimension: Dimension) -> &'static str {
     match dimension {
         Dimension::Client => "client",
+        Dimension::Team => "team",
         Dimension::Model => "model",
         Dimension::Upstream => "upstream",
+        Dimension::Endpoint => "endpoint",
         Dimension::Day => "strftime('%Y-%m-%d', at / 1000, 'unixepoch')",
     }
 }
 
 /// The aggregation: only fixed column expressions are spliced in; every
-/// value is a parameter.
+/// value is a parameter. Costs are summed as integers (micro-units), so a
+/// group's cost is exact.
 pub(super) fn totals_sql(
     query: &Query,
     column: fn(Dimension) -> &'static str,
@@ -204,7 +236,7 @@ pub(super) fn totals_sql(
         "COUNT(*), \
          CAST(SUM(CASE WHEN status >= 400 OR error_code IS NOT NULL THEN 1 ELSE 0 END) AS BIGINT), \
          CAST(SUM(prompt_tokens) AS BIGINT), CAST(SUM(completion_tokens) AS BIGINT), \
-         CAST(SUM(total_tokens) AS BIGINT) \
+         CAST(SUM(total_tokens) AS BIGINT), CAST(SUM(cost_micros) AS BIGINT) \
          FROM spend_log WHERE at >= ",
     );
     sql.push_str(&place(1));
@@ -253,6 +285,7 @@ fn totals(db: &Connection, query: &Query) -> rusqlite::Result<Vec<Totals>> {
                 prompt_tokens: number(2)?,
                 completion_tokens: number(3)?,
                 total_tokens: number(4)?,
+                cost: Money::from_micros(number(5)?),
             },
         })
     };

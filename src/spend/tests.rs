@@ -10,6 +10,7 @@ use tokio::sync::Semaphore;
 
 use super::report::{Counts, Dimension, Query, Totals, UsageReport, format_time};
 use super::*;
+use crate::budget::money::Money;
 
 use crate::budget::store::redis_tests::skip;
 #[path = "../../tests/it/support/postgres.rs"]
@@ -107,6 +108,10 @@ fn record(n: u64) -> Record {
         prompt_tokens: n,
         completion_tokens: 1,
         total_tokens: n + 1,
+        cached_tokens: 0,
+        reasoning_tokens: 0,
+        cost: Money::ZERO,
+        endpoint: super::CHAT,
         ttfb_ms: Some(5),
         total_ms: 9,
     }
@@ -332,6 +337,8 @@ fn row(
         at_ms,
         facts: Arc::new(RequestFacts {
             client: client.into(),
+            // Client a is in a team; b is not.
+            team: (client == "a").then(|| "research".into()),
             model: model.map(Into::into),
             upstream: upstream.map(Into::into),
             upstream_model: upstream.map(|u| format!("{u}-model")),
@@ -342,9 +349,18 @@ fn row(
         prompt_tokens: prompt,
         completion_tokens: completion,
         total_tokens: prompt + completion,
+        cached_tokens: prompt / 2,
+        reasoning_tokens: completion / 2,
+        cost: cost(prompt, completion),
         ttfb_ms: None,
         ..base
     }
+}
+
+/// A record's cost: an amount with micro-units in it, so that a sum that
+/// went through floats would show.
+fn cost(prompt: u64, completion: u64) -> Money {
+    Money::from_micros(prompt * 1_234_567 + completion * 3)
 }
 
 fn fixture() -> Vec<Record> {
@@ -420,6 +436,7 @@ fn counts(requests: u64, errors: u64, prompt: u64, completion: u64) -> Counts {
         prompt_tokens: prompt,
         completion_tokens: completion,
         total_tokens: prompt + completion,
+        cost: cost(prompt, completion),
     }
 }
 
@@ -458,6 +475,20 @@ async fn aggregation_suite(sink: &dyn Sink) {
     assert_eq!(by_day[0].counts, counts(3, 1, 30, 10));
     assert_eq!(by_day[1].counts, counts(2, 2, 7, 3));
 
+    let by_team = sink.totals(&query(vec![Dimension::Team])).await.unwrap();
+    assert_eq!(keys(&by_team), vec![vec![None], vec![Some("research")]]);
+    assert_eq!(by_team[1].counts, counts(3, 1, 37, 13));
+    assert_eq!(
+        by_team[1].counts.cost,
+        Money::from_micros(37 * 1_234_567 + 13 * 3),
+        "summed exactly, in micro-units"
+    );
+    let by_endpoint = sink
+        .totals(&query(vec![Dimension::Endpoint]))
+        .await
+        .unwrap();
+    assert_eq!(keys(&by_endpoint), vec![vec![Some("chat")]]);
+
     let by_model = sink.totals(&query(vec![Dimension::Model])).await.unwrap();
     assert_eq!(
         keys(&by_model),
@@ -484,8 +515,9 @@ async fn aggregation_suite(sink: &dyn Sink) {
     );
 
     // The report over it: rows and their total agree.
-    let report = UsageReport::new(&query(vec![Dimension::Client]), by_client);
+    let report = UsageReport::new(&query(vec![Dimension::Client]), by_client, "EUR");
     assert_eq!(report.total, counts(5, 3, 37, 13));
+    assert_eq!(report.currency, "EUR");
     assert_eq!(report.since, format_time(JUNE_1));
 
     assert_eq!(sink.delete_before(JUNE_1 + DAY).await.unwrap(), 4);
@@ -633,6 +665,62 @@ fn sqlite_migrations_are_idempotent_and_a_newer_schema_is_refused() {
     drop(db);
     let refused = sqlite::SqliteSink::open(Some(&path)).err().unwrap();
     assert!(refused.0.contains("schema version 99"), "{refused}");
+}
+
+/// A database at schema version 2 (before money and teams) is migrated in
+/// place: its old records read as no team, 0 cost, `chat`; new ones keep
+/// every field.
+#[tokio::test]
+async fn sqlite_migration_3_keeps_older_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spend.db");
+    {
+        let db = rusqlite::Connection::open(&path).unwrap();
+        db.execute_batch(migrations::SQLITE_VERSION_TABLE).unwrap();
+        for migration in &migrations::SQLITE[..2] {
+            db.execute_batch(migration.sql).unwrap();
+        }
+        db.execute_batch(
+            "INSERT INTO schema_version VALUES ('spend_log', 2);
+             INSERT INTO spend_log (at, request_id, client, status, prompt_tokens,
+                completion_tokens, total_tokens, images, image_bytes, stream, attempts,
+                total_ms) VALUES (1748736000000, 'old', 'a', 200, 10, 5, 15, 0, 0, 0, 1, 9);",
+        )
+        .unwrap();
+    }
+    // Read-only (`iris usage`) migrates nothing: it says what to do.
+    let refused = sqlite::SqliteSink::open_read_only(&path).err().unwrap();
+    assert!(refused.0.contains("schema version 2, older"), "{refused}");
+    let sink = sqlite::SqliteSink::open(Some(&path)).unwrap();
+    let mut new = row(JUNE_1, "a", Some("m1"), Some("up1"), 200, None, 10, 5);
+    new.facts = Arc::new(RequestFacts {
+        request_id: "new".into(),
+        ..(*new.facts).clone()
+    });
+    sink.write(vec![new].into()).await.unwrap();
+    let db = rusqlite::Connection::open(&path).unwrap();
+    let read = |id: &str| {
+        db.query_row(
+            "SELECT team, cached_tokens, reasoning_tokens, cost_micros, endpoint
+             FROM spend_log WHERE request_id = ?1",
+            [id],
+            |r| {
+                Ok((
+                    r.get::<_, Option<String>>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, String>(4)?,
+                ))
+            },
+        )
+        .unwrap()
+    };
+    assert_eq!(read("old"), (None, 0, 0, 0, "chat".into()));
+    assert_eq!(
+        read("new"),
+        (Some("research".into()), 5, 2, 12_345_685, "chat".into())
+    );
 }
 
 #[tokio::test]

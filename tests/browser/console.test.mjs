@@ -23,10 +23,21 @@ const CONFIG_CLIENTS = [
   { name: 'beta', key: 'iris-beta-key', models: ['model-b'], team: 'research' },
   { name: MARKUP, key: 'iris-markup-key' },
 ];
-const CONFIG_TEAMS = [{ name: 'research', budget: { tokens_per_day: 2_000_000, requests_per_minute: 500 } }];
-const MODELS = [{ name: 'model-a' }, { name: 'model-b' }, { name: 'model-c' }];
+const CONFIG_TEAMS = [{ name: 'research', budget: { tokens_per_day: 2_000_000, requests_per_minute: 500, cost_per_day: 5 } }];
+// model-b is priced (per million tokens), so spend has a cost.
+const MODELS = [{ name: 'model-a' }, { name: 'model-b', price: { input: 2.5, cached_input: 1.25, output: 10 } }, { name: 'model-c' }];
 const numbers = new Intl.NumberFormat('en-US');
 const fmt = (n) => numbers.format(n);
+const amounts = new Intl.NumberFormat('en-US', { minimumFractionDigits: 2, maximumFractionDigits: 6 });
+const money = (n) => amounts.format(n);
+/**
+ * Usage the mock reports instead of its own count: 1000 prompt tokens (400
+ * cached), 250 completion tokens. On model-b: 600 * 2.50 + 400 * 1.25 + 250 *
+ * 10.00 = 4500 per million tokens, 0.0045.
+ */
+const USAGE = { 'x-mock-usage': JSON.stringify({ prompt_tokens: 1000, completion_tokens: 250, total_tokens: 1250, prompt_tokens_details: { cached_tokens: 400 } }) };
+/** beta (research's one member) makes two such requests: research's cost today. */
+const RESEARCH_COST = '0.009';
 /** A prompt of about 1,000 tokens (the mock counts a token per 4 bytes of body). */
 const LONG = 'lorem ipsum '.repeat(340);
 
@@ -69,8 +80,8 @@ before(async () => {
   // The mixed run.
   for (let i = 0; i < 3; i++) await run('iris-alpha-key', { model: 'model-a', content: LONG });
   await run('iris-alpha-key', { model: 'model-b', stream: true });
-  await run('iris-beta-key', { model: 'model-b' });
-  await run('iris-beta-key', { model: 'model-b', content: LONG });
+  await run('iris-beta-key', { model: 'model-b', headers: USAGE });
+  await run('iris-beta-key', { model: 'model-b', content: LONG, headers: USAGE });
   await run('iris-beta-key', { model: 'model-b', headers: { 'x-mock-status': '500' } }, 500);
   await run('iris-markup-key', { model: 'model-a' });
   await run(keys['team-a'], { model: 'model-a', content: LONG });
@@ -126,18 +137,23 @@ test('logged in: the mixed run\'s totals per client and model, as the API has th
   assert.match(policy, /frame-ancestors 'none'/);
   await logIn(page, ADMIN_KEY);
 
-  for (const [by, table] of [['client', '#spend-client'], ['model', '#spend-model']]) {
+  for (const [by, table] of [['client', '#spend-client'], ['model', '#spend-model'], ['team', '#spend-team']]) {
     const report = await usage(by);
+    assert.equal(report.currency, 'USD');
     const expected = report.data
-      .map((row) => [row[by], fmt(row.requests), fmt(row.errors), fmt(row.prompt_tokens), fmt(row.completion_tokens)])
+      .map((row) => [row[by] ?? '(no team)', fmt(row.requests), fmt(row.errors), fmt(row.prompt_tokens), fmt(row.completion_tokens), money(row.cost)])
       .sort();
     const shown = (await rows(page, `${table} tbody tr`)).sort();
     assert.deepEqual(shown, expected, `spend by ${by}`);
     const total = report.total;
     assert.deepEqual(await rows(page, `${table} tfoot tr`), [
-      ['Total', fmt(total.requests), fmt(total.errors), fmt(total.prompt_tokens), fmt(total.completion_tokens)],
+      ['Total', fmt(total.requests), fmt(total.errors), fmt(total.prompt_tokens), fmt(total.completion_tokens), money(total.cost)],
     ]);
+    assert.equal(await page.textContent(`${table} thead th:last-child`), 'Cost (USD)');
   }
+  const total = (await usage('client')).total.cost;
+  assert.ok(total > 0.009, `the period's cost: ${total}`);
+  assert.equal(await page.textContent('#spend-total-cost'), `${money(total)} USD`);
   const clients = await usage('client');
   assert.equal(clients.total.requests, requestsMade);
   assert.equal(clients.data.find((r) => r.client === 'beta').errors, 1, 'the 500 and nothing else');
@@ -159,7 +175,7 @@ test('logged in: the mixed run\'s totals per client and model, as the API has th
 
   // On a laptop screen every table fits its box: no sideways scrolling.
   const scrolled = await page.$$eval('#app .scroll', (boxes) =>
-    boxes.filter((box) => box.scrollWidth > box.clientWidth).map((box) => box.firstElementChild.id),
+    boxes.filter((box) => box.scrollWidth > box.clientWidth).map((box) => `${box.firstElementChild.id}: ${box.scrollWidth} > ${box.clientWidth}`),
   );
   assert.deepEqual(scrolled, []);
 
@@ -204,15 +220,39 @@ test('the teams table shows each team\'s source, members and budget bars as the 
     for (const [name, window] of Object.entries(team.usage)) {
       if (window.limit === null) continue;
       const bar = teamRow(page, team.name).locator('.window', { hasText: name.replaceAll('_', ' ') });
-      assert.equal(await bar.locator('.figures').textContent(), `${fmt(window.used)} / ${fmt(window.limit)}`, `${team.name} ${name}`);
+      const figures = name.startsWith('cost_') ? `${money(window.used)} / ${money(window.limit)} USD` : `${fmt(window.used)} / ${fmt(window.limit)}`;
+      assert.equal(await bar.locator('.figures').textContent(), figures, `${team.name} ${name}`);
       assert.equal(await bar.locator('.bar').getAttribute('aria-valuemax'), String(window.limit));
     }
   }
-  assert.equal(await teamRow(page, 'research').locator('.window').count(), 2, 'research: a bar per limit');
+  assert.equal(await teamRow(page, 'research').locator('.window').count(), 3, 'research: a bar per limit');
   assert.equal(await teamRow(page, 'blue').locator('.window').count(), 1, 'blue: a bar per limit');
   assert.equal(await clientRow(page, 'beta').locator('td.team').textContent(), 'research');
   assert.equal(await clientRow(page, 'team-b').locator('td.team').textContent(), 'blue');
   assert.equal(await clientRow(page, 'alpha').locator('td.team').textContent(), '–');
+  await context.close();
+});
+
+test('a team\'s cost bar shows what its clients spent, and the spend tables their cost', async () => {
+  const { context, page } = await openConsole(browser, recorder, iris.origin);
+  await logIn(page, ADMIN_KEY);
+  await teamRow(page, 'research').waitFor();
+  // research's one member, beta, spent the scripted usage twice: 0.009 of 5.
+  const bar = teamRow(page, 'research').locator('.window', { hasText: 'cost per day' });
+  assert.equal(await bar.locator('.figures').textContent(), `${RESEARCH_COST} / 5.00 USD`);
+  assert.equal(await bar.locator('.bar').getAttribute('aria-valuenow'), RESEARCH_COST);
+  assert.equal(await bar.locator('.bar').getAttribute('aria-valuemax'), '5');
+  const fill = await bar.locator('.fill').evaluate((node) => node.style.width);
+  assert.equal(fill, '0.2%', 'used / limit: 0.009 / 5, to a tenth of a percent');
+  // The spend tables: beta's cost, research's the same, in the cost column.
+  const beta = (await rows(page, '#spend-client tbody tr[data-client="beta"]'))[0];
+  assert.equal(beta[5], RESEARCH_COST);
+  const research = (await rows(page, '#spend-team tbody tr[data-team="research"]'))[0];
+  assert.deepEqual([research[0], research[1], research[5]], ['research', '3', RESEARCH_COST], 'its two requests and the 500 (which cost nothing)');
+  assert.equal(await page.textContent('#spend-team thead th:last-child'), 'Cost (USD)');
+  // The chart by client shows beta's cost beside its tokens.
+  const chart = await page.locator('#chart-client svg text.cost').allTextContents();
+  assert.ok(chart.includes(`2,500 · ${RESEARCH_COST} USD`), JSON.stringify(chart));
   await context.close();
 });
 

@@ -27,6 +27,7 @@ mod quickstart;
 mod redis;
 mod redis_cluster;
 mod reload;
+mod reports;
 mod routing;
 mod secrets;
 mod spend;

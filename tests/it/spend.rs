@@ -233,7 +233,7 @@ async fn a_mixed_run_totals_what_the_upstream_reported() {
     let table = String::from_utf8_lossy(&table.stdout).into_owned();
     let lines: Vec<&str> = table.lines().collect();
     assert!(
-        lines[0].starts_with("MODEL") && lines[0].ends_with("TOTAL_TOKENS"),
+        lines[0].starts_with("MODEL") && lines[0].ends_with("TOTAL_TOKENS  COST (USD)"),
         "{table}"
     );
     assert!(
@@ -336,7 +336,7 @@ async fn iris_usage_since_explains_what_it_cannot_do() {
     let far = usage_cli(&fresh, &["--since", "9223372036854775807d"]);
     assert_eq!(far.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&far.stderr).contains("--since: "));
-    let bad = usage_cli(&fresh, &["--since", "0d", "--by", "team"]);
+    let bad = usage_cli(&fresh, &["--since", "0d", "--by", "tenant"]);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--by: "));
     let no_since = usage_cli(&fresh, &["--by", "client"]);
     assert_eq!(no_since.status.code(), Some(2), "--by needs --since");

@@ -4,6 +4,8 @@
 
 const KEY_SLOT = "iris-admin-key";
 const numbers = new Intl.NumberFormat();
+// Money: at least to the cent, at most to the millionth (what Iris counts).
+const amounts = new Intl.NumberFormat(undefined, { minimumFractionDigits: 2, maximumFractionDigits: 6 });
 const $ = (id) => document.getElementById(id);
 
 let adminKey = sessionStorage.getItem(KEY_SLOT) || "";
@@ -50,6 +52,13 @@ function fmt(n) {
   return n === null || n === undefined ? "–" : numbers.format(n);
 }
 
+function money(n) {
+  return n === null || n === undefined ? "–" : amounts.format(n);
+}
+
+/** The currency of every amount the admin API answers (`[pricing] currency`). */
+let currency = "";
+
 /** A time in the viewer's zone, with UTC on hover. */
 function timeNode(unixSeconds) {
   const date = new Date(unixSeconds * 1000);
@@ -88,6 +97,9 @@ function logout(message) {
     for (const section of [...table.tBodies, table.tFoot]) section?.replaceChildren();
   }
   for (const chart of document.querySelectorAll("#app .chart")) chart.replaceChildren();
+  $("spend-total-cost").textContent = "";
+  $("spend-total").hidden = true;
+  currency = "";
   charts.clear();
   dismissKey();
 }
@@ -110,7 +122,13 @@ async function login(key) {
 
 // --- clients ------------------------------------------------------------------
 
-const WINDOWS = ["requests_per_minute", "tokens_per_minute", "tokens_per_day", "tokens_per_month", "max_concurrent"];
+const WINDOWS = ["requests_per_minute", "tokens_per_minute", "tokens_per_day", "tokens_per_month", "cost_per_day", "cost_per_month", "max_concurrent"];
+
+/** used / limit of a window: amounts of money with the currency. */
+function figures(name, window) {
+  if (!name.startsWith("cost_")) return `${fmt(window.used)} / ${fmt(window.limit)}`;
+  return `${money(window.used)} / ${money(window.limit)} ${currency}`;
+}
 
 /** Each budget window with a limit as a bar, used / limit: a client's or a team's. */
 function budgetCell(client) {
@@ -128,7 +146,7 @@ function budgetCell(client) {
     const fill = el("span", null, { class: share >= 0.9 ? "fill hot" : "fill" });
     fill.style.width = `${(share * 100).toFixed(1)}%`;
     bar.append(fill);
-    row.append(bar, el("span", `${fmt(window.used)} / ${fmt(window.limit)}`, { class: "figures" }));
+    row.append(bar, el("span", figures(name, window), { class: "figures" }));
     cell.append(row);
   }
   if (!any) cell.append(el("span", "no limits", { class: "muted" }));
@@ -196,6 +214,7 @@ function sourceCell(client) {
 
 async function loadClients() {
   const list = await api("GET", "/admin/clients");
+  currency = list.currency || currency;
   const body = $("clients-table").tBodies[0];
   body.replaceChildren();
   for (const client of list.data) {
@@ -230,6 +249,7 @@ function membersCell(team) {
 
 async function loadTeams() {
   const list = await api("GET", "/admin/teams");
+  currency = list.currency || currency;
   const body = $("teams-table").tBodies[0];
   body.replaceChildren();
   for (const team of list.data) {
@@ -333,8 +353,8 @@ function draw(container, paint) {
   paint(width);
 }
 
-/** Horizontal bars: prompt and completion tokens per row. */
-function barChart(container, rows, labelKey) {
+/** Horizontal bars: prompt and completion tokens per row, its cost beside them. */
+function barChart(container, rows, labelKey, unit) {
   if (!rows.length) {
     charts.delete(container);
     container.replaceChildren();
@@ -343,7 +363,7 @@ function barChart(container, rows, labelKey) {
   draw(container, (width) => {
     const line = 24;
     const labelWidth = Math.min(160, Math.round(width * 0.32));
-    const figures = 70;
+    const figures = 150;
     const max = Math.max(1, ...rows.map((r) => r.prompt_tokens + r.completion_tokens));
     const scale = (width - labelWidth - figures) / max;
     const chart = svg("svg", { width, height: rows.length * line + 4, viewBox: `0 0 ${width} ${rows.length * line + 4}`, role: "img", "aria-label": `Tokens by ${labelKey}` });
@@ -361,9 +381,9 @@ function barChart(container, rows, labelKey) {
       bars.append(
         svg("rect", { x: labelWidth, y: y + 2, width: Math.max(prompt, 0.5), height: line - 8, class: "prompt" }),
         svg("rect", { x: labelWidth + prompt, y: y + 2, width: Math.max(completion, 0.5), height: line - 8, class: "completion" }),
-        svg("title", {}, `${row[labelKey]}: ${fmt(row.prompt_tokens)} prompt + ${fmt(row.completion_tokens)} completion tokens`),
+        svg("title", {}, `${row[labelKey]}: ${fmt(row.prompt_tokens)} prompt + ${fmt(row.completion_tokens)} completion tokens, ${money(row.cost)} ${unit}`),
       );
-      chart.append(bars, svg("text", { x: labelWidth + prompt + completion + 4, y: y + 14, class: "axis" }, fmt(total)));
+      chart.append(bars, svg("text", { x: labelWidth + prompt + completion + 4, y: y + 14, class: "axis cost" }, `${fmt(total)} · ${money(row.cost)} ${unit}`));
     });
   });
 }
@@ -405,14 +425,18 @@ function dayChart(container, days) {
   });
 }
 
+/** A row's label: a team of none is the clients without one. */
+const NO_GROUP = { team: "(no team)", model: "(no model)" };
+
 function spendTable(table, report, key) {
+  table.tHead.rows[0].cells[5].textContent = `Cost (${report.currency})`;
   const body = table.tBodies[0];
   body.replaceChildren();
   const number = (n) => el("td", fmt(n), { class: "num" });
-  const cells = (row, label) => [el("td", label), number(row.requests), number(row.errors), number(row.prompt_tokens), number(row.completion_tokens)];
+  const cells = (row, label) => [el("td", label), number(row.requests), number(row.errors), number(row.prompt_tokens), number(row.completion_tokens), el("td", money(row.cost), { class: "num" })];
   for (const row of report.rows) {
-    const tr = el("tr", null, { [`data-${key}`]: row[key] });
-    tr.append(...cells(row, row[key]));
+    const tr = el("tr", null, { [`data-${key}`]: row[key] ?? "" });
+    tr.append(...cells(row, row[key] ?? NO_GROUP[key] ?? "–"));
     body.append(tr);
   }
   const foot = table.tFoot;
@@ -431,17 +455,21 @@ async function loadSpend() {
   if (!since || !to) throw new Error("Choose both days of the period.");
   const until = nextDay(to);
   const query = (by, from, end) => `/admin/usage?since=${encodeURIComponent(from)}&until=${encodeURIComponent(end)}&by=${by}`;
-  const [byClient, byModel] = await Promise.all([api("GET", query("client", since, until)), api("GET", query("model", since, until))]);
-  const sorted = (report) => ({ rows: [...report.data].sort((a, b) => b.prompt_tokens + b.completion_tokens - (a.prompt_tokens + a.completion_tokens)), total: report.total });
+  const [byClient, byModel, byTeam] = await Promise.all(["client", "model", "team"].map((by) => api("GET", query(by, since, until))));
+  const sorted = (report) => ({ rows: [...report.data].sort((a, b) => b.prompt_tokens + b.completion_tokens - (a.prompt_tokens + a.completion_tokens)), total: report.total, currency: report.currency });
   const clients = sorted(byClient);
   const models = sorted(byModel);
+  const teams = sorted(byTeam);
   const empty = clients.rows.length === 0;
   $("spend-empty").hidden = !empty;
   $("spend-data").hidden = empty;
+  $("spend-total").hidden = empty;
+  $("spend-total-cost").textContent = `${money(byClient.total.cost)} ${byClient.currency}`;
   spendTable($("spend-client"), clients, "client");
   spendTable($("spend-model"), models, "model");
-  barChart($("chart-client"), clients.rows, "client");
-  barChart($("chart-model"), models.rows, "model");
+  spendTable($("spend-team"), teams, "team");
+  barChart($("chart-client"), clients.rows, "client", byClient.currency);
+  barChart($("chart-model"), models.rows, "model", byModel.currency);
 
   const today = new Date();
   const start = new Date(Date.UTC(today.getUTCFullYear(), today.getUTCMonth(), today.getUTCDate() - 29));
