@@ -376,12 +376,16 @@ async fn concurrent_requests_never_overspend_a_team_on_redis() {
 #[tokio::test]
 async fn the_readmes_worked_example_costs_what_the_readme_says() {
     let upstream = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
     let config = format!(
         r#"
 [server]
 listen = "127.0.0.1:0"
 [store]
-kind = "memory"
+kind = "sqlite"
+path = "{}"
+[spend_log]
+flush_ms = 50
 [pricing]
 currency = "USD"
 [[upstreams]]
@@ -423,6 +427,7 @@ name = "batch"
 key = "{}"
 team = "ops"
 "#,
+        dir.path().join("iris.db").display(),
         upstream.base_url(),
         KeyHash::of(KEY_A),
         KeyHash::of(KEY_B),
@@ -469,4 +474,43 @@ team = "ops"
         month(&research),
         month(&usage(&iris, KEY_C).await)
     );
+
+    // The operator's view: this month's spend per team, from the spend log.
+    let file = crate::support::write_config(&config);
+    crate::support::eventually(
+        std::time::Duration::from_secs(10),
+        "every record in the spend log",
+        async || {
+            let output = crate::support::iris_command()
+                .args(["usage", "--since", "0d", "--by", "team", "--config"])
+                .arg(file.path())
+                .output()
+                .expect("iris usage");
+            String::from_utf8_lossy(&output.stdout)
+                .lines()
+                .any(|line| line.split_whitespace().take(2).eq(["TOTAL", "18"]))
+        },
+    )
+    .await;
+    let output = crate::support::iris_command()
+        .args(["usage", "--since", "0d", "--by", "team", "--config"])
+        .arg(file.path())
+        .output()
+        .expect("iris usage");
+    let table = String::from_utf8(output.stdout).expect("UTF-8");
+    println!("{table}");
+    let row = |team: &str| {
+        table
+            .lines()
+            .find(|line| line.starts_with(team))
+            .unwrap_or_else(|| panic!("no {team} row in\n{table}"))
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        row("research")[1..],
+        ["13", "0", "23600", "5900", "29500", "0.02325"]
+    );
+    assert_eq!(row("ops")[1..], ["5", "0", "4000", "1000", "5000", "0.02"]);
 }
