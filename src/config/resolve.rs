@@ -828,6 +828,87 @@ mod tests {
         }
     }
 
+    /// Prices and cost limits: every bad one at its key path; a client with
+    /// a cost limit that may use an unpriced model is a warning.
+    #[test]
+    fn prices_and_cost_limits_are_checked_with_their_key_paths() {
+        let config = |price: &str, limit: &str| {
+            format!(
+                r#"
+                [[upstreams]]
+                name = "u"
+                base_url = "http://127.0.0.1:1/v1"
+                [[models]]
+                name = "m"
+                upstream = "u"
+                {price}
+                [[models]]
+                name = "free"
+                upstream = "u"
+                [[clients]]
+                name = "c"
+                key = "{}"
+                [clients.budget]
+                {limit}
+                "#,
+                crate::keys::KeyHash::of("k")
+            )
+        };
+        for (price, limit, expected) in [
+            (
+                "price = { input = -1.0, output = 2.0 }",
+                "",
+                "models[0].price.input: -1 is not an amount of money",
+            ),
+            (
+                r#"price = { input = "2.5", output = 2.0 }"#,
+                "",
+                "models[0].price.input: invalid type: string",
+            ),
+            (
+                "price = { input = 1.0 }",
+                "",
+                "models[0].price: missing field `output`",
+            ),
+            (
+                "",
+                "cost_per_day = 0.0",
+                "clients[0].budget.cost_per_day: must be above 0",
+            ),
+            (
+                "",
+                "cost_per_month = -3",
+                "clients[0].budget.cost_per_month: -3 is not an amount of money",
+            ),
+        ] {
+            let found = problems(&config(price, limit));
+            assert!(
+                found.iter().any(|p| p.starts_with(expected)),
+                "{price} {limit}: {found:?}"
+            );
+        }
+        let warned = parse(
+            &config(
+                "price = { input = 1.0, output = 2.0 }",
+                "cost_per_day = 5.0",
+            ),
+            &|_| None,
+        )
+        .expect("a warning is no problem");
+        let warnings: Vec<String> = warned.warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with("clients[0].budget: has a cost limit but may use \"free\""),
+            "{warnings:?}"
+        );
+        let priced = warned.catalog.model("m").expect("model").reserve_price;
+        assert_eq!(
+            priced.map(|p| (p.input.micros(), p.cached_input.micros(), p.output.micros())),
+            Some((1_000_000, 1_000_000, 2_000_000)),
+            "cached_input defaults to input"
+        );
+    }
+
     #[test]
     fn cross_references_are_checked() {
         let found = problems(
