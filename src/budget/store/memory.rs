@@ -250,3 +250,22 @@ impl AlertClaims for MemoryStore {
         Box::pin(std::future::ready(Ok(self.claim_now(key, ttl))))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn an_alert_is_claimed_once_until_its_claim_ends() {
+        let store = MemoryStore::new();
+        assert!(store.claim_now("k", Duration::from_secs(60)));
+        assert!(!store.claim_now("k", Duration::from_secs(60)));
+        assert!(store.claim_now("short", Duration::ZERO));
+        assert!(
+            store.claim_now("short", Duration::from_secs(60)),
+            "an ended claim is forgotten"
+        );
+    }
+}

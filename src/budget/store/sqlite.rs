@@ -544,4 +544,22 @@ mod tests {
         let error = store.health().await.expect_err("unhealthy");
         assert!(error.0.contains("disk full"), "{error}");
     }
+
+    #[tokio::test]
+    async fn an_alert_is_claimed_once_and_still_after_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("iris.db");
+        let hour = Duration::from_secs(3600);
+        let store = SqliteStore::open(&path).expect("open");
+        assert_eq!(store.claim("k", hour).await, Ok(true));
+        assert_eq!(store.claim("k", hour).await, Ok(false));
+        assert_eq!(store.claim("other", hour).await, Ok(true));
+        drop(store);
+        let store = SqliteStore::open(&path).expect("reopen");
+        assert_eq!(
+            store.claim("k", hour).await,
+            Ok(false),
+            "a restart does not send an alert again"
+        );
+    }
 }
