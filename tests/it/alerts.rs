@@ -400,3 +400,66 @@ async fn the_readme_receiver_checks_the_signature() {
     assert_eq!(read().await, "client c tokens_per_day 0.5 60 of 100");
     drop(python);
 }
+
+/// A team's money window: the alert names the team, in currency units, in
+/// the month's period; the client, without limits of its own, raises none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_teams_cost_window_is_alerted_in_currency_units() {
+    let upstream = MockUpstream::start().await;
+    let receiver = Receiver::start(Answer::Statuses(Mutex::default())).await;
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+
+[store]
+kind = "memory"
+
+[[upstreams]]
+name = "mock"
+base_url = "{upstream}"
+
+[[models]]
+name = "test-model"
+upstream = "mock"
+price = {{ input = 2.50, output = 10.00 }}
+
+[[teams]]
+name = "research"
+[teams.budget]
+cost_per_month = 0.0002
+
+[[clients]]
+name = "c"
+key = "{key}"
+team = "research"
+
+[alerts]
+webhook_url = "{url}"
+thresholds = [0.5]
+"#,
+        upstream = upstream.base_url(),
+        key = KeyHash::of(KEY_C),
+        url = receiver.url(),
+    );
+    let iris = Iris::start(&text).await;
+    // 10 prompt tokens at 2.50 and 10 completion tokens at 10.00 a million.
+    assert_eq!(spend_20(&iris).await, 200);
+    receiver.wait_for(1, Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let received = receiver.received();
+    assert_eq!(received.len(), 1, "{received:?}");
+    assert_eq!(received[0].signature, None, "no secret, no signature");
+    let alert: Value = serde_json::from_slice(&received[0].body).unwrap();
+    assert_eq!(
+        alert["subject"],
+        json!({"kind": "team", "name": "research"})
+    );
+    assert_eq!(alert["window"], "cost_per_month");
+    assert_eq!(
+        (alert["used"].as_f64(), alert["limit"].as_f64()),
+        (Some(0.000125), Some(0.0002))
+    );
+    let month = &today_midnight()[..8];
+    assert_eq!(alert["period_start"], format!("{month}01T00:00:00Z"));
+}
