@@ -36,6 +36,8 @@ enum Answer {
     Statuses(Mutex<VecDeque<u16>>),
     /// Never.
     Hang,
+    /// 307 to this URL.
+    Redirect(String),
 }
 
 /// A webhook receiver on 127.0.0.1, port 0.
@@ -63,11 +65,17 @@ impl Receiver {
                         at: Instant::now(),
                     });
                     match &*answer {
-                        Answer::Hang => std::future::pending::<StatusCode>().await,
+                        Answer::Hang => std::future::pending::<axum::response::Response>().await,
                         Answer::Statuses(statuses) => {
                             let status = statuses.lock().unwrap().pop_front().unwrap_or(200);
-                            StatusCode::from_u16(status).unwrap()
+                            axum::response::IntoResponse::into_response(
+                                StatusCode::from_u16(status).unwrap(),
+                            )
                         }
+                        Answer::Redirect(to) => axum::response::IntoResponse::into_response((
+                            StatusCode::TEMPORARY_REDIRECT,
+                            [("location", to.clone())],
+                        )),
                     }
                 }
             }),
@@ -282,6 +290,21 @@ async fn a_hanging_receiver_slows_no_request() {
     for threshold in [0.001, 0.002, 0.003] {
         assert!(alerts.contains(&threshold), "{alerts:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_is_not_followed_but_retried() {
+    let upstream = MockUpstream::start().await;
+    let elsewhere = Receiver::start(Answer::Statuses(Mutex::default())).await;
+    let moved = Receiver::start(Answer::Redirect(elsewhere.url())).await;
+    let iris = Iris::start(&config(&upstream.base_url(), &moved.url(), 100, "[0.2]")).await;
+    assert_eq!(spend_20(&iris).await, 200);
+    moved.wait_for(2, Duration::from_secs(5)).await;
+    assert!(
+        elsewhere.received().is_empty(),
+        "the redirect's target got {:?}",
+        elsewhere.received()
+    );
 }
 
 #[test]
