@@ -28,7 +28,9 @@
 //!   completion, batched to SQLite or PostgreSQL off the request path),
 //!   [`auth_throttle`] (wrong keys throttled per source address),
 //!   [`client_addr`] (the client's address, decided once at the edge: the
-//!   peer, or behind `server.trusted_proxies` the forwarded one)
+//!   peer, or behind `server.trusted_proxies` the forwarded one),
+//!   [`alerts`] (budget thresholds reached, claimed in the store and posted
+//!   to a webhook off the request path)
 //! - at the bottom: [`openai`] (the wire types Iris looks inside),
 //!   [`facts`] (what a request learned, for its headers, log line, metrics
 //!   and spend record),
@@ -40,6 +42,7 @@
 //! [`commands`] holds one function per CLI command, [`cli`] their arguments.
 
 pub mod access_log;
+pub mod alerts;
 pub mod app;
 pub mod auth_throttle;
 pub mod body_deadline;

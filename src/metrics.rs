@@ -174,6 +174,8 @@ metrics_table! {
         "Requests decided by this instance's local count because the budget store did not answer (on_unavailable = \"allow\"), by client.";
     UPSTREAM_PACING_FALLBACK: "iris_upstream_pacing_fallback_total", Counter, ["upstream"],
         "Upstream pacing reservations decided by this instance's local count because the budget store did not answer (on_unavailable = \"allow\"), by upstream.";
+    ALERTS: "iris_alerts_total", Counter, ["result"],
+        "Budget alerts by outcome: delivered, retried (an attempt failed, another follows), failed (given up), dropped (the queue was full), claimed_elsewhere (another instance or an earlier run sent it).";
     SPEND_LOG_WRITTEN: "iris_spend_log_written_total", Counter, [],
         "Spend-log records written to the database.";
     SPEND_LOG_DROPPED: "iris_spend_log_dropped_total", Counter, ["reason"],

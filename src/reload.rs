@@ -158,6 +158,10 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.spend_log != new.spend_log {
         fixed.push("[spend_log]");
     }
+    // The alerts' delivery task starts once, with its settings.
+    if old.alerts != new.alerts {
+        fixed.push("[alerts]");
+    }
     fixed
 }
 

@@ -8,6 +8,7 @@ use std::sync::{Arc, Weak};
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
+use crate::alerts::Alerts;
 use crate::auth_throttle::AuthFailures;
 use crate::budget::Budgets;
 use crate::budget::store::Stores;
@@ -53,6 +54,11 @@ impl AppState {
         // instances share it) routing's deployment health.
         let stores = Stores::open(&config.store.backend).await?;
         let budgets = Budgets::new(stores.budgets, Clock::system(), config.store.on_unavailable);
+        if let Some(settings) = &config.alerts {
+            // Claimed in the budget store, so every instance that counts
+            // the same budgets sends an alert once between them.
+            budgets.alert_on(Alerts::start(settings.clone(), stores.claims)?);
+        }
         let spend = SpendLog::open(&config.spend_log, &config.store.backend).await?;
         let images = Images::new(&config.images)?;
         for upstream in config.catalog.upstreams() {

@@ -19,16 +19,18 @@
 //! - [`window`]: the windows' arithmetic (GCRA per minute, UTC day and month)
 //! - [`store`]: where the state lives (memory, SQLite, Redis)
 //! - [`report`]: `iris usage`
+//! - [`thresholds`]: which budget alerts a settlement raises
 pub mod account;
 pub mod estimate;
 pub mod money;
 pub mod report;
 pub mod store;
+pub mod thresholds;
 pub mod window;
 
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -37,6 +39,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
+use crate::alerts::Alerts;
 use crate::openai::chat::{ChatRequest, RequestLimits};
 use crate::openai::stream::Outcome;
 use crate::secret::Secret;
@@ -178,6 +181,8 @@ struct Inner {
     /// Reservations not yet settled, and settlements still running after
     /// their request ended: what shutdown waits for before flushing.
     pending: TaskTracker,
+    /// Where settlements raise budget alerts, with `[alerts]`.
+    alerts: OnceLock<Alerts>,
 }
 
 impl Budgets {
@@ -189,8 +194,15 @@ impl Budgets {
                 clock,
                 on_unavailable,
                 pending: TaskTracker::new(),
+                alerts: OnceLock::new(),
             }),
         }
+    }
+
+    /// From now on, settlements raise budget alerts on `alerts` (set once,
+    /// at startup; a second call changes nothing).
+    pub fn alert_on(&self, alerts: Alerts) {
+        let _ = self.inner.alerts.set(alerts);
     }
 
     /// Reserves a client's request (and its team's share, in the same
@@ -574,17 +586,44 @@ impl Reservation {
     /// reported as the client's usage, charged.
     fn finish(self, outcome: &Outcome, upstream_ok: bool) -> Charged {
         let (charged, source) = self.cost(outcome, upstream_ok);
+        let actual = Charge {
+            tokens: charged.total,
+            cost: charged.cost,
+        };
         match self.parties[0].account.kind() {
-            AccountKind::Client => self.report(charged, source, outcome.complete),
+            AccountKind::Client => {
+                self.report(charged, source, outcome.complete);
+                self.watch(actual);
+            }
             // Its tokens are a client's request's, reported as the client's
             // (a team is never a reservation's first party).
             AccountKind::Upstream | AccountKind::Team => {}
         }
-        self.charge(Charge {
-            tokens: charged.total,
-            cost: charged.cost,
-        });
+        self.charge(actual);
         charged
+    }
+
+    /// Raises the budget alerts this settlement reaches, for the client
+    /// and its team (see [`thresholds`] for why here and how): a
+    /// comparison and a queue's `try_send`, nothing that waits.
+    fn watch(&self, actual: Charge) {
+        let (Some(alerts), Some(hold)) = (self.budgets.inner.alerts.get(), self.hold) else {
+            return;
+        };
+        let held = Charge {
+            tokens: hold.tokens,
+            cost: hold.cost,
+        };
+        let now = self.budgets.inner.clock.now();
+        for (party, snapshot) in self.parties.iter().zip(&self.snapshots) {
+            let reached =
+                thresholds::reached(alerts.thresholds(), &party.limits, snapshot, held, actual);
+            for reached in reached {
+                if let Some(alert) = thresholds::alert(&party.account, reached, snapshot.now, now) {
+                    alerts.raise(alert);
+                }
+            }
+        }
     }
 
     /// What the outcome costs, and from where that figure came (`upstream`,

@@ -280,6 +280,25 @@ fn month_at(now: u64) -> Option<(u32, u64)> {
     ))
 }
 
+/// When the period of the calendar window `window` that holds `now`
+/// began (Unix nanoseconds): its UTC midnight, or the first of its month.
+pub fn period_start(window: Window, now: u64) -> u64 {
+    match window {
+        Window::TokensPerDay | Window::CostPerDay => now / DAY * DAY,
+        _ => month_start(now).unwrap_or(0),
+    }
+}
+
+/// The first of the month holding `now`, 00:00 UTC, in Unix nanoseconds.
+fn month_start(now: u64) -> Option<u64> {
+    let first = utc_date(now)?.first_of_month();
+    let start = Offset::UTC
+        .to_timestamp(first.to_datetime(Time::midnight()))
+        .ok()?
+        .as_second();
+    Some(u64::try_from(start).ok()?.saturating_mul(NANOS_PER_SEC))
+}
+
 /// `YYYY-MM-DDTHH:MM:SSZ` for Unix nanoseconds.
 pub fn format_utc(unix_ns: u64) -> String {
     i64::try_from(unix_ns / NANOS_PER_SEC)

@@ -21,6 +21,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::alerts::AlertSettings;
 use crate::budget::StoreSettings;
 use crate::catalog::Catalog;
 use crate::images::ImagesSettings;
@@ -44,6 +45,8 @@ pub struct Config {
     pub spend_log: SpendSettings,
     /// `[pricing] currency`: the label of every price and cost.
     pub currency: Arc<str>,
+    /// `[alerts]`: budget thresholds posted to a webhook, when set.
+    pub alerts: Option<AlertSettings>,
     /// What is allowed but probably a mistake (a config client whose key
     /// has already expired, a cost limit on a model without a price), each
     /// at its key path: `iris check` prints these and exits 0, the server

@@ -15,6 +15,7 @@ use ipnet::IpNet;
 
 use super::schema::{self, SpendLogKind, StoreKind, UpstreamKind};
 use super::{Config, Problem, Server};
+use crate::alerts::AlertSettings;
 use crate::budget::money::{Money, Price};
 use crate::budget::store::{RedisClock, RedisDeployment, RedisOptions};
 use crate::budget::{Limits, StoreBackend, StoreSettings};
@@ -70,6 +71,10 @@ pub fn resolve(file: schema::File) -> Result<Config, Vec<Problem>> {
     let mut warnings = Vec::new();
     let clients = clients(&file.clients, &models, &teams, &mut problems, &mut warnings);
     let spend_log = spend_log(&file.spend_log, &mut problems);
+    let alerts = file
+        .alerts
+        .as_ref()
+        .and_then(|section| alerts(section, &mut problems));
     let currency = file.pricing.currency.trim();
     if currency.is_empty() || currency.chars().any(char::is_control) {
         problems.add(
@@ -88,6 +93,7 @@ pub fn resolve(file: schema::File) -> Result<Config, Vec<Problem>> {
             catalog: Catalog::new(upstreams, models, clients, teams),
             spend_log,
             currency: Arc::from(currency),
+            alerts,
             warnings,
         }),
         _ => Err(problems.0),
@@ -240,6 +246,63 @@ fn redis_options(file: &schema::File, problems: &mut Problems) -> RedisOptions {
         timeout: Duration::from_millis(store.timeout_ms),
         clock: RedisClock::Server,
     }
+}
+
+/// `[alerts]`: the webhook's URL (http or https, any host: it is the
+/// operator's own) and the thresholds.
+fn alerts(section: &schema::Alerts, problems: &mut Problems) -> Option<AlertSettings> {
+    let url = match reqwest::Url::parse(&section.webhook_url) {
+        _ if section.webhook_url.is_empty() => {
+            problems.add("alerts.webhook_url", "required");
+            None
+        }
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => Some(url),
+        Ok(_) => {
+            problems.add("alerts.webhook_url", "must be an http:// or https:// URL");
+            None
+        }
+        // The URL may carry a token: name the problem, never the URL.
+        Err(e) => {
+            problems.add("alerts.webhook_url", format!("not a URL: {e}"));
+            None
+        }
+    };
+    if section.thresholds.is_empty() {
+        problems.add("alerts.thresholds", "must list at least one threshold");
+    }
+    let mut fine = !section.thresholds.is_empty();
+    for (i, threshold) in section.thresholds.iter().enumerate() {
+        if !(*threshold > 0.0 && *threshold <= 1.0) {
+            problems.add(
+                format!("alerts.thresholds[{i}]"),
+                format!("{threshold} is not a fraction in (0, 1] (0.8 is 80% of a window)"),
+            );
+            fine = false;
+        } else if i > 0 && section.thresholds[i - 1] >= *threshold {
+            problems.add(
+                format!("alerts.thresholds[{i}]"),
+                "must be above the one before it (ascending, each once)",
+            );
+            fine = false;
+        }
+    }
+    if section
+        .secret
+        .as_ref()
+        .is_some_and(|s| s.expose().is_empty())
+    {
+        problems.add(
+            "alerts.secret",
+            "must not be empty (leave it out to sign nothing)",
+        );
+        fine = false;
+    }
+    Some(AlertSettings {
+        webhook_url: url?,
+        secret: section.secret.clone(),
+        thresholds: section.thresholds.clone(),
+    })
+    .filter(|_| fine)
 }
 
 fn spend_log(log: &schema::SpendLog, problems: &mut Problems) -> SpendSettings {
@@ -1279,5 +1342,46 @@ mod tests {
             problems("[store]\nkind = \"redis\"\n"),
             vec!["store.url: required when store.kind = \"redis\"".to_string()]
         );
+    }
+
+    #[test]
+    fn alerts_are_checked_with_their_key_paths() {
+        let with = |table: &str| format!("[alerts]\n{table}\n");
+        assert_eq!(
+            problems(&with("thresholds = [0.5]")),
+            vec!["alerts.webhook_url: required".to_string()]
+        );
+        assert_eq!(
+            problems(&with(
+                "webhook_url = \"ftp://hooks.example/x\"\nthresholds = [0, 0.9, 0.5, 1.5]"
+            )),
+            vec![
+                "alerts.webhook_url: must be an http:// or https:// URL".to_string(),
+                "alerts.thresholds[0]: 0 is not a fraction in (0, 1] (0.8 is 80% of a window)"
+                    .to_string(),
+                "alerts.thresholds[2]: must be above the one before it (ascending, each once)"
+                    .to_string(),
+                "alerts.thresholds[3]: 1.5 is not a fraction in (0, 1] (0.8 is 80% of a window)"
+                    .to_string(),
+            ]
+        );
+        assert_eq!(
+            problems(&with("webhook_url = \"not a url\"\nthresholds = []")),
+            vec![
+                "alerts.webhook_url: not a URL: relative URL without a base".to_string(),
+                "alerts.thresholds: must list at least one threshold".to_string(),
+            ]
+        );
+        // Loopback and private addresses are the operator's to choose.
+        let config = parse(
+            &with("webhook_url = \"http://127.0.0.1:9/hook\"\nsecret = \"s3cret\""),
+            &|_| None,
+        )
+        .expect("valid");
+        let alerts = config.alerts.expect("[alerts]");
+        assert_eq!(alerts.thresholds, [0.8, 1.0]);
+        assert_eq!(alerts.webhook_url.as_str(), "http://127.0.0.1:9/hook");
+        assert!(!format!("{alerts:?}").contains("s3cret"));
+        assert!(parse("", &|_| None).expect("valid").alerts.is_none());
     }
 }

@@ -29,6 +29,30 @@ pub struct File {
     pub teams: Vec<Team>,
     pub spend_log: SpendLog,
     pub pricing: Pricing,
+    /// Budget alerts to a webhook, only when set.
+    pub alerts: Option<Alerts>,
+}
+
+/// `[alerts]`: where a budget threshold reached is posted.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Alerts {
+    /// `http://` or `https://`; loopback and private addresses allowed.
+    pub webhook_url: String,
+    /// Signs each delivery (`X-Iris-Signature`).
+    pub secret: Option<Secret>,
+    /// Fractions of a daily or monthly window, each in (0, 1], ascending.
+    pub thresholds: Vec<f64>,
+}
+
+impl Default for Alerts {
+    fn default() -> Self {
+        Self {
+            webhook_url: String::new(),
+            secret: None,
+            thresholds: crate::alerts::DEFAULT_THRESHOLDS.to_vec(),
+        }
+    }
 }
 
 /// `[pricing]`: what every price and cost is in.

@@ -12,6 +12,7 @@
 mod support;
 
 mod admin;
+mod alerts;
 mod budget;
 mod cli;
 mod connections;

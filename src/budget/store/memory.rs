@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
 
 use super::{Parties, Refused, Reserved, Store, StoreError, StoreFuture, ready, worst};
+use crate::alerts::{AlertClaims, ClaimFuture};
 use crate::budget::window::{Charge, ClientState, Hold, Snapshot};
 use crate::budget::{Account, Limits};
 
@@ -22,6 +23,8 @@ struct Entry {
 pub struct MemoryStore {
     /// By [`Account::key`].
     accounts: RwLock<HashMap<Box<str>, Mutex<Entry>>>,
+    /// Budget alerts claimed ([`AlertClaims`]), with when each claim ends.
+    claims: Mutex<HashMap<Box<str>, tokio::time::Instant>>,
 }
 
 /// A poisoned lock only means another thread panicked mid-update; the state
@@ -49,6 +52,7 @@ impl MemoryStore {
             .collect();
         Self {
             accounts: RwLock::new(accounts),
+            claims: Mutex::default(),
         }
     }
 
@@ -199,6 +203,19 @@ impl MemoryStore {
         }
     }
 
+    /// [`AlertClaims::claim`], answered at once: an in-process set, the
+    /// whole truth for the one instance that counts in this memory.
+    pub fn claim_now(&self, key: &str, ttl: std::time::Duration) -> bool {
+        let now = tokio::time::Instant::now();
+        let mut claims = self.claims.lock().unwrap_or_else(PoisonError::into_inner);
+        claims.retain(|_, until| *until > now);
+        if claims.contains_key(key) {
+            return false;
+        }
+        claims.insert(key.into(), now + ttl);
+        true
+    }
+
     /// [`Store::snapshot`], answered at once.
     pub fn snapshot_now(&self, account: &Account, limits: &Limits, now: u64) -> Snapshot {
         self.state(account).snapshot(limits, now)
@@ -225,5 +242,30 @@ impl Store for MemoryStore {
 
     fn flush(&self) -> StoreFuture<()> {
         ready(Ok::<(), StoreError>(()))
+    }
+}
+
+impl AlertClaims for MemoryStore {
+    fn claim(&self, key: &str, ttl: std::time::Duration) -> ClaimFuture {
+        Box::pin(std::future::ready(Ok(self.claim_now(key, ttl))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn an_alert_is_claimed_once_until_its_claim_ends() {
+        let store = MemoryStore::new();
+        assert!(store.claim_now("k", Duration::from_secs(60)));
+        assert!(!store.claim_now("k", Duration::from_secs(60)));
+        assert!(store.claim_now("short", Duration::ZERO));
+        assert!(
+            store.claim_now("short", Duration::from_secs(60)),
+            "an ended claim is forgotten"
+        );
     }
 }

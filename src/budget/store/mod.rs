@@ -12,7 +12,9 @@
 //! (the Redis store uses Redis's clock instead, shared by every instance).
 //!
 //! [`Stores::open`] opens the configured backend; the Redis store also
-//! shares deployment health between instances, as a [`SharedHealth`].
+//! shares deployment health between instances, as a [`SharedHealth`], and
+//! every store is where budget alerts are claimed ([`AlertClaims`]: the
+//! memory store in the process, SQLite in its file, Redis with `SET NX`).
 
 mod memory;
 mod redis;
@@ -33,6 +35,7 @@ pub use sqlite::{FLUSH_EVERY, SqliteStore};
 
 use super::window::{Charge, Hold, Refusal, Snapshot};
 use super::{Account, StoreBackend};
+use crate::alerts::AlertClaims;
 use crate::budget::Limits;
 use crate::shared_health::SharedHealth;
 
@@ -126,10 +129,12 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
-/// The configured backend, opened: the budget store, and the same store as
-/// routing's [`SharedHealth`] where it is shared by several instances.
+/// The configured backend, opened: the budget store, the same store as
+/// routing's [`SharedHealth`] where it is shared by several instances, and
+/// as where budget alerts are claimed.
 pub struct Stores {
     pub budgets: Arc<dyn Store>,
+    pub claims: Arc<dyn AlertClaims>,
     /// `None` for the in-process stores: they share nothing.
     pub health: Option<Arc<dyn SharedHealth>>,
 }
@@ -139,10 +144,14 @@ impl Stores {
     /// writer; not waiting for Redis, which may come up later).
     pub async fn open(backend: &StoreBackend) -> Result<Self, String> {
         Ok(match backend {
-            StoreBackend::Memory => Self {
-                budgets: Arc::new(MemoryStore::new()),
-                health: None,
-            },
+            StoreBackend::Memory => {
+                let store = Arc::new(MemoryStore::new());
+                Self {
+                    budgets: Arc::clone(&store) as Arc<dyn Store>,
+                    claims: store,
+                    health: None,
+                }
+            }
             StoreBackend::Sqlite { path } => {
                 let path = path.clone();
                 let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path))
@@ -151,7 +160,8 @@ impl Stores {
                     .map_err(|e| e.to_string())?;
                 store.spawn_flusher(FLUSH_EVERY);
                 Self {
-                    budgets: store,
+                    budgets: Arc::clone(&store) as Arc<dyn Store>,
+                    claims: store,
                     health: None,
                 }
             }
@@ -165,6 +175,7 @@ impl Stores {
                 }
                 Self {
                     budgets: Arc::clone(&store) as Arc<dyn Store>,
+                    claims: Arc::clone(&store) as Arc<dyn AlertClaims>,
                     health: Some(store),
                 }
             }

@@ -43,6 +43,10 @@
 //! keys per deployment, `{prefix}:v1:{health/<deployment>}:fails` (failures
 //! in the window) and `:cooldown` (set while it cools down).
 //!
+//! A budget alert's claim ([`AlertClaims`]) is one key,
+//! `{prefix}:v1:{alert/<claim key>}`, set with `NX` by the instance that
+//! sends the alert and expiring an hour after the alert's period ends.
+//!
 //! **Versions.** `v1` is the layout: the keys above and what their values
 //! mean. Scripts may change freely within a layout (old and new scripts run
 //! side by side during a rolling upgrade: each instance loads its own by its
@@ -113,6 +117,7 @@ pub use self::url::Deployment;
 
 use super::{Parties, Party, Refused, worst};
 use super::{Reserved, Store, StoreError, StoreFuture};
+use crate::alerts::{AlertClaims, ClaimError, ClaimFuture};
 use crate::budget::money::Money;
 use crate::budget::window::{
     Bucket, CONCURRENCY_RETRY, Calendar, Charge, ClientState, Hold, Periods, Refusal, Snapshot,
@@ -293,6 +298,12 @@ impl AccountKeys {
 fn health_keys(prefix: &str, deployment: &str) -> (String, String) {
     let base = format!("{prefix}:{LAYOUT}:{{health/{}}}:", encode(deployment));
     (format!("{base}fails"), format!("{base}cooldown"))
+}
+
+/// A budget alert's claim: `{prefix}:v1:{alert/<claim key>}` (a slot of
+/// its own: one key, one command).
+fn alert_key(prefix: &str, claim: &str) -> String {
+    format!("{prefix}:{LAYOUT}:{{alert/{}}}", encode(claim))
 }
 
 /// `name` safe inside a hash tag and a `:`-separated key.
@@ -756,6 +767,27 @@ impl SharedHealth for RedisStore {
                 .into_iter()
                 .map(|ttl| u64::try_from(ttl).ok().map(Duration::from_millis))
                 .collect())
+        })
+    }
+}
+
+/// Claims budget alerts on the budget store's connection: `SET NX PX`, so
+/// of every instance that raises the same alert, one gets `OK`.
+impl AlertClaims for RedisStore {
+    fn claim(&self, key: &str, ttl: Duration) -> ClaimFuture {
+        let mut set = redis::cmd("SET");
+        set.arg(alert_key(&self.options.prefix, key))
+            .arg("1")
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(ttl).max(1));
+        let mut connection = self.connection.clone();
+        let timeout = self.options.timeout;
+        Box::pin(async move {
+            let reply: Option<String> = bounded(timeout, set.query_async(&mut connection))
+                .await
+                .map_err(|e| ClaimError(e.0))?;
+            Ok(reply.is_some())
         })
     }
 }

@@ -20,6 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{MemoryStore, Parties, Reserved, Store, StoreError, StoreFuture, ready};
+use crate::alerts::{AlertClaims, ClaimError, ClaimFuture};
 use crate::budget::window::{Bucket, Calendar, Charge, ClientState, Hold, Snapshot};
 use crate::budget::{Account, Limits};
 
@@ -35,6 +36,10 @@ CREATE TABLE IF NOT EXISTS budget_state (
     month        INTEGER NOT NULL,  -- year * 12 + month - 1 (UTC)
     month_used   INTEGER NOT NULL,
     updated_at   INTEGER NOT NULL   -- Unix seconds of the write
+) STRICT;
+CREATE TABLE IF NOT EXISTS alert_claims (
+    key          TEXT PRIMARY KEY NOT NULL,  -- the alert's subject, window, threshold and period
+    expires_at   INTEGER NOT NULL   -- Unix seconds: the claim is forgotten after this
 ) STRICT;
 ";
 
@@ -371,6 +376,39 @@ impl Store for SqliteStore {
     }
 }
 
+/// Budget alerts claimed in the file, so that a restart does not send one
+/// again: a row per claim, `INSERT OR IGNORE`d, the expired ones deleted
+/// on the way.
+impl AlertClaims for SqliteStore {
+    fn claim(&self, key: &str, ttl: Duration) -> ClaimFuture {
+        let inner = Arc::clone(&self.inner);
+        let key = key.to_owned();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or(Duration::ZERO)
+                    .as_secs();
+                let db = inner.db.lock().unwrap_or_else(PoisonError::into_inner);
+                db.execute(
+                    "DELETE FROM alert_claims WHERE expires_at < ?1",
+                    params![to_sql(now)],
+                )
+                .and_then(|_| {
+                    db.execute(
+                        "INSERT OR IGNORE INTO alert_claims (key, expires_at) VALUES (?1, ?2)",
+                        params![key, to_sql(now.saturating_add(ttl.as_secs()))],
+                    )
+                })
+                .map(|inserted| inserted == 1)
+                .map_err(|e| ClaimError(db_error(&inner.path, &e).0))
+            })
+            .await
+            .unwrap_or_else(|e| Err(ClaimError(format!("sqlite claim failed: {e}"))))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -505,5 +543,23 @@ mod tests {
         *store.inner.last_error.lock().expect("lock") = Some("disk full".into());
         let error = store.health().await.expect_err("unhealthy");
         assert!(error.0.contains("disk full"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn an_alert_is_claimed_once_and_still_after_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("iris.db");
+        let hour = Duration::from_secs(3600);
+        let store = SqliteStore::open(&path).expect("open");
+        assert_eq!(store.claim("k", hour).await, Ok(true));
+        assert_eq!(store.claim("k", hour).await, Ok(false));
+        assert_eq!(store.claim("other", hour).await, Ok(true));
+        drop(store);
+        let store = SqliteStore::open(&path).expect("reopen");
+        assert_eq!(
+            store.claim("k", hour).await,
+            Ok(false),
+            "a restart does not send an alert again"
+        );
     }
 }

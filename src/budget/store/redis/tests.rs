@@ -9,6 +9,7 @@
 use std::collections::HashSet;
 
 use super::*;
+use crate::alerts::AlertClaims;
 use crate::budget::money::Money;
 use crate::budget::store::{MemoryStore, OneAccount, Parties, Party, ReservedOne};
 use crate::budget::window::Charge;
@@ -513,6 +514,31 @@ fn client_names_cannot_break_the_hash_tag() {
             "the layout version is in every key: {key}"
         );
     }
+}
+
+#[tokio::test]
+async fn an_alert_is_claimed_once_under_the_prefix_until_its_period_ends() {
+    let Some((store, redis)) = test_store(RedisClock::Server).await else {
+        return;
+    };
+    let other = RedisStore::connect(&redis.url, test_options(&redis.prefix, RedisClock::Server))
+        .expect("a second instance's store");
+    let ttl = Duration::from_secs(7200);
+    assert_eq!(store.claim("[\"client\",\"c\"]", ttl).await, Ok(true));
+    assert_eq!(
+        other.claim("[\"client\",\"c\"]", ttl).await,
+        Ok(false),
+        "another instance finds it claimed"
+    );
+    assert_eq!(store.claim("[\"team\",\"c\"]", ttl).await, Ok(true));
+    let mut connection = store.connection.clone();
+    let key = format!("{}:v1:{{alert/%5B%22client%22%2C%22c%22%5D}}", redis.prefix);
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(&key)
+        .query_async(&mut connection)
+        .await
+        .expect("PTTL");
+    assert!(pttl > 7_000_000 && pttl <= 7_200_000, "{key}: {pttl}");
 }
 
 #[tokio::test]
