@@ -514,3 +514,39 @@ team = "ops"
     );
     assert_eq!(row("ops")[1..], ["5", "0", "4000", "1000", "5000", "0.02"]);
 }
+
+/// A stream cut before its usage (the upstream died mid-way) is charged
+/// the money of what it generated, as its tokens are: never $0, never the
+/// whole estimate.
+#[tokio::test]
+async fn a_stream_cut_before_its_usage_costs_what_it_generated() {
+    let upstream = MockUpstream::start().await;
+    let iris = Iris::start(&config(
+        &upstream.base_url(),
+        MEMORY,
+        "cost_per_day = 1.0",
+        "cost_per_day = 1.0",
+    ))
+    .await;
+    let mut stream = small_request();
+    stream["stream"] = json!(true);
+    let response = iris
+        .chat(KEY_A, &stream, &[("x-mock-die-after", "2")])
+        .await;
+    assert_eq!(response.status(), 200);
+    let _ = response.text().await;
+    iris.settled(KEY_A).await;
+    let shown = usage(&iris, KEY_A).await;
+    let spent = money(&shown["windows"]["cost_per_day"]["used"]);
+    // The prompt alone (9 tokens at 2.50) is 0.000023; the estimate with
+    // its whole cap 0.000123.
+    assert!(
+        spent > 0.000023 && spent < SMALL_ESTIMATE,
+        "charged {spent} for two generated words"
+    );
+    assert_amount(
+        &shown["team"]["windows"]["cost_per_day"]["used"],
+        spent,
+        "the team, the same",
+    );
+}
