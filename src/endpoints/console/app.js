@@ -100,6 +100,7 @@ function logout(message) {
   $("spend-total-cost").textContent = "";
   $("spend-total").hidden = true;
   currency = "";
+  showCurrency();
   charts.clear();
   dismissKey();
 }
@@ -153,25 +154,42 @@ function budgetCell(client) {
   return cell;
 }
 
+/** Why a config file's client or team has no working buttons. */
+const CONFIG_REASON = "Defined in the config file: change it there, then reload.";
+
+/**
+ * A row's button: runs `handler` (its errors shown like every action's) when
+ * the row is managed; else disabled, with the reason.
+ */
+function actionButton(label, managed, handler) {
+  const b = el("button", label, { type: "button" });
+  if (managed) b.addEventListener("click", () => guarded(handler));
+  else {
+    b.disabled = true;
+    b.title = CONFIG_REASON;
+  }
+  return b;
+}
+
+/** Asks, then deletes a managed client or team and reloads both tables. */
+function deleteButton(kind, name, consequence) {
+  return actionButton("Delete", true, async () => {
+    if (!window.confirm(`Delete ${name}? ${consequence}`)) return;
+    await api("DELETE", `/admin/${kind}/${encodeURIComponent(name)}`);
+    await loadDirectory();
+  });
+}
+
 function actionsCell(client) {
   const cell = el("td");
   const box = el("div", null, { class: "actions" });
   cell.append(box);
   const managed = client.source === "managed";
-  const reason = "Defined in the config file: change it there, then reload.";
-  const button = (label, handler) => {
-    const b = el("button", label, { type: "button" });
-    if (managed) b.addEventListener("click", () => guarded(handler));
-    else {
-      b.disabled = true;
-      b.title = reason;
-    }
-    return b;
-  };
+  const button = (label, handler) => actionButton(label, managed, handler);
   const toggle = client.disabled ? "Enable" : "Disable";
   box.append(button(toggle, async () => {
     await api("PATCH", `/admin/clients/${encodeURIComponent(client.name)}`, { disabled: !client.disabled });
-    await loadClients();
+    await loadDirectory();
   }));
   const grace = el("input", null, { type: "number", min: "0", value: "0", class: "grace", title: "Seconds the current key keeps working after Rotate", "aria-label": `Grace seconds for ${client.name}` });
   if (!managed) grace.disabled = true;
@@ -180,14 +198,10 @@ function actionsCell(client) {
   box.append(button("Rotate", async () => {
     const answer = await api("POST", `/admin/clients/${encodeURIComponent(client.name)}/rotate`, { grace_s: Number(grace.value || 0) });
     showKey(answer.client.name, answer.key);
-    await loadClients();
+    await loadDirectory();
   }), graceLabel);
-  box.append(button("Delete", async () => {
-    if (!window.confirm(`Delete ${client.name}? Its key stops working.`)) return;
-    await api("DELETE", `/admin/clients/${encodeURIComponent(client.name)}`);
-    await loadClients();
-  }));
-  if (!managed) box.append(el("span", reason, { class: "muted reason" }));
+  if (managed) box.append(deleteButton("clients", client.name, "Its key stops working."));
+  else box.append(button("Delete"), el("span", CONFIG_REASON, { class: "muted reason" }));
   return cell;
 }
 
@@ -247,20 +261,121 @@ function membersCell(team) {
   return cell;
 }
 
+/** The limits a team's forms set: money ones in the currency of the API's amounts. */
+const TEAM_LIMITS = [
+  ["cost_per_day", "Cost per day"],
+  ["cost_per_month", "Cost per month"],
+  ["tokens_per_day", "Tokens per day"],
+  ["tokens_per_month", "Tokens per month"],
+];
+
+/** Labelled inputs for `limits`, filled from `values` (a team's windows), money ones with the currency. */
+function limitFields(limits, values = {}) {
+  return limits.map(([name, label]) => {
+    const money = name.startsWith("cost_");
+    const input = el("input", null, { name, type: "number", min: money ? "0" : "1", step: money ? "any" : "1" });
+    const limit = values[name] && values[name].limit;
+    if (limit !== null && limit !== undefined) input.value = String(limit);
+    const caption = el("span", label);
+    if (money) caption.append(" (", el("span", currency, { class: "currency" }), ")");
+    const field = el("label");
+    field.append(caption, input);
+    return field;
+  });
+}
+
+/** Writes the currency beside every money field (it is known once the API answered). */
+function showCurrency() {
+  for (const node of document.querySelectorAll(".currency")) node.textContent = currency;
+}
+
+/**
+ * A budget from a form's number fields `names`: a blank field is left out
+ * (`blank` undefined) or sent as `blank` (null: no limit).
+ */
+function budgetFrom(data, names, blank) {
+  const budget = {};
+  for (const name of names) {
+    const value = String(data.get(name) || "").trim();
+    if (value) budget[name] = Number(value);
+    else if (blank !== undefined) budget[name] = blank;
+  }
+  return budget;
+}
+
+/** A form whose submit runs `action` with it, its errors shown like every action's. */
+function onSubmit(form, action) {
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    guarded(() => action(form));
+  });
+}
+
+/** A managed team's Edit budget (a form in its row) and Delete; a config team has none. */
+function teamActionsCell(team) {
+  const cell = el("td", null, { class: "team-actions" });
+  if (team.source !== "managed") {
+    cell.append(el("span", "config file", { class: "muted small" }));
+    return cell;
+  }
+  const box = el("div", null, { class: "actions" });
+  const form = el("form", null, { class: "edit-budget", "aria-label": `Budget of ${team.name}` });
+  form.hidden = true;
+  const names = TEAM_LIMITS.map(([name]) => name);
+  form.append(...limitFields(TEAM_LIMITS, team.usage || {}), el("button", "Save", { type: "submit" }));
+  const cancel = el("button", "Cancel", { type: "button" });
+  cancel.addEventListener("click", () => { form.hidden = true; });
+  form.append(cancel, el("span", "Blank: no limit.", { class: "muted small" }));
+  onSubmit(form, async () => {
+    const budget = budgetFrom(new FormData(form), names, null);
+    await api("PATCH", `/admin/teams/${encodeURIComponent(team.name)}`, { budget });
+    await loadTeams();
+  });
+  const edit = actionButton("Edit budget", true, () => { form.hidden = !form.hidden; });
+  box.append(edit, deleteButton("teams", team.name, "Its budget is gone."));
+  cell.append(box, form);
+  return cell;
+}
+
+/** The client form's choice of team: none, or one of `teams`, keeping what was chosen. */
+function teamChoices(teams) {
+  const select = $("create-form").elements.team;
+  const chosen = select.value;
+  select.replaceChildren(el("option", "(no team)", { value: "" }), ...teams.map((team) => el("option", team.name, { value: team.name })));
+  select.value = teams.some((team) => team.name === chosen) ? chosen : "";
+}
+
 async function loadTeams() {
   const list = await api("GET", "/admin/teams");
   currency = list.currency || currency;
+  showCurrency();
   const body = $("teams-table").tBodies[0];
   body.replaceChildren();
   for (const team of list.data) {
     const row = el("tr", null, { "data-team": team.name });
-    const cells = [el("td", team.name, { class: "name" }), sourceCell(team), membersCell(team), budgetCell(team)];
-    ["Name", "Source", "Members", "Budget"].forEach((label, i) => i > 0 && cells[i].setAttribute("data-label", label));
+    const cells = [el("td", team.name, { class: "name" }), sourceCell(team), membersCell(team), budgetCell(team), teamActionsCell(team)];
+    ["Name", "Source", "Members", "Budget", "Actions"].forEach((label, i) => i > 0 && cells[i].setAttribute("data-label", label));
     row.append(...cells);
     body.append(row);
   }
   $("teams-table").hidden = list.data.length === 0;
   $("teams-empty").hidden = list.data.length > 0;
+  teamChoices(list.data);
+}
+
+/** Clients and teams: a change to either changes what the other shows (members, teams). */
+async function loadDirectory() {
+  await Promise.all([loadClients(), loadTeams()]);
+}
+
+async function createTeam(form) {
+  const data = new FormData(form);
+  const request = { name: String(data.get("name")).trim() };
+  const budget = budgetFrom(data, TEAM_LIMITS.map(([name]) => name));
+  if (Object.keys(budget).length) request.budget = budget;
+  await api("POST", "/admin/teams", request);
+  form.reset();
+  await loadTeams();
 }
 
 function showKey(name, key) {
@@ -282,16 +397,14 @@ async function createClient(form) {
   const request = { name: String(data.get("name")).trim() };
   const models = String(data.get("models") || "").trim();
   if (models) request.models = models.split(",").map((m) => m.trim()).filter(Boolean);
-  const budget = {};
-  for (const name of ["tokens_per_day", "tokens_per_minute", "requests_per_minute"]) {
-    const value = String(data.get(name) || "").trim();
-    if (value) budget[name] = Number(value);
-  }
+  const budget = budgetFrom(data, ["tokens_per_day", "tokens_per_minute", "requests_per_minute"]);
   if (Object.keys(budget).length) request.budget = budget;
+  const team = String(data.get("team") || "");
+  if (team) request.team = team;
   const answer = await api("POST", "/admin/clients", request);
   form.reset();
   showKey(answer.client.name, answer.key);
-  await loadClients();
+  await loadDirectory();
 }
 
 // --- spend ------------------------------------------------------------------
@@ -538,10 +651,10 @@ function start() {
     event.preventDefault();
     guarded(loadSpend);
   });
-  $("create-form").addEventListener("submit", (event) => {
-    event.preventDefault();
-    guarded(() => createClient(event.target));
-  });
+  onSubmit($("create-form"), createClient);
+  const teamForm = $("team-form");
+  teamForm.querySelector("button[type=submit]").before(...limitFields(TEAM_LIMITS));
+  onSubmit(teamForm, createTeam);
   $("copy-key").addEventListener("click", async () => {
     try {
       await navigator.clipboard.writeText($("new-key-value").textContent);
