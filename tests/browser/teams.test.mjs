@@ -106,6 +106,8 @@ test('a client created in the team names it in its row, is its member, and its s
   const select = page.locator('#create-form select[name=team]');
   assert.deepEqual(await select.locator('option').allTextContents(), ['(no team)', MARKUP, 'ops']);
   await page.fill('#create-form input[name=name]', 'ops-bot');
+  assert.match(await page.textContent('#create-form'), /Cost per day \(USD\)/, 'the money fields carry the currency');
+  await page.fill('#create-form input[name=cost_per_day]', '1.5');
   await select.selectOption('ops');
   await page.click('#create-form button[type=submit]');
   await clientRow(page, 'ops-bot').waitFor();
@@ -114,6 +116,7 @@ test('a client created in the team names it in its row, is its member, and its s
   assert.equal(await teamRow(page, 'ops').locator('td.members').textContent(), 'ops-bot', 'the teams table is reloaded too');
   const listed = (await admin(iris.origin, ADMIN_KEY, 'GET', '/admin/clients')).json.data;
   assert.equal(listed.find((c) => c.name === 'ops-bot').team, 'ops');
+  assert.equal(listed.find((c) => c.name === 'ops-bot').budget.cost_per_day, 1.5, 'its cost limit, from the form');
 
   // Its request is counted against the team: the cost bar moves.
   const answer = await chat(iris.origin, botKey, { model: 'model-b', headers: USAGE });

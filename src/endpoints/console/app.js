@@ -262,12 +262,17 @@ function membersCell(team) {
 }
 
 /** The limits a team's forms set: money ones in the currency of the API's amounts. */
-const TEAM_LIMITS = [
+const COST_LIMITS = [
   ["cost_per_day", "Cost per day"],
   ["cost_per_month", "Cost per month"],
+];
+const TEAM_LIMITS = [
+  ...COST_LIMITS,
   ["tokens_per_day", "Tokens per day"],
   ["tokens_per_month", "Tokens per month"],
 ];
+/** The client form's limits: its static token fields, then the money ones. */
+const CLIENT_LIMITS = ["tokens_per_day", "tokens_per_minute", "requests_per_minute", ...COST_LIMITS.map(([name]) => name)];
 
 /** Labelled inputs for `limits`, filled from `values` (a team's windows), money ones with the currency. */
 function limitFields(limits, values = {}) {
@@ -397,7 +402,7 @@ async function createClient(form) {
   const request = { name: String(data.get("name")).trim() };
   const models = String(data.get("models") || "").trim();
   if (models) request.models = models.split(",").map((m) => m.trim()).filter(Boolean);
-  const budget = budgetFrom(data, ["tokens_per_day", "tokens_per_minute", "requests_per_minute"]);
+  const budget = budgetFrom(data, CLIENT_LIMITS);
   if (Object.keys(budget).length) request.budget = budget;
   const team = String(data.get("team") || "");
   if (team) request.team = team;
@@ -651,7 +656,9 @@ function start() {
     event.preventDefault();
     guarded(loadSpend);
   });
-  onSubmit($("create-form"), createClient);
+  const clientForm = $("create-form");
+  clientForm.querySelector("select[name=team]").closest("label").before(...limitFields(COST_LIMITS));
+  onSubmit(clientForm, createClient);
   const teamForm = $("team-form");
   teamForm.querySelector("button[type=submit]").before(...limitFields(TEAM_LIMITS));
   onSubmit(teamForm, createTeam);
