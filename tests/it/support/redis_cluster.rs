@@ -202,8 +202,10 @@ impl RedisCluster {
         }
         for server in &self.servers {
             let port = server.port;
+            // Generous: on a loaded 2-core machine several clusters start at
+            // once (the wait ends as soon as each answers).
             until(
-                Duration::from_secs(10),
+                Duration::from_secs(30),
                 "redis-server started",
                 async || ask::<String>(port, &redis::cmd("PING")).await.is_some(),
             )
@@ -257,7 +259,7 @@ impl RedisCluster {
     /// by a live primary that knows it, and every primary has a replica.
     pub async fn wait_healthy(&self) {
         let live = self.live_ports();
-        until(Duration::from_secs(20), "cluster healthy", async || {
+        until(Duration::from_secs(40), "cluster healthy", async || {
             for port in &live {
                 let Some(info) = ask::<String>(*port, redis::cmd("CLUSTER").arg("INFO")).await
                 else {
@@ -473,8 +475,10 @@ impl RedisSentinels {
         ]);
         let replica = Server::spawn(replica_port, &dir.path().join("replica"), &replica_args);
         for port in [primary_port, replica_port] {
+            // Generous: on a loaded 2-core machine several clusters start at
+            // once (the wait ends as soon as each answers).
             until(
-                Duration::from_secs(10),
+                Duration::from_secs(30),
                 "redis-server started",
                 async || ask::<String>(port, &redis::cmd("PING")).await.is_some(),
             )

@@ -112,11 +112,14 @@ if #refused == 0 then
     s.month_used = s.month_used + tokens
     set_calendar(KEYS[k + 3], day, s.day_used, day_end)
     set_calendar(KEYS[k + 4], month, s.month_used, month_end)
-    -- Written even at no cost, so that a settlement finds the period.
-    s.cday_used = s.cday_used + cost
-    s.cmonth_used = s.cmonth_used + cost
-    set_calendar(KEYS[k + 7], day, s.cday_used, day_end)
-    set_calendar(KEYS[k + 8], month, s.cmonth_used, month_end)
+    -- Money only when there is some: most requests cost nothing (no
+    -- price), and a settlement that finds no key of its period starts one.
+    if cost > 0 then
+      s.cday_used = s.cday_used + cost
+      s.cmonth_used = s.cmonth_used + cost
+      set_calendar(KEYS[k + 7], day, s.cday_used, day_end)
+      set_calendar(KEYS[k + 8], month, s.cmonth_used, month_end)
+    end
     redis.call('ZADD', KEYS[k + 5], int(now + lease_us), lease_id)
     s.in_flight = s.in_flight + 1
     -- The set lives as long as its longest lease (instances may be

@@ -24,12 +24,20 @@ local periods_held = { tonumber(ARGV[7]), tonumber(ARGV[8]) }
 local cancel = ARGV[9] == '1'
 local parties = #KEYS / 8
 
--- Correct a calendar key of the period of admission, if it is still the stored one.
-local function correct(key, period, take, give)
+local day_now, day_end, month_now, month_end = periods(now)
+
+-- Correct a calendar key of the period of admission, if it is still the
+-- stored one. A key of an older period, or none, while the admission's
+-- period is still the current one (a reservation that charged no money
+-- wrote no money key) starts that period with what the request used.
+local function correct(key, period, take, give, current, period_end)
   local stored = redis.call('HMGET', key, 'p', 'u')
   if stored[1] and tonumber(stored[1]) == period then
     local used = math.max((tonumber(stored[2]) or 0) - take, 0) + give
     redis.call('HSET', key, 'u', int(used))
+  elseif give > 0 and period == current then
+    redis.call('HSET', key, 'p', int(period), 'u', int(give))
+    redis.call('PEXPIRE', key, int(math.ceil((period_end - now) / 1000) + CALENDAR_MARGIN_MS))
   end
 end
 
@@ -54,10 +62,10 @@ for p = 1, parties do
         set_tat(KEYS[k + 2], math.max(tat - drain(held - actual, tpm_limit), now), now)
       end
     end
-    correct(KEYS[k + 3], periods_held[1], held, actual)
-    correct(KEYS[k + 4], periods_held[2], held, actual)
-    correct(KEYS[k + 7], periods_held[1], cost_held, cost_actual)
-    correct(KEYS[k + 8], periods_held[2], cost_held, cost_actual)
+    correct(KEYS[k + 3], periods_held[1], held, actual, day_now, day_end)
+    correct(KEYS[k + 4], periods_held[2], held, actual, month_now, month_end)
+    correct(KEYS[k + 7], periods_held[1], cost_held, cost_actual, day_now, day_end)
+    correct(KEYS[k + 8], periods_held[2], cost_held, cost_actual, month_now, month_end)
   end
 end
 return first
