@@ -308,6 +308,12 @@ macro_rules! store_suite {
             }
 
             #[tokio::test]
+            async fn money_first_charged_at_settlement_is_counted() {
+                let (store, _guard) = make!();
+                suite::money_first_charged_at_settlement_is_counted(store).await;
+            }
+
+            #[tokio::test]
             async fn a_team_reservation_is_all_or_nothing() {
                 let (store, _guard) = make!();
                 suite::a_team_reservation_is_all_or_nothing(store).await;
@@ -518,6 +524,51 @@ pub(crate) mod tests {
 
     fn money(micros: u64) -> Money {
         Money::from_micros(micros)
+    }
+
+    /// A reservation that held no money (its estimate priced at nothing)
+    /// settled at a cost: the day and month count it (the Redis store
+    /// writes no money key for a reservation without money).
+    pub async fn money_first_charged_at_settlement_is_counted(store: Arc<dyn Store>) {
+        let limits = Limits {
+            cost_per_day: Some(money(10_000)),
+            cost_per_month: Some(money(10_000)),
+            ..Limits::default()
+        };
+        let parties = Party::alone(account("c"), limits);
+        let hold = store
+            .reserve(&parties, Charge::tokens(10), NOW)
+            .await
+            .expect("store")
+            .outcome
+            .expect("fits");
+        let actual = Charge {
+            tokens: 10,
+            cost: money(500),
+        };
+        store
+            .settle(&parties, hold, actual, NOW)
+            .await
+            .expect("store");
+        let now = store
+            .snapshot(&account("c"), &limits, NOW)
+            .await
+            .expect("store");
+        assert_eq!(used(&now, Window::CostPerDay), 500);
+        assert_eq!(used(&now, Window::CostPerMonth), 500);
+        // And the next reservation adds to it.
+        let next = store
+            .reserve(
+                &parties,
+                Charge {
+                    tokens: 10,
+                    cost: money(100),
+                },
+                NOW,
+            )
+            .await
+            .expect("store");
+        assert_eq!(used(&next.snapshots[0], Window::CostPerDay), 600);
     }
 
     pub async fn a_team_reservation_is_all_or_nothing(store: Arc<dyn Store>) {
