@@ -266,70 +266,44 @@ impl<S: Store + ?Sized> OneAccount for S {
 macro_rules! store_suite {
     ($name:ident, $make:path) => {
         mod $name {
-            use crate::budget::store::tests as suite;
+            store_case!($make, reserve_is_all_or_nothing);
+            store_case!($make, settle_replaces_the_reservation);
+            store_case!($make, release_keeps_only_the_request);
+            store_case!($make, clients_are_isolated);
+            store_case!($make, concurrent_reservations_never_overspend, multi_thread);
+            store_case!($make, money_first_charged_at_settlement_is_counted);
+            store_case!($make, a_team_reservation_is_all_or_nothing);
+            store_case!(
+                $make,
+                concurrent_team_reservations_never_overspend,
+                multi_thread
+            );
+            store_case!($make, health_and_flush_answer);
+        }
+    };
+}
 
-            macro_rules! make {
-                () => {
-                    match $make().await {
-                        Some(made) => made,
-                        None => return,
-                    }
-                };
-            }
-
-            #[tokio::test]
-            async fn reserve_is_all_or_nothing() {
-                let (store, _guard) = make!();
-                suite::reserve_is_all_or_nothing(store).await;
-            }
-
-            #[tokio::test]
-            async fn settle_replaces_the_reservation() {
-                let (store, _guard) = make!();
-                suite::settle_replaces_the_reservation(store).await;
-            }
-
-            #[tokio::test]
-            async fn release_keeps_only_the_request() {
-                let (store, _guard) = make!();
-                suite::release_keeps_only_the_request(store).await;
-            }
-
-            #[tokio::test]
-            async fn clients_are_isolated() {
-                let (store, _guard) = make!();
-                suite::clients_are_isolated(store).await;
-            }
-
+/// One test of [`store_suite!`]: the suite's function of that name on the
+/// store `$make` opens (on a 4-thread runtime with `multi_thread`).
+#[cfg(test)]
+macro_rules! store_case {
+    ($make:path, $test:ident) => {
+        store_case!($make, $test, #[tokio::test]);
+    };
+    ($make:path, $test:ident, multi_thread) => {
+        store_case!(
+            $make,
+            $test,
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn concurrent_reservations_never_overspend() {
-                let (store, _guard) = make!();
-                suite::concurrent_reservations_never_overspend(store).await;
-            }
-
-            #[tokio::test]
-            async fn money_first_charged_at_settlement_is_counted() {
-                let (store, _guard) = make!();
-                suite::money_first_charged_at_settlement_is_counted(store).await;
-            }
-
-            #[tokio::test]
-            async fn a_team_reservation_is_all_or_nothing() {
-                let (store, _guard) = make!();
-                suite::a_team_reservation_is_all_or_nothing(store).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn concurrent_team_reservations_never_overspend() {
-                let (store, _guard) = make!();
-                suite::concurrent_team_reservations_never_overspend(store).await;
-            }
-
-            #[tokio::test]
-            async fn health_and_flush_answer() {
-                let (store, _guard) = make!();
-                suite::health_and_flush_answer(store).await;
-            }
+        );
+    };
+    ($make:path, $test:ident, #[$runtime:meta]) => {
+        #[$runtime]
+        async fn $test() {
+            let Some((store, _guard)) = $make().await else {
+                return;
+            };
+            crate::budget::store::tests::$test(store).await;
         }
     };
 }
