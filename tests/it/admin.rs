@@ -19,7 +19,7 @@ use crate::support::app::{Answer, to};
 use crate::support::redis::{SharedRedis, with_store};
 use crate::support::{
     ADMIN_KEY, App, Iris, KEY_A, KEY_B, MockUpstream, admin_toml, base_config, chat_body,
-    eventually, iris_command, write_config,
+    eventually, iris_cli, ok, stderr, stdout, write_config,
 };
 
 /// How soon a change must take effect on every instance (issue 12, item 2).
@@ -940,34 +940,12 @@ async fn two_instances_on_one_redis_see_each_others_clients_within_two_seconds()
 
 /// `iris clients ARGS --config CONFIG`, run off the async threads.
 async fn clients(config: &Path, args: &[&str]) -> Output {
-    let mut command = iris_command();
-    command
-        .arg("clients")
-        .args(args)
-        .arg("--config")
-        .arg(config);
-    tokio::task::spawn_blocking(move || command.output().expect("run iris clients"))
-        .await
-        .unwrap()
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
+    iris_cli(config, &[&["clients"], args].concat()).await
 }
 
 /// The key a command printed on its `key:` line.
 fn printed_key(output: &Output) -> String {
-    assert!(
-        output.status.success(),
-        "{}{}",
-        stdout(output),
-        stderr(output)
-    );
-    stdout(output)
+    ok(output)
         .lines()
         .find_map(|l| l.strip_prefix("key:"))
         .unwrap_or_else(|| panic!("no key in {}", stdout(output)))

@@ -8,7 +8,6 @@
 //! name on an authenticated client.
 
 use std::path::Path;
-use std::process::Output;
 use std::time::Duration;
 
 use iris::keys::KeyHash;
@@ -17,7 +16,8 @@ use serde_json::{Value, json};
 
 use crate::support::redis::{SharedRedis, with_store};
 use crate::support::{
-    Iris, MockUpstream, admin_toml, base_config, eventually, iris_command, write_config,
+    Iris, MockUpstream, admin_toml, base_config, eventually, iris_cli, iris_command, ok, stderr,
+    stdout, write_config,
 };
 
 const WITHIN: Duration = Duration::from_secs(2);
@@ -403,33 +403,6 @@ async fn the_team_lookup_finds_config_and_managed_teams_and_clients_carry_theirs
 }
 
 // --------------------------------------------- CLI, another process, SQLite
-
-/// `iris ARGS --config CONFIG`, off the async threads.
-async fn iris_cli(config: &Path, args: &[&str]) -> Output {
-    let mut command = iris_command();
-    command.args(args).arg("--config").arg(config);
-    tokio::task::spawn_blocking(move || command.output().expect("run iris"))
-        .await
-        .unwrap()
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn ok(output: &Output) -> String {
-    assert!(
-        output.status.success(),
-        "{}{}",
-        stdout(output),
-        stderr(output)
-    );
-    stdout(output)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_manages_teams_under_a_running_server_within_two_seconds() {

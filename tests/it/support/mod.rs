@@ -437,6 +437,34 @@ pub fn iris_command() -> Command {
     command
 }
 
+/// `iris ARGS --config CONFIG`, run off the async threads.
+pub async fn iris_cli(config: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let mut command = iris_command();
+    command.args(args).arg("--config").arg(config);
+    tokio::task::spawn_blocking(move || command.output().expect("run iris"))
+        .await
+        .unwrap()
+}
+
+pub fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// The command's stdout, after asserting it succeeded (else its output).
+pub fn ok(output: &std::process::Output) -> String {
+    assert!(
+        output.status.success(),
+        "{}{}",
+        stdout(output),
+        stderr(output)
+    );
+    stdout(output)
+}
+
 /// `text` in a temporary `.toml` file, deleted on drop.
 pub fn write_config(text: &str) -> tempfile::NamedTempFile {
     let file = tempfile::Builder::new()
