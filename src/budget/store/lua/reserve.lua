@@ -11,7 +11,9 @@
 --       cost_per_day, cost_per_month
 -- Returns: admitted (1/0), now, then per party: rpm TAT, tpm TAT, day, day
 --          used, month, month used, in flight, cost day used, cost month
---          used; then (party index from 0, window index, wait us) per refusal.
+--          used (0 for a money window without a limit when the request costs
+--          nothing: not read); then (party index from 0, window index, wait
+--          us) per refusal.
 local now = now_us(ARGV[1])
 local tokens, cost = tonumber(ARGV[2]), tonumber(ARGV[3])
 local lease_id, lease_us = ARGV[4], tonumber(ARGV[5])
@@ -34,9 +36,11 @@ for p = 1, parties do
     tpm_tat = get_tat(KEYS[k + 2]),
     day_used = calendar_used(KEYS[k + 3], day),
     month_used = calendar_used(KEYS[k + 4], month),
-    cday_used = calendar_used(KEYS[k + 7], day),
-    cmonth_used = calendar_used(KEYS[k + 8], month),
   }
+  -- Money is read only where it decides something (a limit) or changes (a
+  -- cost): most requests have neither, and skip two reads.
+  s.cday_used = (cday_limit or cost > 0) and calendar_used(KEYS[k + 7], day) or 0
+  s.cmonth_used = (cmonth_limit or cost > 0) and calendar_used(KEYS[k + 8], month) or 0
   -- Leases past their expiry belong to requests that never settled (their
   -- instance died): their slots are free again, their tokens stay charged,
   -- and they are remembered (a day) so that a late settlement corrects the

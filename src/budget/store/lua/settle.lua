@@ -64,8 +64,10 @@ for p = 1, parties do
     end
     correct(KEYS[k + 3], periods_held[1], held, actual, day_now, day_end)
     correct(KEYS[k + 4], periods_held[2], held, actual, month_now, month_end)
-    correct(KEYS[k + 7], periods_held[1], cost_held, cost_actual, day_now, day_end)
-    correct(KEYS[k + 8], periods_held[2], cost_held, cost_actual, month_now, month_end)
+    if cost_held > 0 or cost_actual > 0 then
+      correct(KEYS[k + 7], periods_held[1], cost_held, cost_actual, day_now, day_end)
+      correct(KEYS[k + 8], periods_held[2], cost_held, cost_actual, month_now, month_end)
+    end
   end
 end
 return first
