@@ -198,7 +198,7 @@ mod tests {
             .clients()
             .iter()
             .filter(|c| only.is_none_or(|name| &*c.name == name))
-            .map(|c| (&*c.name, c.budget, None));
+            .map(|c| (&*c.name, c.budget, c.team.as_deref()));
         usage(&config.store.backend, clients).await
     }
 
@@ -267,6 +267,31 @@ mod tests {
             "{report}"
         );
         assert_eq!(&row("max_concurrent")[2..4], ["-", "1"], "{report}");
+
+        // A team member's windows live in its team's slot: the report reads
+        // them there (a bare client key would show nothing).
+        let member = Account::member("team-b", &Account::team("blue"));
+        let hold = store
+            .reserve_one(&member, &limits, 200, 0)
+            .await
+            .expect("store")
+            .outcome
+            .expect("fits");
+        store
+            .settle_one(&member, &limits, hold, 123, 0)
+            .await
+            .expect("settle");
+        let report = usage(&redis, [("team-b", limits, Some("blue"))])
+            .await
+            .expect("report");
+        let day = report
+            .lines()
+            .find(|l| l.contains("tokens_per_day"))
+            .unwrap_or_else(|| panic!("no tokens_per_day in {report}"))
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect::<Vec<_>>();
+        assert_eq!(&day[2..5], ["1000", "123", "877"], "{report}");
 
         let nowhere = StoreBackend::Redis {
             url: crate::secret::Secret::new("redis://127.0.0.1:1/0"),
