@@ -34,6 +34,7 @@ pub fn app(state: SharedState) -> Router {
 fn routes() -> Router<SharedState> {
     Router::new()
         .route("/v1/chat/completions", post(endpoints::chat::completions))
+        .route("/v1/embeddings", post(endpoints::chat::embeddings))
         .route("/v1/models", get(endpoints::models::list))
         .route("/v1/models/{*id}", get(endpoints::models::retrieve))
         .route("/v1/usage", get(endpoints::usage::usage))

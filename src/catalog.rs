@@ -17,6 +17,9 @@ use crate::upstream::Upstream;
 pub struct Model {
     /// What clients send as `model`.
     pub name: String,
+    /// The API it serves: asked for another, Iris refuses
+    /// (`model_not_supported`).
+    pub api: crate::openai::Api,
     /// In priority order (lowest first), config order within a priority.
     pub deployments: Vec<Deployment>,
     /// Completion tokens reserved when a request sets no cap.

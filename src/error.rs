@@ -205,6 +205,9 @@ impl From<ChatError> for ApiError {
             }
             ChatError::ModelNotFound(model) => Self::model_not_found(&model),
             ChatError::ModelNotAllowed(model) => Self::model_not_allowed(&model),
+            ChatError::ModelNotSupported { .. } => {
+                Self::new(ErrorCode::ModelNotSupported, message).with_param("model")
+            }
             ChatError::Budget(e) => e.into(),
             ChatError::Image(refusal) => {
                 Self::new(refusal.error.kind.code(), refusal.error.message)

@@ -105,6 +105,9 @@ error_codes! {
     ConfigInvalid = "config_invalid", status(400), "invalid_request_error";
     /// `POST /admin/reload`: the change needs a restart.
     RestartRequired = "restart_required", status(409), "invalid_request_error";
+    /// The model serves another API (`models[].endpoint`): a chat model
+    /// asked for embeddings, or an embeddings model for a chat completion.
+    ModelNotSupported = "model_not_supported", status(400), "invalid_request_error";
     /// The model is configured, but not in the client's `models`.
     ModelNotAllowed = "model_not_allowed", status(403), "permission_error";
     /// The request came from outside the client's `allowed_networks` (its

@@ -1,4 +1,4 @@
-//! What one chat completion learned on its way through Iris, in one struct
+//! What one request (a chat completion, embeddings) learned on its way through Iris, in one struct
 //! ([`RequestFacts`]): started by the edge, filled in by the gateway as it
 //! goes, then shared (not copied) by everything that reports the request:
 //! the `x-iris-*` headers, the access log's line and metrics
@@ -12,6 +12,8 @@ use std::time::Duration;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RequestFacts {
     pub request_id: String,
+    /// The API it came in on.
+    pub api: crate::openai::Api,
     /// The client's name.
     pub client: Arc<str>,
     /// The client's team, when its requests count against one.
@@ -41,10 +43,16 @@ pub struct RequestFacts {
 }
 
 impl RequestFacts {
-    /// The facts of a request `client` sent, known at the edge.
-    pub fn new(request_id: &str, client: &Arc<str>, client_addr: std::net::IpAddr) -> Self {
+    /// The facts of a request `client` sent to `api`, known at the edge.
+    pub fn new(
+        request_id: &str,
+        api: crate::openai::Api,
+        client: &Arc<str>,
+        client_addr: std::net::IpAddr,
+    ) -> Self {
         Self {
             request_id: request_id.to_owned(),
+            api,
             client: Arc::clone(client),
             client_addr: Some(client_addr),
             ..Self::default()

@@ -153,7 +153,7 @@ metrics_table! {
     REQUEST_DURATION: "iris_request_duration_seconds", Histogram, ["route"],
         "Time from receiving a request to its response head, by route.";
     UPSTREAM_DURATION: "iris_upstream_duration_seconds", Histogram, ["upstream"],
-        "Time from sending a chat completion upstream to the upstream's response head, by upstream.";
+        "Time from sending a request (chat completion or embeddings) upstream to the upstream's response head, by upstream.";
     UPSTREAM_ATTEMPTS: "iris_upstream_attempts_total", Counter, ["upstream", "outcome"],
         "Attempts sent to an upstream, by how they ended: ok, connect, timeout, invalid, or the upstream's error status.";
     UPSTREAM_COOLDOWNS: "iris_upstream_cooldowns_total", Counter, ["upstream", "reason"],

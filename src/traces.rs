@@ -254,12 +254,13 @@ pub fn record_response(
 
 /// A chat completion's request, on the request span: GenAI's operation, the
 /// model (Iris's name for it) and the completion cap.
-pub fn record_chat(model: &str, max_tokens: Option<u64>) {
+pub fn record_operation(api: crate::openai::Api, model: &str, max_tokens: Option<u64>) {
     if !enabled() {
         return;
     }
     let span = Span::current();
-    span.set_attribute("gen_ai.operation.name", "chat");
+    // The GenAI conventions' operation names are the spend log's endpoints.
+    span.set_attribute("gen_ai.operation.name", api.as_str());
     span.set_attribute("gen_ai.request.model", model.to_owned());
     if let Some(max) = max_tokens {
         span.set_attribute("gen_ai.request.max_tokens", clamp(max));
@@ -318,7 +319,12 @@ pub fn image_fetch_span(url: &str) -> Span {
 
 /// One upstream attempt's span: kind client, the upstream's host (not its
 /// URL's path), the deployment, and GenAI's model as sent upstream.
-pub fn attempt_span(deployment: &Deployment, model: &str, attempt: u32) -> Span {
+pub fn attempt_span(
+    api: crate::openai::Api,
+    deployment: &Deployment,
+    model: &str,
+    attempt: u32,
+) -> Span {
     span(|| {
         let upstream = &deployment.upstream;
         let (address, port) = match &upstream.endpoint {
@@ -345,7 +351,7 @@ pub fn attempt_span(deployment: &Deployment, model: &str, attempt: u32) -> Span 
             iris.upstream = %upstream.name,
             iris.deployment = %deployment.key,
             iris.attempt = i64::from(attempt),
-            gen_ai.operation.name = "chat",
+            gen_ai.operation.name = api.as_str(),
             gen_ai.request.model = model,
             iris.outcome = tracing::field::Empty,
             http.response.status_code = tracing::field::Empty,

@@ -31,6 +31,7 @@ use tiktoken_rs::CoreBPE;
 
 use crate::images::data_uri::DataUri;
 use crate::openai::chat::{ChatRequest, Content, PartKind};
+use crate::openai::embeddings::{EmbeddingsRequest, InputItem};
 use crate::openai::raw;
 
 /// An image with `detail: "low"`.
@@ -191,6 +192,25 @@ pub fn estimate_counting(
         };
     }
     estimate(request, default_cap)
+}
+
+/// What an embeddings request may cost: its input's tokens (counted with
+/// the tokenizer when `count`, else a token per 4 bytes of text; a token
+/// array is its length), and no completion. Embeddings upstreams report
+/// their count, which settlement charges instead.
+pub fn embeddings_estimate(request: &EmbeddingsRequest<'_>, count: bool) -> Estimate {
+    let mut prompt = 0u64;
+    request.each_input(|item| {
+        prompt = prompt.saturating_add(match item {
+            InputItem::Text(text) if count => count_tokens(text),
+            InputItem::Text(text) => rough_prompt(text.len()),
+            InputItem::Tokens(n) => n,
+        });
+    });
+    Estimate {
+        prompt,
+        completion: 0,
+    }
 }
 
 /// Tokens of the prompt: each message's role, name, text, images and tool

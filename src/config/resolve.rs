@@ -443,7 +443,8 @@ fn upstreams(upstreams: &[schema::Upstream], problems: &mut Problems) -> Vec<Arc
     resolved
 }
 
-/// `{base_url}/chat/completions` and the `Authorization` header for it.
+/// `{base_url}/chat/completions`, `{base_url}/embeddings` and the
+/// `Authorization` header for them.
 fn http_endpoint(
     upstream: &schema::Upstream,
     i: usize,
@@ -499,8 +500,12 @@ fn http_endpoint(
         }
         _ => None,
     };
+    let chat_url = chat_url?;
+    // The same base with another last segment: it parses as the chat URL did.
+    let embeddings_url = format!("{base}/embeddings").parse::<http::Uri>().ok()?;
     Some(Endpoint::Http {
-        chat_url: chat_url?,
+        chat_url,
+        embeddings_url,
         authorization,
     })
 }
@@ -548,6 +553,7 @@ fn models(
         if !deployments.is_empty() {
             resolved.push(Model {
                 name: model.name.clone(),
+                api: model.endpoint.into(),
                 reserve_price: Price::highest(deployments.iter().filter_map(|d| d.price.as_ref())),
                 deployments,
                 max_output_tokens,

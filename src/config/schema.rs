@@ -323,6 +323,27 @@ pub struct Model {
     pub max_output_tokens: u64,
     /// Per million tokens; a deployment's own price wins over it.
     pub price: Option<Price>,
+    /// Which API the model serves.
+    pub endpoint: ModelEndpoint,
+}
+
+/// `models[].endpoint`: the API a model serves (a chat model is not asked
+/// for embeddings, nor the other way round).
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelEndpoint {
+    #[default]
+    Chat,
+    Embeddings,
+}
+
+impl From<ModelEndpoint> for crate::openai::Api {
+    fn from(endpoint: ModelEndpoint) -> Self {
+        match endpoint {
+            ModelEndpoint::Chat => Self::Chat,
+            ModelEndpoint::Embeddings => Self::Embeddings,
+        }
+    }
 }
 
 impl Default for Model {
@@ -334,6 +355,7 @@ impl Default for Model {
             deployments: Vec::new(),
             max_output_tokens: 4096,
             price: None,
+            endpoint: ModelEndpoint::Chat,
         }
     }
 }

@@ -1,7 +1,7 @@
-//! `POST /v1/chat/completions`: the body read within its limit, handed to
-//! the [`Gateway`](crate::gateway::Gateway), and its answer (or error) sent
-//! back: the upstream's status, headers and streamed body, plus the
-//! client's rate-limit headers.
+//! `POST /v1/chat/completions` and `POST /v1/embeddings`: the body read
+//! within its limit, handed to the [`Gateway`](crate::gateway::Gateway), and
+//! its answer (or error) sent back: the upstream's status, headers and
+//! streamed body, plus the client's rate-limit headers.
 
 use axum::Extension;
 use axum::body::Body;
@@ -20,6 +20,7 @@ use crate::config;
 use crate::error::{self, ApiError, Relayed, rate_limit_headers};
 use crate::facts::RequestFacts;
 use crate::gateway::{Answer, Incoming};
+use crate::openai::Api;
 use crate::spend::{Draft, Record};
 use crate::state::SharedState;
 use futures_util::StreamExt;
@@ -28,15 +29,38 @@ use tokio::time::Instant;
 
 pub async fn completions(
     State(state): State<SharedState>,
-    Authenticated { client, config }: Authenticated,
+    authenticated: Authenticated,
     Extension(request_id): Extension<RequestId>,
-    Extension(ClientAddr(client_addr)): Extension<ClientAddr>,
+    Extension(client_addr): Extension<ClientAddr>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let request = (request_id, client_addr, headers, body);
+    forward(Api::Chat, state, authenticated, request).await
+}
+
+pub async fn embeddings(
+    State(state): State<SharedState>,
+    authenticated: Authenticated,
+    Extension(request_id): Extension<RequestId>,
+    Extension(client_addr): Extension<ClientAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let request = (request_id, client_addr, headers, body);
+    forward(Api::Embeddings, state, authenticated, request).await
+}
+
+/// A request to `api`, forwarded: the same steps whichever API it is.
+async fn forward(
+    api: Api,
+    state: SharedState,
+    Authenticated { client, config }: Authenticated,
+    (request_id, ClientAddr(client_addr), headers, body): (RequestId, ClientAddr, HeaderMap, Body),
+) -> Response {
     let started = Instant::now();
     let request_id = request_id.header_value().to_str().unwrap_or("");
-    let mut facts = RequestFacts::new(request_id, &client.name, client_addr);
+    let mut facts = RequestFacts::new(request_id, api, &client.name, client_addr);
     let length = headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
@@ -53,11 +77,12 @@ pub async fn completions(
                 headers: &headers,
                 request_id,
             };
-            state
-                .gateway
-                .complete(&config, incoming, &mut facts)
-                .await
-                .map_err(ApiError::from)
+            let gateway = &state.gateway;
+            match api {
+                Api::Chat => gateway.complete(&config, incoming, &mut facts).await,
+                Api::Embeddings => gateway.embed(&config, incoming, &mut facts).await,
+            }
+            .map_err(ApiError::from)
         }
         Err(e) => Err(e),
     };

@@ -1,4 +1,4 @@
-//! The attempts of one chat completion over its model's deployments:
+//! The attempts of one request over its model's deployments:
 //! retries before the first response byte only, on `retry_on` failures,
 //! other deployments first, backoff (or the upstream's Retry-After) before
 //! the same one again, all within the first upstream's timeout; upstream
@@ -14,12 +14,14 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::relay::ResponseBody;
-use super::{Answer, ChatError, Gateway};
+use super::{Answer, ChatError, Gateway, Parsed};
 use crate::budget::estimate::Estimate;
 use crate::budget::{BudgetError, NoRoom, Reservation};
 use crate::catalog::{Client, Deployment, Model};
 use crate::facts::RequestFacts;
+use crate::openai::Api;
 use crate::openai::chat::{ChatRequest, RequestLimits};
+use crate::openai::embeddings::EmbeddingsRequest;
 use crate::openai::stream::UsageTap;
 use crate::rewrite::ImageWork;
 use crate::routing::retry::{self, FailedAttempt, Next};
@@ -86,7 +88,7 @@ impl Attempts<'_> {
     /// tried, when it may be tried again), the last failure.
     pub async fn run(
         self,
-        request: ChatRequest<'_>,
+        request: Parsed<'_>,
         mut reservation: Reservation,
         facts: &mut RequestFacts,
     ) -> Result<Answer, ChatError> {
@@ -180,7 +182,7 @@ impl Attempts<'_> {
     async fn attempt(
         &self,
         deployment: &Deployment,
-        request: Option<ChatRequest<'_>>,
+        request: Option<Parsed<'_>>,
         deadline: Instant,
         facts: &mut RequestFacts,
     ) -> Result<Result<Answered, (Failed, tracing::Span)>, ChatError> {
@@ -196,14 +198,23 @@ impl Attempts<'_> {
         let request = match request {
             Some(request) => request,
             // A retry: the same body, parsed again (it parsed before).
-            None => super::blocking_if(self.body.len() > super::PARSE_INLINE_BYTES, || {
-                ChatRequest::parse_within(self.body, self.limits)
+            None => super::blocking_if(self.body.len() > super::PARSE_INLINE_BYTES, || match self
+                .model
+                .api
+            {
+                Api::Chat => ChatRequest::parse_within(self.body, self.limits).map(Parsed::Chat),
+                Api::Embeddings => EmbeddingsRequest::parse(self.body).map(Parsed::Embeddings),
             })?,
         };
         let Prepared { body, relaying } = self.prepare(deployment, request).await?;
         let sent = Instant::now();
         let remaining = deadline.saturating_duration_since(sent);
-        let span = crate::traces::attempt_span(deployment, &self.model.name, facts.attempts);
+        let span = crate::traces::attempt_span(
+            self.model.api,
+            deployment,
+            &self.model.name,
+            facts.attempts,
+        );
         let outcome = self
             .send(upstream, body, relaying.stream, remaining)
             .instrument(span.clone())
@@ -363,8 +374,23 @@ impl Attempts<'_> {
     async fn prepare(
         &self,
         deployment: &Deployment,
-        mut request: ChatRequest<'_>,
+        request: Parsed<'_>,
     ) -> Result<Prepared, ChatError> {
+        let mut request = match request {
+            Parsed::Chat(request) => request,
+            Parsed::Embeddings(mut request) => {
+                if let Some(name) = &deployment.upstream_model {
+                    request.set_model(name);
+                }
+                let body = if request.changed() {
+                    Bytes::from(request.to_body())
+                } else {
+                    self.body.clone()
+                };
+                let relaying = Relaying::default();
+                return Ok(Prepared { body, relaying });
+            }
+        };
         let upstream = &deployment.upstream;
         self.images.apply(&upstream.images, &mut request).await?;
         if let Some(name) = &deployment.upstream_model {
@@ -405,7 +431,7 @@ impl Attempts<'_> {
         let response = self
             .gateway
             .forwarder
-            .send(upstream, body, self.headers, trace, timeout)
+            .send(upstream, self.model.api, body, self.headers, trace, timeout)
             .await
             .map_err(|e| {
                 let kind = match e {

@@ -1,5 +1,5 @@
-//! A chat completion from request to response, step by step as the
-//! contract lists them: resolve the model and check the client may use it,
+//! A chat completion (or an embeddings request, the same way with less to
+//! do) from request to response, step by step as the contract lists them: resolve the model and check the client may use it,
 //! reserve the estimate against the client's budget, then attempt the
 //! model's deployments ([`attempt`]): each attempt gets upstream room, the
 //! request rewritten for that upstream, and is forwarded; the answer comes
@@ -20,12 +20,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::budget::window::Snapshot;
-use crate::budget::{BudgetError, Budgets, Claim, estimate};
-use crate::catalog::{Client, Team};
+use crate::budget::{BudgetError, Budgets, Claim, Reservation, estimate};
+use crate::catalog::{Client, Model, Team};
 use crate::config::Config;
 use crate::facts::RequestFacts;
 use crate::images::Images;
+use crate::openai::Api;
 use crate::openai::chat::{ChatRequest, RequestError};
+use crate::openai::embeddings::EmbeddingsRequest;
 use crate::rewrite::{ImageRefusal, ImageWork};
 use crate::routing::health::Health;
 use crate::routing::queue::Queues;
@@ -75,6 +77,13 @@ pub enum ChatError {
     ModelNotFound(String),
     #[error("Your key is not allowed to use the model `{0}`.")]
     ModelNotAllowed(String),
+    /// The model serves another API.
+    #[error(
+        "The model `{model}` serves {}, not this API: call {} with it.",
+        serves.as_str(),
+        serves.route()
+    )]
+    ModelNotSupported { model: String, serves: Api },
     #[error(transparent)]
     Budget(#[from] BudgetError),
     #[error(transparent)]
@@ -102,7 +111,7 @@ pub struct Answer {
     pub body: ResponseBody,
 }
 
-/// One chat completion request as received.
+/// One request as received.
 pub struct Incoming<'a> {
     pub client: &'a Client,
     /// The client's team, whose budget the request also counts against.
@@ -120,44 +129,111 @@ impl Gateway {
         incoming: Incoming<'_>,
         facts: &mut RequestFacts,
     ) -> Result<Answer, ChatError> {
-        let Incoming {
-            client,
-            team,
-            body,
-            headers,
-            request_id,
-        } = incoming;
         let limits = config.server.request_limits;
+        let body = &incoming.body;
         let request = blocking_if(body.len() > PARSE_INLINE_BYTES, || {
-            ChatRequest::parse_within(&body, limits)
+            ChatRequest::parse_within(body, limits)
         })?;
         facts.stream = request.stream;
-
-        let model = config
-            .catalog
-            .model(&request.model)
-            .ok_or_else(|| ChatError::ModelNotFound(request.model.to_string()))?;
-        if !client.may_use(&model.name) {
-            return Err(ChatError::ModelNotAllowed(model.name.clone()));
-        }
-        facts.model = Some(model.name.clone());
-        crate::traces::record_chat(&model.name, request.completion_cap);
-
-        // Budget: reserve the estimate now, or refuse without calling
-        // upstream. Every early return below drops the reservation, which
-        // gives it back; the answer's body settles it once, with the usage
-        // of the attempt that answered.
-        // The tokenizer runs only where a token limit (the client's, or an
-        // upstream's pacing) decides on the count.
-        let count = client.budget.counts_tokens()
-            || team.is_some_and(|team| team.budget.counts_tokens())
-            || model
-                .deployments
-                .iter()
-                .any(|d| d.upstream.pacing.counts_tokens());
+        let model = self.model_for(config, incoming.client, &request.model, Api::Chat, facts)?;
+        crate::traces::record_operation(Api::Chat, &model.name, request.completion_cap);
+        let count = counts_tokens(&incoming, model);
         let estimate = blocking_if(estimate::is_heavy(body.len(), &request, count), || {
             estimate::estimate_counting(body.len(), &request, model.max_output_tokens, count)
         });
+        let mut reservation = self.reserve(&incoming, model, estimate, facts).await?;
+        if !count {
+            reservation.count_prompt_later(body.clone(), limits);
+        }
+        self.attempt(
+            config,
+            &incoming,
+            model,
+            Parsed::Chat(request),
+            estimate,
+            reservation,
+            facts,
+        )
+        .await
+    }
+
+    /// `POST /v1/embeddings`: the same steps as a chat completion, with the
+    /// input's tokens reserved and no images or streams.
+    pub async fn embed(
+        &self,
+        config: &Config,
+        incoming: Incoming<'_>,
+        facts: &mut RequestFacts,
+    ) -> Result<Answer, ChatError> {
+        let body = &incoming.body;
+        let request = blocking_if(body.len() > PARSE_INLINE_BYTES, || {
+            EmbeddingsRequest::parse(body)
+        })?;
+        let model = self.model_for(
+            config,
+            incoming.client,
+            &request.model,
+            Api::Embeddings,
+            facts,
+        )?;
+        crate::traces::record_operation(Api::Embeddings, &model.name, None);
+        let count = counts_tokens(&incoming, model);
+        let estimate = blocking_if(count && body.len() > estimate::OFFLOAD_BYTES, || {
+            estimate::embeddings_estimate(&request, count)
+        });
+        let reservation = self.reserve(&incoming, model, estimate, facts).await?;
+        let request = Parsed::Embeddings(request);
+        self.attempt(
+            config,
+            &incoming,
+            model,
+            request,
+            estimate,
+            reservation,
+            facts,
+        )
+        .await
+    }
+
+    /// The model a request names, if it exists, serves `api` and the
+    /// client may use it.
+    fn model_for<'c>(
+        &self,
+        config: &'c Config,
+        client: &Client,
+        name: &str,
+        api: Api,
+        facts: &mut RequestFacts,
+    ) -> Result<&'c Model, ChatError> {
+        let model = config
+            .catalog
+            .model(name)
+            .ok_or_else(|| ChatError::ModelNotFound(name.to_owned()))?;
+        if !client.may_use(&model.name) {
+            return Err(ChatError::ModelNotAllowed(model.name.clone()));
+        }
+        if model.api != api {
+            return Err(ChatError::ModelNotSupported {
+                model: model.name.clone(),
+                serves: model.api,
+            });
+        }
+        facts.model = Some(model.name.clone());
+        Ok(model)
+    }
+
+    /// Reserves `estimate` against the client's budget (and its team's),
+    /// or refuses without calling upstream. Every early return after this
+    /// drops the reservation, which gives it back; the answer's body
+    /// settles it once, with the usage of the attempt that answered.
+    async fn reserve(
+        &self,
+        incoming: &Incoming<'_>,
+        model: &Model,
+        estimate: estimate::Estimate,
+        facts: &mut RequestFacts,
+    ) -> Result<Reservation, ChatError> {
+        let (client, team) = (incoming.client, incoming.team);
         facts.estimated_tokens = Some(estimate.total());
         facts.team = team.map(|team| std::sync::Arc::clone(&team.name));
         let mut reservation = self
@@ -172,28 +248,61 @@ impl Gateway {
             })
             .instrument(crate::traces::budget_span(estimate.total()))
             .await?;
-        reservation.set_request_id(request_id);
-        if !count {
-            reservation.count_prompt_later(body.clone(), limits);
-        }
+        reservation.set_request_id(incoming.request_id);
+        Ok(reservation)
+    }
 
+    /// The model's deployments attempted with `request` ([`attempt`]).
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call site per API, each a step of its own"
+    )]
+    async fn attempt(
+        &self,
+        config: &Config,
+        incoming: &Incoming<'_>,
+        model: &Model,
+        request: Parsed<'_>,
+        estimate: estimate::Estimate,
+        reservation: Reservation,
+        facts: &mut RequestFacts,
+    ) -> Result<Answer, ChatError> {
         let images = self.images.load_full();
         let images = ImageWork::new(&images);
         let answer = attempt::Attempts {
             gateway: self,
             settings: &config.routing,
             model,
-            client,
+            client: incoming.client,
             estimate,
-            body: &body,
-            headers,
-            request_id,
+            body: &incoming.body,
+            headers: incoming.headers,
+            request_id: incoming.request_id,
             images: &images,
-            limits,
+            limits: config.server.request_limits,
         }
         .run(request, reservation, facts)
         .await;
         (facts.images, facts.image_bytes) = images.fetched();
         answer
     }
+}
+
+/// Whether the request's prompt is tokenized: only where a token limit (the
+/// client's, its team's, or an upstream's pacing) decides on the count.
+fn counts_tokens(incoming: &Incoming<'_>, model: &Model) -> bool {
+    incoming.client.budget.counts_tokens()
+        || incoming
+            .team
+            .is_some_and(|team| team.budget.counts_tokens())
+        || model
+            .deployments
+            .iter()
+            .any(|d| d.upstream.pacing.counts_tokens())
+}
+
+/// A request as parsed, of the API it came in on.
+pub(crate) enum Parsed<'a> {
+    Chat(ChatRequest<'a>),
+    Embeddings(EmbeddingsRequest<'a>),
 }

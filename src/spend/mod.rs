@@ -1,5 +1,5 @@
-//! The spend log: one [`Record`] per finished chat completion (errors
-//! included), for "who used what, on which model, this month".
+//! The spend log: one [`Record`] per finished request (chat completions
+//! and embeddings, errors included), for "who used what, on which model, this month".
 //!
 //! The request path only ever calls [`SpendLog::record`], which puts the
 //! record in a bounded queue without waiting: when the queue is full the
@@ -66,8 +66,8 @@ pub struct Record {
     /// The tokens at the answering deployment's prices (what the budget's
     /// cost windows were charged).
     pub cost: Money,
-    /// Which endpoint the request came in on: [`CHAT`], the only one that
-    /// writes records today.
+    /// Which endpoint the request came in on: `chat` or `embeddings`
+    /// ([`crate::openai::Api::as_str`]).
     pub endpoint: &'static str,
     /// From the request's arrival to the first byte of the upstream's
     /// answer going to the client; none when Iris answered itself.
@@ -93,6 +93,7 @@ impl Record {
     ) -> Self {
         Self {
             at_ms: unix_ms(SystemTime::now()),
+            endpoint: facts.api.as_str(),
             facts,
             status,
             error_code: Some(error_code.to_owned()),
@@ -102,15 +103,11 @@ impl Record {
             cached_tokens: 0,
             reasoning_tokens: 0,
             cost: Money::ZERO,
-            endpoint: CHAT,
             ttfb_ms: None,
             total_ms: millis(started.elapsed()),
         }
     }
 }
-
-/// A [`Record::endpoint`]: `POST /v1/chat/completions`.
-pub const CHAT: &str = "chat";
 
 /// Unix milliseconds of `time`.
 pub fn unix_ms(time: SystemTime) -> i64 {
@@ -155,6 +152,7 @@ impl Draft {
         move |charged: Charged| {
             let record = Record {
                 at_ms,
+                endpoint: self.facts.api.as_str(),
                 facts: self.facts,
                 status: self.status,
                 error_code: ending.error_code,
@@ -164,7 +162,6 @@ impl Draft {
                 cached_tokens: charged.cached,
                 reasoning_tokens: charged.reasoning,
                 cost: charged.cost,
-                endpoint: CHAT,
                 ttfb_ms,
                 total_ms,
             };

@@ -111,7 +111,7 @@ fn record(n: u64) -> Record {
         cached_tokens: 0,
         reasoning_tokens: 0,
         cost: Money::ZERO,
-        endpoint: super::CHAT,
+        endpoint: "chat",
         ttfb_ms: Some(5),
         total_ms: 9,
     }

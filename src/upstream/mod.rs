@@ -19,6 +19,7 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::budget::Limits;
 use crate::images::ImagePolicy;
+use crate::openai::Api;
 
 /// An upstream, resolved from the config: everything a request to it needs.
 #[derive(Debug)]
@@ -39,11 +40,17 @@ pub struct Upstream {
 
 /// Where an upstream's answers come from.
 #[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per upstream, built once per config: boxing would only add a pointer hop"
+)]
 pub enum Endpoint {
     /// An OpenAI-compatible server.
     Http {
         /// `{base_url}/chat/completions`.
         chat_url: http::Uri,
+        /// `{base_url}/embeddings`.
+        embeddings_url: http::Uri,
         /// `Bearer {api_key}`, marked sensitive so it never shows in debug output.
         authorization: Option<HeaderValue>,
     },
@@ -248,7 +255,7 @@ impl Forwarder {
         Ok(Self { http })
     }
 
-    /// Sends a chat completion body upstream and waits for the response
+    /// Sends a request body of `api` upstream and waits for the response
     /// head, at most `timeout` (the upstream's `timeout_ms`, or what is
     /// left of it for a retry). The body is then bounded by the upstream's
     /// timeout between chunks (see [`crate::gateway::relay`]). `trace`: the
@@ -256,21 +263,26 @@ impl Forwarder {
     pub async fn send(
         &self,
         upstream: &Upstream,
+        api: Api,
         body: Bytes,
         client_headers: &HeaderMap,
         trace: HeaderMap,
         timeout: Duration,
     ) -> Result<Reply, UpstreamError> {
-        let (chat_url, authorization) = match &upstream.endpoint {
+        let (url, authorization) = match &upstream.endpoint {
             Endpoint::Http {
                 chat_url,
+                embeddings_url,
                 authorization,
-            } => (chat_url, authorization),
-            Endpoint::Demo => return Ok(demo::answer(&body)),
+            } => match api {
+                Api::Chat => (chat_url, authorization),
+                Api::Embeddings => (embeddings_url, authorization),
+            },
+            Endpoint::Demo => return Ok(demo::answer(api, &body)),
         };
         let mut request = http::Request::new(Full::new(body));
         *request.method_mut() = http::Method::POST;
-        *request.uri_mut() = chat_url.clone();
+        *request.uri_mut() = url.clone();
         let headers = request.headers_mut();
         headers.reserve(client_headers.len() + 3);
         let hop = connection_named(client_headers);

@@ -17,6 +17,7 @@ mod budget;
 mod cli;
 mod connections;
 mod docs;
+mod embeddings;
 mod faults;
 mod gateway;
 mod hardening;

@@ -89,6 +89,22 @@ async fn the_shipped_config_answers_the_quickstart() {
         "{answer}"
     );
 
+    // Embeddings, from the demo upstream too.
+    let embedded = crate::support::http()
+        .post(iris.url("/v1/embeddings"))
+        .bearer_auth("iris-demo-key")
+        .json(&serde_json::json!({"model": "demo-embed", "input": ["first document", "second document"]}))
+        .send()
+        .await
+        .expect("POST /v1/embeddings");
+    assert_eq!(embedded.status(), 200);
+    let answer: serde_json::Value = embedded.json().await.expect("json");
+    assert_eq!(answer["data"].as_array().map(Vec::len), Some(2), "{answer}");
+    assert_eq!(
+        answer["data"][0]["embedding"].as_array().map(Vec::len),
+        Some(8)
+    );
+
     // The tiny client: two requests a minute, then a 429 the SDKs retry on.
     let tiny = || serde_json::json!({"model": "demo", "max_tokens": 20, "messages": [{"role": "user", "content": "Hi"}]});
     for _ in 0..2 {

@@ -1,5 +1,7 @@
 //! A mock OpenAI-compatible upstream: answers chat completions (plain or
-//! streamed), records every request it receives, and fails on cue. Start as
+//! streamed) and embeddings (floats, or base64 when asked), records every
+//! request it receives, and fails on cue (embeddings take the same faults
+//! and headers as chat completions, where they apply). Start as
 //! many as a test needs (each on its own port 0): a farm of upstreams.
 //!
 //! Shared by the integration tests, the quickstart example and the load
@@ -32,8 +34,8 @@
 //! [`MockUpstream::restart`] for an upstream that refuses connections
 //! ([`refused_base_url`] for one that never listened).
 //!
-//! `GET /mock/stats` answers `{"chat_requests": N}`, every chat completion
-//! request received so far (counted even with bodies not kept, faults
+//! `GET /mock/stats` answers `{"chat_requests": N}`, every request
+//! (chat completion or embeddings) received so far (counted even with bodies not kept, faults
 //! included), so such a test can tell whether a request reached the upstream.
 
 #![allow(dead_code)]
@@ -232,6 +234,7 @@ impl MockUpstream {
         let state = MockState::default();
         let router = Router::new()
             .route("/v1/chat/completions", post(chat))
+            .route("/v1/embeddings", post(chat))
             .route("/mock/stats", get(stats))
             .with_state(state.clone());
         let server = Arc::new(Server {
@@ -591,6 +594,9 @@ async fn answer(State(state): State<MockState>, request: Request) -> Response {
     if let Some(status) = header_num(&headers, "x-mock-status") {
         return error_response(status as u16, None, None);
     }
+    if parts.uri.path().ends_with("/embeddings") {
+        return embeddings(&request, &headers);
+    }
     let plain = headers.get("x-mock-plain").is_some();
     if plain || request["stream"].as_bool() != Some(true) {
         let content = if headers.get("x-mock-echo").is_some() {
@@ -619,6 +625,62 @@ async fn answer(State(state): State<MockState>, request: Request) -> Response {
         Some(k) => cut(k as usize, End::Die).respond(&state, in_flight),
         None => stream.respond(&state, in_flight),
     }
+}
+
+/// An embeddings answer: per input, `dimensions` (default 4) numbers made
+/// from its position and length, as floats or, with `encoding_format:
+/// "base64"`, as little-endian f32s in base64; usage a token per 4 bytes of
+/// each input (at least 1), or `x-mock-usage`'s.
+fn embeddings(request: &serde_json::Value, headers: &HeaderMap) -> Response {
+    use base64::Engine as _;
+    let inputs: Vec<String> = match &request["input"] {
+        serde_json::Value::Array(items) if items.iter().all(|i| i.is_number()) => {
+            vec![request["input"].to_string()]
+        }
+        serde_json::Value::Array(items) => items
+            .iter()
+            .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_owned))
+            .collect(),
+        other => vec![other.as_str().unwrap_or_default().to_owned()],
+    };
+    let dimensions = request["dimensions"].as_u64().unwrap_or(4) as usize;
+    let base64 = request["encoding_format"] == "base64";
+    let data: Vec<serde_json::Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(index, input)| {
+            let vector: Vec<f32> = (0..dimensions)
+                .map(|d| (index + 1) as f32 / 8.0 + d as f32 / 16.0 + input.len() as f32 / 1024.0)
+                .collect();
+            let embedding = if base64 {
+                let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+                serde_json::json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                serde_json::json!(vector)
+            };
+            serde_json::json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    let prompt_tokens: u64 = inputs
+        .iter()
+        .map(|i| (i.len() as u64).div_ceil(4).max(1))
+        .sum();
+    let mut answer = serde_json::json!({
+        "object": "list",
+        "data": data,
+        "model": request["model"],
+    });
+    if headers.get("x-mock-no-usage").is_none() {
+        answer["usage"] = headers
+            .get("x-mock-usage")
+            .and_then(|v| serde_json::from_slice(v.as_bytes()).ok())
+            .unwrap_or_else(|| serde_json::json!({"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}));
+    }
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        answer.to_string(),
+    )
+        .into_response()
 }
 
 /// A completion whose content is `size` bytes of `a`, with its usage (one
