@@ -143,7 +143,7 @@ const tomlString = (value) => JSON.stringify(value); // a JSON string is a valid
 /**
  * The config: one upstream `mock` at `upstreamURL` (`upstreamToml` goes
  * inside its `[[upstreams]]` table), `models` ({name, upstream?,
- * upstreamModel?, price?: {input, cached_input?, output}}), config `clients` ({name, key, models?, team?, budget?}),
+ * upstreamModel?, endpoint?: 'chat' | 'embeddings', price?: {input, cached_input?, output}}), config `clients` ({name, key, models?, team?, budget?}),
  * config `teams` ({name, budget?}), a memory store, `[admin]` when
  * `adminKey` is given, and `extraToml` last.
  */
@@ -163,6 +163,7 @@ function configToml({ upstreamURL, models, clients, teams = [], adminKey, upstre
   for (const model of models) {
     lines.push('', '[[models]]', `name = ${tomlString(model.name)}`, `upstream = ${tomlString(model.upstream ?? 'mock')}`);
     if (model.upstreamModel) lines.push(`upstream_model = ${tomlString(model.upstreamModel)}`);
+    if (model.endpoint) lines.push(`endpoint = ${tomlString(model.endpoint)}`);
     if (model.price) {
       const amount = (units) => Number(units).toFixed(6); // a TOML float, to the millionth
       const { input, cached_input: cached = input, output } = model.price;

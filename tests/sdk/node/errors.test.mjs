@@ -56,11 +56,11 @@ test("a model outside the client's list is a PermissionDeniedError", async () =>
 });
 
 test('an API Iris does not serve is a NotFoundError', async () => {
-  const call = env.client().embeddings.create({ model: 'sdk-model', input: 'Say hello' });
+  const call = env.client().moderations.create({ input: 'Say hello' });
 
   await assert.rejects(call, (error) => {
     isError(OpenAI.NotFoundError, { status: 404, code: 'not_found' })(error);
-    assert.match(error.message, /\/v1\/embeddings/);
+    assert.match(error.message, /\/v1\/moderations/);
     return true;
   });
 });

@@ -153,6 +153,8 @@ class Model:
     upstream_model: str | None = None
     # Per million tokens, e.g. {"input": 2.5, "output": 10.0}; None: free.
     price: dict[str, float] | None = None
+    # "chat" (the default) or "embeddings".
+    endpoint: str | None = None
 
 
 # The default setup. `sdk-model` is renamed upstream, so a response's `model`
@@ -210,6 +212,8 @@ class Iris:
             lines += ["", "[[models]]", f"name = {_toml_str(model.name)}", 'upstream = "mock"']
             if model.upstream_model:
                 lines.append(f"upstream_model = {_toml_str(model.upstream_model)}")
+            if model.endpoint:
+                lines.append(f"endpoint = {_toml_str(model.endpoint)}")
             if model.price:
                 prices = ", ".join(f"{name} = {value!r}" for name, value in model.price.items())
                 lines.append(f"price = {{ {prices} }}")

@@ -57,10 +57,10 @@ def test_model_outside_the_clients_list_is_permission_denied(iris, make_client):
 
 def test_an_api_iris_does_not_serve_is_not_found(client):
     with pytest.raises(openai.NotFoundError) as caught:
-        client.embeddings.create(model="sdk-model", input="Say hello")
+        client.moderations.create(input="Say hello")
 
     assert caught.value.code == "not_found"
-    assert "/v1/embeddings" in caught.value.message
+    assert "/v1/moderations" in caught.value.message
 
 
 def test_n_outside_openais_range_is_a_bad_request_naming_it(client):
