@@ -74,6 +74,8 @@ const CLIENTS: [(&str, &str, usize, u64); 6] = [
 ];
 /// The teams' daily token limits.
 const TEAMS: [(&str, u64); 2] = [("research", 100_000_000), ("ops", 400_000)];
+/// A client without a team, outside the load: for the round trips.
+const SOLO: &str = "solo";
 /// Every request's completion cap: with the prompt estimate, the most one
 /// request reserves.
 const MAX_TOKENS: u64 = 64;
@@ -254,6 +256,14 @@ currency = "USD"
              timeout_ms = 5000\ninline_images = true\n"
         );
     }
+    // The first mock again, under pacing limits (what the provider allows
+    // Iris's key): for the round trips a paced request costs.
+    text += &format!(
+        "\n[[upstreams]]\nname = \"paced\"\nbase_url = \"{}\"\napi_key = \"soak-upstream-key\"\n\
+         requests_per_minute = 1000000\ntokens_per_minute = 1000000000\n",
+        upstreams[0]
+    );
+    text += "\n[[models]]\nname = \"paced\"\nupstream = \"paced\"\n";
     let deployments: Vec<String> = (0..upstreams.len())
         .map(|i| format!("{{ upstream = \"mock-{i}\" }}"))
         .collect();
@@ -269,6 +279,10 @@ currency = "USD"
             "\n[[teams]]\nname = \"{team}\"\n[teams.budget]\ntokens_per_day = {per_day}\n"
         );
     }
+    text += &format!(
+        "\n[[clients]]\nname = \"{SOLO}\"\nkey = \"{}\"\n[clients.budget]\ntokens_per_day = 1000000000\n",
+        KeyHash::of(&key_of(SOLO))
+    );
     for (name, team, _, per_day) in CLIENTS {
         text += &format!(
             "\n[[clients]]\nname = \"{name}\"\nkey = \"{}\"\nteam = \"{team}\"\n\
@@ -485,6 +499,117 @@ async fn read(response: reqwest::Response, stream: bool) -> Outcome {
 }
 
 // ---------------------------------------------------------------------------
+// Round trips to the store, per kind of request
+
+/// Commands the Redis primaries ran, and the CPU time (µs) they spent on
+/// Iris's scripts, as their `INFO commandstats` say.
+async fn primary_commands(cluster: &RedisCluster) -> (u64, f64) {
+    let (mut calls, mut usec) = (0u64, 0f64);
+    for port in cluster.live_ports() {
+        if redis_cluster::role(port).await.as_deref() != Some("master") {
+            continue;
+        }
+        let mut connection = redis_cluster::admin(port).await;
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut connection)
+            .await
+            .unwrap_or_default();
+        for line in info.lines() {
+            let Some((name, stats)) = line.split_once(':') else {
+                continue;
+            };
+            // What the test harness itself asks is not Iris's.
+            let command = name.trim_start_matches("cmdstat_");
+            if [
+                "info", "cluster", "ping", "role", "readonly", "client", "hello", "auth",
+                "command", "select",
+            ]
+            .iter()
+            .any(|own| command.starts_with(own))
+            {
+                continue;
+            }
+            for field in stats.split(',') {
+                match field.split_once('=') {
+                    Some(("calls", n)) => calls += n.parse::<u64>().unwrap_or(0),
+                    Some(("usec", n)) if command.starts_with("eval") => {
+                        usec += n.parse::<f64>().unwrap_or(0.0);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    (calls, usec)
+}
+
+/// Per kind of request, sent one at a time before the load: the Redis
+/// commands each costs, and the primaries' CPU µs per request.
+async fn round_trips(cluster: &RedisCluster, port: u16, http: &reqwest::Client) -> Vec<String> {
+    const N: u64 = 40;
+    let team_client = CLIENTS[0].0;
+    let kinds: [(&str, &str, &str, Value); 5] = [
+        (
+            "plain chat, client alone",
+            SOLO,
+            "/v1/chat/completions",
+            chat(false, None),
+        ),
+        (
+            "plain chat, client in a team",
+            team_client,
+            "/v1/chat/completions",
+            chat(false, None),
+        ),
+        (
+            "streamed chat, client in a team",
+            team_client,
+            "/v1/chat/completions",
+            chat(true, None),
+        ),
+        (
+            "embeddings, client in a team",
+            team_client,
+            "/v1/embeddings",
+            json!({"model": "embed", "input": "a"}),
+        ),
+        (
+            "paced upstream, client alone",
+            SOLO,
+            "/v1/chat/completions",
+            {
+                let mut body = chat(false, None);
+                body["model"] = json!("paced");
+                body
+            },
+        ),
+    ];
+    let mut lines = Vec::new();
+    for (what, client, path, body) in kinds {
+        let (calls_before, usec_before) = primary_commands(cluster).await;
+        for _ in 0..N {
+            let response = http
+                .post(format!("http://127.0.0.1:{port}{path}"))
+                .bearer_auth(key_of(client))
+                .json(&body)
+                .send()
+                .await
+                .expect("a measured request");
+            assert_eq!(response.status(), 200, "{what}");
+            let _ = response.bytes().await;
+        }
+        let (calls_after, usec_after) = primary_commands(cluster).await;
+        lines.push(format!(
+            "{what}: {:.1} Redis commands, {:.0} µs of a primary's CPU in scripts",
+            (calls_after - calls_before) as f64 / N as f64,
+            (usec_after - usec_before) / N as f64
+        ));
+    }
+    lines
+}
+
+// ---------------------------------------------------------------------------
 // The run
 
 #[derive(Debug, Clone, Copy)]
@@ -556,6 +681,19 @@ async fn main() {
         instance.wait_ready(&http).await;
     }
     let ports = Arc::new(instances.iter().map(|i| i.port).collect::<Vec<_>>());
+    let round_trips = round_trips(&cluster, ports[0], &http).await;
+    let db = postgres.client().await;
+    let commits = async |db: &tokio_postgres::Client| -> i64 {
+        db.query_one(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+            &[],
+        )
+        .await
+        .map(|row| row.get(0))
+        .unwrap_or(0)
+    };
+    let commits_before = commits(&db).await;
+    let (redis_before, _) = primary_commands(&cluster).await;
 
     let shared = Arc::new(Shared {
         stop: AtomicBool::new(false),
@@ -686,6 +824,7 @@ async fn main() {
     let upstream_faults_injected = upstream_fault_task.await.unwrap_or(0);
     let elapsed = started.elapsed();
 
+    let (redis_after, _) = primary_commands(&cluster).await;
     // Every spool drained into PostgreSQL: the log stops growing.
     let db = postgres.client().await;
     let mut last = -1i64;
@@ -711,6 +850,12 @@ async fn main() {
     }
 
     let done = std::mem::take(&mut *shared.done.lock().expect("done"));
+    let commits_after = commits(&db).await;
+    let records: i64 = db
+        .query_one("SELECT count(*) FROM spend_log", &[])
+        .await
+        .map(|row| row.get(0))
+        .unwrap_or(0);
     let report = check(&db, &done, &instances, &http).await;
     drop(farm);
     println!();
@@ -730,6 +875,19 @@ async fn main() {
     );
     print_outcomes(&done);
     print_latency(&done);
+    println!("store round trips per request (sent one at a time, before the load):");
+    for line in &round_trips {
+        println!("  {line}");
+    }
+    println!(
+        "under load: {:.1} Redis commands per request on the primaries ({:.0}/s in all, a third per primary); \
+         PostgreSQL: {} transactions for {} records ({:.1} records per transaction)",
+        redis_after.saturating_sub(redis_before) as f64 / done.len().max(1) as f64,
+        redis_after.saturating_sub(redis_before) as f64 / elapsed.as_secs_f64(),
+        commits_after - commits_before,
+        records,
+        records as f64 / (commits_after - commits_before).max(1) as f64
+    );
     println!("invariants:");
     let mut failed = false;
     for (ok, line) in &report {

@@ -247,7 +247,8 @@ impl RedisCluster {
         format!("redis+cluster://:{PASSWORD_IN_URL}@{}/", seeds.join(","))
     }
 
-    fn live_ports(&self) -> Vec<u16> {
+    /// The ports of the servers running now (killed ones left out).
+    pub fn live_ports(&self) -> Vec<u16> {
         self.servers
             .iter()
             .filter(|s| s.child.is_some())
