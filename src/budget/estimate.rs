@@ -24,10 +24,7 @@
 //!   settlement corrects it. The same worst case covers a `data:` URI whose
 //!   dimensions cannot be read.
 
-use std::sync::OnceLock;
-
 use base64::Engine;
-use tiktoken_rs::CoreBPE;
 
 use crate::images::data_uri::DataUri;
 use crate::openai::chat::{ChatRequest, Content, PartKind};
@@ -46,8 +43,8 @@ const PER_MESSAGE: u64 = 3;
 const REPLY_PRIMING: u64 = 3;
 
 /// Text is tokenized in pieces of at most this many bytes: the tokenizer's
-/// backtracking regex can fail (and tiktoken-rs then panics) on a run of
-/// hundreds of thousands of identical characters. Splitting changes the count
+/// backtracking pattern can fail on a run of hundreds of thousands of
+/// identical characters, and a piece bounds the work of one merge. Splitting changes the count
 /// by at most a token per piece.
 const PIECE: usize = 4096;
 
@@ -76,34 +73,21 @@ impl Estimate {
     }
 }
 
-fn bpe() -> Option<&'static CoreBPE> {
-    static BPE: OnceLock<Option<CoreBPE>> = OnceLock::new();
-    BPE.get_or_init(|| match tiktoken_rs::o200k_base() {
-        Ok(bpe) => Some(bpe),
-        Err(e) => {
-            tracing::error!("tokenizer unavailable, estimating 1 token per 4 bytes: {e}");
-            None
-        }
-    })
-    .as_ref()
-}
-
-/// Loads the tokenizer (a few hundred ms) so the first request does not wait.
+/// Compiles the tokenizer's pattern so the first request does not wait.
 pub fn warm() {
     let _ = count_tokens("warm");
 }
 
-/// Tokens in `text` under o200k_base.
+/// Tokens in `text` under o200k_base ([`super::o200k`]); a piece the
+/// tokenizer cannot count (its pattern's backtracking limit) counts a token
+/// per 4 bytes.
 pub fn count_tokens(text: &str) -> u64 {
-    let Some(bpe) = bpe() else {
-        return text.len().div_ceil(4) as u64;
-    };
     pieces(text)
         .map(|piece| {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                bpe.encode_ordinary(piece).len()
-            }))
-            .unwrap_or(piece.len()) as u64
+            std::panic::catch_unwind(|| super::o200k::count(piece))
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| rough_prompt(piece.len()))
         })
         .sum()
 }
@@ -344,7 +328,7 @@ mod tests {
         let whole = count_tokens(&mixed);
         assert!(pieces(&mixed).all(|p| p.len() <= PIECE));
         assert_eq!(pieces(&mixed).collect::<String>(), mixed);
-        let unsplit = bpe().expect("tokenizer").encode_ordinary(&mixed).len() as u64;
+        let unsplit = super::super::o200k::count(&mixed).expect("tokenizer");
         let pieces = pieces(&mixed).count() as u64;
         assert!(whole.abs_diff(unsplit) <= pieces, "{whole} vs {unsplit}");
     }

@@ -23,6 +23,7 @@
 pub mod account;
 pub mod estimate;
 pub mod money;
+mod o200k;
 pub mod report;
 pub mod store;
 pub mod thresholds;
