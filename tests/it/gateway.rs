@@ -280,14 +280,16 @@ async fn the_responses_api_is_refused_on_every_method_and_path() {
 #[tokio::test]
 async fn unknown_paths_and_methods_answer_in_openai_shape() {
     let (_upstream, app) = in_process().await;
-    let answer = app.get("/v1/embeddings", None).await;
+    let answer = app.get("/v1/moderations", None).await;
     assert_eq!(
         (answer.status, answer.error()["code"].as_str()),
         (404, Some("not_found"))
     );
-    let answer = app.get("/v1/chat/completions", None).await;
-    answer.error();
-    assert_eq!(answer.status, 405);
+    for path in ["/v1/chat/completions", "/v1/embeddings"] {
+        let answer = app.get(path, None).await;
+        answer.error();
+        assert_eq!(answer.status, 405, "{path}");
+    }
 }
 
 #[tokio::test]
