@@ -191,6 +191,9 @@ pub struct SpendLog {
     pub path: Option<String>,
     /// PostgreSQL URL (kind = "postgres"); may carry a password.
     pub url: Option<Secret>,
+    /// PEM file of a private CA for the database's certificate
+    /// (`sslmode=verify-full`).
+    pub ca_file: Option<String>,
     /// Records older than this many days are deleted; 0 keeps them.
     pub retention_days: u64,
     /// Records waiting to be written; more are dropped and counted.
@@ -207,6 +210,7 @@ impl Default for SpendLog {
             kind: SpendLogKind::Sqlite,
             path: None,
             url: None,
+            ca_file: None,
             retention_days: 90,
             queue_capacity: 10_000,
             batch_size: 500,

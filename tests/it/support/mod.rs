@@ -8,9 +8,11 @@ pub mod binary;
 pub mod image_server;
 pub mod mock_upstream;
 pub mod postgres;
+pub mod private_postgres;
 pub mod redis;
 pub mod redis_cluster;
 mod skip;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::process::Command;
