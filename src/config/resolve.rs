@@ -437,6 +437,7 @@ fn upstreams(upstreams: &[schema::Upstream], problems: &mut Problems) -> Vec<Arc
                 for (key, set) in [
                     ("base_url", !upstream.base_url.is_empty()),
                     ("api_key", upstream.api_key.is_some()),
+                    ("ca_file", upstream.ca_file.is_some()),
                 ] {
                     if set {
                         problems.add(at(key), "not used by kind = \"demo\": leave it out");
@@ -540,6 +541,15 @@ fn http_endpoint(
         }
         _ => None,
     };
+    let ca = upstream
+        .ca_file
+        .as_deref()
+        .and_then(|path| private_ca(&at("ca_file"), path, problems));
+    if let (Some(_), Some(url)) = (&ca, &chat_url)
+        && url.scheme_str() != Some("https")
+    {
+        problems.add(at("ca_file"), "only with an https:// base_url");
+    }
     let chat_url = chat_url?;
     // The same base with another last segment: it parses as the chat URL did.
     let embeddings_url = format!("{base}/embeddings").parse::<http::Uri>().ok()?;
@@ -547,6 +557,7 @@ fn http_endpoint(
         chat_url,
         embeddings_url,
         authorization,
+        ca,
     })
 }
 

@@ -274,6 +274,9 @@ pub struct Upstream {
     pub base_url: String,
     /// Absent for keyless upstreams.
     pub api_key: Option<Secret>,
+    /// PEM file of a private CA trusted for this upstream beside the
+    /// platform's roots.
+    pub ca_file: Option<String>,
     /// Replace remote image URLs by `data:` URIs before forwarding.
     pub inline_images: bool,
     /// Remove `image_url.detail` before forwarding.
@@ -298,6 +301,7 @@ impl Default for Upstream {
             kind: UpstreamKind::Openai,
             base_url: String::new(),
             api_key: None,
+            ca_file: None,
             inline_images: false,
             strip_detail: false,
             image_formats: ["jpeg", "png", "webp", "gif"].map(String::from).to_vec(),

@@ -1,6 +1,7 @@
 //! Iris's own TLS connections, against servers whose certificates the tests
 //! make: the PostgreSQL spend log (`sslmode`, `spend_log.ca_file`) on a
-//! private PostgreSQL with `ssl = on`.
+//! private PostgreSQL with `ssl = on`, and HTTPS upstreams
+//! (`upstreams[].ca_file`).
 
 use std::path::Path;
 use std::time::Duration;
@@ -194,4 +195,112 @@ async fn check_names_sslmode_and_ca_file_problems_at_their_keys() {
         );
         assert!(!text.contains("hunter2"), "{text}");
     }
+}
+
+/// `base_config` with `ca_file` on its upstream.
+fn upstream_config(upstream: &str, ca_file: Option<&Path>) -> String {
+    let config = base_config(upstream, "[routing]\nretries = 0\n");
+    match ca_file {
+        Some(path) => config.replace(
+            "api_key = \"upstream-secret-key\"\n",
+            &format!(
+                "api_key = \"upstream-secret-key\"\nca_file = \"{}\"\n",
+                path.display()
+            ),
+        ),
+        None => config,
+    }
+}
+
+#[tokio::test]
+async fn an_https_upstream_behind_a_private_ca_answers_only_through_its_ca_file() {
+    let ca = TestCa::new("Iris test upstream CA");
+    let stranger = TestCa::new("Someone else's CA");
+    let upstream =
+        MockUpstream::start_tls(ca.server_cert(&["localhost", "127.0.0.1"]).server_config()).await;
+    assert!(upstream.base_url().starts_with("https://127.0.0.1:"));
+
+    let trusted = upstream_config(&upstream.base_url(), Some(ca.file()));
+    ok(&iris_cli(write_config(&trusted).path(), &["check"]).await);
+    let iris = Iris::start(&trusted).await;
+    let response = iris.chat(KEY_A, &chat_body("test-model"), &[]).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-iris-upstream"], "mock");
+    let body: serde_json::Value = response.json().await.expect("JSON");
+    assert_eq!(body["object"], "chat.completion", "{body}");
+    assert_eq!(upstream.requests(), 1);
+    // Streamed, on the same pool.
+    let streamed = iris
+        .chat(KEY_A, &crate::support::stream_body("test-model"), &[])
+        .await;
+    assert_eq!(streamed.status(), 200);
+    assert!(
+        streamed
+            .text()
+            .await
+            .expect("stream")
+            .ends_with("data: [DONE]\n\n")
+    );
+    assert_eq!(upstream.requests(), 2);
+    iris.stop().await.expect("stop");
+
+    // Without the CA, or with another one, the certificate is refused:
+    // never an answer, and nothing reaches the upstream.
+    for (why, ca_file) in [("no ca_file", None), ("another CA", Some(stranger.file()))] {
+        let config = upstream_config(&upstream.base_url(), ca_file);
+        let iris = Iris::start(&config).await;
+        let response = iris.chat(KEY_A, &chat_body("test-model"), &[]).await;
+        assert_eq!(response.status(), 502, "{why}");
+        let body: serde_json::Value = response.json().await.expect("JSON");
+        assert_eq!(
+            body["error"]["code"], "upstream_unavailable",
+            "{why}: {body}"
+        );
+        assert_eq!(
+            upstream.requests(),
+            2,
+            "{why}: the upstream was sent a request"
+        );
+        iris.stop().await.expect("stop");
+    }
+}
+
+#[tokio::test]
+async fn check_refuses_a_missing_or_unparsable_upstream_ca_file() {
+    let ca = TestCa::new("Iris test upstream CA");
+    let garbled =
+        write_config("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n");
+    let empty = write_config("");
+    let https = "https://upstream.internal/v1";
+    for (config, expected) in [
+        (
+            upstream_config(https, Some(Path::new("/nonexistent/ca.pem"))),
+            "upstreams[0].ca_file: cannot read /nonexistent/ca.pem",
+        ),
+        (
+            upstream_config(https, Some(garbled.path())),
+            "upstreams[0].ca_file: ",
+        ),
+        (
+            upstream_config(https, Some(empty.path())),
+            "upstreams[0].ca_file: ",
+        ),
+        (
+            upstream_config("http://upstream.internal/v1", Some(ca.file())),
+            "upstreams[0].ca_file: only with an https:// base_url",
+        ),
+    ] {
+        let output = iris_cli(write_config(&config).path(), &["check"]).await;
+        let text = stdout(&output);
+        assert_eq!(output.status.code(), Some(1), "{text}");
+        assert!(
+            text.lines().any(|line| line.starts_with(expected)),
+            "missing {expected:?} in:\n{text}"
+        );
+    }
+    ok(&iris_cli(
+        write_config(&upstream_config(https, Some(ca.file()))).path(),
+        &["check"],
+    )
+    .await);
 }
