@@ -36,7 +36,8 @@
 //!   and spend record),
 //!   [`error_code`] (every error code Iris emits, with its status, type and
 //!   doc line), [`keys`], [`secret`], [`metrics`], [`telemetry`] (logs),
-//!   [`traces`] (OpenTelemetry), [`shared_health`] (deployment cooldowns
+//!   [`traces`] (OpenTelemetry), [`tls`] (Iris's own TLS connections: the
+//!   platform's roots and an operator's private CA), [`shared_health`] (deployment cooldowns
 //!   shared between instances: what routing asks of a shared store)
 //!
 //! [`commands`] holds one function per CLI command, [`cli`] their arguments.
@@ -71,6 +72,7 @@ pub mod shared_health;
 pub mod spend;
 pub mod state;
 pub mod telemetry;
+pub mod tls;
 pub mod traces;
 pub mod upstream;
 

@@ -25,6 +25,7 @@ use crate::keys::KeyHash;
 use crate::openai::chat::RequestLimits;
 use crate::routing::{RetryOn, RoutingSettings};
 use crate::spend::{SpendBackend, SpendSettings, WriterOptions};
+use crate::tls::PrivateCa;
 use crate::upstream::{Endpoint, Upstream};
 
 /// Problems found so far; each resolver adds to it and returns what it
@@ -335,13 +336,41 @@ fn spend_log(log: &schema::SpendLog, problems: &mut Problems) -> SpendSettings {
             }
             Some(url) => {
                 // The URL may carry a password: name the problem, never the URL.
-                if let Err(e) = crate::spend::postgres::check_url(url.expose()) {
-                    problems.add("spend_log.url", e);
+                let mode = match crate::spend::postgres::check_url(url.expose()) {
+                    Ok((_, mode)) => Some(mode),
+                    Err(e) => {
+                        problems.add("spend_log.url", e);
+                        None
+                    }
+                };
+                let ca_file = log
+                    .ca_file
+                    .as_deref()
+                    .and_then(|path| private_ca("spend_log.ca_file", path, problems));
+                if log.ca_file.is_some()
+                    && mode.is_some_and(|mode| mode != crate::spend::postgres::TlsMode::VerifyFull)
+                {
+                    // Only verify-full checks certificates: a CA given with
+                    // any other mode would look like protection it is not.
+                    problems.add(
+                        "spend_log.ca_file",
+                        "only with sslmode=verify-full in spend_log.url (the other modes \
+                         check no certificate)",
+                    );
                 }
-                SpendBackend::Postgres { url: url.clone() }
+                SpendBackend::Postgres {
+                    url: url.clone(),
+                    ca_file,
+                }
             }
         },
     };
+    if log.kind != SpendLogKind::Postgres && log.ca_file.is_some() {
+        problems.add(
+            "spend_log.ca_file",
+            "only with spend_log.kind = \"postgres\"",
+        );
+    }
     SpendSettings {
         backend,
         retention: (log.retention_days > 0)
@@ -353,6 +382,17 @@ fn spend_log(log: &schema::SpendLog, problems: &mut Problems) -> SpendSettings {
             ..WriterOptions::default()
         },
     }
+}
+
+/// The private CA in the PEM file at `path`, or a problem at `key`.
+fn private_ca(key: &str, path: &str, problems: &mut Problems) -> Option<PrivateCa> {
+    if path.is_empty() {
+        problems.add(key, "must name a file");
+        return None;
+    }
+    PrivateCa::load(std::path::Path::new(path))
+        .map_err(|e| problems.add(key, e))
+        .ok()
 }
 
 fn images(images: &schema::Images, problems: &mut Problems) -> ImagesSettings {
@@ -397,6 +437,7 @@ fn upstreams(upstreams: &[schema::Upstream], problems: &mut Problems) -> Vec<Arc
                 for (key, set) in [
                     ("base_url", !upstream.base_url.is_empty()),
                     ("api_key", upstream.api_key.is_some()),
+                    ("ca_file", upstream.ca_file.is_some()),
                 ] {
                     if set {
                         problems.add(at(key), "not used by kind = \"demo\": leave it out");
@@ -500,6 +541,15 @@ fn http_endpoint(
         }
         _ => None,
     };
+    let ca = upstream
+        .ca_file
+        .as_deref()
+        .and_then(|path| private_ca(&at("ca_file"), path, problems));
+    if let (Some(_), Some(url)) = (&ca, &chat_url)
+        && url.scheme_str() != Some("https")
+    {
+        problems.add(at("ca_file"), "only with an https:// base_url");
+    }
     let chat_url = chat_url?;
     // The same base with another last segment: it parses as the chat URL did.
     let embeddings_url = format!("{base}/embeddings").parse::<http::Uri>().ok()?;
@@ -507,6 +557,7 @@ fn http_endpoint(
         chat_url,
         embeddings_url,
         authorization,
+        ca,
     })
 }
 

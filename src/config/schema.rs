@@ -191,6 +191,9 @@ pub struct SpendLog {
     pub path: Option<String>,
     /// PostgreSQL URL (kind = "postgres"); may carry a password.
     pub url: Option<Secret>,
+    /// PEM file of a private CA for the database's certificate
+    /// (`sslmode=verify-full`).
+    pub ca_file: Option<String>,
     /// Records older than this many days are deleted; 0 keeps them.
     pub retention_days: u64,
     /// Records waiting to be written; more are dropped and counted.
@@ -207,6 +210,7 @@ impl Default for SpendLog {
             kind: SpendLogKind::Sqlite,
             path: None,
             url: None,
+            ca_file: None,
             retention_days: 90,
             queue_capacity: 10_000,
             batch_size: 500,
@@ -270,6 +274,9 @@ pub struct Upstream {
     pub base_url: String,
     /// Absent for keyless upstreams.
     pub api_key: Option<Secret>,
+    /// PEM file of a private CA trusted for this upstream beside the
+    /// platform's roots.
+    pub ca_file: Option<String>,
     /// Replace remote image URLs by `data:` URIs before forwarding.
     pub inline_images: bool,
     /// Remove `image_url.detail` before forwarding.
@@ -294,6 +301,7 @@ impl Default for Upstream {
             kind: UpstreamKind::Openai,
             base_url: String::new(),
             api_key: None,
+            ca_file: None,
             inline_images: false,
             strip_detail: false,
             image_formats: ["jpeg", "png", "webp", "gif"].map(String::from).to_vec(),

@@ -36,6 +36,7 @@ use crate::budget::money::Money;
 use crate::budget::{Charged, StoreBackend};
 use crate::facts::RequestFacts;
 use crate::secret::Secret;
+use crate::tls::PrivateCa;
 pub use report::{Dimension, Query, QueryError, UsageReport};
 
 /// One finished chat completion, as the contract lists its fields: the
@@ -181,8 +182,12 @@ pub enum SpendBackend {
     /// A SQLite database file; `None`: in memory (with `store.kind =
     /// "memory"`: nothing persisted, like the store).
     Sqlite { path: Option<PathBuf> },
-    /// Shared by every instance.
-    Postgres { url: Secret },
+    /// Shared by every instance; `ca_file`: a private CA for the
+    /// database's certificate (`sslmode=verify-full`).
+    Postgres {
+        url: Secret,
+        ca_file: Option<PrivateCa>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -277,8 +282,9 @@ pub async fn open_sink(
                     .map_err(|e| format!("spend log: {e}"))?;
             Some(Arc::new(sink))
         }
-        SpendBackend::Postgres { url } => Some(Arc::new(
-            postgres::PostgresSink::new(url).map_err(|e| format!("spend log: {e}"))?,
+        SpendBackend::Postgres { url, ca_file } => Some(Arc::new(
+            postgres::PostgresSink::new(url, ca_file.as_ref())
+                .map_err(|e| format!("spend log: {e}"))?,
         )),
     })
 }
@@ -675,8 +681,9 @@ pub async fn report_from_config(
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("spend log: {e}"))?
         }
-        SpendBackend::Postgres { url } => {
-            let sink = postgres::PostgresSink::new(url).map_err(|e| format!("spend log: {e}"))?;
+        SpendBackend::Postgres { url, ca_file } => {
+            let sink = postgres::PostgresSink::new(url, ca_file.as_ref())
+                .map_err(|e| format!("spend log: {e}"))?;
             sink.totals(query)
                 .await
                 .map_err(|e| format!("spend log: {e}"))?

@@ -1,15 +1,18 @@
 //! The PostgreSQL sink, for many instances writing one log: one connection
-//! (without TLS: a database on the same host or network), opened when first
+//! (over TLS as the URL's `sslmode` says, see [`tls`]), opened when first
 //! needed and again after it broke, so Iris starts and serves while the
-//! database is down; the schema is migrated on each new connection, under
-//! an advisory lock. A batch is one `INSERT … SELECT FROM UNNEST(…)`.
+//! database is down or refuses the handshake; the schema is migrated on each
+//! new connection, under an advisory lock. A batch is one `INSERT … SELECT
+//! FROM UNNEST(…)`.
+
+mod tls;
 
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio_postgres::config::SslMode;
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{Client, Config, NoTls, Socket};
 
 use super::migrations::{self, COMPONENT};
 use super::report::{Counts, Dimension, Query, Totals};
@@ -17,6 +20,8 @@ use super::sqlite::{END_OF_TIME_MS, totals_sql};
 use super::{Record, Sink, SinkError, SinkFuture};
 use crate::budget::money::Money;
 use crate::secret::Secret;
+use crate::tls::PrivateCa;
+pub use tls::TlsMode;
 
 /// Connecting gives up after this long unless the URL sets `connect_timeout`.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -26,23 +31,25 @@ const MIGRATION_LOCK: i64 = 0x6972_6973_5350_454e; // "irisSPEN"
 
 pub struct PostgresSink {
     config: Config,
+    /// How connections are secured; built once, and an error (no platform
+    /// roots, say) only fails each connection attempt, so the records wait
+    /// instead of Iris refusing to start.
+    tls: Result<Option<tls::MakeRustls>, String>,
     client: tokio::sync::Mutex<Option<Client>>,
 }
 
 /// Checks a `spend_log.url`: what is wrong with it, never the URL itself
-/// (it may hold a password).
-pub fn check_url(url: &str) -> Result<Config, String> {
-    let config = Config::from_str(url)
+/// (it may hold a password). Returns the connection's config and its
+/// `sslmode`.
+pub fn check_url(url: &str) -> Result<(Config, TlsMode), String> {
+    let (url, mode) = tls::take_sslmode(url)?;
+    let mut config = Config::from_str(&url)
         .map_err(|_| "not a valid PostgreSQL URL (postgres://user:password@host:port/database)")?;
-    if config.get_ssl_mode() == SslMode::Require {
-        return Err(
-            "sslmode=require is not supported: Iris connects to PostgreSQL without TLS".into(),
-        );
-    }
+    config.ssl_mode(mode.ssl_mode());
     if config.get_hosts().is_empty() {
         return Err("names no host".into());
     }
-    Ok(config)
+    Ok((config, mode))
 }
 
 fn error(e: &tokio_postgres::Error) -> SinkError {
@@ -52,9 +59,11 @@ fn error(e: &tokio_postgres::Error) -> SinkError {
 }
 
 impl PostgresSink {
-    /// A sink for `url`; nothing is connected until the first operation.
-    pub fn new(url: &Secret) -> Result<Self, SinkError> {
-        let mut config = check_url(url.expose()).map_err(SinkError)?;
+    /// A sink for `url`, its server's certificate checked against `ca`
+    /// too (`sslmode=verify-full`); nothing is connected until the first
+    /// operation.
+    pub fn new(url: &Secret, ca: Option<&PrivateCa>) -> Result<Self, SinkError> {
+        let (mut config, mode) = check_url(url.expose()).map_err(SinkError)?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
@@ -63,6 +72,7 @@ impl PostgresSink {
         }
         Ok(Self {
             config,
+            tls: tls::MakeRustls::for_mode(mode, ca),
             client: tokio::sync::Mutex::new(None),
         })
     }
@@ -90,15 +100,30 @@ impl PostgresSink {
     }
 
     async fn connect(&self) -> Result<Client, SinkError> {
-        let (mut client, connection) = self.config.connect(NoTls).await.map_err(|e| error(&e))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::warn!("spend log: postgres connection closed: {e}");
-            }
-        });
+        let mut client = match &self.tls {
+            Ok(None) => open(&self.config, NoTls).await,
+            Ok(Some(tls)) => open(&self.config, tls.clone()).await,
+            Err(e) => return Err(SinkError(format!("postgres: {e}"))),
+        }
+        .map_err(|e| error(&e))?;
         migrate(&mut client).await?;
         Ok(client)
     }
+}
+
+/// A connection through `tls`, its I/O driven by a task of its own.
+async fn open<T>(config: &Config, tls: T) -> Result<Client, tokio_postgres::Error>
+where
+    T: MakeTlsConnect<Socket>,
+    T::Stream: Send + 'static,
+{
+    let (client, connection) = config.connect(tls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!("spend log: postgres connection closed: {e}");
+        }
+    });
+    Ok(client)
 }
 
 async fn migrate(client: &mut Client) -> Result<(), SinkError> {

@@ -593,7 +593,7 @@ async fn postgres_sink_keys_days_as_the_report_dates_them() {
     let Some(pg) = shared_postgres::SharedPostgres::get().await else {
         return;
     };
-    let sink = postgres::PostgresSink::new(&Secret::new(pg.url())).unwrap();
+    let sink = postgres::PostgresSink::new(&Secret::new(pg.url()), None).unwrap();
     calendar_edges_suite(&sink).await;
 }
 
@@ -729,11 +729,11 @@ async fn postgres_sink_migrates_writes_and_aggregates() {
         return;
     };
     let url = Secret::new(pg.url());
-    let sink = postgres::PostgresSink::new(&url).unwrap();
+    let sink = postgres::PostgresSink::new(&url, None).unwrap();
     aggregation_suite(&sink).await;
 
     // A second instance on the same database: nothing migrated twice.
-    let again = postgres::PostgresSink::new(&url).unwrap();
+    let again = postgres::PostgresSink::new(&url, None).unwrap();
     let everything = Query {
         since_ms: 0,
         until_ms: None,
@@ -768,7 +768,7 @@ async fn postgres_sink_migrates_writes_and_aggregates() {
         )
         .await
         .unwrap();
-    let newer = postgres::PostgresSink::new(&url).unwrap();
+    let newer = postgres::PostgresSink::new(&url, None).unwrap();
     let refused = newer.totals(&everything).await.unwrap_err();
     assert!(refused.0.contains("schema version 99"), "{refused}");
 }
@@ -778,9 +778,11 @@ async fn a_postgres_that_is_down_fails_each_operation_promptly() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     drop(listener);
-    let sink =
-        postgres::PostgresSink::new(&Secret::new(format!("postgres://iris@127.0.0.1:{port}/x")))
-            .unwrap();
+    let sink = postgres::PostgresSink::new(
+        &Secret::new(format!("postgres://iris@127.0.0.1:{port}/x")),
+        None,
+    )
+    .unwrap();
     let started = std::time::Instant::now();
     let error = sink.write(vec![record(1)].into()).await.unwrap_err();
     assert!(error.0.starts_with("postgres: "), "{error}");
@@ -793,6 +795,20 @@ fn postgres_urls_are_checked_without_being_printed() {
     assert!(postgres::check_url("host=db user=iris dbname=iris").is_ok());
     let bad = postgres::check_url("postgres://u:secret@db:notaport/iris").unwrap_err();
     assert!(!bad.contains("secret"), "{bad}");
-    let tls = postgres::check_url("postgres://db/iris?sslmode=require").unwrap_err();
-    assert!(tls.contains("sslmode=require"), "{tls}");
+    for (url, mode) in [
+        (
+            "postgres://db/iris?sslmode=require",
+            postgres::TlsMode::Require,
+        ),
+        (
+            "postgres://db/iris?sslmode=verify-full",
+            postgres::TlsMode::VerifyFull,
+        ),
+        ("postgres://db/iris", postgres::TlsMode::Prefer),
+    ] {
+        assert_eq!(postgres::check_url(url).unwrap().1, mode, "{url}");
+    }
+    let unknown = postgres::check_url("postgres://u:secret@db/iris?sslmode=bogus").unwrap_err();
+    assert!(unknown.contains("sslmode=bogus"), "{unknown}");
+    assert!(!unknown.contains("secret"), "{unknown}");
 }

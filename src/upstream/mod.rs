@@ -1,10 +1,13 @@
 //! Forwarding to an upstream: its credentials in place of the client's, a
-//! shared connection pool, timeouts, and the response streamed straight back.
+//! shared connection pool (one more per private CA, `upstreams[].ca_file`),
+//! timeouts, and the response streamed straight back.
 //!
 //! - [`demo`]: the built-in demo upstream, answered in-process
 
 pub mod demo;
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,6 +23,7 @@ use hyper_util::rt::TokioExecutor;
 use crate::budget::Limits;
 use crate::images::ImagePolicy;
 use crate::openai::Api;
+use crate::tls::PrivateCa;
 
 /// An upstream, resolved from the config: everything a request to it needs.
 #[derive(Debug)]
@@ -53,6 +57,8 @@ pub enum Endpoint {
         embeddings_url: http::Uri,
         /// `Bearer {api_key}`, marked sensitive so it never shows in debug output.
         authorization: Option<HeaderValue>,
+        /// `ca_file`: a private CA trusted beside the platform's roots.
+        ca: Option<PrivateCa>,
     },
     /// Iris's built-in demo model, answered in-process (`kind = "demo"`),
     /// so Iris can be tried end to end with no upstream account.
@@ -230,29 +236,38 @@ type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// The pooled HTTP client every upstream request goes through: hyper's,
 /// HTTP/1.1 or HTTP/2 (ALPN) over rustls with the platform's roots, no
-/// redirects, no proxy, TCP_NODELAY.
+/// redirects, no proxy, TCP_NODELAY. An upstream with a private CA goes
+/// through a client of its CA set's own (a pool cannot mix trust roots).
 #[derive(Clone)]
 pub struct Forwarder {
     http: HttpsClient,
+    /// One client per distinct CA set ([`PrivateCa::id`]), made on first
+    /// use and kept, so its pool outlives a reload that keeps the CA.
+    private: Arc<Mutex<HashMap<[u8; 32], HttpsClient>>>,
 }
 
 impl Forwarder {
     pub fn new() -> Result<Self, String> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.enforce_http(false);
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .try_with_platform_verifier()
-            .map_err(|e| format!("TLS: {e}"))?
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(connector);
-        let http = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_timer(hyper_util::rt::TokioTimer::new())
-            .build(https);
-        Ok(Self { http })
+            .map_err(|e| format!("TLS: {e}"))?;
+        Ok(Self {
+            http: pooled(https),
+            private: Arc::default(),
+        })
+    }
+
+    /// The client for an upstream trusting `ca` too, made if it is the
+    /// first request to trust it.
+    fn client_for(&self, ca: &PrivateCa) -> Result<HttpsClient, String> {
+        let mut clients = self.private.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(client) = clients.get(&ca.id()) {
+            return Ok(client.clone());
+        }
+        let tls = crate::tls::verified(Some(ca))?;
+        let client = pooled(hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls));
+        clients.insert(ca.id(), client.clone());
+        Ok(client)
     }
 
     /// Sends a request body of `api` upstream and waits for the response
@@ -269,16 +284,33 @@ impl Forwarder {
         trace: HeaderMap,
         timeout: Duration,
     ) -> Result<Reply, UpstreamError> {
-        let (url, authorization) = match &upstream.endpoint {
+        let (url, authorization, ca) = match &upstream.endpoint {
             Endpoint::Http {
                 chat_url,
                 embeddings_url,
                 authorization,
+                ca,
             } => match api {
-                Api::Chat => (chat_url, authorization),
-                Api::Embeddings => (embeddings_url, authorization),
+                Api::Chat => (chat_url, authorization, ca),
+                Api::Embeddings => (embeddings_url, authorization, ca),
             },
             Endpoint::Demo => return Ok(demo::answer(api, &body)),
+        };
+        let private;
+        let http = match ca {
+            None => &self.http,
+            Some(ca) => match self.client_for(ca) {
+                Ok(client) => {
+                    private = client;
+                    &private
+                }
+                Err(e) => {
+                    tracing::warn!(upstream = %upstream.name, error = %e, "upstream TLS client could not be made");
+                    return Err(UpstreamError::Unreachable {
+                        upstream: upstream.name.clone(),
+                    });
+                }
+            },
         };
         let mut request = http::Request::new(Full::new(body));
         *request.method_mut() = http::Method::POST;
@@ -308,7 +340,7 @@ impl Forwarder {
             }
         }
 
-        match tokio::time::timeout(timeout, self.http.request(request)).await {
+        match tokio::time::timeout(timeout, http.request(request)).await {
             Err(_) => Err(timeout_error(upstream, timeout)),
             Ok(Err(e)) => {
                 let kind = if e.is_connect() {
@@ -324,6 +356,25 @@ impl Forwarder {
             Ok(Ok(response)) => Ok(Reply::from_hyper(response)),
         }
     }
+}
+
+/// A pooled client over `https` (HTTP/1.1 and HTTP/2 by ALPN; plain HTTP
+/// too), connecting with TCP_NODELAY.
+fn pooled(
+    https: hyper_rustls::HttpsConnectorBuilder<hyper_rustls::builderstates::WantsSchemes>,
+) -> HttpsClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.enforce_http(false);
+    let https = https
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(connector);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .build(https)
 }
 
 fn timeout_error(upstream: &Upstream, after: Duration) -> UpstreamError {
@@ -361,6 +412,24 @@ pub fn response_headers(upstream: &HeaderMap) -> HeaderMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upstreams_with_the_same_certificates_share_one_client() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let pem = params.self_signed(&key).unwrap().pem();
+        let load = |pem: &str| {
+            let file = tempfile::NamedTempFile::new().unwrap();
+            std::fs::write(file.path(), pem).unwrap();
+            PrivateCa::load(file.path()).unwrap()
+        };
+        let (one, copy) = (load(&pem), load(&pem));
+        let forwarder = Forwarder::new().unwrap();
+        forwarder.client_for(&one).unwrap();
+        forwarder.client_for(&copy).unwrap();
+        assert_eq!(forwarder.private.lock().unwrap().len(), 1);
+    }
 
     #[test]
     fn upstream_rate_limit_and_hop_headers_are_not_passed_back() {

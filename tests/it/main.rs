@@ -34,4 +34,5 @@ mod routing;
 mod secrets;
 mod spend;
 mod teams;
+mod tls;
 mod traces;

@@ -34,6 +34,9 @@
 //! [`MockUpstream::restart`] for an upstream that refuses connections
 //! ([`refused_base_url`] for one that never listened).
 //!
+//! [`MockUpstream::start_tls`] serves the same over HTTPS, with the
+//! certificate the test gives it.
+//!
 //! `GET /mock/stats` answers `{"chat_requests": N}`, every request
 //! (chat completion or embeddings) received so far (counted even with bodies not kept, faults
 //! included), so such a test can tell whether a request reached the upstream.
@@ -229,6 +232,21 @@ impl MockUpstream {
     /// Starts on `127.0.0.1:0` (or `listen`), serving until the runtime
     /// stops (or [`Self::stop`]).
     pub async fn start_on(listen: &str) -> std::io::Result<Self> {
+        Self::start_with(listen, None).await
+    }
+
+    /// Starts on `127.0.0.1:0`, answering over HTTPS (HTTP/1.1) with `tls`'s
+    /// certificate; [`Self::base_url`] says `https://127.0.0.1:port/v1`.
+    pub async fn start_tls(tls: Arc<rustls::ServerConfig>) -> Self {
+        Self::start_with("127.0.0.1:0", Some(tokio_rustls::TlsAcceptor::from(tls)))
+            .await
+            .unwrap_or_else(|e| panic!("mock upstream: {e}"))
+    }
+
+    async fn start_with(
+        listen: &str,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let state = MockState::default();
@@ -239,6 +257,7 @@ impl MockUpstream {
             .with_state(state.clone());
         let server = Arc::new(Server {
             router,
+            tls,
             accept: Mutex::new(None),
             connections: Arc::default(),
         });
@@ -256,9 +275,14 @@ impl MockUpstream {
             .unwrap_or_else(|e| panic!("mock upstream: {e}"))
     }
 
-    /// `http://addr/v1`, for an upstream's `base_url`.
+    /// `http://addr/v1` (`https://` over TLS), for an upstream's `base_url`.
     pub fn base_url(&self) -> String {
-        format!("http://{}/v1", self.addr)
+        let scheme = if self.server.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}/v1", self.addr)
     }
 
     pub fn received(&self) -> Vec<Received> {
@@ -353,6 +377,7 @@ pub fn refused_base_url() -> String {
 /// The accept loop and every open connection, so they can be stopped.
 struct Server {
     router: Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     accept: Mutex<Option<JoinHandle<()>>>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
@@ -360,6 +385,7 @@ struct Server {
 impl Server {
     fn serve(&self, listener: TcpListener) {
         let router = self.router.clone();
+        let tls = self.tls.clone();
         let connections = Arc::clone(&self.connections);
         let task = tokio::spawn(async move {
             loop {
@@ -372,7 +398,7 @@ impl Server {
                         continue;
                     }
                 };
-                let task = tokio::spawn(connection(stream, router.clone()));
+                let task = tokio::spawn(connection(stream, router.clone(), tls.clone()));
                 if let Ok(mut open) = connections.lock() {
                     open.retain(|task| !task.is_finished());
                     open.push(task);
@@ -406,28 +432,43 @@ impl Server {
 #[derive(Clone)]
 struct ConnectionReset(Arc<Notify>);
 
-/// Serves one connection with HTTP/1.1 until it closes, or resets it (RST,
-/// not FIN) when a handler asks.
-async fn connection(mut stream: TcpStream, router: Router) {
+/// Serves one connection with HTTP/1.1 (over TLS when `tls` is given)
+/// until it closes, or resets it (RST, not FIN) when a handler asks.
+async fn connection(mut stream: TcpStream, router: Router, tls: Option<tokio_rustls::TlsAcceptor>) {
     // No Nagle: small last segments would otherwise wait on delayed ACKs.
     let _ = stream.set_nodelay(true);
+    let reset_now = match tls {
+        None => serve_http(&mut stream, router).await,
+        // A client that refuses the certificate ends the handshake: nothing
+        // to serve.
+        Some(tls) => match tls.accept(&mut stream).await {
+            Ok(session) => serve_http(session, router).await,
+            Err(_) => false,
+        },
+    };
+    if reset_now {
+        // Closing with a zero linger sends RST instead of FIN.
+        let _ = stream.set_zero_linger();
+    }
+}
+
+/// Serves HTTP/1.1 on `io` until it closes; true when a handler asked for
+/// the connection to be reset.
+async fn serve_http<S>(io: S, router: Router) -> bool
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
     let reset = Arc::new(Notify::new());
     let handle = ConnectionReset(Arc::clone(&reset));
     let service = hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
         request.extensions_mut().insert(handle.clone());
         router.clone().oneshot(request)
     });
-    let reset_now = {
-        let served = hyper::server::conn::http1::Builder::new()
-            .serve_connection(TokioIo::new(&mut stream), service);
-        tokio::select! {
-            _ = served => false,
-            () = reset.notified() => true,
-        }
-    };
-    if reset_now {
-        // Closing with a zero linger sends RST instead of FIN.
-        let _ = stream.set_zero_linger();
+    let served =
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service);
+    tokio::select! {
+        _ = served => false,
+        () = reset.notified() => true,
     }
 }
 

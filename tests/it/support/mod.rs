@@ -8,9 +8,11 @@ pub mod binary;
 pub mod image_server;
 pub mod mock_upstream;
 pub mod postgres;
+pub mod private_postgres;
 pub mod redis;
 pub mod redis_cluster;
 mod skip;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -378,7 +380,8 @@ impl Iris {
     /// Waits until no request of the client with `key` is in flight (every
     /// settlement done).
     pub async fn settled(&self, key: &str) {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // Generous for a loaded machine: the wait ends once they are.
+        let deadline = Instant::now() + Duration::from_secs(60);
         while self.used(key, "max_concurrent").await > 0 {
             assert!(Instant::now() < deadline, "requests still in flight");
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -9,10 +9,16 @@
 //! were skipped and pass, unless `IRIS_REQUIRE_REDIS=1` (CI): see
 //! [`super::skip`].
 //!
-//! Timings are short on purpose (a node is failed after 500 ms of silence),
-//! so that a failover takes a second or two and the tests stay quick. Every
+//! A node is failed after 2 s of silence: short, so that a failover takes a
+//! few seconds and the tests stay quick, yet longer than the stalls of a
+//! loaded two-core machine, so that no healthy node is ever failed over. Every
 //! server, sentinels included, requires [`PASSWORD`], which the URLs carry
 //! percent-encoded: Iris must decode and send it to each node it finds.
+//!
+//! Nothing here waits for a fixed time: every step polls for the state it
+//! needs (a node answering, the cluster agreeing, a replica promoted) until
+//! [`WITHIN`], a deadline generous enough for a loaded two-core machine
+//! running several deployments at once, and fails naming what it waited for.
 
 #![allow(dead_code)]
 
@@ -30,6 +36,14 @@ const REDIS_CLI: &str = "/usr/bin/redis-cli";
 pub const PASSWORD: &str = "p@ss:w/rd?%";
 /// [`PASSWORD`] as a URL carries it.
 const PASSWORD_IN_URL: &str = "p%40ss%3Aw%2Frd%3F%25";
+
+/// Silence after which a cluster node, or the primary the sentinels watch,
+/// is taken for failed.
+const NODE_TIMEOUT_MS: u64 = 2000;
+
+/// How long any one wait here may take: generous, since each ends as soon as
+/// its condition holds.
+pub const WITHIN: Duration = Duration::from_secs(60);
 
 /// A loopback port nobody listens on (just now).
 fn free_port() -> u16 {
@@ -86,18 +100,20 @@ impl Drop for Server {
     }
 }
 
-/// A plain connection to one server on loopback.
+/// A plain connection to one server on loopback (retried until [`WITHIN`]).
 pub async fn admin(port: u16) -> redis::aio::MultiplexedConnection {
-    try_admin(port)
-        .await
-        .unwrap_or_else(|e| panic!("redis on port {port}: {e}"))
+    eventually_some(
+        &format!("a connection to redis on port {port}"),
+        async || try_admin(port).await.ok(),
+    )
+    .await
 }
 
 async fn try_admin(port: u16) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
     let client = redis::Client::open(format!("redis://:{PASSWORD_IN_URL}@127.0.0.1:{port}/"))?;
     let config = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(1)))
-        .set_response_timeout(Some(Duration::from_secs(2)));
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(5)));
     client
         .get_multiplexed_async_connection_with_config(&config)
         .await
@@ -114,6 +130,19 @@ async fn until(within: Duration, what: &str, mut check: impl AsyncFnMut() -> boo
     let start = Instant::now();
     while !check().await {
         assert!(start.elapsed() < within, "{what}: not so after {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls `find` every 50 ms until it gives a value; panics after [`WITHIN`]
+/// (one slow answer on a loaded machine is no failure).
+async fn eventually_some<T>(what: &str, mut find: impl AsyncFnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = find().await {
+            return value;
+        }
+        assert!(start.elapsed() < WITHIN, "{what}: none after {WITHIN:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -175,7 +204,7 @@ impl RedisCluster {
                 "--cluster-config-file",
                 "nodes.conf",
                 "--cluster-node-timeout",
-                "500",
+                &NODE_TIMEOUT_MS.to_string(),
                 // A replica takes over however long its primary was gone.
                 "--cluster-replica-validity-factor",
                 "0",
@@ -202,13 +231,9 @@ impl RedisCluster {
         }
         for server in &self.servers {
             let port = server.port;
-            // Generous: on a loaded 2-core machine several clusters start at
-            // once (the wait ends as soon as each answers).
-            until(
-                Duration::from_secs(30),
-                "redis-server started",
-                async || ask::<String>(port, &redis::cmd("PING")).await.is_some(),
-            )
+            until(WITHIN, "redis-server started", async || {
+                ask::<String>(port, &redis::cmd("PING")).await.is_some()
+            })
             .await;
         }
         let nodes: Vec<String> = self
@@ -260,7 +285,7 @@ impl RedisCluster {
     /// by a live primary that knows it, and every primary has a replica.
     pub async fn wait_healthy(&self) {
         let live = self.live_ports();
-        until(Duration::from_secs(40), "cluster healthy", async || {
+        until(WITHIN, "cluster healthy", async || {
             for port in &live {
                 let Some(info) = ask::<String>(*port, redis::cmd("CLUSTER").arg("INFO")).await
                 else {
@@ -302,32 +327,36 @@ impl RedisCluster {
         None
     }
 
-    /// The port of the primary serving `key`'s slot now.
+    /// The port of the primary serving `key`'s slot now (as soon as a live
+    /// node names one).
     pub async fn primary_for(&self, key: &str) -> u16 {
         let port = self.live_ports()[0];
-        let slot: u16 = ask(port, redis::cmd("CLUSTER").arg("KEYSLOT").arg(key))
-            .await
-            .expect("CLUSTER KEYSLOT");
-        let nodes = self.nodes().await.expect("CLUSTER NODES");
-        nodes
-            .iter()
-            .find(|n| n.primary && !n.failed && n.slots.iter().any(|r| r.contains(&slot)))
-            .map(|n| n.port)
-            .unwrap_or_else(|| panic!("no primary serves slot {slot}: {nodes:?}"))
+        let slot: u16 = eventually_some("CLUSTER KEYSLOT", async || {
+            ask(port, redis::cmd("CLUSTER").arg("KEYSLOT").arg(key)).await
+        })
+        .await;
+        eventually_some(&format!("a primary serving slot {slot}"), async || {
+            self.nodes()
+                .await?
+                .iter()
+                .find(|n| n.primary && !n.failed && n.slots.iter().any(|r| r.contains(&slot)))
+                .map(|n| n.port)
+        })
+        .await
     }
 
-    /// The port of a replica of the primary at `port`.
+    /// The port of a replica of the primary at `port` (as soon as a live
+    /// node names one).
     pub async fn replica_of(&self, port: u16) -> u16 {
-        let nodes = self.nodes().await.expect("CLUSTER NODES");
-        let primary = nodes
-            .iter()
-            .find(|n| n.port == port)
-            .expect("the primary is a node");
-        nodes
-            .iter()
-            .find(|n| n.master_id.as_deref() == Some(primary.id.as_str()) && !n.failed)
-            .map(|n| n.port)
-            .unwrap_or_else(|| panic!("{port} has no replica: {nodes:?}"))
+        eventually_some(&format!("a replica of {port}"), async || {
+            let nodes = self.nodes().await?;
+            let primary = nodes.iter().find(|n| n.port == port)?;
+            nodes
+                .iter()
+                .find(|n| n.master_id.as_deref() == Some(primary.id.as_str()) && !n.failed)
+                .map(|n| n.port)
+        })
+        .await
     }
 
     /// Crashes the server at `port` (SIGKILL).
@@ -341,40 +370,52 @@ impl RedisCluster {
 
     /// Until the server at `port` is a primary and the cluster agrees.
     pub async fn wait_promoted(&self, port: u16) {
-        until(Duration::from_secs(20), "replica promoted", async || {
+        until(WITHIN, "replica promoted", async || {
             role(port).await.as_deref() == Some("master")
         })
         .await;
         let live = self.live_ports();
-        until(
-            Duration::from_secs(20),
-            "every node sees the new primary",
-            async || {
-                for node in &live {
-                    let Some(text) = ask::<String>(*node, redis::cmd("CLUSTER").arg("NODES")).await
-                    else {
-                        return false;
-                    };
-                    let nodes: Vec<ClusterNode> =
-                        text.lines().filter_map(ClusterNode::parse).collect();
-                    if !nodes.iter().any(|n| n.port == port && n.primary) {
-                        return false;
-                    }
+        until(WITHIN, "every node sees the new primary", async || {
+            for node in &live {
+                let Some(text) = ask::<String>(*node, redis::cmd("CLUSTER").arg("NODES")).await
+                else {
+                    return false;
+                };
+                let nodes: Vec<ClusterNode> = text.lines().filter_map(ClusterNode::parse).collect();
+                if !nodes.iter().any(|n| n.port == port && n.primary) {
+                    return false;
                 }
-                true
-            },
-        )
+            }
+            true
+        })
         .await;
     }
 
     /// `CLUSTER FAILOVER` on the replica at `port`: the graceful switch, in
-    /// which the primary stops writes until the replica has them all.
+    /// which the primary stops writes until the replica has them all. A
+    /// manual failover that Redis abandons (its own 5 s limit, which a
+    /// loaded machine can overrun) is asked for again, until [`WITHIN`].
     pub async fn manual_failover(&self, replica: u16) {
-        let reply: String = ask(replica, redis::cmd("CLUSTER").arg("FAILOVER"))
-            .await
-            .expect("CLUSTER FAILOVER");
-        assert_eq!(reply, "OK");
-        self.wait_promoted(replica).await;
+        let start = Instant::now();
+        loop {
+            let reply: Option<String> = ask(replica, redis::cmd("CLUSTER").arg("FAILOVER")).await;
+            assert!(
+                reply.is_none() || reply.as_deref() == Some("OK"),
+                "CLUSTER FAILOVER: {reply:?}"
+            );
+            let asked = Instant::now();
+            while asked.elapsed() < Duration::from_secs(10) {
+                if role(replica).await.as_deref() == Some("master") {
+                    self.wait_promoted(replica).await;
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert!(
+                start.elapsed() < WITHIN,
+                "CLUSTER FAILOVER: {replica} not promoted after {WITHIN:?}"
+            );
+        }
     }
 }
 
@@ -476,16 +517,12 @@ impl RedisSentinels {
         ]);
         let replica = Server::spawn(replica_port, &dir.path().join("replica"), &replica_args);
         for port in [primary_port, replica_port] {
-            // Generous: on a loaded 2-core machine several clusters start at
-            // once (the wait ends as soon as each answers).
-            until(
-                Duration::from_secs(30),
-                "redis-server started",
-                async || ask::<String>(port, &redis::cmd("PING")).await.is_some(),
-            )
+            until(WITHIN, "redis-server started", async || {
+                ask::<String>(port, &redis::cmd("PING")).await.is_some()
+            })
             .await;
         }
-        until(Duration::from_secs(10), "the replica in sync", async || {
+        until(WITHIN, "the replica in sync", async || {
             ask::<String>(replica_port, redis::cmd("INFO").arg("replication"))
                 .await
                 .is_some_and(|info| info.contains("master_link_status:up"))
@@ -504,7 +541,7 @@ impl RedisSentinels {
                      requirepass {PASSWORD}\nsentinel sentinel-pass {PASSWORD}\n\
                      sentinel monitor {SERVICE} 127.0.0.1 {primary_port} 2\n\
                      sentinel auth-pass {SERVICE} {PASSWORD}\n\
-                     sentinel down-after-milliseconds {SERVICE} 500\n\
+                     sentinel down-after-milliseconds {SERVICE} {NODE_TIMEOUT_MS}\n\
                      sentinel failover-timeout {SERVICE} 5000\n",
                     dir = conf_dir.display(),
                 ),
@@ -525,7 +562,7 @@ impl RedisSentinels {
         for sentinel in &deployment.sentinels {
             let port = sentinel.port;
             until(
-                Duration::from_secs(20),
+                WITHIN,
                 "sentinels know the replica and each other",
                 async || {
                     let replicas: Option<Vec<redis::Value>> =
@@ -573,7 +610,7 @@ impl RedisSentinels {
         let replica = self.replica.port;
         for sentinel in &self.sentinels {
             let port = sentinel.port;
-            until(Duration::from_secs(30), "sentinels fail over", async || {
+            until(WITHIN, "sentinels fail over", async || {
                 let named: Option<(String, u16)> = ask(
                     port,
                     redis::cmd("SENTINEL")
@@ -585,11 +622,9 @@ impl RedisSentinels {
             })
             .await;
         }
-        until(
-            Duration::from_secs(10),
-            "the replica is promoted",
-            async || role(replica).await.as_deref() == Some("master"),
-        )
+        until(WITHIN, "the replica is promoted", async || {
+            role(replica).await.as_deref() == Some("master")
+        })
         .await;
     }
 }

@@ -670,9 +670,14 @@ async fn the_store_suite_and_shared_health_hold_on_a_redis_cluster() {
     let Some(cluster) = cluster::RedisCluster::start().await else {
         return;
     };
+    // A store timeout no stall of a loaded machine reaches: the suite is
+    // about what the cluster holds, not how fast.
+    let options = |prefix: &str| RedisOptions {
+        timeout: Duration::from_secs(15),
+        ..test_options(prefix, RedisClock::Caller)
+    };
     let store = |prefix: &str| -> Arc<dyn Store> {
-        RedisStore::connect(&cluster.url(), test_options(prefix, RedisClock::Caller))
-            .expect("store")
+        RedisStore::connect(&cluster.url(), options(prefix)).expect("store")
     };
     suite::reserve_is_all_or_nothing(store("all-or-nothing")).await;
     suite::settle_replaces_the_reservation(store("settle")).await;
@@ -692,11 +697,7 @@ async fn the_store_suite_and_shared_health_hold_on_a_redis_cluster() {
         primaries.insert(cluster.primary_for(&cooling).await);
     }
     assert!(primaries.len() > 1, "all on one primary: {primaries:?}");
-    let store = RedisStore::connect(
-        &cluster.url(),
-        test_options("cooldowns", RedisClock::Caller),
-    )
-    .expect("store");
+    let store = RedisStore::connect(&cluster.url(), options("cooldowns")).expect("store");
     store
         .share_cooldown("one", Duration::from_secs(60))
         .await
@@ -708,14 +709,13 @@ async fn the_store_suite_and_shared_health_hold_on_a_redis_cluster() {
             .expect("failure");
     }
     let left = store.shared_cooldowns(&deployments).await.expect("read");
-    assert!(
-        left[0].is_some_and(|d| d > Duration::from_secs(55)),
-        "{left:?}"
-    );
+    // What is left of each cooldown: which one it is shows, however long the
+    // machine took between setting and reading them.
+    let between = |d: Option<Duration>, low: u64, high: u64| {
+        d.is_some_and(|d| d > Duration::from_secs(low) && d <= Duration::from_secs(high))
+    };
+    assert!(between(left[0], 30, 60), "{left:?}");
     assert_eq!(left[1], None);
-    assert!(
-        left[2].is_some_and(|d| d > Duration::from_secs(25)),
-        "{left:?}"
-    );
+    assert!(between(left[2], 0, 30), "{left:?}");
     assert_eq!(left[3], None);
 }
