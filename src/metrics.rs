@@ -177,11 +177,13 @@ metrics_table! {
     ALERTS: "iris_alerts_total", Counter, ["result"],
         "Budget alerts by outcome: delivered, retried (an attempt failed, another follows), failed (given up), dropped (the queue was full), claimed_elsewhere (another instance or an earlier run sent it).";
     SPEND_LOG_WRITTEN: "iris_spend_log_written_total", Counter, [],
-        "Spend-log records written to the database.";
+        "Spend-log records written to the database (with PostgreSQL: acknowledged by it, out of the spool).";
     SPEND_LOG_DROPPED: "iris_spend_log_dropped_total", Counter, ["reason"],
-        "Spend-log records lost, by reason: queue_full, sink_failed, stopped.";
+        "Spend-log records lost, by reason: queue_full, spool_full, sink_failed, stopped.";
     SPEND_LOG_WRITE_FAILURES: "iris_spend_log_write_failures_total", Counter, [],
         "Attempts to write a spend-log batch that failed.";
+    SPEND_SPOOL_RECORDS: "iris_spend_spool_records", Gauge, [],
+        "Spend-log records in the local spool, waiting for PostgreSQL.";
     IMAGE_FETCHES: "iris_image_fetches_total", Counter, ["result"],
         "Image URLs fetched, by result: ok, or the error code.";
     IMAGE_FETCHED_BYTES: "iris_image_fetched_bytes_total", Counter, [],

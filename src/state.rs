@@ -59,7 +59,14 @@ impl AppState {
             // the same budgets sends an alert once between them.
             budgets.alert_on(Alerts::start(settings.clone(), stores.claims)?);
         }
-        let spend = SpendLog::open(&config.spend_log, &config.store.backend).await?;
+        // Beside the store: in the SQLite store's file, its records ride in
+        // the store's transactions (see `spend::journal`).
+        let spend = SpendLog::open(
+            &config.spend_log,
+            &config.store.backend,
+            stores.sqlite.as_ref(),
+        )
+        .await?;
         let images = Images::new(&config.images)?;
         for upstream in config.catalog.upstreams() {
             if matches!(upstream.endpoint, Endpoint::Demo) {

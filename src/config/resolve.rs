@@ -316,6 +316,17 @@ fn spend_log(log: &schema::SpendLog, problems: &mut Problems) -> SpendSettings {
     if log.kind != SpendLogKind::Sqlite && log.path.is_some() {
         problems.add("spend_log.path", "only with spend_log.kind = \"sqlite\"");
     }
+    if log.kind != SpendLogKind::Postgres && log.spool_path.is_some() {
+        problems.add(
+            "spend_log.spool_path",
+            "only with spend_log.kind = \"postgres\"",
+        );
+    }
+    if log.spool_path.as_deref() == Some("") {
+        problems.add("spend_log.spool_path", "must name a file");
+    }
+    let spool_max_records =
+        problems.above_zero("spend_log.spool_max_records", log.spool_max_records);
     let backend = match log.kind {
         SpendLogKind::Off => SpendBackend::Off,
         SpendLogKind::Sqlite => {
@@ -361,6 +372,7 @@ fn spend_log(log: &schema::SpendLog, problems: &mut Problems) -> SpendSettings {
                 SpendBackend::Postgres {
                     url: url.clone(),
                     ca_file,
+                    spool: log.spool_path.as_ref().map(PathBuf::from),
                 }
             }
         },
@@ -379,6 +391,7 @@ fn spend_log(log: &schema::SpendLog, problems: &mut Problems) -> SpendSettings {
             queue_capacity,
             batch_size,
             flush: Duration::from_millis(flush_ms),
+            spool_max_records,
             ..WriterOptions::default()
         },
     }
@@ -946,6 +959,32 @@ mod tests {
             Ok(_) => Vec::new(),
             Err(p) => p.0.iter().map(ToString::to_string).collect(),
         }
+    }
+
+    /// The spool's keys: a path only for a PostgreSQL log, never empty; a
+    /// bound above 0.
+    #[test]
+    fn spool_keys_are_checked() {
+        let postgres = "[spend_log]\nkind = \"postgres\"\nurl = \"postgres://db/iris\"\n";
+        assert!(
+            problems(&format!(
+                "{postgres}spool_path = \"/var/lib/iris/spool.db\""
+            ))
+            .is_empty()
+        );
+        assert_eq!(
+            problems(&format!(
+                "{postgres}spool_path = \"\"\nspool_max_records = 0"
+            )),
+            vec![
+                "spend_log.spool_path: must name a file".to_string(),
+                "spend_log.spool_max_records: must be above 0".to_string(),
+            ]
+        );
+        assert_eq!(
+            problems("[spend_log]\nspool_path = \"spool.db\""),
+            vec!["spend_log.spool_path: only with spend_log.kind = \"postgres\"".to_string()]
+        );
     }
 
     /// Prices and cost limits: every bad one at its key path; a client with

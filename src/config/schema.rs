@@ -202,6 +202,11 @@ pub struct SpendLog {
     pub batch_size: usize,
     /// The longest a record waits for its batch.
     pub flush_ms: u64,
+    /// PostgreSQL: the SQLite file of the spool; default: the store's file
+    /// (`store.kind = "sqlite"`), else `iris-spool.db`.
+    pub spool_path: Option<String>,
+    /// PostgreSQL: the most records the spool holds.
+    pub spool_max_records: u64,
 }
 
 impl Default for SpendLog {
@@ -215,6 +220,8 @@ impl Default for SpendLog {
             queue_capacity: 10_000,
             batch_size: 500,
             flush_ms: 1000,
+            spool_path: None,
+            spool_max_records: 1_000_000,
         }
     }
 }

@@ -107,6 +107,11 @@ async fn forward(
                     error.code.as_str(),
                     started,
                 ));
+                // Like a relayed answer's, the record is committed before
+                // the answer goes (a group commit with every other).
+                if let Err(e) = state.spend.committed().await {
+                    tracing::error!("spend record not committed before the response: {e}");
+                }
             }
             error.into_response()
         }

@@ -24,7 +24,24 @@ const STORE_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// outage (counting locally), so it stays ready: answering 503 would take
 /// every instance out of its load balancer at once, exactly when `allow` was
 /// chosen to keep serving. The body still says the store is down.
+///
+/// With a PostgreSQL spend log, the body also says how many records wait in
+/// the local spool (never a reason to be unready: they are safe there).
 pub async fn readyz(State(state): State<SharedState>) -> impl IntoResponse {
+    let spool = match state.spend.backlog() {
+        Some((waiting, false)) => {
+            format!("; spend spool: {waiting} records waiting for PostgreSQL")
+        }
+        Some((waiting, true)) => format!(
+            "; spend spool: {waiting} records waiting for PostgreSQL, which refused the last batch"
+        ),
+        None => String::new(),
+    };
+    let (status, body) = readiness(&state).await;
+    (status, format!("{body}{spool}"))
+}
+
+async fn readiness(state: &SharedState) -> (StatusCode, String) {
     let problem =
         match tokio::time::timeout(STORE_PROBE_TIMEOUT, state.gateway.budgets.health()).await {
             Ok(Ok(())) => return (StatusCode::OK, "ready".to_owned()),

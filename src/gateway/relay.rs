@@ -5,8 +5,10 @@
 //!
 //! - the upstream body reached its end: settled from what it reported, and
 //!   the response's last bytes wait until the settlement is persisted
-//!   ([`crate::budget::store::Store::persisted`]), so a client never holds a
-//!   complete answer whose charge a crash could still lose. A plain body
+//!   ([`crate::budget::store::Store::persisted`]) and its spend record
+//!   committed ([`SpendLog::committed`]: in the same transaction with the
+//!   SQLite store), so a client never holds a complete answer whose charge
+//!   or record a crash could still lose. A plain body
 //!   is sent one chunk behind, its last chunk held back until then (a JSON
 //!   body is of no use before its end anyway, and nothing is copied); a
 //!   stream holds back what comes once it said it is done (the finish
@@ -34,7 +36,7 @@ use crate::budget::Reservation;
 use crate::budget::store::StoreFuture;
 use crate::error_code::ErrorCode;
 use crate::openai::stream::UsageTap;
-use crate::spend::{Draft, Ending};
+use crate::spend::{Draft, Ending, SpendLog};
 use crate::upstream::{Chunks, error_chain};
 
 /// Why a body ends before its end: the edge tells the client (a stream gets
@@ -142,6 +144,12 @@ impl ResponseBody {
             None if !self.upstream_ok => outcome.error_code.clone(),
             None => None,
         };
+        // A log written behind (in memory) has no commit to wait for.
+        let log = self
+            .spend
+            .as_ref()
+            .filter(|draft| draft.log.commits())
+            .map(|draft| draft.log.clone());
         let then: Box<dyn FnOnce(crate::budget::Charged) + Send> = match self.spend.take() {
             Some(draft) => Box::new(draft.finish(Ending {
                 error_code,
@@ -153,7 +161,22 @@ impl ResponseBody {
         // Only a complete response's last bytes wait for it; otherwise the
         // settlement runs on, and nothing is left to hold back.
         if complete {
-            self.persisting = Some(persisted);
+            self.persisting = Some(match log {
+                Some(log) => with_record(persisted, log),
+                None => persisted,
+            });
+        } else if let Some(log) = log
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            // Nobody waits, but the record is committed (with the
+            // settlement) now, when Iris noticed, rather than at the next
+            // periodic commit.
+            let committing = with_record(persisted, log);
+            runtime.spawn(async move {
+                if let Err(e) = committing.await {
+                    tracing::error!("usage settled but not persisted: {e}");
+                }
+            });
         }
     }
 
@@ -215,6 +238,20 @@ impl ResponseBody {
         }
         Poll::Ready(Some(Err(cut)))
     }
+}
+
+/// The settlement's persistence, then the spend record's commit (the
+/// record is taken when the settlement is worked out, so only then can its
+/// commit be asked for; where it rides in the store's transaction, the
+/// first already held it).
+fn with_record(persisted: StoreFuture<()>, log: SpendLog) -> StoreFuture<()> {
+    Box::pin(async move {
+        let settled = persisted.await;
+        if let Err(e) = log.committed_with_settlement().await {
+            tracing::error!("spend record not committed before the response ended: {e}");
+        }
+        settled
+    })
 }
 
 impl Stream for ResponseBody {

@@ -7,9 +7,16 @@
 //! not know.
 //!
 //! To change the schema, append a migration; never edit one that shipped.
+//!
+//! The spool (records waiting for PostgreSQL, in a SQLite file) is a
+//! component of its own, [`SPOOL`]: a file holding only a spool has no
+//! `spend_log` table, and the store's file may hold both.
 
 /// This component's row in `schema_version`.
 pub const COMPONENT: &str = "spend_log";
+
+/// The spool's row in `schema_version`.
+pub const SPOOL_COMPONENT: &str = "spend_spool";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Migration {
@@ -66,7 +73,52 @@ ALTER TABLE spend_log ADD COLUMN cost_micros INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE spend_log ADD COLUMN endpoint TEXT NOT NULL DEFAULT 'chat';
 ",
     },
+    Migration {
+        version: 4,
+        // Each record's own id, made by Iris (a client may send the same
+        // `x-request-id` twice): unique, so a record written twice (a batch
+        // sent again after a crash) is kept once. None on older records.
+        sql: "
+ALTER TABLE spend_log ADD COLUMN record_id TEXT;
+CREATE UNIQUE INDEX spend_log_record_id ON spend_log (record_id);
+",
+    },
 ];
+
+/// The spool: a record's fields as the log's columns, in the order they
+/// were committed (`seq`), until PostgreSQL has them.
+pub const SPOOL: &[Migration] = &[Migration {
+    version: 1,
+    sql: "
+CREATE TABLE spend_spool (
+    seq               INTEGER PRIMARY KEY,
+    record_id         TEXT NOT NULL,
+    at                INTEGER NOT NULL,  -- Unix ms
+    request_id        TEXT NOT NULL,
+    client            TEXT NOT NULL,
+    model             TEXT,
+    upstream          TEXT,
+    upstream_model    TEXT,
+    status            INTEGER NOT NULL,
+    error_code        TEXT,
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    total_tokens      INTEGER NOT NULL,
+    images            INTEGER NOT NULL,
+    image_bytes       INTEGER NOT NULL,
+    stream            INTEGER NOT NULL,
+    attempts          INTEGER NOT NULL,
+    ttfb_ms           INTEGER,
+    total_ms          INTEGER NOT NULL,
+    client_addr       TEXT,
+    team              TEXT,
+    cached_tokens     INTEGER NOT NULL,
+    reasoning_tokens  INTEGER NOT NULL,
+    cost_micros       INTEGER NOT NULL,
+    endpoint          TEXT NOT NULL
+) STRICT;
+",
+}];
 
 pub const POSTGRES_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_version (
     component TEXT PRIMARY KEY,
@@ -113,6 +165,19 @@ ALTER TABLE spend_log ADD COLUMN cost_micros BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE spend_log ADD COLUMN endpoint TEXT NOT NULL DEFAULT 'chat';
 ",
     },
+    Migration {
+        version: 4,
+        // Inserts say `ON CONFLICT (record_id) DO NOTHING`: a batch sent
+        // again (its acknowledgement lost to a crash or a timeout) lands
+        // once. Unique on the record's id, not `request_id`: a client may
+        // send the same `x-request-id` with two requests, and a log written
+        // before this version may hold a batch twice, which a unique index
+        // on `request_id` would refuse to build.
+        sql: "
+ALTER TABLE spend_log ADD COLUMN record_id TEXT;
+CREATE UNIQUE INDEX spend_log_record_id ON spend_log (record_id);
+",
+    },
 ];
 
 /// The migrations of `list` that a database at `current` still needs, or
@@ -139,7 +204,7 @@ mod tests {
 
     #[test]
     fn versions_ascend_from_one_without_gaps() {
-        for list in [SQLITE, POSTGRES] {
+        for list in [SQLITE, POSTGRES, SPOOL] {
             for (i, migration) in list.iter().enumerate() {
                 assert_eq!(migration.version, i as i64 + 1);
             }

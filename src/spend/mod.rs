@@ -1,31 +1,36 @@
 //! The spend log: one [`Record`] per finished request (chat completions
 //! and embeddings, errors included), for "who used what, on which model, this month".
 //!
-//! The request path only ever calls [`SpendLog::record`], which puts the
-//! record in a bounded queue without waiting: when the queue is full the
-//! record is dropped and counted (`iris_spend_log_dropped_total`), so a slow
-//! or dead sink never slows or fails a request. A background writer takes
-//! records off the queue in batches (`batch_size` records, or whatever came
-//! within `flush_ms`) and writes each batch through a [`Sink`]: SQLite
-//! ([`sqlite`], the default, in the budget store's file) or PostgreSQL
-//! ([`postgres`], for many instances). A batch the sink refuses is retried a
-//! few times, then dropped and counted. The same writer deletes records
-//! older than `retention_days` every hour.
+//! A record is committed to a local SQLite table before its response ends
+//! ([`journal`]): with a SQLite log, the `spend_log` table itself (in the
+//! budget store's file, in the same transaction as the settlement, or in
+//! `spend_log.path`); with PostgreSQL, a spool ([`spool`]) that a
+//! background shipper sends on in batches, so an outage or a `kill -9`
+//! loses nothing. Commits are group commits: every record waiting at that
+//! moment goes in one transaction, so under load one write serves many
+//! responses. Only the memory store's log, in memory and gone at exit
+//! anyway, is still written behind: a request puts its record in a bounded
+//! queue and goes on, and a background writer takes records off it in
+//! batches (`batch_size` records, or whatever came within `flush_ms`).
 //!
 //! Each sink creates and migrates its own tables ([`migrations`]), and
 //! answers the aggregation behind `iris usage --since` and
-//! `GET /admin/usage` ([`report`]).
+//! `GET /admin/usage` ([`report`]). Records older than `retention_days`
+//! are deleted every hour.
 
+pub mod journal;
 pub mod migrations;
 pub mod postgres;
 pub mod report;
+pub mod spool;
 pub mod sqlite;
 
+use std::borrow::Cow;
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
@@ -33,11 +38,14 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::budget::money::Money;
+use crate::budget::store::{SqliteStore, StoreFuture};
 use crate::budget::{Charged, StoreBackend};
 use crate::facts::RequestFacts;
 use crate::secret::Secret;
 use crate::tls::PrivateCa;
+use journal::{Backlog, Commit, Journal, OwnFile};
 pub use report::{Dimension, Query, QueryError, UsageReport};
+use sqlite::Table;
 
 /// One finished chat completion, as the contract lists its fields: the
 /// request's facts (its id, client and team, model, upstream and the
@@ -45,6 +53,10 @@ pub use report::{Dimension, Query, QueryError, UsageReport};
 /// attempts) and how it ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
+    /// The record's own id ([`new_record_id`]): unique, so a record sent
+    /// twice (a batch whose acknowledgement a crash lost) is kept once,
+    /// where `request_id` may repeat (a client's `x-request-id`).
+    pub record_id: String,
     /// When the request ended (its response body finished), Unix milliseconds.
     pub at_ms: i64,
     /// What the request learned on its way, shared with its log line.
@@ -68,8 +80,9 @@ pub struct Record {
     /// cost windows were charged).
     pub cost: Money,
     /// Which endpoint the request came in on: `chat` or `embeddings`
-    /// ([`crate::openai::Api::as_str`]).
-    pub endpoint: &'static str,
+    /// ([`crate::openai::Api::as_str`]; owned when read back from the
+    /// spool, as a newer Iris may have written another).
+    pub endpoint: Cow<'static, str>,
     /// From the request's arrival to the first byte of the upstream's
     /// answer going to the client; none when Iris answered itself.
     pub ttfb_ms: Option<u64>,
@@ -93,8 +106,9 @@ impl Record {
         started: Instant,
     ) -> Self {
         Self {
+            record_id: new_record_id(),
             at_ms: unix_ms(SystemTime::now()),
-            endpoint: facts.api.as_str(),
+            endpoint: Cow::Borrowed(facts.api.as_str()),
             facts,
             status,
             error_code: Some(error_code.to_owned()),
@@ -108,6 +122,27 @@ impl Record {
             total_ms: millis(started.elapsed()),
         }
     }
+}
+
+/// A new [`Record::record_id`]: a random prefix chosen once per process
+/// (64 bits: instances and restarts never share one), then a counter.
+pub fn new_record_id() -> String {
+    static PREFIX: OnceLock<String> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = PREFIX.get_or_init(|| {
+        let mut bytes = [0u8; 8];
+        if getrandom::fill(&mut bytes).is_err() {
+            // No randomness: the time is the next best thing to tell
+            // processes apart.
+            bytes = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+                .to_le_bytes();
+        }
+        hex::encode(bytes)
+    });
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}{n:x}")
 }
 
 /// Unix milliseconds of `time`.
@@ -152,8 +187,9 @@ impl Draft {
         let at_ms = unix_ms(SystemTime::now());
         move |charged: Charged| {
             let record = Record {
+                record_id: new_record_id(),
                 at_ms,
-                endpoint: self.facts.api.as_str(),
+                endpoint: Cow::Borrowed(self.facts.api.as_str()),
                 facts: self.facts,
                 status: self.status,
                 error_code: ending.error_code,
@@ -183,10 +219,13 @@ pub enum SpendBackend {
     /// "memory"`: nothing persisted, like the store).
     Sqlite { path: Option<PathBuf> },
     /// Shared by every instance; `ca_file`: a private CA for the
-    /// database's certificate (`sslmode=verify-full`).
+    /// database's certificate (`sslmode=verify-full`). Records wait in a
+    /// local spool until PostgreSQL has them: in `spool` if set, else in
+    /// the SQLite store's file, else in [`spool::DEFAULT_FILE`].
     Postgres {
         url: Secret,
         ca_file: Option<PrivateCa>,
+        spool: Option<PathBuf>,
     },
 }
 
@@ -198,10 +237,12 @@ pub struct SpendSettings {
     pub writer: WriterOptions,
 }
 
-/// How the background writer batches.
+/// How records are batched, on their way to the local table and from the
+/// spool to PostgreSQL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WriterOptions {
-    /// Records waiting to be written; more are dropped (and counted).
+    /// Records waiting to be written (committed, or written behind); more
+    /// are dropped (and counted).
     pub queue_capacity: usize,
     /// A batch is written once it has this many records...
     pub batch_size: usize,
@@ -213,6 +254,9 @@ pub struct WriterOptions {
     pub timeout: Duration,
     /// Pause before the second attempt; doubled for each further one.
     pub backoff: Duration,
+    /// The most records the spool holds (PostgreSQL): more are dropped
+    /// (and counted).
+    pub spool_max_records: u64,
 }
 
 impl Default for WriterOptions {
@@ -224,6 +268,7 @@ impl Default for WriterOptions {
             attempts: 3,
             timeout: Duration::from_secs(10),
             backoff: Duration::from_millis(250),
+            spool_max_records: 1_000_000,
         }
     }
 }
@@ -282,7 +327,7 @@ pub async fn open_sink(
                     .map_err(|e| format!("spend log: {e}"))?;
             Some(Arc::new(sink))
         }
-        SpendBackend::Postgres { url, ca_file } => Some(Arc::new(
+        SpendBackend::Postgres { url, ca_file, .. } => Some(Arc::new(
             postgres::PostgresSink::new(url, ca_file.as_ref())
                 .map_err(|e| format!("spend log: {e}"))?,
         )),
@@ -307,18 +352,33 @@ pub const DEFAULT_FILE: &str = "iris-spend.db";
 // The handle and its writer
 
 /// The spend log of one process: cheap to clone; every clone feeds the same
-/// queue and writer.
+/// journal (or queue) and background task.
 #[derive(Clone, Default)]
 pub struct SpendLog {
     inner: Option<Arc<Inner>>,
 }
 
 struct Inner {
-    records: mpsc::Sender<Record>,
+    way: Way,
     stats: Arc<Stats>,
-    control: mpsc::UnboundedSender<Control>,
+    /// The writer's or the shipper's commands.
+    control: Option<mpsc::UnboundedSender<Control>>,
     sink: Arc<dyn Sink>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    /// The writer or the shipper.
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// How a record is kept until it is durable.
+enum Way {
+    /// Queued and written behind: the memory store's log, in memory.
+    Behind(mpsc::Sender<Record>),
+    /// Committed to a local table before the response ends.
+    Committed {
+        journal: Arc<Journal>,
+        commit: Commit,
+        /// The spool's, with PostgreSQL.
+        backlog: Option<Arc<Backlog>>,
+    },
 }
 
 enum Control {
@@ -328,21 +388,138 @@ enum Control {
     Shutdown(oneshot::Sender<()>),
 }
 
+/// A future that is already done.
+fn done() -> StoreFuture<()> {
+    Box::pin(std::future::ready(Ok(())))
+}
+
 impl SpendLog {
     /// A spend log that keeps nothing.
     pub fn off() -> Self {
         Self::default()
     }
 
-    /// Opens the configured sink and starts its writer.
-    pub async fn open(settings: &SpendSettings, store: &StoreBackend) -> Result<Self, String> {
-        Ok(match open_sink(settings, store).await? {
-            Some(sink) => Self::start(sink, settings.writer, settings.retention),
-            None => Self::off(),
-        })
+    /// Opens the configured log beside the budget `store` (`sqlite`: the
+    /// SQLite store, whose transactions the records ride in when they go
+    /// in its file), and starts what it runs in the background.
+    pub async fn open(
+        settings: &SpendSettings,
+        store: &StoreBackend,
+        sqlite: Option<&Arc<SqliteStore>>,
+    ) -> Result<Self, String> {
+        let options = settings.writer;
+        let stats = Arc::new(Stats::default());
+        match &settings.backend {
+            SpendBackend::Off => Ok(Self::off()),
+            SpendBackend::Sqlite { path } => {
+                let Some(sink) = open_sink(settings, store).await? else {
+                    return Ok(Self::off());
+                };
+                let Some(file) = sqlite_path(path.as_ref(), store) else {
+                    // In memory: nothing survives a crash to be kept for.
+                    return Ok(Self::start(sink, options, settings.retention));
+                };
+                let journal =
+                    Journal::new(Table::Log, options.queue_capacity, Arc::clone(&stats), None);
+                let commit = beside(journal.clone(), &file, sqlite)?;
+                spawn_retention(Arc::downgrade(&sink), settings.retention, options.timeout);
+                Ok(Self::with(
+                    Way::Committed {
+                        journal,
+                        commit,
+                        backlog: None,
+                    },
+                    stats,
+                    sink,
+                    None,
+                ))
+            }
+            SpendBackend::Postgres {
+                url,
+                ca_file,
+                spool,
+            } => {
+                let sink: Arc<dyn Sink> = Arc::new(
+                    postgres::PostgresSink::new(url, ca_file.as_ref())
+                        .map_err(|e| format!("spend log: {e}"))?,
+                );
+                let file = spool
+                    .clone()
+                    .or_else(|| sqlite.map(|store| store.path().to_owned()))
+                    .unwrap_or_else(|| PathBuf::from(spool::DEFAULT_FILE));
+                let opening = file.clone();
+                let (spooled, waiting) =
+                    tokio::task::spawn_blocking(move || spool::Spool::open(&opening))
+                        .await
+                        .map_err(|e| format!("spend log: {e}"))?
+                        .map_err(|e| format!("spend log: {e}"))?;
+                let backlog = Arc::new(Backlog::default());
+                backlog.set(waiting);
+                if waiting > 0 {
+                    tracing::info!(
+                        records = waiting,
+                        spool = %file.display(),
+                        "spend log: records left in the spool go to PostgreSQL first"
+                    );
+                }
+                let journal = Journal::new(
+                    Table::Spool,
+                    options.queue_capacity,
+                    Arc::clone(&stats),
+                    Some((Arc::clone(&backlog), options.spool_max_records.max(1))),
+                );
+                let commit = beside(journal.clone(), &file, sqlite)?;
+                let (control, commands) = mpsc::unbounded_channel();
+                let shipper = spool::Shipper {
+                    spool: Arc::new(spooled),
+                    sink: Arc::clone(&sink),
+                    backlog: Arc::clone(&backlog),
+                    stats: Arc::clone(&stats),
+                    options,
+                    retention: settings.retention,
+                };
+                let task = tokio::spawn(shipper.run(commands));
+                let log = Self::with(
+                    Way::Committed {
+                        journal,
+                        commit,
+                        backlog: Some(backlog),
+                    },
+                    stats,
+                    sink,
+                    Some(control),
+                );
+                log.set_task(task);
+                Ok(log)
+            }
+        }
     }
 
-    /// Starts a writer for `sink` (tests bring their own sinks).
+    fn with(
+        way: Way,
+        stats: Arc<Stats>,
+        sink: Arc<dyn Sink>,
+        control: Option<mpsc::UnboundedSender<Control>>,
+    ) -> Self {
+        Self {
+            inner: Some(Arc::new(Inner {
+                way,
+                stats,
+                control,
+                sink,
+                task: Mutex::new(None),
+            })),
+        }
+    }
+
+    fn set_task(&self, task: JoinHandle<()>) {
+        if let Some(inner) = &self.inner {
+            *inner.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
+        }
+    }
+
+    /// Starts a writer behind for `sink` (the in-memory log; tests bring
+    /// their own sinks).
     pub fn start(sink: Arc<dyn Sink>, options: WriterOptions, retention: Option<Duration>) -> Self {
         let (records, queue) = mpsc::channel(options.queue_capacity.max(1));
         let (control, commands) = mpsc::unbounded_channel();
@@ -355,33 +532,65 @@ impl SpendLog {
             errors: ErrorLog::default(),
         };
         let task = tokio::spawn(writer.run(queue, commands));
-        Self {
-            inner: Some(Arc::new(Inner {
-                records,
-                stats,
-                control,
-                sink,
-                writer: Mutex::new(Some(task)),
-            })),
-        }
+        let log = Self::with(Way::Behind(records), stats, sink, Some(control));
+        log.set_task(task);
+        log
     }
 
     pub fn is_on(&self) -> bool {
         self.inner.is_some()
     }
 
-    /// Queues `record` for the writer, never waiting: a full queue drops it
-    /// (counted in `iris_spend_log_dropped_total{reason="queue_full"}`).
+    /// Whether records are committed before a response ends (every log
+    /// but the one in memory, written behind).
+    pub fn commits(&self) -> bool {
+        matches!(
+            self.inner.as_deref().map(|inner| &inner.way),
+            Some(Way::Committed { .. })
+        )
+    }
+
+    /// Adds `record` to the next commit (or the writer's queue), never
+    /// waiting: what does not fit is dropped and counted
+    /// (`iris_spend_log_dropped_total`). [`Self::committed`] says when it
+    /// is durable.
     pub fn record(&self, record: Record) {
         let Some(inner) = &self.inner else { return };
-        match inner.records.try_send(record) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => inner.stats.dropped("queue_full", 1),
-            Err(mpsc::error::TrySendError::Closed(_)) => inner.stats.dropped("stopped", 1),
+        match &inner.way {
+            Way::Behind(records) => match records.try_send(record) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => inner.stats.dropped("queue_full", 1),
+                Err(mpsc::error::TrySendError::Closed(_)) => inner.stats.dropped("stopped", 1),
+            },
+            Way::Committed { journal, .. } => journal.push(record),
         }
     }
 
-    /// Records written and dropped by this process so far.
+    /// Resolves once every record taken before the call is committed (at
+    /// once for a log written behind). A response's end waits for it.
+    pub fn committed(&self) -> StoreFuture<()> {
+        match self.inner.as_deref().map(|inner| &inner.way) {
+            Some(Way::Committed { commit, .. }) => commit.committed(),
+            _ => done(),
+        }
+    }
+
+    /// [`Self::committed`], for a caller that has just waited for the SQLite
+    /// store's `persisted` after recording: where the records ride in the
+    /// store's transactions, that commit held them, and there is nothing
+    /// more to wait for.
+    pub fn committed_with_settlement(&self) -> StoreFuture<()> {
+        match self.inner.as_deref().map(|inner| &inner.way) {
+            Some(Way::Committed {
+                commit: Commit::Own(own),
+                ..
+            }) => own.committed(),
+            _ => done(),
+        }
+    }
+
+    /// Records written and dropped by this process so far (with PostgreSQL,
+    /// written: acknowledged by it).
     pub fn counts(&self) -> (u64, u64) {
         self.inner.as_ref().map_or((0, 0), |inner| {
             (
@@ -391,21 +600,44 @@ impl SpendLog {
         })
     }
 
-    /// Waits (at most `wait`) until every record queued before the call is
-    /// written or dropped. False if that did not happen in time.
-    pub async fn flush(&self, wait: Duration) -> bool {
-        self.command(Control::Flush, wait).await
+    /// With PostgreSQL: the records waiting in the spool, and whether the
+    /// last attempt to ship some failed.
+    pub fn backlog(&self) -> Option<(u64, bool)> {
+        match self.inner.as_deref().map(|inner| &inner.way) {
+            Some(Way::Committed {
+                backlog: Some(backlog),
+                ..
+            }) => Some((backlog.records(), backlog.failing())),
+            _ => None,
+        }
     }
 
-    /// At shutdown: writes what is queued (at most `wait`) and stops the
-    /// writer; records that come later are dropped and counted.
+    /// Waits (at most `wait`) until every record taken before the call is
+    /// written (with PostgreSQL: there) or dropped. False if that did not
+    /// happen in time (or PostgreSQL refused).
+    pub async fn flush(&self, wait: Duration) -> bool {
+        tokio::time::timeout(wait, async {
+            if let Err(e) = self.committed().await {
+                tracing::error!("spend log: {e}");
+                return false;
+            }
+            self.command(Control::Flush).await
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// At shutdown: commits or writes what waits (at most `wait`; with
+    /// PostgreSQL, ships what it can: the rest stays in the spool for the
+    /// next start) and stops the background task; records that come later
+    /// are dropped and counted.
     pub async fn shutdown(&self, wait: Duration) -> bool {
         let Some(inner) = &self.inner else {
             return true;
         };
-        let done = self.command(Control::Shutdown, wait).await;
+        let done = self.flush_then_stop(wait).await;
         let task = inner
-            .writer
+            .task
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
@@ -413,26 +645,49 @@ impl SpendLog {
             if done {
                 let _ = tokio::time::timeout(wait, task).await;
             } else {
-                // The sink is stuck: what is still queued is lost.
+                // The sink is stuck: what is still queued behind is lost
+                // (a spool keeps it).
                 task.abort();
             }
+        }
+        if let Some((waiting, _)) = self.backlog()
+            && waiting > 0
+        {
+            tracing::warn!(
+                records = waiting,
+                "spend log: records wait in the spool for PostgreSQL; the next start sends them"
+            );
+            return true;
         }
         done
     }
 
-    async fn command(&self, make: fn(oneshot::Sender<()>) -> Control, wait: Duration) -> bool {
-        let Some(inner) = &self.inner else {
+    async fn flush_then_stop(&self, wait: Duration) -> bool {
+        tokio::time::timeout(wait, async {
+            if let Err(e) = self.committed().await {
+                tracing::error!("spend log: {e}");
+            }
+            self.command(Control::Shutdown).await
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// Sends the background task a command and waits for its answer (true
+    /// without a task, or once it has stopped: nothing waits for it then).
+    async fn command(&self, make: fn(oneshot::Sender<()>) -> Control) -> bool {
+        let Some(control) = self.inner.as_ref().and_then(|inner| inner.control.as_ref()) else {
             return true;
         };
         let (ack, done) = oneshot::channel();
-        if inner.control.send(make(ack)).is_err() {
-            return true; // the writer has stopped: nothing waits in its queue
+        if control.send(make(ack)).is_err() {
+            return true;
         }
-        matches!(tokio::time::timeout(wait, done).await, Ok(Ok(())))
+        done.await.is_ok()
     }
 
-    /// The totals `query` asks for, from the sink (records still queued are
-    /// not in them yet: at most `flush_ms` behind).
+    /// The totals `query` asks for, from the sink (a log written behind or
+    /// through a spool: at most `flush_ms` behind, or the spool's backlog).
     pub async fn totals(&self, query: &Query) -> Result<Vec<report::Totals>, SpendError> {
         let inner = self.inner.as_ref().ok_or(SpendError::Off)?;
         Ok(inner.sink.totals(query).await?)
@@ -444,9 +699,66 @@ impl SpendLog {
     }
 }
 
+/// Who commits `journal` into `file`: the SQLite store when it is the
+/// store's file (the records ride in its transactions), else the journal
+/// itself.
+fn beside(
+    journal: Arc<Journal>,
+    file: &Path,
+    sqlite: Option<&Arc<SqliteStore>>,
+) -> Result<Commit, String> {
+    match sqlite {
+        Some(store) if store.path() == file => {
+            store.carry(journal);
+            Ok(Commit::Store(Arc::clone(store)))
+        }
+        _ => Ok(Commit::Own(
+            OwnFile::open(journal, file).map_err(|e| format!("spend log: {e}"))?,
+        )),
+    }
+}
+
+/// Deletes records past their retention at startup and every hour, until
+/// the sink is gone.
+fn spawn_retention(
+    sink: std::sync::Weak<dyn Sink>,
+    retention: Option<Duration>,
+    timeout: Duration,
+) {
+    if retention.is_none() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(RETENTION_EVERY);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let Some(sink) = sink.upgrade() else { break };
+            expire(&*sink, retention, timeout).await;
+        }
+    });
+}
+
+/// Deletes the records older than `retention` from `sink`.
+async fn expire(sink: &dyn Sink, retention: Option<Duration>, timeout: Duration) {
+    let Some(retention) = retention else {
+        return;
+    };
+    let cutoff = unix_ms(SystemTime::now())
+        .saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
+    match tokio::time::timeout(timeout.saturating_mul(6), sink.delete_before(cutoff)).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(deleted)) => {
+            tracing::info!(deleted, "spend log: records past their retention deleted");
+        }
+        Ok(Err(e)) => tracing::warn!("spend log: retention not applied: {e}"),
+        Err(_) => tracing::warn!("spend log: retention not applied: the sink did not answer"),
+    }
+}
+
 /// What the metrics count, also kept for [`SpendLog::counts`].
 #[derive(Default)]
-struct Stats {
+pub struct Stats {
     written: AtomicU64,
     dropped: AtomicU64,
 }
@@ -585,24 +897,7 @@ impl Writer {
     }
 
     async fn expire(&mut self) {
-        let Some(retention) = self.retention else {
-            return;
-        };
-        let cutoff = unix_ms(SystemTime::now())
-            .saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
-        match tokio::time::timeout(
-            self.options.timeout.saturating_mul(6),
-            self.sink.delete_before(cutoff),
-        )
-        .await
-        {
-            Ok(Ok(0)) => {}
-            Ok(Ok(deleted)) => {
-                tracing::info!(deleted, "spend log: records past their retention deleted");
-            }
-            Ok(Err(e)) => tracing::warn!("spend log: retention not applied: {e}"),
-            Err(_) => tracing::warn!("spend log: retention not applied: the sink did not answer"),
-        }
+        expire(&*self.sink, self.retention, self.options.timeout).await;
     }
 }
 
@@ -681,7 +976,7 @@ pub async fn report_from_config(
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("spend log: {e}"))?
         }
-        SpendBackend::Postgres { url, ca_file } => {
+        SpendBackend::Postgres { url, ca_file, .. } => {
             let sink = postgres::PostgresSink::new(url, ca_file.as_ref())
                 .map_err(|e| format!("spend log: {e}"))?;
             sink.totals(query)

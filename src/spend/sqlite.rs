@@ -1,7 +1,8 @@
 //! The SQLite sink (the default): the `spend_log` table in the budget
 //! store's file (WAL mode, so `iris usage` reads while the server writes),
 //! in its own file, or in memory. Every operation runs on the blocking pool;
-//! a batch is one transaction.
+//! a batch is one transaction. Also the SQL both local tables share: the
+//! log's and the spool's ([`Table`]), which hold a record alike.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -13,6 +14,8 @@ use super::migrations::{self, COMPONENT};
 use super::report::{Counts, Dimension, Query, Totals};
 use super::{Record, Sink, SinkError, SinkFuture};
 use crate::budget::money::Money;
+use crate::facts::RequestFacts;
+use crate::openai::Api;
 
 pub struct SqliteSink {
     db: Arc<Mutex<Connection>>,
@@ -34,7 +37,8 @@ impl SqliteSink {
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;",
         )
         .map_err(error)?;
-        migrate(&mut db).map_err(|e| SinkError(format!("{}: {e}", describe(name.as_deref()))))?;
+        migrate(&mut db, COMPONENT, migrations::SQLITE)
+            .map_err(|e| SinkError(format!("{}: {e}", describe(name.as_deref()))))?;
         Ok(Self {
             db: Arc::new(Mutex::new(db)),
             path: name,
@@ -111,20 +115,24 @@ impl SqliteSink {
     }
 }
 
-fn describe(path: Option<&Path>) -> String {
+pub(super) fn describe(path: Option<&Path>) -> String {
     match path {
         Some(path) => format!("sqlite {}", path.display()),
         None => "sqlite (in memory)".into(),
     }
 }
 
-fn message(path: Option<&Path>, e: &rusqlite::Error) -> String {
+pub(super) fn message(path: Option<&Path>, e: &rusqlite::Error) -> String {
     format!("{}: {e}", describe(path))
 }
 
-/// Applies the pending migrations in one transaction that holds the write
-/// lock from its start, so two processes never apply one twice.
-fn migrate(db: &mut Connection) -> Result<(), String> {
+/// Applies `component`'s pending migrations in one transaction that holds
+/// the write lock from its start, so two processes never apply one twice.
+pub(super) fn migrate(
+    db: &mut Connection,
+    component: &str,
+    list: &'static [migrations::Migration],
+) -> Result<(), String> {
     let tx = db
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(|e| e.to_string())?;
@@ -133,13 +141,13 @@ fn migrate(db: &mut Connection) -> Result<(), String> {
     let current: i64 = tx
         .query_row(
             "SELECT version FROM schema_version WHERE component = ?1",
-            [COMPONENT],
+            [component],
             |row| row.get(0),
         )
         .optional()
         .map_err(|e| e.to_string())?
         .unwrap_or(0);
-    let pending = migrations::pending(migrations::SQLITE, current)?;
+    let pending = migrations::pending(list, current)?;
     let Some(last) = pending.last() else {
         return Ok(());
     };
@@ -150,7 +158,7 @@ fn migrate(db: &mut Connection) -> Result<(), String> {
     tx.execute(
         "INSERT INTO schema_version (component, version) VALUES (?1, ?2)
          ON CONFLICT (component) DO UPDATE SET version = excluded.version",
-        params![COMPONENT, last.version],
+        params![component, last.version],
     )
     .map_err(|e| e.to_string())?;
     tx.commit().map_err(|e| e.to_string())
@@ -164,46 +172,134 @@ fn from_sql(value: Option<i64>) -> u64 {
     value.and_then(|v| u64::try_from(v).ok()).unwrap_or(0)
 }
 
-fn insert(db: &mut Connection, batch: &[Record]) -> rusqlite::Result<()> {
-    let tx = db.transaction()?;
-    {
-        let mut statement = tx.prepare_cached(
-            "INSERT INTO spend_log (at, request_id, client, model, upstream, upstream_model,
-                status, error_code, prompt_tokens, completion_tokens, total_tokens, images,
-                image_bytes, stream, attempts, ttfb_ms, total_ms, client_addr, team,
-                cached_tokens, reasoning_tokens, cost_micros, endpoint)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                ?18, ?19, ?20, ?21, ?22, ?23)",
-        )?;
-        for r in batch {
-            let facts = &*r.facts;
-            statement.execute(params![
-                r.at_ms,
-                facts.request_id,
-                &*facts.client,
-                facts.model,
-                facts.upstream,
-                facts.upstream_model,
-                r.status,
-                r.error_code,
-                to_sql(r.prompt_tokens),
-                to_sql(r.completion_tokens),
-                to_sql(r.total_tokens),
-                facts.images,
-                to_sql(facts.image_bytes),
-                facts.stream,
-                facts.attempts,
-                r.ttfb_ms.map(to_sql),
-                to_sql(r.total_ms),
-                facts.client_addr.map(|addr| addr.to_string()),
-                facts.team.as_deref(),
-                to_sql(r.cached_tokens),
-                to_sql(r.reasoning_tokens),
-                to_sql(r.cost.micros()),
-                r.endpoint,
-            ])?;
+/// The columns of a record, and their values' places, after `INSERT INTO
+/// table`: the same for both tables.
+macro_rules! insert_columns {
+    () => {
+        " (record_id, at, request_id, client, model, upstream, upstream_model,
+            status, error_code, prompt_tokens, completion_tokens, total_tokens, images,
+            image_bytes, stream, attempts, ttfb_ms, total_ms, client_addr, team,
+            cached_tokens, reasoning_tokens, cost_micros, endpoint)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+            ?18, ?19, ?20, ?21, ?22, ?23, ?24)"
+    };
+}
+
+/// The local tables that hold records, column for column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// `spend_log`: the log itself.
+    Log,
+    /// `spend_spool`: records waiting for PostgreSQL.
+    Spool,
+}
+
+impl Table {
+    fn insert_sql(self) -> &'static str {
+        match self {
+            Self::Log => concat!("INSERT INTO spend_log", insert_columns!()),
+            Self::Spool => concat!("INSERT INTO spend_spool", insert_columns!()),
         }
     }
+}
+
+/// Inserts `batch` into `table`, in the caller's transaction.
+pub(super) fn insert_into(db: &Connection, table: Table, batch: &[Record]) -> rusqlite::Result<()> {
+    let mut statement = db.prepare_cached(table.insert_sql())?;
+    for r in batch {
+        let facts = &*r.facts;
+        statement.execute(params![
+            r.record_id,
+            r.at_ms,
+            facts.request_id,
+            &*facts.client,
+            facts.model,
+            facts.upstream,
+            facts.upstream_model,
+            r.status,
+            r.error_code,
+            to_sql(r.prompt_tokens),
+            to_sql(r.completion_tokens),
+            to_sql(r.total_tokens),
+            facts.images,
+            to_sql(facts.image_bytes),
+            facts.stream,
+            facts.attempts,
+            r.ttfb_ms.map(to_sql),
+            to_sql(r.total_ms),
+            facts.client_addr.map(|addr| addr.to_string()),
+            facts.team.as_deref(),
+            to_sql(r.cached_tokens),
+            to_sql(r.reasoning_tokens),
+            to_sql(r.cost.micros()),
+            &*r.endpoint,
+        ])?;
+    }
+    Ok(())
+}
+
+/// The columns [`read_record`] reads, after the spool's `seq`.
+pub(super) const RECORD_COLUMNS: &str = "record_id, at, request_id, client, model, upstream,
+    upstream_model, status, error_code, prompt_tokens, completion_tokens, total_tokens, images,
+    image_bytes, stream, attempts, ttfb_ms, total_ms, client_addr, team, cached_tokens,
+    reasoning_tokens, cost_micros, endpoint";
+
+/// A record as [`RECORD_COLUMNS`] hold it, from column `first` on.
+pub(super) fn read_record(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Record> {
+    let at = |i: usize| first + i;
+    let number = |i: usize| row.get::<_, Option<i64>>(at(i)).map(from_sql);
+    let small = |i: usize| {
+        row.get::<_, i64>(at(i))
+            .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+    };
+    let facts = RequestFacts {
+        request_id: row.get(at(2))?,
+        client: row.get::<_, String>(at(3))?.into(),
+        model: row.get(at(4))?,
+        upstream: row.get(at(5))?,
+        upstream_model: row.get(at(6))?,
+        images: small(12)?,
+        image_bytes: number(13)?,
+        stream: row.get(at(14))?,
+        attempts: small(15)?,
+        client_addr: row
+            .get::<_, Option<String>>(at(18))?
+            .and_then(|addr| addr.parse().ok()),
+        team: row.get::<_, Option<String>>(at(19))?.map(Into::into),
+        ..RequestFacts::default()
+    };
+    let endpoint: String = row.get(at(23))?;
+    // The facts' API, for completeness: what is written is `endpoint`.
+    let facts = RequestFacts {
+        api: [Api::Chat, Api::Embeddings]
+            .into_iter()
+            .find(|api| api.as_str() == endpoint)
+            .unwrap_or_default(),
+        ..facts
+    };
+    Ok(Record {
+        record_id: row.get(at(0))?,
+        at_ms: row.get(at(1))?,
+        facts: Arc::new(facts),
+        status: u16::try_from(row.get::<_, i64>(at(7))?).unwrap_or(u16::MAX),
+        error_code: row.get(at(8))?,
+        prompt_tokens: number(9)?,
+        completion_tokens: number(10)?,
+        total_tokens: number(11)?,
+        ttfb_ms: row
+            .get::<_, Option<i64>>(at(16))?
+            .map(|n| from_sql(Some(n))),
+        total_ms: number(17)?,
+        cached_tokens: number(20)?,
+        reasoning_tokens: number(21)?,
+        cost: Money::from_micros(number(22)?),
+        endpoint: endpoint.into(),
+    })
+}
+
+fn insert(db: &mut Connection, batch: &[Record]) -> rusqlite::Result<()> {
+    let tx = db.transaction()?;
+    insert_into(&tx, Table::Log, batch)?;
     tx.commit()
 }
 

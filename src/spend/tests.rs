@@ -90,6 +90,7 @@ fn options(batch_size: usize, flush_ms: u64, queue_capacity: usize) -> WriterOpt
 
 fn record(n: u64) -> Record {
     Record {
+        record_id: format!("rec_{n}"),
         at_ms: 1_750_000_000_000,
         facts: Arc::new(RequestFacts {
             request_id: format!("req_{n}"),
@@ -111,7 +112,7 @@ fn record(n: u64) -> Record {
         cached_tokens: 0,
         reasoning_tokens: 0,
         cost: Money::ZERO,
-        endpoint: "chat",
+        endpoint: Cow::Borrowed("chat"),
         ttfb_ms: Some(5),
         total_ms: 9,
     }
@@ -334,6 +335,7 @@ fn row(
 ) -> Record {
     let base = record(0);
     Record {
+        record_id: new_record_id(),
         at_ms,
         facts: Arc::new(RequestFacts {
             client: client.into(),
@@ -811,4 +813,123 @@ fn postgres_urls_are_checked_without_being_printed() {
     let unknown = postgres::check_url("postgres://u:secret@db/iris?sslmode=bogus").unwrap_err();
     assert!(unknown.contains("sslmode=bogus"), "{unknown}");
     assert!(!unknown.contains("secret"), "{unknown}");
+}
+
+fn settings(backend: SpendBackend) -> SpendSettings {
+    SpendSettings {
+        backend,
+        retention: None,
+        writer: options(100, 50, 1000),
+    }
+}
+
+/// With the SQLite store and the log in its file, a record is committed by
+/// the store's own write (the settlement's transaction): on disk once the
+/// store says it persisted, with no write of the log's own.
+#[tokio::test]
+async fn records_ride_in_the_sqlite_stores_transactions() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("iris.db");
+    let store = crate::budget::store::SqliteStore::open(&path).unwrap();
+    let backend = StoreBackend::Sqlite { path: path.clone() };
+    let log = SpendLog::open(
+        &settings(SpendBackend::Sqlite { path: None }),
+        &backend,
+        Some(&store),
+    )
+    .await
+    .unwrap();
+    assert!(log.commits());
+    let on_disk = || -> i64 {
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM spend_log", [], |row| row.get(0))
+            .unwrap()
+    };
+    log.record(record(1));
+    log.record(record(2));
+    assert_eq!(on_disk(), 0, "waiting for the next commit");
+    // Nothing to wait for beyond the store's own write...
+    log.committed_with_settlement().await.unwrap();
+    assert_eq!(on_disk(), 0);
+    // ...which takes them.
+    crate::budget::store::Store::persisted(&*store)
+        .await
+        .unwrap();
+    assert_eq!(on_disk(), 2, "both in the store's write");
+    assert_eq!(log.counts(), (2, 0));
+}
+
+/// A batch PostgreSQL took, whose acknowledgement a crash lost before the
+/// spool let go of it, is sent again after the restart: it lands once.
+#[tokio::test]
+async fn a_batch_sent_again_after_a_crash_lands_once() {
+    let Some(pg) = shared_postgres::SharedPostgres::get().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool.db");
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        format!("postgres://iris@127.0.0.1:{port}/x")
+    };
+    let postgres = |url: String| {
+        settings(SpendBackend::Postgres {
+            url: Secret::new(url),
+            ca_file: None,
+            spool: Some(spool.clone()),
+        })
+    };
+    // PostgreSQL down: five records committed to the spool.
+    let down = SpendLog::open(&postgres(closed), &StoreBackend::Memory, None)
+        .await
+        .unwrap();
+    for n in 0..5 {
+        down.record(record(n));
+    }
+    down.committed().await.unwrap();
+    assert_eq!(down.backlog(), Some((5, false)));
+    down.shutdown(Duration::from_millis(200)).await;
+    drop(down);
+
+    // The shipper sent them, and crashed before deleting them: PostgreSQL
+    // has them (a batch sent twice there is kept once, too).
+    let (spooled, waiting) = spool::Spool::open(&spool).unwrap();
+    assert_eq!(waiting, 5);
+    let batch: Arc<[Record]> = spooled
+        .oldest(100)
+        .unwrap()
+        .into_iter()
+        .map(|(_, record)| record)
+        .collect();
+    assert_eq!(batch.len(), 5);
+    let sink = postgres::PostgresSink::new(&Secret::new(pg.url()), None).unwrap();
+    sink.write(Arc::clone(&batch)).await.unwrap();
+    sink.write(batch).await.unwrap();
+
+    // The restart sends the spool first: nothing twice.
+    let up = SpendLog::open(&postgres(pg.url()), &StoreBackend::Memory, None)
+        .await
+        .unwrap();
+    assert!(up.flush(Duration::from_secs(10)).await);
+    assert_eq!(up.backlog(), Some((0, false)));
+    let (records, ids): (i64, i64) = {
+        let row = pg
+            .client()
+            .await
+            .query_one(
+                "SELECT count(*), count(DISTINCT request_id) FROM spend_log",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!((records, ids), (5, 5));
+    assert_eq!(waiting_in(&spool), 0, "out of the spool once acknowledged");
+}
+
+fn waiting_in(spool: &std::path::Path) -> u64 {
+    spool::Spool::open(spool).unwrap().1
 }

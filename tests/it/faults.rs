@@ -82,7 +82,7 @@ fn used_on_disk(config: &str) -> u64 {
 /// Before the fix, settlement was written behind the response (every
 /// second): a crash right after complete answers lost their charge (a run
 /// on main: 40 requests, `kill -9`, 24 of them missing). Now each response's
-/// last byte waits for its settlement to be written.
+/// last byte waits for its settlement, and its spend record, to be written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_loses_no_charge_of_a_complete_response() {
     let upstream = MockUpstream::start().await;
@@ -125,19 +125,16 @@ async fn kill_9_loses_no_charge_of_a_complete_response() {
         charged,
         "every complete answer's charge is on disk after kill -9"
     );
-    // The spend log is written behind (batches, every `flush_ms`): what a
-    // crash kept of it is reported, not promised.
+    // And every answer's spend record, committed in the same transaction
+    // as its settlement (before, written behind: 0 of 40 kept).
     let output = iris_command()
         .args(["usage", "--since", "0d", "--format", "json", "--config"])
         .arg(write_config(&config).path())
         .output()
         .expect("iris usage");
     let report: Value = serde_json::from_slice(&output.stdout).expect("json");
-    eprintln!(
-        "kill -9: {} tokens charged on disk of {charged}; spend log records kept: {} of 40",
-        used_on_disk(&config),
-        report["data"][0]["requests"].as_u64().unwrap_or(0)
-    );
+    assert_eq!(report["data"][0]["requests"], 40, "{report}");
+    assert_eq!(report["data"][0]["total_tokens"], charged, "{report}");
     // And a restart on the same file serves from it.
     let iris = Binary::start(&config).await;
     let usage: Value = client

@@ -17,6 +17,7 @@ mod budget;
 mod cli;
 mod connections;
 mod docs;
+mod durable;
 mod embeddings;
 mod faults;
 mod gateway;

@@ -31,7 +31,7 @@ pub use self::redis::{
     RedisConnection, RedisOptions, RedisStore,
 };
 pub use memory::MemoryStore;
-pub use sqlite::{FLUSH_EVERY, SqliteStore};
+pub use sqlite::{FLUSH_EVERY, Load, Rider, SqliteStore};
 
 use super::window::{Charge, Hold, Refusal, Snapshot};
 use super::{Account, StoreBackend};
@@ -137,6 +137,8 @@ pub struct Stores {
     pub claims: Arc<dyn AlertClaims>,
     /// `None` for the in-process stores: they share nothing.
     pub health: Option<Arc<dyn SharedHealth>>,
+    /// The SQLite store, whose transactions the spend log's records ride in.
+    pub sqlite: Option<Arc<SqliteStore>>,
 }
 
 impl Stores {
@@ -150,6 +152,7 @@ impl Stores {
                     budgets: Arc::clone(&store) as Arc<dyn Store>,
                     claims: store,
                     health: None,
+                    sqlite: None,
                 }
             }
             StoreBackend::Sqlite { path } => {
@@ -161,8 +164,9 @@ impl Stores {
                 store.spawn_flusher(FLUSH_EVERY);
                 Self {
                     budgets: Arc::clone(&store) as Arc<dyn Store>,
-                    claims: store,
+                    claims: Arc::clone(&store) as Arc<dyn AlertClaims>,
                     health: None,
+                    sqlite: Some(store),
                 }
             }
             StoreBackend::Redis { url, options } => {
@@ -177,6 +181,7 @@ impl Stores {
                     budgets: Arc::clone(&store) as Arc<dyn Store>,
                     claims: Arc::clone(&store) as Arc<dyn AlertClaims>,
                     health: Some(store),
+                    sqlite: None,
                 }
             }
         })

@@ -12,6 +12,10 @@
 //! whole reservation if a write caught it, else nothing; a failed request's
 //! release may be lost (it stays charged its reservation). WAL with `synchronous = NORMAL` is durable across
 //! process crashes; a power cut may lose the last commits.
+//!
+//! Rows of another kind can ride in the same transactions ([`Rider`]): the
+//! spend log's records are committed with the settlements they belong to,
+//! so one commit keeps both or neither.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -87,6 +91,26 @@ fn migrate(db: &Connection) -> rusqlite::Result<()> {
 /// How often changed accounts are written out.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
+/// Rows another part of Iris writes in the store's own transactions (the
+/// spend log's records, or its spool's), so that they are committed with
+/// the settlements they belong to: a response's end waits for one commit,
+/// and a crash keeps both or neither.
+pub trait Rider: Send + Sync + 'static {
+    /// Takes what waits to be written, if anything (the load keeps its
+    /// rider, to give back what a failed transaction did not write).
+    fn take(self: Arc<Self>) -> Option<Box<dyn Load>>;
+}
+
+/// What a [`Rider`] took for one transaction.
+pub trait Load: Send {
+    /// Writes the rows in the store's transaction (blocking).
+    fn write(&self, transaction: &rusqlite::Transaction<'_>) -> rusqlite::Result<()>;
+    /// The transaction committed.
+    fn committed(self: Box<Self>);
+    /// It did not: the rows wait for the next write.
+    fn failed(self: Box<Self>);
+}
+
 pub struct SqliteStore {
     inner: Arc<Inner>,
 }
@@ -99,6 +123,8 @@ struct Inner {
     /// The last write's error, reported by `health` until a write succeeds.
     last_error: Mutex<Option<String>>,
     path: PathBuf,
+    /// Written in the same transactions as the accounts.
+    riders: Mutex<Vec<Arc<dyn Rider>>>,
 }
 
 fn db_error(path: &Path, e: &rusqlite::Error) -> StoreError {
@@ -125,6 +151,7 @@ impl SqliteStore {
                 flushing: tokio::sync::Mutex::new(()),
                 last_error: Mutex::new(None),
                 path: path.to_owned(),
+                riders: Mutex::new(Vec::new()),
             }),
         }))
     }
@@ -158,6 +185,20 @@ impl SqliteStore {
             .collect())
     }
 
+    /// Writes `rider`'s rows in every transaction from now on.
+    pub fn carry(&self, rider: Arc<dyn Rider>) {
+        self.inner
+            .riders
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(rider);
+    }
+
+    /// The file the store writes.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
     /// Writes changed accounts every `every` until the store is dropped.
     pub fn spawn_flusher(&self, every: Duration) {
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
@@ -180,14 +221,26 @@ impl Inner {
     async fn flush(self: Arc<Self>) -> Result<(), StoreError> {
         let _one_at_a_time = self.flushing.lock().await;
         let rows = self.memory.take_dirty();
-        if rows.is_empty() {
+        let loads = self.take_loads();
+        if rows.is_empty() && loads.is_empty() {
             return Ok(());
         }
         let names: Vec<String> = rows.iter().map(|(name, _)| name.clone()).collect();
         let this = Arc::clone(&self);
-        let written = tokio::task::spawn_blocking(move || this.write(&rows))
-            .await
-            .unwrap_or_else(|e| Err(StoreError(format!("sqlite writer failed: {e}"))));
+        let written = tokio::task::spawn_blocking(move || {
+            let result = this.write(&rows, &loads);
+            (result, loads)
+        })
+        .await;
+        let (written, loads) = match written {
+            Ok((result, loads)) => (result, loads),
+            // The write's thread panicked: its loads are gone with it (not
+            // reachable: nothing in a write panics).
+            Err(e) => (
+                Err(StoreError(format!("sqlite writer failed: {e}"))),
+                Vec::new(),
+            ),
+        };
         let mut last_error = self
             .last_error
             .lock()
@@ -195,20 +248,35 @@ impl Inner {
         match written {
             Ok(()) => {
                 *last_error = None;
+                loads.into_iter().for_each(|load| load.committed());
                 Ok(())
             }
             Err(e) => {
                 self.memory.mark_dirty(names);
+                loads.into_iter().for_each(|load| load.failed());
                 *last_error = Some(e.0.clone());
                 Err(e)
             }
         }
     }
 
-    /// Upserts `rows` in one transaction (blocking).
-    fn write(&self, rows: &[(String, ClientState)]) -> Result<(), StoreError> {
+    /// What every rider has waiting.
+    fn take_loads(&self) -> Vec<Box<dyn Load>> {
+        let riders = self.riders.lock().unwrap_or_else(PoisonError::into_inner);
+        riders
+            .iter()
+            .filter_map(|rider| Arc::clone(rider).take())
+            .collect()
+    }
+
+    /// Upserts `rows` and writes `loads` in one transaction (blocking).
+    fn write(
+        &self,
+        rows: &[(String, ClientState)],
+        loads: &[Box<dyn Load>],
+    ) -> Result<(), StoreError> {
         let mut db = self.db.lock().unwrap_or_else(PoisonError::into_inner);
-        write_states(&mut db, rows).map_err(|e| db_error(&self.path, &e))
+        write_states(&mut db, rows, loads).map_err(|e| db_error(&self.path, &e))
     }
 }
 
@@ -217,10 +285,16 @@ impl Drop for Inner {
     /// finds nothing to do); covers a store dropped without a flush.
     fn drop(&mut self) {
         let rows = self.memory.take_dirty();
-        if !rows.is_empty()
-            && let Err(e) = self.write(&rows)
-        {
-            tracing::error!("budget usage not persisted at exit: {e}");
+        let loads = self.take_loads();
+        if rows.is_empty() && loads.is_empty() {
+            return;
+        }
+        match self.write(&rows, &loads) {
+            Ok(()) => loads.into_iter().for_each(|load| load.committed()),
+            Err(e) => {
+                tracing::error!("budget usage not persisted at exit: {e}");
+                loads.into_iter().for_each(|load| load.failed());
+            }
         }
     }
 }
@@ -278,7 +352,11 @@ fn read_states(db: &Connection) -> rusqlite::Result<Vec<(String, ClientState)>> 
     rows.collect()
 }
 
-fn write_states(db: &mut Connection, rows: &[(String, ClientState)]) -> rusqlite::Result<()> {
+fn write_states(
+    db: &mut Connection,
+    rows: &[(String, ClientState)],
+    loads: &[Box<dyn Load>],
+) -> rusqlite::Result<()> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -312,6 +390,9 @@ fn write_states(db: &mut Connection, rows: &[(String, ClientState)]) -> rusqlite
                 to_sql(now),
             ])?;
         }
+    }
+    for load in loads {
+        load.write(&transaction)?;
     }
     transaction.commit()
 }

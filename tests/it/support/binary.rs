@@ -29,6 +29,18 @@ impl Binary {
         Self::spawn(command, file).await
     }
 
+    /// [`Self::start`] in the working directory `dir` (where files Iris
+    /// makes by default go).
+    pub async fn start_in(config: &str, dir: &std::path::Path) -> Self {
+        let file = write_config(config);
+        let mut command = iris_command();
+        command
+            .current_dir(dir)
+            .args(["serve", "--config"])
+            .arg(file.path());
+        Self::spawn(command, file).await
+    }
+
     /// [`Self::start`] with a shell line run first in the process that then
     /// becomes `iris serve` (`exec`): `ulimit -n 512`, say.
     pub async fn start_after(config: &str, shell: &str) -> Self {
