@@ -4,9 +4,13 @@
 //!   cargo run --release --example bench [-- --seconds 3] [--only 'small chat/64/iris']
 //!
 //! Iris is measured with budgets in the memory store (`store.kind = "memory"`,
-//! not the SQLite default: no write per settlement) and, when a Redis answers
-//! at `redis://127.0.0.1:6379/13` (or `$IRIS_BENCH_REDIS_URL`), in the shared
-//! Redis store too (keys under a prefix of the run's own, deleted at the end).
+//! no write per settlement), in the SQLite store that is the default (a file
+//! in a temporary directory of the run's own: each response's settlement and
+//! spend record committed before its end, one group commit for many) and,
+//! when a Redis answers at `redis://127.0.0.1:6379/13` (or
+//! `$IRIS_BENCH_REDIS_URL`), in the shared Redis store too (keys under a
+//! prefix of the run's own, deleted at the end; its spend log is SQLite,
+//! `iris-spend.db` in the working directory: run from a scratch directory).
 //!
 //! Each server runs on its own 1-thread runtime and the load generator on
 //! another, so the numbers compare like with like on a small machine. The bare
@@ -474,6 +478,16 @@ fn main() {
             ready,
         )
     });
+    // The default store: a file of the run's own, removed at the end.
+    let sqlite_dir = std::env::temp_dir().join(format!("iris-bench-sqlite-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&sqlite_dir);
+    let sqlite_store = format!(
+        "[store]\nkind = \"sqlite\"\npath = \"{}\"",
+        sqlite_dir.join("iris.db").display()
+    );
+    let iris_sqlite = spawn_runtime("iris-sqlite", move |ready| {
+        iris_server(upstream, second, failing, sqlite_store, ready)
+    });
     let redis = BenchRedis::find();
     let iris_redis = redis.as_ref().map(|redis| {
         let store = format!(
@@ -507,6 +521,8 @@ fn main() {
                 ("bare proxy", bare, KEY, model),
                 ("iris", iris, KEY, model),
                 ("iris + budgets", iris, KEY_BUDGETED, model),
+                ("iris (sqlite)", iris_sqlite, KEY, model),
+                ("iris + budgets (sqlite)", iris_sqlite, KEY_BUDGETED, model),
             ];
             if let Some(iris_redis) = iris_redis {
                 targets.push(("iris + budgets (redis)", iris_redis, KEY_BUDGETED, model));
@@ -556,6 +572,7 @@ fn main() {
     if std::env::args().all(|a| a != "--no-rss") {
         runtime.block_on(print_memory(upstream, seconds));
     }
+    let _ = std::fs::remove_dir_all(&sqlite_dir);
 }
 
 /// One measured cell, kept for the summary.
