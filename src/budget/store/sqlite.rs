@@ -578,6 +578,84 @@ mod tests {
         drop(store);
     }
 
+    /// Rows of one kind, written in the store's transactions: a note per row.
+    struct Notes {
+        waiting: Mutex<Vec<String>>,
+        committed: Mutex<Vec<String>>,
+    }
+
+    struct NoteLoad(Vec<String>, Arc<Notes>);
+
+    impl Rider for Notes {
+        fn take(self: Arc<Self>) -> Option<Box<dyn Load>> {
+            let notes = std::mem::take(&mut *self.waiting.lock().expect("lock"));
+            (!notes.is_empty()).then(|| Box::new(NoteLoad(notes, self)) as Box<dyn Load>)
+        }
+    }
+
+    impl Load for NoteLoad {
+        fn write(&self, transaction: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+            for note in &self.0 {
+                transaction.execute("INSERT INTO notes (note) VALUES (?1)", [note])?;
+            }
+            Ok(())
+        }
+
+        fn committed(self: Box<Self>) {
+            self.1.committed.lock().expect("lock").extend(self.0);
+        }
+
+        fn failed(self: Box<Self>) {
+            let NoteLoad(mut notes, rider) = *self;
+            let mut waiting = rider.waiting.lock().expect("lock");
+            notes.append(&mut waiting);
+            *waiting = notes;
+        }
+    }
+
+    /// A rider's rows go in the store's own transaction, with the
+    /// settlements: both or neither. A transaction that fails (here, the
+    /// rider's table is missing) keeps the rows and the settlement for the
+    /// next write, which commits both.
+    #[tokio::test]
+    async fn riders_are_written_in_the_stores_transactions() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("iris.db");
+        let store = SqliteStore::open(&path).expect("open");
+        let notes = Arc::new(Notes {
+            waiting: Mutex::new(Vec::new()),
+            committed: Mutex::new(Vec::new()),
+        });
+        store.carry(notes.clone());
+        spend(&store, "c", 50, 42).await;
+        notes.waiting.lock().expect("lock").push("first".into());
+        let failed = store.persisted().await.expect_err("no notes table");
+        assert!(failed.0.contains("notes"), "{failed}");
+        assert!(
+            SqliteStore::read(&path).expect("read").is_empty(),
+            "neither"
+        );
+        assert_eq!(*notes.waiting.lock().expect("lock"), ["first"]);
+
+        Connection::open(&path)
+            .expect("open")
+            .execute_batch("CREATE TABLE notes (note TEXT NOT NULL)")
+            .expect("create");
+        notes.waiting.lock().expect("lock").push("second".into());
+        store.persisted().await.expect("persisted");
+        assert_eq!(SqliteStore::read(&path).expect("read")[0].1.day.used, 42);
+        let written: Vec<String> = Connection::open(&path)
+            .expect("open")
+            .prepare("SELECT note FROM notes ORDER BY rowid")
+            .expect("sql")
+            .query_map([], |row| row.get(0))
+            .expect("query")
+            .collect::<rusqlite::Result<_>>()
+            .expect("rows");
+        assert_eq!(written, ["first", "second"], "in the order they came");
+        assert_eq!(*notes.committed.lock().expect("lock"), ["first", "second"]);
+    }
+
     #[tokio::test]
     async fn the_flusher_persists_within_its_period() {
         let dir = tempfile::tempdir().expect("tempdir");
