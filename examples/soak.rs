@@ -72,13 +72,25 @@ const CLIENTS: [(&str, &str, usize, u64); 6] = [
     ("ops-2", "ops", 2, 50_000_000),
     ("ops-3", "ops", 1, 30_000),
 ];
-/// The teams' daily token limits.
+/// The teams' daily token limits (those under a million are reached during
+/// a run: scaled by the run's length, see [`day_limit`]).
 const TEAMS: [(&str, u64); 2] = [("research", 100_000_000), ("ops", 400_000)];
 /// A client without a team, outside the load: for the round trips.
 const SOLO: &str = "solo";
 /// Every request's completion cap: with the prompt estimate, the most one
 /// request reserves.
 const MAX_TOKENS: u64 = 64;
+
+/// A daily limit for a run of `minutes`: the small ones (meant to be
+/// reached, so that the windows' bound is put to the test) grow with the
+/// run, so that they are reached late in a long run as in a short one.
+fn day_limit(base: u64, minutes: f64) -> u64 {
+    if base < 1_000_000 {
+        base * minutes.ceil().max(1.0) as u64
+    } else {
+        base
+    }
+}
 
 fn key_of(client: &str) -> String {
     format!("soak-key-{client}")
@@ -222,7 +234,14 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn config(port: u16, redis: &str, postgres: &str, spool: &Path, upstreams: &[String]) -> String {
+fn config(
+    port: u16,
+    redis: &str,
+    postgres: &str,
+    spool: &Path,
+    upstreams: &[String],
+    minutes: f64,
+) -> String {
     let mut text = format!(
         r#"
 [server]
@@ -275,6 +294,7 @@ currency = "USD"
         d = deployments.join(", ")
     );
     for (team, per_day) in TEAMS {
+        let per_day = day_limit(per_day, minutes);
         text += &format!(
             "\n[[teams]]\nname = \"{team}\"\n[teams.budget]\ntokens_per_day = {per_day}\n"
         );
@@ -284,6 +304,7 @@ currency = "USD"
         KeyHash::of(&key_of(SOLO))
     );
     for (name, team, _, per_day) in CLIENTS {
+        let per_day = day_limit(per_day, minutes);
         text += &format!(
             "\n[[clients]]\nname = \"{name}\"\nkey = \"{}\"\nteam = \"{team}\"\n\
              [clients.budget]\ntokens_per_day = {per_day}\nrequests_per_minute = 100000\n",
@@ -501,10 +522,19 @@ async fn read(response: reqwest::Response, stream: bool) -> Outcome {
 // ---------------------------------------------------------------------------
 // Round trips to the store, per kind of request
 
-/// Commands the Redis primaries ran, and the CPU time (µs) they spent on
-/// Iris's scripts, as their `INFO commandstats` say.
-async fn primary_commands(cluster: &RedisCluster) -> (u64, f64) {
-    let (mut calls, mut usec) = (0u64, 0f64);
+/// What Iris asked of the Redis primaries so far, as their `INFO
+/// commandstats` say: script calls (`EVALSHA`/`EVAL`, one round trip
+/// each), other commands (the commands scripts run count here too), and
+/// the CPU µs spent in scripts.
+#[derive(Clone, Copy, Default)]
+struct RedisWork {
+    scripts: u64,
+    commands: u64,
+    script_usec: f64,
+}
+
+async fn redis_work(cluster: &RedisCluster) -> RedisWork {
+    let mut work = RedisWork::default();
     for port in cluster.live_ports() {
         if redis_cluster::role(port).await.as_deref() != Some("master") {
             continue;
@@ -519,29 +549,37 @@ async fn primary_commands(cluster: &RedisCluster) -> (u64, f64) {
             let Some((name, stats)) = line.split_once(':') else {
                 continue;
             };
-            // What the test harness itself asks is not Iris's.
             let command = name.trim_start_matches("cmdstat_");
+            // What the harness itself asks, and replication's own traffic.
             if [
                 "info", "cluster", "ping", "role", "readonly", "client", "hello", "auth",
-                "command", "select",
+                "command", "select", "replconf", "psync", "script",
             ]
             .iter()
             .any(|own| command.starts_with(own))
             {
                 continue;
             }
+            let script = command.starts_with("eval");
             for field in stats.split(',') {
                 match field.split_once('=') {
-                    Some(("calls", n)) => calls += n.parse::<u64>().unwrap_or(0),
-                    Some(("usec", n)) if command.starts_with("eval") => {
-                        usec += n.parse::<f64>().unwrap_or(0.0);
+                    Some(("calls", n)) => {
+                        let n = n.parse::<u64>().unwrap_or(0);
+                        if script {
+                            work.scripts += n;
+                        } else {
+                            work.commands += n;
+                        }
+                    }
+                    Some(("usec", n)) if script => {
+                        work.script_usec += n.parse::<f64>().unwrap_or(0.0)
                     }
                     _ => {}
                 }
             }
         }
     }
-    (calls, usec)
+    work
 }
 
 /// Per kind of request, sent one at a time before the load: the Redis
@@ -587,7 +625,7 @@ async fn round_trips(cluster: &RedisCluster, port: u16, http: &reqwest::Client) 
     ];
     let mut lines = Vec::new();
     for (what, client, path, body) in kinds {
-        let (calls_before, usec_before) = primary_commands(cluster).await;
+        let before = redis_work(cluster).await;
         for _ in 0..N {
             let response = http
                 .post(format!("http://127.0.0.1:{port}{path}"))
@@ -599,11 +637,14 @@ async fn round_trips(cluster: &RedisCluster, port: u16, http: &reqwest::Client) 
             assert_eq!(response.status(), 200, "{what}");
             let _ = response.bytes().await;
         }
-        let (calls_after, usec_after) = primary_commands(cluster).await;
+        let after = redis_work(cluster).await;
+        let per = |a: u64, b: u64| a.saturating_sub(b) as f64 / N as f64;
         lines.push(format!(
-            "{what}: {:.1} Redis commands, {:.0} µs of a primary's CPU in scripts",
-            (calls_after - calls_before) as f64 / N as f64,
-            (usec_after - usec_before) / N as f64
+            "{what}: {:.1} Redis round trips (scripts), {:.1} commands inside or beside them, \
+             {:.0} µs of a primary's CPU in scripts",
+            per(after.scripts, before.scripts),
+            per(after.commands, before.commands),
+            (after.script_usec - before.script_usec) / N as f64
         ));
     }
     lines
@@ -658,6 +699,7 @@ async fn main() {
                     &postgres.url("sslmode=disable"),
                     &spool,
                     &upstream_urls,
+                    options.minutes,
                 ),
             )
             .expect("write config");
@@ -693,7 +735,7 @@ async fn main() {
         .unwrap_or(0)
     };
     let commits_before = commits(&db).await;
-    let (redis_before, _) = primary_commands(&cluster).await;
+    let redis_before = redis_work(&cluster).await;
 
     let shared = Arc::new(Shared {
         stop: AtomicBool::new(false),
@@ -824,7 +866,7 @@ async fn main() {
     let upstream_faults_injected = upstream_fault_task.await.unwrap_or(0);
     let elapsed = started.elapsed();
 
-    let (redis_after, _) = primary_commands(&cluster).await;
+    let redis_after = redis_work(&cluster).await;
     // Every spool drained into PostgreSQL: the log stops growing.
     let db = postgres.client().await;
     let mut last = -1i64;
@@ -856,7 +898,7 @@ async fn main() {
         .await
         .map(|row| row.get(0))
         .unwrap_or(0);
-    let report = check(&db, &done, &instances, &http).await;
+    let report = check(&db, &done, &instances, &http, options.minutes).await;
     drop(farm);
     println!();
     println!(
@@ -879,11 +921,14 @@ async fn main() {
     for line in &round_trips {
         println!("  {line}");
     }
+    let scripts = redis_after.scripts.saturating_sub(redis_before.scripts) as f64;
     println!(
-        "under load: {:.1} Redis commands per request on the primaries ({:.0}/s in all, a third per primary); \
+        "under load: {:.2} Redis round trips per request ({:.0} scripts/s on three primaries, \
+         {:.0} µs of CPU each; a killed primary's counts are lost with it); \
          PostgreSQL: {} transactions for {} records ({:.1} records per transaction)",
-        redis_after.saturating_sub(redis_before) as f64 / done.len().max(1) as f64,
-        redis_after.saturating_sub(redis_before) as f64 / elapsed.as_secs_f64(),
+        scripts / done.len().max(1) as f64,
+        scripts / elapsed.as_secs_f64(),
+        (redis_after.script_usec - redis_before.script_usec) / scripts.max(1.0),
         commits_after - commits_before,
         records,
         records as f64 / (commits_after - commits_before).max(1) as f64
@@ -945,6 +990,7 @@ async fn check(
     done: &[Done],
     instances: &[Instance],
     http: &reqwest::Client,
+    minutes: f64,
 ) -> Vec<(bool, String)> {
     let mut report = Vec::new();
     let rows = db
@@ -1036,6 +1082,7 @@ async fn check(
         .find(|i| i.child.is_some())
         .expect("a live instance");
     for (name, _, _, per_day) in CLIENTS {
+        let per_day = day_limit(per_day, minutes);
         let logged = by_client.get(name).copied().unwrap_or(0);
         let usage: Value = http
             .get(live.url("/v1/usage"))
@@ -1070,6 +1117,7 @@ async fn check(
         ));
     }
     for (team, per_day) in TEAMS {
+        let per_day = day_limit(per_day, minutes);
         let logged = by_team.get(team).copied().unwrap_or(0);
         report.push((
             logged <= per_day + max_reservation,
