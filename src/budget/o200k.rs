@@ -12,7 +12,6 @@
 //! by hash, about 4 MiB in all, paged in from the binary as lookups touch
 //! it. The counts are tiktoken's, token for token (see the tests).
 
-use std::cell::RefCell;
 use std::collections::BinaryHeap;
 use std::sync::OnceLock;
 
@@ -35,6 +34,11 @@ const PATTERN: &str = concat!(
     "|",
     r"\s+",
 );
+
+/// The most memory each of the pattern's lazy DFAs may cache (the regex
+/// crate's default is 2 MiB each, for every thread searching at once): the
+/// pattern's pieces are short, so a small cache is refilled rarely.
+const PATTERN_CACHE_BYTES: usize = 256 * 1024;
 
 /// Pieces shorter than this merge by rescanning a small vector (tiktoken's
 /// choice: faster for the short pieces nearly every text is made of);
@@ -118,7 +122,9 @@ fn tokenizer() -> Option<&'static Tokenizer> {
     TOKENIZER
         .get_or_init(|| {
             let vocabulary = Vocabulary::new()?;
-            let pattern = fancy_regex::Regex::new(PATTERN)
+            let pattern = fancy_regex::RegexBuilder::new(PATTERN)
+                .delegate_dfa_size_limit(PATTERN_CACHE_BYTES)
+                .build()
                 .map_err(|e| tracing::error!("the o200k pattern does not compile: {e}"))
                 .ok()?;
             Some(Tokenizer {
@@ -129,30 +135,19 @@ fn tokenizer() -> Option<&'static Tokenizer> {
         .as_ref()
 }
 
-thread_local! {
-    /// This thread's copy of the pattern: a shared one makes threads
-    /// contend for its scratch space (tiktoken keeps one per thread too).
-    /// A copy shares the compiled program; only its caches are its own.
-    static PATTERN_HERE: RefCell<Option<fancy_regex::Regex>> = const { RefCell::new(None) };
-}
-
 /// Tokens in `text` under o200k_base, as tiktoken's `encode_ordinary`
 /// counts them; `None` when the tables or the pattern are unusable.
 pub fn count(text: &str) -> Option<u64> {
     let tokenizer = tokenizer()?;
-    PATTERN_HERE.with(|here| {
-        let mut here = here.borrow_mut();
-        let pattern = here.get_or_insert_with(|| tokenizer.pattern.clone());
-        let mut total = 0u64;
-        for piece in pattern.find_iter(text) {
-            let piece = piece.ok()?.as_str().as_bytes();
-            total += match tokenizer.vocabulary.rank(piece) {
-                Some(_) => 1,
-                None => merged_count(&tokenizer.vocabulary, piece) as u64,
-            };
-        }
-        Some(total)
-    })
+    let mut total = 0u64;
+    for piece in tokenizer.pattern.find_iter(text) {
+        let piece = piece.ok()?.as_str().as_bytes();
+        total += match tokenizer.vocabulary.rank(piece) {
+            Some(_) => 1,
+            None => merged_count(&tokenizer.vocabulary, piece) as u64,
+        };
+    }
+    Some(total)
 }
 
 /// How many tokens byte-pair merging makes of `piece` (not a token
