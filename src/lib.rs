@@ -30,7 +30,8 @@
 //!   [`client_addr`] (the client's address, decided once at the edge: the
 //!   peer, or behind `server.trusted_proxies` the forwarded one),
 //!   [`alerts`] (budget thresholds reached, claimed in the store and posted
-//!   to a webhook off the request path)
+//!   to a webhook off the request path), [`cache`] (answers kept per
+//!   tenant and model, replayed without calling upstream)
 //! - at the bottom: [`openai`] (the wire types Iris looks inside),
 //!   [`facts`] (what a request learned, for its headers, log line, metrics
 //!   and spend record),
@@ -48,6 +49,7 @@ pub mod app;
 pub mod auth_throttle;
 pub mod body_deadline;
 pub mod budget;
+pub mod cache;
 pub mod catalog;
 pub mod cli;
 pub mod client_addr;

@@ -184,6 +184,14 @@ metrics_table! {
         "Attempts to write a spend-log batch that failed.";
     SPEND_SPOOL_RECORDS: "iris_spend_spool_records", Gauge, [],
         "Spend-log records in the local spool, waiting for PostgreSQL.";
+    CACHE_HITS: "iris_cache_hits_total", Counter, ["model"],
+        "Chat completions of a cache-enabled model answered from the response cache, by model.";
+    CACHE_MISSES: "iris_cache_misses_total", Counter, ["model"],
+        "Chat completions of a cache-enabled model not answered from the response cache (nothing stored, the backend failed, or Cache-Control skipped the lookup), by model.";
+    CACHE_BYTES: "iris_cache_bytes", Gauge, [],
+        "Bytes the in-memory response cache holds now: its entries, their keys and their bookkeeping.";
+    CACHE_EVICTIONS: "iris_cache_evictions_total", Counter, [],
+        "Entries the in-memory response cache dropped to stay within cache.max_bytes.";
     IMAGE_FETCHES: "iris_image_fetches_total", Counter, ["result"],
         "Image URLs fetched, by result: ok, or the error code.";
     IMAGE_FETCHED_BYTES: "iris_image_fetched_bytes_total", Counter, [],
