@@ -14,7 +14,11 @@ use std::sync::{Arc, Mutex};
 use futures_util::{StreamExt, TryStreamExt, stream};
 use tracing::Instrument;
 
-use crate::images::data_uri::is_data_uri;
+use base64::Engine as _;
+use sha2::{Digest, Sha256};
+
+use crate::images::data_uri::{DataUri, is_data_uri};
+use crate::images::inline::BASE64;
 use crate::images::{ErrorKind, FetchedImage, ImageError, ImagePolicy, Images, Target};
 use crate::openai::chat::{ChatRequest, ImageAt};
 
@@ -87,6 +91,60 @@ impl<'i> ImageWork<'i> {
         })
     }
 
+    /// What each image of `request` is, in order, for the response cache's
+    /// key: the SHA-256 of its bytes, or `None` where its URL stands for
+    /// itself. A `data:` URI is decoded; an `http(s)` URL is fetched when
+    /// `fetch` (the model's upstreams all inline images, so the fetch is
+    /// one the request makes anyway: its attempts reuse it), else it is
+    /// keyed as written. A fetch that fails refuses the request as the
+    /// rewrite would, with the same error; a `data:` URI that does not
+    /// decode is left to the rewrite to refuse.
+    pub async fn digests(
+        &self,
+        request: &ChatRequest<'_>,
+        fetch: bool,
+    ) -> Result<Vec<Option<[u8; 32]>>, ImageRefusal> {
+        if request.image_count() == 0 {
+            return Ok(Vec::new());
+        }
+        check_count(self.images, request)?;
+        let pending: Vec<_> = request
+            .images()
+            .map(|(param, image)| self.digest(param, &image.url, fetch))
+            .collect();
+        stream::iter(pending)
+            .buffered(CONCURRENT_IMAGES_PER_REQUEST)
+            .try_collect()
+            .await
+    }
+
+    async fn digest(
+        &self,
+        param: ImageAt,
+        url: &str,
+        fetch: bool,
+    ) -> Result<Option<[u8; 32]>, ImageRefusal> {
+        if is_data_uri(url) {
+            let Ok(uri) = DataUri::parse(url) else {
+                return Ok(None);
+            };
+            if !uri.base64 {
+                return Ok(None);
+            }
+            let payload = uri.data.to_owned();
+            return Ok(offloaded(payload.len(), move || {
+                BASE64.decode(payload).ok().map(|bytes| sha256(&bytes))
+            })
+            .await);
+        }
+        if !fetch {
+            return Ok(None);
+        }
+        let image = self.fetch(url).await.map_err(|e| refusal(e, param))?;
+        let bytes = image.bytes.clone();
+        Ok(offloaded(bytes.len(), move || Some(sha256(&bytes))).await)
+    }
+
     /// The image at `url`, fetched for this request already or now.
     async fn fetch(&self, url: &str) -> Result<Arc<FetchedImage>, ImageError> {
         let known = self
@@ -111,6 +169,32 @@ impl<'i> ImageWork<'i> {
     }
 }
 
+/// Refuses a request with more images than `images` accepts, naming the
+/// first one too many: before any fetch starts.
+fn check_count(images: &Images, request: &ChatRequest<'_>) -> Result<(), ImageRefusal> {
+    let count = request.image_count();
+    let max = images.max_images_per_request();
+    if count <= max {
+        return Ok(());
+    }
+    let param = request
+        .images()
+        .nth(max)
+        .map(|(at, _)| at)
+        .unwrap_or(ImageAt {
+            message: 0,
+            part: 0,
+        });
+    Err(refusal(
+        ImageError::new(
+            ErrorKind::TooMany,
+            "count",
+            format!("This request has {count} images; at most {max} are accepted per request."),
+        ),
+        param,
+    ))
+}
+
 async fn apply(
     work: &ImageWork<'_>,
     policy: &ImagePolicy,
@@ -121,26 +205,7 @@ async fn apply(
     if count == 0 {
         return Ok(());
     }
-    // Before any fetch starts.
-    let max = images.max_images_per_request();
-    if count > max {
-        let param = request
-            .images()
-            .nth(max)
-            .map(|(at, _)| at)
-            .unwrap_or(ImageAt {
-                message: 0,
-                part: 0,
-            });
-        return Err(refusal(
-            ImageError::new(
-                ErrorKind::TooMany,
-                "count",
-                format!("This request has {count} images; at most {max} are accepted per request."),
-            ),
-            param,
-        ));
-    }
+    check_count(images, request)?;
 
     let jobs: Vec<(usize, ImageAt, Work<'_>, Target)> = request
         .images()
@@ -201,6 +266,25 @@ async fn apply(
         }
     }
     Ok(())
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// Bytes of image beyond which hashing or decoding goes to the blocking
+/// pool (a few hundred microseconds of work).
+const INLINE_DIGEST_BYTES: usize = 256 * 1024;
+
+/// Runs `work` over `len` bytes here, or on the blocking pool when large.
+async fn offloaded<T: Send + 'static>(
+    len: usize,
+    work: impl FnOnce() -> Option<T> + Send + 'static,
+) -> Option<T> {
+    if len <= INLINE_DIGEST_BYTES {
+        return work();
+    }
+    tokio::task::spawn_blocking(work).await.ok().flatten()
 }
 
 /// A new URL for an image part.

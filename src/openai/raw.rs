@@ -226,13 +226,29 @@ impl<'a> RawObject<'a> {
     pub fn write_with(
         &self,
         out: &mut Vec<u8>,
+        override_field: impl FnMut(&str, &mut Vec<u8>) -> bool,
+    ) {
+        self.write_without(out, &[], override_field);
+    }
+
+    /// [`RawObject::write_with`], leaving out the interpreted fields named
+    /// in `omit`.
+    pub fn write_without(
+        &self,
+        out: &mut Vec<u8>,
+        omit: &[&str],
         mut override_field: impl FnMut(&str, &mut Vec<u8>) -> bool,
     ) {
         out.push(b'{');
-        for (i, entry) in self.entries.iter().enumerate() {
-            if i > 0 {
+        let mut first = true;
+        for entry in &self.entries {
+            if matches!(entry, Entry::Field(key, _) if omit.contains(&key.as_ref())) {
+                continue;
+            }
+            if !first {
                 out.push(b',');
             }
+            first = false;
             match entry {
                 Entry::Run(text) => out.extend_from_slice(text),
                 Entry::Field(key, value) => {

@@ -14,6 +14,7 @@ mod urls;
 mod write;
 
 pub use parse::MAX_CHOICES;
+pub use write::NOT_IN_CACHE_KEY;
 
 use std::borrow::Cow;
 use std::fmt;

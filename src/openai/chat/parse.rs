@@ -31,8 +31,9 @@ const MAX_NESTING: usize = 128;
 pub const MAX_CHOICES: u64 = 128;
 
 /// The top-level fields Iris reads: the model and stream flags, the caps and
-/// `n` the reservation is made of, the messages, and the definitions the
-/// prompt estimate counts. Each may appear once.
+/// `n` the reservation is made of, the messages, the definitions the prompt
+/// estimate counts, and `user`, which the response cache's key leaves out.
+/// Each may appear once.
 const REQUEST_FIELDS: Interpreted = Interpreted(&[
     "model",
     "messages",
@@ -44,6 +45,7 @@ const REQUEST_FIELDS: Interpreted = Interpreted(&[
     "tools",
     "functions",
     "response_format",
+    "user",
 ]);
 /// A message's fields the estimate counts, and its content.
 const MESSAGE_FIELDS: Interpreted = Interpreted(&[

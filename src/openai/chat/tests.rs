@@ -367,3 +367,45 @@ fn unknown_fields_cost_no_entry_each() {
         debug.matches("Field(").count()
     );
 }
+
+#[test]
+fn the_cache_text_leaves_out_delivery_and_user_and_names_images_as_given() {
+    let with = |extra: &str, url: &str| {
+        format!(
+            r#"{{"model":"m",{extra}"messages":[{{"role":"user","content":[{{"type":"text","text":"what?"}},{{"type":"image_url","image_url":{{"url":"{url}","detail":"low"}}}}]}}],"temperature":0}}"#
+        )
+    };
+    let text = |body: &str| {
+        let request = ChatRequest::parse(body.as_bytes()).expect("valid");
+        let text = request.to_cache_text(&mut |at| {
+            (at == ImageAt {
+                message: 0,
+                part: 1,
+            })
+            .then(|| "sha256:00".to_owned())
+        });
+        String::from_utf8(text).expect("utf-8")
+    };
+    let plain = text(&with("", "https://a/x.png"));
+    assert_eq!(
+        plain,
+        r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"what?"},{"type":"image_url","image_url":{"url":"sha256:00","detail":"low"}}]}],"temperature":0}"#
+    );
+    let delivered = with(
+        r#""stream":true,"stream_options":{"include_usage":true},"user":"u-42","#,
+        "data:image/png;base64,AAAA",
+    );
+    assert_eq!(
+        text(&delivered),
+        plain,
+        "stream, stream_options, user and the URL left out"
+    );
+    // The request as sent upstream keeps them.
+    let request = ChatRequest::parse(delivered.as_bytes()).expect("valid");
+    assert_eq!(request.to_body(), delivered.as_bytes());
+    // Anything else that differs is another text.
+    assert_ne!(text(&with(r#""n":2,"#, "https://a/x.png")), plain);
+    // `user` is read now, so it may be given once only.
+    let (_, param) = parse_err(r#"{"model":"m","user":"a","user":"b","messages":[]}"#);
+    assert_eq!(param.as_deref(), Some("user"));
+}

@@ -1,8 +1,16 @@
 //! Writing a request as it goes upstream: every field as received, but for
-//! those Iris replaced, with no re-serialization of the rest.
+//! those Iris replaced, with no re-serialization of the rest; and as the
+//! response cache keys it.
 
-use super::{ChatRequest, Content, ImagePart, Message, Part, PartKind};
+use super::{ChatRequest, Content, ImageAt, ImagePart, Message, Part, PartKind};
 use crate::openai::raw;
+
+/// The top-level fields that do not change an answer, left out of the
+/// cache's text: how it is delivered, and who the client says its user is.
+pub const NOT_IN_CACHE_KEY: &[&str] = &["stream", "stream_options", "user"];
+
+/// What an image's URL is written as: `None` keeps the URL.
+type UrlFor<'f> = &'f mut dyn FnMut(ImageAt) -> Option<String>;
 
 impl ChatRequest<'_> {
     /// Writes the request as it should go upstream.
@@ -15,7 +23,25 @@ impl ChatRequest<'_> {
             .map(|(_, image)| image.url.len() + 2)
             .sum();
         let mut out = Vec::with_capacity(self.body_len + replaced + 256);
-        self.body.write_with(&mut out, |key, out| {
+        self.write_into(&mut out, &[], &mut |_| None);
+        out
+    }
+
+    /// The request as the response cache keys it: without the fields of
+    /// [`NOT_IN_CACHE_KEY`], and each image's URL replaced by what
+    /// `url_for` gives for it (where it gives something).
+    pub fn to_cache_text(&self, url_for: UrlFor<'_>) -> Vec<u8> {
+        // Sized for the text without its image URLs (data URIs may be most
+        // of it), plus room for what replaces them.
+        let urls: usize = self.images().map(|(_, image)| image.url.len()).sum();
+        let mut out =
+            Vec::with_capacity(self.body_len.saturating_sub(urls) + 80 * self.image_count() + 64);
+        self.write_into(&mut out, NOT_IN_CACHE_KEY, url_for);
+        out
+    }
+
+    fn write_into(&self, out: &mut Vec<u8>, omit: &[&str], url_for: UrlFor<'_>) {
+        self.body.write_without(out, omit, |key, out| {
             if key != "messages" {
                 return false;
             }
@@ -24,12 +50,11 @@ impl ChatRequest<'_> {
                 if i > 0 {
                     out.push(b',');
                 }
-                message.write(out);
+                message.write(out, i, url_for);
             }
             out.push(b']');
             true
         });
-        out
     }
 }
 
@@ -43,7 +68,7 @@ impl Message<'_> {
         }
     }
 
-    fn write(&self, out: &mut Vec<u8>) {
+    fn write(&self, out: &mut Vec<u8>, message: usize, url_for: UrlFor<'_>) {
         self.fields.write_with(out, |key, out| {
             if key != "content" {
                 return false;
@@ -57,7 +82,7 @@ impl Message<'_> {
                         if j > 0 {
                             out.push(b',');
                         }
-                        part.write(out);
+                        part.write(out, ImageAt { message, part: j }, url_for);
                     }
                     out.push(b']');
                 }
@@ -68,11 +93,11 @@ impl Message<'_> {
 }
 
 impl Part<'_> {
-    fn write(&self, out: &mut Vec<u8>) {
+    fn write(&self, out: &mut Vec<u8>, at: ImageAt, url_for: UrlFor<'_>) {
         self.fields
             .write_with(out, |key, out| match (key, &self.kind) {
                 ("image_url", PartKind::Image(image)) => {
-                    image.write(out);
+                    image.write(out, url_for(at).as_deref());
                     true
                 }
                 _ => false,
@@ -81,12 +106,13 @@ impl Part<'_> {
 }
 
 impl ImagePart<'_> {
-    fn write(&self, out: &mut Vec<u8>) {
+    /// Writes the part, its URL as `url` when given.
+    fn write(&self, out: &mut Vec<u8>, url: Option<&str>) {
         self.fields.write_with(out, |key, out| {
             if key != "url" {
                 return false;
             }
-            raw::write_json_string(out, &self.url);
+            raw::write_json_string(out, url.unwrap_or(&self.url));
             true
         });
     }
