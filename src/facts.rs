@@ -40,6 +40,26 @@ pub struct RequestFacts {
     /// Tokens reserved (prompt estimate + completion cap), also set when the
     /// budget refused the request.
     pub estimated_tokens: Option<u64>,
+    /// What the response cache did, for a model that caches (with the
+    /// cache on); `None` otherwise.
+    pub cache: Option<CacheOutcome>,
+}
+
+/// Whether a request of a cache-enabled model was answered from the cache
+/// (`x-iris-cache: hit`) or not (`miss`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheOutcome {
+    Hit,
+    Miss,
+}
+
+impl CacheOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+        }
+    }
 }
 
 impl RequestFacts {

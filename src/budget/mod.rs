@@ -266,6 +266,41 @@ impl Budgets {
         }
     }
 
+    /// Reserves `claim` for a request already admitted by `admission` (a
+    /// reservation of nothing, made so that a response-cache lookup counts
+    /// as the request): the admission is released first (its request stays
+    /// counted), then `claim` is reserved without counting the request in
+    /// `requests_per_minute` again. Its concurrency slot is taken anew, so
+    /// a request at the `max_concurrent` limit may lose its slot to another
+    /// in between (then refused as that one would have been). The
+    /// reservation's windows report the admission's request count.
+    pub async fn reserve_admitted(
+        &self,
+        claim: Claim<'_>,
+        admission: Reservation,
+    ) -> Result<Reservation, BudgetError> {
+        let admitted: Vec<Snapshot> = admission.snapshots.clone();
+        admission.release().await;
+        let uncounted = |limits: &Limits| Limits {
+            requests_per_minute: None,
+            ..*limits
+        };
+        let limits = uncounted(claim.limits);
+        let team_limits = claim.team.map(|(name, limits)| (name, uncounted(limits)));
+        let mut reservation = self
+            .reserve(Claim {
+                limits: &limits,
+                team: team_limits.as_ref().map(|(name, limits)| (*name, limits)),
+                ..claim
+            })
+            .await?;
+        for (snapshot, admitted) in reservation.snapshots.iter_mut().zip(&admitted) {
+            snapshot.windows[Window::RequestsPerMinute as usize] =
+                *admitted.get(Window::RequestsPerMinute);
+        }
+        Ok(reservation)
+    }
+
     /// Reserves room for one request of `estimate` under an upstream's
     /// pacing limits (`None` when it has none), or says how long until
     /// there may be room.
@@ -510,6 +545,36 @@ impl Reservation {
     /// Names the request in the settlement log line.
     pub fn set_request_id(&mut self, id: &str) {
         self.request_id = Some(id.to_owned());
+    }
+
+    /// Gives everything back but the request it counted, as its `Drop`
+    /// does, and waits until the store has it (so that a reservation made
+    /// next sees the slot free). The store's work runs on as a tracked task
+    /// if the caller goes away.
+    pub async fn release(mut self) {
+        let Some(hold) = self.hold.take() else {
+            return;
+        };
+        let inner = &self.budgets.inner;
+        let now = inner.clock.now();
+        if self.local {
+            inner
+                .local
+                .settle_now(&self.parties, &hold, Charge::default(), now);
+            return;
+        }
+        let settling = inner
+            .store
+            .settle(&self.parties, hold, Charge::default(), now);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::error!("budget not settled: no runtime left to run the store on");
+            return;
+        };
+        match inner.pending.spawn_on(settling, &runtime).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("budget not settled: {e}"),
+            Err(e) => tracing::error!("budget not settled: {e}"),
+        }
     }
 
     /// The estimate's prompt is a rough figure: if the settlement has no

@@ -83,13 +83,20 @@ ALTER TABLE spend_log ADD COLUMN record_id TEXT;
 CREATE UNIQUE INDEX spend_log_record_id ON spend_log (record_id);
 ",
     },
+    Migration {
+        version: 5,
+        // The response cache: 1 for an answer served from it (no tokens,
+        // no cost); older records were not.
+        sql: "ALTER TABLE spend_log ADD COLUMN cache_hit INTEGER NOT NULL DEFAULT 0;",
+    },
 ];
 
 /// The spool: a record's fields as the log's columns, in the order they
 /// were committed (`seq`), until PostgreSQL has them.
-pub const SPOOL: &[Migration] = &[Migration {
-    version: 1,
-    sql: "
+pub const SPOOL: &[Migration] = &[
+    Migration {
+        version: 1,
+        sql: "
 CREATE TABLE spend_spool (
     seq               INTEGER PRIMARY KEY,
     record_id         TEXT NOT NULL,
@@ -118,7 +125,13 @@ CREATE TABLE spend_spool (
     endpoint          TEXT NOT NULL
 ) STRICT;
 ",
-}];
+    },
+    Migration {
+        version: 2,
+        // As the log's version 5.
+        sql: "ALTER TABLE spend_spool ADD COLUMN cache_hit INTEGER NOT NULL DEFAULT 0;",
+    },
+];
 
 pub const POSTGRES_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_version (
     component TEXT PRIMARY KEY,
@@ -177,6 +190,10 @@ ALTER TABLE spend_log ADD COLUMN endpoint TEXT NOT NULL DEFAULT 'chat';
 ALTER TABLE spend_log ADD COLUMN record_id TEXT;
 CREATE UNIQUE INDEX spend_log_record_id ON spend_log (record_id);
 ",
+    },
+    Migration {
+        version: 5,
+        sql: "ALTER TABLE spend_log ADD COLUMN cache_hit BOOLEAN NOT NULL DEFAULT FALSE;",
     },
 ];
 

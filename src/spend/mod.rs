@@ -91,6 +91,11 @@ pub struct Record {
 }
 
 impl Record {
+    /// Whether the answer came from the response cache (it cost nothing).
+    pub fn cache_hit(&self) -> bool {
+        self.facts.cache == Some(crate::facts::CacheOutcome::Hit)
+    }
+
     /// Whether the record counts as an error in the totals: an error
     /// status, or an answer that did not end well.
     pub fn is_error(&self) -> bool {

@@ -182,11 +182,11 @@ fn to_int(value: u32) -> i32 {
 const INSERT: &str = "INSERT INTO spend_log (at, request_id, client, model, upstream,
     upstream_model, status, error_code, prompt_tokens, completion_tokens, total_tokens, images,
     image_bytes, stream, attempts, ttfb_ms, total_ms, client_addr, team, cached_tokens,
-    reasoning_tokens, cost_micros, endpoint, record_id)
+    reasoning_tokens, cost_micros, endpoint, record_id, cache_hit)
   SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[],
     $6::text[], $7::int4[], $8::text[], $9::int8[], $10::int8[], $11::int8[], $12::int4[],
     $13::int8[], $14::bool[], $15::int4[], $16::int8[], $17::int8[], $18::text[], $19::text[],
-    $20::int8[], $21::int8[], $22::int8[], $23::text[], $24::text[])
+    $20::int8[], $21::int8[], $22::int8[], $23::text[], $24::text[], $25::bool[])
   ON CONFLICT (record_id) DO NOTHING";
 
 async fn insert(client: &mut Client, batch: &[Record]) -> Result<(), tokio_postgres::Error> {
@@ -220,6 +220,7 @@ async fn insert(client: &mut Client, batch: &[Record]) -> Result<(), tokio_postg
     let cost: Vec<i64> = batch.iter().map(|r| to_sql(r.cost.micros())).collect();
     let endpoint: Vec<&str> = batch.iter().map(|r| &*r.endpoint).collect();
     let record_id: Vec<&str> = batch.iter().map(|r| r.record_id.as_str()).collect();
+    let cache_hit: Vec<bool> = batch.iter().map(Record::cache_hit).collect();
     // One statement per batch, not per record: its preparation is cheap.
     client
         .execute(
@@ -249,6 +250,7 @@ async fn insert(client: &mut Client, batch: &[Record]) -> Result<(), tokio_postg
                 &cost,
                 &endpoint,
                 &record_id,
+                &cache_hit,
             ],
         )
         .await?;

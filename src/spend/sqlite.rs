@@ -14,7 +14,7 @@ use super::migrations::{self, COMPONENT};
 use super::report::{Counts, Dimension, Query, Totals};
 use super::{Record, Sink, SinkError, SinkFuture};
 use crate::budget::money::Money;
-use crate::facts::RequestFacts;
+use crate::facts::{CacheOutcome, RequestFacts};
 use crate::openai::Api;
 
 pub struct SqliteSink {
@@ -179,9 +179,9 @@ macro_rules! insert_columns {
         " (record_id, at, request_id, client, model, upstream, upstream_model,
             status, error_code, prompt_tokens, completion_tokens, total_tokens, images,
             image_bytes, stream, attempts, ttfb_ms, total_ms, client_addr, team,
-            cached_tokens, reasoning_tokens, cost_micros, endpoint)
+            cached_tokens, reasoning_tokens, cost_micros, endpoint, cache_hit)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-            ?18, ?19, ?20, ?21, ?22, ?23, ?24)"
+            ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25)"
     };
 }
 
@@ -233,6 +233,7 @@ pub(super) fn insert_into(db: &Connection, table: Table, batch: &[Record]) -> ru
             to_sql(r.reasoning_tokens),
             to_sql(r.cost.micros()),
             &*r.endpoint,
+            r.cache_hit(),
         ])?;
     }
     Ok(())
@@ -242,7 +243,7 @@ pub(super) fn insert_into(db: &Connection, table: Table, batch: &[Record]) -> ru
 pub(super) const RECORD_COLUMNS: &str = "record_id, at, request_id, client, model, upstream,
     upstream_model, status, error_code, prompt_tokens, completion_tokens, total_tokens, images,
     image_bytes, stream, attempts, ttfb_ms, total_ms, client_addr, team, cached_tokens,
-    reasoning_tokens, cost_micros, endpoint";
+    reasoning_tokens, cost_micros, endpoint, cache_hit";
 
 /// A record as [`RECORD_COLUMNS`] hold it, from column `first` on.
 pub(super) fn read_record(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Record> {
@@ -275,6 +276,8 @@ pub(super) fn read_record(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Re
             .into_iter()
             .find(|api| api.as_str() == endpoint)
             .unwrap_or_default(),
+        // Only a hit is told apart in a record.
+        cache: row.get::<_, bool>(at(24))?.then_some(CacheOutcome::Hit),
         ..facts
     };
     Ok(Record {

@@ -139,6 +139,8 @@ pub struct Stores {
     pub health: Option<Arc<dyn SharedHealth>>,
     /// The SQLite store, whose transactions the spend log's records ride in.
     pub sqlite: Option<Arc<SqliteStore>>,
+    /// The Redis store's connection, for the response cache to share.
+    pub redis: Option<RedisConnection>,
 }
 
 impl Stores {
@@ -153,6 +155,7 @@ impl Stores {
                     claims: store,
                     health: None,
                     sqlite: None,
+                    redis: None,
                 }
             }
             StoreBackend::Sqlite { path } => {
@@ -167,6 +170,7 @@ impl Stores {
                     claims: Arc::clone(&store) as Arc<dyn AlertClaims>,
                     health: None,
                     sqlite: Some(store),
+                    redis: None,
                 }
             }
             StoreBackend::Redis { url, options } => {
@@ -180,6 +184,7 @@ impl Stores {
                 Self {
                     budgets: Arc::clone(&store) as Arc<dyn Store>,
                     claims: Arc::clone(&store) as Arc<dyn AlertClaims>,
+                    redis: Some(store.connection().clone()),
                     health: Some(store),
                     sqlite: None,
                 }

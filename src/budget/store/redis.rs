@@ -334,6 +334,11 @@ impl RedisStore {
         }))
     }
 
+    /// Its connection, for others to share (the response cache).
+    pub fn connection(&self) -> &RedisConnection {
+        &self.connection
+    }
+
     fn keys(&self, account: &Account) -> AccountKeys {
         AccountKeys::new(&self.options.prefix, account)
     }
