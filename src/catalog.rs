@@ -27,6 +27,8 @@ pub struct Model {
     /// The highest of its deployments' prices, what a request is reserved
     /// at before one answers; `None` when none has a price (it costs nothing).
     pub reserve_price: Option<Price>,
+    /// Its answers are kept in the response cache (when `[cache]` is on).
+    pub cache: bool,
 }
 
 impl Model {

@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use crate::cache::ResponseCache;
 use crate::config::{self, Config, Problem};
 use crate::images::Images;
 use crate::state::AppState;
@@ -80,6 +81,12 @@ fn apply(state: &AppState) -> Result<(), ReloadError> {
         let images = Images::succeeding(&state.gateway.images.load(), &new.images)
             .map_err(|e| ReloadError::Invalid(vec![Problem::new("images", e)]))?;
         state.gateway.images.store(Arc::new(images));
+    }
+    if new.cache != old.cache {
+        // A new cache, empty unless only the models' `cache` changed (then
+        // this is not reached); on the same Redis.
+        let cache = ResponseCache::succeeding(&state.gateway.cache.load_full(), &new.cache);
+        state.gateway.cache.store(cache);
     }
     state.swap_config(new);
     Ok(())

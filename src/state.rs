@@ -10,9 +10,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::alerts::Alerts;
 use crate::auth_throttle::AuthFailures;
-use crate::budget::Budgets;
 use crate::budget::store::Stores;
 use crate::budget::window::Clock;
+use crate::budget::{Budgets, StoreBackend};
+use crate::cache::{RedisLink, ResponseCache};
 use crate::catalog::Team;
 use crate::clients::{self, ManagedClients};
 use crate::config::Config;
@@ -67,6 +68,16 @@ impl AppState {
             stores.sqlite.as_ref(),
         )
         .await?;
+        // A Redis cache shares the store's connection (and its key prefix).
+        let redis = match (&config.store.backend, stores.redis) {
+            (StoreBackend::Redis { options, .. }, Some(connection)) => Some(RedisLink {
+                connection,
+                prefix: options.prefix.clone(),
+                timeout: options.timeout,
+            }),
+            _ => None,
+        };
+        let cache = ResponseCache::new(&config.cache, redis);
         let images = Images::new(&config.images)?;
         for upstream in config.catalog.upstreams() {
             if matches!(upstream.endpoint, Endpoint::Demo) {
@@ -130,6 +141,7 @@ impl AppState {
                 forwarder,
                 health,
                 queues: Queues::default(),
+                cache: ArcSwap::from_pointee(cache),
                 drain: CancellationToken::new(),
             },
             metrics,

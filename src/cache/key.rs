@@ -45,7 +45,7 @@ pub enum Tenant<'a> {
 #[derive(Debug, Clone, Copy)]
 pub struct KeyParts<'a> {
     pub tenant: Tenant<'a>,
-    /// `chat` (see [`crate::spend::CHAT`]).
+    /// The API: `chat` ([`crate::openai::Api::as_str`]).
     pub endpoint: &'a str,
     pub model: &'a str,
     /// The model as resolved ([`fingerprint`]).

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use crate::alerts::AlertSettings;
 use crate::budget::StoreSettings;
+use crate::cache::CacheSettings;
 use crate::catalog::Catalog;
 use crate::images::ImagesSettings;
 use crate::keys::KeyHash;
@@ -47,6 +48,8 @@ pub struct Config {
     pub currency: Arc<str>,
     /// `[alerts]`: budget thresholds posted to a webhook, when set.
     pub alerts: Option<AlertSettings>,
+    /// `[cache]`: the response cache (off unless set).
+    pub cache: CacheSettings,
     /// What is allowed but probably a mistake (a config client whose key
     /// has already expired, a cost limit on a model without a price), each
     /// at its key path: `iris check` prints these and exits 0, the server

@@ -19,6 +19,7 @@ use crate::alerts::AlertSettings;
 use crate::budget::money::{Money, Price};
 use crate::budget::store::{RedisClock, RedisDeployment, RedisOptions};
 use crate::budget::{Limits, StoreBackend, StoreSettings};
+use crate::cache::{CacheKind, CacheSettings};
 use crate::catalog::{Catalog, Client, Deployment, Model, ModelAccess, Team};
 use crate::images::{FetchLimits, Format, FormatSet, ImagePolicy, ImagesSettings};
 use crate::keys::KeyHash;
@@ -83,6 +84,7 @@ pub fn resolve(file: schema::File) -> Result<Config, Vec<Problem>> {
             "must be a label such as \"USD\" (no control characters)",
         );
     }
+    let cache = cache(&file, &mut problems);
     warnings.extend(unpriced_cost_limits(&clients, &models));
     match (problems.0.is_empty(), server, store) {
         (true, Some(server), Some(store)) => Ok(Config {
@@ -95,6 +97,7 @@ pub fn resolve(file: schema::File) -> Result<Config, Vec<Problem>> {
             spend_log,
             currency: Arc::from(currency),
             alerts,
+            cache,
             warnings,
         }),
         _ => Err(problems.0),
@@ -246,6 +249,29 @@ fn redis_options(file: &schema::File, problems: &mut Problems) -> RedisOptions {
         lease: Duration::from_millis(store.lease_ms),
         timeout: Duration::from_millis(store.timeout_ms),
         clock: RedisClock::Server,
+    }
+}
+
+/// `[cache]`: a Redis cache lives on the store's Redis, so it needs one.
+fn cache(file: &schema::File, problems: &mut Problems) -> CacheSettings {
+    let section = &file.cache;
+    let kind = match section.kind {
+        schema::CacheKind::Off => CacheKind::Off,
+        schema::CacheKind::Memory => CacheKind::Memory,
+        schema::CacheKind::Redis => {
+            if file.store.kind != StoreKind::Redis {
+                problems.add(
+                    "cache.kind",
+                    "\"redis\" keeps entries on the store's Redis: it needs store.kind = \"redis\"",
+                );
+            }
+            CacheKind::Redis
+        }
+    };
+    CacheSettings {
+        kind,
+        ttl: Duration::from_secs(problems.above_zero("cache.ttl_s", section.ttl_s)),
+        max_bytes: problems.above_zero("cache.max_bytes", section.max_bytes),
     }
 }
 
@@ -621,6 +647,7 @@ fn models(
                 reserve_price: Price::highest(deployments.iter().filter_map(|d| d.price.as_ref())),
                 deployments,
                 max_output_tokens,
+                cache: model.cache,
             });
         }
     }
@@ -952,6 +979,9 @@ fn check_limits(budget: &Limits, at: &str, problems: &mut Problems) {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use crate::cache::{CacheKind, CacheSettings};
     use crate::config::parse;
 
     fn problems(text: &str) -> Vec<String> {
@@ -1479,5 +1509,36 @@ mod tests {
         assert_eq!(alerts.webhook_url.as_str(), "http://127.0.0.1:9/hook");
         assert!(!format!("{alerts:?}").contains("s3cret"));
         assert!(parse("", &|_| None).expect("valid").alerts.is_none());
+    }
+
+    #[test]
+    fn the_cache_is_checked_with_its_key_paths() {
+        assert_eq!(
+            problems("[cache]\nkind = \"redis\"\n"),
+            vec![
+                "cache.kind: \"redis\" keeps entries on the store's Redis: it needs store.kind = \"redis\""
+                    .to_string()
+            ]
+        );
+        assert_eq!(
+            problems("[cache]\nkind = \"memory\"\nttl_s = 0\nmax_bytes = 0\n"),
+            vec![
+                "cache.ttl_s: must be above 0".to_string(),
+                "cache.max_bytes: must be above 0".to_string(),
+            ]
+        );
+        let config = parse(
+            "[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1/0\"\n[cache]\nkind = \"redis\"\nttl_s = 60\n\
+             [[upstreams]]\nname = \"u\"\nbase_url = \"http://u/v1\"\n\
+             [[models]]\nname = \"m\"\nupstream = \"u\"\ncache = true\n",
+            &|_| None,
+        )
+        .expect("valid");
+        assert_eq!(config.cache.kind, CacheKind::Redis);
+        assert_eq!(config.cache.ttl, Duration::from_secs(60));
+        assert!(config.catalog.model("m").expect("m").cache);
+        let defaults = parse("", &|_| None).expect("valid").cache;
+        assert_eq!(defaults, CacheSettings::default());
+        assert_eq!(defaults.kind, CacheKind::Off);
     }
 }

@@ -31,6 +31,39 @@ pub struct File {
     pub pricing: Pricing,
     /// Budget alerts to a webhook, only when set.
     pub alerts: Option<Alerts>,
+    /// The response cache, for models with `cache = true`.
+    pub cache: Cache,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheKind {
+    #[default]
+    Off,
+    Memory,
+    Redis,
+}
+
+/// `[cache]`: answers kept and served again without calling upstream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Cache {
+    pub kind: CacheKind,
+    /// How long an answer is served after it was stored.
+    pub ttl_s: u64,
+    /// `kind = "memory"`: the most the entries may hold.
+    pub max_bytes: u64,
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        let defaults = crate::cache::CacheSettings::default();
+        Self {
+            kind: CacheKind::Off,
+            ttl_s: defaults.ttl.as_secs(),
+            max_bytes: defaults.max_bytes,
+        }
+    }
 }
 
 /// `[alerts]`: where a budget threshold reached is posted.
@@ -340,6 +373,8 @@ pub struct Model {
     pub price: Option<Price>,
     /// Which API the model serves.
     pub endpoint: ModelEndpoint,
+    /// Answers are kept in the response cache (with `[cache]` on).
+    pub cache: bool,
 }
 
 /// `models[].endpoint`: the API a model serves (a chat model is not asked
@@ -371,6 +406,7 @@ impl Default for Model {
             max_output_tokens: 4096,
             price: None,
             endpoint: ModelEndpoint::Chat,
+            cache: false,
         }
     }
 }

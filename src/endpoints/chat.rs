@@ -116,6 +116,13 @@ async fn forward(
             error.into_response()
         }
     };
+    // Whether the response cache answered, for a model that caches.
+    if let Some(cache) = facts.cache {
+        response.headers_mut().insert(
+            HeaderName::from_static("x-iris-cache"),
+            HeaderValue::from_static(cache.as_str()),
+        );
+    }
     // Which deployment answered (or was tried last), and after how many attempts.
     if facts.attempts > 0 {
         let headers = response.headers_mut();

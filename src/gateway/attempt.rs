@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::relay::ResponseBody;
-use super::{Answer, ChatError, Gateway, Parsed};
+use super::{Answer, AnswerBody, ChatError, Gateway, Parsed};
 use crate::budget::estimate::Estimate;
 use crate::budget::{BudgetError, NoRoom, Reservation};
 use crate::catalog::{Client, Deployment, Model};
@@ -513,14 +513,14 @@ impl Attempts<'_> {
             status,
             headers,
             budget,
-            body: ResponseBody::new(
+            body: AnswerBody::Relayed(ResponseBody::new(
                 body,
                 tap,
                 upstream.timeout,
                 reservation,
                 upstream_ok,
                 self.gateway.drain.clone(),
-            ),
+            )),
         }
     }
 }

@@ -10,20 +10,28 @@
 //! which the edge renders.
 
 mod attempt;
+mod hit;
 pub mod relay;
 
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, StatusCode};
+use futures_util::Stream;
+use http::{HeaderMap, HeaderValue, StatusCode, header};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::budget::window::Snapshot;
 use crate::budget::{BudgetError, Budgets, Claim, Reservation, estimate};
+use crate::cache::key::{KeyParts, fingerprint};
+use crate::cache::replay::{Replayed, replay};
+use crate::cache::{CacheKey, Permission, ResponseCache, Tee, Tenant};
 use crate::catalog::{Client, Model, Team};
 use crate::config::Config;
-use crate::facts::RequestFacts;
+use crate::facts::{CacheOutcome, RequestFacts};
 use crate::images::Images;
 use crate::openai::Api;
 use crate::openai::chat::{ChatRequest, RequestError};
@@ -31,8 +39,10 @@ use crate::openai::embeddings::EmbeddingsRequest;
 use crate::rewrite::{ImageRefusal, ImageWork};
 use crate::routing::health::Health;
 use crate::routing::queue::Queues;
+use crate::spend::Draft;
 use crate::upstream::{Forwarder, UpstreamError};
-use relay::ResponseBody;
+use hit::HitBody;
+use relay::{Cut, ResponseBody};
 
 /// Bodies larger than this are parsed off the async threads: serde_json
 /// reads a few hundred MB/s, so a larger body would hold a worker (and every
@@ -63,6 +73,8 @@ pub struct Gateway {
     pub health: std::sync::Arc<Health>,
     /// Requests waiting for upstream room.
     pub queues: Queues,
+    /// Replaced when a reload changes `[cache]`.
+    pub cache: arc_swap::ArcSwap<ResponseCache>,
     /// Cancelled when shutdown's grace period is over: responses still
     /// streaming end (and settle) then.
     pub drain: CancellationToken,
@@ -101,14 +113,45 @@ pub enum ChatError {
     },
 }
 
-/// The upstream's answer on its way back.
+/// The answer on its way back: the upstream's, or one from the cache.
 pub struct Answer {
     pub status: StatusCode,
     /// The upstream's response headers that may reach the client.
     pub headers: HeaderMap,
     /// The client's budget windows as of the reservation.
     pub budget: Snapshot,
-    pub body: ResponseBody,
+    pub body: AnswerBody,
+}
+
+/// An answer's body: relayed from the upstream, or replayed from the cache.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per request, moved a few times, never stored in bulk: boxing would cost an allocation per request"
+)]
+pub enum AnswerBody {
+    Relayed(ResponseBody),
+    Hit(HitBody),
+}
+
+impl AnswerBody {
+    /// Writes the request's spend-log record when the body ends.
+    pub fn record_to(&mut self, draft: Draft) {
+        match self {
+            Self::Relayed(body) => body.record_to(draft),
+            Self::Hit(body) => body.record_to(draft),
+        }
+    }
+}
+
+impl Stream for AnswerBody {
+    type Item = Result<Bytes, Cut>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.get_mut() {
+            Self::Relayed(body) => Pin::new(body).poll_next(cx),
+            Self::Hit(body) => Pin::new(body).poll_next(cx),
+        }
+    }
 }
 
 /// One request as received.
@@ -137,24 +180,102 @@ impl Gateway {
         facts.stream = request.stream;
         let model = self.model_for(config, incoming.client, &request.model, Api::Chat, facts)?;
         crate::traces::record_operation(Api::Chat, &model.name, request.completion_cap);
+
+        // The response cache, for a model that caches: what the request's
+        // Cache-Control lets it do.
+        let cache = self.cache.load_full();
+        let permission = (cache.is_on() && model.cache).then(|| {
+            Permission::from_cache_control(
+                incoming
+                    .headers
+                    .get_all(header::CACHE_CONTROL)
+                    .iter()
+                    .map(HeaderValue::as_bytes),
+            )
+        });
+        if permission.is_some() {
+            facts.cache = Some(CacheOutcome::Miss);
+        }
+        let images = self.images.load_full();
+        let images = ImageWork::new(&images);
+        let keying = Keying {
+            incoming: &incoming,
+            model,
+            images: &images,
+            endpoint: Api::Chat,
+        };
+
+        // A lookup is admitted first, as a request of no tokens and no
+        // money: a hit counts for requests_per_minute and max_concurrent
+        // and costs nothing; a client over those limits is refused before
+        // any image is fetched for the key.
+        let mut admission = None;
+        let mut key = None;
+        if permission.is_some_and(|p| p.lookup) {
+            let admitted = self
+                .reserve(&incoming, model, estimate::Estimate::default(), None, facts)
+                .await?;
+            let found = keying.key(&request).await;
+            (facts.images, facts.image_bytes) = images.fetched();
+            let found = found?;
+            if let Some(replayed) = cache
+                .get(&found)
+                .await
+                .and_then(|entry| replay(&entry, request.stream, request.include_usage))
+            {
+                crate::cache::count_hit(&model.name);
+                facts.cache = Some(CacheOutcome::Hit);
+                return Ok(hit(replayed, admitted));
+            }
+            admission = Some(admitted);
+            key = Some(found);
+        }
+        if permission.is_some() {
+            crate::cache::count_miss(&model.name);
+        }
+
         let count = counts_tokens(&incoming, model);
         let estimate = blocking_if(estimate::is_heavy(body.len(), &request, count), || {
             estimate::estimate_counting(body.len(), &request, model.max_output_tokens, count)
         });
-        let mut reservation = self.reserve(&incoming, model, estimate, facts).await?;
+        let mut reservation = self
+            .reserve(&incoming, model, estimate, admission, facts)
+            .await?;
         if !count {
             reservation.count_prompt_later(body.clone(), limits);
         }
-        self.attempt(
-            config,
-            &incoming,
-            model,
-            Parsed::Chat(request),
-            estimate,
-            reservation,
-            facts,
-        )
-        .await
+        // With `no-cache`, the key is made for storing only, once the
+        // request holds its budget.
+        if key.is_none() && permission.is_some_and(|p| p.store) {
+            let made = keying.key(&request).await;
+            (facts.images, facts.image_bytes) = images.fetched();
+            key = Some(made?);
+        }
+        let mut answer = self
+            .attempt(
+                config,
+                &incoming,
+                model,
+                Parsed::Chat(request),
+                estimate,
+                reservation,
+                &images,
+                facts,
+            )
+            .await?;
+        // An upstream's 200 is collected as it is relayed, and kept if it
+        // ends complete (see `relay`).
+        if let (Some(key), AnswerBody::Relayed(relayed)) = (key, &mut answer.body)
+            && answer.status == StatusCode::OK
+        {
+            let content_type = answer
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("application/json");
+            relayed.cache_to(Tee::new(Arc::clone(&cache), key, content_type));
+        }
+        Ok(answer)
     }
 
     /// `POST /v1/embeddings`: the same steps as a chat completion, with the
@@ -181,8 +302,12 @@ impl Gateway {
         let estimate = blocking_if(count && body.len() > estimate::OFFLOAD_BYTES, || {
             estimate::embeddings_estimate(&request, count)
         });
-        let reservation = self.reserve(&incoming, model, estimate, facts).await?;
+        let reservation = self
+            .reserve(&incoming, model, estimate, None, facts)
+            .await?;
         let request = Parsed::Embeddings(request);
+        let images = self.images.load_full();
+        let images = ImageWork::new(&images);
         self.attempt(
             config,
             &incoming,
@@ -190,6 +315,7 @@ impl Gateway {
             request,
             estimate,
             reservation,
+            &images,
             facts,
         )
         .await
@@ -226,26 +352,34 @@ impl Gateway {
     /// or refuses without calling upstream. Every early return after this
     /// drops the reservation, which gives it back; the answer's body
     /// settles it once, with the usage of the attempt that answered.
+    /// `admission`: the request was counted already, by a cache lookup's
+    /// reservation of nothing (see [`Budgets::reserve_admitted`]).
     async fn reserve(
         &self,
         incoming: &Incoming<'_>,
         model: &Model,
         estimate: estimate::Estimate,
+        admission: Option<Reservation>,
         facts: &mut RequestFacts,
     ) -> Result<Reservation, ChatError> {
         let (client, team) = (incoming.client, incoming.team);
         facts.estimated_tokens = Some(estimate.total());
-        facts.team = team.map(|team| std::sync::Arc::clone(&team.name));
-        let mut reservation = self
-            .budgets
-            .reserve(Claim {
-                client: &client.name,
-                limits: &client.budget,
-                team: team.map(|team| (&*team.name, &team.budget)),
-                model: &model.name,
-                estimate,
-                price: model.reserve_price,
-            })
+        facts.team = team.map(|team| Arc::clone(&team.name));
+        let claim = Claim {
+            client: &client.name,
+            limits: &client.budget,
+            team: team.map(|team| (&*team.name, &team.budget)),
+            model: &model.name,
+            estimate,
+            price: model.reserve_price,
+        };
+        let reserving = async {
+            match admission {
+                Some(admission) => self.budgets.reserve_admitted(claim, admission).await,
+                None => self.budgets.reserve(claim).await,
+            }
+        };
+        let mut reservation = reserving
             .instrument(crate::traces::budget_span(estimate.total()))
             .await?;
         reservation.set_request_id(incoming.request_id);
@@ -265,10 +399,9 @@ impl Gateway {
         request: Parsed<'_>,
         estimate: estimate::Estimate,
         reservation: Reservation,
+        images: &ImageWork<'_>,
         facts: &mut RequestFacts,
     ) -> Result<Answer, ChatError> {
-        let images = self.images.load_full();
-        let images = ImageWork::new(&images);
         let answer = attempt::Attempts {
             gateway: self,
             settings: &config.routing,
@@ -278,13 +411,75 @@ impl Gateway {
             body: &incoming.body,
             headers: incoming.headers,
             request_id: incoming.request_id,
-            images: &images,
+            images,
             limits: config.server.request_limits,
         }
         .run(request, reservation, facts)
         .await;
         (facts.images, facts.image_bytes) = images.fetched();
         answer
+    }
+}
+
+/// What a request's cache key is made of, beside the request itself.
+struct Keying<'a> {
+    incoming: &'a Incoming<'a>,
+    model: &'a Model,
+    images: &'a ImageWork<'a>,
+    /// No entry crosses APIs.
+    endpoint: Api,
+}
+
+impl Keying<'_> {
+    /// The chat request's cache key (see [`crate::cache::key`]). Its images
+    /// are fetched for it when every deployment's upstream inlines them
+    /// (the request's attempt then reuses them); a refused image refuses
+    /// the request, as the rewrite would have.
+    async fn key(&self, request: &ChatRequest<'_>) -> Result<CacheKey, ChatError> {
+        let fetch = self
+            .model
+            .deployments
+            .iter()
+            .all(|d| d.upstream.images.inline);
+        let digests = self.images.digests(request, fetch).await?;
+        let at: Vec<_> = request.images().map(|(at, _)| at).zip(digests).collect();
+        let tenant = match self.incoming.team {
+            Some(team) => Tenant::Team(&team.name),
+            None => Tenant::Client(&self.incoming.client.name),
+        };
+        let heavy = self.incoming.body.len() > PARSE_INLINE_BYTES;
+        Ok(blocking_if(heavy, || {
+            let text = request.to_cache_text(&mut |image| {
+                at.iter()
+                    .find(|(a, _)| *a == image)
+                    .and_then(|(_, digest)| *digest)
+                    .map(|digest| format!("sha256:{}", hex::encode(digest)))
+            });
+            KeyParts {
+                tenant,
+                endpoint: self.endpoint.as_str(),
+                model: &self.model.name,
+                fingerprint: fingerprint(self.model),
+                request: &text,
+            }
+            .key()
+        }))
+    }
+}
+
+/// A hit's answer: the replayed body with its content type, the client's
+/// windows as the admission left them.
+fn hit(replayed: Replayed, admission: Reservation) -> Answer {
+    let Replayed { content_type, body } = replayed;
+    let mut headers = HeaderMap::new();
+    if let Ok(value) = HeaderValue::from_str(&content_type) {
+        headers.insert(header::CONTENT_TYPE, value);
+    }
+    Answer {
+        status: StatusCode::OK,
+        headers,
+        budget: *admission.snapshot(),
+        body: AnswerBody::Hit(HitBody::new(body, admission)),
     }
 }
 

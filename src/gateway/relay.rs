@@ -22,6 +22,11 @@
 //! - the client went away (the body is dropped): settled from what was
 //!   generated so far, and dropping the upstream response cancels the
 //!   upstream request.
+//!
+//! For a model that caches, the upstream's chunks are also collected (a
+//! [`Tee`]); only an answer that reached its end is offered to the cache,
+//! and its last bytes wait for the cache too, so a client that has the
+//! whole answer finds it there with its next request.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -34,6 +39,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::budget::Reservation;
 use crate::budget::store::StoreFuture;
+use crate::cache::{Form, Tee};
 use crate::error_code::ErrorCode;
 use crate::openai::stream::UsageTap;
 use crate::spend::{Draft, Ending, SpendLog};
@@ -85,6 +91,8 @@ pub struct ResponseBody {
     persisting: Option<StoreFuture<()>>,
     /// An end before the end, told after the held-back bytes went out.
     cut_next: Option<Cut>,
+    /// The answer collected for the response cache.
+    tee: Option<Tee>,
 }
 
 impl ResponseBody {
@@ -111,7 +119,14 @@ impl ResponseBody {
             held: Bytes::new(),
             persisting: None,
             cut_next: None,
+            tee: None,
         }
+    }
+
+    /// Collects the upstream's chunks for the response cache, which gets
+    /// them if the answer ends complete.
+    pub fn cache_to(&mut self, tee: Tee) {
+        self.tee = Some(tee);
     }
 
     /// Writes the request's spend-log record when the body ends.
@@ -161,9 +176,30 @@ impl ResponseBody {
         // Only a complete response's last bytes wait for it; otherwise the
         // settlement runs on, and nothing is left to hold back.
         if complete {
-            self.persisting = Some(match log {
+            let persisting = match log {
                 Some(log) => with_record(persisted, log),
                 None => persisted,
+            };
+            // The answer is offered to the cache (a stream as the events it
+            // was read as) alongside.
+            let tee = self
+                .tee
+                .take()
+                .filter(|_| cut.is_none() && self.upstream_ok);
+            self.persisting = Some(match tee {
+                Some(tee) => {
+                    let form = if self.tap.reads_events() {
+                        Form::Stream
+                    } else {
+                        Form::Json
+                    };
+                    let storing = tee.finish(form);
+                    Box::pin(async move {
+                        let (persisted, ()) = futures_util::future::join(persisting, storing).await;
+                        persisted
+                    })
+                }
+                None => persisting,
             });
         } else if let Some(log) = log
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
@@ -272,6 +308,9 @@ impl Stream for ResponseBody {
             Poll::Ready(Some(Ok(chunk))) => {
                 let idle = this.idle;
                 this.deadline.as_mut().reset(Instant::now() + idle);
+                if let Some(tee) = &mut this.tee {
+                    tee.push(&chunk);
+                }
                 let out = this.tap.on_chunk(chunk);
                 let out = this.hold_back(out);
                 if !out.is_empty() {

@@ -719,6 +719,15 @@ async fn sqlite_migration_3_keeps_older_records() {
         .unwrap()
     };
     assert_eq!(read("old"), (None, 0, 0, 0, "chat".into()));
+    let cache_hit = |id: &str| {
+        db.query_row(
+            "SELECT cache_hit FROM spend_log WHERE request_id = ?1",
+            [id],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap()
+    };
+    assert_eq!((cache_hit("old"), cache_hit("new")), (0, 0));
     assert_eq!(
         read("new"),
         (Some("research".into()), 5, 2, 12_345_685, "chat".into())
@@ -762,6 +771,26 @@ async fn postgres_sink_migrates_writes_and_aggregates() {
         .unwrap()
         .get(0);
     assert_eq!(unix_ms(at), JUNE_1 + 2 * DAY, "times are real timestamps");
+    // A response-cache hit is marked; other records are not.
+    let mut hit = record(7);
+    hit.facts = Arc::new(RequestFacts {
+        request_id: "hit".into(),
+        cache: Some(crate::facts::CacheOutcome::Hit),
+        ..(*hit.facts).clone()
+    });
+    sink.write(vec![hit, record(8)].into()).await.unwrap();
+    let marked: Vec<(String, bool)> = client
+        .query(
+            "SELECT request_id, cache_hit FROM spend_log WHERE request_id IN ('hit', 'req_8') \
+             ORDER BY request_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(marked, [("hit".into(), true), ("req_8".into(), false)]);
 
     client
         .execute(

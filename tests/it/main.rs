@@ -14,6 +14,7 @@ mod support;
 mod admin;
 mod alerts;
 mod budget;
+mod cache;
 mod cli;
 mod connections;
 mod docs;
