@@ -155,6 +155,9 @@ class Model:
     price: dict[str, float] | None = None
     # "chat" (the default) or "embeddings".
     endpoint: str | None = None
+    # `cache = true`: answers kept in the response cache (with `[cache]` in
+    # the config's `extra_toml`).
+    cache: bool = False
 
 
 # The default setup. `sdk-model` is renamed upstream, so a response's `model`
@@ -214,6 +217,8 @@ class Iris:
                 lines.append(f"upstream_model = {_toml_str(model.upstream_model)}")
             if model.endpoint:
                 lines.append(f"endpoint = {_toml_str(model.endpoint)}")
+            if model.cache:
+                lines.append("cache = true")
             if model.price:
                 prices = ", ".join(f"{name} = {value!r}" for name, value in model.price.items())
                 lines.append(f"price = {{ {prices} }}")
