@@ -18,9 +18,16 @@
 //! floor any gateway sits on: Iris's overhead is reported next to it, and a
 //! summary gives each headline figure as a ratio to the floor's.
 //!
+//! The response cache is measured as hits: the same small chat again and
+//! again to a model with `cache = true` (in memory, and on Redis when the
+//! Redis store is measured), which no upstream answers after the first.
+//!
 //! Memory is measured apart, in child processes (this program run again as
 //! the real `iris serve`, and as the bare proxy), from /proc: resident set
-//! when idle and after a load at concurrency 64. `--no-rss` skips it.
+//! when idle and after a load at concurrency 64; and what one cached answer
+//! costs, as the growth of the resident set over a number of distinct
+//! answers stored (after as many requests that stored nothing, so that
+//! what serving them costs is already counted). `--no-rss` skips it.
 
 #[path = "../tests/it/support/mock_upstream.rs"]
 mod mock_upstream;
@@ -232,9 +239,17 @@ async fn iris_server(
     ready: tokio::sync::oneshot::Sender<SocketAddr>,
 ) {
     iris::init_tls();
+    // The cache where the store is: in memory, or on the store's Redis.
+    let cache = if store.contains("\"redis\"") {
+        "redis"
+    } else {
+        "memory"
+    };
     let config = format!(
         r#"
         {store}
+        [cache]
+        kind = "{cache}"
         [[upstreams]]
         name = "mock"
         base_url = "http://{upstream}/v1"
@@ -256,6 +271,10 @@ async fn iris_server(
         [[models]]
         name = "bench-failover"
         deployments = [{{ upstream = "failing" }}, {{ upstream = "mock" }}]
+        [[models]]
+        name = "bench-cached"
+        upstream = "mock"
+        cache = true
         [[clients]]
         name = "bench"
         key = "{key}"
@@ -533,6 +552,18 @@ fn main() {
                 targets.push(("iris, 2 deployments", iris, KEY, "bench-routed"));
                 targets.push(("iris, 1 of 2 failing", iris, KEY, "bench-failover"));
             }
+            if scenario != Scenario::Image {
+                // The same request again and again: answered from the cache.
+                targets.push(("iris, cache hit", iris, KEY_BUDGETED, "bench-cached"));
+                if let Some(iris_redis) = iris_redis {
+                    targets.push((
+                        "iris, cache hit (redis)",
+                        iris_redis,
+                        KEY_BUDGETED,
+                        "bench-cached",
+                    ));
+                }
+            }
             let mut direct_p50 = Duration::ZERO;
             for (name, addr, key, model) in targets {
                 let cell = format!("{}/{concurrency}/{name}", scenario.name());
@@ -550,6 +581,7 @@ fn main() {
                     concurrency,
                     target: name,
                     rps: measured.rps(),
+                    p50,
                     added_p50: p50.saturating_sub(direct_p50),
                 });
                 println!(
@@ -581,6 +613,7 @@ struct Cell {
     concurrency: usize,
     target: &'static str,
     rps: f64,
+    p50: Duration,
     added_p50: Duration,
 }
 
@@ -642,6 +675,46 @@ fn print_summary(cells: &[Cell]) {
                 None => line.push_str(" - | - |"),
             }
         }
+        println!("{line} {goal} |");
+    }
+
+    // A hit calls no upstream: its whole latency against the floor's.
+    println!(
+        "\n| figure | bare proxy (to the upstream) | iris, cache hit | ÷ floor | iris, cache hit (redis) | ÷ floor | goal |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (figure, scenario, concurrency, throughput) in [
+        ("latency, small chat, c=1 (p50)", Scenario::Small, 1, false),
+        (
+            "latency to the first streamed chunk, c=1 (p50)",
+            Scenario::Stream,
+            1,
+            false,
+        ),
+        ("throughput, small chat, c=64", Scenario::Small, 64, true),
+    ] {
+        let Some(bare) = find(scenario, concurrency, "bare proxy") else {
+            continue;
+        };
+        let value = |cell: &Cell| {
+            if throughput {
+                (format!("{:.0} req/s", cell.rps), cell.rps / bare.rps)
+            } else {
+                let floor = bare.p50.as_secs_f64().max(1e-6);
+                (micros(cell.p50), cell.p50.as_secs_f64() / floor)
+            }
+        };
+        let mut line = format!("| {figure} | {} |", value(bare).0);
+        for target in ["iris, cache hit", "iris, cache hit (redis)"] {
+            match find(scenario, concurrency, target) {
+                Some(cell) => {
+                    let (text, ratio) = value(cell);
+                    line.push_str(&format!(" {text} | {ratio:.2} |"));
+                }
+                None => line.push_str(" - | - |"),
+            }
+        }
+        let goal = if throughput { "> 1" } else { "< 1" };
         println!("{line} {goal} |");
     }
 }
@@ -706,6 +779,143 @@ async fn print_memory(upstream: SocketAddr, seconds: f64) {
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
+    measure_cache_entries(&exe, upstream).await;
+}
+
+/// Distinct answers stored to measure what one cached entry costs.
+const CACHED_ENTRIES: usize = 20_000;
+
+/// What a cached answer costs in memory: `iris serve` with a memory cache,
+/// sent [`CACHED_ENTRIES`] distinct small chats with `Cache-Control:
+/// no-store` (served, nothing kept: what serving costs settles in the
+/// allocator), then as many other distinct ones that are kept; the growth
+/// of the resident set in between, per entry, beside what `max_bytes`
+/// counts per entry (`iris_cache_bytes`).
+async fn measure_cache_entries(exe: &std::path::Path, upstream: SocketAddr) {
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("iris-bench-cache-{}-{port}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let config_path = dir.join("iris.toml");
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\n[store]\nkind = \"memory\"\n\
+         [spend_log]\nkind = \"off\"\n[cache]\nkind = \"memory\"\nmax_bytes = 1073741824\n\
+         [[upstreams]]\nname = \"mock\"\nbase_url = \"http://{upstream}/v1\"\napi_key = \"k\"\n\
+         [[models]]\nname = \"bench-cached\"\nupstream = \"mock\"\ncache = true\n\
+         [[clients]]\nname = \"bench\"\nkey = \"{hash}\"\n",
+        hash = KeyHash::of(KEY),
+    );
+    if std::fs::write(&config_path, config).is_err() {
+        return;
+    }
+    let child = std::process::Command::new(exe)
+        .args(["--serve-iris", &config_path.display().to_string()])
+        .env("IRIS_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    let Ok(mut child) = child else {
+        return;
+    };
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    fill(addr, "served", true).await;
+    let before = status_kib(child.id(), "VmRSS");
+    fill(addr, "kept", false).await;
+    let after = status_kib(child.id(), "VmRSS");
+    let counted = cache_bytes(addr).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    let (Some(before), Some(after)) = (before, after) else {
+        return;
+    };
+    let per_entry = after.saturating_sub(before) as f64 * 1024.0 / CACHED_ENTRIES as f64;
+    println!(
+        "\n| cached entries | RSS before | RSS after | RSS per entry | counted per entry (iris_cache_bytes) |"
+    );
+    println!("|---|---|---|---|---|");
+    println!(
+        "| {CACHED_ENTRIES} small chats | {:.1} MiB | {:.1} MiB | {per_entry:.0} B | {} |",
+        before as f64 / 1024.0,
+        after as f64 / 1024.0,
+        counted.map_or("-".into(), |b| format!(
+            "{:.0} B",
+            b / CACHED_ENTRIES as f64
+        )),
+    );
+}
+
+/// Sends [`CACHED_ENTRIES`] distinct small chats for `bench-cached`, 16 at
+/// a time, each asking something of its own (`tag` and a number).
+async fn fill(addr: SocketAddr, tag: &str, no_store: bool) {
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let uri: hyper::Uri = format!("http://{addr}/v1/chat/completions")
+        .parse()
+        .unwrap_or_default();
+    let auth = format!("Bearer {KEY}");
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (client, uri, auth, next, tag) = (
+            client.clone(),
+            uri.clone(),
+            auth.clone(),
+            std::sync::Arc::clone(&next),
+            tag.to_owned(),
+        );
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if n >= CACHED_ENTRIES {
+                    break;
+                }
+                let body = serde_json::json!({
+                    "model": "bench-cached",
+                    "messages": [{"role": "user", "content": format!("Say hello in five words ({tag} {n}).")}],
+                    "max_tokens": 64,
+                });
+                let mut request = Request::post(uri.clone())
+                    .header("content-type", "application/json")
+                    .header("authorization", &auth);
+                if no_store {
+                    request = request.header("cache-control", "no-store");
+                }
+                let request = request
+                    .body(Full::new(Bytes::from(body.to_string())))
+                    .unwrap_or_default();
+                if let Ok(response) = client.request(request).await {
+                    let _ = response.into_body().collect().await;
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+}
+
+/// `iris_cache_bytes` from the server's `/metrics`.
+async fn cache_bytes(addr: SocketAddr) -> Option<f64> {
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let uri: hyper::Uri = format!("http://{addr}/metrics").parse().ok()?;
+    let response = client.get(uri).await.ok()?;
+    let body = response.into_body().collect().await.ok()?.to_bytes();
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find(|line| line.starts_with("iris_cache_bytes "))?
+        .rsplit(' ')
+        .next()?
+        .parse()
+        .ok()
 }
 
 async fn measure_child(

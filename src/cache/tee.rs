@@ -1,6 +1,7 @@
 //! An answer's bytes collected as the relay passes them on (each chunk a
 //! reference to the same buffer, nothing copied until the end), then, when
-//! the answer ended complete, checked ([`Entry::admit`]) and stored.
+//! the answer ended complete, copied into one buffer of its own, checked
+//! ([`Entry::admit`]) and stored.
 //!
 //! An answer larger than the cache keeps per entry stops being collected
 //! at once: its chunks are let go rather than held to the end.
@@ -65,17 +66,15 @@ impl Tee {
             len,
             ..
         } = self;
-        let body = match chunks.as_slice() {
-            [one] => one.clone(),
-            _ => {
-                let mut body = BytesMut::with_capacity(len);
-                for chunk in &chunks {
-                    body.extend_from_slice(chunk);
-                }
-                body.freeze()
-            }
-        };
+        // Copied into a buffer of its own even when it came in one chunk:
+        // a chunk is a slice of the connection's read buffer, which an
+        // entry kept for an hour would otherwise pin whole.
+        let mut body = BytesMut::with_capacity(len);
+        for chunk in &chunks {
+            body.extend_from_slice(chunk);
+        }
         drop(chunks);
+        let body = body.freeze();
         let check = move || Entry::admit(form, &content_type, body);
         let admitted = if len > CHECK_INLINE_BYTES {
             match tokio::task::spawn_blocking(check).await {

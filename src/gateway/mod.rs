@@ -33,6 +33,7 @@ use crate::catalog::{Client, Model, Team};
 use crate::config::Config;
 use crate::facts::{CacheOutcome, RequestFacts};
 use crate::images::Images;
+use crate::images::data_uri::is_data_uri;
 use crate::openai::Api;
 use crate::openai::chat::{ChatRequest, RequestError};
 use crate::openai::embeddings::EmbeddingsRequest;
@@ -181,58 +182,16 @@ impl Gateway {
         let model = self.model_for(config, incoming.client, &request.model, Api::Chat, facts)?;
         crate::traces::record_operation(Api::Chat, &model.name, request.completion_cap);
 
-        // The response cache, for a model that caches: what the request's
-        // Cache-Control lets it do.
-        let cache = self.cache.load_full();
-        let permission = (cache.is_on() && model.cache).then(|| {
-            Permission::from_cache_control(
-                incoming
-                    .headers
-                    .get_all(header::CACHE_CONTROL)
-                    .iter()
-                    .map(HeaderValue::as_bytes),
-            )
-        });
-        if permission.is_some() {
-            facts.cache = Some(CacheOutcome::Miss);
-        }
         let images = self.images.load_full();
         let images = ImageWork::new(&images);
-        let keying = Keying {
-            incoming: &incoming,
-            model,
-            images: &images,
-            endpoint: Api::Chat,
+        let caching = Caching::of(self, &incoming, model, &images, facts);
+        let (admission, mut key) = match &caching {
+            Some(caching) => match caching.look_up(self, &request, facts).await? {
+                Looked::Hit(answer) => return Ok(answer),
+                Looked::Miss { admission, key } => (admission, key),
+            },
+            None => (None, None),
         };
-
-        // A lookup is admitted first, as a request of no tokens and no
-        // money: a hit counts for requests_per_minute and max_concurrent
-        // and costs nothing; a client over those limits is refused before
-        // any image is fetched for the key.
-        let mut admission = None;
-        let mut key = None;
-        if permission.is_some_and(|p| p.lookup) {
-            let admitted = self
-                .reserve(&incoming, model, estimate::Estimate::default(), None, facts)
-                .await?;
-            let found = keying.key(&request).await;
-            (facts.images, facts.image_bytes) = images.fetched();
-            let found = found?;
-            if let Some(replayed) = cache
-                .get(&found)
-                .await
-                .and_then(|entry| replay(&entry, request.stream, request.include_usage))
-            {
-                crate::cache::count_hit(&model.name);
-                facts.cache = Some(CacheOutcome::Hit);
-                return Ok(hit(replayed, admitted));
-            }
-            admission = Some(admitted);
-            key = Some(found);
-        }
-        if permission.is_some() {
-            crate::cache::count_miss(&model.name);
-        }
 
         let count = counts_tokens(&incoming, model);
         let estimate = blocking_if(estimate::is_heavy(body.len(), &request, count), || {
@@ -246,8 +205,10 @@ impl Gateway {
         }
         // With `no-cache`, the key is made for storing only, once the
         // request holds its budget.
-        if key.is_none() && permission.is_some_and(|p| p.store) {
-            let made = keying.key(&request).await;
+        if let Some(caching) = caching.as_ref().filter(|c| c.permission.store)
+            && key.is_none()
+        {
+            let made = caching.key(&request).await;
             (facts.images, facts.image_bytes) = images.fetched();
             key = Some(made?);
         }
@@ -265,7 +226,8 @@ impl Gateway {
             .await?;
         // An upstream's 200 is collected as it is relayed, and kept if it
         // ends complete (see `relay`).
-        if let (Some(key), AnswerBody::Relayed(relayed)) = (key, &mut answer.body)
+        if let (Some(caching), Some(key), AnswerBody::Relayed(relayed)) =
+            (caching, key, &mut answer.body)
             && answer.status == StatusCode::OK
         {
             let content_type = answer
@@ -273,7 +235,7 @@ impl Gateway {
                 .get(header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("application/json");
-            relayed.cache_to(Tee::new(Arc::clone(&cache), key, content_type));
+            relayed.cache_to(Tee::new(caching.cache, key, content_type));
         }
         Ok(answer)
     }
@@ -421,27 +383,139 @@ impl Gateway {
     }
 }
 
-/// What a request's cache key is made of, beside the request itself.
-struct Keying<'a> {
+/// The response cache's part in one chat completion of a model that
+/// caches (with the cache on): what the request's `Cache-Control` lets it
+/// do, and what its key is made of beside the request itself.
+struct Caching<'a> {
+    cache: Arc<ResponseCache>,
+    permission: Permission,
     incoming: &'a Incoming<'a>,
     model: &'a Model,
     images: &'a ImageWork<'a>,
-    /// No entry crosses APIs.
-    endpoint: Api,
 }
 
-impl Keying<'_> {
-    /// The chat request's cache key (see [`crate::cache::key`]). Its images
-    /// are fetched for it when every deployment's upstream inlines them
-    /// (the request's attempt then reuses them); a refused image refuses
-    /// the request, as the rewrite would have.
-    async fn key(&self, request: &ChatRequest<'_>) -> Result<CacheKey, ChatError> {
-        let fetch = self
-            .model
+/// What a lookup found.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "returned once per request and taken apart at once"
+)]
+enum Looked {
+    Hit(Answer),
+    /// `admission`: the request as counted for the lookup; `key`: its key,
+    /// to store its answer under (neither when nothing was looked up).
+    Miss {
+        admission: Option<Reservation>,
+        key: Option<CacheKey>,
+    },
+}
+
+impl<'a> Caching<'a> {
+    /// `None` for a model that does not cache, or with the cache off. The
+    /// request's answer says `x-iris-cache: miss` unless it is a hit.
+    fn of(
+        gateway: &Gateway,
+        incoming: &'a Incoming<'a>,
+        model: &'a Model,
+        images: &'a ImageWork<'a>,
+        facts: &mut RequestFacts,
+    ) -> Option<Self> {
+        let cache = gateway.cache.load_full();
+        if !(cache.is_on() && model.cache) {
+            return None;
+        }
+        let permission = Permission::from_cache_control(
+            incoming
+                .headers
+                .get_all(header::CACHE_CONTROL)
+                .iter()
+                .map(HeaderValue::as_bytes),
+        );
+        facts.cache = Some(CacheOutcome::Miss);
+        Some(Self {
+            cache,
+            permission,
+            incoming,
+            model,
+            images,
+        })
+    }
+
+    /// Looks the request up, unless its `Cache-Control` says not to. A
+    /// lookup is admitted as a request of no tokens and no money: a hit
+    /// counts for `requests_per_minute` and `max_concurrent` and costs
+    /// nothing, and a client over those limits is refused, whatever the
+    /// cache holds. Images to fetch for the key wait for the admission (a
+    /// refused client must not make Iris fetch anything); without them, the
+    /// key and the lookup run beside the admission, so that a hit costs one
+    /// round trip to a shared store, not two.
+    async fn look_up(
+        &self,
+        gateway: &Gateway,
+        request: &ChatRequest<'_>,
+        facts: &mut RequestFacts,
+    ) -> Result<Looked, ChatError> {
+        let model = &self.model.name;
+        if !self.permission.lookup {
+            crate::cache::count_miss(model);
+            return Ok(Looked::Miss {
+                admission: None,
+                key: None,
+            });
+        }
+        let empty = estimate::Estimate::default();
+        let admitting = gateway.reserve(self.incoming, self.model, empty, None, facts);
+        let (admission, looked) = if self.fetches(request) {
+            let admission = admitting.await?;
+            (admission, self.find(request).await)
+        } else {
+            let (admission, looked) =
+                futures_util::future::join(admitting, self.find(request)).await;
+            (admission?, looked)
+        };
+        (facts.images, facts.image_bytes) = self.images.fetched();
+        let (key, found) = looked?;
+        if let Some(replayed) =
+            found.and_then(|entry| replay(&entry, request.stream, request.include_usage))
+        {
+            crate::cache::count_hit(model);
+            facts.cache = Some(CacheOutcome::Hit);
+            return Ok(Looked::Hit(hit(replayed, admission)));
+        }
+        crate::cache::count_miss(model);
+        Ok(Looked::Miss {
+            admission: Some(admission),
+            key: Some(key),
+        })
+    }
+
+    /// The request's key, and what the cache holds under it.
+    async fn find(
+        &self,
+        request: &ChatRequest<'_>,
+    ) -> Result<(CacheKey, Option<Arc<crate::cache::Entry>>), ChatError> {
+        let key = self.key(request).await?;
+        Ok((key, self.cache.get(&key).await))
+    }
+
+    /// Whether images are fetched for the key: when every deployment's
+    /// upstream inlines them (so the request's attempt reuses the fetch).
+    fn fetch_images(&self) -> bool {
+        self.model
             .deployments
             .iter()
-            .all(|d| d.upstream.images.inline);
-        let digests = self.images.digests(request, fetch).await?;
+            .all(|d| d.upstream.images.inline)
+    }
+
+    /// Whether making the key fetches an image.
+    fn fetches(&self, request: &ChatRequest<'_>) -> bool {
+        self.fetch_images() && request.images().any(|(_, image)| !is_data_uri(&image.url))
+    }
+
+    /// The chat request's cache key (see [`crate::cache::key`]), its images
+    /// as their bytes' digests ([`ImageWork::digests`]); a refused image
+    /// refuses the request, as the rewrite would have.
+    async fn key(&self, request: &ChatRequest<'_>) -> Result<CacheKey, ChatError> {
+        let digests = self.images.digests(request, self.fetch_images()).await?;
         let at: Vec<_> = request.images().map(|(at, _)| at).zip(digests).collect();
         let tenant = match self.incoming.team {
             Some(team) => Tenant::Team(&team.name),
@@ -457,7 +531,7 @@ impl Keying<'_> {
             });
             KeyParts {
                 tenant,
-                endpoint: self.endpoint.as_str(),
+                endpoint: Api::Chat.as_str(),
                 model: &self.model.name,
                 fingerprint: fingerprint(self.model),
                 request: &text,

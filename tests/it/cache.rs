@@ -202,32 +202,12 @@ async fn the_same_image_by_two_urls_or_as_a_data_uri_is_the_same_request() {
     let upstream = MockUpstream::start().await;
     let host = ImageServer::start("127.0.0.2").await;
     let mirror = ImageServer::start("127.0.0.3").await;
-    let png = |blue: u8| {
-        let image =
-            image::RgbImage::from_fn(8, 8, |x, y| image::Rgb([x as u8 * 30, y as u8 * 30, blue]));
-        let mut out = std::io::Cursor::new(Vec::new());
-        image::DynamicImage::ImageRgb8(image)
-            .write_to(&mut out, image::ImageFormat::Png)
-            .expect("png");
-        out.into_inner()
-    };
     let cat = png(90);
     host.add("cat.png", "image/png", cat.clone());
     host.add("same-cat.png", "image/png", cat.clone());
     mirror.add("cat-copy.png", "image/png", cat.clone());
     host.add("other.png", "image/png", png(91));
-    let images = "[images]\nallowed_networks = [\"127.0.0.2/32\", \"127.0.0.3/32\"]\n";
-    let text = config(&upstream.base_url(), MEMORY, images).replacen(
-        "timeout_ms = 2000\n",
-        "timeout_ms = 2000\ninline_images = true\n",
-        1,
-    );
-    let iris = Iris::start(&text).await;
-    let with_image = |url: &str| {
-        json!({"model": "test-model", "messages": [{"role": "user", "content": [
-            {"type": "text", "text": "What is this?"},
-            {"type": "image_url", "image_url": {"url": url}}]}]})
-    };
+    let iris = Iris::start(&image_config(&upstream.base_url(), "")).await;
 
     let (cache, status, _) =
         send(&iris, KEY_A, &with_image(&host.url("/files/cat.png")), &[]).await;
@@ -274,6 +254,71 @@ async fn the_same_image_by_two_urls_or_as_a_data_uri_is_the_same_request() {
         error["error"]["param"],
         "messages[0].content[1].image_url.url"
     );
+}
+
+/// An 8x8 PNG, its blue channel `blue`: another value, another picture.
+fn png(blue: u8) -> Vec<u8> {
+    let image =
+        image::RgbImage::from_fn(8, 8, |x, y| image::Rgb([x as u8 * 30, y as u8 * 30, blue]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::ImageRgb8(image)
+        .write_to(&mut out, image::ImageFormat::Png)
+        .expect("png");
+    out.into_inner()
+}
+
+/// A chat body for `test-model` with one image at `url`.
+fn with_image(url: &str) -> Value {
+    json!({"model": "test-model", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": url}}]}]})
+}
+
+/// `config` with images inlined by the mock's upstream, fetched from
+/// 127.0.0.2 and 127.0.0.3.
+fn image_config(upstream: &str, extra: &str) -> String {
+    let images = "[images]\nallowed_networks = [\"127.0.0.2/32\", \"127.0.0.3/32\"]\n";
+    config(upstream, MEMORY, &format!("{extra}\n{images}")).replacen(
+        "timeout_ms = 2000\n",
+        "timeout_ms = 2000\ninline_images = true\n",
+        1,
+    )
+}
+
+#[tokio::test]
+async fn a_lookup_over_the_request_limit_is_refused_before_any_fetch() {
+    let upstream = MockUpstream::start().await;
+    let host = ImageServer::start("127.0.0.2").await;
+    host.add("first.png", "image/png", png(1));
+    host.add("second.png", "image/png", png(2));
+    let text = image_config(
+        &upstream.base_url(),
+        "[clients.budget]\nrequests_per_minute = 1\n",
+    )
+    .replace("models = [\"other-model\"]", "models = [\"test-model\"]");
+    let iris = Iris::start(&text).await;
+    let (cache, status, _) = send(
+        &iris,
+        KEY_B,
+        &with_image(&host.url("/files/first.png")),
+        &[],
+    )
+    .await;
+    assert_eq!((cache.as_str(), status), ("miss", 200));
+    let (cache, status, _) = send(
+        &iris,
+        KEY_B,
+        &with_image(&host.url("/files/second.png")),
+        &[],
+    )
+    .await;
+    assert_eq!((cache.as_str(), status), ("miss", 429));
+    assert_eq!(
+        host.hits("/files/second.png"),
+        0,
+        "nothing fetched for a refused request"
+    );
+    assert_eq!(upstream.requests(), 1);
 }
 
 const KEY_C: &str = "test-key-c";
