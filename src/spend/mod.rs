@@ -84,7 +84,8 @@ pub struct Record {
     /// spool, as a newer Iris may have written another).
     pub endpoint: Cow<'static, str>,
     /// From the request's arrival to the first byte of the upstream's
-    /// answer going to the client; none when Iris answered itself.
+    /// answer (or of a cache hit's replay) going to the client; none when
+    /// Iris answered with an error of its own.
     pub ttfb_ms: Option<u64>,
     /// From the request's arrival to the end of its response body.
     pub total_ms: u64,
