@@ -962,3 +962,24 @@ async fn a_batch_sent_again_after_a_crash_lands_once() {
 fn waiting_in(spool: &std::path::Path) -> u64 {
     spool::Spool::open(spool).unwrap().1
 }
+
+#[test]
+fn a_cache_hit_is_still_one_when_read_back_from_the_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    let (spooled, _) = spool::Spool::open(&path).unwrap();
+    let mut hit = record(1);
+    hit.facts = Arc::new(RequestFacts {
+        cache: Some(crate::facts::CacheOutcome::Hit),
+        ..(*hit.facts).clone()
+    });
+    let db = rusqlite::Connection::open(&path).unwrap();
+    sqlite::insert_into(&db, sqlite::Table::Spool, &[hit, record(2)]).unwrap();
+    let read: Vec<bool> = spooled
+        .oldest(10)
+        .unwrap()
+        .iter()
+        .map(|(_, record)| record.cache_hit())
+        .collect();
+    assert_eq!(read, [true, false]);
+}
