@@ -5,7 +5,8 @@
 //! Kept: an upstream's 200 that ended complete (the relay decides that),
 //! whose every choice finished for a reason other than `length` (a reply or
 //! a tool call cut short by its token cap is not an answer worth serving
-//! again), with no error in it. A stream is kept as its events as the
+//! again), or an embeddings list with at least one vector, with no error in
+//! it. A stream is kept as its events as the
 //! upstream sent them, its usage chunk included when there was one, so a
 //! later request that asks for the usage chunk gets it.
 
@@ -45,13 +46,18 @@ pub enum NotKept {
     CutShort,
 }
 
-/// The fields of a completion (or a chunk) that decide whether it is kept.
+/// The fields of a completion (or a chunk, or an embeddings list) that
+/// decide whether it is kept.
 #[derive(Deserialize)]
 struct View<'a> {
     #[serde(default, borrow)]
     choices: Option<Vec<ChoiceView<'a>>>,
     #[serde(default, borrow)]
     error: Option<&'a RawValue>,
+    /// An embeddings answer's vectors (never parsed: only whether there
+    /// are any).
+    #[serde(default, borrow)]
+    data: Option<Vec<&'a RawValue>>,
 }
 
 #[derive(Deserialize)]
@@ -173,10 +179,13 @@ fn check_json(body: &[u8]) -> Result<(), NotKept> {
     if view.error.is_some_and(|e| e.get() != "null") {
         return Err(NotKept::Error);
     }
-    let choices = view
-        .choices
-        .filter(|c| !c.is_empty())
-        .ok_or(NotKept::NotAnAnswer)?;
+    let Some(choices) = view.choices.filter(|c| !c.is_empty()) else {
+        // An embeddings list: kept when it holds a vector.
+        return match view.data {
+            Some(data) if !data.is_empty() => Ok(()),
+            _ => Err(NotKept::NotAnAnswer),
+        };
+    };
     choices
         .iter()
         .try_for_each(|choice| check_finish(finish_reason(choice)))
@@ -248,6 +257,13 @@ mod tests {
         );
         assert_eq!(json(r#"{"choices":[]}"#), Err(NotKept::NotAnAnswer));
         assert_eq!(json("<html>"), Err(NotKept::NotAnAnswer));
+        // Embeddings: a list with vectors is an answer, an empty one is not.
+        let vectors = r#"{"object":"list","data":[{"embedding":"AAAA","index":0}],"usage":{}}"#;
+        assert!(json(vectors).is_ok());
+        assert_eq!(
+            json(r#"{"object":"list","data":[]}"#),
+            Err(NotKept::NotAnAnswer)
+        );
         assert_eq!(
             json(r#"{"choices":[{"finish_reason":"stop"}"#),
             Err(NotKept::NotAnAnswer)

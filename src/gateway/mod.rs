@@ -186,7 +186,7 @@ impl Gateway {
         let images = ImageWork::new(&images);
         let caching = Caching::of(self, &incoming, model, &images, facts);
         let (admission, mut key) = match &caching {
-            Some(caching) => match caching.look_up(self, &request, facts).await? {
+            Some(caching) => match caching.look_up(self, Asked::Chat(&request), facts).await? {
                 Looked::Hit(answer) => return Ok(answer),
                 Looked::Miss { admission, key } => (admission, key),
             },
@@ -208,7 +208,7 @@ impl Gateway {
         if let Some(caching) = caching.as_ref().filter(|c| c.permission.store)
             && key.is_none()
         {
-            let made = caching.key(&request).await;
+            let made = caching.key(Asked::Chat(&request)).await;
             (facts.images, facts.image_bytes) = images.fetched();
             key = Some(made?);
         }
@@ -224,19 +224,7 @@ impl Gateway {
                 facts,
             )
             .await?;
-        // An upstream's 200 is collected as it is relayed, and kept if it
-        // ends complete (see `relay`).
-        if let (Some(caching), Some(key), AnswerBody::Relayed(relayed)) =
-            (caching, key, &mut answer.body)
-            && answer.status == StatusCode::OK
-        {
-            let content_type = answer
-                .headers
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("application/json");
-            relayed.cache_to(Tee::new(caching.cache, key, content_type));
-        }
+        keep_if_complete(caching, key, &mut answer);
         Ok(answer)
     }
 
@@ -260,27 +248,43 @@ impl Gateway {
             facts,
         )?;
         crate::traces::record_operation(Api::Embeddings, &model.name, None);
+        let images = self.images.load_full();
+        let images = ImageWork::new(&images);
+        let caching = Caching::of(self, &incoming, model, &images, facts);
+        let asked = Asked::Embeddings(&request);
+        let (admission, mut key) = match &caching {
+            Some(caching) => match caching.look_up(self, asked, facts).await? {
+                Looked::Hit(answer) => return Ok(answer),
+                Looked::Miss { admission, key } => (admission, key),
+            },
+            None => (None, None),
+        };
         let count = counts_tokens(&incoming, model);
         let estimate = blocking_if(count && body.len() > estimate::OFFLOAD_BYTES, || {
             estimate::embeddings_estimate(&request, count)
         });
         let reservation = self
-            .reserve(&incoming, model, estimate, None, facts)
+            .reserve(&incoming, model, estimate, admission, facts)
             .await?;
-        let request = Parsed::Embeddings(request);
-        let images = self.images.load_full();
-        let images = ImageWork::new(&images);
-        self.attempt(
-            config,
-            &incoming,
-            model,
-            request,
-            estimate,
-            reservation,
-            &images,
-            facts,
-        )
-        .await
+        if let Some(caching) = caching.as_ref().filter(|c| c.permission.store)
+            && key.is_none()
+        {
+            key = Some(caching.key(asked).await?);
+        }
+        let mut answer = self
+            .attempt(
+                config,
+                &incoming,
+                model,
+                Parsed::Embeddings(request),
+                estimate,
+                reservation,
+                &images,
+                facts,
+            )
+            .await?;
+        keep_if_complete(caching, key, &mut answer);
+        Ok(answer)
     }
 
     /// The model a request names, if it exists, serves `api` and the
@@ -383,7 +387,48 @@ impl Gateway {
     }
 }
 
-/// The response cache's part in one chat completion of a model that
+/// An upstream's 200 is collected as it is relayed, and kept under `key`
+/// if it ends complete (see `relay`).
+fn keep_if_complete(caching: Option<Caching<'_>>, key: Option<CacheKey>, answer: &mut Answer) {
+    if let (Some(caching), Some(key), AnswerBody::Relayed(relayed)) =
+        (caching, key, &mut answer.body)
+        && answer.status == StatusCode::OK
+    {
+        let content_type = answer
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/json");
+        relayed.cache_to(Tee::new(caching.cache, key, content_type));
+    }
+}
+
+/// A request as the response cache looks at it: a chat completion (its
+/// images keyed by their bytes, replayed streamed or not) or embeddings.
+#[derive(Clone, Copy)]
+enum Asked<'r, 'a> {
+    Chat(&'r ChatRequest<'a>),
+    Embeddings(&'r EmbeddingsRequest<'a>),
+}
+
+impl Asked<'_, '_> {
+    fn api(self) -> Api {
+        match self {
+            Self::Chat(_) => Api::Chat,
+            Self::Embeddings(_) => Api::Embeddings,
+        }
+    }
+
+    /// How a hit is replayed: streamed, with the usage chunk.
+    fn delivery(self) -> (bool, bool) {
+        match self {
+            Self::Chat(request) => (request.stream, request.include_usage),
+            Self::Embeddings(_) => (false, false),
+        }
+    }
+}
+
+/// The response cache's part in one request of a model that
 /// caches (with the cache on): what the request's `Cache-Control` lets it
 /// do, and what its key is made of beside the request itself.
 struct Caching<'a> {
@@ -451,7 +496,7 @@ impl<'a> Caching<'a> {
     async fn look_up(
         &self,
         gateway: &Gateway,
-        request: &ChatRequest<'_>,
+        request: Asked<'_, '_>,
         facts: &mut RequestFacts,
     ) -> Result<Looked, ChatError> {
         let model = &self.model.name;
@@ -474,9 +519,8 @@ impl<'a> Caching<'a> {
         };
         (facts.images, facts.image_bytes) = self.images.fetched();
         let (key, found) = looked?;
-        if let Some(replayed) =
-            found.and_then(|entry| replay(&entry, request.stream, request.include_usage))
-        {
+        let (stream, include_usage) = request.delivery();
+        if let Some(replayed) = found.and_then(|entry| replay(&entry, stream, include_usage)) {
             crate::cache::count_hit(model);
             facts.cache = Some(CacheOutcome::Hit);
             return Ok(Looked::Hit(hit(replayed, admission)));
@@ -491,7 +535,7 @@ impl<'a> Caching<'a> {
     /// The request's key, and what the cache holds under it.
     async fn find(
         &self,
-        request: &ChatRequest<'_>,
+        request: Asked<'_, '_>,
     ) -> Result<(CacheKey, Option<Arc<crate::cache::Entry>>), ChatError> {
         let key = self.key(request).await?;
         Ok((key, self.cache.get(&key).await))
@@ -507,31 +551,43 @@ impl<'a> Caching<'a> {
     }
 
     /// Whether making the key fetches an image.
-    fn fetches(&self, request: &ChatRequest<'_>) -> bool {
-        self.fetch_images() && request.images().any(|(_, image)| !is_data_uri(&image.url))
+    fn fetches(&self, request: Asked<'_, '_>) -> bool {
+        match request {
+            Asked::Chat(request) => {
+                self.fetch_images() && request.images().any(|(_, image)| !is_data_uri(&image.url))
+            }
+            Asked::Embeddings(_) => false,
+        }
     }
 
-    /// The chat request's cache key (see [`crate::cache::key`]), its images
-    /// as their bytes' digests ([`ImageWork::digests`]); a refused image
-    /// refuses the request, as the rewrite would have.
-    async fn key(&self, request: &ChatRequest<'_>) -> Result<CacheKey, ChatError> {
-        let digests = self.images.digests(request, self.fetch_images()).await?;
-        let at: Vec<_> = request.images().map(|(at, _)| at).zip(digests).collect();
+    /// The request's cache key (see [`crate::cache::key`]); a chat
+    /// request's images as their bytes' digests ([`ImageWork::digests`]),
+    /// a refused image refusing the request, as the rewrite would have.
+    async fn key(&self, request: Asked<'_, '_>) -> Result<CacheKey, ChatError> {
         let tenant = match self.incoming.team {
             Some(team) => Tenant::Team(&team.name),
             None => Tenant::Client(&self.incoming.client.name),
         };
         let heavy = self.incoming.body.len() > PARSE_INLINE_BYTES;
+        let text = match request {
+            Asked::Chat(request) => {
+                let digests = self.images.digests(request, self.fetch_images()).await?;
+                let at: Vec<_> = request.images().map(|(at, _)| at).zip(digests).collect();
+                blocking_if(heavy, || {
+                    request.to_cache_text(&mut |image| {
+                        at.iter()
+                            .find(|(a, _)| *a == image)
+                            .and_then(|(_, digest)| *digest)
+                            .map(|digest| format!("sha256:{}", hex::encode(digest)))
+                    })
+                })
+            }
+            Asked::Embeddings(request) => blocking_if(heavy, || request.to_cache_text()),
+        };
         Ok(blocking_if(heavy, || {
-            let text = request.to_cache_text(&mut |image| {
-                at.iter()
-                    .find(|(a, _)| *a == image)
-                    .and_then(|(_, digest)| *digest)
-                    .map(|digest| format!("sha256:{}", hex::encode(digest)))
-            });
             KeyParts {
                 tenant,
-                endpoint: Api::Chat.as_str(),
+                endpoint: request.api().as_str(),
                 model: &self.model.name,
                 fingerprint: fingerprint(self.model),
                 request: &text,

@@ -17,8 +17,9 @@ use serde_json::value::RawValue;
 use super::chat::RequestError;
 use super::raw::{self, Claim, Interpreted, RawObject};
 
-/// The fields Iris reads; each may appear once.
-const FIELDS: Interpreted = Interpreted(&["model", "input"]);
+/// The fields Iris reads; each may appear once (`user`, which does not
+/// change an answer, is left out of the response cache's key).
+const FIELDS: Interpreted = Interpreted(&["model", "input", "user"]);
 
 /// Deeper JSON is refused, as for a chat completion.
 const MAX_NESTING: usize = 128;
@@ -124,6 +125,14 @@ impl<'a> EmbeddingsRequest<'a> {
     /// than sent as received.
     pub fn changed(&self) -> bool {
         self.changed
+    }
+
+    /// The request as the response cache keys it: without `user`, which
+    /// does not change the vectors.
+    pub fn to_cache_text(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.body_len);
+        self.body.write_without(&mut out, &["user"], |_, _| false);
+        out
     }
 
     /// The request as it goes upstream.
@@ -383,8 +392,25 @@ mod tests {
         let error =
             EmbeddingsRequest::parse(br#"{"model":"e","input":"a","input":[1]}"#).unwrap_err();
         assert_eq!(error.param.as_deref(), Some("input"));
+        let error = EmbeddingsRequest::parse(br#"{"model":"e","input":"a","user":"x","user":"y"}"#)
+            .unwrap_err();
+        assert_eq!(error.param.as_deref(), Some("user"));
         let error = EmbeddingsRequest::parse(b"[1]").unwrap_err();
         assert_eq!(error.param, None);
+    }
+
+    #[test]
+    fn the_cache_text_leaves_out_only_the_user() {
+        let a =
+            EmbeddingsRequest::parse(br#"{"model":"e","user":"u1","input":["a"],"dimensions":8}"#)
+                .unwrap();
+        let b =
+            EmbeddingsRequest::parse(br#"{"model":"e","input":["a"],"dimensions":8,"user":"u2"}"#)
+                .unwrap();
+        assert_eq!(a.to_cache_text(), b.to_cache_text());
+        let c =
+            EmbeddingsRequest::parse(br#"{"model":"e","input":["a"],"dimensions":16}"#).unwrap();
+        assert_ne!(a.to_cache_text(), c.to_cache_text());
     }
 
     #[test]

@@ -660,3 +660,44 @@ async fn the_memory_cache_evicts_the_least_recently_used_within_max_bytes() {
         "{evicted_before} -> {evicted}"
     );
 }
+
+/// `POST /v1/embeddings` as `key`: `x-iris-cache`, status and body text.
+async fn embed(iris: &Iris, key: &str, body: &Value) -> (String, u16, String) {
+    let response = crate::support::http()
+        .post(iris.url("/v1/embeddings"))
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .expect("POST /v1/embeddings");
+    let cache = cache_header(&response).unwrap_or_else(|| "none".into());
+    let status = response.status().as_u16();
+    (cache, status, response.text().await.expect("body"))
+}
+
+#[tokio::test]
+async fn embeddings_are_cached_on_the_same_terms_and_never_cross_endpoints() {
+    let upstream = MockUpstream::start().await;
+    let extra = "\n[[models]]\nname = \"embed\"\nendpoint = \"embeddings\"\nupstream = \"mock\"\ncache = true\n";
+    let iris = Iris::start(&config(&upstream.base_url(), MEMORY, extra)).await;
+    let body = |user: &str, dimensions: u64| {
+        json!({"model": "embed", "input": ["a", "b"], "dimensions": dimensions,
+               "encoding_format": "base64", "user": user})
+    };
+
+    let (cache, status, first) = embed(&iris, KEY_A, &body("u1", 4)).await;
+    assert_eq!((cache.as_str(), status), ("miss", 200), "{first}");
+    // Another `user`: the same vectors, from Iris.
+    let (cache, status, again) = embed(&iris, KEY_A, &body("u2", 4)).await;
+    assert_eq!((cache.as_str(), status), ("hit", 200));
+    assert_eq!(again, first, "replayed byte for byte");
+    assert_eq!(upstream.requests(), 1);
+    // Another field that changes the answer: another entry.
+    let (cache, _, _) = embed(&iris, KEY_A, &body("u1", 8)).await;
+    assert_eq!(cache, "miss");
+    assert_eq!(upstream.requests(), 2);
+    // A chat request never reads an embeddings entry: each model serves one
+    // API, and the key names the endpoint.
+    let (cache, status, _) = send(&iris, KEY_A, &ask("a"), &[]).await;
+    assert_eq!((cache.as_str(), status), ("miss", 200));
+}

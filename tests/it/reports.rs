@@ -306,8 +306,9 @@ async fn records_and_reports_carry_cost_and_team_on_postgres() {
         &upstream.base_url(),
         &format!(
             "[pricing]\ncurrency = \"EUR\"\n[store]\nkind = \"memory\"\n\
-             [spend_log]\nkind = \"postgres\"\nurl = \"{}\"\nflush_ms = 50\n",
-            pg.url()
+             [spend_log]\nkind = \"postgres\"\nurl = \"{}\"\nflush_ms = 50\n{}",
+            pg.url(),
+            crate::support::own_spool()
         ),
     );
     let iris = Iris::start(&config).await;

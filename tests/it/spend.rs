@@ -443,7 +443,11 @@ async fn a_postgres_spend_log_through_the_binary() {
     let upstream = MockUpstream::start().await;
     let config = base_config(
         &upstream.base_url(),
-        &format!("[spend_log]\nkind = \"postgres\"\nurl = \"{}\"", pg.url()),
+        &format!(
+            "[spend_log]\nkind = \"postgres\"\nurl = \"{}\"\n{}",
+            pg.url(),
+            crate::support::own_spool()
+        ),
     );
     let iris = Iris::start(&config).await;
     let mut tokens = 0;

@@ -25,7 +25,10 @@ fn postgres_config(upstream: &str, url: &str, ca_file: Option<&Path>) -> String 
         .unwrap_or_default();
     base_config(
         upstream,
-        &format!("[spend_log]\nkind = \"postgres\"\nurl = \"{url}\"\nflush_ms = 50\n{ca_file}"),
+        &format!(
+            "[spend_log]\nkind = \"postgres\"\nurl = \"{url}\"\nflush_ms = 50\n{ca_file}{}",
+            crate::support::own_spool()
+        ),
     )
 }
 

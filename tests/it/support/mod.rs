@@ -187,6 +187,23 @@ models = ["other-model"]
     )
 }
 
+/// `spool_path = "…"` in a fresh directory of its own, for a test's
+/// PostgreSQL spend log: without it the spool is `iris-spool.db` in the
+/// working directory, which tests running at once in one process would
+/// share. The directory is left for the OS to clean (it is under the
+/// system's temporary directory).
+pub fn own_spool() -> String {
+    let dir = tempfile::Builder::new()
+        .prefix("iris-test-spool-")
+        .tempdir()
+        .unwrap_or_else(|e| panic!("spool dir: {e}"))
+        .keep();
+    format!(
+        "spool_path = {:?}\n",
+        dir.join("spool.db").display().to_string()
+    )
+}
+
 /// A client for tests: no proxies, no pooling surprises.
 pub fn http() -> reqwest::Client {
     iris::init_tls();
