@@ -811,7 +811,6 @@ async fn main() {
     schedule.sort_by_key(|(at, _)| *at);
     let postgres_down_for = Duration::from_secs(30).min(run_for / 4);
     let mut faults_done: Vec<String> = Vec::new();
-    let mut redis_failovers_left = 3;
     for (at, kind) in schedule {
         if let Some(wait) = at.checked_sub(started.elapsed()) {
             tokio::time::sleep(wait).await;
@@ -829,18 +828,20 @@ async fn main() {
                     "{t:.1}s: kill -9 of instance {victim}, started again"
                 ));
             }
-            FaultKind::FailRedisPrimary if redis_failovers_left > 0 => {
-                redis_failovers_left -= 1;
+            FaultKind::FailRedisPrimary => {
                 *shared.phase.lock().expect("phase") = Phase::RedisFailover;
                 let primary = cluster.primary_for(&format!("soak-{t}")).await;
                 let replica = cluster.replica_of(primary).await;
                 cluster.kill(primary);
                 cluster.wait_promoted(replica).await;
+                // The old primary comes back as its successor's replica, so
+                // that the next failover has a replica to promote.
+                cluster.restart(primary).await;
                 faults_done.push(format!(
-                    "{t:.1}s: Redis primary :{primary} killed, replica :{replica} promoted"
+                    "{t:.1}s: Redis primary :{primary} killed, replica :{replica} promoted, \
+                     :{primary} back as its replica"
                 ));
             }
-            FaultKind::FailRedisPrimary => continue,
             FaultKind::StopPostgres => {
                 *shared.phase.lock().expect("phase") = Phase::PostgresDown;
                 postgres.stop();

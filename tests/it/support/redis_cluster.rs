@@ -63,26 +63,36 @@ fn binaries() -> Option<()> {
     Some(())
 }
 
-/// One `redis-server` process.
+/// One `redis-server` process, and how it was started (to start it again).
 struct Server {
     port: u16,
     child: Option<Child>,
+    dir: PathBuf,
+    args: Vec<String>,
 }
 
 impl Server {
     fn spawn(port: u16, dir: &Path, args: &[String]) -> Self {
         std::fs::create_dir_all(dir).expect("server dir");
+        let mut server = Self {
+            port,
+            child: None,
+            dir: dir.to_owned(),
+            args: args.to_vec(),
+        };
+        server.start();
+        server
+    }
+
+    fn start(&mut self) {
         let child = Command::new(REDIS_SERVER)
-            .args(args)
-            .current_dir(dir)
+            .args(&self.args)
+            .current_dir(&self.dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start redis-server");
-        Self {
-            port,
-            child: Some(child),
-        }
+        self.child = Some(child);
     }
 
     /// SIGKILL: a crash, nothing flushed, nothing said to anyone.
@@ -180,6 +190,8 @@ impl RedisCluster {
             .map(|_| Server {
                 port: free_port(),
                 child: None,
+                dir: PathBuf::new(),
+                args: Vec::new(),
             })
             .collect();
         Some(Self {
@@ -366,6 +378,19 @@ impl RedisCluster {
                 server.kill();
             }
         }
+    }
+
+    /// Starts the server at `port` again after [`Self::kill`], from its
+    /// directory: its `nodes.conf` names its cluster, which it rejoins (a
+    /// primary that was failed over comes back as its successor's replica).
+    /// Waits until the cluster is healthy again.
+    pub async fn restart(&mut self, port: u16) {
+        for server in &mut self.servers {
+            if server.port == port && server.child.is_none() {
+                server.start();
+            }
+        }
+        self.wait_healthy().await;
     }
 
     /// Until the server at `port` is a primary and the cluster agrees.
