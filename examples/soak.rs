@@ -443,6 +443,11 @@ async fn worker(
                 }
             }
         }
+        // A spent daily window is not retried until it resets (as the SDKs
+        // do not): this client backs off instead of spinning on 429s, so
+        // the load stays made of requests that are served.
+        let spent =
+            matches!(&outcome, Outcome::Refused { code, .. } if code == "insufficient_quota");
         let phase = (*shared.phase.lock().expect("phase")).max(phase_at_start);
         shared.done.lock().expect("done").push(Done {
             request_id,
@@ -450,6 +455,9 @@ async fn worker(
             latency: started.elapsed(),
             phase,
         });
+        if spent {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 }
 
