@@ -682,12 +682,14 @@ async fn main() {
         dir.path().display()
     );
 
-    let mut cluster = RedisCluster::start()
-        .await
-        .expect("a private Redis Cluster (redis-server and redis-cli installed)");
-    let mut postgres = PrivatePostgres::start()
-        .await
-        .expect("a private PostgreSQL (/usr/local/bin/initdb and postgres)");
+    // Without redis-server or PostgreSQL's binaries the run is skipped (and
+    // under IRIS_REQUIRE_REDIS=1, as in CI, that is a failure).
+    let Some(mut cluster) = RedisCluster::start().await else {
+        return;
+    };
+    let Some(mut postgres) = PrivatePostgres::start().await else {
+        return;
+    };
     let farm = [MockUpstream::start().await, MockUpstream::start().await];
     for upstream in &farm {
         upstream.state.keep_bodies(false);
