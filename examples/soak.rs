@@ -43,6 +43,9 @@ mod mock_upstream;
 mod skip_policy;
 use skip_policy::skip;
 
+#[path = "../tests/it/support/ports.rs"]
+mod ports;
+
 #[path = "../tests/it/support/redis_cluster.rs"]
 mod redis_cluster;
 
@@ -227,11 +230,9 @@ impl Drop for Instance {
     }
 }
 
+/// An instance's port: fixed for the run (it is started again on it).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+    ports::listen_port()
 }
 
 fn config(

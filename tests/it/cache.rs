@@ -663,13 +663,7 @@ async fn the_memory_cache_evicts_the_least_recently_used_within_max_bytes() {
 
 /// `POST /v1/embeddings` as `key`: `x-iris-cache`, status and body text.
 async fn embed(iris: &Iris, key: &str, body: &Value) -> (String, u16, String) {
-    let response = crate::support::http()
-        .post(iris.url("/v1/embeddings"))
-        .bearer_auth(key)
-        .json(body)
-        .send()
-        .await
-        .expect("POST /v1/embeddings");
+    let response = iris.embed(key, body, &[]).await;
     let cache = cache_header(&response).unwrap_or_else(|| "none".into());
     let status = response.status().as_u16();
     (cache, status, response.text().await.expect("body"))

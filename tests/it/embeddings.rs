@@ -31,23 +31,6 @@ upstream_model = "text-embedding-3-small"
     )
 }
 
-impl Iris {
-    /// `POST /v1/embeddings` as the client with `key`, with extra headers.
-    async fn embed(&self, key: &str, body: &Value, headers: &[(&str, &str)]) -> reqwest::Response {
-        let mut request = http()
-            .post(self.url("/v1/embeddings"))
-            .bearer_auth(key)
-            .json(body);
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        request
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("POST /v1/embeddings: {e}"))
-    }
-}
-
 #[tokio::test]
 async fn embeddings_go_upstream_as_sent_and_come_back_untouched() {
     let upstream = MockUpstream::start().await;

@@ -7,6 +7,7 @@ pub mod app;
 pub mod binary;
 pub mod image_server;
 pub mod mock_upstream;
+pub mod ports;
 pub mod postgres;
 pub mod private_postgres;
 pub mod redis;
@@ -233,17 +234,36 @@ impl Iris {
         body: &Value,
         headers: &[(&str, &str)],
     ) -> reqwest::Response {
-        let mut request = http()
-            .post(self.url("/v1/chat/completions"))
-            .bearer_auth(key)
-            .json(body);
+        self.post("/v1/chat/completions", key, body, headers).await
+    }
+
+    /// `POST /v1/embeddings` as the client with `key`, with extra `headers`.
+    pub async fn embed(
+        &self,
+        key: &str,
+        body: &Value,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        self.post("/v1/embeddings", key, body, headers).await
+    }
+
+    /// `POST path` with `body` as JSON, as the client with `key`, with
+    /// extra `headers`.
+    pub async fn post(
+        &self,
+        path: &str,
+        key: &str,
+        body: &Value,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut request = http().post(self.url(path)).bearer_auth(key).json(body);
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
         request
             .send()
             .await
-            .unwrap_or_else(|e| panic!("POST /v1/chat/completions: {e}"))
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"))
     }
 
     /// The status of a plain chat completion for `model` as the client with `key`.

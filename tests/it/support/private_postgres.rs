@@ -69,11 +69,9 @@ fn command_in(program: &str, dir: &Path) -> Command {
     command
 }
 
+/// A port for a server of this module: see [`super::ports`].
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+    super::ports::listen_port()
 }
 
 impl PrivatePostgres {
@@ -181,14 +179,20 @@ impl PrivatePostgres {
     /// Stops the server (fast shutdown: connections are closed, the data
     /// kept); the port refuses connections until [`Self::restart`].
     pub fn stop(&mut self) {
+        // SIGINT: fast shutdown.
+        self.shut_down("-INT", Duration::from_secs(30));
+    }
+
+    /// Sends the server `signal` and waits for it to exit, at most
+    /// `within`; then kills it.
+    fn shut_down(&mut self, signal: &str, within: Duration) {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        // SIGINT: fast shutdown.
         let _ = Command::new("kill")
-            .args(["-INT", &child.id().to_string()])
+            .args([signal, &child.id().to_string()])
             .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + within;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
                 return;
@@ -266,22 +270,8 @@ async fn run(mut command: Command) -> std::process::Output {
 
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
         // SIGQUIT: immediate shutdown, the server ends its own backends
         // (SIGKILL would leave them to notice alone).
-        let _ = Command::new("kill")
-            .args(["-QUIT", &child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
+        self.shut_down("-QUIT", Duration::from_secs(10));
     }
 }

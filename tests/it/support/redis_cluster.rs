@@ -22,7 +22,6 @@
 
 #![allow(dead_code)]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -46,11 +45,9 @@ const NODE_TIMEOUT_MS: u64 = 2000;
 pub const WITHIN: Duration = Duration::from_secs(60);
 
 /// A loopback port nobody listens on (just now).
+/// A port for a server of this module: see [`super::ports`].
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+    super::ports::listen_port()
 }
 
 /// `None` (skipped) unless both binaries are installed.

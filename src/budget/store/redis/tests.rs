@@ -27,6 +27,10 @@ pub(crate) use self::skip::skip;
 pub(crate) mod harness;
 pub(crate) use self::harness::SharedRedis;
 
+/// Ports for the servers it starts (`tests/it/support/ports.rs`).
+#[path = "../../../../tests/it/support/ports.rs"]
+mod ports;
+
 /// Its private Cluster (`tests/it/support/redis_cluster.rs`).
 #[path = "../../../../tests/it/support/redis_cluster.rs"]
 mod cluster;
