@@ -200,6 +200,8 @@ metrics_table! {
         "Time to fetch one image URL, redirects included, whether it succeeded or not.";
     IMAGE_CACHE: "iris_image_cache_total", Counter, ["layer", "outcome"],
         "Image cache lookups, by layer (fetched, rendered) and outcome (hit, miss).";
+    IMAGE_DECODES: "iris_image_decodes_total", Counter, ["purpose"],
+        "Images decoded, by purpose: check (an image forwarded as it is, its pixel data proven once) or convert (decoded to be converted, which proves it too).";
     IMAGE_CONVERSIONS: "iris_image_conversions_total", Counter, ["from", "to", "reason"],
         "Images re-encoded for an upstream, by source and target format and reason.";
     IMAGE_REFUSALS: "iris_image_refusals_total", Counter, ["code", "reason"],

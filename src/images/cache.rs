@@ -31,6 +31,11 @@ pub struct FetchedImage {
     pub format: Format,
     pub width: u32,
     pub height: u32,
+    /// Whether its pixel data decodes whole, found out once, when it is
+    /// first forwarded as it is (an image converted for an upstream is
+    /// decoded by its conversion, which proves the same: it is not decoded
+    /// twice).
+    pub checked: tokio::sync::OnceCell<Result<(), super::ImageError>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -169,6 +174,7 @@ mod tests {
             format: Format::Png,
             width: 1,
             height: 1,
+            checked: tokio::sync::OnceCell::new(),
         })
     }
 

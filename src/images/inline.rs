@@ -131,6 +131,7 @@ impl InliningSink {
             format,
             width: dims.0,
             height: dims.1,
+            checked: tokio::sync::OnceCell::new(),
         })
     }
 }

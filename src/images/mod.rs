@@ -240,18 +240,27 @@ impl Images {
 
     /// Fetches an `http(s)` URL through the cache (one fetch for concurrent
     /// requests of the same URL), inspected and base64-encoded as it
-    /// arrives, then decoded whole to prove its pixel data (and stripped of
-    /// metadata where configured) before it is cached.
+    /// arrives. Its pixel data is proven later, once: by the conversion
+    /// that decodes it for an upstream that does not take it as it is, or
+    /// by [`Self::check`] the first time it is forwarded as it is. With
+    /// `strip_metadata` it is checked (and stripped) here, before it is
+    /// cached: its size without metadata decides whether an upstream takes
+    /// it as it is.
     pub async fn fetch(&self, url: &str) -> Result<Arc<FetchedImage>, ImageError> {
         self.cache
             .fetched(url, async {
                 let mut sink = InliningSink::new(self.max_pixels);
                 self.fetcher.fetch_into(url, &mut sink).await?;
                 let mut image = sink.finish()?;
-                let dims = (image.width, image.height);
-                if let Some(stripped) = self.check(image.bytes.clone(), image.format, dims).await? {
-                    image.data_uri = Arc::new(data_uri(image.format, &stripped));
-                    image.bytes = Bytes::from(stripped);
+                if self.strip_metadata {
+                    let dims = (image.width, image.height);
+                    if let Some(stripped) =
+                        self.check(image.bytes.clone(), image.format, dims).await?
+                    {
+                        image.data_uri = Arc::new(data_uri(image.format, &stripped));
+                        image.bytes = Bytes::from(stripped);
+                    }
+                    let _ = image.checked.set(Ok(()));
                 }
                 Ok(Arc::new(image))
             })
@@ -259,8 +268,8 @@ impl Images {
     }
 
     /// The `data:` URI of a fetched `image` (from `url`) meeting `target`:
-    /// its own when it does, else converted (once per URL and target, then
-    /// cached).
+    /// its own when it does (its pixel data checked first, once per
+    /// image), else converted (once per URL and target, then cached).
     pub async fn render(
         &self,
         url: &str,
@@ -269,6 +278,15 @@ impl Images {
     ) -> Result<Arc<String>, ImageError> {
         let dims = (image.width, image.height);
         if target.accepts(image.format, image.bytes.len(), dims) {
+            image
+                .checked
+                .get_or_init(|| async {
+                    self.check(image.bytes.clone(), image.format, dims)
+                        .await
+                        .map(|_| ())
+                })
+                .await
+                .clone()?;
             return Ok(Arc::clone(&image.data_uri));
         }
         self.cache
@@ -351,6 +369,7 @@ impl Images {
         // hop, and must not queue behind conversions for a core.
         let here = format == Format::Jpeg && bytes.len() <= INLINE_CODEC_BYTES;
         let work = move || {
+            count_decode("check");
             let orientation = convert::validate(&bytes, format, max_pixels, allowance)?;
             Ok(strip
                 .then(|| metadata::strip(&bytes, format, orientation))
@@ -394,6 +413,7 @@ impl Images {
         let (need, allowance) = (layout.transform_need(&target), layout.allowance());
         let result = self
             .blocking(need, move || {
+                count_decode("convert");
                 convert::transform(&bytes, format, &target, max_pixels, allowance)
                     .map(|encoded| (encoded.format, data_uri(encoded.format, &encoded.bytes)))
             })
@@ -486,6 +506,13 @@ pub(crate) fn test_png(width: u32, height: u32) -> Vec<u8> {
         .write_to(&mut out, image::ImageFormat::Png)
         .expect("png");
     out.into_inner()
+}
+
+/// One decode of an image's pixel data, for `purpose` (`check`, `convert`).
+fn count_decode(purpose: &str) {
+    crate::metrics::IMAGE_DECODES
+        .counter(&[("purpose", purpose)])
+        .increment(1);
 }
 
 #[cfg(test)]

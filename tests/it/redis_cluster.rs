@@ -289,6 +289,23 @@ async fn a_crashed_primary_is_failed_over_as_on_unavailable_says_and_nothing_is_
     };
     let fallbacks_before = fallbacks().await;
 
+    // The replica catches up first: a write here, then `WAIT` for the
+    // replica to acknowledge the replication stream up to it, so that what
+    // the kill can lose (replication is asynchronous) is only what the
+    // tasks wrote since, not however far a loaded machine let it lag.
+    {
+        let mut primary = crate::support::redis_cluster::admin(victim).await;
+        let _: redis::RedisResult<()> = redis::cmd("SET")
+            .arg("iris-test:{b}:sync")
+            .arg(1)
+            .query_async(&mut primary)
+            .await;
+        let _: redis::RedisResult<i64> = redis::cmd("WAIT")
+            .arg(1)
+            .arg(10_000)
+            .query_async(&mut primary)
+            .await;
+    }
     let killed = Instant::now();
     cluster.kill(victim);
     cluster.wait_promoted(replica).await;

@@ -268,3 +268,82 @@ async fn client_data_uris_are_validated_and_converted_like_fetched_images() {
         s.refuse_one(&uri, code).await;
     }
 }
+
+// --- decoded once --------------------------------------------------------------
+
+/// The samples of `iris_image_decodes_total` for `purpose` on `binary`.
+async fn decodes(binary: &crate::support::binary::Binary, purpose: &str) -> f64 {
+    let metrics = http()
+        .get(binary.url("/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("text");
+    crate::support::metric_sum(
+        &metrics,
+        "iris_image_decodes_total",
+        &[&format!("purpose=\"{purpose}\"")],
+    )
+}
+
+/// A fetched image is decoded once: a GIF the upstream does not take only
+/// by its conversion (which proves its pixel data as the check would), a
+/// PNG it takes only by its check, however many requests forward it. The
+/// process is its own (a child), so its metrics count only this test's
+/// images.
+#[tokio::test]
+async fn a_fetched_image_is_decoded_once_whether_converted_or_forwarded() {
+    let upstream = MockUpstream::start().await;
+    let host = ImageServer::start(IMAGE_HOST).await;
+    host.add(
+        "chart.gif",
+        "image/gif",
+        encode(&chart(120, 80), ImageFormat::Gif),
+    );
+    host.add(
+        "chart.png",
+        "image/png",
+        encode(&chart(120, 80), ImageFormat::Png),
+    );
+    let binary = crate::support::binary::Binary::start(&config(
+        &upstream.base_url(),
+        &format!("{INLINE}\n{WEB_FORMATS}"),
+        ALLOW_HOST,
+    ))
+    .await;
+    let send_one = async |url: String| {
+        let response = http()
+            .post(binary.url("/v1/chat/completions"))
+            .bearer_auth(KEY_A)
+            .json(&body_with_images(&[(&url, None)]))
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(response.status(), 200);
+    };
+
+    send_one(host.url("/files/chart.gif")).await;
+    assert_eq!(
+        (
+            decodes(&binary, "check").await,
+            decodes(&binary, "convert").await
+        ),
+        (0.0, 1.0),
+        "the GIF: converted, not also checked"
+    );
+    for _ in 0..3 {
+        send_one(host.url("/files/chart.png")).await;
+    }
+    assert_eq!(
+        (
+            decodes(&binary, "check").await,
+            decodes(&binary, "convert").await
+        ),
+        (1.0, 1.0),
+        "the PNG: checked once, forwarded three times"
+    );
+    let (mime, _) = data_uri(&sent_image(&upstream, 1)["url"]);
+    assert_eq!(mime, "image/png");
+}
