@@ -89,6 +89,13 @@ CREATE UNIQUE INDEX spend_log_record_id ON spend_log (record_id);
         // no cost); older records were not.
         sql: "ALTER TABLE spend_log ADD COLUMN cache_hit INTEGER NOT NULL DEFAULT 0;",
     },
+    Migration {
+        version: 6,
+        // The contract names the record's cost `cost`, in the currency:
+        // derived from the exact micro-units, never written on its own.
+        sql: "ALTER TABLE spend_log ADD COLUMN cost REAL \
+              GENERATED ALWAYS AS (cost_micros / 1000000.0) VIRTUAL;",
+    },
 ];
 
 /// The spool: a record's fields as the log's columns, in the order they
@@ -194,6 +201,13 @@ CREATE UNIQUE INDEX spend_log_record_id ON spend_log (record_id);
     Migration {
         version: 5,
         sql: "ALTER TABLE spend_log ADD COLUMN cache_hit BOOLEAN NOT NULL DEFAULT FALSE;",
+    },
+    Migration {
+        version: 6,
+        // `cost` in the currency, as the contract names it, from the exact
+        // micro-units (NUMERIC: no binary rounding).
+        sql: "ALTER TABLE spend_log ADD COLUMN cost NUMERIC \
+              GENERATED ALWAYS AS (cost_micros / 1000000.0) STORED;",
     },
 ];
 

@@ -293,6 +293,13 @@ async fn records_and_reports_carry_cost_and_team_on_sqlite() {
         })
         .expect("c's record");
     assert_eq!(record, expected_record());
+    // `cost`, in the currency, as the contract names the column.
+    let cost: f64 = db
+        .query_row("SELECT cost FROM spend_log WHERE client = 'c'", [], |r| {
+            r.get(0)
+        })
+        .expect("cost");
+    assert_eq!((cost * 1e6).round() as u64, VISION_ODD);
     iris.stop().await.expect("stop");
 }
 
@@ -329,6 +336,15 @@ async fn records_and_reports_carry_cost_and_team_on_postgres() {
         row.get::<_, String>(4)
     ]);
     assert_eq!(record, expected_record());
+    // `cost`, in the currency, as the contract names the column.
+    let cost: f64 = pg
+        .client()
+        .await
+        .query_one("SELECT cost::float8 FROM spend_log WHERE client = 'c'", &[])
+        .await
+        .expect("cost")
+        .get(0);
+    assert_eq!((cost * 1e6).round() as u64, VISION_ODD);
     iris.stop().await.expect("stop");
 }
 
