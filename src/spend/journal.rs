@@ -19,9 +19,9 @@ use rusqlite::Connection;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::sqlite::{Table, describe, insert_into, message};
+use super::sqlite::{Table, describe, insert_into, message, with_values};
 use super::{Record, SinkError, Stats};
-use crate::budget::store::{Load, Rider, SqliteStore, StoreError, StoreFuture};
+use crate::budget::store::{Frame, Load, Rider, SqliteStore, StoreError, StoreFuture};
 
 /// How often records nobody waits for (a failed commit's, a client that
 /// hung up) are committed at the latest.
@@ -89,7 +89,7 @@ impl Backlog {
 /// Records waiting for their commit, in the order they came.
 pub struct Journal {
     table: Table,
-    waiting: Mutex<Vec<Record>>,
+    waiting: Mutex<Waiting>,
     /// Records taken by a commit under way (counted against the spool's
     /// bound until they are in it).
     committing: AtomicU64,
@@ -102,6 +102,14 @@ pub struct Journal {
     overflow: Mutex<Loud>,
 }
 
+/// The records waiting, the first `in_log` of which the store's
+/// write-ahead log already holds (always 0 for a journal of its own file).
+#[derive(Default)]
+struct Waiting {
+    records: Vec<Record>,
+    in_log: usize,
+}
+
 impl Journal {
     pub fn new(
         table: Table,
@@ -111,7 +119,7 @@ impl Journal {
     ) -> Arc<Self> {
         Arc::new(Self {
             table,
-            waiting: Mutex::new(Vec::new()),
+            waiting: Mutex::new(Waiting::default()),
             committing: AtomicU64::new(0),
             capacity: capacity.max(1),
             stats,
@@ -129,7 +137,7 @@ impl Journal {
             && backlog
                 .records()
                 .saturating_add(self.committing.load(Ordering::SeqCst))
-                .saturating_add(waiting.len() as u64)
+                .saturating_add(waiting.records.len() as u64)
                 >= *max
         {
             drop(waiting);
@@ -145,12 +153,12 @@ impl Journal {
             }
             return;
         }
-        if waiting.len() >= self.capacity {
+        if waiting.records.len() >= self.capacity {
             drop(waiting);
             self.stats.dropped("queue_full", 1);
             return;
         }
-        waiting.push(record);
+        waiting.records.push(record);
     }
 
     /// Records waiting now.
@@ -159,22 +167,31 @@ impl Journal {
         self.waiting
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .records
             .len()
     }
 
-    /// Takes every record waiting, for one transaction.
-    fn take_batch(self: Arc<Self>) -> Option<Batch> {
-        let records = {
+    /// Takes the records waiting (with `in_log_only`, those the store's
+    /// log holds), for one transaction.
+    fn take_batch(self: Arc<Self>, in_log_only: bool) -> Option<Batch> {
+        let (records, in_log) = {
             let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+            let count = if in_log_only {
+                waiting.in_log
+            } else {
+                waiting.records.len()
+            };
             // Counted as committing before they leave `waiting`, so a push
             // never sees them in neither.
-            self.committing
-                .fetch_add(waiting.len() as u64, Ordering::SeqCst);
-            std::mem::take(&mut *waiting)
+            self.committing.fetch_add(count as u64, Ordering::SeqCst);
+            let in_log = count.min(waiting.in_log);
+            waiting.in_log -= in_log;
+            (waiting.records.drain(..count).collect::<Vec<_>>(), in_log)
         };
         Some(Batch {
             taken: records.len() as u64,
             records,
+            in_log,
             journal: self,
         })
         .filter(|batch| !batch.records.is_empty())
@@ -182,8 +199,20 @@ impl Journal {
 }
 
 impl Rider for Journal {
-    fn take(self: Arc<Self>) -> Option<Box<dyn Load>> {
-        self.take_batch()
+    fn journal(&self, frame: &mut Frame) -> rusqlite::Result<()> {
+        let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        let Waiting { records, in_log } = &mut *waiting;
+        for record in &records[*in_log..] {
+            with_values(record, |values| {
+                frame.row(self.table.name(), Table::COLUMNS, values)
+            })?;
+            *in_log += 1;
+        }
+        Ok(())
+    }
+
+    fn take(self: Arc<Self>, in_log_only: bool) -> Option<Box<dyn Load>> {
+        self.take_batch(in_log_only)
             .map(|batch| Box::new(batch) as Box<dyn Load>)
     }
 }
@@ -191,6 +220,8 @@ impl Rider for Journal {
 /// The records of one transaction.
 struct Batch {
     records: Vec<Record>,
+    /// How many of the first are in the store's write-ahead log.
+    in_log: usize,
     /// How many were taken: no longer committing once the batch is gone.
     taken: u64,
     journal: Arc<Journal>,
@@ -226,8 +257,9 @@ impl Load for Batch {
             .waiting
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        records.append(&mut waiting);
-        *waiting = records;
+        records.append(&mut waiting.records);
+        waiting.records = records;
+        waiting.in_log += self.in_log;
     }
 }
 
@@ -292,7 +324,7 @@ impl OwnFile {
 
     async fn commit(self: Arc<Self>) -> Result<(), StoreError> {
         let _one_at_a_time = self.committing.lock().await;
-        let Some(batch) = Arc::clone(&self.journal).take_batch() else {
+        let Some(batch) = Arc::clone(&self.journal).take_batch(false) else {
             return Ok(());
         };
         let this = Arc::clone(&self);
@@ -331,7 +363,7 @@ impl Drop for OwnFile {
     /// A last commit when the journal goes away (after the shutdown's this
     /// finds nothing to do).
     fn drop(&mut self) {
-        if let Some(batch) = Arc::clone(&self.journal).take_batch() {
+        if let Some(batch) = Arc::clone(&self.journal).take_batch(false) {
             match self.write(&batch) {
                 Ok(()) => Box::new(batch).committed(),
                 Err(e) => tracing::error!(

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, ToSql, params};
 
 use super::migrations::{self, COMPONENT};
 use super::report::{Counts, Dimension, Query, Totals};
@@ -85,6 +85,7 @@ impl SqliteSink {
                 describe(Some(path))
             )));
         }
+        see_logged_rows(&db, path)?;
         Ok(Some(Self {
             db: Arc::new(Mutex::new(db)),
             path: Some(path.to_owned()),
@@ -113,6 +114,40 @@ impl SqliteSink {
             .unwrap_or_else(|e| Err(SinkError(format!("spend log writer failed: {e}"))))
         })
     }
+}
+
+/// A running server's last records may be in the SQLite store's
+/// write-ahead log only (folded into the file within a second): a reader
+/// of the file sees them through a temporary view that shadows
+/// `spend_log` on its own connection (temporary objects are searched
+/// first, and the file itself is not written).
+fn see_logged_rows(db: &Connection, path: &Path) -> Result<(), SinkError> {
+    let rows = crate::budget::store::SqliteStore::logged_rows(db, path, Table::Log.name())
+        .map_err(|e| SinkError(e.0))?;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let error = |e: rusqlite::Error| SinkError(message(Some(path), &e));
+    db.execute_batch(
+        "CREATE TEMP TABLE logged AS SELECT * FROM main.spend_log WHERE 0;
+         CREATE TEMP VIEW spend_log AS
+             SELECT * FROM main.spend_log UNION ALL SELECT * FROM temp.logged;",
+    )
+    .map_err(error)?;
+    for (columns, values) in rows {
+        let sql = crate::budget::store::insert_sql("logged", &columns, values.len()).ok_or_else(
+            || {
+                SinkError(format!(
+                    "{}: a logged record cannot be read",
+                    describe(Some(path))
+                ))
+            },
+        )?;
+        db.prepare_cached(&sql)
+            .and_then(|mut insert| insert.execute(rusqlite::params_from_iter(values.iter())))
+            .map_err(error)?;
+    }
+    Ok(())
 }
 
 pub(super) fn describe(path: Option<&Path>) -> String {
@@ -172,16 +207,26 @@ fn from_sql(value: Option<i64>) -> u64 {
     value.and_then(|v| u64::try_from(v).ok()).unwrap_or(0)
 }
 
-/// The columns of a record, and their values' places, after `INSERT INTO
-/// table`: the same for both tables.
+/// A record's columns, in the order of [`with_values`] and [`read_record`]:
+/// the same for both tables.
+macro_rules! record_columns {
+    () => {
+        "record_id, at, request_id, client, model, upstream, upstream_model, status, \
+         error_code, prompt_tokens, completion_tokens, total_tokens, images, image_bytes, \
+         stream, attempts, ttfb_ms, total_ms, client_addr, team, cached_tokens, \
+         reasoning_tokens, cost_micros, endpoint, cache_hit"
+    };
+}
+
+/// After `INSERT INTO table`: the columns and their values' places.
 macro_rules! insert_columns {
     () => {
-        " (record_id, at, request_id, client, model, upstream, upstream_model,
-            status, error_code, prompt_tokens, completion_tokens, total_tokens, images,
-            image_bytes, stream, attempts, ttfb_ms, total_ms, client_addr, team,
-            cached_tokens, reasoning_tokens, cost_micros, endpoint, cache_hit)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-            ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25)"
+        concat!(
+            " (",
+            record_columns!(),
+            ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, \
+             ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25)"
+        )
     };
 }
 
@@ -195,6 +240,16 @@ pub enum Table {
 }
 
 impl Table {
+    /// The columns of [`Self::insert_sql`], in its order.
+    pub const COLUMNS: &'static str = record_columns!();
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Log => "spend_log",
+            Self::Spool => "spend_spool",
+        }
+    }
+
     fn insert_sql(self) -> &'static str {
         match self {
             Self::Log => concat!("INSERT INTO spend_log", insert_columns!()),
@@ -206,44 +261,46 @@ impl Table {
 /// Inserts `batch` into `table`, in the caller's transaction.
 pub(super) fn insert_into(db: &Connection, table: Table, batch: &[Record]) -> rusqlite::Result<()> {
     let mut statement = db.prepare_cached(table.insert_sql())?;
-    for r in batch {
-        let facts = &*r.facts;
-        statement.execute(params![
-            r.record_id,
-            r.at_ms,
-            facts.request_id,
-            &*facts.client,
-            facts.model,
-            facts.upstream,
-            facts.upstream_model,
-            r.status,
-            r.error_code,
-            to_sql(r.prompt_tokens),
-            to_sql(r.completion_tokens),
-            to_sql(r.total_tokens),
-            facts.images,
-            to_sql(facts.image_bytes),
-            facts.stream,
-            facts.attempts,
-            r.ttfb_ms.map(to_sql),
-            to_sql(r.total_ms),
-            facts.client_addr.map(|addr| addr.to_string()),
-            facts.team.as_deref(),
-            to_sql(r.cached_tokens),
-            to_sql(r.reasoning_tokens),
-            to_sql(r.cost.micros()),
-            &*r.endpoint,
-            r.cache_hit(),
-        ])?;
+    for record in batch {
+        with_values(record, |values| statement.execute(values))?;
     }
     Ok(())
 }
 
+/// Calls `f` with `r`'s values, in the order of [`Table::COLUMNS`].
+pub(super) fn with_values<R>(r: &Record, f: impl FnOnce(&[&dyn ToSql]) -> R) -> R {
+    let facts = &*r.facts;
+    f(params![
+        r.record_id,
+        r.at_ms,
+        facts.request_id,
+        &*facts.client,
+        facts.model,
+        facts.upstream,
+        facts.upstream_model,
+        r.status,
+        r.error_code,
+        to_sql(r.prompt_tokens),
+        to_sql(r.completion_tokens),
+        to_sql(r.total_tokens),
+        facts.images,
+        to_sql(facts.image_bytes),
+        facts.stream,
+        facts.attempts,
+        r.ttfb_ms.map(to_sql),
+        to_sql(r.total_ms),
+        facts.client_addr.map(|addr| addr.to_string()),
+        facts.team.as_deref(),
+        to_sql(r.cached_tokens),
+        to_sql(r.reasoning_tokens),
+        to_sql(r.cost.micros()),
+        &*r.endpoint,
+        r.cache_hit(),
+    ])
+}
+
 /// The columns [`read_record`] reads, after the spool's `seq`.
-pub(super) const RECORD_COLUMNS: &str = "record_id, at, request_id, client, model, upstream,
-    upstream_model, status, error_code, prompt_tokens, completion_tokens, total_tokens, images,
-    image_bytes, stream, attempts, ttfb_ms, total_ms, client_addr, team, cached_tokens,
-    reasoning_tokens, cost_micros, endpoint, cache_hit";
+pub(super) const RECORD_COLUMNS: &str = record_columns!();
 
 /// A record as [`RECORD_COLUMNS`] hold it, from column `first` on.
 pub(super) fn read_record(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Record> {

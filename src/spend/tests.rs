@@ -852,9 +852,10 @@ fn settings(backend: SpendBackend) -> SpendSettings {
     }
 }
 
-/// With the SQLite store and the log in its file, a record is committed by
-/// the store's own write (the settlement's transaction): on disk once the
-/// store says it persisted, with no write of the log's own.
+/// With the SQLite store and the log in its file, a record is made durable
+/// by the store's own write (the settlement's frame of its write-ahead
+/// log) and committed to the table by the store's flush, with no write of
+/// the log's own.
 #[tokio::test]
 async fn records_ride_in_the_sqlite_stores_transactions() {
     let dir = tempfile::tempdir().unwrap();
@@ -881,11 +882,33 @@ async fn records_ride_in_the_sqlite_stores_transactions() {
     // Nothing to wait for beyond the store's own write...
     log.committed_with_settlement().await.unwrap();
     assert_eq!(on_disk(), 0);
-    // ...which takes them.
+    // ...which takes them into its write-ahead log...
     crate::budget::store::Store::persisted(&*store)
         .await
         .unwrap();
-    assert_eq!(on_disk(), 2, "both in the store's write");
+    assert_eq!(on_disk(), 0, "in the log's frame, not yet in the table");
+    assert!(dir.path().join("iris.db.wal.1").exists());
+    // ...and its flush into the table.
+    // A reader of the file meanwhile (`iris usage --since`) sees them.
+    let query = Query {
+        since_ms: 0,
+        until_ms: None,
+        client: None,
+        by: vec![],
+    };
+    let read = || {
+        sqlite::SqliteSink::open_read_only(&path)
+            .unwrap()
+            .expect("the table is there")
+            .totals_now(&query)
+            .unwrap()[0]
+            .counts
+            .requests
+    };
+    assert_eq!(read(), 2, "through the log");
+    crate::budget::store::Store::flush(&*store).await.unwrap();
+    assert_eq!(on_disk(), 2, "both in the store's flush");
+    assert_eq!(read(), 2, "once");
     assert_eq!(log.counts(), (2, 0));
 }
 

@@ -328,6 +328,9 @@ impl Served {
     }
 
     async fn status(&self, key: &str, model: &str, source: IpAddr) -> u16 {
+        // A test run in a process of its own (nextest) builds no other
+        // client first.
+        iris::init_tls();
         reqwest::Client::builder()
             .no_proxy()
             .local_address(source)

@@ -86,6 +86,12 @@ impl MemoryStore {
             .unwrap_or_default()
     }
 
+    /// The state under a storage key, if the account has been seen.
+    pub fn state_of(&self, key: &str) -> Option<ClientState> {
+        let accounts = self.accounts.read().unwrap_or_else(PoisonError::into_inner);
+        accounts.get(key).map(|entry| lock(entry).state)
+    }
+
     /// The states changed since the last call, by storage key, marking them
     /// clean.
     pub fn take_dirty(&self) -> Vec<(String, ClientState)> {

@@ -19,6 +19,7 @@
 mod memory;
 mod redis;
 mod sqlite;
+mod wal;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -32,6 +33,7 @@ pub use self::redis::{
 };
 pub use memory::MemoryStore;
 pub use sqlite::{FLUSH_EVERY, Load, Rider, SqliteStore};
+pub use wal::{Frame, insert_sql};
 
 use super::window::{Charge, Hold, Refusal, Snapshot};
 use super::{Account, StoreBackend};

@@ -1,21 +1,25 @@
 //! The embedded store (the default): a [`MemoryStore`] is the authoritative
-//! state, so reserving never waits on the disk. What changed is written to a
-//! SQLite file before a response's last byte ([`Store::persisted`]: every
-//! settlement pending at that moment goes in one transaction, a group
-//! commit, so under load one write serves many responses), by a background
-//! task every second (reservations, releases) and once more at shutdown. At
-//! startup the file is loaded back.
+//! state, so reserving never waits on the disk. Before a response's last
+//! byte ([`Store::persisted`]) the states its settlement changed go to the
+//! store's write-ahead log ([`wal`]: one small `write(2)`, no commit); a
+//! background task folds the log into the SQLite file every second (with
+//! every other change: reservations, releases) and once more at shutdown.
+//! At startup the log is replayed into the file, and the file loaded back.
 //!
 //! So neither a restart nor a crash (`kill -9`) loses the charge of a
 //! response whose client received it complete. A crash loses at most the
 //! last second of other changes: a request in flight then is charged its
 //! whole reservation if a write caught it, else nothing; a failed request's
-//! release may be lost (it stays charged its reservation). WAL with `synchronous = NORMAL` is durable across
-//! process crashes; a power cut may lose the last commits.
+//! release may be lost (it stays charged its reservation). Both the log and
+//! SQLite's WAL with `synchronous = NORMAL` are durable across process
+//! crashes; a power cut may lose the last writes.
 //!
-//! Rows of another kind can ride in the same transactions ([`Rider`]): the
-//! spend log's records are committed with the settlements they belong to,
-//! so one commit keeps both or neither.
+//! Rows of another kind can ride with the settlements ([`Rider`]): the
+//! spend log's records go in the same log frames and the same SQLite
+//! transactions as the settlements they belong to, so a crash keeps both or
+//! neither. Should a write to the log fail (a full disk), the log is off
+//! until a restart and every response waits for a SQLite commit instead,
+//! as a group commit: one transaction serves every response waiting then.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -23,6 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::wal::{self, Frame, Item};
 use super::{MemoryStore, Parties, Reserved, Store, StoreError, StoreFuture, ready};
 use crate::alerts::{AlertClaims, ClaimError, ClaimFuture};
 use crate::budget::window::{Bucket, Calendar, Charge, ClientState, Hold, Snapshot};
@@ -40,6 +45,10 @@ CREATE TABLE IF NOT EXISTS budget_state (
     month        INTEGER NOT NULL,  -- year * 12 + month - 1 (UTC)
     month_used   INTEGER NOT NULL,
     updated_at   INTEGER NOT NULL   -- Unix seconds of the write
+) STRICT;
+CREATE TABLE IF NOT EXISTS store_meta (
+    key          TEXT PRIMARY KEY NOT NULL,
+    value        INTEGER NOT NULL
 ) STRICT;
 CREATE TABLE IF NOT EXISTS alert_claims (
     key          TEXT PRIMARY KEY NOT NULL,  -- the alert's subject, window, threshold and period
@@ -91,14 +100,23 @@ fn migrate(db: &Connection) -> rusqlite::Result<()> {
 /// How often changed accounts are written out.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
-/// Rows another part of Iris writes in the store's own transactions (the
-/// spend log's records, or its spool's), so that they are committed with
-/// the settlements they belong to: a response's end waits for one commit,
-/// and a crash keeps both or neither.
+/// `store_meta`'s row for the last write-ahead log generation the file
+/// has absorbed.
+const WAL_ABSORBED: &str = "wal_absorbed";
+
+/// Rows another part of Iris writes with the store's settlements (the
+/// spend log's records, or its spool's), so that they are durable with the
+/// settlements they belong to: a response's end waits for one write, and a
+/// crash keeps both or neither.
 pub trait Rider: Send + Sync + 'static {
-    /// Takes what waits to be written, if anything (the load keeps its
-    /// rider, to give back what a failed transaction did not write).
-    fn take(self: Arc<Self>) -> Option<Box<dyn Load>>;
+    /// Adds the rows no frame holds yet to `frame` (the write-ahead log's
+    /// next), and counts them as in the log.
+    fn journal(&self, frame: &mut Frame) -> rusqlite::Result<()>;
+    /// Takes what waits to be written to the SQLite file, if anything:
+    /// with `in_log_only`, only the rows a frame already holds (the load
+    /// keeps its rider, to give back what a failed transaction did not
+    /// write).
+    fn take(self: Arc<Self>, in_log_only: bool) -> Option<Box<dyn Load>>;
 }
 
 /// What a [`Rider`] took for one transaction.
@@ -123,8 +141,12 @@ struct Inner {
     /// The last write's error, reported by `health` until a write succeeds.
     last_error: Mutex<Option<String>>,
     path: PathBuf,
-    /// Written in the same transactions as the accounts.
+    /// Written in the same frames and transactions as the accounts.
     riders: Mutex<Vec<Arc<dyn Rider>>>,
+    /// The write-ahead log. Locked before `riders` and a rider's own locks.
+    wal: Mutex<wal::Writer>,
+    /// The accounts settled since the last frame, by storage key.
+    settled: Mutex<Vec<Box<str>>>,
 }
 
 fn db_error(path: &Path, e: &rusqlite::Error) -> StoreError {
@@ -143,6 +165,8 @@ impl SqliteStore {
         .and_then(|()| db.execute_batch(SCHEMA))
         .and_then(|()| migrate(&db))
         .map_err(|e| db_error(path, &e))?;
+        let mut db = db;
+        let last = replay(&mut db, path)?;
         let states = read_states(&db).map_err(|e| db_error(path, &e))?;
         Ok(Arc::new(Self {
             inner: Arc::new(Inner {
@@ -152,6 +176,8 @@ impl SqliteStore {
                 last_error: Mutex::new(None),
                 path: path.to_owned(),
                 riders: Mutex::new(Vec::new()),
+                wal: Mutex::new(wal::Writer::new(path, last + 1)),
+                settled: Mutex::new(Vec::new()),
             }),
         }))
     }
@@ -177,11 +203,48 @@ impl SqliteStore {
         if exists.is_none() {
             return Ok(Vec::new());
         }
-        let states = read_states(&db).map_err(|e| db_error(path, &e))?;
+        let mut states = read_states(&db).map_err(|e| db_error(path, &e))?;
+        // A running server's last settlements may be in its write-ahead
+        // log only: read as the file will hold them.
+        let absorbed = absorbed(&db).map_err(|e| db_error(path, &e))?;
+        for item in wal_items(path, absorbed)?
+            .into_iter()
+            .flat_map(|(_, items)| items)
+        {
+            if let Item::State(key, state) = item {
+                match states.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, old)) => *old = state,
+                    None => states.push((key, state)),
+                }
+            }
+        }
         // A row of a kind this version does not know is a newer instance's.
         Ok(states
             .into_iter()
             .filter_map(|(key, state)| Some((Account::from_key(&key)?, state)))
+            .collect())
+    }
+
+    /// The rows for `table` that a running server's write-ahead log holds
+    /// and the file does not yet: each as its column list and values (for
+    /// a reader such as `iris usage`, on its own read-only connection).
+    pub fn logged_rows(
+        db: &Connection,
+        path: &Path,
+        table: &str,
+    ) -> Result<Vec<(String, Vec<rusqlite::types::Value>)>, StoreError> {
+        let absorbed = absorbed(db).map_err(|e| db_error(path, &e))?;
+        Ok(wal_items(path, absorbed)?
+            .into_iter()
+            .flat_map(|(_, items)| items)
+            .filter_map(|item| match item {
+                Item::Row {
+                    table: of,
+                    columns,
+                    values,
+                } if of == table => Some((columns, values)),
+                _ => None,
+            })
             .collect())
     }
 
@@ -218,17 +281,72 @@ impl SqliteStore {
 }
 
 impl Inner {
+    /// Writes what the last frame did not hold to the write-ahead log:
+    /// the accounts settled since, and the riders' new rows. `false` when
+    /// the log is off (a write failed, now or before): the caller then
+    /// needs a commit to the SQLite file.
+    fn append(&self, log: &mut wal::Writer) -> bool {
+        if !log.on() {
+            return false;
+        }
+        let mut keys =
+            std::mem::take(&mut *self.settled.lock().unwrap_or_else(PoisonError::into_inner));
+        keys.sort_unstable();
+        keys.dedup();
+        let mut frame = Frame::default();
+        for key in &keys {
+            if let Some(state) = self.memory.state_of(key) {
+                frame.state(key, &state);
+            }
+        }
+        let riders = self.riders.lock().unwrap_or_else(PoisonError::into_inner);
+        let rows = riders
+            .iter()
+            .try_for_each(|rider| rider.journal(&mut frame));
+        drop(riders);
+        let written = rows.map_err(|e| e.to_string()).and_then(|()| {
+            if frame.is_empty() {
+                return Ok(());
+            }
+            log.append(&frame).map_err(|e| e.to_string())
+        });
+        match written {
+            Ok(()) => true,
+            Err(e) => {
+                // Off for good: what the frame held is still dirty or
+                // waiting, and every flush from now takes it all.
+                log.turn_off();
+                tracing::error!(
+                    "budget store {}: write-ahead log off until a restart (responses now \
+                     wait for a SQLite commit): {e}",
+                    self.path.display()
+                );
+                false
+            }
+        }
+    }
+
     async fn flush(self: Arc<Self>) -> Result<(), StoreError> {
         let _one_at_a_time = self.flushing.lock().await;
-        let rows = self.memory.take_dirty();
-        let loads = self.take_loads();
-        if rows.is_empty() && loads.is_empty() {
+        let (rows, loads, absorbed) = {
+            let mut log = self.wal.lock().unwrap_or_else(PoisonError::into_inner);
+            // Everything so far into the log first, so that the rows taken
+            // now are exactly those of the files sealed now.
+            let logging = self.append(&mut log);
+            let absorbed = log.seal();
+            (
+                self.memory.take_dirty(),
+                self.take_loads(logging),
+                log.has_sealed().then_some(absorbed),
+            )
+        };
+        if rows.is_empty() && loads.is_empty() && absorbed.is_none() {
             return Ok(());
         }
         let names: Vec<String> = rows.iter().map(|(name, _)| name.clone()).collect();
         let this = Arc::clone(&self);
         let written = tokio::task::spawn_blocking(move || {
-            let result = this.write(&rows, &loads);
+            let result = this.write(&rows, &loads, absorbed);
             (result, loads)
         })
         .await;
@@ -248,6 +366,12 @@ impl Inner {
         match written {
             Ok(()) => {
                 *last_error = None;
+                if let Some(absorbed) = absorbed {
+                    self.wal
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove_through(absorbed);
+                }
                 loads.into_iter().for_each(|load| load.committed());
                 Ok(())
             }
@@ -260,43 +384,181 @@ impl Inner {
         }
     }
 
-    /// What every rider has waiting.
-    fn take_loads(&self) -> Vec<Box<dyn Load>> {
+    /// What every rider has waiting (with `in_log_only`, only what the
+    /// write-ahead log holds).
+    fn take_loads(&self, in_log_only: bool) -> Vec<Box<dyn Load>> {
         let riders = self.riders.lock().unwrap_or_else(PoisonError::into_inner);
         riders
             .iter()
-            .filter_map(|rider| Arc::clone(rider).take())
+            .filter_map(|rider| Arc::clone(rider).take(in_log_only))
             .collect()
     }
 
-    /// Upserts `rows` and writes `loads` in one transaction (blocking).
+    /// Upserts `rows` and writes `loads` in one transaction (blocking),
+    /// recording that the file now holds every log file through
+    /// `absorbed`.
     fn write(
         &self,
         rows: &[(String, ClientState)],
         loads: &[Box<dyn Load>],
+        absorbed: Option<u64>,
     ) -> Result<(), StoreError> {
         let mut db = self.db.lock().unwrap_or_else(PoisonError::into_inner);
-        write_states(&mut db, rows, loads).map_err(|e| db_error(&self.path, &e))
+        write_states(&mut db, rows, loads, absorbed).map_err(|e| db_error(&self.path, &e))
     }
 }
 
 impl Drop for Inner {
     /// A last write when the store goes away (after the shutdown flush this
-    /// finds nothing to do); covers a store dropped without a flush.
+    /// finds nothing to do); covers a store dropped without a flush. It
+    /// takes everything, in the log or not, and then the log is absorbed.
     fn drop(&mut self) {
+        let log = self.wal.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let absorbed = log.seal();
+        let absorbed = log.has_sealed().then_some(absorbed);
         let rows = self.memory.take_dirty();
-        let loads = self.take_loads();
-        if rows.is_empty() && loads.is_empty() {
+        let loads = self.take_loads(false);
+        if rows.is_empty() && loads.is_empty() && absorbed.is_none() {
             return;
         }
-        match self.write(&rows, &loads) {
-            Ok(()) => loads.into_iter().for_each(|load| load.committed()),
+        match self.write(&rows, &loads, absorbed) {
+            Ok(()) => {
+                if let Some(absorbed) = absorbed {
+                    self.wal
+                        .get_mut()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove_through(absorbed);
+                }
+                loads.into_iter().for_each(|load| load.committed());
+            }
             Err(e) => {
                 tracing::error!("budget usage not persisted at exit: {e}");
                 loads.into_iter().for_each(|load| load.failed());
             }
         }
     }
+}
+
+/// The last log generation the file has absorbed (0: none).
+fn absorbed(db: &Connection) -> rusqlite::Result<u64> {
+    let table: Option<i64> = db
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'store_meta'",
+            [],
+            |row| row.get(0),
+        )
+        .optional()?;
+    if table.is_none() {
+        return Ok(0);
+    }
+    Ok(db
+        .query_row(
+            "SELECT value FROM store_meta WHERE key = ?1",
+            [WAL_ABSORBED],
+            |row| row.get::<_, i64>(0),
+        )
+        .optional()?
+        .map_or(0, from_sql))
+}
+
+/// The items of the log files after `absorbed`, by generation (a file's
+/// torn last write left out, and said).
+fn wal_items(path: &Path, absorbed: u64) -> Result<Vec<(u64, Vec<Item>)>, StoreError> {
+    let files = wal::files(path).map_err(|e| {
+        StoreError(format!(
+            "sqlite store {}: write-ahead log: {e}",
+            path.display()
+        ))
+    })?;
+    let mut read = Vec::new();
+    for (generation, file) in files {
+        if generation <= absorbed {
+            continue;
+        }
+        let bytes = std::fs::read(&file)
+            .map_err(|e| StoreError(format!("write-ahead log {}: {e}", file.display())))?;
+        let (items, whole) = wal::read_frames(&bytes);
+        if whole < bytes.len() {
+            tracing::warn!(
+                "write-ahead log {}: the last {} bytes are a write cut short (left out)",
+                file.display(),
+                bytes.len() - whole
+            );
+        }
+        read.push((generation, items));
+    }
+    Ok(read)
+}
+
+/// Folds the log files the SQLite file has not absorbed into it, in one
+/// transaction, then removes every log file. Answers the last generation.
+fn replay(db: &mut Connection, path: &Path) -> Result<u64, StoreError> {
+    let error = |e: &rusqlite::Error| db_error(path, e);
+    let absorbed = absorbed(db).map_err(|e| error(&e))?;
+    let files = wal::files(path).map_err(|e| {
+        StoreError(format!(
+            "sqlite store {}: write-ahead log: {e}",
+            path.display()
+        ))
+    })?;
+    let last = files
+        .iter()
+        .map(|(g, _)| *g)
+        .max()
+        .unwrap_or(0)
+        .max(absorbed);
+    let items = wal_items(path, absorbed)?;
+    if !items.is_empty() {
+        let transaction = db.transaction().map_err(|e| error(&e))?;
+        let mut states = Vec::new();
+        let mut rows = 0_usize;
+        for item in items.into_iter().flat_map(|(_, items)| items) {
+            match item {
+                Item::State(key, state) => states.push((key, state)),
+                Item::Row {
+                    table,
+                    columns,
+                    values,
+                } => {
+                    let sql = wal::insert_sql(&table, &columns, values.len()).ok_or_else(|| {
+                        StoreError(format!(
+                            "sqlite store {}: write-ahead log: a row for {table:?} with \
+                             columns {columns:?} cannot be replayed",
+                            path.display()
+                        ))
+                    })?;
+                    transaction
+                        .prepare_cached(&sql)
+                        .and_then(|mut insert| {
+                            insert.execute(rusqlite::params_from_iter(values.iter()))
+                        })
+                        .map_err(|e| error(&e))?;
+                    rows += 1;
+                }
+            }
+        }
+        let accounts = states.len();
+        upsert_states(&transaction, &states).map_err(|e| error(&e))?;
+        set_absorbed(&transaction, last).map_err(|e| error(&e))?;
+        transaction.commit().map_err(|e| error(&e))?;
+        tracing::info!(
+            "budget store {}: write-ahead log replayed ({accounts} account states, {rows} rows)",
+            path.display()
+        );
+    }
+    for (_, file) in &files {
+        wal::remove(file);
+    }
+    Ok(last)
+}
+
+fn set_absorbed(db: &Connection, generation: u64) -> rusqlite::Result<()> {
+    db.execute(
+        "INSERT INTO store_meta (key, value) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        params![WAL_ABSORBED, to_sql(generation)],
+    )
+    .map(drop)
 }
 
 fn to_sql(value: u64) -> i64 {
@@ -356,45 +618,52 @@ fn write_states(
     db: &mut Connection,
     rows: &[(String, ClientState)],
     loads: &[Box<dyn Load>],
+    absorbed: Option<u64>,
 ) -> rusqlite::Result<()> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
     let transaction = db.transaction()?;
-    {
-        let mut upsert = transaction.prepare_cached(
-            "INSERT INTO budget_state (client, requests_tat, tokens_tat, day, day_used, month,
-                month_used, cost_day, cost_day_used, cost_month, cost_month_used, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
-             ON CONFLICT (client) DO UPDATE SET
-                requests_tat = excluded.requests_tat, tokens_tat = excluded.tokens_tat,
-                day = excluded.day, day_used = excluded.day_used,
-                month = excluded.month, month_used = excluded.month_used,
-                cost_day = excluded.cost_day, cost_day_used = excluded.cost_day_used,
-                cost_month = excluded.cost_month, cost_month_used = excluded.cost_month_used,
-                updated_at = excluded.updated_at",
-        )?;
-        for (key, state) in rows {
-            upsert.execute(params![
-                key,
-                to_sql(state.requests.tat),
-                to_sql(state.tokens.tat),
-                i64::from(state.day.period),
-                to_sql(state.day.used),
-                i64::from(state.month.period),
-                to_sql(state.month.used),
-                i64::from(state.cost_day.period),
-                to_sql(state.cost_day.used),
-                i64::from(state.cost_month.period),
-                to_sql(state.cost_month.used),
-                to_sql(now),
-            ])?;
-        }
-    }
+    upsert_states(&transaction, rows)?;
     for load in loads {
         load.write(&transaction)?;
     }
+    if let Some(absorbed) = absorbed {
+        set_absorbed(&transaction, absorbed)?;
+    }
     transaction.commit()
+}
+
+fn upsert_states(db: &Connection, rows: &[(String, ClientState)]) -> rusqlite::Result<()> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut upsert = db.prepare_cached(
+        "INSERT INTO budget_state (client, requests_tat, tokens_tat, day, day_used, month,
+            month_used, cost_day, cost_day_used, cost_month, cost_month_used, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+         ON CONFLICT (client) DO UPDATE SET
+            requests_tat = excluded.requests_tat, tokens_tat = excluded.tokens_tat,
+            day = excluded.day, day_used = excluded.day_used,
+            month = excluded.month, month_used = excluded.month_used,
+            cost_day = excluded.cost_day, cost_day_used = excluded.cost_day_used,
+            cost_month = excluded.cost_month, cost_month_used = excluded.cost_month_used,
+            updated_at = excluded.updated_at",
+    )?;
+    for (key, state) in rows {
+        upsert.execute(params![
+            key,
+            to_sql(state.requests.tat),
+            to_sql(state.tokens.tat),
+            i64::from(state.day.period),
+            to_sql(state.day.used),
+            i64::from(state.month.period),
+            to_sql(state.month.used),
+            i64::from(state.cost_day.period),
+            to_sql(state.cost_day.used),
+            i64::from(state.cost_month.period),
+            to_sql(state.cost_month.used),
+            to_sql(now),
+        ])?;
+    }
+    Ok(())
 }
 
 impl Store for SqliteStore {
@@ -404,6 +673,11 @@ impl Store for SqliteStore {
 
     fn settle(&self, parties: &Parties, hold: Hold, actual: Charge, now: u64) -> StoreFuture<()> {
         self.inner.memory.settle_now(parties, &hold, actual, now);
+        self.inner
+            .settled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(parties.iter().map(|party| Box::from(party.account.key())));
         ready(Ok(()))
     }
 
@@ -439,15 +713,29 @@ impl Store for SqliteStore {
         Box::pin(Inner::flush(Arc::clone(&self.inner)))
     }
 
-    /// A flush, which is a group commit: flushes run one at a time, and the
-    /// one that gets its turn takes every client changed until then, so
-    /// those waiting behind it find nothing left and are done at once. A
-    /// waiter waits for the write under way, then at most one more.
+    /// Every settlement and rider row so far in the write-ahead log: one
+    /// `write(2)` on the caller's thread, which a caller that finds its
+    /// rows already written by another skips (a group write).
     ///
-    /// The flush runs as a task of its own: a waiter that goes away (its
-    /// client hung up) must not stop a write half-way and let a newer one
-    /// overtake it with an older state. Nothing is spawned unless polled.
+    /// With the log off (a write failed), a flush instead, which is a group
+    /// commit: flushes run one at a time, and the one that gets its turn
+    /// takes everything changed until then, so those waiting behind it find
+    /// nothing left and are done at once. The flush runs as a task of its
+    /// own: a waiter that goes away (its client hung up) must not stop a
+    /// write half-way and let a newer one overtake it with an older state.
+    /// Nothing is spawned unless polled.
     fn persisted(&self) -> StoreFuture<()> {
+        let logged = {
+            let mut log = self
+                .inner
+                .wal
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            self.inner.append(&mut log)
+        };
+        if logged {
+            return ready(Ok(()));
+        }
         let inner = Arc::clone(&self.inner);
         Box::pin(async move {
             tokio::spawn(Inner::flush(inner))
@@ -560,35 +848,93 @@ mod tests {
         assert_eq!(read[0].1.day.used, 40);
     }
 
+    /// The budget rows in the SQLite file itself (not the log's overlay).
+    fn rows_in_file(path: &Path) -> Vec<(String, u64)> {
+        Connection::open(path)
+            .expect("open")
+            .prepare("SELECT client, day_used FROM budget_state ORDER BY client")
+            .expect("sql")
+            .query_map([], |row| Ok((row.get(0)?, from_sql(row.get(1)?))))
+            .expect("query")
+            .collect::<rusqlite::Result<_>>()
+            .expect("rows")
+    }
+
+    fn log_files(path: &Path) -> Vec<u64> {
+        wal::files(path)
+            .expect("files")
+            .into_iter()
+            .map(|(generation, _)| generation)
+            .collect()
+    }
+
     #[tokio::test]
-    async fn a_settlement_is_on_disk_once_persisted_answers() {
+    async fn a_settlement_is_in_the_log_once_persisted_answers_and_in_the_file_after_a_flush() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("usage.db");
         let store = SqliteStore::open(&path).expect("open");
         spend(&store, "c", 50, 42).await;
         spend(&store, "d", 50, 7).await;
         assert!(SqliteStore::read(&path).expect("read").is_empty());
+        assert!(
+            log_files(&path).is_empty(),
+            "nothing written before persisted"
+        );
         store.persisted().await.expect("persisted");
+        assert_eq!(log_files(&path), [1], "in one frame of the log");
+        assert!(rows_in_file(&path).is_empty(), "no commit per response");
+        // `iris usage` reads what the log holds too.
         let mut read = SqliteStore::read(&path).expect("read");
         read.sort_by(|a, b| a.0.cmp(&b.0));
         let used: Vec<u64> = read.iter().map(|(_, s)| s.day.used).collect();
-        assert_eq!(used, [42, 7], "both in one write");
-        // Nothing changed since: nothing to write, at once.
+        assert_eq!(used, [42, 7]);
+        // Nothing changed since: nothing to write.
         store.persisted().await.expect("persisted");
+
+        store.flush().await.expect("flush");
+        assert_eq!(
+            rows_in_file(&path),
+            [("c".to_owned(), 42), ("d".to_owned(), 7)]
+        );
+        assert!(log_files(&path).is_empty(), "absorbed, then removed");
         drop(store);
     }
 
-    /// Rows of one kind, written in the store's transactions: a note per row.
+    /// Rows of one kind, written with the settlements: a note per row.
+    #[derive(Default)]
     struct Notes {
         waiting: Mutex<Vec<String>>,
+        /// How many of `waiting` a frame holds.
+        in_log: Mutex<usize>,
         committed: Mutex<Vec<String>>,
+    }
+
+    impl Notes {
+        fn add(&self, note: &str) {
+            self.waiting.lock().expect("lock").push(note.into());
+        }
     }
 
     struct NoteLoad(Vec<String>, Arc<Notes>);
 
     impl Rider for Notes {
-        fn take(self: Arc<Self>) -> Option<Box<dyn Load>> {
-            let notes = std::mem::take(&mut *self.waiting.lock().expect("lock"));
+        fn journal(&self, frame: &mut Frame) -> rusqlite::Result<()> {
+            let waiting = self.waiting.lock().expect("lock");
+            let mut in_log = self.in_log.lock().expect("lock");
+            for note in &waiting[*in_log..] {
+                frame.row("notes", "note", &[note])?;
+            }
+            *in_log = waiting.len();
+            Ok(())
+        }
+
+        fn take(self: Arc<Self>, in_log_only: bool) -> Option<Box<dyn Load>> {
+            let mut waiting = self.waiting.lock().expect("lock");
+            let mut in_log = self.in_log.lock().expect("lock");
+            let count = if in_log_only { *in_log } else { waiting.len() };
+            *in_log -= count.min(*in_log);
+            let notes: Vec<String> = waiting.drain(..count).collect();
+            drop((waiting, in_log));
             (!notes.is_empty()).then(|| Box::new(NoteLoad(notes, self)) as Box<dyn Load>)
         }
     }
@@ -608,52 +954,142 @@ mod tests {
         fn failed(self: Box<Self>) {
             let NoteLoad(mut notes, rider) = *self;
             let mut waiting = rider.waiting.lock().expect("lock");
+            *rider.in_log.lock().expect("lock") += notes.len();
             notes.append(&mut waiting);
             *waiting = notes;
         }
     }
 
-    /// A rider's rows go in the store's own transaction, with the
-    /// settlements: both or neither. A transaction that fails (here, the
-    /// rider's table is missing) keeps the rows and the settlement for the
-    /// next write, which commits both.
-    #[tokio::test]
-    async fn riders_are_written_in_the_stores_transactions() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("iris.db");
-        let store = SqliteStore::open(&path).expect("open");
-        let notes = Arc::new(Notes {
-            waiting: Mutex::new(Vec::new()),
-            committed: Mutex::new(Vec::new()),
-        });
-        store.carry(notes.clone());
-        spend(&store, "c", 50, 42).await;
-        notes.waiting.lock().expect("lock").push("first".into());
-        let failed = store.persisted().await.expect_err("no notes table");
-        assert!(failed.0.contains("notes"), "{failed}");
-        assert!(
-            SqliteStore::read(&path).expect("read").is_empty(),
-            "neither"
-        );
-        assert_eq!(*notes.waiting.lock().expect("lock"), ["first"]);
-
-        Connection::open(&path)
-            .expect("open")
-            .execute_batch("CREATE TABLE notes (note TEXT NOT NULL)")
-            .expect("create");
-        notes.waiting.lock().expect("lock").push("second".into());
-        store.persisted().await.expect("persisted");
-        assert_eq!(SqliteStore::read(&path).expect("read")[0].1.day.used, 42);
-        let written: Vec<String> = Connection::open(&path)
+    fn notes_in_file(path: &Path) -> Vec<String> {
+        Connection::open(path)
             .expect("open")
             .prepare("SELECT note FROM notes ORDER BY rowid")
             .expect("sql")
             .query_map([], |row| row.get(0))
             .expect("query")
             .collect::<rusqlite::Result<_>>()
-            .expect("rows");
-        assert_eq!(written, ["first", "second"], "in the order they came");
-        assert_eq!(*notes.committed.lock().expect("lock"), ["first", "second"]);
+            .expect("rows")
+    }
+
+    /// A rider's rows go in the store's log frames and transactions, with
+    /// the settlements: both or neither. A transaction that fails (here,
+    /// the rider's table is missing) keeps the rows, the settlement and
+    /// the log files for the next flush, which commits both.
+    #[tokio::test]
+    async fn riders_are_written_with_the_settlements() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("iris.db");
+        let store = SqliteStore::open(&path).expect("open");
+        let notes = Arc::new(Notes::default());
+        store.carry(notes.clone());
+        spend(&store, "c", 50, 42).await;
+        notes.add("first");
+        store.persisted().await.expect("in the log");
+        let failed = store.flush().await.expect_err("no notes table");
+        assert!(failed.0.contains("notes"), "{failed}");
+        assert!(rows_in_file(&path).is_empty(), "neither");
+        assert_eq!(*notes.waiting.lock().expect("lock"), ["first"]);
+        assert_eq!(log_files(&path), [1], "kept for the next flush");
+
+        Connection::open(&path)
+            .expect("open")
+            .execute_batch("CREATE TABLE notes (note TEXT NOT NULL)")
+            .expect("create");
+        notes.add("second");
+        store.persisted().await.expect("in the log");
+        notes.add("third, not yet in the log");
+        store.flush().await.expect("flush");
+        assert_eq!(rows_in_file(&path), [("c".to_owned(), 42)]);
+        assert_eq!(
+            notes_in_file(&path),
+            ["first", "second", "third, not yet in the log"],
+            "in the order they came; a flush logs what waits first"
+        );
+        assert_eq!(notes.committed.lock().expect("lock").len(), 3);
+        assert!(log_files(&path).is_empty());
+    }
+
+    /// `kill -9` after `persisted`: the next open replays the log into the
+    /// file (states and rows, once), and a log file the file had already
+    /// absorbed is not replayed again.
+    #[tokio::test]
+    async fn a_crash_after_persisted_loses_nothing_and_replays_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("iris.db");
+        let store = SqliteStore::open(&path).expect("open");
+        Connection::open(&path)
+            .expect("open")
+            .execute_batch("CREATE TABLE notes (note TEXT NOT NULL)")
+            .expect("create");
+        let notes = Arc::new(Notes::default());
+        store.carry(notes.clone());
+        spend(&store, "c", 50, 40).await;
+        notes.add("kept");
+        store.persisted().await.expect("persisted");
+        spend(&store, "c", 50, 2).await;
+        store.persisted().await.expect("persisted");
+        spend(&store, "c", 50, 1000).await; // not persisted: may be lost
+        // A crash: no flush, no last write.
+        std::mem::forget(store);
+
+        let reopened = SqliteStore::open(&path).expect("reopen");
+        assert_eq!(rows_in_file(&path), [("c".to_owned(), 42)]);
+        assert_eq!(notes_in_file(&path), ["kept"]);
+        assert!(log_files(&path).is_empty());
+        let used = reopened
+            .snapshot(&Account::client("c"), &limits(), NOW)
+            .await
+            .expect("snapshot")
+            .get(Window::TokensPerDay)
+            .used;
+        assert_eq!(used, 42, "the reopened store starts from the replay");
+        drop(reopened);
+
+        // A log file left behind by a crash between a flush's commit and
+        // its removal (its generation absorbed): removed, not replayed.
+        let absorbed = {
+            let db = Connection::open(&path).expect("open");
+            absorbed(&db).expect("absorbed")
+        };
+        let mut stale = wal::Writer::new(&path, absorbed);
+        let mut frame = Frame::default();
+        let mut old = ClientState::default();
+        old.day.used = 1;
+        frame.state("c", &old);
+        frame.row("notes", "note", &[&"kept"]).expect("row");
+        stale.append(&frame).expect("append");
+        drop(stale);
+        assert_eq!(log_files(&path), [absorbed]);
+        drop(SqliteStore::open(&path).expect("reopen"));
+        assert_eq!(rows_in_file(&path), [("c".to_owned(), 42)]);
+        assert_eq!(notes_in_file(&path), ["kept"], "not twice");
+        assert!(log_files(&path).is_empty());
+    }
+
+    /// A log that cannot be written (here its file's name is taken by a
+    /// directory) is turned off: `persisted` then commits to the SQLite
+    /// file, rows and all, as before the log existed.
+    #[tokio::test]
+    async fn a_log_that_cannot_be_written_gives_way_to_a_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("iris.db");
+        let store = SqliteStore::open(&path).expect("open");
+        Connection::open(&path)
+            .expect("open")
+            .execute_batch("CREATE TABLE notes (note TEXT NOT NULL)")
+            .expect("create");
+        let notes = Arc::new(Notes::default());
+        store.carry(notes.clone());
+        std::fs::create_dir(dir.path().join("iris.db.wal.1")).expect("mkdir");
+        spend(&store, "c", 50, 42).await;
+        notes.add("committed");
+        store.persisted().await.expect("persisted by a commit");
+        assert_eq!(rows_in_file(&path), [("c".to_owned(), 42)]);
+        assert_eq!(notes_in_file(&path), ["committed"]);
+        spend(&store, "c", 50, 1).await;
+        store.persisted().await.expect("persisted by a commit");
+        assert_eq!(rows_in_file(&path), [("c".to_owned(), 43)]);
+        drop(store);
     }
 
     #[tokio::test]
