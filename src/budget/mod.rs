@@ -24,6 +24,7 @@ pub mod account;
 pub mod estimate;
 pub mod money;
 mod o200k;
+mod pieces;
 pub mod report;
 pub mod store;
 pub mod thresholds;

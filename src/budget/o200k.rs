@@ -2,7 +2,8 @@
 //! in the binary's read-only pages.
 //!
 //! The algorithm is tiktoken's: the text is split into pieces by o200k's
-//! pattern; a piece that is a token counts 1; any other is byte-pair merged,
+//! pattern (written out by hand in [`super::pieces`]); a piece that is a
+//! token counts 1; any other is byte-pair merged,
 //! lowest rank first, and counts the tokens it merges into. Only counts are
 //! needed, never token ids, and the vocabulary is only looked up: so
 //! instead of tiktoken's hash maps (the encoder, the decoder and a sorted
@@ -17,28 +18,6 @@ use std::sync::OnceLock;
 
 /// `build.rs`'s tables: `count`, `slots_len`, `ends`, `slots`, `blob`.
 static TABLES: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/o200k.bin"));
-
-/// o200k_base's pre-tokenizer pattern, as tiktoken has it.
-const PATTERN: &str = concat!(
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
-    "|",
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
-    "|",
-    r"\p{N}{1,3}",
-    "|",
-    r" ?[^\s\p{L}\p{N}]+[\r\n/]*",
-    "|",
-    r"\s*[\r\n]+",
-    "|",
-    r"\s+(?!\S)",
-    "|",
-    r"\s+",
-);
-
-/// The most memory each of the pattern's lazy DFAs may cache (the regex
-/// crate's default is 2 MiB each, for every thread searching at once): the
-/// pattern's pieces are short, so a small cache is refilled rarely.
-const PATTERN_CACHE_BYTES: usize = 256 * 1024;
 
 /// Pieces shorter than this merge by rescanning a small vector (tiktoken's
 /// choice: faster for the short pieces nearly every text is made of);
@@ -112,39 +91,21 @@ impl Vocabulary {
     }
 }
 
-struct Tokenizer {
-    vocabulary: Vocabulary,
-    pattern: fancy_regex::Regex,
-}
-
-fn tokenizer() -> Option<&'static Tokenizer> {
-    static TOKENIZER: OnceLock<Option<Tokenizer>> = OnceLock::new();
-    TOKENIZER
-        .get_or_init(|| {
-            let vocabulary = Vocabulary::new()?;
-            let pattern = fancy_regex::RegexBuilder::new(PATTERN)
-                .delegate_dfa_size_limit(PATTERN_CACHE_BYTES)
-                .build()
-                .map_err(|e| tracing::error!("the o200k pattern does not compile: {e}"))
-                .ok()?;
-            Some(Tokenizer {
-                vocabulary,
-                pattern,
-            })
-        })
-        .as_ref()
+fn vocabulary() -> Option<&'static Vocabulary> {
+    static VOCABULARY: OnceLock<Option<Vocabulary>> = OnceLock::new();
+    VOCABULARY.get_or_init(Vocabulary::new).as_ref()
 }
 
 /// Tokens in `text` under o200k_base, as tiktoken's `encode_ordinary`
-/// counts them; `None` when the tables or the pattern are unusable.
+/// counts them; `None` when the tables are unusable.
 pub fn count(text: &str) -> Option<u64> {
-    let tokenizer = tokenizer()?;
+    let vocabulary = vocabulary()?;
     let mut total = 0u64;
-    for piece in tokenizer.pattern.find_iter(text) {
-        let piece = piece.ok()?.as_str().as_bytes();
-        total += match tokenizer.vocabulary.rank(piece) {
+    for piece in super::pieces::pieces(text)? {
+        let piece = piece.as_bytes();
+        total += match vocabulary.rank(piece) {
             Some(_) => 1,
-            None => merged_count(&tokenizer.vocabulary, piece) as u64,
+            None => merged_count(vocabulary, piece) as u64,
         };
     }
     Some(total)
