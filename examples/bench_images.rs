@@ -3,7 +3,7 @@
 //! throughput; and small text requests' latency through Iris while 8 large
 //! images are re-encoded at once, against none.
 //!
-//!   cargo run --release --example bench_images [-- --only text]
+//!   cargo run --release --example bench_images [-- text | inline]
 //!
 //! "Inline" is what a request pays: parse the chat body, apply the upstream's
 //! image policy (fetch, sniff, base64), write the body that goes upstream.
@@ -94,11 +94,13 @@ fn chat_body(url: &str) -> Vec<u8> {
 async fn main() {
     iris::init_tls();
     let host = image_server::ImageServer::start("127.0.0.2").await;
-    let only_text = std::env::args().any(|a| a == "text");
-    if !only_text {
+    let only = |part: &str| std::env::args().any(|a| a == part);
+    if !only("text") {
         inline_and_base64(&host).await;
     }
-    text_under_image_load(&host).await;
+    if !only("inline") {
+        text_under_image_load(&host).await;
+    }
 }
 
 async fn inline_and_base64(host: &image_server::ImageServer) {

@@ -27,6 +27,10 @@ use crate::budget::store::{Frame, Load, Rider, SqliteStore, StoreError, StoreFut
 /// hung up) are committed at the latest.
 pub const COMMIT_EVERY: Duration = Duration::from_secs(1);
 
+/// Records held in memory (their frames written) past which the store's
+/// write-ahead log is folded into the table at once.
+const FOLD_AT_RECORDS: usize = 1024;
+
 /// Loud errors are logged at most this often (each line says how many
 /// were not logged since).
 const LOUD_EVERY: Duration = Duration::from_secs(60);
@@ -199,7 +203,7 @@ impl Journal {
 }
 
 impl Rider for Journal {
-    fn journal(&self, frame: &mut Frame) -> rusqlite::Result<()> {
+    fn journal(&self, frame: &mut Frame) -> rusqlite::Result<bool> {
         let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
         let Waiting { records, in_log } = &mut *waiting;
         for record in &records[*in_log..] {
@@ -208,7 +212,11 @@ impl Rider for Journal {
             })?;
             *in_log += 1;
         }
-        Ok(())
+        // Folded into the table now rather than at the next periodic
+        // flush: the records in memory stay few under any load (a second
+        // of a busy server's would be tens of megabytes), and none is ever
+        // dropped for want of room.
+        Ok(records.len() >= (self.capacity / 2).min(FOLD_AT_RECORDS))
     }
 
     fn take(self: Arc<Self>, in_log_only: bool) -> Option<Box<dyn Load>> {

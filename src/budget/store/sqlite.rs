@@ -22,6 +22,7 @@
 //! as a group commit: one transaction serves every response waiting then.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -110,8 +111,10 @@ const WAL_ABSORBED: &str = "wal_absorbed";
 /// crash keeps both or neither.
 pub trait Rider: Send + Sync + 'static {
     /// Adds the rows no frame holds yet to `frame` (the write-ahead log's
-    /// next), and counts them as in the log.
-    fn journal(&self, frame: &mut Frame) -> rusqlite::Result<()>;
+    /// next), and counts them as in the log. `true` asks for the log to be
+    /// folded into the file soon, before the next periodic flush (the
+    /// rider holds many rows in memory).
+    fn journal(&self, frame: &mut Frame) -> rusqlite::Result<bool>;
     /// Takes what waits to be written to the SQLite file, if anything:
     /// with `in_log_only`, only the rows a frame already holds (the load
     /// keeps its rider, to give back what a failed transaction did not
@@ -147,7 +150,14 @@ struct Inner {
     wal: Mutex<wal::Writer>,
     /// The accounts settled since the last frame, by storage key.
     settled: Mutex<Vec<Box<str>>>,
+    /// A flush was asked for ahead of the periodic one and has not begun.
+    fold_asked: AtomicBool,
 }
+
+/// A log file this long is folded into the SQLite file at once, rather than
+/// at the next periodic flush (which bounds a startup's replay and the
+/// memory of the rows that wait).
+const FOLD_AT_BYTES: u64 = 1 << 19;
 
 fn db_error(path: &Path, e: &rusqlite::Error) -> StoreError {
     StoreError(format!("sqlite store {}: {e}", path.display()))
@@ -178,6 +188,7 @@ impl SqliteStore {
                 riders: Mutex::new(Vec::new()),
                 wal: Mutex::new(wal::Writer::new(path, last + 1)),
                 settled: Mutex::new(Vec::new()),
+                fold_asked: AtomicBool::new(false),
             }),
         }))
     }
@@ -284,8 +295,9 @@ impl Inner {
     /// Writes what the last frame did not hold to the write-ahead log:
     /// the accounts settled since, and the riders' new rows. `false` when
     /// the log is off (a write failed, now or before): the caller then
-    /// needs a commit to the SQLite file.
-    fn append(&self, log: &mut wal::Writer) -> bool {
+    /// needs a commit to the SQLite file. A log grown long, or a rider
+    /// holding many rows, asks for a flush ahead of the periodic one.
+    fn append(self: &Arc<Self>, log: &mut wal::Writer) -> bool {
         if !log.on() {
             return false;
         }
@@ -300,18 +312,23 @@ impl Inner {
             }
         }
         let riders = self.riders.lock().unwrap_or_else(PoisonError::into_inner);
-        let rows = riders
-            .iter()
-            .try_for_each(|rider| rider.journal(&mut frame));
+        let rows = riders.iter().try_fold(false, |fold, rider| {
+            Ok::<_, rusqlite::Error>(rider.journal(&mut frame)? || fold)
+        });
         drop(riders);
-        let written = rows.map_err(|e| e.to_string()).and_then(|()| {
-            if frame.is_empty() {
-                return Ok(());
+        let written = rows.map_err(|e| e.to_string()).and_then(|fold| {
+            if !frame.is_empty() {
+                log.append(&frame).map_err(|e| e.to_string())?;
             }
-            log.append(&frame).map_err(|e| e.to_string())
+            Ok(fold || log.bytes() >= FOLD_AT_BYTES)
         });
         match written {
-            Ok(()) => true,
+            Ok(fold) => {
+                if fold && !self.fold_asked.swap(true, Ordering::Relaxed) {
+                    self.fold_soon();
+                }
+                true
+            }
             Err(e) => {
                 // Off for good: what the frame held is still dirty or
                 // waiting, and every flush from now takes it all.
@@ -326,8 +343,22 @@ impl Inner {
         }
     }
 
+    /// A flush now, in the background (none without a runtime: the
+    /// periodic one or the last write will do).
+    fn fold_soon(self: &Arc<Self>) {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let inner = Arc::clone(self);
+            runtime.spawn(async move {
+                if let Err(e) = Self::flush(inner).await {
+                    tracing::error!("budget usage not persisted: {e}");
+                }
+            });
+        }
+    }
+
     async fn flush(self: Arc<Self>) -> Result<(), StoreError> {
         let _one_at_a_time = self.flushing.lock().await;
+        self.fold_asked.store(false, Ordering::Relaxed);
         let (rows, loads, absorbed) = {
             let mut log = self.wal.lock().unwrap_or_else(PoisonError::into_inner);
             // Everything so far into the log first, so that the rows taken
@@ -918,14 +949,15 @@ mod tests {
     struct NoteLoad(Vec<String>, Arc<Notes>);
 
     impl Rider for Notes {
-        fn journal(&self, frame: &mut Frame) -> rusqlite::Result<()> {
+        fn journal(&self, frame: &mut Frame) -> rusqlite::Result<bool> {
             let waiting = self.waiting.lock().expect("lock");
             let mut in_log = self.in_log.lock().expect("lock");
             for note in &waiting[*in_log..] {
                 frame.row("notes", "note", &[note])?;
             }
             *in_log = waiting.len();
-            Ok(())
+            // Many notes waiting: folded in at once.
+            Ok(waiting.len() >= 3)
         }
 
         fn take(self: Arc<Self>, in_log_only: bool) -> Option<Box<dyn Load>> {
@@ -1064,6 +1096,36 @@ mod tests {
         assert_eq!(rows_in_file(&path), [("c".to_owned(), 42)]);
         assert_eq!(notes_in_file(&path), ["kept"], "not twice");
         assert!(log_files(&path).is_empty());
+    }
+
+    /// A rider holding many rows has the log folded into the file at once,
+    /// not a second later.
+    #[tokio::test]
+    async fn a_rider_holding_many_rows_has_the_log_folded_in_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("iris.db");
+        let store = SqliteStore::open(&path).expect("open");
+        Connection::open(&path)
+            .expect("open")
+            .execute_batch("CREATE TABLE notes (note TEXT NOT NULL)")
+            .expect("create");
+        let notes = Arc::new(Notes::default());
+        store.carry(notes.clone());
+        for note in ["1", "2"] {
+            notes.add(note);
+            store.persisted().await.expect("persisted");
+        }
+        tokio::task::yield_now().await;
+        assert!(notes_in_file(&path).is_empty(), "two wait for the flush");
+        notes.add("3");
+        store.persisted().await.expect("persisted");
+        for _ in 0..500 {
+            if notes_in_file(&path).len() == 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(notes_in_file(&path), ["1", "2", "3"]);
     }
 
     /// A log that cannot be written (here its file's name is taken by a

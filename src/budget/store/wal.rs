@@ -349,6 +349,8 @@ pub struct Writer {
     /// The current file, opened on its first frame.
     file: Option<File>,
     generation: u64,
+    /// Bytes in the current file.
+    bytes: u64,
     /// Generations written and closed, waiting for a flush to absorb them.
     sealed: Vec<u64>,
     /// A write failed: frames stop, and every flush takes all there is.
@@ -361,6 +363,7 @@ impl Writer {
         Self {
             store: store.to_owned(),
             file: None,
+            bytes: 0,
             generation: first,
             sealed: Vec::new(),
             failed: false,
@@ -375,6 +378,11 @@ impl Writer {
     /// Stops the log for the process's life (a frame could not be made).
     pub fn turn_off(&mut self) {
         self.failed = true;
+    }
+
+    /// Bytes written to the current file.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
     }
 
     /// Whether files wait for a flush to absorb them.
@@ -402,7 +410,10 @@ impl Writer {
                     .open(file_of(&self.store, self.generation))?,
             ),
         };
-        file.write_all(&frame.sealed())
+        let sealed = frame.sealed();
+        file.write_all(&sealed)?;
+        self.bytes += sealed.len() as u64;
+        Ok(())
     }
 
     /// Closes the current file if it holds frames: every frame written so
@@ -410,6 +421,7 @@ impl Writer {
     /// that commits afterwards has absorbed.
     pub fn seal(&mut self) -> u64 {
         if self.file.take().is_some() {
+            self.bytes = 0;
             self.sealed.push(self.generation);
             self.generation += 1;
         }
