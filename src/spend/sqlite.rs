@@ -85,17 +85,25 @@ impl SqliteSink {
                 describe(Some(path))
             )));
         }
-        see_logged_rows(&db, path)?;
         Ok(Some(Self {
             db: Arc::new(Mutex::new(db)),
             path: Some(path.to_owned()),
         }))
     }
 
-    /// The totals of `query`, on this thread (blocking).
+    /// The totals of `query`, on this thread (blocking), a read-only
+    /// reader's: with the records a running server's write-ahead log holds
+    /// that the file does not yet.
     pub fn totals_now(&self, query: &Query) -> Result<Vec<Totals>, SinkError> {
         let db = self.db.lock().unwrap_or_else(PoisonError::into_inner);
-        totals(&db, query).map_err(|e| SinkError(message(self.path.as_deref(), &e)))
+        let Some(path) = &self.path else {
+            return totals(&db, query).map_err(|e| SinkError(message(None, &e)));
+        };
+        crate::budget::store::with_log(&db, path, |db, items| {
+            see_logged_rows(db, items)?;
+            totals(db, query)
+        })
+        .map_err(|e| SinkError(e.0))
     }
 
     /// Runs `work` on the connection, on the blocking pool.
@@ -118,34 +126,38 @@ impl SqliteSink {
 
 /// A running server's last records may be in the SQLite store's
 /// write-ahead log only (folded into the file within a second): a reader
-/// of the file sees them through a temporary view that shadows
-/// `spend_log` on its own connection (temporary objects are searched
-/// first, and the file itself is not written).
-fn see_logged_rows(db: &Connection, path: &Path) -> Result<(), SinkError> {
-    let rows = crate::budget::store::SqliteStore::logged_rows(db, path, Table::Log.name())
-        .map_err(|e| SinkError(e.0))?;
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let error = |e: rusqlite::Error| SinkError(message(Some(path), &e));
-    db.execute_batch(
-        "CREATE TEMP TABLE logged AS SELECT * FROM main.spend_log WHERE 0;
-         CREATE TEMP VIEW spend_log AS
-             SELECT * FROM main.spend_log UNION ALL SELECT * FROM temp.logged;",
-    )
-    .map_err(error)?;
-    for (columns, values) in rows {
-        let sql = crate::budget::store::insert_sql("logged", &columns, values.len()).ok_or_else(
-            || {
-                SinkError(format!(
-                    "{}: a logged record cannot be read",
-                    describe(Some(path))
-                ))
-            },
-        )?;
-        db.prepare_cached(&sql)
-            .and_then(|mut insert| insert.execute(rusqlite::params_from_iter(values.iter())))
-            .map_err(error)?;
+/// sees them through a temporary view that shadows `spend_log` on its own
+/// connection (temporary objects are searched first), made in the read's
+/// transaction and gone with it; the file itself is never written.
+fn see_logged_rows(
+    db: &Connection,
+    items: Vec<crate::budget::store::LogItem>,
+) -> rusqlite::Result<()> {
+    let mut made = false;
+    for item in items {
+        let crate::budget::store::LogItem::Row {
+            table,
+            columns,
+            values,
+        } = item
+        else {
+            continue;
+        };
+        if table != Table::Log.name() {
+            continue;
+        }
+        if !made {
+            db.execute_batch(
+                "CREATE TEMP TABLE logged AS SELECT * FROM main.spend_log WHERE 0;
+                 CREATE TEMP VIEW spend_log AS
+                     SELECT * FROM main.spend_log UNION ALL SELECT * FROM temp.logged;",
+            )?;
+            made = true;
+        }
+        let sql = crate::budget::store::insert_sql("logged", &columns, values.len())
+            .ok_or_else(|| rusqlite::Error::InvalidColumnName(columns.clone()))?;
+        db.prepare_cached(&sql)?
+            .execute(rusqlite::params_from_iter(values.iter()))?;
     }
     Ok(())
 }

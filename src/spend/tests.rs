@@ -1006,3 +1006,76 @@ fn a_cache_hit_is_still_one_when_read_back_from_the_spool() {
         .collect();
     assert_eq!(read, [true, false]);
 }
+
+/// A reader of the file (`iris usage --since`) while the server records,
+/// logs and folds: every read sees every record made durable before it
+/// began, and none twice, however the flushes fall between its reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_racing_the_folds_sees_each_durable_record_once() {
+    use std::sync::atomic::AtomicU64;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("iris.db");
+    let store = crate::budget::store::SqliteStore::open(&path).unwrap();
+    let backend = StoreBackend::Sqlite { path: path.clone() };
+    let log = SpendLog::open(
+        &settings(SpendBackend::Sqlite { path: None }),
+        &backend,
+        Some(&store),
+    )
+    .await
+    .unwrap();
+    const RECORDS: u64 = 400;
+    let durable = Arc::new(AtomicU64::new(0));
+    let recorded = Arc::new(AtomicU64::new(0));
+    let reader = std::thread::spawn({
+        let (path, durable, recorded) = (path.clone(), durable.clone(), recorded.clone());
+        move || {
+            let query = Query {
+                since_ms: 0,
+                until_ms: None,
+                client: None,
+                by: vec![],
+            };
+            let mut reads = 0;
+            loop {
+                let before = durable.load(Ordering::SeqCst);
+                let seen = sqlite::SqliteSink::open_read_only(&path)
+                    .unwrap()
+                    .map_or(0, |reader| {
+                        reader
+                            .totals_now(&query)
+                            .unwrap()
+                            .first()
+                            .map_or(0, |t| t.counts.requests)
+                    });
+                let after = recorded.load(Ordering::SeqCst);
+                assert!(
+                    before <= seen && seen <= after,
+                    "{before} <= {seen} <= {after}"
+                );
+                reads += 1;
+                if before == RECORDS {
+                    return reads;
+                }
+            }
+        }
+    });
+    for n in 0..RECORDS {
+        recorded.fetch_add(1, Ordering::SeqCst);
+        log.record(record(n));
+        crate::budget::store::Store::persisted(&*store)
+            .await
+            .unwrap();
+        durable.fetch_add(1, Ordering::SeqCst);
+        if n % 9 == 0 {
+            crate::budget::store::Store::flush(&*store).await.unwrap();
+        }
+        if n % 4 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    let reads = tokio::task::spawn_blocking(move || reader.join().unwrap())
+        .await
+        .unwrap();
+    assert!(reads > 1, "the reader raced the writer");
+}

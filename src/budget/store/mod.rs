@@ -32,8 +32,8 @@ pub use self::redis::{
     RedisConnection, RedisOptions, RedisStore,
 };
 pub use memory::MemoryStore;
-pub use sqlite::{FLUSH_EVERY, Load, Rider, SqliteStore};
-pub use wal::{Frame, insert_sql};
+pub use sqlite::{FLUSH_EVERY, Load, Rider, SqliteStore, with_log};
+pub use wal::{Frame, Item as LogItem, insert_sql};
 
 use super::window::{Charge, Hold, Refusal, Snapshot};
 use super::{Account, StoreBackend};

@@ -214,48 +214,24 @@ impl SqliteStore {
         if exists.is_none() {
             return Ok(Vec::new());
         }
-        let mut states = read_states(&db).map_err(|e| db_error(path, &e))?;
         // A running server's last settlements may be in its write-ahead
         // log only: read as the file will hold them.
-        let absorbed = absorbed(&db).map_err(|e| db_error(path, &e))?;
-        for item in wal_items(path, absorbed)?
-            .into_iter()
-            .flat_map(|(_, items)| items)
-        {
-            if let Item::State(key, state) = item {
-                match states.iter_mut().find(|(k, _)| *k == key) {
-                    Some((_, old)) => *old = state,
-                    None => states.push((key, state)),
+        let states = with_log(&db, path, |db, items| {
+            let mut states = read_states(db)?;
+            for item in items {
+                if let Item::State(key, state) = item {
+                    match states.iter_mut().find(|(k, _)| *k == key) {
+                        Some((_, old)) => *old = state,
+                        None => states.push((key, state)),
+                    }
                 }
             }
-        }
+            Ok(states)
+        })?;
         // A row of a kind this version does not know is a newer instance's.
         Ok(states
             .into_iter()
             .filter_map(|(key, state)| Some((Account::from_key(&key)?, state)))
-            .collect())
-    }
-
-    /// The rows for `table` that a running server's write-ahead log holds
-    /// and the file does not yet: each as its column list and values (for
-    /// a reader such as `iris usage`, on its own read-only connection).
-    pub fn logged_rows(
-        db: &Connection,
-        path: &Path,
-        table: &str,
-    ) -> Result<Vec<(String, Vec<rusqlite::types::Value>)>, StoreError> {
-        let absorbed = absorbed(db).map_err(|e| db_error(path, &e))?;
-        Ok(wal_items(path, absorbed)?
-            .into_iter()
-            .flat_map(|(_, items)| items)
-            .filter_map(|item| match item {
-                Item::Row {
-                    table: of,
-                    columns,
-                    values,
-                } if of == table => Some((columns, values)),
-                _ => None,
-            })
             .collect())
     }
 
@@ -492,33 +468,108 @@ fn absorbed(db: &Connection) -> rusqlite::Result<u64> {
         .map_or(0, from_sql))
 }
 
-/// The items of the log files after `absorbed`, by generation (a file's
-/// torn last write left out, and said).
-fn wal_items(path: &Path, absorbed: u64) -> Result<Vec<(u64, Vec<Item>)>, StoreError> {
-    let files = wal::files(path).map_err(|e| {
+/// A log file's items (its torn last write left out, and said); `None`
+/// when it is gone.
+fn read_log_file(file: &Path) -> Result<Option<Vec<Item>>, StoreError> {
+    let bytes = match std::fs::read(file) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(StoreError(format!(
+                "write-ahead log {}: {e}",
+                file.display()
+            )));
+        }
+    };
+    let (items, whole) = wal::read_frames(&bytes);
+    if whole < bytes.len() {
+        tracing::warn!(
+            "write-ahead log {}: the last {} bytes are a write cut short (left out)",
+            file.display(),
+            bytes.len() - whole
+        );
+    }
+    Ok(Some(items))
+}
+
+fn log_files(path: &Path) -> Result<Vec<(u64, PathBuf)>, StoreError> {
+    wal::files(path).map_err(|e| {
         StoreError(format!(
             "sqlite store {}: write-ahead log: {e}",
             path.display()
         ))
-    })?;
+    })
+}
+
+/// The items of the log files after `absorbed`, in order. `None` for a
+/// reader racing the server's flush: a file after `absorbed` was removed
+/// (absorbed since), or the files do not follow on from `absorbed` (ones
+/// between were absorbed and removed since); it reads again.
+fn wal_items(path: &Path, absorbed: u64) -> Result<Option<Vec<Item>>, StoreError> {
     let mut read = Vec::new();
-    for (generation, file) in files {
+    let mut expected = absorbed + 1;
+    for (generation, file) in log_files(path)? {
         if generation <= absorbed {
             continue;
         }
-        let bytes = std::fs::read(&file)
-            .map_err(|e| StoreError(format!("write-ahead log {}: {e}", file.display())))?;
-        let (items, whole) = wal::read_frames(&bytes);
-        if whole < bytes.len() {
+        if generation != expected {
+            return Ok(None);
+        }
+        expected += 1;
+        let Some(items) = read_log_file(&file)? else {
+            return Ok(None);
+        };
+        read.extend(items);
+    }
+    Ok(Some(read))
+}
+
+/// Every log file after `absorbed`, in order, whatever is missing between
+/// (nothing else writes the log while the store opens: a gap is files
+/// removed by hand, and what is left is replayed).
+fn replay_items(
+    path: &Path,
+    files: &[(u64, PathBuf)],
+    absorbed: u64,
+) -> Result<Vec<Item>, StoreError> {
+    let mut read = Vec::new();
+    let mut expected = absorbed + 1;
+    for (generation, file) in files.iter().filter(|(g, _)| *g > absorbed) {
+        if *generation != expected {
             tracing::warn!(
-                "write-ahead log {}: the last {} bytes are a write cut short (left out)",
-                file.display(),
-                bytes.len() - whole
+                "sqlite store {}: write-ahead log files {expected} to {} are missing",
+                path.display(),
+                generation - 1
             );
         }
-        read.push((generation, items));
+        expected = generation + 1;
+        read.extend(read_log_file(file)?.unwrap_or_default());
     }
     Ok(read)
+}
+
+/// Runs `read` on `db` (a reader's connection to a server's file) with the
+/// log's items the file has not absorbed, in one read transaction, so the
+/// file and the log are seen at one moment: neither a change missed nor
+/// one seen twice. Tried again while the server's flush moves under it.
+pub fn with_log<T>(
+    db: &Connection,
+    path: &Path,
+    read: impl Fn(&Connection, Vec<Item>) -> rusqlite::Result<T>,
+) -> Result<T, StoreError> {
+    let error = |e: &rusqlite::Error| db_error(path, e);
+    for _ in 0..20 {
+        let transaction = db.unchecked_transaction().map_err(|e| error(&e))?;
+        // The first read fixes the transaction's snapshot of the file.
+        let absorbed = absorbed(&transaction).map_err(|e| error(&e))?;
+        if let Some(items) = wal_items(path, absorbed)? {
+            return read(&transaction, items).map_err(|e| error(&e));
+        }
+    }
+    Err(StoreError(format!(
+        "sqlite store {}: the server's write-ahead log kept moving under the read; try again",
+        path.display()
+    )))
 }
 
 /// Folds the log files the SQLite file has not absorbed into it, in one
@@ -526,24 +577,19 @@ fn wal_items(path: &Path, absorbed: u64) -> Result<Vec<(u64, Vec<Item>)>, StoreE
 fn replay(db: &mut Connection, path: &Path) -> Result<u64, StoreError> {
     let error = |e: &rusqlite::Error| db_error(path, e);
     let absorbed = absorbed(db).map_err(|e| error(&e))?;
-    let files = wal::files(path).map_err(|e| {
-        StoreError(format!(
-            "sqlite store {}: write-ahead log: {e}",
-            path.display()
-        ))
-    })?;
+    let files = log_files(path)?;
     let last = files
         .iter()
         .map(|(g, _)| *g)
         .max()
         .unwrap_or(0)
         .max(absorbed);
-    let items = wal_items(path, absorbed)?;
+    let items = replay_items(path, &files, absorbed)?;
     if !items.is_empty() {
         let transaction = db.transaction().map_err(|e| error(&e))?;
         let mut states = Vec::new();
         let mut rows = 0_usize;
-        for item in items.into_iter().flat_map(|(_, items)| items) {
+        for item in items {
             match item {
                 Item::State(key, state) => states.push((key, state)),
                 Item::Row {
@@ -1126,6 +1172,35 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(notes_in_file(&path), ["1", "2", "3"]);
+    }
+
+    /// A reader racing the flush sees the files move: one absorbed and
+    /// removed between its read of the file and its listing leaves a gap
+    /// after what the file says it absorbed, and it reads again.
+    #[test]
+    fn a_reader_finding_the_log_moved_reads_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("iris.db");
+        let mut frame = Frame::default();
+        frame.state("c", &ClientState::default());
+        for generation in [5, 6] {
+            let mut writer = wal::Writer::new(&path, generation);
+            writer.append(&frame).expect("append");
+        }
+        assert_eq!(
+            wal_items(&path, 4).expect("read").map(|items| items.len()),
+            Some(2),
+            "5 and 6 follow on from 4"
+        );
+        assert_eq!(wal_items(&path, 6).expect("read").map(|i| i.len()), Some(0));
+        assert!(wal_items(&path, 3).expect("read").is_none(), "4 is gone");
+        assert_eq!(
+            replay_items(&path, &super::log_files(&path).expect("files"), 3)
+                .expect("replay")
+                .len(),
+            2,
+            "a start replays what is there"
+        );
     }
 
     /// A log that cannot be written (here its file's name is taken by a
