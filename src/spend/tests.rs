@@ -852,6 +852,24 @@ fn settings(backend: SpendBackend) -> SpendSettings {
     }
 }
 
+/// The SQLite store at `path`, and the spend log in its file.
+async fn sqlite_store_with_its_log(
+    path: &std::path::Path,
+) -> (Arc<crate::budget::store::SqliteStore>, SpendLog) {
+    let store = crate::budget::store::SqliteStore::open(path).unwrap();
+    let backend = StoreBackend::Sqlite {
+        path: path.to_owned(),
+    };
+    let log = SpendLog::open(
+        &settings(SpendBackend::Sqlite { path: None }),
+        &backend,
+        Some(&store),
+    )
+    .await
+    .unwrap();
+    (store, log)
+}
+
 /// With the SQLite store and the log in its file, a record is made durable
 /// by the store's own write (the settlement's frame of its write-ahead
 /// log) and committed to the table by the store's flush, with no write of
@@ -860,15 +878,7 @@ fn settings(backend: SpendBackend) -> SpendSettings {
 async fn records_ride_in_the_sqlite_stores_transactions() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("iris.db");
-    let store = crate::budget::store::SqliteStore::open(&path).unwrap();
-    let backend = StoreBackend::Sqlite { path: path.clone() };
-    let log = SpendLog::open(
-        &settings(SpendBackend::Sqlite { path: None }),
-        &backend,
-        Some(&store),
-    )
-    .await
-    .unwrap();
+    let (store, log) = sqlite_store_with_its_log(&path).await;
     assert!(log.commits());
     let on_disk = || -> i64 {
         rusqlite::Connection::open(&path)
@@ -1015,15 +1025,7 @@ async fn a_reader_racing_the_folds_sees_each_durable_record_once() {
     use std::sync::atomic::AtomicU64;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("iris.db");
-    let store = crate::budget::store::SqliteStore::open(&path).unwrap();
-    let backend = StoreBackend::Sqlite { path: path.clone() };
-    let log = SpendLog::open(
-        &settings(SpendBackend::Sqlite { path: None }),
-        &backend,
-        Some(&store),
-    )
-    .await
-    .unwrap();
+    let (store, log) = sqlite_store_with_its_log(&path).await;
     const RECORDS: u64 = 400;
     let durable = Arc::new(AtomicU64::new(0));
     let recorded = Arc::new(AtomicU64::new(0));

@@ -1043,6 +1043,21 @@ mod tests {
         }
     }
 
+    /// A store in a new directory's `iris.db`, carrying notes whose table
+    /// is there.
+    fn with_notes() -> (tempfile::TempDir, Arc<SqliteStore>, Arc<Notes>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("iris.db");
+        let store = SqliteStore::open(&path).expect("open");
+        Connection::open(&path)
+            .expect("open")
+            .execute_batch("CREATE TABLE notes (note TEXT NOT NULL)")
+            .expect("create");
+        let notes = Arc::new(Notes::default());
+        store.carry(notes.clone());
+        (dir, store, notes)
+    }
+
     fn notes_in_file(path: &Path) -> Vec<String> {
         Connection::open(path)
             .expect("open")
@@ -1097,15 +1112,8 @@ mod tests {
     /// absorbed is not replayed again.
     #[tokio::test]
     async fn a_crash_after_persisted_loses_nothing_and_replays_once() {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let (dir, store, notes) = with_notes();
         let path = dir.path().join("iris.db");
-        let store = SqliteStore::open(&path).expect("open");
-        Connection::open(&path)
-            .expect("open")
-            .execute_batch("CREATE TABLE notes (note TEXT NOT NULL)")
-            .expect("create");
-        let notes = Arc::new(Notes::default());
-        store.carry(notes.clone());
         spend(&store, "c", 50, 40).await;
         notes.add("kept");
         store.persisted().await.expect("persisted");
@@ -1153,15 +1161,8 @@ mod tests {
     /// not a second later.
     #[tokio::test]
     async fn a_rider_holding_many_rows_has_the_log_folded_in_at_once() {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let (dir, store, notes) = with_notes();
         let path = dir.path().join("iris.db");
-        let store = SqliteStore::open(&path).expect("open");
-        Connection::open(&path)
-            .expect("open")
-            .execute_batch("CREATE TABLE notes (note TEXT NOT NULL)")
-            .expect("create");
-        let notes = Arc::new(Notes::default());
-        store.carry(notes.clone());
         for note in ["1", "2"] {
             notes.add(note);
             store.persisted().await.expect("persisted");
@@ -1213,15 +1214,8 @@ mod tests {
     /// file, rows and all, as before the log existed.
     #[tokio::test]
     async fn a_log_that_cannot_be_written_gives_way_to_a_commit() {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let (dir, store, notes) = with_notes();
         let path = dir.path().join("iris.db");
-        let store = SqliteStore::open(&path).expect("open");
-        Connection::open(&path)
-            .expect("open")
-            .execute_batch("CREATE TABLE notes (note TEXT NOT NULL)")
-            .expect("create");
-        let notes = Arc::new(Notes::default());
-        store.carry(notes.clone());
         std::fs::create_dir(dir.path().join("iris.db.wal.1")).expect("mkdir");
         spend(&store, "c", 50, 42).await;
         notes.add("committed");

@@ -210,28 +210,22 @@ impl Reader<'_> {
         for number in &mut n {
             *number = self.u64()?;
         }
-        let period = |p: u64| u32::try_from(p).ok();
+        // A window's period (a day or month number) and what it used.
+        let calendar = |at: usize| {
+            Some(Calendar {
+                period: u32::try_from(n[at]).ok()?,
+                used: n[at + 1],
+            })
+        };
         Some(Item::State(
             key,
             ClientState {
                 requests: Bucket { tat: n[0] },
                 tokens: Bucket { tat: n[1] },
-                day: Calendar {
-                    period: period(n[2])?,
-                    used: n[3],
-                },
-                month: Calendar {
-                    period: period(n[4])?,
-                    used: n[5],
-                },
-                cost_day: Calendar {
-                    period: period(n[6])?,
-                    used: n[7],
-                },
-                cost_month: Calendar {
-                    period: period(n[8])?,
-                    used: n[9],
-                },
+                day: calendar(2)?,
+                month: calendar(4)?,
+                cost_day: calendar(6)?,
+                cost_month: calendar(8)?,
                 in_flight: 0,
             },
         ))
