@@ -101,6 +101,57 @@ fn migrate(db: &Connection) -> rusqlite::Result<()> {
 /// How often changed accounts are written out.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
+/// How long a store waits for another process to let go of its file (a
+/// restart that overlaps the old process's drain) before it gives up.
+const LOCK_WAIT: Duration = Duration::from_secs(60);
+
+/// Locks `<store file>.lock` for this process, waiting up to `wait` for
+/// another Iris using the same file to stop.
+fn hold(path: &Path, wait: Duration) -> Result<std::fs::File, StoreError> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock_path = PathBuf::from(name);
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| StoreError(format!("sqlite store {}: {e}", lock_path.display())))?;
+    let started = std::time::Instant::now();
+    let mut said = false;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if started.elapsed() < wait => {
+                if !said {
+                    tracing::warn!(
+                        "sqlite store {}: another Iris is using this file; waiting up to {} s \
+                         for it to stop",
+                        path.display(),
+                        wait.as_secs()
+                    );
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError(format!(
+                    "sqlite store {}: another Iris is using this file (it holds {}); two \
+                     servers cannot share one store file",
+                    path.display(),
+                    lock_path.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(StoreError(format!(
+                    "sqlite store {}: {e}",
+                    lock_path.display()
+                )));
+            }
+        }
+    }
+}
+
 /// `store_meta`'s row for the last write-ahead log generation the file
 /// has absorbed.
 const WAL_ABSORBED: &str = "wal_absorbed";
@@ -150,6 +201,10 @@ struct Inner {
     wal: Mutex<wal::Writer>,
     /// The accounts settled since the last frame, by storage key.
     settled: Mutex<Vec<Box<str>>>,
+    /// `<store file>.lock`, locked while this store is open: the log's
+    /// files are this process's alone (another Iris on the same file would
+    /// replay and remove them under it).
+    held: Mutex<Option<std::fs::File>>,
     /// A flush was asked for ahead of the periodic one and has not begun.
     fold_asked: AtomicBool,
 }
@@ -166,6 +221,7 @@ fn db_error(path: &Path, e: &rusqlite::Error) -> StoreError {
 impl SqliteStore {
     /// Opens (or creates) the file and loads every account's state from it.
     pub fn open(path: &Path) -> Result<Arc<Self>, StoreError> {
+        let held = hold(path, LOCK_WAIT)?;
         let db = Connection::open(path).map_err(|e| db_error(path, &e))?;
         // WAL: `iris usage` can read while the server writes; NORMAL sync is
         // durable across process crashes, which is what the store promises.
@@ -194,6 +250,7 @@ impl SqliteStore {
                 wal: Mutex::new(wal::Writer::new(path, last + 1)),
                 settled: Mutex::new(Vec::new()),
                 fold_asked: AtomicBool::new(false),
+                held: Mutex::new(Some(held)),
             }),
         }))
     }
@@ -424,7 +481,20 @@ impl Drop for Inner {
     /// A last write when the store goes away (after the shutdown flush this
     /// finds nothing to do); covers a store dropped without a flush. It
     /// takes everything, in the log or not, and then the log is absorbed.
+    /// Only then is the file's lock let go.
     fn drop(&mut self) {
+        self.last_write();
+        drop(
+            self.held
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
+    }
+}
+
+impl Inner {
+    fn last_write(&mut self) {
         let log = self.wal.get_mut().unwrap_or_else(PoisonError::into_inner);
         let absorbed = log.seal();
         let absorbed = log.has_sealed().then_some(absorbed);
@@ -1120,7 +1190,9 @@ mod tests {
         spend(&store, "c", 50, 2).await;
         store.persisted().await.expect("persisted");
         spend(&store, "c", 50, 1000).await; // not persisted: may be lost
-        // A crash: no flush, no last write.
+        // A crash: no flush, no last write (and, as at a process's end, the
+        // file's lock let go).
+        drop(store.inner.held.lock().expect("lock").take());
         std::mem::forget(store);
 
         let reopened = SqliteStore::open(&path).expect("reopen");
@@ -1178,6 +1250,26 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(notes_in_file(&path), ["1", "2", "3"]);
+    }
+
+    /// A second store on the same file (another Iris) waits for the first
+    /// to let go, then gives up with a message that says why.
+    #[test]
+    fn a_second_store_on_one_file_waits_for_the_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("iris.db");
+        let first = hold(&path, Duration::ZERO).expect("first");
+        let refused = hold(&path, Duration::from_millis(300)).expect_err("held");
+        assert!(
+            refused.0.contains("another Iris is using this file"),
+            "{refused}"
+        );
+        let releasing = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            drop(first);
+        });
+        hold(&path, Duration::from_secs(10)).expect("let go");
+        releasing.join().expect("thread");
     }
 
     /// A reader racing the flush sees the files move: one absorbed and
