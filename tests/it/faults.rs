@@ -588,3 +588,58 @@ async fn redis_killed_under_load_fails_fast_recovers_and_never_overspends() {
         "Redis holds exactly what was granted: no settlement lost in the outage"
     );
 }
+
+/// The SQLite store's write-ahead log is one process's: a second server on
+/// the same file (a restart overlapping the old process's drain) waits for
+/// the first to stop rather than replay and remove its log under it, then
+/// starts with everything the first charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_server_on_one_store_file_waits_for_the_first() {
+    let upstream = MockUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = sqlite_config(&upstream.base_url(), &dir.path().join("iris.db"), "");
+    let mut first = Binary::start(&config).await;
+    let response = http()
+        .post(first.url("/v1/chat/completions"))
+        .bearer_auth(KEY_B)
+        .json(&nth_body(0))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    let charged = reported_total(response).await.expect("complete");
+    // Read from the running server's file (and its log) at once.
+    assert_eq!(used_on_disk(&config), charged);
+
+    let second = tokio::spawn({
+        let config = config.clone();
+        async move { Binary::start(&config).await }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !second.is_finished(),
+        "the second server does not serve while the first holds the file"
+    );
+    assert!(first.terminate().await.success());
+    let second = tokio::time::timeout(Duration::from_secs(30), second)
+        .await
+        .expect("the second server starts once the first is gone")
+        .expect("join");
+    assert!(
+        !second.logged("another Iris is using this file").is_empty(),
+        "it said why it waited"
+    );
+    let usage: Value = http()
+        .get(second.url("/v1/usage"))
+        .bearer_auth(KEY_B)
+        .send()
+        .await
+        .expect("usage")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        usage["windows"]["tokens_per_day"]["used"], charged,
+        "{usage}"
+    );
+}
