@@ -182,6 +182,16 @@ impl Assembled {
     }
 }
 
+/// The fields a completion and each of its chunks share, carried across
+/// when one form is replayed as the other.
+const HEAD_FIELDS: [&str; 5] = [
+    "id",
+    "created",
+    "model",
+    "system_fingerprint",
+    "service_tier",
+];
+
 /// A stored stream as one `chat.completion`: the first chunk's id,
 /// created, model and system fingerprint, each choice's deltas joined, the
 /// usage chunk's usage.
@@ -194,13 +204,7 @@ fn assemble(body: &[u8]) -> Option<Replayed> {
             continue;
         }
         let chunk: Value = serde_json::from_slice(&payload).ok()?;
-        for field in [
-            "id",
-            "created",
-            "model",
-            "system_fingerprint",
-            "service_tier",
-        ] {
+        for field in HEAD_FIELDS {
             if let Some(value) = chunk.get(field).filter(|v| !v.is_null()) {
                 head.entry(field).or_insert_with(|| value.clone());
             }
@@ -253,13 +257,7 @@ fn assemble(body: &[u8]) -> Option<Replayed> {
 fn split(body: &[u8], include_usage: bool) -> Option<Replayed> {
     let completion: Value = serde_json::from_slice(body).ok()?;
     let mut head = Map::new();
-    for field in [
-        "id",
-        "created",
-        "model",
-        "system_fingerprint",
-        "service_tier",
-    ] {
+    for field in HEAD_FIELDS {
         if let Some(value) = completion.get(field).filter(|v| !v.is_null()) {
             head.insert(field.to_owned(), value.clone());
         }
