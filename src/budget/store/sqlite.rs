@@ -279,13 +279,11 @@ impl SqliteStore {
         // A running server's last settlements may be in its write-ahead
         // log only: read as the file will hold them.
         let states = with_log(&db, path, |db, items| {
-            let mut states = read_states(db)?;
+            let mut states: std::collections::BTreeMap<String, ClientState> =
+                read_states(db)?.into_iter().collect();
             for item in items {
                 if let Item::State(key, state) = item {
-                    match states.iter_mut().find(|(k, _)| *k == key) {
-                        Some((_, old)) => *old = state,
-                        None => states.push((key, state)),
-                    }
+                    states.insert(key, state);
                 }
             }
             Ok(states)
@@ -356,7 +354,7 @@ impl Inner {
         drop(riders);
         let written = rows.map_err(|e| e.to_string()).and_then(|fold| {
             if !frame.is_empty() {
-                log.append(&frame).map_err(|e| e.to_string())?;
+                log.append(&mut frame).map_err(|e| e.to_string())?;
             }
             Ok(fold || log.bytes() >= FOLD_AT_BYTES)
         });
@@ -1220,7 +1218,7 @@ mod tests {
         old.day.used = 1;
         frame.state("c", &old);
         frame.row("notes", "note", &[&"kept"]).expect("row");
-        stale.append(&frame).expect("append");
+        stale.append(&mut frame).expect("append");
         drop(stale);
         assert_eq!(log_files(&path), [absorbed]);
         drop(SqliteStore::open(&path).expect("reopen"));
@@ -1283,7 +1281,7 @@ mod tests {
         frame.state("c", &ClientState::default());
         for generation in [5, 6] {
             let mut writer = wal::Writer::new(&path, generation);
-            writer.append(&frame).expect("append");
+            writer.append(&mut frame).expect("append");
         }
         assert_eq!(
             wal_items(&path, 4).expect("read").map(|items| items.len()),

@@ -42,20 +42,29 @@ const BLOB: u8 = 4;
 /// A frame's header: the payload's length and CRC-32, little-endian.
 const HEADER: usize = 8;
 
-/// The items of one write, encoded as they are added.
-#[derive(Default)]
+/// The items of one write, encoded as they are added after room for the
+/// header, which sealing fills in (the frame is written as it is built,
+/// never copied).
 pub struct Frame {
-    payload: Vec<u8>,
+    bytes: Vec<u8>,
+}
+
+impl Default for Frame {
+    fn default() -> Self {
+        Self {
+            bytes: vec![0; HEADER],
+        }
+    }
 }
 
 impl Frame {
     pub fn is_empty(&self) -> bool {
-        self.payload.is_empty()
+        self.bytes.len() == HEADER
     }
 
     /// An account's whole state, under its storage key.
     pub fn state(&mut self, key: &str, state: &ClientState) {
-        self.payload.push(STATE);
+        self.bytes.push(STATE);
         self.text(key);
         for number in [
             state.requests.tat,
@@ -69,7 +78,7 @@ impl Frame {
             u64::from(state.cost_month.period),
             state.cost_month.used,
         ] {
-            self.payload.extend_from_slice(&number.to_le_bytes());
+            self.bytes.extend_from_slice(&number.to_le_bytes());
         }
     }
 
@@ -84,35 +93,35 @@ impl Frame {
         let count = u16::try_from(values.len()).map_err(|_| {
             rusqlite::Error::InvalidParameterCount(values.len(), usize::from(u16::MAX))
         })?;
-        let start = self.payload.len();
-        self.payload.push(ROW);
+        let start = self.bytes.len();
+        self.bytes.push(ROW);
         self.text(table);
         self.text(columns);
-        self.payload.extend_from_slice(&count.to_le_bytes());
+        self.bytes.extend_from_slice(&count.to_le_bytes());
         for value in values {
             let value = match value.to_sql() {
                 Ok(value) => value,
                 Err(e) => {
-                    self.payload.truncate(start);
+                    self.bytes.truncate(start);
                     return Err(e);
                 }
             };
             match value_ref(&value) {
-                ValueRef::Null => self.payload.push(NULL),
+                ValueRef::Null => self.bytes.push(NULL),
                 ValueRef::Integer(n) => {
-                    self.payload.push(INTEGER);
-                    self.payload.extend_from_slice(&n.to_le_bytes());
+                    self.bytes.push(INTEGER);
+                    self.bytes.extend_from_slice(&n.to_le_bytes());
                 }
                 ValueRef::Real(x) => {
-                    self.payload.push(REAL);
-                    self.payload.extend_from_slice(&x.to_le_bytes());
+                    self.bytes.push(REAL);
+                    self.bytes.extend_from_slice(&x.to_le_bytes());
                 }
                 ValueRef::Text(bytes) => {
-                    self.payload.push(TEXT);
+                    self.bytes.push(TEXT);
                     self.bytes(bytes);
                 }
                 ValueRef::Blob(bytes) => {
-                    self.payload.push(BLOB);
+                    self.bytes.push(BLOB);
                     self.bytes(bytes);
                 }
             }
@@ -128,18 +137,17 @@ impl Frame {
         // A length past u32 cannot come from Iris's rows; saturating keeps
         // the encoding total (the frame's CRC then fails it on reading).
         let length = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
-        self.payload.extend_from_slice(&length.to_le_bytes());
-        self.payload.extend_from_slice(bytes);
+        self.bytes.extend_from_slice(&length.to_le_bytes());
+        self.bytes.extend_from_slice(bytes);
     }
 
-    /// The frame as written: header, then payload.
-    fn sealed(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER + self.payload.len());
-        let length = u32::try_from(self.payload.len()).unwrap_or(u32::MAX);
-        out.extend_from_slice(&length.to_le_bytes());
-        out.extend_from_slice(&crc32fast::hash(&self.payload).to_le_bytes());
-        out.extend_from_slice(&self.payload);
-        out
+    /// The frame as written: the header filled in, then the payload.
+    fn sealed(&mut self) -> &[u8] {
+        let (header, payload) = self.bytes.split_at_mut(HEADER);
+        let length = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+        header[..4].copy_from_slice(&length.to_le_bytes());
+        header[4..].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        &self.bytes
     }
 }
 
@@ -386,7 +394,7 @@ impl Writer {
 
     /// Appends `frame`; once a write fails, the log is off for the
     /// process's life and this says why.
-    pub fn append(&mut self, frame: &Frame) -> std::io::Result<()> {
+    pub fn append(&mut self, frame: &mut Frame) -> std::io::Result<()> {
         let result = self.try_append(frame);
         if result.is_err() {
             self.failed = true;
@@ -394,7 +402,7 @@ impl Writer {
         result
     }
 
-    fn try_append(&mut self, frame: &Frame) -> std::io::Result<()> {
+    fn try_append(&mut self, frame: &mut Frame) -> std::io::Result<()> {
         let file = match &mut self.file {
             Some(file) => file,
             None => self.file.insert(
@@ -405,7 +413,7 @@ impl Writer {
             ),
         };
         let sealed = frame.sealed();
-        file.write_all(&sealed)?;
+        file.write_all(sealed)?;
         self.bytes += sealed.len() as u64;
         Ok(())
     }
@@ -496,8 +504,8 @@ mod tests {
             .expect("row");
         let mut second = Frame::default();
         second.state("team:t", &state(9));
-        let mut bytes = first.sealed();
-        bytes.extend_from_slice(&second.sealed());
+        let mut bytes = first.sealed().to_vec();
+        bytes.extend_from_slice(second.sealed());
         let whole = bytes.len();
 
         let (items, read) = read_frames(&bytes);
@@ -553,11 +561,11 @@ mod tests {
         assert_eq!(writer.seal(), 3, "nothing written: nothing sealed");
         let mut frame = Frame::default();
         frame.state("k", &state(1));
-        writer.append(&frame).expect("append");
+        writer.append(&mut frame).expect("append");
         assert_eq!(writer.seal(), 4);
-        writer.append(&frame).expect("append");
+        writer.append(&mut frame).expect("append");
         assert_eq!(writer.seal(), 5);
-        writer.append(&frame).expect("append");
+        writer.append(&mut frame).expect("append");
         let generations: Vec<u64> = files(&store).expect("files").iter().map(|f| f.0).collect();
         assert_eq!(generations, [4, 5, 6]);
         writer.remove_through(4);
