@@ -34,11 +34,10 @@ enum Kind {
     Upper,
     /// `Ll`: only in the "lower" class.
     Lower,
-    /// `Lm`, `Lo`, and marks (`M`): in both.
-    Both,
-    /// A letter in both classes: `Lm` and `Lo` (apart from marks, which
-    /// are not letters).
-    BothLetter,
+    /// Marks (`M`): in both classes, and not letters.
+    Mark,
+    /// `Lm` and `Lo`: letters in both classes.
+    CaselessLetter,
     Number,
     /// `\s`: Unicode's `White_Space`.
     Space,
@@ -48,21 +47,21 @@ enum Kind {
 impl Kind {
     /// `[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]`
     fn upper(self) -> bool {
-        matches!(self, Self::Upper | Self::Both | Self::BothLetter)
+        matches!(self, Self::Upper | Self::Mark | Self::CaselessLetter)
     }
 
     /// `[\p{Ll}\p{Lm}\p{Lo}\p{M}]`
     fn lower(self) -> bool {
-        matches!(self, Self::Lower | Self::Both | Self::BothLetter)
+        matches!(self, Self::Lower | Self::Mark | Self::CaselessLetter)
     }
 
     fn letter(self) -> bool {
-        matches!(self, Self::Upper | Self::Lower | Self::BothLetter)
+        matches!(self, Self::Upper | Self::Lower | Self::CaselessLetter)
     }
 
     /// `[^\s\p{L}\p{N}]`: marks and everything else.
     fn symbol(self) -> bool {
-        matches!(self, Self::Both | Self::Other)
+        matches!(self, Self::Mark | Self::Other)
     }
 }
 
@@ -92,8 +91,8 @@ impl Classes {
         for (class, kind) in [
             (r"[\p{Lu}\p{Lt}]", Kind::Upper),
             (r"\p{Ll}", Kind::Lower),
-            (r"[\p{Lm}\p{Lo}]", Kind::BothLetter),
-            (r"\p{M}", Kind::Both),
+            (r"[\p{Lm}\p{Lo}]", Kind::CaselessLetter),
+            (r"\p{M}", Kind::Mark),
             (r"\p{N}", Kind::Number),
             (r"\s", Kind::Space),
         ] {
