@@ -79,6 +79,22 @@ fn used_on_disk(config: &str) -> u64 {
         .expect("a number")
 }
 
+/// Client `b`'s `tokens_per_day` as a running server's `/v1/usage` says.
+async fn used_today(iris: &Binary) -> u64 {
+    let usage: Value = http()
+        .get(iris.url("/v1/usage"))
+        .bearer_auth(KEY_B)
+        .send()
+        .await
+        .expect("usage")
+        .json()
+        .await
+        .expect("json");
+    usage["windows"]["tokens_per_day"]["used"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no tokens_per_day in {usage}"))
+}
+
 /// Before the fix, settlement was written behind the response (every
 /// second): a crash right after complete answers lost their charge (a run
 /// on main: 40 requests, `kill -9`, 24 of them missing). Now each response's
@@ -137,16 +153,7 @@ async fn kill_9_loses_no_charge_of_a_complete_response() {
     assert_eq!(report["data"][0]["total_tokens"], charged, "{report}");
     // And a restart on the same file serves from it.
     let iris = Binary::start(&config).await;
-    let usage: Value = client
-        .get(iris.url("/v1/usage"))
-        .bearer_auth(KEY_B)
-        .send()
-        .await
-        .expect("usage")
-        .json()
-        .await
-        .expect("json");
-    assert_eq!(usage["windows"]["tokens_per_day"]["used"], charged);
+    assert_eq!(used_today(&iris).await, charged);
 }
 
 /// SIGTERM with streams in flight: every stream finishes whole within the
@@ -629,17 +636,5 @@ async fn a_second_server_on_one_store_file_waits_for_the_first() {
         !second.logged("another Iris is using this file").is_empty(),
         "it said why it waited"
     );
-    let usage: Value = http()
-        .get(second.url("/v1/usage"))
-        .bearer_auth(KEY_B)
-        .send()
-        .await
-        .expect("usage")
-        .json()
-        .await
-        .expect("json");
-    assert_eq!(
-        usage["windows"]["tokens_per_day"]["used"], charged,
-        "{usage}"
-    );
+    assert_eq!(used_today(&second).await, charged);
 }
