@@ -256,10 +256,8 @@ async fn apply(
     }
     let mut replacements = replacements.into_iter();
     for (_, image) in request.images_mut() {
-        match replacements.next().flatten() {
-            Some(Replacement::Shared(url)) => image.set_url_shared(url),
-            Some(Replacement::Owned(url)) => image.set_url(url),
-            None => {}
+        if let Some(url) = replacements.next().flatten() {
+            image.set_url_shared(url);
         }
         if policy.strip_detail {
             image.strip_detail();
@@ -287,12 +285,9 @@ async fn offloaded<T: Send + 'static>(
     tokio::task::spawn_blocking(work).await.ok().flatten()
 }
 
-/// A new URL for an image part.
-enum Replacement {
-    /// A data URI held by the image cache, not copied per request.
-    Shared(Arc<String>),
-    Owned(String),
-}
+/// A new URL for an image part: a data URI Iris wrote (held by the image
+/// cache, or by this request alone), sent upstream without a copy.
+type Replacement = Arc<String>;
 
 /// One image's work; the replacement URL, if it changes.
 async fn process(
@@ -301,18 +296,14 @@ async fn process(
 ) -> Result<(usize, Option<Replacement>), ImageRefusal> {
     let result = match work {
         Work::Fetch(url) => match images.fetch(url).await {
-            Ok(image) => images
-                .images
-                .render(url, &image, target)
-                .await
-                .map(|uri| Some(Replacement::Shared(uri))),
+            Ok(image) => images.images.render(url, &image, target).await.map(Some),
             Err(e) => Err(e),
         },
         Work::Data(uri) => images
             .images
             .process_data_uri(uri, target)
             .await
-            .map(|uri| uri.map(Replacement::Owned)),
+            .map(|uri| uri.map(Arc::new)),
     };
     result
         .map(|replacement| (index, replacement))

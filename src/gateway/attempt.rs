@@ -22,6 +22,7 @@ use crate::facts::RequestFacts;
 use crate::openai::Api;
 use crate::openai::chat::{ChatRequest, RequestLimits};
 use crate::openai::embeddings::EmbeddingsRequest;
+use crate::openai::spliced::SplicedBody;
 use crate::openai::stream::UsageTap;
 use crate::rewrite::ImageWork;
 use crate::routing::retry::{self, FailedAttempt, Next};
@@ -57,7 +58,7 @@ enum Failed {
 
 /// A request as one deployment's upstream takes it ([`Attempts::prepare`]).
 struct Prepared {
-    body: Bytes,
+    body: SplicedBody,
     relaying: Relaying,
 }
 
@@ -383,9 +384,9 @@ impl Attempts<'_> {
                     request.set_model(name);
                 }
                 let body = if request.changed() {
-                    Bytes::from(request.to_body())
+                    SplicedBody::from(request.to_body())
                 } else {
-                    self.body.clone()
+                    SplicedBody::from(self.body.clone())
                 };
                 let relaying = Relaying::default();
                 return Ok(Prepared { body, relaying });
@@ -407,9 +408,9 @@ impl Attempts<'_> {
             drop_usage_chunk,
         };
         let body = if request.changed() {
-            Bytes::from(request.to_body())
+            request.to_body(self.body)
         } else {
-            self.body.clone()
+            SplicedBody::from(self.body.clone())
         };
         Ok(Prepared { body, relaying })
     }
@@ -420,7 +421,7 @@ impl Attempts<'_> {
     async fn send(
         &self,
         upstream: &Upstream,
-        body: Bytes,
+        body: SplicedBody,
         stream: bool,
         remaining: Duration,
     ) -> Result<(Reply, Option<Bytes>), Failed> {

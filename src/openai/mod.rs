@@ -4,6 +4,7 @@
 pub mod chat;
 pub mod embeddings;
 pub mod raw;
+pub mod spliced;
 pub mod stream;
 
 /// The OpenAI APIs Iris serves, each at its own path, upstream as at Iris.

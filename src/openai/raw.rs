@@ -375,7 +375,7 @@ pub fn write_json_string(out: &mut Vec<u8>, s: &str) {
 /// Whether JSON needs any byte of `s` escaped: quotes, backslashes and
 /// control characters (what serde_json escapes; it leaves the rest as is).
 /// Branch-free over blocks so the compiler can vectorise it.
-fn needs_escaping(s: &[u8]) -> bool {
+pub fn needs_escaping(s: &[u8]) -> bool {
     let escapes = |block: &[u8]| {
         block.iter().fold(false, |found, &b| {
             found | (b < 0x20) | (b == b'"') | (b == b'\\')

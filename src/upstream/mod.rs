@@ -14,7 +14,7 @@ use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use futures_util::{StreamExt, TryStreamExt};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -23,6 +23,7 @@ use hyper_util::rt::TokioExecutor;
 use crate::budget::Limits;
 use crate::images::ImagePolicy;
 use crate::openai::Api;
+use crate::openai::spliced::SplicedBody;
 use crate::tls::PrivateCa;
 
 /// An upstream, resolved from the config: everything a request to it needs.
@@ -232,7 +233,7 @@ impl Reply {
     }
 }
 
-type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+type HttpsClient = Client<HttpsConnector<HttpConnector>, SplicedBody>;
 
 /// The pooled HTTP client every upstream request goes through: hyper's,
 /// HTTP/1.1 or HTTP/2 (ALPN) over rustls with the platform's roots, no
@@ -279,7 +280,7 @@ impl Forwarder {
         &self,
         upstream: &Upstream,
         api: Api,
-        body: Bytes,
+        body: SplicedBody,
         client_headers: &HeaderMap,
         trace: HeaderMap,
         timeout: Duration,
@@ -294,7 +295,7 @@ impl Forwarder {
                 Api::Chat => (chat_url, authorization, ca),
                 Api::Embeddings => (embeddings_url, authorization, ca),
             },
-            Endpoint::Demo => return Ok(demo::answer(api, &body)),
+            Endpoint::Demo => return Ok(demo::answer(api, &body.to_bytes())),
         };
         let private;
         let http = match ca {
@@ -312,7 +313,7 @@ impl Forwarder {
                 }
             },
         };
-        let mut request = http::Request::new(Full::new(body));
+        let mut request = http::Request::new(body);
         *request.method_mut() = http::Method::POST;
         *request.uri_mut() = url.clone();
         let headers = request.headers_mut();

@@ -20,9 +20,11 @@ use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use serde_json::value::RawValue;
 
 use super::raw::{self, RawObject};
+use super::spliced::{SPLICE_MIN_BYTES, shared_piece};
 
 /// Why a body is not a chat completion request: the message for the client
 /// and the field it is about.
@@ -143,10 +145,15 @@ impl ImagePart<'_> {
         self.changed = true;
     }
 
-    /// Replaces the URL by one shared with the image cache: a data URI of
-    /// several megabytes is written into the upstream body, never copied
-    /// on its way there.
+    /// Replaces the URL by a data URI Iris wrote, shared with the image
+    /// cache: a data URI of several megabytes is spliced into the upstream
+    /// body, never copied on its way there. It must be one Iris wrote (a
+    /// media type and base64): it is sent as it is, with nothing escaped.
     pub fn set_url_shared(&mut self, url: Arc<String>) {
+        debug_assert!(
+            !raw::needs_escaping(url.as_bytes()),
+            "a shared URL is sent unescaped"
+        );
         self.url = ImageUrl(UrlText::Shared(url));
         self.changed = true;
     }
@@ -177,6 +184,37 @@ impl ImageUrl<'_> {
             UrlText::Shared(text) => text,
         }
     }
+
+    /// Whether it is sent as a piece of its own ([`Self::piece`]).
+    fn is_spliced(&self, received: &Bytes) -> bool {
+        self.len() >= SPLICE_MIN_BYTES
+            && match &self.0 {
+                UrlText::Shared(_) => true,
+                // Borrowed: the string had no escapes, so its text in the
+                // body is exactly its value.
+                UrlText::Text(Cow::Borrowed(text)) => within(received, text.as_bytes()),
+                UrlText::Text(Cow::Owned(_)) => false,
+            }
+    }
+
+    /// The URL as a piece of the upstream body that needs no copy: a long
+    /// data URI of the image cache's, or a long one of the client's still
+    /// in the `received` body.
+    fn piece(&self, received: &Bytes) -> Option<Bytes> {
+        if !self.is_spliced(received) {
+            return None;
+        }
+        Some(match &self.0 {
+            UrlText::Shared(text) => shared_piece(text),
+            UrlText::Text(text) => received.slice_ref(text.as_bytes()),
+        })
+    }
+}
+
+/// Whether `part` lies inside `whole`'s memory.
+fn within(whole: &[u8], part: &[u8]) -> bool {
+    let (whole, part) = (whole.as_ptr_range(), part.as_ptr_range());
+    whole.start <= part.start && part.end <= whole.end
 }
 
 impl std::ops::Deref for ImageUrl<'_> {

@@ -2,6 +2,41 @@
 
 use super::*;
 
+/// The body written for upstream, in one buffer (nothing spliced from a
+/// received body: see `long_urls_are_spliced_not_copied`).
+fn written(request: &ChatRequest<'_>) -> Vec<u8> {
+    request.to_body(&Bytes::new()).to_bytes().to_vec()
+}
+
+/// A long data URI is sent by reference: the cache's shared one, and the
+/// client's own from the received body, each a piece of its own; the text
+/// sent is the same as when everything is copied.
+#[test]
+fn long_urls_are_spliced_not_copied() {
+    let client_uri = format!("data:image/png;base64,{}", "A".repeat(40_000));
+    let body = Bytes::from(format!(
+        r#"{{"model":"m","messages":[{{"role":"user","content":[{{"type":"image_url","image_url":{{"url":"https://x/a.png"}}}},{{"type":"image_url","image_url":{{"url":"{client_uri}","detail":"low"}}}},{{"type":"image_url","image_url":{{"url":"data:image/png;base64,AAAA"}}}}]}}]}}"#
+    ));
+    let mut request = ChatRequest::parse(&body).expect("valid");
+    let shared = Arc::new(format!("data:image/jpeg;base64,{}", "B".repeat(50_000)));
+    if let Some((_, image)) = request.images_mut().next() {
+        image.set_url_shared(Arc::clone(&shared));
+    }
+    request.set_model("n");
+    let sent = request.to_body(&body);
+    // Text, the shared URI, text, the client's URI, the rest (the short
+    // URI copied).
+    assert_eq!(sent.pieces(), 5);
+    let sent = sent.to_bytes();
+    assert_eq!(sent, written(&request), "the same text either way");
+    let json: serde_json::Value = serde_json::from_slice(&sent).expect("JSON");
+    let content = &json["messages"][0]["content"];
+    assert_eq!(content[0]["image_url"]["url"], *shared);
+    assert_eq!(content[1]["image_url"]["url"], client_uri);
+    assert_eq!(content[2]["image_url"]["url"], "data:image/png;base64,AAAA");
+    assert_eq!(json["model"], "n");
+}
+
 /// The error's param, and whether it is a shape error (rather than one of
 /// JSON syntax, which names no field).
 fn parse_err(body: &str) -> (bool, Option<String>) {
@@ -23,7 +58,7 @@ fn reads_the_fields_iris_needs() {
     assert_eq!(image.detail.as_deref(), Some("low"));
     assert_eq!(request.messages[0].texts().collect::<Vec<_>>(), ["hi"]);
     assert_eq!(
-        request.to_body(),
+        written(&request),
         body.to_vec(),
         "unchanged request is written back as sent"
     );
@@ -36,7 +71,7 @@ fn rewritten_bodies_keep_every_field_of_every_level() {
     assert_eq!(request.image_count(), 1, "only image_url parts are images");
     request.set_model("b");
     let written: serde_json::Value =
-        serde_json::from_slice(&request.to_body()).expect("valid JSON");
+        serde_json::from_slice(&written(&request)).expect("valid JSON");
     let mut expected: serde_json::Value = serde_json::from_slice(body).expect("json");
     expected["model"] = "b".into();
     assert_eq!(written, expected);
@@ -62,7 +97,7 @@ fn rewrites_only_what_changed() {
         image.set_url("data:image/png;base64,AAAA".into());
         image.strip_detail();
     }
-    let written = String::from_utf8(request.to_body()).expect("utf8");
+    let written = String::from_utf8(written(&request)).expect("utf8");
     assert_eq!(
         written,
         r#"{"model":"real-model","messages":[{"role":"system","content":"be brief"},{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"},"x":1}]}],"stream":true,"stream_options":{"other":2,"include_usage":true}}"#
@@ -103,7 +138,7 @@ fn shared_and_owned_urls_are_written_as_json_strings() {
         }
     );
     let written: serde_json::Value =
-        serde_json::from_slice(&request.to_body()).expect("valid JSON");
+        serde_json::from_slice(&written(&request)).expect("valid JSON");
     assert_eq!(
         written["messages"][0]["content"][0]["image_url"]["url"],
         *shared
@@ -231,7 +266,7 @@ fn an_interpreted_field_given_twice_is_refused_at_every_level() {
     let other = ChatRequest::parse(br#"{"model":"m","x":1,"x":2,"messages":[{"content":"x"}]}"#)
         .expect("fields Iris does not interpret pass as sent");
     assert_eq!(
-        other.to_body(),
+        written(&other),
         br#"{"model":"m","x":1,"x":2,"messages":[{"content":"x"}]}"#.to_vec()
     );
 }
@@ -359,7 +394,7 @@ fn unknown_fields_cost_no_entry_each() {
         r#"{{{many}"model":"m",{many}"messages":[{{{many}"role":"user","content":[{{{many}"type":"text","text":"hi"}}]}}],{many}"z":0}}"#
     );
     let request = ChatRequest::parse(body.as_bytes()).expect("valid");
-    assert_eq!(request.to_body(), body.as_bytes());
+    assert_eq!(written(&request), body.as_bytes());
     let debug = format!("{request:?}");
     assert!(
         debug.matches("Field(").count() <= 8,
@@ -402,7 +437,7 @@ fn the_cache_text_leaves_out_delivery_and_user_and_names_images_as_given() {
     );
     // The request as sent upstream keeps them.
     let request = ChatRequest::parse(delivered.as_bytes()).expect("valid");
-    assert_eq!(request.to_body(), delivered.as_bytes());
+    assert_eq!(written(&request), delivered.as_bytes());
     // Anything else that differs is another text.
     assert_ne!(text(&with(r#""n":2,"#, "https://a/x.png")), plain);
     // `user` is read now, so it may be given once only.

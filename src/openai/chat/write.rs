@@ -2,8 +2,11 @@
 //! those Iris replaced, with no re-serialization of the rest; and as the
 //! response cache keys it.
 
+use bytes::Bytes;
+
 use super::{ChatRequest, Content, ImageAt, ImagePart, Message, Part, PartKind};
 use crate::openai::raw;
+use crate::openai::spliced::SplicedBody;
 
 /// The top-level fields that do not change an answer, left out of the
 /// cache's text: how it is delivered, and who the client says its user is.
@@ -12,19 +15,44 @@ pub const NOT_IN_CACHE_KEY: &[&str] = &["stream", "stream_options", "user"];
 /// What an image's URL is written as: `None` keeps the URL.
 type UrlFor<'f> = &'f mut dyn FnMut(ImageAt) -> Option<String>;
 
+/// How image URLs are written.
+enum Urls<'f> {
+    /// As they go upstream: a long URL is spliced in by reference (the
+    /// image cache's data URI, or the client's own in `received`), not
+    /// copied; the pieces go in `splices`, at their offsets in the text.
+    Upstream {
+        received: &'f Bytes,
+        splices: Vec<(usize, Bytes)>,
+    },
+    /// As the cache keys them: replaced by what `url_for` gives.
+    Keyed(UrlFor<'f>),
+}
+
 impl ChatRequest<'_> {
-    /// Writes the request as it should go upstream.
-    pub fn to_body(&self) -> Vec<u8> {
-        // Sized once: with megabytes of inlined images, regrowing means
-        // touching fresh pages again and again.
-        let replaced: usize = self
-            .images()
-            .filter(|(_, image)| image.changed)
-            .map(|(_, image)| image.url.len() + 2)
-            .sum();
-        let mut out = Vec::with_capacity(self.body_len + replaced + 256);
-        self.write_into(&mut out, &[], &mut |_| None);
-        out
+    /// Writes the request as it should go upstream; `received` is the body
+    /// it was parsed from, whose long strings are sent from there.
+    pub fn to_body(&self, received: &Bytes) -> SplicedBody {
+        let mut urls = Urls::Upstream {
+            received,
+            splices: Vec::new(),
+        };
+        // Sized once for what is copied: the body as received less the
+        // URLs spliced from it, plus the replacements that are not.
+        let (mut spliced, mut copied) = (0, 0);
+        for (_, image) in self.images() {
+            match (image.url.is_spliced(received), image.changed) {
+                (true, false) => spliced += image.url.len(),
+                (false, true) => copied += image.url.len() + 2,
+                _ => {}
+            }
+        }
+        let mut out = Vec::with_capacity(self.body_len - spliced.min(self.body_len) + copied + 256);
+        self.write_into(&mut out, &[], &mut urls);
+        let splices = match urls {
+            Urls::Upstream { splices, .. } => splices,
+            Urls::Keyed(_) => Vec::new(),
+        };
+        SplicedBody::new(out, splices)
     }
 
     /// The request as the response cache keys it: without the fields of
@@ -36,11 +64,11 @@ impl ChatRequest<'_> {
         let urls: usize = self.images().map(|(_, image)| image.url.len()).sum();
         let mut out =
             Vec::with_capacity(self.body_len.saturating_sub(urls) + 80 * self.image_count() + 64);
-        self.write_into(&mut out, NOT_IN_CACHE_KEY, url_for);
+        self.write_into(&mut out, NOT_IN_CACHE_KEY, &mut Urls::Keyed(url_for));
         out
     }
 
-    fn write_into(&self, out: &mut Vec<u8>, omit: &[&str], url_for: UrlFor<'_>) {
+    fn write_into(&self, out: &mut Vec<u8>, omit: &[&str], urls: &mut Urls<'_>) {
         self.body.write_without(out, omit, |key, out| {
             if key != "messages" {
                 return false;
@@ -50,7 +78,7 @@ impl ChatRequest<'_> {
                 if i > 0 {
                     out.push(b',');
                 }
-                message.write(out, i, url_for);
+                message.write(out, i, urls);
             }
             out.push(b']');
             true
@@ -68,7 +96,7 @@ impl Message<'_> {
         }
     }
 
-    fn write(&self, out: &mut Vec<u8>, message: usize, url_for: UrlFor<'_>) {
+    fn write(&self, out: &mut Vec<u8>, message: usize, urls: &mut Urls<'_>) {
         self.fields.write_with(out, |key, out| {
             if key != "content" {
                 return false;
@@ -82,7 +110,7 @@ impl Message<'_> {
                         if j > 0 {
                             out.push(b',');
                         }
-                        part.write(out, ImageAt { message, part: j }, url_for);
+                        part.write(out, ImageAt { message, part: j }, urls);
                     }
                     out.push(b']');
                 }
@@ -93,11 +121,11 @@ impl Message<'_> {
 }
 
 impl Part<'_> {
-    fn write(&self, out: &mut Vec<u8>, at: ImageAt, url_for: UrlFor<'_>) {
+    fn write(&self, out: &mut Vec<u8>, at: ImageAt, urls: &mut Urls<'_>) {
         self.fields
             .write_with(out, |key, out| match (key, &self.kind) {
                 ("image_url", PartKind::Image(image)) => {
-                    image.write(out, url_for(at).as_deref());
+                    image.write(out, at, urls);
                     true
                 }
                 _ => false,
@@ -106,13 +134,25 @@ impl Part<'_> {
 }
 
 impl ImagePart<'_> {
-    /// Writes the part, its URL as `url` when given.
-    fn write(&self, out: &mut Vec<u8>, url: Option<&str>) {
+    /// Writes the part, its URL as `urls` says.
+    fn write(&self, out: &mut Vec<u8>, at: ImageAt, urls: &mut Urls<'_>) {
         self.fields.write_with(out, |key, out| {
             if key != "url" {
                 return false;
             }
-            raw::write_json_string(out, url.unwrap_or(&self.url));
+            match urls {
+                Urls::Upstream { received, splices } => match self.url.piece(received) {
+                    Some(piece) => {
+                        out.push(b'"');
+                        splices.push((out.len(), piece));
+                        out.push(b'"');
+                    }
+                    None => raw::write_json_string(out, &self.url),
+                },
+                Urls::Keyed(url_for) => {
+                    raw::write_json_string(out, url_for(at).as_deref().unwrap_or(&self.url));
+                }
+            }
             true
         });
     }

@@ -162,6 +162,49 @@ async fn low_detail_is_carried_out_before_the_field_is_stripped() {
     );
 }
 
+/// Large images go upstream whole however they came: a fetched one (sent
+/// from the image cache's data URI, not copied into the body) and a
+/// client's own data URI (sent from the received body while the request
+/// around it is rewritten), in a body whose `Content-Length` is its length.
+#[tokio::test]
+async fn large_images_reach_the_upstream_whole_fetched_or_sent_inline() {
+    let s = setup(&format!("{INLINE}\nstrip_detail = true"), ALLOW_HOST).await;
+    let fetched = encode(&photo(600, 400), ImageFormat::Jpeg);
+    let inline = encode(&photo(300, 300), ImageFormat::Png);
+    assert!(fetched.len() > 64 * 1024 && inline.len() > 64 * 1024);
+    s.host.add("big.jpg", "image/jpeg", fetched.clone());
+    let inline_uri = format!("data:image/png;base64,{}", BASE64.encode(&inline));
+    let body = body_with_images(&[
+        (&s.host.url("/files/big.jpg"), Some("high")),
+        (&inline_uri, Some("high")),
+    ]);
+    let (status, answer) = send(&s.iris, &body).await;
+    assert_eq!(status, 200, "{answer}");
+
+    let received = s.upstream.last();
+    assert_eq!(
+        received.headers["content-length"],
+        received.body.len().to_string()
+    );
+    let (mime, bytes) = s.inlined(1);
+    assert_eq!(mime, "image/jpeg");
+    assert!(bytes == fetched, "the fetched bytes, exactly");
+    let sent = sent_image(&s.upstream, 2);
+    assert!(
+        sent["url"] == inline_uri.as_str(),
+        "the client's URI, exactly"
+    );
+    for part in [1, 2] {
+        assert!(sent_image(&s.upstream, part).get("detail").is_none());
+    }
+    let json = received.json();
+    assert_eq!(
+        json["messages"][0]["content"][0],
+        body["messages"][0]["content"][0]
+    );
+    assert_eq!(json["model"], "other-model");
+}
+
 #[tokio::test]
 async fn detail_is_left_alone_where_the_upstream_takes_it() {
     let s = setup(INLINE, ALLOW_HOST).await;
