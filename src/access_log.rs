@@ -7,10 +7,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
-use axum::http::HeaderValue;
-use axum::middleware::Next;
+use axum::http::{HeaderMap, HeaderValue, Method};
 use axum::response::Response;
-use tower_http::request_id::{MakeRequestId, RequestId};
 
 use crate::client_addr::ClientAddr;
 use crate::error::ErrorCode;
@@ -31,113 +29,143 @@ impl ClientSlot {
 #[derive(Clone)]
 pub struct RequestLog(pub Arc<RequestFacts>);
 
-pub async fn access_log(mut request: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let client_slot = ClientSlot::default();
-    request.extensions_mut().insert(client_slot.clone());
-    let method = request.method().clone();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", MatchedPath::as_str)
-        .to_owned();
-    let request_id = request
-        .extensions()
-        .get::<RequestId>()
-        .and_then(|id| id.header_value().to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    let client_addr = ClientAddr::of(request.extensions());
-
-    let response = next.run(request).await;
-
-    let elapsed = started.elapsed();
-    let status = response.status().as_u16();
-    let facts = response
-        .extensions()
-        .get::<RequestLog>()
-        .map(|log| Arc::clone(&log.0));
-    let facts = facts.as_deref();
-    let code = response.extensions().get::<ErrorCode>().map(|c| c.as_str());
-    let client = client_slot.0.get().map_or("", |name| &**name);
-    let model = facts.and_then(|f| f.model.as_deref()).unwrap_or("");
-    let upstream = facts.and_then(|f| f.upstream.as_deref());
-    let upstream_latency = facts.and_then(|f| f.upstream_latency);
-    crate::traces::record_response(
-        status,
-        code,
-        client,
-        facts.map_or(0, |f| f.attempts),
-        upstream,
-    );
-    crate::metrics::REQUESTS
-        .counter(&[
-            ("route", &route),
-            ("model", model),
-            ("client", client),
-            ("status", &status.to_string()),
-        ])
-        .increment(1);
-    crate::metrics::REQUEST_DURATION
-        .histogram(&[("route", &route)])
-        .record(elapsed.as_secs_f64());
-    if let (Some(upstream), Some(latency)) = (upstream, upstream_latency) {
-        crate::metrics::UPSTREAM_DURATION
-            .histogram(&[("upstream", upstream)])
-            .record(latency.as_secs_f64());
-    }
-    tracing::info!(
-        request_id,
-        method = %method,
-        route = %route,
-        status,
-        code,
-        client,
-        %client_addr,
-        model,
-        upstream_ms = upstream_latency.map(|d| d.as_secs_f64() * 1000.0),
-        estimated_tokens = facts.and_then(|f| f.estimated_tokens),
-        total_ms = elapsed.as_secs_f64() * 1000.0,
-        "request"
-    );
-    response
+/// What the log line needs of a request, taken before it is handled.
+pub struct Started {
+    at: Instant,
+    method: Method,
+    route: Option<MatchedPath>,
+    request_id: HeaderValue,
+    client_addr: std::net::IpAddr,
+    client: ClientSlot,
 }
 
-/// Request ids: the client's `x-request-id` when acceptable (see
-/// [`drop_unacceptable_request_id`]), else a process-unique one: a random
-/// prefix chosen at startup and a counter.
-#[derive(Clone, Copy, Default)]
-pub struct NewRequestId;
+impl Started {
+    /// Takes what the line needs of `request` (its id and address already
+    /// stamped), and leaves it a slot for authentication to name the
+    /// client in.
+    pub fn on(request: &mut Request) -> Self {
+        let client = ClientSlot::default();
+        request.extensions_mut().insert(client.clone());
+        let extensions = request.extensions();
+        Self {
+            at: Instant::now(),
+            method: request.method().clone(),
+            route: extensions.get::<MatchedPath>().cloned(),
+            request_id: extensions
+                .get::<RequestId>()
+                .map_or(HeaderValue::from_static(""), |id| id.0.clone()),
+            client_addr: ClientAddr::of(extensions),
+            client,
+        }
+    }
 
-impl MakeRequestId for NewRequestId {
-    fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
-        static PREFIX: OnceLock<String> = OnceLock::new();
-        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let prefix = PREFIX.get_or_init(|| {
-            let mut bytes = [0u8; 6];
-            let _ = getrandom::fill(&mut bytes);
-            hex::encode(bytes)
-        });
-        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        HeaderValue::from_str(&format!("req_{prefix}{n:010x}"))
-            .ok()
-            .map(RequestId::new)
+    /// Writes the line and the request metrics for `response`, the final
+    /// one (errors of the edge included).
+    pub fn finish(self, response: &Response) {
+        let elapsed = self.at.elapsed();
+        let route = self.route.as_ref().map_or("unmatched", MatchedPath::as_str);
+        let request_id = self.request_id.to_str().unwrap_or("");
+        let status = response.status().as_u16();
+        let facts = response.extensions().get::<RequestLog>().map(|log| &log.0);
+        let facts = facts.map(|facts| &**facts);
+        let code = response.extensions().get::<ErrorCode>().map(|c| c.as_str());
+        let client = self.client.0.get().map_or("", |name| &**name);
+        let model = facts.and_then(|f| f.model.as_deref()).unwrap_or("");
+        let upstream = facts.and_then(|f| f.upstream.as_deref());
+        let upstream_latency = facts.and_then(|f| f.upstream_latency);
+        crate::traces::record_response(
+            status,
+            code,
+            client,
+            facts.map_or(0, |f| f.attempts),
+            upstream,
+        );
+        crate::metrics::REQUESTS
+            .counter(&[
+                ("route", route),
+                ("model", model),
+                ("client", client),
+                ("status", status_label(status)),
+            ])
+            .increment(1);
+        crate::metrics::REQUEST_DURATION
+            .histogram(&[("route", route)])
+            .record(elapsed.as_secs_f64());
+        if let (Some(upstream), Some(latency)) = (upstream, upstream_latency) {
+            crate::metrics::UPSTREAM_DURATION
+                .histogram(&[("upstream", upstream)])
+                .record(latency.as_secs_f64());
+        }
+        tracing::info!(
+            request_id,
+            method = %self.method,
+            route,
+            status,
+            code,
+            client,
+            client_addr = %self.client_addr,
+            model,
+            upstream_ms = upstream_latency.map(|d| d.as_secs_f64() * 1000.0),
+            estimated_tokens = facts.and_then(|f| f.estimated_tokens),
+            total_ms = elapsed.as_secs_f64() * 1000.0,
+            "request"
+        );
     }
 }
 
-/// A client's request id is kept only if it is short printable ASCII: it
-/// goes into logs and upstream headers. Others are dropped, so a new one is
-/// made.
-pub async fn drop_unacceptable_request_id(mut request: Request) -> Request {
+/// A status code as a metric label, formatted once per process rather than
+/// per request.
+fn status_label(status: u16) -> &'static str {
+    static LABELS: OnceLock<Vec<String>> = OnceLock::new();
+    let labels = LABELS.get_or_init(|| (0..1000).map(|code| code.to_string()).collect());
+    labels
+        .get(usize::from(status))
+        .map_or("other", String::as_str)
+}
+
+/// The request's id, as handlers and the log read it.
+#[derive(Debug, Clone)]
+pub struct RequestId(HeaderValue);
+
+impl RequestId {
+    pub fn new(id: HeaderValue) -> Self {
+        Self(id)
+    }
+
+    pub fn header_value(&self) -> &HeaderValue {
+        &self.0
+    }
+}
+
+/// The request's id: the client's `x-request-id` when acceptable (short
+/// printable ASCII: it goes into logs and upstream headers), else a
+/// process-unique one, a random prefix chosen at startup and a counter,
+/// put in `headers` in place of the client's.
+pub fn request_id_for(headers: &mut HeaderMap) -> HeaderValue {
     let acceptable = |value: &HeaderValue| {
         let bytes = value.as_bytes();
         !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(u8::is_ascii_graphic)
     };
-    let headers = request.headers_mut();
-    if headers.get(REQUEST_ID).is_some_and(|v| !acceptable(v)) {
-        headers.remove(REQUEST_ID);
+    if let Some(id) = headers.get(REQUEST_ID).filter(|v| acceptable(v)) {
+        return id.clone();
     }
-    request
+    let id = new_request_id();
+    headers.insert(REQUEST_ID, id.clone());
+    id
+}
+
+fn new_request_id() -> HeaderValue {
+    static PREFIX: OnceLock<String> = OnceLock::new();
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let prefix = PREFIX.get_or_init(|| {
+        let mut bytes = [0u8; 6];
+        let _ = getrandom::fill(&mut bytes);
+        hex::encode(bytes)
+    });
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // Hex digits and an underscore: always a valid header value.
+    HeaderValue::from_str(&format!("req_{prefix}{n:010x}"))
+        .unwrap_or(HeaderValue::from_static("req_"))
 }
 
 pub const REQUEST_ID: &str = "x-request-id";

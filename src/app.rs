@@ -2,22 +2,10 @@
 //! application's state ([`crate::state`]).
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::{HeaderName, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
-use tower::ServiceBuilder;
-use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::limit::RequestBodyLimitLayer;
-use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::set_header::SetResponseHeaderLayer;
-use tower_http::trace::TraceLayer;
 
-use crate::access_log::{self, NewRequestId};
-use crate::body_deadline;
-use crate::client_addr;
+use crate::edge::{Edge, EdgeLayer};
 use crate::endpoints;
-use crate::error::{ApiError, ErrorCode, Relayed};
 pub use crate::state::{AppState, SharedState};
 
 /// The router with every route and layer.
@@ -80,104 +68,13 @@ fn routes() -> Router<SharedState> {
         .method_not_allowed_fallback(endpoints::method_not_allowed)
 }
 
-/// What the edge layers need of the config (`[server]`, which a reload
-/// does not change).
-#[derive(Debug, Clone)]
-struct Edge {
-    max_body_bytes: usize,
-    body_read_timeout: std::time::Duration,
-    trusted_proxies: std::sync::Arc<[ipnet::IpNet]>,
-}
-
-/// Puts `router` behind the layer stack every request meets (apart from
+/// Puts `router` behind the [`EdgeLayer`] every request meets (apart from
 /// the routes, so tests can put a route of their own behind it).
 fn with_edge_layers<S>(router: Router<S>, edge: Edge) -> Router<S>
 where
     S: Clone + Send + Sync + 'static,
 {
-    let Edge {
-        max_body_bytes,
-        body_read_timeout,
-        trusted_proxies,
-    } = edge;
-    let request_id = HeaderName::from_static(access_log::REQUEST_ID);
-    // Layers in the order a request meets them (ServiceBuilder runs the
-    // first one added first):
-    let layers = ServiceBuilder::new()
-        // 0. the client's address, once: the peer, or behind a trusted
-        //    proxy what it forwarded (the throttle, allowed_networks, the
-        //    log line and the spend record all read this one);
-        .layer(axum::middleware::map_request_with_state(
-            trusted_proxies,
-            client_addr::stamp,
-        ))
-        // 1. the request id: the client's if acceptable, else a new one...
-        .layer(axum::middleware::map_request(
-            access_log::drop_unacceptable_request_id,
-        ))
-        .layer(SetRequestIdLayer::new(request_id.clone(), NewRequestId))
-        // 2. ...stamped on every response, errors of the layers below
-        //    included; so is `X-Content-Type-Options: nosniff` (an answer
-        //    is only ever its declared type), and under /admin
-        //    `Cache-Control: no-store` (keys, usage) unless the route set
-        //    its own;
-        .layer(PropagateRequestIdLayer::new(request_id))
-        .layer(SetResponseHeaderLayer::overriding(
-            header::X_CONTENT_TYPE_OPTIONS,
-            HeaderValue::from_static("nosniff"),
-        ))
-        .layer(axum::middleware::from_fn(endpoints::admin::no_store))
-        // 3. a span per request, so every log line of it names the request;
-        .layer(TraceLayer::new_for_http().make_span_with(request_span))
-        // 4. the request log line and metrics, seeing every final response;
-        .layer(axum::middleware::from_fn(access_log::access_log))
-        // 5. a handler that panics answers 500, and only its own request;
-        .layer(CatchPanicLayer::custom(|_| {
-            tracing::error!("request handler panicked");
-            ApiError::internal().into_response()
-        }))
-        // 6. a body not arrived by its deadline (counted from here, just
-        //    after the headers were read) fails the handler's read: 408.
-        //    Deadlines on headers and idle connections are the server's;
-        .layer(axum::middleware::map_request_with_state(
-            body_read_timeout,
-            body_deadline::apply,
-        ))
-        // 7. bodies over the limit: 413, at once when Content-Length says
-        //    so, else as the body streams in (the handler's read fails).
-        .layer(axum::middleware::map_response_with_state(
-            max_body_bytes,
-            render_bare_413,
-        ))
-        .layer(RequestBodyLimitLayer::new(max_body_bytes));
-    router.layer(layers)
-}
-
-fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
-    let id = request
-        .headers()
-        .get(access_log::REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if crate::traces::enabled() {
-        return crate::traces::request_span(request, id);
-    }
-    tracing::info_span!("request", request_id = id)
-}
-
-/// tower-http's body limit answers 413 in plain text; Iris answers every
-/// error in OpenAI's shape.
-async fn render_bare_413<B>(State(limit): State<usize>, response: Response<B>) -> Response
-where
-    Response<B>: IntoResponse,
-{
-    if response.status() == StatusCode::PAYLOAD_TOO_LARGE
-        && response.extensions().get::<ErrorCode>().is_none()
-        && response.extensions().get::<Relayed>().is_none()
-    {
-        return ApiError::request_too_large(limit).into_response();
-    }
-    response.into_response()
+    router.layer(EdgeLayer::new(edge))
 }
 
 #[cfg(test)]
@@ -186,11 +83,13 @@ mod tests {
 
     use axum::body::Body;
     use axum::http::Request;
+    use axum::http::StatusCode;
     use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tower::ServiceExt;
 
     use super::*;
+    use crate::access_log;
 
     /// A route that panics, and one that answers, behind Iris's layers.
     fn panicking() -> Router {

@@ -13,16 +13,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
-
-/// The request's body, failing with [`BodyDeadlineElapsed`] once `limit`
-/// has passed since the request reached this layer.
-pub async fn apply(State(limit): State<Duration>, request: Request) -> Request {
-    request.map(|body| Body::new(DeadlineBody::new(body, limit)))
-}
 
 /// A body that must end by a deadline.
 pub struct DeadlineBody {

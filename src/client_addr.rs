@@ -11,7 +11,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::ConnectInfo;
 use axum::http::{Extensions, HeaderMap};
 use ipnet::IpNet;
 
@@ -34,21 +34,6 @@ impl ClientAddr {
             })
             .unwrap_or(IpAddr::from([0, 0, 0, 0]))
     }
-}
-
-/// The edge layer: decides the request's [`ClientAddr`] from its peer
-/// (axum's `ConnectInfo`, set by [`crate::server`]) and its headers.
-pub async fn stamp(
-    State(trusted): State<std::sync::Arc<[IpNet]>>,
-    mut request: Request,
-) -> Request {
-    let peer = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map_or(IpAddr::from([0, 0, 0, 0]), |info| info.0.ip());
-    let addr = resolve(peer, request.headers(), &trusted);
-    request.extensions_mut().insert(ClientAddr(addr));
-    request
 }
 
 /// The client's address: `peer` unless it is a trusted proxy; then, walking

@@ -56,6 +56,7 @@ pub mod client_addr;
 pub mod clients;
 pub mod commands;
 pub mod config;
+pub mod edge;
 pub mod endpoints;
 pub mod error;
 pub mod error_code;

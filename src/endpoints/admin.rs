@@ -21,11 +21,9 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::Request;
 use axum::extract::{FromRequestParts, Path, State};
+use axum::http::StatusCode;
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
@@ -42,21 +40,6 @@ use crate::state::SharedState;
 /// Whether `path` is under `/admin`.
 pub fn is_admin_path(path: &str) -> bool {
     path == "/admin" || path.starts_with("/admin/")
-}
-
-/// Answers under `/admin` carry keys and usage: no cache may keep them
-/// (`Cache-Control: no-store`), unless the route set its own (the
-/// console's assets, which hold no data, are revalidated instead).
-pub async fn no_store(request: Request, next: Next) -> Response {
-    let admin = is_admin_path(request.uri().path());
-    let mut response = next.run(request).await;
-    if admin {
-        response
-            .headers_mut()
-            .entry(header::CACHE_CONTROL)
-            .or_insert(HeaderValue::from_static("no-store"));
-    }
-    response
 }
 
 /// The operator, authenticated; carries the configuration snapshot.

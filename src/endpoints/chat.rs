@@ -10,10 +10,9 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError};
-use tower_http::request_id::RequestId;
 
 use super::Authenticated;
-use crate::access_log::RequestLog;
+use crate::access_log::{RequestId, RequestLog};
 use crate::body_deadline::BodyDeadlineElapsed;
 use crate::client_addr::ClientAddr;
 use crate::config;
