@@ -4,7 +4,11 @@
 //! never a key, a URL or anything a client can make unbounded (model names
 //! are only recorded once they resolved to a configured model).
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -33,6 +37,7 @@ impl Metrics {
             // program's); then that one receives Iris's metrics.
             let _ = metrics::set_global_recorder(recorder);
             describe();
+            RECORDING.store(true, Ordering::Release);
             handle
         });
         Self {
@@ -93,19 +98,75 @@ impl Metric {
     /// The counter with these label values.
     pub fn counter(&self, labels: &[(&'static str, &str)]) -> metrics::Counter {
         self.check(Kind::Counter, labels);
-        metrics::counter!(self.name, label_set(labels))
+        match self.handle(labels, || {
+            Handle::Counter(metrics::counter!(self.name, label_set(labels)))
+        }) {
+            Handle::Counter(counter) => counter,
+            _ => metrics::Counter::noop(),
+        }
     }
 
     /// The gauge with these label values.
     pub fn gauge(&self, labels: &[(&'static str, &str)]) -> metrics::Gauge {
         self.check(Kind::Gauge, labels);
-        metrics::gauge!(self.name, label_set(labels))
+        match self.handle(labels, || {
+            Handle::Gauge(metrics::gauge!(self.name, label_set(labels)))
+        }) {
+            Handle::Gauge(gauge) => gauge,
+            _ => metrics::Gauge::noop(),
+        }
     }
 
     /// The histogram with these label values.
     pub fn histogram(&self, labels: &[(&'static str, &str)]) -> metrics::Histogram {
         self.check(Kind::Histogram, labels);
-        metrics::histogram!(self.name, label_set(labels))
+        match self.handle(labels, || {
+            Handle::Histogram(metrics::histogram!(self.name, label_set(labels)))
+        }) {
+            Handle::Histogram(histogram) => histogram,
+            _ => metrics::Histogram::noop(),
+        }
+    }
+
+    /// The handle for these label values: this thread's, made by `make`
+    /// the first time. Making one builds the labels as owned strings and
+    /// looks them up in the recorder's registry; every request records the
+    /// same few label sets again, so the handle is kept instead. Before the
+    /// recorder is installed, handles are made and not kept (they would
+    /// record nowhere for good).
+    fn handle(&self, labels: &[(&'static str, &str)], make: impl FnOnce() -> Handle) -> Handle {
+        if !RECORDING.load(Ordering::Acquire) {
+            return make();
+        }
+        let mut hasher = std::hash::DefaultHasher::new();
+        self.name.hash(&mut hasher);
+        for (_, value) in labels {
+            value.hash(&mut hasher);
+        }
+        let hash = hasher.finish();
+        HANDLES.with_borrow_mut(|handles| {
+            let same = |kept: &&Kept| {
+                kept.name == self.name
+                    && kept.values.len() == labels.len()
+                    && kept.values.iter().zip(labels).all(|(v, (_, l))| **v == **l)
+            };
+            if let Some(kept) = handles.get(&hash).and_then(|kept| kept.iter().find(same)) {
+                return kept.handle.clone();
+            }
+            // Label values are bounded (routes, configured names, status
+            // codes), but managed clients come and go: a thread keeps at
+            // most this many before it starts over.
+            if handles.len() >= MAX_KEPT_HANDLES {
+                handles.clear();
+            }
+            let handle = make();
+            handles.entry(hash).or_default().push(Kept {
+                name: self.name,
+                values: labels.iter().map(|(_, v)| Box::from(*v)).collect(),
+                handle: handle.clone(),
+            });
+            handle
+        })
     }
 
     /// In debug builds (and so in every test that records it), a call site
@@ -124,6 +185,31 @@ impl Metric {
             labels.iter().map(|(k, _)| *k).collect::<Vec<_>>()
         );
     }
+}
+
+/// Set once the process's recorder is installed.
+static RECORDING: AtomicBool = AtomicBool::new(false);
+
+/// Handles a thread keeps at most ([`Metric::handle`]).
+const MAX_KEPT_HANDLES: usize = 4096;
+
+thread_local! {
+    /// This thread's handles, by a hash of the metric's name and label values.
+    static HANDLES: RefCell<HashMap<u64, Vec<Kept>>> = RefCell::default();
+}
+
+/// A handle kept, with what it was made for.
+struct Kept {
+    name: &'static str,
+    values: Box<[Box<str>]>,
+    handle: Handle,
+}
+
+#[derive(Clone)]
+enum Handle {
+    Counter(metrics::Counter),
+    Gauge(metrics::Gauge),
+    Histogram(metrics::Histogram),
 }
 
 fn label_set(labels: &[(&'static str, &str)]) -> Vec<metrics::Label> {
@@ -217,6 +303,32 @@ metrics_table! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Kept handles record into their own series: same values under two
+    /// metrics, and one value apart under one metric, never share one;
+    /// the thread's cache starting over loses nothing.
+    #[test]
+    fn kept_handles_record_into_their_own_series() {
+        let metrics = Metrics::install();
+        let labels = |client| [("client", client), ("reason", "kept_test")];
+        for _ in 0..3 {
+            BUDGET_REJECTIONS.counter(&labels("kept-a")).increment(1);
+            BUDGET_REJECTIONS.counter(&labels("kept-b")).increment(10);
+            UPSTREAM_COOLDOWNS
+                .counter(&[("upstream", "kept-a"), ("reason", "kept_test")])
+                .increment(100);
+        }
+        HANDLES.with_borrow_mut(HashMap::clear);
+        BUDGET_REJECTIONS.counter(&labels("kept-a")).increment(1);
+        let text = metrics.render();
+        for line in [
+            r#"iris_budget_rejections_total{client="kept-a",reason="kept_test"} 4"#,
+            r#"iris_budget_rejections_total{client="kept-b",reason="kept_test"} 30"#,
+            r#"iris_upstream_cooldowns_total{upstream="kept-a",reason="kept_test"} 300"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+        }
+    }
 
     #[test]
     fn every_metric_is_named_once_and_described() {
