@@ -18,11 +18,13 @@
 //! write buffer per connection for as long as the connection lives; parked,
 //! an idle connection costs about 1 KiB of heap instead of about 20. So a
 //! connection alternates: parked until a byte arrives (or its deadline
-//! passes: closed), then served by a hyper connection for one request (more
-//! when the client pipelines), which, once the response is written, is
-//! ended without closing the socket (`graceful_shutdown` +
-//! `poll_without_shutdown`), handing back the socket and any bytes it read
-//! ahead. When hyper would not simply keep the connection (the client or
+//! passes: closed), then served by a hyper connection for as long as
+//! requests keep coming; once a response is written and no request follows
+//! within [`PARK_AFTER`], hyper's part is ended without closing the socket
+//! (`graceful_shutdown` + `poll_without_shutdown`), handing back the socket
+//! and any bytes it read ahead. (Parking after every response made each
+//! request of a busy keep-alive connection pay for a new hyper connection
+//! and a peek at the socket.) When hyper would not simply keep the connection (the client or
 //! the response said `Connection: close`; a request body was left unread,
 //! which hyper drains if it can), hyper is left to do what it does, and a
 //! connection it ends is closed. While hyper serves, [`WatchedIo`] enforces the header deadline
@@ -69,6 +71,9 @@ pub(super) struct Connections {
     /// Cancelled at shutdown: idle connections close, busy ones finish
     /// their request and close.
     closing: CancellationToken,
+    /// Hyper connections made, for tests of when a socket is parked.
+    #[cfg(test)]
+    hyper_connections: AtomicU64,
 }
 
 impl Connections {
@@ -85,6 +90,8 @@ impl Connections {
             header_read_timeout: server.header_read_timeout,
             keep_alive_timeout: server.keep_alive_timeout,
             closing,
+            #[cfg(test)]
+            hyper_connections: AtomicU64::new(0),
         }
     }
 
@@ -142,6 +149,8 @@ impl Connections {
         read_ahead: Bytes,
         headers_due: Instant,
     ) -> Option<(TcpStream, Bytes)> {
+        #[cfg(test)]
+        self.hyper_connections.fetch_add(1, Ordering::Relaxed);
         let requests = Arc::new(Requests::default());
         let io = WatchedIo {
             stream,
@@ -162,6 +171,10 @@ impl Connections {
         let mut closing = pin!(self.closing.cancelled());
         // Set once hyper was asked to end: to park the socket, or to close.
         let mut ending = None;
+        // While the connection is idle after a response: until when hyper
+        // may wait for the next request itself, and after how many
+        // finished requests that was set.
+        let mut grace: Option<(u64, Pin<Box<Sleep>>)> = None;
         let result = poll_fn(|cx| {
             if ending != Some(Ending::Close) && closing.as_mut().poll(cx).is_ready() {
                 Pin::new(&mut connection).graceful_shutdown();
@@ -170,15 +183,29 @@ impl Connections {
             loop {
                 match connection.poll_without_shutdown(cx) {
                     // A response is written, nothing else is in flight and
-                    // hyper would keep the connection: end hyper's part (at
+                    // hyper would keep the connection. A client that sends
+                    // its next request within `PARK_AFTER` is served by the
+                    // same hyper connection; otherwise hyper's part ends (at
                     // once if idle, else once the response is flushed) and
-                    // park the socket. Otherwise hyper goes on as it would
-                    // (it drains an unread body or closes).
+                    // the socket is parked. Otherwise hyper goes on as it
+                    // would (it drains an unread body or closes).
                     Poll::Pending
                         if ending.is_none()
                             && requests.all_finished()
                             && requests.parkable.load(Ordering::Relaxed) =>
                     {
+                        let finished = requests.finished.load(Ordering::Relaxed);
+                        let park_at = Instant::now() + PARK_AFTER;
+                        let (armed_at, sleep) = grace.get_or_insert_with(|| {
+                            (finished, Box::pin(tokio::time::sleep_until(park_at)))
+                        });
+                        if *armed_at != finished {
+                            *armed_at = finished;
+                            sleep.as_mut().reset(park_at);
+                        }
+                        if sleep.as_mut().poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
                         Pin::new(&mut connection).graceful_shutdown();
                         ending = Some(Ending::Park);
                     }
@@ -213,6 +240,12 @@ impl Connections {
         Some((io.stream, read_ahead))
     }
 }
+
+/// How long a connection stays with hyper after a response, for the next
+/// request: a client sending requests back to back keeps one hyper
+/// connection (its buffers, no new connection state per request), and an
+/// idle one is parked this soon.
+const PARK_AFTER: Duration = Duration::from_millis(50);
 
 /// Why hyper was asked to end its connection.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -614,6 +647,68 @@ async fn http1_bytes(response: axum::response::Response) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Requests sent back to back on one socket are served by one hyper
+    /// connection; one sent after the socket sat idle past `PARK_AFTER`
+    /// finds it parked, and a new hyper connection serves it.
+    #[tokio::test]
+    async fn back_to_back_requests_keep_hyper_and_an_idle_socket_is_parked() {
+        let router = Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let server = config::Server {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            max_body_bytes: 1024,
+            shutdown_grace: Duration::from_secs(1),
+            header_read_timeout: Duration::from_secs(5),
+            body_read_timeout: Duration::from_secs(5),
+            keep_alive_timeout: Duration::from_secs(5),
+            max_header_bytes: 16 * 1024,
+            max_headers: 100,
+            max_connections: 10,
+            request_limits: crate::openai::chat::RequestLimits::DEFAULT,
+            trusted_proxies: Vec::new(),
+        };
+        let connections = Arc::new(Connections::new(router, &server, CancellationToken::new()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let serving = Arc::clone(&connections);
+        tokio::spawn(async move {
+            let (stream, peer) = listener.accept().await.expect("accept");
+            let permit = Arc::new(Semaphore::new(1))
+                .acquire_owned()
+                .await
+                .expect("permit");
+            serving.serve(stream, peer, Instant::now(), permit).await;
+        });
+        let mut client = TcpStream::connect(addr).await.expect("connect");
+        let mut ask = async || {
+            client
+                .write_all(b"GET / HTTP/1.1\r\nhost: iris\r\n\r\n")
+                .await
+                .expect("write");
+            let mut answer = Vec::new();
+            while !answer.ends_with(b"ok") {
+                let mut chunk = [0u8; 512];
+                let n = client.read(&mut chunk).await.expect("read");
+                assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
+                answer.extend_from_slice(&chunk[..n]);
+            }
+            assert!(answer.starts_with(b"HTTP/1.1 200 OK"));
+        };
+        for _ in 0..5 {
+            ask().await;
+        }
+        let made = || connections.hyper_connections.load(Ordering::Relaxed);
+        assert_eq!(
+            made(),
+            1,
+            "five requests back to back, one hyper connection"
+        );
+        tokio::time::sleep(PARK_AFTER * 4).await;
+        ask().await;
+        assert_eq!(made(), 2, "parked while idle, then served anew");
+    }
 
     #[tokio::test]
     async fn the_refusal_is_a_whole_openai_shaped_503_that_closes() {
