@@ -31,7 +31,6 @@ use tracing::{Instrument, Span};
 use crate::access_log::{self, RequestId};
 use crate::body_deadline::DeadlineBody;
 use crate::client_addr::{self, ClientAddr};
-use crate::endpoints::admin::is_admin_path;
 use crate::error::{ApiError, ErrorCode, Relayed};
 
 /// What the edge needs of the config (`[server]`, which a reload does not
@@ -156,6 +155,11 @@ where
         };
         Box::pin(handled.instrument(span))
     }
+}
+
+/// Whether `path` is under `/admin`, whose answers no cache may keep.
+pub fn is_admin_path(path: &str) -> bool {
+    path == "/admin" || path.starts_with("/admin/")
 }
 
 fn request_span(request: &Request, id: &HeaderValue) -> Span {

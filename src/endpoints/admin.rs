@@ -37,11 +37,6 @@ use crate::keys::{KeyHash, bearer_key};
 use crate::routing::view::DeploymentView;
 use crate::state::SharedState;
 
-/// Whether `path` is under `/admin`.
-pub fn is_admin_path(path: &str) -> bool {
-    path == "/admin" || path.starts_with("/admin/")
-}
-
 /// The operator, authenticated; carries the configuration snapshot.
 pub struct Admin {
     pub config: Arc<Config>,

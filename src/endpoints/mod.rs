@@ -89,7 +89,7 @@ pub async fn method_not_allowed(
     uri: Uri,
 ) -> ApiError {
     // Without `[admin]`, nothing under /admin exists, not even its methods.
-    if admin::is_admin_path(uri.path()) && state.config().admin.is_none() {
+    if crate::edge::is_admin_path(uri.path()) && state.config().admin.is_none() {
         return ApiError::not_found(method.as_str(), uri.path());
     }
     ApiError::method_not_allowed(method.as_str(), uri.path())
