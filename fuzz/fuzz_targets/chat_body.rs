@@ -6,7 +6,8 @@
 //!   its images (even mutably) changes nothing;
 //! - the body Iris writes is valid JSON meaning what the client sent (same
 //!   `serde_json::Value`), parses again, and writes back byte-identical
-//!   (so a body Iris wrote goes upstream exactly as it is);
+//!   (so a body Iris wrote goes upstream exactly as it is), its long
+//!   strings spliced from the received body or copied alike;
 //! - a rewritten body (model renamed, stream usage asked for, image URLs
 //!   replaced, `detail` stripped) is valid JSON that parses again with
 //!   exactly those changes and nothing else moved.
@@ -14,13 +15,17 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use iris::budget::estimate;
 use iris::openai::chat::{ChatRequest, ImageAt};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
 fuzz_target!(|body: &[u8]| {
-    let Ok(request) = ChatRequest::parse(body) else {
+    // As the server holds it: the body Iris writes splices long strings
+    // from it.
+    let received = Bytes::copy_from_slice(body);
+    let Ok(request) = ChatRequest::parse(&received) else {
         return;
     };
     assert!(!request.changed(), "a request just parsed is unchanged");
@@ -48,7 +53,12 @@ fuzz_target!(|body: &[u8]| {
     if let Some(value) = &original {
         check_walk(value, &images);
     }
-    let written = request.to_body();
+    let written = request.to_body(&received).to_bytes();
+    assert_eq!(
+        written,
+        request.to_body(&Bytes::new()).to_bytes(),
+        "spliced or copied, the same text"
+    );
     check_written(&written, original.as_ref());
     let reparsed = reparse(&written);
     assert_eq!(reparsed.model, request.model);
@@ -61,19 +71,19 @@ fuzz_target!(|body: &[u8]| {
         "the same images at the same places"
     );
     assert_eq!(
-        reparsed.to_body(),
+        reparsed.to_body(&written).to_bytes(),
         written,
         "Iris's own body writes back byte-identical"
     );
 
     // Walking mutably without changing anything changes nothing.
-    let mut request = ChatRequest::parse(body).expect("parsed once, parses again");
+    let mut request = ChatRequest::parse(&received).expect("parsed once, parses again");
     assert_eq!(request.images_mut().count(), images.len());
     assert!(!request.changed(), "an untouched walk changes nothing");
 
     // Every rewrite the gateway makes, one after another.
     request.set_model("renamed \"model\" \u{e9}\u{1F600}\n");
-    let renamed = request.to_body();
+    let renamed = request.to_body(&received).to_bytes();
     // What the renamed body should mean: the original with the new model.
     let renamed_value = original.clone().map(|mut value| {
         value["model"] = Value::from("renamed \"model\" \u{e9}\u{1F600}\n");
@@ -85,7 +95,7 @@ fuzz_target!(|body: &[u8]| {
     assert_eq!(walk(&again), images);
 
     request.request_stream_usage();
-    let with_usage_body = request.to_body();
+    let with_usage_body = request.to_body(&received).to_bytes();
     let with_usage_value = renamed_value.map(|mut value| {
         let options = &mut value["stream_options"];
         if !options.is_object() {
@@ -108,7 +118,7 @@ fuzz_target!(|body: &[u8]| {
         }
     }
     assert!(request.changed());
-    let rewritten = request.to_body();
+    let rewritten = request.to_body(&received).to_bytes();
     let rewritten_value = with_usage_value.map(|mut value| {
         for (i, (at, _, _)) in images.iter().enumerate() {
             let image = &mut value["messages"][at.message]["content"][at.part]["image_url"];
