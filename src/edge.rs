@@ -134,6 +134,11 @@ where
             };
             let mut response = openai_shaped_413(response, limit);
             log.finish(&response);
+            if response.status().is_server_error() {
+                // For operators alerting on errors (as tower-http's trace
+                // layer, which this replaces, logged them).
+                tracing::error!(status = response.status().as_u16(), "response failed");
+            }
 
             // Every answer carries its request id (unless it brought its
             // own) and `nosniff` (it is only ever its declared type); under
