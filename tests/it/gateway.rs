@@ -507,3 +507,76 @@ async fn shutdown_lets_an_in_flight_stream_finish() {
     iris.join().await.expect("clean stop");
     assert!(http().get(url).send().await.is_err(), "no longer accepting");
 }
+
+/// The edge through the real binary: a client's request id that is not
+/// short printable ASCII is replaced by one of Iris's, in the answer and
+/// the log line (it would reach logs and the upstream); an acceptable one
+/// is kept; an answer in the 5xx range is also logged at error level, for
+/// operators who alert on errors.
+#[tokio::test]
+async fn unfit_request_ids_are_replaced_and_server_errors_logged_by_the_real_binary() {
+    let upstream = MockUpstream::start().await;
+    let iris = crate::support::binary::Binary::start(&base_config(&upstream.base_url(), "")).await;
+    let long = "x".repeat(129);
+    for (sent, kept) in [
+        ("client-id-7", true),
+        ("has space", false),
+        (long.as_str(), false),
+    ] {
+        let response = http()
+            .post(iris.url("/v1/chat/completions"))
+            .bearer_auth(KEY_A)
+            .header("x-request-id", sent)
+            .json(&chat_body("test-model"))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), 200);
+        let id = response.headers()["x-request-id"]
+            .to_str()
+            .expect("ASCII")
+            .to_owned();
+        if kept {
+            assert_eq!(id, sent);
+        } else {
+            assert!(
+                id.starts_with("req_") && id != sent,
+                "{sent:?} became {id:?}"
+            );
+        }
+        assert_eq!(
+            upstream.last().headers["x-request-id"],
+            id.as_str(),
+            "the upstream sees the same id"
+        );
+    }
+
+    let failed = http()
+        .post(iris.url("/v1/chat/completions"))
+        .bearer_auth(KEY_A)
+        .header("x-mock-status", "500")
+        .json(&chat_body("test-model"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(failed.status(), 500);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let logged = loop {
+        let logged = iris.logged("response failed");
+        if !logged.is_empty() || Instant::now() > deadline {
+            break logged;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert_eq!(logged[0]["level"], "ERROR");
+    assert_eq!(logged[0]["status"], 500);
+    for id in ["has space", long.as_str()] {
+        assert!(
+            iris.logged("request")
+                .iter()
+                .all(|line| line["request_id"] != id),
+            "an unfit id never reaches the log"
+        );
+    }
+}
