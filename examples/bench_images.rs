@@ -80,7 +80,7 @@ async fn download(client: &reqwest::Client, url: &str) -> Vec<u8> {
 async fn inline(images: &Images, upstream: &ImagePolicy, body: &[u8]) -> usize {
     let received = bytes::Bytes::copy_from_slice(body);
     let mut request = ChatRequest::parse(&received).expect("request");
-    iris::rewrite::apply_image_policy(images, upstream, &mut request)
+    iris::rewrite::apply_image_policy(images, upstream, &mut request, &received)
         .await
         .expect("inlined");
     request.to_body(&received).len()

@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt, stream};
 use tracing::Instrument;
 
@@ -19,7 +20,9 @@ use sha2::{Digest, Sha256};
 
 use crate::images::data_uri::{DataUri, is_data_uri};
 use crate::images::inline::BASE64;
-use crate::images::{ErrorKind, FetchedImage, ImageError, ImagePolicy, Images, Target};
+use crate::images::{
+    ErrorKind, FetchedImage, ImageError, ImagePolicy, Images, Target, held_or_copied,
+};
 use crate::openai::chat::{ChatRequest, ImageAt};
 
 /// An image of the request refused or failed, and which one.
@@ -52,21 +55,28 @@ pub async fn apply_image_policy(
     images: &Images,
     policy: &ImagePolicy,
     request: &mut ChatRequest<'_>,
+    received: &Bytes,
 ) -> Result<(), ImageRefusal> {
-    ImageWork::new(images).apply(policy, request).await
+    ImageWork::new(images, received)
+        .apply(policy, request)
+        .await
 }
 
 /// The image work of one request, kept across its attempts: each image URL
 /// is fetched once, whatever the cache does, and rendered per upstream.
 pub struct ImageWork<'i> {
     images: &'i Images,
+    /// The body the request was parsed from: a client's data URI is read
+    /// from it on the blocking pool, never copied out of it.
+    received: Bytes,
     fetched: Mutex<HashMap<String, Arc<FetchedImage>>>,
 }
 
 impl<'i> ImageWork<'i> {
-    pub fn new(images: &'i Images) -> Self {
+    pub fn new(images: &'i Images, received: &Bytes) -> Self {
         Self {
             images,
+            received: received.clone(),
             fetched: Mutex::default(),
         }
     }
@@ -131,7 +141,7 @@ impl<'i> ImageWork<'i> {
             if !uri.base64 {
                 return Ok(None);
             }
-            let payload = uri.data.to_owned();
+            let payload = held_or_copied(&self.received, uri.data);
             return Ok(offloaded(payload.len(), move || {
                 BASE64.decode(payload).ok().map(|bytes| sha256(&bytes))
             })
@@ -301,7 +311,7 @@ async fn process(
         },
         Work::Data(uri) => images
             .images
-            .process_data_uri(uri, target)
+            .process_data_uri(uri, &images.received, target)
             .await
             .map(|uri| uri.map(Arc::new)),
     };

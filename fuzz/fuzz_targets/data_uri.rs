@@ -117,9 +117,11 @@ fuzz_target!(|data: &[u8]| {
     let world = world();
     let decoded = checked.ok().map(|parsed| BASE64.decode(parsed.data));
     for target in targets() {
-        let result = world
-            .runtime
-            .block_on(world.images.process_data_uri(uri, target));
+        let result = world.runtime.block_on(world.images.process_data_uri(
+            uri,
+            &bytes::Bytes::new(),
+            target,
+        ));
         match (&decoded, &result) {
             (Some(Ok(bytes)), Err(e)) if bytes.len() <= MAX_BYTES => {
                 assert!(

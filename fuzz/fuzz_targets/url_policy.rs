@@ -23,8 +23,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::OnceLock;
 
-use iris::images::fetch::{UrlRefusal, check_url};
 use iris::images::address_policy::{AddressPolicy, Reason};
+use iris::images::fetch::{UrlRefusal, check_url};
 use libfuzzer_sys::fuzz_target;
 use url::{Host, Url};
 

@@ -183,7 +183,7 @@ impl Gateway {
         crate::traces::record_operation(Api::Chat, &model.name, request.completion_cap);
 
         let images = self.images.load_full();
-        let images = ImageWork::new(&images);
+        let images = ImageWork::new(&images, &incoming.body);
         let caching = Caching::of(self, &incoming, model, &images, facts);
         let (admission, mut key) = match &caching {
             Some(caching) => match caching.look_up(self, Asked::Chat(&request), facts).await? {
@@ -249,7 +249,7 @@ impl Gateway {
         )?;
         crate::traces::record_operation(Api::Embeddings, &model.name, None);
         let images = self.images.load_full();
-        let images = ImageWork::new(&images);
+        let images = ImageWork::new(&images, &incoming.body);
         let caching = Caching::of(self, &incoming, model, &images, facts);
         let asked = Asked::Embeddings(&request);
         let (admission, mut key) = match &caching {

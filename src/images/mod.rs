@@ -300,9 +300,12 @@ impl Images {
 
     /// Validates a client's `data:` URI and makes it meet `target`. `None`
     /// means it already does and may be forwarded exactly as sent.
+    /// `received`: the body the URI was parsed from, if it is still there
+    /// (a large payload is decoded from it, not from a copy).
     pub async fn process_data_uri(
         &self,
         uri: &str,
+        received: &Bytes,
         target: Target,
     ) -> Result<Option<String>, ImageError> {
         let uri = inline::checked_data_uri(uri)?;
@@ -313,8 +316,8 @@ impl Images {
             return Err(self.too_many_bytes());
         }
         let bytes = if payload.len() > INLINE_CODEC_BYTES {
-            let owned = payload.to_owned();
-            self.blocking(0, move || BASE64.decode(owned)).await?
+            let held = held_or_copied(received, payload);
+            self.blocking(0, move || BASE64.decode(held)).await?
         } else {
             BASE64.decode(payload)
         }
@@ -469,6 +472,14 @@ impl Images {
     }
 }
 
+/// `text` as bytes that outlive the request's borrow, for work on the
+/// blocking pool: a slice of `received` when it lies there (a client's
+/// data URI is not copied), else a copy.
+pub fn held_or_copied(received: &Bytes, text: &str) -> Bytes {
+    crate::openai::spliced::slice_of(received, text.as_bytes())
+        .unwrap_or_else(|| Bytes::copy_from_slice(text.as_bytes()))
+}
+
 fn describe_metrics() {
     metrics::describe_counter!(
         "iris_image_fetches_total",
@@ -519,6 +530,23 @@ fn count_decode(purpose: &str) {
 mod tests {
     use super::*;
 
+    /// A data URI still in the received body is handed to the blocking
+    /// pool as a slice of it; text from elsewhere is copied.
+    #[test]
+    fn a_payload_in_the_received_body_is_held_not_copied() {
+        let received = Bytes::from_static(b"{\"url\":\"data:image/png;base64,AAAA\"}");
+        let text = std::str::from_utf8(&received[30..34]).expect("ASCII");
+        let held = held_or_copied(&received, text);
+        assert_eq!(
+            (held.as_ref(), held.as_ptr()),
+            (text.as_bytes(), text.as_ptr())
+        );
+        let elsewhere = String::from("AAAA");
+        let copied = held_or_copied(&received, &elsewhere);
+        assert_eq!(copied.as_ref(), b"AAAA");
+        assert_ne!(copied.as_ptr(), elsewhere.as_ptr());
+    }
+
     fn images() -> Images {
         let mut settings = ImagesSettings::default();
         settings.fetch.max_bytes = 10_000;
@@ -541,7 +569,10 @@ mod tests {
         let encoded = base64::engine::general_purpose::STANDARD.encode(png(4, 3));
         let good = format!("data:image/png;base64,{encoded}");
         assert_eq!(
-            images.process_data_uri(&good, web()).await.expect("ok"),
+            images
+                .process_data_uri(&good, &Bytes::new(), web())
+                .await
+                .expect("ok"),
             None
         );
 
@@ -549,20 +580,25 @@ mod tests {
         let mislabelled = format!("data:image/jpeg;base64,{encoded}");
         assert_eq!(
             images
-                .process_data_uri(&mislabelled, web())
+                .process_data_uri(&mislabelled, &Bytes::new(), web())
                 .await
                 .expect("ok"),
             Some(good.clone())
         );
 
         let unpadded = good.trim_end_matches('=').to_owned();
-        assert!(images.process_data_uri(&unpadded, web()).await.is_ok());
+        assert!(
+            images
+                .process_data_uri(&unpadded, &Bytes::new(), web())
+                .await
+                .is_ok()
+        );
 
         let code = |uri: String| {
             let images = &images;
             async move {
                 images
-                    .process_data_uri(&uri, web())
+                    .process_data_uri(&uri, &Bytes::new(), web())
                     .await
                     .expect_err("refused")
                     .kind
@@ -622,7 +658,7 @@ mod tests {
         let spent = images.budget.reserve(u64::MAX).await.expect("all of it");
         let checked = tokio::time::timeout(
             Duration::from_secs(30),
-            images.process_data_uri(&jpeg, web()),
+            images.process_data_uri(&jpeg, &Bytes::new(), web()),
         )
         .await
         .expect("no wait for the budget");
@@ -639,7 +675,12 @@ mod tests {
         let spent = images.budget.reserve(u64::MAX).await.expect("all of it");
         let request = tokio::spawn({
             let images = Arc::clone(&images);
-            async move { images.process_data_uri(&png, web()).await.map(drop) }
+            async move {
+                images
+                    .process_data_uri(&png, &Bytes::new(), web())
+                    .await
+                    .map(drop)
+            }
         });
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!request.is_finished(), "the check waits for its bytes");
@@ -689,7 +730,11 @@ mod tests {
         let bomb = base64::engine::general_purpose::STANDARD
             .encode(b"GIF89a\xff\xff\xff\xff\x00\x00\x00;");
         let e = images
-            .process_data_uri(&format!("data:image/gif;base64,{bomb}"), web())
+            .process_data_uri(
+                &format!("data:image/gif;base64,{bomb}"),
+                &Bytes::new(),
+                web(),
+            )
             .await
             .expect_err("refused");
         assert_eq!(e.kind, ErrorKind::TooLarge);

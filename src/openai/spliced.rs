@@ -115,6 +115,18 @@ impl http_body::Body for SplicedBody {
     }
 }
 
+/// Whether `part` lies inside `whole`'s memory (a string borrowed from a
+/// received body, say).
+pub fn within(whole: &[u8], part: &[u8]) -> bool {
+    let (whole, part) = (whole.as_ptr_range(), part.as_ptr_range());
+    whole.start <= part.start && part.end <= whole.end
+}
+
+/// `part` as a slice of `whole`, sharing its memory, when it lies in it.
+pub fn slice_of(whole: &Bytes, part: &[u8]) -> Option<Bytes> {
+    within(whole, part).then(|| whole.slice_ref(part))
+}
+
 /// A string shared with the image cache, as a piece of a body: the body
 /// holds the `Arc`, so the string is neither copied nor freed while sent.
 pub fn shared_piece(text: &Arc<String>) -> Bytes {

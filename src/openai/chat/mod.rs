@@ -24,7 +24,7 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 
 use super::raw::{self, RawObject};
-use super::spliced::{SPLICE_MIN_BYTES, shared_piece};
+use super::spliced::{SPLICE_MIN_BYTES, shared_piece, within};
 
 /// Why a body is not a chat completion request: the message for the client
 /// and the field it is about.
@@ -209,12 +209,6 @@ impl ImageUrl<'_> {
             UrlText::Text(text) => received.slice_ref(text.as_bytes()),
         })
     }
-}
-
-/// Whether `part` lies inside `whole`'s memory.
-fn within(whole: &[u8], part: &[u8]) -> bool {
-    let (whole, part) = (whole.as_ptr_range(), part.as_ptr_range());
-    whole.start <= part.start && part.end <= whole.end
 }
 
 impl std::ops::Deref for ImageUrl<'_> {
