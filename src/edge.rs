@@ -140,13 +140,12 @@ where
                 tracing::error!(status = response.status().as_u16(), "response failed");
             }
 
-            // Every answer carries its request id (unless it brought its
-            // own) and `nosniff` (it is only ever its declared type); under
-            // /admin, `no-store` (keys, usage) unless the route set its own.
+            // Every answer carries this request's id, in place of any an
+            // upstream's answer brought (OpenAI's own carry one), and
+            // `nosniff` (it is only ever its declared type); under /admin,
+            // `no-store` (keys, usage) unless the route set its own.
             let headers = response.headers_mut();
-            headers
-                .entry(access_log::REQUEST_ID)
-                .or_insert_with(|| id.clone());
+            headers.insert(access_log::REQUEST_ID, id);
             headers.insert(
                 header::X_CONTENT_TYPE_OPTIONS,
                 HeaderValue::from_static("nosniff"),

@@ -511,7 +511,7 @@ async fn shutdown_lets_an_in_flight_stream_finish() {
 /// The edge through the real binary: a client's request id that is not
 /// short printable ASCII is replaced by one of Iris's, in the answer and
 /// the log line (it would reach logs and the upstream); an acceptable one
-/// is kept; an answer in the 5xx range is also logged at error level, for
+/// is kept; the upstream's own id never replaces it; an answer in the 5xx range is also logged at error level, for
 /// operators who alert on errors.
 #[tokio::test]
 async fn unfit_request_ids_are_replaced_and_server_errors_logged_by_the_real_binary() {
@@ -527,6 +527,8 @@ async fn unfit_request_ids_are_replaced_and_server_errors_logged_by_the_real_bin
             .post(iris.url("/v1/chat/completions"))
             .bearer_auth(KEY_A)
             .header("x-request-id", sent)
+            // An upstream's answer carries its own id: the client gets its.
+            .header("x-mock-set-header", "x-request-id: upstream-id")
             .json(&chat_body("test-model"))
             .send()
             .await
