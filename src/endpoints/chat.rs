@@ -3,10 +3,9 @@
 //! its answer (or error) sent back: the upstream's status, headers and
 //! streamed body, plus the client's rate-limit headers.
 
-use axum::Extension;
 use axum::body::Body;
-use axum::extract::State;
-use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError};
@@ -18,47 +17,57 @@ use crate::client_addr::ClientAddr;
 use crate::config;
 use crate::error::{self, ApiError, Relayed, rate_limit_headers};
 use crate::facts::RequestFacts;
-use crate::gateway::{Answer, Incoming};
+use crate::gateway::{Answer, AnswerBody, Incoming};
 use crate::openai::Api;
 use crate::spend::{Draft, Record};
 use crate::state::SharedState;
-use futures_util::StreamExt;
+use futures_util::Stream;
+use http_body::{Frame, SizeHint};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use tokio::time::Instant;
 
 pub async fn completions(
     State(state): State<SharedState>,
     authenticated: Authenticated,
-    Extension(request_id): Extension<RequestId>,
-    Extension(client_addr): Extension<ClientAddr>,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Response {
-    let request = (request_id, client_addr, headers, body);
     forward(Api::Chat, state, authenticated, request).await
 }
 
 pub async fn embeddings(
     State(state): State<SharedState>,
     authenticated: Authenticated,
-    Extension(request_id): Extension<RequestId>,
-    Extension(client_addr): Extension<ClientAddr>,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Response {
-    let request = (request_id, client_addr, headers, body);
     forward(Api::Embeddings, state, authenticated, request).await
 }
 
 /// A request to `api`, forwarded: the same steps whichever API it is.
+///
+/// The request is taken whole, its headers and extensions moved out of it
+/// (axum's `HeaderMap` and `Extension` extractors would copy them).
 async fn forward(
     api: Api,
     state: SharedState,
     Authenticated { client, config }: Authenticated,
-    (request_id, ClientAddr(client_addr), headers, body): (RequestId, ClientAddr, HeaderMap, Body),
+    request: Request,
 ) -> Response {
     let started = Instant::now();
-    let request_id = request_id.header_value().to_str().unwrap_or("");
+    let (
+        http::request::Parts {
+            headers,
+            extensions,
+            ..
+        },
+        body,
+    ) = request.into_parts();
+    let client_addr = ClientAddr::of(&extensions);
+    // The edge gave every request its id.
+    let request_id = extensions
+        .get::<RequestId>()
+        .map_or("", |id| id.header_value().to_str().unwrap_or(""));
     let mut facts = RequestFacts::new(request_id, api, &client.name, client_addr);
     let length = headers
         .get(http::header::CONTENT_LENGTH)
@@ -147,16 +156,44 @@ fn respond(answer: Answer) -> Response {
         headers,
         budget,
         body,
+        length,
     } = answer;
-    let mut response = Response::new(Body::from_stream(body.map(|item| match item {
-        Ok(bytes) => Ok(bytes),
-        Err(cut) => error::cut_short(cut),
-    })));
+    let mut response = Response::new(Body::new(AnswerHttpBody { body, length }));
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     response.headers_mut().extend(rate_limit_headers(&budget));
     response.extensions_mut().insert(Relayed);
     response
+}
+
+/// An answer's body as hyper sends it: its length when known (so the
+/// client gets a `Content-Length`), and an end before the end told as
+/// [`error::cut_short`] says (an error event, or an aborted body).
+struct AnswerHttpBody {
+    body: AnswerBody,
+    length: Option<u64>,
+}
+
+impl http_body::Body for AnswerHttpBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        Pin::new(&mut self.body).poll_next(cx).map(|item| {
+            item.map(|item| match item {
+                Ok(bytes) => Ok(Frame::data(bytes)),
+                Err(cut) => error::cut_short(cut).map(Frame::data),
+            })
+        })
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.length
+            .map_or_else(SizeHint::default, SizeHint::with_exact)
+    }
 }
 
 /// Reads the request body; the body limit layer counts bytes as they

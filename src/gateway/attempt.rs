@@ -514,6 +514,8 @@ impl Attempts<'_> {
             status,
             headers,
             budget,
+            // Only an event stream is edited on the way.
+            length: response.length.filter(|_| !event_stream),
             body: AnswerBody::Relayed(ResponseBody::new(
                 body,
                 tap,

@@ -122,6 +122,10 @@ pub struct Answer {
     /// The client's budget windows as of the reservation.
     pub budget: Snapshot,
     pub body: AnswerBody,
+    /// The body's length when it is known before it is sent: an upstream's
+    /// plain body relayed byte for byte, with the length it declared. The
+    /// client then gets a `Content-Length` rather than a chunked body.
+    pub length: Option<u64>,
 }
 
 /// An answer's body: relayed from the upstream, or replayed from the cache.
@@ -605,10 +609,13 @@ fn hit(replayed: Replayed, admission: Reservation) -> Answer {
     if let Ok(value) = HeaderValue::from_str(&content_type) {
         headers.insert(header::CONTENT_TYPE, value);
     }
+    // A stream is sent as one, as the upstream's was (chunked).
+    let stream = content_type.starts_with("text/event-stream");
     Answer {
         status: StatusCode::OK,
         headers,
         budget: *admission.snapshot(),
+        length: (!stream).then_some(body.len() as u64),
         body: AnswerBody::Hit(HitBody::new(body, admission)),
     }
 }

@@ -174,6 +174,7 @@ fn response(content_type: &'static str, body: Chunks) -> Reply {
         status: http::StatusCode::OK,
         headers,
         body,
+        length: None,
     }
 }
 

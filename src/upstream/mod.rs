@@ -193,6 +193,8 @@ pub struct Reply {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Chunks,
+    /// The body's length, when the upstream declared it (`Content-Length`).
+    pub length: Option<u64>,
 }
 
 /// A response body as it arrives.
@@ -228,6 +230,7 @@ impl Reply {
         Self {
             status: head.status,
             headers: head.headers,
+            length: http_body::Body::size_hint(&body).exact(),
             body: body.into_data_stream().map_err(BodyError::from).boxed(),
         }
     }

@@ -94,6 +94,11 @@ async fn a_repeated_request_is_answered_by_iris_byte_for_byte() {
     );
     assert!(!again.headers().contains_key("x-iris-upstream"));
     assert_eq!(again.headers()["content-type"], first_type);
+    assert_eq!(
+        again.headers()["content-length"],
+        first.len().to_string().as_str(),
+        "a whole answer is sent with its length"
+    );
     assert_eq!(again.bytes().await.expect("body"), first, "byte for byte");
     assert_eq!(upstream.requests(), 1, "the upstream was not called");
 

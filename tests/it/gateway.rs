@@ -143,6 +143,40 @@ async fn the_usage_chunk_stays_when_the_client_asks_for_it() {
     assert!(text.contains("\"usage\":{"), "{text}");
 }
 
+/// The length a response declared, if it declared one, and the body.
+async fn declared_length(response: reqwest::Response) -> (Option<usize>, Option<String>, usize) {
+    let headers = response.headers().clone();
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .map(|v| v.to_str().expect("ascii").to_owned())
+    };
+    let body = response.bytes().await.expect("body");
+    (
+        header("content-length").map(|v| v.parse().expect("a length")),
+        header("transfer-encoding"),
+        body.len(),
+    )
+}
+
+#[tokio::test]
+async fn plain_answers_keep_the_upstreams_length_and_streams_stay_chunked() {
+    let (_upstream, iris) = setup().await;
+    // An answer, and an upstream's error relayed, as the upstream sent them:
+    // with their length, not chunked.
+    for headers in [&[][..], &[("x-mock-status", "400")][..]] {
+        let response = iris.chat(KEY_A, &chat_body("test-model"), headers).await;
+        let (length, encoding, received) = declared_length(response).await;
+        assert_eq!(length, Some(received), "{headers:?}");
+        assert_eq!(encoding, None, "{headers:?}");
+    }
+    // A stream is edited on its way (the usage chunk Iris asked for is
+    // removed): its length is not known in advance.
+    let response = iris.chat(KEY_A, &stream_body("test-model"), &[]).await;
+    let (length, encoding, _) = declared_length(response).await;
+    assert_eq!((length, encoding.as_deref()), (None, Some("chunked")));
+}
+
 #[tokio::test]
 async fn a_plain_answer_to_a_stream_request_is_relayed_whole() {
     let (_upstream, iris) = setup().await;
