@@ -391,6 +391,13 @@ static REQUEST_HEADERS: [HeaderName; 3] = [
 /// [`Snapshot::headline`]), on successes and 429s alike.
 pub fn rate_limit_headers(snapshot: &Snapshot) -> HeaderMap {
     let mut headers = HeaderMap::new();
+    set_rate_limit_headers(&mut headers, snapshot);
+    headers
+}
+
+/// [`rate_limit_headers`], set in `headers` (a response's own: no map of
+/// their own to build and copy, once per answer).
+pub fn set_rate_limit_headers(headers: &mut HeaderMap, snapshot: &Snapshot) {
     let (tokens, requests) = snapshot.headline();
     for (names, status) in [(&TOKEN_HEADERS, tokens), (&REQUEST_HEADERS, requests)] {
         let Some(status) = status else { continue };
@@ -408,7 +415,6 @@ pub fn rate_limit_headers(snapshot: &Snapshot) -> HeaderMap {
             headers.insert(reset_name, value);
         }
     }
-    headers
 }
 
 impl std::fmt::Display for ApiError {

@@ -15,7 +15,7 @@ use crate::access_log::{RequestId, RequestLog};
 use crate::body_deadline::BodyDeadlineElapsed;
 use crate::client_addr::ClientAddr;
 use crate::config;
-use crate::error::{self, ApiError, Relayed, rate_limit_headers};
+use crate::error::{self, ApiError, Relayed};
 use crate::facts::RequestFacts;
 use crate::gateway::{Answer, AnswerBody, Incoming};
 use crate::openai::Api;
@@ -161,7 +161,7 @@ fn respond(answer: Answer) -> Response {
     let mut response = Response::new(Body::new(AnswerHttpBody { body, length }));
     *response.status_mut() = status;
     *response.headers_mut() = headers;
-    response.headers_mut().extend(rate_limit_headers(&budget));
+    error::set_rate_limit_headers(response.headers_mut(), &budget);
     response.extensions_mut().insert(Relayed);
     response
 }

@@ -503,12 +503,7 @@ impl Attempts<'_> {
         let event_stream = upstream_ok && stream && is_event_stream(&response.headers);
         let headers = upstream::response_headers(&response.headers);
         let budget = *reservation.snapshot();
-        let body = match first {
-            Some(first) => futures_util::stream::iter([Ok(first)])
-                .chain(response.body)
-                .boxed(),
-            None => response.body,
-        };
+        let body = (first, response.body);
         let tap = UsageTap::new(event_stream, drop_usage_chunk && event_stream);
         Answer {
             status,

@@ -66,18 +66,29 @@ impl Cut {
 }
 
 pub struct ResponseBody {
+    /// The first chunk, read before the answer was taken (see
+    /// `Attempts::send`), then the upstream's body.
+    first: Option<Bytes>,
     upstream: Chunks,
     tap: UsageTap,
-    /// The longest wait for each chunk.
+    /// The longest wait for each chunk, counted from `idle_since`.
     idle: Duration,
-    deadline: Pin<Box<Sleep>>,
+    /// When the last chunk came (or the body started).
+    idle_since: Instant,
+    /// The waits below are made when the upstream first keeps the body
+    /// waiting: a small answer, whole when its first chunk is read, never
+    /// needs them (no timer, no allocation).
+    deadline: Option<Pin<Box<Sleep>>>,
+    /// `deadline` is set from `idle_since`.
+    deadline_set: bool,
+    drain: CancellationToken,
     /// Taken when the body ends: `None` means it has.
     reservation: Option<Reservation>,
     /// The upstream answered with success (an error body releases the
     /// reservation unless it reports usage).
     upstream_ok: bool,
     /// Resolves when shutdown's grace period is over.
-    drained: Pin<Box<WaitForCancellationFutureOwned>>,
+    drained: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     /// The request's spend-log record, finished when the body ends.
     spend: Option<Draft>,
     /// When the first byte went to the client.
@@ -97,7 +108,7 @@ pub struct ResponseBody {
 
 impl ResponseBody {
     pub fn new(
-        upstream: Chunks,
+        (first, upstream): (Option<Bytes>, Chunks),
         tap: UsageTap,
         idle: Duration,
         reservation: Reservation,
@@ -105,13 +116,17 @@ impl ResponseBody {
         drain: CancellationToken,
     ) -> Self {
         Self {
+            first,
             upstream,
             tap,
             idle,
-            deadline: Box::pin(tokio::time::sleep(idle)),
+            idle_since: Instant::now(),
+            deadline: None,
+            deadline_set: false,
+            drain,
             reservation: Some(reservation),
             upstream_ok,
-            drained: Box::pin(drain.cancelled_owned()),
+            drained: None,
             spend: None,
             first_byte: None,
             // Built in the handler, so the current span is the request's.
@@ -304,17 +319,21 @@ impl Stream for ResponseBody {
         if this.reservation.is_none() {
             return Poll::Ready(None);
         }
-        match this.upstream.as_mut().poll_next(cx) {
+        let next = match this.first.take() {
+            Some(first) => Poll::Ready(Some(Ok(first))),
+            None => this.upstream.as_mut().poll_next(cx),
+        };
+        match next {
             Poll::Ready(Some(Ok(chunk))) => {
-                let idle = this.idle;
-                this.deadline.as_mut().reset(Instant::now() + idle);
+                this.idle_since = Instant::now();
+                this.deadline_set = false;
                 if let Some(tee) = &mut this.tee {
                     tee.push(&chunk);
                 }
                 let out = this.tap.on_chunk(chunk);
                 let out = this.hold_back(out);
                 if !out.is_empty() {
-                    this.first_byte.get_or_insert_with(Instant::now);
+                    this.first_byte.get_or_insert(this.idle_since);
                 }
                 Poll::Ready(Some(Ok(out)))
             }
@@ -331,11 +350,23 @@ impl Stream for ResponseBody {
                 this.poll_persisting(cx)
             }
             Poll::Pending => {
-                if this.deadline.as_mut().poll(cx).is_ready() {
+                let until = this.idle_since + this.idle;
+                let deadline = this
+                    .deadline
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+                if !this.deadline_set {
+                    deadline.as_mut().reset(until);
+                    this.deadline_set = true;
+                }
+                if deadline.as_mut().poll(cx).is_ready() {
                     tracing::warn!("upstream body stalled past the upstream timeout");
                     return this.cut(|stream| Cut::Upstream { stream });
                 }
-                if this.drained.as_mut().poll(cx).is_ready() {
+                let drain = &this.drain;
+                let drained = this
+                    .drained
+                    .get_or_insert_with(|| Box::pin(drain.clone().cancelled_owned()));
+                if drained.as_mut().poll(cx).is_ready() {
                     tracing::warn!("response cut short: the server is shutting down");
                     return this.cut(|stream| Cut::ShuttingDown { stream });
                 }
