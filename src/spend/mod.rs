@@ -811,19 +811,21 @@ impl Writer {
     ) {
         let batch_size = self.options.batch_size.max(1);
         let mut batch: Vec<Record> = Vec::with_capacity(batch_size);
-        // When the batch being collected must be written at the latest.
-        let mut due: Option<Instant> = None;
+        // When the batch being collected must be written at the latest: one
+        // timer, set when a batch starts (not a new one per record).
+        let mut due = false;
+        let due_timer = tokio::time::sleep(RETENTION_EVERY);
+        tokio::pin!(due_timer);
         let mut retention = tokio::time::interval(RETENTION_EVERY);
         retention.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let deadline = due.unwrap_or_else(|| Instant::now() + RETENTION_EVERY);
             tokio::select! {
                 biased;
                 command = commands.recv() => match command {
                     Some(Control::Flush(ack)) => {
                         drain(&mut queue, &mut batch, usize::MAX);
                         self.write_all(&mut batch, batch_size).await;
-                        due = None;
+                        due = false;
                         let _ = ack.send(());
                     }
                     Some(Control::Shutdown(ack)) => {
@@ -850,14 +852,15 @@ impl Writer {
                     drain(&mut queue, &mut batch, batch_size);
                     if batch.len() >= batch_size {
                         self.write_all(&mut batch, batch_size).await;
-                        due = None;
-                    } else if due.is_none() {
-                        due = Some(Instant::now() + self.options.flush);
+                        due = false;
+                    } else if !due {
+                        due_timer.as_mut().reset(Instant::now() + self.options.flush);
+                        due = true;
                     }
                 }
-                () = tokio::time::sleep_until(deadline), if due.is_some() => {
+                () = &mut due_timer, if due => {
                     self.write_all(&mut batch, batch_size).await;
-                    due = None;
+                    due = false;
                 }
                 _ = retention.tick() => self.expire().await,
             }
