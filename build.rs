@@ -84,19 +84,21 @@ fn main() {
 /// resident. Together they are under 3 MB.
 ///
 /// A symbol the file names that the binary no longer has is skipped, so an
-/// out-of-date file costs memory, never a build. Set `IRIS_LINK_ORDER=off`,
-/// or configure another linker, to link without it.
+/// out-of-date file costs memory, never a build. `IRIS_LINK_ORDER=off`
+/// links without it, and so does a linker of one's own (configured, or
+/// chosen by flags).
 fn order_functions() {
     println!("cargo::rerun-if-changed={LINK_ORDER}");
-    for var in [
-        "IRIS_LINK_ORDER",
-        "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_LINKER",
-    ] {
+    for var in ["IRIS_LINK_ORDER", "RUSTC_LINKER"] {
         println!("cargo::rerun-if-env-changed={var}");
     }
     let env = |name: &str| std::env::var(name).unwrap_or_default();
-    let own_linker = env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_LINKER").is_empty()
-        && !env("CARGO_ENCODED_RUSTFLAGS").contains("linker");
+    // Cargo sets `RUSTC_LINKER` when a linker is configured (in a config
+    // file or the environment); flags may choose one too. Another linker
+    // may not know lld's option: leave the layout alone then.
+    let flags = env("CARGO_ENCODED_RUSTFLAGS");
+    let own_linker =
+        env("RUSTC_LINKER").is_empty() && !flags.contains("linker") && !flags.contains("fuse-ld");
     if env("PROFILE") != "release"
         || env("TARGET") != "x86_64-unknown-linux-gnu"
         || env("IRIS_LINK_ORDER") == "off"
