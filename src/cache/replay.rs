@@ -27,6 +27,13 @@ pub struct Replayed {
 const EVENT_STREAM: &str = "text/event-stream";
 const JSON: &str = "application/json";
 
+impl Replayed {
+    /// Replayed as an event stream (else a plain JSON answer).
+    pub fn is_stream(&self) -> bool {
+        self.content_type == EVENT_STREAM
+    }
+}
+
 /// `entry` for a request that asked for a stream (`stream`) and maybe its
 /// usage chunk; `None` when the entry cannot be read as its form says
 /// (then the request is served as a miss).

@@ -604,13 +604,13 @@ impl<'a> Caching<'a> {
 /// A hit's answer: the replayed body with its content type, the client's
 /// windows as the admission left them.
 fn hit(replayed: Replayed, admission: Reservation) -> Answer {
+    // A stream is sent as one, as the upstream's was (chunked).
+    let stream = replayed.is_stream();
     let Replayed { content_type, body } = replayed;
     let mut headers = HeaderMap::new();
     if let Ok(value) = HeaderValue::from_str(&content_type) {
         headers.insert(header::CONTENT_TYPE, value);
     }
-    // A stream is sent as one, as the upstream's was (chunked).
-    let stream = content_type.starts_with("text/event-stream");
     Answer {
         status: StatusCode::OK,
         headers,
