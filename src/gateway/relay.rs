@@ -351,13 +351,18 @@ impl Stream for ResponseBody {
             }
             Poll::Pending => {
                 let until = this.idle_since + this.idle;
-                let deadline = this
-                    .deadline
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
-                if !this.deadline_set {
-                    deadline.as_mut().reset(until);
-                    this.deadline_set = true;
-                }
+                let deadline = match &mut this.deadline {
+                    Some(deadline) => {
+                        if !this.deadline_set {
+                            deadline.as_mut().reset(until);
+                        }
+                        deadline
+                    }
+                    None => this
+                        .deadline
+                        .insert(Box::pin(tokio::time::sleep_until(until))),
+                };
+                this.deadline_set = true;
                 if deadline.as_mut().poll(cx).is_ready() {
                     tracing::warn!("upstream body stalled past the upstream timeout");
                     return this.cut(|stream| Cut::Upstream { stream });
