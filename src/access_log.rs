@@ -13,6 +13,7 @@ use axum::response::Response;
 use crate::client_addr::ClientAddr;
 use crate::error::ErrorCode;
 use crate::facts::RequestFacts;
+use crate::ids::Ids;
 
 /// Where authentication records the client's name for the log line, on
 /// every route (set by [`crate::endpoints::Authenticated`]).
@@ -155,17 +156,9 @@ pub fn request_id_for(headers: &mut HeaderMap) -> HeaderValue {
 }
 
 fn new_request_id() -> HeaderValue {
-    static PREFIX: OnceLock<String> = OnceLock::new();
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let prefix = PREFIX.get_or_init(|| {
-        let mut bytes = [0u8; 6];
-        let _ = getrandom::fill(&mut bytes);
-        hex::encode(bytes)
-    });
-    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    static IDS: Ids = Ids::new("req_", 6, 10);
     // Hex digits and an underscore: always a valid header value.
-    HeaderValue::from_str(&format!("req_{prefix}{n:010x}"))
-        .unwrap_or(HeaderValue::from_static("req_"))
+    HeaderValue::try_from(IDS.next()).unwrap_or(HeaderValue::from_static("req_"))
 }
 
 pub const REQUEST_ID: &str = "x-request-id";

@@ -139,15 +139,16 @@ impl Catalog {
         }
     }
 
-    /// The client whose key is `presented`.
+    /// The client whose key hashes to `presented` (the presented key's
+    /// [`KeyHash::of`], taken once per request for both this and the
+    /// managed clients' index).
     ///
     /// Every configured hash is compared, in constant time, whatever matches,
     /// so the time taken says nothing about which key is close.
-    pub fn authenticate(&self, presented: &str) -> Option<&Arc<Client>> {
-        let presented = KeyHash::of(presented);
+    pub fn authenticate(&self, presented: &KeyHash) -> Option<&Arc<Client>> {
         let mut found = None;
         for client in &self.clients {
-            if client.key.matches(&presented) && found.is_none() {
+            if client.key.matches(presented) && found.is_none() {
                 found = Some(client);
             }
         }
@@ -264,22 +265,30 @@ mod tests {
     fn authenticates_by_key_hash() {
         let catalog = catalog();
         assert_eq!(
-            catalog.authenticate("key-one").map(|c| &*c.name),
+            catalog
+                .authenticate(&KeyHash::of("key-one"))
+                .map(|c| &*c.name),
             Some("one")
         );
         assert_eq!(
-            catalog.authenticate("key-two").map(|c| &*c.name),
+            catalog
+                .authenticate(&KeyHash::of("key-two"))
+                .map(|c| &*c.name),
             Some("two")
         );
-        assert!(catalog.authenticate("key-three").is_none());
-        assert!(catalog.authenticate("").is_none());
+        assert!(catalog.authenticate(&KeyHash::of("key-three")).is_none());
+        assert!(catalog.authenticate(&KeyHash::of("")).is_none());
     }
 
     #[test]
     fn model_lists_and_renames() {
         let catalog = catalog();
-        let one = catalog.authenticate("key-one").expect("client");
-        let two = catalog.authenticate("key-two").expect("client");
+        let one = catalog
+            .authenticate(&KeyHash::of("key-one"))
+            .expect("client");
+        let two = catalog
+            .authenticate(&KeyHash::of("key-two"))
+            .expect("client");
         assert_eq!(
             catalog
                 .models_for(one)

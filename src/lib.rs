@@ -62,6 +62,7 @@ pub mod error;
 pub mod error_code;
 pub mod facts;
 pub mod gateway;
+pub mod ids;
 pub mod images;
 pub mod keys;
 pub mod metrics;

@@ -6,7 +6,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -138,7 +138,11 @@ impl Metric {
         if !RECORDING.load(Ordering::Acquire) {
             return make();
         }
-        let mut hasher = std::hash::DefaultHasher::new();
+        // foldhash, not the standard SipHash: a request records a handful
+        // of metrics, and SipHash made their lookups a few thousand
+        // instructions a request. The values are configured names and
+        // routes, not a client's text, so a flooding attack has no hold.
+        let mut hasher = HANDLE_HASH.build_hasher();
         self.name.hash(&mut hasher);
         for (_, value) in labels {
             value.hash(&mut hasher);
@@ -193,9 +197,13 @@ static RECORDING: AtomicBool = AtomicBool::new(false);
 /// Handles a thread keeps at most ([`Metric::handle`]).
 const MAX_KEPT_HANDLES: usize = 4096;
 
+/// Hashes a metric's name and label values for [`HANDLES`].
+const HANDLE_HASH: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x1415);
+
 thread_local! {
     /// This thread's handles, by a hash of the metric's name and label values.
-    static HANDLES: RefCell<HashMap<u64, Vec<Kept>>> = RefCell::default();
+    static HANDLES: RefCell<HashMap<u64, Vec<Kept>, foldhash::fast::FixedState>> =
+        const { RefCell::new(HashMap::with_hasher(HANDLE_HASH)) };
 }
 
 /// A handle kept, with what it was made for.

@@ -809,28 +809,37 @@ impl Drop for Reservation {
 /// A duration in OpenAI's rate-limit header format: `6m0s`, `1.5s`, `20ms`,
 /// `13h20m5s`.
 pub fn duration_string(ns: u64) -> String {
+    use std::fmt::Write as _;
     let ms = ns.div_ceil(1_000_000);
     if ms == 0 {
         return "0s".into();
     }
+    // Written into one string: two of these go out with every response
+    // to a client with limits (the reset headers).
+    let mut out = String::with_capacity(16);
     if ms < 1000 {
-        return format!("{ms}ms");
+        let _ = write!(out, "{ms}ms");
+        return out;
     }
     let (hours, minutes) = (ms / 3_600_000, ms / 60_000 % 60);
     let seconds = ms % 60_000;
-    let mut out = String::new();
     if hours > 0 {
-        out.push_str(&format!("{hours}h"));
+        let _ = write!(out, "{hours}h");
     }
     if hours > 0 || minutes > 0 {
-        out.push_str(&format!("{minutes}m"));
+        let _ = write!(out, "{minutes}m");
     }
-    let (whole, fraction) = (seconds / 1000, seconds % 1000);
+    let (whole, mut fraction) = (seconds / 1000, seconds % 1000);
     if fraction == 0 {
-        out.push_str(&format!("{whole}s"));
+        let _ = write!(out, "{whole}s");
     } else {
-        let fraction = format!("{fraction:03}");
-        out.push_str(&format!("{whole}.{}s", fraction.trim_end_matches('0')));
+        // Milliseconds as a decimal fraction without its trailing zeros.
+        let mut digits = 3;
+        while fraction % 10 == 0 {
+            fraction /= 10;
+            digits -= 1;
+        }
+        let _ = write!(out, "{whole}.{fraction:0digits$}s");
     }
     out
 }

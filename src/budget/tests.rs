@@ -364,6 +364,8 @@ fn durations_use_openais_format() {
     assert_eq!(duration_string(1020 * ms), "1.02s");
     assert_eq!(duration_string(360_000 * ms), "6m0s");
     assert_eq!(duration_string(48_005_300 * ms), "13h20m5.3s");
+    assert_eq!(duration_string(1005 * ms), "1.005s");
+    assert_eq!(duration_string(3_600_000 * ms), "1h0m0s");
 }
 
 /// A store that never answers.

@@ -325,13 +325,13 @@ impl Index {
         self.by_team.get(name)
     }
 
-    /// The enabled managed client whose (unexpired) key is `presented`.
+    /// The enabled managed client whose (unexpired) key hashes to `presented`.
     ///
     /// Looked up by the SHA-256 of the presented key: what a lookup's timing
     /// could reveal is about digests, which say nothing of any stored key,
     /// and the index stays one lookup however many clients there are.
-    pub fn authenticate(&self, presented: &str) -> Option<&Arc<Client>> {
-        let (client, expires_at) = self.by_key.get(&KeyHash::of(presented))?;
+    pub fn authenticate(&self, presented: &KeyHash) -> Option<&Arc<Client>> {
+        let (client, expires_at) = self.by_key.get(presented)?;
         expires_at
             .is_none_or(|at| unix_now() < at)
             .then_some(client)
@@ -466,7 +466,9 @@ mod tests {
             index.team("blue").map(|t| t.budget.tokens_per_day),
             Some(Some(30))
         );
-        let authenticated = index.authenticate("blue").expect("the client's key");
+        let authenticated = index
+            .authenticate(&KeyHash::of("blue"))
+            .expect("the client's key");
         assert_eq!(authenticated.team.as_deref(), Some("blue"));
 
         registry.remove(Kind::Team, "blue".into()).await.unwrap();

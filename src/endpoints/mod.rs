@@ -20,7 +20,7 @@ use crate::catalog::Client;
 use crate::client_addr::{self, ClientAddr};
 use crate::config::Config;
 use crate::error::ApiError;
-use crate::keys::bearer_key;
+use crate::keys::{KeyHash, bearer_key};
 use crate::state::SharedState;
 
 /// The client a request authenticated as, and the configuration snapshot it
@@ -37,17 +37,18 @@ impl FromRequestParts<SharedState> for Authenticated {
     async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<Self, ApiError> {
         let config = state.config();
         // The config's clients, then the managed ones; a disabled, deleted
-        // or rotated-out key is in neither.
+        // or rotated-out key is in neither. The key is hashed once for both.
         let client = bearer_key(&parts.headers)
+            .map(KeyHash::of)
             .and_then(|key| {
-                config.catalog.authenticate(key).cloned().or_else(|| {
+                config.catalog.authenticate(&key).cloned().or_else(|| {
                     // A managed client shadowed by a config client of the
                     // same name (the file changed under it) does not
                     // authenticate: one name, one budget, one owner.
                     state
                         .clients
                         .index()
-                        .authenticate(key)
+                        .authenticate(&key)
                         .filter(|c| !config.catalog.has_client(&c.name))
                         .cloned()
                 })

@@ -30,7 +30,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
@@ -41,6 +41,7 @@ use crate::budget::money::Money;
 use crate::budget::store::{SqliteStore, StoreFuture};
 use crate::budget::{Charged, StoreBackend};
 use crate::facts::RequestFacts;
+use crate::ids::Ids;
 use crate::secret::Secret;
 use crate::tls::PrivateCa;
 use journal::{Backlog, Commit, Journal, OwnFile};
@@ -133,22 +134,8 @@ impl Record {
 /// A new [`Record::record_id`]: a random prefix chosen once per process
 /// (64 bits: instances and restarts never share one), then a counter.
 pub fn new_record_id() -> String {
-    static PREFIX: OnceLock<String> = OnceLock::new();
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let prefix = PREFIX.get_or_init(|| {
-        let mut bytes = [0u8; 8];
-        if getrandom::fill(&mut bytes).is_err() {
-            // No randomness: the time is the next best thing to tell
-            // processes apart.
-            bytes = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as u64)
-                .to_le_bytes();
-        }
-        hex::encode(bytes)
-    });
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{prefix}{n:x}")
+    static IDS: Ids = Ids::new("", 8, 1);
+    IDS.next()
 }
 
 /// Unix milliseconds of `time`.

@@ -395,10 +395,15 @@ async fn the_team_lookup_finds_config_and_managed_teams_and_clients_carry_theirs
     assert_eq!(blue.budget.tokens_per_day, Some(10));
     assert!(state.team(&snapshot, "ghost").is_none());
 
-    let c = snapshot.catalog.authenticate(KEY_C).expect("c");
+    let c = snapshot
+        .catalog
+        .authenticate(&iris::keys::KeyHash::of(KEY_C))
+        .expect("c");
     assert_eq!(c.team.as_deref(), Some("research"));
     let index = state.clients.index();
-    let nb = index.authenticate(&key).expect("nb");
+    let nb = index
+        .authenticate(&iris::keys::KeyHash::of(&key))
+        .expect("nb");
     assert_eq!(nb.team.as_deref(), Some("blue"));
 }
 
