@@ -40,13 +40,16 @@ pub struct TokenDetails {
 
 /// A breakdown that is `null`, or not the shape expected, reads as absent:
 /// providers vary here, and the counts that bill are the required ones.
+///
+/// Read as the text it was sent as, then as `T`: a `serde_json::Value`
+/// would allocate a map and its keys for every response that reports them.
 fn lenient<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
 where
     D: serde::Deserializer<'de>,
-    T: serde::de::DeserializeOwned,
+    T: Deserialize<'de>,
 {
-    let value = serde_json::Value::deserialize(deserializer)?;
-    Ok(serde_json::from_value(value).ok())
+    let raw: Option<&'de RawValue> = Option::deserialize(deserializer)?;
+    Ok(raw.and_then(|raw| serde_json::from_str(raw.get()).ok()))
 }
 
 impl Usage {
@@ -77,7 +80,8 @@ pub struct Outcome {
     /// The body reached its end (false: the client hung up, or the upstream failed).
     pub complete: bool,
     pub usage: Option<Usage>,
-    /// The generated text seen so far, for an estimate where no usage came.
+    /// The generated text seen so far, for an estimate where no usage came
+    /// (a plain body's is read only then).
     pub generated: String,
     /// A stream said it was done (`[DONE]`, or a `finish_reason`); a stream
     /// that ends without either was cut short.
@@ -229,16 +233,15 @@ fn find_event_end(buf: &[u8]) -> Option<usize> {
     None
 }
 
-/// A chunk (or a whole response body): read only from a JSON object, as
-/// serde would otherwise read a struct from an array too (see [`is_object`]).
+/// A streamed chunk ([`BodyView`] is a whole body): read only from a JSON
+/// object, as serde would otherwise read a struct from an array too (see
+/// [`is_object`]).
 #[derive(Deserialize)]
 struct ChunkView<'a> {
     #[serde(default, deserialize_with = "usage_object")]
     usage: Option<Usage>,
     #[serde(default, borrow)]
     choices: Option<Vec<ChoiceView<'a>>>,
-    #[serde(default, borrow)]
-    error: Option<ErrorView<'a>>,
 }
 
 /// OpenAI's error object, as far as the spend log names it.
@@ -321,17 +324,37 @@ fn note_event(event: &[u8], outcome: &mut Outcome) -> bool {
     usage_only
 }
 
+/// A whole (non-streamed) response body: its choices are kept as their
+/// text, and read only when no usage came (the generated text is then
+/// what is counted).
+#[derive(Deserialize)]
+struct BodyView<'a> {
+    #[serde(default, deserialize_with = "usage_object")]
+    usage: Option<Usage>,
+    #[serde(default, borrow)]
+    choices: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    error: Option<ErrorView<'a>>,
+}
+
 /// Notes a whole (non-streamed) response body.
 fn note_body(body: &[u8], outcome: &mut Outcome) {
     if !is_object(body.trim_ascii()) {
         return;
     }
-    if let Ok(chunk) = serde_json::from_slice::<ChunkView<'_>>(body) {
-        outcome.usage = chunk.usage;
-        outcome.error_code = chunk.error.as_ref().and_then(ErrorView::code);
-        for choice in chunk.choices.iter().flatten() {
-            note_message(choice.message.as_ref(), outcome);
-        }
+    let Ok(view) = serde_json::from_slice::<BodyView<'_>>(body) else {
+        return;
+    };
+    outcome.usage = view.usage;
+    outcome.error_code = view.error.as_ref().and_then(ErrorView::code);
+    if outcome.usage.is_some() {
+        return;
+    }
+    let choices = view
+        .choices
+        .and_then(|raw| serde_json::from_str::<Vec<ChoiceView<'_>>>(raw.get()).ok());
+    for choice in choices.iter().flatten() {
+        note_message(choice.message.as_ref(), outcome);
     }
 }
 
@@ -371,17 +394,40 @@ fn is_object(json: &[u8]) -> bool {
 }
 
 /// `usage`: an object or null; anything else makes the chunk unreadable.
+/// Read in the same pass as the chunk, not kept as text and read again.
 fn usage_object<'de, D: serde::Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Option<Usage>, D::Error> {
-    let raw: Option<&'de RawValue> = Option::deserialize(deserializer)?;
-    match raw {
-        None => Ok(None),
-        Some(raw) if is_object(raw.get().as_bytes()) => serde_json::from_str(raw.get())
-            .map(Some)
-            .map_err(serde::de::Error::custom),
-        Some(_) => Err(serde::de::Error::custom("usage is not an object")),
+    struct ObjectOrNull;
+
+    impl<'de> serde::de::Visitor<'de> for ObjectOrNull {
+        type Value = Option<Usage>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a usage object or null")
+        }
+
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: serde::Deserializer<'de>>(
+            self,
+            inner: D,
+        ) -> Result<Self::Value, D::Error> {
+            inner.deserialize_any(self)
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            Usage::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Some)
+        }
     }
+
+    deserializer.deserialize_option(ObjectOrNull)
 }
 
 fn note_message(message: Option<&MessageView<'_>>, outcome: &mut Outcome) {
@@ -493,13 +539,44 @@ mod tests {
         assert_eq!(outcome.usage, None);
     }
 
+    /// A plain body's text is read when no usage came, and only then.
     #[test]
-    fn plain_body_usage_and_text() {
+    fn plain_body_usage_or_text() {
         let body = r#"{"choices":[{"message":{"content":"Hi there"}}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#;
         let (out, outcome) = run(false, false, &[&body[..10], &body[10..]], true);
         assert_eq!(out, body);
         assert_eq!(outcome.usage.map(|u| u.total()), Some(5));
-        assert_eq!(outcome.generated, "Hi there");
+        assert_eq!(outcome.generated, "");
+
+        let unreported =
+            r#"{"choices":[{"message":{"content":"Hi \u0074here","tool_calls":[{"id":"c"}]}}]}"#;
+        let (_, outcome) = run(false, false, &[unreported], true);
+        assert_eq!(outcome.usage, None);
+        assert_eq!(outcome.generated, r#"Hi there[{"id":"c"}]"#);
+    }
+
+    /// Choices of a shape Iris does not read (content as parts, say) do not
+    /// hide the usage beside them; `null` is no usage; a usage that is not
+    /// an object leaves the body unread; details of another shape read as
+    /// absent.
+    #[test]
+    fn a_plain_bodys_usage_is_read_whatever_its_choices() {
+        let parts = r#"{"choices":[{"message":{"content":[{"type":"text","text":"Hi"}]}}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5,"prompt_tokens_details":{"cached_tokens":1,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":"many"}}}"#;
+        let usage = run(false, false, &[parts], true).1.usage.expect("usage");
+        assert_eq!(
+            (
+                usage.total(),
+                usage.cached_tokens(),
+                usage.reasoning_tokens()
+            ),
+            (5, 1, 0)
+        );
+        let null = r#"{"choices":[{"message":{"content":"Hi"}}],"usage":null}"#;
+        let outcome = run(false, false, &[null], true).1;
+        assert_eq!((outcome.usage, outcome.generated.as_str()), (None, "Hi"));
+        let number = r#"{"choices":[{"message":{"content":"Hi"}}],"usage":7}"#;
+        let outcome = run(false, false, &[number], true).1;
+        assert_eq!((outcome.usage, outcome.generated.as_str()), (None, ""));
     }
 
     /// Found by the `sse_usage` fuzz target: serde reads a struct from a

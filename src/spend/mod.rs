@@ -138,6 +138,29 @@ pub fn new_record_id() -> String {
     IDS.next()
 }
 
+/// A client's address as the log's `client_addr` holds it: as `Display`
+/// writes it, an IPv4 address without the formatting machinery (which
+/// cost the writer more than a tenth of an insert).
+pub fn address_text(addr: std::net::IpAddr) -> String {
+    let std::net::IpAddr::V4(v4) = addr else {
+        return addr.to_string();
+    };
+    let mut text = String::with_capacity(15);
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            text.push('.');
+        }
+        if octet >= 100 {
+            text.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            text.push(char::from(b'0' + octet / 10 % 10));
+        }
+        text.push(char::from(b'0' + octet % 10));
+    }
+    text
+}
+
 /// Unix milliseconds of `time`.
 pub fn unix_ms(time: SystemTime) -> i64 {
     time.duration_since(UNIX_EPOCH)

@@ -301,7 +301,7 @@ pub(super) fn with_values<R>(r: &Record, f: impl FnOnce(&[&dyn ToSql]) -> R) -> 
         facts.attempts,
         r.ttfb_ms.map(to_sql),
         to_sql(r.total_ms),
-        facts.client_addr.map(|addr| addr.to_string()),
+        facts.client_addr.map(super::address_text),
         facts.team.as_deref(),
         to_sql(r.cached_tokens),
         to_sql(r.reasoning_tokens),

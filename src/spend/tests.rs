@@ -1081,3 +1081,19 @@ async fn a_reader_racing_the_folds_sees_each_durable_record_once() {
         .unwrap();
     assert!(reads > 1, "the reader raced the writer");
 }
+
+#[test]
+fn addresses_are_written_as_display_writes_them() {
+    for text in [
+        "0.0.0.0",
+        "127.0.0.1",
+        "10.20.100.255",
+        "9.99.199.200",
+        "::1",
+        "2001:db8::8",
+    ] {
+        let addr: std::net::IpAddr = text.parse().expect("address");
+        assert_eq!(super::address_text(addr), addr.to_string());
+        assert_eq!(super::address_text(addr), text);
+    }
+}
