@@ -2,6 +2,8 @@
 //! `IRIS_LOG_FORMAT=json`; and, when the environment names an OTLP
 //! endpoint, the OpenTelemetry layer beside it ([`crate::traces`]).
 
+mod fields;
+
 use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
@@ -25,8 +27,11 @@ pub fn init() {
                 .with_ansi(ansi);
             let _ = if json {
                 builder.json().flatten_event(true).try_init()
-            } else {
+            } else if ansi {
+                // Styled for a person at a terminal.
                 builder.try_init()
+            } else {
+                builder.fmt_fields(fields::LineFields).try_init()
             };
             if let Err(e) = result {
                 tracing::error!("traces are off: {e}");
@@ -44,8 +49,12 @@ pub fn init() {
             .flatten_event(true)
             .with_filter(filter())
             .boxed()
-    } else {
+    } else if ansi {
         logs.with_filter(filter()).boxed()
+    } else {
+        logs.fmt_fields(fields::LineFields)
+            .with_filter(filter())
+            .boxed()
     };
     let _ = tracing_subscriber::registry()
         .with(logs)

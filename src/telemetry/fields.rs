@@ -1,0 +1,219 @@
+//! How a text log line writes its fields: as tracing-subscriber's default
+//! formatter does (`name=value`, values as `Debug` writes them, the message
+//! bare, ANSI and C1 control characters in it escaped), without its styling
+//! wrappers and character-by-character escaping in the common case. At the
+//! default level every request writes two lines of about a dozen fields
+//! each; the default formatter spent some 20,000 instructions on each.
+
+use std::fmt::{self, Write as _};
+
+use tracing::field::{Field, Visit};
+use tracing_subscriber::field::{MakeVisitor, VisitFmt, VisitOutput};
+use tracing_subscriber::fmt::format::Writer;
+
+/// The fields of a text line, for `fmt().fmt_fields(..)`.
+pub struct LineFields;
+
+impl<'a> MakeVisitor<Writer<'a>> for LineFields {
+    type Visitor = LineVisitor<'a>;
+
+    fn make_visitor(&self, writer: Writer<'a>) -> LineVisitor<'a> {
+        LineVisitor {
+            sanitize: writer.sanitizes_ansi_escapes(),
+            writer,
+            first: true,
+            result: Ok(()),
+        }
+    }
+}
+
+pub struct LineVisitor<'a> {
+    writer: Writer<'a>,
+    sanitize: bool,
+    first: bool,
+    result: fmt::Result,
+}
+
+impl LineVisitor<'_> {
+    /// The space before every field but the first, then the field's
+    /// `name=` (none for the message).
+    fn start(&mut self, field: &Field) -> fmt::Result {
+        if self.first {
+            self.first = false;
+        } else {
+            self.writer.write_char(' ')?;
+        }
+        match field.name() {
+            "message" => Ok(()),
+            name => {
+                self.writer
+                    .write_str(name.strip_prefix("r#").unwrap_or(name))?;
+                self.writer.write_char('=')
+            }
+        }
+    }
+
+    fn message(&mut self, value: &dyn fmt::Debug) -> fmt::Result {
+        if self.sanitize {
+            write!(Escaping(&mut self.writer), "{value:?}")
+        } else {
+            write!(self.writer, "{value:?}")
+        }
+    }
+}
+
+impl Visit for LineVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if self.result.is_err() {
+            return;
+        }
+        self.result = self.start(field).and_then(|()| {
+            if field.name() == "message" {
+                self.message(&format_args!("{value}"))
+            } else if value
+                .bytes()
+                .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+            {
+                // What `Debug` writes for a string that needs no escape.
+                self.writer.write_char('"')?;
+                self.writer.write_str(value)?;
+                self.writer.write_char('"')
+            } else {
+                write!(self.writer, "{value:?}")
+            }
+        });
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if self.result.is_err() {
+            return;
+        }
+        self.result = self.start(field).and_then(|()| {
+            if field.name() == "message" {
+                self.message(value)
+            } else {
+                write!(self.writer, "{value:?}")
+            }
+        });
+    }
+}
+
+impl VisitOutput<fmt::Result> for LineVisitor<'_> {
+    fn finish(self) -> fmt::Result {
+        self.result
+    }
+}
+
+impl VisitFmt for LineVisitor<'_> {
+    fn writer(&mut self) -> &mut dyn fmt::Write {
+        &mut self.writer
+    }
+}
+
+/// Writes text with the control characters a terminal could act on (ESC,
+/// BEL, BS, FF, DEL, and C1) escaped, as tracing-subscriber escapes a
+/// message; runs without them are written whole.
+struct Escaping<W>(W);
+
+impl<W: fmt::Write> fmt::Write for Escaping<W> {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        let mut run = 0;
+        for (at, ch) in text.char_indices() {
+            let escaped = matches!(ch, '\x1b' | '\x07' | '\x08' | '\x0c' | '\x7f')
+                || ('\u{80}'..='\u{9f}').contains(&ch);
+            if escaped {
+                self.0.write_str(&text[run..at])?;
+                if ch.is_ascii() {
+                    write!(self.0, "\\x{:02x}", u32::from(ch))?;
+                } else {
+                    write!(self.0, "\\u{{{:x}}}", u32::from(ch))?;
+                }
+                run = at + ch.len_utf8();
+            }
+        }
+        self.0.write_str(&text[run..])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tracing_subscriber::fmt::MakeWriter;
+
+    use super::*;
+
+    /// A writer that keeps what it is given.
+    #[derive(Clone, Default)]
+    struct Kept(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Kept {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> MakeWriter<'a> for Kept {
+        type Writer = Kept;
+
+        fn make_writer(&'a self) -> Kept {
+            self.clone()
+        }
+    }
+
+    /// The lines `log` writes through the default formatter's fields and
+    /// through [`LineFields`].
+    fn both(log: impl Fn()) -> (String, String) {
+        let line = |fields: bool| {
+            let kept = Kept::default();
+            let builder = tracing_subscriber::fmt()
+                .with_writer(kept.clone())
+                .with_ansi(false)
+                .without_time();
+            let dispatch = if fields {
+                tracing::Dispatch::new(builder.fmt_fields(LineFields).finish())
+            } else {
+                tracing::Dispatch::new(builder.finish())
+            };
+            tracing::dispatcher::with_default(&dispatch, &log);
+            String::from_utf8(kept.0.lock().unwrap().clone()).unwrap()
+        };
+        (line(false), line(true))
+    }
+
+    #[test]
+    fn lines_are_written_as_the_default_formatter_writes_them() {
+        let (default, ours) = both(|| {
+            let span = tracing::info_span!("request", request_id = "req_1");
+            let _entered = span.enter();
+            tracing::info!(
+                request_id = "req_1",
+                method = %"POST",
+                route = "/v1/chat/completions",
+                status = 200_u16,
+                code = Some("none"),
+                client = "a \"quoted\" name\\",
+                model = "caf\u{e9}",
+                upstream_ms = Some(1.5_f64),
+                tokens = 42_u64,
+                complete = true,
+                r#type = "x",
+                "request"
+            );
+            tracing::warn!(wait = ?std::time::Duration::from_millis(3), "spend log: {} then \x1b[31mred\u{9b} end", "one");
+            tracing::error!("plain");
+        });
+        assert_eq!(ours, default);
+        assert!(
+            ours.contains("client=\"a \\\"quoted\\\" name\\\\\""),
+            "{ours}"
+        );
+        assert!(ours.contains("\\x1b[31mred\\u{9b} end"), "{ours}");
+        assert_eq!(ours.lines().count(), 3, "{ours}");
+    }
+}
