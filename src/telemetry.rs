@@ -3,6 +3,7 @@
 //! endpoint, the OpenTelemetry layer beside it ([`crate::traces`]).
 
 mod fields;
+mod time;
 
 use std::io::IsTerminal;
 
@@ -24,6 +25,7 @@ pub fn init() {
             let builder = tracing_subscriber::fmt()
                 .with_env_filter(filter())
                 .with_writer(std::io::stderr)
+                .with_timer(time::LineTime)
                 .with_ansi(ansi);
             let _ = if json {
                 builder.json().flatten_event(true).try_init()
@@ -43,6 +45,7 @@ pub fn init() {
     // log lines, not which spans are exported.
     let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_timer(time::LineTime)
         .with_ansi(ansi);
     let logs = if json {
         logs.json()
