@@ -187,42 +187,17 @@ impl<W: fmt::Write> fmt::Write for Escaping<W> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
-
-    use tracing_subscriber::fmt::MakeWriter;
+    use std::io::{Read, Seek};
 
     use super::*;
-
-    /// A writer that keeps what it is given.
-    #[derive(Clone, Default)]
-    struct Kept(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Kept {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl<'a> MakeWriter<'a> for Kept {
-        type Writer = Kept;
-
-        fn make_writer(&'a self) -> Kept {
-            self.clone()
-        }
-    }
 
     /// The lines `log` writes through the default formatter's fields and
     /// through [`LineFields`].
     fn both(log: impl Fn()) -> (String, String) {
         let line = |fields: bool| {
-            let kept = Kept::default();
+            let mut file = tempfile::tempfile().expect("a file");
             let builder = tracing_subscriber::fmt()
-                .with_writer(kept.clone())
+                .with_writer(file.try_clone().expect("the file again"))
                 .with_ansi(false)
                 .without_time();
             let dispatch = if fields {
@@ -231,7 +206,10 @@ mod tests {
                 tracing::Dispatch::new(builder.finish())
             };
             tracing::dispatcher::with_default(&dispatch, &log);
-            String::from_utf8(kept.0.lock().unwrap().clone()).unwrap()
+            let mut text = String::new();
+            file.rewind().expect("rewind");
+            file.read_to_string(&mut text).expect("the lines");
+            text
         };
         (line(false), line(true))
     }
