@@ -105,6 +105,29 @@ async fn a_plain_answer_to_a_stream_request_settles_to_its_reported_usage() {
     );
 }
 
+/// A message whose content is a list of parts (not a string Iris reads)
+/// still settles to the usage beside it, not to Iris's estimate.
+#[tokio::test]
+async fn an_answer_with_content_parts_settles_to_its_reported_usage() {
+    let (_upstream, iris) = setup("tokens_per_day = 100000").await;
+    let usage = r#"{"prompt_tokens": 1234, "completion_tokens": 567, "total_tokens": 1801}"#;
+    let response = iris
+        .chat(
+            KEY_B,
+            &chat_body("other-model"),
+            &[("x-mock-content-parts", "1"), ("x-mock-usage", usage)],
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    assert!(
+        answer["choices"][0]["message"]["content"].is_array(),
+        "{answer}"
+    );
+    iris.settled(KEY_B).await;
+    assert_eq!(iris.used(KEY_B, "tokens_per_day").await, 1801);
+}
+
 #[tokio::test]
 async fn a_plain_response_settles_to_its_reported_usage() {
     let (upstream, iris) = setup("tokens_per_day = 100000").await;

@@ -19,6 +19,8 @@
 //! - `x-mock-usage: {JSON}` reports that object as the `usage`, plain or
 //!   streamed (cached and reasoning token details, say);
 //! - `x-mock-plain: 1` answers a plain JSON body even to `stream: true`;
+//! - `x-mock-content-parts: 1` gives a plain answer's message `content` as
+//!   a list of text parts, as some providers do, rather than a string;
 //! - `x-mock-echo: 1` answers (not streamed) with the request body it
 //!   received as the message content, so a test that only sees responses
 //!   (the SDK suite, driving the example) can check what Iris forwarded;
@@ -652,6 +654,10 @@ async fn answer(State(state): State<MockState>, request: Request) -> Response {
             "model": stream.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
         });
+        if headers.get("x-mock-content-parts").is_some() {
+            answer["choices"][0]["message"]["content"] =
+                serde_json::json!([{"type": "text", "text": content}]);
+        }
         if headers.get("x-mock-no-usage").is_none() {
             let prompt_tokens = stream.prompt_tokens;
             answer["usage"] = stream.usage.clone().unwrap_or_else(|| serde_json::json!({"prompt_tokens": prompt_tokens, "completion_tokens": 7, "total_tokens": prompt_tokens + 7}));
