@@ -10,7 +10,7 @@ use std::fmt::{self, Write as _};
 
 use tracing::field::{Field, Visit};
 use tracing_subscriber::field::{MakeVisitor, VisitFmt, VisitOutput};
-use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::format::{DefaultVisitor, Writer};
 
 /// The fields of a text line, for `fmt().fmt_fields(..)`.
 pub struct LineFields;
@@ -104,6 +104,18 @@ impl Visit for LineVisitor<'_> {
                 self.writer.write_str(if value { "true" } else { "false" })
             }
         });
+    }
+
+    /// As the default formatter writes an error (its sources listed), by
+    /// the default formatter: errors are rare, and not worth a copy.
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        if self.result.is_err() {
+            return;
+        }
+        let mut default = DefaultVisitor::new(self.writer.by_ref(), self.first);
+        default.record_error(field, value);
+        self.first = false;
+        self.result = default.finish();
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
@@ -214,6 +226,22 @@ mod tests {
         (line(false), line(true))
     }
 
+    /// An error with a source.
+    #[derive(Debug)]
+    struct Caused(std::io::Error);
+
+    impl fmt::Display for Caused {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("could not write")
+        }
+    }
+
+    impl std::error::Error for Caused {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
     #[test]
     fn lines_are_written_as_the_default_formatter_writes_them() {
         let (default, ours) = both(|| {
@@ -240,6 +268,13 @@ mod tests {
             );
             tracing::warn!(wait = ?std::time::Duration::from_millis(3), "spend log: {} then \x1b[31mred\u{9b} end", "one");
             tracing::error!("plain");
+            let cause = std::io::Error::other("the disk is full");
+            let error = std::io::Error::other(Caused(cause));
+            tracing::error!(
+                error = &error as &(dyn std::error::Error + 'static),
+                after = 1_u64,
+                "failed"
+            );
         });
         assert_eq!(ours, default);
         assert!(
@@ -247,6 +282,10 @@ mod tests {
             "{ours}"
         );
         assert!(ours.contains("\\x1b[31mred\\u{9b} end"), "{ours}");
-        assert_eq!(ours.lines().count(), 3, "{ours}");
+        assert!(
+            ours.contains("error.sources=[the disk is full] after=1"),
+            "{ours}"
+        );
+        assert_eq!(ours.lines().count(), 4, "{ours}");
     }
 }
