@@ -106,8 +106,11 @@ pub struct UsageTap {
     streaming: bool,
     drop_usage_chunk: bool,
     /// Streaming: the incomplete tail event. Otherwise: the body so far
-    /// (or its last bytes, once `cut` is set).
+    /// (or its last bytes, once `cut` is set), from its second chunk on.
     pending: Vec<u8>,
+    /// A plain body's first chunk, kept as it came: a body of one chunk
+    /// (most answers) is read where it is, never copied.
+    whole: Option<Bytes>,
     /// A plain body grew over [`MAX_KEPT_BODY`]: `pending` holds its tail.
     cut: bool,
     outcome: Outcome,
@@ -132,6 +135,7 @@ impl UsageTap {
             streaming,
             drop_usage_chunk: streaming && drop_usage_chunk,
             pending: Vec::new(),
+            whole: None,
             cut: false,
             outcome: Outcome::default(),
         }
@@ -159,6 +163,12 @@ impl UsageTap {
     /// (the chunk, or less when the usage event is held back or removed).
     pub fn on_chunk(&mut self, chunk: Bytes) -> Bytes {
         if !self.streaming {
+            if let Some(first) = self.whole.take() {
+                self.pending.extend_from_slice(&first);
+            } else if self.pending.is_empty() && !self.cut {
+                self.whole = Some(chunk.clone());
+                return chunk;
+            }
             self.pending.extend_from_slice(&chunk);
             if self.pending.len() > MAX_KEPT_BODY {
                 self.cut = true;
@@ -209,7 +219,8 @@ impl UsageTap {
         } else if self.cut {
             self.outcome.usage = usage_in_tail(&self.pending);
         } else {
-            note_body(&self.pending, &mut self.outcome);
+            let whole = self.whole.take();
+            note_body(whole.as_deref().unwrap_or(&self.pending), &mut self.outcome);
         }
         self.outcome.complete = complete;
         (unsent, std::mem::take(&mut self.outcome))
@@ -543,10 +554,17 @@ mod tests {
     #[test]
     fn plain_body_usage_or_text() {
         let body = r#"{"choices":[{"message":{"content":"Hi there"}}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#;
-        let (out, outcome) = run(false, false, &[&body[..10], &body[10..]], true);
-        assert_eq!(out, body);
-        assert_eq!(outcome.usage.map(|u| u.total()), Some(5));
-        assert_eq!(outcome.generated, "");
+        // Whole, in two chunks, and in several after an empty one.
+        for chunks in [
+            &[body][..],
+            &[&body[..10], &body[10..]][..],
+            &["", &body[..10], "", &body[10..40], &body[40..]][..],
+        ] {
+            let (out, outcome) = run(false, false, chunks, true);
+            assert_eq!(out, body);
+            assert_eq!(outcome.usage.map(|u| u.total()), Some(5), "{chunks:?}");
+            assert_eq!(outcome.generated, "");
+        }
 
         let unreported =
             r#"{"choices":[{"message":{"content":"Hi \u0074here","tool_calls":[{"id":"c"}]}}]}"#;
