@@ -461,6 +461,24 @@ async fn oversize_or_too_many_headers_get_431() {
     iris.stop().await.expect("clean stop");
 }
 
+/// The default limit (100 header fields) is hyper's own, which Iris then
+/// leaves unset: it still holds, 100 fields (Host among them) pass, 101 do not.
+#[tokio::test]
+async fn the_default_limit_on_header_fields_holds() {
+    let iris = Iris::start(&config("")).await;
+    let request = |fields: usize| {
+        let many: String = (0..fields).map(|i| format!("X-H-{i}: {i}\r\n")).collect();
+        format!("GET /healthz HTTP/1.1\r\nHost: iris\r\n{many}\r\n")
+    };
+    for (fields, status) in [(99, 200), (100, 431)] {
+        let mut raw = Raw::connect(iris.addr).await;
+        raw.send(request(fields).as_bytes()).await;
+        let answer = raw.answer().await.expect("an answer");
+        assert_eq!(answer.status, status, "{} fields and Host", fields);
+    }
+    iris.stop().await.expect("clean stop");
+}
+
 #[tokio::test]
 async fn a_parked_connection_keeps_http_semantics() {
     let iris = Iris::start(&config("")).await;
