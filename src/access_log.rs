@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
-use axum::http::{HeaderMap, HeaderValue, Method};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method};
 use axum::response::Response;
 
 use crate::client_addr::ClientAddr;
@@ -161,4 +161,5 @@ fn new_request_id() -> HeaderValue {
     HeaderValue::try_from(IDS.next()).unwrap_or(HeaderValue::from_static("req_"))
 }
 
-pub const REQUEST_ID: &str = "x-request-id";
+/// A name, not a `&str`: a `&str` is parsed as a header name at every use.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

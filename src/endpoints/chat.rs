@@ -44,6 +44,12 @@ pub async fn embeddings(
     forward(Api::Embeddings, state, authenticated, request).await
 }
 
+// Names made once: `from_static` outside a constant parses the name at
+// every call.
+const X_IRIS_CACHE: HeaderName = HeaderName::from_static("x-iris-cache");
+const X_IRIS_UPSTREAM: HeaderName = HeaderName::from_static("x-iris-upstream");
+const X_IRIS_ATTEMPTS: HeaderName = HeaderName::from_static("x-iris-attempts");
+
 /// A request to `api`, forwarded: the same steps whichever API it is.
 ///
 /// The request is taken whole, its headers and extensions moved out of it
@@ -126,10 +132,9 @@ async fn forward(
     };
     // Whether the response cache answered, for a model that caches.
     if let Some(cache) = facts.cache {
-        response.headers_mut().insert(
-            HeaderName::from_static("x-iris-cache"),
-            HeaderValue::from_static(cache.as_str()),
-        );
+        response
+            .headers_mut()
+            .insert(X_IRIS_CACHE, HeaderValue::from_static(cache.as_str()));
     }
     // Which deployment answered (or was tried last), and after how many attempts.
     if facts.attempts > 0 {
@@ -139,12 +144,9 @@ async fn forward(
             .as_deref()
             .and_then(|name| HeaderValue::from_str(name).ok())
         {
-            headers.insert(HeaderName::from_static("x-iris-upstream"), value);
+            headers.insert(X_IRIS_UPSTREAM, value);
         }
-        headers.insert(
-            HeaderName::from_static("x-iris-attempts"),
-            HeaderValue::from(facts.attempts),
-        );
+        headers.insert(X_IRIS_ATTEMPTS, HeaderValue::from(facts.attempts));
     }
     response.extensions_mut().insert(RequestLog(facts));
     response
