@@ -114,7 +114,8 @@ impl State {
 }
 
 pub struct Health {
-    states: Mutex<HashMap<Arc<str>, State>>,
+    /// By deployment (the operator's names: foldhash, not SipHash).
+    states: Mutex<HashMap<Arc<str>, State, foldhash::fast::RandomState>>,
     /// Where health is shared with other instances; `None` where the
     /// store is this process's own (then its memory is the whole truth).
     shared: Option<Arc<dyn SharedHealth>>,
@@ -140,11 +141,13 @@ impl Health {
     pub fn attempted(&self, key: &Arc<str>, failed: bool) {
         let bucket = self.bucket(Instant::now());
         if let Ok(mut states) = self.states.lock() {
-            states
-                .entry(Arc::clone(key))
-                .or_default()
-                .recent
-                .record(bucket, failed);
+            // Looked up before `entry`, which would take (and mostly drop)
+            // a clone of the key.
+            let state = match states.get_mut(&**key) {
+                Some(state) => state,
+                None => states.entry(Arc::clone(key)).or_default(),
+            };
+            state.recent.record(bucket, failed);
         }
     }
 
