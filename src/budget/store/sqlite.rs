@@ -207,17 +207,6 @@ struct Inner {
     held: Mutex<Option<std::fs::File>>,
     /// A flush was asked for ahead of the periodic one and has not begun.
     fold_asked: AtomicBool,
-    /// Responses waiting for the write-ahead log's next grouped write.
-    group: Mutex<Group>,
-}
-
-/// The waiters of one grouped write ([`Store::persisted`]): every response
-/// that ends in one pass of the runtime's scheduler shares one `write(2)`.
-#[derive(Default)]
-struct Group {
-    waiting: Vec<tokio::sync::oneshot::Sender<Result<(), StoreError>>>,
-    /// A writer task is spawned and has not taken `waiting` yet.
-    scheduled: bool,
 }
 
 /// A log file this long is folded into the SQLite file at once, rather than
@@ -261,7 +250,6 @@ impl SqliteStore {
                 wal: Mutex::new(wal::Writer::new(path, last + 1)),
                 settled: Mutex::new(Vec::new()),
                 fold_asked: AtomicBool::new(false),
-                group: Mutex::default(),
                 held: Mutex::new(Some(held)),
             }),
         }))
@@ -461,37 +449,6 @@ impl Inner {
                 Err(e)
             }
         }
-    }
-
-    /// One grouped write: waits for the rest of this pass of the scheduler
-    /// (every response ending in it joins the group), then writes what the
-    /// log lacks in one frame and answers the group. With the log off, a
-    /// flush instead (a group commit).
-    async fn write_group(self: Arc<Self>) {
-        tokio::task::yield_now().await;
-        let waiting = {
-            let mut group = self.group.lock().unwrap_or_else(PoisonError::into_inner);
-            group.scheduled = false;
-            std::mem::take(&mut group.waiting)
-        };
-        let result = if self.log_now() {
-            Ok(())
-        } else {
-            // As a task of its own, as every flush: see `persisted`.
-            tokio::spawn(Inner::flush(Arc::clone(&self)))
-                .await
-                .unwrap_or_else(|e| Err(StoreError(format!("sqlite writer failed: {e}"))))
-        };
-        for waiter in waiting {
-            let _ = waiter.send(result.clone());
-        }
-    }
-
-    /// Everything settled so far into the log now; `false` when the log is
-    /// off.
-    fn log_now(self: &Arc<Self>) -> bool {
-        let mut log = self.wal.lock().unwrap_or_else(PoisonError::into_inner);
-        self.append(&mut log)
     }
 
     /// What every rider has waiting (with `in_log_only`, only what the
@@ -906,52 +863,34 @@ impl Store for SqliteStore {
         Box::pin(Inner::flush(Arc::clone(&self.inner)))
     }
 
-    /// Every settlement and rider row so far in the write-ahead log, in a
-    /// grouped write: the caller joins the next group, whose task writes
-    /// once the scheduler has run every other task ready in this pass, so
-    /// the responses that end together share one `write(2)` (a frame per
-    /// response, at concurrency 64, cost the runtime thread a tenth of its
-    /// time in the kernel's file writes). The task writes whether or not
-    /// its waiters are still there (a client that hung up), so no write is
-    /// stopped half-way.
+    /// Every settlement and rider row so far in the write-ahead log: one
+    /// `write(2)` on the caller's thread, which a caller that finds its
+    /// rows already written by another skips (a group write).
     ///
-    /// With the log off (a write failed), the group's task flushes instead,
-    /// which is a group commit: flushes run one at a time, and the one that
-    /// gets its turn takes everything changed until then, so those waiting
-    /// behind it find nothing left and are done at once.
-    ///
-    /// Outside a runtime (nothing to group with), the write is made on the
-    /// caller's thread (a flush, with the log off, once the future is
-    /// polled).
+    /// With the log off (a write failed), a flush instead, which is a group
+    /// commit: flushes run one at a time, and the one that gets its turn
+    /// takes everything changed until then, so those waiting behind it find
+    /// nothing left and are done at once. The flush runs as a task of its
+    /// own: a waiter that goes away (its client hung up) must not stop a
+    /// write half-way and let a newer one overtake it with an older state.
+    /// Nothing is spawned unless polled.
     fn persisted(&self) -> StoreFuture<()> {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            if self.inner.log_now() {
-                return ready(Ok(()));
-            }
-            let inner = Arc::clone(&self.inner);
-            return Box::pin(async move {
-                tokio::spawn(Inner::flush(inner))
-                    .await
-                    .unwrap_or_else(|e| Err(StoreError(format!("sqlite writer failed: {e}"))))
-            });
-        };
-        let (answer, answered) = tokio::sync::oneshot::channel();
-        let first = {
-            let mut group = self
+        let logged = {
+            let mut log = self
                 .inner
-                .group
+                .wal
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            group.waiting.push(answer);
-            !std::mem::replace(&mut group.scheduled, true)
+            self.inner.append(&mut log)
         };
-        if first {
-            runtime.spawn(Inner::write_group(Arc::clone(&self.inner)));
+        if logged {
+            return ready(Ok(()));
         }
+        let inner = Arc::clone(&self.inner);
         Box::pin(async move {
-            answered
+            tokio::spawn(Inner::flush(inner))
                 .await
-                .unwrap_or_else(|_| Err(StoreError("sqlite writer failed".into())))
+                .unwrap_or_else(|e| Err(StoreError(format!("sqlite writer failed: {e}"))))
         })
     }
 }
@@ -1109,48 +1048,6 @@ mod tests {
         );
         assert!(log_files(&path).is_empty(), "absorbed, then removed");
         drop(store);
-    }
-
-    fn frames(store: &SqliteStore) -> u64 {
-        store
-            .inner
-            .wal
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .frames
-    }
-
-    /// Responses that end in the same pass of the scheduler share one
-    /// write of the log, and each is answered once it is written; one
-    /// alone still gets its write.
-    #[tokio::test]
-    async fn responses_ending_together_share_one_write() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("usage.db");
-        let store = Arc::new(SqliteStore::open(&path).expect("open"));
-        let ending: Vec<_> = (0..20)
-            .map(|i| {
-                let store = Arc::clone(&store);
-                tokio::spawn(async move {
-                    spend(&store, &format!("c{i}"), 50, 10 + i).await;
-                    store.persisted().await
-                })
-            })
-            .collect();
-        for ended in ending {
-            ended.await.expect("task").expect("persisted");
-        }
-        assert_eq!(frames(&store), 1, "one write for the twenty");
-        let mut read = SqliteStore::read(&path).expect("read");
-        read.sort_by_key(|(_, state)| state.day.used);
-        let used: Vec<u64> = read.iter().map(|(_, s)| s.day.used).collect();
-        assert_eq!(used, (10..30).collect::<Vec<u64>>(), "every one in it");
-
-        for i in 0..3 {
-            spend(&store, "alone", 50, 1).await;
-            store.persisted().await.expect("persisted");
-            assert_eq!(frames(&store), 2 + i, "a write each");
-        }
     }
 
     /// Rows of one kind, written with the settlements: a note per row.

@@ -357,9 +357,6 @@ pub struct Writer {
     sealed: Vec<u64>,
     /// A write failed: frames stop, and every flush takes all there is.
     failed: bool,
-    /// Frames written, for tests of how writes are grouped.
-    #[cfg(test)]
-    pub frames: u64,
 }
 
 impl Writer {
@@ -372,8 +369,6 @@ impl Writer {
             generation: first,
             sealed: Vec::new(),
             failed: false,
-            #[cfg(test)]
-            frames: 0,
         }
     }
 
@@ -420,10 +415,6 @@ impl Writer {
         let sealed = frame.sealed();
         file.write_all(sealed)?;
         self.bytes += sealed.len() as u64;
-        #[cfg(test)]
-        {
-            self.frames += 1;
-        }
         Ok(())
     }
 
