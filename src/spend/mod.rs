@@ -877,11 +877,12 @@ impl Writer {
         }
     }
 
-    /// Writes `batch` in chunks of at most `size`, emptying it.
+    /// Writes `batch` in chunks of at most `size`, emptying it. The records
+    /// are moved out, so `batch` keeps its room for the next ones (it was
+    /// replaced by an empty vector, which then grew a doubling at a time).
     async fn write_all(&mut self, batch: &mut Vec<Record>, size: usize) {
         while !batch.is_empty() {
-            let rest = batch.split_off(batch.len().min(size));
-            let chunk: Arc<[Record]> = std::mem::replace(batch, rest).into();
+            let chunk: Arc<[Record]> = batch.drain(..batch.len().min(size)).collect();
             self.write(chunk).await;
         }
     }

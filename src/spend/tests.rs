@@ -145,6 +145,33 @@ async fn batches_fill_to_batch_size_or_wait_flush_ms() {
     assert_eq!(ids, (0..7).map(|n| format!("req_{n}")).collect::<Vec<_>>());
 }
 
+/// A flush takes everything queued at once and writes it in batches of
+/// `batch_size`, in order; the writer then batches on as before.
+#[tokio::test(start_paused = true)]
+async fn a_flush_writes_what_is_queued_in_batches_in_order() {
+    let sink = TestSink::open();
+    let log = SpendLog::start(sink.clone(), options(3, 100, 100), None);
+    for n in 0..7 {
+        log.record(record(n));
+    }
+    assert!(log.flush(Duration::from_secs(5)).await);
+    assert_eq!(sink.sizes(), vec![3, 3, 1]);
+    for n in 7..10 {
+        log.record(record(n));
+    }
+    pause(1).await;
+    assert_eq!(sink.sizes(), vec![3, 3, 1, 3]);
+    let ids: Vec<String> = sink
+        .batches
+        .lock()
+        .unwrap()
+        .iter()
+        .flatten()
+        .map(|r| r.facts.request_id.clone())
+        .collect();
+    assert_eq!(ids, (0..10).map(|n| format!("req_{n}")).collect::<Vec<_>>());
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_full_queue_drops_and_counts_without_waiting() {
     let sink = TestSink::stalled();
