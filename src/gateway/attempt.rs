@@ -511,14 +511,14 @@ impl Attempts<'_> {
             budget,
             // Only an event stream is edited on the way.
             length: response.length.filter(|_| !event_stream),
-            body: AnswerBody::Relayed(ResponseBody::new(
+            body: AnswerBody::Relayed(Box::new(ResponseBody::new(
                 body,
                 tap,
                 upstream.timeout,
                 reservation,
                 upstream_ok,
                 self.gateway.drain.clone(),
-            )),
+            ))),
         }
     }
 }

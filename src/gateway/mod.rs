@@ -129,13 +129,13 @@ pub struct Answer {
 }
 
 /// An answer's body: relayed from the upstream, or replayed from the cache.
-#[expect(
-    clippy::large_enum_variant,
-    reason = "one per request, moved a few times, never stored in bulk: boxing would cost an allocation per request"
-)]
+///
+/// Both are boxed: a relayed body (824 bytes) made every `Answer` 1,288,
+/// moved whole at each of the five levels it is returned through and
+/// again into the response, where a box costs one allocation.
 pub enum AnswerBody {
-    Relayed(ResponseBody),
-    Hit(HitBody),
+    Relayed(Box<ResponseBody>),
+    Hit(Box<HitBody>),
 }
 
 impl AnswerBody {
@@ -444,10 +444,6 @@ struct Caching<'a> {
 }
 
 /// What a lookup found.
-#[expect(
-    clippy::large_enum_variant,
-    reason = "returned once per request and taken apart at once"
-)]
 enum Looked {
     Hit(Answer),
     /// `admission`: the request as counted for the lookup; `key`: its key,
@@ -616,7 +612,7 @@ fn hit(replayed: Replayed, admission: Reservation) -> Answer {
         headers,
         budget: *admission.snapshot(),
         length: (!stream).then_some(body.len() as u64),
-        body: AnswerBody::Hit(HitBody::new(body, admission)),
+        body: AnswerBody::Hit(Box::new(HitBody::new(body, admission))),
     }
 }
 
