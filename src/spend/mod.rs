@@ -878,13 +878,15 @@ impl Writer {
     }
 
     /// Writes `batch` in chunks of at most `size`, emptying it. The records
-    /// are moved out, so `batch` keeps its room for the next ones (it was
-    /// replaced by an empty vector, which then grew a doubling at a time).
+    /// are moved out, so `batch` keeps room for one batch (it was replaced
+    /// by an empty vector, which then grew a doubling at a time); the room
+    /// a flush of a long queue took is given back.
     async fn write_all(&mut self, batch: &mut Vec<Record>, size: usize) {
         while !batch.is_empty() {
             let chunk: Arc<[Record]> = batch.drain(..batch.len().min(size)).collect();
             self.write(chunk).await;
         }
+        batch.shrink_to(size);
     }
 
     /// One batch, retried with backoff; dropped (and counted) when every
