@@ -50,6 +50,17 @@ impl TestSink {
     fn sizes(&self) -> Vec<usize> {
         self.batches.lock().unwrap().iter().map(Vec::len).collect()
     }
+
+    /// The request ids of every record written, in the order written.
+    fn request_ids(&self) -> Vec<String> {
+        self.batches
+            .lock()
+            .unwrap()
+            .iter()
+            .flatten()
+            .map(|r| r.facts.request_id.clone())
+            .collect()
+    }
 }
 
 impl Sink for TestSink {
@@ -134,15 +145,10 @@ async fn batches_fill_to_batch_size_or_wait_flush_ms() {
     pause(60).await;
     assert_eq!(sink.sizes(), vec![3, 3, 1], "the rest after flush_ms");
     assert_eq!(log.counts(), (7, 0));
-    let ids: Vec<String> = sink
-        .batches
-        .lock()
-        .unwrap()
-        .iter()
-        .flatten()
-        .map(|r| r.facts.request_id.clone())
-        .collect();
-    assert_eq!(ids, (0..7).map(|n| format!("req_{n}")).collect::<Vec<_>>());
+    assert_eq!(
+        sink.request_ids(),
+        (0..7).map(|n| format!("req_{n}")).collect::<Vec<_>>()
+    );
 }
 
 /// A flush takes everything queued at once and writes it in batches of
@@ -161,15 +167,10 @@ async fn a_flush_writes_what_is_queued_in_batches_in_order() {
     }
     pause(1).await;
     assert_eq!(sink.sizes(), vec![3, 3, 1, 3]);
-    let ids: Vec<String> = sink
-        .batches
-        .lock()
-        .unwrap()
-        .iter()
-        .flatten()
-        .map(|r| r.facts.request_id.clone())
-        .collect();
-    assert_eq!(ids, (0..10).map(|n| format!("req_{n}")).collect::<Vec<_>>());
+    assert_eq!(
+        sink.request_ids(),
+        (0..10).map(|n| format!("req_{n}")).collect::<Vec<_>>()
+    );
 }
 
 #[tokio::test(start_paused = true)]
