@@ -21,9 +21,9 @@ struct Entry {
 
 #[derive(Default)]
 pub struct MemoryStore {
-    /// By [`Account::key`] (foldhash: keys are the operator's names, not a
-    /// client's text, and SipHash cost two lookups a request 190
-    /// instructions each).
+    /// By [`Account::key`] (foldhash: the keys are the operator's names,
+    /// not a client's text, and SipHash cost 190 instructions for each of
+    /// a request's two lookups).
     accounts: RwLock<HashMap<Box<str>, Mutex<Entry>, foldhash::fast::RandomState>>,
     /// Budget alerts claimed ([`AlertClaims`]), with when each claim ends.
     claims: Mutex<HashMap<Box<str>, tokio::time::Instant>>,
