@@ -99,6 +99,11 @@ fn options(batch_size: usize, flush_ms: u64, queue_capacity: usize) -> WriterOpt
     }
 }
 
+/// The request ids [`record`] gives records `numbers`.
+fn request_ids(numbers: std::ops::Range<u64>) -> Vec<String> {
+    numbers.map(|n| format!("req_{n}")).collect()
+}
+
 fn record(n: u64) -> Record {
     Record {
         record_id: format!("rec_{n}"),
@@ -145,10 +150,7 @@ async fn batches_fill_to_batch_size_or_wait_flush_ms() {
     pause(60).await;
     assert_eq!(sink.sizes(), vec![3, 3, 1], "the rest after flush_ms");
     assert_eq!(log.counts(), (7, 0));
-    assert_eq!(
-        sink.request_ids(),
-        (0..7).map(|n| format!("req_{n}")).collect::<Vec<_>>()
-    );
+    assert_eq!(sink.request_ids(), request_ids(0..7));
 }
 
 /// A flush takes everything queued at once and writes it in batches of
@@ -167,10 +169,7 @@ async fn a_flush_writes_what_is_queued_in_batches_in_order() {
     }
     pause(1).await;
     assert_eq!(sink.sizes(), vec![3, 3, 1, 3]);
-    assert_eq!(
-        sink.request_ids(),
-        (0..10).map(|n| format!("req_{n}")).collect::<Vec<_>>()
-    );
+    assert_eq!(sink.request_ids(), request_ids(0..10));
 }
 
 #[tokio::test(start_paused = true)]
