@@ -30,11 +30,29 @@ impl ClientSlot {
 #[derive(Clone)]
 pub struct RequestLog(pub Arc<RequestFacts>);
 
+/// The route a request was taken to, for its log line, metrics and span.
+#[derive(Clone)]
+pub enum Route {
+    /// The one the router matched.
+    Matched(MatchedPath),
+    /// One the server takes past the router ([`crate::app::App`]).
+    Direct(&'static str),
+}
+
+impl Route {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Matched(path) => path.as_str(),
+            Self::Direct(path) => path,
+        }
+    }
+}
+
 /// What the log line needs of a request, taken before it is handled.
 pub struct Started {
     at: Instant,
     method: Method,
-    route: Option<MatchedPath>,
+    route: Option<Route>,
     request_id: HeaderValue,
     client_addr: std::net::IpAddr,
     client: ClientSlot,
@@ -42,16 +60,16 @@ pub struct Started {
 
 impl Started {
     /// Takes what the line needs of `request` (its id and address already
-    /// stamped), and leaves it a slot for authentication to name the
-    /// client in.
-    pub fn on(request: &mut Request) -> Self {
+    /// stamped) taken to `route`, and leaves it a slot for authentication
+    /// to name the client in.
+    pub fn on(request: &mut Request, route: Option<Route>) -> Self {
         let client = ClientSlot::default();
         request.extensions_mut().insert(client.clone());
         let extensions = request.extensions();
         Self {
             at: Instant::now(),
             method: request.method().clone(),
-            route: extensions.get::<MatchedPath>().cloned(),
+            route,
             request_id: extensions
                 .get::<RequestId>()
                 .map_or(HeaderValue::from_static(""), |id| id.0.clone()),
@@ -64,7 +82,7 @@ impl Started {
     /// one (errors of the edge included).
     pub fn finish(self, response: &Response) {
         let elapsed = self.at.elapsed();
-        let route = self.route.as_ref().map_or("unmatched", MatchedPath::as_str);
+        let route = self.route.as_ref().map_or("unmatched", Route::as_str);
         let request_id = self.request_id.to_str().unwrap_or("");
         let status = response.status().as_u16();
         let facts = response.extensions().get::<RequestLog>().map(|log| &log.0);

@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request};
+use axum::extract::{ConnectInfo, MatchedPath, Request};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -28,7 +28,7 @@ use http_body_util::Limited;
 use tower::{Layer, Service};
 use tracing::{Instrument, Span};
 
-use crate::access_log::{self, RequestId};
+use crate::access_log::{self, RequestId, Route};
 use crate::body_deadline::DeadlineBody;
 use crate::client_addr::{self, ClientAddr};
 use crate::error::{ApiError, ErrorCode, Relayed};
@@ -82,11 +82,38 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request) -> Self::Future {
+    fn call(&mut self, request: Request) -> Self::Future {
         // The clone answers the next call; the one made ready answers this.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let edge = Arc::clone(&self.edge);
+        let route = request.extensions().get::<MatchedPath>().cloned();
+        let handled = self.edge.serve(
+            request,
+            route.map(Route::Matched),
+            move |request| async move {
+                match inner.call(request).await {
+                    Ok(response) => response,
+                    Err(never) => match never {},
+                }
+            },
+        );
+        Box::pin(async move { Ok(handled.await) })
+    }
+}
+
+impl Edge {
+    /// `request` through the edge to `handler`, the one of `route`.
+    pub fn serve<H, F>(
+        self: &Arc<Self>,
+        mut request: Request,
+        route: Option<Route>,
+        handler: H,
+    ) -> impl Future<Output = Response> + Send + use<H, F>
+    where
+        H: FnOnce(Request) -> F + Send + 'static,
+        F: Future<Output = Response> + Send,
+    {
+        let edge = Arc::clone(self);
 
         // The client's address, once: the peer, or behind a trusted proxy
         // what it forwarded (the throttle, allowed_networks, the log line
@@ -101,9 +128,9 @@ where
         let id = access_log::request_id_for(request.headers_mut());
         request.extensions_mut().insert(RequestId::new(id.clone()));
         // A span per request, so every log line of it names the request.
-        let span = request_span(&request, &id);
+        let span = request_span(&request, route.as_ref().map(Route::as_str), &id);
         let admin = is_admin_path(request.uri().path());
-        let log = access_log::Started::on(&mut request);
+        let log = access_log::Started::on(&mut request, route);
 
         let handled = async move {
             let limit = edge.max_body_bytes;
@@ -120,12 +147,11 @@ where
                 let request = request
                     .map(|body| Body::new(Limited::new(DeadlineBody::new(body, timeout), limit)));
                 // A handler that panics answers 500, and only its own request.
-                match AssertUnwindSafe(async move { inner.call(request).await })
+                match AssertUnwindSafe(async move { handler(request).await })
                     .catch_unwind()
                     .await
                 {
-                    Ok(Ok(response)) => response,
-                    Ok(Err(never)) => match never {},
+                    Ok(response) => response,
                     Err(_) => {
                         tracing::error!("request handler panicked");
                         ApiError::internal().into_response()
@@ -155,9 +181,9 @@ where
                     .entry(header::CACHE_CONTROL)
                     .or_insert(HeaderValue::from_static("no-store"));
             }
-            Ok(in_span(response))
+            in_span(response)
         };
-        Box::pin(handled.instrument(span))
+        handled.instrument(span)
     }
 }
 
@@ -166,10 +192,10 @@ pub fn is_admin_path(path: &str) -> bool {
     path == "/admin" || path.starts_with("/admin/")
 }
 
-fn request_span(request: &Request, id: &HeaderValue) -> Span {
+fn request_span(request: &Request, route: Option<&str>, id: &HeaderValue) -> Span {
     let id = id.to_str().unwrap_or("");
     if crate::traces::enabled() {
-        return crate::traces::request_span(request, id);
+        return crate::traces::request_span(request, route, id);
     }
     tracing::info_span!("request", request_id = id)
 }

@@ -23,7 +23,6 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::extract::MatchedPath;
 use http::HeaderMap;
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{Status, TracerProvider as _};
@@ -189,12 +188,8 @@ pub fn current() -> Span {
 /// the child of the client's `traceparent` if it sent one. Attributes go
 /// straight to OpenTelemetry, not into `tracing` fields, so the log lines
 /// of a request stay as they are.
-pub fn request_span<B>(request: &http::Request<B>, request_id: &str) -> Span {
+pub fn request_span<B>(request: &http::Request<B>, route: Option<&str>, request_id: &str) -> Span {
     let method = request.method().as_str();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(MatchedPath::as_str);
     // HTTP semantic conventions: `{method} {route}`, the method alone
     // where no route matched (the path would make names unbounded).
     let name = match route {

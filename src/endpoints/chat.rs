@@ -4,7 +4,7 @@
 //! streamed body, plus the client's rate-limit headers.
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{FromRequestParts, Request, State};
 use axum::http::{HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -33,7 +33,8 @@ pub async fn completions(
     authenticated: Authenticated,
     request: Request,
 ) -> Response {
-    forward(Api::Chat, state, authenticated, request).await
+    let (parts, body) = request.into_parts();
+    forward(Api::Chat, state, authenticated, parts, body).await
 }
 
 pub async fn embeddings(
@@ -41,7 +42,20 @@ pub async fn embeddings(
     authenticated: Authenticated,
     request: Request,
 ) -> Response {
-    forward(Api::Embeddings, state, authenticated, request).await
+    let (parts, body) = request.into_parts();
+    forward(Api::Embeddings, state, authenticated, parts, body).await
+}
+
+/// A `POST` to `api`'s route as the server's connections hand it over,
+/// past the router (see [`crate::app::App`]): the key checked as the
+/// [`Authenticated`] extractor checks it, then the same steps as
+/// [`completions`] and [`embeddings`].
+pub async fn serve(api: Api, state: SharedState, request: Request) -> Response {
+    let (mut parts, body) = request.into_parts();
+    match Authenticated::from_request_parts(&mut parts, &state).await {
+        Ok(authenticated) => forward(api, state, authenticated, parts, body).await,
+        Err(refused) => refused.into_response(),
+    }
 }
 
 // Names made once: `from_static` outside a constant parses the name at
@@ -58,17 +72,14 @@ async fn forward(
     api: Api,
     state: SharedState,
     Authenticated { client, config }: Authenticated,
-    request: Request,
+    http::request::Parts {
+        headers,
+        extensions,
+        ..
+    }: http::request::Parts,
+    body: Body,
 ) -> Response {
     let started = Instant::now();
-    let (
-        http::request::Parts {
-            headers,
-            extensions,
-            ..
-        },
-        body,
-    ) = request.into_parts();
     let client_addr = ClientAddr::of(&extensions);
     // The edge gave every request its id.
     let request_id = extensions

@@ -35,6 +35,21 @@ impl Api {
         }
     }
 
+    /// Its path on Iris.
+    pub fn client_path(self) -> &'static str {
+        match self {
+            Self::Chat => "/v1/chat/completions",
+            Self::Embeddings => "/v1/embeddings",
+        }
+    }
+
+    /// The API a client `POST`s to at `path` on Iris, if any.
+    pub fn at_client_path(path: &str) -> Option<Self> {
+        [Self::Chat, Self::Embeddings]
+            .into_iter()
+            .find(|api| api.client_path() == path)
+    }
+
     /// How a client calls it, for error messages.
     pub fn route(self) -> &'static str {
         match self {

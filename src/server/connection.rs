@@ -40,7 +40,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::Router;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{HeaderMap, Request, Response, Version, header};
@@ -56,18 +55,18 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
 
+use crate::app::App;
 use crate::config;
 use crate::error::ApiError;
 
 /// hyper's limit on a request's header fields when none is set.
 const HYPER_MAX_HEADERS: usize = 100;
 
-/// What every connection shares: the router, hyper's settings and the
-/// deadlines.
+/// What every connection shares: the application, hyper's settings and
+/// the deadlines.
 pub(super) struct Connections {
-    router: Router,
+    app: Arc<App>,
     http: http1::Builder,
     header_read_timeout: Duration,
     keep_alive_timeout: Duration,
@@ -80,7 +79,7 @@ pub(super) struct Connections {
 }
 
 impl Connections {
-    pub(super) fn new(router: Router, server: &config::Server, closing: CancellationToken) -> Self {
+    pub(super) fn new(app: App, server: &config::Server, closing: CancellationToken) -> Self {
         let mut http = http1::Builder::new();
         http.timer(TokioTimer::new())
             // A backstop only: WatchedIo's deadlines end every wait first.
@@ -93,7 +92,7 @@ impl Connections {
             http.max_headers(server.max_headers);
         }
         Self {
-            router,
+            app: Arc::new(app),
             http,
             header_read_timeout: server.header_read_timeout,
             keep_alive_timeout: server.keep_alive_timeout,
@@ -171,7 +170,7 @@ impl Connections {
             sleep: Box::pin(tokio::time::sleep_until(headers_due)),
         };
         let service = Service {
-            router: self.router.clone(),
+            app: Arc::clone(&self.app),
             peer,
             requests: Arc::clone(&requests),
         };
@@ -330,9 +329,9 @@ fn client_keeps_alive(version: Version, headers: &HeaderMap) -> bool {
     }
 }
 
-/// The router as hyper's per-connection service.
+/// The application as hyper's per-connection service.
 struct Service {
-    router: Router,
+    app: Arc<App>,
     /// The client's address, for handlers (as axum's `ConnectInfo`).
     peer: SocketAddr,
     requests: Arc<Requests>,
@@ -358,12 +357,9 @@ impl hyper::service::Service<Request<Incoming>> for Service {
             })
         });
         request.extensions_mut().insert(ConnectInfo(self.peer));
-        let response = self.router.clone().oneshot(request);
+        let app = Arc::clone(&self.app);
         Box::pin(async move {
-            let response = match response.await {
-                Ok(response) => response,
-                Err(never) => match never {},
-            };
+            let response = app.serve(request).await;
             if connection_says(response.headers(), "close") {
                 requests.not_parkable();
             }
@@ -655,6 +651,7 @@ async fn http1_bytes(response: axum::response::Response) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::Router;
 
     /// Requests sent back to back on one socket are served by one hyper
     /// connection; one sent after the socket sat idle past `PARK_AFTER`
@@ -675,7 +672,11 @@ mod tests {
             request_limits: crate::openai::chat::RequestLimits::DEFAULT,
             trusted_proxies: Vec::new(),
         };
-        let connections = Arc::new(Connections::new(router, &server, CancellationToken::new()));
+        let connections = Arc::new(Connections::new(
+            App::routed(router),
+            &server,
+            CancellationToken::new(),
+        ));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

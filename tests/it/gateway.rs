@@ -616,3 +616,74 @@ async fn unfit_request_ids_are_replaced_and_server_errors_logged_by_the_real_bin
         );
     }
 }
+
+/// The server hands a `POST` to the API routes straight to its handler,
+/// past the router, which still lists them: both ways answer alike, the
+/// upstream's answer and Iris's errors (a wrong key, a bad body, a model
+/// of the other API), with the same headers.
+#[tokio::test]
+async fn the_api_routes_answer_alike_past_the_router_and_through_it() {
+    let upstream = MockUpstream::start().await;
+    let config = base_config(&upstream.base_url(), "");
+    let state = std::sync::Arc::new(crate::support::state(&config).await);
+    let direct = iris::app::app(std::sync::Arc::clone(&state));
+    let routed = iris::app::router(state);
+    let requests = [
+        ("/v1/chat/completions", Some(KEY_A), chat_body("test-model")),
+        (
+            "/v1/chat/completions",
+            Some("wrong-key"),
+            chat_body("test-model"),
+        ),
+        ("/v1/chat/completions", None, chat_body("test-model")),
+        (
+            "/v1/chat/completions",
+            Some(KEY_A),
+            json!({"model": "test-model"}),
+        ),
+        (
+            "/v1/embeddings",
+            Some(KEY_A),
+            json!({"model": "test-model", "input": "hi"}),
+        ),
+    ];
+    for (path, key, body) in requests {
+        let request = || {
+            to(Method::POST, path, key)
+                .header("content-type", "application/json")
+                .body(Body::from(body.to_string()))
+                .expect("request")
+        };
+        let past = answer_of(direct.serve(request()).await).await;
+        let through = answer_of(
+            tower::ServiceExt::oneshot(routed.clone(), request())
+                .await
+                .unwrap_or_else(|never| match never {}),
+        )
+        .await;
+        assert_eq!(past, through, "{path} {key:?} {body}");
+    }
+}
+
+/// A response's status, header names (values vary: ids, dates, resets),
+/// declared length and body as JSON. The length is the `Content-Length`
+/// the router sets from the body's exact size, or that size, from which
+/// hyper writes the same header on the wire.
+async fn answer_of(response: axum::response::Response) -> (u16, Vec<String>, Option<u64>, Value) {
+    use http_body::Body as _;
+    let status = response.status().as_u16();
+    let mut names: Vec<String> = (response.headers().keys())
+        .filter(|name| *name != "content-length")
+        .map(|name| name.to_string())
+        .collect();
+    names.sort();
+    let length = match response.headers().get("content-length") {
+        Some(length) => length.to_str().ok().and_then(|l| l.parse().ok()),
+        None => response.body().size_hint().exact(),
+    };
+    let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .expect("body");
+    let body = serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
+    (status, names, length, body)
+}

@@ -1,21 +1,19 @@
-//! Iris's router in-process: a request goes through `iris::app::app` (every
-//! route and every layer, request ids and access log included) with
-//! `tower::ServiceExt::oneshot`, with no socket and no server task. For tests
+//! Iris in-process: a request goes through `iris::app::app` (every route
+//! and every layer, request ids and access log included) as the server's
+//! connections hand it over, with no socket and no server task. For tests
 //! of what one request gets back; streaming, hang-ups, shutdown and the
 //! binary stay on a real socket ([`super::Iris`]).
 
 use std::sync::Arc;
 
-use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Method, Request, header, request};
 use iris::app::AppState;
 use serde_json::Value;
-use tower::ServiceExt;
 
-/// The router of one Iris, built once.
+/// One Iris's application, built once.
 pub struct App {
-    router: Router,
+    app: iris::app::App,
 }
 
 impl App {
@@ -27,17 +25,12 @@ impl App {
     /// Iris on a state the test built (or changed) itself.
     pub fn with_state(state: AppState) -> Self {
         Self {
-            router: iris::app::app(Arc::new(state)),
+            app: iris::app::app(Arc::new(state)),
         }
     }
 
     pub async fn send(&self, request: Request<Body>) -> Answer {
-        let response = self
-            .router
-            .clone()
-            .oneshot(request)
-            .await
-            .unwrap_or_else(|never| match never {});
+        let response = self.app.serve(request).await;
         let (parts, body) = response.into_parts();
         let body = axum::body::to_bytes(body, usize::MAX)
             .await
