@@ -809,17 +809,22 @@ impl Drop for Reservation {
 /// A duration in OpenAI's rate-limit header format: `6m0s`, `1.5s`, `20ms`,
 /// `13h20m5s`.
 pub fn duration_string(ns: u64) -> String {
-    use std::fmt::Write as _;
+    let mut out = String::with_capacity(16);
+    write_duration(&mut out, ns);
+    out
+}
+
+/// [`duration_string`], written into `out` (the rate-limit headers write
+/// theirs into one buffer with the other values).
+pub fn write_duration(out: &mut impl std::fmt::Write, ns: u64) {
     let ms = ns.div_ceil(1_000_000);
     if ms == 0 {
-        return "0s".into();
+        let _ = out.write_str("0s");
+        return;
     }
-    // Written into one string: two of these go out with every response
-    // to a client with limits (the reset headers).
-    let mut out = String::with_capacity(16);
     if ms < 1000 {
         let _ = write!(out, "{ms}ms");
-        return out;
+        return;
     }
     let (hours, minutes) = (ms / 3_600_000, ms / 60_000 % 60);
     let seconds = ms % 60_000;
@@ -841,7 +846,6 @@ pub fn duration_string(ns: u64) -> String {
         }
         let _ = write!(out, "{whole}.{fraction:0digits$}s");
     }
-    out
 }
 
 /// How long to wait after `now` before a retry can succeed: until the
