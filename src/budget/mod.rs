@@ -815,36 +815,40 @@ pub fn duration_string(ns: u64) -> String {
 }
 
 /// [`duration_string`], written into `out` (the rate-limit headers write
-/// theirs into one buffer with the other values).
+/// theirs into one buffer with the other values). Numbers by `itoa`, not
+/// `write!`: two of these go out with every response to a client with
+/// limits, and `fmt`'s machinery cost more than the rest of the writing.
 pub fn write_duration(out: &mut impl std::fmt::Write, ns: u64) {
+    let mut digits = itoa::Buffer::new();
+    let mut number = |out: &mut _, n: u64, unit: &str| {
+        let _ = std::fmt::Write::write_str(out, digits.format(n));
+        let _ = std::fmt::Write::write_str(out, unit);
+    };
     let ms = ns.div_ceil(1_000_000);
-    if ms == 0 {
-        let _ = out.write_str("0s");
-        return;
-    }
     if ms < 1000 {
-        let _ = write!(out, "{ms}ms");
+        let (n, unit) = if ms == 0 { (0, "s") } else { (ms, "ms") };
+        number(out, n, unit);
         return;
     }
     let (hours, minutes) = (ms / 3_600_000, ms / 60_000 % 60);
     let seconds = ms % 60_000;
     if hours > 0 {
-        let _ = write!(out, "{hours}h");
+        number(out, hours, "h");
     }
     if hours > 0 || minutes > 0 {
-        let _ = write!(out, "{minutes}m");
+        number(out, minutes, "m");
     }
-    let (whole, mut fraction) = (seconds / 1000, seconds % 1000);
+    let (whole, fraction) = (seconds / 1000, seconds % 1000);
     if fraction == 0 {
-        let _ = write!(out, "{whole}s");
+        number(out, whole, "s");
     } else {
-        // Milliseconds as a decimal fraction without its trailing zeros.
-        let mut digits = 3;
-        while fraction % 10 == 0 {
-            fraction /= 10;
-            digits -= 1;
-        }
-        let _ = write!(out, "{whole}.{fraction:0digits$}s");
+        // Milliseconds as a decimal fraction without its trailing zeros:
+        // the three digits of 1000 + fraction, less the leading 1.
+        number(out, whole, ".");
+        let mut padded = itoa::Buffer::new();
+        let padded = padded.format(1000 + fraction);
+        let _ = out.write_str(padded[1..].trim_end_matches('0'));
+        let _ = out.write_str("s");
     }
 }
 
