@@ -92,6 +92,13 @@ pub fn count_tokens(text: &str) -> u64 {
         .sum()
 }
 
+/// [`count_tokens`] for a prompt's text, which the client may well send
+/// again: kept by [`super::counted`], so a system prompt or a conversation's
+/// earlier messages are tokenized once, not with every request.
+pub fn count_prompt_tokens(text: &str) -> u64 {
+    super::counted::count_or(text, count_tokens)
+}
+
 /// Splits `text` into pieces of at most [`PIECE`] bytes, at whitespace where
 /// there is some in the piece's second half, else at a character boundary.
 fn pieces(text: &str) -> impl Iterator<Item = &str> {
@@ -186,7 +193,7 @@ pub fn embeddings_estimate(request: &EmbeddingsRequest<'_>, count: bool) -> Esti
     let mut prompt = 0u64;
     request.each_input(|item| {
         prompt = prompt.saturating_add(match item {
-            InputItem::Text(text) if count => count_tokens(text),
+            InputItem::Text(text) if count => count_prompt_tokens(text),
             InputItem::Text(text) => rough_prompt(text.len()),
             InputItem::Tokens(n) => n,
         });
@@ -205,20 +212,20 @@ pub fn prompt_tokens(request: &ChatRequest<'_>) -> u64 {
         total += PER_MESSAGE;
         for key in ["role", "name"] {
             if let Some(value) = message.raw_field(key).and_then(raw::as_str) {
-                total += count_tokens(&value);
+                total += count_prompt_tokens(&value);
             }
         }
         for key in ["tool_calls", "function_call", "tool_call_id"] {
             if let Some(value) = message.raw_field(key) {
-                total += count_tokens(value.get());
+                total += count_prompt_tokens(value.get());
             }
         }
         match &message.content {
-            Content::Text(text) => total += count_tokens(text),
+            Content::Text(text) => total += count_prompt_tokens(text),
             Content::Parts(parts) => {
                 for part in parts {
                     total += match &part.kind {
-                        PartKind::Text(text) => count_tokens(text),
+                        PartKind::Text(text) => count_prompt_tokens(text),
                         PartKind::Image(image) => image_tokens(&image.url, image.detail.as_deref()),
                         PartKind::Other => 0,
                     };
@@ -229,7 +236,7 @@ pub fn prompt_tokens(request: &ChatRequest<'_>) -> u64 {
     }
     for key in ["tools", "functions", "response_format"] {
         if let Some(value) = request.raw_field(key) {
-            total += count_tokens(value.get());
+            total += count_prompt_tokens(value.get());
         }
     }
     total
@@ -420,6 +427,38 @@ mod tests {
             ChatRequest::parse(br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#)
                 .expect("valid");
         assert_eq!(super::estimate(&plain, 4096).completion, 4096);
+    }
+
+    /// A prompt's texts are kept counted: the same request estimated again
+    /// finds its system prompt's and its message's counts, and the same
+    /// estimate; the text of a completion (counted when no usage came) is
+    /// not kept.
+    #[test]
+    fn a_prompts_texts_are_kept_counted_and_estimate_the_same_again() {
+        let system = "estimate: a system prompt sent with every request";
+        let user = "estimate: a question of this test alone";
+        let body = serde_json::json!({"model": "m", "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": user}
+        ]})
+        .to_string();
+        let request = ChatRequest::parse(body.as_bytes()).expect("valid");
+        let first = prompt_tokens(&request);
+        assert!(super::super::counted::is_kept(system));
+        assert!(super::super::counted::is_kept(user));
+        assert_eq!(prompt_tokens(&request), first);
+        assert_eq!(
+            first,
+            REPLY_PRIMING
+                + 2 * PER_MESSAGE
+                + count_tokens("system")
+                + count_tokens(system)
+                + count_tokens("user")
+                + count_tokens(user)
+        );
+        let completion = "estimate: a completion of this test alone";
+        count_tokens(completion);
+        assert!(!super::super::counted::is_kept(completion));
     }
 
     #[test]

@@ -21,6 +21,7 @@
 //! - [`report`]: `iris usage`
 //! - [`thresholds`]: which budget alerts a settlement raises
 pub mod account;
+mod counted;
 pub mod estimate;
 pub mod money;
 mod o200k;
