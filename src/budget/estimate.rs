@@ -461,6 +461,37 @@ mod tests {
         assert!(!super::super::counted::is_kept(completion));
     }
 
+    /// Times the estimate of a chat with a 4 KiB system prompt, the first
+    /// time (tokenized) and again (looked up). Run with
+    /// `cargo test --release --lib estimate_of_a_repeated_prompt -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "benchmark"]
+    fn estimate_of_a_repeated_prompt() {
+        let system = "You answer questions about the product, politely and briefly. "
+            .repeat(64)
+            .chars()
+            .take(4096)
+            .collect::<String>();
+        let body = serde_json::json!({"model": "m", "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": "How do I reset my password?"}
+        ]})
+        .to_string();
+        let request = ChatRequest::parse(body.as_bytes()).expect("valid");
+        let started = std::time::Instant::now();
+        let first = prompt_tokens(&request);
+        let tokenized = started.elapsed();
+        let started = std::time::Instant::now();
+        for _ in 0..1000 {
+            assert_eq!(prompt_tokens(&request), first);
+        }
+        let looked_up = started.elapsed() / 1000;
+        println!(
+            "prompt of {} bytes, {first} tokens: first estimate {tokenized:?}, again {looked_up:?}",
+            body.len()
+        );
+    }
+
     #[test]
     fn only_a_counted_prompt_of_more_than_a_few_kib_of_text_is_heavy() {
         let text = "Many words to count, over and over. ".repeat(4000);
