@@ -478,6 +478,7 @@ mod tests {
         ]})
         .to_string();
         let request = ChatRequest::parse(body.as_bytes()).expect("valid");
+        warm();
         let started = std::time::Instant::now();
         let first = prompt_tokens(&request);
         let tokenized = started.elapsed();
