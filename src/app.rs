@@ -23,9 +23,10 @@ pub use crate::state::{AppState, SharedState};
 ///
 /// The router's way there costs a path match, its URL parameters, and a
 /// boxed service and boxed future at each of two levels (the route, and
-/// the handler behind the edge layer): 6,000 instructions of a request's
-/// 116,000. The router still lists those routes, for their other methods
-/// (a 405 with `Allow`) and for tests that call it alone.
+/// the handler behind the edge layer): 5,100 instructions of a request's
+/// 116,000 (docs/performance.md). The router still lists those routes, for
+/// their other methods (a 405 with `Allow`) and for tests that call it
+/// alone.
 pub struct App {
     router: Router,
     /// The API routes' way past the router; `None` serves all by the router.

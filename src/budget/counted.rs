@@ -26,8 +26,7 @@ pub fn count_or(text: &str, count: impl FnOnce(&str) -> u64) -> u64 {
     COUNTED.count_or(text, count)
 }
 
-/// Whether a count of `text` is kept, for tests of the callers.
-#[cfg(test)]
+/// Whether a count of `text` is kept: it would be looked up, not counted.
 pub fn is_kept(text: &str) -> bool {
     COUNTED.is_kept(text)
 }
@@ -60,7 +59,6 @@ impl Counted {
         u128::from(first.hash_one(text)) << 64 | u128::from(second.hash_one(text))
     }
 
-    #[cfg(test)]
     fn is_kept(&self, text: &str) -> bool {
         let key = self.key(text);
         self.counts

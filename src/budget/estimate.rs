@@ -158,9 +158,22 @@ fn text_bytes(body_len: usize, request: &ChatRequest<'_>) -> usize {
 }
 
 /// Whether [`estimate_counting`] tokenizes enough text (over
-/// [`OFFLOAD_BYTES`]) that the caller should run it off the async threads.
+/// [`OFFLOAD_BYTES`]) that the caller should run it off the async threads:
+/// text whose count is not kept already (a system prompt sent again is
+/// looked up, not tokenized).
 pub fn is_heavy(body_len: usize, request: &ChatRequest<'_>, count: bool) -> bool {
-    count && text_bytes(body_len, request) > OFFLOAD_BYTES
+    if !count || text_bytes(body_len, request) <= OFFLOAD_BYTES {
+        return false;
+    }
+    let mut uncounted = 0;
+    each_prompt_piece(request, |piece| {
+        if let Piece::Text(text) = piece
+            && !super::counted::is_kept(text)
+        {
+            uncounted += text.len();
+        }
+    });
+    uncounted > OFFLOAD_BYTES
 }
 
 /// [`estimate`] of a request whose body is `body_len` bytes.
@@ -207,28 +220,47 @@ pub fn embeddings_estimate(request: &EmbeddingsRequest<'_>, count: bool) -> Esti
 /// Tokens of the prompt: each message's role, name, text, images and tool
 /// calls, plus the tool and response-format definitions.
 pub fn prompt_tokens(request: &ChatRequest<'_>) -> u64 {
-    let mut total = REPLY_PRIMING;
+    let mut total = REPLY_PRIMING + PER_MESSAGE * request.messages.len() as u64;
+    each_prompt_piece(request, |piece| {
+        total += match piece {
+            Piece::Text(text) => count_prompt_tokens(text),
+            Piece::Image(url, detail) => image_tokens(url, detail),
+        };
+    });
+    total
+}
+
+/// A part of a prompt the estimate counts.
+enum Piece<'a> {
+    Text(&'a str),
+    /// An image's URL and `detail`.
+    Image(&'a str, Option<&'a str>),
+}
+
+/// Calls `f` with each part of the prompt that [`prompt_tokens`] counts.
+fn each_prompt_piece(request: &ChatRequest<'_>, mut f: impl FnMut(Piece<'_>)) {
     for message in &request.messages {
-        total += PER_MESSAGE;
         for key in ["role", "name"] {
             if let Some(value) = message.raw_field(key).and_then(raw::as_str) {
-                total += count_prompt_tokens(&value);
+                f(Piece::Text(&value));
             }
         }
         for key in ["tool_calls", "function_call", "tool_call_id"] {
             if let Some(value) = message.raw_field(key) {
-                total += count_prompt_tokens(value.get());
+                f(Piece::Text(value.get()));
             }
         }
         match &message.content {
-            Content::Text(text) => total += count_prompt_tokens(text),
+            Content::Text(text) => f(Piece::Text(text)),
             Content::Parts(parts) => {
                 for part in parts {
-                    total += match &part.kind {
-                        PartKind::Text(text) => count_prompt_tokens(text),
-                        PartKind::Image(image) => image_tokens(&image.url, image.detail.as_deref()),
-                        PartKind::Other => 0,
-                    };
+                    match &part.kind {
+                        PartKind::Text(text) => f(Piece::Text(text)),
+                        PartKind::Image(image) => {
+                            f(Piece::Image(&image.url, image.detail.as_deref()));
+                        }
+                        PartKind::Other => {}
+                    }
                 }
             }
             Content::Absent | Content::Null => {}
@@ -236,10 +268,9 @@ pub fn prompt_tokens(request: &ChatRequest<'_>) -> u64 {
     }
     for key in ["tools", "functions", "response_format"] {
         if let Some(value) = request.raw_field(key) {
-            total += count_prompt_tokens(value.get());
+            f(Piece::Text(value.get()));
         }
     }
-    total
 }
 
 /// One image's tokens, from its URL and `detail` (see the module docs).
@@ -494,8 +525,8 @@ mod tests {
     }
 
     #[test]
-    fn only_a_counted_prompt_of_more_than_a_few_kib_of_text_is_heavy() {
-        let text = "Many words to count, over and over. ".repeat(4000);
+    fn only_a_counted_prompt_of_more_than_a_few_kib_of_new_text_is_heavy() {
+        let text = "Many words to count, over and over (heavy). ".repeat(4000);
         let body =
             serde_json::json!({"model": "m", "messages": [{"role": "user", "content": text}]})
                 .to_string();
@@ -505,6 +536,10 @@ mod tests {
         let counted = estimate_counting(body.len(), &request, 10, true);
         assert_eq!(counted, estimate(&request, 10));
         assert!(counted.prompt > 30_000, "{counted:?}");
+        assert!(
+            !is_heavy(body.len(), &request, true),
+            "its count is kept: looked up, not tokenized"
+        );
 
         let image = format!("data:image/png;base64,{}", "A".repeat(64 * 1024));
         let body = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": [
