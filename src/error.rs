@@ -402,6 +402,10 @@ pub fn rate_limit_headers(snapshot: &Snapshot) -> HeaderMap {
 /// two allocations a response instead of six.
 pub fn set_rate_limit_headers(headers: &mut HeaderMap, snapshot: &Snapshot) {
     let (tokens, requests) = snapshot.headline();
+    if tokens.is_none() && requests.is_none() {
+        // A client without limits: no headers, and no buffer for them.
+        return;
+    }
     let mut text = BytesMut::with_capacity(96);
     // Each name, with where its value ends in `text`.
     let mut fields: [(&'static HeaderName, usize); 6] = [(&TOKEN_HEADERS[0], 0); 6];
