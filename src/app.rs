@@ -35,7 +35,8 @@ pub struct App {
 
 impl App {
     /// `router` alone, for tests of the server's connections.
-    pub fn routed(router: Router) -> Self {
+    #[cfg(test)]
+    pub(crate) fn routed(router: Router) -> Self {
         Self {
             router,
             direct: None,
