@@ -61,7 +61,8 @@ impl<'a> EmbeddingsRequest<'a> {
             )));
         }
         let repeated = RefCell::new(None);
-        let mut deserializer = serde_json::Deserializer::from_slice(body);
+        let text = std::str::from_utf8(body).map_err(RequestError::not_utf8)?;
+        let mut deserializer = serde_json::Deserializer::from_str(text);
         let parsed = TopLevel {
             body,
             repeated: &repeated,
@@ -335,6 +336,14 @@ mod tests {
             })
         });
         Ok(seen)
+    }
+
+    #[test]
+    fn a_body_that_is_not_utf8_is_refused() {
+        let body = b"{\"model\":\"e\",\"input\":\"a\",\"user\":\"\xff\"}";
+        let error = EmbeddingsRequest::parse(body).expect_err("not UTF-8");
+        assert_eq!(error.param, None);
+        assert!(error.message.contains("not UTF-8"), "{}", error.message);
     }
 
     #[test]

@@ -314,7 +314,8 @@ fn note_event(event: &[u8], outcome: &mut Outcome) -> bool {
         if !is_object(data) {
             continue;
         }
-        let Ok(chunk) = serde_json::from_slice::<ChunkView<'_>>(data) else {
+        let data = json_text(data);
+        let Ok(chunk) = serde_json::from_str::<ChunkView<'_>>(&data) else {
             continue;
         };
         let no_choices = chunk.choices.as_ref().is_none_or(Vec::is_empty);
@@ -353,7 +354,8 @@ fn note_body(body: &[u8], outcome: &mut Outcome) {
     if !is_object(body.trim_ascii()) {
         return;
     }
-    let Ok(view) = serde_json::from_slice::<BodyView<'_>>(body) else {
+    let body = json_text(body);
+    let Ok(view) = serde_json::from_str::<BodyView<'_>>(&body) else {
         return;
     };
     outcome.usage = view.usage;
@@ -395,6 +397,15 @@ fn usage_in_tail(tail: &[u8]) -> Option<Usage> {
         }
     }
     None
+}
+
+/// An upstream's JSON as text: checked as UTF-8 once (serde_json reading
+/// bytes checks each string it reads, a call each), and a stray byte that
+/// is not UTF-8 read as U+FFFD, so that it does not make the whole body
+/// unreadable and lose the usage that bills. Only what Iris reads from the
+/// body is made of it; the client gets the body as it came.
+fn json_text(json: &[u8]) -> Cow<'_, str> {
+    String::from_utf8_lossy(json)
 }
 
 /// Whether trimmed JSON text is an object: serde reads a struct from an
@@ -635,6 +646,37 @@ mod tests {
         );
         let odd = r#"{"error":{"code":"has spaces in it"}}"#;
         assert_eq!(run(false, false, &[odd], true).1.error_code, None);
+    }
+
+    /// A body is read as text when it is UTF-8 and as bytes when not: a
+    /// stray byte in an upstream's text does not cost the usage that bills.
+    #[test]
+    fn usage_is_read_from_a_body_that_is_not_utf8() {
+        let usage = br#""usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}"#;
+        let body = [
+            &b"{\"choices\":[{\"message\":{\"content\":\"H\xffi\"}}],"[..],
+            usage,
+            b"}",
+        ]
+        .concat();
+        let event = [
+            &b"data: {\"choices\":[{\"delta\":{\"content\":\"\xfe\"}}],"[..],
+            usage,
+            b"}\n\n",
+        ]
+        .concat();
+        for (streaming, text) in [(false, body), (true, event)] {
+            let mut tap = UsageTap::new(streaming, false);
+            let passed = tap.on_chunk(Bytes::from(text.clone()));
+            let (tail, outcome) = tap.finish(true);
+            let out = [&passed[..], tail.as_deref().unwrap_or_default()].concat();
+            assert_eq!(out, text, "passed on as it came");
+            assert_eq!(
+                outcome.usage.map(|u| u.total()),
+                Some(7),
+                "streaming: {streaming}"
+            );
+        }
     }
 
     #[test]

@@ -205,6 +205,42 @@ async fn large_bodies_being_parsed_do_not_hold_other_connections() {
 }
 
 /// [`base_config`] with clients `b` and `c` on the same daily budget.
+/// JSON is UTF-8: a body with a byte that is not is refused, whichever
+/// field holds it, and nothing reaches the upstream. Before, a stray byte in
+/// a field Iris does not read went upstream as it came, for its parser to
+/// make of it what it would.
+#[tokio::test]
+async fn a_body_that_is_not_utf8_is_refused_before_the_upstream() {
+    let upstream = MockUpstream::start().await;
+    let iris = Iris::start(&base_config(&upstream.base_url(), "")).await;
+    for (path, body) in [
+        (
+            "/v1/chat/completions",
+            &b"{\"model\":\"test-model\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"user\":\"\xff\"}"[..],
+        ),
+        (
+            "/v1/chat/completions",
+            b"{\"model\":\"test-model\",\"messages\":[{\"role\":\"user\",\"content\":\"h\xc3\"}]}",
+        ),
+        (
+            "/v1/embeddings",
+            b"{\"model\":\"test-model\",\"input\":\"a\",\"x\":\"\xfe\"}",
+        ),
+    ] {
+        let (status, json) = post_raw(&iris.url(path), KEY_A, body.to_vec()).await;
+        assert_eq!(status, 400, "{path}: {json}");
+        assert_eq!(json["error"]["code"], "invalid_request", "{json}");
+        assert_eq!(json["error"]["param"], Value::Null, "{json}");
+        let message = json["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("not UTF-8"), "{message}");
+    }
+    assert_eq!(
+        upstream.requests(),
+        0,
+        "nothing refused reached the upstream"
+    );
+}
+
 fn budget_config(upstream: &str) -> String {
     base_config(
         upstream,

@@ -50,6 +50,20 @@ impl RequestError {
             param: Some(param.into()),
         }
     }
+
+    /// A body that is not UTF-8, as JSON must be (RFC 8259, 8.1).
+    ///
+    /// Refused whole rather than read as bytes: the fields Iris does not
+    /// read go upstream as they came, and upstream parsers differ on bytes
+    /// that are not UTF-8 (refused, replaced, or passed on). Checked once
+    /// for the whole body, it also spares the parse a check of each string
+    /// it reads (serde_json reading bytes checks every one, a call each).
+    pub fn not_utf8(error: std::str::Utf8Error) -> Self {
+        Self::new(format!(
+            "The request body is not valid JSON: it is not UTF-8 (an invalid byte at offset {}).",
+            error.valid_up_to()
+        ))
+    }
 }
 
 /// How much of a request's shape Iris takes: each message and content part

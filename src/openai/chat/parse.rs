@@ -84,7 +84,8 @@ impl<'a> ChatRequest<'a> {
             parts: Cell::new(0),
             error: RefCell::default(),
         };
-        let mut deserializer = serde_json::Deserializer::from_slice(body);
+        let text = std::str::from_utf8(body).map_err(RequestError::not_utf8)?;
+        let mut deserializer = serde_json::Deserializer::from_str(text);
         let parsed = TopLevelSeed(&parse)
             .deserialize(&mut deserializer)
             .and_then(|top| deserializer.end().map(|()| top));

@@ -212,6 +212,33 @@ fn deep_nesting_is_refused_without_overflowing_the_stack() {
     assert!(parse_err(&body).0);
 }
 
+/// JSON is UTF-8: a body that is not is refused wherever the stray byte
+/// is, in a field Iris reads or in one it would pass on unread.
+#[test]
+fn a_body_that_is_not_utf8_is_refused_wherever_the_byte_is() {
+    let valid = br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"x":"ok"}"#;
+    assert!(ChatRequest::parse(valid).is_ok());
+    for (from, to) in [
+        (&b"\"hi\""[..], &b"\"h\xffi\""[..]),
+        (b"\"ok\"", b"\"o\xc3k\""),
+    ] {
+        let at = valid
+            .windows(from.len())
+            .position(|w| w == from)
+            .expect("in body");
+        let body = [&valid[..at], to, &valid[at + from.len()..]].concat();
+        let error = ChatRequest::parse(&body).expect_err("not UTF-8");
+        assert_eq!(error.param, None);
+        assert_eq!(
+            error.message,
+            format!(
+                "The request body is not valid JSON: it is not UTF-8 (an invalid byte at offset {}).",
+                at + 2
+            )
+        );
+    }
+}
+
 /// Found by the `chat_body` fuzz target: a part whose `type` turned from
 /// `image_url` to another kind between two `image_url` fields had its second
 /// `image_url` overwritten by the first when the body was rewritten. Fields
