@@ -82,8 +82,11 @@ impl Connections {
     pub(super) fn new(app: App, server: &config::Server, closing: CancellationToken) -> Self {
         let mut http = http1::Builder::new();
         http.timer(TokioTimer::new())
-            // A backstop only: WatchedIo's deadlines end every wait first.
-            .header_read_timeout(server.header_read_timeout + server.keep_alive_timeout)
+            // None: WatchedIo's deadlines end every wait, each sooner than
+            // hyper's timer would. hyper's (a backstop here until
+            // 2026-12-06) made and registered a timer at each request head:
+            // about 900 instructions a request, for a deadline never met.
+            .header_read_timeout(None)
             .max_header_size(server.max_header_bytes);
         // hyper's own limit is the default 100, kept on the stack; a limit
         // set, even to 100, makes it build (and fill) a vector of that
