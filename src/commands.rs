@@ -125,7 +125,7 @@ pub fn usage(arg: &ConfigArg, only: Option<&str>, spend: &SpendArgs) -> ExitCode
     }
     let result = config_or_message(&path).and_then(|config| {
         if let Some(name) = only
-            && !config.catalog.clients().iter().any(|c| &*c.name == name)
+            && !config.catalog.has_client(name)
         {
             return Err(format!("no client named {name:?} in the config"));
         }

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::budget::{Limits, StoreBackend};
 use crate::catalog::{Client, ModelAccess, Team};
-use crate::keys::KeyHash;
+use crate::keys::{KeyHash, KeyIndex};
 
 pub use memory::MemoryRegistry;
 pub use redis::RedisRegistry;
@@ -248,7 +248,7 @@ pub fn unix_now_ms() -> u64 {
 #[derive(Default)]
 pub struct Index {
     pub version: u64,
-    by_key: HashMap<KeyHash, (Arc<Client>, Option<u64>)>,
+    by_key: KeyIndex<(Arc<Client>, Option<u64>)>,
     /// As stored, by name, for listing.
     pub clients: Vec<ManagedClient>,
     /// As stored, by name, for listing.
@@ -263,7 +263,7 @@ impl Index {
             clients,
             teams,
         } = loaded;
-        let mut by_key = HashMap::new();
+        let mut by_key = KeyIndex::default();
         for managed in clients.iter().filter(|c| !c.disabled) {
             let client = Arc::new(Client {
                 name: Arc::from(managed.name.as_str()),
@@ -327,9 +327,8 @@ impl Index {
 
     /// The enabled managed client whose (unexpired) key hashes to `presented`.
     ///
-    /// Looked up by the SHA-256 of the presented key: what a lookup's timing
-    /// could reveal is about digests, which say nothing of any stored key,
-    /// and the index stays one lookup however many clients there are.
+    /// One lookup however many clients there are, the hash compared in
+    /// constant time ([`KeyIndex`]).
     pub fn authenticate(&self, presented: &KeyHash) -> Option<&Arc<Client>> {
         let (client, expires_at) = self.by_key.get(presented)?;
         expires_at

@@ -418,7 +418,7 @@ async fn check_team(
 }
 
 fn from_config(name: &str, config: &Config) -> bool {
-    config.catalog.clients().iter().any(|c| &*c.name == name)
+    config.catalog.has_client(name)
 }
 
 fn new_key() -> Result<(String, StoredKey), ClientError> {
