@@ -126,6 +126,8 @@ pub struct Catalog {
     by_name: HashMap<Arc<str>, Arc<Client>, foldhash::fast::RandomState>,
     /// In config order.
     teams: Vec<Arc<Team>>,
+    /// The same teams by name: a team client's request looks its team up.
+    teams_by_name: HashMap<Arc<str>, Arc<Team>, foldhash::fast::RandomState>,
 }
 
 impl Catalog {
@@ -139,6 +141,7 @@ impl Catalog {
     ) -> Self {
         let model_order = models.iter().map(|m| m.name.clone()).collect();
         let clients: Vec<Arc<Client>> = clients.into_iter().map(Arc::new).collect();
+        let teams: Vec<Arc<Team>> = teams.into_iter().map(Arc::new).collect();
         Self {
             upstreams,
             models: models.into_iter().map(|m| (m.name.clone(), m)).collect(),
@@ -149,7 +152,11 @@ impl Catalog {
                 .map(|c| (Arc::clone(&c.name), Arc::clone(c)))
                 .collect(),
             clients,
-            teams: teams.into_iter().map(Arc::new).collect(),
+            teams_by_name: teams
+                .iter()
+                .map(|t| (Arc::clone(&t.name), Arc::clone(t)))
+                .collect(),
+            teams,
         }
     }
 
@@ -195,7 +202,7 @@ impl Catalog {
     /// The config file's team of that name (a managed one is not here: see
     /// `AppState::team` for the lookup that finds either).
     pub fn team(&self, name: &str) -> Option<&Arc<Team>> {
-        self.teams.iter().find(|t| &*t.name == name)
+        self.teams_by_name.get(name)
     }
 
     /// The config file's teams, in config order.
