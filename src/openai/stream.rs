@@ -653,8 +653,9 @@ mod tests {
         assert_eq!(run(false, false, &[odd], true).1.error_code, None);
     }
 
-    /// A body is read as text when it is UTF-8 and as bytes when not: a
-    /// stray byte in an upstream's text does not cost the usage that bills.
+    /// A body that is not UTF-8 is read through a lossy view: a stray byte
+    /// in an upstream's text does not cost the usage that bills, and the
+    /// client still gets the bytes as they came.
     #[test]
     fn usage_is_read_from_a_body_that_is_not_utf8() {
         let usage = br#""usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}"#;

@@ -241,6 +241,34 @@ async fn a_body_that_is_not_utf8_is_refused_before_the_upstream() {
     );
 }
 
+/// An upstream's answer with a byte that is not UTF-8 in its text still
+/// bills the usage it reports, and reaches the client as it came. Before,
+/// the stray byte made the whole answer unreadable to Iris, which settled it
+/// as if no usage had been reported.
+#[tokio::test]
+async fn an_answer_with_a_stray_byte_bills_its_usage_and_passes_as_it_came() {
+    let upstream = MockUpstream::start().await;
+    let iris = Iris::start(&budget_config(&upstream.base_url())).await;
+    let usage = r#"{"prompt_tokens":1000,"completion_tokens":234,"total_tokens":1234}"#;
+    let body = json!({"model": "other-model", "messages": [{"role": "user", "content": "hi"}]});
+    let response = iris
+        .chat(
+            KEY_C,
+            &body,
+            &[("x-mock-stray-byte", "1"), ("x-mock-usage", usage)],
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let bytes = response.bytes().await.expect("body");
+    assert!(
+        bytes.windows(6).any(|w| w == b"Hel\xfflo"),
+        "the answer as the upstream sent it: {}",
+        String::from_utf8_lossy(&bytes)
+    );
+    iris.settled(KEY_C).await;
+    assert_eq!(iris.used(KEY_C, "tokens_per_day").await, 1234);
+}
+
 fn budget_config(upstream: &str) -> String {
     base_config(
         upstream,

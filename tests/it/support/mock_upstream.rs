@@ -19,6 +19,8 @@
 //! - `x-mock-usage: {JSON}` reports that object as the `usage`, plain or
 //!   streamed (cached and reasoning token details, say);
 //! - `x-mock-plain: 1` answers a plain JSON body even to `stream: true`;
+//! - `x-mock-stray-byte: 1` puts a byte that is not UTF-8 (0xFF) in a plain
+//!   answer's message text, as a broken provider might;
 //! - `x-mock-content-parts: 1` gives a plain answer's message `content` as
 //!   a list of text parts, as some providers do, rather than a string;
 //! - `x-mock-echo: 1` answers (not streamed) with the request body it
@@ -662,11 +664,13 @@ async fn answer(State(state): State<MockState>, request: Request) -> Response {
             let prompt_tokens = stream.prompt_tokens;
             answer["usage"] = stream.usage.clone().unwrap_or_else(|| serde_json::json!({"prompt_tokens": prompt_tokens, "completion_tokens": 7, "total_tokens": prompt_tokens + 7}));
         }
-        return (
-            [(header::CONTENT_TYPE, "application/json")],
-            answer.to_string(),
-        )
-            .into_response();
+        let mut text = answer.to_string().into_bytes();
+        if headers.get("x-mock-stray-byte").is_some()
+            && let Some(at) = text.windows(5).position(|w| w == b"Hello")
+        {
+            text.insert(at + 3, 0xFF);
+        }
+        return ([(header::CONTENT_TYPE, "application/json")], text).into_response();
     }
     match header_num(&headers, "x-mock-die-after") {
         Some(k) => cut(k as usize, End::Die).respond(&state, in_flight),
