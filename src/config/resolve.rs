@@ -592,9 +592,13 @@ fn http_endpoint(
     let chat_url = chat_url?;
     // The same base with another last segment: it parses as the chat URL did.
     let embeddings_url = format!("{base}/embeddings").parse::<http::Uri>().ok()?;
+    // The URL standard's serialization leaves out a scheme's own port, so
+    // the authority is what the HTTP client would write as `Host`.
+    let host = HeaderValue::from_str(chat_url.authority()?.as_str()).ok()?;
     Some(Endpoint::Http {
         chat_url,
         embeddings_url,
+        host,
         authorization,
         ca,
     })
@@ -1283,6 +1287,32 @@ mod tests {
         assert!(upstream.images.formats.contains(crate::images::Format::Png));
         assert!(!upstream.images.formats.contains(crate::images::Format::Gif));
         assert_eq!(upstream.images.max_image_bytes, Some(1000));
+    }
+
+    /// `Host` is written once per upstream as the HTTP client would write
+    /// it: the host, and the port only when it is not the scheme's own.
+    #[test]
+    fn an_upstreams_host_is_its_urls_host_and_other_port() {
+        for (base_url, host) in [
+            ("https://api.example.com/v1", "api.example.com"),
+            ("https://api.example.com:443/v1", "api.example.com"),
+            ("http://API.example.com:80/v1", "api.example.com"),
+            ("https://api.example.com:8443/v1", "api.example.com:8443"),
+            ("http://127.0.0.1:8080/v1/", "127.0.0.1:8080"),
+            ("http://[::1]:9000/v1", "[::1]:9000"),
+        ] {
+            let config = parse(
+                &format!("[[upstreams]]\nname = \"u\"\nbase_url = \"{base_url}\"\n"),
+                &|_| None,
+            )
+            .expect("valid");
+            match &config.catalog.upstreams()[0].endpoint {
+                crate::upstream::Endpoint::Http { host: sent, .. } => {
+                    assert_eq!(sent, host, "{base_url}");
+                }
+                crate::upstream::Endpoint::Demo => panic!("an HTTP upstream"),
+            }
+        }
     }
 
     #[test]

@@ -56,6 +56,10 @@ pub enum Endpoint {
         chat_url: http::Uri,
         /// `{base_url}/embeddings`.
         embeddings_url: http::Uri,
+        /// `Host` for both: the URLs' authority (the host, and the port
+        /// when it is not the scheme's own), as the HTTP client would write
+        /// it for each request with `format!`.
+        host: HeaderValue,
         /// `Bearer {api_key}`, marked sensitive so it never shows in debug output.
         authorization: Option<HeaderValue>,
         /// `ca_file`: a private CA trusted beside the platform's roots.
@@ -288,15 +292,16 @@ impl Forwarder {
         trace: HeaderMap,
         timeout: Duration,
     ) -> Result<Reply, UpstreamError> {
-        let (url, authorization, ca) = match &upstream.endpoint {
+        let (url, host, authorization, ca) = match &upstream.endpoint {
             Endpoint::Http {
                 chat_url,
                 embeddings_url,
+                host,
                 authorization,
                 ca,
             } => match api {
-                Api::Chat => (chat_url, authorization, ca),
-                Api::Embeddings => (embeddings_url, authorization, ca),
+                Api::Chat => (chat_url, host, authorization, ca),
+                Api::Embeddings => (embeddings_url, host, authorization, ca),
             },
             Endpoint::Demo => return Ok(demo::answer(api, &body.to_bytes())),
         };
@@ -320,7 +325,7 @@ impl Forwarder {
         *request.method_mut() = http::Method::POST;
         *request.uri_mut() = url.clone();
         let headers = request.headers_mut();
-        headers.reserve(client_headers.len() + 3);
+        headers.reserve(client_headers.len() + 4);
         let hop = connection_named(client_headers);
         // Found only after authentication: the client's own, valid key.
         let key = crate::keys::bearer_key(client_headers)
@@ -335,6 +340,8 @@ impl Forwarder {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        // Over HTTP/2 it repeats `:authority`, as RFC 9113 allows.
+        headers.insert(header::HOST, host.clone());
         if let Some(authorization) = authorization {
             headers.insert(header::AUTHORIZATION, authorization.clone());
         }

@@ -154,6 +154,8 @@ async fn the_client_credentials_and_address_claims_are_not_forwarded() {
         .collect();
     headers.push(("x-kept", "yes"));
     headers.push(("openai-organization", "org-kept"));
+    // The client's `Host` names Iris; the upstream's names the upstream.
+    headers.push(("host", "client.example"));
     let response = iris.chat(KEY_A, &chat_body("test-model"), &headers).await;
     assert_eq!(response.status(), 200);
     let seen = upstream.last().headers;
@@ -163,6 +165,12 @@ async fn the_client_credentials_and_address_claims_are_not_forwarded() {
     assert_eq!(seen["x-kept"], "yes");
     assert_eq!(seen["openai-organization"], "org-kept");
     assert_eq!(seen["authorization"], format!("Bearer {UPSTREAM_KEY}"));
+    let authority = upstream.base_url();
+    let authority = authority
+        .strip_prefix("http://")
+        .and_then(|rest| rest.split('/').next())
+        .expect("an http:// base URL");
+    assert_eq!(seen.get_all("host").iter().collect::<Vec<_>>(), [authority]);
     assert!(
         !format!("{seen:?}").contains(KEY_A),
         "the client's key reached the upstream: {seen:?}"
