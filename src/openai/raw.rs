@@ -182,7 +182,9 @@ impl<'a> RawObject<'a> {
         duplicate: impl Fn(&str) -> A::Error,
         mut claim: impl FnMut(&str, &mut A) -> Result<Claim<'a>, A::Error>,
     ) -> Result<Self, A::Error> {
-        let mut entries: Vec<Entry<'a>> = Vec::new();
+        // Room for most objects' fields and runs at once, not a doubling
+        // at a time (a chat request's top level holds about four).
+        let mut entries: Vec<Entry<'a>> = Vec::with_capacity(8);
         let mut seen = 0u64;
         while let Some(key) = map.next_key_seed(KeySeed)? {
             if let Some(index) = interpreted.position(&key).filter(|&i| i < 64) {
@@ -321,6 +323,12 @@ impl<'de> DeserializeSeed<'de> for KeySeed {
 /// but an upstream parser might: absurd nesting is refused up front. Strings
 /// are skipped with `memchr`, so a large base64 image costs microseconds.
 pub fn nests_deeper_than(json: &[u8], max: usize) -> bool {
+    // No more opening brackets than `max` (in strings or not) cannot nest
+    // deeper. Most bodies open a handful: counting them is a few searches,
+    // where walking the strings is one search for each string.
+    if memchr::memchr2_iter(b'[', b'{', json).nth(max).is_none() {
+        return false;
+    }
     let mut depth = 0usize;
     let mut i = 0;
     while i < json.len() {
@@ -524,6 +532,10 @@ mod tests {
             "a trailing escape ends the scan"
         );
         assert!(!nests_deeper_than(br#""\"#, 1));
+        // Counted first: no more openings than the limit is never deeper.
+        assert!(!nests_deeper_than(b"[{[", 3));
+        assert!(nests_deeper_than(b"[{[{", 3));
+        assert!(!nests_deeper_than(b"[{[\"{\"", 3));
     }
 
     #[test]
