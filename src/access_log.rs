@@ -10,21 +10,10 @@ use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method};
 use axum::response::Response;
 
-use crate::client_addr::ClientAddr;
 use crate::error::ErrorCode;
 use crate::facts::RequestFacts;
 use crate::ids::Ids;
-
-/// Where authentication records the client's name for the log line, on
-/// every route (set by [`crate::endpoints::Authenticated`]).
-#[derive(Clone, Default)]
-pub struct ClientSlot(Arc<OnceLock<Arc<str>>>);
-
-impl ClientSlot {
-    pub fn set(&self, name: Arc<str>) {
-        let _ = self.0.set(name);
-    }
-}
+use crate::stamp::{ClientSlot, Stamp};
 
 /// What a chat completion learned, left on its response for this log.
 #[derive(Clone)]
@@ -59,22 +48,17 @@ pub struct Started {
 }
 
 impl Started {
-    /// Takes what the line needs of `request` (its id and address already
-    /// stamped) taken to `route`, and leaves it a slot for authentication
-    /// to name the client in.
-    pub fn on(request: &mut Request, route: Option<Route>) -> Self {
-        let client = ClientSlot::default();
-        request.extensions_mut().insert(client.clone());
-        let extensions = request.extensions();
+    /// Takes what the line needs of `request`, taken to `route`, and of
+    /// the `stamp` the edge gives it (with the slot authentication names
+    /// the client in).
+    pub fn on(request: &Request, route: Option<Route>, stamp: &Stamp) -> Self {
         Self {
             at: Instant::now(),
             method: request.method().clone(),
             route,
-            request_id: extensions
-                .get::<RequestId>()
-                .map_or(HeaderValue::from_static(""), |id| id.0.clone()),
-            client_addr: ClientAddr::of(extensions),
-            client,
+            request_id: stamp.request_id.clone(),
+            client_addr: stamp.client_addr,
+            client: stamp.client.clone(),
         }
     }
 
@@ -88,7 +72,7 @@ impl Started {
         let facts = response.extensions().get::<RequestLog>().map(|log| &log.0);
         let facts = facts.map(|facts| &**facts);
         let code = response.extensions().get::<ErrorCode>().map(|c| c.as_str());
-        let client = self.client.0.get().map_or("", |name| &**name);
+        let client = self.client.get().map_or("", |name| &**name);
         let model = facts.and_then(|f| f.model.as_deref()).unwrap_or("");
         let upstream = facts.and_then(|f| f.upstream.as_deref());
         let upstream_latency = facts.and_then(|f| f.upstream_latency);
@@ -140,20 +124,6 @@ fn status_label(status: u16) -> &'static str {
     labels
         .get(usize::from(status))
         .map_or("other", String::as_str)
-}
-
-/// The request's id, as handlers and the log read it.
-#[derive(Debug, Clone)]
-pub struct RequestId(HeaderValue);
-
-impl RequestId {
-    pub fn new(id: HeaderValue) -> Self {
-        Self(id)
-    }
-
-    pub fn header_value(&self) -> &HeaderValue {
-        &self.0
-    }
 }
 
 /// The request's id: the client's `x-request-id` when acceptable (short

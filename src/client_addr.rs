@@ -15,25 +15,20 @@ use axum::extract::ConnectInfo;
 use axum::http::{Extensions, HeaderMap};
 use ipnet::IpNet;
 
-/// The request's client address, as [`resolve`] decided it. Put in every
-/// request's extensions by [`stamp`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientAddr(pub IpAddr);
+use crate::stamp::Stamp;
 
-impl ClientAddr {
-    /// The address stamped on a request; without one (a router driven
-    /// without [`stamp`]), its peer; else the unspecified address.
-    pub fn of(extensions: &Extensions) -> IpAddr {
-        extensions
-            .get::<ClientAddr>()
-            .map(|addr| addr.0)
-            .or_else(|| {
-                extensions
-                    .get::<ConnectInfo<SocketAddr>>()
-                    .map(|info| info.0.ip().to_canonical())
-            })
-            .unwrap_or(IpAddr::from([0, 0, 0, 0]))
-    }
+/// The client address the edge stamped on a request ([`resolve`]'s);
+/// without a stamp (a router driven without the edge), its peer; else the
+/// unspecified address.
+pub fn of(extensions: &Extensions) -> IpAddr {
+    Stamp::of(extensions)
+        .map(|stamp| stamp.client_addr)
+        .or_else(|| {
+            extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|info| info.0.ip().to_canonical())
+        })
+        .unwrap_or(IpAddr::from([0, 0, 0, 0]))
 }
 
 /// The client's address: `peer` unless it is a trusted proxy; then, walking

@@ -28,10 +28,11 @@ use http_body_util::Limited;
 use tower::{Layer, Service};
 use tracing::{Instrument, Span};
 
-use crate::access_log::{self, RequestId, Route};
+use crate::access_log::{self, Route};
 use crate::body_deadline::DeadlineBody;
-use crate::client_addr::{self, ClientAddr};
+use crate::client_addr;
 use crate::error::{ApiError, ErrorCode, Relayed};
+use crate::stamp::{ClientSlot, Stamp};
 
 /// What the edge needs of the config (`[server]`, which a reload does not
 /// change).
@@ -123,14 +124,18 @@ impl Edge {
             .get::<ConnectInfo<SocketAddr>>()
             .map_or(IpAddr::from([0, 0, 0, 0]), |info| info.0.ip());
         let addr = client_addr::resolve(peer, request.headers(), &edge.trusted_proxies);
-        request.extensions_mut().insert(ClientAddr(addr));
         // The request id: the client's if acceptable, else a new one.
         let id = access_log::request_id_for(request.headers_mut());
-        request.extensions_mut().insert(RequestId::new(id.clone()));
+        let stamp = Stamp {
+            client_addr: addr,
+            request_id: id.clone(),
+            client: ClientSlot::default(),
+        };
         // A span per request, so every log line of it names the request.
         let span = request_span(&request, route.as_ref().map(Route::as_str), &id);
         let admin = is_admin_path(request.uri().path());
-        let log = access_log::Started::on(&mut request, route);
+        let log = access_log::Started::on(&request, route, &stamp);
+        request.extensions_mut().insert(stamp);
 
         let handled = async move {
             let limit = edge.max_body_bytes;
@@ -275,8 +280,8 @@ mod tests {
             .route(
                 "/id",
                 get(
-                    |axum::Extension(id): axum::Extension<RequestId>| async move {
-                        id.header_value().to_str().unwrap_or("").to_owned()
+                    |axum::Extension(stamp): axum::Extension<Stamp>| async move {
+                        stamp.request_id.to_str().unwrap_or("").to_owned()
                     },
                 ),
             )

@@ -74,6 +74,7 @@ pub mod secret;
 pub mod server;
 pub mod shared_health;
 pub mod spend;
+pub mod stamp;
 pub mod state;
 pub mod telemetry;
 pub mod tls;

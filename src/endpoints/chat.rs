@@ -11,15 +11,16 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError};
 
 use super::Authenticated;
-use crate::access_log::{RequestId, RequestLog};
+use crate::access_log::RequestLog;
 use crate::body_deadline::BodyDeadlineElapsed;
-use crate::client_addr::ClientAddr;
+use crate::client_addr;
 use crate::config;
 use crate::error::{self, ApiError, Relayed};
 use crate::facts::RequestFacts;
 use crate::gateway::{Answer, AnswerBody, Incoming};
 use crate::openai::Api;
 use crate::spend::{Draft, Record};
+use crate::stamp::Stamp;
 use crate::state::SharedState;
 use futures_util::Stream;
 use http_body::{Frame, SizeHint};
@@ -80,11 +81,9 @@ async fn forward(
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    let client_addr = ClientAddr::of(&extensions);
+    let client_addr = client_addr::of(&extensions);
     // The edge gave every request its id.
-    let request_id = extensions
-        .get::<RequestId>()
-        .map_or("", |id| id.header_value().to_str().unwrap_or(""));
+    let request_id = Stamp::request_id(&extensions);
     let mut facts = RequestFacts::new(request_id, api, &client.name, client_addr);
     let length = headers
         .get(http::header::CONTENT_LENGTH)

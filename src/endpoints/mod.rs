@@ -15,12 +15,12 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{Method, Uri};
 
-use crate::access_log::ClientSlot;
 use crate::catalog::Client;
-use crate::client_addr::{self, ClientAddr};
+use crate::client_addr;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::keys::{KeyHash, bearer_key};
+use crate::stamp::Stamp;
 use crate::state::SharedState;
 
 /// The client a request authenticated as, and the configuration snapshot it
@@ -54,15 +54,15 @@ impl FromRequestParts<SharedState> for Authenticated {
                 })
             })
             .ok_or_else(|| failed_authentication(state, parts))?;
-        if let Some(slot) = parts.extensions.get::<ClientSlot>() {
-            slot.set(Arc::clone(&client.name));
+        if let Some(stamp) = Stamp::of(&parts.extensions) {
+            stamp.client.set(Arc::clone(&client.name));
         }
         // The key's policy, against the clock and the address of this
         // request (not at load: an expiry needs no reload).
         if client.expired(crate::catalog::now()) {
             return Err(ApiError::key_expired());
         }
-        let addr = ClientAddr::of(&parts.extensions);
+        let addr = client_addr::of(&parts.extensions);
         if !client_addr::allowed(addr, &client.allowed_networks) {
             return Err(ApiError::client_network_forbidden(addr));
         }
@@ -73,7 +73,7 @@ impl FromRequestParts<SharedState> for Authenticated {
 /// The answer to a wrong or missing key: 401, or 429 once the address sent
 /// too many of them.
 pub(crate) fn failed_authentication(state: &SharedState, parts: &Parts) -> ApiError {
-    let address = ClientAddr::of(&parts.extensions);
+    let address = client_addr::of(&parts.extensions);
     match state.auth_failures.failed(address) {
         Ok(()) => ApiError::invalid_api_key(),
         Err(wait) => ApiError::too_many_auth_failures(wait),
