@@ -281,12 +281,38 @@ impl Table {
 }
 
 /// Inserts `batch` into `table`, in the caller's transaction.
+///
+/// A statement keeps its values from one row to the next (until it goes
+/// back to the cache, which clears them), so a column whose value is the
+/// previous record's (the same client, model, upstream, endpoint, status,
+/// no images...) is not bound again: binding copies a text into SQLite,
+/// and a record's 25 bindings were a quarter of what inserting it cost.
 pub(super) fn insert_into(db: &Connection, table: Table, batch: &[Record]) -> rusqlite::Result<()> {
     let mut statement = db.prepare_cached(table.insert_sql())?;
+    let mut bind = |values: &[&dyn ToSql], previous: Option<&[&dyn ToSql]>| {
+        for (i, value) in values.iter().enumerate() {
+            if previous.is_none_or(|previous| !same_value(previous[i], *value)) {
+                statement.raw_bind_parameter(i + 1, value)?;
+            }
+        }
+        statement.raw_execute()
+    };
+    let mut previous: Option<&Record> = None;
     for record in batch {
-        with_values(record, |values| statement.execute(values))?;
+        match previous {
+            None => with_values(record, |values| bind(values, None))?,
+            Some(previous) => with_values(record, |values| {
+                with_values(previous, |old| bind(values, Some(old)))
+            })?,
+        };
+        previous = Some(record);
     }
     Ok(())
+}
+
+/// Whether two values bind alike (a value that cannot be bound never is).
+fn same_value(a: &dyn ToSql, b: &dyn ToSql) -> bool {
+    matches!((a.to_sql(), b.to_sql()), (Ok(a), Ok(b)) if a == b)
 }
 
 /// Calls `f` with `r`'s values, in the order of [`Table::COLUMNS`].

@@ -1023,6 +1023,68 @@ fn waiting_in(spool: &std::path::Path) -> u64 {
     spool::Spool::open(spool).unwrap().1
 }
 
+/// Each record's columns are its own, though a column that has the
+/// previous record's value is not bound again: values that change, stay,
+/// become null and come back read back as they were written.
+#[test]
+fn records_in_one_batch_read_back_column_for_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    let (spooled, _) = spool::Spool::open(&path).unwrap();
+    let with = |n: u64, facts: RequestFacts, change: fn(&mut Record)| {
+        let mut record = record(n);
+        record.facts = Arc::new(facts);
+        change(&mut record);
+        record
+    };
+    let base = (*record(0).facts).clone();
+    let other = RequestFacts {
+        client: "b".into(),
+        model: None,
+        team: Some("t".into()),
+        client_addr: Some("203.0.113.9".parse().unwrap()),
+        images: 2,
+        stream: true,
+        ..base.clone()
+    };
+    let batch = [
+        with(1, base.clone(), |_| {}),
+        with(2, base.clone(), |_| {}),
+        with(3, other.clone(), |r| {
+            r.status = 429;
+            r.error_code = Some("rate_limit_exceeded".into());
+            r.ttfb_ms = None;
+        }),
+        with(4, other, |r| r.ttfb_ms = None),
+        with(5, base, |r| r.endpoint = Cow::Borrowed("embeddings")),
+    ];
+    let batch: Vec<Record> = batch
+        .into_iter()
+        .map(|mut r| {
+            let request_id = format!("req_{}", r.prompt_tokens);
+            r.facts = Arc::new(RequestFacts {
+                request_id,
+                api: if r.endpoint == "embeddings" {
+                    crate::openai::Api::Embeddings
+                } else {
+                    crate::openai::Api::Chat
+                },
+                ..(*r.facts).clone()
+            });
+            r
+        })
+        .collect();
+    let db = rusqlite::Connection::open(&path).unwrap();
+    sqlite::insert_into(&db, sqlite::Table::Spool, &batch).unwrap();
+    let read: Vec<Record> = spooled
+        .oldest(10)
+        .unwrap()
+        .into_iter()
+        .map(|(_, record)| record)
+        .collect();
+    assert_eq!(read, batch);
+}
+
 #[test]
 fn a_cache_hit_is_still_one_when_read_back_from_the_spool() {
     let dir = tempfile::tempdir().unwrap();
