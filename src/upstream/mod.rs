@@ -4,6 +4,7 @@
 //!
 //! - [`demo`]: the built-in demo upstream, answered in-process
 
+mod connector;
 pub mod demo;
 
 use std::collections::HashMap;
@@ -15,7 +16,6 @@ use futures_util::stream::BoxStream;
 use futures_util::{StreamExt, TryStreamExt};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use http_body_util::BodyExt;
-use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -25,6 +25,7 @@ use crate::images::ImagePolicy;
 use crate::openai::Api;
 use crate::openai::spliced::SplicedBody;
 use crate::tls::PrivateCa;
+use connector::Connector;
 
 /// An upstream, resolved from the config: everything a request to it needs.
 #[derive(Debug)]
@@ -240,7 +241,7 @@ impl Reply {
     }
 }
 
-type HttpsClient = Client<HttpsConnector<HttpConnector>, SplicedBody>;
+type HttpsClient = Client<Connector, SplicedBody>;
 
 /// The pooled HTTP client every upstream request goes through: hyper's,
 /// HTTP/1.1 or HTTP/2 (ALPN) over rustls with the platform's roots, no
@@ -385,7 +386,7 @@ fn pooled(
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_timer(hyper_util::rt::TokioTimer::new())
-        .build(https)
+        .build(Connector(https))
 }
 
 fn timeout_error(upstream: &Upstream, after: Duration) -> UpstreamError {

@@ -268,6 +268,48 @@ async fn an_https_upstream_behind_a_private_ca_answers_only_through_its_ca_file(
     }
 }
 
+/// An upstream whose TLS chooses HTTP/2 (ALPN) is spoken to in HTTP/2,
+/// and answers and streams as over HTTP/1.1.
+#[tokio::test]
+async fn an_https_upstream_choosing_http2_is_spoken_to_in_http2() {
+    let ca = TestCa::new("Iris test upstream CA");
+    let upstream = MockUpstream::start_tls(
+        ca.server_cert(&["localhost", "127.0.0.1"])
+            .h2_server_config(),
+    )
+    .await;
+    let iris = Iris::start(&upstream_config(&upstream.base_url(), Some(ca.file()))).await;
+    for _ in 0..2 {
+        let response = iris.chat(KEY_A, &chat_body("test-model"), &[]).await;
+        assert_eq!(response.status(), 200);
+        let body: serde_json::Value = response.json().await.expect("JSON");
+        assert_eq!(body["object"], "chat.completion", "{body}");
+    }
+    let streamed = iris
+        .chat(KEY_A, &crate::support::stream_body("test-model"), &[])
+        .await;
+    assert_eq!(streamed.status(), 200);
+    assert!(
+        streamed
+            .text()
+            .await
+            .expect("stream")
+            .ends_with("data: [DONE]\n\n")
+    );
+    let received = upstream.received();
+    assert_eq!(received.len(), 3);
+    for request in &received {
+        assert_eq!(request.version, http::Version::HTTP_2);
+        // HTTP/2 names the host in `:authority`; a `Host` may repeat it.
+        let host = request.headers.get("host").map(|h| h.to_str().unwrap());
+        assert!(
+            host.is_none_or(|host| upstream.base_url().contains(&format!("//{host}/"))),
+            "{host:?}"
+        );
+    }
+    iris.stop().await.expect("stop");
+}
+
 #[tokio::test]
 async fn check_refuses_a_missing_or_unparsable_upstream_ca_file() {
     let ca = TestCa::new("Iris test upstream CA");

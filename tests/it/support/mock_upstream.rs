@@ -68,6 +68,8 @@ use tower::ServiceExt as _;
 /// One request as the upstream received it.
 #[derive(Debug, Clone)]
 pub struct Received {
+    /// HTTP/1.1, or HTTP/2 where TLS chose it.
+    pub version: http::Version,
     pub headers: HeaderMap,
     pub body: Bytes,
     /// When its body had arrived.
@@ -239,8 +241,9 @@ impl MockUpstream {
         Self::start_with(listen, None).await
     }
 
-    /// Starts on `127.0.0.1:0`, answering over HTTPS (HTTP/1.1) with `tls`'s
-    /// certificate; [`Self::base_url`] says `https://127.0.0.1:port/v1`.
+    /// Starts on `127.0.0.1:0`, answering over HTTPS with `tls`'s
+    /// certificate (HTTP/2 when its ALPN chooses it, else HTTP/1.1);
+    /// [`Self::base_url`] says `https://127.0.0.1:port/v1`.
     pub async fn start_tls(tls: Arc<rustls::ServerConfig>) -> Self {
         Self::start_with("127.0.0.1:0", Some(tokio_rustls::TlsAcceptor::from(tls)))
             .await
@@ -442,11 +445,14 @@ async fn connection(mut stream: TcpStream, router: Router, tls: Option<tokio_rus
     // No Nagle: small last segments would otherwise wait on delayed ACKs.
     let _ = stream.set_nodelay(true);
     let reset_now = match tls {
-        None => serve_http(&mut stream, router).await,
+        None => serve_http(&mut stream, router, false).await,
         // A client that refuses the certificate ends the handshake: nothing
         // to serve.
         Some(tls) => match tls.accept(&mut stream).await {
-            Ok(session) => serve_http(session, router).await,
+            Ok(session) => {
+                let h2 = session.get_ref().1.alpn_protocol() == Some(b"h2");
+                serve_http(session, router, h2).await
+            }
             Err(_) => false,
         },
     };
@@ -456,9 +462,9 @@ async fn connection(mut stream: TcpStream, router: Router, tls: Option<tokio_rus
     }
 }
 
-/// Serves HTTP/1.1 on `io` until it closes; true when a handler asked for
-/// the connection to be reset.
-async fn serve_http<S>(io: S, router: Router) -> bool
+/// Serves HTTP/1.1 (or HTTP/2: `h2`) on `io` until it closes; true when a
+/// handler asked for the connection to be reset.
+async fn serve_http<S>(io: S, router: Router, h2: bool) -> bool
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
 {
@@ -468,8 +474,16 @@ where
         request.extensions_mut().insert(handle.clone());
         router.clone().oneshot(request)
     });
-    let served =
-        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service);
+    let served = if h2 {
+        futures_util::future::Either::Left(
+            hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(TokioIo::new(io), service),
+        )
+    } else {
+        futures_util::future::Either::Right(
+            hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service),
+        )
+    };
     tokio::select! {
         _ = served => false,
         () = reset.notified() => true,
@@ -569,6 +583,7 @@ async fn answer(State(state): State<MockState>, request: Request) -> Response {
     let record = state.record.load(Ordering::Relaxed);
     if let (true, Ok(mut received)) = (record, state.received.lock()) {
         received.push(Received {
+            version: parts.version,
             headers: headers.clone(),
             body: body.clone(),
             at: Instant::now(),

@@ -72,6 +72,13 @@ impl TestCa {
 }
 
 impl ServerCert {
+    /// [`Self::server_config`] choosing HTTP/2 by ALPN.
+    pub fn h2_server_config(&self) -> Arc<rustls::ServerConfig> {
+        let mut config = Arc::unwrap_or_clone(self.server_config());
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Arc::new(config)
+    }
+
     /// A rustls server config presenting this certificate.
     pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.clone()));
