@@ -439,6 +439,16 @@ pub fn as_str(raw: &RawValue) -> Option<Cow<'_, str>> {
     if !text.starts_with('"') {
         return None;
     }
+    // A raw value is valid JSON, so a string without a backslash is its
+    // text between the quotes: no second parse for a model's name or a
+    // role (a few hundred instructions each).
+    if let Some(inner) = text
+        .strip_prefix('"')
+        .and_then(|text| text.strip_suffix('"'))
+        && memchr::memchr(b'\\', inner.as_bytes()).is_none()
+    {
+        return Some(Cow::Borrowed(inner));
+    }
     let mut deserializer = serde_json::Deserializer::from_str(text);
     deserializer.deserialize_str(StrVisitor).ok()
 }
@@ -567,5 +577,15 @@ mod tests {
         assert_eq!(as_str(&escaped).as_deref(), Some("a/b"));
         let number = RawValue::from_string("1".into()).expect("raw");
         assert!(as_str(&number).is_none());
+        for (json, text) in [
+            (r#""""#, ""),
+            (r#""é ✓""#, "é ✓"),
+            (r#""\"""#, "\""),
+            (r#""a\\b""#, "a\\b"),
+            (r#""\u00e9\n""#, "é\n"),
+        ] {
+            let raw = RawValue::from_string(json.into()).expect("raw");
+            assert_eq!(as_str(&raw).as_deref(), Some(text), "{json}");
+        }
     }
 }
