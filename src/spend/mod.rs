@@ -140,25 +140,55 @@ pub fn new_record_id() -> String {
 
 /// A client's address as the log's `client_addr` holds it: as `Display`
 /// writes it, an IPv4 address without the formatting machinery (which
-/// cost the writer 7% of an insert).
-pub fn address_text(addr: std::net::IpAddr) -> String {
-    let std::net::IpAddr::V4(v4) = addr else {
-        return addr.to_string();
+/// cost the writer 7% of an insert), on the stack (an insert compares a
+/// record's columns with the previous record's, so it is made twice).
+pub fn address_text(addr: std::net::IpAddr) -> AddressText {
+    let mut text = AddressText {
+        bytes: [0; AddressText::MAX],
+        len: 0,
     };
-    let mut text = String::with_capacity(15);
+    let std::net::IpAddr::V4(v4) = addr else {
+        use std::io::Write as _;
+        let mut rest = &mut text.bytes[..];
+        // At most 39 characters (45 with an IPv4 tail): it fits.
+        let _ = write!(rest, "{addr}");
+        let left = rest.len();
+        text.len = AddressText::MAX - left;
+        return text;
+    };
+    let mut push = |byte: u8| {
+        text.bytes[text.len] = byte;
+        text.len += 1;
+    };
     for (i, octet) in v4.octets().into_iter().enumerate() {
         if i > 0 {
-            text.push('.');
+            push(b'.');
         }
         if octet >= 100 {
-            text.push(char::from(b'0' + octet / 100));
+            push(b'0' + octet / 100);
         }
         if octet >= 10 {
-            text.push(char::from(b'0' + octet / 10 % 10));
+            push(b'0' + octet / 10 % 10);
         }
-        text.push(char::from(b'0' + octet % 10));
+        push(b'0' + octet % 10);
     }
     text
+}
+
+/// [`address_text`]'s text.
+#[derive(Clone, Copy)]
+pub struct AddressText {
+    bytes: [u8; Self::MAX],
+    len: usize,
+}
+
+impl AddressText {
+    const MAX: usize = 48;
+
+    pub fn as_str(&self) -> &str {
+        // Written from ASCII digits, dots, colons and hex only.
+        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or_default()
+    }
 }
 
 /// Unix milliseconds of `time`.

@@ -212,7 +212,11 @@ async fn insert(client: &mut Client, batch: &[Record]) -> Result<(), tokio_postg
     let total_ms: Vec<i64> = batch.iter().map(|r| to_sql(r.total_ms)).collect();
     let client_addr: Vec<Option<String>> = batch
         .iter()
-        .map(|r| r.facts.client_addr.map(super::address_text))
+        .map(|r| {
+            r.facts
+                .client_addr
+                .map(|addr| super::address_text(addr).as_str().to_owned())
+        })
         .collect();
     let team: Vec<Option<&str>> = batch.iter().map(|r| r.facts.team.as_deref()).collect();
     let cached: Vec<i64> = batch.iter().map(|r| to_sql(r.cached_tokens)).collect();

@@ -310,6 +310,14 @@ pub(super) fn insert_into(db: &Connection, table: Table, batch: &[Record]) -> ru
     Ok(())
 }
 
+impl ToSql for super::AddressText {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(rusqlite::types::ToSqlOutput::Borrowed(
+            rusqlite::types::ValueRef::Text(self.as_str().as_bytes()),
+        ))
+    }
+}
+
 /// Whether two values bind alike (a value that cannot be bound never is).
 fn same_value(a: &dyn ToSql, b: &dyn ToSql) -> bool {
     matches!((a.to_sql(), b.to_sql()), (Ok(a), Ok(b)) if a == b)
