@@ -200,6 +200,21 @@ async fn check_names_sslmode_and_ca_file_problems_at_their_keys() {
     }
 }
 
+/// A streamed chat through `iris` comes whole, to `data: [DONE]`.
+async fn streams_to_its_end(iris: &Iris) {
+    let streamed = iris
+        .chat(KEY_A, &crate::support::stream_body("test-model"), &[])
+        .await;
+    assert_eq!(streamed.status(), 200);
+    assert!(
+        streamed
+            .text()
+            .await
+            .expect("stream")
+            .ends_with("data: [DONE]\n\n")
+    );
+}
+
 /// `base_config` with `ca_file` on its upstream.
 fn upstream_config(upstream: &str, ca_file: Option<&Path>) -> String {
     let config = base_config(upstream, "[routing]\nretries = 0\n");
@@ -233,17 +248,7 @@ async fn an_https_upstream_behind_a_private_ca_answers_only_through_its_ca_file(
     assert_eq!(body["object"], "chat.completion", "{body}");
     assert_eq!(upstream.requests(), 1);
     // Streamed, on the same pool.
-    let streamed = iris
-        .chat(KEY_A, &crate::support::stream_body("test-model"), &[])
-        .await;
-    assert_eq!(streamed.status(), 200);
-    assert!(
-        streamed
-            .text()
-            .await
-            .expect("stream")
-            .ends_with("data: [DONE]\n\n")
-    );
+    streams_to_its_end(&iris).await;
     assert_eq!(upstream.requests(), 2);
     iris.stop().await.expect("stop");
 
@@ -285,17 +290,7 @@ async fn an_https_upstream_choosing_http2_is_spoken_to_in_http2() {
         let body: serde_json::Value = response.json().await.expect("JSON");
         assert_eq!(body["object"], "chat.completion", "{body}");
     }
-    let streamed = iris
-        .chat(KEY_A, &crate::support::stream_body("test-model"), &[])
-        .await;
-    assert_eq!(streamed.status(), 200);
-    assert!(
-        streamed
-            .text()
-            .await
-            .expect("stream")
-            .ends_with("data: [DONE]\n\n")
-    );
+    streams_to_its_end(&iris).await;
     let received = upstream.received();
     assert_eq!(received.len(), 3);
     for request in &received {
