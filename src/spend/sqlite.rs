@@ -39,16 +39,6 @@ impl SqliteSink {
         .map_err(error)?;
         migrate(&mut db, COMPONENT, migrations::SQLITE)
             .map_err(|e| SinkError(format!("{}: {e}", describe(name.as_deref()))))?;
-        if path.is_none() {
-            // `record_id`'s unique index keeps a batch written to a file
-            // twice (sent again after a crash) once. A log in memory holds
-            // only this process's records, whose ids are unique as made,
-            // and never sees a batch twice; the index would cost each
-            // insert a search and a third B-tree write (3k of the 17k
-            // instructions a record costs the writer).
-            db.execute_batch("DROP INDEX spend_log_record_id")
-                .map_err(error)?;
-        }
         Ok(Self {
             db: Arc::new(Mutex::new(db)),
             path: name,

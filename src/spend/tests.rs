@@ -626,6 +626,29 @@ async fn postgres_sink_keys_days_as_the_report_dates_them() {
     calendar_edges_suite(&sink).await;
 }
 
+/// A batch the writer sends again (its first attempt timed out behind a
+/// long query, yet ran) is not counted twice, in memory as in a file: the
+/// log's unique `record_id` refuses the second copy.
+#[tokio::test]
+async fn a_batch_written_twice_is_counted_once_in_memory_and_in_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = sqlite::SqliteSink::open(Some(&dir.path().join("spend.db"))).unwrap();
+    let memory = sqlite::SqliteSink::open(None).unwrap();
+    for sink in [&file, &memory] {
+        let batch: Arc<[Record]> = vec![record(1), record(2)].into();
+        sink.write(Arc::clone(&batch)).await.unwrap();
+        assert!(sink.write(batch).await.is_err(), "the copy is refused");
+        let query = Query {
+            since_ms: 0,
+            until_ms: None,
+            client: None,
+            by: vec![],
+        };
+        let totals = sink.totals(&query).await.unwrap();
+        assert_eq!(totals[0].counts.requests, 2, "{totals:?}");
+    }
+}
+
 #[tokio::test]
 async fn sqlite_sink_aggregates() {
     let dir = tempfile::tempdir().unwrap();
