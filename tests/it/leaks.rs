@@ -147,6 +147,8 @@ async fn the_client_credentials_and_address_claims_are_not_forwarded() {
         ("x-forwarded-proto", "https".to_owned()),
         // The client's key in a header Iris knows nothing of.
         ("x-my-gateway-auth", format!("token={KEY_A};v=1")),
+        // ...and in one that holds the key and nothing else.
+        ("x-my-key", KEY_A.to_owned()),
     ];
     let mut headers: Vec<(&str, &str)> = dropped
         .iter()
