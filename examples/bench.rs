@@ -18,6 +18,15 @@
 //! floor any gateway sits on: Iris's overhead is reported next to it, and a
 //! summary gives each headline figure as a ratio to the floor's.
 //!
+//! Each cell also gives the server's CPU time per request (its threads'
+//! user and system time, from /proc, over the cell's requests), and the
+//! summary the whole run's (load generator, mock upstream and server): on a
+//! machine shared with other work, wall-clock throughput moves with the
+//! neighbours from run to run, while CPU per request moves much less. At
+//! c=64 the run keeps both cores busy, so the throughput ratio is about the
+//! inverse of the whole run's CPU ratio: 0.8 of the floor's throughput is
+//! about 1.25x its CPU per request.
+//!
 //! The response cache is measured as hits: the same small chat again and
 //! again to a model with `cache = true` (in memory, and on Redis when the
 //! Redis store is measured), which no upstream answers after the first.
@@ -121,11 +130,15 @@ where
     Fut: std::future::Future<Output = ()> + 'static,
 {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    // Named threads, so a profiler can tell the servers apart.
+    let name_for_pool = name.to_owned();
+    // Named threads, so a profiler (and `cpu_of`) can tell the servers apart.
     let spawned = std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
+            // Its blocking threads get the name too: their CPU time is the
+            // server's (see `cpu_of`).
             let runtime = tokio::runtime::Builder::new_current_thread()
+                .thread_name(name_for_pool)
                 .enable_all()
                 .build()
                 .unwrap_or_else(|e| panic!("runtime: {e}"));
@@ -309,6 +322,9 @@ async fn iris_server(
 #[derive(Default)]
 struct Measured {
     requests: usize,
+    /// Requests answered, the warm-up's included (what the servers' CPU
+    /// time over the whole load is divided by).
+    sent: usize,
     errors: usize,
     elapsed: Duration,
     latencies: Vec<Duration>,
@@ -388,6 +404,7 @@ async fn load(
                     }
                     Err(_) => false,
                 };
+                measured.sent += 1;
                 if started >= warm_until {
                     measured.requests += 1;
                     measured.errors += usize::from(!ok);
@@ -403,6 +420,7 @@ async fn load(
     for task in tasks {
         if let Ok(measured) = task.await {
             total.requests += measured.requests;
+            total.sent += measured.sent;
             total.errors += measured.errors;
             total.latencies.extend(measured.latencies);
         }
@@ -530,48 +548,80 @@ fn main() {
             .unwrap_or(1)
     );
     let mut cells = Vec::new();
-    println!("| scenario | concurrency | target | req/s | p50 | p99 | added p50 | errors |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| scenario | concurrency | target | req/s | p50 | p99 | added p50 | server CPU / request | errors |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
     for scenario in [Scenario::Small, Scenario::Image, Scenario::Stream] {
         for concurrency in [1, 64] {
             let model = "bench-model";
+            // Each target, with the name of the server's threads.
             let mut targets = vec![
-                ("direct", upstream, KEY, model),
-                ("bare proxy", bare, KEY, model),
-                ("iris", iris, KEY, model),
-                ("iris + budgets", iris, KEY_BUDGETED, model),
-                ("iris (sqlite)", iris_sqlite, KEY, model),
-                ("iris + budgets (sqlite)", iris_sqlite, KEY_BUDGETED, model),
+                ("direct", (upstream, "mock"), KEY, model),
+                ("bare proxy", (bare, "bare"), KEY, model),
+                ("iris", (iris, "iris"), KEY, model),
+                ("iris + budgets", (iris, "iris"), KEY_BUDGETED, model),
+                ("iris (sqlite)", (iris_sqlite, "iris-sqlite"), KEY, model),
+                (
+                    "iris + budgets (sqlite)",
+                    (iris_sqlite, "iris-sqlite"),
+                    KEY_BUDGETED,
+                    model,
+                ),
             ];
             if let Some(iris_redis) = iris_redis {
-                targets.push(("iris + budgets (redis)", iris_redis, KEY_BUDGETED, model));
+                targets.push((
+                    "iris + budgets (redis)",
+                    (iris_redis, "iris-redis"),
+                    KEY_BUDGETED,
+                    model,
+                ));
             }
             if scenario == Scenario::Small {
                 // Routing: two healthy deployments; then one of two answering
                 // 503 to everything (failover, then its cooldown).
-                targets.push(("iris, 2 deployments", iris, KEY, "bench-routed"));
-                targets.push(("iris, 1 of 2 failing", iris, KEY, "bench-failover"));
+                targets.push(("iris, 2 deployments", (iris, "iris"), KEY, "bench-routed"));
+                targets.push((
+                    "iris, 1 of 2 failing",
+                    (iris, "iris"),
+                    KEY,
+                    "bench-failover",
+                ));
             }
             if scenario != Scenario::Image {
                 // The same request again and again: answered from the cache.
-                targets.push(("iris, cache hit", iris, KEY_BUDGETED, "bench-cached"));
+                targets.push((
+                    "iris, cache hit",
+                    (iris, "iris"),
+                    KEY_BUDGETED,
+                    "bench-cached",
+                ));
                 if let Some(iris_redis) = iris_redis {
                     targets.push((
                         "iris, cache hit (redis)",
-                        iris_redis,
+                        (iris_redis, "iris-redis"),
                         KEY_BUDGETED,
                         "bench-cached",
                     ));
                 }
             }
             let mut direct_p50 = Duration::ZERO;
-            for (name, addr, key, model) in targets {
+            for (name, (addr, threads), key, model) in targets {
                 let cell = format!("{}/{concurrency}/{name}", scenario.name());
                 if !cell.contains(&only) && (name != "direct" || !only.is_empty()) {
                     continue;
                 }
+                let cpu_before = cpu_of(threads);
+                let rest_before = cpu_of("mock") + cpu_of_this_thread();
                 let measured =
                     runtime.block_on(load(addr, key, model, scenario, concurrency, seconds));
+                let cpu = cpu_of(threads).saturating_sub(cpu_before);
+                // The rest of the run's work: the load generator (this
+                // thread) and the mock upstream (whose own cell is "direct").
+                let rest = (cpu_of("mock") + cpu_of_this_thread()).saturating_sub(rest_before);
+                let rest_per_request =
+                    rest / u32::try_from(measured.sent.max(1)).unwrap_or(u32::MAX);
+                let cpu_per_request = cpu / u32::try_from(measured.sent.max(1)).unwrap_or(u32::MAX);
                 let p50 = measured.percentile(0.5);
                 if name == "direct" {
                     direct_p50 = p50;
@@ -583,9 +633,11 @@ fn main() {
                     rps: measured.rps(),
                     p50,
                     added_p50: p50.saturating_sub(direct_p50),
+                    cpu_per_request,
+                    rest_per_request,
                 });
                 println!(
-                    "| {} | {concurrency} | {name} | {:.0} | {} | {} | {} | {} |",
+                    "| {} | {concurrency} | {name} | {:.0} | {} | {} | {} | {:.1} µs | {} |",
                     scenario.name(),
                     measured.rps(),
                     micros(p50),
@@ -595,6 +647,7 @@ fn main() {
                     } else {
                         micros(p50.saturating_sub(direct_p50))
                     },
+                    cpu_per_request.as_secs_f64() * 1e6,
                     measured.errors,
                 );
             }
@@ -615,6 +668,43 @@ struct Cell {
     rps: f64,
     p50: Duration,
     added_p50: Duration,
+    /// The server's threads' CPU time (user and system) per request.
+    cpu_per_request: Duration,
+    /// The load generator's and the mock upstream's, per request.
+    rest_per_request: Duration,
+}
+
+/// The CPU time (user and system, from the scheduler's own count in
+/// nanoseconds) that this process's threads named `name` have used so far.
+/// A server's runtime and blocking threads share its name (see
+/// `spawn_runtime`); a blocking thread that has ended since is not counted,
+/// which a cell of a few seconds' steady load does not see.
+fn cpu_of(name: &str) -> Duration {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Duration::ZERO;
+    };
+    let mut nanos = 0u64;
+    for task in tasks.flatten() {
+        let path = task.path();
+        let named =
+            std::fs::read_to_string(path.join("comm")).is_ok_and(|comm| comm.trim_end() == name);
+        if !named {
+            continue;
+        }
+        nanos += std::fs::read_to_string(path.join("schedstat"))
+            .ok()
+            .and_then(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Duration::from_nanos(nanos)
+}
+
+/// The CPU time the calling thread has used so far (see [`cpu_of`]).
+fn cpu_of_this_thread() -> Duration {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(Duration::ZERO, Duration::from_nanos)
 }
 
 /// The headline figures as ratios to the bare proxy's, from this run's cells.
@@ -626,39 +716,72 @@ fn print_summary(cells: &[Cell]) {
     };
     println!("\n| figure | bare proxy | iris | iris ÷ floor | iris + budgets | ÷ floor | goal |");
     println!("|---|---|---|---|---|---|---|");
-    let rows: [(&str, Scenario, usize, bool, &str); 3] = [
+    // What each figure reads of a cell.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Read {
+        AddedLatency,
+        Throughput,
+        Cpu,
+        WholeCpu,
+    }
+    let rows: [(&str, Scenario, usize, Read, &str); 5] = [
         (
             "latency added, small chat, c=1 (p50)",
             Scenario::Small,
             1,
-            false,
+            Read::AddedLatency,
             "≤ 1.5x",
         ),
         (
             "throughput, small chat, c=64",
             Scenario::Small,
             64,
-            true,
+            Read::Throughput,
             "≥ 0.8",
         ),
         (
             "latency added to the first streamed chunk, c=1 (p50)",
             Scenario::Stream,
             1,
-            false,
+            Read::AddedLatency,
             "≤ 1.5x",
         ),
+        (
+            "server CPU per request, small chat, c=64",
+            Scenario::Small,
+            64,
+            Read::Cpu,
+            "-",
+        ),
+        (
+            "the run's CPU per request (load, mock and server), c=64",
+            Scenario::Small,
+            64,
+            Read::WholeCpu,
+            "≤ 1.25x",
+        ),
     ];
-    for (figure, scenario, concurrency, throughput, goal) in rows {
+    for (figure, scenario, concurrency, read, goal) in rows {
         let Some(bare) = find(scenario, concurrency, "bare proxy") else {
             continue;
         };
-        let value = |cell: &Cell| {
-            if throughput {
-                (format!("{:.0} req/s", cell.rps), cell.rps / bare.rps)
-            } else {
+        let value = |cell: &Cell| match read {
+            Read::Throughput => (format!("{:.0} req/s", cell.rps), cell.rps / bare.rps),
+            Read::AddedLatency => {
                 let floor = bare.added_p50.as_secs_f64().max(1e-6);
                 (micros(cell.added_p50), cell.added_p50.as_secs_f64() / floor)
+            }
+            Read::Cpu | Read::WholeCpu => {
+                let cpu = |cell: &Cell| {
+                    let rest = if read == Read::WholeCpu {
+                        cell.rest_per_request
+                    } else {
+                        Duration::ZERO
+                    };
+                    (cell.cpu_per_request + rest).as_secs_f64()
+                };
+                let floor = cpu(bare).max(1e-9);
+                (format!("{:.1} µs", cpu(cell) * 1e6), cpu(cell) / floor)
             }
         };
         let (bare_text, _) = value(bare);
@@ -669,7 +792,7 @@ fn print_summary(cells: &[Cell]) {
                     let (text, ratio) = value(cell);
                     line.push_str(&format!(
                         " {text} | {ratio:.2}{} |",
-                        if throughput { "" } else { "x" }
+                        if read == Read::Throughput { "" } else { "x" }
                     ));
                 }
                 None => line.push_str(" - | - |"),
