@@ -54,7 +54,10 @@ impl App {
             let handler = move |request| endpoints::chat::serve(api, state, request);
             return edge.serve(request, route, handler).await;
         }
-        match self.router.clone().oneshot(request).await {
+        // Boxed: inline, the router's future would make every request's
+        // future (the chat path's too) as large as both, and that is
+        // copied whole when a connection boxes it.
+        match Box::pin(self.router.clone().oneshot(request)).await {
             Ok(response) => response,
             Err(never) => match never {},
         }

@@ -102,9 +102,13 @@ async fn forward(
                 request_id,
             };
             let gateway = &state.gateway;
+            // Boxed: the gateway's future is most of a request's state, and
+            // held inline it would make the future of each step above it
+            // (this one, the edge's, the connection's) that much larger,
+            // and each of those is copied whole when it is made.
             match api {
-                Api::Chat => gateway.complete(&config, incoming, &mut facts).await,
-                Api::Embeddings => gateway.embed(&config, incoming, &mut facts).await,
+                Api::Chat => Box::pin(gateway.complete(&config, incoming, &mut facts)).await,
+                Api::Embeddings => Box::pin(gateway.embed(&config, incoming, &mut facts)).await,
             }
             .map_err(ApiError::from)
         }

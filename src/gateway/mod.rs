@@ -216,18 +216,12 @@ impl Gateway {
             (facts.images, facts.image_bytes) = images.fetched();
             key = Some(made?);
         }
-        let mut answer = self
-            .attempt(
-                config,
-                &incoming,
-                model,
-                Parsed::Chat(request),
-                estimate,
-                reservation,
-                &images,
-                facts,
-            )
-            .await?;
+        let answer = self
+            .attempts(config, &incoming, model, estimate, &images)
+            .run(Parsed::Chat(request), reservation, facts)
+            .await;
+        (facts.images, facts.image_bytes) = images.fetched();
+        let mut answer = answer?;
         keep_if_complete(caching, key, &mut answer);
         Ok(answer)
     }
@@ -275,18 +269,12 @@ impl Gateway {
         {
             key = Some(caching.key(asked).await?);
         }
-        let mut answer = self
-            .attempt(
-                config,
-                &incoming,
-                model,
-                Parsed::Embeddings(request),
-                estimate,
-                reservation,
-                &images,
-                facts,
-            )
-            .await?;
+        let answer = self
+            .attempts(config, &incoming, model, estimate, &images)
+            .run(Parsed::Embeddings(request), reservation, facts)
+            .await;
+        (facts.images, facts.image_bytes) = images.fetched();
+        let mut answer = answer?;
         keep_if_complete(caching, key, &mut answer);
         Ok(answer)
     }
@@ -356,23 +344,19 @@ impl Gateway {
         Ok(reservation)
     }
 
-    /// The model's deployments attempted with `request` ([`attempt`]).
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one call site per API, each a step of its own"
-    )]
-    async fn attempt(
-        &self,
-        config: &Config,
-        incoming: &Incoming<'_>,
-        model: &Model,
-        request: Parsed<'_>,
+    /// The model's deployments, to be attempted with the request
+    /// ([`attempt`]); the caller notes the images fetched on the way when
+    /// the attempts end. (A plain function, not an `async` one around
+    /// `run`: each `async` level is one more copy of the future below it.)
+    fn attempts<'g>(
+        &'g self,
+        config: &'g Config,
+        incoming: &'g Incoming<'_>,
+        model: &'g Model,
         estimate: estimate::Estimate,
-        reservation: Reservation,
-        images: &ImageWork<'_>,
-        facts: &mut RequestFacts,
-    ) -> Result<Answer, ChatError> {
-        let answer = attempt::Attempts {
+        images: &'g ImageWork<'_>,
+    ) -> attempt::Attempts<'g> {
+        attempt::Attempts {
             gateway: self,
             settings: &config.routing,
             model,
@@ -384,10 +368,6 @@ impl Gateway {
             images,
             limits: config.server.request_limits,
         }
-        .run(request, reservation, facts)
-        .await;
-        (facts.images, facts.image_bytes) = images.fetched();
-        answer
     }
 }
 
