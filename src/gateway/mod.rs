@@ -220,10 +220,7 @@ impl Gateway {
             .attempts(config, &incoming, model, estimate, &images)
             .run(Parsed::Chat(request), reservation, facts)
             .await;
-        (facts.images, facts.image_bytes) = images.fetched();
-        let mut answer = answer?;
-        keep_if_complete(caching, key, &mut answer);
-        Ok(answer)
+        attempted(answer, &images, caching, key, facts)
     }
 
     /// `POST /v1/embeddings`: the same steps as a chat completion, with the
@@ -273,10 +270,7 @@ impl Gateway {
             .attempts(config, &incoming, model, estimate, &images)
             .run(Parsed::Embeddings(request), reservation, facts)
             .await;
-        (facts.images, facts.image_bytes) = images.fetched();
-        let mut answer = answer?;
-        keep_if_complete(caching, key, &mut answer);
-        Ok(answer)
+        attempted(answer, &images, caching, key, facts)
     }
 
     /// The model a request names, if it exists, serves `api` and the
@@ -369,6 +363,21 @@ impl Gateway {
             limits: config.server.request_limits,
         }
     }
+}
+
+/// The attempts' end, whatever it was: the images fetched on the way
+/// noted, and an answer offered to the cache ([`keep_if_complete`]).
+fn attempted(
+    answer: Result<Answer, ChatError>,
+    images: &ImageWork<'_>,
+    caching: Option<Caching<'_>>,
+    key: Option<CacheKey>,
+    facts: &mut RequestFacts,
+) -> Result<Answer, ChatError> {
+    (facts.images, facts.image_bytes) = images.fetched();
+    let mut answer = answer?;
+    keep_if_complete(caching, key, &mut answer);
+    Ok(answer)
 }
 
 /// An upstream's 200 is collected as it is relayed, and kept under `key`
