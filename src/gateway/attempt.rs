@@ -79,6 +79,9 @@ struct Answered {
     reply: Reply,
     first: Option<Bytes>,
     relaying: Relaying,
+    /// When the answer came (its head and first chunk): the relayed
+    /// body's wait for the next chunk counts from then.
+    at: Instant,
 }
 
 impl Attempts<'_> {
@@ -165,6 +168,7 @@ impl Attempts<'_> {
                     reply,
                     first: None,
                     relaying: Relaying::default(),
+                    at: Instant::now(),
                 };
                 Ok(self.answer(&upstream, answered, reservation))
             }
@@ -220,16 +224,20 @@ impl Attempts<'_> {
             .send(upstream, body, relaying.stream, remaining)
             .instrument(span.clone())
             .await;
-        facts.upstream_latency = Some(sent.elapsed());
+        // One reading of the clock for the latency, the health's count
+        // and the relayed body's first wait.
+        let at = Instant::now();
+        facts.upstream_latency = Some(at.saturating_duration_since(sent));
         Ok(match outcome {
             Ok((reply, first)) => {
                 count_attempt(upstream, "ok");
                 crate::traces::record_attempt(&span, "ok", Some(reply.status.as_u16()));
-                self.gateway.health.attempted(&deployment.key, false);
+                self.gateway.health.attempted(&deployment.key, false, at);
                 Ok(Answered {
                     reply,
                     first,
                     relaying,
+                    at,
                 })
             }
             Err(failed) => Err((failed, span)),
@@ -265,7 +273,9 @@ impl Attempts<'_> {
             _ => true,
         };
         // A 4xx other than 401/403/429 is the request's fault, not the upstream's.
-        self.gateway.health.attempted(&deployment.key, counts);
+        self.gateway
+            .health
+            .attempted(&deployment.key, counts, Instant::now());
         if counts {
             self.gateway
                 .health
@@ -495,6 +505,7 @@ impl Attempts<'_> {
                     stream,
                     drop_usage_chunk,
                 },
+            at,
         } = answered;
         let status = response.status;
         let upstream_ok = status.is_success();
@@ -514,7 +525,7 @@ impl Attempts<'_> {
             body: AnswerBody::Relayed(Box::new(ResponseBody::new(
                 body,
                 tap,
-                upstream.timeout,
+                (upstream.timeout, at),
                 reservation,
                 upstream_ok,
                 self.gateway.drain.clone(),

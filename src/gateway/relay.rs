@@ -107,10 +107,12 @@ pub struct ResponseBody {
 }
 
 impl ResponseBody {
+    /// `(idle, since)`: the longest wait for each chunk, and when the
+    /// upstream's answer came (the first wait counts from then).
     pub fn new(
         (first, upstream): (Option<Bytes>, Chunks),
         tap: UsageTap,
-        idle: Duration,
+        (idle, since): (Duration, Instant),
         reservation: Reservation,
         upstream_ok: bool,
         drain: CancellationToken,
@@ -120,7 +122,7 @@ impl ResponseBody {
             upstream,
             tap,
             idle,
-            idle_since: Instant::now(),
+            idle_since: since,
             deadline: None,
             deadline_set: false,
             drain,

@@ -136,10 +136,10 @@ impl Health {
         now.duration_since(self.started).as_secs() / BUCKET.as_secs()
     }
 
-    /// Counts an attempt on deployment `key` (`failed` or not) for the
-    /// last-five-minutes figures.
-    pub fn attempted(&self, key: &Arc<str>, failed: bool) {
-        let bucket = self.bucket(Instant::now());
+    /// Counts an attempt on deployment `key` (`failed` or not), ended at
+    /// `at`, for the last-five-minutes figures.
+    pub fn attempted(&self, key: &Arc<str>, failed: bool, at: Instant) {
+        let bucket = self.bucket(at);
         if let Ok(mut states) = self.states.lock() {
             // Looked up before `entry`, which would take (and mostly drop)
             // a clone of the key.
