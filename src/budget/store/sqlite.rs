@@ -574,14 +574,14 @@ fn log_files(path: &Path) -> Result<Vec<(u64, PathBuf)>, StoreError> {
     })
 }
 
-/// The items of the log files after `absorbed`, in order. `None` for a
+/// The items of the log `files` after `absorbed`, in order. `None` for a
 /// reader racing the server's flush: a file after `absorbed` was removed
 /// (absorbed since), or the files do not follow on from `absorbed` (ones
 /// between were absorbed and removed since); it reads again.
-fn wal_items(path: &Path, absorbed: u64) -> Result<Option<Vec<Item>>, StoreError> {
+fn wal_items(files: Vec<(u64, PathBuf)>, absorbed: u64) -> Result<Option<Vec<Item>>, StoreError> {
     let mut read = Vec::new();
     let mut expected = absorbed + 1;
-    for (generation, file) in log_files(path)? {
+    for (generation, file) in files {
         if generation <= absorbed {
             continue;
         }
@@ -625,6 +625,13 @@ fn replay_items(
 /// log's items the file has not absorbed, in one read transaction, so the
 /// file and the log are seen at one moment: neither a change missed nor
 /// one seen twice. Tried again while the server's flush moves under it.
+///
+/// The log's files are listed before the file's snapshot is taken: a file
+/// the server removes between the two was absorbed before its removal, so
+/// the snapshot holds it. Listed after, a flush that absorbed and removed
+/// the last files, with no newer file yet, left a snapshot without their
+/// items and a listing without them either: items made durable before
+/// the read went unseen.
 pub fn with_log<T>(
     db: &Connection,
     path: &Path,
@@ -632,10 +639,11 @@ pub fn with_log<T>(
 ) -> Result<T, StoreError> {
     let error = |e: &rusqlite::Error| db_error(path, e);
     for _ in 0..20 {
+        let files = log_files(path)?;
         let transaction = db.unchecked_transaction().map_err(|e| error(&e))?;
         // The first read fixes the transaction's snapshot of the file.
         let absorbed = absorbed(&transaction).map_err(|e| error(&e))?;
-        if let Some(items) = wal_items(path, absorbed)? {
+        if let Some(items) = wal_items(files, absorbed)? {
             return read(&transaction, items).map_err(|e| error(&e));
         }
     }
@@ -1283,13 +1291,19 @@ mod tests {
             let mut writer = wal::Writer::new(&path, generation);
             writer.append(&mut frame).expect("append");
         }
+        let files = || super::log_files(&path).expect("files");
         assert_eq!(
-            wal_items(&path, 4).expect("read").map(|items| items.len()),
+            wal_items(files(), 4)
+                .expect("read")
+                .map(|items| items.len()),
             Some(2),
             "5 and 6 follow on from 4"
         );
-        assert_eq!(wal_items(&path, 6).expect("read").map(|i| i.len()), Some(0));
-        assert!(wal_items(&path, 3).expect("read").is_none(), "4 is gone");
+        assert_eq!(
+            wal_items(files(), 6).expect("read").map(|i| i.len()),
+            Some(0)
+        );
+        assert!(wal_items(files(), 3).expect("read").is_none(), "4 is gone");
         assert_eq!(
             replay_items(&path, &super::log_files(&path).expect("files"), 3)
                 .expect("replay")
@@ -1297,6 +1311,10 @@ mod tests {
             2,
             "a start replays what is there"
         );
+        // A file listed, then removed (absorbed) before it is read.
+        let listed = files();
+        std::fs::remove_file(&listed[0].1).expect("remove");
+        assert!(wal_items(listed, 4).expect("read").is_none(), "5 went");
     }
 
     /// A log that cannot be written (here its file's name is taken by a
