@@ -637,9 +637,21 @@ pub fn with_log<T>(
     path: &Path,
     read: impl Fn(&Connection, Vec<Item>) -> rusqlite::Result<T>,
 ) -> Result<T, StoreError> {
+    with_log_racing(db, path, read, &mut || {})
+}
+
+/// [`with_log`], running `between` between its listing of the log's files
+/// and its snapshot of the file (where a test's flush races it).
+fn with_log_racing<T>(
+    db: &Connection,
+    path: &Path,
+    read: impl Fn(&Connection, Vec<Item>) -> rusqlite::Result<T>,
+    between: &mut dyn FnMut(),
+) -> Result<T, StoreError> {
     let error = |e: &rusqlite::Error| db_error(path, e);
     for _ in 0..20 {
         let files = log_files(path)?;
+        between();
         let transaction = db.unchecked_transaction().map_err(|e| error(&e))?;
         // The first read fixes the transaction's snapshot of the file.
         let absorbed = absorbed(&transaction).map_err(|e| error(&e))?;
@@ -1315,6 +1327,55 @@ mod tests {
         let listed = files();
         std::fs::remove_file(&listed[0].1).expect("remove");
         assert!(wal_items(listed, 4).expect("read").is_none(), "5 went");
+    }
+
+    /// A flush that absorbs and removes the log's last file between a
+    /// reader's listing of the files and its snapshot of the file hides
+    /// nothing: the snapshot holds what the listing named. (Taken the other
+    /// way round, the snapshot missed the file's items and the listing,
+    /// with no newer file made yet, missed the file.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flush_between_a_readers_listing_and_its_snapshot_hides_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("usage.db");
+        let store = SqliteStore::open(&path).expect("open");
+        spend(&store, "c", 50, 42).await;
+        store.persisted().await.expect("persisted");
+        assert_eq!(log_files(&path), [1], "in the log only");
+        assert!(rows_in_file(&path).is_empty());
+        let runtime = tokio::runtime::Handle::current();
+        let reader_path = path.clone();
+        let seen = tokio::task::spawn_blocking(move || {
+            let db = Connection::open_with_flags(
+                &reader_path,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .expect("open");
+            let mut flushed = false;
+            with_log_racing(
+                &db,
+                &reader_path,
+                |db, items| {
+                    let mut keys: Vec<String> =
+                        read_states(db)?.into_iter().map(|(key, _)| key).collect();
+                    keys.extend(items.into_iter().filter_map(|item| match item {
+                        Item::State(key, _) => Some(key),
+                        Item::Row { .. } => None,
+                    }));
+                    Ok(keys)
+                },
+                &mut || {
+                    if !std::mem::replace(&mut flushed, true) {
+                        runtime.block_on(store.flush()).expect("flush");
+                        assert!(log_files(&reader_path).is_empty(), "absorbed and removed");
+                    }
+                },
+            )
+            .expect("read")
+        })
+        .await
+        .expect("reader");
+        assert_eq!(seen.len(), 1, "the settlement is seen once: {seen:?}");
     }
 
     /// A log that cannot be written (here its file's name is taken by a
