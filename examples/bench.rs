@@ -617,8 +617,15 @@ fn main() {
                     runtime.block_on(load(addr, key, model, scenario, concurrency, seconds));
                 let cpu = cpu_of(threads).saturating_sub(cpu_before);
                 // The rest of the run's work: the load generator (this
-                // thread) and the mock upstream (whose own cell is "direct").
-                let rest = (cpu_of("mock") + cpu_of_this_thread()).saturating_sub(rest_before);
+                // thread) and the mock upstream (less the server's own:
+                // the mock is the "direct" cell's server).
+                let rest = (cpu_of("mock") + cpu_of_this_thread())
+                    .saturating_sub(rest_before)
+                    .saturating_sub(if threads == "mock" {
+                        cpu
+                    } else {
+                        Duration::ZERO
+                    });
                 let rest_per_request =
                     rest / u32::try_from(measured.sent.max(1)).unwrap_or(u32::MAX);
                 let cpu_per_request = cpu / u32::try_from(measured.sent.max(1)).unwrap_or(u32::MAX);
@@ -691,20 +698,23 @@ fn cpu_of(name: &str) -> Duration {
         if !named {
             continue;
         }
-        nanos += std::fs::read_to_string(path.join("schedstat"))
-            .ok()
-            .and_then(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
-            .unwrap_or(0);
+        nanos += on_cpu_nanos(&path);
     }
     Duration::from_nanos(nanos)
 }
 
 /// The CPU time the calling thread has used so far (see [`cpu_of`]).
 fn cpu_of_this_thread() -> Duration {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
+    Duration::from_nanos(on_cpu_nanos(std::path::Path::new("/proc/thread-self")))
+}
+
+/// The first field of a task's `schedstat`: its time on a CPU, in
+/// nanoseconds (0 when it cannot be read).
+fn on_cpu_nanos(task: &std::path::Path) -> u64 {
+    std::fs::read_to_string(task.join("schedstat"))
         .ok()
-        .and_then(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
-        .map_or(Duration::ZERO, Duration::from_nanos)
+        .and_then(|stat| stat.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The headline figures as ratios to the bare proxy's, from this run's cells.
