@@ -2,6 +2,7 @@
 //! a bare pass-through proxy, and through Iris, in one run.
 //!
 //!   cargo run --release --example bench [-- --seconds 3] [--only 'small chat/64/iris']
+//!       [--paired ROUNDS] [--no-rss]
 //!
 //! Iris is measured with budgets in the memory store (`store.kind = "memory"`,
 //! no write per settlement), in the SQLite store that is the default (a file
@@ -26,6 +27,14 @@
 //! c=64 the run keeps both cores busy, so the throughput ratio is about the
 //! inverse of the whole run's CPU ratio: 0.8 of the floor's throughput is
 //! about 1.25x its CPU per request.
+//!
+//! The goals' figures are then measured again in paired rounds (5 unless
+//! `--paired N`; 0 skips them; `--only paired` runs only them): in each
+//! round, the cells a ratio compares run one right after the other, 1 s
+//! each, and the table gives each ratio's median, lowest and highest over
+//! the rounds and in how many it was within its goal. A neighbour that
+//! slows the machine for half a minute moves a ratio of cells minutes
+//! apart; it moves both cells of a pair alike.
 //!
 //! The response cache is measured as hits: the same small chat again and
 //! again to a model with `cache = true` (in memory, and on Redis when the
@@ -552,115 +561,58 @@ fn main() {
         "| scenario | concurrency | target | req/s | p50 | p99 | added p50 | server CPU / request | errors |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
+    let servers = Servers {
+        mock: upstream,
+        bare,
+        iris,
+        iris_sqlite,
+        iris_redis,
+    };
     for scenario in [Scenario::Small, Scenario::Image, Scenario::Stream] {
         for concurrency in [1, 64] {
-            let model = "bench-model";
-            // Each target, with the name of the server's threads.
-            let mut targets = vec![
-                ("direct", (upstream, "mock"), KEY, model),
-                ("bare proxy", (bare, "bare"), KEY, model),
-                ("iris", (iris, "iris"), KEY, model),
-                ("iris + budgets", (iris, "iris"), KEY_BUDGETED, model),
-                ("iris (sqlite)", (iris_sqlite, "iris-sqlite"), KEY, model),
-                (
-                    "iris + budgets (sqlite)",
-                    (iris_sqlite, "iris-sqlite"),
-                    KEY_BUDGETED,
-                    model,
-                ),
-            ];
-            if let Some(iris_redis) = iris_redis {
-                targets.push((
-                    "iris + budgets (redis)",
-                    (iris_redis, "iris-redis"),
-                    KEY_BUDGETED,
-                    model,
-                ));
-            }
-            if scenario == Scenario::Small {
-                // Routing: two healthy deployments; then one of two answering
-                // 503 to everything (failover, then its cooldown).
-                targets.push(("iris, 2 deployments", (iris, "iris"), KEY, "bench-routed"));
-                targets.push((
-                    "iris, 1 of 2 failing",
-                    (iris, "iris"),
-                    KEY,
-                    "bench-failover",
-                ));
-            }
-            if scenario != Scenario::Image {
-                // The same request again and again: answered from the cache.
-                targets.push((
-                    "iris, cache hit",
-                    (iris, "iris"),
-                    KEY_BUDGETED,
-                    "bench-cached",
-                ));
-                if let Some(iris_redis) = iris_redis {
-                    targets.push((
-                        "iris, cache hit (redis)",
-                        (iris_redis, "iris-redis"),
-                        KEY_BUDGETED,
-                        "bench-cached",
-                    ));
-                }
-            }
             let mut direct_p50 = Duration::ZERO;
-            for (name, (addr, threads), key, model) in targets {
-                let cell = format!("{}/{concurrency}/{name}", scenario.name());
-                if !cell.contains(&only) && (name != "direct" || !only.is_empty()) {
+            for target in servers.targets(scenario) {
+                let cell = format!("{}/{concurrency}/{}", scenario.name(), target.name);
+                if !cell.contains(&only) && (target.name != "direct" || !only.is_empty()) {
                     continue;
                 }
-                let cpu_before = cpu_of(threads);
-                let rest_before = cpu_of("mock") + cpu_of_this_thread();
-                let measured =
-                    runtime.block_on(load(addr, key, model, scenario, concurrency, seconds));
-                let cpu = cpu_of(threads).saturating_sub(cpu_before);
-                // The rest of the run's work: the load generator (this
-                // thread) and the mock upstream (less the server's own:
-                // the mock is the "direct" cell's server).
-                let rest = (cpu_of("mock") + cpu_of_this_thread())
-                    .saturating_sub(rest_before)
-                    .saturating_sub(if threads == "mock" {
-                        cpu
-                    } else {
-                        Duration::ZERO
-                    });
-                let rest_per_request =
-                    rest / u32::try_from(measured.sent.max(1)).unwrap_or(u32::MAX);
-                let cpu_per_request = cpu / u32::try_from(measured.sent.max(1)).unwrap_or(u32::MAX);
-                let p50 = measured.percentile(0.5);
-                if name == "direct" {
-                    direct_p50 = p50;
-                }
-                cells.push(Cell {
+                let cell = measure(
+                    &runtime,
+                    &target,
                     scenario,
                     concurrency,
-                    target: name,
-                    rps: measured.rps(),
-                    p50,
-                    added_p50: p50.saturating_sub(direct_p50),
-                    cpu_per_request,
-                    rest_per_request,
-                });
+                    seconds,
+                    direct_p50,
+                );
+                if target.name == "direct" {
+                    direct_p50 = cell.p50;
+                }
                 println!(
-                    "| {} | {concurrency} | {name} | {:.0} | {} | {} | {} | {:.1} µs | {} |",
+                    "| {} | {concurrency} | {} | {:.0} | {} | {} | {} | {:.1} µs | {} |",
                     scenario.name(),
-                    measured.rps(),
-                    micros(p50),
-                    micros(measured.percentile(0.99)),
-                    if name == "direct" {
+                    target.name,
+                    cell.rps,
+                    micros(cell.p50),
+                    micros(cell.p99),
+                    if target.name == "direct" {
                         "-".into()
                     } else {
-                        micros(p50.saturating_sub(direct_p50))
+                        micros(cell.added_p50)
                     },
-                    cpu_per_request.as_secs_f64() * 1e6,
-                    measured.errors,
+                    cell.cpu_per_request.as_secs_f64() * 1e6,
+                    cell.errors,
                 );
+                cells.push(cell);
             }
         }
     }
-    print_summary(&cells);
+    if !cells.is_empty() {
+        print_summary(&cells);
+    }
+    let rounds: usize = arg("--paired").and_then(|n| n.parse().ok()).unwrap_or(5);
+    if rounds > 0 && (only.is_empty() || only == "paired") {
+        paired_rounds(&runtime, &servers, rounds);
+    }
     if std::env::args().all(|a| a != "--no-rss") {
         runtime.block_on(print_memory(upstream, seconds));
     }
@@ -674,11 +626,340 @@ struct Cell {
     target: &'static str,
     rps: f64,
     p50: Duration,
+    p99: Duration,
     added_p50: Duration,
+    errors: usize,
     /// The server's threads' CPU time (user and system) per request.
     cpu_per_request: Duration,
     /// The load generator's and the mock upstream's, per request.
     rest_per_request: Duration,
+}
+
+/// The servers a run measures, each on its own runtime thread.
+struct Servers {
+    mock: SocketAddr,
+    bare: SocketAddr,
+    /// Budgets in the memory store.
+    iris: SocketAddr,
+    /// Budgets in the SQLite store, the default.
+    iris_sqlite: SocketAddr,
+    iris_redis: Option<SocketAddr>,
+}
+
+/// Where a cell's load goes, and as whom.
+#[derive(Clone, Copy)]
+struct Target {
+    name: &'static str,
+    addr: SocketAddr,
+    /// The name of the server's threads (see [`cpu_of`]).
+    threads: &'static str,
+    key: &'static str,
+    model: &'static str,
+}
+
+impl Servers {
+    /// The cells of `scenario`, in the order they run: "direct" first (the
+    /// others' added latency counts from it), then the floor.
+    fn targets(&self, scenario: Scenario) -> Vec<Target> {
+        let target = |name, addr, threads, key, model| Target {
+            name,
+            addr,
+            threads,
+            key,
+            model,
+        };
+        let model = "bench-model";
+        let mut targets = vec![
+            target("direct", self.mock, "mock", KEY, model),
+            target("bare proxy", self.bare, "bare", KEY, model),
+            target("iris", self.iris, "iris", KEY, model),
+            target("iris + budgets", self.iris, "iris", KEY_BUDGETED, model),
+            target("iris (sqlite)", self.iris_sqlite, "iris-sqlite", KEY, model),
+            target(
+                "iris + budgets (sqlite)",
+                self.iris_sqlite,
+                "iris-sqlite",
+                KEY_BUDGETED,
+                model,
+            ),
+        ];
+        if let Some(iris_redis) = self.iris_redis {
+            targets.push(target(
+                "iris + budgets (redis)",
+                iris_redis,
+                "iris-redis",
+                KEY_BUDGETED,
+                model,
+            ));
+        }
+        if scenario == Scenario::Small {
+            // Routing: two healthy deployments; then one of two answering
+            // 503 to everything (failover, then its cooldown).
+            targets.push(target(
+                "iris, 2 deployments",
+                self.iris,
+                "iris",
+                KEY,
+                "bench-routed",
+            ));
+            targets.push(target(
+                "iris, 1 of 2 failing",
+                self.iris,
+                "iris",
+                KEY,
+                "bench-failover",
+            ));
+        }
+        if scenario != Scenario::Image {
+            // The same request again and again: answered from the cache.
+            targets.push(target(
+                "iris, cache hit",
+                self.iris,
+                "iris",
+                KEY_BUDGETED,
+                "bench-cached",
+            ));
+            if let Some(iris_redis) = self.iris_redis {
+                targets.push(target(
+                    "iris, cache hit (redis)",
+                    iris_redis,
+                    "iris-redis",
+                    KEY_BUDGETED,
+                    "bench-cached",
+                ));
+            }
+        }
+        targets
+    }
+
+    /// The target called `name` in `scenario`.
+    fn target(&self, scenario: Scenario, name: &str) -> Option<Target> {
+        self.targets(scenario).into_iter().find(|t| t.name == name)
+    }
+}
+
+/// The goals' figures, measured in rounds: in each round every figure's
+/// cells run one right after the other (1 s each), so each ratio compares
+/// cells measured seconds apart, not minutes. On a machine shared with
+/// other work the floor's own throughput moves by a fifth between runs;
+/// a ratio of cells far apart in a run carries that, the median of
+/// adjacent pairs much less.
+fn paired_rounds(runtime: &tokio::runtime::Runtime, servers: &Servers, rounds: usize) {
+    const SECONDS: f64 = 1.0;
+    const FLOOR: &str = "bare proxy";
+    const MEMORY: &str = "iris + budgets";
+    const SQLITE: &str = "iris + budgets (sqlite)";
+    // (figure, goal, whether a value passes, the values of the rounds)
+    type Figure = (&'static str, &'static str, fn(f64) -> bool, Vec<f64>);
+    let mut figures: Vec<Figure> = vec![
+        (
+            "latency added, small chat, c=1 (p50): iris + budgets ÷ floor",
+            "≤ 1.5x",
+            |r| r <= 1.5,
+            vec![],
+        ),
+        (
+            "throughput, small chat, c=64: iris + budgets ÷ floor",
+            "≥ 0.8",
+            |r| r >= 0.8,
+            vec![],
+        ),
+        (
+            "latency added to the first streamed chunk, c=1 (p50): iris + budgets ÷ floor",
+            "≤ 1.5x",
+            |r| r <= 1.5,
+            vec![],
+        ),
+        (
+            "server CPU per request, small chat, c=64: iris + budgets ÷ floor",
+            "-",
+            |_| true,
+            vec![],
+        ),
+        (
+            "the run's CPU per request, small chat, c=64: iris + budgets ÷ floor",
+            "≤ 1.25x",
+            |r| r <= 1.25,
+            vec![],
+        ),
+        (
+            "throughput, small chat, c=64: SQLite store ÷ memory store",
+            "≥ 0.9",
+            |r| r >= 0.9,
+            vec![],
+        ),
+        (
+            "latency added, small chat, c=1 (p50): SQLite store − memory store, µs",
+            "≤ 10",
+            |d| d <= 10.0,
+            vec![],
+        ),
+    ];
+    println!(
+        "\n## Paired rounds ({rounds} rounds; a figure's cells 1 s each, one after the other)\n"
+    );
+    for round in 0..rounds {
+        // Each (scenario, concurrency), the cells a figure compares; in
+        // every other round the order is turned around, so that neither
+        // side always runs first.
+        let mut round_cells: Vec<Cell> = Vec::new();
+        for (scenario, concurrency, names) in [
+            (Scenario::Small, 1, &[FLOOR, MEMORY, SQLITE][..]),
+            (Scenario::Small, 64, &[FLOOR, MEMORY, SQLITE][..]),
+            (Scenario::Stream, 1, &[FLOOR, MEMORY][..]),
+        ] {
+            let direct_p50 = if concurrency == 1 {
+                servers
+                    .target(scenario, "direct")
+                    .map_or(Duration::ZERO, |direct| {
+                        measure(
+                            runtime,
+                            &direct,
+                            scenario,
+                            concurrency,
+                            SECONDS,
+                            Duration::ZERO,
+                        )
+                        .p50
+                    })
+            } else {
+                Duration::ZERO
+            };
+            let mut names = names.to_vec();
+            if round % 2 == 1 {
+                names.reverse();
+            }
+            for name in names {
+                if let Some(target) = servers.target(scenario, name) {
+                    round_cells.push(measure(
+                        runtime,
+                        &target,
+                        scenario,
+                        concurrency,
+                        SECONDS,
+                        direct_p50,
+                    ));
+                }
+            }
+        }
+        let cell = |scenario: Scenario, concurrency: usize, name: &str| {
+            round_cells.iter().find(|c| {
+                c.scenario == scenario && c.concurrency == concurrency && c.target == name
+            })
+        };
+        let (
+            Some(floor_1),
+            Some(memory_1),
+            Some(sqlite_1),
+            Some(floor_64),
+            Some(memory_64),
+            Some(sqlite_64),
+            Some(floor_stream),
+            Some(memory_stream),
+        ) = (
+            cell(Scenario::Small, 1, FLOOR),
+            cell(Scenario::Small, 1, MEMORY),
+            cell(Scenario::Small, 1, SQLITE),
+            cell(Scenario::Small, 64, FLOOR),
+            cell(Scenario::Small, 64, MEMORY),
+            cell(Scenario::Small, 64, SQLITE),
+            cell(Scenario::Stream, 1, FLOOR),
+            cell(Scenario::Stream, 1, MEMORY),
+        )
+        else {
+            continue;
+        };
+        let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-9);
+        let values = [
+            ratio(memory_1.added_p50, floor_1.added_p50),
+            memory_64.rps / floor_64.rps.max(1e-9),
+            ratio(memory_stream.added_p50, floor_stream.added_p50),
+            ratio(memory_64.cpu_per_request, floor_64.cpu_per_request),
+            ratio(
+                memory_64.cpu_per_request + memory_64.rest_per_request,
+                floor_64.cpu_per_request + floor_64.rest_per_request,
+            ),
+            sqlite_64.rps / memory_64.rps.max(1e-9),
+            (sqlite_1.added_p50.as_secs_f64() - memory_1.added_p50.as_secs_f64()) * 1e6,
+        ];
+        for (figure, value) in figures.iter_mut().zip(values) {
+            figure.3.push(value);
+        }
+        println!(
+            "round {}: floor {:.0} req/s at c=64, iris + budgets {:.0}, SQLite store {:.0}",
+            round + 1,
+            floor_64.rps,
+            memory_64.rps,
+            sqlite_64.rps
+        );
+    }
+    println!("\n| figure | median | lowest | highest | rounds within the goal | goal |");
+    println!("|---|---|---|---|---|---|");
+    for (figure, goal, passes, mut values) in figures {
+        if values.is_empty() {
+            continue;
+        }
+        values.sort_by(f64::total_cmp);
+        let median = if values.len() % 2 == 1 {
+            values[values.len() / 2]
+        } else {
+            (values[values.len() / 2 - 1] + values[values.len() / 2]) / 2.0
+        };
+        let within = values.iter().filter(|v| passes(**v)).count();
+        println!(
+            "| {figure} | {median:.2} | {:.2} | {:.2} | {within} of {} | {goal} |",
+            values[0],
+            values[values.len() - 1],
+            values.len()
+        );
+    }
+}
+
+/// One cell: `target` loaded for `seconds`, with its server's CPU time and
+/// the rest of the run's; its latency added to `direct_p50`'s.
+fn measure(
+    runtime: &tokio::runtime::Runtime,
+    target: &Target,
+    scenario: Scenario,
+    concurrency: usize,
+    seconds: f64,
+    direct_p50: Duration,
+) -> Cell {
+    let cpu_before = cpu_of(target.threads);
+    let rest_before = cpu_of("mock") + cpu_of_this_thread();
+    let measured = runtime.block_on(load(
+        target.addr,
+        target.key,
+        target.model,
+        scenario,
+        concurrency,
+        seconds,
+    ));
+    let cpu = cpu_of(target.threads).saturating_sub(cpu_before);
+    // The rest of the run's work: the load generator (this thread) and the
+    // mock upstream (less the server's own: the mock is the "direct"
+    // cell's server).
+    let rest = (cpu_of("mock") + cpu_of_this_thread())
+        .saturating_sub(rest_before)
+        .saturating_sub(if target.threads == "mock" {
+            cpu
+        } else {
+            Duration::ZERO
+        });
+    let sent = u32::try_from(measured.sent.max(1)).unwrap_or(u32::MAX);
+    let p50 = measured.percentile(0.5);
+    Cell {
+        scenario,
+        concurrency,
+        target: target.name,
+        rps: measured.rps(),
+        p50,
+        p99: measured.percentile(0.99),
+        added_p50: p50.saturating_sub(direct_p50),
+        errors: measured.errors,
+        cpu_per_request: cpu / sent,
+        rest_per_request: rest / sent,
+    }
 }
 
 /// The CPU time (user and system, from the scheduler's own count in
