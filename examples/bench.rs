@@ -738,6 +738,101 @@ impl Servers {
     }
 }
 
+/// The cells a paired ratio compares.
+const FLOOR: &str = "bare proxy";
+const MEMORY: &str = "iris + budgets";
+const SQLITE: &str = "iris + budgets (sqlite)";
+
+/// One of the goals' figures, as the paired rounds read it.
+struct Figure {
+    name: &'static str,
+    goal: &'static str,
+    /// Whether a round's value is within the goal (`None`: no goal).
+    within: Option<fn(f64) -> bool>,
+    /// The figure's value in a round, from the round's cells.
+    of: fn(&Round) -> Option<f64>,
+}
+
+/// The cells one round measured.
+struct Round(Vec<Cell>);
+
+impl Round {
+    fn cell(&self, scenario: Scenario, concurrency: usize, target: &str) -> Option<&Cell> {
+        self.0
+            .iter()
+            .find(|c| c.scenario == scenario && c.concurrency == concurrency && c.target == target)
+    }
+
+    /// `of`'s value in `target`'s cell over its value in `base`'s.
+    fn ratio(
+        &self,
+        (scenario, concurrency): (Scenario, usize),
+        target: &str,
+        base: &str,
+        of: fn(&Cell) -> f64,
+    ) -> Option<f64> {
+        let target = of(self.cell(scenario, concurrency, target)?);
+        let base = of(self.cell(scenario, concurrency, base)?);
+        Some(target / base.max(1e-12))
+    }
+}
+
+const SMALL_1: (Scenario, usize) = (Scenario::Small, 1);
+const SMALL_64: (Scenario, usize) = (Scenario::Small, 64);
+const STREAM_1: (Scenario, usize) = (Scenario::Stream, 1);
+
+const FIGURES: [Figure; 7] = [
+    Figure {
+        name: "latency added, small chat, c=1 (p50): iris + budgets ÷ floor",
+        goal: "≤ 1.5x",
+        within: Some(|r| r <= 1.5),
+        of: |round| round.ratio(SMALL_1, MEMORY, FLOOR, |c| c.added_p50.as_secs_f64()),
+    },
+    Figure {
+        name: "throughput, small chat, c=64: iris + budgets ÷ floor",
+        goal: "≥ 0.8",
+        within: Some(|r| r >= 0.8),
+        of: |round| round.ratio(SMALL_64, MEMORY, FLOOR, |c| c.rps),
+    },
+    Figure {
+        name: "latency added to the first streamed chunk, c=1 (p50): iris + budgets ÷ floor",
+        goal: "≤ 1.5x",
+        within: Some(|r| r <= 1.5),
+        of: |round| round.ratio(STREAM_1, MEMORY, FLOOR, |c| c.added_p50.as_secs_f64()),
+    },
+    Figure {
+        name: "server CPU per request, small chat, c=64: iris + budgets ÷ floor",
+        goal: "-",
+        within: None,
+        of: |round| round.ratio(SMALL_64, MEMORY, FLOOR, |c| c.cpu_per_request.as_secs_f64()),
+    },
+    Figure {
+        name: "the run's CPU per request, small chat, c=64: iris + budgets ÷ floor",
+        goal: "≤ 1.25x",
+        within: Some(|r| r <= 1.25),
+        of: |round| {
+            round.ratio(SMALL_64, MEMORY, FLOOR, |c| {
+                (c.cpu_per_request + c.rest_per_request).as_secs_f64()
+            })
+        },
+    },
+    Figure {
+        name: "throughput, small chat, c=64: SQLite store ÷ memory store",
+        goal: "≥ 0.9",
+        within: Some(|r| r >= 0.9),
+        of: |round| round.ratio(SMALL_64, SQLITE, MEMORY, |c| c.rps),
+    },
+    Figure {
+        name: "latency added, small chat, c=1 (p50): SQLite store − memory store, µs",
+        goal: "≤ 10",
+        within: Some(|d| d <= 10.0),
+        of: |round| {
+            let added = |target| Some(round.cell(SMALL_1.0, SMALL_1.1, target)?.added_p50);
+            Some((added(SQLITE)?.as_secs_f64() - added(MEMORY)?.as_secs_f64()) * 1e6)
+        },
+    },
+];
+
 /// The goals' figures, measured in rounds: in each round every figure's
 /// cells run one right after the other (1 s each), so each ratio compares
 /// cells measured seconds apart, not minutes. On a machine shared with
@@ -746,171 +841,80 @@ impl Servers {
 /// adjacent pairs much less.
 fn paired_rounds(runtime: &tokio::runtime::Runtime, servers: &Servers, rounds: usize) {
     const SECONDS: f64 = 1.0;
-    const FLOOR: &str = "bare proxy";
-    const MEMORY: &str = "iris + budgets";
-    const SQLITE: &str = "iris + budgets (sqlite)";
-    // (figure, goal, whether a value passes, the values of the rounds)
-    type Figure = (&'static str, &'static str, fn(f64) -> bool, Vec<f64>);
-    let mut figures: Vec<Figure> = vec![
-        (
-            "latency added, small chat, c=1 (p50): iris + budgets ÷ floor",
-            "≤ 1.5x",
-            |r| r <= 1.5,
-            vec![],
-        ),
-        (
-            "throughput, small chat, c=64: iris + budgets ÷ floor",
-            "≥ 0.8",
-            |r| r >= 0.8,
-            vec![],
-        ),
-        (
-            "latency added to the first streamed chunk, c=1 (p50): iris + budgets ÷ floor",
-            "≤ 1.5x",
-            |r| r <= 1.5,
-            vec![],
-        ),
-        (
-            "server CPU per request, small chat, c=64: iris + budgets ÷ floor",
-            "-",
-            |_| true,
-            vec![],
-        ),
-        (
-            "the run's CPU per request, small chat, c=64: iris + budgets ÷ floor",
-            "≤ 1.25x",
-            |r| r <= 1.25,
-            vec![],
-        ),
-        (
-            "throughput, small chat, c=64: SQLite store ÷ memory store",
-            "≥ 0.9",
-            |r| r >= 0.9,
-            vec![],
-        ),
-        (
-            "latency added, small chat, c=1 (p50): SQLite store − memory store, µs",
-            "≤ 10",
-            |d| d <= 10.0,
-            vec![],
-        ),
-    ];
     println!(
         "\n## Paired rounds ({rounds} rounds; a figure's cells 1 s each, one after the other)\n"
     );
-    for round in 0..rounds {
-        // Each (scenario, concurrency), the cells a figure compares; in
-        // every other round the order is turned around, so that neither
-        // side always runs first.
-        let mut round_cells: Vec<Cell> = Vec::new();
-        for (scenario, concurrency, names) in [
-            (Scenario::Small, 1, &[FLOOR, MEMORY, SQLITE][..]),
-            (Scenario::Small, 64, &[FLOOR, MEMORY, SQLITE][..]),
-            (Scenario::Stream, 1, &[FLOOR, MEMORY][..]),
+    let mut values: Vec<Vec<f64>> = FIGURES.iter().map(|_| Vec::new()).collect();
+    for number in 1..=rounds {
+        let mut round = Round(Vec::new());
+        for ((scenario, concurrency), names) in [
+            (SMALL_1, &[FLOOR, MEMORY, SQLITE][..]),
+            (SMALL_64, &[FLOOR, MEMORY, SQLITE][..]),
+            (STREAM_1, &[FLOOR, MEMORY][..]),
         ] {
-            let direct_p50 = if concurrency == 1 {
-                servers
-                    .target(scenario, "direct")
-                    .map_or(Duration::ZERO, |direct| {
-                        measure(
-                            runtime,
-                            &direct,
-                            scenario,
-                            concurrency,
-                            SECONDS,
-                            Duration::ZERO,
-                        )
-                        .p50
-                    })
-            } else {
-                Duration::ZERO
+            // At c=1 the added latency counts from the mock's own, measured
+            // in the same round.
+            let direct_p50 = match servers.target(scenario, "direct") {
+                Some(direct) if concurrency == 1 => {
+                    measure(runtime, &direct, scenario, 1, SECONDS, Duration::ZERO).p50
+                }
+                _ => Duration::ZERO,
             };
+            // In every other round the order is turned around, so that
+            // neither side of a ratio always runs first.
             let mut names = names.to_vec();
-            if round % 2 == 1 {
+            if number % 2 == 0 {
                 names.reverse();
             }
-            for name in names {
-                if let Some(target) = servers.target(scenario, name) {
-                    round_cells.push(measure(
-                        runtime,
-                        &target,
-                        scenario,
-                        concurrency,
-                        SECONDS,
-                        direct_p50,
-                    ));
-                }
+            for target in names
+                .into_iter()
+                .filter_map(|name| servers.target(scenario, name))
+            {
+                let cell = measure(runtime, &target, scenario, concurrency, SECONDS, direct_p50);
+                round.0.push(cell);
             }
         }
-        let cell = |scenario: Scenario, concurrency: usize, name: &str| {
-            round_cells.iter().find(|c| {
-                c.scenario == scenario && c.concurrency == concurrency && c.target == name
-            })
-        };
-        let (
-            Some(floor_1),
-            Some(memory_1),
-            Some(sqlite_1),
-            Some(floor_64),
-            Some(memory_64),
-            Some(sqlite_64),
-            Some(floor_stream),
-            Some(memory_stream),
-        ) = (
-            cell(Scenario::Small, 1, FLOOR),
-            cell(Scenario::Small, 1, MEMORY),
-            cell(Scenario::Small, 1, SQLITE),
-            cell(Scenario::Small, 64, FLOOR),
-            cell(Scenario::Small, 64, MEMORY),
-            cell(Scenario::Small, 64, SQLITE),
-            cell(Scenario::Stream, 1, FLOOR),
-            cell(Scenario::Stream, 1, MEMORY),
-        )
-        else {
-            continue;
-        };
-        let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-9);
-        let values = [
-            ratio(memory_1.added_p50, floor_1.added_p50),
-            memory_64.rps / floor_64.rps.max(1e-9),
-            ratio(memory_stream.added_p50, floor_stream.added_p50),
-            ratio(memory_64.cpu_per_request, floor_64.cpu_per_request),
-            ratio(
-                memory_64.cpu_per_request + memory_64.rest_per_request,
-                floor_64.cpu_per_request + floor_64.rest_per_request,
-            ),
-            sqlite_64.rps / memory_64.rps.max(1e-9),
-            (sqlite_1.added_p50.as_secs_f64() - memory_1.added_p50.as_secs_f64()) * 1e6,
-        ];
-        for (figure, value) in figures.iter_mut().zip(values) {
-            figure.3.push(value);
+        for (figure, values) in FIGURES.iter().zip(&mut values) {
+            values.extend((figure.of)(&round));
         }
+        let rps = |target| {
+            round
+                .cell(Scenario::Small, 64, target)
+                .map_or(0.0, |c| c.rps)
+        };
         println!(
-            "round {}: floor {:.0} req/s at c=64, iris + budgets {:.0}, SQLite store {:.0}",
-            round + 1,
-            floor_64.rps,
-            memory_64.rps,
-            sqlite_64.rps
+            "round {number}: at c=64 the floor {:.0} req/s, iris + budgets {:.0}, SQLite store {:.0}",
+            rps(FLOOR),
+            rps(MEMORY),
+            rps(SQLITE)
         );
     }
     println!("\n| figure | median | lowest | highest | rounds within the goal | goal |");
     println!("|---|---|---|---|---|---|");
-    for (figure, goal, passes, mut values) in figures {
+    for (figure, mut values) in FIGURES.iter().zip(values) {
         if values.is_empty() {
             continue;
         }
         values.sort_by(f64::total_cmp);
+        let middle = values.len() / 2;
         let median = if values.len() % 2 == 1 {
-            values[values.len() / 2]
+            values[middle]
         } else {
-            (values[values.len() / 2 - 1] + values[values.len() / 2]) / 2.0
+            f64::midpoint(values[middle - 1], values[middle])
         };
-        let within = values.iter().filter(|v| passes(**v)).count();
+        let within = figure.within.map_or_else(
+            || "-".to_owned(),
+            |within| {
+                let count = values.iter().filter(|v| within(**v)).count();
+                format!("{count} of {}", values.len())
+            },
+        );
         println!(
-            "| {figure} | {median:.2} | {:.2} | {:.2} | {within} of {} | {goal} |",
+            "| {} | {median:.2} | {:.2} | {:.2} | {within} | {} |",
+            figure.name,
             values[0],
             values[values.len() - 1],
-            values.len()
+            figure.goal
         );
     }
 }
