@@ -262,9 +262,16 @@ impl Table {
         }
     }
 
+    /// The log's statement skips a record whose `record_id` it has: a
+    /// batch the writer sends again (its first attempt timed out, yet ran)
+    /// is then written, not refused as a whole and counted as dropped.
     fn insert_sql(self) -> &'static str {
         match self {
-            Self::Log => concat!("INSERT INTO spend_log", insert_columns!()),
+            Self::Log => concat!(
+                "INSERT INTO spend_log",
+                insert_columns!(),
+                " ON CONFLICT (record_id) DO NOTHING"
+            ),
             Self::Spool => concat!("INSERT INTO spend_spool", insert_columns!()),
         }
     }
