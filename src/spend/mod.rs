@@ -338,7 +338,8 @@ pub struct SinkError(pub String);
 
 /// Where records go, and where the totals come from.
 pub trait Sink: Send + Sync + 'static {
-    /// Writes `batch` whole, or nothing.
+    /// Writes `batch` whole, or nothing. A record the sink has already
+    /// (by `record_id`: a batch sent again) is kept once, and is no error.
     fn write(&self, batch: Arc<[Record]>) -> SinkFuture<'_, ()>;
     /// Deletes the records from before `cutoff_ms`; returns how many.
     fn delete_before(&self, cutoff_ms: i64) -> SinkFuture<'_, u64>;

@@ -656,6 +656,64 @@ async fn a_batch_written_twice_is_counted_once_in_memory_and_in_a_file() {
     }
 }
 
+/// The in-memory log's sink, whose first write lands and then never
+/// answers: a write the writer gave up on (timed out) that ran anyway.
+struct LandsThenHangs {
+    inner: sqlite::SqliteSink,
+    hung: AtomicU32,
+}
+
+impl Sink for LandsThenHangs {
+    fn write(&self, batch: Arc<[Record]>) -> SinkFuture<'_, ()> {
+        Box::pin(async move {
+            self.inner.write(batch).await?;
+            if self.hung.fetch_add(1, Ordering::SeqCst) == 0 {
+                std::future::pending::<()>().await;
+            }
+            Ok(())
+        })
+    }
+
+    fn delete_before(&self, cutoff_ms: i64) -> SinkFuture<'_, u64> {
+        self.inner.delete_before(cutoff_ms)
+    }
+
+    fn totals<'a>(&'a self, query: &'a Query) -> SinkFuture<'a, Vec<Totals>> {
+        self.inner.totals(query)
+    }
+}
+
+/// The writer's side of the above: a batch whose first write timed out
+/// yet landed is sent again, and the copy succeeds, so the batch counts
+/// as written, not as dropped (`iris_spend_log_dropped_total`), and its
+/// records are in the log once.
+#[tokio::test]
+async fn a_batch_whose_write_timed_out_yet_landed_counts_as_written_once() {
+    let sink = Arc::new(LandsThenHangs {
+        inner: sqlite::SqliteSink::open(None).unwrap(),
+        hung: AtomicU32::new(0),
+    });
+    let options = WriterOptions {
+        timeout: Duration::from_millis(200),
+        backoff: Duration::from_millis(10),
+        attempts: 3,
+        ..options(10, 10, 100)
+    };
+    let log = SpendLog::start(sink.clone(), options, None);
+    log.record(record(1));
+    log.record(record(2));
+    assert!(log.flush(Duration::from_secs(30)).await);
+    assert_eq!(log.counts(), (2, 0), "written, none dropped");
+    let query = Query {
+        since_ms: 0,
+        until_ms: None,
+        client: None,
+        by: vec![],
+    };
+    let totals = sink.totals(&query).await.unwrap();
+    assert_eq!(totals[0].counts.requests, 2, "{totals:?}");
+}
+
 #[tokio::test]
 async fn sqlite_sink_aggregates() {
     let dir = tempfile::tempdir().unwrap();
