@@ -746,11 +746,39 @@ const SQLITE: &str = "iris + budgets (sqlite)";
 /// One of the goals' figures, as the paired rounds read it.
 struct Figure {
     name: &'static str,
-    goal: &'static str,
-    /// Whether a round's value is within the goal (`None`: no goal).
-    within: Option<fn(f64) -> bool>,
+    goal: Goal,
     /// The figure's value in a round, from the round's cells.
     of: fn(&Round) -> Option<f64>,
+}
+
+/// A figure's goal: a bound and the unit its table prints after it.
+#[derive(Clone, Copy)]
+enum Goal {
+    /// A figure measured for what it explains, with no goal of its own.
+    None,
+    AtMost(f64, &'static str),
+    AtLeast(f64, &'static str),
+}
+
+impl Goal {
+    /// Whether `value` is within the goal (never, without one).
+    fn within(self, value: f64) -> bool {
+        match self {
+            Self::None => false,
+            Self::AtMost(bound, _) => value <= bound,
+            Self::AtLeast(bound, _) => value >= bound,
+        }
+    }
+}
+
+impl std::fmt::Display for Goal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::None => f.write_str("-"),
+            Self::AtMost(bound, unit) => write!(f, "≤ {bound}{unit}"),
+            Self::AtLeast(bound, unit) => write!(f, "≥ {bound}{unit}"),
+        }
+    }
 }
 
 /// The cells one round measured.
@@ -784,32 +812,27 @@ const STREAM_1: (Scenario, usize) = (Scenario::Stream, 1);
 const FIGURES: [Figure; 7] = [
     Figure {
         name: "latency added, small chat, c=1 (p50): iris + budgets ÷ floor",
-        goal: "≤ 1.5x",
-        within: Some(|r| r <= 1.5),
+        goal: Goal::AtMost(1.5, "x"),
         of: |round| round.ratio(SMALL_1, MEMORY, FLOOR, |c| c.added_p50.as_secs_f64()),
     },
     Figure {
         name: "throughput, small chat, c=64: iris + budgets ÷ floor",
-        goal: "≥ 0.8",
-        within: Some(|r| r >= 0.8),
+        goal: Goal::AtLeast(0.8, ""),
         of: |round| round.ratio(SMALL_64, MEMORY, FLOOR, |c| c.rps),
     },
     Figure {
         name: "latency added to the first streamed chunk, c=1 (p50): iris + budgets ÷ floor",
-        goal: "≤ 1.5x",
-        within: Some(|r| r <= 1.5),
+        goal: Goal::AtMost(1.5, "x"),
         of: |round| round.ratio(STREAM_1, MEMORY, FLOOR, |c| c.added_p50.as_secs_f64()),
     },
     Figure {
         name: "server CPU per request, small chat, c=64: iris + budgets ÷ floor",
-        goal: "-",
-        within: None,
+        goal: Goal::None,
         of: |round| round.ratio(SMALL_64, MEMORY, FLOOR, |c| c.cpu_per_request.as_secs_f64()),
     },
     Figure {
         name: "the run's CPU per request, small chat, c=64: iris + budgets ÷ floor",
-        goal: "≤ 1.25x",
-        within: Some(|r| r <= 1.25),
+        goal: Goal::AtMost(1.25, "x"),
         of: |round| {
             round.ratio(SMALL_64, MEMORY, FLOOR, |c| {
                 (c.cpu_per_request + c.rest_per_request).as_secs_f64()
@@ -818,14 +841,12 @@ const FIGURES: [Figure; 7] = [
     },
     Figure {
         name: "throughput, small chat, c=64: SQLite store ÷ memory store",
-        goal: "≥ 0.9",
-        within: Some(|r| r >= 0.9),
+        goal: Goal::AtLeast(0.9, ""),
         of: |round| round.ratio(SMALL_64, SQLITE, MEMORY, |c| c.rps),
     },
     Figure {
         name: "latency added, small chat, c=1 (p50): SQLite store − memory store, µs",
-        goal: "≤ 10",
-        within: Some(|d| d <= 10.0),
+        goal: Goal::AtMost(10.0, ""),
         of: |round| {
             let added = |target| Some(round.cell(SMALL_1.0, SMALL_1.1, target)?.added_p50);
             Some((added(SQLITE)?.as_secs_f64() - added(MEMORY)?.as_secs_f64()) * 1e6)
@@ -902,13 +923,13 @@ fn paired_rounds(runtime: &tokio::runtime::Runtime, servers: &Servers, rounds: u
         } else {
             f64::midpoint(values[middle - 1], values[middle])
         };
-        let within = figure.within.map_or_else(
-            || "-".to_owned(),
-            |within| {
-                let count = values.iter().filter(|v| within(**v)).count();
+        let within = match figure.goal {
+            Goal::None => "-".to_owned(),
+            goal => {
+                let count = values.iter().filter(|v| goal.within(**v)).count();
                 format!("{count} of {}", values.len())
-            },
-        );
+            }
+        };
         println!(
             "| {} | {median:.2} | {:.2} | {:.2} | {within} | {} |",
             figure.name,
