@@ -645,14 +645,18 @@ async fn a_batch_written_twice_is_counted_once_in_memory_and_in_a_file() {
         sink.write(vec![record(2), record(3)].into())
             .await
             .expect("one record new, one known");
-        let query = Query {
-            since_ms: 0,
-            until_ms: None,
-            client: None,
-            by: vec![],
-        };
-        let totals = sink.totals(&query).await.unwrap();
+        let totals = sink.totals(&every_record()).await.unwrap();
         assert_eq!(totals[0].counts.requests, 3, "{totals:?}");
+    }
+}
+
+/// A query for every record, as one total.
+fn every_record() -> Query {
+    Query {
+        since_ms: 0,
+        until_ms: None,
+        client: None,
+        by: vec![],
     }
 }
 
@@ -704,13 +708,7 @@ async fn a_batch_whose_write_timed_out_yet_landed_counts_as_written_once() {
     log.record(record(2));
     assert!(log.flush(Duration::from_secs(30)).await);
     assert_eq!(log.counts(), (2, 0), "written, none dropped");
-    let query = Query {
-        since_ms: 0,
-        until_ms: None,
-        client: None,
-        by: vec![],
-    };
-    let totals = sink.totals(&query).await.unwrap();
+    let totals = sink.totals(&every_record()).await.unwrap();
     assert_eq!(totals[0].counts.requests, 2, "{totals:?}");
 }
 
