@@ -226,8 +226,7 @@ function sourceCell(client) {
   return cell;
 }
 
-async function loadClients() {
-  const list = await api("GET", "/admin/clients");
+function showClients(list) {
   currency = list.currency || currency;
   const body = $("clients-table").tBodies[0];
   body.replaceChildren();
@@ -351,7 +350,10 @@ function teamChoices(teams) {
 }
 
 async function loadTeams() {
-  const list = await api("GET", "/admin/teams");
+  showTeams(await api("GET", "/admin/teams"));
+}
+
+function showTeams(list) {
   currency = list.currency || currency;
   showCurrency();
   const body = $("teams-table").tBodies[0];
@@ -368,9 +370,15 @@ async function loadTeams() {
   teamChoices(list.data);
 }
 
-/** Clients and teams: a change to either changes what the other shows (members, teams). */
+/**
+ * Clients and teams: a change to either changes what the other shows
+ * (members, teams). Both are fetched, then both drawn in one go, so the page
+ * never shows one table updated and the other not.
+ */
 async function loadDirectory() {
-  await Promise.all([loadClients(), loadTeams()]);
+  const [clients, teams] = await Promise.all([api("GET", "/admin/clients"), api("GET", "/admin/teams")]);
+  showClients(clients);
+  showTeams(teams);
 }
 
 async function createTeam(form) {
@@ -633,7 +641,7 @@ async function loadUpstreams() {
 
 async function refresh() {
   await guarded(async () => {
-    await Promise.all([loadClients(), loadTeams(), loadSpend(), loadUpstreams()]);
+    await Promise.all([loadDirectory(), loadSpend(), loadUpstreams()]);
   });
 }
 
