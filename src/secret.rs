@@ -1,9 +1,12 @@
 //! Credentials from the config (upstream API keys, a Redis URL with a
 //! password): a wrapper that prints as `***`, so neither `Debug` output, a log
-//! line nor an error message can carry one; and [`mask_credentials`], for
-//! text from elsewhere that may hold one.
+//! line nor an error message can carry one; [`mask_credentials`], for
+//! text from elsewhere that may hold one; and [`KeyMask`], for a body
+//! relayed to a client that may hold a key Iris sent its upstream.
 
 use std::fmt;
+
+use bytes::Bytes;
 
 use serde::Deserialize;
 
@@ -82,6 +85,52 @@ pub fn mask_credentials(text: &str, known: &[&str]) -> String {
     out
 }
 
+/// One known secret blanked out of a body relayed chunk by chunk (an
+/// upstream's error body that echoes the key Iris sent it): each
+/// occurrence becomes as many `*`, so a declared length still holds, also
+/// where it straddles two chunks. The end of a chunk that may begin the
+/// secret is held back until the next chunk, or the body's end, tells.
+pub struct KeyMask {
+    secret: Box<[u8]>,
+    held: Vec<u8>,
+}
+
+impl KeyMask {
+    /// A mask for `secret`; none for an empty one.
+    pub fn new(secret: &[u8]) -> Option<Self> {
+        (!secret.is_empty()).then(|| Self {
+            secret: secret.into(),
+            held: Vec::new(),
+        })
+    }
+
+    /// What of `chunk` (after what was held back) can go out now, the
+    /// secret blanked out; possibly nothing.
+    pub fn chunk(&mut self, chunk: &[u8]) -> Bytes {
+        let mut out = std::mem::take(&mut self.held);
+        out.extend_from_slice(chunk);
+        let mut from = 0;
+        while let Some(at) = memchr::memmem::find(&out[from..], &self.secret) {
+            let start = from + at;
+            from = start + self.secret.len();
+            out[start..from].fill(b'*');
+        }
+        // The longest end that is a beginning of the secret (shorter than
+        // it: a whole one was blanked out above).
+        let held = (1..self.secret.len().min(out.len() + 1))
+            .rev()
+            .find(|&n| out.ends_with(&self.secret[..n]))
+            .unwrap_or(0);
+        self.held = out.split_off(out.len() - held);
+        Bytes::from(out)
+    }
+
+    /// What was held back, at the body's end: not the secret after all.
+    pub fn finish(&mut self) -> Bytes {
+        Bytes::from(std::mem::take(&mut self.held))
+    }
+}
+
 fn is_token_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '~' | '+' | '/')
 }
@@ -156,6 +205,45 @@ fn ends_with_word(text: &str, word: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `body` relayed in the chunks `cuts` make of it, through a mask.
+    fn relayed(body: &[u8], cuts: &[usize], secret: &[u8]) -> Vec<u8> {
+        let mut mask = KeyMask::new(secret).expect("a secret");
+        let mut out = Vec::new();
+        let mut from = 0;
+        for &cut in cuts.iter().chain([body.len()].iter()) {
+            out.extend_from_slice(&mask.chunk(&body[from..cut]));
+            from = cut;
+        }
+        out.extend_from_slice(&mask.finish());
+        out
+    }
+
+    #[test]
+    fn a_key_is_blanked_out_of_a_relayed_body_wherever_the_chunks_cut_it() {
+        let secret = b"sk-upstream";
+        let body = b"{\"echo\":\"Bearer sk-upstream\",\"again\":\"sk-upstreamsk-upstream\",\"near\":\"sk-upstrea\"}";
+        let blanked = b"{\"echo\":\"Bearer ***********\",\"again\":\"**********************\",\"near\":\"sk-upstrea\"}";
+        assert_eq!(relayed(body, &[], secret), blanked);
+        // Every single cut, and every pair of cuts: the same bytes, the
+        // same length, whatever straddles what.
+        for one in 0..=body.len() {
+            assert_eq!(relayed(body, &[one], secret), blanked, "cut at {one}");
+            for two in one..=body.len() {
+                assert_eq!(
+                    relayed(body, &[one, two], secret),
+                    blanked,
+                    "cuts at {one}, {two}"
+                );
+            }
+        }
+        // A body ending in what begins the secret gets it back at the end.
+        assert_eq!(relayed(b"ends in sk-up", &[10], secret), b"ends in sk-up");
+        // One byte at a time.
+        let cuts: Vec<usize> = (1..body.len()).collect();
+        assert_eq!(relayed(body, &cuts, secret), blanked);
+        assert!(KeyMask::new(b"").is_none(), "an empty secret masks nothing");
+    }
 
     #[test]
     fn credentials_in_text_are_masked() {

@@ -28,6 +28,7 @@ use crate::rewrite::ImageWork;
 use crate::routing::retry::{self, FailedAttempt, Next};
 use crate::routing::select::Selector;
 use crate::routing::{self, Failure, RoutingSettings};
+use crate::secret::KeyMask;
 use crate::upstream::{self, Reply, Upstream, UpstreamError};
 
 /// How long the request whose turn it is waits before asking for room
@@ -512,9 +513,18 @@ impl Attempts<'_> {
         // Only an event stream is read (and edited) event by event; anything
         // else, even in answer to `stream: true`, is a plain body.
         let event_stream = upstream_ok && stream && is_event_stream(&response.headers);
-        let headers = upstream::response_headers(&response.headers);
+        let key = upstream.api_key();
+        let headers = upstream::response_headers(&response.headers, key);
         let budget = *reservation.snapshot();
-        let body = (first, response.body);
+        // An error passed through may echo the key Iris sent: blanked out
+        // (a success's body is the model's, and is not searched).
+        let mask = key
+            .filter(|_| !upstream_ok)
+            .and_then(|key| KeyMask::new(key.as_bytes()));
+        let body = match mask {
+            Some(mask) => (None, upstream::masked(first, response.body, mask)),
+            None => (first, response.body),
+        };
         let tap = UsageTap::new(event_stream, drop_usage_chunk && event_stream);
         Answer {
             status,

@@ -24,6 +24,7 @@ use crate::budget::Limits;
 use crate::images::ImagePolicy;
 use crate::openai::Api;
 use crate::openai::spliced::SplicedBody;
+use crate::secret::KeyMask;
 use crate::tls::PrivateCa;
 use connector::Connector;
 
@@ -418,16 +419,49 @@ pub fn error_chain(kind: &str, error: &(dyn std::error::Error + 'static)) -> Str
 /// room for them, rather than grown (and its entries moved) twice.
 const HEADERS_ADDED: usize = 12;
 
-/// The response headers to send the client, from the upstream's.
-pub fn response_headers(upstream: &HeaderMap) -> HeaderMap {
+/// The response headers to send the client, from the upstream's: none
+/// that holds `key`, the key Iris sent it (an upstream that echoes it).
+pub fn response_headers(upstream: &HeaderMap, key: Option<&str>) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(upstream.len() + HEADERS_ADDED);
     let hop = connection_named(upstream);
+    let echoes = |value: &HeaderValue| {
+        key.is_some_and(|key| {
+            value.len() >= key.len()
+                && memchr::memmem::find(value.as_bytes(), key.as_bytes()).is_some()
+        })
+    };
     for (name, value) in upstream {
-        if !dropped_response_header(name, &hop) {
+        if !dropped_response_header(name, &hop) && !echoes(value) {
             headers.append(name, value.clone());
         }
     }
     headers
+}
+
+/// `first` (a chunk already read), then `body`, through `mask`.
+pub fn masked(first: Option<Bytes>, body: Chunks, mask: KeyMask) -> Chunks {
+    let chunks = futures_util::stream::iter(first.map(Ok)).chain(body);
+    Box::pin(futures_util::stream::unfold(
+        (chunks, Some(mask)),
+        |(mut chunks, mut mask)| async move {
+            let open = mask.as_mut()?;
+            loop {
+                match chunks.next().await {
+                    Some(Ok(chunk)) => {
+                        let out = open.chunk(&chunk);
+                        if !out.is_empty() {
+                            return Some((Ok(out), (chunks, mask)));
+                        }
+                    }
+                    Some(Err(e)) => return Some((Err(e), (chunks, mask))),
+                    None => {
+                        let rest = open.finish();
+                        return (!rest.is_empty()).then_some((Ok(rest), (chunks, None)));
+                    }
+                }
+            }
+        },
+    ))
 }
 
 #[cfg(test)]
@@ -478,7 +512,7 @@ mod tests {
                 HeaderValue::from_static(value),
             );
         }
-        let headers = response_headers(&upstream);
+        let headers = response_headers(&upstream, None);
         assert_eq!(headers.len(), 2, "{headers:?}");
         assert!(headers.contains_key("openai-processing-ms"));
     }

@@ -130,6 +130,68 @@ async fn the_upstream_session_and_server_headers_are_not_relayed() {
 }
 
 #[tokio::test]
+async fn the_key_iris_sent_is_blanked_out_of_errors_passed_through_and_of_any_header() {
+    let upstream = MockUpstream::start().await;
+    let iris = Iris::start(&base_config(&upstream.base_url(), "")).await;
+    let blank = "*".repeat(UPSTREAM_KEY.len());
+    // A careless provider's error, which hands back the key it was sent,
+    // for a plain request and for a stream: passed through (not a 401 or
+    // 403: those are Iris's 502), with the key blanked out.
+    for (what, body) in [
+        ("plain", chat_body("test-model")),
+        ("stream", stream_body("test-model")),
+    ] {
+        for status in [400u16, 422, 429, 500] {
+            let response = iris
+                .chat(
+                    KEY_A,
+                    &body,
+                    &[("x-mock-echo-auth", status.to_string().as_str())],
+                )
+                .await;
+            let declared = response.content_length();
+            let (code, head, text) = whole(response).await;
+            assert_eq!(code, status, "{what} {status}: {text}");
+            assert!(
+                !head.contains(UPSTREAM_KEY) && !text.contains(UPSTREAM_KEY),
+                "{what} {status}: the key reached the client:\n{head}\n{text}"
+            );
+            // The rest of the upstream's error is the client's, as sent.
+            let error: Value = serde_json::from_str(&text).expect("the upstream's JSON");
+            assert_eq!(error["error"]["code"], "invalid_api_key", "{text}");
+            assert_eq!(error["error"]["received"]["api_key"], blank.as_str());
+            assert_eq!(
+                error["error"]["message"],
+                format!("Incorrect API key provided. We received `Authorization: Bearer {blank}`.")
+            );
+            if let Some(declared) = declared {
+                assert_eq!(
+                    declared,
+                    text.len() as u64,
+                    "{what} {status}: the length still holds"
+                );
+            }
+        }
+    }
+    // A header that holds it is not relayed, on a success or an error; the
+    // others are.
+    let echoed = format!("x-debug-auth: Bearer {UPSTREAM_KEY}");
+    for extra in [None, Some(("x-mock-status", "422"))] {
+        let mut headers = vec![
+            ("x-mock-set-header", echoed.as_str()),
+            ("x-mock-set-header", "x-kept: yes"),
+        ];
+        headers.extend(extra);
+        let response = iris.chat(KEY_A, &chat_body("test-model"), &headers).await;
+        let seen = response.headers().clone();
+        let (_, head, _) = whole(response).await;
+        assert_eq!(seen["x-kept"], "yes", "{extra:?}");
+        assert!(seen.get("x-debug-auth").is_none(), "{extra:?}: {head}");
+        assert!(!head.contains(UPSTREAM_KEY), "{extra:?}: {head}");
+    }
+}
+
+#[tokio::test]
 async fn the_client_credentials_and_address_claims_are_not_forwarded() {
     let upstream = MockUpstream::start().await;
     let iris = Iris::start(&base_config(&upstream.base_url(), "")).await;
