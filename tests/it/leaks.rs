@@ -207,6 +207,25 @@ async fn the_client_credentials_and_address_claims_are_not_forwarded() {
         ("x-real-ip", "203.0.113.7".to_owned()),
         ("x-forwarded-host", "client.example".to_owned()),
         ("x-forwarded-proto", "https".to_owned()),
+        ("x-forwarded-port", "443".to_owned()),
+        ("x-forwarded-prefix", "/other".to_owned()),
+        ("true-client-ip", "203.0.113.7".to_owned()),
+        ("cf-connecting-ip", "203.0.113.7".to_owned()),
+        ("x-client-ip", "203.0.113.7".to_owned()),
+        ("x-cluster-client-ip", "203.0.113.7".to_owned()),
+        ("via", "1.1 client-proxy".to_owned()),
+        // Other providers' keys.
+        ("x-goog-api-key", "AIza-client-key".to_owned()),
+        ("ocp-apim-subscription-key", "azure-subscription".to_owned()),
+        ("x-amz-security-token", "aws-session-token".to_owned()),
+        ("x-auth-token", "client-token".to_owned()),
+        ("authentication", "Bearer client-token".to_owned()),
+        // Another path or method than the one Iris calls.
+        ("x-original-url", "/v1/admin".to_owned()),
+        ("x-rewrite-url", "/v1/admin".to_owned()),
+        ("x-http-method-override", "DELETE".to_owned()),
+        // The body Iris sends is the one it read, never encoded.
+        ("content-encoding", "gzip".to_owned()),
         // The client's key in a header Iris knows nothing of.
         ("x-my-gateway-auth", format!("token={KEY_A};v=1")),
         // ...and in one that holds the key and nothing else.
