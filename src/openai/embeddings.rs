@@ -73,10 +73,10 @@ impl<'a> EmbeddingsRequest<'a> {
             Ok(object) => object,
             Err(e) => {
                 return Err(match repeated.take() {
-                    Some(key) => RequestError::at(
-                        key.clone(),
-                        format!("'{key}' is given more than once; give it once."),
-                    ),
+                    Some((key, field)) => {
+                        let message = raw::repeated_message(&key, &key, &field);
+                        RequestError::at(key, message)
+                    }
                     None => RequestError::new(format!(
                         "The request body is not a valid JSON object: {e}."
                     )),
@@ -148,7 +148,7 @@ impl<'a> EmbeddingsRequest<'a> {
 /// repeated one is noted in `repeated`), the rest kept as runs.
 struct TopLevel<'b, 'a> {
     body: &'a [u8],
-    repeated: &'b RefCell<Option<String>>,
+    repeated: &'b RefCell<Option<(String, String)>>,
 }
 
 impl<'de> DeserializeSeed<'de> for TopLevel<'_, 'de> {
@@ -172,8 +172,8 @@ impl<'de> Visitor<'de> for TopLevel<'_, 'de> {
             self.body,
             &mut map,
             FIELDS,
-            |key| {
-                *repeated.borrow_mut() = Some(key.to_owned());
+            |key, field| {
+                *repeated.borrow_mut() = Some((key.to_owned(), field.to_owned()));
                 de::Error::custom(format_args!("`{key}` repeated"))
             },
             |key, map| {
@@ -404,6 +404,12 @@ mod tests {
         let error = EmbeddingsRequest::parse(br#"{"model":"e","input":"a","user":"x","user":"y"}"#)
             .unwrap_err();
         assert_eq!(error.param.as_deref(), Some("user"));
+        // A name that differs from one Iris reads only in case (Go's
+        // `encoding/json` would read it as that field).
+        let error =
+            EmbeddingsRequest::parse(br#"{"model":"e","Input":"a","input":"b"}"#).unwrap_err();
+        assert_eq!(error.param.as_deref(), Some("Input"));
+        assert!(error.message.contains("only in case"), "{}", error.message);
         let error = EmbeddingsRequest::parse(b"[1]").unwrap_err();
         assert_eq!(error.param, None);
     }

@@ -59,7 +59,10 @@ pub enum Claim<'a> {
 /// The keys of an object that Iris interprets: each may appear once (an
 /// upstream whose parser keeps the first of two `model`s would otherwise
 /// serve another model than the one Iris checked), and only these are held
-/// one by one.
+/// one by one. Nor may a key differ from one of them only in case: Go's
+/// `encoding/json` (and the servers built on it) takes `"Model"` or
+/// `"ſtream"` for `model` and `stream`, which Iris would have passed on
+/// unread.
 #[derive(Debug, Clone, Copy)]
 pub struct Interpreted(pub &'static [&'static str]);
 
@@ -69,6 +72,47 @@ impl Interpreted {
     fn position(self, key: &str) -> Option<usize> {
         self.0.iter().position(|k| *k == key)
     }
+
+    /// The interpreted key that `key`, not one itself, differs from only in
+    /// case.
+    fn folded(self, key: &str) -> Option<&'static str> {
+        self.0.iter().copied().find(|field| folds_to(key, field))
+    }
+}
+
+/// The message for a field refused by [`RawObject::from_map`]'s
+/// `duplicate`: `key` at `param`, given twice or in another case than the
+/// interpreted `field`.
+pub fn repeated_message(param: &str, key: &str, field: &str) -> String {
+    if key == field {
+        format!("'{param}' is given more than once; give it once.")
+    } else {
+        format!(
+            "'{param}' differs from '{field}' only in case, and some upstreams read it as \
+             '{field}'; give the field once, as '{field}'."
+        )
+    }
+}
+
+/// Whether `key` is `field` (lowercase ASCII, as every interpreted key is)
+/// under case folding as Go's `encoding/json` matches names: ASCII letters
+/// in either case, and the four other characters that fold to one (`ſ` to
+/// `s`, the Kelvin sign to `k`, `İ` and `ı` to `i`).
+fn folds_to(key: &str, field: &str) -> bool {
+    let mut wanted = field.bytes();
+    for c in key.chars() {
+        let folded = match c {
+            'ſ' => b's',
+            '\u{212A}' => b'k',
+            'İ' | 'ı' => b'i',
+            c if c.is_ascii() => (c as u8).to_ascii_lowercase(),
+            _ => return false,
+        };
+        if wanted.next() != Some(folded) {
+            return false;
+        }
+    }
+    wanted.next().is_none()
 }
 
 /// A JSON object as an ordered list of its interpreted fields and the runs
@@ -105,7 +149,7 @@ impl<'a> RawObject<'a> {
                     self.0,
                     &mut map,
                     interpreted,
-                    |key| de::Error::custom(format_args!("`{key}` repeated")),
+                    |key, _| de::Error::custom(format_args!("`{key}` repeated")),
                     |key, map| match interpreted.position(key) {
                         Some(_) => Ok(Claim::Peeked(map.next_value()?)),
                         None => Ok(Claim::Raw),
@@ -173,13 +217,14 @@ impl<'a> RawObject<'a> {
     /// deserializer reads (the values it lends are slices of it).
     /// `claim(key, map)` says what becomes of each value (see [`Claim`]);
     /// unclaimed values stay as they are, in runs of the body's text. A key
-    /// of `interpreted` met a second time fails with `duplicate(key)`,
-    /// before its value is read.
+    /// of `interpreted` met a second time fails with `duplicate(key, key)`,
+    /// before its value is read; a key that differs from one only in case
+    /// with `duplicate(key, the interpreted one)`.
     pub fn from_map<A: MapAccess<'a>>(
         body: &'a [u8],
         map: &mut A,
         interpreted: Interpreted,
-        duplicate: impl Fn(&str) -> A::Error,
+        duplicate: impl Fn(&str, &str) -> A::Error,
         mut claim: impl FnMut(&str, &mut A) -> Result<Claim<'a>, A::Error>,
     ) -> Result<Self, A::Error> {
         // Room for most objects' fields and runs at once, not a doubling
@@ -187,11 +232,19 @@ impl<'a> RawObject<'a> {
         let mut entries: Vec<Entry<'a>> = Vec::with_capacity(8);
         let mut seen = 0u64;
         while let Some(key) = map.next_key_seed(KeySeed)? {
-            if let Some(index) = interpreted.position(&key).filter(|&i| i < 64) {
-                if seen & (1 << index) != 0 {
-                    return Err(duplicate(&key));
+            match interpreted.position(&key) {
+                Some(index) if index < 64 => {
+                    if seen & (1 << index) != 0 {
+                        return Err(duplicate(&key, &key));
+                    }
+                    seen |= 1 << index;
                 }
-                seen |= 1 << index;
+                Some(_) => {}
+                None => {
+                    if let Some(field) = interpreted.folded(&key) {
+                        return Err(duplicate(&key, field));
+                    }
+                }
             }
             let raw = match claim(&key, map)? {
                 Claim::Raw => map.next_value::<&'a RawValue>()?,

@@ -438,6 +438,16 @@ async fn a_field_iris_interprets_given_twice_is_refused() {
                 .to_owned(),
             "messages[0].content",
         ),
+        // Given again in another case, which Go's `encoding/json` reads as
+        // the same field: refused too.
+        (
+            format!(r#"{{"model":"other-model","Model":"test-model","messages":{messages}}}"#),
+            "Model",
+        ),
+        (
+            format!(r#"{{"model":"other-model","N":128,"messages":{messages}}}"#),
+            "N",
+        ),
     ] {
         let (status, json) = post_raw(
             &iris.url("/v1/chat/completions"),

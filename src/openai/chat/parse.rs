@@ -227,14 +227,16 @@ impl Parse<'_> {
         E::custom(message)
     }
 
-    /// The error for an interpreted field given twice in the object at `at`.
-    fn repeated<E: de::Error>(&self, at: &str, key: &str) -> E {
+    /// The error for an interpreted field given twice in the object at
+    /// `at`: `key` as given, the second time, or in another case than
+    /// `field`'s.
+    fn repeated<E: de::Error>(&self, at: &str, key: &str, field: &str) -> E {
         let param = if at.is_empty() {
             key.to_owned()
         } else {
             format!("{at}.{key}")
         };
-        let message = format!("'{param}' is given more than once.");
+        let message = crate::openai::raw::repeated_message(&param, key, field);
         self.fail(param, &message)
     }
 
@@ -327,7 +329,7 @@ impl<'de> Visitor<'de> for TopLevelSeed<'_, 'de> {
             parse.body,
             &mut map,
             REQUEST_FIELDS,
-            |key| parse.repeated("", key),
+            |key, field| parse.repeated("", key, field),
             |key, map| match key {
                 "messages" => {
                     messages = Some(map.next_value_seed(MessagesSeed(parse))?);
@@ -404,7 +406,7 @@ impl<'de> Visitor<'de> for MessageSeed<'_, 'de> {
             parse.body,
             &mut map,
             MESSAGE_FIELDS,
-            |key| parse.repeated(&format!("messages[{index}]"), key),
+            |key, field| parse.repeated(&format!("messages[{index}]"), key, field),
             |key, map| match key {
                 "content" => {
                     content = map.next_value_seed(ContentSeed(parse, index))?;
@@ -505,7 +507,7 @@ impl<'de> Visitor<'de> for PartSeed<'_, 'de> {
             parse.body,
             &mut map,
             PART_FIELDS,
-            |key| parse.repeated(&at, key),
+            |key, field| parse.repeated(&at, key, field),
             |key, map| match key {
                 "type" => {
                     let raw: &'de RawValue = map.next_value()?;
@@ -582,7 +584,7 @@ impl<'de> Visitor<'de> for ImageSeed<'_, 'de> {
             parse.body,
             &mut map,
             IMAGE_FIELDS,
-            |key| parse.repeated(&image_at, key),
+            |key, field| parse.repeated(&image_at, key, field),
             |key, map| match key {
                 "url" => {
                     url = Some(map.next_value_seed(UrlSeed(parse, at))?);

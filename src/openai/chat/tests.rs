@@ -298,6 +298,63 @@ fn an_interpreted_field_given_twice_is_refused_at_every_level() {
     );
 }
 
+/// Found by probing as a client: `"Model"` beside `"model"` passed on
+/// unread, and Go's `encoding/json` (Ollama, LocalAI, gateways built on
+/// it) takes it for `model`: another model than the one Iris checked and
+/// priced, or `"N": 128` completions where one was reserved.
+#[test]
+fn a_field_differing_from_an_interpreted_one_only_in_case_is_refused_at_every_level() {
+    for (body, param) in [
+        (
+            r#"{"model":"m","Model":"other","messages":[{"content":"x"}]}"#,
+            "Model",
+        ),
+        (
+            r#"{"Model":"other","model":"m","messages":[{"content":"x"}]}"#,
+            "Model",
+        ),
+        (r#"{"model":"m","N":128,"messages":[{"content":"x"}]}"#, "N"),
+        (
+            r#"{"model":"m","MAX_TOKENS":1000000,"messages":[{"content":"x"}]}"#,
+            "MAX_TOKENS",
+        ),
+        (
+            r#"{"model":"m","Stream":true,"messages":[{"content":"x"}]}"#,
+            "Stream",
+        ),
+        // The characters outside ASCII that Go folds to a letter of one.
+        (
+            r#"{"model":"m","ſtream":true,"messages":[{"content":"x"}]}"#,
+            "ſtream",
+        ),
+        (
+            r#"{"model":"m","max_to\u212Aens":9,"messages":[{"content":"x"}]}"#,
+            "max_to\u{212A}ens",
+        ),
+        (
+            r#"{"model":"m","messages":[{"role":"user","Content":"x","content":"y"}]}"#,
+            "messages[0].Content",
+        ),
+        (
+            r#"{"model":"m","messages":[{"content":[{"type":"text","text":"a","TYPE":"image_url"}]}]}"#,
+            "messages[0].content[0].TYPE",
+        ),
+        (
+            r#"{"model":"m","messages":[{"content":[{"type":"image_url","image_url":{"url":"data:,a","URL":"http://169.254.169.254/"}}]}]}"#,
+            "messages[0].content[0].image_url.URL",
+        ),
+    ] {
+        let e = ChatRequest::parse(body.as_bytes()).expect_err(body);
+        assert_eq!(e.param.as_deref(), Some(param), "{body}");
+        assert!(e.message.contains("only in case"), "{body}: {}", e.message);
+    }
+    // Names Iris does not interpret pass as sent, whatever their case.
+    let other =
+        br#"{"model":"m","Temperature":1,"modelx":2,"mode":3,"messages":[{"content":"x"}]}"#;
+    let parsed = ChatRequest::parse(other).expect("not interpreted: passed on");
+    assert_eq!(written(&parsed), other.to_vec());
+}
+
 #[test]
 fn n_and_the_caps_are_what_openai_takes() {
     // (choices, completion cap) as parsed.
