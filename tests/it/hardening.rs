@@ -395,6 +395,19 @@ async fn urls_outside_image_parts_never_reach_the_upstream() {
             json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "alt": target}}),
             "messages[0].content[1].image_url.alt",
         ),
+        // Spelled as URL parsers still read as `http://127.0.0.1:9/a.png`.
+        (
+            json!({"type": "file", "file": {"file_url": "http:127.0.0.1:9/a.png"}}),
+            "messages[0].content[1].file.file_url",
+        ),
+        (
+            json!({"type": "file", "file": {"file_url": "http:\\127.0.0.1:9\\a.png"}}),
+            "messages[0].content[1].file.file_url",
+        ),
+        (
+            json!({"type": "file", "file": {"file_url": "ht\ttp://127.0.0.1:9/a.png"}}),
+            "messages[0].content[1].file.file_url",
+        ),
     ] {
         let body = json!({"model": "test-model", "messages": [{"role": "user", "content": [
             {"type": "text", "text": "What is this?"}, part

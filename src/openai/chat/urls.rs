@@ -15,24 +15,51 @@ use serde_json::value::RawValue;
 /// field's own (`""` for the value itself, `".file_url"`, `"[1]"`).
 pub fn find(raw: &RawValue) -> Option<String> {
     let text = raw.get().as_bytes();
-    // A URL holds "//", written as it is or escaped (`\/`, `\u002f`): most
-    // values hold neither and are not read again.
-    if memchr::memmem::find(text, b"//").is_none() && memchr::memchr(b'\\', text).is_none() {
-        return None;
-    }
+    // A URL holds a `:` after its scheme, written as it is or escaped
+    // (`\u003a`): most values hold neither and are not read again.
+    memchr::memchr2(b':', b'\\', text)?;
     let mut deserializer = serde_json::Deserializer::from_str(raw.get());
     Finder.deserialize(&mut deserializer).ok().flatten()
 }
 
-/// Whether `s` starts like an absolute URL with an authority:
-/// `scheme://`, after any leading whitespace (which lenient fetchers trim).
+/// The schemes a URL parser reads an authority after whatever follows the
+/// `:` (`http:host`, `http:/host`, `http:\\host` are all `http://host/`).
+const SPECIAL_SCHEMES: [&[u8]; 6] = [b"http", b"https", b"ws", b"wss", b"ftp", b"file"];
+
+/// Whether `s` is an absolute URL with an authority as a URL parser reads
+/// it (WHATWG's, which browsers, Node and the `url` crate follow, and
+/// which lenient fetchers approximate): leading spaces and control
+/// characters are trimmed and tabs and newlines anywhere removed; then
+/// `scheme:` for the schemes with an authority always (`HTTP:x` is
+/// `http://x/`), `scheme://` for any other.
 pub fn is_url(s: &str) -> bool {
-    let s = s.trim_start();
-    let scheme_len = s
-        .bytes()
-        .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'.' | b'-'))
-        .count();
-    scheme_len > 0 && s.as_bytes()[0].is_ascii_alphabetic() && s[scheme_len..].starts_with("://")
+    let mut chars = s
+        .trim_start_matches(|c: char| c <= ' ')
+        .chars()
+        .filter(|c| !matches!(c, '\t' | '\n' | '\r'));
+    // The scheme, lowercased; one longer than any special one is only
+    // checked for its `://`.
+    let mut scheme = [0u8; 5];
+    let mut len = 0usize;
+    loop {
+        match chars.next() {
+            Some(c)
+                if c.is_ascii_alphabetic()
+                    || (len > 0 && (c.is_ascii_digit() || matches!(c, '+' | '.' | '-'))) =>
+            {
+                if let Some(slot) = scheme.get_mut(len) {
+                    *slot = (c as u8).to_ascii_lowercase();
+                }
+                len += 1;
+            }
+            Some(':') if len > 0 => break,
+            _ => return false,
+        }
+    }
+    if len <= scheme.len() && SPECIAL_SCHEMES.contains(&&scheme[..len]) {
+        return true;
+    }
+    chars.next() == Some('/') && chars.next() == Some('/')
 }
 
 /// Walks a value, reporting the first string that is a URL.
@@ -115,6 +142,23 @@ mod tests {
         assert_eq!(at(r#"" HTTPS://x""#).as_deref(), Some(""));
         assert_eq!(at(r#""https:\/\/x""#).as_deref(), Some(""));
         assert_eq!(at(r#""h\u0074tp:\u002f/x""#).as_deref(), Some(""));
+        // As a URL parser reads them: an authority after `http:` whatever
+        // follows it, tabs and newlines removed, controls trimmed.
+        for json in [
+            r#""http:169.254.169.254/latest/meta-data/""#,
+            r#""http:/169.254.169.254/x""#,
+            r#""http:\\169.254.169.254\\x""#,
+            r#""HtTpS:x""#,
+            r#""ht\ttp://169.254.169.254/""#,
+            r#""ht\ntp://x""#,
+            r#""\u0000\u001f http://x""#,
+            r#""ftp:x""#,
+            r#""file:/etc/passwd""#,
+            r#""ws:x""#,
+            r#""h\u0074tp\u003ax""#,
+        ] {
+            assert_eq!(at(json).as_deref(), Some(""), "{json}");
+        }
         assert_eq!(
             at(r#"{"file_id":"f","file_url":"ftp://x/y"}"#).as_deref(),
             Some(".file_url")
@@ -134,6 +178,11 @@ mod tests {
             r#""see https://x in the text""#,
             r#""://x""#,
             r#""1http://x""#,
+            r#""note: see the attached file""#,
+            r#""httpx:y""#,
+            r#""mailto:a@b""#,
+            r#""urn:isbn:0451450523""#,
+            r#"{"format":"wav","data":"AAAA:BBBB"}"#,
             r#"[1,true,null,{"k":"v"}]"#,
         ] {
             assert_eq!(at(json), None, "{json}");
