@@ -5,8 +5,10 @@
 //! same algorithm as the minute budgets.) The address is the client's as
 //! [`crate::client_addr`] decides it: behind a trusted proxy, the forwarded
 //! one, so one client's guesses do not lock out everyone behind the proxy.
+//! An IPv6 address counts as its /64, the block a host or subscriber is
+//! given: stepping through one's own addresses is not a way past the limit.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
 use std::time::Duration;
 
@@ -44,8 +46,20 @@ impl AuthFailures {
             self.limiter.retain_recent();
         }
         self.limiter
-            .check_key(&address)
+            .check_key(&source(address))
             .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+    }
+}
+
+/// What failures from `address` are counted under: an IPv4 address as it
+/// is (also written as an IPv4-mapped IPv6 one), an IPv6 address's /64.
+fn source(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(_) => address,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !(u128::from(u64::MAX)))),
+        },
     }
 }
 
@@ -67,5 +81,30 @@ mod tests {
             failures.failed(neighbour).is_ok(),
             "other addresses are not affected"
         );
+    }
+
+    #[test]
+    fn an_ipv6_client_counts_as_its_slash_64_and_a_mapped_ipv4_as_itself() {
+        let failures = AuthFailures::default();
+        // Each guess from another address of one /64.
+        for host in 0..BURST {
+            let address: IpAddr = format!("2001:db8:1:2::{:x}", host + 1).parse().expect("ip");
+            assert!(failures.failed(address).is_ok(), "{address}");
+        }
+        let same_block: IpAddr = "2001:db8:1:2:ffff:ffff:ffff:ffff".parse().expect("ip");
+        assert!(
+            failures.failed(same_block).is_err(),
+            "the /64 is over its burst"
+        );
+        let next_block: IpAddr = "2001:db8:1:3::1".parse().expect("ip");
+        assert!(failures.failed(next_block).is_ok(), "another /64 is not");
+
+        let v4: IpAddr = "192.0.2.9".parse().expect("ip");
+        let mapped: IpAddr = "::ffff:192.0.2.9".parse().expect("ip");
+        for _ in 0..BURST / 2 {
+            assert!(failures.failed(v4).is_ok());
+            assert!(failures.failed(mapped).is_ok());
+        }
+        assert!(failures.failed(v4).is_err(), "one address, however written");
     }
 }
