@@ -119,9 +119,15 @@ impl std::fmt::Debug for KeyHash {
 }
 
 /// The key of `Authorization: Bearer KEY`: the scheme matched
-/// case-insensitively, spaces around the key ignored.
+/// case-insensitively, spaces around the key ignored. None from a request
+/// with two `Authorization` headers: which one is meant is not clear (a
+/// proxy in front may have read the other).
 pub fn bearer_key(headers: &http::HeaderMap) -> Option<&str> {
-    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
+    let value = values.next()?.to_str().ok()?;
+    if values.next().is_some() {
+        return None;
+    }
     // The first space, found byte by byte: six bytes in, where `str`'s
     // pattern search costs more to set up than to run.
     let space = value.bytes().position(|b| b == b' ')?;
@@ -167,6 +173,14 @@ mod tests {
             assert_eq!(key(refused), None, "{refused:?}");
         }
         assert_eq!(bearer_key(&http::HeaderMap::new()), None);
+        let mut two = http::HeaderMap::new();
+        for value in ["Bearer k-1", "Bearer k-2"] {
+            two.append(
+                http::header::AUTHORIZATION,
+                http::HeaderValue::from_static(value),
+            );
+        }
+        assert_eq!(bearer_key(&two), None, "two keys: neither");
     }
 
     #[test]

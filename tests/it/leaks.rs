@@ -260,6 +260,28 @@ async fn the_client_credentials_and_address_claims_are_not_forwarded() {
     );
 }
 
+/// Two `Authorization` headers are no key, even when both are valid: which
+/// one is meant is not clear, and a proxy in front that read the other
+/// would have seen another client.
+#[tokio::test]
+async fn two_authorization_headers_are_no_key() {
+    let upstream = MockUpstream::start().await;
+    let iris = Iris::start(&base_config(&upstream.base_url(), "")).await;
+    let response = http()
+        .post(iris.url("/v1/chat/completions"))
+        .header("authorization", format!("Bearer {KEY_A}"))
+        .header("authorization", format!("Bearer {KEY_B}"))
+        .json(&chat_body("test-model"))
+        .send()
+        .await
+        .expect("an answer");
+    let (status, _, body) = whole(response).await;
+    assert_eq!(status, 401, "{body}");
+    let error: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(error["error"]["code"], "invalid_api_key");
+    assert_eq!(upstream.requests(), 0);
+}
+
 #[tokio::test]
 async fn answers_are_never_sniffed_and_admin_answers_never_stored() {
     let upstream = MockUpstream::start().await;
