@@ -519,7 +519,7 @@ impl Attempts<'_> {
         // An error passed through may echo the key Iris sent: blanked out
         // (a success's body is the model's, and is not searched).
         let mask = key
-            .filter(|_| !upstream_ok)
+            .filter(|key| !upstream_ok && key.len() >= upstream::MIN_SEARCHED_KEY)
             .and_then(|key| KeyMask::new(key.as_bytes()));
         let body = match mask {
             Some(mask) => (None, upstream::masked(first, response.body, mask)),

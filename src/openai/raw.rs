@@ -95,16 +95,16 @@ pub fn repeated_message(param: &str, key: &str, field: &str) -> String {
 }
 
 /// Whether `key` is `field` (lowercase ASCII, as every interpreted key is)
-/// under case folding as Go's `encoding/json` matches names: ASCII letters
-/// in either case, and the four other characters that fold to one (`ſ` to
-/// `s`, the Kelvin sign to `k`, `İ` and `ı` to `i`).
+/// under case folding as Go's `encoding/json` matches names (`foldName`:
+/// each rune to the smallest of its `unicode.SimpleFold` orbit): ASCII
+/// letters in either case, and the two other characters whose orbit holds
+/// an ASCII letter (`ſ` with `s`, the Kelvin sign with `k`).
 fn folds_to(key: &str, field: &str) -> bool {
     let mut wanted = field.bytes();
     for c in key.chars() {
         let folded = match c {
             'ſ' => b's',
             '\u{212A}' => b'k',
-            'İ' | 'ı' => b'i',
             c if c.is_ascii() => (c as u8).to_ascii_lowercase(),
             _ => return false,
         };

@@ -163,9 +163,10 @@ fn dropped_by_name(name: &str) -> bool {
         || name.starts_with("x-forwarded-")
 }
 
-/// A presented key shorter than this is not searched for in other
-/// headers' values: its bytes would turn up in ordinary ones.
-const MIN_SEARCHED_KEY: usize = 8;
+/// A key shorter than this (the client's presented one, or an upstream's
+/// placeholder such as `x` for a server that takes none) is not searched
+/// for in headers or bodies: its bytes would turn up in ordinary ones.
+pub const MIN_SEARCHED_KEY: usize = 8;
 
 /// Whether the client's request header `name: value` stays with Iris.
 /// `hop`: the headers the client's `Connection` names; `key`: the Iris key
@@ -443,10 +444,14 @@ pub fn error_chain(kind: &str, error: &(dyn std::error::Error + 'static)) -> Str
 const HEADERS_ADDED: usize = 12;
 
 /// The response headers to send the client, from the upstream's: none
-/// that holds `key`, the key Iris sent it (an upstream that echoes it).
+/// that holds `key`, the key Iris sent it (an upstream that echoes it; a
+/// key shorter than [`MIN_SEARCHED_KEY`] is not searched for).
 pub fn response_headers(upstream: &HeaderMap, key: Option<&str>) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(upstream.len() + HEADERS_ADDED);
     let hop = connection_named(upstream);
+    let key = key.filter(|key| key.len() >= MIN_SEARCHED_KEY);
+    // Searched only in values as long as the key: with keys as providers
+    // make them, few are, and most responses set up no search at all.
     let echoes = |value: &HeaderValue| {
         key.is_some_and(|key| {
             value.len() >= key.len()
@@ -538,6 +543,34 @@ mod tests {
         let headers = response_headers(&upstream, None);
         assert_eq!(headers.len(), 2, "{headers:?}");
         assert!(headers.contains_key("openai-processing-ms"));
+    }
+
+    #[test]
+    fn a_response_header_holding_the_upstream_key_is_dropped_unless_the_key_is_a_placeholder() {
+        let mut upstream = HeaderMap::new();
+        upstream.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        upstream.insert(
+            "x-debug-auth",
+            HeaderValue::from_static("Bearer sk-upstream-key-1"),
+        );
+        let names = |key| {
+            let headers = response_headers(&upstream, key);
+            let mut names: Vec<_> = headers
+                .keys()
+                .map(HeaderName::as_str)
+                .map(str::to_owned)
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(names(Some("sk-upstream-key-1")), ["content-type"]);
+        assert_eq!(names(None), ["content-type", "x-debug-auth"]);
+        // `x` for a server that takes no key: not searched for, or every
+        // `text/event-stream` would go.
+        assert_eq!(names(Some("x")), ["content-type", "x-debug-auth"]);
     }
 
     #[test]

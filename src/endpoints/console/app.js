@@ -349,8 +349,17 @@ function teamChoices(teams) {
   select.value = teams.some((team) => team.name === chosen) ? chosen : "";
 }
 
+/**
+ * Each table's latest fetch: loads can overlap (the page's refresh and an
+ * action's, two quick clicks) and finish out of order, and only the
+ * latest may draw, or an older answer would overwrite a newer one.
+ */
+const fetches = { clients: 0, teams: 0 };
+
 async function loadTeams() {
-  showTeams(await api("GET", "/admin/teams"));
+  const ticket = ++fetches.teams;
+  const teams = await api("GET", "/admin/teams");
+  if (ticket === fetches.teams) showTeams(teams);
 }
 
 function showTeams(list) {
@@ -376,9 +385,10 @@ function showTeams(list) {
  * never shows one table updated and the other not.
  */
 async function loadDirectory() {
+  const tickets = [++fetches.clients, ++fetches.teams];
   const [clients, teams] = await Promise.all([api("GET", "/admin/clients"), api("GET", "/admin/teams")]);
-  showClients(clients);
-  showTeams(teams);
+  if (tickets[0] === fetches.clients) showClients(clients);
+  if (tickets[1] === fetches.teams) showTeams(teams);
 }
 
 async function createTeam(form) {

@@ -119,7 +119,8 @@ impl<'a> ChatRequest<'a> {
                     RawObject::parse(raw.get(), STREAM_OPTIONS_FIELDS).ok_or_else(|| {
                         invalid(
                             "stream_options",
-                            "'stream_options' must be an object, each of its fields given once.",
+                            "'stream_options' must be an object, each of its fields given once \
+                             and in its own case ('include_usage').",
                         )
                     })?;
                 match options.get("include_usage").map(RawValue::get) {

@@ -28,13 +28,14 @@ const SPECIAL_SCHEMES: [&[u8]; 6] = [b"http", b"https", b"ws", b"wss", b"ftp", b
 
 /// Whether `s` is an absolute URL with an authority as a URL parser reads
 /// it (WHATWG's, which browsers, Node and the `url` crate follow, and
-/// which lenient fetchers approximate): leading spaces and control
-/// characters are trimmed and tabs and newlines anywhere removed; then
+/// which lenient fetchers approximate): leading spaces, control
+/// characters and any other whitespace (which Python's `requests` strips)
+/// are trimmed, and tabs and newlines anywhere removed; then
 /// `scheme:` for the schemes with an authority always (`HTTP:x` is
 /// `http://x/`), `scheme://` for any other.
 pub fn is_url(s: &str) -> bool {
     let mut chars = s
-        .trim_start_matches(|c: char| c <= ' ')
+        .trim_start_matches(|c: char| c <= ' ' || c.is_whitespace())
         .chars()
         .filter(|c| !matches!(c, '\t' | '\n' | '\r'));
     // The scheme, lowercased; one longer than any special one is only
@@ -152,6 +153,7 @@ mod tests {
             r#""ht\ttp://169.254.169.254/""#,
             r#""ht\ntp://x""#,
             r#""\u0000\u001f http://x""#,
+            r#""\u00a0\u3000http://x""#,
             r#""ftp:x""#,
             r#""file:/etc/passwd""#,
             r#""ws:x""#,
