@@ -331,6 +331,20 @@ impl Fetcher {
         self.limits
     }
 
+    /// The error for a fetch of `url` past its deadline.
+    pub fn timed_out(&self, url: &str) -> ImageError {
+        // (A URL that does not parse is refused at once, never timed out.)
+        let from = Url::parse(url).map_or_else(|_| "its URL".to_owned(), |url| origin(&url));
+        ImageError::new(
+            ErrorKind::FetchFailed,
+            "timeout",
+            format!(
+                "Fetching the image from {from} took longer than {} ms.",
+                self.limits.timeout.as_millis()
+            ),
+        )
+    }
+
     /// Fetches `url` under every limit, returning the body exactly as sent.
     pub async fn fetch(&self, url: &str) -> Result<Bytes, ImageError> {
         let mut body = Vec::new();
@@ -340,22 +354,25 @@ impl Fetcher {
 
     /// Fetches `url` under every limit into `sink`, returning the body's length.
     pub async fn fetch_into(&self, url: &str, sink: &mut impl Sink) -> Result<usize, ImageError> {
+        let deadline = tokio::time::Instant::now() + self.limits.timeout;
+        self.fetch_into_by(url, sink, deadline).await
+    }
+
+    /// [`Self::fetch_into`], within a `deadline` the caller set: one
+    /// request's, from its start, whoever's fetch it waited on before.
+    pub async fn fetch_into_by(
+        &self,
+        url: &str,
+        sink: &mut impl Sink,
+        deadline: tokio::time::Instant,
+    ) -> Result<usize, ImageError> {
         let url = Url::parse(url).map_err(|_| forbidden(&UrlRefusal::NotAUrl, None))?;
         check_url(&url, &self.policy).map_err(|r| forbidden(&r, Some(&url)))?;
         let started = Instant::now();
-        let result =
-            match tokio::time::timeout(self.limits.timeout, self.fetch_checked(&url, sink)).await {
-                Ok(result) => result,
-                Err(_) => Err(ImageError::new(
-                    ErrorKind::FetchFailed,
-                    "timeout",
-                    format!(
-                        "Fetching the image from {} took longer than {} ms.",
-                        origin(&url),
-                        self.limits.timeout.as_millis()
-                    ),
-                )),
-            };
+        let result = match tokio::time::timeout_at(deadline, self.fetch_checked(&url, sink)).await {
+            Ok(result) => result,
+            Err(_) => Err(self.timed_out(url.as_str())),
+        };
         let elapsed = started.elapsed();
         crate::metrics::IMAGE_FETCH_DURATION
             .histogram(&[])

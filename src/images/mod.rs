@@ -246,25 +246,33 @@ impl Images {
     /// `strip_metadata` it is checked (and stripped) here, before it is
     /// cached: its size without metadata decides whether an upstream takes
     /// it as it is.
+    ///
+    /// One deadline per request, from its start, whether it fetches, waits
+    /// on another request's fetch of the URL, or takes that fetch over when
+    /// the other's client hangs up: an image is never waited on longer than
+    /// fetching it alone may take.
     pub async fn fetch(&self, url: &str) -> Result<Arc<FetchedImage>, ImageError> {
-        self.cache
-            .fetched(url, async {
-                let mut sink = InliningSink::new(self.max_pixels);
-                self.fetcher.fetch_into(url, &mut sink).await?;
-                let mut image = sink.finish()?;
-                if self.strip_metadata {
-                    let dims = (image.width, image.height);
-                    if let Some(stripped) =
-                        self.check(image.bytes.clone(), image.format, dims).await?
-                    {
-                        image.data_uri = Arc::new(data_uri(image.format, &stripped));
-                        image.bytes = Bytes::from(stripped);
-                    }
-                    let _ = image.checked.set(Ok(()));
+        let deadline = tokio::time::Instant::now() + self.fetcher.limits().timeout;
+        let fetched = self.cache.fetched(url, async {
+            let mut sink = InliningSink::new(self.max_pixels);
+            self.fetcher.fetch_into_by(url, &mut sink, deadline).await?;
+            let mut image = sink.finish()?;
+            if self.strip_metadata {
+                let dims = (image.width, image.height);
+                if let Some(stripped) = self.check(image.bytes.clone(), image.format, dims).await? {
+                    image.data_uri = Arc::new(data_uri(image.format, &stripped));
+                    image.bytes = Bytes::from(stripped);
                 }
-                Ok(Arc::new(image))
-            })
-            .await
+                let _ = image.checked.set(Ok(()));
+            }
+            Ok(Arc::new(image))
+        });
+        // Fetching itself, the request's own timeout answers first (it is
+        // polled inside this one): this one ends only a wait.
+        match tokio::time::timeout_at(deadline, fetched).await {
+            Ok(result) => result,
+            Err(_) => Err(self.fetcher.timed_out(url)),
+        }
     }
 
     /// The `data:` URI of a fetched `image` (from `url`) meeting `target`:

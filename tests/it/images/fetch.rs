@@ -442,6 +442,43 @@ async fn one_deadline_covers_the_whole_fetch_redirects_included() {
     );
 }
 
+/// Found by probing: a request waiting on another's fetch of the same URL
+/// took it over with a deadline of its own when that one's client hung up,
+/// so it waited for the first fetch and then a whole deadline more.
+#[tokio::test]
+async fn a_request_waiting_on_another_fetch_keeps_its_own_deadline() {
+    let s = setup(INLINE, &format!("{ALLOW_HOST}\nfetch_timeout_ms = 1000")).await;
+    let png = encode(&photo(200, 200), ImageFormat::Png);
+    assert!(png.len() > 30 * 1024, "trickles in for seconds");
+    s.host.add("a.png", "image/png", png);
+    let body = body_with_images(&[(&s.host.url("/slow/a.png?chunk_ms=100"), None)]);
+
+    // The first request fetches it, and its client hangs up at 800 ms.
+    let impatient = async {
+        let sent = http()
+            .post(s.iris.url("/v1/chat/completions"))
+            .bearer_auth(KEY_A)
+            .timeout(Duration::from_millis(800))
+            .json(&body)
+            .send()
+            .await;
+        assert!(sent.is_err(), "it hung up before any answer");
+    };
+    // The second waits on that fetch, then takes it over.
+    let waiting = async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = Instant::now();
+        let message = refused(&s.iris, &body, "image_fetch_failed", PARAM).await;
+        (started.elapsed(), message)
+    };
+    let ((), (waited, message)) = tokio::join!(impatient, waiting);
+    assert!(message.contains("longer than 1000 ms"), "{message}");
+    // Its own deadline (1000 ms), not the first's hang-up and then a
+    // deadline more (about 1750 ms).
+    assert!(waited < Duration::from_millis(1450), "{waited:?}");
+    assert_eq!(s.host.hits("/slow/a.png"), 2, "taken over once");
+}
+
 #[tokio::test]
 async fn the_byte_cap_holds_whatever_content_length_says() {
     let s = setup(INLINE, &format!("{ALLOW_HOST}\nmax_bytes = 100000")).await;
