@@ -191,6 +191,36 @@ async fn the_key_iris_sent_is_blanked_out_of_errors_passed_through_and_of_any_he
     }
 }
 
+/// An upstream `api_key` shorter than 8 characters is a placeholder (a
+/// server that takes none), not searched for: searching for `x` would
+/// drop `Content-Type: text/event-stream` and garble error bodies.
+#[tokio::test]
+async fn a_placeholder_upstream_key_is_not_searched_for() {
+    let upstream = MockUpstream::start().await;
+    let config = base_config(&upstream.base_url(), "")
+        .replace(&format!("api_key = \"{UPSTREAM_KEY}\""), "api_key = \"x\"");
+    assert!(config.contains("api_key = \"x\""), "{config}");
+    let iris = Iris::start(&config).await;
+    let response = iris.chat(KEY_A, &stream_body("test-model"), &[]).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let response = iris
+        .chat(
+            KEY_A,
+            &chat_body("test-model"),
+            &[("x-mock-echo-auth", "400")],
+        )
+        .await;
+    let (status, _, body) = whole(response).await;
+    assert_eq!(status, 400);
+    let error: Value = serde_json::from_str(&body).expect("the upstream's JSON");
+    assert_eq!(
+        error["error"]["message"],
+        "Incorrect API key provided. We received `Authorization: Bearer x`.",
+        "passed through as sent"
+    );
+}
+
 #[tokio::test]
 async fn the_client_credentials_and_address_claims_are_not_forwarded() {
     let upstream = MockUpstream::start().await;

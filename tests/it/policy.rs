@@ -325,6 +325,35 @@ async fn the_failed_auth_throttle_counts_the_forwarded_address() {
     );
 }
 
+/// An IPv6 client counts as its /64: guesses from ever new addresses of
+/// one block are throttled together; the next block is not.
+#[tokio::test]
+async fn the_failed_auth_throttle_counts_an_ipv6_client_as_its_slash_64() {
+    let upstream = MockUpstream::start().await;
+    let iris = Iris::start(&config(
+        &upstream,
+        r#"trusted_proxies = ["127.0.0.0/8"]"#,
+        "",
+    ))
+    .await;
+    for i in 0..20 {
+        let address = format!("2001:db8:7:8::{:x}", i + 1);
+        let (status, _) =
+            chat_from(&iris, &format!("guess-{i}"), [127, 0, 0, 1], Some(&address)).await;
+        assert_eq!(status, 401, "guess {i}");
+    }
+    let (status, body) = chat_from(
+        &iris,
+        "guess-20",
+        [127, 0, 0, 1],
+        Some("2001:db8:7:8:abcd::1"),
+    )
+    .await;
+    assert_eq!((status, code(&body)), (429, "too_many_auth_failures"));
+    let (status, _) = chat_from(&iris, "typo", [127, 0, 0, 1], Some("2001:db8:7:9::1")).await;
+    assert_eq!(status, 401, "another /64 has its own allowance");
+}
+
 #[tokio::test]
 async fn the_spend_record_holds_the_client_address() {
     let upstream = MockUpstream::start().await;

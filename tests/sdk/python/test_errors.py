@@ -87,6 +87,51 @@ def test_a_url_outside_an_image_part_is_a_bad_request_naming_it(client):
     assert caught.value.param == "messages[0].content[1].file.file_url"
 
 
+def test_a_url_spelled_without_slashes_is_refused_too(client):
+    # URL parsers (and fetchers built on them) read `http:host/x` as
+    # `http://host/x`.
+    content = [
+        {"type": "text", "text": "Summarise this file."},
+        {"type": "file", "file": {"file_url": "http:127.0.0.1:9/a.pdf", "filename": "a.pdf"}},
+    ]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="sdk-model", messages=[{"role": "user", "content": content}]
+        )
+
+    assert caught.value.code == "invalid_request"
+    assert caught.value.param == "messages[0].content[1].file.file_url"
+
+
+def test_a_field_iris_reads_given_in_another_case_is_a_bad_request_naming_it(client):
+    # Go's encoding/json would read "Model" as "model": another model than
+    # the one Iris checked.
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="sdk-model", messages=MESSAGES, extra_body={"Model": "other-model"}
+        )
+
+    assert caught.value.code == "invalid_request"
+    assert caught.value.param == "Model"
+    assert "only in case" in caught.value.message
+
+
+def test_an_upstream_error_echoing_iris_key_reaches_the_sdk_with_the_key_blanked_out(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="sdk-model",
+            messages=MESSAGES,
+            # The mock's 400 echoes the Authorization header it received.
+            extra_headers={"x-mock-echo-auth": "400"},
+        )
+
+    error = caught.value
+    assert error.status_code == 400
+    assert error.code == "invalid_api_key", "the upstream's own error, passed through"
+    assert "upstream-secret-key" not in error.response.text
+    assert "Bearer " + "*" * len("upstream-secret-key") in error.message
+
+
 def test_an_upstream_refusing_iris_key_is_a_502_that_names_no_key(start_iris, make_client):
     # An Iris of its own: the refusal cools the deployment down for a while.
     iris = start_iris()
